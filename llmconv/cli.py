@@ -1,0 +1,141 @@
+"""The `llmconv` command line: convert, quantize, verify, inspect.
+
+Bad input (an LlmconvError) prints one line, `llmconv: error: <file>: <tensor>: <what>`,
+and exits 2; `--debug` shows the traceback instead. Ctrl-C exits 130, leaving no partial output.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from .errors import LlmconvError
+
+_DEBUG = False
+
+
+def _threads_default() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _type_names() -> list[str]:
+    from . import quantize as q
+    return list(q.TYPES)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show a full traceback on errors.")
+@click.version_option(package_name="llmconv")
+def cli(debug: bool) -> None:
+    """Convert LLaMA-family checkpoints into GGUF files for llama.cpp, quantize them
+    bit-exactly with llama.cpp's own quantizer, and verify them against the original.
+
+    \b
+    llmconv convert CKPT_DIR --outtype q4_0          # Meta checkpoint -> ./Name-7B-Q4_0.gguf
+    llmconv quantize IN.gguf OUT.gguf --type q8_0    # requantize a float GGUF
+    llmconv verify OUT.gguf --reference CKPT_DIR     # logits vs. a reference forward pass
+    llmconv inspect FILE.gguf                        # what a GGUF/ggml file holds
+    """
+    global _DEBUG
+    _DEBUG = debug
+
+
+def _type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type):
+    from .convert.plan import parse_overrides
+    return dict(pure=pure, output_type=output_tensor_type, token_embd_type=token_embedding_type,
+                overrides=parse_overrides(list(tensor_type)))
+
+
+_type_options = [
+    click.option("--pure", is_flag=True, help="Every 2-D weight in the requested type (no higher-precision output tensor)."),
+    click.option("--output-tensor-type", metavar="TYPE", help="Type for output.weight."),
+    click.option("--token-embedding-type", metavar="TYPE", help="Type for token_embd.weight."),
+    click.option("--tensor-type", metavar="RE=TYPE", multiple=True,
+                 help="Type for tensors whose GGUF name matches the regex RE (repeatable; first match wins)."),
+    click.option("--threads", "-t", type=click.IntRange(1, 256), default=_threads_default, show_default="all cores",
+                 help="Threads for the quantization kernels. The output is the same for any count."),
+    click.option("--force", "-f", is_flag=True, help="Overwrite an existing output file."),
+    click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write a machine-readable report here ('-' for stdout)."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+    click.option("--verbose", "-v", is_flag=True, help="One line per tensor as it is written."),
+]
+
+
+def type_options(f):
+    for opt in reversed(_type_options):
+        f = opt(f)
+    return f
+
+
+def _emit_json(path: str | None, obj: dict) -> None:
+    if not path:
+        return
+    text = json.dumps(obj, indent=2, default=str)
+    if path == "-":
+        click.echo(text)
+    else:
+        Path(path).write_text(text + "\n")
+
+
+@cli.command()
+@click.argument("ckpt_dir", type=click.Path(path_type=Path))
+@click.option("--outtype", default="auto", show_default=True, metavar="TYPE",
+              help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, ... 'auto' keeps the source precision.")
+@click.option("--outfile", "-o", type=click.Path(path_type=Path), help="Output path. Default: ./Name-Size-TYPE.gguf in the current directory.")
+@click.option("--ctx", type=click.IntRange(1), help="Context length to record (default: by model family; see README).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (every tensor, its shards, GGUF name, shape, type, bytes) and write nothing.")
+@type_options
+def convert(ckpt_dir, outtype, outfile, ctx, dry_run, pure, output_tensor_type, token_embedding_type, tensor_type,
+            threads, force, json_path, quiet, verbose):
+    """Convert a checkpoint directory into one GGUF file.
+
+    CKPT_DIR is an original Meta checkpoint (params.json, consolidated.NN.pth, tokenizer.model).
+    Tensors are read one at a time from memory-mapped shards, converted, and streamed to disk.
+    """
+    from .convert.execute import write_gguf
+    from .convert.pipeline import describe_plan, plan_conversion, plan_json
+
+    conv = plan_conversion(ckpt_dir, outtype=outtype, outfile=outfile, ctx=ctx,
+                           **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
+    if dry_run:
+        click.echo(describe_plan(conv))
+        _emit_json(json_path, {"dry_run": True, **plan_json(conv)})
+        return
+    for w in conv.warnings:
+        click.echo(f"warning: {w}", err=True)
+    res = write_gguf(conv.out_path, conv.kvs, conv.plan, threads=threads, progress=not quiet, force=force, verbose=verbose)
+    for n in conv.plan.notes:
+        click.echo(f"note: {n}", err=True)
+    click.echo(f"wrote {res.path}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, "
+               f"{conv.plan.outtype}, in {res.seconds:.1f} s ({res.nbytes / 2**20 / max(res.seconds, 1e-9):,.0f} MiB/s)")
+    _emit_json(json_path, {"dry_run": False, **plan_json(conv), "seconds": res.seconds, "file_bytes": res.nbytes})
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="llmconv", standalone_mode=False)
+    except LlmconvError as e:
+        if _DEBUG:
+            traceback.print_exc()
+        click.echo(f"llmconv: error: {e.one_line()}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("llmconv: interrupted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("llmconv: interrupted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

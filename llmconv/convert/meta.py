@@ -1,0 +1,259 @@
+"""Original Meta checkpoints: params.json + consolidated.NN.pth (+ tokenizer.model).
+
+Shards are opened with torch.load(mmap=True, weights_only=True): pickled code never
+runs and no tensor data is read until `load(name)` asks for it. A model-parallel
+tensor is joined from its shards only when it is loaded; which axis to join along is
+found from the shard shapes against params.json, not hard-coded (LLaMA 1/2 split the
+embedding along dim 1, LLaMA 3 along the vocabulary).
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import LlmconvError
+from .hparams import CONTEXT_BY_FAMILY, LlamaHParams, meta_family, meta_ffn_dim
+
+SHARD_GLOB = "consolidated.*.pth"
+DROPPED = {"rope.freqs"}  # precomputed RoPE table in LLaMA 1 checkpoints; llama.cpp computes its own
+_FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+
+
+def safe_torch_load(path: Path) -> dict:
+    """torch.load that never runs pickled code and never reads past the file's end."""
+    _check_zip(path)
+    try:
+        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise LlmconvError(
+            "refused to load: the pickle holds code or objects that are not plain tensors "
+            f"(weights_only=True said: {_first_line(e)})", file=path) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise LlmconvError(f"not a readable PyTorch checkpoint: {_first_line(e)}", file=path) from None
+    if not isinstance(obj, dict):
+        raise LlmconvError(f"expected a dict of tensors, found {type(obj).__name__}", file=path)
+    for k, v in obj.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise LlmconvError(f"entry {k!r} is not a named tensor", file=path)
+    return obj
+
+
+def _check_zip(path: Path) -> None:
+    """A truncated zip that torch still opens would fault (SIGBUS) when its mmapped data
+    is touched, so check every member lies inside the file before torch sees it."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.header_offset + info.compress_size > size:
+                    raise LlmconvError(f"truncated: member {info.filename} ends past the end of the file", file=path)
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise LlmconvError(f"member {info.filename} is compressed; not a torch.save file", file=path)
+    except zipfile.BadZipFile as e:
+        raise LlmconvError(f"not a zip archive (truncated, corrupt, or a legacy pickle): {e}", file=path) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+@dataclass
+class MetaCheckpoint:
+    path: Path
+    params: dict
+    shard_paths: list[Path]
+    shards: list[dict]                       # name -> mmapped tensor, one dict per shard
+    names: list[str]                         # Meta names present, in file order, rope.freqs dropped
+    shapes: dict[str, tuple[int, ...]]       # merged shape of every tensor
+    merge_axis: dict[str, int | None]        # None: single shard or replicated 1-D
+    hparams: LlamaHParams = field(init=False)
+
+    def load(self, name: str) -> torch.Tensor:
+        """The whole tensor, joined across shards, in the checkpoint's dtype."""
+        parts = [s[name] for s in self.shards]
+        axis = self.merge_axis[name]
+        if axis is None:
+            return parts[0]
+        return torch.cat(parts, dim=axis)
+
+    def source_files(self, name: str) -> list[Path]:
+        return list(self.shard_paths) if self.merge_axis[name] is not None else self.shard_paths[:1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.shards[0][self.names[0]].dtype
+
+
+def read_params(path: Path) -> dict:
+    p = path / "params.json"
+    if not p.is_file():
+        raise LlmconvError("params.json is missing: not a Meta checkpoint directory", file=path)
+    try:
+        params = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LlmconvError(f"invalid JSON: {e}", file=p) from None
+    if not isinstance(params, dict):
+        raise LlmconvError("expected a JSON object", file=p)
+    for key in ("dim", "n_layers", "n_heads"):
+        if not isinstance(params.get(key), int) or params[key] <= 0:
+            raise LlmconvError(f"key {key!r} missing or not a positive integer", file=p)
+    return params
+
+
+def open_meta_checkpoint(path: str | Path, ctx: int | None = None) -> MetaCheckpoint:
+    path = Path(path)
+    params = read_params(path)
+    shard_paths = sorted(path.glob(SHARD_GLOB), key=_shard_index)
+    if not shard_paths:
+        raise LlmconvError(f"no {SHARD_GLOB} files", file=path)
+    shards = [safe_torch_load(p) for p in shard_paths]
+
+    names = [n for n in shards[0] if n not in DROPPED]
+    for p, s in zip(shard_paths[1:], shards[1:]):
+        have = {n for n in s if n not in DROPPED}
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise LlmconvError("shard is missing a tensor that shard 0 has", file=p, tensor=missing[0])
+        extra = [n for n in have if n not in set(names)]
+        if extra:
+            raise LlmconvError("shard has a tensor that shard 0 lacks", file=p, tensor=extra[0])
+
+    dim = params["dim"]
+    n_heads = params["n_heads"]
+    n_kv = params.get("n_kv_heads") or n_heads
+    head_dim = dim // n_heads
+    vocab = params.get("vocab_size", -1)
+    known = {  # full (rows, cols) from params.json; None where params.json does not say
+        "tok_embeddings.weight": (vocab if vocab > 0 else None, dim),
+        "output.weight": (vocab if vocab > 0 else None, dim),
+        "attention.wq.weight": (n_heads * head_dim, dim),
+        "attention.wk.weight": (n_kv * head_dim, dim),
+        "attention.wv.weight": (n_kv * head_dim, dim),
+        "attention.wo.weight": (dim, n_heads * head_dim),
+        "feed_forward.w1.weight": (None, dim),
+        "feed_forward.w3.weight": (None, dim),
+        "feed_forward.w2.weight": (dim, None),
+    }
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    axes: dict[str, int | None] = {}
+    for name in names:
+        parts = [s[name] for s in shards]
+        if parts[0].dtype not in _FLOAT_DTYPES:
+            raise LlmconvError(f"unsupported dtype {parts[0].dtype}", file=shard_paths[0], tensor=name)
+        for p, t in zip(shard_paths, parts):
+            if t.dtype != parts[0].dtype:
+                raise LlmconvError(f"dtype {t.dtype} differs from shard 0's {parts[0].dtype}", file=p, tensor=name)
+        short = re.sub(r"^layers\.\d+\.", "", name)
+        axis, shape = _merge_rule(name, [tuple(t.shape) for t in parts], known.get(short), shard_paths)
+        if axis is None and len(parts) > 1:
+            for p, t in zip(shard_paths[1:], parts[1:]):
+                if not torch.equal(t, parts[0]):
+                    raise LlmconvError("replicated tensor differs between shards", file=p, tensor=name)
+        shapes[name] = shape
+        axes[name] = axis
+
+    ckpt = MetaCheckpoint(path, params, shard_paths, shards, names, shapes, axes)
+    ckpt.hparams = _hparams(params, shapes, path, ctx)
+    return ckpt
+
+
+def _shard_index(p: Path) -> int:
+    m = re.match(r"consolidated\.(\d+)\.pth$", p.name)
+    return int(m.group(1)) if m else 1 << 30
+
+
+def _merge_rule(name, shard_shapes, full, shard_paths):
+    """(axis, merged shape): which axis the model-parallel shards split `name` along."""
+    first = shard_shapes[0]
+    if len(shard_shapes) == 1:
+        return None, first
+    if len(first) == 1:
+        for p, s in zip(shard_paths, shard_shapes):
+            if s != first:
+                raise LlmconvError(f"1-D tensor has shape {s} here but {first} in shard 0", file=p, tensor=name)
+        return None, first
+    if len(first) != 2:
+        raise LlmconvError(f"cannot merge a {len(first)}-D tensor across shards", file=shard_paths[0], tensor=name)
+    rows, cols = full if full is not None else (None, None)
+    if cols is not None and all(s[1] == cols for s in shard_shapes):
+        axis = 0
+    elif rows is not None and all(s[0] == rows for s in shard_shapes):
+        axis = 1
+    else:
+        raise LlmconvError(f"shard shapes {shard_shapes} fit no split of a ({rows}, {cols}) tensor given params.json",
+                           file=shard_paths[0], tensor=name)
+    other = 1 - axis
+    for p, s in zip(shard_paths, shard_shapes):
+        if s[other] != first[other]:
+            raise LlmconvError(f"shape {s} disagrees with shard 0's {first}", file=p, tensor=name)
+    merged = list(first)
+    merged[axis] = sum(s[axis] for s in shard_shapes)
+    want = (rows, cols)[axis]
+    if want is not None and merged[axis] != want:
+        raise LlmconvError(f"shards join to {tuple(merged)} but params.json implies {want} along dim {axis}",
+                           file=shard_paths[0], tensor=name)
+    return axis, tuple(merged)
+
+
+def _hparams(params: dict, shapes: dict, path: Path, ctx: int | None) -> LlamaHParams:
+    pfile = path / "params.json"
+    if "tok_embeddings.weight" not in shapes:
+        raise LlmconvError("checkpoint has no tok_embeddings.weight", file=path, tensor="tok_embeddings.weight")
+    emb_rows, emb_cols = shapes["tok_embeddings.weight"]
+    dim = params["dim"]
+    if emb_cols != dim:
+        raise LlmconvError(f"embedding width {emb_cols} != params.json dim {dim}", file=pfile, tensor="tok_embeddings.weight")
+    vocab = params.get("vocab_size", -1)
+    if vocab is None or vocab <= 0:
+        vocab = emb_rows
+    elif vocab != emb_rows:
+        raise LlmconvError(f"vocab_size {vocab} != embedding rows {emb_rows}", file=pfile, tensor="tok_embeddings.weight")
+    n_heads = params["n_heads"]
+    n_kv = params.get("n_kv_heads") or n_heads
+    if dim % n_heads or n_heads % n_kv:
+        raise LlmconvError(f"dim {dim}, n_heads {n_heads}, n_kv_heads {n_kv} do not divide", file=pfile)
+    n_layers = params["n_layers"]
+    for i in range(n_layers):
+        if f"layers.{i}.attention.wq.weight" not in shapes:
+            raise LlmconvError(f"params.json says {n_layers} layers but layer {i} is missing",
+                               file=pfile, tensor=f"layers.{i}.attention.wq.weight")
+    if f"layers.{n_layers}.attention.wq.weight" in shapes:
+        raise LlmconvError(f"params.json says {n_layers} layers but the checkpoint has more",
+                           file=pfile, tensor=f"layers.{n_layers}.attention.wq.weight")
+    head_dim = dim // n_heads
+    for i in range(n_layers):
+        for w, rows in (("wq", n_heads * head_dim), ("wk", n_kv * head_dim), ("wv", n_kv * head_dim)):
+            name = f"layers.{i}.attention.{w}.weight"
+            if shapes[name] != (rows, dim):
+                raise LlmconvError(f"shape {shapes[name]} but n_heads={n_heads}, n_kv_heads={n_kv}, dim={dim} "
+                                   f"imply {(rows, dim)}", file=pfile, tensor=name)
+    w1 = shapes.get("layers.0.feed_forward.w1.weight")
+    if w1 is None:
+        raise LlmconvError("checkpoint has no feed-forward weights", file=path, tensor="layers.0.feed_forward.w1.weight")
+    ffn = w1[0]
+    family = meta_family(params, vocab)
+    return LlamaHParams(
+        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab, ffn_dim=ffn,
+        norm_eps=float(params.get("norm_eps", 1e-5)), rope_theta=float(params.get("rope_theta", 10000.0)),
+        context_length=ctx or CONTEXT_BY_FAMILY[family], family=family,
+        multiple_of=params.get("multiple_of"), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+        tied_embeddings="output.weight" not in shapes,
+    )
+
+
+def ffn_formula_warning(h: LlamaHParams) -> str | None:
+    """Meta's formula vs the w1 shape; a mismatch is reported, not fatal (fine-tunes resize)."""
+    if not h.multiple_of:
+        return None
+    want = meta_ffn_dim(h.dim, h.multiple_of, h.ffn_dim_multiplier)
+    if want != h.ffn_dim:
+        return f"feed-forward size {h.ffn_dim} (from w1) differs from Meta's formula ({want}); using {h.ffn_dim}"
+    return None

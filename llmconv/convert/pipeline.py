@@ -1,0 +1,128 @@
+"""`llmconv convert`: checkpoint directory -> plan -> GGUF file."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from gguf.metadata import Metadata
+from gguf.utility import naming_convention, size_label
+
+from ..errors import LlmconvError
+from ..formats.gguf_writer import KV
+from .hparams import LlamaHParams
+from .meta import MetaCheckpoint, ffn_formula_warning, open_meta_checkpoint
+from .metadata import general_kvs, llama_kvs, vocab_kvs
+from .plan import Plan, SourceTensor, TypePolicy, make_plan, meta_to_gguf_name
+from .tokenizer import Vocab, check_vocab_size, load_sentencepiece
+
+_TORCH_DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+@dataclass
+class Conversion:
+    """Everything decided before any data is written."""
+    source_dir: Path
+    hparams: LlamaHParams
+    vocab: Vocab
+    plan: Plan
+    kvs: list[KV]
+    name: str
+    out_path: Path
+    warnings: list[str]
+
+
+def meta_sources(ckpt: MetaCheckpoint) -> list[SourceTensor]:
+    out = []
+    for name in ckpt.names:
+        gguf_name = meta_to_gguf_name(name)
+        if gguf_name is None:
+            raise LlmconvError("unknown tensor name: no GGUF mapping for it", file=ckpt.source_files(name)[0], tensor=name)
+        out.append(SourceTensor(
+            name=gguf_name, shape=ckpt.shapes[name],
+            load=lambda name=name: ckpt.load(name).to(torch.float32).numpy(),
+            files=ckpt.source_files(name), source_name=name,
+            source_dtype=_TORCH_DTYPE_NAMES.get(ckpt.shards[0][name].dtype, str(ckpt.shards[0][name].dtype)),
+        ))
+    return out
+
+
+def resolve_outtype(outtype: str, source_dtype: str) -> str:
+    """`auto` keeps the source precision: bf16 stays bf16, f16 stays f16, f32 stays f32."""
+    outtype = outtype.lower()
+    if outtype == "auto":
+        return source_dtype if source_dtype in ("f32", "f16", "bf16") else "f16"
+    return outtype
+
+
+def model_names(model_dir: Path, n_params: int, outtype: str) -> tuple[str, str, str]:
+    """(general.name, size label, default file name) the way llama.cpp's converters name files:
+    `Llama-2-7B-Q4_0.gguf`. The name comes from the directory, the size from the parameter count."""
+    dirname = model_dir.resolve().name
+    _, _, basename, finetune, version, label = Metadata.get_model_id_components(dirname, n_params)
+    label = label or size_label(n_params, n_params, 0, 0)
+    basename = basename or dirname
+    fname = naming_convention(None, basename, finetune, version, label, outtype.upper()) + ".gguf"
+    return dirname, label, fname
+
+
+def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: str | Path | None = None,
+                    ctx: int | None = None, pure: bool = False, output_type: str | None = None,
+                    token_embd_type: str | None = None, overrides=()) -> Conversion:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise LlmconvError("not a directory", file=model_dir)
+    ckpt = open_meta_checkpoint(model_dir, ctx=ctx)
+    h = ckpt.hparams
+    vocab = load_sentencepiece(model_dir)
+    check_vocab_size(vocab, h.vocab_size, model_dir / "tokenizer.model", "tok_embeddings.weight")
+    sources = meta_sources(ckpt)
+    outtype = resolve_outtype(outtype, sources[0].source_dtype)
+    policy = TypePolicy(outtype, pure=pure, tied_embeddings=h.tied_embeddings, output_type=output_type,
+                        token_embd_type=token_embd_type, overrides=list(overrides))
+    plan = make_plan(sources, policy)
+    name, label, fname = model_names(model_dir, plan.n_params, plan.outtype)
+    out_path = Path(outfile) if outfile else Path.cwd() / fname
+    kvs = general_kvs(name, plan.file_type, label) + llama_kvs(h) + vocab_kvs(vocab)
+    warnings = [w for w in [ffn_formula_warning(h)] if w]
+    return Conversion(model_dir, h, vocab, plan, kvs, name, out_path, warnings)
+
+
+def describe_plan(conv: Conversion) -> str:
+    h = conv.hparams
+    lines = [
+        f"source   {conv.source_dir}  (Meta, {h.family}, {len(set(f for t in conv.plan.tensors for f in t.src.files))} shard file(s))",
+        f"model    dim {h.dim}, layers {h.n_layers}, heads {h.n_heads}/{h.n_kv_heads} kv, ffn {h.ffn_dim}, "
+        f"vocab {h.vocab_size}, ctx {h.context_length}, rope_theta {h.rope_theta:g}, eps {h.norm_eps:g}",
+        f"output   {conv.out_path}  ({conv.plan.outtype}, general.file_type {conv.plan.file_type})",
+        "",
+        f"{'GGUF name':30s} {'source':34s} {'shards':>6s} {'shape':>14s} {'type':>6s} {'bytes':>14s}",
+    ]
+    for t in conv.plan.tensors:
+        shape = "x".join(str(d) for d in t.shape)
+        lines.append(f"{t.name:30s} {t.src.source_name + ' ' + t.src.source_dtype:34s} {len(t.src.files):>6d} "
+                     f"{shape:>14s} {t.qtype.name:>6s} {t.nbytes:>14,d}")
+    lines.append(f"{len(conv.plan.tensors)} tensors, {conv.plan.n_params:,d} parameters, "
+                 f"{conv.plan.nbytes / 2**20:,.1f} MiB of tensor data")
+    lines += [f"note: {n}" for n in conv.plan.notes] + [f"warning: {w}" for w in conv.warnings]
+    return "\n".join(lines)
+
+
+def plan_json(conv: Conversion) -> dict:
+    return {
+        "source": str(conv.source_dir),
+        "output": str(conv.out_path),
+        "outtype": conv.plan.outtype,
+        "file_type": conv.plan.file_type,
+        "hparams": {k: getattr(conv.hparams, k) for k in conv.hparams.__dataclass_fields__},
+        "n_params": conv.plan.n_params,
+        "nbytes": conv.plan.nbytes,
+        "tensors": [{"name": t.name, "source": t.src.source_name, "files": [str(f) for f in t.src.files],
+                     "shape": list(t.shape), "type": t.qtype.name, "bytes": t.nbytes, "reason": t.reason}
+                    for t in conv.plan.tensors],
+        "notes": conv.plan.notes,
+        "warnings": conv.warnings,
+    }
+
+
+__all__ = ["Conversion", "plan_conversion", "describe_plan", "plan_json", "meta_sources"]

@@ -1,0 +1,170 @@
+"""Streaming GGUF v3 writer.
+
+The whole layout (header, metadata, tensor infos, every tensor's offset) is fixed
+before any tensor data is written. Tensors are then written with pwrite at known
+offsets, in any order and from any thread, and the file's bytes do not depend on
+that order. Format constants come from the `gguf` package.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFValueType
+
+_SCALAR = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+    GGUFValueType.BOOL: "<?",
+}
+_NUMPY = {
+    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1",
+    GGUFValueType.UINT16: "<u2", GGUFValueType.INT16: "<i2",
+    GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
+    GGUFValueType.FLOAT32: "<f4", GGUFValueType.UINT64: "<u8",
+    GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
+    GGUFValueType.BOOL: "<u1",
+}
+
+
+@dataclass(frozen=True)
+class KV:
+    key: str
+    value: Any
+    type: GGUFValueType
+    sub_type: GGUFValueType | None = None  # element type of an ARRAY
+
+
+@dataclass
+class TensorEntry:
+    name: str
+    shape: tuple[int, ...]          # numpy order: shape[-1] is the row length (GGUF's ne[0])
+    ggml_type: GGMLQuantizationType
+    nbytes: int
+    offset: int = 0                 # from the start of the data section
+
+
+@dataclass
+class GGUFLayout:
+    header: bytes                   # magic .. tensor infos, padded to the alignment
+    tensors: list[TensorEntry]
+    alignment: int = GGUF_DEFAULT_ALIGNMENT
+    index: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def data_start(self) -> int:
+        return len(self.header)
+
+    @property
+    def total_size(self) -> int:
+        if not self.tensors:
+            return len(self.header)
+        last = self.tensors[-1]
+        return self.data_start + last.offset + last.nbytes
+
+
+def _pad(n: int, align: int) -> int:
+    return (n + align - 1) // align * align
+
+
+def _string(s: str | bytes) -> bytes:
+    b = s.encode("utf-8") if isinstance(s, str) else bytes(s)
+    return struct.pack("<Q", len(b)) + b
+
+
+def encode_value(value: Any, vtype: GGUFValueType, sub_type: GGUFValueType | None = None) -> bytes:
+    if vtype == GGUFValueType.STRING:
+        return _string(value)
+    if vtype == GGUFValueType.ARRAY:
+        if sub_type is None:
+            raise ValueError("array needs sub_type")
+        head = struct.pack("<IQ", int(sub_type), len(value))
+        if sub_type == GGUFValueType.STRING:
+            return head + b"".join(_string(v) for v in value)
+        if sub_type == GGUFValueType.ARRAY:
+            raise ValueError("nested arrays are not written")
+        return head + np.asarray(value).astype(_NUMPY[sub_type], copy=False).tobytes()
+    return struct.pack(_SCALAR[vtype], value)
+
+
+def encode_kv(kv: KV) -> bytes:
+    return _string(kv.key) + struct.pack("<I", int(kv.type)) + encode_value(kv.value, kv.type, kv.sub_type)
+
+
+def plan_layout(kvs: Sequence[KV], tensors: Sequence[TensorEntry],
+                alignment: int = GGUF_DEFAULT_ALIGNMENT) -> GGUFLayout:
+    keys = [kv.key for kv in kvs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate metadata key")
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate tensor name")
+    parts = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(tensors), len(kvs))]
+    parts += [encode_kv(kv) for kv in kvs]
+    offset = 0
+    out = []
+    for t in tensors:
+        t = TensorEntry(t.name, tuple(int(d) for d in t.shape), GGMLQuantizationType(t.ggml_type), int(t.nbytes), offset)
+        out.append(t)
+        dims = t.shape[::-1]  # GGUF lists ne[0] (the row length) first
+        parts.append(_string(t.name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+                     + struct.pack("<IQ", int(t.ggml_type), t.offset))
+        offset = _pad(offset + t.nbytes, alignment)
+    header = b"".join(parts)
+    header += b"\0" * (_pad(len(header), alignment) - len(header))
+    return GGUFLayout(header, out, alignment, {t.name: i for i, t in enumerate(out)})
+
+
+class GGUFFileWriter:
+    """Write one GGUF file whose layout is known: header first, tensors at offsets."""
+
+    def __init__(self, path: str | Path, layout: GGUFLayout):
+        self.path = Path(path)
+        self.layout = layout
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.written: set[str] = set()
+        _pwrite_all(self.fd, layout.header, 0)
+
+    def write_tensor(self, name: str, data: np.ndarray | bytes | memoryview) -> None:
+        t = self.layout.tensors[self.layout.index[name]]
+        buf = memoryview(np.ascontiguousarray(data).view(np.uint8).reshape(-1)) if isinstance(data, np.ndarray) else memoryview(data)
+        if buf.nbytes != t.nbytes:
+            raise ValueError(f"{name}: {buf.nbytes} bytes given, layout says {t.nbytes}")
+        _pwrite_all(self.fd, buf, self.layout.data_start + t.offset)
+        self.written.add(name)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            missing = [t.name for t in self.layout.tensors if t.name not in self.written]
+            # padding after the last tensor is not required; size the file to the layout
+            os.ftruncate(self.fd, self.layout.total_size)
+            os.close(self.fd)
+            self.fd = -1
+            if missing:
+                raise RuntimeError(f"tensors never written: {missing[:5]}")
+
+    def __enter__(self) -> "GGUFFileWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd >= 0:
+            if exc[0] is not None:
+                os.close(self.fd)
+                self.fd = -1
+            else:
+                self.close()
+
+
+def _pwrite_all(fd: int, buf, pos: int) -> None:
+    mv = memoryview(buf).cast("B")
+    while mv.nbytes:
+        n = os.pwrite(fd, mv, pos)
+        mv = mv[n:]
+        pos += n
