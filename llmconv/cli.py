@@ -87,9 +87,11 @@ def _emit_json(path: str | None, obj: dict) -> None:
               help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, ... 'auto' keeps the source precision.")
 @click.option("--outfile", "-o", type=click.Path(path_type=Path), help="Output path. Default: ./Name-Size-TYPE.gguf in the current directory.")
 @click.option("--ctx", type=click.IntRange(1), help="Context length to record (default: by model family; see README).")
+@click.option("--input-format", type=click.Choice(["auto", "meta", "hf"]), default="auto", show_default=True,
+              help="Checkpoint layout; 'auto' detects it from params.json (Meta) or config.json (Hugging Face).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (every tensor, its shards, GGUF name, shape, type, bytes) and write nothing.")
 @type_options
-def convert(ckpt_dir, outtype, outfile, ctx, dry_run, pure, output_tensor_type, token_embedding_type, tensor_type,
+def convert(ckpt_dir, outtype, outfile, ctx, input_format, dry_run, pure, output_tensor_type, token_embedding_type, tensor_type,
             threads, force, json_path, quiet, verbose):
     """Convert a checkpoint directory into one GGUF file.
 
@@ -99,7 +101,7 @@ def convert(ckpt_dir, outtype, outfile, ctx, dry_run, pure, output_tensor_type, 
     from .convert.execute import write_gguf
     from .convert.pipeline import describe_plan, plan_conversion, plan_json
 
-    conv = plan_conversion(ckpt_dir, outtype=outtype, outfile=outfile, ctx=ctx,
+    conv = plan_conversion(ckpt_dir, outtype=outtype, outfile=outfile, ctx=ctx, input_format=input_format,
                            **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
     if dry_run:
         click.echo(describe_plan(conv))

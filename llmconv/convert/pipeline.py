@@ -4,47 +4,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from gguf.metadata import Metadata
 from gguf.utility import naming_convention, size_label
 
-from ..errors import LlmconvError
 from ..formats.gguf_writer import KV
 from .hparams import LlamaHParams
-from .meta import MetaCheckpoint, ffn_formula_warning, open_meta_checkpoint
 from .metadata import general_kvs, llama_kvs, vocab_kvs
-from .plan import Plan, SourceTensor, TypePolicy, make_plan, meta_to_gguf_name
-from .tokenizer import Vocab, check_vocab_size, load_sentencepiece
-
-_TORCH_DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+from .plan import Plan, TypePolicy, make_plan
+from .sources import Source, open_source
 
 
 @dataclass
 class Conversion:
     """Everything decided before any data is written."""
-    source_dir: Path
-    hparams: LlamaHParams
-    vocab: Vocab
+    source: Source
     plan: Plan
     kvs: list[KV]
     name: str
     out_path: Path
-    warnings: list[str]
 
+    @property
+    def hparams(self) -> LlamaHParams:
+        return self.source.hparams
 
-def meta_sources(ckpt: MetaCheckpoint) -> list[SourceTensor]:
-    out = []
-    for name in ckpt.names:
-        gguf_name = meta_to_gguf_name(name)
-        if gguf_name is None:
-            raise LlmconvError("unknown tensor name: no GGUF mapping for it", file=ckpt.source_files(name)[0], tensor=name)
-        out.append(SourceTensor(
-            name=gguf_name, shape=ckpt.shapes[name],
-            load=lambda name=name: ckpt.load(name).to(torch.float32).numpy(),
-            files=ckpt.source_files(name), source_name=name,
-            source_dtype=_TORCH_DTYPE_NAMES.get(ckpt.shards[0][name].dtype, str(ckpt.shards[0][name].dtype)),
-        ))
-    return out
+    @property
+    def warnings(self) -> list[str]:
+        return self.source.warnings
 
 
 def resolve_outtype(outtype: str, source_dtype: str) -> str:
@@ -68,30 +53,23 @@ def model_names(model_dir: Path, n_params: int, outtype: str) -> tuple[str, str,
 
 def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: str | Path | None = None,
                     ctx: int | None = None, pure: bool = False, output_type: str | None = None,
-                    token_embd_type: str | None = None, overrides=()) -> Conversion:
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise LlmconvError("not a directory", file=model_dir)
-    ckpt = open_meta_checkpoint(model_dir, ctx=ctx)
-    h = ckpt.hparams
-    vocab = load_sentencepiece(model_dir)
-    check_vocab_size(vocab, h.vocab_size, model_dir / "tokenizer.model", "tok_embeddings.weight")
-    sources = meta_sources(ckpt)
-    outtype = resolve_outtype(outtype, sources[0].source_dtype)
+                    token_embd_type: str | None = None, overrides=(), input_format: str = "auto") -> Conversion:
+    src = open_source(model_dir, input_format, ctx)
+    h = src.hparams
+    outtype = resolve_outtype(outtype, src.tensors[0].source_dtype)
     policy = TypePolicy(outtype, pure=pure, tied_embeddings=h.tied_embeddings, output_type=output_type,
                         token_embd_type=token_embd_type, overrides=list(overrides))
-    plan = make_plan(sources, policy)
-    name, label, fname = model_names(model_dir, plan.n_params, plan.outtype)
+    plan = make_plan(src.tensors, policy)
+    name, label, fname = model_names(src.path, plan.n_params, plan.outtype)
     out_path = Path(outfile) if outfile else Path.cwd() / fname
-    kvs = general_kvs(name, plan.file_type, label) + llama_kvs(h) + vocab_kvs(vocab)
-    warnings = [w for w in [ffn_formula_warning(h)] if w]
-    return Conversion(model_dir, h, vocab, plan, kvs, name, out_path, warnings)
+    kvs = general_kvs(name, plan.file_type, label) + llama_kvs(h) + list(src.extra_kvs) + vocab_kvs(src.vocab)
+    return Conversion(src, plan, kvs, name, out_path)
 
 
 def describe_plan(conv: Conversion) -> str:
     h = conv.hparams
     lines = [
-        f"source   {conv.source_dir}  (Meta, {h.family}, {len(set(f for t in conv.plan.tensors for f in t.src.files))} shard file(s))",
+        f"source   {conv.source.path}  ({conv.source.kind}, {h.family}, {conv.source.n_files} file(s))",
         f"model    dim {h.dim}, layers {h.n_layers}, heads {h.n_heads}/{h.n_kv_heads} kv, ffn {h.ffn_dim}, "
         f"vocab {h.vocab_size}, ctx {h.context_length}, rope_theta {h.rope_theta:g}, eps {h.norm_eps:g}",
         f"output   {conv.out_path}  ({conv.plan.outtype}, general.file_type {conv.plan.file_type})",
@@ -110,7 +88,8 @@ def describe_plan(conv: Conversion) -> str:
 
 def plan_json(conv: Conversion) -> dict:
     return {
-        "source": str(conv.source_dir),
+        "source": str(conv.source.path),
+        "input_format": conv.source.kind,
         "output": str(conv.out_path),
         "outtype": conv.plan.outtype,
         "file_type": conv.plan.file_type,
@@ -125,4 +104,3 @@ def plan_json(conv: Conversion) -> dict:
     }
 
 
-__all__ = ["Conversion", "plan_conversion", "describe_plan", "plan_json", "meta_sources"]

@@ -1,0 +1,84 @@
+"""Checkpoint formats: detect which one a directory holds and open it as a Source.
+
+A Source is what the rest of the pipeline needs from any checkpoint: hyperparameters,
+the vocabulary, and lazy tensors already named in GGUF terms (in Meta's Q/K layout).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import LlmconvError
+from .hparams import LlamaHParams
+from .meta import MetaCheckpoint, ffn_formula_warning, open_meta_checkpoint
+from .plan import SourceTensor, meta_to_gguf_name
+from .tokenizer import Vocab, check_vocab_size, load_sentencepiece
+
+_TORCH_DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+@dataclass
+class Source:
+    kind: str                          # "meta" or "hf"
+    path: Path
+    hparams: LlamaHParams
+    vocab: Vocab
+    tensors: list[SourceTensor]
+    extra_kvs: list = field(default_factory=list)   # format-specific GGUF metadata (KV), e.g. rope scaling
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_files(self) -> int:
+        return len({f for t in self.tensors for f in t.files})
+
+
+def detect_format(model_dir: Path) -> str:
+    if (model_dir / "params.json").is_file():
+        return "meta"
+    if (model_dir / "config.json").is_file():
+        return "hf"
+    raise LlmconvError("neither params.json (Meta) nor config.json (Hugging Face) found: not a checkpoint directory",
+                       file=model_dir)
+
+
+def open_source(model_dir: str | Path, input_format: str = "auto", ctx: int | None = None) -> Source:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise LlmconvError("not a directory", file=model_dir)
+    kind = detect_format(model_dir) if input_format == "auto" else input_format
+    if kind == "meta":
+        return open_meta_source(model_dir, ctx)
+    if kind == "hf":
+        try:
+            from .hf import open_hf_source
+        except ImportError:
+            raise LlmconvError("Hugging Face checkpoints are not supported yet", file=model_dir) from None
+        return open_hf_source(model_dir, ctx)
+    raise LlmconvError(f"unknown input format {input_format!r} (meta, hf)", file=model_dir)
+
+
+def open_meta_source(model_dir: Path, ctx: int | None = None) -> Source:
+    ckpt = open_meta_checkpoint(model_dir, ctx=ctx)
+    h = ckpt.hparams
+    vocab = load_sentencepiece(model_dir)
+    check_vocab_size(vocab, h.vocab_size, model_dir / "tokenizer.model", "tok_embeddings.weight")
+    warnings = [w for w in [ffn_formula_warning(h)] if w]
+    return Source("meta", model_dir, h, vocab, meta_tensors(ckpt), warnings=warnings)
+
+
+def meta_tensors(ckpt: MetaCheckpoint) -> list[SourceTensor]:
+    out = []
+    for name in ckpt.names:
+        gguf_name = meta_to_gguf_name(name)
+        if gguf_name is None:
+            raise LlmconvError("unknown tensor name: no GGUF mapping for it", file=ckpt.source_files(name)[0], tensor=name)
+        dtype = ckpt.shards[0][name].dtype
+        out.append(SourceTensor(
+            name=gguf_name, shape=ckpt.shapes[name],
+            load=lambda name=name: ckpt.load(name).to(torch.float32).numpy(),
+            files=ckpt.source_files(name), source_name=name,
+            source_dtype=_TORCH_DTYPE_NAMES.get(dtype, str(dtype)),
+        ))
+    return out
