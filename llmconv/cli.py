@@ -117,6 +117,36 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, dry_run, pure, output
     _emit_json(json_path, {"dry_run": False, **plan_json(conv), "seconds": res.seconds, "file_bytes": res.nbytes})
 
 
+@cli.command()
+@click.argument("infile", type=click.Path(path_type=Path))
+@click.argument("outfile", type=click.Path(path_type=Path))
+@click.option("--type", "qtype", required=True, metavar="TYPE", help="Target type: q8_0, q4_0, q4_1, q5_0, q5_1, f16, ...")
+@click.option("--allow-requantize", is_flag=True, help="Accept an input whose tensors are already quantized.")
+@type_options
+def quantize(infile, outfile, qtype, allow_requantize, pure, output_tensor_type, token_embedding_type, tensor_type,
+             threads, force, json_path, quiet, verbose):
+    """Requantize a GGUF file (f32/f16/bf16 in) to another type.
+
+    Follows llama-quantize's per-tensor choices by default: 1-D tensors stay F32 and
+    output.weight gets a higher-precision type; --pure puts every 2-D weight in TYPE.
+    Metadata passes through; general.file_type is updated.
+    """
+    from .convert.execute import write_gguf
+    from .convert.pipeline import plan_requantize
+
+    rq = plan_requantize(infile, outfile, qtype, allow_requantize=allow_requantize,
+                         **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
+    res = write_gguf(rq.out_path, rq.kvs, rq.plan, threads=threads, progress=not quiet, force=force, verbose=verbose)
+    for n in rq.plan.notes:
+        click.echo(f"note: {n}", err=True)
+    click.echo(f"wrote {res.path}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, {rq.plan.outtype}, "
+               f"in {res.seconds:.1f} s")
+    _emit_json(json_path, {"input": str(infile), "output": str(res.path), "type": rq.plan.outtype,
+                           "file_type": rq.plan.file_type, "seconds": res.seconds, "file_bytes": res.nbytes,
+                           "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes,
+                                        "reason": t.reason} for t in rq.plan.tensors], "notes": rq.plan.notes})
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="llmconv", standalone_mode=False)

@@ -7,9 +7,13 @@ from pathlib import Path
 from gguf.metadata import Metadata
 from gguf.utility import naming_convention, size_label
 
+from gguf import GGUFValueType as T
+from gguf import Keys
+
 from ..formats.gguf_writer import KV
+from .gguf_source import GGUFSource, open_gguf_source
 from .hparams import LlamaHParams
-from .metadata import general_kvs, llama_kvs, vocab_kvs
+from .metadata import QUANTIZATION_VERSION, general_kvs, llama_kvs, vocab_kvs
 from .plan import Plan, TypePolicy, make_plan
 from .sources import Source, open_source
 
@@ -104,3 +108,26 @@ def plan_json(conv: Conversion) -> dict:
     }
 
 
+
+
+@dataclass
+class Requantization:
+    source: GGUFSource
+    plan: Plan
+    kvs: list[KV]
+    out_path: Path
+
+
+def plan_requantize(in_path: str | Path, out_path: str | Path, qtype: str, *, pure: bool = False,
+                    output_type: str | None = None, token_embd_type: str | None = None, overrides=(),
+                    allow_requantize: bool = False) -> Requantization:
+    src = open_gguf_source(in_path, allow_requantize=allow_requantize)
+    policy = TypePolicy(qtype.lower(), pure=pure, tied_embeddings=src.tied_embeddings, output_type=output_type,
+                        token_embd_type=token_embd_type, overrides=list(overrides))
+    plan = make_plan(src.tensors, policy)
+    kvs = list(src.kvs)
+    # general.file_type and quantization_version go right after the other general.* keys
+    at = max((i + 1 for i, kv in enumerate(kvs) if kv.key.startswith("general.")), default=0)
+    kvs[at:at] = [KV(Keys.General.FILE_TYPE, plan.file_type, T.UINT32),
+                  KV(Keys.General.QUANTIZATION_VERSION, QUANTIZATION_VERSION, T.UINT32)]
+    return Requantization(src, plan, kvs, Path(out_path))
