@@ -192,7 +192,8 @@ def _merge_rule(name, shard_shapes, full, shard_paths):
                            file=shard_paths[0], tensor=name)
     other = 1 - axis
     for p, s in zip(shard_paths, shard_shapes):
-        if s[other] != first[other]:
+        # Meta's model parallelism splits every tensor evenly
+        if s != first:
             raise LlmconvError(f"shape {s} disagrees with shard 0's {first}", file=p, tensor=name)
     merged = list(first)
     merged[axis] = sum(s[axis] for s in shard_shapes)
@@ -228,17 +229,18 @@ def _hparams(params: dict, shapes: dict, path: Path, ctx: int | None) -> LlamaHP
     if f"layers.{n_layers}.attention.wq.weight" in shapes:
         raise LlmconvError(f"params.json says {n_layers} layers but the checkpoint has more",
                            file=pfile, tensor=f"layers.{n_layers}.attention.wq.weight")
-    head_dim = dim // n_heads
-    for i in range(n_layers):
-        for w, rows in (("wq", n_heads * head_dim), ("wk", n_kv * head_dim), ("wv", n_kv * head_dim)):
-            name = f"layers.{i}.attention.{w}.weight"
-            if shapes[name] != (rows, dim):
-                raise LlmconvError(f"shape {shapes[name]} but n_heads={n_heads}, n_kv_heads={n_kv}, dim={dim} "
-                                   f"imply {(rows, dim)}", file=pfile, tensor=name)
     w1 = shapes.get("layers.0.feed_forward.w1.weight")
     if w1 is None:
         raise LlmconvError("checkpoint has no feed-forward weights", file=path, tensor="layers.0.feed_forward.w1.weight")
     ffn = w1[0]
+    expected = expected_shapes(dim, n_layers, n_heads, n_kv, ffn, vocab)
+    for name, shape in shapes.items():
+        want = expected.get(name)
+        if want is None:
+            continue  # an unknown name is reported by the name mapping, with its shard
+        if shape != want:
+            raise LlmconvError(f"shape {shape} but params.json (dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv}) "
+                               f"and ffn={ffn} imply {want}", file=pfile, tensor=name)
     family = meta_family(params, vocab)
     return LlamaHParams(
         dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab, ffn_dim=ffn,
@@ -247,6 +249,21 @@ def _hparams(params: dict, shapes: dict, path: Path, ctx: int | None) -> LlamaHP
         multiple_of=params.get("multiple_of"), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
         tied_embeddings="output.weight" not in shapes,
     )
+
+
+def expected_shapes(dim, n_layers, n_heads, n_kv, ffn, vocab) -> dict[str, tuple[int, ...]]:
+    hd = dim // n_heads
+    out = {"tok_embeddings.weight": (vocab, dim), "norm.weight": (dim,), "output.weight": (vocab, dim)}
+    for i in range(n_layers):
+        p = f"layers.{i}."
+        out.update({
+            p + "attention.wq.weight": (n_heads * hd, dim), p + "attention.wk.weight": (n_kv * hd, dim),
+            p + "attention.wv.weight": (n_kv * hd, dim), p + "attention.wo.weight": (dim, n_heads * hd),
+            p + "feed_forward.w1.weight": (ffn, dim), p + "feed_forward.w3.weight": (ffn, dim),
+            p + "feed_forward.w2.weight": (dim, ffn),
+            p + "attention_norm.weight": (dim,), p + "ffn_norm.weight": (dim,),
+        })
+    return out
 
 
 def ffn_formula_warning(h: LlamaHParams) -> str | None:
