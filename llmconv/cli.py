@@ -58,6 +58,11 @@ _type_options = [
                  help="Type for tensors whose GGUF name matches the regex RE (repeatable; first match wins)."),
     click.option("--threads", "-t", type=click.IntRange(1, 256), default=_threads_default, show_default="all cores",
                  help="Threads for the quantization kernels. The output is the same for any count."),
+    click.option("--split-max-size", metavar="SIZE", default="0",
+                 help="Split the output into files of at most SIZE of tensor data (e.g. 4G, 500M), "
+                      "named Name-00001-of-0000N.gguf, which llama.cpp loads from the first file."),
+    click.option("--split-max-tensors", type=click.IntRange(0), default=0, metavar="N",
+                 help="Split the output into files of at most N tensors."),
     click.option("--force", "-f", is_flag=True, help="Overwrite an existing output file."),
     click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write a machine-readable report here ('-' for stdout)."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
@@ -69,6 +74,20 @@ def type_options(f):
     for opt in reversed(_type_options):
         f = opt(f)
     return f
+
+
+def parse_size(text: str) -> int:
+    """'4G' -> 4 * 2**30; plain numbers are bytes."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = float(num)
+    except ValueError:
+        raise LlmconvError(f"--split-max-size {text!r}: expected a size like 4G or 500M") from None
+    if value < 0:
+        raise LlmconvError(f"--split-max-size {text!r}: must not be negative")
+    return int(value * units[unit])
 
 
 def _emit_json(path: str | None, obj: dict) -> None:
@@ -92,7 +111,7 @@ def _emit_json(path: str | None, obj: dict) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan (every tensor, its shards, GGUF name, shape, type, bytes) and write nothing.")
 @type_options
 def convert(ckpt_dir, outtype, outfile, ctx, input_format, dry_run, pure, output_tensor_type, token_embedding_type, tensor_type,
-            threads, force, json_path, quiet, verbose):
+            threads, split_max_size, split_max_tensors, force, json_path, quiet, verbose):
     """Convert a checkpoint directory into one GGUF file.
 
     CKPT_DIR is an original Meta checkpoint (params.json, consolidated.NN.pth, tokenizer.model).
@@ -109,10 +128,11 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, dry_run, pure, output
         return
     for w in conv.warnings:
         click.echo(f"warning: {w}", err=True)
-    res = write_gguf(conv.out_path, conv.kvs, conv.plan, threads=threads, progress=not quiet, force=force, verbose=verbose)
+    res = write_gguf(conv.out_path, conv.kvs, conv.plan, threads=threads, progress=not quiet, force=force,
+                     verbose=verbose, split_max_size=parse_size(split_max_size), split_max_tensors=split_max_tensors)
     for n in conv.plan.notes:
         click.echo(f"note: {n}", err=True)
-    click.echo(f"wrote {res.path}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, "
+    click.echo(f"wrote {', '.join(map(str, res.paths))}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, "
                f"{conv.plan.outtype}, in {res.seconds:.1f} s ({res.nbytes / 2**20 / max(res.seconds, 1e-9):,.0f} MiB/s)")
     _emit_json(json_path, {"dry_run": False, **plan_json(conv), "seconds": res.seconds, "file_bytes": res.nbytes})
 
@@ -124,7 +144,7 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, dry_run, pure, output
 @click.option("--allow-requantize", is_flag=True, help="Accept an input whose tensors are already quantized.")
 @type_options
 def quantize(infile, outfile, qtype, allow_requantize, pure, output_tensor_type, token_embedding_type, tensor_type,
-             threads, force, json_path, quiet, verbose):
+             threads, split_max_size, split_max_tensors, force, json_path, quiet, verbose):
     """Requantize a GGUF file (f32/f16/bf16 in) to another type.
 
     Follows llama-quantize's per-tensor choices by default: 1-D tensors stay F32 and
@@ -136,10 +156,11 @@ def quantize(infile, outfile, qtype, allow_requantize, pure, output_tensor_type,
 
     rq = plan_requantize(infile, outfile, qtype, allow_requantize=allow_requantize,
                          **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
-    res = write_gguf(rq.out_path, rq.kvs, rq.plan, threads=threads, progress=not quiet, force=force, verbose=verbose)
+    res = write_gguf(rq.out_path, rq.kvs, rq.plan, threads=threads, progress=not quiet, force=force,
+                     verbose=verbose, split_max_size=parse_size(split_max_size), split_max_tensors=split_max_tensors)
     for n in rq.plan.notes:
         click.echo(f"note: {n}", err=True)
-    click.echo(f"wrote {res.path}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, {rq.plan.outtype}, "
+    click.echo(f"wrote {', '.join(map(str, res.paths))}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, {rq.plan.outtype}, "
                f"in {res.seconds:.1f} s")
     _emit_json(json_path, {"input": str(infile), "output": str(res.path), "type": rq.plan.outtype,
                            "file_type": rq.plan.file_type, "seconds": res.seconds, "file_bytes": res.nbytes,

@@ -10,11 +10,14 @@ from __future__ import annotations
 import errno
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from gguf import GGUFValueType as T
+from gguf import Keys
 from tqdm import tqdm
 
 from .. import quantize as q
@@ -30,6 +33,7 @@ class WriteResult:
     n_tensors: int
     nbytes: int
     seconds: float
+    paths: list[Path] = field(default_factory=list)   # all files written (more than one when split)
 
 
 def convert_tensor(t: PlannedTensor, data: np.ndarray, threads: int) -> np.ndarray:
@@ -55,40 +59,78 @@ def _load(t: PlannedTensor) -> np.ndarray:
                            file=where, tensor=t.src.source_name or t.name) from None
 
 
-def layout_for(kvs: Sequence[KV], plan: Plan):
-    return plan_layout(kvs, [TensorEntry(t.name, t.shape, t.qtype.ggml_type, t.nbytes) for t in plan.tensors])
+def split_plan(kvs: Sequence[KV], plan: Plan, max_bytes: int = 0, max_tensors: int = 0):
+    """[(path suffix, kvs, tensors)] for each output file. Without limits: one file.
+    With them, llama.cpp's split convention: the first file holds all metadata, every file
+    holds split.no / split.count / split.tensors.count, names end -0000k-of-0000N.gguf."""
+    groups: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in plan.tensors:
+        g = groups[-1]
+        if g and ((max_tensors and len(g) >= max_tensors) or (max_bytes and size + t.nbytes > max_bytes)):
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    if len(groups) == 1:
+        return [("", list(kvs), groups[0])]
+    n = len(groups)
+    out = []
+    for i, g in enumerate(groups):
+        split_kvs = [KV(Keys.Split.LLM_KV_SPLIT_NO, i, T.UINT16), KV(Keys.Split.LLM_KV_SPLIT_COUNT, n, T.UINT16),
+                     KV(Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, len(plan.tensors), T.INT32)]
+        out.append((f"-{i + 1:05d}-of-{n:05d}", (list(kvs) if i == 0 else []) + split_kvs, g))
+    return out
+
+
+def split_paths(out_path: Path, n: int) -> list[Path]:
+    if n == 1:
+        return [out_path]
+    stem = out_path.name[:-5] if out_path.name.endswith(".gguf") else out_path.name
+    return [out_path.with_name(f"{stem}-{i + 1:05d}-of-{n:05d}.gguf") for i in range(n)]
 
 
 def write_gguf(out_path: str | Path, kvs: Sequence[KV], plan: Plan, *, threads: int = 1,
-               progress: bool = True, force: bool = False, verbose: bool = False) -> WriteResult:
+               progress: bool = True, force: bool = False, verbose: bool = False,
+               split_max_size: int = 0, split_max_tensors: int = 0) -> WriteResult:
     out_path = Path(out_path)
-    layout = layout_for(kvs, plan)
+    parts = split_plan(kvs, plan, split_max_size, split_max_tensors)
+    paths = split_paths(out_path, len(parts))
+    layouts = [plan_layout(p_kvs, [TensorEntry(t.name, t.shape, t.qtype.ggml_type, t.nbytes) for t in p_ts])
+               for _, p_kvs, p_ts in parts]
+    where = {t.name: i for i, (_, _, p_ts) in enumerate(parts) for t in p_ts}
+    total = sum(lay.total_size for lay in layouts)
     start = time.perf_counter()
-    with atomic_output(out_path, force=force) as tmp:
+    with ExitStack() as files:
+        tmps = [files.enter_context(atomic_output(p, force=force)) for p in paths]
         try:
-            with GGUFFileWriter(tmp, layout) as writer, ThreadPoolExecutor(1) as reader, \
-                    tqdm(total=layout.total_size, unit="B", unit_scale=True, unit_divisor=1024,
-                         desc=out_path.name, disable=not progress, leave=False) as bar:
-                bar.update(layout.data_start)
-                pending = reader.submit(_load, plan.tensors[0]) if plan.tensors else None
-                for i, t in enumerate(plan.tensors):
-                    data = pending.result()
-                    # read the next tensor while this one is converted and written
-                    pending = reader.submit(_load, plan.tensors[i + 1]) if i + 1 < len(plan.tensors) else None
-                    bar.set_postfix_str(t.name, refresh=False)
-                    blob = convert_tensor(t, data, threads)
-                    del data
-                    writer.write_tensor(t.name, blob)
-                    del blob
-                    if verbose:
-                        bar.write(f"  {t.name:32s} {t.qtype.name:6s} {str(t.shape):18s} {t.nbytes:>12,d} B")
-                    bar.update(t.nbytes)
+            writers = [files.enter_context(GGUFFileWriter(tmp, lay)) for tmp, lay in zip(tmps, layouts)]
+            reader = files.enter_context(ThreadPoolExecutor(1))
+            bar = files.enter_context(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                                           desc=out_path.name, disable=not progress, leave=False))
+            bar.update(sum(lay.data_start for lay in layouts))
+            pending = reader.submit(_load, plan.tensors[0]) if plan.tensors else None
+            for i, t in enumerate(plan.tensors):
+                data = pending.result()
+                # read the next tensor while this one is converted and written
+                pending = reader.submit(_load, plan.tensors[i + 1]) if i + 1 < len(plan.tensors) else None
+                bar.set_postfix_str(t.name, refresh=False)
+                blob = convert_tensor(t, data, threads)
+                del data
+                writers[where[t.name]].write_tensor(t.name, blob)
+                del blob
+                if verbose:
+                    bar.write(f"  {t.name:32s} {t.qtype.name:6s} {str(t.shape):18s} {t.nbytes:>12,d} B")
+                bar.update(t.nbytes)
+            for w in writers:
+                w.close()
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise LlmconvError(f"write failed: {e.strerror}", file=out_path) from None
             raise
-        check_written(tmp, layout, out_path)
-    return WriteResult(out_path, len(plan.tensors), layout.total_size, time.perf_counter() - start)
+        for tmp, lay, p in zip(tmps, layouts, paths):
+            check_written(tmp, lay, p)
+    return WriteResult(paths[0], len(plan.tensors), total, time.perf_counter() - start, paths)
 
 
 def check_written(path: Path, layout, label: Path) -> None:

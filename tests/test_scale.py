@@ -1,0 +1,113 @@
+"""Issue 7: output independent of thread count, split output that llama.cpp loads, memory
+bounded by about one tensor (measured as peak RssAnon of a real conversion process)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from llmconv.cli import main
+from synth import meta_state_dict, write_meta_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+ONE = ROOT / "fixtures" / "tiny-llama"
+
+
+@pytest.mark.parametrize("outtype", ["q8_0", "q4_0", "q4_k"])
+def test_thread_count_does_not_change_bytes(tmp_path, outtype):
+    a, b = tmp_path / "t1.gguf", tmp_path / "t4.gguf"
+    assert main(["convert", str(ONE), "--outtype", outtype, "-t", "1", "-o", str(a), "-q"]) == 0
+    assert main(["convert", str(ONE), "--outtype", outtype, "-t", "4", "-o", str(b), "-q"]) == 0
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_split_output_metadata(tmp_path):
+    out = tmp_path / "m.gguf"
+    assert main(["convert", str(ONE), "--outtype", "f16", "-o", str(out), "-q", "--split-max-tensors", "8"]) == 0
+    files = sorted(tmp_path.glob("m-*-of-*.gguf"))
+    assert [f.name for f in files] == ["m-00001-of-00003.gguf", "m-00002-of-00003.gguf", "m-00003-of-00003.gguf"]
+    readers = [GGUFReader(f) for f in files]
+    assert [r.get_field("split.no").contents() for r in readers] == [0, 1, 2]
+    assert all(r.get_field("split.count").contents() == 3 for r in readers)
+    assert all(r.get_field("split.tensors.count").contents() == 21 for r in readers)
+    assert readers[0].get_field("llama.block_count") is not None
+    assert readers[1].get_field("llama.block_count") is None
+    assert [len(r.tensors) for r in readers] == [8, 8, 5]
+    # the same tensors, the same bytes, as the unsplit file
+    whole = tmp_path / "whole.gguf"
+    assert main(["convert", str(ONE), "--outtype", "f16", "-o", str(whole), "-q"]) == 0
+    want = {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(whole).tensors}
+    got = {t.name: np.asarray(t.data).tobytes() for r in readers for t in r.tensors}
+    assert got == want
+
+
+def test_split_by_size(tmp_path):
+    out = tmp_path / "m.gguf"
+    assert main(["convert", str(ONE), "--outtype", "f32", "-o", str(out), "-q", "--split-max-size", "1M"]) == 0
+    files = sorted(tmp_path.glob("m-*-of-*.gguf"))
+    assert len(files) > 1
+    for f in files:
+        r = GGUFReader(f)
+        data = sum(int(t.n_bytes) for t in r.tensors)
+        assert data <= 2**20 or len(r.tensors) == 1
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_loads_split_file(tmp_path):
+    import llama_cpp
+    whole, split = tmp_path / "whole.gguf", tmp_path / "s.gguf"
+    assert main(["convert", str(ONE), "--outtype", "f32", "-o", str(whole), "-q"]) == 0
+    assert main(["convert", str(ONE), "--outtype", "f32", "-o", str(split), "-q", "--split-max-tensors", "5"]) == 0
+    tokens = [1, 100, 200, 300, 400, 50, 60]
+    logits = []
+    for p in (whole, tmp_path / "s-00001-of-00005.gguf"):
+        llm = llama_cpp.Llama(str(p), n_ctx=32, logits_all=True, type_k=0, type_v=0, n_threads=1, verbose=False)
+        llm.eval(tokens)
+        logits.append(np.array(llm.scores[: len(tokens)]))
+        del llm
+    assert np.array_equal(logits[0], logits[1])
+
+
+def _peak_rss_anon(cmd: list[str]) -> tuple[int, int]:
+    """Run cmd, sampling /proc/PID/status RssAnon every 5 ms; return (peak bytes, exit code)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    status = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(0.005)
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0, err
+    return peak, proc.returncode
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_peak_memory_is_about_one_tensor(tmp_path_factory, outtype):
+    """~230M parameters (460 MB bf16 checkpoint, 0.9 GB as float32). The bound: a tiny model's
+    peak (interpreter, torch, numpy) + 4 x the largest tensor as float32 + 64 MiB."""
+    base = tmp_path_factory.getbasetemp() / "big-ckpt"
+    if not (base / "params.json").exists():
+        sd = meta_state_dict(dim=1536, n_layers=8, n_heads=12, n_kv_heads=12, ffn=4096, seed=2)
+        write_meta_checkpoint(base, sd, params={"n_heads": 12, "n_kv_heads": 12, "multiple_of": 256})
+        del sd
+    largest_f32 = 4096 * 1536 * 4
+    model_f32 = 8 * (4 * 1536 * 1536 + 3 * 4096 * 1536) * 4
+    tmp = tmp_path_factory.mktemp("mem")
+    cmd = [sys.executable, "-m", "llmconv.cli", "convert", "--outtype", outtype, "-q", "-t", "2"]
+    small, _ = _peak_rss_anon(cmd + [str(ONE), "-o", str(tmp / "small.gguf")])
+    big, _ = _peak_rss_anon(cmd + [str(base), "-o", str(tmp / "big.gguf")])
+    bound = small + 4 * largest_f32 + 64 * 2**20
+    print(f"peak RssAnon: tiny {small / 2**20:.0f} MiB, 230M-param model {big / 2**20:.0f} MiB, "
+          f"bound {bound / 2**20:.0f} MiB, whole model as f32 {model_f32 / 2**20:.0f} MiB")
+    assert big <= bound
