@@ -109,8 +109,11 @@ def _emit_json(path: str | None, obj: dict) -> None:
 @click.option("--input-format", type=click.Choice(["auto", "meta", "hf"]), default="auto", show_default=True,
               help="Checkpoint layout; 'auto' detects it from params.json (Meta) or config.json (Hugging Face).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (every tensor, its shards, GGUF name, shape, type, bytes) and write nothing.")
+@click.option("--format", "out_format", type=click.Choice(["gguf", "ggml"]), default="gguf", show_default=True,
+              help="ggml: one legacy ggjt v3 .bin file for pre-GGUF runtimes (f32, f16, q4_0, q4_1, q8_0; implies --pure; "
+                   "refuses models ggjt cannot describe, e.g. grouped-query attention or RoPE base != 10000).")
 @type_options
-def convert(ckpt_dir, outtype, outfile, ctx, input_format, dry_run, pure, output_tensor_type, token_embedding_type, tensor_type,
+def convert(ckpt_dir, outtype, outfile, ctx, input_format, dry_run, out_format, pure, output_tensor_type, token_embedding_type, tensor_type,
             threads, split_max_size, split_max_tensors, force, json_path, quiet, verbose):
     """Convert a checkpoint directory into one GGUF file.
 
@@ -120,6 +123,10 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, dry_run, pure, output
     from .convert.execute import write_gguf
     from .convert.pipeline import describe_plan, plan_conversion, plan_json
 
+    if out_format == "ggml":
+        from .convert.ggml_out import plan_ggml_conversion as plan_conversion, write_ggml
+        if parse_size(split_max_size) or split_max_tensors:
+            raise LlmconvError("--format ggml writes one file; --split-max-size/--split-max-tensors are for GGUF")
     conv = plan_conversion(ckpt_dir, outtype=outtype, outfile=outfile, ctx=ctx, input_format=input_format,
                            **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
     if dry_run:
@@ -128,8 +135,11 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, dry_run, pure, output
         return
     for w in conv.warnings:
         click.echo(f"warning: {w}", err=True)
-    res = write_gguf(conv.out_path, conv.kvs, conv.plan, threads=threads, progress=not quiet, force=force,
-                     verbose=verbose, split_max_size=parse_size(split_max_size), split_max_tensors=split_max_tensors)
+    if out_format == "ggml":
+        res = write_ggml(conv, threads=threads, progress=not quiet, force=force, verbose=verbose)
+    else:
+        res = write_gguf(conv.out_path, conv.kvs, conv.plan, threads=threads, progress=not quiet, force=force,
+                         verbose=verbose, split_max_size=parse_size(split_max_size), split_max_tensors=split_max_tensors)
     for n in conv.plan.notes:
         click.echo(f"note: {n}", err=True)
     click.echo(f"wrote {', '.join(map(str, res.paths))}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, "

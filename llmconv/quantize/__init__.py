@@ -10,6 +10,7 @@ threading over row chunks, checks for non-finite input, and error messages.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,6 +29,9 @@ class QuantType:
     file_type: LlamaFileType       # general.file_type for a file "mostly" of this type
     quantize: Callable[[np.ndarray], np.ndarray]
     dequantize: Callable[[np.ndarray], np.ndarray]
+    # True if `quantize` itself raises NonFiniteError for NaN/inf input (the block kernels see
+    # it in their max/min for free); otherwise quantize_tensor scans the input first.
+    checks_finite: bool = False
 
     def row_nbytes(self, n: int) -> int:
         return n // self.block_size * self.type_size
@@ -51,6 +55,35 @@ register(QuantType("f16", GGMLQuantizationType.F16, 1, 2, LlamaFileType.MOSTLY_F
 register(QuantType("bf16", GGMLQuantizationType.BF16, 1, 2, LlamaFileType.MOSTLY_BF16,
                    floats.bf16_quantize, floats.bf16_dequantize))
 
+# K-quants (256-weight super-blocks). llama.cpp has no plain "mostly Q4_K" file type: a file
+# with every matrix in q4_K is what `llama-quantize --pure ... Q4_K_S` writes, hence the _S types.
+from . import q2_k, q3_k, q4_k, q5_k, q6_k  # noqa: E402
+
+register(QuantType("q6_k", GGMLQuantizationType.Q6_K, 256, q6_k.TYPE_SIZE, LlamaFileType.MOSTLY_Q6_K,
+                   q6_k.quantize, q6_k.dequantize))
+register(QuantType("q5_k", GGMLQuantizationType.Q5_K, 256, q5_k.TYPE_SIZE, LlamaFileType.MOSTLY_Q5_K_S,
+                   q5_k.quantize, q5_k.dequantize))
+register(QuantType("q4_k", GGMLQuantizationType.Q4_K, 256, q4_k.TYPE_SIZE, LlamaFileType.MOSTLY_Q4_K_S,
+                   q4_k.quantize, q4_k.dequantize))
+register(QuantType("q3_k", GGMLQuantizationType.Q3_K, 256, q3_k.TYPE_SIZE, LlamaFileType.MOSTLY_Q3_K_S,
+                   q3_k.quantize, q3_k.dequantize))
+register(QuantType("q2_k", GGMLQuantizationType.Q2_K, 256, q2_k.TYPE_SIZE, LlamaFileType.MOSTLY_Q2_K,
+                   q2_k.quantize, q2_k.dequantize))
+
+# Legacy 32-weight block types, bit-exact with ggml's quantize_row_*_ref.
+from . import q4_0, q4_1, q5_0, q5_1, q8_0  # noqa: E402
+
+register(QuantType("q8_0", GGMLQuantizationType.Q8_0, 32, q8_0.TYPE_SIZE, LlamaFileType.MOSTLY_Q8_0,
+                   q8_0.quantize, q8_0.dequantize, checks_finite=True))
+register(QuantType("q4_0", GGMLQuantizationType.Q4_0, 32, q4_0.TYPE_SIZE, LlamaFileType.MOSTLY_Q4_0,
+                   q4_0.quantize, q4_0.dequantize, checks_finite=True))
+register(QuantType("q4_1", GGMLQuantizationType.Q4_1, 32, q4_1.TYPE_SIZE, LlamaFileType.MOSTLY_Q4_1,
+                   q4_1.quantize, q4_1.dequantize, checks_finite=True))
+register(QuantType("q5_0", GGMLQuantizationType.Q5_0, 32, q5_0.TYPE_SIZE, LlamaFileType.MOSTLY_Q5_0,
+                   q5_0.quantize, q5_0.dequantize, checks_finite=True))
+register(QuantType("q5_1", GGMLQuantizationType.Q5_1, 32, q5_1.TYPE_SIZE, LlamaFileType.MOSTLY_Q5_1,
+                   q5_1.quantize, q5_1.dequantize, checks_finite=True))
+
 
 def get(t: str | int | GGMLQuantizationType) -> QuantType:
     """Look a type up by CLI name ("q4_0") or by GGMLQuantizationType."""
@@ -65,12 +98,8 @@ def get(t: str | int | GGMLQuantizationType) -> QuantType:
     raise KeyError(f"no kernel for ggml type {GGMLQuantizationType(t).name}")
 
 
-class NonFiniteError(ValueError):
-    """Input holds NaN/inf (or a scale overflows fp16). `row` is the first bad row."""
-
-    def __init__(self, row: int, what: str = "NaN or inf"):
-        self.row = row
-        super().__init__(f"{what} in row {row}")
+# Defined next to the block kernels, which raise it; re-exported here.
+from ._blocks import NonFiniteError  # noqa: E402
 
 
 def _first_nonfinite_row(x2d: np.ndarray) -> int | None:
@@ -80,8 +109,17 @@ def _first_nonfinite_row(x2d: np.ndarray) -> int | None:
     return None
 
 
+CHUNK_BYTES = 2 << 20   # float32 input per work item: big enough to amortize numpy's per-call cost
+
+
 def quantize_tensor(x: np.ndarray, qt: QuantType | str, threads: int = 1) -> np.ndarray:
-    """float array [..., n] -> uint8 [..., row_nbytes(n)]. Raises NonFiniteError."""
+    """float array [..., n] -> uint8 [..., row_nbytes(n)]. Raises NonFiniteError.
+
+    Rows are cut into ~CHUNK_BYTES pieces, quantized by `threads` worker threads (numpy
+    releases the GIL in the kernels). The cut depends only on the shape, and every row is
+    quantized on its own, so the bytes are the same for any thread count. NonFiniteError
+    names the first bad row of the whole tensor.
+    """
     if isinstance(qt, str):
         qt = get(qt)
     x = np.asarray(x)
@@ -90,10 +128,32 @@ def quantize_tensor(x: np.ndarray, qt: QuantType | str, threads: int = 1) -> np.
     if not qt.can_hold_row(n):
         raise ValueError(f"row length {n} is not a multiple of {qt.name}'s block size {qt.block_size}")
     x2d = x.reshape(-1, n)
-    row = _first_nonfinite_row(x2d)
-    if row is not None:
-        raise NonFiniteError(row)
-    out = qt.quantize(np.ascontiguousarray(x2d, dtype=np.float32))
+    rows = x2d.shape[0]
+    out = np.empty((rows, qt.row_nbytes(n)), np.uint8)
+    step = max(1, CHUNK_BYTES // (4 * max(n, 1)))
+    starts = list(range(0, rows, step))
+
+    def work(start: int) -> None:
+        chunk = np.ascontiguousarray(x2d[start:start + step], dtype=np.float32)
+        if not qt.checks_finite:
+            row = _first_nonfinite_row(chunk)
+            if row is not None:
+                raise NonFiniteError(start + row)
+        try:
+            out[start:start + step] = qt.quantize(chunk)
+        except NonFiniteError as e:
+            raise NonFiniteError(start + e.row, getattr(e, "what", "NaN or inf")) from None
+
+    if threads <= 1 or len(starts) == 1:
+        for s0 in starts:
+            work(s0)
+    else:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            futures = [pool.submit(work, s0) for s0 in starts]
+            errors = [f.exception() for f in futures]   # waits for all; chunks are in row order
+        for e in errors:
+            if e is not None:
+                raise e
     return out.reshape(*shape[:-1], qt.row_nbytes(n))
 
 

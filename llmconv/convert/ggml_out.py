@@ -1,0 +1,194 @@
+"""`llmconv convert --format ggml`: a Conversion -> one legacy ggjt v3 file.
+
+ggjt v3 is what llama.cpp read from May to August 2023 and what pre-GGUF runtimes
+(ctransformers, old llama-cpp-python, koboldcpp, ...) still read. Its header holds seven
+integers; everything else about the model is assumed by the loader:
+
+    RoPE base 10000 on adjacent pairs, no grouped-query attention, a SentencePiece
+    vocabulary with BOS 1 / EOS 2, the RMS norm epsilon and the context length supplied
+    at load time, the feed-forward size derived from n_mult.
+
+A model that differs where a loader cannot be told is refused (it would load and then
+compute something else); where a loader can be told (epsilon, context) the conversion
+warns and says what to tell it.
+"""
+from __future__ import annotations
+
+import errno
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from gguf import MODEL_TENSOR, TokenType
+from tqdm import tqdm
+
+from ..errors import LlmconvError
+from ..formats.atomic import atomic_output
+from ..formats.ggml_writer import GGJT_TYPES, GGJTFileWriter, GGJTHParams, GGJTTensor, find_n_mult, plan_layout
+from .execute import WriteResult, _load, convert_tensor
+from .pipeline import Conversion, plan_conversion
+from .plan import META_GLOBAL_NAMES, META_LAYER_NAMES, PlannedTensor, SourceTensor, tensor_name
+from .tokenizer import Vocab
+
+LOADER_ROPE_BASE = 10000.0
+LOADER_RMS_EPS = 5e-6        # ctransformers and llama.cpp from late July 2023 (LLAMA_DEFAULT_RMS_EPS)
+LOADER_BOS, LOADER_EOS = 1, 2
+TYPE_NAMES = "f32, f16, q4_0, q4_1, q8_0"
+
+# GGUF name -> Meta name, the names ggjt files use
+_GLOBAL = {tensor_name(kind): meta for meta, kind in META_GLOBAL_NAMES.items()}
+_LAYER = {tensor_name(kind, 0).split(".", 2)[2]: meta for meta, kind in META_LAYER_NAMES.items()}
+
+
+def ggjt_name(gguf_name: str) -> str:
+    if gguf_name in _GLOBAL:
+        return _GLOBAL[gguf_name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
+    if m and m.group(2) in _LAYER:
+        return f"layers.{m.group(1)}.{_LAYER[m.group(2)]}"
+    raise LlmconvError("no ggjt name for this tensor: ggjt files hold only LLaMA's own tensors", tensor=gguf_name)
+
+
+def ggjt_vocab(vocab: Vocab) -> list[tuple[bytes, float]]:
+    """Token bytes as ggjt loaders match them against raw text (they never see U+2581):
+    U+2581 becomes a space, a byte token <0xNN> the byte itself, control tokens nothing,
+    the unknown token " \u2047 ". Added (user-defined) tokens keep their text."""
+    out = []
+    for text, score, ttype in zip(vocab.tokens, vocab.scores, vocab.token_types):
+        if ttype == TokenType.UNKNOWN:
+            text = " \u2047 ".encode()
+        elif ttype == TokenType.CONTROL:
+            text = b""
+        elif ttype == TokenType.BYTE:
+            m = re.fullmatch(rb"<0x([0-9A-Fa-f]{2})>", text)
+            if not m:
+                raise LlmconvError(f"byte token {text!r} is not of the form <0xNN>", file=vocab.source)
+            text = bytes([int(m.group(1), 16)])
+        elif ttype != TokenType.USER_DEFINED:
+            text = text.replace("\u2581".encode(), b" ")
+        out.append((text, float(score)))
+    return out
+
+
+def check_ggjt(conv: Conversion) -> list[str]:
+    """Refuse what ggjt cannot hold; return warnings for what the loader must be told."""
+    h = conv.hparams
+    src = conv.source.path
+    if conv.source.vocab.model != "llama":
+        raise LlmconvError(f"the tokenizer is {conv.source.vocab.model!r} (byte-level BPE); ggjt loaders read only "
+                           "SentencePiece vocabularies: use --format gguf", file=src)
+    if h.n_kv_heads != h.n_heads:
+        raise LlmconvError(f"grouped-query attention (n_kv_heads {h.n_kv_heads} != n_heads {h.n_heads}) cannot be "
+                           "recorded in a ggjt file; its loaders assume n_kv_heads == n_heads: use --format gguf", file=src)
+    if h.rope_theta != LOADER_ROPE_BASE:
+        raise LlmconvError(f"RoPE base {h.rope_theta:g} cannot be recorded in a ggjt file; its loaders use "
+                           f"{LOADER_ROPE_BASE:g}: use --format gguf", file=src)
+    rope_keys = [kv.key for kv in conv.source.extra_kvs if "rope" in kv.key]
+    if rope_keys:
+        raise LlmconvError(f"RoPE scaling ({', '.join(rope_keys)}) cannot be recorded in a ggjt file: use --format gguf",
+                           file=src)
+    warnings = []
+    if h.norm_eps != LOADER_RMS_EPS:
+        warnings.append(f"ggjt files do not record the RMS norm epsilon ({h.norm_eps:g} for this model): loaders assume "
+                        f"{LOADER_RMS_EPS:g} (ctransformers, llama.cpp from late July 2023) or 1e-06 (earlier llama.cpp); "
+                        f"pass {h.norm_eps:g} where the loader takes it (llama.cpp --rms-norm-eps)")
+    warnings.append(f"ggjt files do not record the context length ({h.context_length} for this model): loaders use "
+                    "the one they are given (llama.cpp -c, ctransformers context_length=; both default to 512)")
+    v = conv.source.vocab
+    if (v.bos_id, v.eos_id) != (LOADER_BOS, LOADER_EOS):
+        warnings.append(f"BOS/EOS are tokens {v.bos_id}/{v.eos_id}, but ggjt loaders use {LOADER_BOS}/{LOADER_EOS}")
+    dropped = [kv.key for kv in conv.source.extra_kvs]
+    if dropped:
+        warnings.append(f"not representable in ggjt, dropped: {', '.join(dropped)}")
+    return warnings
+
+
+def ggjt_hparams(conv: Conversion) -> GGJTHParams:
+    h = conv.hparams
+    n_mult = find_n_mult(h.dim, h.ffn_dim, h.multiple_of)
+    if n_mult is None:
+        raise LlmconvError(f"feed-forward size {h.ffn_dim} cannot be expressed in a ggjt file: its loaders compute "
+                           f"it from dim {h.dim} as ceil((8*dim/3) / n_mult) * n_mult, which is at least "
+                           f"{8 * h.dim // 3} (use --format gguf)", file=conv.source.path)
+    return GGJTHParams(n_vocab=len(conv.source.vocab), n_embd=h.dim, n_mult=n_mult, n_head=h.n_heads,
+                       n_layer=h.n_layers, n_rot=h.rope_dim, ftype=conv.plan.file_type)
+
+
+def ggjt_tensors(conv: Conversion) -> list[tuple[PlannedTensor, GGJTTensor]]:
+    planned = list(conv.plan.tensors)
+    out_name, embd_name = tensor_name(MODEL_TENSOR.OUTPUT), tensor_name(MODEL_TENSOR.TOKEN_EMBD)
+    if not any(t.name == out_name for t in planned):
+        # tied embeddings: ggjt loaders require output.weight, so write the embedding twice
+        embd = next(t for t in planned if t.name == embd_name)
+        planned.append(replace(embd, src=replace(embd.src, name=out_name)))
+    out = []
+    for t in planned:
+        if t.qtype.ggml_type not in GGJT_TYPES:
+            where = t.src.files[0] if t.src.files else None
+            raise LlmconvError(f"type {t.qtype.name} cannot be stored in a ggjt v3 file (only {TYPE_NAMES})",
+                               file=where, tensor=t.name)
+        out.append((t, GGJTTensor(ggjt_name(t.name), t.shape, t.qtype.ggml_type, t.nbytes)))
+    return out
+
+
+def plan_ggml_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: str | Path | None = None,
+                         **kw) -> Conversion:
+    """plan_conversion for a ggjt file: every 2-D weight in the requested type (ggjt-era
+    loaders know no per-tensor upgrades), 'auto' is f16 unless the source is f32, and the
+    default file name ends in .bin."""
+    kw["pure"] = True
+    conv = plan_conversion(model_dir, outtype=outtype, outfile=outfile, **kw)
+    if outtype.lower() == "auto" and conv.plan.outtype not in ("f32", "f16"):
+        conv = plan_conversion(model_dir, outtype="f16", outfile=outfile, **kw)
+    if outfile is None:
+        conv.out_path = conv.out_path.with_suffix(".bin")
+    for w in check_ggjt(conv):
+        conv.warnings.append(w)
+    ggjt_hparams(conv)
+    ggjt_tensors(conv)
+    return conv
+
+
+@dataclass
+class GGMLWriteResult(WriteResult):
+    warnings: list[str] = field(default_factory=list)
+
+
+def write_ggml(conv: Conversion, threads: int = 1, progress: bool = True, force: bool = False,
+               verbose: bool = False) -> GGMLWriteResult:
+    warnings = check_ggjt(conv)
+    hparams = ggjt_hparams(conv)
+    pairs = ggjt_tensors(conv)
+    layout = plan_layout(hparams, ggjt_vocab(conv.source.vocab), [g for _, g in pairs])
+    out_path = Path(conv.out_path)
+    start = time.perf_counter()
+    with atomic_output(out_path, force=force) as tmp:
+        try:
+            with GGJTFileWriter(tmp, layout) as writer, ThreadPoolExecutor(1) as reader, \
+                    tqdm(total=layout.total_size, unit="B", unit_scale=True, unit_divisor=1024,
+                         desc=out_path.name, disable=not progress, leave=False) as bar:
+                bar.update(len(layout.header))
+                pending = reader.submit(_load, pairs[0][0]) if pairs else None
+                for i, (t, g) in enumerate(pairs):
+                    data = pending.result()
+                    # read the next tensor while this one is converted and written
+                    pending = reader.submit(_load, pairs[i + 1][0]) if i + 1 < len(pairs) else None
+                    bar.set_postfix_str(g.name, refresh=False)
+                    blob = convert_tensor(t, data, threads)
+                    del data
+                    writer.write_tensor(g.name, blob)
+                    del blob
+                    if verbose:
+                        bar.write(f"  {g.name:36s} {t.qtype.name:6s} {str(t.shape):18s} {t.nbytes:>12,d} B")
+                    bar.update(t.nbytes)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise LlmconvError(f"write failed: {e.strerror}", file=out_path) from None
+            raise
+        size = tmp.stat().st_size
+        if size != layout.total_size:
+            raise LlmconvError(f"written size {size} != planned {layout.total_size}", file=out_path)
+    return GGMLWriteResult(out_path, len(pairs), layout.total_size, time.perf_counter() - start,
+                           paths=[out_path], warnings=warnings)

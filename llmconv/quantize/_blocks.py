@@ -1,0 +1,215 @@
+"""Shared machinery for the 32-weight block types (q8_0, q4_0, q4_1, q5_0, q5_1).
+
+Speed comes from one layout change. A block's 32 weights sit in one 128-byte row, and numpy
+reduces short rows slowly (one inner-loop call per block). So each chunk is first transposed
+in 16-byte units (complex128, numpy's widest plain copy) into "lanes":
+
+    lanes[r, 4*b + k] = weight 4*r + k of block b          shape [8, 4*B]
+
+Per-block max/min become 8-row elementwise reductions, per-block scales broadcast along
+contiguous rows, and the nibble pairs q4/q5 pack together (weights j and j+16) are whole
+rows r and r+4. Results go back to [B, type_size] with one strided copy per field.
+
+Every float operation is float32, one rounding per C operation, in the C order, so the
+results are bit-identical to ggml's reference quantizers (see each type's module).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+import numpy as np
+
+QK = 32                 # weights per block
+CHUNK_BLOCKS = 16384    # 512K weights = 2 MB of float32 per chunk: amortizes numpy's per-call cost
+
+
+class NonFiniteError(ValueError):
+    """Input holds NaN/inf (or a scale overflows fp16). `row` is the first bad row."""
+
+    def __init__(self, row: int, what: str = "NaN or inf"):
+        self.row = row
+        self.what = what
+        super().__init__(f"{what} in row {row}")
+
+
+class BadBlock(Exception):
+    """Raised by a chunk kernel: block `index` of the chunk cannot be stored."""
+
+    def __init__(self, index: int, what: str):
+        self.index = index
+        self.what = what
+
+
+_scratch = threading.local()
+
+
+def scratch(name: str, shape: tuple, dtype) -> np.ndarray:
+    """A reusable per-thread buffer: fresh multi-MB temporaries cost page faults every chunk."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get(name)
+    if buf is None or buf.nbytes < nbytes:
+        buf = bufs[name] = np.empty(max(nbytes, 16), np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def to_lanes(xb: np.ndarray) -> np.ndarray:
+    """float32 [B, 32] -> float32 [8, 4B] (see module docstring)."""
+    B = xb.shape[0]
+    t = scratch("lanes", (8, B), np.complex128)
+    np.copyto(t, xb.view(np.complex128).T)
+    return t.view(np.float32)
+
+
+def _last4(m: np.ndarray, op) -> np.ndarray:
+    """Finish a per-block reduction: [4B] lane results -> [B]."""
+    m = m.reshape(-1, 4)
+    a = op(m[:, 0], m[:, 1])
+    op(a, m[:, 2], out=a)
+    return op(a, m[:, 3], out=a)
+
+
+def block_max(lanes: np.ndarray) -> np.ndarray:
+    return _last4(np.maximum.reduce(lanes, axis=0), np.maximum)
+
+
+def block_min(lanes: np.ndarray) -> np.ndarray:
+    return _last4(np.minimum.reduce(lanes, axis=0), np.minimum)
+
+
+def per_lane(v: np.ndarray) -> np.ndarray:
+    """Per-block values [B] -> [4B], to broadcast against lanes."""
+    return np.repeat(v, 4)
+
+
+def reciprocal(d: np.ndarray) -> np.ndarray:
+    """ggml's `id = d ? 1.0f/d : 0.0f` in float32 (inf where d is a tiny subnormal)."""
+    inv = np.zeros_like(d)
+    np.divide(np.float32(1.0), d, out=inv, where=d != 0)
+    return inv
+
+
+FP16_OVERFLOW = np.float32(65520.0)  # float32 values >= this round (to nearest even) to fp16 inf
+
+
+def check(mx: np.ndarray, mn: np.ndarray, *scales: np.ndarray) -> None:
+    """Raise BadBlock for the first block with NaN/inf input or a scale that overflows fp16.
+
+    `scales` are the float32 values about to be stored as fp16.
+    """
+    ok = np.isfinite(mx - mn).all()          # NaN/inf in, or (rarely) a max - min overflow
+    for s in scales:
+        ok = ok and bool((np.abs(s) < FP16_OVERFLOW).all())
+    if ok:
+        return
+    bad_input = ~(np.isfinite(mx) & np.isfinite(mn))
+    bad_scale = np.zeros_like(bad_input)
+    for s in scales:
+        bad_scale |= ~(np.abs(s) < FP16_OVERFLOW)
+    bad = bad_input | bad_scale
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise BadBlock(i, "NaN or inf" if bad_input[i] else "scale overflows fp16")
+
+
+def first_signed(xb: np.ndarray, idx: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """For blocks `idx`: the first weight whose |w| == target (ggml's strict-`<` scan order)."""
+    sub = xb[idx]
+    j = np.argmax(np.abs(sub) == target[:, None], axis=1)
+    return sub[np.arange(len(idx)), j]
+
+
+def first_equal(xb: np.ndarray, idx: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """For blocks `idx`: the first weight == target (keeps the sign of a zero)."""
+    sub = xb[idx]
+    j = np.argmax(sub == target[:, None], axis=1)
+    return sub[np.arange(len(idx)), j]
+
+
+def pack_nibbles(codes: np.ndarray, mask: bool) -> np.ndarray:
+    """uint8 codes [8, 4B] (lanes) -> uint32 [4, B]: byte j of a block = code j | code j+16 << 4.
+
+    With `mask`, codes may have bit 4 set (q5 types keep it in qh) and only the low nibble
+    of code j is kept; the shift drops it from code j+16 anyway.
+    """
+    packed = scratch("packed", (4, codes.shape[1]), np.uint8)
+    np.left_shift(codes[4:], np.uint8(4), out=packed)
+    if mask:
+        lo = scratch("lo", (4, codes.shape[1]), np.uint8)
+        np.bitwise_and(codes[:4], np.uint8(0x0F), out=lo)
+        packed |= lo
+    else:
+        packed |= codes[:4]
+    return packed.view(np.uint32)
+
+
+def high_bits(codes: np.ndarray) -> np.ndarray:
+    """uint8 codes [8, 4B] -> uint32 [B]: bit j = bit 4 of code j (q5's qh)."""
+    h = (codes >> np.uint8(4)).view(np.uint32)          # [8, B]; byte k = bit of weight 4r+k
+    # Gather the bits at byte positions 0, 8, 16, 24 into bits 21..24 with one multiply
+    # (shifts 0, 7, 14, 21 never collide, so no carries), then to bits 4r..4r+3.
+    h = h * np.uint32(0x00204081)
+    h >>= np.uint32(21)
+    h &= np.uint32(0xF)
+    h <<= np.arange(0, 32, 4, dtype=np.uint32)[:, None]
+    return np.bitwise_or.reduce(h, axis=0)
+
+
+def put_u16(out: np.ndarray, offset: int, v: np.ndarray) -> None:
+    """Write uint16/float16 [B] at byte `offset` of every block of out [B, type_size]."""
+    field = np.ndarray((out.shape[0],), np.uint16, buffer=out, offset=offset, strides=(out.shape[1],))
+    field[...] = v.view(np.uint16)
+
+
+def put_words(out: np.ndarray, offset: int, words: np.ndarray) -> None:
+    """Write uint32 [k, B] (word i of every block) at byte `offset` of out [B, type_size].
+
+    The field may be only 2-byte aligned (q4_0's qs at offset 2); numpy's unaligned copy
+    loop is still much faster than splitting the words into uint16 halves.
+    """
+    k, nb = words.shape
+    field = np.ndarray((k, nb), np.uint32, buffer=out, offset=offset, strides=(4, out.shape[1]))
+    field[...] = words
+
+
+def quantize_rows(x: np.ndarray, type_size: int,
+                  kernel: Callable[[np.ndarray, np.ndarray], None]) -> np.ndarray:
+    """Run `kernel(xb [B, 32] float32, out [B, type_size] uint8)` over cache-sized chunks.
+
+    x: float [rows, n] (or [..., n]); returns uint8 [..., n // 32 * type_size].
+    """
+    x = np.asarray(x)
+    shape = x.shape
+    n = shape[-1]
+    if n % QK:
+        raise ValueError(f"row length {n} is not a multiple of {QK}")
+    xb = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, QK)
+    if xb.ctypes.data % 16:  # the complex128 view wants 16-byte alignment to be fast
+        xb = xb.copy()
+    nb = xb.shape[0]
+    out = np.empty((nb, type_size), np.uint8)
+    # inf/NaN from 1/d of a tiny subnormal d, and from NaN input, are expected and handled.
+    with np.errstate(all="ignore"):
+        for s in range(0, nb, CHUNK_BLOCKS):
+            try:
+                kernel(xb[s:s + CHUNK_BLOCKS], out[s:s + CHUNK_BLOCKS])
+            except BadBlock as e:
+                raise NonFiniteError((s + e.index) // (n // QK), e.what) from None
+    return out.reshape(*shape[:-1], n // QK * type_size)
+
+
+def dequantize_rows(b: np.ndarray, type_size: int,
+                    kernel: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """uint8 [..., nbytes] -> float32 [..., nbytes // type_size * 32]; kernel: [B, ts] -> [B, 32]."""
+    b = np.ascontiguousarray(b).view(np.uint8)
+    shape = b.shape
+    nbytes = shape[-1]
+    if nbytes % type_size:
+        raise ValueError(f"row of {nbytes} bytes is not a whole number of {type_size}-byte blocks")
+    blocks = b.reshape(-1, type_size)
+    y = kernel(blocks)
+    return y.reshape(*shape[:-1], nbytes // type_size * QK)

@@ -1,0 +1,86 @@
+"""q3_K: 256 weights in 16 groups of 16, w = d * (sc[g] - 32) * (q - 4), q 3-bit, sc 6-bit.
+
+Block (110 bytes): hmask[32] (bit k of byte l: 3rd bit of weight 32k + l), qs[64] low 2 bits
+(see pack_2bit_quarters), scales[12] (6-bit scales: low nibbles in bytes 0-7, top 2 bits in
+bytes 8-11), d fp16. Follows llama.cpp's quantize_row_q3_K_ref (llama-quantize without an imatrix).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .k_common import (F32, block_major, element_major, first_absmax, fp16_bits, fp16_value,
+                       make_q3_quants_rmse, nearest_int, over_superblocks, pack_2bit_quarters,
+                       unpack_2bit_quarters)
+
+TYPE_SIZE = 110
+_BITS = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+
+
+def pack_scales(ls: np.ndarray) -> np.ndarray:
+    """16 six-bit scales per block -> 12 bytes."""
+    nb = ls.shape[0]
+    out = np.empty((nb, 12), dtype=np.uint8)
+    out[:, 0:8] = (ls[:, 0:8] & 0xF) | ((ls[:, 8:16] & 0xF) << 4)
+    top = (ls >> 4).reshape(nb, 4, 4)                  # top[:, j//4, j%4]
+    out[:, 8:12] = top[:, 0] | (top[:, 1] << 2) | (top[:, 2] << 4) | (top[:, 3] << 6)
+    return out
+
+
+def unpack_scales(s: np.ndarray) -> np.ndarray:
+    """12 bytes -> 16 six-bit scales (uint8, 0..63)."""
+    nb = s.shape[0]
+    low = np.concatenate([s[:, 0:8] & 0xF, s[:, 0:8] >> 4], axis=1)
+    top = (s[:, None, 8:12] >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)) & 3
+    return low | (top.reshape(nb, 16) << 4)
+
+
+def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
+    nb = xb.shape[0]
+    xt = element_major(xb, 16)                                   # [16, nb*16]
+    group_scale, L_search = make_q3_quants_rmse(xt, 4)
+    group_scale = group_scale.reshape(nb, 16)
+
+    max_scale = first_absmax(group_scale.T)
+    has_scale = max_scale != 0
+    iscale = F32(-32.0) / np.where(has_scale, max_scale, F32(1.0))
+    # C: int8_t l = nearest_int(...); l = MAX(-32, MIN(31, l)) + 32
+    ls = (np.clip(nearest_int(iscale[:, None] * group_scale).astype(np.int8), -32, 31) + 32).astype(np.uint8)
+    ls[~has_scale] = 0
+    scales = pack_scales(ls)
+    d_bits = np.where(has_scale, fp16_bits(F32(1.0) / iscale), np.uint16(0)).astype(np.uint16)
+
+    sc = unpack_scales(scales).astype(np.int8) - np.int8(32)
+    d = (fp16_value(d_bits)[:, None] * sc.astype(F32)).reshape(1, -1)     # [1, nb*16]
+    L_new = (np.clip(nearest_int(xt / d), -4, 3) + 4).astype(np.uint8)
+    L = block_major(np.where(d != 0, L_new, L_search), nb)           # d == 0: keep the search's L
+
+    high = L > 3
+    hmask = np.bitwise_or.reduce(high.reshape(nb, 8, 32).astype(np.uint8) << _BITS, axis=1)
+    L = np.where(high, L - 4, L).astype(np.uint8)
+
+    out = np.empty((nb, TYPE_SIZE), dtype=np.uint8)
+    out[:, 0:32] = hmask
+    out[:, 32:96] = pack_2bit_quarters(L)
+    out[:, 96:108] = scales
+    out[:, 108:110] = d_bits.reshape(nb, 1).view(np.uint8)
+    return out
+
+
+def quantize(x: np.ndarray) -> np.ndarray:
+    """float32[rows, n] -> uint8[rows, n // 256 * 110]."""
+    return over_superblocks(x, TYPE_SIZE, _quantize_chunk)
+
+
+def dequantize(b: np.ndarray) -> np.ndarray:
+    """uint8[rows, nbytes] -> float32[rows, nbytes // 110 * 256] (dequantize_row_q3_K)."""
+    b = np.ascontiguousarray(b, dtype=np.uint8)
+    rows = b.shape[0]
+    blk = b.reshape(-1, TYPE_SIZE)
+    nb = blk.shape[0]
+    hm = blk[:, 0:32].reshape(nb, 1, 32)
+    high = ((hm >> _BITS) & 1).reshape(nb, 256)
+    q = unpack_2bit_quarters(blk[:, 32:96]).astype(np.int8) - np.where(high == 1, 0, 4).astype(np.int8)
+    sc = unpack_scales(blk[:, 96:108]).astype(np.int8) - np.int8(32)
+    d = fp16_value(blk[:, 108:110].copy().view(np.uint16)).reshape(nb, 1)
+    dl = (d * sc.astype(F32))[:, :, None]                           # C: dl = d_all * (sc - 32)
+    return (dl * q.astype(F32).reshape(nb, 16, 16)).reshape(rows, -1)

@@ -1,0 +1,122 @@
+"""The float32 reference: a plain PyTorch LLaMA forward pass over the original Meta checkpoint.
+
+Converted and quantized files are judged by how far their logits are from these. So this
+module reads only the source checkpoint (through llmconv.convert.meta), never a GGUF file, and
+shares no model code with the side that runs GGUF files: one bug cannot hide in both.
+
+It streams: one layer's weights are loaded and cast to float32, every position goes through
+that layer, and the copies are dropped before the next layer is loaded. Peak memory is about
+one layer plus the embedding and output matrices, so a 7B model fits in a few GB.
+
+Meta's conventions, as in their model.py:
+  - RMSNorm: x / sqrt(mean(x^2) + norm_eps) * weight
+  - rotary embedding on adjacent pairs (x[2i], x[2i+1]), angle = pos * rope_theta^(-2i/head_dim)
+  - grouped-query attention: query head h reads key/value head h // (n_heads / n_kv_heads)
+  - SwiGLU feed-forward: w2(silu(w1 x) * w3 x)
+  - output.weight, or the embedding when a checkpoint ties them
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..convert.hparams import LlamaHParams
+from ..convert.meta import MetaCheckpoint, open_meta_checkpoint
+from ..errors import LlmconvError
+
+LAYER_TENSORS = (
+    "attention_norm.weight",
+    "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
+    "ffn_norm.weight",
+    "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight",
+)
+
+
+def reference_logits(ckpt_dir: str | Path, tokens: list[int]) -> np.ndarray:
+    """Logits [len(tokens), vocab] (float32) of the checkpoint in `ckpt_dir` on `tokens`,
+    every position attending causally to the ones before it (no cache, one pass)."""
+    ckpt = open_meta_checkpoint(ckpt_dir)
+    h = ckpt.hparams
+    ids = _token_tensor(tokens, h.vocab_size, ckpt.path)
+    with torch.inference_mode():
+        # index the (bf16, mmapped) embedding first: only len(tokens) rows become float32
+        x = ckpt.load("tok_embeddings.weight")[ids].to(torch.float32)
+        cos, sin = rope_tables(h.head_dim, len(ids), h.rope_theta)
+        for i in range(h.n_layers):
+            w = layer_weights(ckpt, i)
+            x = transformer_block(x, w, h, cos, sin)
+            del w                              # free this layer's float32 copies before loading the next
+        x = rms_norm(x, load_f32(ckpt, "norm.weight"), h.norm_eps)
+        out_name = "output.weight" if "output.weight" in ckpt.names else "tok_embeddings.weight"
+        logits = x @ load_f32(ckpt, out_name).T
+    return logits.numpy()
+
+
+def load_f32(ckpt: MetaCheckpoint, name: str) -> torch.Tensor:
+    return ckpt.load(name).to(torch.float32)
+
+
+def layer_weights(ckpt: MetaCheckpoint, i: int) -> dict[str, torch.Tensor]:
+    return {short: load_f32(ckpt, f"layers.{i}.{short}") for short in LAYER_TENSORS}
+
+
+def rope_tables(head_dim: int, n_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of pos * theta^(-2i/head_dim), [n_pos, 1, head_dim/2]. Angles are computed
+    in float64 so the reference carries no error of its own at long positions."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angle = torch.arange(n_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return angle.cos().to(torch.float32)[:, None, :], angle.sin().to(torch.float32)[:, None, :]
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim]: rotate each adjacent pair (x[2i], x[2i+1]) by its angle."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = even * cos - odd * sin
+    out[..., 1::2] = even * sin + odd * cos
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * weight
+
+
+def attention(x: torch.Tensor, w: dict, h: LlamaHParams, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    T, hd = x.shape[0], h.head_dim
+    group = h.n_heads // h.n_kv_heads                     # query heads sharing one key/value head
+    q = rotate_pairs((x @ w["attention.wq.weight"].T).view(T, h.n_heads, hd), cos, sin)
+    k = rotate_pairs((x @ w["attention.wk.weight"].T).view(T, h.n_kv_heads, hd), cos, sin)
+    v = (x @ w["attention.wv.weight"].T).view(T, h.n_kv_heads, hd)
+    # query heads grouped as [kv_head, member]: head h = kv_head * group + member
+    q = q.view(T, h.n_kv_heads, group, hd).permute(1, 2, 0, 3)          # [kv, group, T, hd]
+    k = k.permute(1, 0, 2)[:, None]                                       # [kv, 1, T, hd]
+    v = v.permute(1, 0, 2)[:, None]
+    scores = q @ k.transpose(-1, -2) / hd ** 0.5                           # [kv, group, T, T]
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    scores = scores.masked_fill(future, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = (probs @ v).permute(2, 0, 1, 3).reshape(T, h.n_heads * hd)    # back to [T, head * hd]
+    return out @ w["attention.wo.weight"].T
+
+
+def feed_forward(x: torch.Tensor, w: dict) -> torch.Tensor:
+    gate = x @ w["feed_forward.w1.weight"].T
+    up = x @ w["feed_forward.w3.weight"].T
+    return (gate * torch.sigmoid(gate) * up) @ w["feed_forward.w2.weight"].T
+
+
+def transformer_block(x, w, h, cos, sin):
+    x = x + attention(rms_norm(x, w["attention_norm.weight"], h.norm_eps), w, h, cos, sin)
+    return x + feed_forward(rms_norm(x, w["ffn_norm.weight"], h.norm_eps), w)
+
+
+def _token_tensor(tokens, vocab_size: int, path: Path) -> torch.Tensor:
+    ids = list(tokens)
+    if not ids:
+        raise LlmconvError("no tokens to run", file=path)
+    bad = [t for t in ids if not isinstance(t, (int, np.integer)) or not 0 <= t < vocab_size]
+    if bad:
+        raise LlmconvError(f"token {bad[0]!r} is outside the vocabulary (0..{vocab_size - 1})", file=path)
+    return torch.tensor([int(t) for t in ids], dtype=torch.long)
