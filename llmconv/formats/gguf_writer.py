@@ -57,6 +57,7 @@ class GGUFLayout:
     tensors: list[TensorEntry]
     alignment: int = GGUF_DEFAULT_ALIGNMENT
     index: dict[str, int] = field(default_factory=dict)
+    infos_start: int = 0            # where the tensor-info table begins in `header`
 
     @property
     def data_start(self) -> int:
@@ -108,6 +109,7 @@ def plan_layout(kvs: Sequence[KV], tensors: Sequence[TensorEntry],
         raise ValueError("duplicate tensor name")
     parts = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(tensors), len(kvs))]
     parts += [encode_kv(kv) for kv in kvs]
+    infos_start = sum(len(p) for p in parts)
     offset = 0
     out = []
     for t in tensors:
@@ -119,7 +121,23 @@ def plan_layout(kvs: Sequence[KV], tensors: Sequence[TensorEntry],
         offset = _pad(offset + t.nbytes, alignment)
     header = b"".join(parts)
     header += b"\0" * (_pad(len(header), alignment) - len(header))
-    return GGUFLayout(header, out, alignment, {t.name: i for i, t in enumerate(out)})
+    return GGUFLayout(header, out, alignment, {t.name: i for i, t in enumerate(out)}, infos_start)
+
+
+def read_tensor_infos(buf: bytes, pos: int, count: int) -> list[tuple[str, tuple[int, ...], int, int]]:
+    """Parse `count` tensor infos from `buf` at `pos`: [(name, dims as stored, type, offset)]."""
+    out = []
+    for _ in range(count):
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        name = buf[pos + 8:pos + 8 + n].decode("utf-8")
+        pos += 8 + n
+        (nd,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{nd}Q", buf, pos + 4)
+        pos += 4 + 8 * nd
+        ggml_type, offset = struct.unpack_from("<IQ", buf, pos)
+        pos += 12
+        out.append((name, tuple(dims), ggml_type, offset))
+    return out
 
 
 class GGUFFileWriter:
