@@ -64,6 +64,8 @@ _type_options = [
     click.option("--split-max-tensors", type=click.IntRange(0), default=0, metavar="N",
                  help="Split the output into files of at most N tensors."),
     click.option("--force", "-f", is_flag=True, help="Overwrite an existing output file."),
+    click.option("--checksum", is_flag=True,
+                 help="Also write OUT.sha256.json with the sha256 of every tensor's bytes (checked by verify --checksums)."),
     click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write a machine-readable report here ('-' for stdout)."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
     click.option("--verbose", "-v", is_flag=True, help="One line per tensor as it is written."),
@@ -103,18 +105,22 @@ def _emit_json(path: str | None, obj: dict) -> None:
 @cli.command()
 @click.argument("ckpt_dir", type=click.Path(path_type=Path))
 @click.option("--outtype", default="auto", show_default=True, metavar="TYPE",
-              help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, ... 'auto' keeps the source precision.")
+              help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, or a K-quant mix: q2_k, q3_k_s/m/l, q4_k_s/m, "
+                   "q5_k_s/m, q6_k (llama-quantize's per-tensor rules; q3_k/q4_k/q5_k mean the _m mix). "
+                   "'auto' keeps the source precision.")
 @click.option("--outfile", "-o", type=click.Path(path_type=Path), help="Output path. Default: ./Name-Size-TYPE.gguf in the current directory.")
 @click.option("--ctx", type=click.IntRange(1), help="Context length to record (default: by model family; see README).")
 @click.option("--input-format", type=click.Choice(["auto", "meta", "hf"]), default="auto", show_default=True,
               help="Checkpoint layout; 'auto' detects it from params.json (Meta) or config.json (Hugging Face).")
+@click.option("--pre", metavar="NAME",
+              help="tokenizer.ggml.pre for a BPE tokenizer (e.g. llama-bpe, gpt-2), overriding the detected one.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (every tensor, its shards, GGUF name, shape, type, bytes) and write nothing.")
 @click.option("--format", "out_format", type=click.Choice(["gguf", "ggml"]), default="gguf", show_default=True,
               help="ggml: one legacy ggjt v3 .bin file for pre-GGUF runtimes (f32, f16, q4_0, q4_1, q8_0; implies --pure; "
                    "refuses models ggjt cannot describe, e.g. grouped-query attention or RoPE base != 10000).")
 @type_options
-def convert(ckpt_dir, outtype, outfile, ctx, input_format, dry_run, out_format, pure, output_tensor_type, token_embedding_type, tensor_type,
-            threads, split_max_size, split_max_tensors, force, json_path, quiet, verbose):
+def convert(ckpt_dir, outtype, outfile, ctx, input_format, pre, dry_run, out_format, pure, output_tensor_type, token_embedding_type, tensor_type,
+            threads, split_max_size, split_max_tensors, force, checksum, json_path, quiet, verbose):
     """Convert a checkpoint directory into one GGUF file.
 
     CKPT_DIR is an original Meta checkpoint (params.json, consolidated.NN.pth, tokenizer.model).
@@ -127,7 +133,9 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, dry_run, out_format, 
         from .convert.ggml_out import plan_ggml_conversion as plan_conversion, write_ggml
         if parse_size(split_max_size) or split_max_tensors:
             raise LlmconvError("--format ggml writes one file; --split-max-size/--split-max-tensors are for GGUF")
-    conv = plan_conversion(ckpt_dir, outtype=outtype, outfile=outfile, ctx=ctx, input_format=input_format,
+        if checksum:
+            raise LlmconvError("--checksum is for GGUF output (verify --checksums reads GGUF)")
+    conv = plan_conversion(ckpt_dir, outtype=outtype, outfile=outfile, ctx=ctx, input_format=input_format, pre=pre,
                            **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
     if dry_run:
         click.echo(describe_plan(conv))
@@ -139,7 +147,8 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, dry_run, out_format, 
         res = write_ggml(conv, threads=threads, progress=not quiet, force=force, verbose=verbose)
     else:
         res = write_gguf(conv.out_path, conv.kvs, conv.plan, threads=threads, progress=not quiet, force=force,
-                         verbose=verbose, split_max_size=parse_size(split_max_size), split_max_tensors=split_max_tensors)
+                         verbose=verbose, split_max_size=parse_size(split_max_size), split_max_tensors=split_max_tensors,
+                         checksum=checksum)
     for n in conv.plan.notes:
         click.echo(f"note: {n}", err=True)
     click.echo(f"wrote {', '.join(map(str, res.paths))}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, "
@@ -150,11 +159,12 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, dry_run, out_format, 
 @cli.command()
 @click.argument("infile", type=click.Path(path_type=Path))
 @click.argument("outfile", type=click.Path(path_type=Path))
-@click.option("--type", "qtype", required=True, metavar="TYPE", help="Target type: q8_0, q4_0, q4_1, q5_0, q5_1, f16, ...")
+@click.option("--type", "qtype", required=True, metavar="TYPE", help="Target type: q8_0, q4_0, q4_1, q5_0, q5_1, f16, ... or a K-quant mix: q2_k, "
+                   "q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k.")
 @click.option("--allow-requantize", is_flag=True, help="Accept an input whose tensors are already quantized.")
 @type_options
 def quantize(infile, outfile, qtype, allow_requantize, pure, output_tensor_type, token_embedding_type, tensor_type,
-             threads, split_max_size, split_max_tensors, force, json_path, quiet, verbose):
+             threads, split_max_size, split_max_tensors, force, checksum, json_path, quiet, verbose):
     """Requantize a GGUF file (f32/f16/bf16 in) to another type.
 
     Follows llama-quantize's per-tensor choices by default: 1-D tensors stay F32 and
@@ -167,7 +177,8 @@ def quantize(infile, outfile, qtype, allow_requantize, pure, output_tensor_type,
     rq = plan_requantize(infile, outfile, qtype, allow_requantize=allow_requantize,
                          **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
     res = write_gguf(rq.out_path, rq.kvs, rq.plan, threads=threads, progress=not quiet, force=force,
-                     verbose=verbose, split_max_size=parse_size(split_max_size), split_max_tensors=split_max_tensors)
+                     verbose=verbose, split_max_size=parse_size(split_max_size), split_max_tensors=split_max_tensors,
+                         checksum=checksum)
     for n in rq.plan.notes:
         click.echo(f"note: {n}", err=True)
     click.echo(f"wrote {', '.join(map(str, res.paths))}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, {rq.plan.outtype}, "
@@ -178,7 +189,22 @@ def quantize(infile, outfile, qtype, allow_requantize, pure, output_tensor_type,
                                         "reason": t.reason} for t in rq.plan.tensors], "notes": rq.plan.notes})
 
 
+# Subcommands that live next to the code they drive (each module defines one click command).
+def _register_subcommands() -> None:
+    from .formats.inspect_cmd import inspect
+    from .verify.command import verify
+
+    cli.add_command(verify)
+    cli.add_command(inspect)
+
+
+_register_subcommands()
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ._malloc import pin_mmap_threshold
+
+    pin_mmap_threshold()    # freed tensor buffers go back to the OS (see _malloc.py)
     try:
         cli.main(args=argv, prog_name="llmconv", standalone_mode=False)
     except LlmconvError as e:

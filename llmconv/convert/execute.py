@@ -23,6 +23,7 @@ from gguf import Keys
 from tqdm import tqdm
 
 from .. import quantize as q
+from .._malloc import pin_mmap_threshold
 from ..errors import LlmconvError
 from ..formats.atomic import atomic_output
 from ..formats.checksums import sidecar_document, sidecar_path, tensor_sha256
@@ -99,6 +100,7 @@ def write_gguf(out_path: str | Path, kvs: Sequence[KV], plan: Plan, *, threads: 
     """Write `plan` to `out_path` (or its split parts). With `checksum`, also write the
     sha256 of every tensor's bytes to `out_path.sha256.json` (see formats/checksums.py)."""
     out_path = Path(out_path)
+    pin_mmap_threshold()
     parts = split_plan(kvs, plan, split_max_size, split_max_tensors)
     paths = split_paths(out_path, len(parts))
     layouts = [plan_layout(p_kvs, [TensorEntry(t.name, t.shape, t.qtype.ggml_type, t.nbytes) for t in p_ts])

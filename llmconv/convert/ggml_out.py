@@ -26,14 +26,15 @@ from tqdm import tqdm
 
 from ..errors import LlmconvError
 from ..formats.atomic import atomic_output
+from ..formats.ggml_reader import ASSUMED_CONTEXT, ASSUMED_NORM_EPS, ASSUMED_ROPE_THETA, read_ggml
 from ..formats.ggml_writer import GGJT_TYPES, GGJTFileWriter, GGJTHParams, GGJTTensor, find_n_mult, plan_layout
 from .execute import WriteResult, _load, convert_tensor
 from .pipeline import Conversion, plan_conversion
-from .plan import META_GLOBAL_NAMES, META_LAYER_NAMES, PlannedTensor, SourceTensor, tensor_name
+from .plan import META_GLOBAL_NAMES, META_LAYER_NAMES, PlannedTensor, tensor_name
 from .tokenizer import Vocab
 
-LOADER_ROPE_BASE = 10000.0
-LOADER_RMS_EPS = 5e-6        # ctransformers and llama.cpp from late July 2023 (LLAMA_DEFAULT_RMS_EPS)
+LOADER_ROPE_BASE = ASSUMED_ROPE_THETA
+LOADER_RMS_EPS = ASSUMED_NORM_EPS   # ctransformers and llama.cpp from late July 2023 (LLAMA_DEFAULT_RMS_EPS)
 LOADER_BOS, LOADER_EOS = 1, 2
 TYPE_NAMES = "f32, f16, q4_0, q4_1, q8_0"
 
@@ -95,7 +96,7 @@ def check_ggjt(conv: Conversion) -> list[str]:
                         f"{LOADER_RMS_EPS:g} (ctransformers, llama.cpp from late July 2023) or 1e-06 (earlier llama.cpp); "
                         f"pass {h.norm_eps:g} where the loader takes it (llama.cpp --rms-norm-eps)")
     warnings.append(f"ggjt files do not record the context length ({h.context_length} for this model): loaders use "
-                    "the one they are given (llama.cpp -c, ctransformers context_length=; both default to 512)")
+                    f"the one they are given (llama.cpp -c, ctransformers context_length=; both default to {ASSUMED_CONTEXT})")
     v = conv.source.vocab
     if (v.bos_id, v.eos_id) != (LOADER_BOS, LOADER_EOS):
         warnings.append(f"BOS/EOS are tokens {v.bos_id}/{v.eos_id}, but ggjt loaders use {LOADER_BOS}/{LOADER_EOS}")
@@ -109,9 +110,10 @@ def ggjt_hparams(conv: Conversion) -> GGJTHParams:
     h = conv.hparams
     n_mult = find_n_mult(h.dim, h.ffn_dim, h.multiple_of)
     if n_mult is None:
+        raw = 8 * h.dim // 3
         raise LlmconvError(f"feed-forward size {h.ffn_dim} cannot be expressed in a ggjt file: its loaders compute "
-                           f"it from dim {h.dim} as ceil((8*dim/3) / n_mult) * n_mult, which is at least "
-                           f"{8 * h.dim // 3} (use --format gguf)", file=conv.source.path)
+                           f"it from dim {h.dim} as ceil({raw} / n_mult) * n_mult, which is never below {raw} "
+                           "(use --format gguf)", file=conv.source.path)
     return GGJTHParams(n_vocab=len(conv.source.vocab), n_embd=h.dim, n_mult=n_mult, n_head=h.n_heads,
                        n_layer=h.n_layers, n_rot=h.rope_dim, ftype=conv.plan.file_type)
 
@@ -187,8 +189,27 @@ def write_ggml(conv: Conversion, threads: int = 1, progress: bool = True, force:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise LlmconvError(f"write failed: {e.strerror}", file=out_path) from None
             raise
-        size = tmp.stat().st_size
-        if size != layout.total_size:
-            raise LlmconvError(f"written size {size} != planned {layout.total_size}", file=out_path)
+        check_written(tmp, hparams, layout, out_path)
     return GGMLWriteResult(out_path, len(pairs), layout.total_size, time.perf_counter() - start,
                            paths=[out_path], warnings=warnings)
+
+
+def check_written(path: Path, hparams: GGJTHParams, layout, label: Path) -> None:
+    """Re-read the header and every tensor record just written and compare with the layout."""
+    size = path.stat().st_size
+    if size != layout.total_size:
+        raise LlmconvError(f"written size {size} != planned {layout.total_size}", file=label)
+    g = read_ggml(path)
+    got_h = (g.hparams.n_vocab, g.hparams.n_embd, g.hparams.n_mult, g.hparams.n_head, g.hparams.n_layer,
+             g.hparams.n_rot, g.hparams.ftype)
+    want_h = (hparams.n_vocab, hparams.n_embd, hparams.n_mult, hparams.n_head, hparams.n_layer, hparams.n_rot,
+              hparams.ftype)
+    if (g.magic, g.version, got_h) != ("ggjt", 3, want_h):
+        raise LlmconvError(f"re-read header disagrees: {g.magic} v{g.version} {got_h} != ggjt v3 {want_h}", file=label)
+    got = [(t.name, t.ggml_type, t.shape, t.offset, t.nbytes) for t in g.tensors]
+    want = [(t.name, int(t.ggml_type), t.shape, t.data_offset, t.nbytes) for t in layout.tensors]
+    for a, b in zip(got, want):
+        if a != b:
+            raise LlmconvError(f"re-read tensor record disagrees: {a[1:]} != {b[1:]}", file=label, tensor=b[0])
+    if len(got) != len(want):
+        raise LlmconvError(f"re-read {len(got)} tensors, wrote {len(want)}", file=label)

@@ -40,8 +40,8 @@ def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -
 # Context length of Meta's original checkpoints, which params.json does not record.
 # The family is recognised from what params.json does hold:
 #   rope_theta == 1e6                      -> Code Llama      16384
-#   vocab_size >= 128000 + use_scaled_rope -> LLaMA 3.1/3.2  131072
-#   vocab_size >= 128000                   -> LLaMA 3          8192
+#   use_scaled_rope                        -> LLaMA 3.1/3.2  131072
+#   vocab_size >= 128000 or theta 500000   -> LLaMA 3          8192
 #   norm_eps == 1e-6                       -> LLaMA 1          2048
 #   otherwise                              -> LLaMA 2          4096
 # `--ctx` on the command line always wins.
@@ -57,8 +57,12 @@ CONTEXT_BY_FAMILY = {
 def meta_family(params: dict, vocab_size: int) -> str:
     if float(params.get("rope_theta", 10000.0)) == 1e6 and vocab_size < 128000:
         return "code-llama"
-    if vocab_size >= 128000:
-        return "llama-3.1" if params.get("use_scaled_rope") else "llama-3"
+    # only LLaMA 3.1+ sets use_scaled_rope, and only LLaMA 3 uses theta 500000 (small test
+    # checkpoints with a LLaMA 3 layout have far fewer than 128000 tokens)
+    if params.get("use_scaled_rope"):
+        return "llama-3.1"
+    if vocab_size >= 128000 or float(params.get("rope_theta", 10000.0)) == 500000.0:
+        return "llama-3"
     if float(params.get("norm_eps", 1e-5)) == 1e-6:
         return "llama-1"
     return "llama-2"

@@ -54,12 +54,16 @@ def vocab_kvs(v: Vocab) -> list[KV]:
         kvs.append(KV(t.PRE, v.pre, T.STRING))
     kvs += [
         KV(t.LIST, v.tokens, T.ARRAY, T.STRING),
-        KV(t.SCORES, v.scores, T.ARRAY, T.FLOAT32),
+    ]
+    if v.scores:  # BPE vocabularies have none (llama.cpp's gpt2 tokenizer does not read them)
+        kvs.append(KV(t.SCORES, v.scores, T.ARRAY, T.FLOAT32))
+    kvs += [
         KV(t.TOKEN_TYPE, v.token_types, T.ARRAY, T.INT32),
     ]
     if v.merges:
         kvs.append(KV(t.MERGES, v.merges, T.ARRAY, T.STRING))
-    for key, value in ((t.BOS_ID, v.bos_id), (t.EOS_ID, v.eos_id), (t.UNK_ID, v.unk_id), (t.PAD_ID, v.pad_id)):
+    for key, value in ((t.BOS_ID, v.bos_id), (t.EOS_ID, v.eos_id), (t.UNK_ID, v.unk_id), (t.PAD_ID, v.pad_id),
+                       (t.EOT_ID, v.eot_id)):
         if value is not None:
             kvs.append(KV(key, value, T.UINT32))
     kvs += [

@@ -14,6 +14,7 @@ from ..formats.gguf_writer import KV
 from .gguf_source import GGUFSource, open_gguf_source
 from .hparams import LlamaHParams
 from .metadata import QUANTIZATION_VERSION, general_kvs, llama_kvs, vocab_kvs
+from .mixes import ModelShape
 from .plan import Plan, TypePolicy, make_plan
 from .sources import Source, open_source
 
@@ -57,12 +58,16 @@ def model_names(model_dir: Path, n_params: int, outtype: str) -> tuple[str, str,
 
 def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: str | Path | None = None,
                     ctx: int | None = None, pure: bool = False, output_type: str | None = None,
-                    token_embd_type: str | None = None, overrides=(), input_format: str = "auto") -> Conversion:
-    src = open_source(model_dir, input_format, ctx)
+                    token_embd_type: str | None = None, overrides=(), input_format: str = "auto",
+                    pre: str | None = None) -> Conversion:
+    src = open_source(model_dir, input_format, ctx, pre)
     h = src.hparams
-    outtype = resolve_outtype(outtype, src.tensors[0].source_dtype)
+    # precision of the weights: a computed 1-D tensor (rope_freqs, f32) may come first
+    weights_dtype = next((t.source_dtype for t in src.tensors if len(t.shape) > 1), src.tensors[0].source_dtype)
+    outtype = resolve_outtype(outtype, weights_dtype)
     policy = TypePolicy(outtype, pure=pure, tied_embeddings=h.tied_embeddings, output_type=output_type,
-                        token_embd_type=token_embd_type, overrides=list(overrides))
+                        token_embd_type=token_embd_type, overrides=list(overrides),
+                        model=ModelShape(h.n_layers, h.n_heads, h.n_kv_heads))
     plan = make_plan(src.tensors, policy)
     name, label, fname = model_names(src.path, plan.n_params, plan.outtype)
     out_path = Path(outfile) if outfile else Path.cwd() / fname
@@ -72,17 +77,18 @@ def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: st
 
 def describe_plan(conv: Conversion) -> str:
     h = conv.hparams
+    w = max([34] + [len(t.src.source_name + ' ' + t.src.source_dtype) for t in conv.plan.tensors])
     lines = [
         f"source   {conv.source.path}  ({conv.source.kind}, {h.family}, {conv.source.n_files} file(s))",
         f"model    dim {h.dim}, layers {h.n_layers}, heads {h.n_heads}/{h.n_kv_heads} kv, ffn {h.ffn_dim}, "
         f"vocab {h.vocab_size}, ctx {h.context_length}, rope_theta {h.rope_theta:g}, eps {h.norm_eps:g}",
         f"output   {conv.out_path}  ({conv.plan.outtype}, general.file_type {conv.plan.file_type})",
         "",
-        f"{'GGUF name':30s} {'source':34s} {'shards':>6s} {'shape':>14s} {'type':>6s} {'bytes':>14s}",
+        f"{'GGUF name':30s} {'source':{w}s} {'shards':>6s} {'shape':>14s} {'type':>6s} {'bytes':>14s}",
     ]
     for t in conv.plan.tensors:
         shape = "x".join(str(d) for d in t.shape)
-        lines.append(f"{t.name:30s} {t.src.source_name + ' ' + t.src.source_dtype:34s} {len(t.src.files):>6d} "
+        lines.append(f"{t.name:30s} {t.src.source_name + ' ' + t.src.source_dtype:{w}s} {len(t.src.files):>6d} "
                      f"{shape:>14s} {t.qtype.name:>6s} {t.nbytes:>14,d}")
     lines.append(f"{len(conv.plan.tensors)} tensors, {conv.plan.n_params:,d} parameters, "
                  f"{conv.plan.nbytes / 2**20:,.1f} MiB of tensor data")
@@ -118,12 +124,28 @@ class Requantization:
     out_path: Path
 
 
+def gguf_model_shape(src: GGUFSource) -> ModelShape | None:
+    """Layer and head counts from a GGUF's {arch}.* keys, as llama.cpp reads them
+    (head_count_kv defaults to head_count; per-layer arrays: layer 0)."""
+    kv = {k.key: k.value for k in src.kvs}
+
+    def first(key):
+        v = kv.get(key.format(arch=src.arch))
+        return v[0] if isinstance(v, list) and v else v
+
+    n_layers, n_heads = first(Keys.LLM.BLOCK_COUNT), first(Keys.Attention.HEAD_COUNT)
+    if n_layers is None or n_heads is None:
+        return None
+    n_kv = first(Keys.Attention.HEAD_COUNT_KV)
+    return ModelShape(int(n_layers), int(n_heads), int(n_heads if n_kv is None else n_kv))
+
+
 def plan_requantize(in_path: str | Path, out_path: str | Path, qtype: str, *, pure: bool = False,
                     output_type: str | None = None, token_embd_type: str | None = None, overrides=(),
                     allow_requantize: bool = False) -> Requantization:
     src = open_gguf_source(in_path, allow_requantize=allow_requantize)
     policy = TypePolicy(qtype.lower(), pure=pure, tied_embeddings=src.tied_embeddings, output_type=output_type,
-                        token_embd_type=token_embd_type, overrides=list(overrides))
+                        token_embd_type=token_embd_type, overrides=list(overrides), model=gguf_model_shape(src))
     plan = make_plan(src.tensors, policy)
     kvs = list(src.kvs)
     # general.file_type and quantization_version go right after the other general.* keys

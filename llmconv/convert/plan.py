@@ -6,6 +6,7 @@ loads, converts and writes them one at a time.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from gguf import MODEL_TENSOR, TENSOR_NAMES
 
 from .. import quantize as q
 from ..errors import LlmconvError
+from . import mixes
 
 
 @dataclass
@@ -110,6 +112,8 @@ def meta_to_gguf_name(name: str) -> str | None:
 #     to a legacy type of the same size class for K-quants; for legacy types it uses f16).
 # `--pure` quantizes every 2-D weight to the requested type; `--tensor-type RE=TYPE`,
 # `--output-tensor-type`, `--token-embedding-type` override per tensor.
+# K-quant outtypes (q4_k_m, q5_k_s, ...) are mixes: their per-tensor rules and row-length
+# fallbacks live in mixes.py and replace the output rule here.
 
 FLOAT_TYPES = {"f32", "f16", "bf16"}
 OUTPUT_UPGRADE = "q6_k"
@@ -123,6 +127,12 @@ class TypePolicy:
     output_type: str | None = None
     token_embd_type: str | None = None
     overrides: list[tuple[re.Pattern, str]] = field(default_factory=list)
+    model: mixes.ModelShape | None = None        # what a mix's layer/GQA rules look at
+    mix: mixes.Mix | None = None                 # set from outtype when it names a K-quant mix
+
+    def __post_init__(self):
+        if self.mix is None:
+            self.mix = mixes.find_mix(self.outtype)
 
 
 def _qtype(name: str, where: str) -> q.QuantType:
@@ -141,7 +151,15 @@ def choose_type(src: SourceTensor, policy: TypePolicy) -> tuple[q.QuantType, str
     output_name = tensor_name(MODEL_TENSOR.OUTPUT)
     embd_name = tensor_name(MODEL_TENSOR.TOKEN_EMBD)
     is_output = src.name == output_name or (policy.tied_embeddings and src.name == embd_name)
-    if not policy.pure and wanted not in FLOAT_TYPES and is_output and wanted != "q8_0":
+    if policy.mix is not None:
+        if policy.pure:
+            wanted = policy.mix.base
+        else:
+            if policy.model is None:
+                raise LlmconvError(f"{policy.mix.name} needs the model's layer and head counts")
+            wanted, reason = mixes.tensor_type(policy.mix, src.name, src.shape, policy.model,
+                                               policy.tied_embeddings)
+    elif not policy.pure and wanted not in FLOAT_TYPES and is_output and wanted != "q8_0":
         if OUTPUT_UPGRADE in q.TYPES and q.get(OUTPUT_UPGRADE).can_hold_row(n):
             wanted, reason = OUTPUT_UPGRADE, "output tensor: llama-quantize's higher-precision choice"
         else:
@@ -155,6 +173,10 @@ def choose_type(src: SourceTensor, policy: TypePolicy) -> tuple[q.QuantType, str
             wanted, reason = t, f"--tensor-type {pattern.pattern}={t}"
             break
     qt = _qtype(wanted, src.name)
+    if not qt.can_hold_row(n) and policy.mix is not None and not reason.startswith("--"):
+        # llama-quantize substitutes a 32-block type even with --pure
+        wanted, reason = mixes.fallback(wanted, n)
+        qt = _qtype(wanted, src.name)
     if not qt.can_hold_row(n):
         if policy.pure or reason.startswith("--"):
             raise LlmconvError(f"row length {n} is not a multiple of {qt.name}'s block size {qt.block_size}",
@@ -165,13 +187,23 @@ def choose_type(src: SourceTensor, policy: TypePolicy) -> tuple[q.QuantType, str
 
 
 def make_plan(sources: list[SourceTensor], policy: TypePolicy) -> Plan:
-    out_qt = _qtype(policy.outtype, "--outtype")
+    if policy.mix is not None:
+        file_type, outtype = int(policy.mix.file_type), policy.mix.name
+        if policy.model is not None and policy.model.n_attn_v is None:
+            # llama-quantize counts the attn_v tensors it sees for attn_v's layer rules
+            n_attn_v = sum(1 for s in sources if mixes.tensor_kind(s.name) == "attn_v")
+            policy = dataclasses.replace(policy, model=dataclasses.replace(policy.model, n_attn_v=n_attn_v))
+    else:
+        out_qt = _qtype(policy.outtype, "--outtype")
+        file_type, outtype = int(out_qt.file_type), out_qt.name
     tensors = []
     for src in sources:
         qt, reason = choose_type(src, policy)
         tensors.append(PlannedTensor(src, qt, reason))
-    notes = sorted({f"{t.name}: {t.qtype.name} ({t.reason})" for t in tensors if t.reason})
-    return Plan(tensors, int(out_qt.file_type), out_qt.name, notes)
+    # a mix's own per-tensor choices are by design (--dry-run lists them); notes are for the rest
+    notes = sorted({f"{t.name}: {t.qtype.name} ({t.reason})" for t in tensors
+                    if t.reason and not t.reason.startswith(mixes.RULE_REASON)})
+    return Plan(tensors, file_type, outtype, notes)
 
 
 def parse_overrides(specs: list[str]) -> list[tuple[re.Pattern, str]]:

@@ -9,11 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from gguf import MODEL_TENSOR
 
 from ..errors import LlmconvError
+from .bpe import is_tiktoken_file, load_meta_tiktoken
 from .hparams import LlamaHParams
 from .meta import MetaCheckpoint, ffn_formula_warning, open_meta_checkpoint
-from .plan import SourceTensor, meta_to_gguf_name
+from .plan import SourceTensor, meta_to_gguf_name, tensor_name
+from .rope import llama3_rope_factors_from_params
 from .tokenizer import Vocab, check_vocab_size, load_sentencepiece
 
 _TORCH_DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -43,29 +46,45 @@ def detect_format(model_dir: Path) -> str:
                        file=model_dir)
 
 
-def open_source(model_dir: str | Path, input_format: str = "auto", ctx: int | None = None) -> Source:
+def open_source(model_dir: str | Path, input_format: str = "auto", ctx: int | None = None,
+                pre: str | None = None) -> Source:
+    """Open a checkpoint directory. `pre` overrides tokenizer.ggml.pre for BPE tokenizers."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise LlmconvError("not a directory", file=model_dir)
     kind = detect_format(model_dir) if input_format == "auto" else input_format
     if kind == "meta":
-        return open_meta_source(model_dir, ctx)
+        return open_meta_source(model_dir, ctx, pre)
     if kind == "hf":
         try:
             from .hf import open_hf_source
         except ImportError:
             raise LlmconvError("Hugging Face checkpoints are not supported yet", file=model_dir) from None
-        return open_hf_source(model_dir, ctx)
+        return open_hf_source(model_dir, ctx, pre)
     raise LlmconvError(f"unknown input format {input_format!r} (meta, hf)", file=model_dir)
 
 
-def open_meta_source(model_dir: Path, ctx: int | None = None) -> Source:
+def open_meta_source(model_dir: Path, ctx: int | None = None, pre: str | None = None) -> Source:
     ckpt = open_meta_checkpoint(model_dir, ctx=ctx)
     h = ckpt.hparams
-    vocab = load_sentencepiece(model_dir)
-    check_vocab_size(vocab, h.vocab_size, model_dir / "tokenizer.model", "tok_embeddings.weight")
+    tok_path = model_dir / "tokenizer.model"
+    if is_tiktoken_file(tok_path):      # LLaMA 3.x: tiktoken text, not SentencePiece
+        vocab = load_meta_tiktoken(tok_path, ckpt.params)
+    else:
+        vocab = load_sentencepiece(model_dir)
+    if pre is not None:
+        if vocab.model != "gpt2":
+            raise LlmconvError("--pre applies to BPE tokenizers; this checkpoint's is SentencePiece", file=tok_path)
+        vocab.pre = pre
+    check_vocab_size(vocab, h.vocab_size, tok_path, "tok_embeddings.weight")
     warnings = [w for w in [ffn_formula_warning(h)] if w]
-    return Source("meta", model_dir, h, vocab, meta_tensors(ckpt), warnings=warnings)
+    tensors = meta_tensors(ckpt)
+    factors = llama3_rope_factors_from_params(ckpt.params, h.head_dim, file=model_dir / "params.json")
+    if factors is not None:             # LLaMA 3.1+: first, where llama.cpp's converter puts it
+        tensors.insert(0, SourceTensor(name=tensor_name(MODEL_TENSOR.ROPE_FREQS), shape=tuple(factors.shape),
+                                       load=lambda: factors.copy(), files=[model_dir / "params.json"],
+                                       source_name="use_scaled_rope (params.json)", source_dtype="f32"))
+    return Source("meta", model_dir, h, vocab, tensors, warnings=warnings)
 
 
 def meta_tensors(ckpt: MetaCheckpoint) -> list[SourceTensor]:

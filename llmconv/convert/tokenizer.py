@@ -25,6 +25,7 @@ class Vocab:
     eos_id: int | None = None
     unk_id: int | None = None
     pad_id: int | None = None
+    eot_id: int | None = None         # end of turn (LLaMA 3 instruct: <|eot_id|>)
     add_bos: bool = True
     add_eos: bool = False
     merges: list[str] = field(default_factory=list)

@@ -67,7 +67,9 @@ def find_n_mult(n_embd: int, ffn_dim: int, preferred: int | None = None) -> int 
 
     Meta's multiple_of is used when it works (what the old converters wrote); otherwise the
     smallest divisor of ffn_dim that does. Rounding up to a multiple of n_mult gives ffn_dim
-    exactly when n_mult divides it and the unrounded size lies in (ffn_dim - n_mult, ffn_dim]."""
+    exactly when n_mult divides it and the unrounded size lies in (ffn_dim - n_mult, ffn_dim],
+    so n_mult = ffn_dim always works unless ffn_dim is below the unrounded size: only a
+    feed-forward layer narrower than 8/3 * dim cannot be written."""
     if preferred and preferred > 0 and ffn_size_from_n_mult(n_embd, preferred) == ffn_dim:
         return preferred
     raw = 2 * (4 * n_embd) // 3

@@ -208,6 +208,7 @@ def _legacy_adapter(path: Path, ggml_reader) -> ModelFile:
     n_embd, n_head = int(h.n_embd), int(h.n_head)
     kvs: dict[str, Any] = {
         "general.architecture": ARCH,
+        "general.file_type": int(h.ftype),     # llama_ftype, numbered as GGUF's general.file_type
         f"{ARCH}.embedding_length": n_embd,
         f"{ARCH}.block_count": int(h.n_layer),
         f"{ARCH}.attention.head_count": n_head,
@@ -219,6 +220,9 @@ def _legacy_adapter(path: Path, ggml_reader) -> ModelFile:
     tensors = {}
     for t in _reader_tensors(g):
         name = legacy_gguf_name(t.name)
+        if not getattr(t, "gguf_layout", True):   # pre-v3 q4/q8 blocks: f32 scales, other nibble order
+            raise LlmconvError(f"{t.type_name} tensors of {g.magic} v{g.version} files are not evaluated "
+                               "(quantized tensors only from ggjt v3 files)", file=path, tensor=t.name)
         shape = tuple(int(d) for d in t.shape)
         raw = np.asarray(t.data).view(np.uint8)
         raw = raw.reshape(*shape[:-1], -1) if len(shape) > 1 else raw.reshape(-1)

@@ -1,4 +1,8 @@
-"""The float32 reference: a plain PyTorch LLaMA forward pass over the original Meta checkpoint.
+"""The float32 reference: a plain PyTorch LLaMA forward pass over the original checkpoint.
+
+reference_logits() dispatches on the directory's format: a Meta checkpoint (params.json) runs
+here, in Meta's layout; a Hugging Face one (config.json) runs in reference_hf.py, in HF's
+layout (rotate-half RoPE on q_proj/k_proj as stored).
 
 Converted and quantized files are judged by how far their logits are from these. So this
 module reads only the source checkpoint (through llmconv.convert.meta), never a GGUF file, and
@@ -10,7 +14,8 @@ one layer plus the embedding and output matrices, so a 7B model fits in a few GB
 
 Meta's conventions, as in their model.py:
   - RMSNorm: x / sqrt(mean(x^2) + norm_eps) * weight
-  - rotary embedding on adjacent pairs (x[2i], x[2i+1]), angle = pos * rope_theta^(-2i/head_dim)
+  - rotary embedding on adjacent pairs (x[2i], x[2i+1]), angle = pos * rope_theta^(-2i/head_dim),
+    the frequencies rescaled by Meta's apply_scaling when params.json sets use_scaled_rope (3.1+)
   - grouped-query attention: query head h reads key/value head h // (n_heads / n_kv_heads)
   - SwiGLU feed-forward: w2(silu(w1 x) * w3 x)
   - output.weight, or the embedding when a checkpoint ties them
@@ -37,13 +42,23 @@ LAYER_TENSORS = (
 def reference_logits(ckpt_dir: str | Path, tokens: list[int]) -> np.ndarray:
     """Logits [len(tokens), vocab] (float32) of the checkpoint in `ckpt_dir` on `tokens`,
     every position attending causally to the ones before it (no cache, one pass)."""
+    from ..convert.sources import detect_format
+
+    if detect_format(Path(ckpt_dir)) == "hf":
+        from .reference_hf import hf_reference_logits
+        return hf_reference_logits(ckpt_dir, tokens)
+    return meta_reference_logits(ckpt_dir, tokens)
+
+
+def meta_reference_logits(ckpt_dir: str | Path, tokens: list[int]) -> np.ndarray:
+    """reference_logits for a Meta checkpoint (params.json + consolidated.NN.pth)."""
     ckpt = open_meta_checkpoint(ckpt_dir)
     h = ckpt.hparams
     ids = _token_tensor(tokens, h.vocab_size, ckpt.path)
     with torch.inference_mode():
         # index the (bf16, mmapped) embedding first: only len(tokens) rows become float32
         x = ckpt.load("tok_embeddings.weight")[ids].to(torch.float32)
-        cos, sin = rope_tables(h.head_dim, len(ids), h.rope_theta)
+        cos, sin = rope_tables(h.head_dim, len(ids), h.rope_theta, llama3_scaling(ckpt.params))
         for i in range(h.n_layers):
             w = layer_weights(ckpt, i)
             x = transformer_block(x, w, h, cos, sin)
@@ -62,10 +77,32 @@ def layer_weights(ckpt: MetaCheckpoint, i: int) -> dict[str, torch.Tensor]:
     return {short: load_f32(ckpt, f"layers.{i}.{short}") for short in LAYER_TENSORS}
 
 
-def rope_tables(head_dim: int, n_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def llama3_scaling(params: dict) -> dict | None:
+    """LLaMA 3.1+ (params.json `use_scaled_rope`): the constants of Meta's apply_scaling.
+    The scale factor is `rope_scaling_factor` when given (LLaMA 3.2 small models), else 8."""
+    if not params.get("use_scaled_rope"):
+        return None
+    return {"scale": float(params.get("rope_scaling_factor") or 8.0), "low": 1.0,
+            "high": float(params.get("high_freq_factor") or 4.0), "old_context": 8192.0}
+
+
+def scale_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    """Meta's apply_scaling (llama-models, model.py): keep short wavelengths, divide long ones
+    by the scale, and blend linearly in 1/wavelength between the two bands."""
+    wavelen = 2 * torch.pi / inv_freq
+    smooth = (s["old_context"] / wavelen - s["low"]) / (s["high"] - s["low"])
+    blended = (1 - smooth) * inv_freq / s["scale"] + smooth * inv_freq
+    out = torch.where(wavelen > s["old_context"] / s["low"], inv_freq / s["scale"], blended)
+    return torch.where(wavelen < s["old_context"] / s["high"], inv_freq, out)
+
+
+def rope_tables(head_dim: int, n_pos: int, theta: float,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of pos * theta^(-2i/head_dim), [n_pos, 1, head_dim/2]. Angles are computed
     in float64 so the reference carries no error of its own at long positions."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is not None:
+        inv_freq = scale_frequencies(inv_freq, scaling)
     angle = torch.arange(n_pos, dtype=torch.float64)[:, None] * inv_freq[None, :]
     return angle.cos().to(torch.float32)[:, None, :], angle.sin().to(torch.float32)[:, None, :]
 

@@ -1,0 +1,182 @@
+"""K-quant file types ("mixes"): which block type each tensor of a LLaMA model gets.
+
+A mix such as Q4_K_M is not one block type: llama-quantize gives most matrices the mix's base
+type and a few sensitive ones more bits. The choices below are llama-quantize's for dense LLaMA
+models without an importance matrix (llama.cpp's `llama_tensor_get_type`), written down as one
+table that `tensor_type` reads:
+
+    RULES              (mix, tensor kind, condition, type); the first row that matches wins,
+                       no matching row means the mix's base type
+    LLAMA_70B_ATTN_V   a last bump of attn_v on 80-layer GQA models (llama.cpp's "70B" type)
+    FALLBACK           the 32-block type used when a row does not split into 256-blocks
+
+Layer-dependent conditions look at the tensor's layer index `i` and the layer count `n`,
+with C's integer division (n/8 is n // 8 here: both are non-negative).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gguf import LlamaFileType
+
+from .. import quantize as q
+
+
+@dataclass(frozen=True)
+class Mix:
+    name: str                   # CLI name, lower case: "q4_k_m"
+    file_type: LlamaFileType    # general.file_type
+    base: str                   # block type of every matrix no rule picks out
+
+
+MIXES: dict[str, Mix] = {m.name: m for m in [
+    Mix("q2_k", LlamaFileType.MOSTLY_Q2_K, "q2_k"),
+    Mix("q3_k_s", LlamaFileType.MOSTLY_Q3_K_S, "q3_k"),
+    Mix("q3_k_m", LlamaFileType.MOSTLY_Q3_K_M, "q3_k"),
+    Mix("q3_k_l", LlamaFileType.MOSTLY_Q3_K_L, "q3_k"),
+    Mix("q4_k_s", LlamaFileType.MOSTLY_Q4_K_S, "q4_k"),
+    Mix("q4_k_m", LlamaFileType.MOSTLY_Q4_K_M, "q4_k"),
+    Mix("q5_k_s", LlamaFileType.MOSTLY_Q5_K_S, "q5_k"),
+    Mix("q5_k_m", LlamaFileType.MOSTLY_Q5_K_M, "q5_k"),
+    Mix("q6_k", LlamaFileType.MOSTLY_Q6_K, "q6_k"),
+]}
+
+# llama-quantize's names without a size letter mean the medium mix.
+ALIASES = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The model facts the rules look at."""
+    n_layers: int               # block count: the `n` of ffn_down's layer rules
+    n_heads: int
+    n_kv_heads: int
+    n_attn_v: int | None = None  # attn_v tensors in the file (llama.cpp counts them); default n_layers
+
+    @property
+    def n_gqa(self) -> int:
+        return self.n_heads // self.n_kv_heads if self.n_kv_heads else 0
+
+    @property
+    def is_llama_70b(self) -> bool:
+        # llama.cpp's model type for an 80-layer llama whose K/V heads are shared
+        return self.n_layers == 80 and self.n_heads != self.n_kv_heads
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    kind: str                   # "attn_v", "ffn_down", "attn_output", "output", ... (see tensor_kind)
+    i: int                      # layer index (0 for tensors outside the layers)
+    n: int                      # layer count the rule compares `i` with
+    row: int                    # row length (GGUF ne[0])
+    model: ModelShape
+
+
+def _more_bits(t: TensorInfo) -> bool:
+    # llama.cpp's use_more_bits: the first and last eighth of the layers, and every third between
+    return t.i < t.n // 8 or t.i >= 7 * t.n // 8 or (t.i - t.n // 8) % 3 == 2
+
+
+CONDITIONS = {
+    "always": lambda t: True,
+    "n_gqa>=4": lambda t: t.model.n_gqa >= 4,
+    "i<2": lambda t: t.i < 2,
+    "i<4": lambda t: t.i < 4,
+    "i<n/8": lambda t: t.i < t.n // 8,
+    "i<n/16": lambda t: t.i < t.n // 16,
+    "more_bits": _more_bits,
+    "row%256==0": lambda t: t.row % 256 == 0,
+}
+
+ALL = tuple(MIXES)
+
+# (mixes, tensor kind, condition, type). Order matters within a (mix, kind): first match wins.
+RULES: list[tuple[tuple[str, ...], str, str, str]] = [
+    # the output projection (and a tied token embedding, which serves as it) gets q6_K,
+    # or q8_0 when its rows do not split into the mix's 256-blocks
+    (ALL, "output", "row%256==0", "q6_k"),
+    (ALL, "output", "always", "q8_0"),
+
+    (("q2_k",), "attn_v", "n_gqa>=4", "q4_k"),
+    (("q2_k",), "attn_v", "always", "q3_k"),
+    (("q3_k_m",), "attn_v", "i<2", "q5_k"),
+    (("q3_k_m",), "attn_v", "always", "q4_k"),
+    (("q3_k_l",), "attn_v", "always", "q5_k"),
+    (("q4_k_s",), "attn_v", "i<4", "q5_k"),
+    (("q4_k_m", "q5_k_m"), "attn_v", "more_bits", "q6_k"),
+
+    (("q2_k",), "ffn_down", "always", "q3_k"),
+    (("q3_k_m",), "ffn_down", "i<n/16", "q5_k"),
+    (("q3_k_m",), "ffn_down", "always", "q4_k"),
+    (("q3_k_l",), "ffn_down", "always", "q5_k"),
+    (("q4_k_s",), "ffn_down", "i<n/8", "q5_k"),
+    (("q4_k_m", "q5_k_m"), "ffn_down", "more_bits", "q6_k"),
+
+    (("q2_k",), "attn_output", "always", "q3_k"),
+    (("q3_k_m",), "attn_output", "always", "q4_k"),
+    (("q3_k_l",), "attn_output", "always", "q5_k"),
+]
+
+# On llama.cpp's "70B" (80 layers, GQA) attn_v is 8x smaller than attn_q, so it gets q5_K cheaply.
+LLAMA_70B_ATTN_V = {"q3_k": "q5_k", "q4_k": "q5_k"}
+
+# A 256-block type whose row length is not a multiple of 256 falls back to a 32-block type of
+# about the same size; if that does not fit either (row not a multiple of 32), f16.
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+# Reasons that start with this are the mix working as designed, not something to warn about.
+RULE_REASON = "mix rule"
+
+_KINDS = ("attn_v", "ffn_down", "attn_output")
+
+
+def find_mix(name: str) -> Mix | None:
+    name = name.lower()
+    return MIXES.get(ALIASES.get(name, name))
+
+
+def tensor_kind(name: str, tied_embeddings: bool = False) -> str:
+    """The kind a rule names: "output" for output.weight (and token_embd.weight when the
+    model has no output.weight), the GGUF base name inside a layer, else "other"."""
+    if name == "output.weight" or (tied_embeddings and name == "token_embd.weight"):
+        return "output"
+    m = re.fullmatch(r"blk\.\d+\.(\w+)\.weight", name)
+    if m and m.group(1) in _KINDS:
+        return m.group(1)
+    return "other"
+
+
+def layer_index(name: str) -> int:
+    m = re.match(r"blk\.(\d+)\.", name)
+    return int(m.group(1)) if m else 0
+
+
+def tensor_type(mix: Mix | str, name: str, shape: tuple[int, ...], model: ModelShape,
+                tied_embeddings: bool = False) -> tuple[str, str]:
+    """(block type, why) for one 2-D weight of `mix`. `shape` is numpy order (row length last).
+    The reason is empty when the tensor simply gets the mix's base type."""
+    if isinstance(mix, str):
+        mix = find_mix(mix)
+    kind = tensor_kind(name, tied_embeddings)
+    n = (model.n_attn_v or model.n_layers) if kind == "attn_v" else model.n_layers
+    info = TensorInfo(kind, layer_index(name), n, int(shape[-1]), model)
+    qtype, reason = mix.base, ""
+    for mixes, rule_kind, cond, t in RULES:
+        if mix.name in mixes and rule_kind == kind and CONDITIONS[cond](info):
+            qtype, reason = t, f"{RULE_REASON} {mix.name}: {kind} {cond}"
+            break
+    if kind == "attn_v" and model.is_llama_70b and qtype in LLAMA_70B_ATTN_V:
+        qtype, reason = LLAMA_70B_ATTN_V[qtype], f"{RULE_REASON} {mix.name}: attn_v on an 80-layer GQA model"
+    return fallback(qtype, info.row, reason)
+
+
+def fallback(qtype: str, row: int, reason: str = "") -> tuple[str, str]:
+    """`qtype` if rows of length `row` split into its blocks, else llama-quantize's substitute."""
+    block = q.get(qtype).block_size
+    if row % block == 0:
+        return qtype, reason
+    sub = FALLBACK.get(qtype, "f16")
+    if row % q.get(sub).block_size:
+        sub = "f16"
+    return sub, f"row length {row} does not fit {qtype} blocks of {block}: {sub} (llama-quantize's fallback)"

@@ -1,0 +1,378 @@
+"""A GGUF (v2, v3) reader for files from strangers.
+
+`read_gguf(path)` parses the header, metadata and tensor table and checks every number
+before it is used to size, allocate or seek anything:
+
+- magic and version; the tensor and KV counts against the bytes the file has;
+- every string and array length against the bytes left in the file, and against a cap;
+- value types, bools only 0 or 1, no arrays of arrays;
+- keys and tensor names non-empty, UTF-8 and unique (tensor names < 64 bytes, as in ggml);
+- 1-4 dims per tensor, each >= 1, with an element count that fits in int64;
+- known tensor types, with the row length (ne[0]) a multiple of the type's block size;
+- general.alignment a u32 power of two;
+- tensor offsets aligned, inside the file, and not overlapping.
+
+This is the list of things whose absence led to the 2024-2026 GGUF parser CVEs (ggml's
+gguf.cpp, Ollama's Go reader): lengths trusted for allocation, counts multiplied without
+overflow checks, offsets never compared with the file size.
+
+Any violation raises GGUFFormatError (an LlmconvError) saying what was wrong and at which
+byte offset. Nothing is allocated in proportion to a number read from the file, only in
+proportion to bytes that are present (a 100-byte file cannot make us build a list of a
+billion items). Only the header pages are read: the file is memory-mapped, tensor data is
+never touched unless a caller reads `tensor.data`.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
+
+from ..errors import LlmconvError
+
+SUPPORTED_VERSIONS = (2, 3)          # v1 used 32-bit counts and lengths and has not been written since 2023
+MAX_DIMS = 4                         # GGML_MAX_DIMS
+MAX_TENSOR_NAME_BYTES = 63           # GGML_MAX_NAME is 64 including the terminating NUL
+MAX_STRING_BYTES = 64 << 20          # one metadata string (an embedded tokenizer.json is a few MB)
+MAX_ARRAY_ITEMS = 1 << 26            # vocabularies and merge lists are < 1M items
+INT64_MAX = (1 << 63) - 1
+
+# Smallest possible encodings, for checking counts against the file size before reading.
+_HEADER_BYTES = 4 + 4 + 8 + 8                      # magic, version, n_tensors, n_kv
+_MIN_KV_BYTES = 8 + 1 + 4 + 1                      # key length, 1-byte key, type, u8 value
+_MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8     # name length, 1-byte name, n_dims, one dim, type, offset
+
+# Fixed-size value types: struct format and numpy dtype (little-endian).
+_FIXED = {
+    GGUFValueType.UINT8: ("<B", "<u1"), GGUFValueType.INT8: ("<b", "<i1"),
+    GGUFValueType.UINT16: ("<H", "<u2"), GGUFValueType.INT16: ("<h", "<i2"),
+    GGUFValueType.UINT32: ("<I", "<u4"), GGUFValueType.INT32: ("<i", "<i4"),
+    GGUFValueType.FLOAT32: ("<f", "<f4"), GGUFValueType.BOOL: ("<B", "<u1"),
+    GGUFValueType.UINT64: ("<Q", "<u8"), GGUFValueType.INT64: ("<q", "<i8"),
+    GGUFValueType.FLOAT64: ("<d", "<f8"),
+}
+_VALUE_TYPES = {int(t): t for t in GGUFValueType}
+_TENSOR_TYPES = {int(t): t for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
+
+
+class GGUFFormatError(LlmconvError):
+    """The file is not a well-formed GGUF file; `offset` is the byte where the problem is."""
+
+    def __init__(self, message: str, offset: int, *, file=None, tensor=None):
+        self.offset = offset
+        super().__init__(f"at byte {offset}: {message}", file=file, tensor=tensor)
+
+
+class KVType(NamedTuple):
+    type: GGUFValueType
+    element: GGUFValueType | None = None   # the element type of an ARRAY
+
+
+@dataclass
+class GGUFTensor:
+    name: str
+    ggml_type: GGMLQuantizationType
+    shape: tuple[int, ...]       # numpy order, outermost first: shape[-1] is GGUF's ne[0], the row length
+    offset: int                  # absolute byte offset of the data in the file
+    nbytes: int
+    n_elements: int
+    info_offset: int             # where this tensor's entry in the tensor table starts
+    _file: "GGUFFile" = field(repr=False, compare=False, default=None)
+
+    @property
+    def data(self) -> np.memmap:
+        """The tensor's bytes as a read-only uint8 memmap (mapped on first use)."""
+        return self._file.memmap[self.offset:self.offset + self.nbytes]
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    version: int
+    alignment: int
+    data_offset: int             # where the data section starts (tensor offsets in the file are relative to it)
+    file_size: int
+    kvs: dict[str, Any]          # strings as str (bytes if not UTF-8), arrays as lists
+    kv_types: dict[str, KVType]
+    kv_offsets: dict[str, int]   # where each KV's key starts
+    tensors: list[GGUFTensor]    # in file order
+    _memmap: np.memmap | None = field(default=None, repr=False)
+
+    @property
+    def memmap(self) -> np.memmap:
+        if self._memmap is None:
+            self._memmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return self._memmap
+
+    def tensor(self, name: str) -> GGUFTensor:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads from a mapped file; every read names what it reads."""
+
+    def __init__(self, buf, size: int, path: Path):
+        self.buf, self.size, self.path, self.pos = buf, size, path, 0
+
+    def fail(self, message: str, offset: int | None = None, tensor: str | None = None):
+        raise GGUFFormatError(message, self.pos if offset is None else offset, file=self.path, tensor=tensor)
+
+    def need(self, n: int, what: str, tensor: str | None = None) -> None:
+        if n > self.size - self.pos:
+            self.fail(f"file ends inside {what}: needs {n} bytes, {self.size - self.pos} left "
+                      f"(file is {self.size} bytes)", tensor=tensor)
+
+    def unpack(self, fmt: str, nbytes: int, what: str, tensor: str | None = None):
+        self.need(nbytes, what, tensor)
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += nbytes
+        return v
+
+    def u32(self, what: str, tensor: str | None = None) -> int:
+        return self.unpack("<I", 4, what, tensor)
+
+    def u64(self, what: str, tensor: str | None = None) -> int:
+        return self.unpack("<Q", 8, what, tensor)
+
+    def raw_string(self, what: str, cap: int = MAX_STRING_BYTES, tensor: str | None = None) -> bytes:
+        at = self.pos
+        n = self.u64(f"the length of {what}", tensor)
+        if n > cap:
+            self.fail(f"{what} is {n} bytes long; the limit is {cap}", at, tensor)
+        self.need(n, f"{what} ({n} bytes)", tensor)
+        b = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return b
+
+
+def _decode(b: bytes) -> str | bytes:
+    """Metadata strings are UTF-8 by the spec; a value that is not stays bytes rather than
+    being altered or rejected (a tokenizer may hold odd tokens; the caller decides)."""
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return b
+
+
+def _name(cur: _Cursor, b: bytes, what: str, at: int) -> str:
+    if not b:
+        cur.fail(f"{what} is empty", at)
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        cur.fail(f"{what} {b[:40]!r} is not UTF-8", at)
+
+
+def _value_type(cur: _Cursor, key: str, what: str) -> GGUFValueType:
+    at = cur.pos
+    raw = cur.u32(f"the {what} of {key}")
+    if raw not in _VALUE_TYPES:
+        cur.fail(f"{key}: unknown {what} {raw}", at)
+    return _VALUE_TYPES[raw]
+
+
+def _read_value(cur: _Cursor, key: str, vtype: GGUFValueType) -> tuple[Any, GGUFValueType | None]:
+    if vtype == GGUFValueType.STRING:
+        return _decode(cur.raw_string(f"the value of {key}")), None
+    if vtype == GGUFValueType.ARRAY:
+        return _read_array(cur, key)
+    fmt, dtype = _FIXED[vtype]
+    at = cur.pos
+    v = cur.unpack(fmt, np.dtype(dtype).itemsize, f"the value of {key}")
+    if vtype == GGUFValueType.BOOL:
+        if v > 1:
+            cur.fail(f"{key}: bool value {v} (must be 0 or 1)", at)
+        v = bool(v)
+    return v, None
+
+
+def _read_array(cur: _Cursor, key: str) -> tuple[list, GGUFValueType]:
+    etype = _value_type(cur, key, "array element type")
+    if etype == GGUFValueType.ARRAY:
+        cur.fail(f"{key}: arrays of arrays are not supported", cur.pos - 4)
+    at = cur.pos
+    n = cur.u64(f"the item count of {key}")
+    if n > MAX_ARRAY_ITEMS:
+        cur.fail(f"{key}: array of {n} items; the limit is {MAX_ARRAY_ITEMS}", at)
+    min_item = 8 if etype == GGUFValueType.STRING else np.dtype(_FIXED[etype][1]).itemsize
+    left = cur.size - cur.pos
+    if n * min_item > left:
+        cur.fail(f"{key}: array of {n} {etype.name} items needs at least {n * min_item} bytes, "
+                 f"the file has {left} left", at)
+    if etype == GGUFValueType.STRING:
+        return _read_strings(cur, key, n), etype
+    dtype = np.dtype(_FIXED[etype][1])
+    start = cur.pos
+    values = np.frombuffer(cur.buf[start:start + n * dtype.itemsize], dtype=dtype)
+    cur.pos += n * dtype.itemsize
+    if etype == GGUFValueType.BOOL:
+        bad = np.flatnonzero(values > 1)
+        if bad.size:
+            i = int(bad[0])
+            cur.fail(f"{key}[{i}]: bool value {int(values[i])} (must be 0 or 1)", start + i)
+        return (values != 0).tolist(), etype
+    return values.tolist(), etype
+
+
+_U64 = struct.Struct("<Q").unpack_from
+
+
+def _read_strings(cur: _Cursor, key: str, n: int) -> list[str | bytes]:
+    """n length-prefixed strings: the same checks as _Cursor.raw_string, inlined because a
+    vocabulary has 10^5 of them and this loop is most of the time spent on a header."""
+    buf, size, pos = cur.buf, cur.size, cur.pos
+    out = []
+    for i in range(n):
+        if size - pos < 8:
+            cur.pos = pos
+            cur.need(8, f"the length of {key}[{i}]")
+        (length,) = _U64(buf, pos)
+        if length > MAX_STRING_BYTES:
+            cur.fail(f"{key}[{i}] is {length} bytes long; the limit is {MAX_STRING_BYTES}", pos)
+        pos += 8
+        if length > size - pos:
+            cur.pos = pos
+            cur.need(length, f"{key}[{i}] ({length} bytes)")
+        b = buf[pos:pos + length]
+        pos += length
+        try:
+            out.append(b.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(b)
+    cur.pos = pos
+    return out
+
+
+def _read_tensor_info(cur: _Cursor, alignment: int) -> GGUFTensor:
+    info_offset = at = cur.pos
+    raw = cur.raw_string("a tensor name", cap=MAX_TENSOR_NAME_BYTES)
+    name = _name(cur, raw, "tensor name", at)
+    at = cur.pos
+    n_dims = cur.u32("the dimension count", name)
+    if not 1 <= n_dims <= MAX_DIMS:
+        cur.fail(f"{n_dims} dimensions (must be 1 to {MAX_DIMS})", at, name)
+    dims_at = cur.pos
+    ne = [cur.u64("a dimension", name) for _ in range(n_dims)]   # innermost (row length) first
+    n_elements = 1
+    for i, d in enumerate(ne):
+        if d < 1:
+            cur.fail(f"dimension {i} is {d} (must be >= 1)", dims_at + 8 * i, name)
+        n_elements *= d
+        if n_elements > INT64_MAX:
+            cur.fail(f"dimensions {ne} hold more than 2^63 elements", dims_at, name)
+    at = cur.pos
+    raw_type = cur.u32("the tensor type", name)
+    ggml_type = _TENSOR_TYPES.get(raw_type)
+    if ggml_type is None:
+        cur.fail(f"unknown tensor type {raw_type}", at, name)
+    block, type_size = GGML_QUANT_SIZES[ggml_type]
+    if ne[0] % block:
+        cur.fail(f"row length {ne[0]} is not a multiple of {ggml_type.name}'s block size {block}", dims_at, name)
+    at = cur.pos
+    offset = cur.u64("the data offset", name)
+    if offset % alignment:
+        cur.fail(f"data offset {offset} is not a multiple of the alignment {alignment}", at, name)
+    nbytes = n_elements // block * type_size
+    return GGUFTensor(name, ggml_type, tuple(reversed(ne)), offset, nbytes, n_elements, info_offset)
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Parse and validate a GGUF file's header and tensor table (never its data)."""
+    path = Path(path)
+    try:
+        # O_NONBLOCK: a FIFO or device given as the path must not block the open.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise LlmconvError("no such file", file=path) from None
+    except OSError as e:
+        raise LlmconvError(f"cannot open: {e.strerror}", file=path) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise LlmconvError("not a regular file", file=path)
+        size = st.st_size
+        if size < _HEADER_BYTES:
+            # mmap cannot map an empty file; a header this short is not GGUF anyway.
+            head = os.pread(fd, _HEADER_BYTES, 0)
+            return _parse(head, len(head), path)
+        with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as buf:
+            return _parse(buf, size, path)
+    except OSError as e:
+        raise LlmconvError(f"cannot read: {e.strerror or e}", file=path) from None
+    finally:
+        os.close(fd)
+
+
+def _parse(buf, size: int, path: Path) -> GGUFFile:
+    cur = _Cursor(buf, size, path)
+    cur.need(4, "the magic")
+    if buf[0:4] != struct.pack("<I", GGUF_MAGIC):
+        cur.fail(f"not a GGUF file (magic {bytes(buf[0:4])!r}, expected b'GGUF')")
+    cur.pos = 4
+    version = cur.u32("the version")
+    if version not in SUPPORTED_VERSIONS:
+        if version & 0xFFFF == 0 and (version >> 24) in SUPPORTED_VERSIONS:
+            cur.fail(f"big-endian GGUF v{version >> 24} is not supported", 4)
+        cur.fail(f"GGUF version {version} is not supported (only {' and '.join(map(str, SUPPORTED_VERSIONS))})", 4)
+    n_tensors = cur.u64("the tensor count")
+    n_kv = cur.u64("the metadata count")
+    room = size - _HEADER_BYTES
+    if n_kv > room // _MIN_KV_BYTES:
+        cur.fail(f"metadata count {n_kv} cannot fit in a {size}-byte file", 16)
+    if n_tensors > room // _MIN_TENSOR_INFO_BYTES or \
+            n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES > room:
+        cur.fail(f"tensor count {n_tensors} (with {n_kv} metadata entries) cannot fit in a {size}-byte file", 8)
+
+    kvs: dict[str, Any] = {}
+    kv_types: dict[str, KVType] = {}
+    kv_offsets: dict[str, int] = {}
+    for _ in range(n_kv):
+        at = cur.pos
+        key = _name(cur, cur.raw_string("a metadata key"), "metadata key", at)
+        if key in kvs:
+            cur.fail(f"duplicate metadata key {key!r} (first at byte {kv_offsets[key]})", at)
+        vtype = _value_type(cur, key, "value type")
+        value_at = cur.pos
+        value, element = _read_value(cur, key, vtype)
+        kvs[key], kv_types[key], kv_offsets[key] = value, KVType(vtype, element), at
+        if key == Keys.General.ALIGNMENT:
+            if vtype != GGUFValueType.UINT32:
+                cur.fail(f"{key} must be a UINT32, not {vtype.name}", value_at - 4)
+            if value == 0 or value & (value - 1):
+                cur.fail(f"{key} = {value} is not a power of two", value_at)
+    alignment = int(kvs.get(Keys.General.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT))
+
+    tensors: list[GGUFTensor] = []
+    names: dict[str, int] = {}
+    for _ in range(n_tensors):
+        at = cur.pos
+        t = _read_tensor_info(cur, alignment)
+        if t.name in names:
+            cur.fail(f"duplicate tensor name (first at byte {names[t.name]})", at, t.name)
+        names[t.name] = at
+        tensors.append(t)
+
+    data_offset = -(-cur.pos // alignment) * alignment
+    g = GGUFFile(path, version, alignment, data_offset, size, kvs, kv_types, kv_offsets, tensors)
+    for t in tensors:
+        t.offset += data_offset   # was relative to the data section
+        t._file = g
+        if t.nbytes > size - t.offset:   # also catches data_offset itself past the end
+            cur.fail(f"data [{t.offset}, {t.offset + t.nbytes}) runs past the end of the file ({size} bytes)",
+                     t.info_offset, t.name)
+    by_start = sorted(tensors, key=lambda t: t.offset)
+    for a, b in zip(by_start, by_start[1:]):
+        if a.offset + a.nbytes > b.offset:
+            cur.fail(f"data [{b.offset}, {b.offset + b.nbytes}) overlaps tensor {a.name} "
+                     f"[{a.offset}, {a.offset + a.nbytes})", b.info_offset, b.name)
+    return g

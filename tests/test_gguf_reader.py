@@ -1,0 +1,563 @@
+"""Issue 8 §4: the GGUF reader agrees with gguf.GGUFReader on good files and rejects each
+kind of bad file with a one-line error naming the problem and its byte offset (exit 2
+through the CLI).
+
+Bad files are written byte by byte with `build_gguf` below, which is independent of the
+reader and records where it put each field, so every test knows the offset to expect. A
+test first checks that the good version of each file parses (in both readers), so each bad
+file differs from a good one by exactly the thing under test.
+"""
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFReader, GGUFValueType as VT
+
+from llmconv.cli import main
+from llmconv.errors import LlmconvError
+from llmconv.formats.gguf_reader import MAX_ARRAY_ITEMS, MAX_STRING_BYTES, GGUFFormatError, read_gguf
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "fixtures" / "tiny-llama"
+
+_PACK = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I", VT.INT32: "<i",
+         VT.FLOAT32: "<f", VT.BOOL: "<B", VT.UINT64: "<Q", VT.INT64: "<q", VT.FLOAT64: "<d"}
+
+
+# ---- a byte-level GGUF writer that remembers where everything is -------------------------------
+
+@dataclass
+class Built:
+    data: bytes
+    at: dict[str, int]                                     # named positions, e.g. "value:general.name"
+    marks: dict[str, list[int]] = field(default_factory=dict)   # every position of a kind (for fuzzing)
+
+
+class _Buf:
+    def __init__(self):
+        self.b = bytearray()
+        self.at: dict[str, int] = {}
+        self.marks: dict[str, list[int]] = {}
+
+    def put(self, fmt: str, v, kind: str | None = None) -> None:
+        if kind:
+            self.marks.setdefault(kind, []).append(len(self.b))
+        self.b += struct.pack(fmt, v)
+
+    def string(self, s: bytes | str) -> None:
+        s = s.encode() if isinstance(s, str) else s
+        self.put("<Q", len(s), "length")
+        self.b += s
+
+    def here(self, name: str) -> None:
+        self.at[name] = len(self.b)
+
+
+def _value(buf: _Buf, vtype, value, elem=None) -> None:
+    if isinstance(value, (bytes, bytearray)) and vtype not in (VT.STRING,):
+        buf.b += value                        # raw payload, for unknown types and hand-made values
+    elif vtype == VT.STRING:
+        buf.string(value)
+    elif vtype == VT.ARRAY:
+        buf.put("<I", int(elem), "type")
+        buf.put("<Q", len(value), "count")
+        for x in value:
+            _value(buf, elem, x)
+    else:
+        buf.put(_PACK[vtype], value, "bool" if vtype == VT.BOOL else None)
+
+
+def build_gguf(kvs=(), tensors=(), *, version=3, n_kv=None, n_tensors=None, alignment=32, magic=b"GGUF",
+               fill=0, with_data=True) -> Built:
+    """kvs: (key, type, value[, element type]); tensors: (name, ne innermost first, type[, offset]).
+    Tensor data (zeros, or random bytes if `fill` is a seed) follows at aligned offsets (or the
+    given ones) and the file ends after the last; offsets beyond 1 TiB get no data."""
+    buf = _Buf()
+    buf.b += magic
+    buf.put("<I", version)
+    buf.here("n_tensors")
+    buf.put("<Q", len(tensors) if n_tensors is None else n_tensors, "count")
+    buf.here("n_kv")
+    buf.put("<Q", len(kvs) if n_kv is None else n_kv, "count")
+    for kv in kvs:
+        key, vtype, value = kv[:3]
+        buf.here(f"kv:{key!s}")
+        buf.string(key)
+        buf.put("<I", int(vtype), "type")
+        buf.here(f"value:{key!s}")
+        _value(buf, vtype, value, kv[3] if len(kv) > 3 else None)
+    offset, spans = 0, []
+    for t in tensors:
+        name, ne, ttype = t[:3]
+        block, size = GGML_QUANT_SIZES.get(QT(ttype), (1, 1)) if ttype in QT._value2member_map_ else (1, 1)
+        nbytes = int(np.prod(ne, dtype=object)) // block * size if all(d > 0 for d in ne) else 0
+        off = t[3] if len(t) > 3 else offset
+        buf.here(f"tensor:{name!s}")
+        buf.string(name)
+        buf.here(f"ndims:{name!s}")
+        buf.put("<I", len(ne), "ndims")
+        buf.here(f"dims:{name!s}")
+        for d in ne:
+            buf.put("<Q", d, "dim")
+        buf.here(f"type:{name!s}")
+        buf.put("<I", int(ttype), "type")
+        buf.here(f"offset:{name!s}")
+        buf.put("<Q", off, "offset")
+        spans.append((off, nbytes))
+        offset = -(-(off + nbytes) // alignment) * alignment
+    buf.b += b"\0" * (-len(buf.b) % alignment)
+    buf.here("data")
+    end = max((o + n for o, n in spans if o + n < 1 << 40), default=0)
+    if with_data:
+        rng = np.random.default_rng(fill)
+        buf.b += rng.integers(0, 256, end, dtype=np.uint8).tobytes() if fill else b"\0" * end
+    return Built(bytes(buf.b), buf.at, buf.marks)
+
+
+# Every value type, plus tensors of 1-4 dims in block and non-block types.
+GOOD_KVS = [
+    ("general.architecture", VT.STRING, "llama"),
+    ("general.alignment", VT.UINT32, 64),
+    ("test.u8", VT.UINT8, 200), ("test.i8", VT.INT8, -100), ("test.u16", VT.UINT16, 60000),
+    ("test.i16", VT.INT16, -30000), ("test.u32", VT.UINT32, 4_000_000_000), ("test.i32", VT.INT32, -2_000_000_000),
+    ("test.f32", VT.FLOAT32, 1e-5), ("test.bool", VT.BOOL, 1), ("test.u64", VT.UINT64, 2**64 - 1),
+    ("test.i64", VT.INT64, -2**63), ("test.f64", VT.FLOAT64, 3.141592653589793),
+    ("test.unicode", VT.STRING, "naïve 東京 🙂"),
+    ("test.empty_string", VT.STRING, ""),
+    ("tokenizer.ggml.tokens", VT.ARRAY, ["<unk>", "<s>", "</s>", "▁the", "<0x0A>"], VT.STRING),
+    ("tokenizer.ggml.scores", VT.ARRAY, [0.0, -1.5, 2.25, -3.0, 1e-30], VT.FLOAT32),
+    ("test.bools", VT.ARRAY, [1, 0, 1], VT.BOOL),
+    ("test.i64s", VT.ARRAY, [-1, 2**62], VT.INT64),
+    ("test.empty_array", VT.ARRAY, [], VT.UINT32),
+]
+GOOD_TENSORS = [
+    ("a.f32", [7], QT.F32), ("b.f16", [3, 5], QT.F16), ("c.q4_0", [64, 3], QT.Q4_0),
+    ("d.q8_0", [32, 2, 2], QT.Q8_0), ("e.q4_k", [256, 1, 1, 2], QT.Q4_K),
+]
+
+
+def good(**kw) -> Built:
+    kw.setdefault("alignment", 64)
+    return build_gguf(GOOD_KVS, GOOD_TENSORS, fill=1, **kw)
+
+
+def _write(tmp_path: Path, data: bytes, name: str = "x.gguf") -> Path:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def _gguf_reader_view(path: Path):
+    """KVs and tensors as gguf.GGUFReader sees them: strings as bytes, numbers as Python values."""
+    r = GGUFReader(path)
+    kvs = {}
+    for name, f in r.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        main = f.types[0]
+        sub = VT(int(f.parts[3][0])) if main == VT.ARRAY else None    # (f.types omits it for empty arrays)
+        if main == VT.ARRAY:
+            if sub == VT.STRING:
+                val = [bytes(f.parts[i]) for i in f.data]
+            else:
+                val = [_number(f.parts[i], sub) for i in f.data]
+        elif main == VT.STRING:
+            val = bytes(f.parts[-1])
+        else:
+            val = _number(f.parts[-1], main)
+        kvs[name] = (main, sub, val)
+    tensors = [(t.name, QT(int(t.tensor_type)), tuple(reversed(t.shape.tolist())), int(t.data_offset), int(t.n_bytes),
+                int(t.n_elements), bytes(np.asarray(t.data).view(np.uint8).reshape(-1)))
+               for t in r.tensors]
+    return r, kvs, tensors
+
+
+def _number(part, vtype):
+    # Bools as their byte, so that a 2 read as True by numpy shows.
+    return int(part.view(np.uint8)[0]) if vtype == VT.BOOL else part.tolist()[0]
+
+
+def _as_bytes(v):
+    if isinstance(v, str):
+        return v.encode("utf-8")
+    if isinstance(v, list):
+        return [_as_bytes(x) for x in v]
+    return v
+
+
+def compare_with_gguf_reader(g, path: Path) -> None:
+    """`g` (our reading of `path`) holds what gguf.GGUFReader reads there, and its bools are 0 or 1."""
+    r, kvs, tensors = _gguf_reader_view(path)
+    assert g.version == int(r.fields["GGUF.version"].parts[0][0])
+    assert g.alignment == int(r.alignment) and g.data_offset == int(r.data_offset)
+    assert list(g.kvs) == list(kvs)
+    for k, (main, sub, val) in kvs.items():
+        assert g.kv_types[k] == (main, sub), k
+        if VT.BOOL in (main, sub):
+            raw = val if isinstance(val, list) else [val]
+            assert set(raw) <= {0, 1}, (k, raw)
+            val = [bool(x) for x in val] if isinstance(val, list) else bool(val)
+        assert repr(_as_bytes(g.kvs[k])) == repr(val), k          # repr: NaN equals NaN, -0.0 differs from 0.0
+    assert [(t.name, t.ggml_type, t.shape, t.offset, t.nbytes, t.n_elements, bytes(t.data)) for t in g.tensors] \
+        == tensors
+
+
+def assert_agrees_with_gguf_reader(path: Path):
+    g = read_gguf(path)
+    compare_with_gguf_reader(g, path)
+    return g
+
+
+# ---- good files ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv")
+    paths = {}
+    for outtype in ("f16", "q4_0", "q4_k"):
+        p = out / f"tiny-{outtype}.gguf"
+        assert main(["convert", str(FIXTURE), "--outtype", outtype, "-o", str(p), "-q"]) == 0
+        paths[outtype] = p
+    return paths
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q4_0", "q4_k"])
+def test_agrees_with_gguf_reader_on_fixture(converted, outtype):
+    g = assert_agrees_with_gguf_reader(converted[outtype])
+    assert len(g.tensors) == 21 and len(g.kvs["tokenizer.ggml.tokens"]) == 512
+
+
+def test_agrees_with_gguf_reader_on_every_value_type(tmp_path):
+    p = _write(tmp_path, good().data)
+    g = assert_agrees_with_gguf_reader(p)
+    assert g.alignment == 64
+    assert g.kvs["test.unicode"] == "naïve 東京 🙂" and g.kvs["test.bool"] is True
+    assert g.kvs["test.u64"] == 2**64 - 1 and g.kvs["test.bools"] == [True, False, True]
+    assert [t.shape for t in g.tensors] == [(7,), (5, 3), (3, 64), (2, 2, 32), (2, 1, 1, 256)]
+
+
+def test_version_2_reads_like_version_3(tmp_path):
+    p = _write(tmp_path, good(version=2).data)
+    assert assert_agrees_with_gguf_reader(p).version == 2
+
+
+def test_tensor_data_is_mapped_lazily(tmp_path):
+    b = good()
+    g = read_gguf(_write(tmp_path, b.data))
+    assert g._memmap is None                     # parsing did not map the data
+    t = g.tensor("c.q4_0")
+    assert t.offset == b.at["data"] + 128     # after a.f32 (28 bytes) and b.f16 (30 bytes), 64-aligned
+    assert t.nbytes == 3 * 2 * 18 and bytes(t.data) == b.data[t.offset:t.offset + t.nbytes]
+    assert isinstance(t.data, np.memmap) and t.data.dtype == np.uint8
+
+
+def test_invalid_utf8_string_value_stays_bytes(tmp_path):
+    b = build_gguf([("x.s", VT.STRING, b"\xff\xfeok"), ("x.a", VT.ARRAY, [b"ok", b"\xc3"], VT.STRING)])
+    g = read_gguf(_write(tmp_path, b.data))
+    assert g.kvs["x.s"] == b"\xff\xfeok" and g.kvs["x.a"] == ["ok", b"\xc3"]
+
+
+def test_candidate_and_quantize_sources_read_through_it(converted, tmp_path):
+    from llmconv.verify.candidate import open_model_file, read_config
+    r, kvs, _ = _gguf_reader_view(converted["q4_0"])
+    mf = open_model_file(converted["q4_0"])
+    assert mf.tokens == kvs["tokenizer.ggml.tokens"][2]
+    assert read_config(mf).n_vocab == 512
+    out = tmp_path / "requant.gguf"
+    assert main(["quantize", str(converted["f16"]), str(out), "--type", "q8_0", "-q"]) == 0
+    assert_agrees_with_gguf_reader(out)
+
+
+def test_header_of_a_multi_gb_file_reads_fast(tmp_path):
+    """4 GiB of (sparse) tensor data and a 128k-token vocabulary: only the header is read."""
+    n_vocab = 128_000
+    b = build_gguf([("general.architecture", VT.STRING, "llama"),
+                    ("tokenizer.ggml.tokens", VT.ARRAY, [f"tok{i}" for i in range(n_vocab)], VT.STRING),
+                    ("tokenizer.ggml.scores", VT.ARRAY, [0.0] * n_vocab, VT.FLOAT32)],
+                   [("small", [32], QT.F32), ("big", [1 << 15, 1 << 15], QT.F32, 128)], with_data=False)
+    p = tmp_path / "big.gguf"
+    with open(p, "wb") as f:
+        f.write(b.data)
+        f.truncate(b.at["data"] + 128 + (1 << 32))       # sparse: no disk space, no page cache
+    t0, c0 = time.perf_counter(), time.process_time()
+    g = read_gguf(p)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    assert g.tensor("big").nbytes == 1 << 32 and g.file_size > 4 << 30
+    assert len(g.kvs["tokenizer.ggml.tokens"]) == n_vocab
+    # CPU time: the machine running the tests may be shared; the wall-clock bound only catches a hang.
+    assert cpu < 0.5 and dt < 5.0, f"header read took {cpu:.2f} s of CPU, {dt:.2f} s"
+
+
+# ---- bad files: one test per rule -----------------------------------------------------------------
+
+U64_MAX = 2**64 - 1
+
+
+def _tensor(name="t", ne=(32,), ttype=QT.F32, *offset):
+    return (name, list(ne), ttype, *offset)
+
+
+def _case_bad_magic():
+    b = good(magic=b"GGUX")
+    return b.data, 0, "magic b'GGUX'"
+
+
+def _case_truncated_header():
+    return good().data[:13], 8, "file ends inside the tensor count"
+
+
+def _case_empty_file():
+    return b"", 0, "file ends inside the magic"
+
+
+def _case_version_1():
+    return good(version=1).data, 4, "version 1 is not supported"
+
+
+def _case_version_4():
+    return good(version=4).data, 4, "version 4 is not supported"
+
+
+def _case_big_endian():
+    return good(version=3 << 24).data, 4, "big-endian"
+
+
+def _case_huge_kv_count():
+    b = good(n_kv=U64_MAX)
+    return b.data, b.at["n_kv"], "metadata count 18446744073709551615 cannot fit"
+
+
+def _case_kv_count_past_file():
+    b = good()
+    n = len(b.data) // 14 + 1           # just more than the file could hold
+    return good(n_kv=n).data, b.at["n_kv"], f"metadata count {n} cannot fit"
+
+
+def _case_huge_tensor_count():
+    b = good(n_tensors=2**62)
+    return b.data, b.at["n_tensors"], "tensor count 4611686018427387904"
+
+
+def _case_kv_count_one_too_many():
+    # The next "key" is the zero padding after the header: an empty key.
+    b = build_gguf([("a.b", VT.UINT32, 1)], [], n_kv=2)
+    return b.data, b.at["value:a.b"] + 4, "metadata key is empty"
+
+
+def _case_huge_key_length():
+    b = build_gguf([("a.b", VT.UINT32, 1)])
+    data = bytearray(b.data)
+    data[b.at["kv:a.b"]:b.at["kv:a.b"] + 8] = struct.pack("<Q", U64_MAX)
+    return bytes(data), b.at["kv:a.b"], f"a metadata key is {U64_MAX} bytes long; the limit is {MAX_STRING_BYTES}"
+
+
+def _case_string_past_end():
+    b = build_gguf([("a.s", VT.STRING, "hello")])
+    data = bytearray(b.data)
+    data[b.at["value:a.s"]:b.at["value:a.s"] + 8] = struct.pack("<Q", 1000)
+    return bytes(data), b.at["value:a.s"] + 8, "file ends inside the value of a.s (1000 bytes)"
+
+
+def _case_string_over_cap():
+    b = build_gguf([("a.s", VT.STRING, "hello")])
+    data = bytearray(b.data)
+    data[b.at["value:a.s"]:b.at["value:a.s"] + 8] = struct.pack("<Q", MAX_STRING_BYTES + 1)
+    return bytes(data), b.at["value:a.s"], "the value of a.s is 67108865 bytes long; the limit"
+
+
+def _case_array_count_over_cap():
+    b = build_gguf([("a.arr", VT.ARRAY, [1, 2], VT.UINT8)])
+    data = bytearray(b.data)
+    pos = b.at["value:a.arr"] + 4
+    data[pos:pos + 8] = struct.pack("<Q", MAX_ARRAY_ITEMS + 1)
+    return bytes(data), pos, f"a.arr: array of {MAX_ARRAY_ITEMS + 1} items; the limit"
+
+
+def _case_array_count_past_end():
+    b = build_gguf([("a.arr", VT.ARRAY, ["x", "y"], VT.STRING)])
+    data = bytearray(b.data)
+    pos = b.at["value:a.arr"] + 4
+    data[pos:pos + 8] = struct.pack("<Q", 1000)
+    return bytes(data), pos, "a.arr: array of 1000 STRING items needs at least 8000 bytes"
+
+
+def _case_unknown_value_type():
+    b = build_gguf([("a.b", 13, b"\0\0\0\0")])
+    return b.data, b.at["value:a.b"] - 4, "a.b: unknown value type 13"
+
+
+def _case_unknown_element_type():
+    b = build_gguf([("a.arr", VT.ARRAY, struct.pack("<IQ", 99, 0))])
+    return b.data, b.at["value:a.arr"], "a.arr: unknown array element type 99"
+
+
+def _case_nested_array():
+    b = build_gguf([("a.arr", VT.ARRAY, struct.pack("<IQ", int(VT.ARRAY), 0))])
+    return b.data, b.at["value:a.arr"], "arrays of arrays"
+
+
+def _case_bool_2():
+    b = build_gguf([("a.flag", VT.BOOL, 2)])
+    return b.data, b.at["value:a.flag"], "a.flag: bool value 2 (must be 0 or 1)"
+
+
+def _case_bool_array_item():
+    b = build_gguf([("a.flags", VT.ARRAY, [1, 0, 1, 7], VT.BOOL)])
+    return b.data, b.at["value:a.flags"] + 12 + 3, "a.flags[3]: bool value 7"
+
+
+def _case_empty_key():
+    b = build_gguf([("a.b", VT.UINT32, 1), ("", VT.UINT32, 2)])
+    return b.data, b.at["kv:"], "metadata key is empty"
+
+
+def _case_duplicate_key():
+    b = build_gguf([("a.b", VT.UINT32, 1), ("c", VT.UINT8, 1), ("a.b", VT.UINT32, 2)])
+    return b.data, b.at["kv:a.b"], f"duplicate metadata key 'a.b' (first at byte 24)"
+
+
+def _case_key_not_utf8():
+    b = build_gguf([(b"a\xff", VT.UINT32, 1)])
+    return b.data, 24, "not UTF-8"
+
+
+def _case_alignment_not_power_of_two():
+    b = build_gguf([("general.alignment", VT.UINT32, 48)], [_tensor()])
+    return b.data, b.at["value:general.alignment"], "general.alignment = 48 is not a power of two"
+
+
+def _case_alignment_zero():
+    b = build_gguf([("general.alignment", VT.UINT32, 0)], [_tensor()])
+    return b.data, b.at["value:general.alignment"], "general.alignment = 0 is not a power of two"
+
+
+def _case_alignment_wrong_type():
+    b = build_gguf([("general.alignment", VT.UINT64, 32)], [_tensor()])
+    return b.data, b.at["value:general.alignment"] - 4, "general.alignment must be a UINT32, not UINT64"
+
+
+def _case_zero_dims():
+    b = build_gguf([], [_tensor("w", [])])
+    return b.data, b.at["ndims:w"], "tensor w: at byte {}: 0 dimensions (must be 1 to 4)"
+
+
+def _case_five_dims():
+    b = build_gguf([], [_tensor("w", [32, 1, 1, 1, 1])])
+    return b.data, b.at["ndims:w"], "5 dimensions (must be 1 to 4)"
+
+
+def _case_zero_dim():
+    b = build_gguf([], [_tensor("w", [32, 0])])
+    return b.data, b.at["dims:w"] + 8, "tensor w: at byte {}: dimension 1 is 0 (must be >= 1)"
+
+
+def _case_element_count_overflow():
+    b = build_gguf([], [_tensor("w", [2**32, 2**31])])
+    return b.data, b.at["dims:w"], "hold more than 2^63 elements"
+
+
+def _case_unknown_tensor_type():
+    b = build_gguf([], [_tensor("w", [32], 4)])      # 4 was Q4_2, removed from ggml in 2023
+    return b.data, b.at["type:w"], "tensor w: at byte {}: unknown tensor type 4"
+
+
+def _case_huge_tensor_type():
+    b = build_gguf([], [_tensor("w", [32], 2**32 - 1)])
+    return b.data, b.at["type:w"], "unknown tensor type 4294967295"
+
+
+def _case_row_not_multiple_of_block():
+    b = build_gguf([], [_tensor("w", [48, 2], QT.Q4_0)])
+    return b.data, b.at["dims:w"], "row length 48 is not a multiple of Q4_0's block size 32"
+
+
+def _case_offset_unaligned():
+    b = build_gguf([], [_tensor("a"), _tensor("w", [32], QT.F32, 144)])
+    return b.data, b.at["offset:w"], "tensor w: at byte {}: data offset 144 is not a multiple of the alignment 32"
+
+
+def _case_offset_past_end():
+    b = build_gguf([], [_tensor("a"), _tensor("w", [32], QT.F32, 2**40)])
+    start = 2**40 + b.at["data"]
+    return b.data, b.at["tensor:w"], f"data [{start}, {start + 128}) runs past the end of the file ({len(b.data)} bytes)"
+
+
+def _case_offset_near_u64_max():
+    off = U64_MAX - 31                 # aligned, and offset + size wraps in 64-bit arithmetic
+    b = build_gguf([], [_tensor("w", [32], QT.F32, off)])
+    return b.data, b.at["tensor:w"], "runs past the end of the file"
+
+
+def _case_data_truncated():
+    b = good()
+    return b.data[:-1], b.at["tensor:e.q4_k"], "tensor e.q4_k: at byte {}: data"
+
+
+def _case_overlap():
+    b = build_gguf([], [_tensor("a", [64]), _tensor("b", [32], QT.F32, 384), _tensor("w", [32], QT.F32, 64)])
+    d = b.at["data"]
+    return b.data, b.at["tensor:w"], f"data [{d + 64}, {d + 192}) overlaps tensor a [{d}, {d + 256})"
+
+
+def _case_empty_tensor_name():
+    b = build_gguf([], [_tensor("")])
+    return b.data, b.at["tensor:"], "tensor name is empty"
+
+
+def _case_duplicate_tensor_name():
+    b = build_gguf([], [_tensor("w"), _tensor("w", [32], QT.F32, 128)])
+    return b.data, b.at["tensor:w"], f"tensor w: at byte {b.at['tensor:w']}: duplicate tensor name (first at byte 24)"
+
+
+def _case_tensor_name_too_long():
+    name = "x" * 64
+    b = build_gguf([], [_tensor(name)])
+    return b.data, b.at[f"tensor:{name}"], "a tensor name is 64 bytes long; the limit is 63"
+
+
+def _case_tensor_name_not_utf8():
+    b = build_gguf([], [_tensor(b"w\xff")])
+    return b.data, 24, "tensor name b'w\\xff' is not UTF-8"
+
+
+BAD = {name[6:]: f for name, f in dict(globals()).items() if name.startswith("_case_")}
+
+
+def test_good_files_behind_the_bad_ones_parse(tmp_path):
+    """The builder writes correct GGUF: fixed versions of a few bad cases parse in both readers."""
+    for b in (build_gguf([("a.b", VT.UINT32, 1), ("c", VT.UINT8, 1)], [_tensor("w"), _tensor("v", [32], QT.F32, 128)]),
+              build_gguf([("general.alignment", VT.UINT32, 16)], [_tensor("w", [32, 1, 1, 1])]),
+              build_gguf([("a.flags", VT.ARRAY, [1, 0, 1, 1], VT.BOOL)], [_tensor("w", [64, 2], QT.Q4_0)]),
+              build_gguf([], [_tensor("a", [64]), _tensor("b", [32], QT.F32, 384), _tensor("w", [32], QT.F32, 256)])):
+        assert_agrees_with_gguf_reader(_write(tmp_path, b.data))
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_file_gives_one_line_error_with_offset(tmp_path, capsys, case):
+    data, offset, expect = BAD[case]()
+    expect = expect.replace("{}", str(offset))
+    p = _write(tmp_path, data, f"{case}.gguf")
+    with pytest.raises(GGUFFormatError) as ei:
+        read_gguf(p)
+    e = ei.value
+    assert isinstance(e, LlmconvError)
+    assert e.offset == offset, (e.offset, offset, str(e))
+    assert expect in str(e), str(e)
+    assert f"at byte {offset}:" in str(e) and str(p) in str(e)
+
+    assert main(["inspect", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("llmconv: error: ") and expect in err
+    assert "Traceback" not in err
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(LlmconvError, match="no such file"):
+        read_gguf(tmp_path / "nope.gguf")
+    with pytest.raises(LlmconvError):
+        read_gguf(tmp_path)
