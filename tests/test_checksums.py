@@ -87,3 +87,20 @@ def test_check_written_catches_a_damaged_header_and_size(tmp_path):
     path.write_bytes(raw[:-4])
     with pytest.raises(LlmconvError, match="written size"):
         check_written(path, lay, path)
+
+
+def test_verify_checksums_flag(tmp_path, capsys):
+    out = _convert(tmp_path)
+    args = ["verify", str(out), "--reference", str(FIXTURE), "--tokens", "16", "--checksums"]
+    assert main(args) == 0
+    r = GGUFReader(out)
+    off = int(next(t for t in r.tensors if t.name == "output.weight").data_offset) + 3
+    del r
+    with open(out, "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0x01]))   # one bit: far below what the logit bounds can see
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "checksum: output.weight" in capsys.readouterr().out

@@ -30,8 +30,9 @@ def read_text(path: Path) -> str:
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--reference", "-r", "reference", required=True, type=click.Path(path_type=Path), metavar="CKPT_DIR",
-              help="The original checkpoint the file was converted from (Meta layout: params.json, "
-                   "consolidated.NN.pth, tokenizer.model).")
+              help="The original checkpoint the file was converted from: a Meta directory (params.json, "
+                   "consolidated.NN.pth, tokenizer.model) or a Hugging Face one (config.json, safetensors, "
+                   "tokenizer). BPE tokenizers need `pip install llmconv[bpe]`.")
 @click.option("--text", "text_file", type=click.Path(path_type=Path), metavar="FILE",
               help="UTF-8 text to evaluate on. Default: a bundled English text (llmconv/verify/default_text.txt).")
 @click.option("--tokens", "-n", type=int, default=256, show_default=True, metavar="N",
@@ -53,8 +54,11 @@ def read_text(path: Path) -> str:
 @click.option("--activations", type=click.Choice(["ggml", "f32"]), default="ggml", show_default=True,
               help="ggml: round activations before each matmul as llama.cpp's CPU backend does (what users get); "
                    "f32: keep them float32 (the weights' error alone).")
+@click.option("--checksums", "checksums", is_flag=False, flag_value="", default=None, metavar="[SIDECAR]",
+              help="Also check every tensor's sha256 against the sidecar `convert --checksum` wrote "
+                   "(default FILE.sha256.json).")
 def verify(file, reference, text_file, tokens, json_path, max_kld, min_top1, max_rel_dlogit, engine, threads,
-           activations):
+           activations, checksums):
     """Check a converted file against a reference forward pass over its original checkpoint.
 
     \b
@@ -78,6 +82,7 @@ def verify(file, reference, text_file, tokens, json_path, max_kld, min_top1, max
       llmconv verify out.gguf -r ckpt/ --text some.txt --tokens 512 --json report.json
       llmconv verify out.gguf -r ckpt/ --max-kld 0.05 --min-top1 0.85      # CI gate
       llmconv verify out.gguf -r ckpt/ --engine llama.cpp                  # also run llama.cpp
+      llmconv verify out.gguf -r ckpt/ --checksums                         # and the sha256 sidecar
     """
     from ..cli import _emit_json
     from .run import format_report, run_verify
@@ -86,6 +91,13 @@ def verify(file, reference, text_file, tokens, json_path, max_kld, min_top1, max
     report = run_verify(file, reference, text=text, tokens=tokens, engine=engine, threads=threads,
                         activations=activations,
                         bounds={"max_kld": max_kld, "min_top1": min_top1, "max_rel_dlogit": max_rel_dlogit})
+    if checksums is not None:
+        from ..formats.checksums import check_sidecar
+
+        problems = check_sidecar(file, checksums or None)
+        report["checksums"] = {"checked": True, "problems": problems}
+        report["failures"] += [f"checksum: {p}" for p in problems]
+        report["passed"] = report["passed"] and not problems
     # with --json -, stdout carries only the JSON, so the table goes to stderr
     click.echo(format_report(report), err=json_path == "-")
     _emit_json(json_path, report)

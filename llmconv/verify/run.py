@@ -70,6 +70,11 @@ Worst over every tensor of every file above:
 Report schema (all plain JSON types)
 ------------------------------------
 
+Numbers that are not finite are written as null, so the report is strict JSON (json.dumps
+would write Infinity/NaN, which strict parsers refuse): a tensor's rel_rmse/rel_max_err is null
+when it cannot be compared (shape differs from the source, or the file holds inf/NaN), a tensor
+bound is null for a type without one, and a logit metric is null when the logits are not finite.
+
     file              str    the verified file
     file_kind         str    "gguf", or the legacy magic ("ggjt", ...)
     reference         str    the checkpoint directory
@@ -434,9 +439,6 @@ def tensor_errors(mf: ModelFile, source) -> tuple[list[dict], list[str]]:
                                                                      if src.ndim > 1 else src.reshape(1, -1))
             del src
         rows.append(row)
-    missing = [t.name for t in source.tensors if t.name not in mf.tensors]
-    for name in missing:
-        notes.append(f"{name}: in the source checkpoint but not in the file")
     return M.worst_first(rows), notes
 
 
@@ -626,6 +628,11 @@ def run_verify(gguf_path: str | Path, reference_dir: str | Path, text: str | Non
 
     rows, tnotes = tensor_errors(mf, source)
     notes += tnotes
+    # a source tensor the file lacks changes the model: llama.cpp runs without it (for rope_freqs,
+    # LLaMA 3.1's scaled RoPE, only positions far into a long context show the difference)
+    for st in source.tensors:
+        if st.name not in mf.tensors:
+            failures.append(f"tensor {st.name} is in the source checkpoint ({st.source_name}) but not in the file")
     for row in rows:
         bad_rmse = not row["rel_rmse"] <= row["bound_rel_rmse"]
         bad_max = not row["rel_max_err"] <= row["bound_rel_max_err"]
@@ -639,7 +646,7 @@ def run_verify(gguf_path: str | Path, reference_dir: str | Path, text: str | Non
         failures.append(f"tensor {row['name']} ({row['type']}): {what} against the source weight"
                         + (f"; {row['note']}" if row["note"] else ""))
 
-    return {
+    return finite_or_none({
         "file": str(path), "file_kind": mf.kind, "reference": str(ref_dir),
         "file_type": file_type_name(mf), "dominant_type": kind, "activations": activations,
         "n_tokens": len(ids), "tokens_match": diff_msg is None, "first_token_diff": diff_at,
@@ -647,7 +654,26 @@ def run_verify(gguf_path: str | Path, reference_dir: str | Path, text: str | Non
         "metrics": m, "engine": eng, "tensors": rows, "bounds": b,
         "passed": not failures, "failures": failures, "notes": notes,
         "seconds": time.perf_counter() - start,
-    }
+    })
+
+
+def finite_or_none(obj):
+    """The report with every inf/NaN float replaced by None (JSON null), recursively."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def _g(v, spec: str) -> str:
+    """A report number for the table; null (not finite) prints as "n/a" in the same width."""
+    if v is None:
+        width = "".join(ch for ch in spec.split(".")[0] if ch.isdigit())
+        return f"{'n/a':>{width}s}" if width else "n/a"
+    return format(v, spec)
 
 
 def format_report(r: dict) -> str:
@@ -658,20 +684,22 @@ def format_report(r: dict) -> str:
     lines.append(head)
 
     def row(who, m):
-        return (f"{who:10s} {m['max_rel_dlogit']:14.3g} {m['kld_mean']:10.3g} {m['kld_p99']:10.3g} "
-                f"{m['top1']:7.3f} {m['ppl_ratio']:10.4f}")
+        return (f"{who:10s} {_g(m['max_rel_dlogit'], '14.3g')} {_g(m['kld_mean'], '10.3g')} "
+                f"{_g(m['kld_p99'], '10.3g')} {_g(m['top1'], '7.3f')} {_g(m['ppl_ratio'], '10.4f')}")
 
     if r["metrics"]:
         lines.append(row("candidate", r["metrics"]))
     eng = r.get("engine")
     if eng and eng.get("metrics"):
         lines.append(row("llama.cpp", eng["metrics"]))
-    lines.append(f"{'bound':10s} {b['max_rel_dlogit']:14.3g} {b['max_kld']:10.3g} {'':10s} {b['min_top1']:7.3f}")
+    lines.append(f"{'bound':10s} {_g(b['max_rel_dlogit'], '14.3g')} {_g(b['max_kld'], '10.3g')} {'':10s} "
+                 f"{_g(b['min_top1'], '7.3f')}")
     if r["metrics"]:
-        lines.append(f"perplexity: reference {r['metrics']['ppl_ref']:.3f}, candidate {r['metrics']['ppl_cand']:.3f}")
+        lines.append(f"perplexity: reference {_g(r['metrics']['ppl_ref'], '.3f')}, "
+                     f"candidate {_g(r['metrics']['ppl_cand'], '.3f')}")
     worst = r["tensors"][:3]
     if worst:
-        lines.append("worst tensors: " + ", ".join(f"{t['name']} {t['type']} {t['rel_rmse']:.3g}" for t in worst))
+        lines.append("worst tensors: " + ", ".join(f"{t['name']} {t['type']} {_g(t['rel_rmse'], '.3g')}" for t in worst))
     lines.append(f"vocabulary: {'matches' if r['tokens_match'] else 'DIFFERS'}")
     lines += [f"FAIL: {f}" for f in r["failures"]]
     lines.append("PASS" if r["passed"] else f"FAILED ({len(r['failures'])} check(s))")

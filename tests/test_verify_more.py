@@ -1,0 +1,339 @@
+"""`llmconv verify` on Hugging Face checkpoints and Meta LLaMA 3 (tiktoken) checkpoints.
+
+Good conversions pass; planted defects fail with exit 1. The HF reference runs HF's own layout
+(rotate-half RoPE on q_proj/k_proj as stored), so it is checked against the Meta reference on the
+same weights (fixtures/hf-tiny-llama holds fixtures/tiny-llama's weights in HF layout), and it
+must catch a conversion that skips the Q/K un-permutation even when the tensor-by-tensor check
+is blinded by the same slip. Expectations come from the defects themselves and from the source
+tokenizers' own libraries, never from a previous run.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+
+from llmconv.cli import main
+from llmconv.convert import hf
+from llmconv.verify import run as verify_run
+from llmconv.verify.reference import meta_reference_logits, reference_logits
+from test_verify import rewrite_gguf, tensor_raw
+
+ROOT = Path(__file__).resolve().parents[1]
+HF_DIR = ROOT / "fixtures" / "hf-tiny-llama"          # tiny-llama's weights in HF layout, SentencePiece
+META_DIR = ROOT / "fixtures" / "tiny-llama"
+L3_DIR = ROOT / "fixtures" / "llama3-tiny"            # Meta LLaMA 3.1 style: tiktoken, use_scaled_rope, 2 shards
+BPE_DIR = ROOT / "fixtures" / "llama3-bpe"            # the same vocabulary as tokenizer.json
+TOKENS = "64"
+SOURCES = {"hf": HF_DIR, "llama3": L3_DIR}
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location("make_hf_fixtures", ROOT / "fixtures" / "make_hf_fixtures.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_hf_fixtures", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def hf31(tmp_path_factory) -> Path:
+    """llama3-tiny's weights as an HF LLaMA 3.1 checkpoint: 2 safetensors shards + index,
+    rope_scaling llama3, byte-level BPE tokenizer.json, tied embeddings (no lm_head)."""
+    from llmconv.convert.meta import open_meta_checkpoint
+    mk = _load_generator()
+    ck = open_meta_checkpoint(L3_DIR)
+    sd = {n: ck.load(n).clone() for n in ck.names}
+    p = ck.params
+    d = tmp_path_factory.mktemp("hf31")
+    mk.write_weights(d, mk.hf_state_dict(sd, p["n_heads"], p["n_kv_heads"], tied=True), shards=2)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    cfg = mk.hf_config(p, sd["layers.0.feed_forward.w1.weight"].shape[0], tied=True, max_positions=131072,
+                       rope_scaling=scaling)
+    (d / "config.json").write_text(json.dumps(cfg))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (d / name).write_bytes((BPE_DIR / name).read_bytes())
+    return d
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, hf31):
+    """{(source, outtype): path}, each converted once."""
+    out = tmp_path_factory.mktemp("verify-more")
+    dirs = {**SOURCES, "hf31": hf31}
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(source: str, outtype: str) -> Path:
+        if (source, outtype) not in cache:
+            p = out / f"{source}-{outtype}.gguf"
+            assert main(["convert", str(dirs[source]), "--outtype", outtype, "-o", str(p), "-q"]) == 0
+            cache[source, outtype] = p
+        return cache[source, outtype]
+    return get
+
+
+def verify(capsys, path: Path, ref: Path, *extra: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(["verify", str(path), "--reference", str(ref), "--tokens", TOKENS, *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def verify_json(capsys, path: Path, ref: Path, tmp_path: Path, *extra: str) -> tuple[int, dict, str]:
+    report = tmp_path / f"{path.stem}-report.json"
+    code, out, _ = verify(capsys, path, ref, "--json", str(report), *extra)
+    return code, strict_json(report.read_text()), out
+
+
+def strict_json(text: str):
+    """json.loads that refuses Infinity/NaN, as strict JSON parsers do."""
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def failures(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("FAIL: ")]
+
+
+def default_text() -> str:
+    return verify_run.DEFAULT_TEXT.read_text(encoding="utf-8")
+
+
+# ---- the HF reference -------------------------------------------------------------------------------
+
+def test_hf_reference_equals_meta_reference_on_the_same_weights():
+    """Two independent forward passes, HF layout (rotate-half on permuted rows) and Meta layout
+    (adjacent pairs), over the same weights give the same logits to float32 rounding."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=str(HF_DIR / "tokenizer.model"))
+    ids = ([sp.bos_id()] + sp.encode(default_text()))[:64]
+    a, b = reference_logits(HF_DIR, ids), meta_reference_logits(META_DIR, ids)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
+
+
+def test_hf31_reference_equals_meta_llama3_reference(hf31, monkeypatch, tmp_path):
+    """HF rope_scaling llama3 + tied embeddings vs Meta use_scaled_rope on the same weights. The
+    Meta fixture has an output matrix and the HF twin ties it, so the Meta reference is run with
+    the embedding as its output here."""
+    import tiktoken
+    from llmconv.convert import bpe
+    import llmconv.verify.reference as meta_ref
+    ranks = bpe.read_tiktoken_ranks(L3_DIR / "tokenizer.model")
+    enc = tiktoken.Encoding(name="t", pat_str=bpe.LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    ids = ([len(ranks)] + enc.encode(default_text()))[:200]
+    hf_logits = reference_logits(hf31, ids)
+    orig = meta_ref.load_f32
+    monkeypatch.setattr(meta_ref, "load_f32",
+                        lambda ckpt, name: orig(ckpt, "tok_embeddings.weight" if name == "output.weight" else name))
+    meta_logits = meta_reference_logits(L3_DIR, ids)
+    scale = np.abs(meta_logits).max()
+    err = np.abs(hf_logits - meta_logits).max() / scale
+    assert err <= 1e-5, err
+    # the scaling matters at these positions, so the agreement above covers it
+    unscaled = tmp_path / "unscaled"
+    unscaled.mkdir()
+    for f in hf31.iterdir():
+        if f.name != "config.json":
+            (unscaled / f.name).symlink_to(f)
+    cfg = json.loads((hf31 / "config.json").read_text())
+    del cfg["rope_scaling"]
+    (unscaled / "config.json").write_text(json.dumps(cfg))
+    assert np.abs(reference_logits(unscaled, ids) - meta_logits).max() / scale > 100 * err + 1e-4
+
+
+# ---- correct files pass -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("source", ["hf", "llama3", "hf31"])
+def test_correct_conversion_passes(capsys, converted, hf31, tmp_path, source, outtype):
+    ref = hf31 if source == "hf31" else SOURCES[source]
+    # llama3-tiny is random-init: its top two logits sit a median 0.17 apart (logit std 1.0), so
+    # q8_0 rounding flips top-1 at a few positions of 64 (KLD stays 30x under its bound); over
+    # 256 positions top-1 agreement settles above the q8_0 bound
+    n = "256" if source != "hf" else TOKENS
+    code, rep, out = verify_json(capsys, converted(source, outtype), ref, tmp_path, "--tokens", n)
+    assert code == 0, out
+    assert out.rstrip().endswith("PASS") and "vocabulary: matches" in out
+    assert rep["tokens_match"] is True and rep["n_tokens"] == int(n)
+
+
+def test_tokens_come_from_the_source_tokenizers(converted, hf31):
+    """verify's ids are the source libraries' own: tiktoken from the Meta file's ranks, and
+    `tokenizers` on tokenizer.json with its post-processor's BOS; the same vocabulary gives
+    the same ids both ways."""
+    import tiktoken
+    from tokenizers import Tokenizer
+    from llmconv.convert import bpe
+    text = default_text()
+    ranks = bpe.read_tiktoken_ranks(L3_DIR / "tokenizer.model")
+    enc = tiktoken.Encoding(name="t", pat_str=bpe.LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    want = ([len(ranks)] + enc.encode(text))[:100]
+    assert verify_run.tokenize(verify_run.load_source_tokenizer(L3_DIR), text, 100) == want
+    hf_ids = Tokenizer.from_file(str(hf31 / "tokenizer.json")).encode(text).ids[:100]
+    assert verify_run.tokenize(verify_run.load_source_tokenizer(hf31), text, 100) == hf_ids == want
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("source", ["hf", "llama3"])
+def test_passes_with_llama_cpp_engine(capsys, converted, tmp_path, source):
+    import llama_cpp  # noqa: F401
+    n = "256" if source == "llama3" else TOKENS          # see test_correct_conversion_passes
+    code, rep, out = verify_json(capsys, converted(source, "q8_0"), SOURCES[source], tmp_path,
+                                 "--engine", "llama.cpp", "--threads", "1", "--tokens", n)
+    assert code == 0, out
+    assert "error" not in rep["engine"], rep["engine"]
+    cand, eng = rep["metrics"], rep["engine"]["metrics"]
+    assert abs(cand["kld_mean"] - eng["kld_mean"]) <= 0.10 * eng["kld_mean"], (cand, eng)
+    assert abs(cand["top1"] - eng["top1"]) <= 0.10 * eng["top1"], (cand, eng)
+
+
+# ---- planted defects fail ---------------------------------------------------------------------------
+
+def _convert_without_unpermute(monkeypatch, out: Path) -> Path:
+    monkeypatch.setattr(hf, "unpermute_rows", lambda w, n_heads: w)   # Q/K stay in rotate-half order
+    assert main(["convert", str(HF_DIR), "--outtype", "f16", "-o", str(out), "-q"]) == 0
+    return out
+
+
+def test_hf_qk_not_unpermuted_fails(capsys, monkeypatch, tmp_path):
+    bad = _convert_without_unpermute(monkeypatch, tmp_path / "noperm.gguf")
+    monkeypatch.undo()
+    code, out, _ = verify(capsys, bad, HF_DIR)
+    assert code == 1, out
+    fails = failures(out)
+    n_layers = json.loads((HF_DIR / "config.json").read_text())["num_hidden_layers"]
+    for i in range(n_layers):
+        for kind in ("attn_q", "attn_k"):
+            assert any(f.startswith(f"FAIL: tensor blk.{i}.{kind}.weight") and "Q/K permutation" in f
+                       for f in fails), out
+    assert any(f.startswith("FAIL: candidate:") for f in fails), out
+
+
+def test_hf_reference_alone_catches_missing_unpermute(capsys, monkeypatch, tmp_path):
+    """The converter's source tensors carry the same slip (the monkeypatch stays on during verify,
+    so every tensor matches its 'source'): only the HF-layout reference can tell."""
+    bad = _convert_without_unpermute(monkeypatch, tmp_path / "noperm.gguf")
+    code, out, _ = verify(capsys, bad, HF_DIR)
+    assert code == 1, out
+    fails = failures(out)
+    assert fails and all(f.startswith("FAIL: candidate:") for f in fails), out
+    assert any("RoPE" in f and "Q/K" in f for f in fails), out
+
+
+def test_hf_attn_q_rewritten_in_rotate_half_order_fails(capsys, converted, tmp_path):
+    good = converted("hf", "f16")
+    n_head = json.loads((HF_DIR / "config.json").read_text())["num_attention_heads"]
+
+    def to_rotate_half(raw, r):            # per head: even rows, then odd rows
+        hd = raw.shape[0] // n_head
+        order = np.concatenate([np.r_[h * hd:(h + 1) * hd:2, h * hd + 1:(h + 1) * hd:2] for h in range(n_head)])
+        return raw[order]
+    bad = rewrite_gguf(good, tmp_path / "q-rot.gguf", tensors={"blk.0.attn_q.weight": to_rotate_half})
+    code, out, _ = verify(capsys, bad, HF_DIR)
+    assert code == 1, out
+    assert any(f.startswith("FAIL: tensor blk.0.attn_q.weight") for f in failures(out)), out
+    assert any(f.startswith("FAIL: candidate:") for f in failures(out)), out
+
+
+def _without_tensor(src: Path, dst: Path, drop: str) -> Path:
+    r = GGUFReader(src)
+    w = GGUFWriter(str(dst), r.get_field("general.architecture").contents())
+    for name, field in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        sub = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+        w.add_key_value(name, field.contents(), field.types[0], sub_type=sub)
+    for t in r.tensors:
+        if t.name != drop:
+            w.add_tensor(t.name, np.array(t.data), raw_dtype=GGMLQuantizationType(int(t.tensor_type)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_llama3_without_rope_freqs_fails(capsys, converted, tmp_path):
+    bad = _without_tensor(converted("llama3", "f16"), tmp_path / "norf.gguf", "rope_freqs.weight")
+    assert "rope_freqs.weight" not in {t.name for t in GGUFReader(bad).tensors}
+    code, out, _ = verify(capsys, bad, L3_DIR)
+    assert code == 1, out
+    assert any("rope_freqs.weight" in f and "not in the file" in f for f in failures(out)), out
+
+
+def test_llama3_without_rope_freqs_shows_in_the_logits_at_256_tokens(capsys, converted, tmp_path):
+    """Over 256 positions the unscaled RoPE moves an f16 file's logits out of bounds by itself."""
+    bad = _without_tensor(converted("llama3", "f16"), tmp_path / "norf.gguf", "rope_freqs.weight")
+    code, out, _ = verify(capsys, bad, L3_DIR, "--tokens", "256")
+    assert code == 1, out
+    assert any(f.startswith("FAIL: candidate:") for f in failures(out)), out
+
+
+def test_llama3_altered_rope_freqs_fails(capsys, converted, tmp_path):
+    good = converted("llama3", "q8_0")
+    assert (tensor_raw(good, "rope_freqs.weight") > 1).any()       # LLaMA 3.1 scaling is in the file
+    bad = rewrite_gguf(good, tmp_path / "rf1.gguf", tensors={"rope_freqs.weight": lambda raw, r: np.ones_like(raw)})
+    code, out, _ = verify(capsys, bad, L3_DIR)
+    assert code == 1, out
+    assert any(f.startswith("FAIL: tensor rope_freqs.weight") for f in failures(out)), out
+
+
+def test_llama3_wrong_rope_freq_base_fails(capsys, converted, tmp_path):
+    theta = json.loads((L3_DIR / "params.json").read_text())["rope_theta"]
+    bad = rewrite_gguf(converted("llama3", "f16"), tmp_path / "base.gguf", kvs={"llama.rope.freq_base": theta / 50})
+    code, out, _ = verify(capsys, bad, L3_DIR)
+    assert code == 1, out
+    assert any("llama.rope.freq_base" in f for f in failures(out)), out
+    assert any(f.startswith("FAIL: candidate:") for f in failures(out)), out
+
+
+def test_gpt2_vocabulary_difference_is_reported(capsys, converted, tmp_path):
+    good = converted("llama3", "f16")
+    tokens = GGUFReader(good).get_field("tokenizer.ggml.tokens").contents()
+    # a word with GPT-2's space character in front ("Ġthe" is the bytes b" the")
+    i = next(k for k in range(300, len(tokens)) if tokens[k][:1] == "Ġ" and tokens[k][1:].isascii()
+             and tokens[k][1:].isalpha())
+    swapped = list(tokens)
+    swapped[i], swapped[i + 1] = swapped[i + 1], swapped[i]
+    bad = rewrite_gguf(good, tmp_path / "vocab.gguf", kvs={"tokenizer.ggml.tokens": swapped})
+    code, rep, out = verify_json(capsys, bad, L3_DIR, tmp_path)
+    assert code == 1 and rep["tokens_match"] is False and rep["first_token_diff"] == i, out
+    msg = next(f for f in failures(out) if f"id {i}" in f)
+    assert repr(tokens[i + 1].encode()) in msg and repr(tokens[i].encode()) in msg
+    assert repr(b" " + tokens[i][1:].encode()) in msg                # the source token's bytes, space shown
+
+
+# ---- JSON and missing optional libraries ------------------------------------------------------------
+
+def test_json_report_writes_null_for_inf(capsys, converted, tmp_path):
+    good = converted("hf", "f16")
+
+    def poison(raw, r):
+        raw = raw.copy()
+        raw[3] = np.inf
+        return raw
+    bad = rewrite_gguf(good, tmp_path / "inf.gguf", tensors={"blk.0.ffn_norm.weight": poison})
+    code, rep, out = verify_json(capsys, bad, HF_DIR, tmp_path)     # strict_json refuses Infinity
+    assert code == 1, out
+    row = next(t for t in rep["tensors"] if t["name"] == "blk.0.ffn_norm.weight")
+    assert row["rel_rmse"] is None and row["rel_max_err"] is None
+    assert any("blk.0.ffn_norm.weight" in f for f in rep["failures"])
+    assert "null" in verify_run.__doc__.split("Report schema")[1]
+
+
+@pytest.mark.parametrize("module, source", [("tiktoken", "llama3"), ("tokenizers", "hf31")])
+def test_missing_bpe_library_is_a_one_line_error(capsys, monkeypatch, converted, hf31, module, source):
+    path = converted(source, "f16")
+    monkeypatch.setitem(sys.modules, module, None)                   # import now raises ImportError
+    capsys.readouterr()
+    code = main(["verify", str(path), "--reference", str(hf31 if source == "hf31" else SOURCES[source])])
+    _, err = capsys.readouterr()
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"pip install {module}" in err
