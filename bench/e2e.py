@@ -5,7 +5,7 @@
 
 On one synthetic bf16 Meta checkpoint (bench/synth.py), in one run:
 
-* copy   `cp` of the checkpoint to the output directory, fsynced: the disk-to-disk limit for
+* copy   `dd bs=64M conv=fsync` of the checkpoint to the output directory: the disk-to-disk limit for
          the same bytes (read the checkpoint, write as many bytes as an f16 file holds).
 * (a)    `llmconv convert --outtype T` for T in --types (default q4_0, q8_0, f16).
 * (b)    the llama.cpp way to a q4_0 file: `llmconv convert --outtype f16` (llama.cpp's own
@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
+from procstat import run_peak_rss_anon  # noqa: E402
 
 
 @dataclass
@@ -45,22 +46,10 @@ class Step:
 
 def run_measured(cmd: list[str]) -> tuple[float, int]:
     """Run `cmd`; return (wall seconds, peak RssAnon bytes)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    status = Path(f"/proc/{proc.pid}/status")
-    peak = 0
-    while proc.poll() is None:
-        try:
-            for line in status.read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    peak = max(peak, int(line.split()[1]) * 1024)
-        except (FileNotFoundError, ProcessLookupError):
-            break
-        time.sleep(0.005)
-    err = proc.stderr.read().decode()
-    if proc.wait() != 0:
+    sec, peak, code, err = run_peak_rss_anon(cmd)
+    if code != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{err}")
-    return time.perf_counter() - start, peak
+    return sec, peak
 
 
 def llmconv(ckpt: Path, outtype: str, out: Path, threads: int) -> Step:
@@ -84,18 +73,17 @@ def llama_quantize(src: Path, dst: Path, ftype: int, threads: int) -> Step:
 
 
 def copy_limit(ckpt: Path, out_dir: Path) -> Step:
-    """Copy the checkpoint's shards and fsync: what the disk does with the same bytes."""
+    """`dd bs=64M conv=fsync` of the checkpoint's shards: what the disk does with the same bytes
+    (read the checkpoint, write as much; dd with big blocks beats cp/shutil here by ~1.6x)."""
     shards = sorted(ckpt.glob("consolidated.*.pth"))
     start = time.perf_counter()
     total = 0
     for s in shards:
         dst = out_dir / f"copy-{s.name}"
-        shutil.copyfile(s, dst)
-        with open(dst, "rb+") as f:
-            os.fsync(f.fileno())
+        subprocess.run(["dd", f"if={s}", f"of={dst}", "bs=64M", "conv=fsync", "status=none"], check=True)
         total += dst.stat().st_size
         dst.unlink()
-    return Step("copy (cp + fsync) of the checkpoint", time.perf_counter() - start, 0, total)
+    return Step("copy (dd bs=64M conv=fsync) of the checkpoint", time.perf_counter() - start, 0, total)
 
 
 def ensure_checkpoint(size: str, data: Path) -> Path:

@@ -272,7 +272,7 @@ def test_unknown_tensor_name(tmp_path, capsys):
 
 def test_disk_full_is_a_clean_error(ckpt, tmp_path, capsys, monkeypatch):
     import errno
-    import llmconv.formats.gguf_writer as gw
+    import llmconv.formats.positional as gw
 
     calls = {"n": 0}
     real = os.pwrite

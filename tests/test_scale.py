@@ -2,9 +2,7 @@
 bounded by about one tensor (measured as peak RssAnon of a real conversion process)."""
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 from gguf import GGUFReader
 
 from llmconv.cli import main
+from procstat import run_peak_rss_anon
 from synth import meta_state_dict, write_meta_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,22 +72,10 @@ def test_llamacpp_loads_split_file(tmp_path):
     assert np.array_equal(logits[0], logits[1])
 
 
-def _peak_rss_anon(cmd: list[str]) -> tuple[int, int]:
-    """Run cmd, sampling /proc/PID/status RssAnon every 5 ms; return (peak bytes, exit code)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
-    status = Path(f"/proc/{proc.pid}/status")
-    while proc.poll() is None:
-        try:
-            for line in status.read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    peak = max(peak, int(line.split()[1]) * 1024)
-        except (FileNotFoundError, ProcessLookupError):
-            break
-        time.sleep(0.005)
-    err = proc.stderr.read().decode()
-    assert proc.wait() == 0, err
-    return peak, proc.returncode
+def _peak_rss_anon(cmd: list[str]) -> int:
+    _, peak, code, err = run_peak_rss_anon(cmd)
+    assert code == 0, err
+    return peak
 
 
 @pytest.mark.slow
@@ -105,8 +92,8 @@ def test_peak_memory_is_about_one_tensor(tmp_path_factory, outtype):
     model_f32 = 8 * (4 * 1536 * 1536 + 3 * 4096 * 1536) * 4
     tmp = tmp_path_factory.mktemp("mem")
     cmd = [sys.executable, "-m", "llmconv.cli", "convert", "--outtype", outtype, "-q", "-t", "2"]
-    small, _ = _peak_rss_anon(cmd + [str(ONE), "-o", str(tmp / "small.gguf")])
-    big, _ = _peak_rss_anon(cmd + [str(base), "-o", str(tmp / "big.gguf")])
+    small = _peak_rss_anon(cmd + [str(ONE), "-o", str(tmp / "small.gguf")])
+    big = _peak_rss_anon(cmd + [str(base), "-o", str(tmp / "big.gguf")])
     bound = small + 4 * largest_f32 + 64 * 2**20
     print(f"peak RssAnon: tiny {small / 2**20:.0f} MiB, 230M-param model {big / 2**20:.0f} MiB, "
           f"bound {bound / 2**20:.0f} MiB, whole model as f32 {model_f32 / 2**20:.0f} MiB")

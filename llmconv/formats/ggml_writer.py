@@ -17,7 +17,6 @@ tensor (its record and its data) is written with pwrite at its known offset.
 """
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Sequence
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .gguf_writer import _pwrite_all
+from .positional import PositionalWriter, as_bytes, pwrite_all
 
 GGJT_MAGIC = 0x67676A74          # "ggjt" read as a little-endian u32
 GGJT_VERSION = 3
@@ -143,43 +142,16 @@ def plan_layout(hparams: GGJTHParams, vocab: Sequence[tuple[bytes, float]],
     return GGJTLayout(header, out, {t.name: i for i, t in enumerate(out)})
 
 
-class GGJTFileWriter:
+class GGJTFileWriter(PositionalWriter):
     """Write one ggjt file whose layout is known: header and vocabulary first, then each
     tensor's record and data at its offset."""
 
-    def __init__(self, path: str | Path, layout: GGJTLayout):
-        self.path = Path(path)
-        self.layout = layout
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.written: set[str] = set()
-        _pwrite_all(self.fd, layout.header, 0)
-
     def write_tensor(self, name: str, data: np.ndarray | bytes | memoryview) -> None:
         t = self.layout.tensors[self.layout.index[name]]
-        buf = memoryview(np.ascontiguousarray(data).view(np.uint8).reshape(-1)) if isinstance(data, np.ndarray) else memoryview(data)
+        buf = as_bytes(data)
         if buf.nbytes != t.nbytes:
             raise ValueError(f"{name}: {buf.nbytes} bytes given, layout says {t.nbytes}")
-        _pwrite_all(self.fd, t.record(), t.record_offset)
-        _pwrite_all(self.fd, buf, t.data_offset)
+        pwrite_all(self.fd, t.record(), t.record_offset)
+        pwrite_all(self.fd, buf, t.data_offset)
         self.written.add(name)
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            missing = [t.name for t in self.layout.tensors if t.name not in self.written]
-            # the loader reads records until the end of the file: no trailing bytes
-            os.ftruncate(self.fd, self.layout.total_size)
-            os.close(self.fd)
-            self.fd = -1
-            if missing:
-                raise RuntimeError(f"tensors never written: {missing[:5]}")
-
-    def __enter__(self) -> "GGJTFileWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd >= 0:
-            if exc[0] is not None:
-                os.close(self.fd)
-                self.fd = -1
-            else:
-                self.close()

@@ -7,13 +7,13 @@ that order. Format constants come from the `gguf` package.
 """
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from .positional import PositionalWriter, as_bytes, pwrite_all
 from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFValueType
 
 _SCALAR = {
@@ -140,49 +140,13 @@ def read_tensor_infos(buf: bytes, pos: int, count: int) -> list[tuple[str, tuple
     return out
 
 
-class GGUFFileWriter:
+class GGUFFileWriter(PositionalWriter):
     """Write one GGUF file whose layout is known: header first, tensors at offsets."""
-
-    def __init__(self, path: str | Path, layout: GGUFLayout):
-        self.path = Path(path)
-        self.layout = layout
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        self.written: set[str] = set()
-        _pwrite_all(self.fd, layout.header, 0)
 
     def write_tensor(self, name: str, data: np.ndarray | bytes | memoryview) -> None:
         t = self.layout.tensors[self.layout.index[name]]
-        buf = memoryview(np.ascontiguousarray(data).view(np.uint8).reshape(-1)) if isinstance(data, np.ndarray) else memoryview(data)
+        buf = as_bytes(data)
         if buf.nbytes != t.nbytes:
             raise ValueError(f"{name}: {buf.nbytes} bytes given, layout says {t.nbytes}")
-        _pwrite_all(self.fd, buf, self.layout.data_start + t.offset)
+        pwrite_all(self.fd, buf, self.layout.data_start + t.offset)
         self.written.add(name)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            missing = [t.name for t in self.layout.tensors if t.name not in self.written]
-            # padding after the last tensor is not required; size the file to the layout
-            os.ftruncate(self.fd, self.layout.total_size)
-            os.close(self.fd)
-            self.fd = -1
-            if missing:
-                raise RuntimeError(f"tensors never written: {missing[:5]}")
-
-    def __enter__(self) -> "GGUFFileWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.fd >= 0:
-            if exc[0] is not None:
-                os.close(self.fd)
-                self.fd = -1
-            else:
-                self.close()
-
-
-def _pwrite_all(fd: int, buf, pos: int) -> None:
-    mv = memoryview(buf).cast("B")
-    while mv.nbytes:
-        n = os.pwrite(fd, mv, pos)
-        mv = mv[n:]
-        pos += n
