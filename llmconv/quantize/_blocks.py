@@ -130,26 +130,59 @@ def first_equal(xb: np.ndarray, idx: np.ndarray, target: np.ndarray) -> np.ndarr
     return sub[np.arange(len(idx)), j]
 
 
+def wide_bytes(codes: np.ndarray):
+    """View uint8 [8, 4B] as uint64 words when B is even, else uint32: byte-wise shifts and
+    masks then run 4-8 bytes per element (numpy's uint8 shifts are not vectorized)."""
+    w = np.uint64 if codes.shape[1] % 8 == 0 else np.uint32
+    return codes.view(w), w
+
+
+def repeat_byte(w, byte: int):
+    """The byte repeated over an integer of type w: repeat_byte(np.uint32, 0x0F) == 0x0F0F0F0F."""
+    return w(int.from_bytes(bytes([byte]) * np.dtype(w).itemsize, "little"))
+
+
 def pack_nibbles(codes: np.ndarray, mask: bool) -> np.ndarray:
     """uint8 codes [8, 4B] (lanes) -> uint32 [4, B]: byte j of a block = code j | code j+16 << 4.
 
-    With `mask`, codes may have bit 4 set (q5 types keep it in qh) and only the low nibble
-    of code j is kept; the shift drops it from code j+16 anyway.
+    Works on uint64 words (8 codes at once; numpy's uint8 shifts are not vectorized).
+    Without `mask`, codes must be <= 15, so a code shifted left by 4 stays inside its byte.
+    With `mask`, codes may have bit 4 set (q5 types keep it in qh): only the low nibbles are kept.
     """
-    packed = scratch("packed", (4, codes.shape[1]), np.uint8)
-    np.left_shift(codes[4:], np.uint8(4), out=packed)
+    c, w = wide_bytes(codes)                                     # [8, B/2] or [8, B]
+    packed = scratch("packed", (4, c.shape[1]), w)
+    np.left_shift(c[4:], w(4), out=packed)
     if mask:
-        lo = scratch("lo", (4, codes.shape[1]), np.uint8)
-        np.bitwise_and(codes[:4], np.uint8(0x0F), out=lo)
+        lo = scratch("lo", (4, c.shape[1]), w)
+        np.bitwise_and(packed, repeat_byte(w, 0xF0), out=packed)
+        np.bitwise_and(c[:4], repeat_byte(w, 0x0F), out=lo)
         packed |= lo
     else:
-        packed |= codes[:4]
+        packed |= c[:4]
     return packed.view(np.uint32)
+
+
+def select(mask: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float32 np.where(mask, a, b) by bit operations. np.where and copyto(where=) branch per
+    element: with a mask that is true about half the time ("is the max negative?") they run
+    ~5x slower than these four passes."""
+    m = np.ascontiguousarray(mask).view(np.uint8).astype(np.uint32)
+    np.negative(m, out=m)                                       # 0 or 0xFFFFFFFF
+    bi = np.ascontiguousarray(b, dtype=np.float32).view(np.uint32)
+    r = np.bitwise_xor(np.ascontiguousarray(a, dtype=np.float32).view(np.uint32), bi)
+    r &= m
+    r ^= bi
+    return r.view(np.float32)
 
 
 def high_bits(codes: np.ndarray) -> np.ndarray:
     """uint8 codes [8, 4B] -> uint32 [B]: bit j = bit 4 of code j (q5's qh)."""
-    h = (codes >> np.uint8(4)).view(np.uint32)          # [8, B]; byte k = bit of weight 4r+k
+    # bit 4 of every byte, on uint64 words (numpy's uint8 shifts are not vectorized); the mask
+    # drops the low nibble of the next byte that the shift brings in.
+    c, w = wide_bytes(codes)
+    h = np.right_shift(c, w(4))
+    h &= repeat_byte(w, 0x01)
+    h = h.view(np.uint32)                               # [8, B]; byte k = bit of weight 4r+k
     # Gather the bits at byte positions 0, 8, 16, 24 into bits 21..24 with one multiply
     # (shifts 0, 7, 14, 21 never collide, so no carries), then to bits 4r..4r+3.
     h = h * np.uint32(0x00204081)
@@ -169,11 +202,24 @@ def put_words(out: np.ndarray, offset: int, words: np.ndarray) -> None:
     """Write uint32 [k, B] (word i of every block) at byte `offset` of out [B, type_size].
 
     The field may be only 2-byte aligned (q4_0's qs at offset 2); numpy's unaligned copy
-    loop is still much faster than splitting the words into uint16 halves.
+    loop is fine. One 1-D copy per word: 2.5x faster than one [k, B] copy, which numpy
+    runs with an inner loop of k.
     """
-    k, nb = words.shape
-    field = np.ndarray((k, nb), np.uint32, buffer=out, offset=offset, strides=(4, out.shape[1]))
-    field[...] = words
+    for i, w in enumerate(words):
+        field = np.ndarray((out.shape[0],), np.uint32, buffer=out, offset=offset + 4 * i,
+                           strides=(out.shape[1],))
+        field[...] = w
+
+
+def clamp_codes(codes: np.ndarray, top: int) -> None:
+    """codes = MIN(top, codes) in place. numpy's minimum with a scalar operand is not
+    vectorized (~17x slower here), so the bound is a cached array of the same shape."""
+    name = f"top{top}"
+    bound = scratch(name, codes.shape, np.uint8)
+    if getattr(_scratch, name + "_n", None) != codes.size:
+        bound.fill(top)
+        setattr(_scratch, name + "_n", codes.size)
+    np.minimum(codes, bound, out=codes)
 
 
 def quantize_rows(x: np.ndarray, type_size: int,

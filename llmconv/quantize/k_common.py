@@ -16,6 +16,13 @@ from typing import Callable
 
 import numpy as np
 
+from ._blocks import select   # float32 np.where by bit operations (np.where branches per element)
+
+try:  # the clip ufunc itself: np.clip adds ~5 us of Python per call, in loops over 16 elements
+    from numpy._core.umath import clip as _clip
+except ImportError:  # pragma: no cover
+    _clip = np.clip
+
 QK_K = 256                        # weights per super-block
 GROUP_MAX_EPS = np.float32(1e-15)  # below this a group counts as all zero
 
@@ -35,6 +42,19 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
     """
     bits = (v + _MAGIC).view(np.int32)
     return (bits & 0x007FFFFF) - 0x00400000
+
+
+def nearest_int_clip(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """clip(nearest_int(v), lo, hi) as int32, computed in v's own memory (v is consumed).
+
+    Same operations as nearest_int, done in place: no fresh array-sized temporaries (on
+    the 1 MB [16, groups] arrays, allocating them cost more than the arithmetic).
+    """
+    v += _MAGIC
+    vi = v.view(np.int32)
+    vi &= 0x007FFFFF
+    vi -= 0x00400000
+    return _clip(vi, np.int32(lo), np.int32(hi), out=vi)
 
 
 def round_small(v: np.ndarray) -> np.ndarray:
@@ -83,19 +103,35 @@ def fp16_value(bits: np.ndarray) -> np.ndarray:
     return np.asarray(bits, dtype=np.uint16).view(np.float16).astype(F32)
 
 
-def first_absmax(x: np.ndarray) -> np.ndarray:
-    """Per group (axis 0), the signed value with the largest |x|, the first one on ties.
-
-    C keeps a running maximum with a strict `>`; the same loop here runs over the n rows
-    (argmax along a non-contiguous axis is several times slower).
-    """
+def _first_absmax_loop(x: np.ndarray) -> np.ndarray:
+    """first_absmax by C's own loop: a running maximum of |x| with a strict `>`."""
     best = np.abs(x[0])
-    value = x[0].copy()
+    value = np.array(x[0], dtype=F32)
+    a = np.empty_like(best)
     for row in x[1:]:
-        a = np.abs(row)
+        np.abs(row, out=a)
         larger = a > best
         np.copyto(value, row, where=larger)
         np.copyto(best, a, where=larger)
+    return value
+
+
+def first_absmax(x: np.ndarray) -> np.ndarray:
+    """Per group (axis 0), the signed value with the largest |x|, the first one on ties.
+
+    If the largest |x| occurs with one sign only, that is max(x) or min(x), whatever the
+    order. Only groups holding both +a and -a (all-zero groups, and any NaN) depend on which
+    comes first: those few run C's loop. (Two reductions beat the loop, whose random
+    `where=` masks make numpy branch per element.)
+    """
+    mx = np.maximum.reduce(x, axis=0)
+    mn = np.minimum.reduce(x, axis=0)
+    neg = np.negative(mn)
+    neg_wins = neg > mx
+    value = select(neg_wins, mn, mx)
+    tie = np.flatnonzero(~(neg_wins | (mx > neg)))
+    if tie.size:
+        value[tie] = _first_absmax_loop(x[:, tie])
     return value
 
 
@@ -107,6 +143,13 @@ def element_major(xb: np.ndarray, group: int) -> np.ndarray:
 def block_major(xt: np.ndarray, nblocks: int) -> np.ndarray:
     """Inverse of element_major: [group, subblocks] -> [blocks, 256]."""
     return np.ascontiguousarray(xt.T).reshape(nblocks, QK_K)
+
+
+def superblocks(b: np.ndarray, type_size: int) -> tuple[int, np.ndarray]:
+    """uint8[rows, nbytes] -> (rows, uint8[rows * nbytes // type_size, type_size]): the blocks
+    a dequantizer walks, one per row of the result."""
+    b = np.ascontiguousarray(b, dtype=np.uint8)
+    return b.shape[0], b.reshape(-1, type_size)
 
 
 def over_superblocks(x: np.ndarray, type_size: int,
@@ -148,7 +191,7 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
     def sums(iscale):
         np.multiply(x, iscale, out=l)
         round_small(l)
-        np.clip(l, lo, hi, out=l)
+        _clip(l, lo, hi, out=l)
         np.multiply(wx, l, out=t)
         sumlx = seq_sum_from_zero(t)
         np.multiply(w, l, out=t)
@@ -167,14 +210,14 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
         sumlx, suml2 = sums(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         new_scale = sumlx / suml2
-        scale = np.where(better, new_scale, scale)
-        best = np.where(better, new_scale * sumlx, best)
-        best_iscale = np.where(better, iscale, best_iscale)
+        scale = select(better, new_scale, scale)
+        best = select(better, new_scale * sumlx, best)
+        best_iscale = select(better, iscale, best_iscale)
 
     # L of the winning iscale (C recomputes it the same way when it keeps a candidate)
     np.multiply(x, best_iscale, out=l)
     round_small(l)
-    np.clip(l, lo, hi, out=l)
+    _clip(l, lo, hi, out=l)
     L = (l + F32(nmax)).astype(np.uint8)
     L[:, zero] = 0
     scale = np.where(zero, F32(0.0), scale)
@@ -197,7 +240,7 @@ def make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarra
     safe_max = np.where(zero, F32(1.0), amax_signed)
     iscale = F32(-nmax) / safe_max
 
-    L = np.clip(nearest_int(x * iscale), -nmax, nmax - 1).astype(F32)
+    L = nearest_int_clip(x * iscale, -nmax, nmax - 1).astype(F32)
     w = x * x
     wx = w * x
     sumlx = seq_sum_from_zero(wx * L)
@@ -206,6 +249,7 @@ def make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarra
     suml2 = seq_sum_from_zero(t)
 
     # Only groups that changed in the last sweep can change in the next one: sweep those.
+    lo_i, hi_i = np.int32(-nmax), np.int32(nmax - 1)
     active = np.arange(x.shape[1])
     for _sweep in range(5):
         if active.size == 0:
@@ -216,16 +260,42 @@ def make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarra
             xa, wa, wxa, La = x[:, active], w[:, active], wx[:, active], L[:, active]
             slx_a, sl2_a = sumlx[active], suml2[active]
         changed = np.zeros(active.size, dtype=bool)
+        # Every temporary has a preallocated buffer: these loops run 80 times per chunk on
+        # small arrays, where numpy's allocation and call overhead is most of the cost.
+        slx, sl2, v, nl, slx2, sl22, c1, c2 = (np.empty(active.size, F32) for _ in range(8))
+        vi = v.view(np.int32)
+        take, flag = np.empty(active.size, bool), np.empty(active.size, bool)
         for i in range(n):
             wi, wxi, xi, Li = wa[i], wxa[i], xa[i], La[i]
-            slx = slx_a - wxi * Li
-            sl2 = sl2_a - (wi * Li) * Li
-            new_l = np.clip(nearest_int((xi * sl2) / slx), -nmax, nmax - 1).astype(F32)
-            slx2 = slx + wxi * new_l
-            sl22 = sl2 + (wi * new_l) * new_l
-            take = ((slx > 0) & (new_l != Li) & (sl22 > 0)
-                    & ((slx2 * slx2) * sl2_a > (slx_a * slx_a) * sl22))
-            np.copyto(Li, new_l, where=take)
+            np.multiply(wxi, Li, out=c1)
+            np.subtract(slx_a, c1, out=slx)                     # slx = sumlx - w*x*L
+            np.multiply(wi, Li, out=c1)
+            c1 *= Li
+            np.subtract(sl2_a, c1, out=sl2)                     # sl2 = suml2 - w*L*L
+            np.multiply(xi, sl2, out=v)
+            v /= slx
+            v += _MAGIC                                         # nearest_int, as in nearest_int()
+            vi &= 0x007FFFFF
+            vi -= 0x00400000
+            _clip(vi, lo_i, hi_i, out=vi)
+            np.copyto(nl, vi, casting="unsafe")                 # new_l as float32
+            np.multiply(wxi, nl, out=slx2)
+            slx2 += slx
+            np.multiply(wi, nl, out=sl22)
+            sl22 *= nl
+            sl22 += sl2
+            np.multiply(slx2, slx2, out=c1)
+            c1 *= sl2_a
+            np.multiply(slx_a, slx_a, out=c2)
+            c2 *= sl22
+            np.greater(c1, c2, out=take)                        # (slx2^2)*suml2 > (sumlx^2)*sl22
+            np.greater(slx, F32(0), out=flag)
+            take &= flag
+            np.not_equal(nl, Li, out=flag)
+            take &= flag
+            np.greater(sl22, F32(0), out=flag)
+            take &= flag
+            np.copyto(Li, nl, where=take)
             np.copyto(slx_a, slx2, where=take)
             np.copyto(sl2_a, sl22, where=take)
             changed |= take
@@ -266,7 +336,7 @@ def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
     def levels(iscale):
         np.multiply(xm, iscale, out=l)
         round_small(l)
-        np.clip(l, F32(0.0), fnmax, out=l)          # once min moved, x - min can be < 0
+        _clip(l, F32(0.0), fnmax, out=l)            # once min moved, x - min can be < 0
         return l
 
     def error(scale, minv, l):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from .k_common import (F32, block_major, element_major, fp16_bits, fp16_value, make_qkx2_quants,
-                       nearest_int, pack_scale_min_k4, seq_sum_from_zero, unpack_scale_min_k4)
+                       nearest_int, nearest_int_clip, pack_scale_min_k4, seq_sum_from_zero,
+                       unpack_scale_min_k4)
 
 
 def quantize_scale_min(xb: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
@@ -36,7 +37,9 @@ def quantize_scale_min(xb: np.ndarray, nmax: int, rmin: float, rdelta: float, ns
     # requantize against the stored values (ls/lm survive the 6-bit packing unchanged)
     d = (fp16_value(d_bits)[:, None] * ls.astype(F32)).reshape(1, -1)      # [1, nb*8]
     dm = (fp16_value(dmin_bits)[:, None] * lm.astype(F32)).reshape(1, -1)
-    L_new = np.clip(nearest_int((xt + dm) / d), 0, nmax).astype(np.uint8)
+    v = xt + dm
+    v /= d
+    L_new = nearest_int_clip(v, 0, nmax).astype(np.uint8)
     L = np.where(d != 0, L_new, L_search)                              # d == 0: C keeps the search's L
     return d_bits, dmin_bits, pack_scale_min_k4(ls, lm), block_major(L, nb)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from .k_common import (F32, block_major, element_major, fp16_bits, fp16_value, make_qkx2_quants,
-                       nearest_int, over_superblocks, pack_2bit_quarters, unpack_2bit_quarters)
+                       nearest_int, nearest_int_clip, over_superblocks, pack_2bit_quarters,
+                       superblocks, unpack_2bit_quarters)
 
 TYPE_SIZE = 84
 
@@ -37,7 +38,9 @@ def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
 
     d = (fp16_value(d_bits)[:, None] * (scales & 0xF).astype(F32)).reshape(1, -1)
     dm = (fp16_value(dmin_bits)[:, None] * (scales >> 4).astype(F32)).reshape(1, -1)
-    L_new = np.clip(nearest_int((xt + dm) / d), 0, 3).astype(np.uint8)
+    v = xt + dm
+    v /= d
+    L_new = nearest_int_clip(v, 0, 3).astype(np.uint8)
     L = block_major(np.where(d != 0, L_new, L_search), nb)           # d == 0: keep the search's L
 
     out = np.empty((nb, TYPE_SIZE), dtype=np.uint8)
@@ -55,9 +58,7 @@ def quantize(x: np.ndarray) -> np.ndarray:
 
 def dequantize(b: np.ndarray) -> np.ndarray:
     """uint8[rows, nbytes] -> float32[rows, nbytes // 84 * 256] (dequantize_row_q2_K)."""
-    b = np.ascontiguousarray(b, dtype=np.uint8)
-    rows = b.shape[0]
-    blk = b.reshape(-1, TYPE_SIZE)
+    rows, blk = superblocks(b, TYPE_SIZE)
     nb = blk.shape[0]
     scales = blk[:, 0:16]
     d = fp16_value(blk[:, 80:82].copy().view(np.uint16)).reshape(nb, 1)

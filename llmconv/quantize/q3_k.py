@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from .k_common import (F32, block_major, element_major, first_absmax, fp16_bits, fp16_value,
-                       make_q3_quants_rmse, nearest_int, over_superblocks, pack_2bit_quarters,
-                       unpack_2bit_quarters)
+                       make_q3_quants_rmse, nearest_int, nearest_int_clip, over_superblocks,
+                       pack_2bit_quarters, superblocks, unpack_2bit_quarters)
 
 TYPE_SIZE = 110
 _BITS = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
@@ -51,12 +51,14 @@ def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
 
     sc = unpack_scales(scales).astype(np.int8) - np.int8(32)
     d = (fp16_value(d_bits)[:, None] * sc.astype(F32)).reshape(1, -1)     # [1, nb*16]
-    L_new = (np.clip(nearest_int(xt / d), -4, 3) + 4).astype(np.uint8)
+    L_new = nearest_int_clip(xt / d, -4, 3)
+    L_new += 4
+    L_new = L_new.astype(np.uint8)
     L = block_major(np.where(d != 0, L_new, L_search), nb)           # d == 0: keep the search's L
 
     high = L > 3
     hmask = np.bitwise_or.reduce(high.reshape(nb, 8, 32).astype(np.uint8) << _BITS, axis=1)
-    L = np.where(high, L - 4, L).astype(np.uint8)
+    L &= np.uint8(3)                                              # L - 4 where L > 3
 
     out = np.empty((nb, TYPE_SIZE), dtype=np.uint8)
     out[:, 0:32] = hmask
@@ -73,9 +75,7 @@ def quantize(x: np.ndarray) -> np.ndarray:
 
 def dequantize(b: np.ndarray) -> np.ndarray:
     """uint8[rows, nbytes] -> float32[rows, nbytes // 110 * 256] (dequantize_row_q3_K)."""
-    b = np.ascontiguousarray(b, dtype=np.uint8)
-    rows = b.shape[0]
-    blk = b.reshape(-1, TYPE_SIZE)
+    rows, blk = superblocks(b, TYPE_SIZE)
     nb = blk.shape[0]
     hm = blk[:, 0:32].reshape(nb, 1, 32)
     high = ((hm >> _BITS) & 1).reshape(nb, 256)

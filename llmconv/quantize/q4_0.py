@@ -28,7 +28,7 @@ TYPE_SIZE = 18
 def signed_absmax(xb: np.ndarray, mx: np.ndarray, mn: np.ndarray) -> np.ndarray:
     """ggml's `max` for q4_0/q5_0: the weight of largest magnitude, first one on a tie."""
     neg = -mn
-    vmax = np.where(neg > mx, mn, mx)
+    vmax = B_.select(neg > mx, mn, mx)
     tie = np.flatnonzero(neg == mx)                     # +a and -a both present, or all zero
     if tie.size:
         amax = mx[tie]
@@ -50,10 +50,7 @@ def quantize_codes(xb: np.ndarray, divisor: float, offset: float, top: int):
     y += np.float32(offset)
     codes = B_.scratch("codes", y.shape, np.uint8)
     np.copyto(codes, y, casting="unsafe")               # y > 0 here, so this is (int8) truncation
-    # MIN(top, .): codes are 0..top+1 and top+1 is a power of two, so subtract its bit.
-    over = B_.scratch("over", y.shape, np.uint8)
-    np.right_shift(codes, np.uint8(top.bit_length()), out=over)
-    codes -= over
+    B_.clamp_codes(codes, top)                          # MIN(top, .)
     dead = np.isinf(inv)
     if dead.any():
         codes.reshape(8, -1, 4)[:, dead] = 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .k_common import over_superblocks
+from .k_common import over_superblocks, superblocks
 from .k_scale_min import dequantize_scale_min, quantize_scale_min
 
 TYPE_SIZE = 144
@@ -34,9 +34,7 @@ def quantize(x: np.ndarray) -> np.ndarray:
 
 def dequantize(b: np.ndarray) -> np.ndarray:
     """uint8[rows, nbytes] -> float32[rows, nbytes // 144 * 256] (dequantize_row_q4_K)."""
-    b = np.ascontiguousarray(b, dtype=np.uint8)
-    rows = b.shape[0]
-    blk = b.reshape(-1, TYPE_SIZE)
+    rows, blk = superblocks(b, TYPE_SIZE)
     nb = blk.shape[0]
     qs = blk[:, 16:144].reshape(nb, 4, 1, 32)
     q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(nb, 8, 32)

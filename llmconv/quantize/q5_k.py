@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .k_common import over_superblocks
+from .k_common import over_superblocks, superblocks
 from .k_scale_min import dequantize_scale_min, quantize_scale_min
 
 TYPE_SIZE = 176
@@ -38,9 +38,7 @@ def quantize(x: np.ndarray) -> np.ndarray:
 
 def dequantize(b: np.ndarray) -> np.ndarray:
     """uint8[rows, nbytes] -> float32[rows, nbytes // 176 * 256] (dequantize_row_q5_K)."""
-    b = np.ascontiguousarray(b, dtype=np.uint8)
-    rows = b.shape[0]
-    blk = b.reshape(-1, TYPE_SIZE)
+    rows, blk = superblocks(b, TYPE_SIZE)
     nb = blk.shape[0]
     qh = blk[:, 16:48].reshape(nb, 1, 32)
     qs = blk[:, 48:176].reshape(nb, 4, 1, 32)

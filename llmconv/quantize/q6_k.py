@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from .k_common import (F32, GROUP_MAX_EPS, QK_K, block_major, element_major, first_absmax,
-                       fp16_bits, fp16_value, make_qx_quants_rmse1, nearest_int, over_superblocks)
+                       fp16_bits, fp16_value, make_qx_quants_rmse1, nearest_int, nearest_int_clip,
+                       over_superblocks, superblocks)
 
 TYPE_SIZE = 210
 
@@ -27,7 +28,9 @@ def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
 
     # requantize against the stored fp16 d and int8 scales
     d = (fp16_value(d_bits)[:, None] * q_scales.astype(F32)).reshape(1, -1)   # [1, nb*16]
-    L_new = (np.clip(nearest_int(xt / d), -32, 31) + 32).astype(np.uint8)
+    L_new = nearest_int_clip(xt / d, -32, 31)
+    L_new += 32
+    L_new = L_new.astype(np.uint8)
     L = np.where(d != 0, L_new, L_search)                   # d == 0: C keeps the search's L
     L = block_major(L, nb)
 
@@ -51,9 +54,7 @@ def quantize(x: np.ndarray) -> np.ndarray:
 
 def dequantize(b: np.ndarray) -> np.ndarray:
     """uint8[rows, nbytes] -> float32[rows, nbytes // 210 * 256] (dequantize_row_q6_K)."""
-    b = np.ascontiguousarray(b, dtype=np.uint8)
-    rows = b.shape[0]
-    blk = b.reshape(-1, TYPE_SIZE)
+    rows, blk = superblocks(b, TYPE_SIZE)
     nb = blk.shape[0]
     ql = blk[:, 0:128].reshape(nb, 2, 2, 32)
     qh = blk[:, 128:192].reshape(nb, 2, 1, 32)
