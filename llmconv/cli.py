@@ -102,6 +102,12 @@ def _emit_json(path: str | None, obj: dict) -> None:
         Path(path).write_text(text + "\n")
 
 
+def _echo_written(res, outtype: str) -> None:
+    """The one-line summary after convert/quantize: files, tensors, size, type, time, rate."""
+    click.echo(f"wrote {', '.join(map(str, res.paths))}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, "
+               f"{outtype}, in {res.seconds:.1f} s ({res.nbytes / 2**20 / max(res.seconds, 1e-9):,.0f} MiB/s)")
+
+
 @cli.command()
 @click.argument("ckpt_dir", type=click.Path(path_type=Path))
 @click.option("--outtype", default="auto", show_default=True, metavar="TYPE",
@@ -151,8 +157,7 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, pre, dry_run, out_for
                          checksum=checksum)
     for n in conv.plan.notes:
         click.echo(f"note: {n}", err=True)
-    click.echo(f"wrote {', '.join(map(str, res.paths))}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, "
-               f"{conv.plan.outtype}, in {res.seconds:.1f} s ({res.nbytes / 2**20 / max(res.seconds, 1e-9):,.0f} MiB/s)")
+    _echo_written(res, conv.plan.outtype)
     _emit_json(json_path, {"dry_run": False, **plan_json(conv), "seconds": res.seconds, "file_bytes": res.nbytes})
 
 
@@ -178,11 +183,10 @@ def quantize(infile, outfile, qtype, allow_requantize, pure, output_tensor_type,
                          **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
     res = write_gguf(rq.out_path, rq.kvs, rq.plan, threads=threads, progress=not quiet, force=force,
                      verbose=verbose, split_max_size=parse_size(split_max_size), split_max_tensors=split_max_tensors,
-                         checksum=checksum)
+                     checksum=checksum)
     for n in rq.plan.notes:
         click.echo(f"note: {n}", err=True)
-    click.echo(f"wrote {', '.join(map(str, res.paths))}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, {rq.plan.outtype}, "
-               f"in {res.seconds:.1f} s")
+    _echo_written(res, rq.plan.outtype)
     _emit_json(json_path, {"input": str(infile), "output": str(res.path), "type": rq.plan.outtype,
                            "file_type": rq.plan.file_type, "seconds": res.seconds, "file_bytes": res.nbytes,
                            "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes,

@@ -26,3 +26,14 @@ class LlmconvError(Exception):
         prefix = ": ".join(where)
         text = " ".join(self.message.split())  # always one line
         return f"{prefix}: {text}" if prefix else text
+
+
+def load_json(path: str | Path):
+    """A JSON file's contents; undecodable or invalid JSON is an LlmconvError naming the file.
+    Callers check for a missing file and for the shape they expect."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LlmconvError(f"invalid JSON: {e}", file=path) from None

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from functools import lru_cache
 from pathlib import Path
 
 from gguf import TokenType
 
-from ..errors import LlmconvError
+from ..errors import LlmconvError, load_json
 from .tokenizer import Vocab
 
 # LLaMA 3's split regex, in tiktoken (Meta) and in tokenizer.json (Hugging Face) alike.
@@ -275,10 +274,7 @@ def _post_processor_specials(pp: dict | None, text_to_id: dict) -> dict:
 def _read_json(path: Path):
     if not path.is_file():
         raise LlmconvError("tokenizer.json is missing", file=path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LlmconvError(f"invalid JSON: {e}", file=path) from None
+    return load_json(path)
 
 
 # ---- Meta tiktoken tokenizer.model --------------------------------------------------------

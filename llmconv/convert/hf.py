@@ -14,7 +14,6 @@ What differs from a Meta checkpoint, and how it is undone here:
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from gguf import GGUFValueType as T
 from gguf import Keys, MODEL_TENSOR, TokenType
 
-from ..errors import LlmconvError
+from ..errors import LlmconvError, load_json
 from ..formats.gguf_writer import KV
 from .hparams import LlamaHParams
 from .meta import expected_shapes, safe_torch_load
@@ -102,10 +101,7 @@ def read_json(path: Path, required: bool = True) -> dict | None:
         if required:
             raise LlmconvError(f"{path.name} is missing", file=path.parent)
         return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LlmconvError(f"invalid JSON: {e}", file=path) from None
+    obj = load_json(path)
     if not isinstance(obj, dict):
         raise LlmconvError("expected a JSON object", file=path)
     return obj

@@ -8,7 +8,6 @@ embedding along dim 1, LLaMA 3 along the vocabulary).
 """
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import zipfile
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LlmconvError
+from ..errors import LlmconvError, load_json
 from .hparams import CONTEXT_BY_FAMILY, LlamaHParams, meta_family, meta_ffn_dim
 
 SHARD_GLOB = "consolidated.*.pth"
@@ -95,10 +94,7 @@ def read_params(path: Path) -> dict:
     p = path / "params.json"
     if not p.is_file():
         raise LlmconvError("params.json is missing: not a Meta checkpoint directory", file=path)
-    try:
-        params = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LlmconvError(f"invalid JSON: {e}", file=p) from None
+    params = load_json(p)
     if not isinstance(params, dict):
         raise LlmconvError("expected a JSON object", file=p)
     for key in ("dim", "n_layers", "n_heads"):

@@ -104,7 +104,6 @@ bound is null for a type without one, and a logit metric is null when the logits
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +114,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType
 
-from ..errors import LlmconvError
+from ..errors import LlmconvError, load_json
 from . import metrics as M
 from .candidate import FileInconsistent, ModelFile, candidate_logits, open_model_file, read_config
 
@@ -310,10 +309,7 @@ def tokenizer_json_tokenizer(ckpt_dir: Path) -> SourceTokenizer:
 
 
 def _json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LlmconvError(f"invalid JSON: {e}", file=path) from None
+    obj = load_json(path)
     return obj if isinstance(obj, dict) else {}
 
 
