@@ -14,9 +14,10 @@ VOCAB = 512
 
 
 def meta_state_dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=192, vocab=VOCAB, seed=0,
-                    dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+                    dtype=torch.bfloat16, head_dim=None) -> dict[str, torch.Tensor]:
+    """`head_dim` other than dim / n_heads gives Mistral Nemo's kind of attention shapes."""
     g = torch.Generator().manual_seed(seed)
-    hd = dim // n_heads
+    hd = head_dim or dim // n_heads
 
     def w(rows, cols):
         return (torch.randn(rows, cols, generator=g) * cols ** -0.5).to(dtype)

@@ -27,7 +27,7 @@ from gguf import Keys, MODEL_TENSOR, TokenType
 from ..errors import LlmconvError, load_json
 from ..formats.gguf_writer import KV
 from .hparams import LlamaHParams
-from .meta import expected_shapes, safe_torch_load
+from .meta import expected_shapes, safe_torch_load, stated_head_dim
 from .plan import SourceTensor, meta_to_gguf_name, tensor_name
 from .tokenizer import Vocab, check_vocab_size, load_sentencepiece
 
@@ -439,13 +439,11 @@ def open_hf_source(model_dir: Path, ctx: int | None = None, pre: str | None = No
     n_heads = _int(config, "num_attention_heads", cfg_file)
     n_kv = _int(config, "num_key_value_heads", cfg_file, default=n_heads)
     ffn = _int(config, "intermediate_size", cfg_file)
-    if dim % n_heads or n_heads % n_kv or (dim // n_heads) % 2:
+    stated = stated_head_dim(config, cfg_file)      # Mistral Nemo / Small 3: not hidden_size / heads
+    if (stated is None and (dim % n_heads or (dim // n_heads) % 2)) or n_heads % n_kv:
         raise LlmconvError(f"hidden_size {dim}, num_attention_heads {n_heads}, num_key_value_heads {n_kv} "
                            f"do not divide into even-sized heads", file=cfg_file)
-    head_dim = config.get("head_dim")
-    if head_dim is not None and head_dim != dim // n_heads:
-        raise LlmconvError(f"head_dim {head_dim} != hidden_size / num_attention_heads = {dim // n_heads}: "
-                           f"not supported", file=cfg_file)
+    head_dim = stated or dim // n_heads
     theta, scaling = rope_settings(config)
     if config.get("sliding_window") is not None:
         # llama.cpp's llama architecture reads no sliding-window key (its own converter writes none
@@ -477,7 +475,8 @@ def open_hf_source(model_dir: Path, ctx: int | None = None, pre: str | None = No
                             "the output reuses the embedding")
     tied = "lm_head.weight" not in entries
 
-    expected = {meta_to_gguf_name(k): v for k, v in expected_shapes(dim, n_layers, n_heads, n_kv, ffn, vocab_size).items()}
+    expected = {meta_to_gguf_name(k): v
+                for k, v in expected_shapes(dim, n_layers, n_heads, n_kv, ffn, vocab_size, head_dim).items()}
     tensors: dict[str, SourceTensor] = {}
     for name, e in entries.items():
         if _DROPPED.fullmatch(name):
@@ -492,6 +491,7 @@ def open_hf_source(model_dir: Path, ctx: int | None = None, pre: str | None = No
             (expected[gguf_name[:-len("bias")] + "weight"][0],)
         if tuple(e.shape) != want:
             raise LlmconvError(f"shape {tuple(e.shape)} but config.json (hidden_size={dim}, heads={n_heads}, "
+                               f"head_dim={head_dim}, "
                                f"kv_heads={n_kv}, intermediate_size={ffn}, vocab_size={vocab_size}) implies {want}",
                                file=e.file, tensor=name)
         heads = n_heads if ".self_attn.q_proj." in name else n_kv if ".self_attn.k_proj." in name else None
@@ -505,7 +505,7 @@ def open_hf_source(model_dir: Path, ctx: int | None = None, pre: str | None = No
     extra = _rope_scaling_kvs(scaling, cfg_file)
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "llama3":
         # first, where llama.cpp's converter (and the Meta path) puts it
-        ordered.insert(0, _rope_freqs_tensor(scaling, dim // n_heads, theta, cfg_file))
+        ordered.insert(0, _rope_freqs_tensor(scaling, head_dim, theta, cfg_file))
 
     tok_config = read_json(model_dir / "tokenizer_config.json", required=False)
     gen_config = read_json(model_dir / "generation_config.json", required=False)
@@ -516,7 +516,7 @@ def open_hf_source(model_dir: Path, ctx: int | None = None, pre: str | None = No
     h = LlamaHParams(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab_size,
                      ffn_dim=ffn, norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=theta,
                      context_length=int(ctx_len), family=hf_family(arch, vocab_size, theta, scaling),
-                     tied_embeddings=tied)
+                     tied_embeddings=tied, stated_head_dim=stated)
     return Source("hf", model_dir, h, vocab, ordered, extra_kvs=extra + special_kvs(specials), warnings=warnings)
 
 

@@ -19,10 +19,13 @@ class LlamaHParams:
     multiple_of: int | None = None
     ffn_dim_multiplier: float | None = None
     tied_embeddings: bool = False
+    # head_dim as config.json / params.json states it (Mistral Nemo: 128 with dim 5120 and 32 heads);
+    # None when the checkpoint does not say, and then it is dim / n_heads
+    stated_head_dim: int | None = None
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.stated_head_dim or self.dim // self.n_heads
 
     @property
     def rope_dim(self) -> int:

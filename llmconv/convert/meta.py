@@ -124,7 +124,7 @@ def open_meta_checkpoint(path: str | Path, ctx: int | None = None) -> MetaCheckp
     dim = params["dim"]
     n_heads = params["n_heads"]
     n_kv = params.get("n_kv_heads") or n_heads
-    head_dim = dim // n_heads
+    head_dim = stated_head_dim(params, path / "params.json") or dim // n_heads
     vocab = params.get("vocab_size", -1)
     known = {  # full (rows, cols) from params.json; None where params.json does not say
         "tok_embeddings.weight": (vocab if vocab > 0 else None, dim),
@@ -167,7 +167,12 @@ def _shard_index(p: Path) -> int:
 
 
 def _merge_rule(name, shard_shapes, full, shard_paths):
-    """(axis, merged shape): which axis the model-parallel shards split `name` along."""
+    """(axis, merged shape): which axis the model-parallel shards split `name` along.
+
+    Meta splits evenly; a checkpoint re-sharded with torch.tensor_split is uneven (32000 rows
+    over 3 shards: 10667/10667/10666). Either way the axis is the one where the other dimension
+    is the same in every shard (and equals params.json's where it says), and the parts add up to
+    params.json's size where it says one."""
     first = shard_shapes[0]
     if len(shard_shapes) == 1:
         return None, first
@@ -176,28 +181,35 @@ def _merge_rule(name, shard_shapes, full, shard_paths):
             if s != first:
                 raise LlmconvError(f"1-D tensor has shape {s} here but {first} in shard 0", file=p, tensor=name)
         return None, first
+    for p, s in zip(shard_paths, shard_shapes):
+        if len(s) != len(first):
+            raise LlmconvError(f"shape {s} has another rank than shard 0's {first}", file=p, tensor=name)
     if len(first) != 2:
         raise LlmconvError(f"cannot merge a {len(first)}-D tensor across shards", file=shard_paths[0], tensor=name)
-    rows, cols = full if full is not None else (None, None)
-    if cols is not None and all(s[1] == cols for s in shard_shapes):
-        axis = 0
-    elif rows is not None and all(s[0] == rows for s in shard_shapes):
-        axis = 1
-    else:
-        raise LlmconvError(f"shard shapes {shard_shapes} fit no split of a ({rows}, {cols}) tensor given params.json",
+    full = full if full is not None else (None, None)
+    fits = [axis for axis in (0, 1) if _splits_along(axis, shard_shapes, full)]
+    if len(fits) != 1:
+        for axis in (0, 1):     # the split is clear but the parts do not add up to params.json's size
+            if not fits and _splits_along(axis, shard_shapes, full[:axis] + (None,) + full[axis + 1:]):
+                total = sum(s[axis] for s in shard_shapes)
+                raise LlmconvError(f"shards join to {total} along dim {axis} but params.json implies {full[axis]}",
+                                   file=shard_paths[0], tensor=name)
+        why = "fit no split" if not fits else "fit a split along either dimension"
+        raise LlmconvError(f"shard shapes {shard_shapes} {why} of a {tuple(full)} tensor given params.json",
                            file=shard_paths[0], tensor=name)
-    other = 1 - axis
-    for p, s in zip(shard_paths, shard_shapes):
-        # Meta's model parallelism splits every tensor evenly
-        if s != first:
-            raise LlmconvError(f"shape {s} disagrees with shard 0's {first}", file=p, tensor=name)
+    axis = fits[0]
     merged = list(first)
     merged[axis] = sum(s[axis] for s in shard_shapes)
-    want = (rows, cols)[axis]
-    if want is not None and merged[axis] != want:
-        raise LlmconvError(f"shards join to {tuple(merged)} but params.json implies {want} along dim {axis}",
-                           file=shard_paths[0], tensor=name)
     return axis, tuple(merged)
+
+
+def _splits_along(axis: int, shard_shapes, full) -> bool:
+    other = 1 - axis
+    others = {s[other] for s in shard_shapes}
+    if len(others) != 1 or (full[other] is not None and others != {full[other]}):
+        return False
+    total = sum(s[axis] for s in shard_shapes)
+    return full[axis] is None or total == full[axis]
 
 
 def _hparams(params: dict, shapes: dict, path: Path, ctx: int | None) -> LlamaHParams:
@@ -215,7 +227,8 @@ def _hparams(params: dict, shapes: dict, path: Path, ctx: int | None) -> LlamaHP
         raise LlmconvError(f"vocab_size {vocab} != embedding rows {emb_rows}", file=pfile, tensor="tok_embeddings.weight")
     n_heads = params["n_heads"]
     n_kv = params.get("n_kv_heads") or n_heads
-    if dim % n_heads or n_heads % n_kv:
+    head_dim = stated_head_dim(params, pfile)
+    if (head_dim is None and dim % n_heads) or n_heads % n_kv:
         raise LlmconvError(f"dim {dim}, n_heads {n_heads}, n_kv_heads {n_kv} do not divide", file=pfile)
     n_layers = params["n_layers"]
     for i in range(n_layers):
@@ -229,13 +242,14 @@ def _hparams(params: dict, shapes: dict, path: Path, ctx: int | None) -> LlamaHP
     if w1 is None:
         raise LlmconvError("checkpoint has no feed-forward weights", file=path, tensor="layers.0.feed_forward.w1.weight")
     ffn = w1[0]
-    expected = expected_shapes(dim, n_layers, n_heads, n_kv, ffn, vocab)
+    expected = expected_shapes(dim, n_layers, n_heads, n_kv, ffn, vocab, head_dim)
     for name, shape in shapes.items():
         want = expected.get(name)
         if want is None:
             continue  # an unknown name is reported by the name mapping, with its shard
         if shape != want:
-            raise LlmconvError(f"shape {shape} but params.json (dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv}) "
+            raise LlmconvError(f"shape {shape} but params.json (dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv}"
+                               f"{f', head_dim={head_dim}' if head_dim else ''}) "
                                f"and ffn={ffn} imply {want}", file=pfile, tensor=name)
     family = meta_family(params, vocab)
     return LlamaHParams(
@@ -243,12 +257,23 @@ def _hparams(params: dict, shapes: dict, path: Path, ctx: int | None) -> LlamaHP
         norm_eps=float(params.get("norm_eps", 1e-5)), rope_theta=float(params.get("rope_theta", 10000.0)),
         context_length=ctx or CONTEXT_BY_FAMILY[family], family=family,
         multiple_of=params.get("multiple_of"), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-        tied_embeddings="output.weight" not in shapes,
+        tied_embeddings="output.weight" not in shapes, stated_head_dim=head_dim,
     )
 
 
-def expected_shapes(dim, n_layers, n_heads, n_kv, ffn, vocab) -> dict[str, tuple[int, ...]]:
-    hd = dim // n_heads
+def stated_head_dim(params: dict, file: Path, key: str = "head_dim") -> int | None:
+    """head_dim when the config states it (Mistral's params.json always does; Nemo's 128 is not
+    dim / n_heads). RoPE rotates pairs, so it must be even."""
+    hd = params.get(key)
+    if hd is None:
+        return None
+    if not isinstance(hd, int) or isinstance(hd, bool) or hd <= 0 or hd % 2:
+        raise LlmconvError(f"{key} {hd!r} is not a positive even integer", file=file)
+    return hd
+
+
+def expected_shapes(dim, n_layers, n_heads, n_kv, ffn, vocab, head_dim=None) -> dict[str, tuple[int, ...]]:
+    hd = head_dim or dim // n_heads
     out = {"tok_embeddings.weight": (vocab, dim), "norm.weight": (dim,), "output.weight": (vocab, dim)}
     for i in range(n_layers):
         p = f"layers.{i}."

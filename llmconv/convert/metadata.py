@@ -31,6 +31,10 @@ def llama_kvs(h: LlamaHParams) -> list[KV]:
     a = Keys.Attention
     r = Keys.Rope
     f = lambda key: key.format(arch=ARCH)  # noqa: E731
+    # llama.cpp's converter writes key/value_length whenever the checkpoint states head_dim;
+    # llama.cpp needs them when head_dim != dim / n_heads (it defaults to that quotient)
+    head = [] if h.stated_head_dim is None else [KV(f(a.KEY_LENGTH), h.stated_head_dim, T.UINT32),
+                                                 KV(f(a.VALUE_LENGTH), h.stated_head_dim, T.UINT32)]
     return [
         KV(f(k.VOCAB_SIZE), h.vocab_size, T.UINT32),
         KV(f(k.CONTEXT_LENGTH), h.context_length, T.UINT32),
@@ -40,6 +44,7 @@ def llama_kvs(h: LlamaHParams) -> list[KV]:
         KV(f(r.DIMENSION_COUNT), h.rope_dim, T.UINT32),
         KV(f(a.HEAD_COUNT), h.n_heads, T.UINT32),
         KV(f(a.HEAD_COUNT_KV), h.n_kv_heads, T.UINT32),
+        *head,
         KV(f(a.LAYERNORM_RMS_EPS), h.norm_eps, T.FLOAT32),
         KV(f(r.FREQ_BASE), h.rope_theta, T.FLOAT32),
     ]
