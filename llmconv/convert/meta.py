@@ -241,7 +241,7 @@ def _hparams(params: dict, shapes: dict, path: Path, ctx: int | None) -> LlamaHP
     w1 = shapes.get("layers.0.feed_forward.w1.weight")
     if w1 is None:
         raise LlmconvError("checkpoint has no feed-forward weights", file=path, tensor="layers.0.feed_forward.w1.weight")
-    ffn = w1[0]
+    ffn = _feed_forward_size(shapes, n_layers)
     expected = expected_shapes(dim, n_layers, n_heads, n_kv, ffn, vocab, head_dim)
     for name, shape in shapes.items():
         want = expected.get(name)
@@ -259,6 +259,17 @@ def _hparams(params: dict, shapes: dict, path: Path, ctx: int | None) -> LlamaHP
         multiple_of=params.get("multiple_of"), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
         tied_embeddings="output.weight" not in shapes, stated_head_dim=head_dim,
     )
+
+
+def _feed_forward_size(shapes: dict, n_layers: int) -> int:
+    """params.json does not state it: the size most w1/w3 rows and w2 columns agree on, so the
+    one tensor that differs (a damaged or mis-joined shard) is the one the shape check names."""
+    sizes = []
+    for i in range(n_layers):
+        p = f"layers.{i}.feed_forward."
+        sizes += [shapes[p + n][0] for n in ("w1.weight", "w3.weight") if len(shapes.get(p + n, ())) == 2]
+        sizes += [shapes[p + "w2.weight"][1]] if len(shapes.get(p + "w2.weight", ())) == 2 else []
+    return max(sizes, key=sizes.count)
 
 
 def stated_head_dim(params: dict, file: Path, key: str = "head_dim") -> int | None:
