@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .. import quantize as q
 from .._malloc import pin_mmap_threshold
 from ..errors import LlmconvError
-from ..formats.atomic import atomic_output
+from ..formats.atomic import atomic_outputs
 from ..formats.checksums import sidecar_document, sidecar_path, tensor_sha256
 from ..formats.gguf_writer import KV, GGUFFileWriter, TensorEntry, plan_layout, read_tensor_infos
 from .plan import Plan, PlannedTensor
@@ -109,8 +109,10 @@ def write_gguf(out_path: str | Path, kvs: Sequence[KV], plan: Plan, *, threads: 
     total = sum(lay.total_size for lay in layouts)
     start = time.perf_counter()
     with ExitStack() as files:
-        tmps = [files.enter_context(atomic_output(p, force=force)) for p in paths]
-        side_tmp = files.enter_context(atomic_output(sidecar_path(out_path), force=force)) if checksum else None
+        # every part and the sidecar appear together, or none of them (formats/atomic.py)
+        targets = paths + ([sidecar_path(out_path)] if checksum else [])
+        outs = files.enter_context(atomic_outputs(targets, force=force))
+        tmps, side_tmp = outs[:len(paths)], (outs[-1] if checksum else None)
         sums: dict[str, dict] = {}
         try:
             writers = [files.enter_context(GGUFFileWriter(tmp, lay)) for tmp, lay in zip(tmps, layouts)]
@@ -152,9 +154,9 @@ def write_gguf(out_path: str | Path, kvs: Sequence[KV], plan: Plan, *, threads: 
                 raise LlmconvError(f"write failed: {e.strerror}", file=out_path) from None
             raise
         for tmp, lay, p in zip(tmps, layouts, paths):
-            check_written(tmp, lay, p)
+            check_written(Path(tmp.read_path), lay, p)
         if side_tmp is not None:
-            side_tmp.write_text(json.dumps(sidecar_document(paths, sums), indent=1) + "\n")
+            side_tmp.write_bytes((json.dumps(sidecar_document(paths, sums), indent=1) + "\n").encode())
     return WriteResult(paths[0], len(plan.tensors), total, time.perf_counter() - start, paths)
 
 

@@ -192,7 +192,7 @@ def write_ggml(conv: Conversion, threads: int = 1, progress: bool = True, force:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise LlmconvError(f"write failed: {e.strerror}", file=out_path) from None
             raise
-        check_written(tmp, hparams, layout, out_path)
+        check_written(Path(tmp.read_path), hparams, layout, out_path)
     return GGMLWriteResult(out_path, len(pairs), layout.total_size, time.perf_counter() - start,
                            paths=[out_path], warnings=warnings)
 

@@ -26,10 +26,17 @@ class PositionalWriter:
     """Subclasses give `layout` a `header`, `tensors`, `index` and `total_size`, and write
     each tensor in `write_tensor` (calling `pwrite_all`, then `self.written.add(name)`)."""
 
-    def __init__(self, path: str | Path, layout):
-        self.path = Path(path)
+    def __init__(self, out, layout):
+        """`out` is an open temp file from formats.atomic (its descriptor is used, never its
+        name: see atomic.py), or a path, which is created or truncated."""
         self.layout = layout
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        if hasattr(out, "fd"):
+            self.path = Path(out.path)
+            self.fd = os.dup(out.fd)
+            os.ftruncate(self.fd, 0)
+        else:
+            self.path = Path(out)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self.written: set[str] = set()
         pwrite_all(self.fd, layout.header, 0)
 
