@@ -328,37 +328,59 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
-def merge_for(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes] | None:
-    """The merge that creates `token`: run byte-pair merging on its bytes with only the tokens
-    ranked below it, as tiktoken would; what is left is the pair joined last. None when that
-    leaves more than two parts (the token is not reachable by merging)."""
-    limit = ranks[token]
-    parts = [token[i:i + 1] for i in range(len(token))]
-    while len(parts) > 2:
-        best, at = limit, -1
-        for k in range(len(parts) - 1):
-            r = ranks.get(parts[k] + parts[k + 1])
-            if r is not None and r < best:
-                best, at = r, k
-        if at < 0:
-            return None
-        parts[at:at + 2] = [parts[at] + parts[at + 1]]
-    return parts[0], parts[1]
+# A vocabulary whose merge list would be larger than this is refused: llama.cpp keeps every merge
+# in memory, and only a hostile file (thousands of long tokens with many splits each) gets near it.
+MAX_MERGE_TEXT = 256 << 20
 
 
-def merges_from_ranks(ranks: dict[bytes, int], path: Path | None = None) -> list[str]:
-    """One "left right" merge per multi-byte token, in rank order: BPE merges ordered by rank
-    make llama.cpp's merge-rank BPE pick the same pairs as tiktoken's token-rank BPE."""
-    out = []
-    for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) < 2:
-            continue
-        pair = merge_for(token, ranks)
-        if pair is None:
-            raise LlmconvError(f"token {token!r} (rank {ranks[token]}) cannot be built by merging lower-ranked "
-                               "tokens: not a BPE vocabulary", file=path)
-        out.append(f"{bytes_to_token(pair[0])} {bytes_to_token(pair[1])}")
+def token_prefixes(tokens: list[bytes]) -> list[list[int]]:
+    """For each token, the ids of the other tokens that are proper prefixes of it, shortest first.
+
+    Sorted byte strings put every string right after the strings that are its prefixes or share
+    them; walking them in order with a stack of "open" prefixes gives each token its prefix chain
+    in time linear in the total length (plus the sort), where testing every prefix of every
+    token would be quadratic in the token length (and cubic for a file of long tokens)."""
+    out: list[list[int]] = [[] for _ in tokens]
+    stack: list[int] = []
+    for i in sorted(range(len(tokens)), key=tokens.__getitem__):
+        t = tokens[i]
+        while stack and not t.startswith(tokens[stack[-1]]):
+            stack.pop()
+        out[i] = stack.copy()
+        stack.append(i)
     return out
+
+
+def merges_from_ranks(ranks: dict[bytes, int], path: Path | None = None, first_rank: int = 0) -> list[str]:
+    """The merges Hugging Face's TikTokenConverter writes into tokenizer.json (and llama.cpp's
+    converter for Mistral's Tekken files): for every multi-byte token, in rank order, each split
+    (left, right) whose two parts are both tokens, ordered by (rank of left, rank of right).
+
+    Ranks must be 0..n-1 (rank = token id). Tokens ranked below `first_rank` get no merges
+    (llama.cpp starts Tekken's at 256, past the single bytes). A multi-byte token with no
+    split at all cannot be produced by BPE and is refused."""
+    by_rank = sorted(ranks, key=ranks.__getitem__)
+    prefixes = token_prefixes(by_rank)
+    suffixes = token_prefixes([t[::-1] for t in by_rank])
+    splits_of: list[list[tuple[int, int]]] = [[] for _ in by_rank]
+    text_size = 0
+    for r in range(first_rank, len(by_rank)):
+        n = len(by_rank[r])
+        if n < 2:
+            continue
+        # split position -> id of the suffix starting there
+        right_at = {n - len(by_rank[s]): s for s in suffixes[r]}
+        pairs = sorted((p, right_at[len(by_rank[p])]) for p in prefixes[r] if len(by_rank[p]) in right_at)
+        if not pairs:
+            raise LlmconvError(f"token {by_rank[r]!r} (rank {r}) cannot be built by joining two "
+                               "tokens: not a BPE vocabulary", file=path)
+        splits_of[r] = pairs
+        text_size += len(pairs) * (2 * n + 1)
+        if text_size > MAX_MERGE_TEXT:
+            raise LlmconvError(f"the merges up to token rank {r} already exceed {MAX_MERGE_TEXT >> 20} MiB: "
+                               "too many long tokens that split many ways", file=path)
+    names = [bytes_to_token(t) for t in by_rank]
+    return [f"{names[a]} {names[b]}" for pairs in splits_of for a, b in pairs]
 
 
 def load_meta_tiktoken(path: str | Path, params: dict | None = None, special_version: str | None = None) -> Vocab:

