@@ -5,7 +5,6 @@ and exits 2; `--debug` shows the traceback instead. Ctrl-C exits 130, leaving no
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
@@ -14,6 +13,7 @@ from pathlib import Path
 import click
 
 from .errors import LlmconvError
+from .jsonout import emit_json
 
 _DEBUG = False
 
@@ -92,16 +92,6 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
-def _emit_json(path: str | None, obj: dict) -> None:
-    if not path:
-        return
-    text = json.dumps(obj, indent=2, default=str)
-    if path == "-":
-        click.echo(text)
-    else:
-        Path(path).write_text(text + "\n")
-
-
 def _echo_written(res, outtype: str) -> None:
     """The one-line summary after convert/quantize: files, tensors, size, type, time, rate."""
     click.echo(f"wrote {', '.join(map(str, res.paths))}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, "
@@ -145,7 +135,7 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, pre, dry_run, out_for
                            **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
     if dry_run:
         click.echo(describe_plan(conv))
-        _emit_json(json_path, {"dry_run": True, **plan_json(conv)})
+        emit_json(json_path, {"dry_run": True, **plan_json(conv)})
         return
     for w in conv.warnings:
         click.echo(f"warning: {w}", err=True)
@@ -158,7 +148,7 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, pre, dry_run, out_for
     for n in conv.plan.notes:
         click.echo(f"note: {n}", err=True)
     _echo_written(res, conv.plan.outtype)
-    _emit_json(json_path, {"dry_run": False, **plan_json(conv), "seconds": res.seconds, "file_bytes": res.nbytes})
+    emit_json(json_path, {"dry_run": False, **plan_json(conv), "seconds": res.seconds, "file_bytes": res.nbytes})
 
 
 @cli.command()
@@ -187,7 +177,7 @@ def quantize(infile, outfile, qtype, allow_requantize, pure, output_tensor_type,
     for n in rq.plan.notes:
         click.echo(f"note: {n}", err=True)
     _echo_written(res, rq.plan.outtype)
-    _emit_json(json_path, {"input": str(infile), "output": str(res.path), "type": rq.plan.outtype,
+    emit_json(json_path, {"input": str(infile), "output": str(res.path), "type": rq.plan.outtype,
                            "file_type": rq.plan.file_type, "seconds": res.seconds, "file_bytes": res.nbytes,
                            "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes,
                                         "reason": t.reason} for t in rq.plan.tensors], "notes": rq.plan.notes})

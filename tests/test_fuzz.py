@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 from hypothesis import HealthCheck, given, settings, strategies as st
-from gguf import GGMLQuantizationType as QT, GGUFValueType as VT
+from gguf import GGUFValueType as VT
 
 from llmconv.errors import LlmconvError
 from llmconv.formats.gguf_reader import GGUFFormatError, read_gguf

@@ -196,9 +196,9 @@ def compare_with_gguf_reader(g, path: Path) -> None:
     assert g.version == int(r.fields["GGUF.version"].parts[0][0])
     assert g.alignment == int(r.alignment) and g.data_offset == int(r.data_offset)
     assert list(g.kvs) == list(kvs)
-    for k, (main, sub, val) in kvs.items():
-        assert g.kv_types[k] == (main, sub), k
-        if VT.BOOL in (main, sub):
+    for k, (main_t, sub, val) in kvs.items():
+        assert g.kv_types[k] == (main_t, sub), k
+        if VT.BOOL in (main_t, sub):
             raw = val if isinstance(val, list) else [val]
             assert set(raw) <= {0, 1}, (k, raw)
             val = [bool(x) for x in val] if isinstance(val, list) else bool(val)
@@ -418,7 +418,7 @@ def _case_empty_key():
 
 def _case_duplicate_key():
     b = build_gguf([("a.b", VT.UINT32, 1), ("c", VT.UINT8, 1), ("a.b", VT.UINT32, 2)])
-    return b.data, b.at["kv:a.b"], f"duplicate metadata key 'a.b' (first at byte 24)"
+    return b.data, b.at["kv:a.b"], "duplicate metadata key 'a.b' (first at byte 24)"
 
 
 def _case_key_not_utf8():

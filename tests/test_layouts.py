@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-from gguf import GGUFReader, Keys
+from gguf import GGUFReader
 
 from llmconv.convert.execute import write_gguf
 from llmconv.convert.pipeline import plan_conversion

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import struct
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import time
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader

@@ -426,7 +426,7 @@ def special_kvs(s: SpecialTokens) -> list[KV]:
 
 def open_hf_source(model_dir: Path, ctx: int | None = None, pre: str | None = None):
     """`pre` overrides the detected tokenizer.ggml.pre of a tokenizer.json BPE vocabulary."""
-    from .sources import Source
+    from .source import Source
 
     model_dir = Path(model_dir)
     cfg_file = model_dir / "config.json"

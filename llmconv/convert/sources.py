@@ -5,7 +5,6 @@ the vocabulary, and lazy tensors already named in GGUF terms (in Meta's Q/K layo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,28 +12,13 @@ from gguf import MODEL_TENSOR
 
 from ..errors import LlmconvError
 from .bpe import is_tiktoken_file, load_meta_tiktoken
-from .hparams import LlamaHParams
 from .meta import MetaCheckpoint, ffn_formula_warning, open_meta_checkpoint
 from .plan import SourceTensor, meta_to_gguf_name, tensor_name
+from .source import Source
 from .rope import llama3_rope_factors_from_params
-from .tokenizer import Vocab, check_vocab_size, load_sentencepiece
+from .tokenizer import check_vocab_size, load_sentencepiece
 
 _TORCH_DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-
-
-@dataclass
-class Source:
-    kind: str                          # "meta" or "hf"
-    path: Path
-    hparams: LlamaHParams
-    vocab: Vocab
-    tensors: list[SourceTensor]
-    extra_kvs: list = field(default_factory=list)   # format-specific GGUF metadata (KV), e.g. rope scaling
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def n_files(self) -> int:
-        return len({f for t in self.tensors for f in t.files})
 
 
 def detect_format(model_dir: Path) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .k_common import (F32, GROUP_MAX_EPS, QK_K, block_major, element_major, first_absmax,
+from .k_common import (F32, GROUP_MAX_EPS, block_major, element_major, first_absmax,
                        fp16_bits, fp16_value, make_qx_quants_rmse1, nearest_int, nearest_int_clip,
                        over_superblocks, superblocks)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import LlmconvError
+from ..jsonout import emit_json
 
 
 def _threads_default() -> int:
@@ -84,7 +85,6 @@ def verify(file, reference, text_file, tokens, json_path, max_kld, min_top1, max
       llmconv verify out.gguf -r ckpt/ --engine llama.cpp                  # also run llama.cpp
       llmconv verify out.gguf -r ckpt/ --checksums                         # and the sha256 sidecar
     """
-    from ..cli import _emit_json
     from .run import format_report, run_verify
 
     text = read_text(text_file) if text_file is not None else None
@@ -100,6 +100,6 @@ def verify(file, reference, text_file, tokens, json_path, max_kld, min_top1, max
         report["passed"] = report["passed"] and not problems
     # with --json -, stdout carries only the JSON, so the table goes to stderr
     click.echo(format_report(report), err=json_path == "-")
-    _emit_json(json_path, report)
+    emit_json(json_path, report)
     if not report["passed"]:
         sys.exit(1)

@@ -1,0 +1,94 @@
+"""House rules that a machine can check: ruff's lint rules pass, and llmconv's modules import
+each other without cycles (counting imports inside functions too: a lazy import that closes a
+cycle is still a cycle a reader has to untangle)."""
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "llmconv"
+
+
+def module_imports(pkg_dir: Path) -> dict[str, set[str]]:
+    """Each llmconv module -> the llmconv modules it imports (anywhere in its body)."""
+    mods = {}
+    for p in pkg_dir.rglob("*.py"):
+        parts = p.relative_to(pkg_dir.parent).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        package = m if p.name == "__init__.py" else m.rpartition(".")[0]
+        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+            if isinstance(node, ast.Import):
+                graph[m] |= {a.name for a in node.names if a.name in mods}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                subs = {f"{target}.{a.name}" for a in node.names} & mods.keys()
+                # `from . import x` names a submodule, not the package's __init__
+                graph[m] |= subs or ({target} & mods.keys())
+        graph[m].discard(m)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    assert import_cycles(module_imports(PKG)) == []
+
+
+def test_the_cycle_check_can_fail(tmp_path):
+    pkg = tmp_path / "llmconv"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from . import b\n")
+    (pkg / "a.py").write_text("def f():\n    from .sub.b import g\n")
+    (pkg / "sub" / "b.py").write_text("from ..a import f\n")
+    assert import_cycles(module_imports(pkg)) == [["llmconv.a", "llmconv.sub.b"]]
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
+                    reason="ruff is not installed (it is in the test extra)")
+def test_ruff_lint_passes():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    res = subprocess.run([ruff, "check", "--no-cache", "llmconv", "tests", "bench", "fixtures"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
