@@ -22,6 +22,26 @@ def _threads_default() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _print_version(ctx: click.Context, value: bool) -> None:
+    """Versions from package metadata: reading them imports none of the heavy libraries."""
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    def ver(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libs = ", ".join(f"{n} {ver(n)}" for n in ("numpy", "torch", "gguf", "safetensors", "sentencepiece",
+                                                "tokenizers", "tiktoken", "llama-cpp-python"))
+    click.echo(f"llmconv {__version__} (python {sys.version.split()[0]}; {libs})")
+    ctx.exit()
+
+
 def _type_names() -> list[str]:
     from . import quantize as q
     return list(q.TYPES)
@@ -29,13 +49,14 @@ def _type_names() -> list[str]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show a full traceback on errors.")
-@click.version_option(package_name="llmconv")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=lambda c, p, v: _print_version(c, v),
+              help="Show llmconv's version and those of the libraries it runs on, then exit.")
 def cli(debug: bool) -> None:
-    """Convert LLaMA-family checkpoints into GGUF files for llama.cpp, quantize them
-    bit-exactly with llama.cpp's own quantizer, and verify them against the original.
+    """Convert LLaMA-family checkpoints into GGUF files for llama.cpp, quantize them with
+    numpy kernels whose bytes equal llama.cpp's quantizer's, and verify them against the original.
 
     \b
-    llmconv convert CKPT_DIR --outtype q4_0          # Meta checkpoint -> ./Name-7B-Q4_0.gguf
+    llmconv convert CKPT_DIR --outtype q4_0          # Meta/HF checkpoint -> ./Name-7B-Q4_0.gguf
     llmconv quantize IN.gguf OUT.gguf --type q8_0    # requantize a float GGUF
     llmconv verify OUT.gguf --reference CKPT_DIR     # logits vs. a reference forward pass
     llmconv inspect FILE.gguf                        # what a GGUF/ggml file holds
