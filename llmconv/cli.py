@@ -131,12 +131,15 @@ def _echo_written(res, outtype: str) -> None:
               help="Checkpoint layout; 'auto' detects it from params.json (Meta) or config.json (Hugging Face).")
 @click.option("--pre", metavar="NAME",
               help="tokenizer.ggml.pre for a BPE tokenizer (e.g. llama-bpe, gpt-2), overriding the detected one.")
+@click.option("--lora", "lora", metavar="ADAPTER[:SCALE]", multiple=True,
+              help="Merge a PEFT LoRA adapter directory into the weights while converting (scale * alpha/r * B A, "
+                   "in float32, before quantization); repeatable, applied in order. SCALE defaults to 1.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (every tensor, its shards, GGUF name, shape, type, bytes) and write nothing.")
 @click.option("--format", "out_format", type=click.Choice(["gguf", "ggml"]), default="gguf", show_default=True,
               help="ggml: one legacy ggjt v3 .bin file for pre-GGUF runtimes (f32, f16, q4_0, q4_1, q8_0; implies --pure; "
                    "refuses models ggjt cannot describe, e.g. grouped-query attention or RoPE base != 10000).")
 @type_options
-def convert(ckpt_dir, outtype, outfile, ctx, input_format, pre, dry_run, out_format, pure, output_tensor_type, token_embedding_type, tensor_type,
+def convert(ckpt_dir, outtype, outfile, ctx, input_format, pre, lora, dry_run, out_format, pure, output_tensor_type, token_embedding_type, tensor_type,
             threads, split_max_size, split_max_tensors, force, checksum, json_path, quiet, verbose):
     """Convert a checkpoint directory into one GGUF file.
 
@@ -152,8 +155,9 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, pre, dry_run, out_for
             raise LlmconvError("--format ggml writes one file; --split-max-size/--split-max-tensors are for GGUF")
         if checksum:
             raise LlmconvError("--checksum is for GGUF output (verify --checksums reads GGUF)")
+    from .convert.lora import parse_lora_spec
     conv = plan_conversion(ckpt_dir, outtype=outtype, outfile=outfile, ctx=ctx, input_format=input_format, pre=pre,
-                           **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
+                           lora=[parse_lora_spec(s) for s in lora], **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
     if dry_run:
         click.echo(describe_plan(conv))
         emit_json(json_path, {"dry_run": True, **plan_json(conv)})
@@ -202,6 +206,40 @@ def quantize(infile, outfile, qtype, allow_requantize, pure, output_tensor_type,
                            "file_type": rq.plan.file_type, "seconds": res.seconds, "file_bytes": res.nbytes,
                            "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes,
                                         "reason": t.reason} for t in rq.plan.tensors], "notes": rq.plan.notes})
+
+
+@cli.command("convert-lora")
+@click.argument("adapter_dir", type=click.Path(path_type=Path))
+@click.option("--base", "base_dir", required=True, type=click.Path(path_type=Path),
+              help="The base checkpoint the adapter was trained on (Meta or Hugging Face): its shapes and head counts.")
+@click.option("--outtype", default="f32", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0"], case_sensitive=False),
+              help="Type of the LoRA matrices (q8_0 rows that do not fit its blocks are written f16).")
+@click.option("--outfile", "-o", type=click.Path(path_type=Path), help="Output path. Default: ./ADAPTER-TYPE-LoRA.gguf.")
+@click.option("--input-format", type=click.Choice(["auto", "meta", "hf"]), default="auto", show_default=True,
+              help="Layout of the base checkpoint.")
+@click.option("--force", "-f", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write a machine-readable report here ('-' for stdout).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--verbose", "-v", is_flag=True, help="One line per tensor as it is written.")
+def convert_lora(adapter_dir, base_dir, outtype, outfile, input_format, force, json_path, quiet, verbose):
+    """Convert a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into
+    llama.cpp's LoRA GGUF, which `llama-cli -m BASE.gguf --lora ADAPTER.gguf` applies at load time.
+
+    \b
+    llmconv convert-lora path/to/adapter --base path/to/base -o adapter.gguf
+    """
+    from .convert.execute import write_gguf
+    from .convert.lora_out import plan_adapter
+
+    ac = plan_adapter(adapter_dir, base_dir, outtype=outtype, outfile=outfile, input_format=input_format)
+    res = write_gguf(ac.out_path, ac.kvs, ac.plan, progress=not quiet, force=force, verbose=verbose)
+    for n in ac.plan.notes:
+        click.echo(f"note: {n}", err=True)
+    _echo_written(res, ac.plan.outtype)
+    _emit_json(json_path, {"adapter": str(adapter_dir), "base": str(base_dir), "output": str(res.path),
+                           "type": ac.plan.outtype, "alpha": ac.alpha, "rslora": ac.adapter.rslora,
+                           "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape)}
+                                       for t in ac.plan.tensors], "seconds": res.seconds, "file_bytes": res.nbytes})
 
 
 # Subcommands that live next to the code they drive (each module defines one click command).

@@ -59,8 +59,12 @@ def model_names(model_dir: Path, n_params: int, outtype: str) -> tuple[str, str,
 def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: str | Path | None = None,
                     ctx: int | None = None, pure: bool = False, output_type: str | None = None,
                     token_embd_type: str | None = None, overrides=(), input_format: str = "auto",
-                    pre: str | None = None) -> Conversion:
+                    pre: str | None = None, lora=()) -> Conversion:
+    """`lora`: (adapter dir, scale) pairs, merged into the weights as they are loaded (convert/lora.py)."""
     src = open_source(model_dir, input_format, ctx, pre)
+    if lora:
+        from .lora import apply_adapters
+        apply_adapters(src, lora)
     h = src.hparams
     # precision of the weights: a computed 1-D tensor (rope_freqs, f32) may come first
     weights_dtype = next((t.source_dtype for t in src.tensors if len(t.shape) > 1), src.tensors[0].source_dtype)

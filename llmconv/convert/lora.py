@@ -1,0 +1,338 @@
+"""PEFT LoRA adapters: read them, bind them to a base checkpoint, merge or re-express them.
+
+A PEFT adapter directory holds `adapter_config.json` and `adapter_model.safetensors` (or
+`adapter_model.bin`, read with the safe torch loader). For every adapted linear layer it stores
+`<module>.lora_A.weight` [r, in] and `<module>.lora_B.weight` [out, r]; the layer computes
+W x + s * B (A x) with s = lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)). An adapted embedding
+stores `lora_embedding_A` [r, vocab] and `lora_embedding_B` [dim, r]; its rows change by
+s * (B A)^T. `modules_to_save` layers (a retrained lm_head or embed_tokens) are stored whole and
+replace the base's. Module names carry PEFT's `base_model.model.` prefix.
+
+Adapters are trained on Hugging Face models, so B of q_proj/k_proj is in HF's rotate-half row
+order; llmconv's sources give base weights in Meta's order, so B's rows are un-permuted the same
+way as the base (hf.unpermute_rows). A has the input side, which no permutation touches.
+
+Nothing here reads more than one base tensor at a time; A and B are small.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from gguf import MODEL_TENSOR
+
+from ..errors import LlmconvError
+from .hf import hf_name_to_gguf, read_json, unpermute_rows
+from .plan import SourceTensor, tensor_name
+
+CONFIG = "adapter_config.json"
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_PREFIX = "base_model.model."
+_LINEAR_RE = re.compile(r"(.+)\.lora_([AB])\.weight")
+_EMBED_RE = re.compile(r"(.+)\.lora_embedding_([AB])")
+# config keys whose non-default value changes what the adapter computes in ways llmconv does not model
+_UNSUPPORTED = {"use_dora": "DoRA (use_dora)", "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)",
+                "lora_bias": "lora_bias", "use_qalora": "QA-LoRA"}
+
+
+@dataclass
+class LoraPair:
+    """One adapted module: delta = scale * B @ A (linear) or scale * (B @ A)^T (embedding)."""
+    module: str                        # HF module name, e.g. "model.layers.0.self_attn.q_proj"
+    a: Callable[[], torch.Tensor]
+    b: Callable[[], torch.Tensor]
+    a_shape: tuple[int, int]           # (r, in), or (r, vocab) for an embedding
+    b_shape: tuple[int, int]           # (out, r), or (dim, r)
+    alpha: float                       # lora_alpha, or its alpha_pattern entry
+    embedding: bool = False
+    dtype: str = "f32"                 # as stored: "f32", "f16", "bf16"
+
+    @property
+    def rank(self) -> int:
+        return self.a_shape[0]
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """Shape of the base weight this pair changes (HF/GGUF numpy order)."""
+        if self.embedding:
+            return self.a_shape[1], self.b_shape[0]
+        return self.b_shape[0], self.a_shape[1]
+
+
+@dataclass
+class LoraAdapter:
+    path: Path
+    weights_file: Path
+    config: dict
+    rslora: bool
+    pairs: dict[str, LoraPair]                                     # by HF module name
+    saved: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]] = field(default_factory=dict)
+
+    def scale(self, pair: LoraPair) -> float:
+        """PEFT's per-module scaling: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+        return pair.alpha / (math.sqrt(pair.rank) if self.rslora else pair.rank)
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+def open_adapter(path: str | Path) -> LoraAdapter:
+    path = Path(path)
+    if not path.is_dir():
+        raise LlmconvError("not a directory (expected a PEFT adapter: adapter_config.json + adapter_model.safetensors)",
+                           file=path)
+    cfg_file = path / CONFIG
+    config = read_json(cfg_file)
+    _check_config(config, cfg_file)
+    weights_file = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+    if weights_file is None:
+        raise LlmconvError(f"no adapter weights: expected {' or '.join(WEIGHT_FILES)}", file=path)
+    entries = _weight_entries(weights_file)
+
+    halves: dict[tuple[str, bool], dict[str, tuple]] = {}
+    saved = {}
+    save_names = _modules_to_save(config, cfg_file)
+    for name, (shape, get, dtype) in entries.items():
+        stem = name[len(_PREFIX):] if name.startswith(_PREFIX) else name
+        m = _LINEAR_RE.fullmatch(stem) or _EMBED_RE.fullmatch(stem)
+        if m:
+            if len(shape) != 2:
+                raise LlmconvError(f"LoRA matrix has shape {shape}, expected 2-D", file=weights_file, tensor=name)
+            key = (m.group(1), m.re is _EMBED_RE)
+            halves.setdefault(key, {})[m.group(2)] = (shape, get, name, dtype)
+        elif stem.endswith(".weight") and stem[:-len(".weight")].rsplit(".", 1)[-1] in save_names:
+            saved[stem] = (shape, get)
+        elif "lora_magnitude_vector" in stem:
+            raise LlmconvError("DoRA magnitude vector: DoRA adapters are not supported", file=weights_file, tensor=name)
+        else:
+            raise LlmconvError("not a LoRA matrix (lora_A/lora_B) nor a weight of a modules_to_save layer",
+                               file=weights_file, tensor=name)
+
+    pairs = {}
+    for (module, embedding), ab in halves.items():
+        for need in "AB":
+            if need not in ab:
+                other = ab["B" if need == "A" else "A"][2]
+                raise LlmconvError(f"lora_{need} is missing for this lora_{'A' if need == 'B' else 'B'}",
+                                   file=weights_file, tensor=other)
+        (a_shape, a_get, a_name, dtype), (b_shape, b_get, _, _) = ab["A"], ab["B"]
+        if a_shape[0] != b_shape[1]:
+            raise LlmconvError(f"lora_A {a_shape} and lora_B {b_shape} disagree on the rank",
+                               file=weights_file, tensor=a_name)
+        _check_layer(module, config, cfg_file)
+        _check_target(module, config, cfg_file)
+        pairs[module] = LoraPair(module, a_get, b_get, a_shape, b_shape,
+                                 _module_alpha(module, a_shape[0], config, cfg_file, weights_file, a_name), embedding,
+                                 dtype)
+    if not pairs and not saved:
+        raise LlmconvError("the adapter holds no LoRA matrices", file=weights_file)
+    return LoraAdapter(path, weights_file, config, bool(config.get("use_rslora")), pairs, saved)
+
+
+def _check_config(config: dict, cfg_file: Path) -> None:
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise LlmconvError(f"peft_type {peft_type!r}: only LoRA adapters are supported", file=cfg_file)
+    for key, what in _UNSUPPORTED.items():
+        if config.get(key):
+            raise LlmconvError(f"{what} is not supported", file=cfg_file)
+    if config.get("bias", "none") != "none":
+        raise LlmconvError(f"bias {config['bias']!r}: adapters that train biases are not supported", file=cfg_file)
+    for key in ("r", "lora_alpha"):
+        v = config.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            raise LlmconvError(f"{key} missing or not a positive number", file=cfg_file)
+    pattern = config.get("layers_pattern")
+    if pattern not in (None, "layers", ["layers"]):
+        raise LlmconvError(f"layers_pattern {pattern!r}: a llama model's layers are 'layers'", file=cfg_file)
+
+
+def _modules_to_save(config: dict, cfg_file: Path) -> set[str]:
+    names = config.get("modules_to_save") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise LlmconvError("modules_to_save is not a list of module names", file=cfg_file)
+    return set(names)
+
+
+def _check_layer(module: str, config: dict, cfg_file: Path) -> None:
+    """layers_to_transform: the layers the adapter was applied to; a module outside them is a contradiction."""
+    layers = config.get("layers_to_transform")
+    if layers is None:
+        return
+    layers = [layers] if isinstance(layers, int) else layers
+    if not isinstance(layers, list) or not all(isinstance(i, int) for i in layers):
+        raise LlmconvError(f"layers_to_transform {layers!r} is not a layer index or a list of them", file=cfg_file)
+    m = re.match(r"model\.layers\.(\d+)\.", module)
+    if m is None or int(m.group(1)) not in layers:
+        raise LlmconvError(f"module {module} is outside layers_to_transform {layers}", file=cfg_file)
+
+
+def _check_target(module: str, config: dict, cfg_file: Path) -> None:
+    """target_modules (a list of name suffixes, a regex, or 'all-linear') must cover every stored module."""
+    targets = config.get("target_modules")
+    if targets is None:
+        return
+    if targets == "all-linear":
+        ok = module != "lm_head" and not module.endswith("embed_tokens")
+    elif isinstance(targets, str):
+        ok = re.fullmatch(targets, module) is not None
+    elif isinstance(targets, list):
+        ok = any(module == t or module.endswith("." + t) for t in targets)
+    else:
+        raise LlmconvError(f"target_modules {targets!r} is neither a list nor a regex", file=cfg_file)
+    if not ok:
+        raise LlmconvError(f"the weights adapt {module}, which target_modules {targets!r} does not name", file=cfg_file)
+
+
+def _pattern_value(module: str, patterns: dict, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the end of the module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _module_alpha(module, rank, config, cfg_file, weights_file, tensor) -> float:
+    want_r = _pattern_value(module, config.get("rank_pattern"), config["r"])
+    if rank != want_r:
+        raise LlmconvError(f"rank {rank} but adapter_config.json says r={want_r} for {module}",
+                           file=weights_file, tensor=tensor)
+    alpha = _pattern_value(module, config.get("alpha_pattern"), config["lora_alpha"])
+    if not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise LlmconvError(f"lora_alpha for {module} is not a positive number", file=cfg_file)
+    return float(alpha)
+
+
+def _weight_entries(path: Path) -> dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor], str]]:
+    from .hf import _bin_entries, _safetensors_entries
+    entries = _safetensors_entries(path) if path.suffix == ".safetensors" else _bin_entries(path)
+    return {name: (tuple(e.shape), e.get, e.dtype) for name, e in entries}
+
+
+# ---- binding to a base model -----------------------------------------------------------------
+
+@dataclass
+class Binding:
+    """Where an adapter's modules land in a base Source, with the facts the maths needs."""
+    adapter: LoraAdapter
+    targets: dict[str, LoraPair]                  # GGUF tensor name -> pair
+    qk_heads: dict[str, int]                      # GGUF name -> heads, for attn_q/attn_k (B rows un-permuted)
+    replaced: dict[str, str]                      # GGUF name -> adapter weight name (modules_to_save)
+
+
+def gguf_weight_name(hf_module: str) -> str | None:
+    return hf_name_to_gguf(hf_module + ".weight")
+
+
+def bind(adapter: LoraAdapter, source) -> Binding:
+    """Map every module of `adapter` onto a tensor of `source` (a convert.sources.Source) and
+    check the shapes agree, so a base model the adapter was not made for is refused up front."""
+    base = {t.name: t for t in source.tensors}
+    h = source.hparams
+    wf = adapter.weights_file
+    targets, heads, replaced = {}, {}, {}
+    for module, pair in adapter.pairs.items():
+        name = _base_tensor(module, base, h, wf, f"{module}.lora_A")
+        if pair.weight_shape != tuple(base[name].shape):
+            raise LlmconvError(f"the adapter changes a {pair.weight_shape} weight but the base's {name} is "
+                               f"{tuple(base[name].shape)}: made for another base model "
+                               f"({adapter.config.get('base_model_name_or_path')!r})", file=wf, tensor=f"{module}.lora_A")
+        if pair.embedding != (name == tensor_name(MODEL_TENSOR.TOKEN_EMBD)):
+            raise LlmconvError("embedding LoRA matrices on a layer that is not the embedding (or the reverse)",
+                               file=wf, tensor=module)
+        targets[name] = pair
+        if name.endswith((".attn_q.weight", ".attn_k.weight")):
+            heads[name] = h.n_heads if ".attn_q." in name else h.n_kv_heads
+    for wname, (shape, _) in adapter.saved.items():
+        name = _base_tensor(wname[:-len(".weight")], base, h, wf, wname)
+        if name in targets:
+            raise LlmconvError("layer is both adapted (LoRA) and saved whole (modules_to_save)", file=wf, tensor=wname)
+        if tuple(shape) != tuple(base[name].shape):
+            raise LlmconvError(f"shape {tuple(shape)} but the base's {name} is {tuple(base[name].shape)}",
+                               file=wf, tensor=wname)
+        replaced[name] = wname
+    return Binding(adapter, targets, heads, replaced)
+
+
+def _base_tensor(module: str, base: dict, h, wf: Path, tensor: str) -> str:
+    name = gguf_weight_name(module)
+    if name is None:
+        raise LlmconvError("no llama tensor corresponds to this module", file=wf, tensor=tensor)
+    if name not in base:
+        if name == tensor_name(MODEL_TENSOR.OUTPUT) and h.tied_embeddings:
+            raise LlmconvError("the adapter changes lm_head but the base model ties it to the embedding "
+                               "(there is no separate output matrix to change)", file=wf, tensor=tensor)
+        raise LlmconvError(f"the base model has no {name} (made for another base model?)", file=wf, tensor=tensor)
+    if name == tensor_name(MODEL_TENSOR.TOKEN_EMBD) and h.tied_embeddings:
+        raise LlmconvError("the adapter changes embed_tokens but the base model ties it to the output: "
+                           "changing one would change both", file=wf, tensor=tensor)
+    return name
+
+
+def lora_b_meta(binding: Binding, name: str) -> torch.Tensor:
+    """B as float32, its rows in Meta order for attn_q/attn_k (HF rotate-half order otherwise)."""
+    b = binding.targets[name].b().to(torch.float32)
+    heads = binding.qk_heads.get(name)
+    return torch.from_numpy(np.ascontiguousarray(unpermute_rows(b.numpy(), heads))) if heads else b
+
+
+def delta(binding: Binding, name: str, user_scale: float) -> torch.Tensor:
+    """user_scale * s * B A for GGUF tensor `name`, float32, in the base tensor's (Meta) layout."""
+    pair = binding.targets[name]
+    a = pair.a().to(torch.float32)
+    d = lora_b_meta(binding, name) @ a
+    d = d.T.contiguous() if pair.embedding else d
+    return d.mul_(np.float32(user_scale * binding.adapter.scale(pair)))
+
+
+# ---- merging while converting ----------------------------------------------------------------
+
+def parse_lora_spec(spec: str) -> tuple[Path, float]:
+    """'path' or 'path:scale' (a path may itself hold ':'; only a trailing number is a scale)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            return Path(head), float(tail)
+        except ValueError:
+            pass
+    return Path(spec), 1.0
+
+
+def apply_adapters(source, specs) -> None:
+    """Wrap the lazy loaders of `source` so each target tensor comes out with every adapter merged:
+    W + sum(scale_i * s_i * B_i A_i) in float32, modules_to_save replacing the base weight first.
+    Adapters apply in the order given. Peak memory: the base tensor plus one delta."""
+    steps: dict[str, list] = {}
+    for path, user_scale in specs:
+        binding = bind(open_adapter(path), source)
+        for name in binding.replaced:
+            steps.setdefault(name, []).append(("replace", binding, user_scale))
+        for name in binding.targets:
+            steps.setdefault(name, []).append(("add", binding, user_scale))
+    for t in source.tensors:
+        if t.name in steps:
+            t.load = _merged_loader(t, steps[t.name])
+            t.files = list(t.files) + [s[1].adapter.weights_file for s in steps[t.name]]
+            t.source_name += " + " + " + ".join(f"LoRA {s[1].adapter.path.name}" for s in steps[t.name])
+
+
+def _merged_loader(t: SourceTensor, steps: list) -> Callable[[], np.ndarray]:
+    base_load, name = t.load, t.name
+
+    def load() -> np.ndarray:
+        w = None
+        for kind, binding, scale in steps:
+            if kind == "replace":
+                w = binding.adapter.saved[binding.replaced[name]][1]().to(torch.float32).numpy()
+            else:
+                if w is None:
+                    w = base_load()
+                d = delta(binding, name, scale).numpy()
+                d += w                   # into the delta (ours): the base array may be a read-only mmap view
+                w = d
+        return w
+    return load
