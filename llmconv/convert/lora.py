@@ -273,18 +273,19 @@ def _base_tensor(module: str, base: dict, h, wf: Path, tensor: str) -> str:
     return name
 
 
-def lora_b_meta(binding: Binding, name: str) -> torch.Tensor:
-    """B as float32, its rows in Meta order for attn_q/attn_k (HF rotate-half order otherwise)."""
+def lora_b_meta(binding: Binding, name: str, meta_rows: bool = True) -> torch.Tensor:
+    """B as float32, its rows in Meta order for attn_q/attn_k (as stored, HF's order, if not meta_rows)."""
     b = binding.targets[name].b().to(torch.float32)
-    heads = binding.qk_heads.get(name)
+    heads = binding.qk_heads.get(name) if meta_rows else None
     return torch.from_numpy(np.ascontiguousarray(unpermute_rows(b.numpy(), heads))) if heads else b
 
 
-def delta(binding: Binding, name: str, user_scale: float) -> torch.Tensor:
-    """user_scale * s * B A for GGUF tensor `name`, float32, in the base tensor's (Meta) layout."""
+def delta(binding: Binding, name: str, user_scale: float, meta_rows: bool = True) -> torch.Tensor:
+    """user_scale * s * B A for GGUF tensor `name`, float32, in Meta's layout (llmconv's sources,
+    Meta checkpoints) or, with meta_rows=False, in HF's as stored."""
     pair = binding.targets[name]
     a = pair.a().to(torch.float32)
-    d = lora_b_meta(binding, name) @ a
+    d = lora_b_meta(binding, name, meta_rows) @ a
     d = d.T.contiguous() if pair.embedding else d
     return d.mul_(np.float32(user_scale * binding.adapter.scale(pair)))
 
@@ -304,35 +305,43 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
 
 def apply_adapters(source, specs) -> None:
     """Wrap the lazy loaders of `source` so each target tensor comes out with every adapter merged:
-    W + sum(scale_i * s_i * B_i A_i) in float32, modules_to_save replacing the base weight first.
+    W + sum(scale_i * s_i * B_i A_i) in float32, modules_to_save replacing the base weight.
     Adapters apply in the order given. Peak memory: the base tensor plus one delta."""
-    steps: dict[str, list] = {}
-    for path, user_scale in specs:
-        binding = bind(open_adapter(path), source)
-        for name in binding.replaced:
-            steps.setdefault(name, []).append(("replace", binding, user_scale))
-        for name in binding.targets:
-            steps.setdefault(name, []).append(("add", binding, user_scale))
+    patch = open_patch(source, specs)
     for t in source.tensors:
-        if t.name in steps:
-            t.load = _merged_loader(t, steps[t.name])
-            t.files = list(t.files) + [s[1].adapter.weights_file for s in steps[t.name]]
-            t.source_name += " + " + " + ".join(f"LoRA {s[1].adapter.path.name}" for s in steps[t.name])
+        used = [b.adapter for b, _ in patch.steps if t.name in b.targets or t.name in b.replaced]
+        if used:
+            t.load = _merged_loader(patch, t.name, t.load)
+            t.files = list(t.files) + [a.weights_file for a in used]
+            t.source_name += "".join(f" + LoRA {a.path.name}" for a in used)
 
 
-def _merged_loader(t: SourceTensor, steps: list) -> Callable[[], np.ndarray]:
-    base_load, name = t.load, t.name
+def _merged_loader(patch: AdapterPatch, name: str, base_load: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+    # the result is a new array (the delta): the base array may be a read-only or shared mmap view
+    return lambda: patch.apply(name, lambda: torch.from_numpy(base_load()), meta_rows=True).numpy()
 
-    def load() -> np.ndarray:
+
+# ---- a reference forward pass with the adapters applied (verify --lora) -------------------------
+
+@dataclass
+class AdapterPatch:
+    """Adapters bound to one base checkpoint, applied to weights as a reference pass loads them."""
+    steps: list[tuple[Binding, float]]
+
+    def apply(self, gguf_name: str | None, load: Callable[[], torch.Tensor], meta_rows: bool) -> torch.Tensor:
+        """The weight `load()` gives (float32, in the caller's layout: Meta rows or HF's), with every
+        adapter that changes `gguf_name` applied. A replaced weight's base is never loaded."""
         w = None
-        for kind, binding, scale in steps:
-            if kind == "replace":
-                w = binding.adapter.saved[binding.replaced[name]][1]().to(torch.float32).numpy()
-            else:
-                if w is None:
-                    w = base_load()
-                d = delta(binding, name, scale).numpy()
-                d += w                   # into the delta (ours): the base array may be a read-only mmap view
-                w = d
-        return w
-    return load
+        for binding, scale in self.steps:
+            if gguf_name in binding.replaced:
+                w = binding.adapter.saved[binding.replaced[gguf_name]][1]().to(torch.float32)
+            if gguf_name in binding.targets:
+                w = delta(binding, gguf_name, scale, meta_rows).add_(load() if w is None else w)
+        return load() if w is None else w
+
+
+def open_patch(source, specs) -> AdapterPatch | None:
+    """`specs`: (adapter dir, scale) pairs; None when there are none."""
+    if not specs:
+        return None
+    return AdapterPatch([(bind(open_adapter(path), source), scale) for path, scale in specs])
