@@ -236,7 +236,7 @@ def convert_lora(adapter_dir, base_dir, outtype, outfile, input_format, force, j
     for n in ac.plan.notes:
         click.echo(f"note: {n}", err=True)
     _echo_written(res, ac.plan.outtype)
-    _emit_json(json_path, {"adapter": str(adapter_dir), "base": str(base_dir), "output": str(res.path),
+    emit_json(json_path, {"adapter": str(adapter_dir), "base": str(base_dir), "output": str(res.path),
                            "type": ac.plan.outtype, "alpha": ac.alpha, "rslora": ac.adapter.rslora,
                            "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape)}
                                        for t in ac.plan.tensors], "seconds": res.seconds, "file_bytes": res.nbytes})

@@ -28,7 +28,7 @@ from gguf import MODEL_TENSOR
 
 from ..errors import LlmconvError
 from .hf import hf_name_to_gguf, read_json, unpermute_rows
-from .plan import SourceTensor, tensor_name
+from .plan import tensor_name
 
 CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
