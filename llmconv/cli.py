@@ -88,7 +88,7 @@ _type_options = [
     click.option("--checksum", is_flag=True,
                  help="Also write OUT.sha256.json with the sha256 of every tensor's bytes (checked by verify --checksums)."),
     click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write a machine-readable report here ('-' for stdout)."),
-    click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress bar and no notes (warnings and errors still print)."),
     click.option("--verbose", "-v", is_flag=True, help="One line per tensor as it is written."),
 ]
 
@@ -170,7 +170,7 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, pre, lora, dry_run, o
         res = write_gguf(conv.out_path, conv.kvs, conv.plan, threads=threads, progress=not quiet, force=force,
                          verbose=verbose, split_max_size=parse_size(split_max_size), split_max_tensors=split_max_tensors,
                          checksum=checksum)
-    for n in conv.plan.notes:
+    for n in [] if quiet else conv.plan.notes:
         click.echo(f"note: {n}", err=True)
     _echo_written(res, conv.plan.outtype)
     emit_json(json_path, {"dry_run": False, **plan_json(conv), "seconds": res.seconds, "file_bytes": res.nbytes})
@@ -199,7 +199,7 @@ def quantize(infile, outfile, qtype, allow_requantize, pure, output_tensor_type,
     res = write_gguf(rq.out_path, rq.kvs, rq.plan, threads=threads, progress=not quiet, force=force,
                      verbose=verbose, split_max_size=parse_size(split_max_size), split_max_tensors=split_max_tensors,
                      checksum=checksum)
-    for n in rq.plan.notes:
+    for n in [] if quiet else rq.plan.notes:
         click.echo(f"note: {n}", err=True)
     _echo_written(res, rq.plan.outtype)
     emit_json(json_path, {"input": str(infile), "output": str(res.path), "type": rq.plan.outtype,

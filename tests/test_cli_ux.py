@@ -35,3 +35,49 @@ def test_version_names_the_libraries():
 def test_license_matches_pyproject():
     assert 'license = { text = "MIT" }' in (ROOT / "pyproject.toml").read_text()
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+
+
+def _plan_for(n_layers: int, dim: int, ffn: int, outtype: str):
+    import numpy as np
+
+    from llmconv.convert import mixes
+    from llmconv.convert.plan import SourceTensor, TypePolicy, make_plan
+
+    def t(name, shape):
+        return SourceTensor(name, shape, lambda: np.zeros(shape, np.float32), [])
+
+    tensors = [t("token_embd.weight", (1000, dim)), t("output_norm.weight", (dim,)), t("output.weight", (1000, dim))]
+    for i in range(n_layers):
+        tensors += [t(f"blk.{i}.attn_q.weight", (dim, dim)), t(f"blk.{i}.attn_k.weight", (dim, dim)),
+                    t(f"blk.{i}.attn_v.weight", (dim, dim)), t(f"blk.{i}.attn_output.weight", (dim, dim)),
+                    t(f"blk.{i}.ffn_gate.weight", (ffn, dim)), t(f"blk.{i}.ffn_up.weight", (ffn, dim)),
+                    t(f"blk.{i}.ffn_down.weight", (dim, ffn)), t(f"blk.{i}.attn_norm.weight", (dim,))]
+    return make_plan(tensors, TypePolicy(outtype, model=mixes.ModelShape(n_layers, 9, 3)))
+
+
+def test_notes_are_aggregated_not_one_per_tensor():
+    # SmolLM2-135M's shape: rows of 576 do not split into 256-blocks, so most tensors fall back
+    plan = _plan_for(30, 576, 1536, "q4_k_m")
+    fallbacks = [t for t in plan.tensors if t.why.name == "FALLBACK"]
+    assert len(fallbacks) >= 150
+    assert len(plan.notes) <= 6, plan.notes
+    joined = "\n".join(plan.notes)
+    assert "attn_q" in joined and "ffn_up" in joined and "all 30 layers" in joined
+    assert sum(int(n.split()[0]) if n.split()[0].isdigit() else 1 for n in plan.notes) == len(
+        [t for t in plan.tensors if t.why.name in ("FALLBACK", "OUTPUT", "OVERRIDE")])
+
+
+def test_quiet_means_no_notes(tmp_path):
+    ckpt = ROOT / "fixtures" / "tiny-llama"
+    res = run("convert", str(ckpt), "--outtype", "q4_0", "-o", str(tmp_path / "a.gguf"))
+    assert res.returncode == 0, res.stderr
+    assert "note:" in res.stderr                       # output.weight -> q6_K is a note
+    res = run("convert", str(ckpt), "--outtype", "q4_0", "-o", str(tmp_path / "b.gguf"), "-q")
+    assert res.returncode == 0, res.stderr
+    assert "note:" not in res.stderr and res.stderr.strip() == ""
+
+
+def test_progress_bar_writes_no_frames_into_a_log(tmp_path):
+    res = run("convert", str(ROOT / "fixtures" / "tiny-llama"), "--outtype", "f16", "-o", str(tmp_path / "a.gguf"))
+    assert res.returncode == 0, res.stderr
+    assert "\r" not in res.stderr and "it/s" not in res.stderr and "B/s" not in res.stderr

@@ -119,7 +119,7 @@ def write_gguf(out_path: str | Path, kvs: Sequence[KV], plan: Plan, *, threads: 
             reader = files.enter_context(ThreadPoolExecutor(1, thread_name_prefix="llmconv-read"))
             writer = files.enter_context(ThreadPoolExecutor(1, thread_name_prefix="llmconv-write"))
             bar = files.enter_context(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                           desc=out_path.name, disable=not progress, leave=False))
+                                           desc=out_path.name, disable=None if progress else True, leave=False))
             bar.update(sum(lay.data_start for lay in layouts))
 
             def write(t: PlannedTensor, blob: np.ndarray) -> None:

@@ -173,7 +173,7 @@ def write_ggml(conv: Conversion, threads: int = 1, progress: bool = True, force:
         try:
             with GGJTFileWriter(tmp, layout) as writer, ThreadPoolExecutor(1) as reader, \
                     tqdm(total=layout.total_size, unit="B", unit_scale=True, unit_divisor=1024,
-                         desc=out_path.name, disable=not progress, leave=False) as bar:
+                         desc=out_path.name, disable=None if progress else True, leave=False) as bar:
                 bar.update(len(layout.header))
                 pending = reader.submit(_load, pairs[0][0]) if pairs else None
                 for i, (t, g) in enumerate(pairs):

@@ -168,7 +168,7 @@ def tensor_type(mix: Mix | str, name: str, shape: tuple[int, ...], model: ModelS
             break
     if kind == "attn_v" and model.is_llama_70b and qtype in LLAMA_70B_ATTN_V:
         qtype, reason = LLAMA_70B_ATTN_V[qtype], f"{RULE_REASON} {mix.name}: attn_v on an 80-layer GQA model"
-    return fallback(qtype, info.row, reason)
+    return qtype, reason              # the row-length fallback is the planner's (plan.choose_type)
 
 
 def fallback(qtype: str, row: int, reason: str = "") -> tuple[str, str]:

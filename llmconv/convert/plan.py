@@ -7,6 +7,7 @@ loads, converts and writes them one at a time.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +31,24 @@ class SourceTensor:
     source_dtype: str = ""                 # "bf16", "f16", "f32", "q4_0", ...
 
 
+class Why(enum.Enum):
+    """Why a tensor gets its type. Notes are for the choices a user did not ask for by name."""
+    REQUESTED = "requested"        # the --outtype (1-D tensors: f32)
+    MIX_RULE = "mix rule"          # a K-quant mix's per-tensor rule: by design, --dry-run lists it
+    OUTPUT = "output tensor"       # llama-quantize's higher-precision type for output.weight
+    OVERRIDE = "override"          # --output-tensor-type, --token-embedding-type, --tensor-type
+    FALLBACK = "fallback"          # the row length does not split into the wanted type's blocks
+
+
+NOTED = (Why.OUTPUT, Why.OVERRIDE, Why.FALLBACK)
+
+
 @dataclass
 class PlannedTensor:
     src: SourceTensor
     qtype: q.QuantType
     reason: str = ""                       # why this type, when it is not the requested one
+    why: Why = Why.REQUESTED
 
     @property
     def name(self) -> str:
@@ -142,12 +156,11 @@ def _qtype(name: str, where: str) -> q.QuantType:
         raise LlmconvError(f"{where}: {e.args[0]}") from None
 
 
-def choose_type(src: SourceTensor, policy: TypePolicy) -> tuple[q.QuantType, str]:
+def choose_type(src: SourceTensor, policy: TypePolicy) -> tuple[q.QuantType, str, Why]:
     if len(src.shape) < 2 or not src.name.endswith(".weight"):
-        return q.get("f32"), ""
+        return q.get("f32"), "", Why.REQUESTED
     n = src.shape[-1]
-    wanted = policy.outtype
-    reason = ""
+    wanted, reason, why = policy.outtype, "", Why.REQUESTED
     output_name = tensor_name(MODEL_TENSOR.OUTPUT)
     embd_name = tensor_name(MODEL_TENSOR.TOKEN_EMBD)
     is_output = src.name == output_name or (policy.tied_embeddings and src.name == embd_name)
@@ -159,31 +172,34 @@ def choose_type(src: SourceTensor, policy: TypePolicy) -> tuple[q.QuantType, str
                 raise LlmconvError(f"{policy.mix.name} needs the model's layer and head counts")
             wanted, reason = mixes.tensor_type(policy.mix, src.name, src.shape, policy.model,
                                                policy.tied_embeddings)
+            why = Why.MIX_RULE if reason else Why.REQUESTED
     elif not policy.pure and wanted not in FLOAT_TYPES and is_output and wanted != "q8_0":
+        why = Why.OUTPUT
         if OUTPUT_UPGRADE in q.TYPES and q.get(OUTPUT_UPGRADE).can_hold_row(n):
             wanted, reason = OUTPUT_UPGRADE, "output tensor: llama-quantize's higher-precision choice"
         else:
             wanted, reason = "q8_0", "output tensor: q8_0 (llama-quantize would pick q6_K, which cannot hold this row)"
     if src.name == output_name and policy.output_type:
-        wanted, reason = policy.output_type, "--output-tensor-type"
+        wanted, reason, why = policy.output_type, "--output-tensor-type", Why.OVERRIDE
     if src.name == embd_name and policy.token_embd_type:
-        wanted, reason = policy.token_embd_type, "--token-embedding-type"
+        wanted, reason, why = policy.token_embd_type, "--token-embedding-type", Why.OVERRIDE
     for pattern, t in policy.overrides:
         if pattern.search(src.name):
-            wanted, reason = t, f"--tensor-type {pattern.pattern}={t}"
+            wanted, reason, why = t, f"--tensor-type {pattern.pattern}={t}", Why.OVERRIDE
             break
     qt = _qtype(wanted, src.name)
-    if not qt.can_hold_row(n) and policy.mix is not None and not reason.startswith("--"):
+    if not qt.can_hold_row(n) and policy.mix is not None and why is not Why.OVERRIDE:
         # llama-quantize substitutes a 32-block type even with --pure
         wanted, reason = mixes.fallback(wanted, n)
+        why = Why.FALLBACK
         qt = _qtype(wanted, src.name)
     if not qt.can_hold_row(n):
-        if policy.pure or reason.startswith("--"):
+        if policy.pure or why is Why.OVERRIDE:
             raise LlmconvError(f"row length {n} is not a multiple of {qt.name}'s block size {qt.block_size}",
                                file=src.files[0] if src.files else None, tensor=src.name)
-        reason = f"row length {n} does not fit {qt.name} blocks of {qt.block_size}: f16"
+        reason, why = f"row length {n} does not fit {qt.name} blocks of {qt.block_size}: f16", Why.FALLBACK
         qt = q.get("f16")
-    return qt, reason
+    return qt, reason, why
 
 
 def make_plan(sources: list[SourceTensor], policy: TypePolicy) -> Plan:
@@ -196,14 +212,56 @@ def make_plan(sources: list[SourceTensor], policy: TypePolicy) -> Plan:
     else:
         out_qt = _qtype(policy.outtype, "--outtype")
         file_type, outtype = int(out_qt.file_type), out_qt.name
-    tensors = []
-    for src in sources:
-        qt, reason = choose_type(src, policy)
-        tensors.append(PlannedTensor(src, qt, reason))
-    # a mix's own per-tensor choices are by design (--dry-run lists them); notes are for the rest
-    notes = sorted({f"{t.name}: {t.qtype.name} ({t.reason})" for t in tensors
-                    if t.reason and not t.reason.startswith(mixes.RULE_REASON)})
-    return Plan(tensors, file_type, outtype, notes)
+    tensors = [PlannedTensor(src, *choose_type(src, policy)) for src in sources]
+    return Plan(tensors, file_type, outtype, plan_notes(tensors))
+
+
+def plan_notes(tensors: list[PlannedTensor]) -> list[str]:
+    """One note per kind of choice the user did not name, not one per tensor: on a 30-layer
+    model, "150 tensors: q5_0 (row length 576 ...): attn_k, attn_output, ... in all 30 layers"."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for t in tensors:
+        if t.why in NOTED:
+            groups.setdefault((t.qtype.name, t.reason), []).append(t.name)
+    layers = {int(m.group(1)) for t in tensors if (m := _LAYER.match(t.name))}
+    notes = []
+    for (qname, reason), names in groups.items():
+        if len(names) == 1:
+            notes.append(f"{names[0]}: {qname} ({reason})")
+        else:
+            notes.append(f"{len(names)} tensors: {qname} ({reason}): {_name_summary(names, len(layers))}")
+    return sorted(notes)
+
+
+_LAYER = re.compile(r"blk\.(\d+)\.(.+)$")
+
+
+def _name_summary(names: list[str], n_layers: int) -> str:
+    """'attn_k, ffn_up in all 30 layers; output.weight' -- layer tensors by kind and layer set."""
+    by_kind: dict[str, set[int]] = {}
+    other = []
+    for name in names:
+        m = _LAYER.match(name)
+        if m:
+            by_kind.setdefault(m.group(2).removesuffix(".weight"), set()).add(int(m.group(1)))
+        else:
+            other.append(name)
+    by_layers: dict[tuple[int, ...], list[str]] = {}
+    for kind, ls in by_kind.items():
+        by_layers.setdefault(tuple(sorted(ls)), []).append(kind)
+    parts = [f"{', '.join(sorted(kinds))} in {_layer_set(ls, n_layers)}" for ls, kinds in sorted(by_layers.items())]
+    return "; ".join(parts + sorted(other))
+
+
+def _layer_set(layers: tuple[int, ...], n_layers: int) -> str:
+    if len(layers) == n_layers and n_layers > 1:
+        return f"all {n_layers} layers"
+    runs, start = [], layers[0]
+    for a, b in zip(layers, layers[1:] + (None,)):
+        if b != a + 1:
+            runs.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ("layer " if len(layers) == 1 else "layers ") + ", ".join(runs)
 
 
 def parse_overrides(specs: list[str]) -> list[tuple[re.Pattern, str]]:
