@@ -81,3 +81,20 @@ def test_progress_bar_writes_no_frames_into_a_log(tmp_path):
     res = run("convert", str(ROOT / "fixtures" / "tiny-llama"), "--outtype", "f16", "-o", str(tmp_path / "a.gguf"))
     assert res.returncode == 0, res.stderr
     assert "\r" not in res.stderr and "it/s" not in res.stderr and "B/s" not in res.stderr
+
+
+def test_usual_mistakes_get_a_line_that_says_what_to_do(tmp_path):
+    gguf_file = tmp_path / "m.gguf"
+    res = run("convert", str(ROOT / "fixtures" / "tiny-llama"), "--outtype", "f16", "-o", str(gguf_file), "-q")
+    assert res.returncode == 0, res.stderr
+    cases = [
+        (tmp_path / "nowhere", "no such file or directory"),
+        (gguf_file, "llmconv quantize"),
+        (ROOT / "fixtures" / "tiny-llama" / "params.json", "pass the folder"),
+    ]
+    for path, needle in cases:
+        res = run("convert", str(path), "-o", str(tmp_path / "x.gguf"))
+        assert res.returncode == 2, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+        assert needle in lines[0] and str(path) in lines[0], lines[0]

@@ -30,20 +30,31 @@ def detect_format(model_dir: Path) -> str:
                        file=model_dir)
 
 
+def check_checkpoint_dir(path: Path) -> None:
+    """The usual mistakes get a message that says what to do instead."""
+    if path.is_dir():
+        return
+    if not path.exists():
+        raise LlmconvError("no such file or directory", file=path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        raise LlmconvError("this is a GGUF file, not a checkpoint directory: to requantize it use "
+                           "`llmconv quantize IN.gguf OUT.gguf --type TYPE`; to look inside, `llmconv inspect`", file=path)
+    raise LlmconvError("expected a checkpoint directory (params.json or config.json and the weights), "
+                       "not a file: pass the folder that holds it", file=path)
+
+
 def open_source(model_dir: str | Path, input_format: str = "auto", ctx: int | None = None,
                 pre: str | None = None) -> Source:
     """Open a checkpoint directory. `pre` overrides tokenizer.ggml.pre for BPE tokenizers."""
     model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise LlmconvError("not a directory", file=model_dir)
+    check_checkpoint_dir(model_dir)
     kind = detect_format(model_dir) if input_format == "auto" else input_format
     if kind == "meta":
         return open_meta_source(model_dir, ctx, pre)
     if kind == "hf":
-        try:
-            from .hf import open_hf_source
-        except ImportError:
-            raise LlmconvError("Hugging Face checkpoints are not supported yet", file=model_dir) from None
+        from .hf import open_hf_source
         return open_hf_source(model_dir, ctx, pre)
     raise LlmconvError(f"unknown input format {input_format!r} (meta, hf)", file=model_dir)
 
