@@ -138,3 +138,78 @@ def llama_vocab(path: Path):
 
 def llama_ids(llm, text: str) -> list[int]:
     return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+
+# ---- tokenizer.json files rebuilt from other real sources ------------------------------------
+
+def _byte_level_bpe(vocab: dict[str, int], merges: list[str], added: list[tuple[int, str]], pre_tokenizer: dict,
+                    post_processor: dict | None) -> dict:
+    """A tokenizer.json as `tokenizers` serializes a byte-level BPE model (what HF ships)."""
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i, s in added],
+        "normalizer": None,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post_processor,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": merges},
+    }
+
+
+BYTE_LEVEL_ONLY = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+SMOLLM_PRE = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, BYTE_LEVEL_ONLY]}
+
+
+def smollm2_tokenizer_files(pre_tokenizer: dict = SMOLLM_PRE) -> tuple[dict, dict, dict]:
+    """SmolLM2's tokenizer.json and tokenizer_config.json rebuilt from the metadata of the
+    SmolLM2 GGUF (which llama.cpp's converter wrote from them): the 49,152 tokens, the control
+    tokens as special added tokens, the merges, SmolLM's pre-tokenizer (each digit alone, then
+    GPT-2's byte-level regex), the special tokens and the chat template. Also returns the GGUF's
+    metadata, to compare a conversion against."""
+    from llmconv.formats.gguf_reader import read_gguf
+    kv = read_gguf(smollm2_gguf()).kvs
+    tokens, types = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]
+    added = [(i, t) for i, (t, ty) in enumerate(zip(tokens, types)) if ty == 3]
+    post = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+    tj = _byte_level_bpe({t: i for i, t in enumerate(tokens)}, list(kv["tokenizer.ggml.merges"]), added,
+                         pre_tokenizer, post)
+    name = lambda key: tokens[kv[f"tokenizer.ggml.{key}"]]  # noqa: E731
+    config = {"add_prefix_space": kv["tokenizer.ggml.add_space_prefix"],
+              "added_tokens_decoder": {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                                "single_word": False, "special": True} for i, t in added},
+              "bos_token": name("bos_token_id"), "eos_token": name("eos_token_id"),
+              "pad_token": name("padding_token_id"), "unk_token": name("unknown_token_id"),
+              "chat_template": kv["tokenizer.chat_template"], "clean_up_tokenization_spaces": False,
+              "model_max_length": 8192, "tokenizer_class": "GPT2Tokenizer", "vocab_size": len(tokens)}
+    return tj, config, kv
+
+
+def tekken_tokenizer_files(path: Path) -> tuple[dict, dict]:
+    """A Mistral Nemo style tokenizer.json (+ tokenizer_config.json) for a tekken.json: the
+    special tokens first (special added tokens, also in the vocabulary), then the regular tokens
+    in GPT-2's byte alphabet, merges rebuilt from the ranks, Tekken's split regex before a
+    ByteLevel step, <s> added in front of every sequence."""
+    from llmconv.convert import bpe
+    from llmconv.convert.tekken import TEKKEN_PATTERN, tekken_ranks, special_token_names
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    cfg = doc["config"]
+    n_special = cfg["default_num_special_tokens"]
+    specials = special_token_names(doc, n_special, path)
+    ranks = tekken_ranks(doc["vocab"], cfg["default_vocab_size"] - n_special, path)
+    vocab = {s: i for i, s in enumerate(specials)}
+    vocab.update({bpe.bytes_to_token(t): n_special + r for t, r in ranks.items()})
+    pre = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": TEKKEN_PATTERN}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    post = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                                     {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    tj = _byte_level_bpe(vocab, bpe.merges_from_ranks(ranks, first_rank=256), list(enumerate(specials)), pre, post)
+    config = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>", "model_max_length": 1024000, "tokenizer_class": "PreTrainedTokenizerFast"}
+    return tj, config

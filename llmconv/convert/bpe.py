@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gc
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,13 +31,6 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
                   r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # GPT-2's regex, which a ByteLevel pre-tokenizer with use_regex=true applies by itself.
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-
-# Split regexes llama.cpp has a pre-tokenizer for -> the tokenizer.ggml.pre value naming it.
-# Only those this project tests against llama.cpp are listed; anything else needs --pre.
-KNOWN_SPLIT_PATTERNS = {
-    LLAMA3_PATTERN: "llama-bpe",
-}
-PRE_TYPES = ("llama-bpe", "gpt-2")   # values --pre accepts without a warning
 
 # Meta's special tokens follow the 128000 (or, for small test vocabularies, n) ranks of the file.
 N_META_SPECIAL = 256
@@ -187,28 +182,9 @@ def normalize_merges(merges: list, path: Path | None = None) -> list[str]:
 
 
 def detect_pre(tj: dict, path: Path | None = None) -> str:
-    """tokenizer.ggml.pre from the pre-tokenizer's structure and regex, so that llama.cpp splits
-    text the way the source tokenizer does. Unknown structures are refused: a wrong guess would
-    tokenize differently without any error."""
-    if tj.get("normalizer") is not None:
-        raise LlmconvError(f"tokenizer.json has a normalizer ({_describe(tj['normalizer'])}) that llama.cpp's "
-                           "BPE pre-tokenizers do not apply; pass --pre to choose one anyway", file=path)
-    steps = _flatten(tj.get("pre_tokenizer"))
-    splits = [s for s in steps if s.get("type") == "Split"]
-    byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
-    others = [s for s in steps if s.get("type") not in ("Split", "ByteLevel")]
-    if not others and len(byte_level) == 1 and not byte_level[0].get("add_prefix_space", False):
-        uses_gpt2_regex = byte_level[0].get("use_regex", True)
-        if len(splits) == 1 and not uses_gpt2_regex:
-            s = splits[0]
-            pattern = (s.get("pattern") or {}).get("Regex")
-            if s.get("behavior") == "Isolated" and not s.get("invert", False) and pattern in KNOWN_SPLIT_PATTERNS:
-                return KNOWN_SPLIT_PATTERNS[pattern]
-        elif not splits and uses_gpt2_regex:
-            return "gpt-2"
-    raise LlmconvError(f"unknown pre-tokenizer ({_describe(tj.get('pre_tokenizer'))}): llama.cpp may split "
-                       f"text differently; pass --pre with one of {', '.join(PRE_TYPES)} if you know it matches",
-                       file=path)
+    """tokenizer.ggml.pre for a tokenizer.json: see pretok.py."""
+    from .pretok import detect_pre as detect
+    return detect(tj, path)
 
 
 def _flatten(pre: dict | None) -> list[dict]:
@@ -333,6 +309,20 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
 MAX_MERGE_TEXT = 256 << 20
 
 
+@contextmanager
+def _gc_paused():
+    """The merge builder allocates a few hundred thousand small lists; each allocation burst
+    would start a cyclic-GC pass over every live object (a parsed 15 MB tekken.json is millions),
+    which made it several times slower. Nothing here forms reference cycles."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def token_prefixes(tokens: list[bytes]) -> list[list[int]]:
     """For each token, the ids of the other tokens that are proper prefixes of it, shortest first.
 
@@ -359,6 +349,11 @@ def merges_from_ranks(ranks: dict[bytes, int], path: Path | None = None, first_r
     Ranks must be 0..n-1 (rank = token id). Tokens ranked below `first_rank` get no merges
     (llama.cpp starts Tekken's at 256, past the single bytes). A multi-byte token with no
     split at all cannot be produced by BPE and is refused."""
+    with _gc_paused():
+        return _merges_from_ranks(ranks, path, first_rank)
+
+
+def _merges_from_ranks(ranks: dict[bytes, int], path: Path | None, first_rank: int) -> list[str]:
     by_rank = sorted(ranks, key=ranks.__getitem__)
     prefixes = token_prefixes(by_rank)
     suffixes = token_prefixes([t[::-1] for t in by_rank])

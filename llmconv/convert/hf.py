@@ -341,6 +341,14 @@ def _text(token: bytes | str) -> str:
 class SpecialTokens:
     eom_id: int | None = None
     chat_templates: dict[str, str] | None = None   # name -> template; "default" is the main one
+    add_space_prefix: bool | None = None           # tokenizer_config.json add_prefix_space
+    fim_ids: dict[str, int] | None = None          # Code Llama's fill-in-the-middle tokens
+
+
+# Code Llama's infilling tokens (vocabulary 32016: LLaMA 2's 32000 + 16), at the ids llama.cpp's
+# converter gives them for any Hugging Face checkpoint with that vocabulary size.
+CODE_LLAMA_VOCAB = 32016
+CODE_LLAMA_FIM = {"prefix": 32007, "suffix": 32008, "middle": 32009, "eot": 32010}
 
 
 def apply_special_tokens(vocab: Vocab, model_dir: Path, tok_config: dict | None, gen_config: dict | None) -> SpecialTokens:
@@ -390,9 +398,22 @@ def apply_special_tokens(vocab: Vocab, model_dir: Path, tok_config: dict | None,
         vocab.eot_id = next((i for i in stops if text_of[i] in END_OF_TURN), None)
     out.eom_id = next((i for i in stops if text_of[i] in END_OF_MESSAGE), None)
 
+    if isinstance(tc.get("add_prefix_space"), bool):
+        out.add_space_prefix = tc["add_prefix_space"]
+    if len(vocab) == CODE_LLAMA_VOCAB:
+        out.fim_ids = {k: v for k, v in CODE_LLAMA_FIM.items() if k != "eot"}
+        vocab.eot_id = CODE_LLAMA_FIM["eot"]
+
+    # where transformers keeps the template: tokenizer_config.json, else chat_template.jinja,
+    # else (the layout between the two) chat_template.json {"chat_template": ...}
     template = tc.get("chat_template")
     if template is None and (model_dir / "chat_template.jinja").is_file():
         template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    elif template is None and (model_dir / "chat_template.json").is_file():
+        doc = load_json(model_dir / "chat_template.json")
+        template = doc.get("chat_template") if isinstance(doc, dict) else None
+        if template is None:
+            raise LlmconvError("no 'chat_template' key", file=model_dir / "chat_template.json")
     if isinstance(template, str):
         out.chat_templates = {"default": template}
     elif isinstance(template, list):
@@ -410,6 +431,11 @@ def special_kvs(s: SpecialTokens) -> list[KV]:
     kvs = []
     if s.eom_id is not None:
         kvs.append(KV(t.EOM_ID, s.eom_id, T.UINT32))
+    if s.add_space_prefix is not None:
+        kvs.append(KV(t.ADD_PREFIX, s.add_space_prefix, T.BOOL))
+    for kind, key in (("prefix", t.PREFIX_ID), ("suffix", t.SUFFIX_ID), ("middle", t.MIDDLE_ID)):
+        if s.fim_ids and kind in s.fim_ids:
+            kvs.append(KV(key, s.fim_ids[kind], T.UINT32))
     if s.chat_templates:
         templates = dict(s.chat_templates)
         default = templates.pop("default", None)
