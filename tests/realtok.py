@@ -193,7 +193,8 @@ def tekken_tokenizer_files(path: Path) -> tuple[dict, dict]:
     in GPT-2's byte alphabet, merges rebuilt from the ranks, Tekken's split regex before a
     ByteLevel step, <s> added in front of every sequence."""
     from llmconv.convert import bpe
-    from llmconv.convert.tekken import TEKKEN_PATTERN, tekken_ranks, special_token_names
+    from llmconv.convert.pretok import TEKKEN_PATTERN
+    from llmconv.convert.tekken import special_token_names, tekken_ranks
     doc = json.loads(path.read_text(encoding="utf-8"))
     cfg = doc["config"]
     n_special = cfg["default_num_special_tokens"]

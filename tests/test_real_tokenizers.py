@@ -16,7 +16,7 @@ from llmconv.convert import bpe, pretok
 from llmconv.convert.tekken import tekken_vocab
 from llmconv.errors import LlmconvError
 from llmconv.formats.gguf_reader import read_gguf
-from realtok import (BYTE_LEVEL_ONLY, MULTILINGUAL, SMOLLM_PRE, llama3_dir, llama_ids, llama_vocab, read_tiktoken,
+from realtok import (BYTE_LEVEL_ONLY, MULTILINGUAL, llama3_dir, llama_ids, llama_vocab, read_tiktoken,
                      smollm2_tokenizer_files, tekken_file, tekken_tokenizer_files, write_hf_bpe_checkpoint,
                      write_meta_llama3)
 

@@ -24,11 +24,11 @@ from pathlib import Path
 from gguf import TokenType
 
 from ..errors import LlmconvError, load_json
+from .pretok import LLAMA3_PATTERN, _flatten, detect_pre
 from .tokenizer import Vocab
 
-# LLaMA 3's split regex, in tiktoken (Meta) and in tokenizer.json (Hugging Face) alike.
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+__all__ = ["LLAMA3_PATTERN", "detect_pre"]     # re-exported: verify and the tests use them from here
+
 # GPT-2's regex, which a ByteLevel pre-tokenizer with use_regex=true applies by itself.
 GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
@@ -179,30 +179,6 @@ def normalize_merges(merges: list, path: Path | None = None) -> list[str]:
             raise LlmconvError(f"merge {k} ({m!r}) is not two tokens without spaces", file=path)
         out.append(f"{parts[0]} {parts[1]}")
     return out
-
-
-def detect_pre(tj: dict, path: Path | None = None) -> str:
-    """tokenizer.ggml.pre for a tokenizer.json: see pretok.py."""
-    from .pretok import detect_pre as detect
-    return detect(tj, path)
-
-
-def _flatten(pre: dict | None) -> list[dict]:
-    if pre is None:
-        return []
-    if pre.get("type") == "Sequence":
-        return [s for p in pre.get("pretokenizers") or [] for s in _flatten(p)]
-    return [pre]
-
-
-def _describe(obj) -> str:
-    if obj is None:
-        return "none"
-    if obj.get("type") == "Sequence":
-        return "Sequence[" + ", ".join(_describe(p) for p in obj.get("pretokenizers") or obj.get("normalizers") or []) + "]"
-    if obj.get("type") == "Split":
-        return f"Split({(obj.get('pattern') or {}).get('Regex') or (obj.get('pattern') or {}).get('String')!r})"
-    return str(obj.get("type"))
 
 
 def _is_byte_level(tj: dict) -> bool:

@@ -18,8 +18,14 @@ from hashlib import sha256
 from pathlib import Path
 
 from ..errors import LlmconvError
-from .bpe import LLAMA3_PATTERN, _describe, _flatten
-from .tekken import TEKKEN_PATTERN
+
+# LLaMA 3's split regex, in tiktoken (Meta) and in tokenizer.json (Hugging Face) alike.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# The split regex of every Tekken file so far (Mistral's tiktoken-style tokenizer).
+TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                  r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # Split regex (a Split step, then ByteLevel without its own regex) -> tokenizer.ggml.pre.
 SPLIT_PATTERNS = {
@@ -43,6 +49,24 @@ CHECK_HASHES = {
     "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",      # Mistral-Nemo-Base-2407
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",      # SmolLM-135M
 }
+
+
+def _flatten(pre: dict | None) -> list[dict]:
+    if pre is None:
+        return []
+    if pre.get("type") == "Sequence":
+        return [s for p in pre.get("pretokenizers") or [] for s in _flatten(p)]
+    return [pre]
+
+
+def _describe(obj) -> str:
+    if obj is None:
+        return "none"
+    if obj.get("type") == "Sequence":
+        return "Sequence[" + ", ".join(_describe(p) for p in obj.get("pretokenizers") or obj.get("normalizers") or []) + "]"
+    if obj.get("type") == "Split":
+        return f"Split({(obj.get('pattern') or {}).get('Regex') or (obj.get('pattern') or {}).get('String')!r})"
+    return str(obj.get("type"))
 
 
 def pre_from_structure(tj: dict) -> str | None:

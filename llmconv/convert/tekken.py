@@ -19,12 +19,8 @@ from gguf import TokenType
 
 from ..errors import LlmconvError, load_json
 from .bpe import bytes_to_token, merges_from_ranks
+from .pretok import TEKKEN_PATTERN
 from .tokenizer import Vocab
-
-# The split regex of every Tekken file so far; llama.cpp's "tekken" pre-tokenizer implements it.
-TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-                  r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # mistral-common's special tokens for Tekken files that do not list their own (versions up to v7).
 LEGACY_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
