@@ -179,7 +179,7 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, pre, lora, dry_run, o
 @cli.command()
 @click.argument("infile", type=click.Path(path_type=Path))
 @click.argument("outfile", type=click.Path(path_type=Path))
-@click.option("--type", "qtype", required=True, metavar="TYPE", help="Target type: q8_0, q4_0, q4_1, q5_0, q5_1, f16, ... or a K-quant mix: q2_k, "
+@click.option("--type", "--outtype", "qtype", required=True, metavar="TYPE", help="Target type: q8_0, q4_0, q4_1, q5_0, q5_1, f16, ... or a K-quant mix: q2_k, "
                    "q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k.")
 @click.option("--allow-requantize", is_flag=True, help="Accept an input whose tensors are already quantized.")
 @type_options

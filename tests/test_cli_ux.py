@@ -98,3 +98,22 @@ def test_usual_mistakes_get_a_line_that_says_what_to_do(tmp_path):
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
         assert needle in lines[0] and str(path) in lines[0], lines[0]
+
+
+def test_quantize_refuses_to_overwrite_its_input_and_takes_outtype(tmp_path):
+    f16 = tmp_path / "m-f16.gguf"
+    res = run("convert", str(ROOT / "fixtures" / "tiny-llama"), "--outtype", "f16", "-o", str(f16), "-q")
+    assert res.returncode == 0, res.stderr
+    before = f16.read_bytes()
+    for other in (f16, tmp_path / "." / "m-f16.gguf"):
+        res = run("quantize", str(f16), str(other), "--type", "q4_0", "-f", "-q")
+        assert res.returncode == 2 and "the output is the input file" in res.stderr, res.stderr
+    assert f16.read_bytes() == before
+    res = run("quantize", str(f16), str(tmp_path / "q.gguf"), "--outtype", "q8_0", "-q")
+    assert res.returncode == 0, res.stderr
+
+
+def test_a_type_typo_gets_a_suggestion(tmp_path):
+    res = run("convert", str(ROOT / "fixtures" / "tiny-llama"), "--outtype", "q4_km", "-o", str(tmp_path / "x.gguf"))
+    assert res.returncode == 2, res.stderr
+    assert "did you mean q4_K_M?" in res.stderr and len(res.stderr.strip().splitlines()) == 1

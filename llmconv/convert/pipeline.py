@@ -1,6 +1,8 @@
 """`llmconv convert`: checkpoint directory -> plan -> GGUF file."""
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,7 @@ from gguf.utility import naming_convention, size_label
 from gguf import GGUFValueType as T
 from gguf import Keys
 
+from ..errors import LlmconvError
 from ..formats.gguf_writer import KV
 from .gguf_source import GGUFSource, open_gguf_source
 from .hparams import LlamaHParams
@@ -147,6 +150,9 @@ def gguf_model_shape(src: GGUFSource) -> ModelShape | None:
 def plan_requantize(in_path: str | Path, out_path: str | Path, qtype: str, *, pure: bool = False,
                     output_type: str | None = None, token_embd_type: str | None = None, overrides=(),
                     allow_requantize: bool = False) -> Requantization:
+    if Path(out_path).exists() and Path(in_path).exists() and os.path.samefile(in_path, out_path):
+        # the input is read while the output is written: even with --force this would destroy it
+        raise LlmconvError("the output is the input file; write to another path", file=out_path)
     src = open_gguf_source(in_path, allow_requantize=allow_requantize)
     policy = TypePolicy(qtype.lower(), pure=pure, tied_embeddings=src.tied_embeddings, output_type=output_type,
                         token_embd_type=token_embd_type, overrides=list(overrides), model=gguf_model_shape(src))

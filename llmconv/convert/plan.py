@@ -152,8 +152,24 @@ class TypePolicy:
 def _qtype(name: str, where: str) -> q.QuantType:
     try:
         return q.get(name)
-    except KeyError as e:
-        raise LlmconvError(f"{where}: {e.args[0]}") from None
+    except KeyError:
+        raise LlmconvError(f"{where}: {unknown_type_message(name)}") from None
+
+
+def unknown_type_message(name: str) -> str:
+    """'unknown type ...; did you mean q4_K_M?' over every name --outtype takes."""
+    import difflib
+
+    known = [*q.TYPES, *mixes.MIXES, *mixes.ALIASES]
+    close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
+    hint = f"; did you mean {_display(close[0])}?" if close else ""
+    names = dict.fromkeys(map(_display, sorted(known, key=lambda k: (k[0] != "f", k[:2] != "q8", k))))
+    return f"unknown type {name!r}{hint} (known: {', '.join(names)}, auto)"
+
+
+def _display(name: str) -> str:
+    """llama.cpp's spelling: q4_K_M, q6_K, iq4_XS."""
+    return re.sub(r"_k(_[sml])?$", lambda m: "_K" + (m.group(1) or "").upper(), name)
 
 
 def choose_type(src: SourceTensor, policy: TypePolicy) -> tuple[q.QuantType, str, Why]:
