@@ -59,6 +59,7 @@ def cli(debug: bool) -> None:
     llmconv convert CKPT_DIR --outtype q4_0          # Meta/HF checkpoint -> ./Name-7B-Q4_0.gguf
     llmconv quantize IN.gguf OUT.gguf --type q8_0    # requantize a float GGUF
     llmconv verify OUT.gguf --reference CKPT_DIR     # logits vs. a reference forward pass
+    llmconv convert-lora ADAPTER --base CKPT_DIR     # PEFT LoRA adapter -> llama.cpp LoRA GGUF
     llmconv inspect FILE.gguf                        # what a GGUF/ggml file holds
     """
     global _DEBUG

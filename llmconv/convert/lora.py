@@ -303,17 +303,18 @@ def parse_lora_spec(spec: str) -> tuple[Path, float]:
     return Path(spec), 1.0
 
 
-def apply_adapters(source, specs) -> None:
+def apply_adapters(source, specs) -> AdapterPatch:
     """Wrap the lazy loaders of `source` so each target tensor comes out with every adapter merged:
     W + sum(scale_i * s_i * B_i A_i) in float32, modules_to_save replacing the base weight.
-    Adapters apply in the order given. Peak memory: the base tensor plus one delta."""
+    Adapters apply in the order given. Peak memory: the base tensor plus one delta. The adapter
+    files join each changed tensor's `files` (its source_name stays the checkpoint's: verify maps by it)."""
     patch = open_patch(source, specs)
     for t in source.tensors:
         used = [b.adapter for b, _ in patch.steps if t.name in b.targets or t.name in b.replaced]
         if used:
             t.load = _merged_loader(patch, t.name, t.load)
             t.files = list(t.files) + [a.weights_file for a in used]
-            t.source_name += "".join(f" + LoRA {a.path.name}" for a in used)
+    return patch
 
 
 def _merged_loader(patch: AdapterPatch, name: str, base_load: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
@@ -328,15 +329,20 @@ class AdapterPatch:
     """Adapters bound to one base checkpoint, applied to weights as a reference pass loads them."""
     steps: list[tuple[Binding, float]]
 
-    def apply(self, gguf_name: str | None, load: Callable[[], torch.Tensor], meta_rows: bool) -> torch.Tensor:
+    def apply(self, gguf_name: str | None, load: Callable[[], torch.Tensor], meta_rows: bool,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
         """The weight `load()` gives (float32, in the caller's layout: Meta rows or HF's), with every
-        adapter that changes `gguf_name` applied. A replaced weight's base is never loaded."""
+        adapter that changes `gguf_name` applied. `rows`: `load()` gives only these rows (an embedding
+        lookup). A replaced weight's base is never loaded."""
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if rows is None else t[rows]
+
         w = None
         for binding, scale in self.steps:
             if gguf_name in binding.replaced:
-                w = binding.adapter.saved[binding.replaced[gguf_name]][1]().to(torch.float32)
+                w = pick(binding.adapter.saved[binding.replaced[gguf_name]][1]().to(torch.float32))
             if gguf_name in binding.targets:
-                w = delta(binding, gguf_name, scale, meta_rows).add_(load() if w is None else w)
+                w = pick(delta(binding, gguf_name, scale, meta_rows)).add_(load() if w is None else w)
         return load() if w is None else w
 
 
@@ -345,3 +351,18 @@ def open_patch(source, specs) -> AdapterPatch | None:
     if not specs:
         return None
     return AdapterPatch([(bind(open_adapter(path), source), scale) for path, scale in specs])
+
+
+
+def checkpoint_weight_hook(patch: AdapterPatch) -> Callable[[str, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """A reference pass's weight hook (name, w, rows) -> w: `name` is the checkpoint's own ("layers.0.attention.wq.weight"
+    in Meta's layout, "model.layers.0.self_attn.q_proj.weight" in HF's); `rows` the embedding rows `w` holds, or None."""
+    from .plan import meta_to_gguf_name
+
+    def hook(name: str, w: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        meta = meta_to_gguf_name(name)
+        gguf_name = meta or hf_name_to_gguf(name)
+        if gguf_name is None:
+            return w
+        return patch.apply(gguf_name, lambda: w, meta_rows=meta is not None, rows=rows)
+    return hook
