@@ -234,7 +234,7 @@ def convert_lora(adapter_dir, base_dir, outtype, outfile, input_format, force, j
 
     ac = plan_adapter(adapter_dir, base_dir, outtype=outtype, outfile=outfile, input_format=input_format)
     res = write_gguf(ac.out_path, ac.kvs, ac.plan, progress=not quiet, force=force, verbose=verbose)
-    for n in ac.plan.notes:
+    for n in [] if quiet else ac.plan.notes:
         click.echo(f"note: {n}", err=True)
     _echo_written(res, ac.plan.outtype)
     emit_json(json_path, {"adapter": str(adapter_dir), "base": str(base_dir), "output": str(res.path),

@@ -31,7 +31,7 @@ from ..errors import LlmconvError
 from ..formats.gguf_writer import KV
 from .lora import Binding, LoraAdapter, bind, lora_b_meta, open_adapter
 from .metadata import ARCH, QUANTIZATION_VERSION
-from .plan import Plan, PlannedTensor, SourceTensor
+from .plan import Plan, PlannedTensor, SourceTensor, Why, plan_notes
 from .sources import Source, open_source
 
 ADAPTER_TYPES = ("f32", "f16", "bf16", "q8_0")
@@ -69,15 +69,14 @@ def plan_adapter(adapter_dir: str | Path, base_dir: str | Path, *, outtype: str 
         elif t.name in binding.replaced:
             sources += _replacement_tensors(binding, t, alpha)
     want = q.get(outtype)
-    tensors, notes = [], []
+    tensors = []
     for s in sources:
-        qt = want
-        if not qt.can_hold_row(s.shape[-1]):
-            # as llama.cpp's converter does: a row q8_0 cannot block (e.g. lora_b's r) is written f16
-            qt = q.get("f16")
-            notes.append(f"{s.name}: f16 (row length {s.shape[-1]} does not fit {want.name} blocks)")
-        tensors.append(PlannedTensor(s, qt, "" if qt is want else "row length"))
-    plan = Plan(tensors, int(want.file_type), want.name, notes)
+        if want.can_hold_row(s.shape[-1]):
+            tensors.append(PlannedTensor(s, want))
+        else:   # as llama.cpp's converter does: a row q8_0 cannot block (lora_b's, r long) is written f16
+            tensors.append(PlannedTensor(s, q.get("f16"), f"row length {s.shape[-1]} does not fit {want.name} blocks",
+                                         Why.FALLBACK))
+    plan = Plan(tensors, int(want.file_type), want.name, plan_notes(tensors))
     name = Path(adapter_dir).resolve().name
     out_path = Path(outfile) if outfile else Path.cwd() / f"{name}-{want.name.upper()}-LoRA.gguf"
     kvs = [
