@@ -128,8 +128,12 @@ def _echo_written(res, outtype: str) -> None:
                    "'auto' keeps the source precision.")
 @click.option("--outfile", "-o", type=click.Path(path_type=Path), help="Output path. Default: ./Name-Size-TYPE.gguf in the current directory.")
 @click.option("--ctx", type=click.IntRange(1), help="Context length to record (default: by model family; see README).")
-@click.option("--input-format", type=click.Choice(["auto", "meta", "hf"]), default="auto", show_default=True,
-              help="Checkpoint layout; 'auto' detects it from params.json (Meta) or config.json (Hugging Face).")
+@click.option("--input-format", type=click.Choice(["auto", "meta", "hf", "mistral"]), default="auto", show_default=True,
+              help="Checkpoint layout; 'auto' detects it: params.json + consolidated.NN.pth (Meta), params.json + "
+                   "consolidated*.safetensors (Mistral), config.json (Hugging Face).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), metavar="PATH",
+              help="Tokenizer file, or a folder holding it, to use instead of the checkpoint's own "
+                   "(default: the checkpoint folder; for Meta also the folder above it).")
 @click.option("--pre", metavar="NAME",
               help="tokenizer.ggml.pre for a BPE tokenizer (e.g. llama-bpe, gpt-2), overriding the detected one.")
 @click.option("--lora", "lora", metavar="ADAPTER[:SCALE]", multiple=True,
@@ -140,11 +144,13 @@ def _echo_written(res, outtype: str) -> None:
               help="ggml: one legacy ggjt v3 .bin file for pre-GGUF runtimes (f32, f16, q4_0, q4_1, q8_0; implies --pure; "
                    "refuses models ggjt cannot describe, e.g. grouped-query attention or RoPE base != 10000).")
 @type_options
-def convert(ckpt_dir, outtype, outfile, ctx, input_format, pre, lora, dry_run, out_format, pure, output_tensor_type, token_embedding_type, tensor_type,
+def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora, dry_run, out_format, pure, output_tensor_type, token_embedding_type, tensor_type,
             threads, split_max_size, split_max_tensors, force, checksum, json_path, quiet, verbose):
     """Convert a checkpoint directory into one GGUF file.
 
-    CKPT_DIR is an original Meta checkpoint (params.json, consolidated.NN.pth, tokenizer.model).
+    CKPT_DIR is a Meta checkpoint (params.json, consolidated.NN.pth, tokenizer.model), a Hugging Face one
+    (config.json, *.safetensors, tokenizer files) or Mistral's own (params.json, consolidated*.safetensors,
+    tekken.json or tokenizer.model.vN).
     Tensors are read one at a time from memory-mapped shards, converted, and streamed to disk.
     """
     from .convert.execute import write_gguf
@@ -158,7 +164,8 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, pre, lora, dry_run, o
             raise LlmconvError("--checksum is for GGUF output (verify --checksums reads GGUF)")
     from .convert.lora import parse_lora_spec
     conv = plan_conversion(ckpt_dir, outtype=outtype, outfile=outfile, ctx=ctx, input_format=input_format, pre=pre,
-                           lora=[parse_lora_spec(s) for s in lora], **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
+                           tokenizer=tokenizer, lora=[parse_lora_spec(s) for s in lora],
+                           **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
     if dry_run:
         click.echo(describe_plan(conv))
         emit_json(json_path, {"dry_run": True, **plan_json(conv)})

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-from gguf import GGUFReader
 
 from llmconv.convert.execute import write_gguf
 from llmconv.convert.pipeline import plan_conversion
 from llmconv.errors import LlmconvError
+from llmconv.formats.gguf_reader import read_gguf
 from synth import TOKENIZER, meta_state_dict, write_meta_checkpoint
 from torch_reference import meta_logits
 
@@ -48,12 +48,12 @@ def convert(src: Path, out: Path, outtype: str = "f32", **kw) -> Path:
 
 
 def fields(path: Path) -> dict:
-    r = GGUFReader(str(path))
-    return {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    """Metadata (llmconv's GGUF reader: gguf-py's takes seconds over a 32768-token vocabulary)."""
+    return read_gguf(path).kvs
 
 
 def tensor_bytes(path: Path) -> dict[str, bytes]:
-    return {t.name: np.array(t.data).tobytes() for t in GGUFReader(str(path)).tensors}
+    return {t.name: bytes(t.data) for t in read_gguf(path).tensors}
 
 
 def sp_tokens(n: int, model: Path = TOKENIZER) -> list[int]:
@@ -214,3 +214,187 @@ def test_uneven_shards_replicated_norms_must_be_equal(single_shard, tmp_path):
     src = write_shards(tmp_path / "norm", shards, params)
     with pytest.raises(LlmconvError, match=r"consolidated.01.pth.*layers.1.ffn_norm.weight.*replicated tensor differs"):
         plan_conversion(src)
+
+
+# ---- 2. Mistral's own format ---------------------------------------------------------------------
+
+def mistral_data(name: str) -> Path:
+    spec = importlib.util.find_spec("mistral_common")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("mistral-common is not installed (pip install --no-deps mistral-common): it ships the real "
+                    "Mistral tokenizer files")
+    return Path(spec.submodule_search_locations[0]) / "data" / name
+
+
+MULTILINGUAL = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Le cœur a ses raisons que la raison ne connaît point.",
+    "Größenwahn und Übermut: ÄÖÜ äöü ß.",
+    "東京は日本の首都です。我想在apple工作。",
+    "Привет, как дела? Ελληνικά! עברית العربية",
+    "emoji 🙂🚀 and numbers 3.14159 1,000,000 2024-11-24",
+    "  leading spaces\n\ttabs\n\nnewlines  ",
+    "def f(x):\n    return [x ** 2 for x in range(10)]",
+]
+
+
+def write_mistral_checkpoint(path: Path, sd: dict, params: dict, tokenizer: Path, files: int = 1) -> Path:
+    """params.json + consolidated.safetensors (or consolidated-0000k-of-0000N) + the tokenizer file,
+    under its own name, as Mistral's repositories hold them."""
+    from safetensors.torch import save_file
+    path.mkdir(parents=True)
+    (path / "params.json").write_text(json.dumps(params, indent=2))
+    names = list(sd)
+    for k in range(files):
+        part = {n: sd[n].contiguous() for n in names[k * len(names) // files:(k + 1) * len(names) // files]}
+        fname = "consolidated.safetensors" if files == 1 else f"consolidated-{k + 1:05d}-of-{files:05d}.safetensors"
+        save_file(part, str(path / fname), metadata={"format": "pt"})
+    target = "tekken.json" if tokenizer.suffix == ".json" else "tokenizer.model." + tokenizer.name.rsplit(".", 1)[-1]
+    (path / target).write_bytes(tokenizer.read_bytes())
+    return path
+
+
+# Mistral 7B v0.3's params.json, scaled down (dim 4096, 32 layers, 32 heads of 128, 8 kv heads,
+# hidden_dim 14336, vocab 32768 with tokenizer.model.v3)
+MISTRAL_V03 = {"dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 96, "n_heads": 4, "n_kv_heads": 2,
+               "norm_eps": 1e-05, "vocab_size": 32768, "rope_theta": 1000000.0}
+
+
+@pytest.fixture(scope="module")
+def mistral_v3(tmp_path_factory):
+    tok = mistral_data("mistral_instruct_tokenizer_240323.model.v3")
+    tmp = tmp_path_factory.mktemp("mistral_v3")
+    p = MISTRAL_V03
+    sd = meta_state_dict(dim=p["dim"], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"], ffn=p["hidden_dim"],
+                         vocab=p["vocab_size"], seed=7)
+    src = write_mistral_checkpoint(tmp / "Mistral-7B-Instruct-v0.3", sd, p, tok)
+    out = convert(src, tmp / "m.gguf")
+    return sd, src, out, tok, tmp
+
+
+def test_mistral_format_is_detected_and_written_like_llamacpp(mistral_v3):
+    sd, src, out, tok, tmp = mistral_v3
+    conv = plan_conversion(src, outtype="f32")
+    assert conv.source.kind == "mistral" and conv.hparams.family == "mistral"
+    assert any("no context length" in w for w in conv.warnings)
+    f = fields(out)
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    assert f["tokenizer.ggml.model"] == "llama" and len(f["tokenizer.ggml.tokens"]) == sp.vocab_size() == 32768
+    assert f["tokenizer.ggml.tokens"][3] == "[INST]" and f["tokenizer.ggml.token_type"][3] == 3   # control
+    assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"], f["tokenizer.ggml.padding_token_id"]) \
+        == (1, 2, 2)                     # no pad piece: padded with eos, as llama.cpp's MistralVocab does
+    assert f["tokenizer.chat_template"] == "mistral-v3"
+    assert f["llama.attention.key_length"] == 16 and f["llama.rope.freq_base"] == 1e6
+    # Meta's names and Q/K order: the tensors are the state dict's, in Meta's order
+    names = [t.name for t in read_gguf(out).tensors]
+    assert names[0] == "token_embd.weight" and names[1].startswith("blk.0.") and names[-1] == "output.weight"
+    q = np.frombuffer(tensor_bytes(out)["blk.1.attn_q.weight"], dtype=np.float32)
+    assert np.array_equal(q, sd["layers.1.attention.wq.weight"].float().numpy().ravel())
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_tokenizes_like_the_v3_sentencepiece_model(mistral_v3):
+    import llama_cpp
+    sd, src, out, tok, tmp = mistral_v3
+    sp = spm.SentencePieceProcessor(model_file=str(tok))    # what mistral-common's SentencePieceTokenizer runs
+    llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
+    for s in MULTILINGUAL:
+        assert llm.tokenize(s.encode(), add_bos=True) == [sp.bos_id()] + sp.encode(s), s
+    # control tokens parse as one token when special tokens are on (mistral-common's [INST] ... [/INST])
+    assert llm.tokenize(b"[INST]", add_bos=False, special=True) == [3]
+
+
+@pytest.mark.llamacpp
+def test_llamacpp_logits_of_mistral_format_match_the_reference(mistral_v3):
+    sd, src, out, tok, tmp = mistral_v3
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    tokens = ([sp.bos_id()] + sp.encode(" ".join(MULTILINGUAL)))[:48]
+    p = MISTRAL_V03
+    ref = meta_logits(sd, tokens, n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"], head_dim=p["head_dim"],
+                      norm_eps=p["norm_eps"], rope_theta=p["rope_theta"])
+    err = rel_err(llamacpp_logits(out, tokens), ref)
+    assert err < 1e-5, err
+
+
+def test_mistral_files_split_by_tensor_give_the_same_gguf(mistral_v3, tmp_path):
+    sd, src, out, tok, tmp = mistral_v3
+    split = write_mistral_checkpoint(tmp_path / "split", sd, MISTRAL_V03, tok, files=3)
+    assert tensor_bytes(convert(split, tmp_path / "s.gguf")) == tensor_bytes(out)
+    (split / "consolidated-00002-of-00003.safetensors").unlink()
+    with pytest.raises(LlmconvError, match="shard 2 of 3 is missing"):
+        plan_conversion(split)
+
+
+def test_mistral_refuses_what_the_llama_architecture_cannot_hold(mistral_v3, tmp_path):
+    sd, src, out, tok, tmp = mistral_v3
+    moe = write_mistral_checkpoint(tmp_path / "moe", {"tok_embeddings.weight": sd["tok_embeddings.weight"]},
+                                   dict(MISTRAL_V03, moe={"num_experts": 8}), tok)
+    with pytest.raises(LlmconvError, match="params.json.*'moe': a mixture of experts"):
+        plan_conversion(moe)
+
+
+# ---- 3. Meta's download tree and --tokenizer --------------------------------------------------------
+
+def test_meta_download_tree_takes_the_tokenizer_from_the_folder_above(single_shard, tmp_path, capsys):
+    """llama/tokenizer.model beside llama/llama-2-7b/{params.json, consolidated.00.pth}."""
+    from llmconv.cli import main
+    sd, params, want, _ = single_shard
+    model = write_meta_checkpoint(tmp_path / "llama" / "llama-2-7b", sd)
+    (model / "tokenizer.model").rename(tmp_path / "llama" / "tokenizer.model")
+    out = tmp_path / "tree.gguf"
+    assert main(["convert", str(model), "--outtype", "f16", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "note: tokenizer.model is not in the checkpoint folder" in err and str(tmp_path / "llama") in err
+    assert tensor_bytes(out) == want
+    assert fields(out)["tokenizer.ggml.tokens"] == fields(convert(write_meta_checkpoint(tmp_path / "std", sd),
+                                                                  tmp_path / "std.gguf", "f16"))["tokenizer.ggml.tokens"]
+
+
+def test_meta_without_any_tokenizer_says_where_it_looked(single_shard, tmp_path):
+    sd, *_ = single_shard
+    model = write_meta_checkpoint(tmp_path / "llama" / "llama-2-7b", sd)
+    (model / "tokenizer.model").unlink()
+    with pytest.raises(LlmconvError, match=r"tokenizer.model is missing \(here and in the folder above; --tokenizer"):
+        plan_conversion(model)
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_tokenizer_option_for_meta(single_shard, tmp_path, as_folder):
+    sd, *_ = single_shard
+    model = write_meta_checkpoint(tmp_path / "m", sd)
+    std = fields(convert(model, tmp_path / "std.gguf", "f16"))
+    elsewhere = tmp_path / "tok"
+    elsewhere.mkdir()
+    name = "tokenizer.model" if as_folder else "spm-32k.model"
+    (model / "tokenizer.model").rename(elsewhere / name)
+    got = fields(convert(model, tmp_path / "t.gguf", "f16", tokenizer=elsewhere if as_folder else elsewhere / name))
+    assert got["tokenizer.ggml.tokens"] == std["tokenizer.ggml.tokens"]
+    assert got["tokenizer.ggml.token_type"] == std["tokenizer.ggml.token_type"]
+    assert got["tokenizer.ggml.scores"] == std["tokenizer.ggml.scores"]
+
+
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_tokenizer_option_for_hf(head_dim_twins, tmp_path, as_folder):
+    import shutil
+    sd, params, meta, hf, tmp = head_dim_twins
+    std = fields(convert(hf, tmp_path / "std.gguf"))
+    bare = tmp_path / "bare"
+    shutil.copytree(hf, bare)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for n in ("tokenizer.model", "tokenizer_config.json"):
+        (bare / n).rename(tok / n)
+    with pytest.raises(LlmconvError, match="no tokenizer"):
+        plan_conversion(bare)
+    got = fields(convert(bare, tmp_path / "t.gguf", tokenizer=tok if as_folder else tok / "tokenizer.model"))
+    del std["general.name"], got["general.name"]
+    assert got == std
+
+
+def test_tokenizer_option_for_mistral(mistral_v3, tmp_path):
+    sd, src, out, tok, tmp = mistral_v3
+    v1 = mistral_data("tokenizer.model.v1")           # 32000 pieces: the 32768-row embedding refuses it
+    with pytest.raises(LlmconvError, match="tokenizer has 32000 tokens but the embedding has 32768 rows"):
+        plan_conversion(src, tokenizer=v1)
+    f = fields(convert(src, tmp_path / "t.gguf", tokenizer=tok))
+    assert f["tokenizer.chat_template"] == "mistral-v3"

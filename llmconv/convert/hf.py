@@ -29,7 +29,7 @@ from ..formats.gguf_writer import KV
 from .hparams import LlamaHParams
 from .meta import expected_shapes, safe_torch_load, stated_head_dim
 from .plan import SourceTensor, meta_to_gguf_name, tensor_name
-from .tokenizer import Vocab, check_vocab_size, load_sentencepiece
+from .tokenizer import Vocab, check_vocab_size, load_sentencepiece, load_sentencepiece_file
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
@@ -162,19 +162,24 @@ class WeightEntry:
     get: Callable[[], torch.Tensor]
 
 
+# File layouts: "safetensors" and "bin" are Hugging Face's, "consolidated" is Mistral's own
+# (consolidated.safetensors, or consolidated-0000k-of-0000N.safetensors: split by tensor, not model-parallel).
 _SHARD_RE = {"safetensors": re.compile(r"model-(\d+)-of-(\d+)\.safetensors"),
-             "bin": re.compile(r"pytorch_model-(\d+)-of-(\d+)\.bin")}
-_SINGLE = {"safetensors": "model.safetensors", "bin": "pytorch_model.bin"}
-_INDEX = {"safetensors": "model.safetensors.index.json", "bin": "pytorch_model.bin.index.json"}
+             "bin": re.compile(r"pytorch_model-(\d+)-of-(\d+)\.bin"),
+             "consolidated": re.compile(r"consolidated-(\d+)-of-(\d+)\.safetensors")}
+_SINGLE = {"safetensors": "model.safetensors", "bin": "pytorch_model.bin", "consolidated": "consolidated.safetensors"}
+_INDEX = {"safetensors": "model.safetensors.index.json", "bin": "pytorch_model.bin.index.json",
+          "consolidated": "consolidated.safetensors.index.json"}
 
 
 def _shards_on_disk(model_dir: Path, kind: str) -> list[Path]:
     return sorted(p for p in model_dir.iterdir() if _SHARD_RE[kind].fullmatch(p.name))
 
 
-def find_weight_files(model_dir: Path) -> tuple[str, list[Path], dict[str, str] | None, Path | None]:
+def find_weight_files(model_dir: Path, kinds: tuple[str, ...] = ("safetensors", "bin")
+                      ) -> tuple[str, list[Path], dict[str, str] | None, Path | None]:
     """(kind, files, weight_map or None, index path or None). safetensors first, like transformers."""
-    for kind in ("safetensors", "bin"):
+    for kind in kinds:
         index = model_dir / _INDEX[kind]
         if index.is_file():
             doc = read_json(index)
@@ -209,6 +214,9 @@ def find_weight_files(model_dir: Path) -> tuple[str, list[Path], dict[str, str] 
                 want = _SINGLE[kind].replace(".", f"-{missing[0]:0{k_digits}d}-of-{n_text}.", 1)
                 raise LlmconvError(f"shard {missing[0]} of {n} is missing", file=model_dir / want)
             return kind, sorted(shards, key=_shard_key), None, None
+    if kinds == ("consolidated",):
+        raise LlmconvError("no weights found: expected consolidated.safetensors or "
+                           "consolidated-0000k-of-0000N.safetensors", file=model_dir)
     raise LlmconvError("no weights found: expected model.safetensors, model-0000k-of-0000N.safetensors "
                        "(+ model.safetensors.index.json) or pytorch_model*.bin", file=model_dir)
 
@@ -218,12 +226,13 @@ def _shard_key(p: Path):
     return (int(m.group(1)) if m else 0, p.name)
 
 
-def open_weights(model_dir: Path) -> tuple[dict[str, WeightEntry], list[Path]]:
+def open_weights(model_dir: Path, kinds: tuple[str, ...] = ("safetensors", "bin")
+                 ) -> tuple[dict[str, WeightEntry], list[Path]]:
     """name -> WeightEntry for every tensor in the checkpoint, in file order; nothing is read yet."""
-    kind, files, wmap, index = find_weight_files(model_dir)
+    kind, files, wmap, index = find_weight_files(model_dir, kinds)
     entries: dict[str, WeightEntry] = {}
     for path in files:
-        for name, entry in (_safetensors_entries(path) if kind == "safetensors" else _bin_entries(path)):
+        for name, entry in (_bin_entries(path) if kind == "bin" else _safetensors_entries(path)):
             if name in entries:
                 raise LlmconvError(f"tensor is stored twice, also in {entries[name].file.name}", file=path, tensor=name)
             if wmap is not None and wmap.get(name) != path.name:
@@ -277,8 +286,16 @@ def _token_text(v) -> str | None:
 
 
 def load_hf_vocab(model_dir: Path, tok_config: dict | None, n_embd_rows: int, warnings: list[str],
-                  pre: str | None = None) -> Vocab:
-    if (model_dir / "tokenizer.model").is_file():
+                  pre: str | None = None, tok_file: Path | None = None) -> Vocab:
+    """From `model_dir` (the checkpoint's or --tokenizer's folder), or from `tok_file` when
+    --tokenizer names a file: a .json one is a tokenizer.json, anything else SentencePiece."""
+    if tok_file is not None and tok_file.suffix == ".json":
+        from .bpe import load_tokenizer_json
+        vocab = load_tokenizer_json(tok_file, tok_config, pre)
+    elif tok_file is not None:
+        vocab = load_sentencepiece_file(tok_file)
+        add_decoder_tokens(vocab, tok_config, model_dir / "tokenizer_config.json")
+    elif (model_dir / "tokenizer.model").is_file():
         vocab = load_sentencepiece(model_dir)
         add_decoder_tokens(vocab, tok_config, model_dir / "tokenizer_config.json")
     elif (model_dir / "tokenizer.json").is_file():
@@ -450,9 +467,10 @@ def special_kvs(s: SpecialTokens) -> list[KV]:
 
 # ---- the source ------------------------------------------------------------------------------
 
-def open_hf_source(model_dir: Path, ctx: int | None = None, pre: str | None = None):
-    """`pre` overrides the detected tokenizer.ggml.pre of a tokenizer.json BPE vocabulary."""
-    from .source import Source
+def open_hf_source(model_dir: Path, ctx: int | None = None, pre: str | None = None, tokenizer: Path | None = None):
+    """`pre` overrides the detected tokenizer.ggml.pre of a tokenizer.json BPE vocabulary;
+    `tokenizer` (--tokenizer) is a folder holding the tokenizer files, or one tokenizer file."""
+    from .source import Source, explicit_tokenizer
 
     model_dir = Path(model_dir)
     cfg_file = model_dir / "config.json"
@@ -527,17 +545,18 @@ def open_hf_source(model_dir: Path, ctx: int | None = None, pre: str | None = No
         if key not in tensors and not (tied and key == tensor_name(MODEL_TENSOR.OUTPUT)):
             raise LlmconvError("tensor missing from the checkpoint", file=model_dir, tensor=key)
 
-    ordered = _ordered(tensors, n_layers)
+    ordered = ordered_tensors(tensors, n_layers)
     extra = _rope_scaling_kvs(scaling, cfg_file)
     if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "llama3":
         # first, where llama.cpp's converter (and the Meta path) puts it
         ordered.insert(0, _rope_freqs_tensor(scaling, head_dim, theta, cfg_file))
 
-    tok_config = read_json(model_dir / "tokenizer_config.json", required=False)
+    tok_dir, tok_file = explicit_tokenizer(tokenizer) if tokenizer is not None else (model_dir, None)
+    tok_config = read_json(tok_dir / "tokenizer_config.json", required=False)
     gen_config = read_json(model_dir / "generation_config.json", required=False)
-    vocab = load_hf_vocab(model_dir, tok_config, emb_rows, warnings, pre)
-    check_vocab_size(vocab, emb_rows, model_dir / "tokenizer.model", "model.embed_tokens.weight")
-    specials = apply_special_tokens(vocab, model_dir, tok_config, gen_config)
+    vocab = load_hf_vocab(tok_dir, tok_config, emb_rows, warnings, pre, tok_file)
+    check_vocab_size(vocab, emb_rows, tok_file or tok_dir / "tokenizer.model", "model.embed_tokens.weight")
+    specials = apply_special_tokens(vocab, tok_dir, tok_config, gen_config)
 
     h = LlamaHParams(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab_size,
                      ffn_dim=ffn, norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=theta,
@@ -553,7 +572,7 @@ def _loader(get: Callable[[], torch.Tensor], heads: int | None) -> Callable[[], 
     return load
 
 
-def _ordered(tensors: dict[str, SourceTensor], n_layers: int) -> list[SourceTensor]:
+def ordered_tensors(tensors: dict[str, SourceTensor], n_layers: int) -> list[SourceTensor]:
     """token_embd, then each layer in Meta's order (weights, then biases), then the output."""
     keys = [tensor_name(MODEL_TENSOR.TOKEN_EMBD)]
     for i in range(n_layers):

@@ -62,9 +62,10 @@ def model_names(model_dir: Path, n_params: int, outtype: str) -> tuple[str, str,
 def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: str | Path | None = None,
                     ctx: int | None = None, pure: bool = False, output_type: str | None = None,
                     token_embd_type: str | None = None, overrides=(), input_format: str = "auto",
-                    pre: str | None = None, lora=()) -> Conversion:
-    """`lora`: (adapter dir, scale) pairs, merged into the weights as they are loaded (convert/lora.py)."""
-    src = open_source(model_dir, input_format, ctx, pre)
+                    pre: str | None = None, tokenizer: str | Path | None = None, lora=()) -> Conversion:
+    """`lora`: (adapter dir, scale) pairs, merged into the weights as they are loaded (convert/lora.py);
+    `tokenizer`: --tokenizer, a tokenizer file or folder used instead of the checkpoint's own."""
+    src = open_source(model_dir, input_format, ctx, pre, tokenizer)
     if lora:
         from .lora import apply_adapters
         apply_adapters(src, lora)
@@ -76,6 +77,7 @@ def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: st
                         token_embd_type=token_embd_type, overrides=list(overrides),
                         model=ModelShape(h.n_layers, h.n_heads, h.n_kv_heads))
     plan = make_plan(src.tensors, policy)
+    plan.notes[:0] = src.notes
     name, label, fname = model_names(src.path, plan.n_params, plan.outtype)
     out_path = Path(outfile) if outfile else Path.cwd() / fname
     kvs = general_kvs(name, plan.file_type, label) + llama_kvs(h) + list(src.extra_kvs) + vocab_kvs(src.vocab)

@@ -63,6 +63,40 @@ def load_sentencepiece(model_dir: Path) -> Vocab:
                  add_bos=True, add_eos=False, source=path)
 
 
+def load_sentencepiece_file(path: Path) -> Vocab:
+    """A SentencePiece model under any file name (Mistral's tokenizer.model.v3, --tokenizer FILE).
+    Token types as gguf's SentencePieceVocab and llama.cpp's MistralVocab assign them."""
+    import sentencepiece as spm
+
+    if not path.is_file():
+        raise LlmconvError("tokenizer file is missing", file=path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise LlmconvError(f"not a SentencePiece model: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                           file=path) from None
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        ttype = TokenType.NORMAL
+        if sp.IsUnknown(i):
+            ttype = TokenType.UNKNOWN
+        if sp.IsControl(i):
+            ttype = TokenType.CONTROL
+        if sp.IsUnused(i):
+            ttype = TokenType.UNUSED
+        if sp.IsByte(i):
+            ttype = TokenType.BYTE
+        tokens.append(sp.IdToPiece(i).encode("utf-8"))
+        scores.append(float(sp.GetScore(i)))
+        types.append(int(ttype))
+
+    def special(i: int) -> int | None:
+        return i if i >= 0 else None
+
+    return Vocab("llama", tokens, scores, types, bos_id=special(sp.bos_id()), eos_id=special(sp.eos_id()),
+                 unk_id=special(sp.unk_id()), pad_id=special(sp.pad_id()), add_bos=True, add_eos=False, source=path)
+
+
 def check_vocab_size(vocab: Vocab, n_embd_rows: int, file: Path, tensor: str) -> None:
     """The embedding must have exactly one row per token: llama.cpp refuses a mismatch at
     load time, so it is an error here, before anything is written."""
@@ -75,4 +109,4 @@ def check_vocab_size(vocab: Vocab, n_embd_rows: int, file: Path, tensor: str) ->
                            f"(add the missing tokens with added_tokens.json)", file=vocab.source or file, tensor=tensor)
 
 
-__all__ = ["Vocab", "load_sentencepiece", "check_vocab_size", "TokenType"]
+__all__ = ["Vocab", "load_sentencepiece", "load_sentencepiece_file", "check_vocab_size", "TokenType"]
