@@ -114,10 +114,11 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
-def _echo_written(res, outtype: str) -> None:
-    """The one-line summary after convert/quantize: files, tensors, size, type, time, rate."""
+def _echo_written(res, outtype: str, json_path: str | None = None) -> None:
+    """The one-line summary after convert/quantize: files, tensors, size, type, time, rate.
+    With `--json -` stdout carries only the JSON, so the summary goes to stderr."""
     click.echo(f"wrote {', '.join(map(str, res.paths))}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, "
-               f"{outtype}, in {res.seconds:.1f} s ({res.nbytes / 2**20 / max(res.seconds, 1e-9):,.0f} MiB/s)")
+               f"{outtype}, in {res.seconds:.1f} s ({res.nbytes / 2**20 / max(res.seconds, 1e-9):,.0f} MiB/s)", err=json_path == "-")
 
 
 @cli.command()
@@ -167,7 +168,7 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora,
                            tokenizer=tokenizer, lora=[parse_lora_spec(s) for s in lora],
                            **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
     if dry_run:
-        click.echo(describe_plan(conv))
+        click.echo(describe_plan(conv), err=json_path == "-")
         emit_json(json_path, {"dry_run": True, **plan_json(conv)})
         return
     for w in conv.warnings:
@@ -180,7 +181,7 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora,
                          checksum=checksum)
     for n in [] if quiet else conv.plan.notes:
         click.echo(f"note: {n}", err=True)
-    _echo_written(res, conv.plan.outtype)
+    _echo_written(res, conv.plan.outtype, json_path)
     emit_json(json_path, {"dry_run": False, **plan_json(conv), "seconds": res.seconds, "file_bytes": res.nbytes})
 
 
@@ -209,7 +210,7 @@ def quantize(infile, outfile, qtype, allow_requantize, pure, output_tensor_type,
                      checksum=checksum)
     for n in [] if quiet else rq.plan.notes:
         click.echo(f"note: {n}", err=True)
-    _echo_written(res, rq.plan.outtype)
+    _echo_written(res, rq.plan.outtype, json_path)
     emit_json(json_path, {"input": str(infile), "output": str(res.path), "type": rq.plan.outtype,
                            "file_type": rq.plan.file_type, "seconds": res.seconds, "file_bytes": res.nbytes,
                            "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes,
@@ -243,7 +244,7 @@ def convert_lora(adapter_dir, base_dir, outtype, outfile, input_format, force, j
     res = write_gguf(ac.out_path, ac.kvs, ac.plan, progress=not quiet, force=force, verbose=verbose)
     for n in [] if quiet else ac.plan.notes:
         click.echo(f"note: {n}", err=True)
-    _echo_written(res, ac.plan.outtype)
+    _echo_written(res, ac.plan.outtype, json_path)
     emit_json(json_path, {"adapter": str(adapter_dir), "base": str(base_dir), "output": str(res.path),
                            "type": ac.plan.outtype, "alpha": ac.alpha, "rslora": ac.adapter.rslora,
                            "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape)}
@@ -266,8 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     from ._malloc import pin_mmap_threshold
 
     pin_mmap_threshold()    # freed tensor buffers go back to the OS (see _malloc.py)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args:   # a global option, also accepted after the subcommand (`llmconv convert ... --debug`)
+        args = ["--debug"] + [a for a in args if a != "--debug"]
     try:
-        cli.main(args=argv, prog_name="llmconv", standalone_mode=False)
+        cli.main(args=args, prog_name="llmconv", standalone_mode=False)
     except LlmconvError as e:
         if _DEBUG:
             traceback.print_exc()

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -117,3 +119,23 @@ def test_a_type_typo_gets_a_suggestion(tmp_path):
     res = run("convert", str(ROOT / "fixtures" / "tiny-llama"), "--outtype", "q4_km", "-o", str(tmp_path / "x.gguf"))
     assert res.returncode == 2, res.stderr
     assert "did you mean q4_K_M?" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra", [[], ["--dry-run"]])
+def test_json_to_stdout_is_only_json(tmp_path, extra):
+    import json
+
+    res = run("convert", str(ROOT / "fixtures" / "tiny-llama"), "--outtype", "q4_0", "-o", str(tmp_path / "a.gguf"),
+              "--json", "-", *extra)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)                    # nothing but the JSON document on stdout
+    assert report["dry_run"] == bool(extra)
+    assert ("wrote" in res.stderr) != bool(extra)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_works_before_or_after_the_subcommand(tmp_path, where):
+    args = ["convert", str(tmp_path / "nowhere")]
+    res = run(*(["--debug", *args] if where == "before" else [*args, "--debug"]))
+    assert res.returncode == 2
+    assert "Traceback" in res.stderr and "no such file or directory" in res.stderr
