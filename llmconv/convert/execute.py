@@ -28,6 +28,7 @@ from ..errors import LlmconvError
 from ..formats.atomic import atomic_outputs
 from ..formats.checksums import sidecar_document, sidecar_path, tensor_sha256
 from ..formats.gguf_writer import KV, GGUFFileWriter, TensorEntry, plan_layout, read_tensor_infos
+from .moe import convert_stacked
 from .plan import Plan, PlannedTensor
 
 
@@ -44,6 +45,8 @@ def convert_tensor(t: PlannedTensor, data: np.ndarray, threads: int) -> np.ndarr
     """Float array -> the bytes of `t` in its planned type, with errors that name the tensor."""
     where = t.src.files[0] if t.src.files else None
     label = t.src.source_name or t.name
+    if data is None and t.src.parts is not None:
+        return convert_stacked(t, threads, _load_part)      # MoE experts, one slice at a time
     if tuple(data.shape) != tuple(t.shape):
         raise LlmconvError(f"loaded shape {tuple(data.shape)} != planned {tuple(t.shape)}", file=where, tensor=label)
     try:
@@ -52,15 +55,23 @@ def convert_tensor(t: PlannedTensor, data: np.ndarray, threads: int) -> np.ndarr
         raise LlmconvError(f"{e} (cannot convert to {t.qtype.name})", file=where, tensor=label) from None
 
 
-def _load(t: PlannedTensor) -> np.ndarray:
+def _load(t: PlannedTensor, part: int | None = None) -> np.ndarray | None:
+    """The tensor's float data; None for a stacked tensor, whose slices are read one at a
+    time while it is converted (`part`: read that slice)."""
+    if t.src.parts is not None and part is None:
+        return None
     where = t.src.files[0] if t.src.files else None
     try:
-        return t.src.load()
+        return t.src.load() if part is None else t.src.parts[part]()
     except LlmconvError:
         raise
     except (RuntimeError, OSError, ValueError) as e:
         raise LlmconvError(f"cannot read tensor data: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                            file=where, tensor=t.src.source_name or t.name) from None
+
+
+def _load_part(t: PlannedTensor, part: int) -> np.ndarray:
+    return _load(t, part)
 
 
 def split_plan(kvs: Sequence[KV], plan: Plan, max_bytes: int = 0, max_tensors: int = 0):

@@ -80,6 +80,9 @@ def check_ggjt(conv: Conversion) -> list[str]:
     if conv.source.vocab.model != "llama":
         raise LlmconvError(f"the tokenizer is {conv.source.vocab.model!r} (byte-level BPE); ggjt loaders read only "
                            "SentencePiece vocabularies: use --format gguf", file=src)
+    if h.n_expert:
+        raise LlmconvError(f"a mixture of experts ({h.n_expert} experts) cannot be recorded in a ggjt file: "
+                           "use --format gguf", file=src)
     if h.head_dim * h.n_heads != h.dim:
         raise LlmconvError(f"head size {h.head_dim} != dim / n_heads = {h.dim // h.n_heads} cannot be recorded in a "
                            "ggjt file; its loaders assume dim / n_heads: use --format gguf", file=src)

@@ -82,6 +82,7 @@ def open_gguf_source(path: str | Path, allow_requantize: bool = False) -> GGUFSo
         tensors.append(SourceTensor(
             name=t.name, shape=shape, files=[path], source_name=t.name, source_dtype=qt.name,
             load=lambda off=int(t.data_offset), n=int(t.n_bytes), shape=shape, qt=qt: _load(mm, off, n, shape, qt),
+            parts=_slices(mm, int(t.data_offset), int(t.n_bytes), shape, qt) if len(shape) == 3 else None,
         ))
     return GGUFSource(path, arch, kvs, tensors, types)
 
@@ -90,6 +91,12 @@ def _load(mm: np.memmap, offset: int, nbytes: int, shape: tuple[int, ...], qt: q
     raw = np.asarray(mm[offset:offset + nbytes])
     rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1
     return q.dequantize_tensor(raw.reshape(rows, -1), qt).reshape(shape)
+
+
+def _slices(mm: np.memmap, offset: int, nbytes: int, shape: tuple[int, ...], qt: q.QuantType):
+    """One loader per slice of a 3-D tensor (MoE experts), so the writer converts slice by slice."""
+    step = nbytes // shape[0]
+    return [lambda off=offset + i * step: _load(mm, off, step, shape[1:], qt) for i in range(shape[0])]
 
 
 def _validate(path: Path) -> None:

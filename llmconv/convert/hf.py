@@ -26,12 +26,13 @@ from gguf import Keys, MODEL_TENSOR, TokenType
 
 from ..errors import LlmconvError, load_json
 from ..formats.gguf_writer import KV
+from . import moe
 from .hparams import LlamaHParams
 from .meta import expected_shapes, safe_torch_load, stated_head_dim
 from .plan import SourceTensor, meta_to_gguf_name, tensor_name
 from .tokenizer import Vocab, check_vocab_size, load_sentencepiece, load_sentencepiece_file
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
 
 # HF name (layer prefix and .weight/.bias stripped) -> GGUF tensor kind.
 HF_LAYER_NAMES = {
@@ -58,7 +59,7 @@ _DROPPED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 # Order of a layer's tensors in the output (the order of a Meta checkpoint).
 _LAYER_ORDER = [MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K, MODEL_TENSOR.ATTN_V, MODEL_TENSOR.ATTN_OUT,
-                MODEL_TENSOR.FFN_GATE, MODEL_TENSOR.FFN_DOWN, MODEL_TENSOR.FFN_UP,
+                MODEL_TENSOR.FFN_GATE, MODEL_TENSOR.FFN_DOWN, MODEL_TENSOR.FFN_UP, *moe.LAYER_ORDER,
                 MODEL_TENSOR.ATTN_NORM, MODEL_TENSOR.FFN_NORM]
 
 _ST_DTYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
@@ -145,6 +146,8 @@ def rope_settings(config: dict) -> tuple[float, dict | None]:
 def hf_family(arch: str, vocab: int, theta: float, scaling: dict | None) -> str:
     if arch == "MistralForCausalLM":
         return "mistral"
+    if arch == "MixtralForCausalLM":
+        return "mixtral"
     if vocab >= 128000:
         return "llama-3.1" if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3" else "llama-3"
     if theta == 1e6:
@@ -522,6 +525,12 @@ def open_hf_source(model_dir: Path, ctx: int | None = None, pre: str | None = No
     expected = {meta_to_gguf_name(k): v
                 for k, v in expected_shapes(dim, n_layers, n_heads, n_kv, ffn, vocab_size, head_dim).items()}
     tensors: dict[str, SourceTensor] = {}
+    moe_config = moe.hf_moe_config(config, cfg_file)
+    if moe_config is not None:      # Mixtral: routers and stacked experts instead of the dense ffn
+        tensors.update(moe.stack_hf_experts(entries, moe_config, dim=dim, ffn=ffn, n_layers=n_layers,
+                                            cfg_file=cfg_file, expert_loader=lambda e: _loader(e.get, None)))
+        dense_ffn = moe.dense_ffn_names(n_layers)
+        expected = {k: v for k, v in expected.items() if k not in dense_ffn}
     for name, e in entries.items():
         if _DROPPED.fullmatch(name):
             continue
@@ -561,7 +570,9 @@ def open_hf_source(model_dir: Path, ctx: int | None = None, pre: str | None = No
     h = LlamaHParams(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab_size,
                      ffn_dim=ffn, norm_eps=float(config.get("rms_norm_eps", 1e-6)), rope_theta=theta,
                      context_length=int(ctx_len), family=hf_family(arch, vocab_size, theta, scaling),
-                     tied_embeddings=tied, stated_head_dim=stated)
+                     tied_embeddings=tied, stated_head_dim=stated,
+                     n_expert=moe_config.n_expert if moe_config else 0,
+                     n_expert_used=moe_config.n_expert_used if moe_config else 0)
     return Source("hf", model_dir, h, vocab, ordered, extra_kvs=extra + special_kvs(specials), warnings=warnings)
 
 

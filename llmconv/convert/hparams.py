@@ -22,6 +22,9 @@ class LlamaHParams:
     # head_dim as config.json / params.json states it (Mistral Nemo: 128 with dim 5120 and 32 heads);
     # None when the checkpoint does not say, and then it is dim / n_heads
     stated_head_dim: int | None = None
+    # mixture of experts (Mixtral): experts per layer and experts each token uses; 0 when dense
+    n_expert: int = 0
+    n_expert_used: int = 0
 
     @property
     def head_dim(self) -> int:

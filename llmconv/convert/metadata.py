@@ -35,6 +35,8 @@ def llama_kvs(h: LlamaHParams) -> list[KV]:
     # llama.cpp needs them when head_dim != dim / n_heads (it defaults to that quotient)
     head = [] if h.stated_head_dim is None else [KV(f(a.KEY_LENGTH), h.stated_head_dim, T.UINT32),
                                                  KV(f(a.VALUE_LENGTH), h.stated_head_dim, T.UINT32)]
+    experts = [] if not h.n_expert else [KV(f(k.EXPERT_COUNT), h.n_expert, T.UINT32),
+                                         KV(f(k.EXPERT_USED_COUNT), h.n_expert_used, T.UINT32)]
     return [
         KV(f(k.VOCAB_SIZE), h.vocab_size, T.UINT32),
         KV(f(k.CONTEXT_LENGTH), h.context_length, T.UINT32),
@@ -47,6 +49,7 @@ def llama_kvs(h: LlamaHParams) -> list[KV]:
         *head,
         KV(f(a.LAYERNORM_RMS_EPS), h.norm_eps, T.FLOAT32),
         KV(f(r.FREQ_BASE), h.rope_theta, T.FLOAT32),
+        *experts,
     ]
 
 

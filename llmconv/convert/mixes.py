@@ -8,6 +8,8 @@ table that `tensor_type` reads:
     RULES              (mix, tensor kind, condition, type); the first row that matches wins,
                        no matching row means the mix's base type
     LLAMA_70B_ATTN_V   a last bump of attn_v on 80-layer GQA models (llama.cpp's "70B" type)
+    EIGHT_EXPERTS      the very last word on attn_v/attn_k of 8-expert models (Mixtral), in every
+                       quantized type, K-quant mix or not
     FALLBACK           the 32-block type used when a row does not split into 256-blocks
 
 Layer-dependent conditions look at the tensor's layer index `i` and the layer count `n`,
@@ -53,6 +55,7 @@ class ModelShape:
     n_heads: int
     n_kv_heads: int
     n_attn_v: int | None = None  # attn_v tensors in the file (llama.cpp counts them); default n_layers
+    n_expert: int = 0            # experts per MoE layer ({arch}.expert_count); 0 for a dense model
 
     @property
     def n_gqa(self) -> int:
@@ -87,6 +90,9 @@ CONDITIONS = {
     "i<n/16": lambda t: t.i < t.n // 16,
     "more_bits": _more_bits,
     "row%256==0": lambda t: t.row % 256 == 0,
+    # llama.cpp singles out 8-expert models (Mixtral 8x7B/8x22B) by this exact count
+    "n_expert==8": lambda t: t.model.n_expert == 8,
+    "n_expert!=8": lambda t: t.model.n_expert != 8,
 }
 
 ALL = tuple(MIXES)
@@ -113,13 +119,18 @@ RULES: list[tuple[tuple[str, ...], str, str, str]] = [
     (("q4_k_s",), "ffn_down", "i<n/8", "q5_k"),
     (("q4_k_m", "q5_k_m"), "ffn_down", "more_bits", "q6_k"),
 
-    (("q2_k",), "attn_output", "always", "q3_k"),
-    (("q3_k_m",), "attn_output", "always", "q4_k"),
-    (("q3_k_l",), "attn_output", "always", "q5_k"),
+    (("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m"), "attn_output", "n_expert==8", "q5_k"),
+    (("q2_k",), "attn_output", "n_expert!=8", "q3_k"),
+    (("q3_k_m",), "attn_output", "n_expert!=8", "q4_k"),
+    (("q3_k_l",), "attn_output", "n_expert!=8", "q5_k"),
 ]
 
 # On llama.cpp's "70B" (80 layers, GQA) attn_v is 8x smaller than attn_q, so it gets q5_K cheaply.
 LLAMA_70B_ATTN_V = {"q3_k": "q5_k", "q4_k": "q5_k"}
+
+# On 8-expert models the attention is a small part of the file: attn_v and attn_k get q8_0
+# ("trades just ~128MB" on Mixtral 8x7B), whatever the quantized type.
+EIGHT_EXPERTS = {"attn_v": "q8_0", "attn_k": "q8_0"}
 
 # A 256-block type whose row length is not a multiple of 256 falls back to a 32-block type of
 # about the same size; if that does not fit either (row not a multiple of 32), f16.
@@ -128,7 +139,7 @@ FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_
 # Reasons that start with this are the mix working as designed, not something to warn about.
 RULE_REASON = "mix rule"
 
-_KINDS = ("attn_v", "ffn_down", "attn_output")
+_KINDS = ("attn_v", "attn_k", "ffn_down", "attn_output")
 
 
 def find_mix(name: str) -> Mix | None:
@@ -144,6 +155,8 @@ def tensor_kind(name: str, tied_embeddings: bool = False) -> str:
     m = re.fullmatch(r"blk\.\d+\.(\w+)\.weight", name)
     if m and m.group(1) in _KINDS:
         return m.group(1)
+    if m and m.group(1).startswith("ffn_down"):
+        return "ffn_down"           # the stacked experts, ffn_down_exps: llama.cpp matches the substring
     return "other"
 
 
@@ -168,7 +181,16 @@ def tensor_type(mix: Mix | str, name: str, shape: tuple[int, ...], model: ModelS
             break
     if kind == "attn_v" and model.is_llama_70b and qtype in LLAMA_70B_ATTN_V:
         qtype, reason = LLAMA_70B_ATTN_V[qtype], f"{RULE_REASON} {mix.name}: attn_v on an 80-layer GQA model"
+    qtype, reason = eight_expert_bump(qtype, reason, name, model)
     return qtype, reason              # the row-length fallback is the planner's (plan.choose_type)
+
+
+def eight_expert_bump(qtype: str, reason: str, name: str, model: ModelShape) -> tuple[str, str]:
+    """llama-quantize's last rule for 8-expert models, for mixes and legacy types alike."""
+    kind = tensor_kind(name)
+    if model.n_expert == 8 and kind in EIGHT_EXPERTS:
+        return EIGHT_EXPERTS[kind], f"{RULE_REASON}: {kind} of an 8-expert model"
+    return qtype, reason
 
 
 def fallback(qtype: str, row: int, reason: str = "") -> tuple[str, str]:

@@ -17,6 +17,7 @@ from ..formats.gguf_writer import KV
 from .gguf_source import GGUFSource, open_gguf_source
 from .hparams import LlamaHParams
 from .metadata import QUANTIZATION_VERSION, general_kvs, llama_kvs, vocab_kvs
+from . import moe
 from .mixes import ModelShape
 from .plan import Plan, TypePolicy, make_plan
 from .sources import Source, open_source
@@ -48,12 +49,14 @@ def resolve_outtype(outtype: str, source_dtype: str) -> str:
     return outtype
 
 
-def model_names(model_dir: Path, n_params: int, outtype: str) -> tuple[str, str, str]:
+def model_names(model_dir: Path, n_params: int, outtype: str,
+                experts: tuple[int, int, int] | None = None) -> tuple[str, str, str]:
     """(general.name, size label, default file name) the way llama.cpp's converters name files:
-    `Llama-2-7B-Q4_0.gguf`. The name comes from the directory, the size from the parameter count."""
+    `Llama-2-7B-Q4_0.gguf`. The name comes from the directory, the size from the parameter count
+    (`experts`: (shared, per-expert, expert count) parameters of a MoE model: `8x7B`)."""
     dirname = model_dir.resolve().name
     _, _, basename, finetune, version, label = Metadata.get_model_id_components(dirname, n_params)
-    label = label or size_label(n_params, n_params, 0, 0)
+    label = label or size_label(n_params, *(experts or (n_params, 0, 0)))
     basename = basename or dirname
     fname = naming_convention(None, basename, finetune, version, label, outtype.upper()) + ".gguf"
     return dirname, label, fname
@@ -75,10 +78,10 @@ def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: st
     outtype = resolve_outtype(outtype, weights_dtype)
     policy = TypePolicy(outtype, pure=pure, tied_embeddings=h.tied_embeddings, output_type=output_type,
                         token_embd_type=token_embd_type, overrides=list(overrides),
-                        model=ModelShape(h.n_layers, h.n_heads, h.n_kv_heads))
+                        model=ModelShape(h.n_layers, h.n_heads, h.n_kv_heads, n_expert=h.n_expert))
     plan = make_plan(src.tensors, policy)
     plan.notes[:0] = src.notes
-    name, label, fname = model_names(src.path, plan.n_params, plan.outtype)
+    name, label, fname = model_names(src.path, plan.n_params, plan.outtype, moe.expert_params(plan.tensors))
     out_path = Path(outfile) if outfile else Path.cwd() / fname
     kvs = general_kvs(name, plan.file_type, label) + llama_kvs(h) + list(src.extra_kvs) + vocab_kvs(src.vocab)
     return Conversion(src, plan, kvs, name, out_path)
@@ -146,7 +149,8 @@ def gguf_model_shape(src: GGUFSource) -> ModelShape | None:
     if n_layers is None or n_heads is None:
         return None
     n_kv = first(Keys.Attention.HEAD_COUNT_KV)
-    return ModelShape(int(n_layers), int(n_heads), int(n_heads if n_kv is None else n_kv))
+    return ModelShape(int(n_layers), int(n_heads), int(n_heads if n_kv is None else n_kv),
+                      n_expert=int(first(Keys.LLM.EXPERT_COUNT) or 0))
 
 
 def plan_requantize(in_path: str | Path, out_path: str | Path, qtype: str, *, pure: bool = False,

@@ -29,6 +29,9 @@ class SourceTensor:
     files: list[Path]                      # where the bytes come from (for messages)
     source_name: str = ""                  # name in the source, e.g. "layers.0.attention.wq.weight"
     source_dtype: str = ""                 # "bf16", "f16", "f32", "q4_0", ...
+    # a 3-D tensor stacked from 2-D sources (MoE experts): one loader per slice, so the writer
+    # can convert slice by slice (convert/moe.py); `load` still returns the whole tensor
+    parts: list[Callable[[], np.ndarray]] | None = None
 
 
 class Why(enum.Enum):
@@ -173,8 +176,8 @@ def _display(name: str) -> str:
 
 
 def choose_type(src: SourceTensor, policy: TypePolicy) -> tuple[q.QuantType, str, Why]:
-    if len(src.shape) < 2 or not src.name.endswith(".weight"):
-        return q.get("f32"), "", Why.REQUESTED
+    if len(src.shape) < 2 or not src.name.endswith(".weight") or src.name.endswith(".ffn_gate_inp.weight"):
+        return q.get("f32"), "", Why.REQUESTED   # norms, biases, MoE routers: llama-quantize never touches them
     n = src.shape[-1]
     wanted, reason, why = policy.outtype, "", Why.REQUESTED
     output_name = tensor_name(MODEL_TENSOR.OUTPUT)
@@ -195,6 +198,10 @@ def choose_type(src: SourceTensor, policy: TypePolicy) -> tuple[q.QuantType, str
             wanted, reason = OUTPUT_UPGRADE, "output tensor: llama-quantize's higher-precision choice"
         else:
             wanted, reason = "q8_0", "output tensor: q8_0 (llama-quantize would pick q6_K, which cannot hold this row)"
+    if policy.mix is None and not policy.pure and wanted not in FLOAT_TYPES and policy.model is not None:
+        bumped, reason = mixes.eight_expert_bump(wanted, reason, src.name, policy.model)
+        why = Why.MIX_RULE if bumped != wanted else why
+        wanted = bumped
     if src.name == output_name and policy.output_type:
         wanted, reason, why = policy.output_type, "--output-tensor-type", Why.OVERRIDE
     if src.name == embd_name and policy.token_embd_type:
