@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from .errors import LlmconvError
-from .jsonout import emit_json
+from .jsonout import emit_json, json_option
 
 _DEBUG = False
 
@@ -88,7 +88,7 @@ _type_options = [
     click.option("--force", "-f", is_flag=True, help="Overwrite an existing output file."),
     click.option("--checksum", is_flag=True,
                  help="Also write OUT.sha256.json with the sha256 of every tensor's bytes (checked by verify --checksums)."),
-    click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write a machine-readable report here ('-' for stdout)."),
+    json_option(),
     click.option("--quiet", "-q", is_flag=True, help="No progress bar and no notes (warnings and errors still print)."),
     click.option("--verbose", "-v", is_flag=True, help="One line per tensor as it is written."),
 ]
@@ -227,7 +227,7 @@ def quantize(infile, outfile, qtype, allow_requantize, pure, output_tensor_type,
 @click.option("--input-format", type=click.Choice(["auto", "meta", "hf"]), default="auto", show_default=True,
               help="Layout of the base checkpoint.")
 @click.option("--force", "-f", is_flag=True, help="Overwrite an existing output file.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write a machine-readable report here ('-' for stdout).")
+@json_option()
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--verbose", "-v", is_flag=True, help="One line per tensor as it is written.")
 def convert_lora(adapter_dir, base_dir, outtype, outfile, input_format, force, json_path, quiet, verbose):

@@ -15,3 +15,11 @@ def emit_json(path: str | None, obj: dict) -> None:
         click.echo(text)
     else:
         Path(path).write_text(text + "\n")
+
+
+def json_option(what: str = "a machine-readable report"):
+    """`--json` alone writes to stdout (as gguf-dump --json does); `--json FILE` to a file."""
+    return click.option("--json", "json_path", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
+                        type=click.Path(dir_okay=False, allow_dash=True),
+                        help=f"Write {what} as JSON to FILE, or to stdout with no FILE or '-' "
+                             "(stdout then carries only the JSON).")

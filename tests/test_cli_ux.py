@@ -139,3 +139,19 @@ def test_debug_works_before_or_after_the_subcommand(tmp_path, where):
     res = run(*(["--debug", *args] if where == "before" else [*args, "--debug"]))
     assert res.returncode == 2
     assert "Traceback" in res.stderr and "no such file or directory" in res.stderr
+
+
+def test_json_without_a_file_goes_to_stdout(tmp_path):
+    import json
+
+    out = tmp_path / "a.gguf"
+    res = run("convert", str(ROOT / "fixtures" / "tiny-llama"), "--outtype", "q8_0", "-o", str(out), "-q", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["dry_run"] is False
+    res = run("inspect", str(out), "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["tensors"]
+    # the next word is still a FILE when one is given
+    res = run("inspect", str(out), "--json", str(tmp_path / "r.json"))
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["tensors"]

@@ -22,6 +22,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from ..errors import LlmconvError
+from ..jsonout import json_option
 
 ARRAY_PREVIEW = 8          # array items shown (text and JSON); the length is always given
 TEXT_WIDTH = 72            # longest metadata value shown in the table before it is cut
@@ -261,7 +262,7 @@ def render_text(s: dict) -> str:
 
 @click.command()
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--json", "json_path", metavar="PATH", help="Write the same information as JSON to PATH ('-' for stdout).")
+@json_option("the same information")
 @click.option("--tensors", "tensor_filter", metavar="REGEX",
               help="Only tensors whose name matches REGEX (searched, as grep does), e.g. 'blk\\.0\\.'.")
 def inspect(file: Path, json_path: str | None, tensor_filter: str | None) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import LlmconvError
-from ..jsonout import emit_json
+from ..jsonout import emit_json, json_option
 
 
 def _threads_default() -> int:
@@ -38,9 +38,7 @@ def read_text(path: Path) -> str:
               help="UTF-8 text to evaluate on. Default: a bundled English text (llmconv/verify/default_text.txt).")
 @click.option("--tokens", "-n", type=int, default=256, show_default=True, metavar="N",
               help="Positions to evaluate: BOS plus the text's first N-1 tokens.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), metavar="PATH",
-              help="Write the full report as JSON here ('-' for stdout; the table then goes to stderr). "
-                   "Schema: see llmconv/verify/run.py.")
+@json_option("the full report (schema: llmconv/verify/run.py)")
 @click.option("--max-kld", type=click.FloatRange(min=0), metavar="X",
               help="Fail if the mean KL divergence (reference || file) exceeds X nats. Default: by the file's type.")
 @click.option("--min-top1", type=click.FloatRange(0, 1), metavar="X",
