@@ -136,7 +136,7 @@ def _echo_written(res, outtype: str, json_path: str | None = None) -> None:
               help="Tokenizer file, or a folder holding it, to use instead of the checkpoint's own "
                    "(default: the checkpoint folder; for Meta also the folder above it).")
 @click.option("--pre", metavar="NAME",
-              help="tokenizer.ggml.pre for a BPE tokenizer (e.g. llama-bpe, gpt-2), overriding the detected one.")
+              help="tokenizer.ggml.pre for a BPE tokenizer (llama-bpe, smollm, tekken, gpt-2), overriding the detected one.")
 @click.option("--lora", "lora", metavar="ADAPTER[:SCALE]", multiple=True,
               help="Merge a PEFT LoRA adapter directory into the weights while converting (scale * alpha/r * B A, "
                    "in float32, before quantization); repeatable, applied in order. SCALE defaults to 1.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 
 import pytest
 import tiktoken
@@ -233,6 +234,22 @@ def nemo(tmp_path_factory):
     ckpt = write_hf_bpe_checkpoint(tmp / "ckpt", tj, config, vocab=len(vocab), arch="MistralForCausalLM")
     convert(ckpt, tmp / "nemo.gguf")
     return path, vocab, ckpt, tmp / "nemo.gguf"
+
+
+def test_hf_checkpoint_with_only_tekken_json(nemo, tmp_path):
+    """An HF directory that ships tekken.json but no tokenizer.json is read as llama.cpp's
+    converter reads it (its Mistral vocabulary path): the same vocabulary, scores included."""
+    path, vocab, ckpt, out = nemo
+    d = tmp_path / "ckpt"
+    shutil.copytree(ckpt, d, ignore=shutil.ignore_patterns("tokenizer.json", "tokenizer_config.json"))
+    shutil.copy(path, d / "tekken.json")
+    convert(d, tmp_path / "t.gguf")
+    got, via_json = read_gguf(tmp_path / "t.gguf").kvs, read_gguf(out).kvs
+    for key in ("model", "pre", "tokens", "token_type", "merges", "bos_token_id", "eos_token_id",
+                "unknown_token_id", "add_bos_token", "add_eos_token"):
+        assert got[f"tokenizer.ggml.{key}"] == via_json[f"tokenizer.ggml.{key}"], key
+    assert got["tokenizer.ggml.scores"] == [0.0] * len(vocab)
+    assert got["tokenizer.ggml.padding_token_id"] == 11
 
 
 def test_tekken_vocab_is_mistral_nemos(nemo):

@@ -70,3 +70,22 @@ def test_chat_template_json(tmp_path, in_config):
     (ckpt / "tokenizer_config.json").write_text(json.dumps(cfg))
     kv = convert(ckpt, tmp_path / "out.gguf")
     assert kv[Keys.Tokenizer.CHAT_TEMPLATE] == (cfg["chat_template"] if in_config else from_json)
+
+
+def test_added_tokens_typed_as_llamacpps_converter_does(tmp_path):
+    """An added token not marked special but named like one (<|...|>) is a control token; a
+    user-defined one has SentencePiece's "▁" written as a space."""
+    from gguf import TokenType
+
+    from llmconv.convert.bpe import load_tokenizer_json
+    src = ROOT / "fixtures" / "llama3-bpe" / "tokenizer.json"
+    tj = json.loads(src.read_text(encoding="utf-8"))
+    n = max(t["id"] for t in tj["added_tokens"]) + 1
+    extra = {n: "<|tool_start|>", n + 1: "▁<FILL>", n + 2: "plain"}
+    tj["added_tokens"] += [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                            "normalized": False, "special": False} for i, c in extra.items()]
+    p = tmp_path / "tokenizer.json"
+    p.write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    v = load_tokenizer_json(p)
+    assert v.tokens[n:] == [b"<|tool_start|>", b" <FILL>", b"plain"]
+    assert v.token_types[n:] == [int(TokenType.CONTROL), int(TokenType.USER_DEFINED), int(TokenType.USER_DEFINED)]

@@ -133,8 +133,10 @@ def load_tokenizer_json(path: str | Path, tokenizer_config: dict | None = None, 
         _check_id(i, path, text)
         if not isinstance(text, str):
             raise LlmconvError(f"added token {i} has no content", file=path)
-        ttype = TokenType.CONTROL if tok.get("special") else TokenType.USER_DEFINED
-        by_id[i] = (text, int(ttype))
+        if tok.get("special") or looks_special(text):
+            by_id[i] = (text, int(TokenType.CONTROL))
+        else:                           # llama.cpp's converter writes a user-defined "▁" as a space
+            by_id[i] = (text.replace("\u2581", " "), int(TokenType.USER_DEFINED))
     n = max(by_id) + 1
     tokens, types = [], []
     for i in range(n):
@@ -161,6 +163,15 @@ def load_tokenizer_json(path: str | Path, tokenizer_config: dict | None = None, 
     eot = text_to_id.get("<|eot_id|>")
     return Vocab("gpt2", tokens, [], types, bos_id=bos, eos_id=eos, unk_id=unk, pad_id=pad,
                  add_bos=add_bos, add_eos=add_eos, merges=merges, pre=pre_name, eot_id=eot, source=path)
+
+
+def looks_special(text: str) -> bool:
+    """Added tokens llama.cpp's converter makes control tokens even when tokenizer.json does not
+    mark them special (some models forget to): <|...|>, <｜...｜>, <unused...>, and a few names."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
+            or (text.startswith("<unused") and text.endswith(">")))
 
 
 def normalize_merges(merges: list, path: Path | None = None) -> list[str]:

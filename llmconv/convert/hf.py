@@ -304,8 +304,13 @@ def load_hf_vocab(model_dir: Path, tok_config: dict | None, n_embd_rows: int, wa
     elif (model_dir / "tokenizer.json").is_file():
         from .bpe import load_tokenizer_json   # byte-level BPE (LLaMA 3 and most newer models)
         vocab = load_tokenizer_json(model_dir / "tokenizer.json", tok_config, pre)
+    elif (model_dir / "tekken.json").is_file():
+        from .tekken import tekken_vocab       # Mistral's own tokenizer file, as llama.cpp reads it here too
+        vocab = tekken_vocab(model_dir / "tekken.json")
+        vocab.pre = pre or vocab.pre
     else:
-        raise LlmconvError("no tokenizer: expected tokenizer.model (SentencePiece) or tokenizer.json", file=model_dir)
+        raise LlmconvError("no tokenizer: expected tokenizer.model (SentencePiece), tokenizer.json or tekken.json",
+                           file=model_dir)
     if len(vocab) < n_embd_rows:
         # The embedding has rows no token maps to (vocabularies padded to a round size):
         # named placeholder tokens of type UNUSED, as llama.cpp's converter writes them.
