@@ -278,7 +278,7 @@ def test_tekken_tokenizer_json_converts_to_the_same_vocabulary(nemo):
 def test_tekken_llamacpp_tokenizes_like_tiktoken(nemo):
     """tiktoken on the Tekken ranks with Tekken's regex (what mistral-common runs), ids shifted
     past the 1000 special tokens, against llama.cpp's "tekken" pre-tokenizer and merges."""
-    path, vocab, _, out = nemo
+    path, vocab, ckpt, out = nemo
     doc = json.loads(path.read_text(encoding="utf-8"))
     n_regular = doc["config"]["default_vocab_size"] - 1000
     ranks = {base64.b64decode(e["token_bytes"]): e["rank"] for e in doc["vocab"][:n_regular]}
@@ -289,5 +289,6 @@ def test_tekken_llamacpp_tokenizes_like_tiktoken(nemo):
     text = MULTILINGUAL.replace(" नमस्ते दुनिया.", "")
     want = [1000 + i for i in enc.encode_ordinary(text)]
     assert llama_ids(llm, text) == want
+    assert Tokenizer.from_file(str(ckpt / "tokenizer.json")).encode(text, add_special_tokens=False).ids == want
     for line in text.splitlines(keepends=True):
         assert llama_ids(llm, line) == [1000 + i for i in enc.encode_ordinary(line)], line
