@@ -147,12 +147,20 @@ def _echo_written(res, outtype: str, json_path: str | None = None) -> None:
 @type_options
 def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora, dry_run, out_format, pure, output_tensor_type, token_embedding_type, tensor_type,
             threads, split_max_size, split_max_tensors, force, checksum, json_path, quiet, verbose):
-    """Convert a checkpoint directory into one GGUF file.
+    """Convert a checkpoint directory into a GGUF file (or split parts, or a ggjt file).
 
     CKPT_DIR is a Meta checkpoint (params.json, consolidated.NN.pth, tokenizer.model), a Hugging Face one
     (config.json, *.safetensors, tokenizer files) or Mistral's own (params.json, consolidated*.safetensors,
     tekken.json or tokenizer.model.vN).
     Tensors are read one at a time from memory-mapped shards, converted, and streamed to disk.
+
+    \b
+    Examples:
+      llmconv convert path/to/llama-2-7b --outtype f16                # ./Llama-2-7B-F16.gguf
+      llmconv convert path/to/Mistral-7B-v0.1 --outtype q4_K_M -o out.gguf
+      llmconv convert path/to/ckpt --dry-run                          # the plan, nothing written
+      llmconv convert path/to/ckpt --outtype f16 --split-max-size 4G  # Name-00001-of-0000N.gguf
+      llmconv convert path/to/base --lora path/to/adapter --outtype q8_0   # merged while converting
     """
     from .convert.execute import write_gguf
     from .convert.pipeline import describe_plan, plan_conversion, plan_json
@@ -199,6 +207,12 @@ def quantize(infile, outfile, qtype, allow_requantize, pure, output_tensor_type,
     Follows llama-quantize's per-tensor choices by default: 1-D tensors stay F32 and
     output.weight gets a higher-precision type; --pure puts every 2-D weight in TYPE.
     Metadata passes through; general.file_type is updated.
+
+    \b
+    Examples:
+      llmconv quantize model-F16.gguf model-Q8_0.gguf --type q8_0
+      llmconv quantize model-F16.gguf model-Q4_K_M.gguf --type q4_K_M
+      llmconv quantize model-F16.gguf out.gguf --type q4_0 --pure --output-tensor-type q8_0
     """
     from .convert.execute import write_gguf
     from .convert.pipeline import plan_requantize
@@ -235,7 +249,9 @@ def convert_lora(adapter_dir, base_dir, outtype, outfile, input_format, force, j
     llama.cpp's LoRA GGUF, which `llama-cli -m BASE.gguf --lora ADAPTER.gguf` applies at load time.
 
     \b
-    llmconv convert-lora path/to/adapter --base path/to/base -o adapter.gguf
+    Examples:
+      llmconv convert-lora path/to/adapter --base path/to/base -o adapter.gguf
+      llmconv convert-lora path/to/adapter --base path/to/base --outtype q8_0
     """
     from .convert.execute import write_gguf
     from .convert.lora_out import plan_adapter

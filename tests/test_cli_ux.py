@@ -1,6 +1,7 @@
 """Command-line conventions a llama.cpp user expects (issue 19), each checked in a subprocess."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,13 @@ def test_json_without_a_file_goes_to_stdout(tmp_path):
     res = run("inspect", str(out), "--json", str(tmp_path / "r.json"))
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "r.json").read_text())["tensors"]
+
+
+def test_every_command_has_help_with_examples():
+    top = run("--help").stdout
+    commands = re.findall(r"^  ([a-z][a-z-]+)\s", top.split("Commands:")[1], re.M)
+    assert {"convert", "quantize", "verify", "inspect"} <= set(commands)
+    for cmd in commands:
+        res = run(cmd, "--help")
+        assert res.returncode == 0, res.stderr
+        assert "Examples:" in res.stdout and f"llmconv {cmd} " in res.stdout, cmd

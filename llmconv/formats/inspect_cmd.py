@@ -272,6 +272,12 @@ def inspect(file: Path, json_path: str | None, tensor_filter: str | None) -> Non
     Shapes are in numpy order (outermost first; the last number is the row length). Only the
     header is read, so this is quick on files of any size. A corrupt or truncated file gets a
     one-line error naming the byte offset.
+
+    \b
+    Examples:
+      llmconv inspect model.gguf
+      llmconv inspect model.gguf --tensors 'blk\\.0\\..*'    # a regex filter on tensor names
+      llmconv inspect model.bin --json                     # a ggml/ggjt file, as JSON on stdout
     """
     s = summarize(file, tensor_filter)
     if json_path is None:
