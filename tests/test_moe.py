@@ -257,7 +257,7 @@ def test_errors_name_the_file_and_tensor(tmp_path, capsys):
          "experts.2.w1.weight"),
         ("extra expert", lambda d: d.__setitem__("model.layers.0.block_sparse_moe.experts.4.w1.weight",
                                                  torch.zeros(64, 64, dtype=torch.bfloat16)), {},
-         "num_local_experts=4"),
+         "says 4 experts"),
         ("router", lambda d: d.pop("model.layers.0.block_sparse_moe.gate.weight"), {},
          "model.layers.0.block_sparse_moe.gate.weight"),
         ("top-k", lambda d: None, {"num_experts_per_tok": 5}, "num_experts_per_tok 5 > num_local_experts 4"),
@@ -284,3 +284,54 @@ def test_expert_params_label():
           NS(name="token_embd.weight", shape=(5, 100))]
     assert moe.expert_params(ts) == (500, 2000, 8)
     assert moe.expert_params(ts[2:]) is None
+
+
+def test_mistral_consolidated_mixtral_equals_hf(tmp_path):
+    """Mistral's own Mixtral layout (params.json with a `moe` section, consolidated.safetensors,
+    Meta names `layers.N.feed_forward.gate` / `feed_forward.experts.E.wK`, Q/K in Meta's row
+    order) converts to the same tensors as its Hugging Face twin."""
+    import sys
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+    from make_hf_fixtures import rotate_half_order
+
+    hf = write_hf_mixtral(tmp_path / "hf", tokenizer=FIXTURE_TOKENIZER, n_expert=4, dim=64, ffn=64, n_heads=4,
+                          n_kv_heads=2, seed=5)
+    sd = state_dict(hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    meta = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
+            "output.weight": sd["lm_head.weight"]}
+    names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+             "self_attn.o_proj": "attention.wo", "input_layernorm": "attention_norm",
+             "post_attention_layernorm": "ffn_norm", "block_sparse_moe.gate": "feed_forward.gate"}
+    for name, t in sd.items():
+        parts = name.split(".")
+        if parts[0] != "model" or parts[1] != "layers":
+            continue
+        i, rest = parts[2], ".".join(parts[3:-1])
+        if rest.startswith("block_sparse_moe.experts."):
+            new = rest.replace("block_sparse_moe.experts.", "feed_forward.experts.")
+        else:
+            new = names[rest]
+        if rest in ("self_attn.q_proj", "self_attn.k_proj"):      # HF rotate-half rows -> Meta's adjacent pairs
+            heads = cfg["num_attention_heads"] if "q_proj" in rest else cfg["num_key_value_heads"]
+            t = t[torch.argsort(rotate_half_order(heads, t.shape[0] // heads))]
+        meta[f"layers.{i}.{new}.weight"] = t.contiguous()
+    mistral = tmp_path / "mistral"
+    mistral.mkdir()
+    save_file(meta, str(mistral / "consolidated.safetensors"))
+    (mistral / "params.json").write_text(json.dumps({
+        "dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 64, "n_heads": 4, "n_kv_heads": 2,
+        "norm_eps": 1e-5, "vocab_size": cfg["vocab_size"], "rope_theta": 1e6,
+        "moe": {"num_experts_per_tok": 2, "num_experts": 4}}))
+    (mistral / "tokenizer.model").write_bytes(FIXTURE_TOKENIZER.read_bytes())
+    out = {}
+    for kind, ckpt in (("hf", hf), ("mistral", mistral)):
+        out[kind] = tmp_path / f"{kind}.gguf"
+        assert main(["convert", str(ckpt), "--outtype", "f32", "-o", str(out[kind]), "-q"]) == 0
+    a, b = read_gguf(out["hf"]), read_gguf(out["mistral"])
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for ta, tb in zip(a.tensors, b.tensors):
+        assert ta.shape == tb.shape and np.array_equal(ta.data, tb.data), ta.name
+    assert b.kvs["llama.expert_count"] == 4 and b.kvs["llama.expert_used_count"] == 2

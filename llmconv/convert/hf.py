@@ -532,7 +532,7 @@ def open_hf_source(model_dir: Path, ctx: int | None = None, pre: str | None = No
     tensors: dict[str, SourceTensor] = {}
     moe_config = moe.hf_moe_config(config, cfg_file)
     if moe_config is not None:      # Mixtral: routers and stacked experts instead of the dense ffn
-        tensors.update(moe.stack_hf_experts(entries, moe_config, dim=dim, ffn=ffn, n_layers=n_layers,
+        tensors.update(moe.stack_experts(entries, moe_config, dim=dim, ffn=ffn, n_layers=n_layers,
                                             cfg_file=cfg_file, expert_loader=lambda e: _loader(e.get, None)))
         dense_ffn = moe.dense_ffn_names(n_layers)
         expected = {k: v for k, v in expected.items() if k not in dense_ffn}

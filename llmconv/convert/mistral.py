@@ -24,6 +24,7 @@ from gguf import Keys
 
 from ..errors import LlmconvError
 from ..formats.gguf_writer import KV
+from . import moe
 from .hparams import LlamaHParams
 from .meta import expected_shapes, read_params, stated_head_dim
 from .plan import SourceTensor, meta_to_gguf_name
@@ -34,7 +35,7 @@ DEFAULT_CONTEXT = 32768
 # Tensors of a vision encoder (Pixtral, Mistral Small 3.1): not part of the text model llama.cpp runs.
 _VISION_PREFIXES = ("vision_encoder.", "vision_language_adapter.", "patch_merger.", "pre_mm_projector_norm.")
 # params.json sections of models this llama-architecture path cannot describe
-_REFUSED = {"moe": "a mixture of experts", "llama_4_scaling": "llama-4 attention scaling (llama.cpp's mistral3 "
+_REFUSED = {"llama_4_scaling": "llama-4 attention scaling (llama.cpp's mistral3 "
             "architecture)", "yarn": "YaRN RoPE scaling", "quantization": "pre-quantized (fp8) weights"}
 # llama.cpp's built-in chat templates for Mistral tokenizers, by (version, kind)
 _CHAT_TEMPLATES = {("v1", "spm"): "mistral-v1", ("v1", "tekken"): "mistral-v1", ("v3", "spm"): "mistral-v3",
@@ -124,6 +125,14 @@ def open_mistral_source(model_dir: Path, ctx: int | None = None, pre: str | None
 
     expected = expected_shapes(h.dim, h.n_layers, h.n_heads, h.n_kv_heads, h.ffn_dim, h.vocab_size, h.stated_head_dim)
     tensors = {}
+    moe_config = moe.mistral_moe_config(params, pfile)
+    if moe_config is not None:      # Mixtral: routers and stacked experts instead of the dense ffn (Meta row order)
+        tensors.update(moe.stack_experts(entries, moe_config, dim=h.dim, ffn=h.ffn_dim, n_layers=h.n_layers,
+                                            cfg_file=pfile, prefix=moe.MISTRAL_PREFIX,
+                                            expert_loader=lambda e: (lambda get=e.get: get().float().numpy())))
+        dense_ffn = {k for k in expected if k.split(".")[-2] in ("w1", "w2", "w3")}
+        expected = {k: v for k, v in expected.items() if k not in dense_ffn}
+        h.n_expert, h.n_expert_used = moe_config.n_expert, moe_config.n_expert_used
     for name, e in entries.items():
         gguf_name = meta_to_gguf_name(name)
         if gguf_name is None:
@@ -163,7 +172,7 @@ def _hparams(params: dict, entries: dict, pfile: Path, ctx: int | None, warnings
     if vocab != rows or cols != dim:
         raise LlmconvError(f"embedding shape {(rows, cols)} but params.json says vocab_size {vocab}, dim {dim}",
                            file=pfile, tensor="tok_embeddings.weight")
-    w1 = entries.get("layers.0.feed_forward.w1.weight")
+    w1 = entries.get("layers.0.feed_forward.w1.weight") or entries.get("layers.0.feed_forward.experts.0.w1.weight")
     ffn = params.get("hidden_dim") or (w1.shape[0] if w1 is not None else None)
     if not isinstance(ffn, int) or ffn <= 0:
         raise LlmconvError("no feed-forward size: params.json has no hidden_dim and there is no w1", file=pfile)

@@ -39,7 +39,15 @@ from .plan import SourceTensor, tensor_name
 HF_EXPERT_NAMES = {"w1": (MODEL_TENSOR.FFN_GATE_EXP, "ffn", "dim"),
                    "w2": (MODEL_TENSOR.FFN_DOWN_EXP, "dim", "ffn"),
                    "w3": (MODEL_TENSOR.FFN_UP_EXP, "ffn", "dim")}
-_HF_MOE = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.(?:gate|experts\.(\d+)\.(w[123]))\.weight")
+# Where a layer's router and experts live: `{prefix}.gate.weight`, `{prefix}.experts.E.wK.weight`.
+HF_PREFIX = "model.layers.{i}.block_sparse_moe"          # Hugging Face MixtralForCausalLM
+MISTRAL_PREFIX = "layers.{i}.feed_forward"               # Mistral's own consolidated layout
+
+
+def _moe_pattern(prefix: str) -> re.Pattern:
+    return re.compile(re.escape(prefix).replace(r"\{i\}", r"(\d+)") + r"\.(?:gate|experts\.(\d+)\.(w[123]))\.weight")
+
+
 # A layer's tensors in the output: the router, then the experts in llama.cpp's converter's order.
 LAYER_ORDER = [MODEL_TENSOR.FFN_GATE_INP, MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_DOWN_EXP,
                MODEL_TENSOR.FFN_UP_EXP]
@@ -78,34 +86,59 @@ def dense_ffn_names(n_layers: int) -> set[str]:
     return {tensor_name(k, i) for i in range(n_layers) for k in DENSE_FFN}
 
 
-def stack_hf_experts(entries: dict, moe: MoEConfig, *, dim: int, ffn: int, n_layers: int,
-                     cfg_file: Path, expert_loader: Callable) -> dict[str, SourceTensor]:
+def mistral_moe_config(params: dict, file: Path) -> MoEConfig | None:
+    """params.json's `moe` section of Mistral's own Mixtral release (num_experts,
+    num_experts_per_tok), None when there is none. Later Mistral MoE models add shared experts,
+    dense first layers and the like, which llama.cpp runs as another architecture: refused."""
+    moe = params.get("moe")
+    if not moe:
+        return None
+    if not isinstance(moe, dict):
+        raise LlmconvError("'moe' is not an object", file=file)
+    extra = sorted(set(moe) - {"num_experts", "num_experts_per_tok"})
+    if extra:
+        raise LlmconvError(f"'moe': a mixture of experts with {', '.join(extra)} is not supported by llmconv's "
+                           "llama-architecture conversion (Mixtral's num_experts and num_experts_per_tok are)", file=file)
+    vals = []
+    for key in ("num_experts", "num_experts_per_tok"):
+        v = moe.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise LlmconvError(f"'moe': {key!r} missing or not a positive integer", file=file)
+        vals.append(v)
+    if vals[1] > vals[0]:
+        raise LlmconvError(f"'moe': num_experts_per_tok {vals[1]} > num_experts {vals[0]}", file=file)
+    return MoEConfig(*vals)
+
+
+def stack_experts(entries: dict, moe: MoEConfig, *, dim: int, ffn: int, n_layers: int,
+                     cfg_file: Path, expert_loader: Callable, prefix: str = HF_PREFIX) -> dict[str, SourceTensor]:
     """Take the router and expert tensors out of `entries` (HF name -> WeightEntry) and return
     GGUF name -> SourceTensor for the routers and the stacked experts, shapes checked.
     `expert_loader(entry)` turns one entry into a float32 loader."""
     found: dict[tuple[int, str], dict[int, object]] = {}
     routers: dict[int, object] = {}
-    for name in [n for n in entries if _HF_MOE.fullmatch(n)]:
+    pattern = _moe_pattern(prefix)
+    for name in [n for n in entries if pattern.fullmatch(n)]:
         e = entries.pop(name)
-        layer, expert, w = _HF_MOE.fullmatch(name).groups()
+        layer, expert, w = pattern.fullmatch(name).groups()
         layer = int(layer)
         if layer >= n_layers:
-            raise LlmconvError(f"config.json says {n_layers} layers but the checkpoint has more", file=e.file, tensor=name)
+            raise LlmconvError(f"{cfg_file.name} says {n_layers} layers but the checkpoint has more", file=e.file, tensor=name)
         if expert is None:
-            _check_shape(e, name, (moe.n_expert, dim), f"num_local_experts={moe.n_expert}, hidden_size={dim}", cfg_file)
+            _check_shape(e, name, (moe.n_expert, dim), f"{moe.n_expert} experts, width {dim}", cfg_file)
             routers[layer] = e
             continue
         if int(expert) >= moe.n_expert:
-            raise LlmconvError(f"expert {expert} but config.json says num_local_experts={moe.n_expert}",
+            raise LlmconvError(f"expert {expert} but {cfg_file.name} says {moe.n_expert} experts",
                                file=e.file, tensor=name)
         sizes = {"ffn": ffn, "dim": dim}
         _, rows, cols = HF_EXPERT_NAMES[w]
-        _check_shape(e, name, (sizes[rows], sizes[cols]), f"hidden_size={dim}, intermediate_size={ffn}", cfg_file)
+        _check_shape(e, name, (sizes[rows], sizes[cols]), f"width {dim}, expert feed-forward {ffn}", cfg_file)
         found.setdefault((layer, w), {})[int(expert)] = e
 
     out: dict[str, SourceTensor] = {}
     for layer in range(n_layers):
-        hf_prefix = f"model.layers.{layer}.block_sparse_moe"
+        hf_prefix = prefix.format(i=layer)
         if layer not in routers:
             raise LlmconvError("router missing from the checkpoint", file=cfg_file.parent, tensor=f"{hf_prefix}.gate.weight")
         r = routers[layer]
@@ -141,7 +174,7 @@ def _named(load: Callable[[], np.ndarray], file: Path, name: str) -> Callable[[]
 
 def _check_shape(e, name: str, want: tuple[int, ...], what: str, cfg_file: Path) -> None:
     if tuple(e.shape) != want:
-        raise LlmconvError(f"shape {tuple(e.shape)} but config.json ({what}) implies {want}", file=e.file, tensor=name)
+        raise LlmconvError(f"shape {tuple(e.shape)} but {cfg_file.name} ({what}) implies {want}", file=e.file, tensor=name)
 
 
 def stacked_tensor(name: str, parts: list[Callable[[], np.ndarray]], part_shape: tuple[int, ...], *,
