@@ -93,7 +93,8 @@ def describe_plan(conv: Conversion) -> str:
     lines = [
         f"source   {conv.source.path}  ({conv.source.kind}, {h.family}, {conv.source.n_files} file(s))",
         f"model    dim {h.dim}, layers {h.n_layers}, heads {h.n_heads}/{h.n_kv_heads} kv, ffn {h.ffn_dim}, "
-        f"vocab {h.vocab_size}, ctx {h.context_length}, rope_theta {h.rope_theta:g}, eps {h.norm_eps:g}",
+        f"vocab {h.vocab_size}, ctx {h.context_length}, rope_theta {h.rope_theta:g}, eps {h.norm_eps:g}"
+        + (f", experts {h.n_expert} ({h.n_expert_used} per token)" if h.n_expert else ""),
         f"output   {conv.out_path}  ({conv.plan.outtype}, general.file_type {conv.plan.file_type})",
         "",
         f"{'GGUF name':30s} {'source':{w}s} {'shards':>6s} {'shape':>14s} {'type':>6s} {'bytes':>14s}",
