@@ -400,3 +400,53 @@ def test_tokenizer_option_for_mistral(mistral_v3, tmp_path):
         plan_conversion(src, tokenizer=v1)
     f = fields(convert(src, tmp_path / "t.gguf", tokenizer=tok))
     assert f["tokenizer.chat_template"] == "mistral-v3"
+
+
+# ---- 2b. Mistral's own format with a Tekken tokenizer: Mistral Nemo's real shape, scaled down ----------
+
+# Mistral Nemo's params.json (dim 5120, 40 layers, 32 heads of 128 -- not 160 --, 8 kv heads,
+# hidden_dim 14336, vocab 131072, rope_theta 1e6) with the real tekken_240718.json
+NEMO = {"dim": 48, "n_layers": 2, "head_dim": 32, "hidden_dim": 64, "n_heads": 2, "n_kv_heads": 1,
+        "norm_eps": 1e-05, "vocab_size": 131072, "rope_theta": 1000000.0}
+
+
+@pytest.fixture(scope="module")
+def nemo(tmp_path_factory):
+    tok = mistral_data("tekken_240718.json")
+    tmp = tmp_path_factory.mktemp("nemo")
+    p = NEMO
+    sd = meta_state_dict(dim=p["dim"], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"], head_dim=p["head_dim"],
+                         ffn=p["hidden_dim"], vocab=p["vocab_size"], seed=9)
+    src = write_mistral_checkpoint(tmp / "Mistral-Nemo-Instruct-2407", sd, p, tok)
+    return sd, src, convert(src, tmp / "nemo.gguf"), tok
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_nemo_tekken_format_tokenizes_like_tiktoken_and_matches_the_reference(nemo):
+    import base64
+
+    import tiktoken
+    sd, src, out, tok = nemo
+    f = fields(out)
+    assert (f["tokenizer.ggml.model"], f["tokenizer.ggml.pre"], f["tokenizer.chat_template"]) == \
+        ("gpt2", "tekken", "mistral-v3-tekken")
+    assert f["llama.attention.key_length"] == 32 and f["llama.embedding_length"] == 48
+    # mistral-common's Tekken tokenizer is tiktoken on the file's ranks and regex, ids past the specials
+    doc = json.loads(tok.read_text(encoding="utf-8"))
+    n_special = doc["config"]["default_num_special_tokens"]
+    ranks = {base64.b64decode(e["token_bytes"]): e["rank"]
+             for e in doc["vocab"][:doc["config"]["default_vocab_size"] - n_special]}
+    enc = tiktoken.Encoding(name="nemo", pat_str=doc["config"]["pattern"], mergeable_ranks=ranks, special_tokens={})
+    import llama_cpp
+    llm = llama_cpp.Llama(str(out), n_ctx=128, n_batch=128, logits_all=True, type_k=0, type_v=0, n_threads=1,
+                          verbose=False)
+    for s in MULTILINGUAL:
+        assert llm.tokenize(s.encode(), add_bos=True) == [1] + [n_special + i for i in enc.encode_ordinary(s)], s
+    tokens = ([1] + [n_special + i for i in enc.encode_ordinary(" ".join(MULTILINGUAL))])[:48]
+    p = NEMO
+    ref = meta_logits(sd, tokens, n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"], head_dim=p["head_dim"],
+                      norm_eps=p["norm_eps"], rope_theta=p["rope_theta"])
+    llm.eval(tokens)
+    err = rel_err(np.array(llm.scores[: len(tokens)], dtype=np.float64), ref)
+    assert err < 1e-5, err
