@@ -140,12 +140,18 @@ def _echo_written(res, outtype: str, json_path: str | None = None) -> None:
 @click.option("--lora", "lora", metavar="ADAPTER[:SCALE]", multiple=True,
               help="Merge a PEFT LoRA adapter directory into the weights while converting (scale * alpha/r * B A, "
                    "in float32, before quantization); repeatable, applied in order. SCALE defaults to 1.")
+@click.option("--metadata", "metadata", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE.json",
+              help="general.* metadata over what the model card (README.md) and config give, as llama.cpp's "
+                   "--metadata: keys like general.name, general.version, general.license, general.tags.")
+@click.option("--override-kv", "override_kv", metavar="KEY=TYPE:VALUE", multiple=True,
+              help="Set a metadata key (repeatable; llama-quantize's syntax, TYPE int, float, bool or str), "
+                   "e.g. general.name=str:My-Model or llama.context_length=int:8192.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (every tensor, its shards, GGUF name, shape, type, bytes) and write nothing.")
 @click.option("--format", "out_format", type=click.Choice(["gguf", "ggml"]), default="gguf", show_default=True,
               help="ggml: one legacy ggjt v3 .bin file for pre-GGUF runtimes (f32, f16, q4_0, q4_1, q8_0; implies --pure; "
                    "refuses models ggjt cannot describe, e.g. grouped-query attention or RoPE base != 10000).")
 @type_options
-def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora, dry_run, out_format, pure, output_tensor_type, token_embedding_type, tensor_type,
+def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora, metadata, override_kv, dry_run, out_format, pure, output_tensor_type, token_embedding_type, tensor_type,
             threads, split_max_size, split_max_tensors, force, checksum, json_path, quiet, verbose):
     """Convert a checkpoint directory into a GGUF file (or split parts, or a ggjt file).
 
@@ -171,9 +177,12 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora,
             raise LlmconvError("--format ggml writes one file; --split-max-size/--split-max-tensors are for GGUF")
         if checksum:
             raise LlmconvError("--checksum is for GGUF output (verify --checksums reads GGUF)")
+        if override_kv:
+            raise LlmconvError("--override-kv is for GGUF output: a ggjt file has no key-value metadata")
     from .convert.lora import parse_lora_spec
     conv = plan_conversion(ckpt_dir, outtype=outtype, outfile=outfile, ctx=ctx, input_format=input_format, pre=pre,
-                           tokenizer=tokenizer, lora=[parse_lora_spec(s) for s in lora],
+                           tokenizer=tokenizer, lora=[parse_lora_spec(s) for s in lora], metadata=metadata,
+                           override_kv=override_kv,
                            **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
     if dry_run:
         click.echo(describe_plan(conv), err=json_path == "-")
@@ -199,8 +208,11 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora,
 @click.option("--type", "--outtype", "qtype", required=True, metavar="TYPE", help="Target type: q8_0, q4_0, q4_1, q5_0, q5_1, f16, ... or a K-quant mix: q2_k, "
                    "q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k.")
 @click.option("--allow-requantize", is_flag=True, help="Accept an input whose tensors are already quantized.")
+@click.option("--override-kv", "override_kv", metavar="KEY=TYPE:VALUE", multiple=True,
+              help="Set a metadata key (repeatable; llama-quantize's syntax, TYPE int, float, bool or str), "
+                   "e.g. general.name=str:My-Model or llama.context_length=int:8192.")
 @type_options
-def quantize(infile, outfile, qtype, allow_requantize, pure, output_tensor_type, token_embedding_type, tensor_type,
+def quantize(infile, outfile, qtype, allow_requantize, override_kv, pure, output_tensor_type, token_embedding_type, tensor_type,
              threads, split_max_size, split_max_tensors, force, checksum, json_path, quiet, verbose):
     """Requantize a GGUF file (f32/f16/bf16 in) to another type.
 
@@ -217,7 +229,7 @@ def quantize(infile, outfile, qtype, allow_requantize, pure, output_tensor_type,
     from .convert.execute import write_gguf
     from .convert.pipeline import plan_requantize
 
-    rq = plan_requantize(infile, outfile, qtype, allow_requantize=allow_requantize,
+    rq = plan_requantize(infile, outfile, qtype, allow_requantize=allow_requantize, override_kv=override_kv,
                          **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
     res = write_gguf(rq.out_path, rq.kvs, rq.plan, threads=threads, progress=not quiet, force=force,
                      verbose=verbose, split_max_size=parse_size(split_max_size), split_max_tensors=split_max_tensors,

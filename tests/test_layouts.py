@@ -450,3 +450,120 @@ def test_nemo_tekken_format_tokenizes_like_tiktoken_and_matches_the_reference(ne
     llm.eval(tokens)
     err = rel_err(np.array(llm.scores[: len(tokens)], dtype=np.float64), ref)
     assert err < 1e-5, err
+
+
+# ---- 5. model cards, --metadata, --override-kv -----------------------------------------------------
+
+NEMO_CARD = """---
+language:
+- en
+- fr
+- de
+license: apache-2.0
+base_model: mistralai/Mistral-Nemo-Base-2407
+tags:
+- mistral
+- instruct
+datasets:
+- some-org/some-dataset
+---
+
+# Model Card for Mistral-Nemo-Instruct-2407
+"""
+
+
+@pytest.fixture(scope="module")
+def carded(tmp_path_factory):
+    """A checkpoint named and carded like Mistral's repository (tiny weights, the fixture tokenizer)."""
+    tmp = tmp_path_factory.mktemp("card")
+    src = write_meta_checkpoint(tmp / "Mistral-Nemo-Instruct-2407", meta_state_dict(seed=2))
+    (src / "README.md").write_text(NEMO_CARD)
+    return src, tmp
+
+
+def llama_metadata(path: Path) -> dict:
+    """The metadata as llama.cpp read it (llama-cpp-python's Llama.metadata: every key as a string)."""
+    import llama_cpp
+    return llama_cpp.Llama(str(path), vocab_only=True, verbose=False).metadata
+
+
+def test_fixture_name_is_unchanged_without_a_model_card():
+    conv = plan_conversion(ROOT / "fixtures" / "tiny-llama", outtype="q8_0")
+    assert conv.out_path.name == "tiny-llama-1.8M-Q8_0.gguf" and conv.name == "tiny-llama"
+
+
+@pytest.mark.llamacpp
+def test_model_card_fills_general_keys_and_the_file_name(carded, tmp_path, monkeypatch):
+    src, _ = carded
+    monkeypatch.chdir(tmp_path)
+    from gguf.utility import size_label
+    conv = plan_conversion(src, outtype="f16")
+    label = size_label(conv.plan.n_params, conv.plan.n_params, 0, 0)     # llama.cpp's rounding: "164K"
+    # llama.cpp's naming convention: Basename-Size-Finetune-Version-TYPE
+    assert conv.out_path == tmp_path / f"Mistral-Nemo-{label}-Instruct-2407-F16.gguf"
+    write_gguf(conv.out_path, conv.kvs, conv.plan, progress=False)
+    md = llama_metadata(conv.out_path)
+    assert md["general.name"] == "Mistral-Nemo-Instruct-2407"       # the card names none: the folder's name
+    assert (md["general.basename"], md["general.finetune"], md["general.version"], md["general.size_label"]) == \
+        ("Mistral-Nemo", "Instruct", "2407", label)
+    assert md["general.license"] == "apache-2.0"
+    assert md["general.base_model.count"] == "1" and md["general.base_model.0.name"] == "Mistral Nemo Base 2407"
+    assert md["general.base_model.0.organization"] == "Mistralai"
+    assert md["general.dataset.count"] == "1" and md["general.dataset.0.repo_url"].endswith("some-org/some-dataset")
+    tags = read_gguf(conv.out_path).kvs
+    assert tags["general.tags"] == ["mistral", "instruct"] and tags["general.languages"] == ["en", "fr", "de"]
+
+
+def test_metadata_file_overrides_the_card_and_names_the_output(carded, tmp_path, monkeypatch):
+    src, _ = carded
+    monkeypatch.chdir(tmp_path)
+    override = tmp_path / "meta.json"
+    override.write_text(json.dumps({"general.size_label": "12B", "general.author": "Mistral AI",
+                                    "general.license": "mit"}))
+    conv = plan_conversion(src, outtype="q4_K_M", metadata=override)
+    assert conv.out_path.name == "Mistral-Nemo-12B-Instruct-2407-Q4_K_M.gguf"
+    kv = {k.key: k.value for k in conv.kvs}
+    assert (kv["general.author"], kv["general.license"], kv["general.size_label"]) == ("Mistral AI", "mit", "12B")
+    override.write_text("[1, 2]")
+    with pytest.raises(LlmconvError, match="meta.json: expected a JSON object"):
+        plan_conversion(src, metadata=override)
+    with pytest.raises(LlmconvError, match="nope.json"):
+        plan_conversion(src, metadata=tmp_path / "nope.json")
+
+
+@pytest.mark.llamacpp
+def test_override_kv_in_convert_and_quantize(single_shard, tmp_path, capsys):
+    import llama_cpp
+    from llmconv.cli import main
+    sd, params, _, _ = single_shard
+    src = write_meta_checkpoint(tmp_path / "m", sd)
+    f32 = tmp_path / "m.gguf"
+    assert main(["convert", str(src), "--outtype", "f32", "-o", str(f32), "--override-kv", "llama.context_length=int:8192",
+                 "--override-kv", "general.name=str:Renamed", "--override-kv", "test.flag=bool:true",
+                 "--override-kv", "test.scale=float:0.25"]) == 0
+    types = read_gguf(f32).kv_types
+    assert types["llama.context_length"].type.name == "UINT32"
+    assert (types["test.flag"].type.name, types["test.scale"].type.name) == ("BOOL", "FLOAT32")
+    llm = llama_cpp.Llama(str(f32), n_ctx=64, verbose=False)
+    assert llama_cpp.llama_model_n_ctx_train(llm.model) == 8192
+    assert (llm.metadata["general.name"], llm.metadata["test.flag"]) == ("Renamed", "true")
+    q8 = tmp_path / "q8.gguf"
+    assert main(["quantize", str(f32), str(q8), "--type", "q8_0", "--override-kv", "general.name=str:Quantized"]) == 0
+    assert llama_metadata(q8)["general.name"] == "Quantized"
+    capsys.readouterr()
+    assert main(["convert", str(src), "--override-kv", "llama.context_length=8192"]) == 2
+    assert "expected KEY=TYPE:VALUE" in capsys.readouterr().err
+    assert main(["convert", str(src), "--override-kv", "llama.context_length=int:-1"]) == 2
+    assert "does not fit UINT32" in capsys.readouterr().err
+
+
+def test_override_keeps_an_existing_keys_number_type():
+    from gguf import GGUFValueType as T
+
+    from llmconv.convert.metadata import apply_kv_overrides, parse_override_kv
+    from llmconv.formats.gguf_writer import KV
+    kvs = [KV("split.tensors.count", 5, T.INT32), KV("x.f64", 0.5, T.FLOAT64)]
+    out = apply_kv_overrides(kvs, [parse_override_kv(s) for s in ("split.tensors.count=int:-3", "x.f64=float:2.5",
+                                                                   "x.new=int:7")])
+    assert [(k.key, k.value, k.type) for k in out] == [("split.tensors.count", -3, T.INT32), ("x.f64", 2.5, T.FLOAT64),
+                                                       ("x.new", 7, T.UINT32)]    # new keys: llama-quantize's types

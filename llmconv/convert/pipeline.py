@@ -6,9 +6,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf.metadata import Metadata
-from gguf.utility import naming_convention, size_label
-
 from gguf import GGUFValueType as T
 from gguf import Keys
 
@@ -16,7 +13,8 @@ from ..errors import LlmconvError
 from ..formats.gguf_writer import KV
 from .gguf_source import GGUFSource, open_gguf_source
 from .hparams import LlamaHParams
-from .metadata import QUANTIZATION_VERSION, general_kvs, llama_kvs, vocab_kvs
+from .metadata import (QUANTIZATION_VERSION, apply_kv_overrides, default_file_name, general_kvs, llama_kvs,
+                       load_model_metadata, parse_override_kv, vocab_kvs)
 from . import moe
 from .mixes import ModelShape
 from .plan import Plan, TypePolicy, make_plan
@@ -49,25 +47,14 @@ def resolve_outtype(outtype: str, source_dtype: str) -> str:
     return outtype
 
 
-def model_names(model_dir: Path, n_params: int, outtype: str,
-                experts: tuple[int, int, int] | None = None) -> tuple[str, str, str]:
-    """(general.name, size label, default file name) the way llama.cpp's converters name files:
-    `Llama-2-7B-Q4_0.gguf`. The name comes from the directory, the size from the parameter count
-    (`experts`: (shared, per-expert, expert count) parameters of a MoE model: `8x7B`)."""
-    dirname = model_dir.resolve().name
-    _, _, basename, finetune, version, label = Metadata.get_model_id_components(dirname, n_params)
-    label = label or size_label(n_params, *(experts or (n_params, 0, 0)))
-    basename = basename or dirname
-    fname = naming_convention(None, basename, finetune, version, label, outtype.upper()) + ".gguf"
-    return dirname, label, fname
-
-
 def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: str | Path | None = None,
                     ctx: int | None = None, pure: bool = False, output_type: str | None = None,
                     token_embd_type: str | None = None, overrides=(), input_format: str = "auto",
-                    pre: str | None = None, tokenizer: str | Path | None = None, lora=()) -> Conversion:
+                    pre: str | None = None, tokenizer: str | Path | None = None, lora=(),
+                    metadata: str | Path | None = None, override_kv=()) -> Conversion:
     """`lora`: (adapter dir, scale) pairs, merged into the weights as they are loaded (convert/lora.py);
-    `tokenizer`: --tokenizer, a tokenizer file or folder used instead of the checkpoint's own."""
+    `tokenizer`: --tokenizer, a tokenizer file or folder used instead of the checkpoint's own;
+    `metadata`: --metadata FILE.json over the model card; `override_kv`: --override-kv specs."""
     src = open_source(model_dir, input_format, ctx, pre, tokenizer)
     if lora:
         from .lora import apply_adapters
@@ -81,10 +68,12 @@ def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: st
                         model=ModelShape(h.n_layers, h.n_heads, h.n_kv_heads, n_expert=h.n_expert))
     plan = make_plan(src.tensors, policy)
     plan.notes[:0] = src.notes
-    name, label, fname = model_names(src.path, plan.n_params, plan.outtype, moe.expert_params(plan.tensors))
-    out_path = Path(outfile) if outfile else Path.cwd() / fname
-    kvs = general_kvs(name, plan.file_type, label) + llama_kvs(h) + list(src.extra_kvs) + vocab_kvs(src.vocab)
-    return Conversion(src, plan, kvs, name, out_path)
+    md = load_model_metadata(src.path, plan.n_params, Path(metadata) if metadata is not None else None,
+                             experts=moe.expert_params(plan.tensors))
+    out_path = Path(outfile) if outfile else Path.cwd() / default_file_name(md, plan.outtype)
+    kvs = general_kvs(md, plan.file_type) + llama_kvs(h) + list(src.extra_kvs) + vocab_kvs(src.vocab)
+    kvs = apply_kv_overrides(kvs, [parse_override_kv(o) for o in override_kv])
+    return Conversion(src, plan, kvs, md.name, out_path)
 
 
 def describe_plan(conv: Conversion) -> str:
@@ -156,7 +145,7 @@ def gguf_model_shape(src: GGUFSource) -> ModelShape | None:
 
 def plan_requantize(in_path: str | Path, out_path: str | Path, qtype: str, *, pure: bool = False,
                     output_type: str | None = None, token_embd_type: str | None = None, overrides=(),
-                    allow_requantize: bool = False) -> Requantization:
+                    allow_requantize: bool = False, override_kv=()) -> Requantization:
     if Path(out_path).exists() and Path(in_path).exists() and os.path.samefile(in_path, out_path):
         # the input is read while the output is written: even with --force this would destroy it
         raise LlmconvError("the output is the input file; write to another path", file=out_path)
@@ -169,4 +158,5 @@ def plan_requantize(in_path: str | Path, out_path: str | Path, qtype: str, *, pu
     at = max((i + 1 for i, kv in enumerate(kvs) if kv.key.startswith("general.")), default=0)
     kvs[at:at] = [KV(Keys.General.FILE_TYPE, plan.file_type, T.UINT32),
                   KV(Keys.General.QUANTIZATION_VERSION, QUANTIZATION_VERSION, T.UINT32)]
+    kvs = apply_kv_overrides(kvs, [parse_override_kv(o) for o in override_kv])
     return Requantization(src, plan, kvs, Path(out_path))
