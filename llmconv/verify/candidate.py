@@ -29,12 +29,13 @@ for bf16, q8_0 blocks for q4_0/q5_0/q8_0, q8_1 for q4_1/q5_1, q8_K for the K-qua
 is what a user running the file in llama.cpp gets; `activations="f32"` evaluates the
 weights alone.
 
-Files: GGUF (via llmconv.formats.gguf_reader when present, else gguf.GGUFReader) and legacy
+Files: GGUF (llmconv.formats.gguf_reader; a split model from its first part) and legacy
 ggml/ggmf/ggjt files through llmconv.formats.ggml_reader (see `open_model_file`).
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -97,7 +98,8 @@ class ModelFile:
 
 
 def open_model_file(path: str | Path) -> ModelFile:
-    """Open a GGUF or legacy ggml file as a ModelFile (tensors memory-mapped, nothing dequantized)."""
+    """Open a GGUF or legacy ggml file as a ModelFile (tensors memory-mapped, nothing dequantized).
+    The first part of a split GGUF (X-00001-of-0000N.gguf) opens all its parts as one model."""
     path = Path(path)
     if not path.is_file():
         raise LlmconvError("no such file", file=path)
@@ -110,58 +112,47 @@ def open_model_file(path: str | Path) -> ModelFile:
     raise LlmconvError(f"not a GGUF or ggml file (magic {magic!r})", file=path)
 
 
+SPLIT_NAME = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
+
+
+def split_parts(path: Path, kvs: dict) -> list[Path]:
+    """The files of a split model, from its first part (llama.cpp's -0000k-of-0000N naming and
+    split.count key); [path] for a file that is not split."""
+    count = int(kvs.get("split.count", 1) or 1)
+    if count <= 1:
+        return [path]
+    m = SPLIT_NAME.match(path.name)
+    if int(kvs.get("split.no", 0)) != 0 or not m:
+        raise LlmconvError(f"part {int(kvs.get('split.no', 0)) + 1} of a {count}-part split model: "
+                           "give the first part (-00001-of-...)", file=path)
+    return [path.with_name(f"{m['stem']}-{i + 1:05d}-of-{count:05d}.gguf") for i in range(count)]
+
+
 def _open_gguf(path: Path) -> ModelFile:
-    try:
-        from ..formats.gguf_reader import read_gguf  # validating reader, when present
-    except ImportError:
-        read_gguf = None
-    if read_gguf is not None:
-        return _from_llmconv_gguf(path, read_gguf(path))
-    from gguf import GGUFReader, GGUFValueType
-    try:
-        r = GGUFReader(path)
-    except (ValueError, OSError, IndexError) as e:
-        raise LlmconvError(f"not a readable GGUF file: {e}", file=path) from None
-    kvs: dict[str, Any] = {}
-    tokens = None
-    for name, fld in r.fields.items():
-        if not fld.types:
-            continue
-        if name == "tokenizer.ggml.tokens":
-            tokens = [bytes(fld.parts[i]) for i in fld.data]
-            continue
-        if fld.types[0] == GGUFValueType.ARRAY and fld.types[-1] == GGUFValueType.STRING:
-            kvs[name] = [bytes(fld.parts[i]).decode("utf-8", "replace") for i in fld.data]
-        else:
-            kvs[name] = fld.contents()
-    tensors = {}
-    for t in r.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        raw = np.asarray(t.data).view(np.uint8)
-        raw = raw.reshape(*shape[:-1], -1) if len(shape) > 1 else raw.reshape(-1)
-        tensors[t.name] = FileTensor(t.name, QT(int(t.tensor_type)), shape, raw)
-    return ModelFile(path, "gguf", kvs, tensors, tokens, [r])
+    from ..formats.gguf_reader import read_gguf
 
-
-def _from_llmconv_gguf(path: Path, g) -> ModelFile:
-    """Adapter for llmconv.formats.gguf_reader's result (see _open_gguf)."""
-    kvs = dict(_reader_kvs(g))
+    first = read_gguf(path)
+    kvs = {k: v for k, v in first.kvs.items() if k not in SPLIT_KEYS}
     tokens = kvs.pop("tokenizer.ggml.tokens", None)
     if tokens is not None:
         tokens = [t.encode("utf-8") if isinstance(t, str) else bytes(t) for t in tokens]
-    tensors = {}
-    for t in _reader_tensors(g):
-        shape = tuple(int(d) for d in t.shape)
-        raw = np.asarray(t.data).view(np.uint8)
-        raw = raw.reshape(*shape[:-1], -1) if len(shape) > 1 else raw.reshape(-1)
-        tensors[t.name] = FileTensor(t.name, QT(int(t.ggml_type)), shape, raw)
-    return ModelFile(path, "gguf", kvs, tensors, tokens, [g])
-
-
-def _reader_kvs(g):
-    items = g.kvs.items() if isinstance(g.kvs, dict) else ((kv.key, kv.value) for kv in g.kvs)
-    for k, v in items:
-        yield k, getattr(v, "value", v)
+    tensors: dict[str, FileTensor] = {}
+    keep = []
+    for part in split_parts(path, first.kvs):
+        g = first if part == path else read_gguf(part) if part.is_file() else None
+        if g is None:
+            raise LlmconvError("part of the split model is missing", file=part)
+        keep.append(g)
+        for t in g.tensors:
+            shape = tuple(int(d) for d in t.shape)
+            raw = np.asarray(t.data).view(np.uint8)
+            raw = raw.reshape(*shape[:-1], -1) if len(shape) > 1 else raw.reshape(-1)
+            tensors[t.name] = FileTensor(t.name, QT(int(t.ggml_type)), shape, raw)
+    want = first.kvs.get("split.tensors.count")
+    if want is not None and int(want) != len(tensors):
+        raise LlmconvError(f"split.tensors.count is {want} but the parts hold {len(tensors)} tensors", file=path)
+    return ModelFile(path, "gguf", kvs, tensors, tokens, keep)
 
 
 def _reader_tensors(g):
@@ -249,10 +240,7 @@ class LlamaConfig:
     freq_base: float
     freq_scale: float
     tied_output: bool
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    head_dim: int = 0                # attention.key_length, else n_embd / n_head (set by read_config)
 
 
 def read_config(mf: ModelFile) -> LlamaConfig:
@@ -273,10 +261,16 @@ def read_config(mf: ModelFile) -> LlamaConfig:
     n_head_kv = int(mf.get(mf.arch_key("attention.head_count_kv"), n_head))
     eps = float(need("attention.layer_norm_rms_epsilon"))
     freq_base = float(mf.get(mf.arch_key("rope.freq_base"), 10000.0))
-    if n_head <= 0 or n_head_kv <= 0 or n_embd % n_head or n_head % n_head_kv:
+    key_length = mf.get(mf.arch_key("attention.key_length"))
+    value_length = mf.get(mf.arch_key("attention.value_length"), key_length)
+    if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv or (key_length is None and n_embd % n_head):
         raise FileInconsistent(f"embedding_length {n_embd}, head_count {n_head}, head_count_kv {n_head_kv} "
                                "do not divide", file=mf.path)
-    head_dim = n_embd // n_head
+    # Mistral Nemo style: heads of 128 with embedding 5120 and 32 heads (key_length != n_embd / n_head)
+    head_dim = int(key_length) if key_length is not None else n_embd // n_head
+    if value_length is not None and int(value_length) != head_dim:
+        raise FileInconsistent(f"attention.value_length {value_length} differs from key_length {head_dim} "
+                               "(a LLaMA model has one head size)", file=mf.path)
     n_rot = int(mf.get(mf.arch_key("rope.dimension_count"), head_dim))
     if n_rot > head_dim or n_rot % 2:
         raise FileInconsistent(f"rope.dimension_count {n_rot} does not fit head size {head_dim}", file=mf.path)
@@ -297,7 +291,7 @@ def read_config(mf: ModelFile) -> LlamaConfig:
     gate = mf.tensors.get("blk.0.ffn_gate.weight")
     n_ff = int(mf.get(mf.arch_key("feed_forward_length"), gate.shape[0] if gate is not None else 0))
     cfg = LlamaConfig(n_embd, n_layer, n_head, n_head_kv, n_ff, n_rot, n_vocab, eps, freq_base, freq_scale,
-                      tied_output="output.weight" not in mf.tensors)
+                      tied_output="output.weight" not in mf.tensors, head_dim=head_dim)
     check_shapes(mf, cfg)
     return cfg
 
@@ -400,13 +394,19 @@ def activation_rounding(ggml_type: QT, n: int) -> Callable[[np.ndarray], np.ndar
 
 # ---- the forward pass ----------------------------------------------------------------------
 
-def matmul_t(x: np.ndarray, t: FileTensor, activations: str) -> np.ndarray:
-    """x [T, n] @ W^T for W = t [m, n], dequantizing W in row chunks."""
+def matmul_t(x: np.ndarray, t: FileTensor, activations: str | tuple[str, ...]) -> np.ndarray:
+    """x [T, n] @ W^T for W = t [m, n], dequantizing W in row chunks. With several activation
+    modes, x holds one equal-length stream per mode, stacked: each is rounded its own way, and
+    every dequantized chunk serves all of them."""
     m, n = t.shape
-    if activations == "ggml":
-        rnd = activation_rounding(t.ggml_type, n)
-        if rnd is not None:
-            x = rnd(x)
+    modes = (activations,) if isinstance(activations, str) else tuple(activations)
+    rnd = activation_rounding(t.ggml_type, n) if "ggml" in modes else None
+    if rnd is not None:
+        x = x.copy()
+        T = x.shape[0] // len(modes)
+        for s, mode in enumerate(modes):
+            if mode == "ggml":
+                x[s * T:(s + 1) * T] = rnd(x[s * T:(s + 1) * T])
     out = np.empty((x.shape[0], m), np.float32)
     step = max(1, CHUNK_BYTES // (4 * n))
     for r0 in range(0, m, step):
@@ -467,10 +467,19 @@ def embed(t: FileTensor, tokens: np.ndarray) -> np.ndarray:
 
 
 def candidate_logits(model: str | Path | ModelFile, tokens, activations: str = "ggml",
-                     on_layer: Callable[[int], None] | None = None) -> np.ndarray:
-    """Logits [T, vocab] (float32) of the file's model for `tokens`, all positions."""
-    if activations not in ("ggml", "f32"):
-        raise ValueError(f"activations must be 'ggml' or 'f32', not {activations!r}")
+                     progress: bool = False) -> np.ndarray:
+    """Logits [T, vocab] (float32) of the file's model for `tokens`, all positions; `progress`
+    shows the layers with tqdm."""
+    return candidate_streams(model, tokens, (activations,), progress)[activations]
+
+
+def candidate_streams(model: str | Path | ModelFile, tokens, modes: tuple[str, ...] = ("f32", "ggml"),
+                      progress: bool = False) -> dict[str, np.ndarray]:
+    """candidate_logits for several activation modes in one pass over the weights: {mode: logits}."""
+    from .progress import layer_progress
+
+    if not modes or any(m not in ("ggml", "f32") for m in modes):
+        raise ValueError(f"activations must be 'ggml' or 'f32', not {modes!r}")
     mf = model if isinstance(model, ModelFile) else open_model_file(model)
     cfg = read_config(mf)
     tokens = np.asarray(tokens, dtype=np.int64)
@@ -478,29 +487,30 @@ def candidate_logits(model: str | Path | ModelFile, tokens, activations: str = "
         raise LlmconvError("need a non-empty 1-D token sequence")
     if tokens.min() < 0 or tokens.max() >= cfg.n_vocab:
         raise LlmconvError(f"token id out of range for the file's vocabulary of {cfg.n_vocab}", file=mf.path)
-    T = len(tokens)
+    T, S = len(tokens), len(modes)
     W = mf.tensors
     factors = W["rope_freqs.weight"].array() if "rope_freqs.weight" in W else None
-    cos, sin = rope_tables(cfg, T, factors)
+    cos, sin = (np.tile(a, (S, 1)) for a in rope_tables(cfg, T, factors))
     hd = cfg.head_dim
 
-    x = embed(W["token_embd.weight"], tokens)
-    for i in range(cfg.n_layer):
+    x = np.tile(embed(W["token_embd.weight"], tokens), (S, 1))         # the streams, stacked [S*T, dim]
+    for i in layer_progress(cfg.n_layer, "candidate", progress):
         b = f"blk.{i}."
         h = rms_norm(x, W[b + "attn_norm.weight"].array(), cfg.eps)
-        qx = matmul_t(h, W[b + "attn_q.weight"], activations).reshape(T, cfg.n_head, hd)
-        kx = matmul_t(h, W[b + "attn_k.weight"], activations).reshape(T, cfg.n_head_kv, hd)
-        vx = matmul_t(h, W[b + "attn_v.weight"], activations).reshape(T, cfg.n_head_kv, hd)
+        qx = matmul_t(h, W[b + "attn_q.weight"], modes).reshape(S * T, cfg.n_head, hd)
+        kx = matmul_t(h, W[b + "attn_k.weight"], modes).reshape(S * T, cfg.n_head_kv, hd)
+        vx = matmul_t(h, W[b + "attn_v.weight"], modes).reshape(S * T, cfg.n_head_kv, hd)
         qx = apply_rope(qx, cos, sin, cfg.n_rot)
         kx = apply_rope(kx, cos, sin, cfg.n_rot)
-        x = x + matmul_t(attention(qx, kx, vx, cfg.n_head_kv), W[b + "attn_output.weight"], activations)
+        att = np.concatenate([attention(qx[s * T:(s + 1) * T], kx[s * T:(s + 1) * T], vx[s * T:(s + 1) * T],
+                                        cfg.n_head_kv) for s in range(S)])
+        x = x + matmul_t(att, W[b + "attn_output.weight"], modes)
         h = rms_norm(x, W[b + "ffn_norm.weight"].array(), cfg.eps)
-        gate = matmul_t(h, W[b + "ffn_gate.weight"], activations)
-        up = matmul_t(h, W[b + "ffn_up.weight"], activations)
+        gate = matmul_t(h, W[b + "ffn_gate.weight"], modes)
+        up = matmul_t(h, W[b + "ffn_up.weight"], modes)
         act = gate / (1.0 + np.exp(-gate)) * up                          # silu(gate) * up
-        x = x + matmul_t(act.astype(np.float32), W[b + "ffn_down.weight"], activations)
-        if on_layer is not None:
-            on_layer(i)
+        x = x + matmul_t(act.astype(np.float32), W[b + "ffn_down.weight"], modes)
     h = rms_norm(x, W["output_norm.weight"].array(), cfg.eps)
     out = W["token_embd.weight"] if cfg.tied_output else W["output.weight"]
-    return matmul_t(h, out, activations)
+    logits = matmul_t(h, out, modes)
+    return {mode: logits[s * T:(s + 1) * T] for s, mode in enumerate(modes)}

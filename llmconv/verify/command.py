@@ -38,48 +38,60 @@ def read_text(path: Path) -> str:
               help="UTF-8 text to evaluate on. Default: a bundled English text (llmconv/verify/default_text.txt).")
 @click.option("--tokens", "-n", type=int, default=256, show_default=True, metavar="N",
               help="Positions to evaluate: BOS plus the text's first N-1 tokens.")
-@json_option("the full report (schema: llmconv/verify/run.py)")
+@json_option("the full report (schema: llmconv/verify/report.py)")
 @click.option("--max-kld", type=click.FloatRange(min=0), metavar="X",
-              help="Fail if the mean KL divergence (reference || file) exceeds X nats. Default: by the file's type.")
+              help="Quality gate: fail if the mean KL divergence (float reference || file) exceeds X nats. "
+                   "Default: not gated (quality is reported).")
 @click.option("--min-top1", type=click.FloatRange(0, 1), metavar="X",
-              help="Fail if fewer than this fraction of positions have the reference's top token. Default: by type.")
+              help="Quality gate: fail if fewer than this fraction of positions have the float reference's top token.")
+@click.option("--max-ppl-ratio", type=click.FloatRange(min=0), metavar="X",
+              help="Quality gate: fail if the file's perplexity over the reference's exceeds X.")
 @click.option("--max-rel-dlogit", type=click.FloatRange(min=0), metavar="X",
-              help="Fail if any |logit - reference logit| exceeds X times the reference's largest |logit|. "
-                   "Default: by type.")
+              help="Quality gate: fail if any |logit - reference logit| exceeds X times the reference's largest |logit|.")
+@click.option("--ctx", type=click.IntRange(min=1), metavar="N",
+              help="The context length the file was converted with (`convert --ctx N`); default: the checkpoint's.")
 @click.option("--engine", type=click.Choice(["llama.cpp"]),
-              help="Also run the file in llama.cpp (needs llama-cpp-python) and hold its logits to the same bounds.")
+              help="Also run the file in llama.cpp (needs llama-cpp-python): its figures are shown beside the "
+                   "candidate's, and quality gates apply to it too.")
 @click.option("--threads", "-t", type=click.IntRange(1, 256), default=_threads_default, show_default="all cores",
-              metavar="N", help="Threads for --engine llama.cpp.")
+              metavar="N", help="Threads for quantizing the expected weights and for --engine llama.cpp.")
 @click.option("--activations", type=click.Choice(["ggml", "f32"]), default="ggml", show_default=True,
               help="ggml: round activations before each matmul as llama.cpp's CPU backend does (what users get); "
                    "f32: keep them float32 (the weights' error alone).")
 @click.option("--checksums", "checksums", is_flag=False, flag_value="", default=None, metavar="[SIDECAR]",
               help="Also check every tensor's sha256 against the sidecar `convert --checksum` wrote "
                    "(default FILE.sha256.json).")
-def verify(file, reference, text_file, tokens, json_path, max_kld, min_top1, max_rel_dlogit, engine, threads,
-           activations, checksums):
-    """Check a converted file against a reference forward pass over its original checkpoint.
+def verify(file, reference, text_file, tokens, json_path, max_kld, min_top1, max_ppl_ratio, max_rel_dlogit, ctx,
+           engine, threads, activations, checksums):
+    """Check that a converted file is its checkpoint (fidelity), and what its quantization costs (quality).
 
     \b
-    Runs the checkpoint in PyTorch float32 and the file in an independent numpy forward pass
-    that reads only the file (its metadata, its tensors dequantized), on the same tokens, and
-    compares the logits in llama-perplexity's terms: relative |dlogit|, KL divergence, top-1
-    agreement and perplexity. It also checks the file's vocabulary and hyperparameters against
-    the checkpoint, and every tensor, dequantized, against its source weight, so a failure
-    names its cause where it can (a tensor, a metadata key, the vocabulary).
+    Fidelity (gated): three forward passes on the same tokens. The float reference runs the
+    checkpoint in PyTorch; the expected pass runs it again with every weight quantized and
+    dequantized at the type the file stores it in (llmconv's bit-exact kernels); the candidate
+    runs the file alone in numpy. For a correct file candidate and expected agree to float
+    rounding, whatever the model and type. Every tensor's bytes are compared with llmconv's
+    quantization of its source, and every metadata key that changes behaviour (context length,
+    eps, RoPE, head counts, special token ids, add_bos/eos, pre-tokenizer, chat template) and the
+    vocabulary with the checkpoint. A failure names its cause where it can.
 
     \b
-    Default bounds depend on the file's main quantization type (table and how they were
-    calibrated: llmconv/verify/run.py). Exit status:
-      0  every check within bounds
-      1  out of bounds: the report lists each failure
-      2  bad input (missing file, not a checkpoint, ...)
+    Quality (informational unless gated): KL divergence, top-1 agreement, perplexity ratio and
+    max logit error against the float reference, shown beside llama.cpp's published LLaMA-3-8B
+    figures for the file's type. Gate it with --max-kld, --min-top1, --max-ppl-ratio.
+
+    \b
+    Exit status:
+      0  fidelity holds (and the quality gates asked for)
+      1  a check failed: the report names the cause first
+      2  bad input (missing file, not a checkpoint, a checkpoint of another model, ...)
 
     \b
     Examples:
       llmconv verify Llama-2-7B-Q4_0.gguf --reference llama-2-7b/
+      llmconv verify Model-00001-of-00003.gguf -r ckpt/             # a split file: all its parts
       llmconv verify out.gguf -r ckpt/ --text some.txt --tokens 512 --json report.json
-      llmconv verify out.gguf -r ckpt/ --max-kld 0.05 --min-top1 0.85      # CI gate
+      llmconv verify out.gguf -r ckpt/ --max-kld 0.05 --min-top1 0.85      # also gate quality
       llmconv verify out.gguf -r ckpt/ --engine llama.cpp                  # also run llama.cpp
       llmconv verify out.gguf -r ckpt/ --checksums                         # and the sha256 sidecar
     """
@@ -87,17 +99,36 @@ def verify(file, reference, text_file, tokens, json_path, max_kld, min_top1, max
 
     text = read_text(text_file) if text_file is not None else None
     report = run_verify(file, reference, text=text, tokens=tokens, engine=engine, threads=threads,
-                        activations=activations,
-                        bounds={"max_kld": max_kld, "min_top1": min_top1, "max_rel_dlogit": max_rel_dlogit})
+                        activations=activations, ctx=ctx, progress=True,
+                        bounds={"max_kld": max_kld, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio,
+                                "max_rel_dlogit": max_rel_dlogit})
     if checksums is not None:
-        from ..formats.checksums import check_sidecar
-
-        problems = check_sidecar(file, checksums or None)
-        report["checksums"] = {"checked": True, "problems": problems}
-        report["failures"] += [f"checksum: {p}" for p in problems]
-        report["passed"] = report["passed"] and not problems
+        add_checksums(report, file, checksums or None)
     # with --json -, stdout carries only the JSON, so the table goes to stderr
     click.echo(format_report(report), err=json_path == "-")
     emit_json(json_path, report)
     if not report["passed"]:
         sys.exit(1)
+
+
+def default_sidecar(path: Path) -> Path:
+    """`convert --checksum` writes one sidecar for all parts of a split model, named after the
+    unsplit output (X.gguf.sha256.json for X-00001-of-0000N.gguf)."""
+    from ..formats.checksums import sidecar_path
+    from .candidate import SPLIT_NAME
+
+    m = SPLIT_NAME.match(path.name)
+    return sidecar_path(path.with_name(m["stem"] + ".gguf") if m else path)
+
+
+def add_checksums(report: dict, file: Path, sidecar: Path | None) -> None:
+    from ..formats.checksums import check_sidecar
+
+    problems = check_sidecar(file, sidecar or default_sidecar(file))
+    report["checksums"] = {"checked": True, "problems": problems}
+    report["failures"] += [f"checksum: {p}" for p in problems]
+    report["findings"] += [{"part": "integrity", "check": "checksum", "subject": None, "message": f"checksum: {p}",
+                            "failure": True} for p in problems]
+    if problems and report["passed"]:
+        report["verdict"] = report["failures"][0]
+    report["passed"] = report["passed"] and not problems

@@ -22,7 +22,9 @@ Meta's conventions, as in their model.py:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ import torch
 from ..convert.hparams import LlamaHParams
 from ..convert.meta import MetaCheckpoint, open_meta_checkpoint
 from ..errors import LlmconvError
+from .progress import layer_progress
 
 LAYER_TENSORS = (
     "attention_norm.weight",
@@ -39,33 +42,80 @@ LAYER_TENSORS = (
 )
 
 
-def reference_logits(ckpt_dir: str | Path, tokens: list[int]) -> np.ndarray:
+@dataclass
+class ForwardHooks:
+    """Optional callbacks into a reference forward pass, each given the checkpoint's own tensor
+    name ("layers.0.attention.wq.weight", "model.layers.0.self_attn.q_proj.weight"):
+
+      weight(name, w, rows) -> tensor   the float32 weight the pass uses instead of `w`; `rows`
+                                        (a LongTensor) says which rows of the named tensor `w`
+                                        holds (the embedding lookup), None for the whole tensor
+      matmul_input(name, x) -> tensor   the activation used in x @ W[name].T (observe or round it)
+
+    verify's expected pass uses both (quantize->dequantize each weight at the file's type, and
+    round activations as llama.cpp's CPU backend does); an activation collector can use the second."""
+    weight: Callable[[str, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+    matmul_input: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+
+    def w(self, name: str, w: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return w if self.weight is None else self.weight(name, w, rows)
+
+    def x(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return x if self.matmul_input is None else self.matmul_input(name, x)
+
+
+NO_HOOKS = ForwardHooks()
+
+
+class LayerWeights(dict):
+    """A layer's float32 weights by short name, with the prefix that makes their full names and
+    the hooks; `mm(x, short)` is x @ W^T with the activation hook applied."""
+
+    def __init__(self, tensors: dict, prefix: str = "", hooks: ForwardHooks = NO_HOOKS):
+        super().__init__(tensors)
+        self.prefix, self.hooks = prefix, hooks
+
+    def mm(self, x: torch.Tensor, short: str) -> torch.Tensor:
+        return self.hooks.x(self.prefix + short, x) @ self[short].T
+
+
+def reference_logits(ckpt_dir: str | Path, tokens: list[int], hooks: ForwardHooks | None = None,
+                     progress: bool = False, desc: str = "reference") -> np.ndarray:
     """Logits [len(tokens), vocab] (float32) of the checkpoint in `ckpt_dir` on `tokens`,
-    every position attending causally to the ones before it (no cache, one pass)."""
+    every position attending causally to the ones before it (no cache, one pass). `hooks`
+    replace weights or activations (ForwardHooks); `progress` shows the layers with tqdm."""
     from ..convert.sources import detect_format
 
     if detect_format(Path(ckpt_dir)) == "hf":
         from .reference_hf import hf_reference_logits
-        return hf_reference_logits(ckpt_dir, tokens)
-    return meta_reference_logits(ckpt_dir, tokens)
+        return hf_reference_logits(ckpt_dir, tokens, hooks=hooks, progress=progress, desc=desc)
+    return meta_reference_logits(ckpt_dir, tokens, hooks=hooks, progress=progress, desc=desc)
 
 
-def meta_reference_logits(ckpt_dir: str | Path, tokens: list[int]) -> np.ndarray:
+def meta_head_dim(ckpt: MetaCheckpoint) -> int:
+    """params.json `head_dim` (Mistral's format, e.g. Nemo: 128 with dim 5120 and 32 heads), else dim / n_heads."""
+    return int(ckpt.params.get("head_dim") or ckpt.hparams.dim // ckpt.hparams.n_heads)
+
+
+def meta_reference_logits(ckpt_dir: str | Path, tokens: list[int], hooks: ForwardHooks | None = None,
+                          progress: bool = False, desc: str = "reference") -> np.ndarray:
     """reference_logits for a Meta checkpoint (params.json + consolidated.NN.pth)."""
+    hooks = hooks or NO_HOOKS
     ckpt = open_meta_checkpoint(ckpt_dir)
     h = ckpt.hparams
+    hd = meta_head_dim(ckpt)
     ids = _token_tensor(tokens, h.vocab_size, ckpt.path)
     with torch.inference_mode():
         # index the (bf16, mmapped) embedding first: only len(tokens) rows become float32
-        x = ckpt.load("tok_embeddings.weight")[ids].to(torch.float32)
-        cos, sin = rope_tables(h.head_dim, len(ids), h.rope_theta, llama3_scaling(ckpt.params))
-        for i in range(h.n_layers):
-            w = layer_weights(ckpt, i)
+        x = hooks.w("tok_embeddings.weight", ckpt.load("tok_embeddings.weight")[ids].to(torch.float32), ids)
+        cos, sin = rope_tables(hd, len(ids), h.rope_theta, llama3_scaling(ckpt.params))
+        for i in layer_progress(h.n_layers, desc, progress):
+            w = layer_weights(ckpt, i, hooks)
             x = transformer_block(x, w, h, cos, sin)
             del w                              # free this layer's float32 copies before loading the next
-        x = rms_norm(x, load_f32(ckpt, "norm.weight"), h.norm_eps)
+        x = rms_norm(x, hooks.w("norm.weight", load_f32(ckpt, "norm.weight")), h.norm_eps)
         out_name = "output.weight" if "output.weight" in ckpt.names else "tok_embeddings.weight"
-        logits = x @ load_f32(ckpt, out_name).T
+        logits = hooks.x(out_name, x) @ hooks.w(out_name, load_f32(ckpt, out_name)).T
     return logits.numpy()
 
 
@@ -73,8 +123,10 @@ def load_f32(ckpt: MetaCheckpoint, name: str) -> torch.Tensor:
     return ckpt.load(name).to(torch.float32)
 
 
-def layer_weights(ckpt: MetaCheckpoint, i: int) -> dict[str, torch.Tensor]:
-    return {short: load_f32(ckpt, f"layers.{i}.{short}") for short in LAYER_TENSORS}
+def layer_weights(ckpt: MetaCheckpoint, i: int, hooks: ForwardHooks = NO_HOOKS) -> LayerWeights:
+    prefix = f"layers.{i}."
+    return LayerWeights({short: hooks.w(prefix + short, load_f32(ckpt, prefix + short)) for short in LAYER_TENSORS},
+                        prefix, hooks)
 
 
 def llama3_scaling(params: dict) -> dict | None:
@@ -120,12 +172,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * weight
 
 
-def attention(x: torch.Tensor, w: dict, h: LlamaHParams, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    T, hd = x.shape[0], h.head_dim
+def attention(x: torch.Tensor, w: LayerWeights, h: LlamaHParams, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    T, hd = x.shape[0], cos.shape[-1] * 2                  # head size from the RoPE tables (may differ from dim/heads)
     group = h.n_heads // h.n_kv_heads                     # query heads sharing one key/value head
-    q = rotate_pairs((x @ w["attention.wq.weight"].T).view(T, h.n_heads, hd), cos, sin)
-    k = rotate_pairs((x @ w["attention.wk.weight"].T).view(T, h.n_kv_heads, hd), cos, sin)
-    v = (x @ w["attention.wv.weight"].T).view(T, h.n_kv_heads, hd)
+    q = rotate_pairs(w.mm(x, "attention.wq.weight").view(T, h.n_heads, hd), cos, sin)
+    k = rotate_pairs(w.mm(x, "attention.wk.weight").view(T, h.n_kv_heads, hd), cos, sin)
+    v = w.mm(x, "attention.wv.weight").view(T, h.n_kv_heads, hd)
     # query heads grouped as [kv_head, member]: head h = kv_head * group + member
     q = q.view(T, h.n_kv_heads, group, hd).permute(1, 2, 0, 3)          # [kv, group, T, hd]
     k = k.permute(1, 0, 2)[:, None]                                       # [kv, 1, T, hd]
@@ -135,13 +187,13 @@ def attention(x: torch.Tensor, w: dict, h: LlamaHParams, cos: torch.Tensor, sin:
     scores = scores.masked_fill(future, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = (probs @ v).permute(2, 0, 1, 3).reshape(T, h.n_heads * hd)    # back to [T, head * hd]
-    return out @ w["attention.wo.weight"].T
+    return w.mm(out, "attention.wo.weight")
 
 
-def feed_forward(x: torch.Tensor, w: dict) -> torch.Tensor:
-    gate = x @ w["feed_forward.w1.weight"].T
-    up = x @ w["feed_forward.w3.weight"].T
-    return (gate * torch.sigmoid(gate) * up) @ w["feed_forward.w2.weight"].T
+def feed_forward(x: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+    gate = w.mm(x, "feed_forward.w1.weight")
+    up = w.mm(x, "feed_forward.w3.weight")
+    return w.mm(gate * torch.sigmoid(gate) * up, "feed_forward.w2.weight")
 
 
 def transformer_block(x, w, h, cos, sin):

@@ -6,7 +6,8 @@ adjacent pairs. This pass does no such thing: it uses q_proj/k_proj exactly as s
 rotates them the way transformers does (rotate_half: pairs (x[i], x[i + head_dim/2])). So a
 wrong un-permutation in the converter shows up as a logit difference here, where a reference
 built on the converter's own tensors could not see it. Nothing is shared with reference.py
-(Meta layout) or candidate.py (the file side) except the safe weight loaders.
+(Meta layout) or candidate.py (the file side) except the safe weight loaders and the
+hook plumbing (ForwardHooks, LayerWeights).
 
 It streams like the Meta reference: one layer's weights at a time, cast to float32.
 
@@ -30,6 +31,8 @@ import torch
 
 from ..convert.hf import WeightEntry, open_weights, read_json
 from ..errors import LlmconvError
+from .progress import layer_progress
+from .reference import NO_HOOKS, ForwardHooks, LayerWeights
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -58,8 +61,11 @@ class HFConfig:
             raise LlmconvError(f"hidden_act {cfg.get('hidden_act')!r}: the reference computes silu", file=file)
 
 
-def hf_reference_logits(ckpt_dir: str | Path, tokens: list[int]) -> np.ndarray:
-    """Logits [len(tokens), vocab] (float32) of the HF checkpoint in `ckpt_dir`, causal, one pass."""
+def hf_reference_logits(ckpt_dir: str | Path, tokens: list[int], hooks: ForwardHooks | None = None,
+                        progress: bool = False, desc: str = "reference") -> np.ndarray:
+    """Logits [len(tokens), vocab] (float32) of the HF checkpoint in `ckpt_dir`, causal, one pass
+    (hooks and progress: see reference.reference_logits)."""
+    hooks = hooks or NO_HOOKS
     ckpt_dir = Path(ckpt_dir)
     cfg_file = ckpt_dir / "config.json"
     c = HFConfig(read_json(cfg_file), cfg_file)
@@ -72,16 +78,18 @@ def hf_reference_logits(ckpt_dir: str | Path, tokens: list[int]) -> np.ndarray:
         raise LlmconvError(f"tokens must be non-empty ids in 0..{vocab - 1}", file=ckpt_dir)
 
     with torch.inference_mode():
-        hidden = weights["model.embed_tokens.weight"].get()[torch.tensor(ids)].to(torch.float32)
+        rows = torch.tensor(ids)
+        hidden = hooks.w("model.embed_tokens.weight",
+                         weights["model.embed_tokens.weight"].get()[rows].to(torch.float32), rows)
         cos, sin = rotary_cos_sin(c, len(ids))
-        for i in range(c.n_layers):
-            layer = decoder_layer_weights(weights, i)
+        for i in layer_progress(c.n_layers, desc, progress):
+            layer = decoder_layer_weights(weights, i, hooks)
             hidden = decoder_layer(hidden, layer, c, cos, sin)
             del layer
-        hidden = llama_rms_norm(hidden, f32(weights, "model.norm.weight"), c.eps)
+        hidden = llama_rms_norm(hidden, hooks.w("model.norm.weight", f32(weights, "model.norm.weight")), c.eps)
         # tie_word_embeddings: transformers points lm_head at the embedding (a stored lm_head is then unused)
         head = "lm_head.weight" if "lm_head.weight" in weights and not c.tie else "model.embed_tokens.weight"
-        logits = hidden @ f32(weights, head).T
+        logits = hooks.x(head, hidden) @ hooks.w(head, f32(weights, head)).T
     return logits.numpy()
 
 
@@ -91,15 +99,20 @@ def f32(weights: dict[str, WeightEntry], name: str) -> torch.Tensor:
     return weights[name].get().to(torch.float32)
 
 
-def decoder_layer_weights(weights: dict[str, WeightEntry], i: int) -> dict[str, torch.Tensor | None]:
+def decoder_layer_weights(weights: dict[str, WeightEntry], i: int, hooks: ForwardHooks = NO_HOOKS) -> LayerWeights:
+    """Layer i by short name ("self_attn.q_proj"); hooks see the full names (".weight", ".bias")."""
     p = f"model.layers.{i}."
-    out: dict[str, torch.Tensor | None] = {n: f32(weights, p + n + ".weight") for n in PROJECTIONS + NORMS}
+    out: dict[str, torch.Tensor | None] = {n: hooks.w(p + n + ".weight", f32(weights, p + n + ".weight"))
+                                           for n in PROJECTIONS + NORMS}
     for n in PROJECTIONS:
-        out[n + ".bias"] = f32(weights, p + n + ".bias") if p + n + ".bias" in weights else None
-    return out
+        name = p + n + ".bias"
+        out[n + ".bias"] = hooks.w(name, f32(weights, name)) if name in weights else None
+    return LayerWeights(out, p, hooks)
 
 
 def linear(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
+    if isinstance(w, LayerWeights):
+        x = w.hooks.x(w.prefix + name + ".weight", x)
     y = x @ w[name].T
     return y if w[name + ".bias"] is None else y + w[name + ".bias"]
 

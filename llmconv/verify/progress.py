@@ -1,0 +1,9 @@
+"""Progress of a forward pass on the terminal: one tqdm bar over the layers of each pass."""
+from __future__ import annotations
+
+
+def layer_progress(n: int, desc: str, progress: bool):
+    """range(n), shown as a bar named `desc` when `progress` and stderr is a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(range(n), desc=desc, unit="layer", leave=False, disable=None if progress else True)
