@@ -122,9 +122,9 @@ def metadata_differences(mf: ModelFile, source) -> list[MetadataDifference]:
             continue
         got, src = mf.get(key), want.get(key)
         if key == _arch(Keys.Attention.KEY_LENGTH) and src is None and got is not None:
-            src = source.hparams.dim // source.hparams.n_heads     # stated explicitly: still must match
+            src = source.hparams.head_dim     # stated explicitly: still must match
         if key == _arch(Keys.Attention.VALUE_LENGTH) and src is None and got is not None:
-            src = want.get(_arch(Keys.Attention.KEY_LENGTH)) or source.hparams.dim // source.hparams.n_heads
+            src = source.hparams.head_dim
         if got is None and src is None:
             continue
         if got is not None and src is not None:

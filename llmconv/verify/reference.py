@@ -94,7 +94,7 @@ def reference_logits(ckpt_dir: str | Path, tokens: list[int], hooks: ForwardHook
 
 def meta_head_dim(ckpt: MetaCheckpoint) -> int:
     """params.json `head_dim` (Mistral's format, e.g. Nemo: 128 with dim 5120 and 32 heads), else dim / n_heads."""
-    return int(ckpt.params.get("head_dim") or ckpt.hparams.dim // ckpt.hparams.n_heads)
+    return int(ckpt.hparams.head_dim)
 
 
 def meta_reference_logits(ckpt_dir: str | Path, tokens: list[int], hooks: ForwardHooks | None = None,
