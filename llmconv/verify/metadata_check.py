@@ -115,11 +115,9 @@ def _text(v):
 
 def metadata_differences(mf: ModelFile, source) -> list[MetadataDifference]:
     want = expected_kvs(source)
-    tokenizer = mf.kind == "gguf"          # legacy files carry no tokenizer metadata
     out = []
-    for key in HPARAM_KEYS + REQUIRED_KEYS + TABLE_KEYS:
-        if not tokenizer and key.startswith("tokenizer."):
-            continue
+    # legacy ggml files carry neither tokenizer metadata nor a context length
+    for key in HPARAM_KEYS + (REQUIRED_KEYS + TABLE_KEYS if mf.kind == "gguf" else []):
         got, src = mf.get(key), want.get(key)
         if key == _arch(Keys.Attention.KEY_LENGTH) and src is None and got is not None:
             src = source.hparams.head_dim     # stated explicitly: still must match
