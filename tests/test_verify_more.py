@@ -23,7 +23,7 @@ from llmconv.convert import hf
 from llmconv.verify import report as verify_report
 from llmconv.verify import run as verify_run
 from llmconv.verify.reference import meta_reference_logits, reference_logits
-from verify_util import failures, rewrite_gguf, run_verify_cli, run_verify_json, tensor_raw, verdict
+from verify_util import failures, rewrite_gguf, tensor_raw, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_DIR = ROOT / "fixtures" / "hf-tiny-llama"          # tiny-llama's weights in HF layout, SentencePiece

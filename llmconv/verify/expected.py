@@ -25,6 +25,7 @@ import torch
 
 from .. import quantize as q
 from .bounds import TENSOR_BOUNDS, type_name
+from .hooks import ForwardHooks
 from .candidate import FileTensor, ModelFile, activation_rounding, dequantize
 
 ROWS_PER_CHUNK_BYTES = 32 << 20     # float32 source rows handled at a time
@@ -198,7 +199,6 @@ class ExpectedWeights:
         return x if rnd is None else torch.from_numpy(rnd(np.ascontiguousarray(x.numpy())))
 
     def hooks(self):
-        from .reference import ForwardHooks
         return ForwardHooks(weight=self.weight, matmul_input=self.matmul_input)
 
 

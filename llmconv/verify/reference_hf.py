@@ -32,7 +32,7 @@ import torch
 from ..convert.hf import WeightEntry, open_weights, read_json
 from ..errors import LlmconvError
 from .progress import layer_progress
-from .reference import NO_HOOKS, ForwardHooks, LayerWeights
+from .hooks import NO_HOOKS, ForwardHooks, LayerWeights
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
