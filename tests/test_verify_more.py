@@ -23,7 +23,7 @@ from llmconv.convert import hf
 from llmconv.verify import report as verify_report
 from llmconv.verify import run as verify_run
 from llmconv.verify.reference import meta_reference_logits, reference_logits
-from verify_util import failures, rewrite_gguf, tensor_raw, verdict
+from verify_util import failures, rewrite_gguf, run_verify_cli, run_verify_json, tensor_raw, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_DIR = ROOT / "fixtures" / "hf-tiny-llama"          # tiny-llama's weights in HF layout, SentencePiece
@@ -354,3 +354,40 @@ def test_missing_bpe_library_is_a_one_line_error(capsys, monkeypatch, converted,
     _, err = capsys.readouterr()
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"pip install {module}" in err
+
+
+# ---- head_dim != dim / n_heads (Mistral Nemo's attention shape) ------------------------------------
+
+@pytest.fixture(scope="module")
+def nemo_like(tmp_path_factory):
+    """Meta and HF checkpoints of the same weights with dim 80 and 4 heads of 32 (not 20), and
+    their f16 conversions: {"meta"/"hf": (checkpoint, gguf)}."""
+    import torch
+    from synth import meta_state_dict, write_meta_checkpoint
+    mk = _load_generator()
+    tmp = tmp_path_factory.mktemp("nemo-like")
+    sd = meta_state_dict(dim=80, n_heads=4, n_kv_heads=2, head_dim=32, ffn=96, seed=5, dtype=torch.float32)
+    meta = write_meta_checkpoint(tmp / "meta", sd, params={"n_heads": 4, "n_kv_heads": 2, "head_dim": 32,
+                                                            "vocab_size": 512})
+    params = json.loads((meta / "params.json").read_text())
+    hf_dir = mk.write_hf_checkpoint(tmp / "hf", sd, params, config={"head_dim": 32, "max_position_embeddings": 4096})
+    out = {}
+    for name, ckpt in (("meta", meta), ("hf", hf_dir)):
+        gguf = tmp / f"{name}.gguf"
+        assert main(["convert", str(ckpt), "--outtype", "f16", "-o", str(gguf), "-q"]) == 0
+        out[name] = (ckpt, gguf)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["meta", "hf"])
+def test_head_dim_other_than_dim_over_heads(capsys, nemo_like, tmp_path, layout):
+    ckpt, good = nemo_like[layout]
+    assert GGUFReader(good).get_field("llama.attention.key_length").contents() == 32
+    code, rep, out = run_verify_json(capsys, good, ckpt, tmp_path, "--tokens", "32")
+    assert code == 0, out
+    assert rep["fidelity"]["metrics"]["max_rel_dlogit"] <= 1e-4 and rep["fidelity"]["tensors_differ"] == 0
+    # the candidate reads the head size from key_length: the quotient (20) cannot even split the tensors
+    bad = rewrite_gguf(good, tmp_path / "kl.gguf", kvs={"llama.attention.key_length": 16,
+                                                       "llama.attention.value_length": 16})
+    code, out, _ = run_verify_cli(capsys, bad, ckpt, "--tokens", "32")
+    assert code == 1 and verdict(out).startswith("metadata llama.attention.key_length = 16"), out

@@ -21,6 +21,7 @@ Steps:
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,32 @@ def tensor_findings(checks: list[TensorCheck], mf: ModelFile, source) -> tuple[l
 
 # ---- the run ----------------------------------------------------------------------------------
 
+@dataclass
+class Run:
+    """What one verification has opened, computed and found so far."""
+    path: Path
+    ref_dir: Path
+    mf: ModelFile
+    source: object
+    ids: list[int]
+    gates: dict
+    activations: str
+    threads: int
+    progress: bool
+    start: float
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    tokens_diff: tuple[int | None, str | None] = (None, None)
+    metadata: list = field(default_factory=list)
+    structure_error: str | None = None
+    checks: dict[str, TensorCheck] = field(default_factory=dict)
+    fidelity: dict | None = None          # candidate vs expected
+    quality: dict | None = None           # candidate vs reference
+    engine: dict | None = None
+    engine_fidelity: dict | None = None
+    engine_quality: dict | None = None
+
+
 def run_verify(gguf_path: str | Path, reference_dir: str | Path, text: str | None = None,
                tokens: int = DEFAULT_TOKENS, engine: str | None = None, bounds: dict | None = None,
                threads: int = 1, activations: str = "ggml", ctx: int | None = None,
@@ -173,9 +200,10 @@ def run_verify(gguf_path: str | Path, reference_dir: str | Path, text: str | Non
     """Verify `gguf_path` against the checkpoint in `reference_dir`; returns the report (schema in
     report.py). `text` is the text itself (default: the bundled default_text.txt); `bounds` are the
     quality gates (max_kld, min_top1, max_ppl_ratio, max_rel_dlogit; None = not gated); `ctx` the
-    context length the file was converted with (convert --ctx). Bad input raises LlmconvError."""
+    context length the file was converted with (convert --ctx); `activations` how the quality
+    candidate rounds activations ("ggml": as llama.cpp's CPU backend; fidelity is always float32).
+    Bad input raises LlmconvError."""
     from ..convert.sources import open_source
-    from .reference import reference_logits
 
     start = time.perf_counter()
     path, ref_dir = Path(gguf_path), Path(reference_dir)
@@ -187,68 +215,88 @@ def run_verify(gguf_path: str | Path, reference_dir: str | Path, text: str | Non
     source = open_source(ref_dir, ctx=ctx)
     same_model_or_refuse(mf, source)
     tok = load_source_tokenizer(ref_dir)
-    text = DEFAULT_TEXT.read_text(encoding="utf-8") if text is None else text
-    ids = tokenize(tok, text, tokens)
+    ids = tokenize(tok, DEFAULT_TEXT.read_text(encoding="utf-8") if text is None else text, tokens)
     if len(ids) < 2:
         raise LlmconvError("the text gives fewer than 2 tokens")
-    findings: list[Finding] = []
-    notes: list[str] = [f"the text has only {len(ids)} tokens (asked for {tokens})"] if len(ids) < tokens else []
-
-    diff_at, diff_msg = vocabulary_check(mf, source, tok)
-    if diff_msg:
-        findings.append(Finding("fidelity", "vocabulary", diff_msg))
-    meta = metadata_differences(mf, source)
-    findings += [Finding("fidelity", "metadata", d.message(), subject=d.key) for d in meta if d.failure]
-    notes += [d.message() for d in meta if not d.failure]
-    pre = unknown_pre(mf)
-    if pre:
-        findings.append(Finding("fidelity", "metadata", pre, subject="tokenizer.ggml.pre"))
-    structure_error = None
-    try:
-        read_config(mf)
-    except FileInconsistent as e:
-        structure_error = e.one_line()
-        findings.append(Finding("fidelity", "structure", f"the file is not a consistent LLaMA model: {structure_error}"))
-
-    ref = reference_logits(ref_dir, ids, progress=progress, desc="reference")
-    names, orders = source_names(source, mf)
-    exp = ExpectedWeights(mf, names, orders, "f32", threads)
-    expected = reference_logits(ref_dir, ids, hooks=exp.hooks(), progress=progress, desc="expected")
-    compare_rest(mf, source, exp.checks, threads)
-    checks = M.worst_first([c.as_dict() for c in exp.checks.values()])
-    by_name = exp.checks
-    for st in source.tensors:
-        if st.name not in mf.tensors:
-            findings.append(Finding("fidelity", "missing_tensor", f"tensor {st.name} is in the source checkpoint "
-                                    f"({st.source_name}) but not in the file", subject=st.name))
-    notes += [f"{n}: not in the source checkpoint, not compared" for n in mf.tensors if n not in by_name
-              and n not in {t.name for t in source.tensors}]
-    t_findings, t_notes = tensor_findings([by_name[c["name"]] for c in checks], mf, source)
-    findings += t_findings
-    notes += t_notes
-    checks = M.worst_first([c.as_dict() for c in exp.checks.values()])     # with the causes found
-
-    fid_m = qual_m = None
-    if structure_error is None:
-        # fidelity in float32 activations on both sides: what is left is summation order alone (rounding
-        # activations to q8 codes would turn those 1e-7 differences into whole-code flips that grow with depth)
-        cand = candidate_streams(mf, ids, tuple(dict.fromkeys(("f32", activations))), progress=progress)
-        fid_m, qual_m = compare_logits(expected, cand["f32"], ids), compare_logits(ref, cand[activations], ids)
-        findings += fidelity_logit_findings(fid_m, "candidate", quiet_elsewhere=not findings)
-        findings += quality_findings(qual_m, gates, "candidate")
-    eng = eng_fid = eng_qual = None
+    run = Run(path, ref_dir, mf, source, ids, gates, activations, threads, progress, start)
+    if len(ids) < tokens:
+        run.notes.append(f"the text has only {len(ids)} tokens (asked for {tokens})")
+    static_checks(run, tok)
+    ref, expected = reference_passes(run)
+    candidate_pass(run, ref, expected)
     if llama_cpp is not None:
-        eng = {"name": "llama.cpp", "version": getattr(llama_cpp, "__version__", None)}
-        try:
-            logits = engine_logits(llama_cpp, path, ids, threads)
-        except Exception as e:  # llama.cpp refuses the file: that is a finding, not a crash
-            eng["error"] = f"llama.cpp could not load or run the file: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-            findings.append(Finding("fidelity", "engine", eng["error"]))
-        else:
-            eng_fid, eng_qual = compare_logits(expected, logits, ids), compare_logits(ref, logits, ids)
-            findings += quality_findings(eng_qual, gates, "llama.cpp")
-    notes += reference_notes(qual_m, len(mf.tokens or []) or ref.shape[-1])
-    return assemble(locals())
+        engine_pass(run, llama_cpp, ref, expected)
+    run.notes += reference_notes(run.quality, len(mf.tokens or []) or ref.shape[-1])
+    return assemble(run)
+
+
+def static_checks(run: Run, tok) -> None:
+    """Vocabulary, metadata and structure: what needs no forward pass."""
+    run.tokens_diff = vocabulary_check(run.mf, run.source, tok)
+    if run.tokens_diff[1]:
+        run.findings.append(Finding("fidelity", "vocabulary", run.tokens_diff[1]))
+    run.metadata = metadata_differences(run.mf, run.source)
+    run.findings += [Finding("fidelity", "metadata", d.message(), subject=d.key) for d in run.metadata if d.failure]
+    run.notes += [d.message() for d in run.metadata if not d.failure]
+    pre = unknown_pre(run.mf)
+    if pre:
+        run.findings.append(Finding("fidelity", "metadata", pre, subject="tokenizer.ggml.pre"))
+    try:
+        read_config(run.mf)
+    except FileInconsistent as e:
+        run.structure_error = e.one_line()
+        run.findings.append(Finding("fidelity", "structure",
+                                    f"the file is not a consistent LLaMA model: {run.structure_error}"))
+
+
+def reference_passes(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    """The float reference and the expected pass; the expected pass also compares every tensor."""
+    from .reference import reference_logits
+
+    ref = reference_logits(run.ref_dir, run.ids, progress=run.progress, desc="reference")
+    names, orders = source_names(run.source, run.mf)
+    exp = ExpectedWeights(run.mf, names, orders, "f32", run.threads)
+    expected = reference_logits(run.ref_dir, run.ids, hooks=exp.hooks(), progress=run.progress, desc="expected")
+    compare_rest(run.mf, run.source, exp.checks, run.threads)
+    run.checks = exp.checks
+    source_names_all = {t.name for t in run.source.tensors}
+    for st in run.source.tensors:
+        if st.name not in run.mf.tensors:
+            run.findings.append(Finding("fidelity", "missing_tensor", f"tensor {st.name} is in the source checkpoint "
+                                        f"({st.source_name}) but not in the file", subject=st.name))
+    run.notes += [f"{n}: not in the source checkpoint, not compared" for n in run.mf.tensors
+                  if n not in source_names_all]
+    worst = sorted(exp.checks.values(), key=lambda c: (-(c.rel_rmse if np.isfinite(c.rel_rmse) else np.inf), c.name))
+    found, notes = tensor_findings(worst, run.mf, run.source)
+    run.findings += found
+    run.notes += notes
+    return ref, expected
+
+
+def candidate_pass(run: Run, ref: np.ndarray, expected: np.ndarray) -> None:
+    if run.structure_error is not None:
+        return
+    # fidelity in float32 activations on both sides: what is left is summation order alone (rounding
+    # activations to q8 codes would turn those 1e-7 differences into whole-code flips that grow with depth)
+    cand = candidate_streams(run.mf, run.ids, tuple(dict.fromkeys(("f32", run.activations))), progress=run.progress)
+    run.fidelity = compare_logits(expected, cand["f32"], run.ids)
+    run.quality = compare_logits(ref, cand[run.activations], run.ids)
+    run.findings += fidelity_logit_findings(run.fidelity, "candidate", quiet_elsewhere=not run.findings)
+    run.findings += quality_findings(run.quality, run.gates, "candidate")
+
+
+def engine_pass(run: Run, llama_cpp, ref: np.ndarray, expected: np.ndarray) -> None:
+    run.engine = {"name": "llama.cpp", "version": getattr(llama_cpp, "__version__", None)}
+    try:
+        logits = engine_logits(llama_cpp, run.path, run.ids, run.threads)
+    except Exception as e:  # llama.cpp refuses the file: that is a finding, not a crash
+        run.engine["error"] = ("llama.cpp could not load or run the file: "
+                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        run.findings.append(Finding("fidelity", "engine", run.engine["error"]))
+        return
+    run.engine_fidelity = compare_logits(expected, logits, run.ids)
+    run.engine_quality = compare_logits(ref, logits, run.ids)
+    run.findings += quality_findings(run.engine_quality, run.gates, "llama.cpp")
 
 
 def vocabulary_check(mf: ModelFile, source, tok):
@@ -269,31 +317,30 @@ def reference_notes(m: dict | None, n_vocab: int) -> list[str]:
             "its weights look untrained (random), so the quality figures say little about a real model"]
 
 
-def assemble(v: dict) -> dict:
-    """The report dict from run_verify's locals."""
-    findings = ordered(v["findings"])
+def assemble(run: Run) -> dict:
+    """The report dict (schema in report.py)."""
+    findings = ordered(run.findings)
     failures = [f.message for f in findings if f.failure]
-    checks = v["checks"]
-    fid_fail = any(f.part == "fidelity" and f.failure for f in findings)
-    mf = v["mf"]
+    checks = M.worst_first([c.as_dict() for c in run.checks.values()])
+    mf = run.mf
+    file_type = file_type_name(mf.get("general.file_type"))
     return finite_or_none({
-        "file": str(v["path"]), "file_kind": mf.kind, "reference": str(v["ref_dir"]),
-        "file_type": file_type_name(mf.get("general.file_type")), "dominant_type": dominant_type(mf.tensors.values()),
-        "activations": v["activations"], "n_tokens": len(v["ids"]),
-        "tokens_match": v["diff_msg"] is None, "first_token_diff": v["diff_at"],
-        "metadata": [d.as_dict() for d in v["meta"]], "structure_error": v["structure_error"],
+        "file": str(run.path), "file_kind": mf.kind, "reference": str(run.ref_dir),
+        "file_type": file_type, "dominant_type": dominant_type(mf.tensors.values()),
+        "activations": run.activations, "n_tokens": len(run.ids),
+        "tokens_match": run.tokens_diff[1] is None, "first_token_diff": run.tokens_diff[0],
+        "metadata": [d.as_dict() for d in run.metadata], "structure_error": run.structure_error,
         "tensors": checks,
-        "fidelity": {"passed": not fid_fail,
+        "fidelity": {"passed": not any(f.part == "fidelity" and f.failure for f in findings),
                      "bounds": {"max_rel_dlogit": FIDELITY_BOUNDS.max_rel_dlogit, "max_kld": FIDELITY_BOUNDS.max_kld},
-                     "metrics": v["fid_m"], "engine": v["eng_fid"],
+                     "metrics": run.fidelity, "engine": run.engine_fidelity,
                      "tensors_identical": sum(1 for c in checks if c["exact"] and not c["blocks_differ"]),
                      "tensors_differ": sum(1 for c in checks if c["blocks_differ"])},
-        "quality": {"gates": v["gates"], "passed": not any(f.part == "quality" for f in findings),
-                    "metrics": v["qual_m"], "engine": v["eng_qual"],
-                    "published": published_figures(file_type_name(mf.get("general.file_type")))},
-        "engine": v["eng"],
+        "quality": {"gates": run.gates, "passed": not any(f.part == "quality" for f in findings),
+                    "metrics": run.quality, "engine": run.engine_quality, "published": published_figures(file_type)},
+        "engine": run.engine,
         "findings": [f.as_dict() for f in findings],
         "verdict": failures[0] if failures else "PASS",
-        "passed": not failures, "failures": failures, "notes": v["notes"],
-        "seconds": time.perf_counter() - v["start"],
+        "passed": not failures, "failures": failures, "notes": run.notes,
+        "seconds": time.perf_counter() - run.start,
     })
