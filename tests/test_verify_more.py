@@ -30,7 +30,7 @@ HF_DIR = ROOT / "fixtures" / "hf-tiny-llama"          # tiny-llama's weights in 
 META_DIR = ROOT / "fixtures" / "tiny-llama"
 L3_DIR = ROOT / "fixtures" / "llama3-tiny"            # Meta LLaMA 3.1 style: tiktoken, use_scaled_rope, 2 shards
 BPE_DIR = ROOT / "fixtures" / "llama3-bpe"            # the same vocabulary as tokenizer.json
-TOKENS = "64"
+TOKENS = "32"
 SOURCES = {"hf": HF_DIR, "llama3": L3_DIR}
 CHAT_TEMPLATE = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
                  "{{ m['content'] }}<|eot_id|>{% endfor %}")

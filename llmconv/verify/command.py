@@ -56,8 +56,9 @@ def read_text(path: Path) -> str:
 @click.option("--threads", "-t", type=click.IntRange(1, 256), default=_threads_default, show_default="all cores",
               metavar="N", help="Threads for quantizing the expected weights and for --engine llama.cpp.")
 @click.option("--activations", type=click.Choice(["ggml", "f32"]), default="ggml", show_default=True,
-              help="ggml: round activations before each matmul as llama.cpp's CPU backend does (what users get); "
-                   "f32: keep them float32 (the weights' error alone).")
+              help="How the quality candidate rounds activations. ggml: before each matmul, as llama.cpp's CPU "
+                   "backend does (what users get); f32: not at all (the weights' error alone). Fidelity always "
+                   "compares float32 passes.")
 @click.option("--checksums", "checksums", is_flag=False, flag_value="", default=None, metavar="[SIDECAR]",
               help="Also check every tensor's sha256 against the sidecar `convert --checksum` wrote "
                    "(default FILE.sha256.json).")

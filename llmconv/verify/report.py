@@ -147,7 +147,8 @@ def format_quality(r: dict) -> list[str]:
 
 def format_report(r: dict) -> str:
     """The table `llmconv verify` prints."""
-    lines = [f"{r['file']}  ({r['dominant_type']}, {r['n_tokens']} tokens)  vs  {r['reference']}"]
+    kind = r["file_type"] or r["dominant_type"]
+    lines = [f"{r['file']}  ({kind}, {r['n_tokens']} tokens)  vs  {r['reference']}"]
     lines += format_fidelity(r) + format_quality(r)
     worst = r["tensors"][:3]
     if worst:

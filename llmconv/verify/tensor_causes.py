@@ -69,7 +69,8 @@ def other_type(check: TensorCheck, ft, src) -> str | None:
     """The bytes hold another type's data (f16 declared as bf16), or values that went through a
     coarser type first (quantized at q4_0, then stored as q8_0)."""
     declared = q.get(ft.ggml_type)
-    own = M.rel_rmse(ft.array(), src)
+    deq = ft.array()
+    own = M.rel_rmse(deq, src)
     for qt in q.TYPES.values():
         if qt is declared or not qt.can_hold_row(src.shape[-1]):
             continue
@@ -79,7 +80,7 @@ def other_type(check: TensorCheck, ft, src) -> str | None:
                 return f"its bytes are {qt.name} data, but the file declares {declared.name}"
         if qt.type_size * declared.block_size < declared.type_size * qt.block_size:   # fewer bits than declared
             rt = q.dequantize_tensor(q.quantize_tensor(src, qt), qt).reshape(src.shape)
-            if M.rel_rmse(ft.array(), rt) < own / 4:
+            if M.rel_rmse(deq, rt) < own / 4:
                 return (f"its values are the source quantized at {qt.name} and then stored as {declared.name}: "
                         "requantized from a lossier file, not converted from the checkpoint")
     return None
