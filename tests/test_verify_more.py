@@ -266,10 +266,11 @@ def _without_tensor(src: Path, dst: Path, drop: str) -> Path:
 def test_llama3_without_rope_freqs_fails(capsys, converted, tmp_path):
     bad = _without_tensor(converted("llama3", "f16"), tmp_path / "norf.gguf", "rope_freqs.weight")
     assert "rope_freqs.weight" not in {t.name for t in GGUFReader(bad).tensors}
-    code, out, _ = verify(capsys, bad, L3_DIR)
+    # over 256 positions the unscaled RoPE shows in the logits by itself (32 are too few for the
+    # long wavelengths LLaMA 3.1 rescales to turn far enough)
+    code, out, _ = verify(capsys, bad, L3_DIR, "--tokens", "256")
     assert code == 1, out
     assert verdict(out).startswith("tensor rope_freqs.weight") and "not in the file" in verdict(out), out
-    # the unscaled RoPE shows in the logits by itself (the fidelity bound is far below it)
     assert any("vs the expected pass" in f for f in failures(out)), out
 
 
