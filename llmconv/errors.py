@@ -1,11 +1,27 @@
 """One error type for everything a user can cause with bad input.
 
 The CLI turns an LlmconvError into a single line on stderr and exit code 2;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback (behind --debug).
 """
 from __future__ import annotations
 
+import os
+import re
+import stat
 from pathlib import Path
+
+# Control characters (C0, DEL, C1), line/paragraph separators and bidirectional overrides:
+# a file name or tensor name holding them could clear the screen, forge a second message
+# line or reorder what the user reads.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control or bidi character shown as an escape (\\n, \\x1b, \\u202e)."""
+    def esc(m: re.Match) -> str:
+        c = m.group()
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+    return _UNPRINTABLE.sub(esc, text)
 
 
 class LlmconvError(Exception):
@@ -20,20 +36,56 @@ class LlmconvError(Exception):
     def one_line(self) -> str:
         where = []
         if self.file:
-            where.append(self.file)
+            where.append(printable(self.file))
         if self.tensor:
-            where.append(f"tensor {self.tensor}")
+            where.append(f"tensor {printable(self.tensor)}")
         prefix = ": ".join(where)
-        text = " ".join(self.message.split())  # always one line
+        text = printable(" ".join(self.message.split()))  # always one line
         return f"{prefix}: {text}" if prefix else text
 
 
+MAX_JSON_BYTES = 256 << 20        # Llama 3's tokenizer.json is 9 MB; a config is a few KB
+
+
+def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
+    """A file's bytes, refusing anything but a regular file (a FIFO would block, /dev/zero
+    would never end) and anything over `max_bytes`. Missing files raise FileNotFoundError."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise LlmconvError("not a regular file; refusing to read it", file=path)
+        if st.st_size > max_bytes:
+            raise LlmconvError(f"is {st.st_size} bytes; the limit for this file is {max_bytes}", file=path)
+        chunks, left = [], st.st_size
+        while left > 0:
+            b = os.read(fd, min(left, 1 << 24))
+            if not b:
+                break
+            chunks.append(b)
+            left -= len(b)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def load_json(path: str | Path):
-    """A JSON file's contents; undecodable or invalid JSON is an LlmconvError naming the file.
-    Callers check for a missing file and for the shape they expect."""
+    """A JSON file's contents, checked against the schema its name selects (convert/schema.py:
+    config.json, params.json, tokenizer*.json, ...). Invalid JSON, a wrong value, a lone
+    surrogate or nesting too deep is an LlmconvError naming the file (and the key).
+    Callers check for a missing file."""
     import json
 
+    from .convert.schema import validate
+
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        text = read_regular_file(path, MAX_JSON_BYTES).decode("utf-8")
+        doc = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LlmconvError(f"invalid JSON: {e}", file=path) from None
+    except RecursionError:
+        raise LlmconvError("invalid JSON: nested too deeply", file=path) from None
+    except OSError as e:
+        raise LlmconvError(f"cannot read: {e.strerror or e}", file=path) from None
+    validate(doc, path)
+    return doc

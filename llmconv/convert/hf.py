@@ -27,6 +27,7 @@ from gguf import Keys, MODEL_TENSOR, TokenType
 from ..errors import LlmconvError, load_json
 from ..formats.gguf_writer import KV
 from . import moe
+from .guards import check_layer_count
 from .hparams import LlamaHParams
 from .meta import expected_shapes, safe_torch_load, stated_head_dim
 from .plan import SourceTensor, meta_to_gguf_name, tensor_name
@@ -527,6 +528,7 @@ def open_hf_source(model_dir: Path, ctx: int | None = None, pre: str | None = No
                             "the output reuses the embedding")
     tied = "lm_head.weight" not in entries
 
+    check_layer_count(n_layers, entries, cfg_file, "num_hidden_layers")
     expected = {meta_to_gguf_name(k): v
                 for k, v in expected_shapes(dim, n_layers, n_heads, n_kv, ffn, vocab_size, head_dim).items()}
     tensors: dict[str, SourceTensor] = {}
@@ -542,6 +544,8 @@ def open_hf_source(model_dir: Path, ctx: int | None = None, pre: str | None = No
         gguf_name = hf_name_to_gguf(name)
         if gguf_name is None:
             raise LlmconvError("unknown tensor name: no GGUF mapping for it", file=e.file, tensor=name)
+        if gguf_name in tensors:
+            raise LlmconvError(f"both {tensors[gguf_name].source_name} and {name} map to {gguf_name}", file=e.file, tensor=name)
         layer = re.match(r"model\.layers\.(\d+)\.", name)
         if layer and int(layer.group(1)) >= n_layers:
             raise LlmconvError(f"config.json says {n_layers} layers but the checkpoint has more", file=e.file, tensor=name)

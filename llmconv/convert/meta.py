@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LlmconvError, load_json
+from .guards import check_tensor_storage, scan_torch_pickle
 from .hparams import CONTEXT_BY_FAMILY, LlamaHParams, meta_family, meta_ffn_dim
 
 SHARD_GLOB = "consolidated.*.pth"
@@ -27,6 +28,7 @@ _FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 def safe_torch_load(path: Path) -> dict:
     """torch.load that never runs pickled code and never reads past the file's end."""
     _check_zip(path)
+    scan_torch_pickle(path)     # before torch unpickles anything: only what a state dict needs
     try:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -40,6 +42,7 @@ def safe_torch_load(path: Path) -> dict:
     for k, v in obj.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise LlmconvError(f"entry {k!r} is not a named tensor", file=path)
+    check_tensor_storage(obj, path)
     return obj
 
 

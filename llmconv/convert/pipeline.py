@@ -12,6 +12,7 @@ from gguf import Keys
 from ..errors import LlmconvError
 from ..formats.gguf_writer import KV
 from .gguf_source import GGUFSource, open_gguf_source
+from .guards import check_tensor_names
 from .hparams import LlamaHParams
 from .metadata import (QUANTIZATION_VERSION, apply_kv_overrides, default_file_name, general_kvs, llama_kvs,
                        load_model_metadata, parse_override_kv, vocab_kvs)
@@ -60,6 +61,7 @@ def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: st
         from .lora import apply_adapters
         apply_adapters(src, lora)
     h = src.hparams
+    check_tensor_names(src.tensors, h.n_layers, src.path)
     # precision of the weights: a computed 1-D tensor (rope_freqs, f32) may come first
     weights_dtype = next((t.source_dtype for t in src.tensors if len(t.shape) > 1), src.tensors[0].source_dtype)
     outtype = resolve_outtype(outtype, weights_dtype)

@@ -12,6 +12,7 @@ from gguf import MODEL_TENSOR
 
 from ..errors import LlmconvError
 from .bpe import is_tiktoken_file, load_meta_tiktoken
+from .guards import check_checkpoint_files
 from .meta import MetaCheckpoint, ffn_formula_warning, open_meta_checkpoint
 from .plan import SourceTensor, meta_to_gguf_name, tensor_name
 from .source import Source, explicit_tokenizer
@@ -63,6 +64,7 @@ def open_source(model_dir: str | Path, input_format: str = "auto", ctx: int | No
     checkpoint's own."""
     model_dir = Path(model_dir)
     check_checkpoint_dir(model_dir)
+    check_checkpoint_files(model_dir)
     kind = detect_format(model_dir) if input_format == "auto" else input_format
     tokenizer = Path(tokenizer) if tokenizer is not None else None
     if kind == "meta":
