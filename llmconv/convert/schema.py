@@ -185,7 +185,7 @@ PARAMS = {
     "vocab_size": integer(-1, MAX_TOKEN_ID), "multiple_of": nullable(integer()),
     "ffn_dim_multiplier": nullable(number(hi=1e6)), "norm_eps": number(), "rope_theta": number(),
     "use_scaled_rope": boolean, "rope_scaling_factor": nullable(number()), "high_freq_factor": nullable(number()),
-    "max_seq_len": integer(1, U32_MAX),
+    "max_seq_len": integer(1, U32_MAX), "head_dim": nullable(integer()), "hidden_dim": nullable(integer()),
 }
 
 
