@@ -76,7 +76,8 @@ def load_json(path: str | Path):
     Callers check for a missing file."""
     import json
 
-    from .convert.schema import validate
+    from .convert.schema import SchemaError, validate
+    from .convert.schema_tokenizer import validate_tokenizer_json
 
     try:
         text = read_regular_file(path, MAX_JSON_BYTES).decode("utf-8")
@@ -87,5 +88,8 @@ def load_json(path: str | Path):
         raise LlmconvError("invalid JSON: nested too deeply", file=path) from None
     except OSError as e:
         raise LlmconvError(f"cannot read: {e.strerror or e}", file=path) from None
-    validate(doc, path)
+    try:
+        (validate_tokenizer_json if Path(path).name == "tokenizer.json" else validate)(doc, path)
+    except SchemaError as e:
+        raise LlmconvError(str(e), file=path) from None
     return doc

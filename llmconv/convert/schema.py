@@ -11,7 +11,9 @@ Token ids are plausibility-checked too: nothing downstream may allocate in propo
 id from a 4 KB file, so ids stay below MAX_TOKEN_ID, and a tokenizer.json's ids must be mostly
 dense (a placeholder is written for every id it skips).
 
-`validate(doc, path)` picks the schema from the file name; errors.load_json calls it.
+`validate(doc, path)` picks the schema from the file name; errors.load_json calls it and turns a
+SchemaError into a one-line LlmconvError naming the file. (This module imports nothing of
+llmconv's, so errors.py can use it without an import cycle.)
 """
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import LlmconvError
 
 U32_MAX = 2**32 - 1
 I32_MAX = 2**31 - 1
@@ -29,6 +30,10 @@ MAX_TOKEN_ID = 1 << 22          # 4M; the largest real vocabularies have ~260k t
 MAX_TEMPLATE_BYTES = 64 << 20   # = the GGUF reader's cap on one string (formats/gguf_reader.py)
 
 Check = Callable[[Any, str], None]   # raises _Bad(message) for a wrong value
+
+
+class SchemaError(ValueError):
+    """A document that does not fit its schema; the message names the key."""
 
 
 class _Bad(Exception):
@@ -241,36 +246,31 @@ SCHEMAS: dict[str, Callable[[Any], None]] = {
 
 def validate(doc, path: str | Path) -> None:
     """Check a loaded JSON document against the schema its file name selects (no-op for
-    other names). Raises LlmconvError naming the file and the key."""
-    path = Path(path)
-    check_strings(doc, path)
-    name = path.name
-    if name == "tokenizer.json":
-        from .schema_tokenizer import validate_tokenizer_json
-        return validate_tokenizer_json(doc, path)
-    schema = SCHEMAS.get(name)
+    other names; tokenizer.json is schema_tokenizer's). Raises SchemaError naming the key."""
+    check_strings(doc)
+    schema = SCHEMAS.get(Path(path).name)
     if schema is None:
         return
     try:
         _flat(doc)
         schema(doc)
     except _Bad as e:
-        raise LlmconvError(str(e), file=path) from None
+        raise SchemaError(str(e)) from None
     except _Key as e:
-        raise LlmconvError(f"{e.key}: {e.message}", file=path) from None
+        raise SchemaError(f"{e.key}: {e.message}") from None
 
 
-def check_strings(doc, path: Path) -> None:
+def check_strings(doc) -> None:
     """No lone surrogates (JSON allows "\\ud800"; UTF-8 and every tokenizer do not), walked
     without recursion so nesting depth costs nothing."""
     stack = [doc]
     while stack:
         v = stack.pop()
         if isinstance(v, str):
-            _check_text(v, path)
+            _check_text(v)
         elif isinstance(v, dict):
             for k, x in v.items():
-                _check_text(k, path)
+                _check_text(k)
                 if not isinstance(x, (int, float, bool)) and x is not None:
                     stack.append(x)
         elif isinstance(v, list):
@@ -280,10 +280,10 @@ def check_strings(doc, path: Path) -> None:
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _check_text(s: str, path: Path) -> None:
+def _check_text(s: str) -> None:
     if s.isascii():
         return
     m = _SURROGATE.search(s)
     if m:
-        raise LlmconvError(f"string {s[max(0, m.start() - 20):m.start()]!r}... holds a lone surrogate "
-                           f"(U+{ord(m.group()):04X}): not valid Unicode text", file=path)
+        raise SchemaError(f"string {s[max(0, m.start() - 20):m.start()]!r}... holds a lone surrogate "
+                          f"(U+{ord(m.group()):04X}): not valid Unicode text")

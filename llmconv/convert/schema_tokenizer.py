@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import LlmconvError
-from .schema import MAX_TOKEN_ID, _at, _Bad, _fail, _Key, _object, boolean, nullable, obj, string, token_id
+from .schema import (MAX_TOKEN_ID, SchemaError, _at, _Bad, _fail, _Key, _object, boolean, check_strings, nullable,
+                     obj, string, token_id)
 
 MAX_COMPONENT_DEPTH = 8       # Sequence inside Sequence: real files nest one or two levels
 
@@ -47,7 +47,9 @@ def _template(v, key):
 _ADDED = obj({"id": token_id, "content": string, "special": boolean}, required=("id", "content"))
 
 
-def validate_tokenizer_json(doc, path: Path) -> None:
+def validate_tokenizer_json(doc, path: Path | None = None) -> None:
+    """Raises SchemaError naming the key."""
+    check_strings(doc)
     try:
         if not isinstance(doc, dict):
             _fail("a JSON object", doc)
@@ -59,9 +61,9 @@ def validate_tokenizer_json(doc, path: Path) -> None:
         if doc["model"].get("type") == "BPE":
             _check_bpe(doc["model"], doc.get("added_tokens") or [])
     except _Bad as e:
-        raise LlmconvError(str(e), file=path) from None
+        raise SchemaError(str(e)) from None
     except _Key as e:
-        raise LlmconvError(f"{e.key}: {e.message}", file=path) from None
+        raise SchemaError(f"{e.key}: {e.message}") from None
 
 
 def _list_of_added(v, key):
