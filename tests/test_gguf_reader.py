@@ -20,6 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFReader, GGUFV
 
 from llmconv.cli import main
 from llmconv.errors import LlmconvError
+from llmconv.formats.gguf_arrays import CompactArray
 from llmconv.formats.gguf_reader import MAX_ARRAY_ITEMS, MAX_STRING_BYTES, GGUFFormatError, read_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,6 +186,8 @@ def _number(part, vtype):
 def _as_bytes(v):
     if isinstance(v, str):
         return v.encode("utf-8")
+    if isinstance(v, CompactArray):      # long arrays: compact, list-like
+        v = v.tolist()
     if isinstance(v, list):
         return [_as_bytes(x) for x in v]
     return v

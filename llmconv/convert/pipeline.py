@@ -135,7 +135,7 @@ def gguf_model_shape(src: GGUFSource) -> ModelShape | None:
 
     def first(key):
         v = kv.get(key.format(arch=src.arch))
-        return v[0] if isinstance(v, list) and v else v
+        return v[0] if not isinstance(v, (int, float, str, bytes, type(None))) and len(v) else v  # per-layer array
 
     n_layers, n_heads = first(Keys.LLM.BLOCK_COUNT), first(Keys.Attention.HEAD_COUNT)
     if n_layers is None or n_heads is None:

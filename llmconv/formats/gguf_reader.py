@@ -36,12 +36,15 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
 
 from ..errors import LlmconvError
+from .gguf_arrays import LIST_MAX_ITEMS, NumberArray, StringArray
 
 SUPPORTED_VERSIONS = (2, 3)          # v1 used 32-bit counts and lengths and has not been written since 2023
 MAX_DIMS = 4                         # GGML_MAX_DIMS
 MAX_TENSOR_NAME_BYTES = 63           # GGML_MAX_NAME is 64 including the terminating NUL
 MAX_STRING_BYTES = 64 << 20          # one metadata string (an embedded tokenizer.json is a few MB)
 MAX_ARRAY_ITEMS = 1 << 26            # vocabularies and merge lists are < 1M items
+MAX_KVS = 1 << 16                    # real files have < 100 keys; each costs ~300 bytes of Python objects
+MAX_TENSORS = 1 << 16                # the largest models have a few thousand tensors
 INT64_MAX = (1 << 63) - 1
 
 # Smallest possible encodings, for checking counts against the file size before reading.
@@ -213,23 +216,28 @@ def _read_array(cur: _Cursor, key: str) -> tuple[list, GGUFValueType]:
         return _read_strings(cur, key, n), etype
     dtype = np.dtype(_FIXED[etype][1])
     start = cur.pos
-    values = np.frombuffer(cur.buf[start:start + n * dtype.itemsize], dtype=dtype)
+    values = np.frombuffer(cur.buf[start:start + n * dtype.itemsize], dtype=dtype).copy()   # the map closes
     cur.pos += n * dtype.itemsize
-    if etype == GGUFValueType.BOOL:
+    is_bool = etype == GGUFValueType.BOOL
+    if is_bool:
         bad = np.flatnonzero(values > 1)
         if bad.size:
             i = int(bad[0])
             cur.fail(f"{key}[{i}]: bool value {int(values[i])} (must be 0 or 1)", start + i)
-        return (values != 0).tolist(), etype
-    return values.tolist(), etype
+    if n > LIST_MAX_ITEMS:
+        return NumberArray(values, is_bool), etype        # about the bytes it had in the file
+    return ((values != 0).tolist() if is_bool else values.tolist()), etype
 
 
 _U64 = struct.Struct("<Q").unpack_from
 
 
-def _read_strings(cur: _Cursor, key: str, n: int) -> list[str | bytes]:
+def _read_strings(cur: _Cursor, key: str, n: int) -> list[str | bytes] | StringArray:
     """n length-prefixed strings: the same checks as _Cursor.raw_string, inlined because a
-    vocabulary has 10^5 of them and this loop is most of the time spent on a header."""
+    vocabulary has 10^5 of them and this loop is most of the time spent on a header.
+    More than LIST_MAX_ITEMS strings are kept as one blob + offsets (a StringArray)."""
+    if n > LIST_MAX_ITEMS:
+        return _read_string_array(cur, key, n)
     buf, size, pos = cur.buf, cur.size, cur.pos
     out = []
     for i in range(n):
@@ -251,6 +259,29 @@ def _read_strings(cur: _Cursor, key: str, n: int) -> list[str | bytes]:
             out.append(b)
     cur.pos = pos
     return out
+
+
+def _read_string_array(cur: _Cursor, key: str, n: int) -> StringArray:
+    buf, size, pos = cur.buf, cur.size, cur.pos
+    blob = bytearray()
+    starts = np.empty(n + 1, dtype=np.int64)
+    for i in range(n):
+        if size - pos < 8:
+            cur.pos = pos
+            cur.need(8, f"the length of {key}[{i}]")
+        (length,) = _U64(buf, pos)
+        if length > MAX_STRING_BYTES:
+            cur.fail(f"{key}[{i}] is {length} bytes long; the limit is {MAX_STRING_BYTES}", pos)
+        pos += 8
+        if length > size - pos:
+            cur.pos = pos
+            cur.need(length, f"{key}[{i}] ({length} bytes)")
+        starts[i] = len(blob)
+        blob += buf[pos:pos + length]
+        pos += length
+    starts[n] = len(blob)
+    cur.pos = pos
+    return StringArray(bytes(blob), starts)
 
 
 def _read_tensor_info(cur: _Cursor, alignment: int) -> GGUFTensor:
@@ -286,8 +317,10 @@ def _read_tensor_info(cur: _Cursor, alignment: int) -> GGUFTensor:
     return GGUFTensor(name, ggml_type, tuple(reversed(ne)), offset, nbytes, n_elements, info_offset)
 
 
-def read_gguf(path: str | Path) -> GGUFFile:
-    """Parse and validate a GGUF file's header and tensor table (never its data)."""
+def read_gguf(path: str | Path, check_types: bool = True) -> GGUFFile:
+    """Parse and validate a GGUF file's header and tensor table (never its data).
+    `check_types`: also require the known keys' types and ranges (gguf_metadata.py);
+    inspect turns it off to show whatever a file holds."""
     path = Path(path)
     try:
         # O_NONBLOCK: a FIFO or device given as the path must not block the open.
@@ -304,16 +337,16 @@ def read_gguf(path: str | Path) -> GGUFFile:
         if size < _HEADER_BYTES:
             # mmap cannot map an empty file; a header this short is not GGUF anyway.
             head = os.pread(fd, _HEADER_BYTES, 0)
-            return _parse(head, len(head), path)
+            return _parse(head, len(head), path, check_types)
         with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as buf:
-            return _parse(buf, size, path)
+            return _parse(buf, size, path, check_types)
     except OSError as e:
         raise LlmconvError(f"cannot read: {e.strerror or e}", file=path) from None
     finally:
         os.close(fd)
 
 
-def _parse(buf, size: int, path: Path) -> GGUFFile:
+def _parse(buf, size: int, path: Path, check_types: bool = True) -> GGUFFile:
     cur = _Cursor(buf, size, path)
     cur.need(4, "the magic")
     if buf[0:4] != struct.pack("<I", GGUF_MAGIC):
@@ -332,6 +365,10 @@ def _parse(buf, size: int, path: Path) -> GGUFFile:
     if n_tensors > room // _MIN_TENSOR_INFO_BYTES or \
             n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES > room:
         cur.fail(f"tensor count {n_tensors} (with {n_kv} metadata entries) cannot fit in a {size}-byte file", 8)
+    if n_kv > MAX_KVS:
+        cur.fail(f"metadata count {n_kv}; the limit is {MAX_KVS}", 16)
+    if n_tensors > MAX_TENSORS:
+        cur.fail(f"tensor count {n_tensors}; the limit is {MAX_TENSORS}", 8)
 
     kvs: dict[str, Any] = {}
     kv_types: dict[str, KVType] = {}
@@ -375,4 +412,7 @@ def _parse(buf, size: int, path: Path) -> GGUFFile:
         if a.offset + a.nbytes > b.offset:
             cur.fail(f"data [{b.offset}, {b.offset + b.nbytes}) overlaps tensor {a.name} "
                      f"[{a.offset}, {a.offset + a.nbytes})", b.info_offset, b.name)
+    if check_types:
+        from .gguf_metadata import check_metadata
+        check_metadata(g, lambda message, offset: cur.fail(message, offset))
     return g

@@ -21,7 +21,7 @@ import click
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from ..errors import LlmconvError
+from ..errors import LlmconvError, printable
 from ..jsonout import json_option
 
 ARRAY_PREVIEW = 8          # array items shown (text and JSON); the length is always given
@@ -86,13 +86,14 @@ def _totals(tensors: list[dict]) -> dict:
 
 def _gguf_summary(path: Path) -> dict:
     from .gguf_reader import read_gguf
-    g = read_gguf(path)
+    g = read_gguf(path, check_types=False)      # show whatever the file holds
     tokens = g.kvs.get("tokenizer.ggml.tokens")
     return {
         "file": str(path), "format": "gguf", "version": g.version, "file_bytes": g.file_size,
         "alignment": g.alignment, "data_offset": g.data_offset,
         "metadata": {k: _entry(g.kv_types[k].type, v, g.kv_types[k].element) for k, v in g.kvs.items()},
-        "vocab_size": len(tokens) if isinstance(tokens, list) else None,
+        "vocab_size": len(tokens) if tokens is not None and not isinstance(tokens, (str, bytes, int, float))
+        else None,
         "tensors": [{"name": t.name, "type": t.ggml_type.name, "shape": list(t.shape), "offset": t.offset,
                      "bytes": t.nbytes, "elements": t.n_elements} for t in g.tensors],
     }
@@ -218,7 +219,7 @@ def _heading(text: str) -> str:
 
 def render_text(s: dict) -> str:
     lines = []
-    name = click.style(Path(s["file"]).name, bold=True)
+    name = click.style(printable(Path(s["file"]).name), bold=True)
     if s["format"] == "gguf":
         kind = f"GGUF v{s['version']}"
     else:
@@ -234,7 +235,8 @@ def render_text(s: dict) -> str:
     meta = s["metadata"]
     lines += ["", _heading(f"Metadata ({len(meta)} {'key' if len(meta) == 1 else 'keys'})")]
     if meta:
-        rows = [["key", "type", "value"]] + [[k, _type_text(e), _value_text(e)] for k, e in meta.items()]
+        rows = [["key", "type", "value"]] + [[_cut(printable(k)), _type_text(e), printable(_value_text(e))]
+                                             for k, e in meta.items()]
         lines += _table(rows, right=set())
 
     shown, total = len(s["tensors"]), s["tensor_count"]
@@ -242,7 +244,7 @@ def render_text(s: dict) -> str:
     lines += ["", _heading(f"Tensors ({total}{filt})")]
     if s["tensors"]:
         rows = [["#", "name", "type", "shape", "offset", "bytes"]]
-        rows += [[str(t["index"]), t["name"], t["type"], " x ".join(map(str, t["shape"])), f"{t['offset']:,}", f"{t['bytes']:,}"]
+        rows += [[str(t["index"]), printable(t["name"]), t["type"], " x ".join(map(str, t["shape"])), f"{t['offset']:,}", f"{t['bytes']:,}"]
                  for t in s["tensors"]]
         lines += _table(rows, right={0, 4, 5})
 
