@@ -5,6 +5,7 @@ and exits 2; `--debug` shows the traceback instead. Ctrl-C exits 130, leaving no
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import traceback
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .errors import LlmconvError
+from .errors import LlmconvError, environment_error, printable
 from .jsonout import emit_json, json_option
 
 _DEBUG = False
@@ -109,8 +110,8 @@ def parse_size(text: str) -> int:
         value = float(num)
     except ValueError:
         raise LlmconvError(f"--split-max-size {text!r}: expected a size like 4G or 500M") from None
-    if value < 0:
-        raise LlmconvError(f"--split-max-size {text!r}: must not be negative")
+    if not math.isfinite(value) or value < 0 or value * units[unit] >= 2**63:
+        raise LlmconvError(f"--split-max-size {text!r}: expected a finite, non-negative size below 8 EiB")
     return int(value * units[unit])
 
 
@@ -128,7 +129,7 @@ def _echo_written(res, outtype: str, json_path: str | None = None) -> None:
                    "q5_k_s/m, q6_k (llama-quantize's per-tensor rules; q3_k/q4_k/q5_k mean the _m mix). "
                    "'auto' keeps the source precision.")
 @click.option("--outfile", "-o", type=click.Path(path_type=Path), help="Output path. Default: ./Name-Size-TYPE.gguf in the current directory.")
-@click.option("--ctx", type=click.IntRange(1), help="Context length to record (default: by model family; see README).")
+@click.option("--ctx", type=click.IntRange(1, 2**32 - 1), help="Context length to record (default: by model family; see README).")
 @click.option("--input-format", type=click.Choice(["auto", "meta", "hf", "mistral"]), default="auto", show_default=True,
               help="Checkpoint layout; 'auto' detects it: params.json + consolidated.NN.pth (Meta), params.json + "
                    "consolidated*.safetensors (Mistral), config.json (Hugging Face).")
@@ -316,6 +317,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except (OSError, MemoryError, RecursionError) as e:   # the environment, not the input: still one line
+        if _DEBUG:
+            traceback.print_exc()
+        click.echo(f"llmconv: error: {environment_error(e)}", err=True)
+        return 2
+    except Exception as e:                                # a bug: one line, the traceback behind --debug
+        if _DEBUG:
+            raise
+        click.echo(f"llmconv: internal error: {printable(type(e).__name__)}: {printable(' '.join(str(e).split()))[:300]} "
+                   f"(run with --debug for the traceback)", err=True)
+        return 70                                         # EX_SOFTWARE
     return 0
 
 

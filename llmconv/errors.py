@@ -44,6 +44,20 @@ class LlmconvError(Exception):
         return f"{prefix}: {text}" if prefix else text
 
 
+def environment_error(e: BaseException) -> str:
+    """One line for an error the environment caused (disk full, read-only file system, a name
+    too long, a directory where a file was expected, out of memory, nesting too deep)."""
+    if isinstance(e, MemoryError):
+        return "out of memory"
+    if isinstance(e, RecursionError):
+        return "input nested too deeply"
+    if isinstance(e, OSError):
+        where = ": ".join(printable(str(f)) for f in (e.filename, e.filename2) if f is not None)
+        what = e.strerror or " ".join(str(e).split()) or type(e).__name__
+        return f"{where}: {printable(what)}" if where else printable(what)
+    return printable(" ".join(str(e).split()))
+
+
 MAX_JSON_BYTES = 256 << 20        # Llama 3's tokenizer.json is 9 MB; a config is a few KB
 
 

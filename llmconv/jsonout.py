@@ -1,20 +1,41 @@
-"""`--json` output shared by every command: a report to a file, or to stdout with `-`."""
+"""`--json` output shared by every command: a report to a file, or to stdout with `-`.
+
+A report never replaces an existing file unless the command was given --force (a mistyped
+`--json model.gguf` must not overwrite the model just written), is never written through a
+symlink, and an unwritable path is one line, not a traceback.
+"""
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
 import click
 
+from .errors import LlmconvError
 
-def emit_json(path: str | None, obj: dict) -> None:
+
+def emit_json(path: str | None, obj: dict, text: str | None = None) -> None:
+    """Write `obj` as JSON (or `text` as given) to `path`; '-' is stdout."""
     if not path:
         return
-    text = json.dumps(obj, indent=2, default=str)
+    text = json.dumps(obj, indent=2, default=str) if text is None else text
     if path == "-":
         click.echo(text)
-    else:
-        Path(path).write_text(text + "\n")
+        return
+    params = getattr(click.get_current_context(silent=True), "params", {})
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= os.O_TRUNC if params.get("force") else os.O_EXCL
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileExistsError:
+        raise LlmconvError("--json: the file exists; pass --force to overwrite it", file=path) from None
+    except OSError as e:
+        raise LlmconvError(f"--json: cannot write: {e.strerror}", file=path) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    except OSError as e:
+        raise LlmconvError(f"--json: cannot write: {e.strerror}", file=path) from None
 
 
 def json_option(what: str = "a machine-readable report"):

@@ -197,7 +197,10 @@ def _error_kind(message: str) -> str:
                    "arrays of arrays", "bool value", "is empty", "duplicate metadata key", "is not UTF-8",
                    "is not a power of two", "must be a UINT32", "dimensions (must be", "must be >= 1",
                    "more than 2^63", "unknown tensor type", "block size", "not a multiple of the alignment",
-                   "runs past the end", "overlaps tensor", "duplicate tensor name"):
+                   "runs past the end", "overlaps tensor", "duplicate tensor name",
+                   # known keys' types and ranges (gguf_metadata.py), count caps
+                   "must be a UTF-8 string", "must be an integer", "must be a FLOAT", "must be finite",
+                   "must be an array of", "must be a BOOL", "is outside [", "is in layer", "; the limit is"):
         if marker in words:
             return marker
     return "other: " + words[:60]

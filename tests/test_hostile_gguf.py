@@ -5,7 +5,6 @@ conversion with one thing changed."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from llmconv.formats.checksums import check_sidecar
 from llmconv.formats.gguf_reader import read_gguf
 from llmconv.formats.gguf_writer import KV, TensorEntry, plan_layout
 from procstat import run_peak_rss_anon
-from test_hostile import assert_one_line_error, refused, run
+from test_hostile import refused, run
 
 ROOT = Path(__file__).resolve().parents[1]
 HF = ROOT / "fixtures" / "hf-tiny-llama"

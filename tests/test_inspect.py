@@ -45,7 +45,7 @@ def files(tmp_path_factory):
 
 def inspect_json(path: Path, *extra: str) -> dict:
     out = path.parent / (path.name + ".json")
-    assert main(["inspect", str(path), "--json", str(out), *extra]) == 0
+    assert main(["inspect", str(path), "--json", str(out), "--force", *extra]) == 0
     return json.loads(out.read_text())
 
 

@@ -12,6 +12,7 @@ from gguf import Keys
 from ..errors import LlmconvError
 from ..formats.gguf_writer import KV
 from .gguf_source import GGUFSource, open_gguf_source
+from ..formats.gguf_reader import check_write_caps
 from .guards import check_tensor_names
 from .hparams import LlamaHParams
 from .metadata import (QUANTIZATION_VERSION, apply_kv_overrides, default_file_name, general_kvs, llama_kvs,
@@ -75,6 +76,7 @@ def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: st
     out_path = Path(outfile) if outfile else Path.cwd() / default_file_name(md, plan.outtype)
     kvs = general_kvs(md, plan.file_type) + llama_kvs(h) + list(src.extra_kvs) + vocab_kvs(src.vocab)
     kvs = apply_kv_overrides(kvs, [parse_override_kv(o) for o in override_kv])
+    check_write_caps(kvs, src.path)
     return Conversion(src, plan, kvs, md.name, out_path)
 
 

@@ -111,3 +111,4 @@ def _check(key, v, vt, rule, fail) -> None:
 
 def _tname(vt) -> str:
     return f"ARRAY of {vt.element.name}" if vt.type == V.ARRAY and vt.element is not None else vt.type.name
+

@@ -416,3 +416,21 @@ def _parse(buf, size: int, path: Path, check_types: bool = True) -> GGUFFile:
         from .gguf_metadata import check_metadata
         check_metadata(g, lambda message, offset: cur.fail(message, offset))
     return g
+
+
+def check_write_caps(kvs, file=None) -> None:
+    """What llmconv writes, its own reader must accept: the same caps on strings and arrays
+    as gguf_reader applies on read (a 65 MiB chat template would make an unreadable file)."""
+    def size(s) -> int:
+        return len(s.encode("utf-8", "surrogatepass")) if isinstance(s, str) else len(s)
+
+    for kv in kvs:
+        values = kv.value if kv.type == GGUFValueType.ARRAY else [kv.value]
+        if kv.type == GGUFValueType.ARRAY and len(values) > MAX_ARRAY_ITEMS:
+            raise LlmconvError(f"metadata {kv.key} would have {len(values)} items; GGUF readers accept at most "
+                               f"{MAX_ARRAY_ITEMS}", file=file)
+        if GGUFValueType.STRING in (kv.type, kv.sub_type):
+            for s in values:
+                if size(s) > MAX_STRING_BYTES:
+                    raise LlmconvError(f"metadata {kv.key} would hold a string of {size(s)} bytes; GGUF readers "
+                                       f"accept at most {MAX_STRING_BYTES}", file=file)

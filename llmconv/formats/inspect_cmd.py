@@ -22,7 +22,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from ..errors import LlmconvError, printable
-from ..jsonout import json_option
+from ..jsonout import emit_json, json_option
 
 ARRAY_PREVIEW = 8          # array items shown (text and JSON); the length is always given
 TEXT_WIDTH = 72            # longest metadata value shown in the table before it is cut
@@ -265,9 +265,10 @@ def render_text(s: dict) -> str:
 @click.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @json_option("the same information")
+@click.option("--force", "-f", is_flag=True, help="Let --json FILE overwrite an existing file.")
 @click.option("--tensors", "tensor_filter", metavar="REGEX",
               help="Only tensors whose name matches REGEX (searched, as grep does), e.g. 'blk\\.0\\.'.")
-def inspect(file: Path, json_path: str | None, tensor_filter: str | None) -> None:
+def inspect(file: Path, json_path: str | None, tensor_filter: str | None, force: bool) -> None:
     """Show what a GGUF or ggml file holds: version, alignment, metadata with types, vocab size,
     the tensor table (name, type, shape, offset, bytes) and totals per type with bits per weight.
 
@@ -285,9 +286,6 @@ def inspect(file: Path, json_path: str | None, tensor_filter: str | None) -> Non
     if json_path is None:
         click.echo(render_text(s))
         return
-    text = json.dumps(s, indent=2, ensure_ascii=False)
-    if json_path == "-":
-        click.echo(text)
-    else:
-        Path(json_path).write_text(text + "\n", encoding="utf-8")
+    emit_json(json_path, s, json.dumps(s, indent=2, ensure_ascii=False))
+    if json_path != "-":
         click.echo(render_text(s))

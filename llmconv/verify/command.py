@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..clitypes import FiniteFloatRange
 from ..errors import LlmconvError
 from ..jsonout import emit_json, json_option
 
@@ -39,16 +40,16 @@ def read_text(path: Path) -> str:
 @click.option("--tokens", "-n", type=int, default=256, show_default=True, metavar="N",
               help="Positions to evaluate: BOS plus the text's first N-1 tokens.")
 @json_option("the full report (schema: llmconv/verify/report.py)")
-@click.option("--max-kld", type=click.FloatRange(min=0), metavar="X",
+@click.option("--max-kld", type=FiniteFloatRange(min=0), metavar="X",
               help="Quality gate: fail if the mean KL divergence (float reference || file) exceeds X nats. "
                    "Default: not gated (quality is reported).")
-@click.option("--min-top1", type=click.FloatRange(0, 1), metavar="X",
+@click.option("--min-top1", type=FiniteFloatRange(0, 1), metavar="X",
               help="Quality gate: fail if fewer than this fraction of positions have the float reference's top token.")
-@click.option("--max-ppl-ratio", type=click.FloatRange(min=0), metavar="X",
+@click.option("--max-ppl-ratio", type=FiniteFloatRange(min=0), metavar="X",
               help="Quality gate: fail if the file's perplexity over the reference's exceeds X.")
-@click.option("--max-rel-dlogit", type=click.FloatRange(min=0), metavar="X",
+@click.option("--max-rel-dlogit", type=FiniteFloatRange(min=0), metavar="X",
               help="Quality gate: fail if any |logit - reference logit| exceeds X times the reference's largest |logit|.")
-@click.option("--ctx", type=click.IntRange(min=1), metavar="N",
+@click.option("--ctx", type=click.IntRange(1, 2**32 - 1), metavar="N",
               help="The context length the file was converted with (`convert --ctx N`); default: the checkpoint's.")
 @click.option("--engine", type=click.Choice(["llama.cpp"]),
               help="Also run the file in llama.cpp (needs llama-cpp-python): its figures are shown beside the "
