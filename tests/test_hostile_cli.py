@@ -164,3 +164,14 @@ def test_huge_chat_template_is_refused_before_writing(tmp_path, capsys):
     edit_json(d / "tokenizer_config.json", lambda c: c.pop("chat_template", None))
     refused(["convert", d, "-o", tmp_path / "o.gguf", "-q"], capsys, "chat_template", "at most")
     assert not (tmp_path / "o.gguf").exists()
+
+
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device", "out.gguf.sha256.json"), MemoryError(),
+                                 RecursionError()], ids=["ENOSPC", "MemoryError", "RecursionError"])
+def test_environment_errors_anywhere_are_one_line(tmp_path, capsys, monkeypatch, exc):
+    import llmconv.formats.inspect_cmd as ic
+
+    def fail(*a, **k):
+        raise exc
+    monkeypatch.setattr(ic, "summarize", fail)
+    refused(["inspect", tmp_path / "x.gguf"], capsys)

@@ -92,7 +92,7 @@ def verify(capsys, path: Path, ref: Path, *extra: str) -> tuple[int, str, str]:
 
 def verify_json(capsys, path: Path, ref: Path, tmp_path: Path, *extra: str) -> tuple[int, dict, str]:
     report = tmp_path / f"{path.stem}-report.json"
-    code, out, _ = verify(capsys, path, ref, "--json", str(report), *extra)
+    code, out, _ = verify(capsys, path, ref, "--json", str(report), "--force", *extra)
     return code, strict_json(report.read_text()), out
 
 

@@ -21,7 +21,7 @@ def run_verify_cli(capsys, path: Path, ref: Path, *extra: str) -> tuple[int, str
 
 def run_verify_json(capsys, path: Path, ref: Path, tmp_path: Path, *extra: str) -> tuple[int, dict, str]:
     report = tmp_path / f"{path.stem}-report.json"
-    code, out, _ = run_verify_cli(capsys, path, ref, "--json", str(report), *extra)
+    code, out, _ = run_verify_cli(capsys, path, ref, "--json", str(report), "--force", *extra)
     return code, json.loads(report.read_text(), parse_constant=_refuse), out
 
 

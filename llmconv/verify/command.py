@@ -63,8 +63,9 @@ def read_text(path: Path) -> str:
 @click.option("--checksums", "checksums", is_flag=False, flag_value="", default=None, metavar="[SIDECAR]",
               help="Also check every tensor's sha256 against the sidecar `convert --checksum` wrote "
                    "(default FILE.sha256.json).")
+@click.option("--force", "-f", is_flag=True, help="Let --json FILE overwrite an existing file.")
 def verify(file, reference, text_file, tokens, json_path, max_kld, min_top1, max_ppl_ratio, max_rel_dlogit, ctx,
-           engine, threads, activations, checksums):
+           engine, threads, activations, checksums, force):
     """Check that a converted file is its checkpoint (fidelity), and what its quantization costs (quality).
 
     \b
