@@ -1,0 +1,90 @@
+"""Fuzz the checkpoint JSON readers (config.json, tokenizer_config.json, params.json,
+tokenizer.json) with many structure-aware mutations of the real files and count what happens.
+
+    python bench/fuzz_inputs.py --examples 2500 [--files config.json,params.json] [--seed S] [--json out.json]
+
+The strategy and the check are tests/test_fuzz_inputs.py's (CI runs a few hundred per file):
+each input must be accepted or refused with a one-line LlmconvError naming the file, within
+a time limit; the process's peak RSS growth over the whole run is reported and bounded.
+Prints, per file, how many inputs were tried (and distinct), the outcomes by kind, and every
+failure. Exit status 1 if anything failed. Without --seed the run is deterministic.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings  # noqa: E402
+
+import test_fuzz_inputs as F  # noqa: E402
+
+
+def fuzz_file(name: str, n: int, seed: int | None, tmp: Path) -> dict:
+    d = F.checkpoint_copy(tmp, name)
+    outcomes: collections.Counter = collections.Counter()
+    failures: list[str] = []
+    seen: set[int] = set()
+
+    @settings(max_examples=n, derandomize=seed is None, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(text=F.mutated(name, F._base(name)))
+    def run(text):
+        seen.add(hash(text))
+        try:
+            outcome = F.check_input(name, text, d)
+        except BaseException as e:          # noqa: BLE001 - every other outcome is a finding
+            outcome = "FAILURE"
+            failures.append(f"{type(e).__name__}: {str(e)[:300]}\n  input: {text[:200]!r}\n"
+                            + "".join(traceback.format_exception(e)[-3:]))
+        kind = outcome if outcome in ("accepted", "FAILURE") else "error: " + outcome.split(": ", 1)[1].split(" ")[0]
+        outcomes[kind] += 1
+
+    if seed is not None:
+        run = hypothesis_seed(seed)(run)
+    start = time.perf_counter()
+    run()
+    return {"file": name, "inputs": sum(outcomes.values()), "distinct": len(seen),
+            "accepted": outcomes["accepted"], "refused": sum(v for k, v in outcomes.items() if k.startswith("error")),
+            "failures": len(failures), "seconds": round(time.perf_counter() - start, 1),
+            "by_kind": dict(outcomes.most_common()), "failure_details": failures[:20]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--examples", type=int, default=2500, help="inputs per file (default 2500)")
+    ap.add_argument("--files", default=",".join(F.TARGETS), help="comma-separated file names")
+    ap.add_argument("--seed", type=int, help="random seed (default: deterministic run)")
+    ap.add_argument("--json", help="write the counts here")
+    args = ap.parse_args()
+    start_rss = F.peak_rss()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.files.split(","):
+            r = fuzz_file(name, args.examples, args.seed, Path(tmp))
+            results.append(r)
+            print(f"{name}: {r['inputs']:,} inputs ({r['distinct']:,} distinct): {r['accepted']:,} accepted, "
+                  f"{r['refused']:,} refused with one line, {r['failures']} other, {r['seconds']} s", flush=True)
+            for f in r["failure_details"]:
+                print("  " + f.replace("\n", "\n  "))
+    growth = F.peak_rss() - start_rss
+    total = sum(r["inputs"] for r in results)
+    bad = sum(r["failures"] for r in results)
+    print(f"total: {total:,} inputs, {bad} failures; peak RSS grew by {growth / 2**20:.0f} MiB "
+          f"(bound {F.MAX_GROWTH >> 20} MiB)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "rss_growth": growth}, indent=1))
+    return 1 if bad or growth >= F.MAX_GROWTH else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
