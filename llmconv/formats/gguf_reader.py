@@ -216,7 +216,8 @@ def _read_array(cur: _Cursor, key: str) -> tuple[list, GGUFValueType]:
         return _read_strings(cur, key, n), etype
     dtype = np.dtype(_FIXED[etype][1])
     start = cur.pos
-    values = np.frombuffer(cur.buf[start:start + n * dtype.itemsize], dtype=dtype).copy()   # the map closes
+    # straight from the map (slicing it would copy), then one copy that outlives the map
+    values = np.frombuffer(cur.buf, dtype=dtype, count=n, offset=start).copy()
     cur.pos += n * dtype.itemsize
     is_bool = etype == GGUFValueType.BOOL
     if is_bool:
