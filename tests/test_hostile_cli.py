@@ -175,3 +175,13 @@ def test_environment_errors_anywhere_are_one_line(tmp_path, capsys, monkeypatch,
         raise exc
     monkeypatch.setattr(ic, "summarize", fail)
     refused(["inspect", tmp_path / "x.gguf"], capsys)
+
+
+def test_engine_without_llama_cpp_is_one_line(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from test_hostile_gguf import HF as HF_DIR
+    out = tmp_path / "o.gguf"
+    assert run(["convert", HF_DIR, "--outtype", "f32", "-o", out, "-q"], capsys)[0] == 0
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)          # import llama_cpp -> ImportError
+    refused(["verify", out, "-r", HF_DIR, "--engine", "llama.cpp", "--tokens", "8"], capsys, "llama-cpp-python")
