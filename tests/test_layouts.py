@@ -249,7 +249,8 @@ def write_mistral_checkpoint(path: Path, sd: dict, params: dict, tokenizer: Path
         part = {n: sd[n].contiguous() for n in names[k * len(names) // files:(k + 1) * len(names) // files]}
         fname = "consolidated.safetensors" if files == 1 else f"consolidated-{k + 1:05d}-of-{files:05d}.safetensors"
         save_file(part, str(path / fname), metadata={"format": "pt"})
-    target = "tekken.json" if tokenizer.suffix == ".json" else "tokenizer.model." + tokenizer.name.rsplit(".", 1)[-1]
+    target = "tekken.json" if tokenizer.suffix == ".json" else \
+        tokenizer.name if tokenizer.name == "tokenizer.model" else "tokenizer.model." + tokenizer.name.rsplit(".", 1)[-1]
     (path / target).write_bytes(tokenizer.read_bytes())
     return path
 
@@ -567,3 +568,26 @@ def test_override_keeps_an_existing_keys_number_type():
                                                                    "x.new=int:7")])
     assert [(k.key, k.value, k.type) for k in out] == [("split.tensors.count", -3, T.INT32), ("x.f64", 2.5, T.FLOAT64),
                                                        ("x.new", 7, T.UINT32)]    # new keys: llama-quantize's types
+
+
+def test_folder_with_both_mistral_and_hf_layouts(head_dim_twins, tmp_path):
+    """Mistral's repositories ship both: the HF one is read by default (with a note), the other with
+    --input-format mistral, and both give the same tensors (HF's Q/K un-permuted, Mistral's as stored)."""
+    import shutil
+    sd, params, meta, hf, tmp = head_dim_twins
+    both = tmp_path / "both"
+    shutil.copytree(hf, both)
+    c = NEMO_LIKE
+    mistral_params = {"dim": c["dim"], "n_layers": 2, "head_dim": c["head_dim"], "hidden_dim": c["ffn"],
+                      "n_heads": c["n_heads"], "n_kv_heads": c["n_kv_heads"], "norm_eps": params["norm_eps"],
+                      "vocab_size": 512, "rope_theta": params["rope_theta"]}
+    write_mistral_checkpoint(tmp_path / "m", sd, mistral_params, TOKENIZER)
+    for f in (tmp_path / "m").iterdir():
+        shutil.copy(f, both / f.name)
+    as_hf = plan_conversion(both, outtype="f32", outfile=tmp_path / "hf.gguf")
+    assert as_hf.source.kind == "hf" and any("--input-format mistral" in n for n in as_hf.plan.notes)
+    as_mistral = plan_conversion(both, outtype="f32", outfile=tmp_path / "mi.gguf", input_format="mistral", ctx=4096)
+    assert as_mistral.source.kind == "mistral"
+    for conv in (as_hf, as_mistral):
+        write_gguf(conv.out_path, conv.kvs, conv.plan, progress=False)
+    assert tensor_bytes(as_hf.out_path) == tensor_bytes(as_mistral.out_path)
