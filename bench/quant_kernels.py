@@ -1,6 +1,7 @@
 """Benchmark llmconv's quantization kernels against gguf-py and llama.cpp's C quantizer.
 
     python bench/quant_kernels.py [--quick] [--types q8_0,q4_0] [--repeat 3] [--json out.json]
+    python bench/quant_kernels.py --imatrix [--types q4_k,iq4_xs]   # the importance-weighted kernels
 
 Data: bf16-grid float32 matrices (what real checkpoints hold) of 4096x4096 and 11008x4096
 (--quick: 1024x4096 and 2752x1024). Every type is run on the same matrices, in one process:
@@ -23,6 +24,11 @@ Data: bf16-grid float32 matrices (what real checkpoints hold) of 4096x4096 and 1
 Speeds are millions of weights per second; ratios are llmconv / other (> 1: llmconv faster).
 The types are every block type registered in llmconv.quantize for which llama.cpp has a file
 type (K-quants too, added by registering them); --types picks a subset.
+
+--imatrix: every kernel gets an importance vector per row length (gamma-distributed, as mean
+squared activations are, with a few outlier and dead columns), llmconv's weighted kernels and
+`ggml_quantize_chunk(..., imatrix)` alike; the types are those with a weighted kernel, and the
+gguf-py and file columns are skipped (neither takes an imatrix here).
 """
 from __future__ import annotations
 
@@ -84,7 +90,14 @@ def ggml_chunk_fn():
     return fn, lib.ggml_quantize_init
 
 
-def c_quantize(fn, qt: Q.QuantType, m: np.ndarray, out: np.ndarray, threads: int) -> None:
+def importance(rng: np.random.Generator, n: int) -> np.ndarray:
+    qw = rng.gamma(0.5, 0.02, n)
+    qw[rng.choice(n, 4, replace=False)] *= 300.0
+    qw[rng.choice(n, 8, replace=False)] = 0.0
+    return qw.astype(np.float32)
+
+
+def c_quantize(fn, qt: Q.QuantType, m: np.ndarray, out: np.ndarray, threads: int, qw=None) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     rows, n = m.shape
@@ -92,7 +105,7 @@ def c_quantize(fn, qt: Q.QuantType, m: np.ndarray, out: np.ndarray, threads: int
 
     def part(i):
         s, e = int(bounds[i]), int(bounds[i + 1])
-        fn(int(qt.ggml_type), m.ctypes.data, out.ctypes.data, s * n, e - s, n, None)
+        fn(int(qt.ggml_type), m.ctypes.data, out.ctypes.data, s * n, e - s, n, None if qw is None else qw.ctypes.data)
 
     if threads == 1:
         part(0)
@@ -124,7 +137,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--no-gguf-py", action="store_true")
     ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--imatrix", action="store_true", help="the importance-weighted kernels (see above)")
     args = ap.parse_args(argv)
+    if args.imatrix:
+        args.no_gguf_py = True
 
     import llama_cpp
     import llama_cpp._logger
@@ -132,9 +148,12 @@ def main(argv=None) -> int:
     llama_cpp._logger.set_verbose(False)
     cores = os.cpu_count() or 1
     types = args.types.split(",") if args.types else default_types()
+    if args.imatrix:
+        types = [t for t in types if Q.get(t).quantize_weighted is not None]
     shapes = [(1024, 4096), (2752, 1024)] if args.quick else [(4096, 4096), (11008, 4096)]
     rng = np.random.default_rng(0)
     mats = [bf16_grid(rng, s, 0.02) for s in shapes]
+    qws = [importance(rng, s[1]) if args.imatrix else None for s in shapes]
     nweights = sum(m.size for m in mats)
     print(f"matrices {shapes}, {nweights / 1e6:.1f} M weights, bf16 grid; {cores} cores; "
           f"numpy {np.__version__}, gguf {gguf.__version__ if hasattr(gguf, '__version__') else '?'}, "
@@ -151,7 +170,8 @@ def main(argv=None) -> int:
             qt = Q.get(t)
             r: dict[str, float] = {}
             for th in sorted({1, cores}):
-                secs = best_time(lambda: [Q.quantize_tensor(m, qt, threads=th) for m in mats], args.repeat)
+                secs = best_time(lambda: [Q.quantize_tensor(m, qt, threads=th, imatrix=w) for m, w in zip(mats, qws)],
+                                 args.repeat)
                 r[f"llmconv_t{th}"] = nweights / secs / 1e6
             if not args.no_gguf_py:
                 try:
@@ -164,12 +184,12 @@ def main(argv=None) -> int:
                 init(int(qt.ggml_type))
                 outs = [np.empty((m.shape[0], qt.row_nbytes(m.shape[1])), np.uint8) for m in mats]
                 for th in sorted({1, cores}):
-                    secs = best_time(lambda: [c_quantize(fn, qt, m, o, th) for m, o in zip(mats, outs)],
+                    secs = best_time(lambda: [c_quantize(fn, qt, m, o, th, w) for m, o, w in zip(mats, outs, qws)],
                                      args.repeat)
                     r[f"c_t{th}"] = nweights / secs / 1e6
-                same = all(np.array_equal(o, Q.quantize_tensor(m, qt)) for m, o in zip(mats, outs))
+                same = all(np.array_equal(o, Q.quantize_tensor(m, qt, imatrix=w)) for m, o, w in zip(mats, outs, qws))
                 r["bytes_equal_c"] = bool(same)
-            if src is not None and llama_has_ftype(qt):
+            if src is not None and llama_has_ftype(qt) and not args.imatrix:
                 for th in sorted({1, cores}):
                     copy = min(llama_quantize_seconds(src, tmp / "copy.gguf", llama_cpp.LLAMA_FTYPE_ALL_F32, th)
                                for _ in range(args.repeat))

@@ -95,6 +95,19 @@ _type_options = [
 ]
 
 
+_imatrix_option = click.option(
+    "--imatrix", type=click.Path(path_type=Path), metavar="FILE",
+    help="Importance matrix (llama-imatrix's GGUF or legacy .dat, or `llmconv imatrix`'s): "
+         "quantize with llama.cpp's weighted searches and its imatrix type rules.")
+
+
+def _load_imatrix(path):
+    if path is None:
+        return None
+    from .imatrix import read_imatrix
+    return read_imatrix(path)
+
+
 def type_options(f):
     for opt in reversed(_type_options):
         f = opt(f)
@@ -151,8 +164,17 @@ def _echo_written(res, outtype: str, json_path: str | None = None) -> None:
 @click.option("--format", "out_format", type=click.Choice(["gguf", "ggml"]), default="gguf", show_default=True,
               help="ggml: one legacy ggjt v3 .bin file for pre-GGUF runtimes (f32, f16, q4_0, q4_1, q8_0; implies --pure; "
                    "refuses models ggjt cannot describe, e.g. grouped-query attention or RoPE base != 10000).")
+@_imatrix_option
+@click.option("--imatrix-text", metavar="FILE",
+              help="Compute the importance matrix from this calibration text first, as `llmconv imatrix` does "
+                   "('builtin': the bundled text), and quantize with it.")
+@click.option("--imatrix-ctx", type=click.IntRange(16), default=512, show_default=True, metavar="N",
+              help="Tokens per chunk for --imatrix-text.")
+@click.option("--imatrix-chunks", type=click.IntRange(1), metavar="N", help="At most N chunks for --imatrix-text.")
 @type_options
-def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora, metadata, override_kv, dry_run, out_format, pure, output_tensor_type, token_embedding_type, tensor_type,
+def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora, metadata, override_kv, dry_run,
+            out_format, imatrix, imatrix_text, imatrix_ctx, imatrix_chunks, pure, output_tensor_type,
+            token_embedding_type, tensor_type,
             threads, split_max_size, split_max_tensors, force, checksum, json_path, quiet, verbose):
     """Convert a checkpoint directory into a GGUF file (or split parts, or a ggjt file).
 
@@ -180,10 +202,24 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora,
             raise LlmconvError("--checksum is for GGUF output (verify --checksums reads GGUF)")
         if override_kv:
             raise LlmconvError("--override-kv is for GGUF output: a ggjt file has no key-value metadata")
+    if imatrix and imatrix_text:
+        raise LlmconvError("--imatrix and --imatrix-text: give one")
+    if imatrix_text and lora:
+        raise LlmconvError("--imatrix-text runs the checkpoint without the --lora merge; "
+                           "compute the imatrix from a merged checkpoint and pass --imatrix")
+    if imatrix_text and dry_run:
+        from .imatrix import Imatrix
+        im = Imatrix()          # no weights to compute for a plan, but the imatrix type rules apply
+    elif imatrix_text:
+        from .imatrix.collect import compute_imatrix
+        im = compute_imatrix(ckpt_dir, imatrix_text, ctx=imatrix_ctx, chunks=imatrix_chunks, progress=not quiet,
+                             threads=threads)
+    else:
+        im = _load_imatrix(imatrix)
     from .convert.lora import parse_lora_spec
     conv = plan_conversion(ckpt_dir, outtype=outtype, outfile=outfile, ctx=ctx, input_format=input_format, pre=pre,
                            tokenizer=tokenizer, lora=[parse_lora_spec(s) for s in lora], metadata=metadata,
-                           override_kv=override_kv,
+                           override_kv=override_kv, imatrix=im,
                            **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
     if dry_run:
         click.echo(describe_plan(conv), err=json_path == "-")
@@ -212,8 +248,9 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora,
 @click.option("--override-kv", "override_kv", metavar="KEY=TYPE:VALUE", multiple=True,
               help="Set a metadata key (repeatable; llama-quantize's syntax, TYPE int, float, bool or str), "
                    "e.g. general.name=str:My-Model or llama.context_length=int:8192.")
+@_imatrix_option
 @type_options
-def quantize(infile, outfile, qtype, allow_requantize, override_kv, pure, output_tensor_type, token_embedding_type, tensor_type,
+def quantize(infile, outfile, qtype, allow_requantize, override_kv, imatrix, pure, output_tensor_type, token_embedding_type, tensor_type,
              threads, split_max_size, split_max_tensors, force, checksum, json_path, quiet, verbose):
     """Requantize a GGUF file (f32/f16/bf16 in) to another type.
 
@@ -231,6 +268,7 @@ def quantize(infile, outfile, qtype, allow_requantize, override_kv, pure, output
     from .convert.pipeline import plan_requantize
 
     rq = plan_requantize(infile, outfile, qtype, allow_requantize=allow_requantize, override_kv=override_kv,
+                         imatrix=_load_imatrix(imatrix),
                          **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
     res = write_gguf(rq.out_path, rq.kvs, rq.plan, threads=threads, progress=not quiet, force=force,
                      verbose=verbose, split_max_size=parse_size(split_max_size), split_max_tensors=split_max_tensors,
@@ -283,10 +321,12 @@ def convert_lora(adapter_dir, base_dir, outtype, outfile, input_format, force, j
 # Subcommands that live next to the code they drive (each module defines one click command).
 def _register_subcommands() -> None:
     from .formats.inspect_cmd import inspect
+    from .imatrix.command import imatrix
     from .verify.command import verify
 
     cli.add_command(verify)
     cli.add_command(inspect)
+    cli.add_command(imatrix)
 
 
 _register_subcommands()

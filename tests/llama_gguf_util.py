@@ -121,3 +121,38 @@ def read_tensors(path: str | Path) -> dict[str, tuple[gguf.GGMLQuantizationType,
             data = data.reshape(data.shape[0], -1) if data.ndim > 1 else data
         out[t.name] = (gguf.GGMLQuantizationType(t.tensor_type), data)
     return out
+
+
+_GGML_QUANTIZE_CHUNK = None
+
+
+def ggml_quantize_chunk(ggml_type: int, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """llama.cpp's own quantizer on a float32 matrix x[rows, n] -> uint8[rows, row bytes].
+
+    `ggml_quantize_chunk` from the libggml-base that llama-cpp-python ships, via ctypes: the
+    function llama_model_quantize calls per chunk of rows, with the tensor's imatrix slice
+    (`imatrix`, float32[n]) or NULL.
+    """
+    global _GGML_QUANTIZE_CHUNK
+    import ctypes
+    import llama_cpp
+
+    if _GGML_QUANTIZE_CHUNK is None:
+        lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+        fn = lib.ggml_quantize_chunk
+        fn.restype = ctypes.c_size_t
+        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                       ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        lib.ggml_row_size.restype = ctypes.c_size_t
+        lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+        _GGML_QUANTIZE_CHUNK = (fn, lib.ggml_row_size)
+    fn, row_size = _GGML_QUANTIZE_CHUNK
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows, n = x.shape
+    out = np.zeros((rows, row_size(int(ggml_type), n)), np.uint8)
+    qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    assert qw is None or qw.shape == (n,)
+    written = fn(int(ggml_type), x.ctypes.data, out.ctypes.data, 0, rows, n,
+                 None if qw is None else qw.ctypes.data)
+    assert written == out.size
+    return out

@@ -50,7 +50,7 @@ def convert_tensor(t: PlannedTensor, data: np.ndarray, threads: int) -> np.ndarr
     if tuple(data.shape) != tuple(t.shape):
         raise LlmconvError(f"loaded shape {tuple(data.shape)} != planned {tuple(t.shape)}", file=where, tensor=label)
     try:
-        return q.quantize_tensor(data, t.qtype, threads=threads)
+        return q.quantize_tensor(data, t.qtype, threads=threads, imatrix=t.imatrix)
     except q.NonFiniteError as e:
         raise LlmconvError(f"{e} (cannot convert to {t.qtype.name})", file=where, tensor=label) from None
 

@@ -42,6 +42,8 @@ MIXES: dict[str, Mix] = {m.name: m for m in [
     Mix("q5_k_s", LlamaFileType.MOSTLY_Q5_K_S, "q5_k"),
     Mix("q5_k_m", LlamaFileType.MOSTLY_Q5_K_M, "q5_k"),
     Mix("q6_k", LlamaFileType.MOSTLY_Q6_K, "q6_k"),
+    Mix("iq4_nl", LlamaFileType.MOSTLY_IQ4_NL, "iq4_nl"),
+    Mix("iq4_xs", LlamaFileType.MOSTLY_IQ4_XS, "iq4_xs"),
 ]}
 
 # llama-quantize's names without a size letter mean the medium mix.
@@ -74,6 +76,7 @@ class TensorInfo:
     n: int                      # layer count the rule compares `i` with
     row: int                    # row length (GGUF ne[0])
     model: ModelShape
+    has_imatrix: bool = False   # llama-quantize was given an importance matrix
 
 
 def _more_bits(t: TensorInfo) -> bool:
@@ -93,6 +96,7 @@ CONDITIONS = {
     # llama.cpp singles out 8-expert models (Mixtral 8x7B/8x22B) by this exact count
     "n_expert==8": lambda t: t.model.n_expert == 8,
     "n_expert!=8": lambda t: t.model.n_expert != 8,
+    "i<n/8 no imatrix": lambda t: t.i < t.n // 8 and not t.has_imatrix,
 }
 
 ALL = tuple(MIXES)
@@ -119,10 +123,13 @@ RULES: list[tuple[tuple[str, ...], str, str, str]] = [
     (("q4_k_s",), "ffn_down", "i<n/8", "q5_k"),
     (("q4_k_m", "q5_k_m"), "ffn_down", "more_bits", "q6_k"),
 
-    (("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m"), "attn_output", "n_expert==8", "q5_k"),
+    (("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m", "iq4_nl", "iq4_xs"), "attn_output", "n_expert==8", "q5_k"),
     (("q2_k",), "attn_output", "n_expert!=8", "q3_k"),
     (("q3_k_m",), "attn_output", "n_expert!=8", "q4_k"),
     (("q3_k_l",), "attn_output", "n_expert!=8", "q5_k"),
+
+    (("iq4_nl", "iq4_xs"), "attn_v", "n_gqa>=4", "q5_k"),
+    (("iq4_nl", "iq4_xs"), "ffn_down", "i<n/8 no imatrix", "q5_k"),
 ]
 
 # On llama.cpp's "70B" (80 layers, GQA) attn_v is 8x smaller than attn_q, so it gets q5_K cheaply.
@@ -134,7 +141,7 @@ EIGHT_EXPERTS = {"attn_v": "q8_0", "attn_k": "q8_0"}
 
 # A 256-block type whose row length is not a multiple of 256 falls back to a 32-block type of
 # about the same size; if that does not fit either (row not a multiple of 32), f16.
-FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl"}
 
 # Reasons that start with this are the mix working as designed, not something to warn about.
 RULE_REASON = "mix rule"
@@ -166,14 +173,14 @@ def layer_index(name: str) -> int:
 
 
 def tensor_type(mix: Mix | str, name: str, shape: tuple[int, ...], model: ModelShape,
-                tied_embeddings: bool = False) -> tuple[str, str]:
+                tied_embeddings: bool = False, has_imatrix: bool = False) -> tuple[str, str]:
     """(block type, why) for one 2-D weight of `mix`. `shape` is numpy order (row length last).
     The reason is empty when the tensor simply gets the mix's base type."""
     if isinstance(mix, str):
         mix = find_mix(mix)
     kind = tensor_kind(name, tied_embeddings)
     n = (model.n_attn_v or model.n_layers) if kind == "attn_v" else model.n_layers
-    info = TensorInfo(kind, layer_index(name), n, int(shape[-1]), model)
+    info = TensorInfo(kind, layer_index(name), n, int(shape[-1]), model, has_imatrix)
     qtype, reason = mix.base, ""
     for mixes, rule_kind, cond, t in RULES:
         if mix.name in mixes and rule_kind == kind and CONDITIONS[cond](info):
@@ -202,3 +209,18 @@ def fallback(qtype: str, row: int, reason: str = "") -> tuple[str, str]:
     if row % q.get(sub).block_size:
         sub = "f16"
     return sub, f"row length {row} does not fit {qtype} blocks of {block}: {sub} (llama-quantize's fallback)"
+
+
+# With an imatrix llama-quantize gives q4_0/q5_0 files' first eighth of ffn_down layers the
+# type with a min ("Guard against craziness in the first few ffn_down layers"); only then, so
+# that files made without an imatrix stay as they were.
+LEGACY_IMATRIX_FFN_DOWN = {"q4_0": "q4_1", "q5_0": "q5_1"}
+
+
+def legacy_imatrix_type(outtype: str, name: str, n_ffn_down: int) -> str | None:
+    """The type llama-quantize picks instead of `outtype` for tensor `name` when an imatrix is
+    given, or None. `n_ffn_down` is the number of ffn_down tensors (llama.cpp's layer count here)."""
+    if outtype not in LEGACY_IMATRIX_FFN_DOWN or tensor_kind(name) != "ffn_down":
+        return None
+    return LEGACY_IMATRIX_FFN_DOWN[outtype] if layer_index(name) < n_ffn_down // 8 else None
+

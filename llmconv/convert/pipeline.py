@@ -53,7 +53,7 @@ def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: st
                     ctx: int | None = None, pure: bool = False, output_type: str | None = None,
                     token_embd_type: str | None = None, overrides=(), input_format: str = "auto",
                     pre: str | None = None, tokenizer: str | Path | None = None, lora=(),
-                    metadata: str | Path | None = None, override_kv=()) -> Conversion:
+                    metadata: str | Path | None = None, override_kv=(), imatrix=None) -> Conversion:
     """`lora`: (adapter dir, scale) pairs, merged into the weights as they are loaded (convert/lora.py);
     `tokenizer`: --tokenizer, a tokenizer file or folder used instead of the checkpoint's own;
     `metadata`: --metadata FILE.json over the model card; `override_kv`: --override-kv specs."""
@@ -68,7 +68,8 @@ def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: st
     outtype = resolve_outtype(outtype, weights_dtype)
     policy = TypePolicy(outtype, pure=pure, tied_embeddings=h.tied_embeddings, output_type=output_type,
                         token_embd_type=token_embd_type, overrides=list(overrides),
-                        model=ModelShape(h.n_layers, h.n_heads, h.n_kv_heads, n_expert=h.n_expert))
+                        model=ModelShape(h.n_layers, h.n_heads, h.n_kv_heads, n_expert=h.n_expert),
+                        imatrix=imatrix)
     plan = make_plan(src.tensors, policy)
     plan.notes[:0] = src.notes
     md = load_model_metadata(src.path, plan.n_params, Path(metadata) if metadata is not None else None,
@@ -149,13 +150,14 @@ def gguf_model_shape(src: GGUFSource) -> ModelShape | None:
 
 def plan_requantize(in_path: str | Path, out_path: str | Path, qtype: str, *, pure: bool = False,
                     output_type: str | None = None, token_embd_type: str | None = None, overrides=(),
-                    allow_requantize: bool = False, override_kv=()) -> Requantization:
+                    allow_requantize: bool = False, override_kv=(), imatrix=None) -> Requantization:
     if Path(out_path).exists() and Path(in_path).exists() and os.path.samefile(in_path, out_path):
         # the input is read while the output is written: even with --force this would destroy it
         raise LlmconvError("the output is the input file; write to another path", file=out_path)
     src = open_gguf_source(in_path, allow_requantize=allow_requantize)
     policy = TypePolicy(qtype.lower(), pure=pure, tied_embeddings=src.tied_embeddings, output_type=output_type,
-                        token_embd_type=token_embd_type, overrides=list(overrides), model=gguf_model_shape(src))
+                        token_embd_type=token_embd_type, overrides=list(overrides), model=gguf_model_shape(src),
+                        imatrix=imatrix)
     plan = make_plan(src.tensors, policy)
     kvs = list(src.kvs)
     # general.file_type and quantization_version go right after the other general.* keys

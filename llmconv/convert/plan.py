@@ -11,7 +11,7 @@ import enum
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 from gguf import MODEL_TENSOR, TENSOR_NAMES
@@ -19,6 +19,9 @@ from gguf import MODEL_TENSOR, TENSOR_NAMES
 from .. import quantize as q
 from ..errors import LlmconvError
 from . import mixes
+
+if TYPE_CHECKING:
+    from ..imatrix import Imatrix
 
 
 @dataclass
@@ -52,6 +55,7 @@ class PlannedTensor:
     qtype: q.QuantType
     reason: str = ""                       # why this type, when it is not the requested one
     why: Why = Why.REQUESTED
+    imatrix: np.ndarray | None = None      # the column importances its weighted kernel uses
 
     @property
     def name(self) -> str:
@@ -146,6 +150,9 @@ class TypePolicy:
     overrides: list[tuple[re.Pattern, str]] = field(default_factory=list)
     model: mixes.ModelShape | None = None        # what a mix's layer/GQA rules look at
     mix: mixes.Mix | None = None                 # set from outtype when it names a K-quant mix
+    imatrix: "Imatrix | None" = None             # llmconv.imatrix.Imatrix: weights + imatrix rules
+
+    n_ffn_down: int = 0                          # ffn_down tensors (llama-quantize's count for its rules)
 
     def __post_init__(self):
         if self.mix is None:
@@ -190,8 +197,13 @@ def choose_type(src: SourceTensor, policy: TypePolicy) -> tuple[q.QuantType, str
             if policy.model is None:
                 raise LlmconvError(f"{policy.mix.name} needs the model's layer and head counts")
             wanted, reason = mixes.tensor_type(policy.mix, src.name, src.shape, policy.model,
-                                               policy.tied_embeddings)
+                                               policy.tied_embeddings, policy.imatrix is not None)
             why = Why.MIX_RULE if reason else Why.REQUESTED
+    elif (not policy.pure and policy.imatrix is not None
+          and mixes.legacy_imatrix_type(wanted, src.name, policy.n_ffn_down) is not None):
+        wanted = mixes.legacy_imatrix_type(wanted, src.name, policy.n_ffn_down)
+        why = Why.MIX_RULE
+        reason = f"{mixes.RULE_REASON} {policy.outtype} with an imatrix: ffn_down in the first eighth of the layers"
     elif not policy.pure and wanted not in FLOAT_TYPES and is_output and wanted != "q8_0":
         why = Why.OUTPUT
         if OUTPUT_UPGRADE in q.TYPES and q.get(OUTPUT_UPGRADE).can_hold_row(n):
@@ -235,7 +247,14 @@ def make_plan(sources: list[SourceTensor], policy: TypePolicy) -> Plan:
     else:
         out_qt = _qtype(policy.outtype, "--outtype")
         file_type, outtype = int(out_qt.file_type), out_qt.name
-    tensors = [PlannedTensor(src, *choose_type(src, policy)) for src in sources]
+    policy = dataclasses.replace(policy, n_ffn_down=sum(1 for s in sources if mixes.tensor_kind(s.name) == "ffn_down"))
+    tensors = []
+    for src in sources:
+        qt, reason, why = choose_type(src, policy)
+        weights = None
+        if policy.imatrix is not None and qt.quantize_weighted is not None:
+            weights = policy.imatrix.for_tensor(src.name, src.shape[-1])
+        tensors.append(PlannedTensor(src, qt, reason, why, weights))
     return Plan(tensors, file_type, outtype, plan_notes(tensors))
 
 

@@ -11,7 +11,7 @@ threading over row chunks, checks for non-finite input, and error messages.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -32,6 +32,9 @@ class QuantType:
     # True if `quantize` itself raises NonFiniteError for NaN/inf input (the block kernels see
     # it in their max/min for free); otherwise quantize_tensor scans the input first.
     checks_finite: bool = False
+    # The importance-weighted kernel, (x[rows, n], imatrix[n]) -> blocks, that llama.cpp uses
+    # when given an imatrix; None where llama.cpp ignores one (q8_0, the float types).
+    quantize_weighted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
     def row_nbytes(self, n: int) -> int:
         return n // self.block_size * self.type_size
@@ -85,6 +88,26 @@ register(QuantType("q5_1", GGMLQuantizationType.Q5_1, 32, q5_1.TYPE_SIZE, LlamaF
                    q5_1.quantize, q5_1.dequantize, checks_finite=True))
 
 
+# Importance-weighted variants (llama.cpp's quantize_row_*_impl with quant_weights).
+from . import k_weighted, legacy_weighted  # noqa: E402
+
+for _name, _fn in {"q2_k": k_weighted.q2_k_weighted, "q3_k": k_weighted.q3_k_weighted,
+                   "q4_k": k_weighted.q4_k_weighted, "q5_k": k_weighted.q5_k_weighted,
+                   "q6_k": k_weighted.q6_k_weighted, "q4_0": legacy_weighted.q4_0_weighted,
+                   "q4_1": legacy_weighted.q4_1_weighted, "q5_0": legacy_weighted.q5_0_weighted,
+                   "q5_1": legacy_weighted.q5_1_weighted}.items():
+    TYPES[_name] = replace(TYPES[_name], quantize_weighted=_fn)
+
+
+# Non-linear 4-bit grid types; their search takes an imatrix when there is one.
+from . import iq4  # noqa: E402
+
+register(QuantType("iq4_nl", GGMLQuantizationType.IQ4_NL, 32, iq4.IQ4_NL_SIZE, LlamaFileType.MOSTLY_IQ4_NL,
+                   iq4.iq4_nl_quantize, iq4.iq4_nl_dequantize, quantize_weighted=iq4.iq4_nl_quantize))
+register(QuantType("iq4_xs", GGMLQuantizationType.IQ4_XS, 256, iq4.IQ4_XS_SIZE, LlamaFileType.MOSTLY_IQ4_XS,
+                   iq4.iq4_xs_quantize, iq4.iq4_xs_dequantize, quantize_weighted=iq4.iq4_xs_quantize))
+
+
 def get(t: str | int | GGMLQuantizationType) -> QuantType:
     """Look a type up by CLI name ("q4_0") or by GGMLQuantizationType."""
     if isinstance(t, str):
@@ -112,8 +135,12 @@ def _first_nonfinite_row(x2d: np.ndarray) -> int | None:
 CHUNK_BYTES = 2 << 20   # float32 input per work item: big enough to amortize numpy's per-call cost
 
 
-def quantize_tensor(x: np.ndarray, qt: QuantType | str, threads: int = 1) -> np.ndarray:
+def quantize_tensor(x: np.ndarray, qt: QuantType | str, threads: int = 1,
+                    imatrix: np.ndarray | None = None) -> np.ndarray:
     """float array [..., n] -> uint8 [..., row_nbytes(n)]. Raises NonFiniteError.
+
+    `imatrix` (float32[n], the importance of each input column) selects the type's weighted
+    kernel, as llama.cpp does; types without one ignore it.
 
     Rows are cut into ~CHUNK_BYTES pieces, quantized by `threads` worker threads (numpy
     releases the GIL in the kernels). The cut depends only on the shape, and every row is
@@ -133,14 +160,21 @@ def quantize_tensor(x: np.ndarray, qt: QuantType | str, threads: int = 1) -> np.
     step = max(1, CHUNK_BYTES // (4 * max(n, 1)))
     starts = list(range(0, rows, step))
 
+    weighted = imatrix is not None and qt.quantize_weighted is not None
+    if weighted:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+        if imatrix.shape[0] != n:
+            raise ValueError(f"imatrix has {imatrix.shape[0]} values for rows of {n}")
+
     def work(start: int) -> None:
         chunk = np.ascontiguousarray(x2d[start:start + step], dtype=np.float32)
-        if not qt.checks_finite:
+        if weighted or not qt.checks_finite:
             row = _first_nonfinite_row(chunk)
             if row is not None:
                 raise NonFiniteError(start + row)
         try:
-            out[start:start + step] = qt.quantize(chunk)
+            out[start:start + step] = (qt.quantize_weighted(chunk, imatrix) if weighted
+                                       else qt.quantize(chunk))
         except NonFiniteError as e:
             raise NonFiniteError(start + e.row, getattr(e, "what", "NaN or inf")) from None
 

@@ -171,27 +171,39 @@ def over_superblocks(x: np.ndarray, type_size: int,
 # ---------------------------------------------------------------- scale searches
 
 
-def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """ggml make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) for x[n, groups].
+def make_qx_quants_rmse1(x: np.ndarray, nmax: int,
+                         weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ggml make_qx_quants(n, nmax, x, L, rmse_type=1, qw) for x[n, groups].
 
-    Symmetric quantization to [-nmax, nmax-1] weighted by x**2: try iscale = -(nmax + 0.1*k)/max
-    for k = 0, -9..9 and keep the one with the largest sumlx**2/suml2.
+    Symmetric quantization to [-nmax, nmax-1] weighted by `weights` (qw; x**2 when None, as
+    C does for qw=NULL): try iscale = -(nmax + 0.1*k)/max for k = 0, -9..9 and keep the one
+    with the largest sumlx**2/suml2.
     Returns (scale[groups], L[n, groups] as uint8 in 0..2*nmax-1; all zero for all-zero groups).
     """
     amax_signed = first_absmax(x)
     zero = np.abs(amax_signed) < GROUP_MAX_EPS
     safe_max = np.where(zero, F32(1.0), amax_signed)
 
-    w = x * x
+    w = x * x if weights is None else weights
     wx = w * x                                     # C: w*x[i]*l == (w*x[i])*l
     lo, hi = F32(-nmax), F32(nmax - 1)
     l = np.empty_like(x)
     t = np.empty_like(x)
 
-    def sums(iscale):
+    # Overflowed inputs (inf scales from an extreme imatrix) make x*iscale inf or NaN, where
+    # rint differs from C's nearest_int: take the exact integer path then.
+    exact = not np.isfinite(x).all()
+
+    def levels(iscale):
         np.multiply(x, iscale, out=l)
-        round_small(l)
-        _clip(l, lo, hi, out=l)
+        if exact:
+            l[...] = nearest_int_clip(l.copy(), -nmax, nmax - 1)
+        else:
+            round_small(l)
+            _clip(l, lo, hi, out=l)
+
+    def sums(iscale):
+        levels(iscale)
         np.multiply(wx, l, out=t)
         sumlx = seq_sum_from_zero(t)
         np.multiply(w, l, out=t)
@@ -215,9 +227,7 @@ def make_qx_quants_rmse1(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
         best_iscale = select(better, iscale, best_iscale)
 
     # L of the winning iscale (C recomputes it the same way when it keeps a candidate)
-    np.multiply(x, best_iscale, out=l)
-    round_small(l)
-    _clip(l, lo, hi, out=l)
+    levels(best_iscale)
     L = (l + F32(nmax)).astype(np.uint8)
     L[:, zero] = 0
     scale = np.where(zero, F32(0.0), scale)
@@ -312,6 +322,21 @@ def make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarra
     return scale, Lq
 
 
+def first_min_clamped(x: np.ndarray) -> np.ndarray:
+    """C's `min = x[0]; if (x[i] < min) min = x[i]; ... if (min > 0) min = 0;` per group (axis 0).
+
+    Only the sign of a zero minimum depends on the order: C keeps the first zero it meets
+    (stored as is in q4_1/q5_1's m by the weighted search), and +0 when every x > 0.
+    """
+    xmin = x.min(axis=0)
+    zero = np.flatnonzero(xmin == 0)
+    if zero.size:
+        sub = x[:, zero]
+        xmin[zero] = sub[np.argmax(sub == 0, axis=0), np.arange(zero.size)]
+    xmin[xmin > 0] = F32(0.0)
+    return xmin
+
+
 def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float,
                      nstep: int, use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ggml make_qkx2_quants for x[n, groups]: asymmetric quantization x ~ scale*L - the_min.
@@ -320,8 +345,11 @@ def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
     k = 0..nstep, fit scale and min by weighted least squares and keep the candidate with the
     smallest weighted squared (use_mad: absolute) error.
     Returns (scale[groups], the_min[groups] (= -min), L[n, groups] uint8 in 0..nmax).
+
+    This is also ggml's make_qkx3_quants with explicit weights (the imatrix paths): the two
+    differ only in `max == min` vs `max <= min` for the flat case, the same test once min <= max.
     """
-    xmin = np.minimum(x.min(axis=0), F32(0.0))
+    xmin = first_min_clamped(x)
     xmax = x.max(axis=0)
     flat = xmax == xmin
     live = ~flat
@@ -335,8 +363,13 @@ def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
 
     def levels(iscale):
         np.multiply(xm, iscale, out=l)
-        round_small(l)
-        _clip(l, F32(0.0), fnmax, out=l)            # once min moved, x - min can be < 0
+        if np.isfinite(iscale).all():
+            round_small(l)                          # |iscale*(x - min)| <= nmax + 1 here
+            _clip(l, F32(0.0), fnmax, out=l)        # once min moved, x - min can be < 0
+        else:
+            # max - min subnormal: iscale is inf, and C's nearest_int of inf/NaN gives
+            # -4194304/0, clamped to 0 (rint would give nmax)
+            l[...] = nearest_int_clip(l.copy(), 0, nmax)
         return l
 
     def error(scale, minv, l):

@@ -14,10 +14,12 @@ from .k_common import (F32, GROUP_MAX_EPS, block_major, element_major, first_abs
 TYPE_SIZE = 210
 
 
-def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
+def _quantize_chunk(xb: np.ndarray, qwb: np.ndarray | None = None) -> np.ndarray:
+    """qwb: the imatrix weights of these blocks' columns (quantize_row_q6_K_impl weights each
+    group's search by them as they are), or None for quantize_row_q6_K_ref (weights x**2)."""
     nb = xb.shape[0]
     xt = element_major(xb, 16)                               # [16, nb*16]
-    group_scale, L_search = make_qx_quants_rmse1(xt, 32)
+    group_scale, L_search = make_qx_quants_rmse1(xt, 32, None if qwb is None else element_major(qwb, 16))
     group_scale = group_scale.reshape(nb, 16)
 
     max_scale = first_absmax(group_scale.T)                  # signed, largest |scale|
@@ -45,6 +47,9 @@ def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
     out[:, 208:210] = d_bits.reshape(nb, 1).view(np.uint8)
     out[empty] = 0
     return out
+
+
+quantize_chunk_weighted = _quantize_chunk
 
 
 def quantize(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,43 @@
+"""`llmconv imatrix`: llama-imatrix's importance matrix, computed from the original checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import LlmconvError
+
+
+@click.command(context_settings={"max_content_width": 100})
+@click.argument("ckpt_dir", type=click.Path(path_type=Path))
+@click.option("--text", default="builtin", show_default=True, metavar="FILE",
+              help="UTF-8 calibration text. 'builtin': the bundled one (public-domain prose and code).")
+@click.option("--outfile", "-o", type=click.Path(path_type=Path), default=Path("imatrix.gguf"), show_default=True,
+              help="Where to write the GGUF imatrix (llama.cpp's format: llama-quantize --imatrix reads it).")
+@click.option("--ctx", type=click.IntRange(1), default=512, show_default=True, metavar="N",
+              help="Tokens per chunk; each chunk is evaluated on its own and starts with BOS (as llama-imatrix -c).")
+@click.option("--chunks", type=click.IntRange(1), metavar="N", help="Use only the first N chunks (default: all).")
+@click.option("--threads", "-t", type=click.IntRange(1, 256), metavar="N",
+              help="Threads for the forward pass (default: torch's, all cores).")
+@click.option("--force", "-f", is_flag=True, help="Overwrite an existing output file.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def imatrix(ckpt_dir, text, outfile, ctx, chunks, threads, force, quiet):
+    """Compute an importance matrix for CKPT_DIR (a Meta or Hugging Face checkpoint).
+
+    \b
+    llmconv imatrix path/to/ckpt --text calib.txt -o model.imatrix.gguf
+    llmconv convert path/to/ckpt --outtype q4_K_M --imatrix model.imatrix.gguf
+
+    The statistic is llama-imatrix's (the sum of squared inputs of every blk.* projection over
+    the tokens, and the token count), from llmconv's float32 reference forward pass over the
+    checkpoint's own weights, one layer at a time.
+    """
+    from .collect import compute_imatrix
+    from .files import write_imatrix_gguf
+
+    if Path(outfile).exists() and not force:
+        raise LlmconvError("exists (use --force to overwrite)", file=outfile)
+    im = compute_imatrix(ckpt_dir, text, ctx=ctx, chunks=chunks, progress=not quiet, threads=threads)
+    write_imatrix_gguf(outfile, im, force=force)
+    click.echo(f"wrote {outfile}: {len(im.entries)} matrices, {im.chunk_count} chunks of {im.chunk_size} tokens "
+               f"from {im.datasets[0]}")

@@ -1,0 +1,257 @@
+"""Importance-weighted K-quants: ggml's quantize_row_q{2,3,4,5,6}_K_impl with quant_weights.
+
+With an importance matrix (one non-negative weight per input column, `qw[n]`), llama.cpp
+quantizes every K-quant row through these routines instead of the *_ref ones. Per 256-weight
+super-block they weight each sub-block's least-squares fit by
+
+    weight[l] = qw[l] * sqrt(sigma2 + x[l]**2)     sigma2 = sum(x**2)/256 (q2_K) or 2*sum(x**2)/256
+
+(q6_K uses qw as is), search scale and min with make_qkx3_quants (q2/q4/q5_K, 37 steps) or the
+weighted make_qx_quants (q3/q6_K), then quantize the sub-block scales with make_qp_quants
+(q2/q4/q5_K) or make_qx_quants (q3_K), weighted by each sub-block's weight sum, and finally
+requantize every weight against the stored scales. Without an imatrix llama.cpp takes the
+*_ref path (the kernels in q2_k.py ... q6_k.py), so those stay as they are.
+
+Same conventions as k_common: float32 throughout, C's operation order, element-major arrays
+([n, groups]) so a C loop over a group's elements is one vector operation over all groups.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from . import q6_k
+from .k_common import (CHUNK_SUPERBLOCKS, F32, GROUP_MAX_EPS, QK_K, block_major, element_major,
+                       fp16_bits, fp16_value, make_qkx2_quants, make_qx_quants_rmse1, nearest_int,
+                       nearest_int_clip, pack_2bit_quarters, pack_scale_min_k4, seq_sum_from_zero,
+                       unpack_scale_min_k4)
+from .q3_k import pack_scales as pack_q3_scales
+from .q3_k import unpack_scales as unpack_q3_scales
+
+_BITS = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+
+
+def over_superblocks_weighted(x: np.ndarray, qw: np.ndarray, type_size: int,
+                              quantize_chunk: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """quantize_chunk(xb [blocks, 256], qwb [blocks, 256]) over x[rows, n] with column weights qw[n]."""
+    x = np.ascontiguousarray(x, dtype=F32)
+    rows, n = x.shape
+    if n % QK_K:
+        raise ValueError(f"row length {n} is not a multiple of {QK_K}")
+    qwb = np.ascontiguousarray(qw, dtype=F32).reshape(-1, QK_K)      # [n/256, 256]
+    xb = x.reshape(-1, QK_K)
+    out = np.empty((xb.shape[0], type_size), dtype=np.uint8)
+    with np.errstate(all="ignore"):
+        for start in range(0, xb.shape[0], CHUNK_SUPERBLOCKS):
+            stop = min(start + CHUNK_SUPERBLOCKS, xb.shape[0])
+            out[start:stop] = quantize_chunk(xb[start:stop], qwb[np.arange(start, stop) % qwb.shape[0]])
+    return out.reshape(rows, n // QK_K * type_size)
+
+
+def block_sigma2(xb: np.ndarray, factor: float) -> np.ndarray:
+    """C: `float sumx2 = 0; for (j < 256) sumx2 += x[j]*x[j]; sigma2 = factor*sumx2/QK_K` per block."""
+    xt = element_major(xb, QK_K)                                      # [256, nb]
+    s = seq_sum_from_zero(xt * xt)
+    if factor != 1:
+        s = F32(factor) * s
+    return s / F32(QK_K)
+
+
+def importance(xt: np.ndarray, qwt: np.ndarray, sigma2: np.ndarray, groups_per_block: int) -> np.ndarray:
+    """weight = qw * sqrtf(sigma2 + x*x) for element-major xt[n, groups]."""
+    s = np.repeat(sigma2, groups_per_block)[None, :]
+    return qwt * np.sqrt(s + xt * xt)
+
+
+def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml make_qp_quants(n, nmax, x, L, quant_weights=w) for x[n, groups] (non-negative scales).
+
+    Scale search over iscale = (nmax + 0.1*k)/max, k = 0, -4..4, by weighted squared error, then
+    up to 5 sweeps of coordinate descent on the levels (one L[i] at a time, sequential inside a
+    group, vectorized across groups). C's L is a uint8_t: stores wrap, and the sweeps read the
+    wrapped value back, so L is kept as uint8 here too. A group the last sweep left unchanged
+    stays unchanged, so running all five sweeps gives C's result with its early exit.
+    Returns (scale[groups], L uint8[n, groups]).
+    """
+    n = x.shape[0]
+    fmax = np.maximum(x.max(axis=0), F32(0.0))                       # C: MAX from 0
+    zero = fmax < GROUP_MAX_EPS
+    safe_max = np.where(zero, F32(1.0), fmax)
+    fnmax = F32(nmax)
+
+    iscale = fnmax / safe_max
+    L = (nearest_int(iscale * x) & 0xFF).astype(np.uint8)           # no clamp on this first pass
+    scale = F32(1.0) / iscale
+    diff = x - scale * L.astype(F32)
+    best_mse = seq_sum_from_zero(w * diff * diff)
+    for k in range(-4, 5):
+        if k == 0:
+            continue
+        iscale_k = (F32(0.1) * F32(k) + fnmax) / safe_max
+        scale_k = F32(1.0) / iscale_k
+        lk = np.minimum(nearest_int(iscale_k * x), nmax).astype(F32)
+        diff = x - scale_k * lk
+        mse = seq_sum_from_zero(w * diff * diff)
+        better = mse < best_mse
+        best_mse = np.where(better, mse, best_mse)
+        iscale = np.where(better, iscale_k, iscale)
+
+    li = np.minimum(nearest_int(iscale * x), nmax)                   # int, may be negative
+    L = (li & 0xFF).astype(np.uint8)
+    lf = li.astype(F32)
+    wx = w * x
+    sumlx = seq_sum_from_zero(wx * lf)
+    suml2 = seq_sum_from_zero(w * lf * lf)
+    for _sweep in range(5):
+        for i in range(n):
+            Li = L[i].astype(F32)
+            slx = sumlx - wx[i] * Li
+            sl2 = suml2 - w[i] * Li * Li
+            ok = (slx > 0) & (sl2 > 0)
+            new_l = np.minimum(nearest_int(x[i] * sl2 / slx), nmax)
+            nl = new_l.astype(F32)
+            slx2 = slx + wx[i] * nl
+            sl22 = sl2 + w[i] * nl * nl
+            take = ok & (new_l != L[i].astype(np.int32)) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[i] = np.where(take, (new_l & 0xFF).astype(np.uint8), L[i])
+            sumlx = np.where(take, slx2, sumlx)
+            suml2 = np.where(take, sl22, suml2)
+    out = np.where(suml2 > 0, sumlx / suml2, F32(0.0)).astype(F32)
+    out[zero] = 0
+    L[:, zero] = 0
+    return out, L
+
+
+# ---------------------------------------------------------------- q2_K
+
+
+def _q2_k_chunk(xb: np.ndarray, qwb: np.ndarray) -> np.ndarray:
+    nb = xb.shape[0]
+    xt = element_major(xb, 16)                                       # [16, nb*16]
+    weights = importance(xt, element_major(qwb, 16), block_sigma2(xb, 1), 16)
+    sw = seq_sum_from_zero(weights).reshape(nb, 16)
+    scale, the_min, L_search = make_qkx2_quants(xt, weights, 3, rmin=-0.9, rdelta=0.05,
+                                                nstep=36, use_mad=False)
+    dm, Ls = make_qp_quants(np.ascontiguousarray(scale.reshape(nb, 16).T), 15, np.ascontiguousarray(sw.T))
+    mm, Lm = make_qp_quants(np.ascontiguousarray(the_min.reshape(nb, 16).T), 15, np.ascontiguousarray(sw.T))
+    d_bits, dmin_bits = fp16_bits(dm), fp16_bits(mm)
+    scales = (Ls.T | (Lm.T << 4)).astype(np.uint8)                  # C: uint8 store of Ls | Lm << 4
+
+    d = (fp16_value(d_bits)[:, None] * (scales & 0xF).astype(F32)).reshape(1, -1)
+    m = (fp16_value(dmin_bits)[:, None] * (scales >> 4).astype(F32)).reshape(1, -1)
+    v = xt + m
+    v /= d
+    L_new = nearest_int_clip(v, 0, 3).astype(np.uint8)
+    L = block_major(np.where(d != 0, L_new, L_search), nb)           # d == 0: C keeps the search's L
+
+    out = np.empty((nb, 84), dtype=np.uint8)
+    out[:, 0:16] = scales
+    out[:, 16:80] = pack_2bit_quarters(L)
+    out[:, 80:82] = d_bits.reshape(nb, 1).view(np.uint8)
+    out[:, 82:84] = dmin_bits.reshape(nb, 1).view(np.uint8)
+    return out
+
+
+# ---------------------------------------------------------------- q3_K
+
+
+def _q3_k_chunk(xb: np.ndarray, qwb: np.ndarray) -> np.ndarray:
+    nb = xb.shape[0]
+    xt = element_major(xb, 16)
+    weights = importance(xt, element_major(qwb, 16), block_sigma2(xb, 2), 16)
+    sw = seq_sum_from_zero(weights).reshape(nb, 16)
+    group_scale, L_search = make_qx_quants_rmse1(xt, 4, weights)
+    d_block, Ls = make_qx_quants_rmse1(np.ascontiguousarray(group_scale.reshape(nb, 16).T), 32,
+                                       np.ascontiguousarray(sw.T))
+    scales = pack_q3_scales(np.ascontiguousarray(Ls.T))
+    d_bits = fp16_bits(d_block)
+
+    sc = unpack_q3_scales(scales).astype(np.int8) - np.int8(32)
+    d = (fp16_value(d_bits)[:, None] * sc.astype(F32)).reshape(1, -1)
+    L_new = nearest_int_clip(xt / d, -4, 3)
+    L_new += 4
+    L = block_major(np.where(d != 0, L_new.astype(np.uint8), L_search), nb)
+
+    high = L > 3
+    hmask = np.bitwise_or.reduce(high.reshape(nb, 8, 32).astype(np.uint8) << _BITS, axis=1)
+    L &= np.uint8(3)
+    out = np.empty((nb, 110), dtype=np.uint8)
+    out[:, 0:32] = hmask
+    out[:, 32:96] = pack_2bit_quarters(L)
+    out[:, 96:108] = scales
+    out[:, 108:110] = d_bits.reshape(nb, 1).view(np.uint8)
+    return out
+
+
+# ---------------------------------------------------------------- q4_K / q5_K
+
+
+def _scale_min_weighted(xb: np.ndarray, qwb: np.ndarray, nmax: int, cap63: bool):
+    """The shared half of q4_K/q5_K_impl -> (d bits, dmin bits, scales[nb, 12], L[nb, 256])."""
+    nb = xb.shape[0]
+    xt = element_major(xb, 32)
+    weights = importance(xt, element_major(qwb, 32), block_sigma2(xb, 2), 8)
+    sw = np.ascontiguousarray(seq_sum_from_zero(weights).reshape(nb, 8).T)
+    scale, the_min, L_search = make_qkx2_quants(xt, weights, nmax, rmin=-0.9, rdelta=0.05,
+                                                nstep=36, use_mad=False)
+    d_block, Ls = make_qp_quants(np.ascontiguousarray(scale.reshape(nb, 8).T), 63, sw)
+    m_block, Lm = make_qp_quants(np.ascontiguousarray(the_min.reshape(nb, 8).T), 63, sw)
+    if cap63:                                                        # q5_K clamps, q4_K does not
+        Ls, Lm = np.minimum(Ls, 63), np.minimum(Lm, 63)
+    scales = pack_scale_min_k4(Ls.T, Lm.T)
+    d_bits, dmin_bits = fp16_bits(d_block), fp16_bits(m_block)
+
+    sc, mn = unpack_scale_min_k4(scales)                             # C reads the packed bytes back
+    d = (fp16_value(d_bits)[:, None] * sc.astype(F32)).reshape(1, -1)
+    dm = (fp16_value(dmin_bits)[:, None] * mn.astype(F32)).reshape(1, -1)
+    v = xt + dm
+    v /= d
+    L_new = nearest_int_clip(v, 0, nmax).astype(np.uint8)
+    L = np.where(d != 0, L_new, L_search)
+    return d_bits, dmin_bits, scales, block_major(L, nb)
+
+
+def _head(out: np.ndarray, d_bits, dmin_bits, scales) -> None:
+    nb = out.shape[0]
+    out[:, 0:2] = d_bits.reshape(nb, 1).view(np.uint8)
+    out[:, 2:4] = dmin_bits.reshape(nb, 1).view(np.uint8)
+    out[:, 4:16] = scales
+
+
+def _q4_k_chunk(xb: np.ndarray, qwb: np.ndarray) -> np.ndarray:
+    nb = xb.shape[0]
+    d_bits, dmin_bits, scales, L = _scale_min_weighted(xb, qwb, 15, cap63=False)
+    q = L.reshape(nb, 4, 2, 32)
+    out = np.empty((nb, 144), dtype=np.uint8)
+    _head(out, d_bits, dmin_bits, scales)
+    out[:, 16:144] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(nb, 128)
+    return out
+
+
+def _q5_k_chunk(xb: np.ndarray, qwb: np.ndarray) -> np.ndarray:
+    nb = xb.shape[0]
+    d_bits, dmin_bits, scales, L = _scale_min_weighted(xb, qwb, 31, cap63=True)
+    qh = np.bitwise_or.reduce((L.reshape(nb, 8, 32) >> 4) << _BITS, axis=1)
+    low = (L & 0xF).reshape(nb, 4, 2, 32)
+    out = np.empty((nb, 176), dtype=np.uint8)
+    _head(out, d_bits, dmin_bits, scales)
+    out[:, 16:48] = qh
+    out[:, 48:176] = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(nb, 128)
+    return out
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def _entry(chunk_fn, type_size):
+    def quantize_weighted(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+        return over_superblocks_weighted(x, qw, type_size, chunk_fn)
+    return quantize_weighted
+
+
+q2_k_weighted = _entry(_q2_k_chunk, 84)
+q3_k_weighted = _entry(_q3_k_chunk, 110)
+q4_k_weighted = _entry(_q4_k_chunk, 144)
+q5_k_weighted = _entry(_q5_k_chunk, 176)
+q6_k_weighted = _entry(q6_k.quantize_chunk_weighted, q6_k.TYPE_SIZE)
