@@ -139,7 +139,7 @@ def _echo_written(res, outtype: str, json_path: str | None = None) -> None:
 @click.argument("ckpt_dir", type=click.Path(path_type=Path))
 @click.option("--outtype", default="auto", show_default=True, metavar="TYPE",
               help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, or a K-quant mix: q2_k, q3_k_s/m/l, q4_k_s/m, "
-                   "q5_k_s/m, q6_k (llama-quantize's per-tensor rules; q3_k/q4_k/q5_k mean the _m mix). "
+                   "q5_k_s/m, q6_k (llama-quantize's per-tensor rules; q3_k/q4_k/q5_k mean the _m mix), iq4_nl, iq4_xs. "
                    "'auto' keeps the source precision.")
 @click.option("--outfile", "-o", type=click.Path(path_type=Path), help="Output path. Default: ./Name-Size-TYPE.gguf in the current directory.")
 @click.option("--ctx", type=click.IntRange(1, 2**32 - 1), help="Context length to record (default: by model family; see README).")
@@ -190,6 +190,7 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora,
       llmconv convert path/to/ckpt --dry-run                          # the plan, nothing written
       llmconv convert path/to/ckpt --outtype f16 --split-max-size 4G  # Name-00001-of-0000N.gguf
       llmconv convert path/to/base --lora path/to/adapter --outtype q8_0   # merged while converting
+      llmconv convert path/to/ckpt --outtype iq4_xs --imatrix-text builtin   # imatrix computed first
     """
     from .convert.execute import write_gguf
     from .convert.pipeline import describe_plan, plan_conversion, plan_json
@@ -263,6 +264,7 @@ def quantize(infile, outfile, qtype, allow_requantize, override_kv, imatrix, pur
       llmconv quantize model-F16.gguf model-Q8_0.gguf --type q8_0
       llmconv quantize model-F16.gguf model-Q4_K_M.gguf --type q4_K_M
       llmconv quantize model-F16.gguf out.gguf --type q4_0 --pure --output-tensor-type q8_0
+      llmconv quantize model-F16.gguf model-Q3_K_M.gguf --type q3_K_M --imatrix model.imatrix.gguf
     """
     from .convert.execute import write_gguf
     from .convert.pipeline import plan_requantize

@@ -24,13 +24,16 @@ from ..errors import LlmconvError
 def imatrix(ckpt_dir, text, outfile, ctx, chunks, threads, force, quiet):
     """Compute an importance matrix for CKPT_DIR (a Meta or Hugging Face checkpoint).
 
-    \b
-    llmconv imatrix path/to/ckpt --text calib.txt -o model.imatrix.gguf
-    llmconv convert path/to/ckpt --outtype q4_K_M --imatrix model.imatrix.gguf
-
     The statistic is llama-imatrix's (the sum of squared inputs of every blk.* projection over
     the tokens, and the token count), from llmconv's float32 reference forward pass over the
-    checkpoint's own weights, one layer at a time.
+    checkpoint's own weights, one layer at a time. convert/quantize --imatrix read the file,
+    as does llama-quantize --imatrix.
+
+    \b
+    Examples:
+      llmconv imatrix path/to/ckpt -o model.imatrix.gguf                  # the bundled calibration text
+      llmconv imatrix path/to/ckpt --text calib.txt --ctx 512 --chunks 100 -o model.imatrix.gguf
+      llmconv convert path/to/ckpt --outtype q4_K_M --imatrix model.imatrix.gguf
     """
     from .collect import compute_imatrix
     from .files import write_imatrix_gguf
