@@ -85,6 +85,9 @@ def test_cli_imatrix_then_convert(tmp_path, capsys):
     assert main(["convert", str(FIXTURE), "--outtype", "q4_K_M", "--imatrix-text", str(text), "--imatrix-ctx", "32",
                  "--imatrix-chunks", "4", "-t", "1", "-o", str(b), "-q"]) == 0
     assert a.read_bytes() == b.read_bytes()
+    # verify's expected pass quantizes as the file was quantized: with the imatrix given
+    assert main(["verify", str(a), "-r", str(FIXTURE), "--tokens", "32", "--imatrix", str(im_path)]) == 0
+    assert main(["verify", str(a), "-r", str(FIXTURE), "--tokens", "32"]) == 1
     capsys.readouterr()
     assert main(["imatrix", str(FIXTURE), "--text", str(text), "-o", str(im_path), "-q"]) == 2   # exists
     assert main(["imatrix", str(FIXTURE), "--ctx", "8", "-o", str(tmp_path / "x"), "-q"]) == 2

@@ -29,6 +29,11 @@ def read_text(path: Path) -> str:
         raise LlmconvError(f"cannot read: {e.strerror}", file=path) from None
 
 
+def _read_imatrix(path):
+    from ..imatrix import read_imatrix
+    return read_imatrix(path)
+
+
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--reference", "-r", "reference", required=True, type=click.Path(path_type=Path), metavar="CKPT_DIR",
@@ -60,12 +65,15 @@ def read_text(path: Path) -> str:
               help="How the quality candidate rounds activations. ggml: before each matmul, as llama.cpp's CPU "
                    "backend does (what users get); f32: not at all (the weights' error alone). Fidelity always "
                    "compares float32 passes.")
+@click.option("--imatrix", type=click.Path(path_type=Path), metavar="FILE",
+              help="The importance matrix the file was quantized with (convert/quantize --imatrix): the "
+                   "expected pass quantizes with it too.")
 @click.option("--checksums", "checksums", is_flag=False, flag_value="", default=None, metavar="[SIDECAR]",
               help="Also check every tensor's sha256 against the sidecar `convert --checksum` wrote "
                    "(default FILE.sha256.json).")
 @click.option("--force", "-f", is_flag=True, help="Let --json FILE overwrite an existing file.")
 def verify(file, reference, text_file, tokens, json_path, max_kld, min_top1, max_ppl_ratio, max_rel_dlogit, ctx,
-           engine, threads, activations, checksums, force):
+           engine, threads, activations, imatrix, checksums, force):
     """Check that a converted file is its checkpoint (fidelity), and what its quantization costs (quality).
 
     \b
@@ -103,6 +111,7 @@ def verify(file, reference, text_file, tokens, json_path, max_kld, min_top1, max
     text = read_text(text_file) if text_file is not None else None
     report = run_verify(file, reference, text=text, tokens=tokens, engine=engine, threads=threads,
                         activations=activations, ctx=ctx, progress=True,
+                        imatrix=None if imatrix is None else _read_imatrix(imatrix),
                         bounds={"max_kld": max_kld, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio,
                                 "max_rel_dlogit": max_rel_dlogit})
     if checksums is not None:

@@ -95,10 +95,10 @@ class _Errors:
 
 
 def compare_rows(check: TensorCheck, qt: q.QuantType, src: np.ndarray, file_raw: np.ndarray, r0: int,
-                 threads: int) -> np.ndarray:
+                 threads: int, imatrix: np.ndarray | None = None) -> np.ndarray:
     """Quantize source rows [rows, n] as the file's type, compare with the file's rows block by
     block, accumulate nothing but the block counts; returns llmconv's round trip of the rows."""
-    ours = q.quantize_tensor(src, qt, threads)
+    ours = q.quantize_tensor(src, qt, threads, imatrix=imatrix)
     theirs = np.ascontiguousarray(file_raw).reshape(ours.shape)
     rt = q.dequantize_tensor(ours, qt)
     nb = ours.shape[-1] // qt.type_size
@@ -120,7 +120,8 @@ def compare_rows(check: TensorCheck, qt: q.QuantType, src: np.ndarray, file_raw:
     return rt
 
 
-def check_tensor(ft: FileTensor, src: np.ndarray, threads: int = 1, keep: bool = True) -> tuple[TensorCheck, np.ndarray | None]:
+def check_tensor(ft: FileTensor, src: np.ndarray, threads: int = 1, keep: bool = True,
+                 imatrix: np.ndarray | None = None) -> tuple[TensorCheck, np.ndarray | None]:
     """Compare the file tensor with its source weight `src` (GGUF row order, float32), row chunk
     by row chunk; return the check and, with `keep`, the expected weight (llmconv's round trip
     at the file's type; the file's own values when llmconv has no kernel for that type)."""
@@ -145,7 +146,7 @@ def check_tensor(ft: FileTensor, src: np.ndarray, threads: int = 1, keep: bool =
         deq = q.dequantize_tensor(raw2[r0:r0 + step], ft.ggml_type) if qt is not None else ft.rows(r0, r0 + step)
         errs.add(deq, s)
         if qt is not None and np.isfinite(s).all():
-            rt = compare_rows(check, qt, s, raw2[r0:r0 + step], r0, threads)
+            rt = compare_rows(check, qt, s, raw2[r0:r0 + step], r0, threads, imatrix)
         else:
             check.exact = False
             rt = deq
@@ -163,9 +164,10 @@ class ExpectedWeights:
     order the checkpoint stores it in (HF Q/K: rotate_half_order) when it is not GGUF's."""
 
     def __init__(self, mf: ModelFile, names: dict[str, str], row_orders: dict[str, np.ndarray],
-                 activations: str = "ggml", threads: int = 1):
+                 activations: str = "ggml", threads: int = 1, imatrix=None):
         self.mf, self.names, self.row_orders = mf, names, row_orders
         self.activations, self.threads = activations, threads
+        self.imatrix = imatrix           # llmconv.imatrix.Imatrix the file was quantized with, or None
         self.checks: dict[str, TensorCheck] = {}
 
     def file_tensor(self, name: str) -> FileTensor | None:
@@ -185,7 +187,8 @@ class ExpectedWeights:
             return torch.from_numpy(q.dequantize_tensor(q.quantize_tensor(a, qt, self.threads), qt))
         order = self.row_orders.get(ft.name)
         src = a if order is None else a[np.argsort(order)]       # to GGUF row order
-        check, expected = check_tensor(ft, src, self.threads)
+        imp = self.imatrix.for_tensor(ft.name, ft.shape[-1]) if self.imatrix is not None else None
+        check, expected = check_tensor(ft, src, self.threads, imatrix=imp)
         self.checks.setdefault(ft.name, check)
         if expected is None:
             return w

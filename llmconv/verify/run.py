@@ -185,6 +185,7 @@ class Run:
     tokens_diff: tuple[int | None, str | None] = (None, None)
     metadata: list = field(default_factory=list)
     structure_error: str | None = None
+    imatrix: object = None
     checks: dict[str, TensorCheck] = field(default_factory=dict)
     fidelity: dict | None = None          # candidate vs expected
     quality: dict | None = None           # candidate vs reference
@@ -196,7 +197,7 @@ class Run:
 def run_verify(gguf_path: str | Path, reference_dir: str | Path, text: str | None = None,
                tokens: int = DEFAULT_TOKENS, engine: str | None = None, bounds: dict | None = None,
                threads: int = 1, activations: str = "ggml", ctx: int | None = None,
-               progress: bool = False) -> dict:
+               progress: bool = False, imatrix=None) -> dict:
     """Verify `gguf_path` against the checkpoint in `reference_dir`; returns the report (schema in
     report.py). `text` is the text itself (default: the bundled default_text.txt); `bounds` are the
     quality gates (max_kld, min_top1, max_ppl_ratio, max_rel_dlogit; None = not gated); `ctx` the
@@ -219,6 +220,7 @@ def run_verify(gguf_path: str | Path, reference_dir: str | Path, text: str | Non
     if len(ids) < 2:
         raise LlmconvError("the text gives fewer than 2 tokens")
     run = Run(path, ref_dir, mf, source, ids, gates, activations, threads, progress, start)
+    run.imatrix = imatrix      # the Imatrix the file was quantized with: the expected pass uses it too
     if len(ids) < tokens:
         run.notes.append(f"the text has only {len(ids)} tokens (asked for {tokens})")
     static_checks(run, tok)
@@ -255,7 +257,7 @@ def reference_passes(run: Run) -> tuple[np.ndarray, np.ndarray]:
 
     ref = reference_logits(run.ref_dir, run.ids, progress=run.progress, desc="reference")
     names, orders = source_names(run.source, run.mf)
-    exp = ExpectedWeights(run.mf, names, orders, "f32", run.threads)
+    exp = ExpectedWeights(run.mf, names, orders, "f32", run.threads, run.imatrix)
     expected = reference_logits(run.ref_dir, run.ids, hooks=exp.hooks(), progress=run.progress, desc="expected")
     compare_rest(run.mf, run.source, exp.checks, run.threads)
     run.checks = exp.checks
