@@ -4,6 +4,7 @@ structure, ordinary OS errors, bad options and a last-resort handler: each one l
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -185,3 +186,12 @@ def test_engine_without_llama_cpp_is_one_line(tmp_path, capsys, monkeypatch):
     assert run(["convert", HF_DIR, "--outtype", "f32", "-o", out, "-q"], capsys)[0] == 0
     monkeypatch.setitem(sys.modules, "llama_cpp", None)          # import llama_cpp -> ImportError
     refused(["verify", out, "-r", HF_DIR, "--engine", "llama.cpp", "--tokens", "8"], capsys, "llama-cpp-python")
+
+
+def test_fifo_as_checkpoint_dir_is_refused_not_waited_on(tmp_path):
+    import subprocess
+    import sys
+    os.mkfifo(tmp_path / "ckpt")
+    proc = subprocess.run([sys.executable, "-m", "llmconv.cli", "convert", str(tmp_path / "ckpt")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "not a regular file" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

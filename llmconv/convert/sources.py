@@ -12,7 +12,7 @@ from gguf import MODEL_TENSOR
 
 from ..errors import LlmconvError
 from .bpe import is_tiktoken_file, load_meta_tiktoken
-from .guards import check_checkpoint_files
+from .guards import check_checkpoint_files, require_regular_file
 from .meta import MetaCheckpoint, ffn_formula_warning, open_meta_checkpoint
 from .plan import SourceTensor, meta_to_gguf_name, tensor_name
 from .source import Source, explicit_tokenizer
@@ -48,6 +48,7 @@ def check_checkpoint_dir(path: Path) -> None:
         return
     if not path.exists():
         raise LlmconvError("no such file or directory", file=path)
+    require_regular_file(path)          # a FIFO given as CKPT_DIR would block the open below
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
