@@ -45,6 +45,7 @@ from gguf import GGMLQuantizationType as QT
 
 from .. import quantize as q
 from ..errors import LlmconvError
+from . import moe
 
 ARCH = "llama"
 CHUNK_BYTES = 64 << 20          # float32 bytes of dequantized weight per matmul chunk
@@ -241,6 +242,8 @@ class LlamaConfig:
     freq_scale: float
     tied_output: bool
     head_dim: int = 0                # attention.key_length, else n_embd / n_head (set by read_config)
+    n_expert: int = 0                # expert_count, expert_used_count: a Mixtral (verify/moe.py); 0 dense
+    n_expert_used: int = 0
 
 
 def read_config(mf: ModelFile) -> LlamaConfig:
@@ -292,6 +295,7 @@ def read_config(mf: ModelFile) -> LlamaConfig:
     n_ff = int(mf.get(mf.arch_key("feed_forward_length"), gate.shape[0] if gate is not None else 0))
     cfg = LlamaConfig(n_embd, n_layer, n_head, n_head_kv, n_ff, n_rot, n_vocab, eps, freq_base, freq_scale,
                       tied_output="output.weight" not in mf.tensors, head_dim=head_dim)
+    cfg.n_expert, cfg.n_expert_used = moe.expert_count(mf)
     check_shapes(mf, cfg)
     return cfg
 
@@ -307,8 +311,9 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
             b + "attn_norm.weight": (d,), b + "ffn_norm.weight": (d,),
             b + "attn_q.weight": (cfg.n_head * hd, d), b + "attn_k.weight": (cfg.n_head_kv * hd, d),
             b + "attn_v.weight": (cfg.n_head_kv * hd, d), b + "attn_output.weight": (d, cfg.n_head * hd),
-            b + "ffn_gate.weight": (ff, d), b + "ffn_up.weight": (ff, d), b + "ffn_down.weight": (d, ff),
         }
+        want |= moe.expected_moe_shapes(i, d, ff, cfg.n_expert) if cfg.n_expert else {
+            b + "ffn_gate.weight": (ff, d), b + "ffn_up.weight": (ff, d), b + "ffn_down.weight": (d, ff)}
     return want
 
 
@@ -506,6 +511,9 @@ def candidate_streams(model: str | Path | ModelFile, tokens, modes: tuple[str, .
                                         cfg.n_head_kv) for s in range(S)])
         x = x + matmul_t(att, W[b + "attn_output.weight"], modes)
         h = rms_norm(x, W[b + "ffn_norm.weight"].array(), cfg.eps)
+        if cfg.n_expert:
+            x = x + moe.candidate_moe_ffn(h, W, i, cfg.n_expert, cfg.n_expert_used, modes, matmul_t)
+            continue
         gate = matmul_t(h, W[b + "ffn_gate.weight"], modes)
         up = matmul_t(h, W[b + "ffn_up.weight"], modes)
         act = gate / (1.0 + np.exp(-gate)) * up                          # silu(gate) * up

@@ -27,6 +27,7 @@ from .. import quantize as q
 from .bounds import TENSOR_BOUNDS, type_name
 from .hooks import ForwardHooks
 from .candidate import FileTensor, ModelFile, activation_rounding, dequantize
+from .moe import expert_slice
 
 ROWS_PER_CHUNK_BYTES = 32 << 20     # float32 source rows handled at a time
 
@@ -172,6 +173,9 @@ class ExpectedWeights:
 
     def file_tensor(self, name: str) -> FileTensor | None:
         g = self.names.get(name)
+        if isinstance(g, tuple):         # an expert: (stacked tensor, index), verify/moe.py
+            t = self.mf.tensors.get(g[0])
+            return expert_slice(t, g[1]) if t is not None and len(t.shape) == 3 and g[1] < t.shape[0] else None
         return self.mf.tensors.get(g) if g is not None else None
 
     def weight(self, name: str, w: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -211,7 +215,7 @@ def compare_rest(mf: ModelFile, source, checks: dict[str, TensorCheck], threads:
     untied model, rope_freqs), loading their source tensors in GGUF layout."""
     for st in source.tensors:
         ft = mf.tensors.get(st.name)
-        if ft is None or st.name in checks:
+        if ft is None or st.name in checks or f"{st.name}[0]" in checks:    # experts: checked slice by slice
             continue
         src = np.asarray(st.load(), dtype=np.float32).reshape(st.shape)
         checks[st.name], _ = check_tensor(ft, src, threads, keep=False)

@@ -33,6 +33,7 @@ from ..convert.hf import WeightEntry, open_weights, read_json
 from ..errors import LlmconvError
 from .progress import layer_progress
 from .hooks import NO_HOOKS, ForwardHooks, LayerWeights
+from .moe import hf_moe_settings, hf_sparse_moe
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -57,6 +58,7 @@ class HFConfig:
         scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
         self.scaling = scaling if scaling and scaling.get("rope_type", scaling.get("type")) != "default" else None
         self.tie = bool(cfg.get("tie_word_embeddings", False))
+        self.moe = hf_moe_settings(cfg)      # (experts, experts per token) of a Mixtral; None when dense
         if cfg.get("hidden_act", "silu") != "silu":
             raise LlmconvError(f"hidden_act {cfg.get('hidden_act')!r}: the reference computes silu", file=file)
 
@@ -83,8 +85,9 @@ def hf_reference_logits(ckpt_dir: str | Path, tokens: list[int], hooks: ForwardH
                          weights["model.embed_tokens.weight"].get()[rows].to(torch.float32), rows)
         cos, sin = rotary_cos_sin(c, len(ids))
         for i in layer_progress(c.n_layers, desc, progress):
-            layer = decoder_layer_weights(weights, i, hooks)
-            hidden = decoder_layer(hidden, layer, c, cos, sin)
+            layer = decoder_layer_weights(weights, i, hooks, dense=c.moe is None)
+            moe = None if c.moe is None else (lambda h, i=i: hf_sparse_moe(h, i, *c.moe, lambda n: f32(weights, n), hooks))
+            hidden = decoder_layer(hidden, layer, c, cos, sin, moe)
             del layer
         hidden = llama_rms_norm(hidden, hooks.w("model.norm.weight", f32(weights, "model.norm.weight")), c.eps)
         # tie_word_embeddings: transformers points lm_head at the embedding (a stored lm_head is then unused)
@@ -99,12 +102,15 @@ def f32(weights: dict[str, WeightEntry], name: str) -> torch.Tensor:
     return weights[name].get().to(torch.float32)
 
 
-def decoder_layer_weights(weights: dict[str, WeightEntry], i: int, hooks: ForwardHooks = NO_HOOKS) -> LayerWeights:
-    """Layer i by short name ("self_attn.q_proj"); hooks see the full names (".weight", ".bias")."""
+def decoder_layer_weights(weights: dict[str, WeightEntry], i: int, hooks: ForwardHooks = NO_HOOKS,
+                          dense: bool = True) -> LayerWeights:
+    """Layer i by short name ("self_attn.q_proj"); hooks see the full names (".weight", ".bias").
+    `dense=False`: no mlp (a Mixtral layer's experts are read by verify/moe.py, one at a time)."""
     p = f"model.layers.{i}."
+    projections = PROJECTIONS if dense else tuple(n for n in PROJECTIONS if not n.startswith("mlp."))
     out: dict[str, torch.Tensor | None] = {n: hooks.w(p + n + ".weight", f32(weights, p + n + ".weight"))
-                                           for n in PROJECTIONS + NORMS}
-    for n in PROJECTIONS:
+                                           for n in projections + NORMS}
+    for n in projections:
         name = p + n + ".bias"
         out[n + ".bias"] = hooks.w(name, f32(weights, name)) if name in weights else None
     return LayerWeights(out, p, hooks)
@@ -182,6 +188,8 @@ def mlp(x: torch.Tensor, w: dict) -> torch.Tensor:
                   w, "mlp.down_proj")
 
 
-def decoder_layer(x, w, c, cos, sin):
+def decoder_layer(x, w, c, cos, sin, moe=None):
+    """`moe(h)`: the layer's sparse MoE block in place of the dense mlp."""
     x = x + self_attention(llama_rms_norm(x, w["input_layernorm"], c.eps), w, c, cos, sin)
-    return x + mlp(llama_rms_norm(x, w["post_attention_layernorm"], c.eps), w)
+    h = llama_rms_norm(x, w["post_attention_layernorm"], c.eps)
+    return x + (mlp(h, w) if moe is None else moe(h))

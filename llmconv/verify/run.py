@@ -31,6 +31,7 @@ from . import metrics as M
 from .bounds import (FIDELITY_BOUNDS, LOGIT_BOUNDS, TENSOR_BOUNDS, dominant_type, file_type_name,  # noqa: F401
                      published_figures, quality_gates, type_name)
 from .candidate import FileInconsistent, ModelFile, candidate_streams, open_model_file, read_config
+from .moe import hf_expert_names
 from .expected import ExpectedWeights, TensorCheck, compare_rest, rotate_half_order
 from .metadata_check import metadata_differences, unknown_pre
 from .report import Finding, finite_or_none, format_report, ordered  # noqa: F401  (format_report: the CLI's)
@@ -69,6 +70,7 @@ def same_model_or_refuse(mf: ModelFile, source) -> None:
 def source_names(source, mf: ModelFile) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     """Checkpoint tensor name -> GGUF name, and the row order of HF Q/K (rotate-half)."""
     names = {t.source_name: t.name for t in source.tensors if t.source_name}
+    names |= hf_expert_names(source)       # expert -> (stacked tensor, index)
     orders: dict[str, np.ndarray] = {}
     if source.kind == "hf":
         h = source.hparams

@@ -25,6 +25,9 @@ def from_rotate_half(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def explain(check: TensorCheck, mf: ModelFile, source) -> str | None:
     """The first cause the numbers support, or None."""
+    from .moe import explain_expert, is_expert_slice
+    if is_expert_slice(check.name):
+        return explain_expert(check, mf, source)
     ft = mf.tensors[check.name]
     by_name = {t.name: t for t in source.tensors}
     if check.name not in by_name or len(ft.shape) != 2 or tuple(ft.shape) != tuple(by_name[check.name].shape):

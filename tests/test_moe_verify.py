@@ -1,0 +1,66 @@
+"""Issue 16, verify: `llmconv verify` on Mixtral files. The reference routes in the checkpoint's
+own layout (Hugging Face's sparse MoE block: softmax router, top-k, renormalised), the candidate
+from the file (router, stacked expert slices); a correct conversion passes, a file whose
+experts 1 and 2 trade places (all three of their matrices, in one layer) fails."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from llmconv.cli import main
+from llmconv.formats.gguf_reader import read_gguf
+from moe_synth import FIXTURE_TOKENIZER, write_hf_mixtral
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixtral-verify")
+    ckpt = write_hf_mixtral(root / "ck", tokenizer=FIXTURE_TOKENIZER, n_expert=4, dim=64, ffn=64, n_heads=4,
+                            n_kv_heads=2, shards=2, seed=2)
+    files = {}
+    for t in ("f32", "q8_0"):
+        files[t] = root / f"m-{t}.gguf"
+        assert main(["convert", str(ckpt), "--outtype", t, "-o", str(files[t]), "-q"]) == 0
+    return ckpt, files
+
+
+def swap_experts(src, dst, layer: int, a: int, b: int):
+    """Copy `src` with experts a and b of `layer` exchanged in its three stacked tensors."""
+    shutil.copy(src, dst)
+    g = read_gguf(dst)
+    mm = np.memmap(dst, dtype=np.uint8, mode="r+")
+    for kind in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+        t = g.tensor(f"blk.{layer}.{kind}.weight")
+        step = t.nbytes // t.shape[0]
+        sa = slice(t.offset + a * step, t.offset + (a + 1) * step)
+        sb = slice(t.offset + b * step, t.offset + (b + 1) * step)
+        mm[sa], mm[sb] = mm[sb].copy(), mm[sa].copy()
+    mm.flush()
+    del mm
+    return dst
+
+
+def verify(capsys, path, ckpt, *extra):
+    capsys.readouterr()
+    code = main(["verify", str(path), "--reference", str(ckpt), "--tokens", "64", *extra])
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_correct_mixtral_passes(capsys, mixtral, outtype):
+    ckpt, files = mixtral
+    code, out = verify(capsys, files[outtype], ckpt)
+    assert code == 0, out
+    assert "PASS" in out
+
+
+def test_two_experts_swapped_fail(capsys, mixtral, tmp_path):
+    ckpt, files = mixtral
+    bad = swap_experts(files["q8_0"], tmp_path / "swapped.gguf", layer=1, a=1, b=2)
+    code, out = verify(capsys, bad, ckpt)
+    assert code == 1, out
+    assert "blk.1.ffn_" in out and "_exps" in out, out
+    assert "holds expert 2's weights" in out and "holds expert 1's weights" in out, out
