@@ -338,3 +338,22 @@ def test_malicious_bin_adapter_is_refused(tmp_path, capsys):
     torch.save({"x": Evil()}, path / "adapter_model.bin")
     code, _, err = run(["convert-lora", path, "--base", HF, "-o", tmp_path / "x.gguf"], capsys)
     assert code == 2 and "refused" in err and not sentinel.exists(), err
+
+
+# ---- verify --lora ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("base,ref,name,scale,outtype", [
+    ("hf", "hf", "fixture", 1.0, "q8_0"),
+    ("hf", "meta", "extras", 0.75, "f32"),
+])
+def test_verify_applies_the_adapter_to_the_reference(work, capsys, base, ref, name, scale, outtype):
+    adapter = variant(work, name)
+    spec = f"{adapter}:{scale}" if scale != 1.0 else str(adapter)
+    out = work / f"v-{base}-{name}-{outtype}.gguf"
+    assert run(["convert", HF if base == "hf" else META, "--lora", spec, "--outtype", outtype, "-o", out, "-q", "-f"]) == 0
+    ref_dir = HF if ref == "hf" else META
+    # fidelity (tensors, the expected pass) and quality (the float reference, gated here) both see the adapter
+    code, stdout, err = run(["verify", out, "-r", ref_dir, "--lora", spec, "--tokens", 64, "--max-kld", 0.01], capsys)
+    assert code == 0, stdout + err
+    code, stdout, err = run(["verify", out, "-r", ref_dir, "--tokens", 64], capsys)
+    assert code == 1, stdout + err                   # the same file against the base alone is out of bounds

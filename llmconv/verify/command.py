@@ -68,12 +68,15 @@ def _read_imatrix(path):
 @click.option("--imatrix", type=click.Path(path_type=Path), metavar="FILE",
               help="The importance matrix the file was quantized with (convert/quantize --imatrix): the "
                    "expected pass quantizes with it too.")
+@click.option("--lora", "lora", metavar="ADAPTER[:SCALE]", multiple=True,
+              help="The file was converted with `convert --lora`: apply the same PEFT adapter(s), in the same "
+                   "order and scales, to the reference's weights.")
 @click.option("--checksums", "checksums", is_flag=False, flag_value="", default=None, metavar="[SIDECAR]",
               help="Also check every tensor's sha256 against the sidecar `convert --checksum` wrote "
                    "(default FILE.sha256.json).")
 @click.option("--force", "-f", is_flag=True, help="Let --json FILE overwrite an existing file.")
 def verify(file, reference, text_file, tokens, json_path, max_kld, min_top1, max_ppl_ratio, max_rel_dlogit, ctx,
-           engine, threads, activations, imatrix, checksums, force):
+           engine, threads, activations, imatrix, lora, checksums, force):
     """Check that a converted file is its checkpoint (fidelity), and what its quantization costs (quality).
 
     \b
@@ -109,8 +112,10 @@ def verify(file, reference, text_file, tokens, json_path, max_kld, min_top1, max
     from .run import format_report, run_verify
 
     text = read_text(text_file) if text_file is not None else None
+    from ..convert.lora import parse_lora_spec
+
     report = run_verify(file, reference, text=text, tokens=tokens, engine=engine, threads=threads,
-                        activations=activations, ctx=ctx, progress=True,
+                        activations=activations, ctx=ctx, progress=True, lora=[parse_lora_spec(s) for s in lora],
                         imatrix=None if imatrix is None else _read_imatrix(imatrix),
                         bounds={"max_kld": max_kld, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio,
                                 "max_rel_dlogit": max_rel_dlogit})

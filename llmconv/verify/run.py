@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -33,6 +34,7 @@ from .bounds import (FIDELITY_BOUNDS, LOGIT_BOUNDS, TENSOR_BOUNDS, dominant_type
 from .candidate import FileInconsistent, ModelFile, candidate_streams, open_model_file, read_config
 from .moe import hf_expert_names
 from .expected import ExpectedWeights, TensorCheck, compare_rest, rotate_half_order
+from .hooks import ForwardHooks
 from .metadata_check import metadata_differences, unknown_pre
 from .report import Finding, finite_or_none, format_report, ordered  # noqa: F401  (format_report: the CLI's)
 from .tokens import first_vocab_difference, load_source_tokenizer, tokenize
@@ -167,6 +169,23 @@ def tensor_findings(checks: list[TensorCheck], mf: ModelFile, source) -> tuple[l
     return findings, notes
 
 
+def lora_hooks(source, lora) -> Callable[[ForwardHooks | None], ForwardHooks | None]:
+    """verify --lora: merge the adapters into `source`'s tensors, and return a function that puts them
+    in front of a reference pass's weight hook. Without adapters, hooks pass through unchanged."""
+    if not lora:
+        return lambda hooks: hooks
+    from ..convert.lora import apply_adapters, checkpoint_weight_hook
+
+    merge = checkpoint_weight_hook(apply_adapters(source, lora))
+
+    def adapted(hooks: ForwardHooks | None) -> ForwardHooks:
+        if hooks is None or hooks.weight is None:
+            return ForwardHooks(weight=merge, matmul_input=hooks.matmul_input if hooks else None)
+        return ForwardHooks(weight=lambda n, w, rows: hooks.weight(n, merge(n, w, rows), rows),
+                            matmul_input=hooks.matmul_input)
+    return adapted
+
+
 # ---- the run ----------------------------------------------------------------------------------
 
 @dataclass
@@ -194,18 +213,20 @@ class Run:
     engine: dict | None = None
     engine_fidelity: dict | None = None
     engine_quality: dict | None = None
+    adapted: Callable = field(default=lambda hooks: hooks)   # LoRA adapters in front of a pass's hooks (lora_hooks)
 
 
 def run_verify(gguf_path: str | Path, reference_dir: str | Path, text: str | None = None,
                tokens: int = DEFAULT_TOKENS, engine: str | None = None, bounds: dict | None = None,
                threads: int = 1, activations: str = "ggml", ctx: int | None = None,
-               progress: bool = False, imatrix=None) -> dict:
+               progress: bool = False, imatrix=None, lora=()) -> dict:
     """Verify `gguf_path` against the checkpoint in `reference_dir`; returns the report (schema in
     report.py). `text` is the text itself (default: the bundled default_text.txt); `bounds` are the
     quality gates (max_kld, min_top1, max_ppl_ratio, max_rel_dlogit; None = not gated); `ctx` the
     context length the file was converted with (convert --ctx); `activations` how the quality
     candidate rounds activations ("ggml": as llama.cpp's CPU backend; fidelity is always float32).
-    Bad input raises LlmconvError."""
+    `lora`: the (adapter dir, scale) pairs the file was converted with (convert --lora), applied to
+    the source tensors and to the weights of both reference passes. Bad input raises LlmconvError."""
     from ..convert.sources import open_source
 
     start = time.perf_counter()
@@ -216,12 +237,13 @@ def run_verify(gguf_path: str | Path, reference_dir: str | Path, text: str | Non
     llama_cpp = need_engine(engine)
     mf = open_model_file(path)
     source = open_source(ref_dir, ctx=ctx)
+    adapted = lora_hooks(source, lora)
     same_model_or_refuse(mf, source)
     tok = load_source_tokenizer(ref_dir)
     ids = tokenize(tok, DEFAULT_TEXT.read_text(encoding="utf-8") if text is None else text, tokens)
     if len(ids) < 2:
         raise LlmconvError("the text gives fewer than 2 tokens")
-    run = Run(path, ref_dir, mf, source, ids, gates, activations, threads, progress, start)
+    run = Run(path, ref_dir, mf, source, ids, gates, activations, threads, progress, start, adapted=adapted)
     run.imatrix = imatrix      # the Imatrix the file was quantized with: the expected pass uses it too
     if len(ids) < tokens:
         run.notes.append(f"the text has only {len(ids)} tokens (asked for {tokens})")
@@ -257,10 +279,11 @@ def reference_passes(run: Run) -> tuple[np.ndarray, np.ndarray]:
     """The float reference and the expected pass; the expected pass also compares every tensor."""
     from .reference import reference_logits
 
-    ref = reference_logits(run.ref_dir, run.ids, progress=run.progress, desc="reference")
+    ref = reference_logits(run.ref_dir, run.ids, hooks=run.adapted(None), progress=run.progress, desc="reference")
     names, orders = source_names(run.source, run.mf)
     exp = ExpectedWeights(run.mf, names, orders, "f32", run.threads, run.imatrix)
-    expected = reference_logits(run.ref_dir, run.ids, hooks=exp.hooks(), progress=run.progress, desc="expected")
+    expected = reference_logits(run.ref_dir, run.ids, hooks=run.adapted(exp.hooks()), progress=run.progress,
+                                desc="expected")
     compare_rest(run.mf, run.source, exp.checks, run.threads)
     run.checks = exp.checks
     source_names_all = {t.name for t in run.source.tensors}
