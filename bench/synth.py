@@ -1,39 +1,55 @@
-"""Write synthetic Meta checkpoints in real LLaMA shapes, bf16, deterministic.
+"""Write synthetic Meta checkpoints in real LLaMA shapes, bf16, deterministic, streaming.
 
-    python bench/synth.py --size 7b  --out bench/data/llama-7b     # 13.5 GB, one shard
-    python bench/synth.py --size 13b --out bench/data/llama-13b    # 26 GB, two shards
+    python bench/synth.py --size 1.1b --out bench/data/llama-1.1b   # 2.2 GB, TinyLlama shapes (GQA 32/4)
+    python bench/synth.py --size 7b   --out bench/data/llama-7b     # 13.5 GB, one shard
+    python bench/synth.py --size 13b  --out bench/data/llama-13b    # 26 GB, two shards
 
 Weights are Gaussian with per-tensor seeds and a real model's scale (std = fan_in^-0.5),
-so they are not compressible and every run writes the same bytes. Tensors are generated
-into memory-mapped files and saved shard by shard, so memory stays at about one tensor.
+so they are not compressible and every run writes the same bytes.
+
+Streaming: each tensor is generated, written into every shard's zip as its own record and
+dropped, so memory stays at about one tensor (the 13B embedding, 0.33 GB) for any model size
+and no scratch copy goes to disk. The shard files are torch.save's format written by torch's
+own zip writer (`torch._C.PyTorchFileWriter`, 64-byte aligned records); only the pickle that
+names the tensors is written here, with the same opcodes torch.save emits for a dict of
+tensors, so `torch.load(weights_only=True, mmap=True)` reads it like any Meta checkpoint.
 The tokenizer is the fixture's (vocab 512) padded to LLaMA's 32000 entries with
 added_tokens.json, so the checkpoint converts like a real one; it is for timing, not for running.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import io
 import json
+import pickle
 import shutil
-import tempfile
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
 SIZES = {
-    #        dim  layers heads  ffn   vocab shards
-    "7b": (4096, 32, 32, 11008, 32000, 1),
-    "13b": (5120, 40, 40, 13824, 32000, 2),
-    "1b": (2048, 16, 16, 5504, 32000, 1),   # a quick stand-in with 7B-like rows
+    #          dim  layers heads kv  ffn   vocab shards
+    "1.1b": (2048, 22, 32, 4, 5632, 32000, 1),     # TinyLlama-1.1B
+    "1b": (2048, 16, 16, 16, 5504, 32000, 1),      # a quick stand-in with 7B-like rows
+    "7b": (4096, 32, 32, 32, 11008, 32000, 1),
+    "13b": (5120, 40, 40, 40, 13824, 32000, 2),
 }
+ROWS_PER_TASK = 1 << 22     # weights per generator task (threads share the work)
 
 
-def tensor_shapes(dim, layers, heads, ffn, vocab):
+def tensor_shapes(dim, layers, heads, kv, ffn, vocab):
+    """(Meta name, shape, axis Meta's model parallelism splits it along or None)."""
+    kv_rows = dim // heads * kv
     yield "tok_embeddings.weight", (vocab, dim), 1
     for i in range(layers):
         p = f"layers.{i}."
-        for w in ("wq", "wk", "wv"):
-            yield p + f"attention.{w}.weight", (dim, dim), 0
+        yield p + "attention.wq.weight", (dim, dim), 0
+        yield p + "attention.wk.weight", (kv_rows, dim), 0
+        yield p + "attention.wv.weight", (kv_rows, dim), 0
         yield p + "attention.wo.weight", (dim, dim), 1
         yield p + "feed_forward.w1.weight", (ffn, dim), 0
         yield p + "feed_forward.w2.weight", (dim, ffn), 1
@@ -44,35 +60,88 @@ def tensor_shapes(dim, layers, heads, ffn, vocab):
     yield "output.weight", (vocab, dim), 0
 
 
-def make(size: str, out: Path) -> None:
-    dim, layers, heads, ffn, vocab, n_shards = SIZES[size]
+def generate(idx: int, shape: tuple[int, ...], pool: ThreadPoolExecutor) -> np.ndarray:
+    """bf16 bits (uint16) of tensor `idx`, deterministic; generated in row blocks on `pool`."""
+    out = np.empty(shape, np.uint16)
+    if len(shape) == 1:
+        x = 1 + 0.1 * np.random.default_rng(idx).standard_normal(shape[0], dtype=np.float32)
+        out[:] = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return out
+    rows, cols = shape
+    step = max(1, ROWS_PER_TASK // cols)
+    scale = np.float32(cols ** -0.5)
+
+    def block(r: int) -> None:
+        g = np.random.default_rng([idx, r])
+        x = g.standard_normal((min(step, rows - r), cols), dtype=np.float32)
+        x *= scale
+        out[r:r + len(x)] = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+
+    list(pool.map(block, range(0, rows, step)))
+    return out
+
+
+class _Storage:
+    def __init__(self, key: str, numel: int):
+        self.key, self.numel = key, numel
+
+
+class _Tensor:
+    """Pickles as torch.save pickles a contiguous tensor: _rebuild_tensor_v2 over a storage."""
+
+    def __init__(self, storage: _Storage, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, shape
+
+    def __reduce__(self):
+        stride = tuple(int(np.prod(self.shape[i + 1:])) for i in range(len(self.shape)))
+        return torch._utils._rebuild_tensor_v2, (self.storage, 0, self.shape, stride, False, collections.OrderedDict())
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            return ("storage", torch.BFloat16Storage, obj.key, "cpu", obj.numel)
+        return None
+
+
+def _index(state: dict) -> bytes:
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(state)
+    return buf.getvalue()
+
+
+def write_shards(paths: list[Path], tensors) -> None:
+    """Stream (name, bf16 bits, split axis) into len(paths) torch.save files, Meta-split."""
+    writers = [torch._C.PyTorchFileWriter(str(p)) for p in paths]
+    states: list[dict] = [{} for _ in paths]
+    for key, (name, bits, axis) in enumerate(tensors):
+        n = len(paths)
+        parts = [bits] * n if axis is None else np.array_split(bits, n, axis=axis)
+        for w, state, part in zip(writers, states, parts):
+            part = np.ascontiguousarray(part)
+            w.write_record(f"data/{key}", part.ctypes.data, part.nbytes)
+            state[name] = _Tensor(_Storage(str(key), part.size), part.shape)
+    for w, state in zip(writers, states):
+        index = _index(state)
+        w.write_record("data.pkl", index, len(index))
+        w.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        w.write_end_of_file()
+
+
+def make(size: str, out: Path, threads: int = 2) -> None:
+    dim, layers, heads, kv, ffn, vocab, n_shards = SIZES[size]
     out.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=out))
-    shards: list[dict] = [{} for _ in range(n_shards)]
-    for idx, (name, shape, split_axis) in enumerate(tensor_shapes(dim, layers, heads, ffn, vocab)):
-        rng = np.random.default_rng(idx)
-        n = int(np.prod(shape))
-        f = scratch / f"{idx}.bin"
-        full = torch.from_file(str(f), shared=True, size=n, dtype=torch.bfloat16).view(shape)
-        if len(shape) == 1:
-            full.copy_(torch.from_numpy(1 + 0.1 * rng.standard_normal(n, dtype=np.float32)))
-        else:
-            scale = np.float32(shape[1] ** -0.5)
-            rows_per = max(1, (1 << 24) // shape[1])
-            for r in range(0, shape[0], rows_per):
-                block = rng.standard_normal((min(rows_per, shape[0] - r), shape[1]), dtype=np.float32) * scale
-                full[r:r + len(block)] = torch.from_numpy(block).to(torch.bfloat16)
-        parts = [full] * n_shards if split_axis is None else list(full.chunk(n_shards, dim=split_axis))
-        for s, part in zip(shards, parts):
-            s[name] = part.clone() if n_shards > 1 and split_axis is not None else part
-    for i, s in enumerate(shards):
-        torch.save(s, out / f"consolidated.{i:02d}.pth")
-    shutil.rmtree(scratch)
-    (out / "params.json").write_text(json.dumps({
-        "dim": dim, "n_layers": layers, "n_heads": heads, "vocab_size": vocab,
-        "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 10000.0}))
+    shapes = list(tensor_shapes(dim, layers, heads, kv, ffn, vocab))
+    with ThreadPoolExecutor(threads) as pool:
+        tensors = ((name, generate(idx, shape, pool), axis) for idx, (name, shape, axis) in enumerate(shapes))
+        write_shards([out / f"consolidated.{i:02d}.pth" for i in range(n_shards)], tensors)
+    params = {"dim": dim, "n_layers": layers, "n_heads": heads, "vocab_size": vocab,
+              "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 10000.0}
+    if kv != heads:
+        params["n_kv_heads"] = kv
+    (out / "params.json").write_text(json.dumps(params))
     make_tokenizer(out, vocab)
-    print(f"wrote {out}: {sum(p.stat().st_size for p in out.glob('*.pth')) / 2**30:.1f} GiB")
+    print(f"wrote {out}: {sum(p.stat().st_size for p in out.glob('*.pth')) / 2**30:.2f} GiB")
 
 
 def make_tokenizer(out: Path, vocab: int) -> None:
@@ -89,5 +158,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=list(SIZES), default="7b")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
-    make(a.size, a.out)
+    make(a.size, a.out, a.threads)

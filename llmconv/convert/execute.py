@@ -1,16 +1,17 @@
-"""Run a plan: load each tensor, convert it, and stream it into a GGUF file.
+"""Run a plan (or several plans over the same source): stream it into GGUF files.
 
-The layout is fixed before the first byte of data, so every tensor has a known offset.
-While one tensor is converted and written, the next one is already being loaded in a
-background thread (the only read-ahead: memory stays at about two tensors).
-The output appears under its final name only when complete (see formats/atomic.py).
+The layout of every file is fixed before the first byte of data, so every tensor has a
+known offset; the streaming engine (stream.py) then reads each source tensor once, in
+chunks, and pwrites each chunk converted to every output's type at its offset.
+Each output appears under its final name only when complete (see formats/atomic.py).
 """
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
+import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +23,12 @@ from gguf import GGUFValueType as T
 from gguf import Keys
 from tqdm import tqdm
 
-from .. import quantize as q
 from .._malloc import pin_mmap_threshold
 from ..errors import LlmconvError
 from ..formats.atomic import atomic_outputs
-from ..formats.checksums import sidecar_document, sidecar_path, tensor_sha256
+from ..formats.checksums import sidecar_document, sidecar_path
 from ..formats.gguf_writer import KV, GGUFFileWriter, TensorEntry, plan_layout, read_tensor_infos
-from .moe import convert_stacked
+from . import stream
 from .plan import Plan, PlannedTensor
 
 
@@ -39,39 +39,6 @@ class WriteResult:
     nbytes: int
     seconds: float
     paths: list[Path] = field(default_factory=list)   # all files written (more than one when split)
-
-
-def convert_tensor(t: PlannedTensor, data: np.ndarray, threads: int) -> np.ndarray:
-    """Float array -> the bytes of `t` in its planned type, with errors that name the tensor."""
-    where = t.src.files[0] if t.src.files else None
-    label = t.src.source_name or t.name
-    if data is None and t.src.parts is not None:
-        return convert_stacked(t, threads, _load_part)      # MoE experts, one slice at a time
-    if tuple(data.shape) != tuple(t.shape):
-        raise LlmconvError(f"loaded shape {tuple(data.shape)} != planned {tuple(t.shape)}", file=where, tensor=label)
-    try:
-        return q.quantize_tensor(data, t.qtype, threads=threads, imatrix=t.imatrix)
-    except q.NonFiniteError as e:
-        raise LlmconvError(f"{e} (cannot convert to {t.qtype.name})", file=where, tensor=label) from None
-
-
-def _load(t: PlannedTensor, part: int | None = None) -> np.ndarray | None:
-    """The tensor's float data; None for a stacked tensor, whose slices are read one at a
-    time while it is converted (`part`: read that slice)."""
-    if t.src.parts is not None and part is None:
-        return None
-    where = t.src.files[0] if t.src.files else None
-    try:
-        return t.src.load() if part is None else t.src.parts[part]()
-    except LlmconvError:
-        raise
-    except (RuntimeError, OSError, ValueError) as e:
-        raise LlmconvError(f"cannot read tensor data: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                           file=where, tensor=t.src.source_name or t.name) from None
-
-
-def _load_part(t: PlannedTensor, part: int) -> np.ndarray:
-    return _load(t, part)
 
 
 def split_plan(kvs: Sequence[KV], plan: Plan, max_bytes: int = 0, max_tensors: int = 0):
@@ -105,70 +72,127 @@ def split_paths(out_path: Path, n: int) -> list[Path]:
     return [out_path.with_name(f"{stem}-{i + 1:05d}-of-{n:05d}.gguf") for i in range(n)]
 
 
+@dataclass
+class OutputRequest:
+    """One GGUF output of a multi-output run: where, its metadata, its plan."""
+    out_path: Path
+    kvs: list[KV]
+    plan: Plan
+
+
 def write_gguf(out_path: str | Path, kvs: Sequence[KV], plan: Plan, *, threads: int = 1,
                progress: bool = True, force: bool = False, verbose: bool = False,
                split_max_size: int = 0, split_max_tensors: int = 0, checksum: bool = False) -> WriteResult:
     """Write `plan` to `out_path` (or its split parts). With `checksum`, also write the
     sha256 of every tensor's bytes to `out_path.sha256.json` (see formats/checksums.py)."""
-    out_path = Path(out_path)
-    pin_mmap_threshold()
-    parts = split_plan(kvs, plan, split_max_size, split_max_tensors)
-    paths = split_paths(out_path, len(parts))
+    return write_ggufs([OutputRequest(Path(out_path), list(kvs), plan)], threads=threads, progress=progress,
+                       force=force, verbose=verbose, split_max_size=split_max_size,
+                       split_max_tensors=split_max_tensors, checksum=checksum)[0]
+
+
+@dataclass
+class _Output:
+    req: OutputRequest
+    paths: list[Path]
+    layouts: list
+    where: dict[str, int]                     # tensor name -> index of its file in `paths`
+    writers: list = field(default_factory=list)
+    sums: dict[str, dict] = field(default_factory=dict)
+
+
+def _prepare(req: OutputRequest, split_max_size: int, split_max_tensors: int) -> _Output:
+    parts = split_plan(req.kvs, req.plan, split_max_size, split_max_tensors)
     layouts = [plan_layout(p_kvs, [TensorEntry(t.name, t.shape, t.qtype.ggml_type, t.nbytes) for t in p_ts])
                for _, p_kvs, p_ts in parts]
     where = {t.name: i for i, (_, _, p_ts) in enumerate(parts) for t in p_ts}
-    total = sum(lay.total_size for lay in layouts)
+    return _Output(req, split_paths(req.out_path, len(parts)), layouts, where)
+
+
+def write_ggufs(reqs: Sequence[OutputRequest], *, threads: int = 1, progress: bool = True, force: bool = False,
+                verbose: bool = False, split_max_size: int = 0, split_max_tensors: int = 0,
+                checksum: bool = False) -> list[WriteResult]:
+    """Write several GGUF files from one read of the source: every plan must list the same
+    tensors in the same order (the same source, different types). Each file gets its own
+    temporary name, check and rename; a failure in any of them leaves none behind."""
+    pin_mmap_threshold()
+    outs = [_prepare(r, split_max_size, split_max_tensors) for r in reqs]
+    names = [t.name for t in reqs[0].plan.tensors]
+    for r in reqs[1:]:
+        if [t.name for t in r.plan.tensors] != names:
+            raise ValueError("multi-output plans must list the same tensors in the same order")
+    total = sum(lay.total_size for o in outs for lay in o.layouts)
     start = time.perf_counter()
     with ExitStack() as files:
-        # every part and the sidecar appear together, or none of them (formats/atomic.py)
-        targets = paths + ([sidecar_path(out_path)] if checksum else [])
-        outs = files.enter_context(atomic_outputs(targets, force=force))
-        tmps, side_tmp = outs[:len(paths)], (outs[-1] if checksum else None)
-        sums: dict[str, dict] = {}
+        # every part of every output and the sidecars appear together, or none of them
+        # (formats/atomic.py)
+        targets = [p for o in outs for p in o.paths] + ([sidecar_path(o.req.out_path) for o in outs] if checksum else [])
+        temps = iter(files.enter_context(atomic_outputs(targets, force=force)))
+        tmps = [[next(temps) for _ in o.paths] for o in outs]
+        side_tmps = [next(temps) if checksum else None for _ in outs]
         try:
-            writers = [files.enter_context(GGUFFileWriter(tmp, lay)) for tmp, lay in zip(tmps, layouts)]
-            reader = files.enter_context(ThreadPoolExecutor(1, thread_name_prefix="llmconv-read"))
-            writer = files.enter_context(ThreadPoolExecutor(1, thread_name_prefix="llmconv-write"))
+            for o, o_tmps in zip(outs, tmps):
+                o.writers = [files.enter_context(GGUFFileWriter(tmp, lay)) for tmp, lay in zip(o_tmps, o.layouts)]
+            label = outs[0].req.out_path.name + (f" (+{len(outs) - 1})" if len(outs) > 1 else "")
             bar = files.enter_context(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                           desc=out_path.name, disable=None if progress else True, leave=False))
-            bar.update(sum(lay.data_start for lay in layouts))
+                                           desc=label, disable=None if progress else True, leave=False))
+            bar.update(sum(lay.data_start for o in outs for lay in o.layouts))
+            scratch = bytearray(8 << 20) if checksum else None
 
-            def write(t: PlannedTensor, blob: np.ndarray) -> None:
-                writers[where[t.name]].write_tensor(t.name, blob)
-                if checksum:
-                    sums[t.name] = {"file": paths[where[t.name]].name, "type": t.qtype.name, "shape": list(t.shape),
-                                    "bytes": int(blob.nbytes), "sha256": tensor_sha256(blob)}
-
-            # Three stages overlap: the next tensor is read while this one is converted and the
-            # previous one written. One tensor in each stage at most, so memory stays bounded.
-            pending = reader.submit(_load, plan.tensors[0]) if plan.tensors else None
-            written = None
-            for i, t in enumerate(plan.tensors):
-                data = pending.result()
-                pending = reader.submit(_load, plan.tensors[i + 1]) if i + 1 < len(plan.tensors) else None
-                bar.set_postfix_str(t.name, refresh=False)
-                blob = convert_tensor(t, data, threads)
-                del data
-                if written is not None:
-                    written.result()
-                written = writer.submit(write, t, blob)
-                del blob
+            def done(job: stream.Job, i: int) -> None:
+                for o in outs:
+                    t = o.req.plan.tensors[i]
+                    w = o.writers[o.where[t.name]]
+                    w.mark_written(t.name)
+                    if checksum:
+                        o.sums[t.name] = {"file": o.paths[o.where[t.name]].name, "type": t.qtype.name,
+                                          "shape": list(t.shape), "bytes": int(t.nbytes),
+                                          "sha256": file_sha256(w.fd, w.place(t.name), t.nbytes, scratch)}
                 if verbose:
-                    bar.write(f"  {t.name:32s} {t.qtype.name:6s} {str(t.shape):18s} {t.nbytes:>12,d} B")
-                bar.update(t.nbytes)
-            if written is not None:
-                written.result()
-            for w in writers:
-                w.close()
+                    t = reqs[0].plan.tensors[i]
+                    types = ",".join(o.req.plan.tensors[i].qtype.name for o in outs)
+                    bar.write(f"  {t.name:32s} {types:6s} {str(t.shape):18s} "
+                              f"{sum(o.req.plan.tensors[i].nbytes for o in outs):>12,d} B")
+
+            jobs = []
+            for i, t in enumerate(reqs[0].plan.tensors):
+                sinks = []
+                for o in outs:
+                    ot = o.req.plan.tensors[i]
+                    w = o.writers[o.where[ot.name]]
+                    sinks.append(stream.Sink(ot.qtype, w.fd, w.place(ot.name), getattr(ot, "imatrix", None)))
+                jobs.append(stream.Job(t.src, sinks, done=lambda job, i=i: done(job, i)))
+            stream.run(jobs, threads, progress=bar.update)
+            for o in outs:
+                for w in o.writers:
+                    w.close()
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise LlmconvError(f"write failed: {e.strerror}", file=out_path) from None
+                raise LlmconvError(f"write failed: {e.strerror}", file=outs[0].req.out_path) from None
             raise
-        for tmp, lay, p in zip(tmps, layouts, paths):
-            check_written(Path(tmp.read_path), lay, p)
-        if side_tmp is not None:
-            side_tmp.write_bytes((json.dumps(sidecar_document(paths, sums), indent=1) + "\n").encode())
-    return WriteResult(paths[0], len(plan.tensors), total, time.perf_counter() - start, paths)
+        for o, o_tmps in zip(outs, tmps):
+            for tmp, lay, p in zip(o_tmps, o.layouts, o.paths):
+                check_written(Path(tmp.read_path), lay, p)
+        for o, side in zip(outs, side_tmps):
+            if side is not None:
+                side.write_bytes((json.dumps(sidecar_document(o.paths, o.sums), indent=1) + "\n").encode())
+    seconds = time.perf_counter() - start
+    return [WriteResult(o.paths[0], len(o.req.plan.tensors), sum(lay.total_size for lay in o.layouts), seconds, o.paths)
+            for o in outs]
+
+
+def file_sha256(fd: int, offset: int, nbytes: int, scratch: bytearray) -> str:
+    """sha256 of bytes just written, read back from the page cache in pieces (the chunks of
+    a tensor are written out of order by several workers, so they are hashed afterwards)."""
+    h = hashlib.sha256()
+    view = memoryview(scratch)
+    while nbytes:
+        n = os.preadv(fd, [view[:min(nbytes, len(view))]], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short read while hashing the written tensor")
+        h.update(view[:n])
+        offset += n
+        nbytes -= n
+    return h.hexdigest()
 
 
 def check_written(path: Path, layout, label: Path) -> None:

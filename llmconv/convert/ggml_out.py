@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -28,7 +27,8 @@ from ..errors import LlmconvError
 from ..formats.atomic import atomic_output
 from ..formats.ggml_reader import ASSUMED_CONTEXT, ASSUMED_NORM_EPS, ASSUMED_ROPE_THETA, read_ggml
 from ..formats.ggml_writer import GGJT_TYPES, GGJTFileWriter, GGJTHParams, GGJTTensor, find_n_mult, plan_layout
-from .execute import WriteResult, _load, convert_tensor
+from . import stream
+from .execute import WriteResult
 from .pipeline import Conversion, plan_conversion
 from .plan import META_GLOBAL_NAMES, META_LAYER_NAMES, PlannedTensor, tensor_name
 from .tokenizer import Vocab
@@ -174,23 +174,20 @@ def write_ggml(conv: Conversion, threads: int = 1, progress: bool = True, force:
     start = time.perf_counter()
     with atomic_output(out_path, force=force) as tmp:
         try:
-            with GGJTFileWriter(tmp, layout) as writer, ThreadPoolExecutor(1) as reader, \
+            with GGJTFileWriter(tmp, layout) as writer, \
                     tqdm(total=layout.total_size, unit="B", unit_scale=True, unit_divisor=1024,
                          desc=out_path.name, disable=None if progress else True, leave=False) as bar:
                 bar.update(len(layout.header))
-                pending = reader.submit(_load, pairs[0][0]) if pairs else None
-                for i, (t, g) in enumerate(pairs):
-                    data = pending.result()
-                    # read the next tensor while this one is converted and written
-                    pending = reader.submit(_load, pairs[i + 1][0]) if i + 1 < len(pairs) else None
-                    bar.set_postfix_str(g.name, refresh=False)
-                    blob = convert_tensor(t, data, threads)
-                    del data
-                    writer.write_tensor(g.name, blob)
-                    del blob
+
+                def done(job: stream.Job, t: PlannedTensor, g) -> None:
+                    writer.mark_written(g.name)
                     if verbose:
                         bar.write(f"  {g.name:36s} {t.qtype.name:6s} {str(t.shape):18s} {t.nbytes:>12,d} B")
-                    bar.update(t.nbytes)
+
+                # the same engine as GGUF output: chunks read once, converted and pwritten by workers
+                jobs = [stream.Job(t.src, [stream.Sink(t.qtype, writer.fd, writer.place(g.name), getattr(t, "imatrix", None))],
+                                   done=lambda job, t=t, g=g: done(job, t, g)) for t, g in pairs]
+                stream.run(jobs, threads, progress=bar.update)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise LlmconvError(f"write failed: {e.strerror}", file=out_path) from None

@@ -17,6 +17,7 @@ from .. import quantize as q
 from ..errors import LlmconvError
 from ..formats.gguf_reader import read_gguf
 from ..formats.gguf_writer import KV
+from ..quantize.floats import widen_into
 from .plan import SourceTensor
 
 # Keys the writer sets itself: the file type changes, alignment is ours, a split file is rejoined.
@@ -63,6 +64,7 @@ def open_gguf_source(path: str | Path, allow_requantize: bool = False) -> GGUFSo
             name=t.name, shape=t.shape, files=[path], source_name=t.name, source_dtype=qt.name,
             load=lambda off=t.offset, n=t.nbytes, shape=t.shape, qt=qt: _load(mm, off, n, shape, qt),
             parts=_slices(mm, t.offset, t.nbytes, t.shape, qt) if len(t.shape) == 3 else None,
+            read_rows=lambda a, b, out, off=t.offset, qt=qt: _read_rows(mm, off, qt, a, b, out),
         ))
     return GGUFSource(path, arch, kvs, tensors, types)
 
@@ -77,6 +79,15 @@ def _slices(mm: np.memmap, offset: int, nbytes: int, shape: tuple[int, ...], qt:
     """One loader per slice of a 3-D tensor (MoE experts), so the writer converts slice by slice."""
     step = nbytes // shape[0]
     return [lambda off=offset + i * step: _load(mm, off, step, shape[1:], qt) for i in range(shape[0])]
+def _read_rows(mm: np.memmap, offset: int, qt: q.QuantType, a: int, b: int, out: np.ndarray) -> None:
+    """Rows [a, b) of a tensor as float32 into out[b - a, n], straight from the mapped file."""
+    row = qt.row_nbytes(out.shape[1])
+    raw = np.asarray(mm[offset + a * row:offset + b * row])
+    if qt.ggml_type in _FLOAT_INPUTS:
+        src = raw.view({"f32": np.float32, "f16": np.float16, "bf16": np.uint16}[qt.name])
+        widen_into(src.reshape(out.shape), out)
+    else:
+        out[...] = q.dequantize_tensor(raw.reshape(b - a, row), qt)
 
 
 __all__ = ["GGUFSource", "open_gguf_source", "GGUFValueType"]

@@ -14,9 +14,11 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import LlmconvError, load_json
+from ..quantize.floats import widen_into
 from .guards import check_tensor_storage, scan_torch_pickle
 from .hparams import CONTEXT_BY_FAMILY, LlamaHParams, meta_family, meta_ffn_dim
 
@@ -85,12 +87,39 @@ class MetaCheckpoint:
             return parts[0]
         return torch.cat(parts, dim=axis)
 
+    def read_rows(self, name: str, a: int, b: int, out: np.ndarray) -> None:
+        """Rows [a, b) of the joined tensor as float32 into out[b - a, cols], straight from
+        the memory-mapped shards (no joined copy; a 1-D tensor is one row)."""
+        axis = self.merge_axis[name]
+        parts = [s[name] for s in self.shards] if axis is not None else [self.shards[0][name]]
+        if axis == 1:           # columns split: each shard gives every row, a band of columns
+            col = 0
+            for p in parts:
+                width = p.shape[1]
+                widen_into(_raw(p)[a:b], out[:, col:col + width])
+                col += width
+            return
+        first = 0               # rows split (or one part): copy the overlap of each shard
+        for p in parts:
+            raw = _raw(p).reshape(-1, out.shape[1])
+            lo, hi = max(a, first), min(b, first + raw.shape[0])
+            if lo < hi:
+                widen_into(raw[lo - first:hi - first], out[lo - a:hi - a])
+            first += raw.shape[0]
+
     def source_files(self, name: str) -> list[Path]:
         return list(self.shard_paths) if self.merge_axis[name] is not None else self.shard_paths[:1]
 
     @property
     def dtype(self) -> torch.dtype:
         return self.shards[0][self.names[0]].dtype
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a tensor's memory-mapped bytes: bf16 as its uint16 bits."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
 
 
 def read_params(path: Path) -> dict:

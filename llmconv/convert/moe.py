@@ -16,14 +16,13 @@ llama.cpp's converter writes them as the llama architecture with
     llama.expert_count, llama.expert_used_count
 
 A stacked tensor is assembled from n_expert source tensors, each possibly in another shard.
-Its SourceTensor carries one loader per expert (`parts`): the executor reads, converts and
-places one expert at a time (`convert_stacked`), so at most one expert's float32 slice and the
-one output tensor's bytes are in memory; `load()` (for verify and tests) stacks them all.
+Its SourceTensor carries one loader per expert (`parts`): the streaming engine (stream.py)
+loads one expert's slice at a time and converts it chunk by chunk, so at most two experts'
+float32 slices are in memory; `load()` (for verify and tests) stacks them all.
 """
 from __future__ import annotations
 
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,7 +30,6 @@ from typing import Callable
 import numpy as np
 from gguf import MODEL_TENSOR
 
-from .. import quantize as q
 from ..errors import LlmconvError
 from .plan import SourceTensor, tensor_name
 
@@ -200,28 +198,3 @@ def expert_params(tensors) -> tuple[int, int, int] | None:
     per_expert = sum(int(np.prod(t.shape, dtype=np.int64)) // t.shape[0] for t in experts)
     shared = sum(int(np.prod(t.shape, dtype=np.int64)) for t in tensors) - per_expert * n
     return shared, per_expert, n
-
-
-def convert_stacked(t, threads: int, load_part: Callable[[object, int], np.ndarray]) -> np.ndarray:
-    """The bytes of a stacked tensor `t` (a PlannedTensor with src.parts) in its planned type,
-    converted one expert at a time while the next expert is read: memory holds the output
-    bytes and two float32 expert slices, never the stacked float32 tensor."""
-    n = len(t.src.parts)
-    rows, cols = t.shape[-2], t.shape[-1]
-    out = np.empty((n, rows, t.qtype.row_nbytes(cols)), np.uint8)
-    with ThreadPoolExecutor(1, thread_name_prefix="llmconv-expert") as reader:
-        pending = reader.submit(load_part, t, 0)
-        for i in range(n):
-            data = pending.result()
-            if i + 1 < n:
-                pending = reader.submit(load_part, t, i + 1)
-            if tuple(data.shape) != (rows, cols):
-                raise LlmconvError(f"expert {i}: loaded shape {tuple(data.shape)} != planned {(rows, cols)}",
-                                   file=t.src.files[0] if t.src.files else None, tensor=t.src.source_name or t.name)
-            try:
-                out[i] = q.quantize_tensor(data, t.qtype, threads=threads)
-            except q.NonFiniteError as e:
-                raise LlmconvError(f"expert {i}: {e} (cannot convert to {t.qtype.name})",
-                                   file=t.src.files[min(i, len(t.src.files) - 1)], tensor=t.src.source_name) from None
-            del data
-    return out

@@ -35,6 +35,9 @@ class SourceTensor:
     # a 3-D tensor stacked from 2-D sources (MoE experts): one loader per slice, so the writer
     # can convert slice by slice (convert/moe.py); `load` still returns the whole tensor
     parts: list[Callable[[], np.ndarray]] | None = None
+    # rows [a, b) as float32 into out[b - a, n] (1-D tensors: one row); None: only `load` works.
+    # Lets the streaming engine read a tensor chunk by chunk into reused buffers.
+    read_rows: Callable[[int, int, np.ndarray], None] | None = None
 
 
 class Why(enum.Enum):

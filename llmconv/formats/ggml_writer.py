@@ -21,10 +21,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
 from gguf import GGMLQuantizationType
 
-from .positional import PositionalWriter, as_bytes, pwrite_all
+from .positional import PositionalWriter, pwrite_all
 
 GGJT_MAGIC = 0x67676A74          # "ggjt" read as a little-endian u32
 GGJT_VERSION = 3
@@ -145,12 +144,7 @@ class GGJTFileWriter(PositionalWriter):
     """Write one ggjt file whose layout is known: header and vocabulary first, then each
     tensor's record and data at its offset."""
 
-    def write_tensor(self, name: str, data: np.ndarray | bytes | memoryview) -> None:
+    def place(self, name: str) -> int:
         t = self.layout.tensors[self.layout.index[name]]
-        buf = as_bytes(data)
-        if buf.nbytes != t.nbytes:
-            raise ValueError(f"{name}: {buf.nbytes} bytes given, layout says {t.nbytes}")
         pwrite_all(self.fd, t.record(), t.record_offset)
-        pwrite_all(self.fd, buf, t.data_offset)
-        self.written.add(name)
-
+        return t.data_offset

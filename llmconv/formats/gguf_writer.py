@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-from .positional import PositionalWriter, as_bytes, pwrite_all
+from .positional import PositionalWriter
 from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFValueType
 
 _SCALAR = {
@@ -142,10 +142,5 @@ def read_tensor_infos(buf: bytes, pos: int, count: int) -> list[tuple[str, tuple
 class GGUFFileWriter(PositionalWriter):
     """Write one GGUF file whose layout is known: header first, tensors at offsets."""
 
-    def write_tensor(self, name: str, data: np.ndarray | bytes | memoryview) -> None:
-        t = self.layout.tensors[self.layout.index[name]]
-        buf = as_bytes(data)
-        if buf.nbytes != t.nbytes:
-            raise ValueError(f"{name}: {buf.nbytes} bytes given, layout says {t.nbytes}")
-        pwrite_all(self.fd, buf, self.layout.data_start + t.offset)
-        self.written.add(name)
+    def place(self, name: str) -> int:
+        return self.layout.data_start + self.layout.tensors[self.layout.index[name]].offset

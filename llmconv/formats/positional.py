@@ -23,8 +23,10 @@ def as_bytes(data: np.ndarray | bytes | memoryview) -> memoryview:
 
 
 class PositionalWriter:
-    """Subclasses give `layout` a `header`, `tensors`, `index` and `total_size`, and write
-    each tensor in `write_tensor` (calling `pwrite_all`, then `self.written.add(name)`)."""
+    """Subclasses give `layout` a `header`, `tensors`, `index` and `total_size`, and say in
+    `place(name)` where a tensor's data goes (writing any per-tensor record first). Data is
+    written whole (`write_tensor`) or in pieces by whoever holds `fd` (the streaming engine
+    pwrites chunks from its workers), then `mark_written(name)`."""
 
     def __init__(self, out, layout):
         """`out` is an open temp file from formats.atomic (its descriptor is used, never its
@@ -39,6 +41,21 @@ class PositionalWriter:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self.written: set[str] = set()
         pwrite_all(self.fd, layout.header, 0)
+
+    def place(self, name: str) -> int:
+        """Absolute file offset of tensor `name`'s data."""
+        raise NotImplementedError
+
+    def mark_written(self, name: str) -> None:
+        self.written.add(name)
+
+    def write_tensor(self, name: str, data: np.ndarray | bytes | memoryview) -> None:
+        t = self.layout.tensors[self.layout.index[name]]
+        buf = as_bytes(data)
+        if buf.nbytes != t.nbytes:
+            raise ValueError(f"{name}: {buf.nbytes} bytes given, layout says {t.nbytes}")
+        pwrite_all(self.fd, buf, self.place(name))
+        self.mark_written(name)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -223,10 +223,11 @@ def clamp_codes(codes: np.ndarray, top: int) -> None:
 
 
 def quantize_rows(x: np.ndarray, type_size: int,
-                  kernel: Callable[[np.ndarray, np.ndarray], None]) -> np.ndarray:
+                  kernel: Callable[[np.ndarray, np.ndarray], None], out: np.ndarray | None = None) -> np.ndarray:
     """Run `kernel(xb [B, 32] float32, out [B, type_size] uint8)` over cache-sized chunks.
 
-    x: float [rows, n] (or [..., n]); returns uint8 [..., n // 32 * type_size].
+    x: float [rows, n] (or [..., n]); returns uint8 [..., n // 32 * type_size], written into
+    `out` (any contiguous uint8 buffer of that many bytes) when given.
     """
     x = np.asarray(x)
     shape = x.shape
@@ -237,7 +238,7 @@ def quantize_rows(x: np.ndarray, type_size: int,
     if xb.ctypes.data % 16:  # the complex128 view wants 16-byte alignment to be fast
         xb = xb.copy()
     nb = xb.shape[0]
-    out = np.empty((nb, type_size), np.uint8)
+    out = output_blocks(out, nb, type_size)
     # inf/NaN from 1/d of a tiny subnormal d, and from NaN input, are expected and handled.
     with np.errstate(all="ignore"):
         for s in range(0, nb, CHUNK_BLOCKS):
@@ -246,6 +247,15 @@ def quantize_rows(x: np.ndarray, type_size: int,
             except BadBlock as e:
                 raise NonFiniteError((s + e.index) // (n // QK), e.what) from None
     return out.reshape(*shape[:-1], n // QK * type_size)
+
+
+def output_blocks(out: np.ndarray | None, nblocks: int, type_size: int) -> np.ndarray:
+    """uint8 [nblocks, type_size]: a fresh array, or a view of the caller's contiguous buffer."""
+    if out is None:
+        return np.empty((nblocks, type_size), np.uint8)
+    if out.nbytes != nblocks * type_size or not out.flags.c_contiguous:
+        raise ValueError(f"output buffer of {out.nbytes} bytes, need {nblocks * type_size} contiguous")
+    return out.view(np.uint8).reshape(nblocks, type_size)
 
 
 def dequantize_rows(b: np.ndarray, type_size: int,

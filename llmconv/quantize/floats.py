@@ -12,26 +12,40 @@ import numpy as np
 import torch
 
 
-def f32_quantize(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float32).view(np.uint8)
+def _into(x: np.ndarray, out: np.ndarray | None, dtype: torch.dtype, itemsize: int) -> np.ndarray:
+    """Cast float32 `x` to `dtype` with torch (round to nearest even), into `out` if given.
+    torch's copy_ runs without the GIL, so threads convert chunks in parallel."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if out is None:
+        out = np.empty(x.size * itemsize, np.uint8)
+    elif out.nbytes != x.size * itemsize or not out.flags.c_contiguous:
+        raise ValueError(f"output buffer of {out.nbytes} bytes, need {x.size * itemsize} contiguous")
+    dst = torch.from_numpy(out.view(np.uint8).reshape(-1)).view(dtype).view(x.shape)
+    dst.copy_(torch.from_numpy(x))
+    return out.view(np.uint8).reshape(*x.shape[:-1], x.shape[-1] * itemsize)
+
+
+def f32_quantize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if out is None:
+        return x.view(np.uint8)
+    return _into(x, out, torch.float32, 4)
 
 
 def f32_dequantize(b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view(np.float32)
 
 
-def f16_quantize(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return torch.from_numpy(x).to(torch.float16).numpy().view(np.uint8)
+def f16_quantize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    return _into(x, out, torch.float16, 2)
 
 
 def f16_dequantize(b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
 
 
-def bf16_quantize(x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+def bf16_quantize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    return _into(x, out, torch.bfloat16, 2)
 
 
 def bf16_dequantize(b: np.ndarray) -> np.ndarray:
@@ -45,3 +59,15 @@ def bf16_reference(x: np.ndarray) -> np.ndarray:
     nan = (u & 0x7FFFFFFF) > 0x7F800000
     rounded[nan] = ((u[nan] >> 16) | 64).astype(np.uint16)
     return rounded
+
+
+def widen_into(src: np.ndarray, out: np.ndarray) -> None:
+    """Source weights (bf16 bits as uint16, float16 or float32, any strides) -> float32 `out`
+    of the same shape. bf16 is the top half of a float32, so it widens exactly with a
+    uint16 -> uint32 copy and a shift, in place in `out` (no temporary, no GIL held)."""
+    if src.dtype == np.uint16:
+        wide = out.view(np.uint32)
+        np.copyto(wide, src, casting="safe")
+        np.left_shift(wide, np.uint32(16), out=wide)
+    else:
+        np.copyto(out, src, casting="safe")

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from ._blocks import select   # float32 np.where by bit operations (np.where branches per element)
+from ._blocks import output_blocks, select   # output buffers; float32 np.where by bit operations (np.where branches per element)
 
 try:  # the clip ufunc itself: np.clip adds ~5 us of Python per call, in loops over 16 elements
     from numpy._core.umath import clip as _clip
@@ -152,15 +152,16 @@ def superblocks(b: np.ndarray, type_size: int) -> tuple[int, np.ndarray]:
     return b.shape[0], b.reshape(-1, type_size)
 
 
-def over_superblocks(x: np.ndarray, type_size: int,
-                     quantize_chunk: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Apply quantize_chunk([blocks, 256] float32 -> [blocks, type_size] uint8) to x[rows, n]."""
+def over_superblocks(x: np.ndarray, type_size: int, quantize_chunk: Callable[[np.ndarray], np.ndarray],
+                     out: np.ndarray | None = None) -> np.ndarray:
+    """Apply quantize_chunk([blocks, 256] float32 -> [blocks, type_size] uint8) to x[rows, n],
+    into `out` (a contiguous uint8 buffer of the result's size) when given."""
     x = np.ascontiguousarray(x, dtype=F32)
     rows, n = x.shape
     if n % QK_K:
         raise ValueError(f"row length {n} is not a multiple of {QK_K}")
     xb = x.reshape(-1, QK_K)
-    out = np.empty((xb.shape[0], type_size), dtype=np.uint8)
+    out = output_blocks(out, xb.shape[0], type_size)
     with np.errstate(all="ignore"):  # x/0 and 0/0 happen in groups whose result C discards too
         for start in range(0, xb.shape[0], CHUNK_SUPERBLOCKS):
             stop = start + CHUNK_SUPERBLOCKS

@@ -63,8 +63,8 @@ def _kernel(xb: np.ndarray, out: np.ndarray) -> None:
     B_.put_words(out, 2, B_.pack_nibbles(codes, mask=False))
 
 
-def quantize(x: np.ndarray) -> np.ndarray:
-    return B_.quantize_rows(x, TYPE_SIZE, _kernel)
+def quantize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    return B_.quantize_rows(x, TYPE_SIZE, _kernel, out)
 
 
 def nibbles(qs: np.ndarray) -> np.ndarray:

@@ -27,9 +27,9 @@ def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
     return out
 
 
-def quantize(x: np.ndarray) -> np.ndarray:
+def quantize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float32[rows, n] -> uint8[rows, n // 256 * 144]."""
-    return over_superblocks(x, TYPE_SIZE, _quantize_chunk)
+    return over_superblocks(x, TYPE_SIZE, _quantize_chunk, out)
 
 
 def dequantize(b: np.ndarray) -> np.ndarray:

@@ -23,8 +23,8 @@ def _kernel(xb: np.ndarray, out: np.ndarray) -> None:
     B_.put_words(out, 6, B_.pack_nibbles(codes, mask=True))
 
 
-def quantize(x: np.ndarray) -> np.ndarray:
-    return B_.quantize_rows(x, TYPE_SIZE, _kernel)
+def quantize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    return B_.quantize_rows(x, TYPE_SIZE, _kernel, out)
 
 
 def codes5(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:

@@ -24,8 +24,8 @@ def _kernel(xb: np.ndarray, out: np.ndarray) -> None:
     B_.put_words(out, 8, B_.pack_nibbles(codes, mask=True))
 
 
-def quantize(x: np.ndarray) -> np.ndarray:
-    return B_.quantize_rows(x, TYPE_SIZE, _kernel)
+def quantize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    return B_.quantize_rows(x, TYPE_SIZE, _kernel, out)
 
 
 def _dequantize(blocks: np.ndarray) -> np.ndarray:

@@ -52,9 +52,9 @@ def _quantize_chunk(xb: np.ndarray, qwb: np.ndarray | None = None) -> np.ndarray
 quantize_chunk_weighted = _quantize_chunk
 
 
-def quantize(x: np.ndarray) -> np.ndarray:
+def quantize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float32[rows, n] -> uint8[rows, n // 256 * 210]."""
-    return over_superblocks(x, TYPE_SIZE, _quantize_chunk)
+    return over_superblocks(x, TYPE_SIZE, _quantize_chunk, out)
 
 
 def dequantize(b: np.ndarray) -> np.ndarray:
