@@ -33,6 +33,7 @@ import torch
 
 SIZES = {
     #          dim  layers heads kv  ffn   vocab shards
+    "0.2b": (1024, 12, 16, 16, 2816, 32000, 1),    # 0.2B: quick thread-scaling runs
     "1.1b": (2048, 22, 32, 4, 5632, 32000, 1),     # TinyLlama-1.1B
     "1b": (2048, 16, 16, 16, 5504, 32000, 1),      # a quick stand-in with 7B-like rows
     "7b": (4096, 32, 32, 32, 11008, 32000, 1),
@@ -119,7 +120,7 @@ def write_shards(paths: list[Path], tensors) -> None:
         parts = [bits] * n if axis is None else np.array_split(bits, n, axis=axis)
         for w, state, part in zip(writers, states, parts):
             part = np.ascontiguousarray(part)
-            w.write_record(f"data/{key}", part.ctypes.data, part.nbytes)
+            w.write_record(f"data/{key}", torch.from_numpy(part.view(np.int16)).untyped_storage(), part.nbytes)
             state[name] = _Tensor(_Storage(str(key), part.size), part.shape)
     for w, state in zip(writers, states):
         index = _index(state)

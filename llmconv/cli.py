@@ -137,11 +137,13 @@ def _echo_written(res, outtype: str, json_path: str | None = None) -> None:
 
 @cli.command()
 @click.argument("ckpt_dir", type=click.Path(path_type=Path))
-@click.option("--outtype", default="auto", show_default=True, metavar="TYPE",
+@click.option("--outtype", default="auto", show_default=True, metavar="TYPE[,TYPE...]",
               help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, or a K-quant mix: q2_k, q3_k_s/m/l, q4_k_s/m, "
                    "q5_k_s/m, q6_k (llama-quantize's per-tensor rules; q3_k/q4_k/q5_k mean the _m mix), iq4_nl, iq4_xs. "
-                   "'auto' keeps the source precision.")
-@click.option("--outfile", "-o", type=click.Path(path_type=Path), help="Output path. Default: ./Name-Size-TYPE.gguf in the current directory.")
+                   "'auto' keeps the source precision. Several, comma-separated (q8_0,q6_k,q4_k_m): one file "
+                   "each, all from one read of the checkpoint.")
+@click.option("--outfile", "-o", type=click.Path(path_type=Path),
+              help="Output path, or a directory (DIR/) for the default names. Default: ./Name-Size-TYPE.gguf.")
 @click.option("--ctx", type=click.IntRange(1, 2**32 - 1), help="Context length to record (default: by model family; see README).")
 @click.option("--input-format", type=click.Choice(["auto", "meta", "hf", "mistral"]), default="auto", show_default=True,
               help="Checkpoint layout; 'auto' detects it: params.json + consolidated.NN.pth (Meta), params.json + "
@@ -191,12 +193,19 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora,
       llmconv convert path/to/ckpt --outtype f16 --split-max-size 4G  # Name-00001-of-0000N.gguf
       llmconv convert path/to/base --lora path/to/adapter --outtype q8_0   # merged while converting
       llmconv convert path/to/ckpt --outtype iq4_xs --imatrix-text builtin   # imatrix computed first
+      llmconv convert path/to/ckpt --outtype q8_0,q6_K,q4_K_M -o out/ # three files, one read
     """
-    from .convert.execute import write_gguf
-    from .convert.pipeline import describe_plan, plan_conversion, plan_json
+    from .convert.execute import OutputRequest, write_ggufs
+    from .convert.pipeline import describe_plan, plan_conversion, plan_conversions, plan_json, split_types
 
+    from .convert.lora import parse_lora_spec
+
+    types = split_types(outtype)
+    opts = dict(ctx=ctx, input_format=input_format, pre=pre, tokenizer=tokenizer, lora=[parse_lora_spec(s) for s in lora],
+                metadata=metadata, override_kv=override_kv,
+                **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
     if out_format == "ggml":
-        from .convert.ggml_out import plan_ggml_conversion as plan_conversion, write_ggml
+        from .convert.ggml_out import plan_ggml_conversion, write_ggml
         if parse_size(split_max_size) or split_max_tensors:
             raise LlmconvError("--format ggml writes one file; --split-max-size/--split-max-tensors are for GGUF")
         if checksum:
@@ -217,34 +226,41 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora,
                              threads=threads)
     else:
         im = _load_imatrix(imatrix)
-    from .convert.lora import parse_lora_spec
-    conv = plan_conversion(ckpt_dir, outtype=outtype, outfile=outfile, ctx=ctx, input_format=input_format, pre=pre,
-                           tokenizer=tokenizer, lora=[parse_lora_spec(s) for s in lora], metadata=metadata,
-                           override_kv=override_kv, imatrix=im,
-                           **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
+    opts["imatrix"] = im
+    if out_format == "ggml":
+        if len(types) > 1:
+            raise LlmconvError("--format ggml writes one type per run; several types are for GGUF")
+        convs = [plan_ggml_conversion(ckpt_dir, outtype=types[0], outfile=outfile, **opts)]
+    else:
+        convs = plan_conversions(ckpt_dir, types, outfile, **opts)
     if dry_run:
-        click.echo(describe_plan(conv), err=json_path == "-")
-        emit_json(json_path, {"dry_run": True, **plan_json(conv)})
+        click.echo("\n\n".join(describe_plan(c) for c in convs), err=json_path == "-")
+        emit_json(json_path, {"dry_run": True, **plan_json(convs[0])} if len(convs) == 1 else
+                   {"dry_run": True, "outputs": [plan_json(c) for c in convs]})
         return
-    for w in conv.warnings:
+    for w in convs[0].warnings:
         click.echo(f"warning: {w}", err=True)
     if out_format == "ggml":
-        res = write_ggml(conv, threads=threads, progress=not quiet, force=force, verbose=verbose)
-    else:
-        res = write_gguf(conv.out_path, conv.kvs, conv.plan, threads=threads, progress=not quiet, force=force,
-                         verbose=verbose, split_max_size=parse_size(split_max_size), split_max_tensors=split_max_tensors,
-                         checksum=checksum)
-    for n in [] if quiet else conv.plan.notes:
-        click.echo(f"note: {n}", err=True)
-    _echo_written(res, conv.plan.outtype, json_path)
-    emit_json(json_path, {"dry_run": False, **plan_json(conv), "seconds": res.seconds, "file_bytes": res.nbytes})
+        results = [write_ggml(convs[0], threads=threads, progress=not quiet, force=force, verbose=verbose)]
+    else:   # every type from one read of the checkpoint
+        results = write_ggufs([OutputRequest(c.out_path, c.kvs, c.plan) for c in convs], threads=threads,
+                              progress=not quiet, force=force, verbose=verbose, split_max_size=parse_size(split_max_size),
+                              split_max_tensors=split_max_tensors, checksum=checksum)
+    reports = []
+    for conv, res in zip(convs, results):
+        for n in [] if quiet else conv.plan.notes:
+            click.echo(f"note: {n}", err=True)
+        _echo_written(res, conv.plan.outtype, json_path)
+        reports.append({"dry_run": False, **plan_json(conv), "seconds": res.seconds, "file_bytes": res.nbytes})
+    emit_json(json_path, reports[0] if len(reports) == 1 else {"dry_run": False, "outputs": reports})
 
 
 @cli.command()
 @click.argument("infile", type=click.Path(path_type=Path))
-@click.argument("outfile", type=click.Path(path_type=Path))
-@click.option("--type", "--outtype", "qtype", required=True, metavar="TYPE", help="Target type: q8_0, q4_0, q4_1, q5_0, q5_1, f16, ... or a K-quant mix: q2_k, "
-                   "q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k.")
+@click.argument("outfile", type=click.Path(path_type=Path), required=False)
+@click.option("--type", "--outtype", "qtype", required=True, metavar="TYPE[,TYPE...]",
+              help="Target type: q8_0, q4_0, q4_1, q5_0, q5_1, f16, ... or a K-quant mix: q2_k, q3_k_s/m/l, q4_k_s/m, "
+                   "q5_k_s/m, q6_k. Several, comma-separated, write one file each from one read of INFILE.")
 @click.option("--allow-requantize", is_flag=True, help="Accept an input whose tensors are already quantized.")
 @click.option("--override-kv", "override_kv", metavar="KEY=TYPE:VALUE", multiple=True,
               help="Set a metadata key (repeatable; llama-quantize's syntax, TYPE int, float, bool or str), "
@@ -257,31 +273,37 @@ def quantize(infile, outfile, qtype, allow_requantize, override_kv, imatrix, pur
 
     Follows llama-quantize's per-tensor choices by default: 1-D tensors stay F32 and
     output.weight gets a higher-precision type; --pure puts every 2-D weight in TYPE.
-    Metadata passes through; general.file_type is updated.
+    Metadata passes through; general.file_type is updated. OUTFILE defaults to INFILE's
+    name with the type label replaced (Name-7B-F16.gguf -> ./Name-7B-Q4_K_M.gguf); with
+    several types it may be a directory (DIR/).
 
-    \b
+    
     Examples:
       llmconv quantize model-F16.gguf model-Q8_0.gguf --type q8_0
       llmconv quantize model-F16.gguf model-Q4_K_M.gguf --type q4_K_M
       llmconv quantize model-F16.gguf out.gguf --type q4_0 --pure --output-tensor-type q8_0
       llmconv quantize model-F16.gguf model-Q3_K_M.gguf --type q3_K_M --imatrix model.imatrix.gguf
+      llmconv quantize model-F16.gguf out/ --type q4_K_M,q5_K_M      # two files, one read
     """
-    from .convert.execute import write_gguf
-    from .convert.pipeline import plan_requantize
+    from .convert.execute import OutputRequest, write_ggufs
+    from .convert.pipeline import plan_requantizes, split_types
 
-    rq = plan_requantize(infile, outfile, qtype, allow_requantize=allow_requantize, override_kv=override_kv,
-                         imatrix=_load_imatrix(imatrix),
-                         **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
-    res = write_gguf(rq.out_path, rq.kvs, rq.plan, threads=threads, progress=not quiet, force=force,
-                     verbose=verbose, split_max_size=parse_size(split_max_size), split_max_tensors=split_max_tensors,
-                     checksum=checksum)
-    for n in [] if quiet else rq.plan.notes:
-        click.echo(f"note: {n}", err=True)
-    _echo_written(res, rq.plan.outtype, json_path)
-    emit_json(json_path, {"input": str(infile), "output": str(res.path), "type": rq.plan.outtype,
-                           "file_type": rq.plan.file_type, "seconds": res.seconds, "file_bytes": res.nbytes,
-                           "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes,
-                                        "reason": t.reason} for t in rq.plan.tensors], "notes": rq.plan.notes})
+    rqs = plan_requantizes(infile, outfile, split_types(qtype), allow_requantize=allow_requantize, override_kv=override_kv,
+                           imatrix=_load_imatrix(imatrix),
+                           **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
+    results = write_ggufs([OutputRequest(rq.out_path, rq.kvs, rq.plan) for rq in rqs], threads=threads,
+                          progress=not quiet, force=force, verbose=verbose, split_max_size=parse_size(split_max_size),
+                          split_max_tensors=split_max_tensors, checksum=checksum)
+    reports = []
+    for rq, res in zip(rqs, results):
+        for n in [] if quiet else rq.plan.notes:
+            click.echo(f"note: {n}", err=True)
+        _echo_written(res, rq.plan.outtype, json_path)
+        reports.append({"input": str(infile), "output": str(res.path), "type": rq.plan.outtype,
+                        "file_type": rq.plan.file_type, "seconds": res.seconds, "file_bytes": res.nbytes,
+                        "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes,
+                                     "reason": t.reason} for t in rq.plan.tensors], "notes": rq.plan.notes})
+    emit_json(json_path, reports[0] if len(reports) == 1 else {"outputs": reports})
 
 
 @cli.command("convert-lora")

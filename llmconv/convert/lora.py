@@ -313,6 +313,7 @@ def apply_adapters(source, specs) -> AdapterPatch:
         used = [b.adapter for b, _ in patch.steps if t.name in b.targets or t.name in b.replaced]
         if used:
             t.load = _merged_loader(patch, t.name, t.load)
+            t.read_rows = None          # the merged weight exists only whole: the engine must use load()
             t.files = list(t.files) + [a.weights_file for a in used]
     return patch
 

@@ -8,6 +8,9 @@ embedding along dim 1, LLaMA 3 along the vocabulary).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
 import pickle
 import re
 import zipfile
@@ -107,6 +110,14 @@ class MetaCheckpoint:
                 widen_into(raw[lo - first:hi - first], out[lo - a:hi - a])
             first += raw.shape[0]
 
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading tensor `name` from disk now (madvise WILLNEED on
+        its mapped bytes), so a checkpoint that is not in the page cache streams in while
+        the tensor before it is converted."""
+        for s in self.shards:
+            t = s[name]
+            will_need(t.data_ptr(), t.numel() * t.element_size())
+
     def source_files(self, name: str) -> list[Path]:
         return list(self.shard_paths) if self.merge_axis[name] is not None else self.shard_paths[:1]
 
@@ -120,6 +131,21 @@ def _raw(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
+
+
+_MADV_WILLNEED = 3
+_PAGE = mmap.PAGESIZE
+_libc = None
+
+
+def will_need(addr: int, nbytes: int) -> None:
+    """madvise(MADV_WILLNEED) over [addr, addr + nbytes), page-aligned; a hint, errors ignored."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    start = addr - addr % _PAGE
+    _libc.madvise(start, nbytes + (addr - start), _MADV_WILLNEED)
 
 
 def read_params(path: Path) -> dict:

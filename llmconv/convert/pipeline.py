@@ -53,14 +53,19 @@ def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: st
                     ctx: int | None = None, pure: bool = False, output_type: str | None = None,
                     token_embd_type: str | None = None, overrides=(), input_format: str = "auto",
                     pre: str | None = None, tokenizer: str | Path | None = None, lora=(),
-                    metadata: str | Path | None = None, override_kv=(), imatrix=None) -> Conversion:
+                    metadata: str | Path | None = None, override_kv=(), imatrix=None,
+                    source: Source | None = None) -> Conversion:
     """`lora`: (adapter dir, scale) pairs, merged into the weights as they are loaded (convert/lora.py);
     `tokenizer`: --tokenizer, a tokenizer file or folder used instead of the checkpoint's own;
-    `metadata`: --metadata FILE.json over the model card; `override_kv`: --override-kv specs."""
-    src = open_source(model_dir, input_format, ctx, pre, tokenizer)
-    if lora:
-        from .lora import apply_adapters
-        apply_adapters(src, lora)
+    `metadata`: --metadata FILE.json over the model card; `override_kv`: --override-kv specs.
+    `source` reuses an already opened (and merged) checkpoint: several types from one read.
+    `outfile` may be a directory (existing, or with a trailing slash)."""
+    src = source
+    if src is None:
+        src = open_source(model_dir, input_format, ctx, pre, tokenizer)
+        if lora:
+            from .lora import apply_adapters
+            apply_adapters(src, lora)
     h = src.hparams
     check_tensor_names(src.tensors, h.n_layers, src.path)
     # precision of the weights: a computed 1-D tensor (rope_freqs, f32) may come first
@@ -74,11 +79,51 @@ def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: st
     plan.notes[:0] = src.notes
     md = load_model_metadata(src.path, plan.n_params, Path(metadata) if metadata is not None else None,
                              experts=moe.expert_params(plan.tensors))
-    out_path = Path(outfile) if outfile else Path.cwd() / default_file_name(md, plan.outtype)
+    out_path = output_path(outfile, default_file_name(md, plan.outtype))
     kvs = general_kvs(md, plan.file_type) + llama_kvs(h) + list(src.extra_kvs) + vocab_kvs(src.vocab)
     kvs = apply_kv_overrides(kvs, [parse_override_kv(o) for o in override_kv])
     check_write_caps(kvs, src.path)
     return Conversion(src, plan, kvs, md.name, out_path)
+
+
+def is_dir_arg(outfile: str | Path | None) -> bool:
+    return outfile is not None and (str(outfile).endswith(("/", os.sep)) or Path(outfile).is_dir())
+
+
+def output_path(outfile: str | Path | None, default_name: str) -> Path:
+    """-o FILE, -o DIR/ (the default name in DIR) or nothing (the default name here)."""
+    if outfile is None:
+        return Path.cwd() / default_name
+    return Path(outfile) / default_name if is_dir_arg(outfile) else Path(outfile)
+
+
+def split_types(text: str) -> list[str]:
+    """'q8_0,q6_K, q4_K_M' -> ['q8_0', 'q6_K', 'q4_K_M'] (several outputs from one read)."""
+    types = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not types:
+        raise LlmconvError(f"no output type in {text!r}")
+    return types
+
+
+def _several(items: list, outfile, what: str) -> list:
+    if len(items) > 1 and outfile is not None and not is_dir_arg(outfile):
+        raise LlmconvError(f"several output types write several files: -o must be a directory "
+                           f"(e.g. -o {outfile}/), not a file name", file=Path(outfile))
+    seen: dict[Path, str] = {}
+    for it in items:
+        if it.out_path in seen:
+            raise LlmconvError(f"{what} {seen[it.out_path]} and {it.plan.outtype} would both write this file",
+                               file=it.out_path)
+        seen[it.out_path] = it.plan.outtype
+    return items
+
+
+def plan_conversions(model_dir: str | Path, outtypes: list[str], outfile: str | Path | None = None,
+                     **kw) -> list[Conversion]:
+    """One Conversion per type, all over one opened source (read once by write_ggufs)."""
+    first = plan_conversion(model_dir, outtype=outtypes[0], outfile=outfile, **kw)
+    rest = [plan_conversion(model_dir, outtype=t, outfile=outfile, source=first.source, **kw) for t in outtypes[1:]]
+    return _several([first] + rest, outfile, "types")
 
 
 def describe_plan(conv: Conversion) -> str:
@@ -148,13 +193,23 @@ def gguf_model_shape(src: GGUFSource) -> ModelShape | None:
                       n_expert=int(first(Keys.LLM.EXPERT_COUNT) or 0))
 
 
-def plan_requantize(in_path: str | Path, out_path: str | Path, qtype: str, *, pure: bool = False,
+def requantized_name(in_path: Path, outtype: str) -> str:
+    """Name-7B-F16.gguf -> Name-7B-Q4_K_M.gguf: the type label at the end is replaced (or added)."""
+    from .. import quantize as q
+    from .mixes import MIXES
+
+    stem = in_path.name[:-5] if in_path.name.endswith(".gguf") else in_path.stem
+    head, _, last = stem.rpartition("-")
+    if head and (last.lower() in q.TYPES or last.lower() in MIXES):
+        stem = head
+    return f"{stem}-{outtype.upper()}.gguf"
+
+
+def plan_requantize(in_path: str | Path, out_path: str | Path | None, qtype: str, *, pure: bool = False,
                     output_type: str | None = None, token_embd_type: str | None = None, overrides=(),
-                    allow_requantize: bool = False, override_kv=(), imatrix=None) -> Requantization:
-    if Path(out_path).exists() and Path(in_path).exists() and os.path.samefile(in_path, out_path):
-        # the input is read while the output is written: even with --force this would destroy it
-        raise LlmconvError("the output is the input file; write to another path", file=out_path)
-    src = open_gguf_source(in_path, allow_requantize=allow_requantize)
+                    allow_requantize: bool = False, override_kv=(), imatrix=None,
+                    source: GGUFSource | None = None) -> Requantization:
+    src = source or open_gguf_source(in_path, allow_requantize=allow_requantize)
     policy = TypePolicy(qtype.lower(), pure=pure, tied_embeddings=src.tied_embeddings, output_type=output_type,
                         token_embd_type=token_embd_type, overrides=list(overrides), model=gguf_model_shape(src),
                         imatrix=imatrix)
@@ -165,4 +220,14 @@ def plan_requantize(in_path: str | Path, out_path: str | Path, qtype: str, *, pu
     kvs[at:at] = [KV(Keys.General.FILE_TYPE, plan.file_type, T.UINT32),
                   KV(Keys.General.QUANTIZATION_VERSION, QUANTIZATION_VERSION, T.UINT32)]
     kvs = apply_kv_overrides(kvs, [parse_override_kv(o) for o in override_kv])
-    return Requantization(src, plan, kvs, Path(out_path))
+    out = output_path(out_path, requantized_name(Path(in_path), plan.outtype))
+    if out.exists() and Path(in_path).exists() and os.path.samefile(in_path, out):
+        # the input is read while the output is written: even with --force this would destroy it
+        raise LlmconvError("the output is the input file; write to another path", file=out)
+    return Requantization(src, plan, kvs, out)
+
+
+def plan_requantizes(in_path: str | Path, out_path: str | Path | None, qtypes: list[str], **kw) -> list[Requantization]:
+    first = plan_requantize(in_path, out_path, qtypes[0], **kw)
+    rest = [plan_requantize(in_path, out_path, t, source=first.source, **kw) for t in qtypes[1:]]
+    return _several([first] + rest, out_path, "types")

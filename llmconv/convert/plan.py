@@ -38,6 +38,7 @@ class SourceTensor:
     # rows [a, b) as float32 into out[b - a, n] (1-D tensors: one row); None: only `load` works.
     # Lets the streaming engine read a tensor chunk by chunk into reused buffers.
     read_rows: Callable[[int, int, np.ndarray], None] | None = None
+    prefetch: Callable[[], None] | None = None   # start reading the bytes from disk (a hint)
 
 
 class Why(enum.Enum):

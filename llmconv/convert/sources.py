@@ -143,6 +143,7 @@ def meta_tensors(ckpt: MetaCheckpoint) -> list[SourceTensor]:
             name=gguf_name, shape=ckpt.shapes[name],
             load=lambda name=name: ckpt.load(name).to(torch.float32).numpy(),
             read_rows=lambda a, b, out, name=name: ckpt.read_rows(name, a, b, out),
+            prefetch=lambda name=name: ckpt.prefetch(name),
             files=ckpt.source_files(name), source_name=name,
             source_dtype=_TORCH_DTYPE_NAMES.get(dtype, str(dtype)),
         ))

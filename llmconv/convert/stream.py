@@ -229,7 +229,9 @@ def run(jobs: Sequence[Job], threads: int = 1, progress: Callable[[int], None] |
     gc.freeze()
     pool = ThreadPoolExecutor(threads, thread_name_prefix="llmconv-work")
     try:
-        for job in jobs:
+        for i, job in enumerate(jobs):
+            if i + 1 < len(jobs) and jobs[i + 1].src.prefetch is not None:
+                jobs[i + 1].src.prefetch()       # read-ahead: the next tensor streams in meanwhile
             spans = list(chunks(job, chunk_weights))
             left[id(job)] = len(spans)
             for a, b in spans:

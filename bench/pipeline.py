@@ -1,0 +1,215 @@
+"""Pipeline benchmark: every figure of issue 18 from one run, as ratios (the machine is shared).
+
+    python bench/pipeline.py                          # 1.1B bf16 (TinyLlama shapes), all sections
+    python bench/pipeline.py --size 7b --sections copy,q4_0,f16,two-step
+    python bench/pipeline.py --sections scaling --scaling-size 0.2b --scaling-types q8_0,q4_0,q6_k
+
+On a synthetic bf16 Meta checkpoint (bench/synth.py, made first if missing, in the page cache):
+
+* copy      `cp` of the checkpoint then `sync` of the copy (read + write + flush: the I/O limit);
+            also `dd bs=64M conv=fsync`, which is faster than cp for big files.
+* f16       `llmconv convert --outtype f16` (fsyncs its output like the copies).
+* q4_0      one pass, at -t 1 and -t 2.
+* two-step  the llama.cpp way to q4_0: `llmconv convert --outtype f16`, then llama.cpp's C quantizer
+            `llama_model_quantize` (what `llama-quantize` runs) f16 -> q4_0, 2 threads.
+* scaling   -t 1 vs -t 2 for each of --scaling-types (on --scaling-size's checkpoint).
+* multi     `--outtype q8_0,q6_K,q4_K_M,q2_K` in one run vs the four single-type runs.
+
+For every process: wall, user and system CPU seconds and minor page faults (wait4's rusage,
+children included), peak RssAnon (polled from /proc every 5 ms), bytes written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+ALL = "copy,f16,q4_0,two-step,scaling,multi"
+MULTI = "q8_0,q6_K,q4_K_M,q2_K"
+
+
+@dataclass
+class Run:
+    name: str
+    wall: float
+    user: float
+    sys: float
+    faults: int
+    peak_anon: int
+    written: int = 0
+
+
+def measure(name: str, cmd: list[str], written: list[Path] = ()) -> Run:
+    """Run cmd; wall time, rusage (user, sys, minor faults) and peak RssAnon of the process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    status = Path(f"/proc/{proc.pid}/status")
+    peak = 0
+    while True:
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(0.005)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode()
+    if os.waitstatus_to_exitcode(st) != 0:
+        raise SystemExit(f"failed: {' '.join(map(str, cmd))}\n{err}")
+    size = sum(p.stat().st_size for p in written if p.exists())
+    return Run(name, wall, ru.ru_utime, ru.ru_stime, ru.ru_minflt, peak, size)
+
+
+def llmconv(ckpt: Path, outtype: str, out: Path, threads: int, extra=()) -> list[str]:
+    return [sys.executable, "-m", "llmconv.cli", "convert", str(ckpt), "--outtype", outtype, "-o", str(out),
+            "-q", "-f", "-t", str(threads), *extra]
+
+
+LLAMA_QUANTIZE = """
+import sys, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = int(sys.argv[3]); p.nthread = int(sys.argv[4])
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))
+"""
+
+
+def ensure(size: str, data: Path) -> Path:
+    ckpt = data / f"llama-{size}"
+    if not (ckpt / "params.json").exists():
+        from synth import make
+        print(f"writing synthetic checkpoint {ckpt} ...", flush=True)
+        make(size, ckpt)
+    for shard in ckpt.glob("consolidated.*.pth"):          # into the page cache
+        subprocess.run(["cat", str(shard)], stdout=subprocess.DEVNULL, check=True)
+    return ckpt
+
+
+def table(runs: list[Run]) -> str:
+    lines = [f"{'step':58s} {'wall s':>7s} {'user s':>7s} {'sys s':>6s} {'sys/user':>8s} {'faults':>9s} "
+             f"{'peak anon':>10s} {'written':>10s}"]
+    for r in runs:
+        su = f"{r.sys / r.user:8.0%}" if r.user > 0.05 else ""
+        lines.append(f"{r.name:58s} {r.wall:7.2f} {r.user:7.2f} {r.sys:6.2f} {su:>8s} {r.faults:9,d} "
+                     f"{r.peak_anon / 2**20:7.0f} MiB {r.written / 2**30:6.2f} GiB")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="1.1b", help="bench/synth.py size (1.1b, 7b, 13b, ...)")
+    ap.add_argument("--data", type=Path, default=ROOT / "bench" / "data")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sections", default=ALL, help=f"comma-separated subset of {ALL}")
+    ap.add_argument("--scaling-size", default=None, help="checkpoint for the scaling section (default: --size)")
+    ap.add_argument("--scaling-types", default="q8_0,q4_0,q4_1,q5_0,q5_1,q6_k,q5_k_m,q4_k_m,q3_k_m,q2_k")
+    ap.add_argument("--multi-types", default=MULTI)
+    args = ap.parse_args(argv)
+    sections = set(args.sections.split(","))
+    T = args.threads
+
+    args.data.mkdir(parents=True, exist_ok=True)
+    ckpt = ensure(args.size, args.data)
+    out = args.data / "out"
+    out.mkdir(exist_ok=True)
+    shards = sorted(ckpt.glob("consolidated.*.pth"))
+    ckpt_bytes = sum(p.stat().st_size for p in shards)
+    print(f"checkpoint {ckpt} ({ckpt_bytes / 2**30:.2f} GiB bf16), {T} threads, "
+          f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
+    runs: dict[str, Run] = {}
+
+    def step(key: str, run: Run) -> Run:
+        runs[key] = run
+        print(table([run]).splitlines()[1], flush=True)
+        return run
+
+    def clean(*paths: Path) -> None:
+        for p in paths:
+            p.unlink(missing_ok=True)
+
+    if "copy" in sections:
+        dst = [out / f"copy-{s.name}" for s in shards]
+        step("cp", measure("cp + sync of the checkpoint", ["sh", "-c", " && ".join(
+            f"cp {s} {d} && sync {d}" for s, d in zip(shards, dst))], dst))
+        clean(*dst)
+        step("dd", measure("dd bs=64M conv=fsync of the checkpoint", ["sh", "-c", " && ".join(
+            f"dd if={s} of={d} bs=64M conv=fsync status=none" for s, d in zip(shards, dst))], dst))
+        clean(*dst)
+    if "f16" in sections or "two-step" in sections:
+        f16 = out / "b-f16.gguf"
+        step("f16", measure(f"llmconv convert --outtype f16 -t {T}", llmconv(ckpt, "f16", f16, T), [f16]))
+        if "two-step" in sections:
+            from gguf import LlamaFileType
+            q = out / "b-q4_0.gguf"
+            step("llama_q", measure(f"  then llama.cpp llama_model_quantize f16 -> q4_0 ({T} threads)",
+                                    [sys.executable, "-c", LLAMA_QUANTIZE, str(f16), str(q),
+                                     str(int(LlamaFileType.MOSTLY_Q4_0)), str(T)], [q]))
+            clean(q)
+        clean(f16)
+    if "q4_0" in sections or "two-step" in sections:
+        q = out / "a-q4_0.gguf"
+        for t in (1, T) if T > 1 else (1,):
+            step(f"q4_0_t{t}", measure(f"llmconv convert --outtype q4_0 -t {t}", llmconv(ckpt, "q4_0", q, t), [q]))
+        clean(q)
+    if "scaling" in sections:
+        sckpt = ensure(args.scaling_size, args.data) if args.scaling_size else ckpt
+        for typ in args.scaling_types.split(","):
+            q = out / f"s-{typ}.gguf"
+            for t in (1, T):
+                step(f"s_{typ}_t{t}", measure(f"[{sckpt.name}] --outtype {typ} -t {t}", llmconv(sckpt, typ, q, t), [q]))
+            clean(q)
+    if "multi" in sections:
+        types = args.multi_types.split(",")
+        d = out / "multi"
+        d.mkdir(exist_ok=True)
+        files = list(d.iterdir())
+        clean(*files)
+        step("multi", measure(f"llmconv convert --outtype {','.join(types)} -t {T}",
+                              llmconv(ckpt, ",".join(types), Path(f"{d}/"), T), []))
+        runs["multi"].written = sum(p.stat().st_size for p in d.iterdir())
+        clean(*d.iterdir())
+        for typ in types:
+            q = out / f"m-{typ}.gguf"
+            step(f"m_{typ}", measure(f"  separately: --outtype {typ} -t {T}", llmconv(ckpt, typ, q, T), [q]))
+            clean(q)
+
+    print("\n" + table(list(runs.values())) + "\n")
+    r = runs
+    if "two-step" in sections:
+        two = r["f16"].wall + r["llama_q"].wall
+        print(f"q4_0 one pass (-t {T}) / two-step (f16 + llama.cpp quantize) = "
+              f"{r[f'q4_0_t{T}'].wall:.2f} / {two:.2f} s = {r[f'q4_0_t{T}'].wall / two:.2f}x   (goal <= 0.35x)")
+    if "copy" in sections and f"q4_0_t{T}" in r:
+        print(f"q4_0 one pass / cp = {r[f'q4_0_t{T}'].wall / r['cp'].wall:.2f}x   (goal <= 3x)")
+    if "copy" in sections and "f16" in r:
+        print(f"f16 rate / cp rate = {r['cp'].wall / r['f16'].wall:.0%}   (goal >= 70 %); "
+              f"/ dd rate = {r['dd'].wall / r['f16'].wall:.0%}; f16 {ckpt_bytes / r['f16'].wall / 2**20:.0f} MiB/s, "
+              f"cp {ckpt_bytes / r['cp'].wall / 2**20:.0f} MiB/s")
+    pairs = [(f"q4_0_t1", f"q4_0_t{T}", "q4_0")] if "q4_0_t1" in r and T > 1 else []
+    pairs += [(f"s_{t}_t1", f"s_{t}_t{T}", t) for t in args.scaling_types.split(",") if f"s_{t}_t1" in r]
+    for a, b, typ in pairs:
+        print(f"{typ:7s} -t {T} / -t 1 wall = {r[b].wall / r[a].wall:.2f}x; sys/user at -t {T} = "
+              f"{r[b].sys / max(r[b].user, 1e-9):.0%}")
+    if "multi" in r:
+        sep = sum(r[f"m_{t}"].wall for t in args.multi_types.split(","))
+        print(f"{len(args.multi_types.split(','))} types in one run / separate runs = {r['multi'].wall:.1f} / {sep:.1f} s "
+              f"= {r['multi'].wall / sep:.2f}x   (goal <= 0.5x); CPU "
+              f"{r['multi'].user + r['multi'].sys:.1f} / "
+              f"{sum(r[f'm_{t}'].user + r[f'm_{t}'].sys for t in args.multi_types.split(',')):.1f} s")
+    print(f"peak RssAnon over all llmconv runs: "
+          f"{max(x.peak_anon for k, x in r.items() if k not in ('cp', 'dd', 'llama_q')) / 2**20:.0f} MiB; "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
