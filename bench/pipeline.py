@@ -194,7 +194,7 @@ def main(argv=None) -> int:
         print(f"f16 rate / cp rate = {r['cp'].wall / r['f16'].wall:.0%}   (goal >= 70 %); "
               f"/ dd rate = {r['dd'].wall / r['f16'].wall:.0%}; f16 {ckpt_bytes / r['f16'].wall / 2**20:.0f} MiB/s, "
               f"cp {ckpt_bytes / r['cp'].wall / 2**20:.0f} MiB/s")
-    pairs = [(f"q4_0_t1", f"q4_0_t{T}", "q4_0")] if "q4_0_t1" in r and T > 1 else []
+    pairs = [("q4_0_t1", f"q4_0_t{T}", "q4_0")] if "q4_0_t1" in r and T > 1 else []
     pairs += [(f"s_{t}_t1", f"s_{t}_t{T}", t) for t in args.scaling_types.split(",") if f"s_{t}_t1" in r]
     for a, b, typ in pairs:
         print(f"{typ:7s} -t {T} / -t 1 wall = {r[b].wall / r[a].wall:.2f}x; sys/user at -t {T} = "

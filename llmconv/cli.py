@@ -196,7 +196,7 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora,
       llmconv convert path/to/ckpt --outtype q8_0,q6_K,q4_K_M -o out/ # three files, one read
     """
     from .convert.execute import OutputRequest, write_ggufs
-    from .convert.pipeline import describe_plan, plan_conversion, plan_conversions, plan_json, split_types
+    from .convert.pipeline import describe_plan, plan_conversions, plan_json, split_types
 
     from .convert.lora import parse_lora_spec
 
