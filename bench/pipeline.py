@@ -83,15 +83,27 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 """
 
 
-def ensure(size: str, data: Path) -> Path:
+def ensure(size: str, data: Path, cold: bool = False) -> Path:
     ckpt = data / f"llama-{size}"
     if not (ckpt / "params.json").exists():
         from synth import make
         print(f"writing synthetic checkpoint {ckpt} ...", flush=True)
         make(size, ckpt)
-    for shard in ckpt.glob("consolidated.*.pth"):          # into the page cache
-        subprocess.run(["cat", str(shard)], stdout=subprocess.DEVNULL, check=True)
+    if not cold:
+        for shard in ckpt.glob("consolidated.*.pth"):          # into the page cache
+            subprocess.run(["cat", str(shard)], stdout=subprocess.DEVNULL, check=True)
     return ckpt
+
+
+def evict(paths) -> None:
+    """Drop these files' clean pages from the page cache (the next read comes from disk)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def table(runs: list[Run]) -> str:
@@ -113,21 +125,28 @@ def main(argv=None) -> int:
     ap.add_argument("--scaling-size", default=None, help="checkpoint for the scaling section (default: --size)")
     ap.add_argument("--scaling-types", default="q8_0,q4_0,q4_1,q5_0,q5_1,q6_k,q5_k_m,q4_k_m,q3_k_m,q2_k")
     ap.add_argument("--multi-types", default=MULTI)
+    ap.add_argument("--cold", action="store_true",
+                    help="evict the checkpoint from the page cache before every step (reads come from disk)")
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
     T = args.threads
 
     args.data.mkdir(parents=True, exist_ok=True)
-    ckpt = ensure(args.size, args.data)
+    ckpt = ensure(args.size, args.data, args.cold)
     out = args.data / "out"
     out.mkdir(exist_ok=True)
     shards = sorted(ckpt.glob("consolidated.*.pth"))
     ckpt_bytes = sum(p.stat().st_size for p in shards)
+    if args.cold:
+        evict(shards)
     print(f"checkpoint {ckpt} ({ckpt_bytes / 2**30:.2f} GiB bf16), {T} threads, "
-          f"load average {os.getloadavg()[0]:.1f} at start", flush=True)
+          f"load average {os.getloadavg()[0]:.1f} at start{', checkpoint not in the page cache' if args.cold else ''}",
+          flush=True)
     runs: dict[str, Run] = {}
 
     def step(key: str, run: Run) -> Run:
+        if args.cold:
+            evict(shards)              # for the next step
         runs[key] = run
         print(table([run]).splitlines()[1], flush=True)
         return run

@@ -142,7 +142,7 @@ def _echo_written(res, outtype: str, json_path: str | None = None) -> None:
                    "q5_k_s/m, q6_k (llama-quantize's per-tensor rules; q3_k/q4_k/q5_k mean the _m mix), iq4_nl, iq4_xs. "
                    "'auto' keeps the source precision. Several, comma-separated (q8_0,q6_k,q4_k_m): one file "
                    "each, all from one read of the checkpoint.")
-@click.option("--outfile", "-o", type=click.Path(path_type=Path),
+@click.option("--outfile", "-o", type=click.Path(),   # a str: a trailing slash means a directory
               help="Output path, or a directory (DIR/) for the default names. Default: ./Name-Size-TYPE.gguf.")
 @click.option("--ctx", type=click.IntRange(1, 2**32 - 1), help="Context length to record (default: by model family; see README).")
 @click.option("--input-format", type=click.Choice(["auto", "meta", "hf", "mistral"]), default="auto", show_default=True,
@@ -257,7 +257,7 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora,
 
 @cli.command()
 @click.argument("infile", type=click.Path(path_type=Path))
-@click.argument("outfile", type=click.Path(path_type=Path), required=False)
+@click.argument("outfile", type=click.Path(), required=False)   # a str: DIR/ keeps its slash
 @click.option("--type", "--outtype", "qtype", required=True, metavar="TYPE[,TYPE...]",
               help="Target type: q8_0, q4_0, q4_1, q5_0, q5_1, f16, ... or a K-quant mix: q2_k, q3_k_s/m/l, q4_k_s/m, "
                    "q5_k_s/m, q6_k. Several, comma-separated, write one file each from one read of INFILE.")

@@ -48,6 +48,14 @@ def test_quantize_several_types_equal_single_runs(tmp_path, monkeypatch):
         assert (tmp_path / f"Tiny-{t.upper()}.gguf").read_bytes() == one.read_bytes(), t
 
 
+def test_directory_with_a_slash_need_not_exist_yet_to_be_named(tmp_path, capsys):
+    """`-o DIR/` names a directory even before it exists: the error says it is missing
+    instead of treating DIR as a file name."""
+    assert main(["convert", str(ONE), "--outtype", "q8_0,q4_0", "-o", f"{tmp_path}/new/", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "output directory does not exist" in err and "-o must be a directory" not in err
+
+
 def test_several_types_need_a_directory(tmp_path, capsys):
     out = tmp_path / "x.gguf"
     assert main(["convert", str(ONE), "--outtype", "q8_0,q4_0", "-o", str(out), "-q"]) == 2
