@@ -2,7 +2,7 @@
 
     python bench/pipeline.py                          # 1.1B bf16 (TinyLlama shapes), all sections
     python bench/pipeline.py --size 7b --sections copy,q4_0,f16,two-step
-    python bench/pipeline.py --sections scaling --scaling-size 0.2b --scaling-types q8_0,q4_0,q6_k
+    python bench/pipeline.py --sections scaling,multi --small-size 0.2b --scaling-types q8_0,q4_0,q6_k
 
 On a synthetic bf16 Meta checkpoint (bench/synth.py, made first if missing, in the page cache):
 
@@ -12,8 +12,8 @@ On a synthetic bf16 Meta checkpoint (bench/synth.py, made first if missing, in t
 * q4_0      one pass, at -t 1 and -t 2.
 * two-step  the llama.cpp way to q4_0: `llmconv convert --outtype f16`, then llama.cpp's C quantizer
             `llama_model_quantize` (what `llama-quantize` runs) f16 -> q4_0, 2 threads.
-* scaling   -t 1 vs -t 2 for each of --scaling-types (on --scaling-size's checkpoint).
-* multi     `--outtype q8_0,q6_K,q4_K_M,q2_K` in one run vs the four single-type runs.
+* scaling   -t 1 vs -t 2 for each of --scaling-types (on --small-size's checkpoint).
+* multi     `--outtype q8_0,q6_K,q4_K_M,q2_K` in one run vs the four single-type runs (--small-size).
 
 For every process: wall, user and system CPU seconds and minor page faults (wait4's rusage,
 children included), peak RssAnon (polled from /proc every 5 ms), bytes written.
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT / "bench" / "data")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sections", default=ALL, help=f"comma-separated subset of {ALL}")
-    ap.add_argument("--scaling-size", default=None, help="checkpoint for the scaling section (default: --size)")
+    ap.add_argument("--small-size", default=None, help="checkpoint for the scaling and multi sections (default: --size)")
     ap.add_argument("--scaling-types", default="q8_0,q4_0,q4_1,q5_0,q5_1,q6_k,q5_k_m,q4_k_m,q3_k_m,q2_k")
     ap.add_argument("--multi-types", default=MULTI)
     ap.add_argument("--cold", action="store_true",
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
 
     args.data.mkdir(parents=True, exist_ok=True)
     ckpt = ensure(args.size, args.data, args.cold)
-    out = args.data / "out"
+    out = args.data / f"out-{args.size}"     # one per size: runs for two sizes may overlap
     out.mkdir(exist_ok=True)
     shards = sorted(ckpt.glob("consolidated.*.pth"))
     ckpt_bytes = sum(p.stat().st_size for p in shards)
@@ -180,25 +180,26 @@ def main(argv=None) -> int:
             step(f"q4_0_t{t}", measure(f"llmconv convert --outtype q4_0 -t {t}", llmconv(ckpt, "q4_0", q, t), [q]))
         clean(q)
     if "scaling" in sections:
-        sckpt = ensure(args.scaling_size, args.data) if args.scaling_size else ckpt
+        sckpt = ensure(args.small_size, args.data) if args.small_size else ckpt
         for typ in args.scaling_types.split(","):
             q = out / f"s-{typ}.gguf"
             for t in (1, T):
                 step(f"s_{typ}_t{t}", measure(f"[{sckpt.name}] --outtype {typ} -t {t}", llmconv(sckpt, typ, q, t), [q]))
             clean(q)
     if "multi" in sections:
+        mckpt = ensure(args.small_size, args.data) if args.small_size else ckpt
         types = args.multi_types.split(",")
         d = out / "multi"
         d.mkdir(exist_ok=True)
         files = list(d.iterdir())
         clean(*files)
-        step("multi", measure(f"llmconv convert --outtype {','.join(types)} -t {T}",
-                              llmconv(ckpt, ",".join(types), Path(f"{d}/"), T), []))
+        step("multi", measure(f"[{mckpt.name}] --outtype {','.join(types)} -t {T}",
+                              llmconv(mckpt, ",".join(types), Path(f"{d}/"), T), []))
         runs["multi"].written = sum(p.stat().st_size for p in d.iterdir())
         clean(*d.iterdir())
         for typ in types:
             q = out / f"m-{typ}.gguf"
-            step(f"m_{typ}", measure(f"  separately: --outtype {typ} -t {T}", llmconv(ckpt, typ, q, T), [q]))
+            step(f"m_{typ}", measure(f"  separately: --outtype {typ} -t {T}", llmconv(mckpt, typ, q, T), [q]))
             clean(q)
 
     print("\n" + table(list(runs.values())) + "\n")
