@@ -59,6 +59,7 @@ class Job:
     # internal: whole-tensor (or per-expert slice) fallback for sources without read_rows
     _whole: np.ndarray | None = field(default=None, repr=False)
     _slices: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _remaining: int = field(default=0, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -117,15 +118,15 @@ def _read_chunk(job: Job, a: int, b: int) -> np.ndarray:
 
 
 def _expert_slice(job: Job, e: int, per: int, n: int) -> np.ndarray:
-    """Expert e's float32 slice [per, n] of a stacked tensor, loaded once; the slice before it
-    is kept for chunks still in flight, older ones are dropped."""
+    """Expert e's float32 slice [per, n] of a stacked tensor, loaded once. Older slices are
+    dropped first (chunks still converting hold their own reference), so at most the slice
+    being read and the one before it are alive."""
     with job._lock:
         arr = job._slices.get(e)
         if arr is None:
+            job._slices = {k: v for k, v in job._slices.items() if k > e}
             want = tuple(job.src.shape[1:])
-            arr = _checked(job, job.src.parts[e](), want, f"expert {e}: ").reshape(per, n)
-            job._slices = {k: v for k, v in job._slices.items() if k >= e - 1}
-            job._slices[e] = arr
+            arr = job._slices[e] = _checked(job, job.src.parts[e](), want, f"expert {e}: ").reshape(per, n)
         return arr
 
 
@@ -187,6 +188,10 @@ def _convert_chunk(job: Job, a: int, b: int) -> None:
 def _work(job: Job, a: int, b: int) -> None:
     try:
         _convert_chunk(job, a, b)
+        with job._lock:                 # the last chunk frees the job's whole-tensor buffers
+            job._remaining -= 1
+            if job._remaining == 0:
+                job._whole, job._slices = None, {}
     except q.NonFiniteError as e:
         where, label = _where(job)
         types = ", ".join(dict.fromkeys(s.qtype.name for s in job.sinks))
@@ -219,7 +224,6 @@ def run(jobs: Sequence[Job], threads: int = 1, progress: Callable[[int], None] |
             progress(nbytes)
         left[id(job)] -= 1
         if left[id(job)] == 0:
-            job._whole, job._slices = None, {}
             if job.done:
                 job.done(job)
 
@@ -233,7 +237,7 @@ def run(jobs: Sequence[Job], threads: int = 1, progress: Callable[[int], None] |
             if i + 1 < len(jobs) and jobs[i + 1].src.prefetch is not None:
                 jobs[i + 1].src.prefetch()       # read-ahead: the next tensor streams in meanwhile
             spans = list(chunks(job, chunk_weights))
-            left[id(job)] = len(spans)
+            left[id(job)] = job._remaining = len(spans)
             for a, b in spans:
                 while len(pending) >= 2 * threads:
                     finish_one()
