@@ -70,7 +70,7 @@ def measure(name: str, cmd: list[str], written: list[Path] = ()) -> Run:
     return Run(name, wall, ru.ru_utime, ru.ru_stime, ru.ru_minflt, peak, size)
 
 
-def llmconv(ckpt: Path, outtype: str, out: Path, threads: int, extra=()) -> list[str]:
+def llmconv(ckpt: Path, outtype: str, out: Path | str, threads: int, extra=()) -> list[str]:
     return [sys.executable, "-m", "llmconv.cli", "convert", str(ckpt), "--outtype", outtype, "-o", str(out),
             "-q", "-f", "-t", str(threads), *extra]
 
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
         files = list(d.iterdir())
         clean(*files)
         step("multi", measure(f"[{mckpt.name}] --outtype {','.join(types)} -t {T}",
-                              llmconv(mckpt, ",".join(types), Path(f"{d}/"), T), []))
+                              llmconv(mckpt, ",".join(types), f"{d}/", T), []))
         runs["multi"].written = sum(p.stat().st_size for p in d.iterdir())
         clean(*d.iterdir())
         for typ in types:

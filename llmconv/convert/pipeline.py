@@ -59,7 +59,7 @@ def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: st
     `tokenizer`: --tokenizer, a tokenizer file or folder used instead of the checkpoint's own;
     `metadata`: --metadata FILE.json over the model card; `override_kv`: --override-kv specs.
     `source` reuses an already opened (and merged) checkpoint: several types from one read.
-    `outfile` may be a directory (existing, or with a trailing slash)."""
+    `outfile` may be a directory, written with a trailing slash."""
     src = source
     if src is None:
         src = open_source(model_dir, input_format, ctx, pre, tokenizer)
@@ -87,7 +87,9 @@ def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: st
 
 
 def is_dir_arg(outfile: str | Path | None) -> bool:
-    return outfile is not None and (str(outfile).endswith(("/", os.sep)) or Path(outfile).is_dir())
+    """`-o DIR/`: only a trailing slash makes -o a directory (an existing directory named like
+    the output file is refused by the writer, not silently written into)."""
+    return outfile is not None and str(outfile).endswith(("/", os.sep))
 
 
 def output_path(outfile: str | Path | None, default_name: str) -> Path:
