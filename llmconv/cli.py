@@ -128,11 +128,15 @@ def parse_size(text: str) -> int:
     return int(value * units[unit])
 
 
-def _echo_written(res, outtype: str, json_path: str | None = None) -> None:
-    """The one-line summary after convert/quantize: files, tensors, size, type, time, rate.
-    With `--json -` stdout carries only the JSON, so the summary goes to stderr."""
+def _echo_written(res, plan, quiet: bool, json_path: str | None = None) -> None:
+    """After convert/quantize/convert-lora: the plan's notes (unless -q), then the one-line
+    summary: files, tensors, size, type, time, rate. With `--json -` stdout carries only the
+    JSON, so the summary goes to stderr."""
+    for n in [] if quiet else plan.notes:
+        click.echo(f"note: {n}", err=True)
     click.echo(f"wrote {', '.join(map(str, res.paths))}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, "
-               f"{outtype}, in {res.seconds:.1f} s ({res.nbytes / 2**20 / max(res.seconds, 1e-9):,.0f} MiB/s)", err=json_path == "-")
+               f"{plan.outtype}, in {res.seconds:.1f} s ({res.nbytes / 2**20 / max(res.seconds, 1e-9):,.0f} MiB/s)",
+               err=json_path == "-")
 
 
 @cli.command()
@@ -248,9 +252,7 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora,
                               split_max_tensors=split_max_tensors, checksum=checksum)
     reports = []
     for conv, res in zip(convs, results):
-        for n in [] if quiet else conv.plan.notes:
-            click.echo(f"note: {n}", err=True)
-        _echo_written(res, conv.plan.outtype, json_path)
+        _echo_written(res, conv.plan, quiet, json_path)
         reports.append({"dry_run": False, **plan_json(conv), "seconds": res.seconds, "file_bytes": res.nbytes})
     emit_json(json_path, reports[0] if len(reports) == 1 else {"dry_run": False, "outputs": reports})
 
@@ -296,9 +298,7 @@ def quantize(infile, outfile, qtype, allow_requantize, override_kv, imatrix, pur
                           split_max_tensors=split_max_tensors, checksum=checksum)
     reports = []
     for rq, res in zip(rqs, results):
-        for n in [] if quiet else rq.plan.notes:
-            click.echo(f"note: {n}", err=True)
-        _echo_written(res, rq.plan.outtype, json_path)
+        _echo_written(res, rq.plan, quiet, json_path)
         reports.append({"input": str(infile), "output": str(res.path), "type": rq.plan.outtype,
                         "file_type": rq.plan.file_type, "seconds": res.seconds, "file_bytes": res.nbytes,
                         "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes,
@@ -333,9 +333,7 @@ def convert_lora(adapter_dir, base_dir, outtype, outfile, input_format, force, j
 
     ac = plan_adapter(adapter_dir, base_dir, outtype=outtype, outfile=outfile, input_format=input_format)
     res = write_gguf(ac.out_path, ac.kvs, ac.plan, progress=not quiet, force=force, verbose=verbose)
-    for n in [] if quiet else ac.plan.notes:
-        click.echo(f"note: {n}", err=True)
-    _echo_written(res, ac.plan.outtype, json_path)
+    _echo_written(res, ac.plan, quiet, json_path)
     emit_json(json_path, {"adapter": str(adapter_dir), "base": str(base_dir), "output": str(res.path),
                            "type": ac.plan.outtype, "alpha": ac.alpha, "rslora": ac.adapter.rslora,
                            "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape)}
