@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import tracemalloc
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from gguf import GGUFValueType as VT
 from llmconv.errors import LlmconvError
 from llmconv.formats.gguf_reader import GGUFFormatError, read_gguf
 from test_gguf_reader import GOOD_KVS, GOOD_TENSORS, build_gguf, compare_with_gguf_reader
+from fuzz_util import Hang, time_limit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "fixtures" / "tiny-llama"
@@ -144,23 +144,6 @@ def mutated_gguf() -> st.SearchStrategy:
 
 
 # ---- the check ------------------------------------------------------------------------------------
-
-class Hang(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    def on_alarm(signum, frame):
-        raise Hang(f"no result after {seconds} s")
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
 
 def check_input(data: bytes, path: Path) -> str:
     """Read `data` as a GGUF file; return "parsed" or "error: <kind>", or raise AssertionError

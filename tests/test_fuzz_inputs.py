@@ -12,11 +12,9 @@ CI runs EXAMPLES[file] inputs per file; `python bench/fuzz_inputs.py --examples 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import resource
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -27,6 +25,7 @@ import llmconv.convert.hf  # noqa: F401  (imported here, not inside the time lim
 from llmconv.convert.bpe import load_tokenizer_json
 from llmconv.convert.sources import open_source
 from llmconv.errors import LlmconvError
+from fuzz_util import Hang, time_limit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HF = ROOT / "fixtures" / "hf-tiny-llama"
@@ -149,23 +148,6 @@ def _token_mutation(draw, tj: dict) -> None:
 
 
 # ---- the check ----------------------------------------------------------------------------------------
-
-class Hang(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    def on_alarm(signum, frame):
-        raise Hang(f"no result after {seconds} s")
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
 
 def consume(name: str, d: Path) -> None:
     if name == "tokenizer.json":
