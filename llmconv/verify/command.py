@@ -39,7 +39,7 @@ def _read_imatrix(path):
 @click.option("--reference", "-r", "reference", required=True, type=click.Path(path_type=Path), metavar="CKPT_DIR",
               help="The original checkpoint the file was converted from: a Meta directory (params.json, "
                    "consolidated.NN.pth, tokenizer.model) or a Hugging Face one (config.json, safetensors, "
-                   "tokenizer). BPE tokenizers need `pip install llmconv[bpe]`.")
+                   "tokenizer).")
 @click.option("--text", "text_file", type=click.Path(path_type=Path), metavar="FILE",
               help="UTF-8 text to evaluate on. Default: a bundled English text (llmconv/verify/default_text.txt).")
 @click.option("--tokens", "-n", type=int, default=256, show_default=True, metavar="N",

@@ -38,7 +38,7 @@ def load_source_tokenizer(ckpt_dir: Path) -> SourceTokenizer:
 
 
 def _optional_import(module: str, what: str):
-    """tokenizers and tiktoken are an optional extra (pip install 'llmconv[bpe]')."""
+    """tokenizers and tiktoken are dependencies, but a hand-made environment may lack them."""
     import importlib
     try:
         return importlib.import_module(module)
