@@ -92,3 +92,18 @@ def test_ruff_lint_passes():
     res = subprocess.run([ruff, "check", "--no-cache", "llmconv", "tests", "bench", "fixtures"],
                          cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_a_missing_outside_oracle_skips_with_a_reason(tmp_path):
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_oracle.py").write_text(
+        "import sys\n\n"
+        "def test_needs_llama_cpp():\n"
+        "    sys.modules['llama_cpp'] = None      # as if it were not installed\n"
+        "    import llama_cpp  # noqa: F401\n\n"
+        "def test_other_import_errors_still_fail():\n"
+        "    import surely_not_a_module_here  # noqa: F401\n")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(tmp_path)],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert "1 failed, 1 skipped" in res.stdout, res.stdout
+    assert "needs llama_cpp" in res.stdout
