@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from llmconv.cli import main
+from procstat import run_peak_rss_anon
 
 ROOT = Path(__file__).resolve().parents[1]
 META = ROOT / "fixtures" / "tiny-llama"
@@ -67,23 +67,14 @@ def run_batch(cases: dict[str, list], tmp: Path) -> tuple[dict, int]:
     """Run every case's CLI argv one after another in one fresh interpreter (one torch import
     for all), sampling its peak RssAnon; the peak bounds every case's. A case that hangs makes
     the whole batch time out."""
-    import time
     (tmp / "cases.json").write_text(json.dumps({k: [str(a) for a in v] for k, v in cases.items()}))
-    proc = subprocess.Popen([sys.executable, "-c", _DRIVER, str(tmp / "cases.json"), str(tmp / "results.json")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    status, peak, deadline = Path(f"/proc/{proc.pid}/status"), 0, time.monotonic() + MAX_SECONDS * 3
-    while proc.poll() is None:
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("hostile inputs did not finish: something hangs")
-        try:
-            for line in status.read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    peak = max(peak, int(line.split()[1]) * 1024)
-        except (FileNotFoundError, ProcessLookupError):
-            break
-        time.sleep(0.005)
-    assert proc.wait() == 0, proc.stderr.read().decode()
+    try:
+        _, peak, code, err = run_peak_rss_anon(
+            [sys.executable, "-c", _DRIVER, str(tmp / "cases.json"), str(tmp / "results.json")],
+            timeout=MAX_SECONDS * 3)
+    except TimeoutError:
+        pytest.fail("hostile inputs did not finish: something hangs")
+    assert code == 0, err
     return json.loads((tmp / "results.json").read_text()), peak
 
 
