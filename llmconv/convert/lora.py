@@ -27,7 +27,8 @@ import torch
 from gguf import MODEL_TENSOR
 
 from ..errors import LlmconvError
-from .hf import hf_name_to_gguf, read_json, unpermute_rows
+from .hf import hf_name_to_gguf, unpermute_rows
+from .hf_files import read_json
 from .plan import tensor_name
 
 CONFIG = "adapter_config.json"
@@ -208,7 +209,7 @@ def _module_alpha(module, rank, config, cfg_file, weights_file, tensor) -> float
 
 
 def _weight_entries(path: Path) -> dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor], str]]:
-    from .hf import _bin_entries, _safetensors_entries
+    from .hf_files import _bin_entries, _safetensors_entries
     entries = _safetensors_entries(path) if path.suffix == ".safetensors" else _bin_entries(path)
     return {name: (tuple(e.shape), e.get, e.dtype) for name, e in entries}
 

@@ -103,7 +103,8 @@ def _tekken_version(path: Path) -> str:
 
 def open_mistral_source(model_dir: Path, ctx: int | None = None, pre: str | None = None,
                         tokenizer: Path | None = None):
-    from .hf import open_weights, ordered_tensors
+    from .hf import ordered_tensors
+    from .hf_files import open_weights
     from .source import Source
 
     pfile = model_dir / "params.json"

@@ -108,7 +108,7 @@ def _runner(ckpt_dir: Path) -> _Runner:
     from ..convert.sources import detect_format
 
     if detect_format(ckpt_dir) == "hf":
-        from ..convert.hf import open_weights, read_json
+        from ..convert.hf_files import open_weights, read_json
         from ..verify import reference_hf as R
 
         c = R.HFConfig(read_json(ckpt_dir / "config.json"), ckpt_dir / "config.json")

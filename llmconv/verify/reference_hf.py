@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..convert.hf import WeightEntry, open_weights, read_json
+from ..convert.hf_files import WeightEntry, open_weights, read_json
 from ..errors import LlmconvError
 from .progress import layer_progress
 from .hooks import NO_HOOKS, ForwardHooks, LayerWeights
