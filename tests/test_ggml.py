@@ -30,7 +30,8 @@ from llmconv.convert.ggml_out import plan_ggml_conversion
 from llmconv.errors import LlmconvError
 from llmconv.formats.ggml_reader import ASSUMED_NORM_EPS, ASSUMED_ROPE_THETA, read_ggml
 from llmconv.verify import metrics as M
-from llmconv.verify.candidate import candidate_logits, legacy_gguf_name, open_model_file
+from llmconv.verify.candidate import candidate_logits
+from llmconv.verify.model_file import legacy_gguf_name, open_model_file
 from llmconv.verify.reference import reference_logits
 from llmconv.verify.run import DEFAULT_TEXT, LOGIT_BOUNDS
 

@@ -266,7 +266,7 @@ def test_invalid_utf8_string_value_stays_bytes(tmp_path):
 
 
 def test_candidate_and_quantize_sources_read_through_it(converted, tmp_path):
-    from llmconv.verify.candidate import open_model_file, read_config
+    from llmconv.verify.model_file import open_model_file, read_config
     r, kvs, _ = _gguf_reader_view(converted["q4_0"])
     mf = open_model_file(converted["q4_0"])
     assert mf.tokens == kvs["tokenizer.ggml.tokens"][2]

@@ -132,7 +132,7 @@ def default_sidecar(path: Path) -> Path:
     """`convert --checksum` writes one sidecar for all parts of a split model, named after the
     unsplit output (X.gguf.sha256.json for X-00001-of-0000N.gguf)."""
     from ..formats.checksums import sidecar_path
-    from .candidate import SPLIT_NAME
+    from .model_file import SPLIT_NAME
 
     m = SPLIT_NAME.match(path.name)
     return sidecar_path(path.with_name(m["stem"] + ".gguf") if m else path)

@@ -26,7 +26,8 @@ import torch
 from .. import quantize as q
 from .bounds import TENSOR_BOUNDS, type_name
 from .hooks import ForwardHooks
-from .candidate import FileTensor, ModelFile, activation_rounding, dequantize
+from .candidate import activation_rounding
+from .model_file import FileTensor, ModelFile, dequantize
 from .moe import expert_slice
 
 ROWS_PER_CHUNK_BYTES = 32 << 20     # float32 source rows handled at a time

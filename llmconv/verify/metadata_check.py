@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from gguf import Keys
 
-from .candidate import ModelFile
+from .model_file import ModelFile
 
 # tokenizer.ggml.pre values llama.cpp's llama-vocab.cpp recognises (a data table carried over
 # from llama.cpp; names added there since are accepted with a note, see check_pre)

@@ -31,7 +31,8 @@ from ..errors import LlmconvError
 from . import metrics as M
 from .bounds import (FIDELITY_BOUNDS, LOGIT_BOUNDS, TENSOR_BOUNDS, dominant_type, file_type_name,  # noqa: F401
                      published_figures, quality_gates, type_name)
-from .candidate import FileInconsistent, ModelFile, candidate_streams, open_model_file, read_config
+from .candidate import candidate_streams
+from .model_file import FileInconsistent, ModelFile, open_model_file, read_config
 from .moe import hf_expert_names
 from .expected import ExpectedWeights, TensorCheck, compare_rest, rotate_half_order
 from .hooks import ForwardHooks

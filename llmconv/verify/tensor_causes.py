@@ -8,7 +8,7 @@ from gguf import GGML_QUANT_SIZES
 
 from .. import quantize as q
 from . import metrics as M
-from .candidate import ModelFile
+from .model_file import ModelFile
 from .expected import TensorCheck
 
 
