@@ -35,6 +35,9 @@ class QuantType:
     # The importance-weighted kernel, (x[rows, n], imatrix[n]) -> blocks, that llama.cpp uses
     # when given an imatrix; None where llama.cpp ignores one (q8_0, the float types).
     quantize_weighted: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    # llama.cpp refuses to quantize to this type without an imatrix (ggml asserts; llama-quantize
+    # stops: "this quantization requires an imatrix"); `quantize` then raises ImatrixRequired.
+    requires_imatrix: bool = False
 
     def row_nbytes(self, n: int) -> int:
         return n // self.block_size * self.type_size
@@ -108,6 +111,21 @@ register(QuantType("iq4_xs", GGMLQuantizationType.IQ4_XS, 256, iq4.IQ4_XS_SIZE, 
                    iq4.iq4_xs_quantize, iq4.iq4_xs_dequantize, quantize_weighted=iq4.iq4_xs_quantize))
 
 
+# Grid 2-bit types (256-weight super-blocks). IQ2_XXS and IQ2_XS exist only with an imatrix;
+# IQ2_S has an unweighted search too (ggml's), which llama-quantize reaches for token_embd only.
+from . import iq2  # noqa: E402
+
+register(QuantType("iq2_xxs", GGMLQuantizationType.IQ2_XXS, 256, iq2.IQ2_XXS_SIZE, LlamaFileType.MOSTLY_IQ2_XXS,
+                   iq2.iq2_xxs_quantize_unweighted, iq2.iq2_xxs_dequantize, quantize_weighted=iq2.iq2_xxs_quantize,
+                   requires_imatrix=True))
+register(QuantType("iq2_xs", GGMLQuantizationType.IQ2_XS, 256, iq2.IQ2_XS_SIZE, LlamaFileType.MOSTLY_IQ2_XS,
+                   iq2.iq2_xs_quantize_unweighted, iq2.iq2_xs_dequantize, quantize_weighted=iq2.iq2_xs_quantize,
+                   requires_imatrix=True))
+# a file "mostly" of IQ2_S blocks is llama.cpp's IQ2_M (its IQ2_S file type is mostly IQ2_XS)
+register(QuantType("iq2_s", GGMLQuantizationType.IQ2_S, 256, iq2.IQ2_S_SIZE, LlamaFileType.MOSTLY_IQ2_M,
+                   iq2.iq2_s_quantize, iq2.iq2_s_dequantize, quantize_weighted=iq2.iq2_s_quantize))
+
+
 def get(t: str | int | GGMLQuantizationType) -> QuantType:
     """Look a type up by CLI name ("q4_0") or by GGMLQuantizationType."""
     if isinstance(t, str):
@@ -122,7 +140,7 @@ def get(t: str | int | GGMLQuantizationType) -> QuantType:
 
 
 # Defined next to the block kernels, which raise it; re-exported here.
-from ._blocks import NonFiniteError  # noqa: E402
+from ._blocks import ImatrixRequired, NonFiniteError  # noqa: E402,F401
 
 
 def _first_nonfinite_row(x2d: np.ndarray) -> int | None:
@@ -154,6 +172,8 @@ def quantize_tensor(x: np.ndarray, qt: QuantType | str, threads: int = 1,
     n = shape[-1]
     if not qt.can_hold_row(n):
         raise ValueError(f"row length {n} is not a multiple of {qt.name}'s block size {qt.block_size}")
+    if imatrix is None and qt.requires_imatrix:
+        raise ImatrixRequired(f"{qt.name} needs an importance matrix (--imatrix), as llama.cpp does")
     x2d = x.reshape(-1, n)
     rows = x2d.shape[0]
     out = np.empty((rows, qt.row_nbytes(n)), np.uint8)

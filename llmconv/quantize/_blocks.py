@@ -33,6 +33,10 @@ class NonFiniteError(ValueError):
         super().__init__(f"{what} in row {row}")
 
 
+class ImatrixRequired(ValueError):
+    """A type whose kernel only exists with an importance matrix (ggml asserts one) got none."""
+
+
 class BadBlock(Exception):
     """Raised by a chunk kernel: block `index` of the chunk cannot be stored."""
 

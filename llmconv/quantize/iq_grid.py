@@ -1,0 +1,145 @@
+"""Lattice grids and their neighbour search, shared by the grid IQ types (IQ2_*, IQ3_*).
+
+ggml's grid types quantize a group of `dim` weights (8 for IQ2, 4 for IQ3) to one point of a
+fixed grid: a list of level vectors, each level 0..(2**bits - 1) standing for the value
+2*level + 1. `iq2xs_init_impl` / `iq3xs_init_impl` build, from the grid (`kgrid`, each point
+packed as `bits` bits per coordinate), three tables:
+
+* the map code -> grid index (code = the packed levels; -1 when the point is off the grid);
+* for every code off the grid, its neighbour list: the grid points at the `nwant` smallest
+  squared distances (in 2*level + 1 units), all of them, ordered by (distance, grid index);
+* the grid itself as bytes 2*level + 1.
+
+The quantizer rounds a group to the lattice; when the code is off the grid it takes the
+neighbour with the smallest weighted error sum_i w[i] * (scale*q[i] - x[i])**2, the first one
+on ties, in float32 with C's order of operations (`best_neighbours`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+F32 = np.float32
+
+
+@dataclass(frozen=True)
+class Grid:
+    dim: int                  # coordinates per group
+    bits: int                 # bits per coordinate in a code
+    levels: np.ndarray        # uint8 [G, dim]: level of each coordinate of each grid point
+    index: np.ndarray         # int32 [2**(bits*dim)]: grid index of a code, -1 off the grid
+    nbr_start: np.ndarray     # int64 [codes]: start of a code's neighbour list in `nbr`
+    nbr_count: np.ndarray     # int64 [codes]: its length (0 on the grid and for unreachable codes)
+    nbr: np.ndarray           # int32: every neighbour list, one after the other
+    n_levels: int             # levels a quantizer can produce per coordinate (max_level + 1)
+    term_offsets: np.ndarray  # int64 [G, dim]: i*n_levels + levels[:, i] (see best_neighbours)
+
+    @property
+    def size(self) -> int:
+        return self.levels.shape[0]
+
+
+def make_grid(kgrid, dim: int, bits: int, nwant: int, max_level: int) -> Grid:
+    """The tables of ggml's init for one grid. Neighbour lists are built only for codes whose
+    levels are all <= max_level: the quantizers clamp to that, so no other code is looked up."""
+    kgrid = np.asarray(kgrid, dtype=np.int64)
+    shifts = bits * np.arange(dim, dtype=np.int64)
+    mask = (1 << bits) - 1
+    levels = ((kgrid[:, None] >> shifts) & mask).astype(np.uint8)
+    n_codes = 1 << (bits * dim)
+    index = np.full(n_codes, -1, np.int32)
+    index[kgrid] = np.arange(len(kgrid), dtype=np.int32)
+
+    # every code with levels in 0..max_level (the points a quantizer can round to)
+    per_coord = np.arange(max_level + 1, dtype=np.int64)
+    mesh = np.stack(np.meshgrid(*([per_coord] * dim), indexing="ij"), axis=-1).reshape(-1, dim)
+    codes = (mesh << shifts).sum(axis=1)
+    off = index[codes] < 0
+    codes, mesh = codes[off], mesh[off]
+
+    pos_grid = 2 * levels.astype(np.int32) + 1
+    pos_pts = (2 * mesh + 1).astype(np.int32)
+    d2 = np.zeros((len(codes), len(kgrid)), np.int32)                          # [points, G]
+    for i in range(dim):
+        d2 += (pos_pts[:, i, None] - pos_grid[None, :, i]) ** 2
+    order = np.argsort(d2, axis=1, kind="stable")                              # (distance, index)
+    sorted_d2 = np.take_along_axis(d2, order, axis=1)
+    # the nwant-th smallest distinct distance of each point: everything up to it is a neighbour
+    distinct = np.ones_like(sorted_d2, dtype=bool)
+    distinct[:, 1:] = sorted_d2[:, 1:] != sorted_d2[:, :-1]
+    rank = np.cumsum(distinct, axis=1)
+    keep = rank <= nwant
+    counts = keep.sum(axis=1)
+
+    nbr_count = np.zeros(n_codes, np.int64)
+    nbr_count[codes] = counts
+    nbr_start = np.zeros(n_codes, np.int64)
+    nbr_start[codes] = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    nbr = order[keep].astype(np.int32)          # row-major: the lists one after the other, in `codes` order
+    n_levels = max_level + 1
+    # where the term of (coordinate i, the point's level there) sits among a group's dim*n_levels terms
+    term_offsets = np.arange(dim, dtype=np.int64) * n_levels + levels.astype(np.int64)
+    return Grid(dim, bits, levels, index, nbr_start, nbr_count, nbr, n_levels, term_offsets)
+
+
+def codes_of(levels: np.ndarray, bits: int) -> np.ndarray:
+    """Pack levels [..., dim] (last axis = coordinates) into codes [...]."""
+    dim = levels.shape[-1]
+    code = levels[..., 0].astype(np.int64)
+    for i in range(1, dim):
+        code |= levels[..., i].astype(np.int64) << (bits * i)
+    return code
+
+
+def best_neighbours(grid: Grid, codes: np.ndarray, xval: np.ndarray, w: np.ndarray,
+                    scale: np.ndarray) -> np.ndarray:
+    """ggml's iq2/iq3_find_best_neighbour for N groups at once: the grid index [N] of the
+    neighbour of `codes[N]` (all off the grid) minimizing, in float32,
+
+        d2 = 0;  for i in 0..dim-1:  diff = scale*q[i] - xval[i];  d2 += w[i]*diff*diff
+
+    (q = 2*level + 1), the first in list order on ties. xval, w: float32 [N, dim]; scale [N].
+
+    Every candidate's d2 is a sum of `dim` terms, each one of n_levels values per coordinate,
+    so the terms are computed once per group and level ([N, dim, n_levels]) and every
+    candidate gathers its `dim` terms from them and adds them in C's order.
+    """
+    n = codes.shape[0]
+    if n == 0:
+        return np.zeros(0, np.int32)
+    nl = grid.n_levels
+    q = (2 * np.arange(nl, dtype=F32) + 1)                                   # [nl]
+    diff = scale[:, None, None] * q[None, None, :] - xval[:, :, None]        # [N, dim, nl]
+    terms = (w[:, :, None] * diff) * diff
+    terms = terms.reshape(-1)
+
+    counts = grid.nbr_count[codes]
+    if not counts.all():
+        raise ValueError("a code without a neighbour list (not off the grid, or a level above max_level)")
+    ends = np.cumsum(counts)
+    total = int(ends[-1])
+    first = ends - counts                                                    # where each group's candidates start
+    group = np.repeat(np.arange(n, dtype=np.int64), counts)
+    pos = np.arange(total, dtype=np.int64) - first[group] + grid.nbr_start[codes][group]
+    cand = grid.nbr[pos]                                                     # grid index per candidate
+
+    idx = grid.term_offsets[cand]                                            # [total, dim]
+    idx += (group * (grid.dim * nl))[:, None]
+    t = terms[idx]                                                           # [total, dim]
+    d2 = t[:, 0] + F32(0.0)
+    for i in range(1, grid.dim):
+        d2 += t[:, i]
+
+    # first minimum per group; NaN never wins in C (d2 < best_d2 is false), nor here (fmin)
+    seg_min = np.fmin.reduceat(d2, first)
+    is_min = d2 == np.repeat(seg_min, counts)
+    hit = np.flatnonzero(is_min)
+    hit_group = group[hit]
+    lead = np.ones(hit.shape[0], bool)
+    lead[1:] = hit_group[1:] != hit_group[:-1]
+    hit, hit_group = hit[lead], hit_group[lead]
+    if hit.shape[0] != n:
+        raise FloatingPointError("no finite neighbour distance (ggml asserts here)")
+    return cand[hit]
+

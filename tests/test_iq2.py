@@ -1,0 +1,147 @@
+"""IQ2_XXS, IQ2_XS and IQ2_S against llama.cpp: the kernels (ggml_quantize_chunk with an imatrix,
+and IQ2_S without one), the dequantizers (gguf-py and ggml's own to_float), the grid tables
+(iq2xs_init_impl's neighbour lists, rebuilt independently here), and the imatrix requirement."""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+import llmconv.quantize as Q
+from llmconv.quantize import iq2
+from llama_gguf_util import ggml_quantize_chunk
+from test_quant_kernels import datasets, to_bf16_grid
+from test_weighted_quant import importance_vectors
+
+IQ2 = ["iq2_xxs", "iq2_xs", "iq2_s"]
+pytestmark = pytest.mark.llamacpp
+
+
+def extreme_rows(n: int = 512) -> np.ndarray:
+    """Whole rows that are edge cases of the search: zero, constant, tiny, huge, sparse, ±."""
+    rng = np.random.default_rng(5)
+    rows = [np.zeros(n), np.full(n, 0.01), np.full(n, -3.0), rng.standard_normal(n) * 1e-20,
+            rng.standard_normal(n) * 1e-8, rng.standard_normal(n) * 1e-12, rng.standard_normal(n) * 3e4,
+            np.where(rng.random(n) < 0.9, 0.0, rng.standard_normal(n)), np.tile([0.5, -0.5], n // 2),
+            to_bf16_grid(rng.standard_normal(n) * 0.02)]
+    return np.array(rows, dtype=np.float32)
+
+
+def imatrices(x: np.ndarray) -> dict[str, np.ndarray]:
+    n = x.shape[1]
+    ims = importance_vectors(n)
+    ims["zero_half"] = np.where(np.arange(n) % 32 < 16, 0.0, 1.0)      # XS/S blocks of 16 all unweighted
+    ims["only_on_zeros"] = np.where(x[-1] == 0, 1.0, 0.0) if (x[-1] == 0).any() else np.eye(1, n, 3)[0]
+    return {k: v.astype(np.float32) for k, v in ims.items()}
+
+
+def _assert_same(ours: np.ndarray, ref: np.ndarray, type_size: int, what: str) -> None:
+    bad = np.flatnonzero((ours.reshape(-1, type_size) != ref.reshape(-1, type_size)).any(axis=1))
+    assert bad.size == 0, f"{what}: {bad.size} of {ours.size // type_size} blocks differ, first {bad[:5].tolist()}"
+
+
+@pytest.mark.parametrize("t", IQ2)
+def test_kernel_bytes_equal_llama_cpp(t):
+    """Every block identical on bf16-grid data, edge blocks and whole edge rows, under every
+    kind of imatrix (each dataset meets two of them in turn, to keep the run short)."""
+    qt = Q.get(t)
+    sets = {**datasets(), "extreme_rows": extreme_rows()}
+    k = 0
+    for name, x in sets.items():
+        ims = imatrices(x)
+        chosen = list(ims) if name == "extreme_rows" else [list(ims)[(k + j) % len(ims)] for j in (0, 1)]
+        k += 2
+        for iname in chosen:
+            ours = Q.quantize_tensor(x, qt, imatrix=ims[iname])
+            _assert_same(ours, ggml_quantize_chunk(qt.ggml_type, x, ims[iname]), qt.type_size, f"{t} {name} {iname}")
+
+
+def test_iq2_s_without_imatrix_equals_llama_cpp():
+    qt = Q.get("iq2_s")
+    for name in ("bf16", "bf16_coarse", "edges", "normal_1000"):
+        x = datasets()[name]
+        _assert_same(Q.quantize_tensor(x, qt), ggml_quantize_chunk(qt.ggml_type, x, None), qt.type_size, name)
+    x = extreme_rows()
+    _assert_same(Q.quantize_tensor(x, qt), ggml_quantize_chunk(qt.ggml_type, x, None), qt.type_size, "extreme")
+
+
+def test_chunks_and_threads_keep_the_bytes(monkeypatch):
+    monkeypatch.setattr("llmconv.quantize.iq2.CHUNK_SUPERBLOCKS", 3)      # chunks start mid-row
+    rng = np.random.default_rng(9)
+    x = to_bf16_grid(rng.standard_normal((7, 768)) * 0.05)
+    qw = importance_vectors(768)["realistic"].astype(np.float32)
+    for t in IQ2:
+        qt = Q.get(t)
+        ours = Q.quantize_tensor(x, qt, imatrix=qw, threads=2)
+        _assert_same(ours, ggml_quantize_chunk(qt.ggml_type, x, qw), qt.type_size, t)
+
+
+def test_xxs_and_xs_require_an_imatrix():
+    x = np.ones((1, 256), np.float32)
+    for t in ("iq2_xxs", "iq2_xs"):
+        with pytest.raises(Q.ImatrixRequired, match=f"{t} needs an importance matrix"):
+            Q.quantize_tensor(x, t)
+    assert Q.quantize_tensor(x, "iq2_s").shape == (1, iq2.IQ2_S_SIZE)
+
+
+def _c_to_float():
+    import llama_cpp
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    # ggml_get_type_traits(type)->to_float(x, y, k): the dequantizer the CPU backend runs
+    fields = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
+              ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p)]
+    Traits = type("Traits", (ctypes.Structure,), {"_fields_": fields})
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(Traits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+
+    def to_float(ggml_type: int, raw: np.ndarray, k: int) -> np.ndarray:
+        tr = lib.ggml_get_type_traits(int(ggml_type)).contents
+        assert tr.blck_size == 256
+        fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(tr.to_float)
+        raw = np.ascontiguousarray(raw)
+        y = np.empty(k, np.float32)
+        fn(raw.ctypes.data, y.ctypes.data, k)
+        return y
+    return to_float
+
+
+@pytest.mark.parametrize("t", IQ2)
+def test_dequantize_equals_ggml_and_gguf_py(t):
+    qt = Q.get(t)
+    x = datasets()["bf16"][:16]
+    qw = importance_vectors(x.shape[1])["realistic"].astype(np.float32)
+    raw = ggml_quantize_chunk(qt.ggml_type, x, qw)
+    ours = Q.dequantize_tensor(raw, qt)
+    c = _c_to_float()(qt.ggml_type, raw, x.size).reshape(x.shape)
+    assert np.array_equal(ours.view(np.uint32), c.view(np.uint32))
+    ref = gguf.quants.dequantize(raw, qt.ggml_type).astype(np.float32)
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+    # a real fit: the error is well below the weights' own size
+    assert np.sqrt(np.mean((ours - x) ** 2)) < 0.7 * np.sqrt(np.mean(x ** 2))
+
+
+@pytest.mark.parametrize("t,nwant", [("iq2_xxs", 2), ("iq2_xs", 2), ("iq2_s", 1)])
+def test_neighbour_lists_follow_ggml_definition(t, nwant):
+    """Rebuilt point by point with plain loops: for a few off-grid codes, all grid points at the
+    nwant smallest distances, by (distance, index); on-grid codes map to their index."""
+    g = iq2.grid(t)
+    pts = g.levels.astype(int) * 2 + 1
+    rng = np.random.default_rng(3)
+    checked = 0
+    while checked < 40:
+        lv = rng.integers(0, 3, 8)
+        code = int(sum(int(v) << (2 * i) for i, v in enumerate(lv)))
+        d2 = [int(((pts[j] - (2 * lv + 1)) ** 2).sum()) for j in range(g.size)]
+        on = [j for j in range(g.size) if d2[j] == 0]
+        if on:
+            assert g.index[code] == on[0]
+            continue
+        shells = sorted(set(d2))[:nwant]
+        want = sorted((d, j) for j, d in enumerate(d2) if d in shells)
+        got = g.nbr[g.nbr_start[code]:g.nbr_start[code] + g.nbr_count[code]]
+        assert got.tolist() == [j for _, j in want]
+        checked += 1
