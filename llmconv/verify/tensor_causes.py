@@ -75,7 +75,8 @@ def other_type(check: TensorCheck, ft, src) -> str | None:
     deq = ft.array()
     own = M.rel_rmse(deq, src)
     for qt in q.TYPES.values():
-        if qt is declared or not qt.can_hold_row(src.shape[-1]):
+        # Types that llama.cpp only makes with an imatrix are not a plausible earlier pass here.
+        if qt is declared or qt.requires_imatrix or not qt.can_hold_row(src.shape[-1]):
             continue
         if (qt.type_size, qt.block_size) == (declared.type_size, declared.block_size):
             as_other = q.dequantize_tensor(ft.raw, qt).reshape(src.shape)
