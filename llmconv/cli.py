@@ -5,8 +5,6 @@ and exits 2; `--debug` shows the traceback instead. Ctrl-C exits 130, leaving no
 """
 from __future__ import annotations
 
-import math
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -20,7 +18,8 @@ _DEBUG = False
 
 
 def _threads_default() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from .api import default_threads
+    return default_threads()
 
 
 def _print_version(ctx: click.Context, value: bool) -> None:
@@ -43,11 +42,6 @@ def _print_version(ctx: click.Context, value: bool) -> None:
     ctx.exit()
 
 
-def _type_names() -> list[str]:
-    from . import quantize as q
-    return list(q.TYPES)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show a full traceback on errors.")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=lambda c, p, v: _print_version(c, v),
@@ -65,12 +59,6 @@ def cli(debug: bool) -> None:
     """
     global _DEBUG
     _DEBUG = debug
-
-
-def _type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type):
-    from .convert.plan import parse_overrides
-    return dict(pure=pure, output_type=output_tensor_type, token_embd_type=token_embedding_type,
-                overrides=parse_overrides(list(tensor_type)))
 
 
 _type_options = [
@@ -101,31 +89,10 @@ _imatrix_option = click.option(
          "quantize with llama.cpp's weighted searches and its imatrix type rules.")
 
 
-def _load_imatrix(path):
-    if path is None:
-        return None
-    from .imatrix import read_imatrix
-    return read_imatrix(path)
-
-
 def type_options(f):
     for opt in reversed(_type_options):
         f = opt(f)
     return f
-
-
-def parse_size(text: str) -> int:
-    """'4G' -> 4 * 2**30; plain numbers are bytes."""
-    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        value = float(num)
-    except ValueError:
-        raise LlmconvError(f"--split-max-size {text!r}: expected a size like 4G or 500M") from None
-    if not math.isfinite(value) or value < 0 or value * units[unit] >= 2**63:
-        raise LlmconvError(f"--split-max-size {text!r}: expected a finite, non-negative size below 8 EiB")
-    return int(value * units[unit])
 
 
 def _echo_written(res, plan, quiet: bool, json_path: str | None = None) -> None:
@@ -199,62 +166,21 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora,
       llmconv convert path/to/ckpt --outtype iq4_xs --imatrix-text builtin   # imatrix computed first
       llmconv convert path/to/ckpt --outtype q8_0,q6_K,q4_K_M -o out/ # three files, one read
     """
-    from .convert.execute import OutputRequest, write_ggufs
-    from .convert.pipeline import describe_plan, plan_conversions, plan_json, split_types
+    from . import api
 
-    from .convert.lora import parse_lora_spec
-
-    types = split_types(outtype)
-    opts = dict(ctx=ctx, input_format=input_format, pre=pre, tokenizer=tokenizer, lora=[parse_lora_spec(s) for s in lora],
-                metadata=metadata, override_kv=override_kv,
-                **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
-    if out_format == "ggml":
-        from .convert.ggml_out import plan_ggml_conversion, write_ggml
-        if parse_size(split_max_size) or split_max_tensors:
-            raise LlmconvError("--format ggml writes one file; --split-max-size/--split-max-tensors are for GGUF")
-        if checksum:
-            raise LlmconvError("--checksum is for GGUF output (verify --checksums reads GGUF)")
-        if override_kv:
-            raise LlmconvError("--override-kv is for GGUF output: a ggjt file has no key-value metadata")
-    if imatrix and imatrix_text:
-        raise LlmconvError("--imatrix and --imatrix-text: give one")
-    if imatrix_text and lora:
-        raise LlmconvError("--imatrix-text runs the checkpoint without the --lora merge; "
-                           "compute the imatrix from a merged checkpoint and pass --imatrix")
-    if imatrix_text and dry_run:
-        from .imatrix import Imatrix
-        im = Imatrix()          # no weights to compute for a plan, but the imatrix type rules apply
-    elif imatrix_text:
-        from .imatrix.collect import compute_imatrix
-        im = compute_imatrix(ckpt_dir, imatrix_text, ctx=imatrix_ctx, chunks=imatrix_chunks, progress=not quiet,
-                             threads=threads)
-    else:
-        im = _load_imatrix(imatrix)
-    opts["imatrix"] = im
-    if out_format == "ggml":
-        if len(types) > 1:
-            raise LlmconvError("--format ggml writes one type per run; several types are for GGUF")
-        convs = [plan_ggml_conversion(ckpt_dir, outtype=types[0], outfile=outfile, **opts)]
-    else:
-        convs = plan_conversions(ckpt_dir, types, outfile, **opts)
+    result = api.convert(ckpt_dir, outfile, outtype=outtype, format=out_format, dry_run=dry_run, ctx=ctx,
+                         input_format=input_format, tokenizer=tokenizer, pre=pre, lora=lora, metadata=metadata,
+                         override_kv=override_kv, imatrix=imatrix, imatrix_text=imatrix_text, imatrix_ctx=imatrix_ctx,
+                         imatrix_chunks=imatrix_chunks, pure=pure, output_tensor_type=output_tensor_type,
+                         token_embedding_type=token_embedding_type, tensor_types=tensor_type, threads=threads,
+                         split_max_size=split_max_size, split_max_tensors=split_max_tensors, force=force,
+                         checksum=checksum, progress=not quiet, verbose=verbose,
+                         on_warning=lambda w: click.echo(f"warning: {w}", err=True))
     if dry_run:
-        click.echo("\n\n".join(describe_plan(c) for c in convs), err=json_path == "-")
-        emit_json(json_path, {"dry_run": True, **plan_json(convs[0])} if len(convs) == 1 else
-                   {"dry_run": True, "outputs": [plan_json(c) for c in convs]})
-        return
-    for w in convs[0].warnings:
-        click.echo(f"warning: {w}", err=True)
-    if out_format == "ggml":
-        results = [write_ggml(convs[0], threads=threads, progress=not quiet, force=force, verbose=verbose)]
-    else:   # every type from one read of the checkpoint
-        results = write_ggufs([OutputRequest(c.out_path, c.kvs, c.plan) for c in convs], threads=threads,
-                              progress=not quiet, force=force, verbose=verbose, split_max_size=parse_size(split_max_size),
-                              split_max_tensors=split_max_tensors, checksum=checksum)
-    reports = []
-    for conv, res in zip(convs, results):
-        _echo_written(res, conv.plan, quiet, json_path)
-        reports.append({"dry_run": False, **plan_json(conv), "seconds": res.seconds, "file_bytes": res.nbytes})
-    emit_json(json_path, reports[0] if len(reports) == 1 else {"dry_run": False, "outputs": reports})
+        click.echo(result.describe(), err=json_path == "-")
+    for conv, written in zip(result.conversions, result.written):
+        _echo_written(written, conv.plan, quiet, json_path)
+    emit_json(json_path, result.report())
 
 
 @cli.command()
@@ -287,23 +213,16 @@ def quantize(infile, outfile, qtype, allow_requantize, override_kv, imatrix, pur
       llmconv quantize model-F16.gguf model-Q3_K_M.gguf --type q3_K_M --imatrix model.imatrix.gguf
       llmconv quantize model-F16.gguf out/ --type q4_K_M,q5_K_M      # two files, one read
     """
-    from .convert.execute import OutputRequest, write_ggufs
-    from .convert.pipeline import plan_requantizes, split_types
+    from . import api
 
-    rqs = plan_requantizes(infile, outfile, split_types(qtype), allow_requantize=allow_requantize, override_kv=override_kv,
-                           imatrix=_load_imatrix(imatrix),
-                           **_type_overrides(pure, output_tensor_type, token_embedding_type, tensor_type))
-    results = write_ggufs([OutputRequest(rq.out_path, rq.kvs, rq.plan) for rq in rqs], threads=threads,
-                          progress=not quiet, force=force, verbose=verbose, split_max_size=parse_size(split_max_size),
-                          split_max_tensors=split_max_tensors, checksum=checksum)
-    reports = []
-    for rq, res in zip(rqs, results):
-        _echo_written(res, rq.plan, quiet, json_path)
-        reports.append({"input": str(infile), "output": str(res.path), "type": rq.plan.outtype,
-                        "file_type": rq.plan.file_type, "seconds": res.seconds, "file_bytes": res.nbytes,
-                        "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes,
-                                     "reason": t.reason} for t in rq.plan.tensors], "notes": rq.plan.notes})
-    emit_json(json_path, reports[0] if len(reports) == 1 else {"outputs": reports})
+    result = api.quantize(infile, outfile, outtype=qtype, allow_requantize=allow_requantize, override_kv=override_kv,
+                          imatrix=imatrix, pure=pure, output_tensor_type=output_tensor_type,
+                          token_embedding_type=token_embedding_type, tensor_types=tensor_type, threads=threads,
+                          split_max_size=split_max_size, split_max_tensors=split_max_tensors, force=force,
+                          checksum=checksum, progress=not quiet, verbose=verbose)
+    for rq, written in zip(result.requantizations, result.written):
+        _echo_written(written, rq.plan, quiet, json_path)
+    emit_json(json_path, result.report())
 
 
 @cli.command("convert-lora")
@@ -328,26 +247,53 @@ def convert_lora(adapter_dir, base_dir, outtype, outfile, input_format, force, j
       llmconv convert-lora path/to/adapter --base path/to/base -o adapter.gguf
       llmconv convert-lora path/to/adapter --base path/to/base --outtype q8_0
     """
-    from .convert.execute import write_gguf
-    from .convert.lora_out import plan_adapter
+    from . import api
 
-    ac = plan_adapter(adapter_dir, base_dir, outtype=outtype, outfile=outfile, input_format=input_format)
-    res = write_gguf(ac.out_path, ac.kvs, ac.plan, progress=not quiet, force=force, verbose=verbose)
-    _echo_written(res, ac.plan, quiet, json_path)
-    emit_json(json_path, {"adapter": str(adapter_dir), "base": str(base_dir), "output": str(res.path),
-                           "type": ac.plan.outtype, "alpha": ac.alpha, "rslora": ac.adapter.rslora,
-                           "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape)}
-                                       for t in ac.plan.tensors], "seconds": res.seconds, "file_bytes": res.nbytes})
+    result = api.convert_lora(adapter_dir, base_dir, outfile, outtype=outtype, input_format=input_format, force=force,
+                              progress=not quiet, verbose=verbose)
+    _echo_written(result.written, result.conversion.plan, quiet, json_path)
+    emit_json(json_path, result.report())
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@json_option("the same information")
+@click.option("--force", "-f", is_flag=True, help="Let --json FILE overwrite an existing file.")
+@click.option("--tensors", "tensor_filter", metavar="REGEX",
+              help="Only tensors whose name matches REGEX (searched, as grep does), e.g. 'blk\\.0\\.'.")
+def inspect(file: Path, json_path: str | None, tensor_filter: str | None, force: bool) -> None:
+    """Show what a GGUF or ggml file holds: version, alignment, metadata with types, vocab size,
+    the tensor table (name, type, shape, offset, bytes) and totals per type with bits per weight.
+
+    Shapes are in numpy order (outermost first; the last number is the row length). Only the
+    header is read, so this is quick on files of any size. A corrupt or truncated file gets a
+    one-line error naming the byte offset.
+
+    \b
+    Examples:
+      llmconv inspect model.gguf
+      llmconv inspect model.gguf --tensors 'blk\\.0\\..*'    # a regex filter on tensor names
+      llmconv inspect model.bin --json                     # a ggml/ggjt file, as JSON on stdout
+    """
+    import json
+
+    from .api import inspect as run
+
+    result = run(file, tensor_filter)
+    if json_path is None:
+        click.echo(result.text())
+        return
+    emit_json(json_path, result.summary, json.dumps(result.summary, indent=2, ensure_ascii=False))
+    if json_path != "-":
+        click.echo(result.text())
 
 
 # Subcommands that live next to the code they drive (each module defines one click command).
 def _register_subcommands() -> None:
-    from .formats.inspect_cmd import inspect
     from .imatrix.command import imatrix
     from .verify.command import verify
 
     cli.add_command(verify)
-    cli.add_command(inspect)
     cli.add_command(imatrix)
 
 

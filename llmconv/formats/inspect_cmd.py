@@ -1,4 +1,4 @@
-"""`llmconv inspect FILE`: what a GGUF (v2, v3) or legacy ggml (ggml, ggmf, ggjt) file holds.
+"""What `llmconv inspect FILE` shows: what a GGUF (v2, v3) or legacy ggml (ggml, ggmf, ggjt) file holds.
 
 One summary is built from the file's header and tensor table (never its data) and then
 printed either as tables or, with --json, as JSON. Both show the same facts: format and
@@ -11,7 +11,6 @@ and offset before using it, so a corrupt file gets a one-line error, not a trace
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -22,7 +21,6 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from ..errors import LlmconvError, printable
-from ..jsonout import emit_json, json_option
 
 ARRAY_PREVIEW = 8          # array items shown (text and JSON); the length is always given
 TEXT_WIDTH = 72            # longest metadata value shown in the table before it is cut
@@ -260,32 +258,3 @@ def render_text(s: dict) -> str:
         rows.append(row("all", tot["all"]))
         lines += _table(rows, right={1, 2, 3, 4, 5})
     return "\n".join(lines)
-
-
-@click.command()
-@click.argument("file", type=click.Path(path_type=Path))
-@json_option("the same information")
-@click.option("--force", "-f", is_flag=True, help="Let --json FILE overwrite an existing file.")
-@click.option("--tensors", "tensor_filter", metavar="REGEX",
-              help="Only tensors whose name matches REGEX (searched, as grep does), e.g. 'blk\\.0\\.'.")
-def inspect(file: Path, json_path: str | None, tensor_filter: str | None, force: bool) -> None:
-    """Show what a GGUF or ggml file holds: version, alignment, metadata with types, vocab size,
-    the tensor table (name, type, shape, offset, bytes) and totals per type with bits per weight.
-
-    Shapes are in numpy order (outermost first; the last number is the row length). Only the
-    header is read, so this is quick on files of any size. A corrupt or truncated file gets a
-    one-line error naming the byte offset.
-
-    \b
-    Examples:
-      llmconv inspect model.gguf
-      llmconv inspect model.gguf --tensors 'blk\\.0\\..*'    # a regex filter on tensor names
-      llmconv inspect model.bin --json                     # a ggml/ggjt file, as JSON on stdout
-    """
-    s = summarize(file, tensor_filter)
-    if json_path is None:
-        click.echo(render_text(s))
-        return
-    emit_json(json_path, s, json.dumps(s, indent=2, ensure_ascii=False))
-    if json_path != "-":
-        click.echo(render_text(s))

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import click
 
-from ..errors import LlmconvError
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -35,12 +34,9 @@ def imatrix(ckpt_dir, text, outfile, ctx, chunks, threads, force, quiet):
       llmconv imatrix path/to/ckpt --text calib.txt --ctx 512 --chunks 100 -o model.imatrix.gguf
       llmconv convert path/to/ckpt --outtype q4_K_M --imatrix model.imatrix.gguf
     """
-    from .collect import compute_imatrix
-    from .files import write_imatrix_gguf
+    from ..api import imatrix as run
 
-    if Path(outfile).exists() and not force:
-        raise LlmconvError("exists (use --force to overwrite)", file=outfile)
-    im = compute_imatrix(ckpt_dir, text, ctx=ctx, chunks=chunks, progress=not quiet, threads=threads)
-    write_imatrix_gguf(outfile, im, force=force)
+    im = run(ckpt_dir, outfile, text=text, ctx=ctx, chunks=chunks, threads=threads, force=force,
+             progress=not quiet).imatrix
     click.echo(f"wrote {outfile}: {len(im.entries)} matrices, {im.chunk_count} chunks of {im.chunk_size} tokens "
                f"from {im.datasets[0]}")

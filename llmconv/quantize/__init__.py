@@ -219,3 +219,7 @@ def dequantize_tensor(raw: np.ndarray, qt: QuantType | str | GGMLQuantizationTyp
     nbytes = raw.shape[-1]
     out = qt.dequantize(raw.reshape(-1, nbytes))
     return out.reshape(*raw.shape[:-1], nbytes // qt.type_size * qt.block_size)
+
+from .._callable import make_callable  # noqa: E402  (llmconv.quantize(...) runs api.quantize)
+
+make_callable(__name__)

@@ -1,4 +1,4 @@
-"""`llmconv verify`: the command line over run.run_verify (the engine and its report schema)."""
+"""`llmconv verify`: the command line over api.verify (run.py: the engine; report.py: its schema)."""
 from __future__ import annotations
 
 import sys
@@ -12,8 +12,8 @@ from ..jsonout import emit_json, json_option
 
 
 def _threads_default() -> int:
-    import os
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from ..api import default_threads
+    return default_threads()
 
 
 def read_text(path: Path) -> str:
@@ -27,11 +27,6 @@ def read_text(path: Path) -> str:
         raise LlmconvError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=path) from None
     except OSError as e:
         raise LlmconvError(f"cannot read: {e.strerror}", file=path) from None
-
-
-def _read_imatrix(path):
-    from ..imatrix import read_imatrix
-    return read_imatrix(path)
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -109,43 +104,14 @@ def verify(file, reference, text_file, tokens, json_path, max_kld, min_top1, max
       llmconv verify out.gguf -r ckpt/ --engine llama.cpp                  # also run llama.cpp
       llmconv verify out.gguf -r ckpt/ --checksums                         # and the sha256 sidecar
     """
-    from .run import format_report, run_verify
+    from ..api import verify as run
 
-    text = read_text(text_file) if text_file is not None else None
-    from ..convert.lora import parse_lora_spec
-
-    report = run_verify(file, reference, text=text, tokens=tokens, engine=engine, threads=threads,
-                        activations=activations, ctx=ctx, progress=True, lora=[parse_lora_spec(s) for s in lora],
-                        imatrix=None if imatrix is None else _read_imatrix(imatrix),
-                        bounds={"max_kld": max_kld, "min_top1": min_top1, "max_ppl_ratio": max_ppl_ratio,
-                                "max_rel_dlogit": max_rel_dlogit})
-    if checksums is not None:
-        add_checksums(report, file, checksums or None)
+    result = run(file, reference, text=read_text(text_file) if text_file is not None else None, tokens=tokens,
+                 engine=engine, threads=threads, activations=activations, ctx=ctx, imatrix=imatrix, lora=lora,
+                 checksums=checksums if checksums is not None else False, max_kld=max_kld, min_top1=min_top1,
+                 max_ppl_ratio=max_ppl_ratio, max_rel_dlogit=max_rel_dlogit, progress=True)
     # with --json -, stdout carries only the JSON, so the table goes to stderr
-    click.echo(format_report(report), err=json_path == "-")
-    emit_json(json_path, report)
-    if not report["passed"]:
+    click.echo(result.text(), err=json_path == "-")
+    emit_json(json_path, result.report)
+    if not result.passed:
         sys.exit(1)
-
-
-def default_sidecar(path: Path) -> Path:
-    """`convert --checksum` writes one sidecar for all parts of a split model, named after the
-    unsplit output (X.gguf.sha256.json for X-00001-of-0000N.gguf)."""
-    from ..formats.checksums import sidecar_path
-    from .model_file import SPLIT_NAME
-
-    m = SPLIT_NAME.match(path.name)
-    return sidecar_path(path.with_name(m["stem"] + ".gguf") if m else path)
-
-
-def add_checksums(report: dict, file: Path, sidecar: Path | None) -> None:
-    from ..formats.checksums import check_sidecar
-
-    problems = check_sidecar(file, sidecar or default_sidecar(file))
-    report["checksums"] = {"checked": True, "problems": problems}
-    report["failures"] += [f"checksum: {p}" for p in problems]
-    report["findings"] += [{"part": "integrity", "check": "checksum", "subject": None, "message": f"checksum: {p}",
-                            "failure": True} for p in problems]
-    if problems and report["passed"]:
-        report["verdict"] = report["failures"][0]
-    report["passed"] = report["passed"] and not problems

@@ -52,6 +52,7 @@ Logit keys (each metrics dict):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -158,3 +159,26 @@ def format_report(r: dict) -> str:
     lines += [f"FAIL: {f}" for f in r["failures"]]
     lines.append("PASS" if r["passed"] else f"FAILED ({len(r['failures'])} check(s)): {r['verdict']}")
     return "\n".join(lines)
+
+
+def default_sidecar(path: Path) -> Path:
+    """`convert --checksum` writes one sidecar for all parts of a split model, named after the
+    unsplit output (X.gguf.sha256.json for X-00001-of-0000N.gguf)."""
+    from ..formats.checksums import sidecar_path
+    from .model_file import SPLIT_NAME
+
+    m = SPLIT_NAME.match(path.name)
+    return sidecar_path(path.with_name(m["stem"] + ".gguf") if m else path)
+
+
+def add_checksums(report: dict, file: Path, sidecar: Path | None) -> None:
+    from ..formats.checksums import check_sidecar
+
+    problems = check_sidecar(file, sidecar or default_sidecar(file))
+    report["checksums"] = {"checked": True, "problems": problems}
+    report["failures"] += [f"checksum: {p}" for p in problems]
+    report["findings"] += [{"part": "integrity", "check": "checksum", "subject": None, "message": f"checksum: {p}",
+                            "failure": True} for p in problems]
+    if problems and report["passed"]:
+        report["verdict"] = report["failures"][0]
+    report["passed"] = report["passed"] and not problems
