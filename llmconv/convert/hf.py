@@ -7,7 +7,7 @@ What differs from a Meta checkpoint, and how it is undone here:
     llama.cpp's llama architecture rotates adjacent pairs, so the rows are put back in Meta
     order: per head, HF row p * head_dim/2 + j holds Meta row 2j + p. Q has n_head heads,
     K has n_head_kv; a bias is reordered like its weight's rows;
-  - weights are one file, or shards listed by an index file (hf_files.py), read one tensor at a time;
+  - weights are one file, or shards listed by an index file (hf_files.py), read in rows with pread;
   - the embedding may be tied to the output (no lm_head): then there is no `output.weight`
     and llama.cpp uses `token_embd.weight` for both.
 config.json is read in hf_config.py and the tokenizer files in hf_tokenizer.py; this module maps
@@ -24,6 +24,7 @@ import torch
 from gguf import MODEL_TENSOR
 
 from ..errors import LlmconvError
+from ..formats.rawread import read_rows_unpermuted
 from . import moe
 from .guards import check_layer_count
 from .hf_config import HFConfig, read_hf_config, rope_freqs_tensor, rope_scaling_kvs
@@ -162,7 +163,7 @@ def _map_tensors(entries: dict[str, WeightEntry], cfg: HFConfig, vocab_size: int
     tensors: dict[str, SourceTensor] = {}
     if moe_config is not None:      # Mixtral: routers and stacked experts instead of the dense ffn
         tensors.update(moe.stack_experts(entries, moe_config, dim=cfg.dim, ffn=cfg.ffn, n_layers=cfg.n_layers,
-                                         cfg_file=cfg.file, expert_loader=lambda e: _loader(e.get, None)))
+                                         cfg_file=cfg.file, expert_loader=lambda e: weight_loader(e, None)))
     for name, e in entries.items():
         if _DROPPED.fullmatch(name):
             continue
@@ -181,16 +182,27 @@ def _map_tensors(entries: dict[str, WeightEntry], cfg: HFConfig, vocab_size: int
                                f"head_dim={cfg.head_dim}, kv_heads={cfg.n_kv}, intermediate_size={cfg.ffn}, "
                                f"vocab_size={vocab_size}) implies {want}", file=e.file, tensor=name)
         heads = cfg.n_heads if ".self_attn.q_proj." in name else cfg.n_kv if ".self_attn.k_proj." in name else None
-        tensors[gguf_name] = SourceTensor(name=gguf_name, shape=tuple(e.shape), load=_loader(e.get, heads),
-                                          files=[e.file], source_name=name, source_dtype=e.dtype)
+        tensors[gguf_name] = SourceTensor(name=gguf_name, shape=tuple(e.shape), load=weight_loader(e, heads),
+                                          files=[e.file], source_name=name, source_dtype=e.dtype,
+                                          read_rows=weight_rows(e, heads),
+                                          prefetch=e.raw.prefetch if e.raw is not None else None)
     return tensors
 
 
-def _loader(get: Callable[[], torch.Tensor], heads: int | None) -> Callable[[], np.ndarray]:
+def weight_loader(e: WeightEntry, heads: int | None) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        a = get().to(torch.float32).numpy()
+        a = e.raw.load() if e.raw is not None else e.get().to(torch.float32).numpy()
         return np.ascontiguousarray(unpermute_rows(a, heads)) if heads else a
     return load
+
+
+def weight_rows(e: WeightEntry, heads: int | None):
+    """The streaming engine's read_rows for a weight (None: the engine loads it whole)."""
+    if e.raw is None or (heads and len(e.shape) != 2):
+        return None
+    if heads:
+        return lambda a, b, out, raw=e.raw: read_rows_unpermuted(raw, heads, a, b, out)
+    return e.raw.read_rows
 
 
 def ordered_tensors(tensors: dict[str, SourceTensor], n_layers: int) -> list[SourceTensor]:

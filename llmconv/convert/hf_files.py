@@ -1,9 +1,11 @@
 """Where a Hugging Face (or Mistral) checkpoint keeps its weights: one file, or shards listed by an
-index file, or shards named -0000k-of-0000N; read one tensor at a time (safetensors `safe_open`
-maps the file; `get_tensor` copies only the tensor asked for). Also the JSON reader the HF
+index file, or shards named -0000k-of-0000N. `safe_open` checks each safetensors header; the
+streaming engine then reads rows with pread at the offsets the header gives (formats/rawread.py;
+.bin zips: torch_zip.py), `get` remains for whole-tensor users. Also the JSON reader the HF
 modules share."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +14,9 @@ from typing import Callable
 import torch
 
 from ..errors import LlmconvError, load_json
+from ..formats.rawread import RawTensor, SourceFile
 from .meta import safe_torch_load
+from .torch_zip import raw_tensors
 
 _ST_DTYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
 _TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
@@ -35,6 +39,7 @@ class WeightEntry:
     shape: tuple[int, ...]
     dtype: str                                  # "bf16", "f16", "f32"
     get: Callable[[], torch.Tensor]
+    raw: RawTensor | None = None                # where its bytes lie, for pread (None: only `get`)
 
 
 # File layouts: "safetensors" and "bin" are Hugging Face's, "consolidated" is Mistral's own
@@ -130,20 +135,42 @@ def _safetensors_entries(path: Path):
         meta = [(n, handle.get_slice(n)) for n in names]
     except (SafetensorError, OSError, ValueError) as e:
         raise LlmconvError(f"not a readable safetensors file: {_first_line(e)}", file=path) from None
+    places = _safetensors_places(path)
+    file = SourceFile(path) if places else None
     for name, sl in meta:
         dtype = _ST_DTYPES.get(sl.get_dtype())
         if dtype is None:
             raise LlmconvError(f"unsupported dtype {sl.get_dtype()} (bf16, f16, f32)", file=path, tensor=name)
-        yield name, WeightEntry(path, tuple(sl.get_shape()), dtype, lambda h=handle, n=name: h.get_tensor(n))
+        shape = tuple(sl.get_shape())
+        raw = None
+        if file is not None and name in places:
+            raw = RawTensor(file, places[name][0], dtype, shape, name)
+            if places[name][1] - places[name][0] != raw.nbytes:
+                raw = None
+        yield name, WeightEntry(path, shape, dtype, lambda h=handle, n=name: h.get_tensor(n), raw)
+
+
+def _safetensors_places(path: Path) -> dict[str, tuple[int, int]]:
+    """name -> (first byte, end) of its data in the file, from the header safe_open has already
+    checked (8-byte little-endian length, JSON, then the data; offsets relative to the data)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        return {k: (8 + n + int(v["data_offsets"][0]), 8 + n + int(v["data_offsets"][1]))
+                for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, TypeError, KeyError, IndexError):
+        return {}           # safe_open read it, so this does not happen; `get` still works
 
 
 def _bin_entries(path: Path):
     sd = safe_torch_load(path)
+    raws = raw_tensors(path, sd) or {}
     for name, t in sd.items():
         dtype = _TORCH_DTYPES.get(t.dtype)
         if dtype is None:
             raise LlmconvError(f"unsupported dtype {t.dtype} (bf16, f16, f32)", file=path, tensor=name)
-        yield name, WeightEntry(path, tuple(t.shape), dtype, lambda t=t: t)
+        yield name, WeightEntry(path, tuple(t.shape), dtype, lambda t=t: t, raws.get(name))
 
 
 def _first_line(e: BaseException) -> str:

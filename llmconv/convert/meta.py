@@ -1,7 +1,9 @@
 """Original Meta checkpoints: params.json + consolidated.NN.pth (+ tokenizer.model).
 
 Shards are opened with torch.load(mmap=True, weights_only=True): pickled code never
-runs and no tensor data is read until `load(name)` asks for it. A model-parallel
+runs and no tensor data is read until `load(name)` asks for it. The streaming engine
+reads rows with pread at each tensor's place in the file (torch_zip.py), not through
+the mapping. A model-parallel
 tensor is joined from its shards only when it is loaded; which axis to join along is
 found from the shard shapes against params.json, not hard-coded (LLaMA 1/2 split the
 embedding along dim 1, LLaMA 3 along the vocabulary).
@@ -21,9 +23,11 @@ import numpy as np
 import torch
 
 from ..errors import LlmconvError, load_json
+from ..formats.rawread import RawTensor
 from ..quantize.floats import widen_into
 from .guards import check_tensor_storage, scan_torch_pickle
 from .hparams import CONTEXT_BY_FAMILY, LlamaHParams, meta_family, meta_ffn_dim
+from .torch_zip import raw_tensors
 
 SHARD_GLOB = "consolidated.*.pth"
 DROPPED = {"rope.freqs"}  # precomputed RoPE table in LLaMA 1 checkpoints; llama.cpp computes its own
@@ -80,6 +84,7 @@ class MetaCheckpoint:
     names: list[str]                         # Meta names present, in file order, rope.freqs dropped
     shapes: dict[str, tuple[int, ...]]       # merged shape of every tensor
     merge_axis: dict[str, int | None]        # None: single shard or replicated 1-D
+    raw: list[dict[str, RawTensor] | None] = field(default_factory=list)   # per shard: where each tensor lies
     hparams: LlamaHParams = field(init=False)
 
     def load(self, name: str) -> torch.Tensor:
@@ -92,31 +97,36 @@ class MetaCheckpoint:
 
     def read_rows(self, name: str, a: int, b: int, out: np.ndarray) -> None:
         """Rows [a, b) of the joined tensor as float32 into out[b - a, cols], straight from
-        the memory-mapped shards (no joined copy; a 1-D tensor is one row)."""
+        the shards (no joined copy; a 1-D tensor is one row): with pread where every shard's
+        tensors were placed in their files (torch_zip.py), else through torch's mapping."""
         axis = self.merge_axis[name]
-        parts = [s[name] for s in self.shards] if axis is not None else [self.shards[0][name]]
+        shards = range(len(self.shards)) if axis is not None else range(1)
+        placed = all(self.raw[i] is not None for i in shards)
+        parts = [self.raw[i][name] if placed else self.shards[i][name] for i in shards]
         if axis == 1:           # columns split: each shard gives every row, a band of columns
             col = 0
             for p in parts:
                 width = p.shape[1]
-                widen_into(_raw(p)[a:b], out[:, col:col + width])
+                _read_part(p, a, b, out[:, col:col + width])
                 col += width
             return
         first = 0               # rows split (or one part): copy the overlap of each shard
         for p in parts:
-            raw = _raw(p).reshape(-1, out.shape[1])
-            lo, hi = max(a, first), min(b, first + raw.shape[0])
+            n_rows = int(np.prod(p.shape[:-1], dtype=np.int64)) if len(p.shape) > 1 else 1
+            lo, hi = max(a, first), min(b, first + n_rows)
             if lo < hi:
-                widen_into(raw[lo - first:hi - first], out[lo - a:hi - a])
-            first += raw.shape[0]
+                _read_part(p, lo - first, hi - first, out[lo - a:hi - a])
+            first += n_rows
 
     def prefetch(self, name: str) -> None:
-        """Ask the kernel to start reading tensor `name` from disk now (madvise WILLNEED on
-        its mapped bytes), so a checkpoint that is not in the page cache streams in while
-        the tensor before it is converted."""
-        for s in self.shards:
-            t = s[name]
-            will_need(t.data_ptr(), t.numel() * t.element_size())
+        """Ask the kernel to start reading tensor `name` from disk now, so a checkpoint that
+        is not in the page cache streams in while the tensor before it is converted."""
+        for i, s in enumerate(self.shards):
+            if self.raw[i] is not None:
+                self.raw[i][name].prefetch()
+            else:
+                t = s[name]
+                will_need(t.data_ptr(), t.numel() * t.element_size())
 
     def source_files(self, name: str) -> list[Path]:
         return list(self.shard_paths) if self.merge_axis[name] is not None else self.shard_paths[:1]
@@ -124,6 +134,14 @@ class MetaCheckpoint:
     @property
     def dtype(self) -> torch.dtype:
         return self.shards[0][self.names[0]].dtype
+
+
+def _read_part(p: RawTensor | torch.Tensor, lo: int, hi: int, dst: np.ndarray) -> None:
+    """Rows [lo, hi) of one shard's part into float32 `dst`: pread, or the mapped bytes."""
+    if isinstance(p, RawTensor):
+        p.read_rows(lo, hi, dst)
+    else:
+        widen_into(_raw(p).reshape(-1, dst.shape[1])[lo:hi], dst)
 
 
 def _raw(t: torch.Tensor) -> np.ndarray:
@@ -214,7 +232,8 @@ def open_meta_checkpoint(path: str | Path, ctx: int | None = None) -> MetaCheckp
         shapes[name] = shape
         axes[name] = axis
 
-    ckpt = MetaCheckpoint(path, params, shard_paths, shards, names, shapes, axes)
+    ckpt = MetaCheckpoint(path, params, shard_paths, shards, names, shapes, axes,
+                          [raw_tensors(p, s) for p, s in zip(shard_paths, shards)])
     ckpt.hparams = _hparams(params, shapes, path, ctx)
     return ckpt
 

@@ -103,7 +103,7 @@ def _tekken_version(path: Path) -> str:
 
 def open_mistral_source(model_dir: Path, ctx: int | None = None, pre: str | None = None,
                         tokenizer: Path | None = None):
-    from .hf import ordered_tensors
+    from .hf import ordered_tensors, weight_loader, weight_rows
     from .hf_files import open_weights
     from .source import Source
 
@@ -130,7 +130,7 @@ def open_mistral_source(model_dir: Path, ctx: int | None = None, pre: str | None
     if moe_config is not None:      # Mixtral: routers and stacked experts instead of the dense ffn (Meta row order)
         tensors.update(moe.stack_experts(entries, moe_config, dim=h.dim, ffn=h.ffn_dim, n_layers=h.n_layers,
                                             cfg_file=pfile, prefix=moe.MISTRAL_PREFIX,
-                                            expert_loader=lambda e: (lambda get=e.get: get().float().numpy())))
+                                            expert_loader=lambda e: weight_loader(e, None)))
         dense_ffn = {k for k in expected if k.split(".")[-2] in ("w1", "w2", "w3")}
         expected = {k: v for k, v in expected.items() if k not in dense_ffn}
         h.n_expert, h.n_expert_used = moe_config.n_expert, moe_config.n_expert_used
@@ -145,8 +145,9 @@ def open_mistral_source(model_dir: Path, ctx: int | None = None, pre: str | None
                                f"n_kv_heads={h.n_kv_heads}, head_dim={h.head_dim}, hidden_dim={h.ffn_dim}, "
                                f"vocab_size={h.vocab_size}) implies {expected[name]}", file=e.file, tensor=name)
         tensors[gguf_name] = SourceTensor(name=gguf_name, shape=tuple(e.shape),
-                                          load=lambda get=e.get: get().float().numpy(),
-                                          files=[e.file], source_name=name, source_dtype=e.dtype)
+                                          load=weight_loader(e, None), files=[e.file], source_name=name,
+                                          source_dtype=e.dtype, read_rows=weight_rows(e, None),
+                                          prefetch=e.raw.prefetch if e.raw is not None else None)
     for name in expected:
         if name not in entries and not (h.tied_embeddings and name == "output.weight"):
             raise LlmconvError("tensor missing from the checkpoint", file=model_dir, tensor=name)

@@ -1,0 +1,83 @@
+"""Where each tensor of a torch.save zip lies in the file, so its bytes can be read with
+pread (formats/rawread.py) instead of through torch's memory map.
+
+torch.load(mmap=True) maps the whole file once and gives every storage a slice of that
+mapping, but does not say which record (`archive/data/<key>`) a storage came from. The
+records are stored uncompressed (meta._check_zip), so a record's bytes start right after
+its local zip header, and every storage's address minus the mapping's base is its record's
+file offset. The base is the one constant that maps every storage's address onto the start
+of a record at least as long as the storage; it is found by trying the records in order
+against the lowest address, and a few bytes of every tensor are then compared both ways.
+If no base fits (a writer that is not torch.save), the caller keeps the mapped path.
+"""
+from __future__ import annotations
+
+import re
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..formats.rawread import RawTensor, SourceFile
+
+_DATA_RECORD = re.compile(r"(?:^|/)data/\d+$")
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")        # zipfile's structFileHeader: 30 bytes
+_TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
+
+
+def record_offsets(path: Path) -> dict[int, int]:
+    """File offset of each data record's first byte -> the record's size."""
+    out: dict[int, int] = {}
+    with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+        for info in zf.infolist():
+            if not _DATA_RECORD.search(info.filename) or info.compress_type != zipfile.ZIP_STORED:
+                continue
+            f.seek(info.header_offset)
+            head = f.read(_LOCAL_HEADER.size)
+            if len(head) != _LOCAL_HEADER.size or head[:4] != b"PK\x03\x04":
+                continue
+            fields = _LOCAL_HEADER.unpack(head)
+            out[info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]] = info.file_size
+    return out
+
+
+def raw_tensors(path: Path, state: dict[str, torch.Tensor]) -> dict[str, RawTensor] | None:
+    """name -> RawTensor for every float tensor of a torch.load(mmap=True) state dict, or
+    None when the storages cannot be placed in the file (the caller then reads the mapping)."""
+    storages = {}
+    for t in state.values():
+        s = t.untyped_storage()
+        if s.nbytes():
+            storages[s.data_ptr()] = s.nbytes()
+    if not storages:
+        return None
+    records = record_offsets(path)
+    low = min(storages)
+    for start in sorted(records):
+        base = low - start
+        if all(records.get(ptr - base, -1) >= n for ptr, n in storages.items()):
+            break
+    else:
+        return None
+    file = SourceFile(path)
+    out = {}
+    for name, t in state.items():
+        dtype = _TORCH_DTYPES.get(t.dtype)
+        if dtype is None or not t.is_contiguous():
+            return None
+        offset = t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size()
+        out[name] = RawTensor(file, offset, dtype, tuple(t.shape), name)
+    if not all(_same_head(out[n], t) for n, t in state.items() if t.numel()):
+        return None
+    return out
+
+
+def _same_head(raw: RawTensor, t: torch.Tensor) -> bool:
+    """The first bytes of the tensor through the mapping equal those pread from `raw.offset`."""
+    n = min(16, raw.nbytes)
+    mapped = t.reshape(-1)[:n // t.element_size()].view(torch.uint8).numpy()
+    buf = np.empty(n, np.uint8)
+    raw.file.read_into(raw.offset, buf, raw.label)
+    return bool(np.array_equal(mapped, buf[:mapped.size]))

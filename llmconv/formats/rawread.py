@@ -1,0 +1,137 @@
+"""Tensor bytes read with pread into reused buffers, not through a memory map.
+
+Why not mmap: touching a mapped page is a page fault (tens of thousands per gigabyte even
+with the kernel's fault-around), the faults of all threads serialize on the process's mmap
+lock, and a file that shrinks while it is mapped kills the process with SIGBUS: no message,
+no cleanup. A pread copies the bytes from the page cache into a buffer this thread already
+owns, releases the GIL while it does, and a file that ends early is a short read that
+becomes one line naming the file and the tensor.
+
+`SourceFile` is one open input file; `RawTensor` is one dense tensor in it (a byte offset,
+the storage dtype, the shape), which the readers of every format (Meta .pth and HF .bin
+zips, safetensors, GGUF) describe and the streaming engine reads rows of.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LlmconvError
+
+# storage dtype name -> how its bytes are viewed before widening (bf16 as its uint16 bits)
+RAW_DTYPES = {"bf16": np.dtype(np.uint16), "f16": np.dtype(np.float16), "f32": np.dtype(np.float32)}
+
+_raw = threading.local()
+
+
+def raw_arena(nbytes: int) -> np.ndarray:
+    """This thread's buffer for raw source bytes, grown on demand and then reused."""
+    buf = getattr(_raw, "buf", None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _raw.buf = np.empty(max(nbytes, 4 << 20), np.uint8)
+    return buf[:nbytes]
+
+
+class SourceFile:
+    """An input file opened once for reading; closed when the last reader drops it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as e:
+            raise LlmconvError(f"cannot open: {e.strerror}", file=self.path) from None
+        weakref.finalize(self, os.close, self.fd)
+
+    def read_into(self, offset: int, buf: np.ndarray, tensor: str | None = None) -> None:
+        """Fill `buf` (contiguous) with the bytes at `offset`. A file that ends first (it was
+        truncated, or replaced by a shorter one) or a failing read is an LlmconvError."""
+        view = memoryview(buf).cast("B")
+        want, pos = view.nbytes, offset
+        while view.nbytes:
+            try:
+                n = os.preadv(self.fd, [view], pos)
+            except OSError as e:
+                raise LlmconvError(f"cannot read tensor data at byte {pos}: {e.strerror}", file=self.path,
+                                   tensor=tensor) from None
+            if n == 0:
+                size = os.fstat(self.fd).st_size
+                raise LlmconvError(f"the file ends at byte {size}, inside the tensor's data (bytes {offset}.."
+                                   f"{offset + want}): it was truncated or replaced while being read",
+                                   file=self.path, tensor=tensor)
+            view, pos = view[n:], pos + n
+
+    def will_need(self, offset: int, nbytes: int) -> None:
+        """Start reading these bytes from disk now (a hint; the page cache serves them later)."""
+        if hasattr(os, "posix_fadvise") and nbytes > 0:
+            try:
+                os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+
+
+@dataclass
+class RawTensor:
+    """A dense tensor stored at `offset` of `file`, row-major, in `dtype` ("bf16", "f16", "f32")."""
+    file: SourceFile
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+    label: str                          # the tensor's name in the source, for messages
+
+    @property
+    def cols(self) -> int:
+        return int(self.shape[-1]) if self.shape else 1
+
+    @property
+    def row_nbytes(self) -> int:
+        return self.cols * RAW_DTYPES[self.dtype].itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * RAW_DTYPES[self.dtype].itemsize
+
+    def raw_rows(self, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) in their storage dtype, in this thread's raw arena (valid until its next read)."""
+        buf = raw_arena((b - a) * self.row_nbytes)
+        self.file.read_into(self.offset + a * self.row_nbytes, buf, self.label)
+        return buf.view(RAW_DTYPES[self.dtype]).reshape(b - a, self.cols)
+
+    def read_rows(self, a: int, b: int, out: np.ndarray) -> None:
+        """Rows [a, b) as float32 into out[b - a, cols] (any strides: a band of columns works)."""
+        from ..quantize.floats import widen_into
+        widen_into(self.raw_rows(a, b), out)
+
+    def load(self) -> np.ndarray:
+        """The whole tensor as a new float32 array."""
+        from ..quantize.floats import widen_into
+        raw = np.empty(self.nbytes, np.uint8)
+        self.file.read_into(self.offset, raw, self.label)
+        out = np.empty(self.shape, np.float32)
+        widen_into(raw.view(RAW_DTYPES[self.dtype]).reshape(self.shape), out)
+        return out
+
+    def prefetch(self) -> None:
+        self.file.will_need(self.offset, self.nbytes)
+
+
+def read_rows_unpermuted(t: RawTensor, n_heads: int, a: int, b: int, out: np.ndarray) -> None:
+    """Rows [a, b) of a Hugging Face Q/K weight put back in Meta's row order (hf.unpermute_rows):
+    within a head of hd rows, Meta row 2j + p is HF row p * hd/2 + j. When [a, b) holds whole
+    heads (the engine's chunks do), that is a strided view of the rows read, widened straight
+    into `out`; otherwise the heads around [a, b) are read and gathered."""
+    from ..quantize.floats import widen_into
+    hd = t.shape[0] // n_heads
+    h0, h1 = a // hd, -(-b // hd)
+    raw = t.raw_rows(h0 * hd, h1 * hd)
+    k, cols = h1 - h0, t.cols
+    meta = raw.reshape(k, 2, hd // 2, cols).swapaxes(1, 2)         # (head, j, p, col)
+    if a == h0 * hd and b == h1 * hd:
+        widen_into(meta, out.reshape(k, hd // 2, 2, cols))
+    else:
+        widen_into(meta.reshape(k * hd, cols)[a - h0 * hd:b - h0 * hd], out)
