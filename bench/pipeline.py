@@ -14,9 +14,15 @@ On a synthetic bf16 Meta checkpoint (bench/synth.py, made first if missing, in t
             `llama_model_quantize` (what `llama-quantize` runs) f16 -> q4_0, 2 threads.
 * scaling   -t 1 vs -t 2 for each of --scaling-types (on --small-size's checkpoint).
 * multi     `--outtype q8_0,q6_K,q4_K_M,q2_K` in one run vs the four single-type runs (--small-size).
+* hf        f16 and q4_0 from a Hugging Face twin of the checkpoint (model.safetensors, same bytes):
+            the safetensors reader against the .pth one.
 
 For every process: wall, user and system CPU seconds and minor page faults (wait4's rusage,
-children included), peak RssAnon (polled from /proc every 5 ms), bytes written.
+children included), peak RssAnon (polled from /proc every 5 ms), bytes written; and for the
+engine's worker threads (llmconv-work), from /proc/PID/task/TID/schedstat: seconds on a CPU,
+seconds runnable but waiting for a CPU, and the rest of their lives, blocked (on the GIL, a
+lock, I/O). On a shared machine the wall and the wait grow with the load, but blocked time
+does not: it is what the engine itself serializes, and the measure of thread scaling there.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-ALL = "copy,f16,q4_0,two-step,scaling,multi"
+ALL = "copy,f16,q4_0,two-step,scaling,multi,hf"
 MULTI = "q8_0,q6_K,q4_K_M,q2_K"
 
 
@@ -43,14 +49,40 @@ class Run:
     faults: int
     peak_anon: int
     written: int = 0
+    # the engine's worker threads (named llmconv-work), summed: seconds on a CPU, seconds
+    # runnable but waiting for one (the machine is busy), seconds blocked (GIL, locks, I/O)
+    work_cpu: float = 0.0
+    work_wait: float = 0.0
+    work_blocked: float = 0.0
+
+
+def _worker_stats(pid: int, seen: dict[int, list[float]]) -> None:
+    """Sample /proc/PID/task/*/schedstat of the worker threads: seen[tid] = [first seen, last
+    seen, cpu s, run-queue wait s] (the last sample of a thread is within one poll of its exit)."""
+    now = time.perf_counter()
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return
+    for tid in tids:
+        try:
+            if Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip() != "llmconv-work":
+                continue
+            cpu, wait, _ = (int(x) for x in Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split())
+        except (OSError, ValueError):
+            continue
+        rec = seen.setdefault(int(tid), [now, now, 0.0, 0.0])
+        rec[1:] = [now, cpu / 1e9, wait / 1e9]
 
 
 def measure(name: str, cmd: list[str], written: list[Path] = ()) -> Run:
-    """Run cmd; wall time, rusage (user, sys, minor faults) and peak RssAnon of the process."""
+    """Run cmd; wall time, rusage (user, sys, minor faults), peak RssAnon of the process and
+    where its worker threads spent their lives (on a CPU, waiting for one, blocked)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     status = Path(f"/proc/{proc.pid}/status")
     peak = 0
+    workers: dict[int, list[float]] = {}
     while True:
         try:
             for line in status.read_text().splitlines():
@@ -58,6 +90,7 @@ def measure(name: str, cmd: list[str], written: list[Path] = ()) -> Run:
                     peak = max(peak, int(line.split()[1]) * 1024)
         except (FileNotFoundError, ProcessLookupError):
             pass
+        _worker_stats(proc.pid, workers)
         pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
@@ -67,7 +100,10 @@ def measure(name: str, cmd: list[str], written: list[Path] = ()) -> Run:
     if os.waitstatus_to_exitcode(st) != 0:
         raise SystemExit(f"failed: {' '.join(map(str, cmd))}\n{err}")
     size = sum(p.stat().st_size for p in written if p.exists())
-    return Run(name, wall, ru.ru_utime, ru.ru_stime, ru.ru_minflt, peak, size)
+    cpu = sum(w[2] for w in workers.values())
+    wait = sum(w[3] for w in workers.values())
+    life = sum(w[1] - w[0] for w in workers.values())
+    return Run(name, wall, ru.ru_utime, ru.ru_stime, ru.ru_minflt, peak, size, cpu, wait, max(0.0, life - cpu - wait))
 
 
 def llmconv(ckpt: Path, outtype: str, out: Path | str, threads: int, extra=()) -> list[str]:
@@ -108,12 +144,18 @@ def evict(paths) -> None:
 
 def table(runs: list[Run]) -> str:
     lines = [f"{'step':58s} {'wall s':>7s} {'user s':>7s} {'sys s':>6s} {'sys/user':>8s} {'faults':>9s} "
-             f"{'peak anon':>10s} {'written':>10s}"]
+             f"{'peak anon':>10s} {'written':>10s}  workers: {'cpu s':>6s} {'wait s':>6s} {'blocked s':>9s}"]
     for r in runs:
         su = f"{r.sys / r.user:8.0%}" if r.user > 0.05 else ""
+        work = f"  {'':8s} {r.work_cpu:6.2f} {r.work_wait:6.2f} {r.work_blocked:9.2f}" if r.work_cpu else ""
         lines.append(f"{r.name:58s} {r.wall:7.2f} {r.user:7.2f} {r.sys:6.2f} {su:>8s} {r.faults:9,d} "
-                     f"{r.peak_anon / 2**20:7.0f} MiB {r.written / 2**30:6.2f} GiB")
+                     f"{r.peak_anon / 2**20:7.0f} MiB {r.written / 2**30:6.2f} GiB{work}")
     return "\n".join(lines)
+
+
+def _blocked_share(r: Run) -> float:
+    """Of the time the worker threads were not waiting for a CPU, the share they were blocked."""
+    return r.work_blocked / max(r.work_cpu + r.work_blocked, 1e-9)
 
 
 def main(argv=None) -> int:
@@ -202,6 +244,18 @@ def main(argv=None) -> int:
             step(f"m_{typ}", measure(f"  separately: --outtype {typ} -t {T}", llmconv(mckpt, typ, q, T), [q]))
             clean(q)
 
+    if "hf" in sections:
+        hf = args.data / f"hf-{args.size}"
+        if not (hf / "config.json").exists():
+            from synth import make_hf
+            make_hf(ckpt, hf)
+        if not args.cold:
+            subprocess.run(["cat", str(hf / "model.safetensors")], stdout=subprocess.DEVNULL, check=True)
+        for typ in ("f16", "q4_0"):
+            q = out / f"h-{typ}.gguf"
+            step(f"hf_{typ}", measure(f"[{hf.name} safetensors] --outtype {typ} -t {T}", llmconv(hf, typ, q, T), [q]))
+            clean(q)
+
     print("\n" + table(list(runs.values())) + "\n")
     r = runs
     if "two-step" in sections:
@@ -218,7 +272,8 @@ def main(argv=None) -> int:
     pairs += [(f"s_{t}_t1", f"s_{t}_t{T}", t) for t in args.scaling_types.split(",") if f"s_{t}_t1" in r]
     for a, b, typ in pairs:
         print(f"{typ:7s} -t {T} / -t 1 wall = {r[b].wall / r[a].wall:.2f}x; sys/user at -t {T} = "
-              f"{r[b].sys / max(r[b].user, 1e-9):.0%}")
+              f"{r[b].sys / max(r[b].user, 1e-9):.0%}; workers blocked {_blocked_share(r[a]):.0%} of their "
+              f"non-waiting time at -t 1, {_blocked_share(r[b]):.0%} at -t {T}")
     if "multi" in r:
         sep = sum(r[f"m_{t}"].wall for t in args.multi_types.split(","))
         print(f"{len(args.multi_types.split(','))} types in one run / separate runs = {r['multi'].wall:.1f} / {sep:.1f} s "

@@ -145,6 +145,49 @@ def make(size: str, out: Path, threads: int = 2) -> None:
     print(f"wrote {out}: {sum(p.stat().st_size for p in out.glob('*.pth')) / 2**30:.2f} GiB")
 
 
+_HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
+             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
+             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
+             "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def hf_name(meta: str) -> str:
+    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    if meta in top:
+        return top[meta]
+    _, layer, rest = meta.split(".", 2)
+    return f"model.layers.{layer}.{_HF_NAMES[rest.removesuffix('.weight')]}.weight"
+
+
+def make_hf(meta_dir: Path, out: Path) -> None:
+    """A Hugging Face twin of a one-shard synthetic Meta checkpoint (for timing the safetensors
+    reader): model.safetensors streamed tensor by tensor from the .pth (header first), config.json,
+    the same tokenizer. Q/K rows are not permuted: the weights are random, only the layout matters."""
+    sd = torch.load(meta_dir / "consolidated.00.pth", mmap=True, weights_only=True)
+    params = json.loads((meta_dir / "params.json").read_text())
+    header, pos = {}, 0
+    for name, t in sd.items():
+        header[hf_name(name)] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+        pos += t.nbytes
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "model.safetensors", "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for t in sd.values():
+            f.write(t.contiguous().view(torch.int16).numpy())
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": params["dim"],
+              "num_hidden_layers": params["n_layers"], "num_attention_heads": params["n_heads"],
+              "num_key_value_heads": params.get("n_kv_heads", params["n_heads"]),
+              "intermediate_size": sd["layers.0.feed_forward.w1.weight"].shape[0], "rms_norm_eps": 1e-5,
+              "rope_theta": 10000.0, "vocab_size": params["vocab_size"], "max_position_embeddings": 4096,
+              "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    (out / "config.json").write_text(json.dumps(config))
+    for f in ("tokenizer.model", "added_tokens.json"):
+        shutil.copy(meta_dir / f, out / f)
+
+
 def make_tokenizer(out: Path, vocab: int) -> None:
     """The fixture's SentencePiece model, padded with user-defined pieces to `vocab` entries
     through added_tokens.json (the mechanism Meta-format converters already honour)."""

@@ -2,7 +2,7 @@
 and the tensor, exit 2, no traceback and no output left behind, not a SIGBUS.
 
 The run happens in a child process (a SIGBUS there fails the test instead of killing pytest);
-a hook in the child shrinks the input to half its size the moment the first tensor is done,
+a hook in the child shrinks the input to half its size right after the first rows are read,
 so every later tensor whose bytes lay in the second half is read from a file that ends early.
 Also: the pread readers place every tensor where the mapped loaders see it (torch zips,
 safetensors, Hugging Face Q/K rows put back in Meta order for any range of rows)."""
@@ -25,7 +25,8 @@ from synth import meta_state_dict, split_state_dict, write_meta_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Child: shrink argv[1] to half its size when the first tensor has been written, then run the CLI.
+# Child: shrink argv[1] to half its size right after the first tensor's first rows are read
+# (inside the worker, so every later read sees the shorter file), then run the CLI.
 HOOK = """
 import os, sys
 import llmconv.convert.stream as stream
@@ -33,12 +34,14 @@ victim = sys.argv[1]
 real_run = stream.run
 
 def run(jobs, *a, **k):
-    first, done = jobs[0], jobs[0].done
-    def shrink(job):
-        os.truncate(victim, os.path.getsize(victim) // 2)
-        if done:
-            done(job)
-    first.done = shrink
+    src = jobs[0].src
+    read = src.read_rows
+    def read_then_shrink(first, end, out):
+        read(first, end, out)
+        if os.path.getsize(victim) > 0 and not getattr(src, "shrunk", False):
+            src.shrunk = True
+            os.truncate(victim, os.path.getsize(victim) // 2)
+    src.read_rows = read_then_shrink
     return real_run(jobs, *a, **k)
 
 stream.run = run

@@ -11,8 +11,8 @@ depend on where chunks are cut or which thread runs them (tested).
 Each of `threads` workers runs the whole path for its chunk: widen the source rows into its
 float32 arena (bf16 -> f32 is a shift: floats.widen_into), quantize into its output arena,
 pwrite from there. Every step is a long numpy/torch call or a syscall that releases the
-GIL, so while one worker writes, another reads and a third computes; the main thread only
-hands out chunks (at most 2 per worker in flight) and tracks progress.
+GIL, so while one worker writes, another reads and a third computes. Workers take the next
+chunk themselves; the main thread only tracks progress and finishes jobs (see run).
 
 Several outputs from one read: a job has one sink per output file. Sinks that want the same
 type share one quantization of the chunk.
@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import gc
 import inspect
+import queue
 import threading
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -198,6 +197,16 @@ def _work(job: Job, a: int, b: int) -> None:
         raise LlmconvError(f"{e} (cannot convert to {types})", file=where, tensor=label) from None
 
 
+def _name_os_thread() -> None:
+    """Name the worker's OS thread `llmconv-work` (top -H, perf and bench/pipeline.py's
+    per-thread accounting see it); Python's own thread name stays inside the interpreter."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(15, b"llmconv-work", 0, 0, 0)       # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
 def chunks(job: Job, chunk_weights: int | None = None):
     """(first row, end row) of each chunk of about `chunk_weights` weights (at least a row).
     A stacked tensor read expert by expert is cut at every expert's first row."""
@@ -209,41 +218,91 @@ def chunks(job: Job, chunk_weights: int | None = None):
             yield a, min(first + per, a + step)
 
 
+class _Chunks:
+    """Hands out every job's chunks in order to whichever worker asks, under a lock, and
+    starts reading the next tensor from disk when a job's first chunk goes out."""
+
+    def __init__(self, jobs: Sequence[Job], spans: list[list[tuple[int, int]]]):
+        self._items = ((i, a, b) for i, job_spans in enumerate(spans) for a, b in job_spans)
+        self._jobs = jobs
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._prefetched = -1
+
+    def next(self) -> tuple[int, int, int] | None:
+        with self._lock:
+            item = None if self._stopped else next(self._items, None)
+            if item is not None and item[0] + 1 > self._prefetched:
+                self._prefetched = item[0] + 1
+                after = self._jobs[item[0] + 1] if item[0] + 1 < len(self._jobs) else None
+                if after is not None and after.src.prefetch is not None:
+                    after.src.prefetch()        # read-ahead: the next tensor streams in meanwhile
+            return item
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+
+
 def run(jobs: Sequence[Job], threads: int = 1, progress: Callable[[int], None] | None = None,
         chunk_weights: int | None = None) -> None:
     """Convert and write every job. Raises the first error (LlmconvError for bad data);
-    chunks not yet started are then dropped."""
-    threads = max(1, threads)
-    pending: deque[tuple[Future, Job, int]] = deque()
-    left = {id(j): 0 for j in jobs}
+    chunks not yet started are then dropped.
 
-    def finish_one() -> None:
-        fut, job, nbytes = pending.popleft()
-        fut.result()
-        if progress:
-            progress(nbytes)
-        left[id(job)] -= 1
-        if left[id(job)] == 0:
-            if job.done:
-                job.done(job)
+    Workers pull the next chunk themselves and report finished ones on a queue: no worker
+    waits for the main thread (handing chunks out from the main thread, as this engine first
+    did, left each worker idle a quarter of the time at -t 2 whenever the oldest chunk in
+    flight was slow or the main thread was not scheduled). The main thread only counts
+    progress and calls each job's `done`, in job order, once all its chunks are written."""
+    threads = max(1, threads)
+    spans = [list(chunks(job, chunk_weights)) for job in jobs]
+    left = [len(s) for s in spans]
+    for job, n in zip(jobs, left):
+        job._remaining = n
+    work = _Chunks(jobs, spans)
+    finished: queue.SimpleQueue = queue.SimpleQueue()   # (job index, bytes) per chunk; None: a worker left
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        _name_os_thread()
+        try:
+            while (item := work.next()) is not None:
+                i, a, b = item
+                _work(jobs[i], a, b)
+                finished.put((i, jobs[i].chunk_bytes(a, b)))
+        except BaseException as e:          # reraised by the main thread
+            work.stop()
+            errors.append(e)
+        finally:
+            finished.put(None)
 
     # The checkpoint's and torch's objects never become garbage here; without this, the
-    # collector walks all of them again and again while chunks are handed out (9 % of the
+    # collector walks all of them again and again while chunks are converted (9 % of the
     # f16 conversion's samples were gc_collect_main).
     gc.freeze()
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="llmconv-work")
+    pool = [threading.Thread(target=worker, name=f"llmconv-work-{k}", daemon=True) for k in range(threads)]
     try:
-        for i, job in enumerate(jobs):
-            if i + 1 < len(jobs) and jobs[i + 1].src.prefetch is not None:
-                jobs[i + 1].src.prefetch()       # read-ahead: the next tensor streams in meanwhile
-            spans = list(chunks(job, chunk_weights))
-            left[id(job)] = job._remaining = len(spans)
-            for a, b in spans:
-                while len(pending) >= 2 * threads:
-                    finish_one()
-                pending.append((pool.submit(_work, job, a, b), job, job.chunk_bytes(a, b)))
-        while pending:
-            finish_one()
+        for t in pool:
+            t.start()
+        running, next_done = len(pool), 0
+        while True:
+            while next_done < len(jobs) and left[next_done] == 0 and not errors:
+                if jobs[next_done].done:
+                    jobs[next_done].done(jobs[next_done])
+                next_done += 1
+            if not running:
+                break
+            item = finished.get()
+            if item is None:
+                running -= 1
+                continue
+            left[item[0]] -= 1
+            if progress:
+                progress(item[1])
+        if errors:
+            raise errors[0]
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        work.stop()
+        for t in pool:
+            t.join()
         gc.unfreeze()

@@ -1,7 +1,7 @@
 """Where each tensor of a torch.save zip lies in the file, so its bytes can be read with
 pread (formats/rawread.py) instead of through torch's memory map.
 
-torch.load(mmap=True) maps the whole file once and gives every storage a slice of that
+torch.load with mmap maps the whole file once and gives every storage a slice of that
 mapping, but does not say which record (`archive/data/<key>`) a storage came from. The
 records are stored uncompressed (meta._check_zip), so a record's bytes start right after
 its local zip header, and every storage's address minus the mapping's base is its record's
@@ -44,7 +44,7 @@ def record_offsets(path: Path) -> dict[int, int]:
 
 
 def raw_tensors(path: Path, state: dict[str, torch.Tensor]) -> dict[str, RawTensor] | None:
-    """name -> RawTensor for every float tensor of a torch.load(mmap=True) state dict, or
+    """name -> RawTensor for every float tensor of a state dict meta.safe_torch_load mapped, or
     None when the storages cannot be placed in the file (the caller then reads the mapping)."""
     storages = {}
     for t in state.values():
