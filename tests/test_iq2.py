@@ -11,8 +11,15 @@ import numpy as np
 import pytest
 
 import llmconv.quantize as Q
+from llmconv.cli import main
+from llmconv.convert.gguf_source import open_gguf_source
+from llmconv.convert.pipeline import gguf_model_shape
+from llmconv.convert.plan import TypePolicy, make_plan
+from llmconv.imatrix import write_imatrix_gguf
 from llmconv.quantize import iq2
 from llama_gguf_util import ggml_quantize_chunk
+from test_imatrix_files import f32_mix_models, llama_quantize_with_imatrix, synthetic_imatrix  # noqa: F401
+from test_mixes import assert_same_file, read, write_tensor_only_llama
 from test_quant_kernels import datasets, to_bf16_grid
 from test_weighted_quant import importance_vectors
 
@@ -145,3 +152,53 @@ def test_neighbour_lists_follow_ggml_definition(t, nwant):
         got = g.nbr[g.nbr_start[code]:g.nbr_start[code] + g.nbr_count[code]]
         assert got.tolist() == [j for _, j in want]
         checked += 1
+
+
+# ---- the iq2 mixes against llama_model_quantize with an imatrix ------------------------------
+
+IQ2_MIXES = ["iq2_xxs", "iq2_xs"]
+
+
+@pytest.mark.parametrize("model,mix", [("fixture", "iq2_xxs"), ("dim288", "iq2_xs")])
+def test_mix_files_equal_llama_quantize(f32_mix_models, tmp_path, model, mix):  # noqa: F811
+    """Every tensor's type and bytes with the same imatrix: the q2_K/q4_K/q5_K rule tensors,
+    token_embd (unweighted), and on dim 288 every fallback (iq4_nl, output q8_0). The type
+    sweep below covers odd row lengths in a deep model."""
+    src = f32_mix_models[model]
+    im = synthetic_imatrix(src, seed=7)
+    write_imatrix_gguf(tmp_path / "im.gguf", im)
+    theirs = llama_quantize_with_imatrix(src, tmp_path / "theirs.gguf", mix, im)
+    ours = tmp_path / "ours.gguf"
+    assert main(["quantize", str(src), str(ours), "--type", mix, "--imatrix", str(tmp_path / "im.gguf"), "-q"]) == 0
+    assert_same_file(theirs, ours)
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 4, False, None), (16, 8, 2, True, None), (9, 8, 8, False, None),
+                                   (80, 8, 1, False, None),
+                                   (12, 8, 4, False, {(0, "ffn_down"): 200, (1, "ffn_down"): 96, (5, "attn_v"): 288})])
+def test_iq2_rule_table_matches_llama_quantize_types(tmp_path, shape):
+    src_path = write_tensor_only_llama(tmp_path / "m.gguf", *shape)
+    src = open_gguf_source(src_path)
+    model = gguf_model_shape(src)
+    im = synthetic_imatrix(src_path, seed=2)
+    for mix in IQ2_MIXES:
+        _, theirs = read(llama_quantize_with_imatrix(src_path, tmp_path / f"{mix}.gguf", mix, im))
+        plan = make_plan(src.tensors, TypePolicy(mix, tied_embeddings=src.tied_embeddings, model=model, imatrix=im))
+        ours = {t.name: t.qtype.ggml_type.name for t in plan.tensors}
+        assert ours == {n: v[0] for n, v in theirs.items()}, mix
+
+
+def test_iq2_mix_without_imatrix_is_a_one_line_error(f32_mix_models, tmp_path, capsys):
+    src = f32_mix_models["fixture"]
+    for mix in IQ2_MIXES:
+        assert main(["quantize", str(src), str(tmp_path / "o.gguf"), "--type", mix, "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "needs an importance matrix" in err and "blk.0." in err, err
+    # an imatrix that lacks a tensor the mix puts in iq2: refused too, naming it
+    im = synthetic_imatrix(src, seed=1)
+    del im.entries["blk.1.ffn_up.weight"]
+    write_imatrix_gguf(tmp_path / "im.gguf", im)
+    assert main(["quantize", str(src), str(tmp_path / "o.gguf"), "--type", "iq2_xs", "--imatrix",
+                 str(tmp_path / "im.gguf"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "blk.1.ffn_up.weight" in err and "no entry" in err, err

@@ -230,14 +230,14 @@ def test_aliases_and_file_types():
     assert mixes.find_mix("q4_0") is None
     for name, mix in mixes.MIXES.items():
         assert mix.file_type == gguf.LlamaFileType[f"MOSTLY_{name.upper()}"]
-        assert mix.base == (name if name.startswith("iq4") else name[:4])   # q4_k_m -> q4_k; iq4_xs itself
+        assert mix.base == (name if name.startswith("iq") else name[:4])    # q4_k_m -> q4_k; iq4_xs itself
 
 
 def test_every_rule_names_a_known_mix_kind_condition_and_type():
     from llmconv import quantize as q
     for names, kind, cond, t in mixes.RULES:
         assert set(names) <= set(mixes.MIXES)
-        assert kind in ("output", "attn_v", "ffn_down", "attn_output")
+        assert kind in ("output", "token_embd", "attn_v", "attn_k", "ffn_down", "attn_output")
         assert cond in mixes.CONDITIONS
         assert t in q.TYPES
     for a, b in list(mixes.FALLBACK.items()) + list(mixes.LLAMA_70B_ATTN_V.items()):

@@ -21,6 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from llmconv import quantize as q
 from llmconv.cli import main
 from llmconv.convert.mixes import ALL as MIXES
+from llmconv.convert.mixes import outtype_needs_imatrix
 from llmconv.verify import calibrate, report as verify_report
 from llmconv.verify.bounds import FIDELITY_BOUNDS
 
@@ -70,7 +71,7 @@ def meta_rotate_half(n_rows: int, n_head: int) -> np.ndarray:
 # ---- correct files pass the fidelity gate, whatever their quality ---------------------------------
 
 # every type that converts without an importance matrix (tests/test_iq2.py verifies the others)
-ALL_TYPES = [t for t in dict.fromkeys(list(q.TYPES) + list(MIXES)) if not (t in q.TYPES and q.TYPES[t].requires_imatrix)]
+ALL_TYPES = [t for t in dict.fromkeys(list(q.TYPES) + list(MIXES)) if not outtype_needs_imatrix(t)]
 
 
 @pytest.mark.parametrize("outtype", ALL_TYPES)

@@ -44,6 +44,8 @@ MIXES: dict[str, Mix] = {m.name: m for m in [
     Mix("q6_k", LlamaFileType.MOSTLY_Q6_K, "q6_k"),
     Mix("iq4_nl", LlamaFileType.MOSTLY_IQ4_NL, "iq4_nl"),
     Mix("iq4_xs", LlamaFileType.MOSTLY_IQ4_XS, "iq4_xs"),
+    Mix("iq2_xxs", LlamaFileType.MOSTLY_IQ2_XXS, "iq2_xxs"),
+    Mix("iq2_xs", LlamaFileType.MOSTLY_IQ2_XS, "iq2_xs"),
 ]}
 
 # llama-quantize's names without a size letter mean the medium mix.
@@ -87,6 +89,7 @@ def _more_bits(t: TensorInfo) -> bool:
 CONDITIONS = {
     "always": lambda t: True,
     "n_gqa>=4": lambda t: t.model.n_gqa >= 4,
+    "n_gqa>=4 or n_expert>=4": lambda t: t.model.n_gqa >= 4 or t.model.n_expert >= 4,
     "i<2": lambda t: t.i < 2,
     "i<4": lambda t: t.i < 4,
     "i<n/8": lambda t: t.i < t.n // 8,
@@ -100,9 +103,22 @@ CONDITIONS = {
 }
 
 ALL = tuple(MIXES)
+# The 2-bit grid mixes: llama-quantize's own branch of rules (no late bumps, see LATE_BUMPS).
+IQ2 = ("iq2_xxs", "iq2_xs")
+IQ2_XXS_XS = IQ2
 
 # (mixes, tensor kind, condition, type). Order matters within a (mix, kind): first match wins.
 RULES: list[tuple[tuple[str, ...], str, str, str]] = [
+    # 2-bit grid mixes: output q5_K; the tensors llama.cpp deems sensitive get q2_K
+    (IQ2, "output", "row%256==0", "q5_k"),
+    (IQ2, "output", "always", "q8_0"),
+    (IQ2_XXS_XS, "token_embd", "always", "q2_k"),
+    (IQ2, "attn_v", "n_gqa>=4 or n_expert>=4", "q4_k"),
+    (IQ2_XXS_XS, "attn_v", "always", "q2_k"),
+    (IQ2, "attn_k", "n_expert==8", "q4_k"),
+    (IQ2_XXS_XS, "ffn_down", "i<n/8", "q2_k"),
+    (IQ2, "attn_output", "n_expert==8", "q5_k"),
+
     # the output projection (and a tied token embedding, which serves as it) gets q6_K,
     # or q8_0 when its rows do not split into the mix's 256-blocks
     (ALL, "output", "row%256==0", "q6_k"),
@@ -141,12 +157,22 @@ EIGHT_EXPERTS = {"attn_v": "q8_0", "attn_k": "q8_0"}
 
 # A 256-block type whose row length is not a multiple of 256 falls back to a 32-block type of
 # about the same size; if that does not fit either (row not a multiple of 32), f16.
-FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl"}
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl",
+            "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl", "iq2_s": "iq4_nl"}
+
+# Block types llama-quantize refuses to write without an imatrix ("this quantization requires an
+# imatrix"; tensor_requires_imatrix), except into token_embd.weight and output.weight.
+REQUIRES_IMATRIX = {"iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs"}
+IMATRIX_EXEMPT = {"token_embd.weight", "output.weight"}
 
 # Reasons that start with this are the mix working as designed, not something to warn about.
 RULE_REASON = "mix rule"
 
 _KINDS = ("attn_v", "attn_k", "ffn_down", "attn_output")
+
+# llama.cpp's IQ2 (and IQ1) branch of llama_tensor_get_type ends before the 70B attn_v bump and
+# the 8-expert q8_0 bump, which the other mixes get.
+NO_LATE_BUMPS = set(IQ2)
 
 
 def find_mix(name: str) -> Mix | None:
@@ -156,9 +182,12 @@ def find_mix(name: str) -> Mix | None:
 
 def tensor_kind(name: str, tied_embeddings: bool = False) -> str:
     """The kind a rule names: "output" for output.weight (and token_embd.weight when the
-    model has no output.weight), the GGUF base name inside a layer, else "other"."""
+    model has no output.weight), "token_embd" for an untied token_embd.weight, the GGUF base name
+    inside a layer, else "other"."""
     if name == "output.weight" or (tied_embeddings and name == "token_embd.weight"):
         return "output"
+    if name == "token_embd.weight":
+        return "token_embd"
     m = re.fullmatch(r"blk\.\d+\.(\w+)\.weight", name)
     if m and m.group(1) in _KINDS:
         return m.group(1)
@@ -186,10 +215,23 @@ def tensor_type(mix: Mix | str, name: str, shape: tuple[int, ...], model: ModelS
         if mix.name in mixes and rule_kind == kind and CONDITIONS[cond](info):
             qtype, reason = t, f"{RULE_REASON} {mix.name}: {kind} {cond}"
             break
+    if mix.name in NO_LATE_BUMPS:
+        return qtype, reason
     if kind == "attn_v" and model.is_llama_70b and qtype in LLAMA_70B_ATTN_V:
         qtype, reason = LLAMA_70B_ATTN_V[qtype], f"{RULE_REASON} {mix.name}: attn_v on an 80-layer GQA model"
     qtype, reason = eight_expert_bump(qtype, reason, name, model)
     return qtype, reason              # the row-length fallback is the planner's (plan.choose_type)
+
+
+def outtype_needs_imatrix(outtype: str) -> bool:
+    """True for an --outtype llama-quantize only makes with an imatrix (its matrices' type needs one)."""
+    mix = find_mix(outtype)
+    return (mix.base if mix else outtype.lower()) in REQUIRES_IMATRIX
+
+
+def requires_imatrix(qtype: str, name: str) -> bool:
+    """llama-quantize's tensor_requires_imatrix: writing `name` as `qtype` needs importance weights."""
+    return qtype in REQUIRES_IMATRIX and name not in IMATRIX_EXEMPT
 
 
 def eight_expert_bump(qtype: str, reason: str, name: str, model: ModelShape) -> tuple[str, str]:

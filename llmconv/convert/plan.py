@@ -258,8 +258,17 @@ def make_plan(sources: list[SourceTensor], policy: TypePolicy) -> Plan:
         weights = None
         if policy.imatrix is not None and qt.quantize_weighted is not None:
             weights = policy.imatrix.for_tensor(src.name, src.shape[-1])
+        if weights is None and (qt.requires_imatrix or mixes.requires_imatrix(qt.name, src.name)):
+            raise LlmconvError(_imatrix_missing(qt.name, policy.imatrix is not None), tensor=src.name)
         tensors.append(PlannedTensor(src, qt, reason, why, weights))
     return Plan(tensors, file_type, outtype, plan_notes(tensors))
+
+
+def _imatrix_missing(qtype: str, have_one: bool) -> str:
+    if have_one:   # llama-quantize: "Missing importance matrix for tensor ... in a very low-bit quantization"
+        return f"the imatrix has no entry for this tensor, which {qtype} needs (llama-quantize refuses too)"
+    return (f"{qtype} needs an importance matrix, as llama-quantize requires one: "
+            f"give --imatrix FILE (convert also takes --imatrix-text builtin)")
 
 
 def plan_notes(tensors: list[PlannedTensor]) -> list[str]:

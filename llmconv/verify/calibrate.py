@@ -20,6 +20,7 @@ from pathlib import Path
 from .. import quantize as q
 from ..convert.execute import write_gguf
 from ..convert.mixes import ALL as MIXES
+from ..convert.mixes import outtype_needs_imatrix
 from ..convert.pipeline import plan_conversion
 from .bounds import FIDELITY_BOUNDS
 from .run import run_verify
@@ -76,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llmconv.verify.calibrate", description=__doc__.split("\n\n")[0])
     ap.add_argument("ckpt", nargs="?", type=Path, default=FIXTURE, help="checkpoint directory (default: the fixture)")
     ap.add_argument("--tokens", default="64,256", help="comma-separated token counts (default 64,256)")
-    ap.add_argument("--types", default=",".join([t for t in ORDER if t in q.TYPES] + list(MIXES)),
-                    help="comma-separated output types (default: every registered type and mix)")
+    ap.add_argument("--types", default=",".join([t for t in ORDER if t in q.TYPES]
+                                                + [m for m in MIXES if not outtype_needs_imatrix(m)]),
+                    help="comma-separated output types (default: every registered type and mix that needs no imatrix)")
     ap.add_argument("--text", type=Path, help="UTF-8 text to evaluate on (default: verify's bundled text)")
     a = ap.parse_args(argv)
     types = [t.strip() for t in a.types.split(",") if t.strip()]
