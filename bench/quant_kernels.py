@@ -22,8 +22,11 @@ Data: bf16-grid float32 matrices (what real checkpoints hold) of 4096x4096 and 1
   difference is noisy (shown as n/a when not positive). The "C" column is the reliable one.
 
 Speeds are millions of weights per second; ratios are llmconv / other (> 1: llmconv faster).
+"CPU-time 1t" is the same 1-thread comparison by CPU seconds (time.process_time) instead of
+wall-clock: on a machine shared with other work that ratio is the steadier one.
 The types are every block type registered in llmconv.quantize for which llama.cpp has a file
-type (K-quants too, added by registering them); --types picks a subset.
+type (K-quants too, added by registering them); --types picks a subset. Types that exist only
+with an importance matrix (iq2_xxs, iq2_xs) run with --imatrix.
 
 --imatrix: every kernel gets an importance vector per row length (gamma-distributed, as mean
 squared activations are, with a few outlier and dead columns), llmconv's weighted kernels and
@@ -68,12 +71,19 @@ def default_types() -> list[str]:
 
 
 def best_time(fn, repeat: int) -> float:
-    best = float("inf")
+    return best_times(fn, repeat)[0]
+
+
+def best_times(fn, repeat: int) -> tuple[float, float]:
+    """(best wall-clock seconds, best CPU seconds of this process) over `repeat` runs. On a
+    shared machine the CPU time of a 1-thread run is the steadier number."""
+    wall = cpu = float("inf")
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        wall = min(wall, time.perf_counter() - t0)
+        cpu = min(cpu, time.process_time() - c0)
+    return wall, cpu
 
 
 def ggml_chunk_fn():
@@ -150,6 +160,8 @@ def main(argv=None) -> int:
     types = args.types.split(",") if args.types else default_types()
     if args.imatrix:
         types = [t for t in types if Q.get(t).quantize_weighted is not None]
+    elif not args.types:
+        types = [t for t in types if not Q.get(t).requires_imatrix]   # iq2_xxs/iq2_xs: --imatrix only
     shapes = [(1024, 4096), (2752, 1024)] if args.quick else [(4096, 4096), (11008, 4096)]
     rng = np.random.default_rng(0)
     mats = [bf16_grid(rng, s, 0.02) for s in shapes]
@@ -170,9 +182,11 @@ def main(argv=None) -> int:
             qt = Q.get(t)
             r: dict[str, float] = {}
             for th in sorted({1, cores}):
-                secs = best_time(lambda: [Q.quantize_tensor(m, qt, threads=th, imatrix=w) for m, w in zip(mats, qws)],
-                                 args.repeat)
+                secs, cpu = best_times(lambda: [Q.quantize_tensor(m, qt, threads=th, imatrix=w)
+                                                for m, w in zip(mats, qws)], args.repeat)
                 r[f"llmconv_t{th}"] = nweights / secs / 1e6
+                if th == 1:
+                    r["llmconv_t1_cpu"] = nweights / cpu / 1e6
             if not args.no_gguf_py:
                 try:
                     secs = best_time(lambda: [gguf.quants.quantize(m, qt.ggml_type) for m in mats], 1)
@@ -184,9 +198,11 @@ def main(argv=None) -> int:
                 init(int(qt.ggml_type))
                 outs = [np.empty((m.shape[0], qt.row_nbytes(m.shape[1])), np.uint8) for m in mats]
                 for th in sorted({1, cores}):
-                    secs = best_time(lambda: [c_quantize(fn, qt, m, o, th, w) for m, o, w in zip(mats, outs, qws)],
-                                     args.repeat)
+                    secs, cpu = best_times(lambda: [c_quantize(fn, qt, m, o, th, w) for m, o, w in zip(mats, outs, qws)],
+                                           args.repeat)
                     r[f"c_t{th}"] = nweights / secs / 1e6
+                    if th == 1:
+                        r["c_t1_cpu"] = nweights / cpu / 1e6
                 same = all(np.array_equal(o, Q.quantize_tensor(m, qt, imatrix=w)) for m, o, w in zip(mats, outs, qws))
                 r["bytes_equal_c"] = bool(same)
             if src is not None and llama_has_ftype(qt) and not args.imatrix:
@@ -199,7 +215,7 @@ def main(argv=None) -> int:
                     r[f"llama_t{th}_raw_s"] = quant
                     r[f"llama_t{th}_copy_s"] = copy
             results["types"][t] = r
-            line = f"{t:6s} llmconv 1t {r['llmconv_t1']:6.0f}"
+            line = f"{t:7s} llmconv 1t {r['llmconv_t1']:6.1f}"
             if cores > 1:
                 line += f"  {cores}t {r[f'llmconv_t{cores}']:6.0f}"
             if "gguf_py" in r:
@@ -210,6 +226,9 @@ def main(argv=None) -> int:
                     if cores > 1:
                         line += (f" {cores}t {r[f'{key}_t{cores}']:5.0f}"
                                  f" (x{r[f'llmconv_t{cores}'] / r[f'{key}_t{cores}']:.2f})")
+            if "c_t1_cpu" in r:
+                line += f" | CPU-time 1t: llmconv {r['llmconv_t1_cpu']:.2f}, C {r['c_t1_cpu']:.2f} " \
+                        f"(x{r['llmconv_t1_cpu'] / r['c_t1_cpu']:.2f})"
             if "bytes_equal_c" in r:
                 line += f" | bytes==C: {r['bytes_equal_c']}"
             print(line + "   [M weights/s]", flush=True)

@@ -188,7 +188,7 @@ def test_iq2_rule_table_matches_llama_quantize_types(tmp_path, shape):
         assert ours == {n: v[0] for n, v in theirs.items()}, mix
 
 
-def test_iq2_mix_without_imatrix_is_a_one_line_error(f32_mix_models, tmp_path, capsys):
+def test_iq2_mix_without_imatrix_is_a_one_line_error(f32_mix_models, tmp_path, capsys):  # noqa: F811
     src = f32_mix_models["fixture"]
     for mix in IQ2_MIXES:
         assert main(["quantize", str(src), str(tmp_path / "o.gguf"), "--type", mix, "-q"]) == 2

@@ -33,7 +33,6 @@ class Grid:
     nbr_count: np.ndarray     # int64 [codes]: its length (0 on the grid and for unreachable codes)
     nbr: np.ndarray           # int32: every neighbour list, one after the other
     n_levels: int             # levels a quantizer can produce per coordinate (max_level + 1)
-    term_offsets: np.ndarray  # int64 [G, dim]: i*n_levels + levels[:, i] (see best_neighbours)
 
     @property
     def size(self) -> int:
@@ -77,10 +76,7 @@ def make_grid(kgrid, dim: int, bits: int, nwant: int, max_level: int) -> Grid:
     nbr_start = np.zeros(n_codes, np.int64)
     nbr_start[codes] = np.concatenate([[0], np.cumsum(counts)[:-1]])
     nbr = order[keep].astype(np.int32)          # row-major: the lists one after the other, in `codes` order
-    n_levels = max_level + 1
-    # where the term of (coordinate i, the point's level there) sits among a group's dim*n_levels terms
-    term_offsets = np.arange(dim, dtype=np.int64) * n_levels + levels.astype(np.int64)
-    return Grid(dim, bits, levels, index, nbr_start, nbr_count, nbr, n_levels, term_offsets)
+    return Grid(dim, bits, levels, index, nbr_start, nbr_count, nbr, max_level + 1)
 
 
 def codes_of(levels: np.ndarray, bits: int) -> np.ndarray:
@@ -101,45 +97,69 @@ def best_neighbours(grid: Grid, codes: np.ndarray, xval: np.ndarray, w: np.ndarr
 
     (q = 2*level + 1), the first in list order on ties. xval, w: float32 [N, dim]; scale [N].
 
-    Every candidate's d2 is a sum of `dim` terms, each one of n_levels values per coordinate,
-    so the terms are computed once per group and level ([N, dim, n_levels]) and every
-    candidate gathers its `dim` terms from them and adds them in C's order.
+    A candidate's d2 is a sum of `dim` terms, each one of n_levels values per coordinate, so
+    the terms are computed once per group and level ([N, dim, n_levels]). The running sums over
+    the first k coordinates are tabulated per group for every level combination (n_levels**k
+    entries, k chosen so that the table is about as long as a group's candidate list); each
+    candidate then gathers its prefix sum and adds its remaining dim - k terms in C's order.
     """
     n = codes.shape[0]
     if n == 0:
         return np.zeros(0, np.int32)
-    nl = grid.n_levels
-    q = (2 * np.arange(nl, dtype=F32) + 1)                                   # [nl]
+    nl, dim = grid.n_levels, grid.dim
+    q = 2 * np.arange(nl, dtype=F32) + 1
     diff = scale[:, None, None] * q[None, None, :] - xval[:, :, None]        # [N, dim, nl]
     terms = (w[:, :, None] * diff) * diff
-    terms = terms.reshape(-1)
 
     counts = grid.nbr_count[codes]
     if not counts.all():
         raise ValueError("a code without a neighbour list (not off the grid, or a level above max_level)")
     ends = np.cumsum(counts)
     total = int(ends[-1])
-    first = ends - counts                                                    # where each group's candidates start
-    group = np.repeat(np.arange(n, dtype=np.int64), counts)
-    pos = np.arange(total, dtype=np.int64) - first[group] + grid.nbr_start[codes][group]
-    cand = grid.nbr[pos]                                                     # grid index per candidate
+    first = ends - counts                                                    # each group's first candidate
+    k = 1
+    while k < dim - 1 and nl ** (k + 1) <= 1.5 * total / n:
+        k += 1
+    prefix = terms[:, 0, :] + F32(0.0)                                       # C starts from d2 = 0
+    for i in range(1, k):
+        prefix = (prefix[:, :, None] + terms[:, i, None, :]).reshape(n, -1)
+    pcode, suffix = _prefix_tables(grid, k)
 
-    idx = grid.term_offsets[cand]                                            # [total, dim]
-    idx += (group * (grid.dim * nl))[:, None]
-    t = terms[idx]                                                           # [total, dim]
-    d2 = t[:, 0] + F32(0.0)
-    for i in range(1, grid.dim):
-        d2 += t[:, i]
+    group = np.repeat(np.arange(n, dtype=np.int32), counts)
+    pos = np.arange(total, dtype=np.int32)
+    pos += np.repeat((grid.nbr_start[codes] - first).astype(np.int32), counts)
+    cand = grid.nbr[pos]                                                     # grid index per candidate
+    d2 = prefix.reshape(-1)[group * np.int32(nl ** k) + pcode[cand]]
+    flat = terms.reshape(-1)
+    base = group * np.int32(dim * nl)
+    for offsets in suffix:                                                   # coordinates k .. dim-1
+        d2 += flat[base + offsets[cand]]
 
     # first minimum per group; NaN never wins in C (d2 < best_d2 is false), nor here (fmin)
     seg_min = np.fmin.reduceat(d2, first)
-    is_min = d2 == np.repeat(seg_min, counts)
-    hit = np.flatnonzero(is_min)
+    hit = np.flatnonzero(d2 == np.repeat(seg_min, counts))
     hit_group = group[hit]
     lead = np.ones(hit.shape[0], bool)
     lead[1:] = hit_group[1:] != hit_group[:-1]
-    hit, hit_group = hit[lead], hit_group[lead]
+    hit = hit[lead]
     if hit.shape[0] != n:
         raise FloatingPointError("no finite neighbour distance (ggml asserts here)")
     return cand[hit]
 
+
+_PREFIX_TABLES: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _prefix_tables(grid: Grid, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pcode [G]: the prefix-table column of each grid point's first k levels,
+    suffix [dim-k, G]: i*n_levels + level_i of each point, for the remaining coordinates)."""
+    key = (id(grid.levels), k)
+    tables = _PREFIX_TABLES.get(key)
+    if tables is None:
+        lv = grid.levels.astype(np.int32)
+        pcode = np.zeros(grid.size, np.int32)
+        for i in range(k):
+            pcode = pcode * grid.n_levels + lv[:, i]
+        suffix = np.arange(k, grid.dim, dtype=np.int32)[:, None] * grid.n_levels + lv[:, k:].T
+        tables = _PREFIX_TABLES[key] = (pcode, np.ascontiguousarray(suffix, dtype=np.int32))
+    return tables
