@@ -202,3 +202,12 @@ def test_iq2_mix_without_imatrix_is_a_one_line_error(f32_mix_models, tmp_path, c
                  str(tmp_path / "im.gguf"), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert "blk.1.ffn_up.weight" in err and "no entry" in err, err
+
+
+def test_scale_overflow_is_refused_with_the_row():
+    x = np.zeros((3, 256), np.float32)
+    x[2, 7] = 3e9                                     # d = max_scale/31 does not fit fp16
+    qw = np.ones(256, np.float32)
+    for t in IQ2:
+        with pytest.raises(Q.NonFiniteError, match="row 2"):
+            Q.quantize_tensor(x, t, imatrix=qw)

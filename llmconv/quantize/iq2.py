@@ -33,7 +33,7 @@ from functools import lru_cache
 import numpy as np
 
 from . import iq2_tables
-from ._blocks import ImatrixRequired
+from ._blocks import ImatrixRequired, NonFiniteError
 from .iq_grid import Grid, best_neighbours, make_grid
 from .k_common import F32, GROUP_MAX_EPS, QK_K, fp16_bits, nearest_int
 from .k_weighted import block_sigma2, make_qp_quants
@@ -262,6 +262,11 @@ def _over(x: np.ndarray, qw: np.ndarray | None, type_size: int, fn) -> np.ndarra
         for s in range(0, xb.shape[0], CHUNK_SUPERBLOCKS):
             e = min(s + CHUNK_SUPERBLOCKS, xb.shape[0])
             out[s:e] = fn(xb[s:e], None if qwb is None else qwb[np.arange(s, e) % per_row])
+    # |w| beyond ~1e7 makes d overflow fp16: refused, as the other types' overflows are
+    # (llama_model_quantize's row validation rejects such a tensor too)
+    bad = np.flatnonzero((out[:, 0:2].copy().view(np.uint16)[:, 0] & 0x7C00) == 0x7C00)
+    if bad.size:
+        raise NonFiniteError(int(bad[0]) // per_row, "a super-block scale overflows fp16")
     return out.reshape(rows, per_row * type_size)
 
 
