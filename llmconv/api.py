@@ -300,10 +300,10 @@ def imatrix(src: str | Path, out: str | Path = "imatrix.gguf", *, text: str = "b
     """llama-imatrix's importance matrix of checkpoint `src` over `text` (a file, or 'builtin')."""
     from .imatrix.collect import compute_imatrix
     from .imatrix.files import write_imatrix_gguf
+    from .formats.atomic import check_output_path
 
     out = Path(out)
-    if out.exists() and not force:
-        raise LlmconvError("exists (use --force to overwrite)", file=out)
+    check_output_path(out, force=force)       # before minutes of computing, not after
     im = compute_imatrix(src, text, ctx=ctx, chunks=chunks, progress=progress, threads=threads)
     write_imatrix_gguf(out, im, force=force)
     return ImatrixResult(out, im)

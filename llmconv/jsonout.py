@@ -38,9 +38,23 @@ def emit_json(path: str | None, obj: dict, text: str | None = None) -> None:
         raise LlmconvError(f"--json: cannot write: {e.strerror}", file=path) from None
 
 
+def check_json_dir(ctx, param, path: str | None) -> str | None:  # noqa: ARG001 (a click callback)
+    """Before the command runs (a conversion can take an hour): the report's folder must exist
+    and be writable, so an unwritable `--json` path fails first, not after the model is written."""
+    if path and path != "-":
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise LlmconvError("--json: the folder does not exist", file=path)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
+            raise LlmconvError(f"--json: cannot write here: {'Read-only file system' if read_only else 'Permission denied'}",
+                               file=path)
+    return path
+
+
 def json_option(what: str = "a machine-readable report"):
     """`--json` alone writes to stdout (as gguf-dump --json does); `--json FILE` to a file."""
     return click.option("--json", "json_path", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
-                        type=click.Path(dir_okay=False, allow_dash=True),
+                        type=click.Path(dir_okay=False, allow_dash=True), callback=check_json_dir,
                         help=f"Write {what} as JSON to FILE, or to stdout with no FILE or '-' "
                              "(stdout then carries only the JSON).")

@@ -35,9 +35,11 @@ _NAME_KEEP = 120          # target-name characters kept in a temp name: it must 
 
 @dataclass
 class TempOutput:
-    """An open temp file: write through `fd`; `read_path` reopens this very file (not the name)."""
+    """An open temp file: write through `fd`; `read_path` reopens this very file (not the name).
+    `target` is the file it becomes, the name an error message gives."""
     path: Path
     fd: int
+    target: Path | None = None
 
     @property
     def read_path(self) -> str:
@@ -46,8 +48,11 @@ class TempOutput:
 
     def write_bytes(self, data: bytes) -> None:
         from .positional import pwrite_all
-        os.ftruncate(self.fd, 0)
-        pwrite_all(self.fd, data, 0)
+        try:
+            os.ftruncate(self.fd, 0)
+            pwrite_all(self.fd, data, 0)
+        except OSError as e:            # a full disk, a quota: say which output
+            raise LlmconvError(f"write failed: {e.strerror}", file=self.target or self.path) from None
 
 
 def partial_prefix(target: Path) -> str:
@@ -115,6 +120,16 @@ def check_target(target: Path, *, force: bool) -> None:
         raise LlmconvError("output directory does not exist", file=target.parent)
 
 
+def check_output_path(target: str | Path, *, force: bool) -> None:
+    """`check_target`, and the folder must be writable: for a command that computes for minutes
+    before it writes (imatrix), so a read-only file system fails first, not last."""
+    target = Path(target)
+    check_target(target, force=force)
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        why = "Read-only file system" if os.statvfs(target.parent).f_flag & os.ST_RDONLY else "Permission denied"
+        raise LlmconvError(f"cannot write to the output folder: {why}", file=target)
+
+
 def _create_temp(target: Path) -> TempOutput:
     try:
         fd, name = tempfile.mkstemp(prefix=partial_prefix(target), dir=target.parent)
@@ -123,7 +138,7 @@ def _create_temp(target: Path) -> TempOutput:
                            file=target) from None
     fcntl.flock(fd, fcntl.LOCK_EX)
     os.fchmod(fd, 0o666 & ~_umask())          # mkstemp makes 0600; a model file is shared like any file
-    return TempOutput(Path(name), fd)
+    return TempOutput(Path(name), fd, target)
 
 
 def _umask() -> int:
@@ -201,7 +216,10 @@ def atomic_outputs(targets: Sequence[str | Path], *, force: bool = False) -> Ite
             tmps.append(_create_temp(t))
         yield tmps
         for tmp in tmps:
-            os.fsync(tmp.fd)
+            try:
+                os.fsync(tmp.fd)        # where a delayed write error (ENOSPC, EIO) shows up
+            except OSError as e:
+                raise LlmconvError(f"write failed: {e.strerror}", file=tmp.target) from None
         published: list[Path] = []
         try:
             for tmp, t in zip(tmps, targets):
