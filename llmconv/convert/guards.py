@@ -71,26 +71,36 @@ _ALLOWED_GLOBALS = {
     ("collections", "OrderedDict"),
     ("torch._utils", "_rebuild_tensor_v2"),
     ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),   # a Parameter tagged with attributes (Megatron's)
     ("torch", "FloatStorage"), ("torch", "HalfStorage"), ("torch", "BFloat16Storage"),
     ("torch", "DoubleStorage"), ("torch", "LongStorage"), ("torch", "IntStorage"),
     ("torch", "ShortStorage"), ("torch", "CharStorage"), ("torch", "ByteStorage"), ("torch", "BoolStorage"),
 }
-# Opcodes that build plain containers, numbers and strings, memo traffic, and the four that
-# call an allowed global (REDUCE, BUILD) or name a storage record (BINPERSID). Absent on
-# purpose: BYTEARRAY8/NEXT_BUFFER (big buffers), INST/OBJ/NEWOBJ*/EXT* (other ways to call),
-# PERSID (text persistent ids, not written by torch.save).
+# Opcodes: those torch.save's pickles (protocol 2, torch's default) are made of, which are also
+# the ones torch.load(weights_only=True) implements: plain containers, numbers and strings, memo
+# traffic, GLOBAL, REDUCE and BUILD (which call an allowed global) and BINPERSID (names a
+# storage record). Absent on purpose: BYTEARRAY8/NEXT_BUFFER (big buffers), INST/OBJ/NEWOBJ*/EXT*
+# (other ways to call), PERSID (text persistent ids, not written by torch.save).
 _ALLOWED_OPCODES = {
-    "PROTO", "FRAME", "STOP", "MARK", "POP", "POP_MARK", "DUP",
-    "EMPTY_DICT", "EMPTY_LIST", "EMPTY_TUPLE", "EMPTY_SET", "DICT", "LIST", "TUPLE",
-    "TUPLE1", "TUPLE2", "TUPLE3", "SETITEM", "SETITEMS", "APPEND", "APPENDS",
-    "NONE", "NEWTRUE", "NEWFALSE", "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1",
-    "FLOAT", "BINFLOAT", "STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE",
-    "SHORT_BINUNICODE", "BINUNICODE8", "SHORT_BINBYTES", "BINBYTES",
-    "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE", "GET", "BINGET", "LONG_BINGET",
-    "GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD", "BINPERSID",
+    "PROTO", "STOP", "MARK", "EMPTY_DICT", "EMPTY_LIST", "EMPTY_TUPLE", "EMPTY_SET",
+    "TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "SETITEM", "SETITEMS", "APPEND", "APPENDS",
+    "NONE", "NEWTRUE", "NEWFALSE", "BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT",
+    "SHORT_BINSTRING", "BINUNICODE", "BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET",
+    "GLOBAL", "REDUCE", "BUILD", "BINPERSID",
 }
+# Harmless opcodes of other protocols (4 and 5: FRAME, MEMOIZE, STACK_GLOBAL, ...; text-mode
+# protocol 0) that torch.load(weights_only=True) does not implement: such a file is refused
+# with that reason, not as if it held code.
+_TORCH_CANNOT_READ = {
+    "FRAME", "MEMOIZE", "STACK_GLOBAL", "SHORT_BINUNICODE", "BINUNICODE8", "SHORT_BINBYTES", "BINBYTES",
+    "BINBYTES8", "INT", "LONG", "FLOAT", "STRING", "BINSTRING", "UNICODE", "PUT", "GET", "POP", "POP_MARK",
+    "DUP", "DICT", "LIST",
+}
+# Globals a newer tensor pickle names for a dtype without a typed storage (uint16/32/64,
+# float8_*): llmconv reads bf16, f16 and f32 weights.
+_NEWER_TENSOR_GLOBALS = {("torch._utils", "_rebuild_tensor_v3"), ("torch.storage", "UntypedStorage")}
+_DTYPE_NAME = re.compile(r"u?int\d+|float\d+(_\w+)?|bfloat16|complex\d+|bool|bits\w+|qu?int\w+")
 MAX_PICKLE_BYTES = 64 << 20       # a 70B state dict's data.pkl is well under 1 MiB
-_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
 
 
 def scan_torch_pickle(path: Path) -> None:
@@ -111,34 +121,31 @@ def scan_torch_pickle(path: Path) -> None:
 
 
 def check_pickle_ops(data: bytes, path: Path) -> None:
-    strings: list[str] = []           # the last string pushes, for STACK_GLOBAL's operands
     try:
         for op, arg, pos in pickletools.genops(data):
             name = op.name
+            if name in _TORCH_CANNOT_READ:
+                raise LlmconvError(f"pickle opcode {name} at byte {pos} (from protocol {op.proto}) cannot be read safely: "
+                                   f"torch.load(weights_only=True) reads the protocol torch.save writes by default (2); "
+                                   f"re-save the state dict with torch.save's defaults", file=path)
             if name not in _ALLOWED_OPCODES:
                 raise LlmconvError(f"refused to load: pickle opcode {name} at byte {pos} is not used by a "
                                    f"state dict of tensors", file=path)
-            if name in _STRING_OPS:
-                strings = (strings + [arg])[-2:]
-                continue
             if name == "GLOBAL":
                 module, _, qual = str(arg).partition(" ")
                 _check_global(module, qual, pos, path)
-            elif name == "STACK_GLOBAL":
-                if len(strings) != 2:
-                    raise LlmconvError(f"refused to load: STACK_GLOBAL at byte {pos} without literal operands",
-                                       file=path)
-                _check_global(strings[0], strings[1], pos, path)
-            if name not in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
-                strings = []
     except (ValueError, IndexError) as e:       # truncated or malformed opcode stream
         raise LlmconvError(f"malformed pickle in data.pkl: {e}", file=path) from None
 
 
 def _check_global(module: str, qual: str, pos: int, path: Path) -> None:
-    if (module, qual) not in _ALLOWED_GLOBALS:
-        raise LlmconvError(f"refused to load: the pickle calls {module}.{qual} (byte {pos}); a state dict of "
-                           f"tensors needs only tensor rebuilders and storages", file=path)
+    if (module, qual) in _ALLOWED_GLOBALS:
+        return
+    if (module, qual) in _NEWER_TENSOR_GLOBALS or (module == "torch" and _DTYPE_NAME.fullmatch(qual)):
+        raise LlmconvError(f"holds tensors of a type llmconv does not read ({module}.{qual} at byte {pos}); "
+                           f"weights must be bf16, f16 or f32", file=path)
+    raise LlmconvError(f"refused to load: the pickle calls {module}.{qual} (byte {pos}); a state dict of "
+                       f"tensors needs only tensor rebuilders and storages", file=path)
 
 
 def check_tensor_storage(state: dict, path: Path) -> None:

@@ -1,0 +1,152 @@
+"""The pickle allow-list (convert/guards.py) against what torch.save really writes.
+
+llmconv scans a .pth/.bin's data.pkl before torch unpickles it and allows only what a state
+dict of tensors needs. Real checkpoints must still load: a module's state_dict() (an
+OrderedDict carrying `_metadata`), Parameters (`keep_vars=True`, and tagged with attributes as
+Megatron does), bf16/f16/f32, pickle protocols 2 and 3, transposed views, tied weights saved
+once, a big-endian file. Each is converted and must give the same GGUF as the plain file.
+Everything else gets one line, exit 2, and the reason: a protocol torch's safe loader cannot
+read, a dtype llmconv does not convert, a pickled module, a tensor subclass."""
+from __future__ import annotations
+
+import collections
+import shutil
+import zipfile
+
+import pytest
+import torch
+
+from synth import meta_state_dict, write_meta_checkpoint
+from test_hostile import refused, run
+
+
+def state_dict_of_a_module(sd: dict) -> collections.OrderedDict:
+    """What nn.Module.state_dict() returns: an OrderedDict with a `_metadata` attribute (pickled
+    through BUILD), as in Meta's consolidated.*.pth files."""
+    od = collections.OrderedDict(sd)
+    od._metadata = collections.OrderedDict({"": {"version": 1}, "layers.0": {"version": 1}})
+    return od
+
+
+def parameters(sd: dict) -> dict:
+    return {k: torch.nn.Parameter(v, requires_grad=False) for k, v in sd.items()}
+
+
+def tagged_parameters(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        p = torch.nn.Parameter(v, requires_grad=False)
+        p.tensor_model_parallel, p.partition_dim = True, 0          # Megatron tags its weights so
+        out[k] = p
+    return out
+
+
+def transposed_views(sd: dict) -> dict:
+    """2-D weights stored transposed and viewed back: a dense, non-contiguous view."""
+    return {k: v.t().contiguous().t() if v.dim() == 2 else v for k, v in sd.items()}
+
+
+def big_endian(path):
+    """Rewrite a torch.save zip as a big-endian machine writes it: byteorder "big", storages
+    byte-swapped."""
+    sd = torch.load(path, weights_only=True)
+    src = zipfile.ZipFile(path)
+    data = {i.filename: src.read(i) for i in src.infolist()}
+    src.close()
+    prefix = next(n for n in data if n.endswith("/data.pkl"))[:-len("data.pkl")]
+    storages = {}
+    for t in sd.values():
+        storages[t.untyped_storage().data_ptr()] = t
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, blob in data.items():
+            if name == prefix + "byteorder":
+                blob = b"big"
+            elif name.startswith(prefix + "data/"):
+                itemsize = next(iter(sd.values())).element_size()
+                blob = bytes(b for i in range(0, len(blob), itemsize) for b in reversed(blob[i:i + itemsize]))
+            z.writestr(name, blob)
+
+
+same = dict
+
+
+# variant -> (the values: bf16 as written, or cast), (how they are wrapped), torch.save's options
+VARIANTS = {
+    "module state_dict bf16": (same, state_dict_of_a_module, {}),
+    "module state_dict f16": (lambda sd: {k: v.half() for k, v in sd.items()}, state_dict_of_a_module, {}),
+    "module state_dict f32": (lambda sd: {k: v.float() for k, v in sd.items()}, state_dict_of_a_module, {}),
+    "parameters (keep_vars)": (same, parameters, {}),
+    "tagged parameters": (same, tagged_parameters, {}),
+    "pickle protocol 3": (same, same, {"pickle_protocol": 3}),
+    "transposed views": (same, transposed_views, {}),
+}
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """A Meta checkpoint saved plainly (bf16)."""
+    return write_meta_checkpoint(tmp_path_factory.mktemp("plain") / "m")
+
+
+def resaved(plain_dir, dst, change, **save_kw):
+    d = shutil.copytree(plain_dir, dst)
+    sd = torch.load(d / "consolidated.00.pth", weights_only=True)
+    torch.save(change(sd), d / "consolidated.00.pth", **save_kw)
+    return d
+
+
+def converted(d, capsys) -> bytes:
+    out = d / "o.gguf"
+    code, _, err = run(["convert", d, "-o", out, "--outtype", "f32", "-q"], capsys)
+    assert code == 0, err
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_what_torch_save_writes_loads(plain, tmp_path, capsys, variant):
+    """The variant converts to the same file as the same values saved as a plain dict."""
+    values, form, save_kw = VARIANTS[variant]
+    want = converted(resaved(plain, tmp_path / "a" / "m", values), capsys)
+    assert converted(resaved(plain, tmp_path / "b" / "m", lambda sd: form(values(sd)), **save_kw), capsys) == want
+
+
+def test_a_big_endian_file_loads(plain, tmp_path, capsys):
+    want = converted(resaved(plain, tmp_path / "a" / "m", same), capsys)
+    d = resaved(plain, tmp_path / "b" / "m", same)
+    big_endian(d / "consolidated.00.pth")
+    assert converted(d, capsys) == want
+
+
+def test_tied_weights_saved_once_load(tmp_path, capsys):
+    sd = meta_state_dict()
+    sd["output.weight"] = sd["tok_embeddings.weight"]          # one storage, two names
+    d = write_meta_checkpoint(tmp_path / "m", sd)
+    code, _, err = run(["convert", d, "-o", tmp_path / "o.gguf", "-q"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_a_protocol_torch_cannot_read_safely_is_one_line(plain, tmp_path, capsys, protocol):
+    d = resaved(plain, tmp_path / "m", lambda sd: sd, pickle_protocol=protocol)
+    refused(["convert", d, "--dry-run"], capsys, "consolidated.00.pth", "FRAME", "re-save")
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.uint16])
+def test_a_dtype_without_a_typed_storage_is_one_line(plain, tmp_path, capsys, dtype):
+    d = resaved(plain, tmp_path / "m", lambda sd: {k: v.to(dtype) for k, v in sd.items()})
+    refused(["convert", d, "--dry-run"], capsys, "consolidated.00.pth", "bf16, f16 or f32")
+
+
+def tensor_with_an_attribute(sd):
+    t = next(iter(sd.values())).clone()
+    t.note = "x"                  # pickled through torch._tensor._rebuild_from_type_v2
+    return {**sd, next(iter(sd)): t}
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda sd: torch.nn.Linear(2, 2), "torch.nn.modules.linear.Linear"),
+    (tensor_with_an_attribute, "_rebuild_from_type_v2"),
+], ids=["a whole module", "a tensor with a Python attribute"])
+def test_anything_else_is_one_line(plain, tmp_path, capsys, change, needle):
+    d = resaved(plain, tmp_path / "m", change)
+    refused(["convert", d, "--dry-run"], capsys, "consolidated.00.pth", "refused", needle)
