@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .errors import LlmconvError, environment_error, printable
+from .errors import LlmconvError, environment_error, is_library_panic, printable
 from .jsonout import emit_json, json_option
 
 _DEBUG = False
@@ -330,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         click.echo(f"llmconv: error: {environment_error(e)}", err=True)
         return 2
-    except Exception as e:                                # a bug: one line, the traceback behind --debug
-        if _DEBUG:
+    except BaseException as e:                            # a bug: one line, the traceback behind --debug
+        if _DEBUG or not (isinstance(e, Exception) or is_library_panic(e)):   # (a Rust panic is a BaseException)
             raise
         click.echo(f"llmconv: internal error: {printable(type(e).__name__)}: {printable(' '.join(str(e).split()))[:300]} "
                    f"(run with --debug for the traceback)", err=True)

@@ -58,6 +58,12 @@ def environment_error(e: BaseException) -> str:
     return printable(" ".join(str(e).split()))
 
 
+def is_library_panic(e: BaseException) -> bool:
+    """A Rust library (tokenizers, safetensors) panicked: pyo3 raises PanicException, which
+    derives from BaseException, so `except Exception` does not catch it."""
+    return type(e).__name__ == "PanicException"
+
+
 MAX_JSON_BYTES = 256 << 20        # Llama 3's tokenizer.json is 9 MB; a config is a few KB
 
 

@@ -83,7 +83,12 @@ def test_lone_surrogate_is_one_line(tmp_path, capsys, where):
     (lambda tj: tj.update(pre_tokenizer=[]), "pre_tokenizer"),
     (lambda tj: tj.update(model=[]), "model"),
     (lambda tj: tj["added_tokens"].append({"id": "x", "content": "<y>"}), "added_tokens"),
-], ids=["duplicate-id", "merge-unknown-token", "pre-tokenizer-list", "model-list", "added-id-string"])
+    # found by bench/fuzz_inputs.py: the tokenizers library panics (a BaseException, with a Rust
+    # backtrace on stderr) encoding with a template whose special token is not defined
+    (lambda tj: tj["post_processor"].update(special_tokens={}), "not in post_processor.special_tokens"),
+    (lambda tj: tj["post_processor"]["special_tokens"]["<|begin_of_text|>"].update(ids=[1000, 1001]), "2 ids but 1"),
+], ids=["duplicate-id", "merge-unknown-token", "pre-tokenizer-list", "model-list", "added-id-string",
+        "template-names-a-missing-special", "template-special-ids-and-tokens-differ"])
 def test_inconsistent_tokenizer_json_is_one_line(tmp_path, capsys, change, needle):
     d = with_tokenizer_json(tmp_path, change)
     refused(["convert", d, "--dry-run"], capsys, "tokenizer.json", needle)

@@ -24,6 +24,8 @@ def _component(children: str) -> "callable":
         _object(v, key, {"type": string, "pattern": obj({"Regex": string, "String": string}),
                          "behavior": string, "invert": boolean, "add_prefix_space": boolean, "use_regex": boolean,
                          "single": _template, "pair": _template})
+        if "single" in v or "pair" in v:
+            _check_template_specials(v, key)
         items = v.get(children)
         if items is None:
             return
@@ -42,6 +44,33 @@ def _template(v, key):
         _fail("a list of template pieces", v)
     for i, piece in enumerate(v):
         _at(obj({"SpecialToken": obj({"id": string}), "Sequence": obj({})}), piece, f"{key}[{i}]")
+
+
+def _check_template_specials(v: dict, key: str) -> None:
+    """A TemplateProcessing's pieces may name only its own special_tokens, each with as many
+    ids as tokens (the `tokenizers` library panics on a missing one when it encodes)."""
+    specials = v.get("special_tokens", {})
+    if not isinstance(specials, dict):
+        raise _Key(f"{key}.special_tokens", f"expected an object, found {type(specials).__name__}")
+    for name, entry in specials.items():
+        _at(obj({"id": string, "ids": _list_of(token_id), "tokens": _list_of(string)}, required=("id", "ids", "tokens")),
+            entry, f"{key}.special_tokens.{name}")
+        if len(entry["ids"]) != len(entry["tokens"]):
+            raise _Key(f"{key}.special_tokens.{name}", f"{len(entry['ids'])} ids but {len(entry['tokens'])} tokens")
+    for part in ("single", "pair"):
+        for i, piece in enumerate(v.get(part) or []):
+            name = (piece.get("SpecialToken") or {}).get("id")
+            if name is not None and name not in specials:
+                raise _Key(f"{key}.{part}[{i}]", f"special token {name!r:.60} is not in {key}.special_tokens")
+
+
+def _list_of(check):
+    def check_list(v, key):
+        if not isinstance(v, list):
+            _fail("a list", v)
+        for i, item in enumerate(v):
+            _at(check, item, f"{key}[{i}]")
+    return check_list
 
 
 _ADDED = obj({"id": token_id, "content": string, "special": boolean}, required=("id", "content"))

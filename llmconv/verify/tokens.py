@@ -107,6 +107,7 @@ def tokenizer_json_tokenizer(ckpt_dir: Path) -> SourceTokenizer:
     bos_token, else what the post-processor puts in front of a sequence."""
     tokenizers = _optional_import("tokenizers", "a tokenizer.json")
     path = ckpt_dir / "tokenizer.json"
+    load_json(path)             # the schema first: it refuses what makes the library panic
     try:
         tok = tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:      # the library raises its own Exception subclass for any bad file
