@@ -34,9 +34,14 @@ def fuzz_file(name: str, n: int, seed: int | None, tmp: Path) -> dict:
     failures: list[str] = []
     seen: set[int] = set()
     peak = {"last": F.peak_rss(), "largest_jump": 0}
+    slowest = {"seconds": 0.0, "input": "", "at": time.perf_counter()}
 
     def record(text, outcome):
         seen.add(hash(text))
+        now = time.perf_counter()   # this input's generation and check
+        if now - slowest["at"] > slowest["seconds"]:
+            slowest.update(seconds=now - slowest["at"], input=text[:120])
+        slowest["at"] = now
         now = F.peak_rss()          # how far this input pushed the process's peak RSS
         peak["largest_jump"] = max(peak["largest_jump"], now - peak["last"])
         peak["last"] = now
@@ -53,6 +58,7 @@ def fuzz_file(name: str, n: int, seed: int | None, tmp: Path) -> dict:
             "failures": len(failures), "seconds": round(time.perf_counter() - start, 1),
             "peak_rss_growth_mib": round((F.peak_rss() - rss) / 2**20),
             "largest_single_input_jump_mib": round(peak["largest_jump"] / 2**20, 1),
+            "slowest_input_seconds": round(slowest["seconds"], 2), "slowest_input": slowest["input"],
             "by_kind": dict(outcomes.most_common()), "failure_details": failures[:20]}
 
 
@@ -71,7 +77,8 @@ def main() -> int:
             results.append(r)
             print(f"{name} ({r['checkpoint']}): {r['inputs']:,} inputs ({r['distinct']:,} distinct): {r['accepted']:,} accepted, "
                   f"{r['refused']:,} refused with one line, {r['failures']} other, {r['seconds']} s, "
-                  f"peak RSS +{r['peak_rss_growth_mib']} MiB (one input: at most +{r['largest_single_input_jump_mib']} MiB)", flush=True)
+                  f"peak RSS +{r['peak_rss_growth_mib']} MiB (one input: at most +{r['largest_single_input_jump_mib']} MiB), "
+                  f"slowest input {r['slowest_input_seconds']} s", flush=True)
             for f in r["failure_details"]:
                 print("  " + f.replace("\n", "\n  "))
     growth = F.peak_rss() - start_rss

@@ -77,7 +77,7 @@ _ALLOWED_GLOBALS = {
     ("torch", "ShortStorage"), ("torch", "CharStorage"), ("torch", "ByteStorage"), ("torch", "BoolStorage"),
 }
 # Opcodes: those torch.save's pickles (protocol 2, torch's default) are made of, which are also
-# the ones torch.load(weights_only=True) implements: plain containers, numbers and strings, memo
+# the ones torch's weights-only unpickler implements: plain containers, numbers and strings, memo
 # traffic, GLOBAL, REDUCE and BUILD (which call an allowed global) and BINPERSID (names a
 # storage record). Absent on purpose: BYTEARRAY8/NEXT_BUFFER (big buffers), INST/OBJ/NEWOBJ*/EXT*
 # (other ways to call), PERSID (text persistent ids, not written by torch.save).
@@ -89,7 +89,7 @@ _ALLOWED_OPCODES = {
     "GLOBAL", "REDUCE", "BUILD", "BINPERSID",
 }
 # Harmless opcodes of other protocols (4 and 5: FRAME, MEMOIZE, STACK_GLOBAL, ...; text-mode
-# protocol 0) that torch.load(weights_only=True) does not implement: such a file is refused
+# protocol 0) that torch's weights-only unpickler does not implement: such a file is refused
 # with that reason, not as if it held code.
 _TORCH_CANNOT_READ = {
     "FRAME", "MEMOIZE", "STACK_GLOBAL", "SHORT_BINUNICODE", "BINUNICODE8", "SHORT_BINBYTES", "BINBYTES",
@@ -126,7 +126,7 @@ def check_pickle_ops(data: bytes, path: Path) -> None:
             name = op.name
             if name in _TORCH_CANNOT_READ:
                 raise LlmconvError(f"pickle opcode {name} at byte {pos} (from protocol {op.proto}) cannot be read safely: "
-                                   f"torch.load(weights_only=True) reads the protocol torch.save writes by default (2); "
+                                   f"torch's weights-only loader reads the protocol torch.save writes by default (2); "
                                    f"re-save the state dict with torch.save's defaults", file=path)
             if name not in _ALLOWED_OPCODES:
                 raise LlmconvError(f"refused to load: pickle opcode {name} at byte {pos} is not used by a "
