@@ -40,6 +40,8 @@ class WeightEntry:
     dtype: str                                  # "bf16", "f16", "f32"
     get: Callable[[], torch.Tensor]
     raw: RawTensor | None = None                # where its bytes lie, for pread (None: only `get`)
+    # t[i] alone, read without the rest (a safetensors slice): one expert of a fused MoE tensor
+    get_expert: Callable[[int], torch.Tensor] | None = None
 
 
 # File layouts: "safetensors" and "bin" are Hugging Face's, "consolidated" is Mistral's own
@@ -147,7 +149,8 @@ def _safetensors_entries(path: Path):
             raw = RawTensor(file, places[name][0], dtype, shape, name)
             if places[name][1] - places[name][0] != raw.nbytes:
                 raw = None
-        yield name, WeightEntry(path, shape, dtype, lambda h=handle, n=name: h.get_tensor(n), raw)
+        yield name, WeightEntry(path, shape, dtype, lambda h=handle, n=name: h.get_tensor(n), raw,
+                                lambda i, h=handle, n=name: h.get_slice(n)[i])
 
 
 def _safetensors_places(path: Path) -> dict[str, tuple[int, int]]:

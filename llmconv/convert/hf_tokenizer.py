@@ -15,8 +15,8 @@ from .tokenizer import Vocab, check_vocab_size, load_sentencepiece, load_sentenc
 
 # Token texts that end a chat turn; when generation_config.json stops on one of them it is
 # written as tokenizer.ggml.eot_token_id so llama.cpp ends the turn there.
-END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>")
-END_OF_MESSAGE = ("<|eom_id|>",)
+END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "<|eot|>")
+END_OF_MESSAGE = ("<|eom_id|>", "<|eom|>")          # <|eot|>, <|eom|>: Llama 4
 
 
 def _token_text(v) -> str | None:

@@ -25,6 +25,7 @@ class LlamaHParams:
     # mixture of experts (Mixtral): experts per layer and experts each token uses; 0 when dense
     n_expert: int = 0
     n_expert_used: int = 0
+    arch: str = "llama"              # general.architecture: "llama", or "llama4" (convert/llama4.py)
 
     @property
     def head_dim(self) -> int:

@@ -55,12 +55,12 @@ def default_file_name(md: Metadata, outtype: str) -> str:
     return naming_convention(md.name, md.basename, md.finetune, md.version, md.size_label, outtype.upper()) + ".gguf"
 
 
-def general_kvs(md: Metadata, file_type: int) -> list[KV]:
+def general_kvs(md: Metadata, file_type: int, arch: str = ARCH) -> list[KV]:
     """general.architecture, then every key Metadata.set_gguf_meta_model writes (collected from a
     GGUFWriter that writes nothing), then file_type and quantization_version."""
-    w = GGUFWriter(None, ARCH)
+    w = GGUFWriter(None, arch)
     md.set_gguf_meta_model(w)
-    kvs = [KV(Keys.General.ARCHITECTURE, ARCH, T.STRING)]
+    kvs = [KV(Keys.General.ARCHITECTURE, arch, T.STRING)]
     for key, v in w.kv_data[0].items():
         if key == Keys.General.ARCHITECTURE:
             continue
@@ -133,7 +133,7 @@ def llama_kvs(h: LlamaHParams) -> list[KV]:
     k = Keys.LLM
     a = Keys.Attention
     r = Keys.Rope
-    f = lambda key: key.format(arch=ARCH)  # noqa: E731
+    f = lambda key: key.format(arch=h.arch)  # noqa: E731
     # llama.cpp's converter writes key/value_length whenever the checkpoint states head_dim;
     # llama.cpp needs them when head_dim != dim / n_heads (it defaults to that quotient)
     head = [] if h.stated_head_dim is None else [KV(f(a.KEY_LENGTH), h.stated_head_dim, T.UINT32),

@@ -80,7 +80,7 @@ def plan_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: st
     md = load_model_metadata(src.path, plan.n_params, Path(metadata) if metadata is not None else None,
                              experts=moe.expert_params(plan.tensors))
     out_path = output_path(outfile, default_file_name(md, plan.outtype))
-    kvs = general_kvs(md, plan.file_type) + llama_kvs(h) + list(src.extra_kvs) + vocab_kvs(src.vocab)
+    kvs = general_kvs(md, plan.file_type, h.arch) + llama_kvs(h) + list(src.extra_kvs) + vocab_kvs(src.vocab)
     kvs = apply_kv_overrides(kvs, [parse_override_kv(o) for o in override_kv])
     check_write_caps(kvs, src.path)
     return Conversion(src, plan, kvs, md.name, out_path)

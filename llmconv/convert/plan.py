@@ -156,7 +156,7 @@ class TypePolicy:
     mix: mixes.Mix | None = None                 # set from outtype when it names a K-quant mix
     imatrix: "Imatrix | None" = None             # llmconv.imatrix.Imatrix: weights + imatrix rules
 
-    n_ffn_down: int = 0                          # ffn_down tensors (llama-quantize's count for its rules)
+    n_ffn_down: int = 0                          # layers with ffn_down tensors (llama-quantize's n_layer for its rules)
 
     def __post_init__(self):
         if self.mix is None:
@@ -251,7 +251,9 @@ def make_plan(sources: list[SourceTensor], policy: TypePolicy) -> Plan:
     else:
         out_qt = _qtype(policy.outtype, "--outtype")
         file_type, outtype = int(out_qt.file_type), out_qt.name
-    policy = dataclasses.replace(policy, n_ffn_down=sum(1 for s in sources if mixes.tensor_kind(s.name) == "ffn_down"))
+    # llama-quantize's count is the layer count; a Llama 4 MoE layer has two ffn_down tensors (experts, shared)
+    policy = dataclasses.replace(policy, n_ffn_down=len({mixes.layer_index(s.name) for s in sources
+                                                          if mixes.tensor_kind(s.name) == "ffn_down"}))
     tensors = []
     for src in sources:
         qt, reason, why = choose_type(src, policy)

@@ -27,14 +27,22 @@ TEKKEN_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{
                   r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
                   r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+# Llama 4's (Meta's llama_models/llama4/tokenizer.py O200K_PATTERN; GPT-4o's o200k regex)
+LLAMA4_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+                  r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
 # Split regex (a Split step, then ByteLevel without its own regex) -> tokenizer.ggml.pre.
 SPLIT_PATTERNS = {
     LLAMA3_PATTERN: "llama-bpe",        # LLaMA 3.x
     TEKKEN_PATTERN: "tekken",           # Mistral Nemo, Ministral, Mistral Small 3 (tokenizer.json)
+    LLAMA4_PATTERN: "llama4",           # Llama 4 Scout, Maverick
 }
 
 # The values llmconv recognizes, each backed by a test in which llama.cpp tokenizes like the source.
-PRE_TYPES = ("llama-bpe", "smollm", "tekken", "gpt-2")
+PRE_TYPES = ("llama-bpe", "smollm", "tekken", "gpt-2", "llama4")
 
 # llama.cpp's check text, from convert_hf_to_gguf.py (get_vocab_base_pre).
 CHECK_TEXT = ('\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) '
@@ -48,6 +56,7 @@ CHECK_HASHES = {
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",       # openai-community/gpt2
     "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",      # Mistral-Nemo-Base-2407
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",      # SmolLM-135M
+    "d353350c764d8c3b39c763113960e4fb4919bea5fbf208a0e3b22e8469dc7406": "llama4",      # Llama-4-Scout-17B-16E-Instruct
 }
 
 

@@ -33,14 +33,20 @@ def llama3_rope_factors(head_dim: int, rope_theta: float, factor: float = 8.0, l
     """float32 [head_dim // 2]: the `rope_freqs.weight` tensor for LLaMA-3 scaled RoPE."""
     if head_dim <= 0 or head_dim % 2:
         raise LlmconvError(f"scaled RoPE needs an even head dimension, got {head_dim}")
-    if low_freq_factor == high_freq_factor:
-        raise LlmconvError(f"rope_scaling: low_freq_factor and high_freq_factor are both {low_freq_factor}")
     if factor <= 0:
         raise LlmconvError(f"rope_scaling: factor must be positive, got {factor}")
     freqs = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     wavelen = 2 * math.pi / freqs
     high_freq_wavelen = original_context / high_freq_factor
     low_freq_wavelen = original_context / low_freq_factor
+    if low_freq_factor == high_freq_factor:
+        # Llama 4 Scout (both 1): no band between the two wavelengths is blended, unless a
+        # wavelength falls exactly on it (then the blend divides by zero, in llama.cpp's converter too)
+        if bool((wavelen == low_freq_wavelen).any()):
+            raise LlmconvError(f"rope_scaling: low_freq_factor and high_freq_factor are both {low_freq_factor} "
+                               f"and a wavelength is exactly {low_freq_wavelen}")
+        return torch.where(wavelen < high_freq_wavelen, torch.ones_like(freqs),
+                           torch.full_like(freqs, factor)).numpy().astype(np.float32)
     smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
     blended = 1 / ((1 - smooth) / factor + smooth)
     out = torch.where(wavelen < high_freq_wavelen, torch.ones_like(freqs),

@@ -72,7 +72,11 @@ def open_source(model_dir: str | Path, input_format: str = "auto", ctx: int | No
         return open_meta_source(model_dir, ctx, pre, tokenizer)
     if kind == "hf":
         from .hf import open_hf_source
-        src = open_hf_source(model_dir, ctx, pre, tokenizer)
+        from .hf_files import read_json
+        from .llama4 import is_llama4, open_llama4_source
+        config = read_json(model_dir / "config.json", required=False)
+        opener = open_llama4_source if config is not None and is_llama4(config) else open_hf_source
+        src = opener(model_dir, ctx, pre, tokenizer)
         if input_format == "auto" and (model_dir / "params.json").is_file():
             src.notes.append("the folder also holds Mistral's own layout (params.json, consolidated*.safetensors); "
                              "read the Hugging Face one (--input-format mistral reads the other)")

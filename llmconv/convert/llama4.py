@@ -1,0 +1,333 @@
+"""Llama 4 (text): Hugging Face `Llama4ForConditionalGeneration` / `Llama4ForCausalLM` -> llama.cpp's
+`llama4` architecture, as llama.cpp's converter (`Llama4Model`) writes it.
+
+config.json: Llama4ForConditionalGeneration keeps the text model's settings in `text_config` (and
+the vision tower's in `vision_config`); Llama4ForCausalLM has them at the top. Tensors, per layer N
+(`language_model.model.` in front for the multimodal class, `model.` for the text-only one):
+
+    self_attn.{q,k,v,o}_proj.weight           Q/K rows in Meta's order (Llama 4 rotates adjacent
+                                              pairs, like llama.cpp: nothing is un-permuted)
+    input_layernorm / post_attention_layernorm
+  a dense layer:
+    feed_forward.{gate,up,down}_proj.weight   intermediate_size_mlp wide
+  a MoE layer (every interleave_moe_layer_step-th):
+    feed_forward.router.weight                [n_expert, dim]                -> ffn_gate_inp (f32)
+    feed_forward.experts.gate_up_proj         [n_expert, dim, 2 * ffn]       x @ W: gate columns, then up
+    feed_forward.experts.down_proj            [n_expert, ffn, dim]           x @ W
+    feed_forward.shared_expert.{gate,up,down}_proj.weight  (ffn wide)        -> ffn_*_shexp
+
+The fused experts are stored transposed (the input is multiplied from the left), so each
+expert's slice is transposed into llama.cpp's [rows, cols]: ffn_gate_exps[e] = gate_up[e][:, :ffn]^T,
+ffn_up_exps[e] = gate_up[e][:, ffn:]^T, ffn_down_exps[e] = down[e]^T. One expert is read at a
+time (a safetensors slice), so a stacked tensor is never whole in memory.
+
+llama.cpp's llama4 graph fixes several of Llama 4's settings instead of reading them: no RoPE
+(and full instead of chunked attention, with temperature tuning) on every 4th layer, chunked
+attention over 8192 tokens, temperature tuning with floor 8192 and scale 0.1, and the L2 QK-norm
+on RoPE layers unless the model has 128 experts. A checkpoint that says otherwise would run
+differently in llama.cpp: it is refused, naming the key.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from gguf import GGUFValueType as T
+from gguf import Keys, MODEL_TENSOR
+
+from ..errors import LlmconvError
+from ..formats.gguf_writer import KV
+from .hparams import LlamaHParams
+from .moe import stacked_tensor, _named
+from .plan import SourceTensor, tensor_name
+
+ARCH = "llama4"
+ARCHITECTURES = ("Llama4ForConditionalGeneration", "Llama4ForCausalLM")
+
+# What llama.cpp's llama4 graph hard-codes (src/models/llama4.cpp, llama-hparams.h).
+NO_ROPE_STEP = 4            # n_no_rope_layer_step: layers 3, 7, 11, ... have no RoPE
+CHUNK_SIZE = 8192           # n_swa of LLAMA_SWA_TYPE_CHUNKED, on the RoPE layers
+TEMP_FLOOR_SCALE = 8192     # n_attn_temp_floor_scale
+TEMP_SCALE = 0.1            # f_attn_temp_scale
+NO_QK_NORM_EXPERTS = 128    # use_kq_norm = type != 17B_128E (Maverick)
+
+# HF name inside a layer -> GGUF kind
+_LAYER_NAMES = {
+    "self_attn.q_proj.weight": MODEL_TENSOR.ATTN_Q,
+    "self_attn.k_proj.weight": MODEL_TENSOR.ATTN_K,
+    "self_attn.v_proj.weight": MODEL_TENSOR.ATTN_V,
+    "self_attn.o_proj.weight": MODEL_TENSOR.ATTN_OUT,
+    "input_layernorm.weight": MODEL_TENSOR.ATTN_NORM,
+    "post_attention_layernorm.weight": MODEL_TENSOR.FFN_NORM,
+}
+_DENSE_NAMES = {
+    "feed_forward.gate_proj.weight": MODEL_TENSOR.FFN_GATE,
+    "feed_forward.down_proj.weight": MODEL_TENSOR.FFN_DOWN,
+    "feed_forward.up_proj.weight": MODEL_TENSOR.FFN_UP,
+}
+_MOE_NAMES = {
+    "feed_forward.router.weight": MODEL_TENSOR.FFN_GATE_INP,
+    "feed_forward.shared_expert.gate_proj.weight": MODEL_TENSOR.FFN_GATE_SHEXP,
+    "feed_forward.shared_expert.down_proj.weight": MODEL_TENSOR.FFN_DOWN_SHEXP,
+    "feed_forward.shared_expert.up_proj.weight": MODEL_TENSOR.FFN_UP_SHEXP,
+}
+GATE_UP, DOWN = "feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"
+# the output order of a layer's tensors
+_LAYER_ORDER = [MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K, MODEL_TENSOR.ATTN_V, MODEL_TENSOR.ATTN_OUT,
+                MODEL_TENSOR.FFN_GATE, MODEL_TENSOR.FFN_DOWN, MODEL_TENSOR.FFN_UP,
+                MODEL_TENSOR.FFN_GATE_INP, MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_DOWN_EXP, MODEL_TENSOR.FFN_UP_EXP,
+                MODEL_TENSOR.FFN_GATE_SHEXP, MODEL_TENSOR.FFN_DOWN_SHEXP, MODEL_TENSOR.FFN_UP_SHEXP,
+                MODEL_TENSOR.ATTN_NORM, MODEL_TENSOR.FFN_NORM]
+VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
+
+
+def is_llama4(config: dict) -> bool:
+    archs = config.get("architectures")
+    return isinstance(archs, list) and any(a in ARCHITECTURES for a in archs)
+
+
+def is_moe_layer(layer: int, step: int) -> bool:
+    """llama.cpp: (i + 1) % n_moe_layer_step == 0; HF: moe_layers = range(step - 1, n, step)."""
+    return step > 0 and (layer + 1) % step == 0
+
+
+def uses_rope(layer: int) -> bool:
+    """RoPE, chunked attention and the QK-norm on three layers of four; the fourth has none of
+    them and gets the attention temperature instead (HF: no_rope_layers[i] == 1 means RoPE)."""
+    return (layer + 1) % NO_ROPE_STEP != 0
+
+
+class Llama4Config:
+    """The text model's settings, checked against what llama.cpp's llama4 graph can run."""
+
+    def __init__(self, config: dict, file: Path):
+        from .hf_config import _int
+        self.file = file
+        self.multimodal = "text_config" in config
+        text = config.get("text_config", config)
+        if not isinstance(text, dict):
+            raise LlmconvError("text_config is not an object", file=file)
+        self.text = text
+        self.prefix = "language_model.model." if self.multimodal else "model."
+        self.lm_head = ("language_model." if self.multimodal else "") + "lm_head.weight"
+        self.dim = _int(text, "hidden_size", file)
+        self.n_layers = _int(text, "num_hidden_layers", file)
+        self.n_heads = _int(text, "num_attention_heads", file)
+        self.n_kv_heads = _int(text, "num_key_value_heads", file, default=self.n_heads)
+        self.head_dim = _int(text, "head_dim", file, default=128)      # HF's default when absent
+        self.ffn_moe = _int(text, "intermediate_size", file)
+        self.ffn_dense = _int(text, "intermediate_size_mlp", file)
+        self.n_expert = _int(text, "num_local_experts", file)
+        self.n_expert_used = _int(text, "num_experts_per_tok", file, default=1)
+        self.moe_step = _int(text, "interleave_moe_layer_step", file, default=1)
+        self.vocab_size = _int(text, "vocab_size", file)
+        self.eps = float(text.get("rms_norm_eps", 1e-5))
+        if self.n_heads % self.n_kv_heads or self.head_dim % 2:
+            raise LlmconvError(f"num_attention_heads {self.n_heads}, num_key_value_heads {self.n_kv_heads}, "
+                               f"head_dim {self.head_dim}: not an even head size shared evenly", file=file)
+        if self.n_expert_used > self.n_expert:
+            raise LlmconvError(f"num_experts_per_tok {self.n_expert_used} > num_local_experts {self.n_expert}", file=file)
+        self._check_fixed_settings()
+
+    def _refuse(self, key: str, have, want) -> None:
+        raise LlmconvError(f"text_config {key} is {have!r}, but llama.cpp's llama4 architecture fixes it to {want!r}: "
+                           f"the model would run differently there", file=self.file)
+
+    def _check_fixed_settings(self) -> None:
+        t, n = self.text, self.n_layers
+        if t.get("hidden_act", "silu") != "silu":
+            self._refuse("hidden_act", t["hidden_act"], "silu")
+        if t.get("attention_bias"):
+            self._refuse("attention_bias", t["attention_bias"], False)
+        if t.get("quantization_config") is not None:
+            raise LlmconvError("quantization_config: pre-quantized (fp8, ...) weights are not supported", file=self.file)
+        moe_layers = t.get("moe_layers")
+        if moe_layers is not None and list(moe_layers) != [i for i in range(n) if is_moe_layer(i, self.moe_step)]:
+            self._refuse("moe_layers", moe_layers, f"every {self.moe_step}th layer (interleave_moe_layer_step)")
+        want_rope = [int(uses_rope(i)) for i in range(n)]
+        if t.get("no_rope_layers") and list(t["no_rope_layers"]) != want_rope:
+            self._refuse("no_rope_layers", t["no_rope_layers"], want_rope)
+        if not t.get("no_rope_layers") and t.get("no_rope_layer_interval", NO_ROPE_STEP) != NO_ROPE_STEP:
+            self._refuse("no_rope_layer_interval", t["no_rope_layer_interval"], NO_ROPE_STEP)
+        if t.get("attention_chunk_size", CHUNK_SIZE) != CHUNK_SIZE:
+            self._refuse("attention_chunk_size", t.get("attention_chunk_size"), CHUNK_SIZE)
+        if not t.get("attn_temperature_tuning", True):
+            self._refuse("attn_temperature_tuning", t.get("attn_temperature_tuning"), True)
+        if float(t.get("floor_scale", TEMP_FLOOR_SCALE)) != TEMP_FLOOR_SCALE:
+            self._refuse("floor_scale", t["floor_scale"], TEMP_FLOOR_SCALE)
+        if float(t.get("attn_scale", TEMP_SCALE)) != TEMP_SCALE:
+            self._refuse("attn_scale", t["attn_scale"], TEMP_SCALE)
+        want_norm = self.n_expert != NO_QK_NORM_EXPERTS
+        if bool(t.get("use_qk_norm", True)) != want_norm:
+            self._refuse("use_qk_norm", t.get("use_qk_norm", True), want_norm)
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """GGUF name -> shape in llama.cpp's order of rows and columns (numpy order)."""
+        d, hd, E = self.dim, self.head_dim, self.n_expert
+        out = {}
+        for i in range(self.n_layers):
+            s = {MODEL_TENSOR.ATTN_Q: (self.n_heads * hd, d), MODEL_TENSOR.ATTN_K: (self.n_kv_heads * hd, d),
+                 MODEL_TENSOR.ATTN_V: (self.n_kv_heads * hd, d), MODEL_TENSOR.ATTN_OUT: (d, self.n_heads * hd),
+                 MODEL_TENSOR.ATTN_NORM: (d,), MODEL_TENSOR.FFN_NORM: (d,)}
+            if is_moe_layer(i, self.moe_step):
+                f = self.ffn_moe
+                s.update({MODEL_TENSOR.FFN_GATE_INP: (E, d), MODEL_TENSOR.FFN_GATE_EXP: (E, f, d),
+                          MODEL_TENSOR.FFN_UP_EXP: (E, f, d), MODEL_TENSOR.FFN_DOWN_EXP: (E, d, f),
+                          MODEL_TENSOR.FFN_GATE_SHEXP: (f, d), MODEL_TENSOR.FFN_UP_SHEXP: (f, d),
+                          MODEL_TENSOR.FFN_DOWN_SHEXP: (d, f)})
+            else:
+                f = self.ffn_dense
+                s.update({MODEL_TENSOR.FFN_GATE: (f, d), MODEL_TENSOR.FFN_UP: (f, d), MODEL_TENSOR.FFN_DOWN: (d, f)})
+            out.update({tensor_name(k, i): v for k, v in s.items()})
+        out[tensor_name(MODEL_TENSOR.TOKEN_EMBD)] = (self.vocab_size, d)
+        out[tensor_name(MODEL_TENSOR.OUTPUT_NORM)] = (d,)
+        out[tensor_name(MODEL_TENSOR.OUTPUT)] = (self.vocab_size, d)
+        return out
+
+    def hparams(self, ctx_len: int, theta: float, tied: bool) -> LlamaHParams:
+        return LlamaHParams(dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+                            vocab_size=self.vocab_size, ffn_dim=self.ffn_dense, norm_eps=self.eps, rope_theta=theta,
+                            context_length=ctx_len, family="llama-4", tied_embeddings=tied,
+                            stated_head_dim=self.head_dim, n_expert=self.n_expert, n_expert_used=self.n_expert_used,
+                            arch=ARCH)
+
+    def extra_kvs(self) -> list[KV]:
+        """The llama4 keys beyond the llama ones (llama.cpp's Llama4Model.set_gguf_parameters)."""
+        f = lambda key: key.format(arch=ARCH)  # noqa: E731
+        return [KV(f(Keys.LLM.INTERLEAVE_MOE_LAYER_STEP), self.moe_step, T.UINT32),
+                KV(f(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH), self.ffn_moe, T.UINT32)]
+
+
+def hf_to_gguf(name: str, cfg: Llama4Config) -> str | None:
+    """The GGUF name of a non-expert tensor, None when it is not one of the text model's."""
+    if name == cfg.prefix + "embed_tokens.weight":
+        return tensor_name(MODEL_TENSOR.TOKEN_EMBD)
+    if name == cfg.prefix + "norm.weight":
+        return tensor_name(MODEL_TENSOR.OUTPUT_NORM)
+    if name == cfg.lm_head:
+        return tensor_name(MODEL_TENSOR.OUTPUT)
+    m = re.fullmatch(re.escape(cfg.prefix) + r"layers\.(\d+)\.(.+)", name)
+    if not m:
+        return None
+    layer, rest = int(m.group(1)), m.group(2)
+    kinds = {**_LAYER_NAMES, **(_MOE_NAMES if is_moe_layer(layer, cfg.moe_step) else _DENSE_NAMES)}
+    return tensor_name(kinds[rest], layer) if rest in kinds else None
+
+
+def expert_tensors(entries: dict, cfg: Llama4Config, layer: int, loader: Callable) -> dict[str, SourceTensor]:
+    """The three stacked expert tensors of a MoE layer, each expert's slice transposed from the
+    fused HF tensors. `loader(entry, expert, cols)` reads expert `expert`'s [dim, cols] slice
+    (cols a slice of the last axis) as float32, transposed."""
+    p = f"{cfg.prefix}layers.{layer}."
+    E, f, d = cfg.n_expert, cfg.ffn_moe, cfg.dim
+    out = {}
+    for hf_name, want in ((GATE_UP, (E, d, 2 * f)), (DOWN, (E, f, d))):
+        e = entries.get(p + hf_name)
+        if e is None:
+            raise LlmconvError("tensor missing from the checkpoint", file=cfg.file.parent, tensor=p + hf_name)
+        if tuple(e.shape) != want:
+            raise LlmconvError(f"shape {tuple(e.shape)} but {cfg.file.name} (hidden_size {d}, intermediate_size {f}, "
+                               f"{E} experts) implies {want}", file=e.file, tensor=p + hf_name)
+    gate_up, down = entries[p + GATE_UP], entries[p + DOWN]
+    for kind, entry, cols, what in ((MODEL_TENSOR.FFN_GATE_EXP, gate_up, slice(0, f), "[:, :ffn]"),
+                                    (MODEL_TENSOR.FFN_DOWN_EXP, down, slice(None), ""),
+                                    (MODEL_TENSOR.FFN_UP_EXP, gate_up, slice(f, 2 * f), "[:, ffn:]")):
+        name = tensor_name(kind, layer)
+        hf_name = p + (GATE_UP if entry is gate_up else DOWN)
+        parts = [_named(loader(entry, x, cols), entry.file, f"{hf_name}[{x}]{what}") for x in range(E)]
+        rows_cols = (d, f) if kind == MODEL_TENSOR.FFN_DOWN_EXP else (f, d)
+        out[name] = stacked_tensor(name, parts, rows_cols, files=[entry.file], dtype=entry.dtype,
+                                   source_name=f"{hf_name}{what} (transposed)")
+    return out
+
+
+def expert_slice_loader(entry, expert: int, cols: slice) -> Callable[[], np.ndarray]:
+    """Expert `expert` of a fused [n_expert, in, out] tensor, columns `cols`, transposed to
+    [out, in] float32: only that expert's bytes are read (a safetensors slice)."""
+    import torch
+
+    def load() -> np.ndarray:
+        part = entry.get_expert(expert) if entry.get_expert is not None else entry.get()[expert]
+        return np.ascontiguousarray(part[:, cols].to(torch.float32).numpy().T)
+    return load
+
+
+def ordered(tensors: dict[str, SourceTensor], n_layers: int) -> list[SourceTensor]:
+    keys = [tensor_name(MODEL_TENSOR.TOKEN_EMBD)]
+    for i in range(n_layers):
+        keys += [tensor_name(k, i) for k in _LAYER_ORDER]
+    keys += [tensor_name(MODEL_TENSOR.OUTPUT_NORM), tensor_name(MODEL_TENSOR.OUTPUT)]
+    return [tensors[k] for k in keys if k in tensors]
+
+
+def open_llama4_source(model_dir: Path, ctx: int | None = None, pre: str | None = None, tokenizer: Path | None = None):
+    """A Llama 4 Hugging Face checkpoint as a Source of llama4 tensors and keys."""
+    from .guards import check_layer_count
+    from .hf import _loader
+    from .hf_config import rope_freqs_tensor, rope_settings
+    from .hf_files import open_weights, read_json
+    from .hf_tokenizer import load_hf_tokenizer
+    from .source import Source
+
+    cfg_file = model_dir / "config.json"
+    config = read_json(cfg_file)
+    cfg = Llama4Config(config, cfg_file)
+    warnings: list[str] = []
+    notes: list[str] = []
+    if config.get("auto_map"):
+        warnings.append(f"{cfg_file.name}: auto_map (custom model code) ignored")
+    theta, scaling = rope_settings(cfg.text)
+    ctx_len = ctx or cfg.text.get("max_position_embeddings")
+    if not isinstance(ctx_len, int) or isinstance(ctx_len, bool) or ctx_len <= 0:
+        raise LlmconvError("max_position_embeddings missing or not a positive integer", file=cfg_file)
+
+    entries, files = open_weights(model_dir)
+    vision = [n for n in entries if n.startswith(VISION_PREFIXES)]
+    for n in vision:
+        del entries[n]
+    if vision:
+        notes.append(f"vision tower skipped: {len(vision)} tensors (vision_model.*, multi_modal_projector.*); "
+                     f"the text model is converted (llama.cpp reads the vision tower from a separate mmproj file)")
+    embd = cfg.prefix + "embed_tokens.weight"
+    if embd not in entries:
+        raise LlmconvError("checkpoint has no text embedding", file=files[0], tensor=embd)
+    tied = bool(cfg.text.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
+    if tied and cfg.lm_head in entries:
+        warnings.append(f"{cfg.lm_head} ignored: tie_word_embeddings is set, so the output reuses the embedding")
+        del entries[cfg.lm_head]
+    tied = cfg.lm_head not in entries
+    check_layer_count(cfg.n_layers, [n.removeprefix("language_model.") for n in entries], cfg_file,
+                      "num_hidden_layers")
+
+    expected = cfg.expected_shapes()
+    tensors: dict[str, SourceTensor] = {}
+    for i in range(cfg.n_layers):
+        if is_moe_layer(i, cfg.moe_step):
+            tensors.update(expert_tensors(entries, cfg, i, expert_slice_loader))
+            for n in (GATE_UP, DOWN):
+                del entries[f"{cfg.prefix}layers.{i}.{n}"]
+    for name, e in entries.items():
+        gguf_name = hf_to_gguf(name, cfg)
+        if gguf_name is None:
+            raise LlmconvError("unknown tensor name: no llama4 GGUF mapping for it", file=e.file, tensor=name)
+        if tuple(e.shape) != expected.get(gguf_name):
+            raise LlmconvError(f"shape {tuple(e.shape)} but {cfg_file.name} implies {expected.get(gguf_name)}",
+                               file=e.file, tensor=name)
+        tensors[gguf_name] = SourceTensor(name=gguf_name, shape=tuple(e.shape), load=_loader(e.get, None),
+                                          files=[e.file], source_name=name, source_dtype=e.dtype)
+    for key in expected:
+        if key not in tensors and not (tied and key == tensor_name(MODEL_TENSOR.OUTPUT)):
+            raise LlmconvError("tensor missing from the checkpoint", file=model_dir, tensor=key)
+    out = ordered(tensors, cfg.n_layers)
+    extra = list(cfg.extra_kvs())
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "llama3":
+            raise LlmconvError(f"rope_scaling type {kind!r}: Llama 4 uses llama3 scaling (or none)", file=cfg_file)
+        out.insert(0, rope_freqs_tensor(scaling, cfg.head_dim, theta, cfg_file))
+
+    vocab, special = load_hf_tokenizer(model_dir, tokenizer, entries[embd].shape[0], warnings, pre)
+    h = cfg.hparams(int(ctx_len), theta, tied)
+    return Source("hf", model_dir, h, vocab, out, extra_kvs=extra + special, warnings=warnings, notes=notes)
