@@ -265,16 +265,14 @@ def test_experts_stream_one_slice_at_a_time(tmp_path):
 
 
 def small_vocab_tokenizer(ck: Path) -> None:
-    """A 256-token byte-level BPE vocabulary (the bytes) with Llama 4's pre-tokenizer."""
+    """A 256-token byte-level BPE vocabulary (the bytes, no merges) with Llama 4's pre-tokenizer."""
     from llmconv.convert import bpe
     from llmconv.convert.pretok import LLAMA4_PATTERN
+    from realtok import _byte_level_bpe
     pre = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": LLAMA4_PATTERN}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
-    vocab = {bpe.bytes_to_token(bytes([b])): b for b in range(256)}
-    doc = {"version": "1.0", "added_tokens": [], "normalizer": None, "pre_tokenizer": pre,
-           "post_processor": None, "decoder": {"type": "ByteLevel"},
-           "model": {"type": "BPE", "vocab": vocab, "merges": [], "ignore_merges": True}}
+    doc = _byte_level_bpe({bpe.bytes_to_token(bytes([b])): b for b in range(256)}, [], [], pre, None)
     (ck / "tokenizer.json").write_text(json.dumps(doc))
     (ck / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
 

@@ -148,8 +148,9 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_rot: int) -> n
     return out
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head_kv: int) -> np.ndarray:
-    """q [T, H, d], k/v [T, Hkv, d] -> [T, H*d]; query head h reads kv head h // (H/Hkv)."""
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head_kv: int, chunk: int | None = None) -> np.ndarray:
+    """q [T, H, d], k/v [T, Hkv, d] -> [T, H*d]; query head h reads kv head h // (H/Hkv).
+    `chunk`: attend only within blocks of that many positions (llama4's chunked attention)."""
     T, H, d = q.shape
     g = H // n_head_kv
     qh = q.transpose(1, 0, 2).reshape(n_head_kv, g * T, d)          # [Hkv, g*T, d]
@@ -157,6 +158,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head_kv: int) -> np
     scores = np.matmul(qh, kh) * np.float32(1.0 / math.sqrt(d))      # [Hkv, g*T, T]
     scores = scores.reshape(n_head_kv, g, T, T)
     future = np.triu(np.ones((T, T), bool), 1)
+    if chunk:
+        pos = np.arange(T) // chunk
+        future |= pos[None, :] != pos[:, None]
     scores[..., future] = -np.inf
     scores -= scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
@@ -198,6 +202,10 @@ def candidate_streams(model: str | Path | ModelFile, tokens, modes: tuple[str, .
     factors = W["rope_freqs.weight"].array() if "rope_freqs.weight" in W else None
     cos, sin = (np.tile(a, (S, 1)) for a in rope_tables(cfg, T, factors))
     hd = cfg.head_dim
+    llama4 = cfg.arch == "llama4"
+    if llama4:
+        from . import llama4 as l4
+        positions = np.tile(np.arange(T), S)
 
     x = np.tile(embed(W["token_embd.weight"], tokens), (S, 1))         # the streams, stacked [S*T, dim]
     for i in layer_progress(cfg.n_layer, "candidate", progress):
@@ -206,12 +214,19 @@ def candidate_streams(model: str | Path | ModelFile, tokens, modes: tuple[str, .
         qx = matmul_t(h, W[b + "attn_q.weight"], modes).reshape(S * T, cfg.n_head, hd)
         kx = matmul_t(h, W[b + "attn_k.weight"], modes).reshape(S * T, cfg.n_head_kv, hd)
         vx = matmul_t(h, W[b + "attn_v.weight"], modes).reshape(S * T, cfg.n_head_kv, hd)
-        qx = apply_rope(qx, cos, sin, cfg.n_rot)
-        kx = apply_rope(kx, cos, sin, cfg.n_rot)
+        if llama4:
+            qx, kx = l4.candidate_qk(qx, kx, i, cfg, cos, sin, positions, apply_rope)
+        else:
+            qx = apply_rope(qx, cos, sin, cfg.n_rot)
+            kx = apply_rope(kx, cos, sin, cfg.n_rot)
+        chunk = l4.chunk_of(i) if llama4 else None
         att = np.concatenate([attention(qx[s * T:(s + 1) * T], kx[s * T:(s + 1) * T], vx[s * T:(s + 1) * T],
-                                        cfg.n_head_kv) for s in range(S)])
+                                        cfg.n_head_kv, chunk) for s in range(S)])
         x = x + matmul_t(att, W[b + "attn_output.weight"], modes)
         h = rms_norm(x, W[b + "ffn_norm.weight"].array(), cfg.eps)
+        if llama4:
+            x = x + l4.candidate_ffn(h, W, i, cfg, modes, matmul_t)
+            continue
         if cfg.n_expert:
             x = x + moe.candidate_moe_ffn(h, W, i, cfg.n_expert, cfg.n_expert_used, modes, matmul_t)
             continue

@@ -26,7 +26,7 @@ default llama3 llama-v3 llama-bpe falcon3 deepseek-llm deepseek-coder deepseek-v
 starcoder gpt-2 phi-2 jina-es jina-de gigachat jina-v1-en jina-v2-es jina-v2-de jina-v2-code
 roberta-bpe refact command-r qwen2 stablelm2 olmo dbrx smaug-bpe poro-chat chatglm-bpe glm4 viking
 jais tekken smollm codeshell bloom gpt3-finnish exaone exaone4 chameleon minerva-7b megrez gpt-4o
-superbpe trillion bailingmoe seed-coder hunyuan kimi-k2 grok-2 pixtral deepseek-r1-qwen
+superbpe trillion bailingmoe seed-coder hunyuan kimi-k2 grok-2 pixtral deepseek-r1-qwen llama4
 """.split())
 
 
@@ -64,21 +64,24 @@ def _short(v) -> str:
     return repr(v) if isinstance(v, str) else str(v)
 
 
-def _arch(key: str) -> str:
-    return key.format(arch="llama")
+def _arch(key: str, arch: str = "llama") -> str:
+    return key.format(arch=arch)
 
 
-# hyperparameters: compared when both sides have them
-HPARAM_KEYS = [_arch(k) for k in (
+# hyperparameters: compared when both sides have them ({arch}: the file's general.architecture)
+HPARAM_TEMPLATES = (
     Keys.LLM.VOCAB_SIZE, Keys.LLM.EMBEDDING_LENGTH, Keys.LLM.BLOCK_COUNT, Keys.LLM.FEED_FORWARD_LENGTH,
     Keys.Attention.HEAD_COUNT, Keys.Attention.HEAD_COUNT_KV, Keys.Attention.KEY_LENGTH,
     Keys.Attention.VALUE_LENGTH, Keys.Attention.LAYERNORM_RMS_EPS, Keys.Rope.FREQ_BASE,
     Keys.Rope.DIMENSION_COUNT, Keys.Rope.SCALING_TYPE, Keys.Rope.SCALING_FACTOR,
-    Keys.Rope.SCALING_ORIG_CTX_LEN)]
+    Keys.Rope.SCALING_ORIG_CTX_LEN, Keys.LLM.EXPERT_COUNT, Keys.LLM.EXPERT_USED_COUNT,
+    Keys.LLM.INTERLEAVE_MOE_LAYER_STEP, Keys.LLM.EXPERT_FEED_FORWARD_LENGTH)
+HPARAM_KEYS = [_arch(k) for k in HPARAM_TEMPLATES]
 # behaviour keys that must be present when the checkpoint implies them
 T = Keys.Tokenizer
-REQUIRED_KEYS = [_arch(Keys.LLM.CONTEXT_LENGTH), T.MODEL, T.PRE, T.BOS_ID, T.EOS_ID, T.EOT_ID, T.EOM_ID,
-                 T.UNK_ID, T.PAD_ID, T.ADD_BOS, T.ADD_EOS, T.CHAT_TEMPLATE]
+TOKENIZER_KEYS = [T.MODEL, T.PRE, T.BOS_ID, T.EOS_ID, T.EOT_ID, T.EOM_ID, T.UNK_ID, T.PAD_ID, T.ADD_BOS, T.ADD_EOS,
+                  T.CHAT_TEMPLATE]
+REQUIRED_KEYS = [_arch(Keys.LLM.CONTEXT_LENGTH)] + TOKENIZER_KEYS
 # tokenizer tables (the token texts are compared id by id elsewhere)
 TABLE_KEYS = [T.MERGES, T.TOKEN_TYPE, T.SCORES]
 
@@ -116,12 +119,16 @@ def _text(v):
 def metadata_differences(mf: ModelFile, source) -> list[MetadataDifference]:
     want = expected_kvs(source)
     out = []
+    arch = mf.get("general.architecture") or "llama"
+    if arch != source.hparams.arch:
+        out.append(MetadataDifference("general.architecture", arch, source.hparams.arch, True))
+    required = [_arch(Keys.LLM.CONTEXT_LENGTH, arch)] + TOKENIZER_KEYS
     # legacy ggml files carry neither tokenizer metadata nor a context length
-    for key in HPARAM_KEYS + (REQUIRED_KEYS + TABLE_KEYS if mf.kind == "gguf" else []):
+    for key in [_arch(k, arch) for k in HPARAM_TEMPLATES] + (required + TABLE_KEYS if mf.kind == "gguf" else []):
         got, src = mf.get(key), want.get(key)
-        if key == _arch(Keys.Attention.KEY_LENGTH) and src is None and got is not None:
+        if key == _arch(Keys.Attention.KEY_LENGTH, arch) and src is None and got is not None:
             src = source.hparams.head_dim     # stated explicitly: still must match
-        if key == _arch(Keys.Attention.VALUE_LENGTH) and src is None and got is not None:
+        if key == _arch(Keys.Attention.VALUE_LENGTH, arch) and src is None and got is not None:
             src = source.hparams.head_dim
         if got is None and src is None:
             continue
@@ -129,7 +136,7 @@ def metadata_differences(mf: ModelFile, source) -> list[MetadataDifference]:
             if not same(got, src):
                 out.append(MetadataDifference(key, got, src, True))
         elif got is None:
-            if key in REQUIRED_KEYS:
+            if key in required:
                 out.append(MetadataDifference(key, None, src, True))
         else:
             out.append(MetadataDifference(key, got, None, False))

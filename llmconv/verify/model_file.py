@@ -186,13 +186,17 @@ class LlamaConfig:
     head_dim: int = 0                # attention.key_length, else n_embd / n_head (set by read_config)
     n_expert: int = 0                # expert_count, expert_used_count: a Mixtral (verify/moe.py); 0 dense
     n_expert_used: int = 0
+    arch: str = ARCH                 # "llama", or "llama4" (verify/llama4.py)
+    moe_step: int = 0                # llama4: interleave_moe_layer_step, expert_feed_forward_length
+    n_ff_exp: int = 0
 
 
 def read_config(mf: ModelFile) -> LlamaConfig:
     """Hyperparameters from the metadata, checked against every tensor's shape."""
     arch = mf.get("general.architecture", ARCH)
-    if arch != ARCH:
-        raise LlmconvError(f"general.architecture is {arch!r}; verify evaluates 'llama' models", file=mf.path)
+    if arch not in (ARCH, "llama4"):
+        raise LlmconvError(f"general.architecture is {arch!r}; verify evaluates 'llama' and 'llama4' models",
+                           file=mf.path)
 
     def need(suffix: str):
         key = mf.arch_key(suffix)
@@ -238,6 +242,10 @@ def read_config(mf: ModelFile) -> LlamaConfig:
     cfg = LlamaConfig(n_embd, n_layer, n_head, n_head_kv, n_ff, n_rot, n_vocab, eps, freq_base, freq_scale,
                       tied_output="output.weight" not in mf.tensors, head_dim=head_dim)
     cfg.n_expert, cfg.n_expert_used = moe.expert_count(mf)
+    cfg.arch = arch
+    if arch == "llama4":
+        from .llama4 import file_settings
+        file_settings(mf, cfg)
     check_shapes(mf, cfg)
     return cfg
 
@@ -254,6 +262,10 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
             b + "attn_q.weight": (cfg.n_head * hd, d), b + "attn_k.weight": (cfg.n_head_kv * hd, d),
             b + "attn_v.weight": (cfg.n_head_kv * hd, d), b + "attn_output.weight": (d, cfg.n_head * hd),
         }
+        if cfg.arch == "llama4":
+            from .llama4 import expected_shapes as llama4_ffn_shapes
+            want |= llama4_ffn_shapes(cfg, i)
+            continue
         want |= moe.expected_moe_shapes(i, d, ff, cfg.n_expert) if cfg.n_expert else {
             b + "ffn_gate.weight": (ff, d), b + "ffn_up.weight": (ff, d), b + "ffn_down.weight": (d, ff)}
     return want

@@ -49,7 +49,12 @@ def reference_logits(ckpt_dir: str | Path, tokens: list[int], hooks: ForwardHook
     from ..convert.sources import detect_format
 
     if detect_format(Path(ckpt_dir)) == "hf":
+        from ..convert.hf_files import read_json
+        from ..convert.llama4 import is_llama4
         from .reference_hf import hf_reference_logits
+        if is_llama4(read_json(Path(ckpt_dir) / "config.json")):
+            from .llama4 import llama4_reference_logits
+            return llama4_reference_logits(ckpt_dir, tokens, hooks=hooks, progress=progress, desc=desc)
         return hf_reference_logits(ckpt_dir, tokens, hooks=hooks, progress=progress, desc=desc)
     return meta_reference_logits(ckpt_dir, tokens, hooks=hooks, progress=progress, desc=desc)
 

@@ -33,6 +33,7 @@ from .bounds import (FIDELITY_BOUNDS, LOGIT_BOUNDS, TENSOR_BOUNDS, dominant_type
                      published_figures, quality_gates, type_name)
 from .candidate import candidate_streams
 from .model_file import FileInconsistent, ModelFile, open_model_file, read_config
+from .llama4 import expert_names as llama4_expert_names
 from .moe import hf_expert_names
 from .expected import ExpectedWeights, TensorCheck, compare_rest, rotate_half_order
 from .hooks import ForwardHooks
@@ -74,8 +75,9 @@ def source_names(source, mf: ModelFile) -> tuple[dict[str, str], dict[str, np.nd
     """Checkpoint tensor name -> GGUF name, and the row order of HF Q/K (rotate-half)."""
     names = {t.source_name: t.name for t in source.tensors if t.source_name}
     names |= hf_expert_names(source)       # expert -> (stacked tensor, index)
+    names |= llama4_expert_names(source)
     orders: dict[str, np.ndarray] = {}
-    if source.kind == "hf":
+    if source.kind == "hf" and source.hparams.arch != "llama4":    # Llama 4 stores Q/K in Meta's order
         h = source.hparams
         for t in source.tensors:
             kind = t.name.split(".")[-2] if t.name.startswith("blk.") else ""
