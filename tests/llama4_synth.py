@@ -237,18 +237,19 @@ def _rope_adjacent(x, pos, inv):
     return torch.view_as_real(c * torch.polar(torch.ones_like(ang), ang)[:, None, :]).flatten(-2)
 
 
-def _attention(q, k, v, pos, chunk: int | None, block: int = 1024):
-    """Causal (within chunks of `chunk` positions unless None) attention, q [T, H, hd], k/v [T, Hkv, hd];
-    queries in blocks so that a long sequence does not need a T x T matrix per head."""
-    T, H, hd = q.shape
+def _attention(q, k, v, qpos, chunk: int | None, block: int = 1024):
+    """Causal (within chunks of `chunk` positions unless None) attention of queries q [Q, H, hd]
+    at positions `qpos` over keys/values k/v [T, Hkv, hd] at positions 0..T-1; queries in blocks
+    so that a long sequence does not need a T x T matrix per head."""
+    H, hd = q.shape[1:]
     rep = H // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     out = torch.empty_like(q)
-    for a in range(0, T, block):
-        qp = pos[a:a + block]
+    for a in range(0, q.shape[0], block):
+        qp = qpos[a:a + block]
         lo = int(qp.min()) // chunk * chunk if chunk else 0
-        keys = slice(lo, a + len(qp))
-        kp = pos[keys]
+        keys = slice(lo, int(qp.max()) + 1)
+        kp = torch.arange(keys.start, keys.stop)
         mask = kp[None, :] > qp[:, None]
         if chunk:
             mask |= (kp[None, :] // chunk) != (qp[:, None] // chunk)
@@ -273,7 +274,8 @@ def llama4_logits(sd: dict, cfg: dict, tokens: list[int], last: int | None = Non
     inv = _inv_freq(cfg)
     h = w(p + "embed_tokens.weight")[torch.tensor(tokens)]
     margin = float("inf")
-    for i in range(cfg["num_hidden_layers"]):
+    n_layers = cfg["num_hidden_layers"]
+    for i in range(n_layers):
         L = f"{p}layers.{i}."
         rope = (i + 1) % 4 != 0
         a = _rms(h, eps, w(L + "input_layernorm.weight"))
@@ -287,7 +289,11 @@ def llama4_logits(sd: dict, cfg: dict, tokens: list[int], last: int | None = Non
         else:
             scale = torch.log(torch.floor((pos.to(torch.float64) + 1) / cfg["floor_scale"]) + 1) * cfg["attn_scale"] + 1
             q = q * scale.to(dtype)[:, None, None]
-        h = h + _attention(q, k, v, pos, chunk if rope else None).reshape(T, nh * hd) @ w(L + "self_attn.o_proj.weight").T
+        qpos = pos
+        if last is not None and i == n_layers - 1:       # only the last positions' outputs are needed
+            q, qpos, h = q[-last:], pos[-last:], h[-last:]
+        att = _attention(q, k, v, qpos, chunk if rope else None)
+        h = h + att.reshape(len(qpos), nh * hd) @ w(L + "self_attn.o_proj.weight").T
         f = _rms(h, eps, w(L + "post_attention_layernorm.weight"))
         if i in cfg["moe_layers"]:
             ff = L + "feed_forward."

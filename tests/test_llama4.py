@@ -199,8 +199,12 @@ def test_conversion_equals_llama_quantize(small, tmp_path, qtype):
     name, as llama-quantize does for a model with experts)."""
     _, out = small
     ours = next(out.glob(f"*-{qtype.upper()}.gguf"))
-    theirs = llama_quantize(next(out.glob("*-F32.gguf")), tmp_path / "theirs.gguf", qtype.lower())
+    f32 = next(out.glob("*-F32.gguf"))
+    theirs = llama_quantize(f32, tmp_path / "theirs.gguf", qtype.lower())
     assert_same_file(theirs, ours)
+    # and llmconv quantize on the f32 llama4 GGUF
+    assert main(["quantize", str(f32), str(tmp_path / "requant.gguf"), "--type", qtype, "-q"]) == 0
+    assert_same_file(theirs, tmp_path / "requant.gguf")
 
 
 # ---- refusals and errors: one line naming the file and key/tensor, exit 2 -----------------------
@@ -279,3 +283,22 @@ def small_vocab_tokenizer(ck: Path) -> None:
 
 def _refuse():
     raise AssertionError("a stacked tensor was loaded whole")
+
+
+def test_text_only_layout_converts_the_same(tmp_path):
+    """Llama4ForCausalLM (settings at the top of config.json, `model.` names, no vision tower)
+    gives the same tensors and keys as Llama4ForConditionalGeneration."""
+    cfg = text_config(vocab_size=256)
+    sd = llama4_state_dict(cfg, seed=7)
+    multi = write_hf_llama4(tmp_path / "multi", sd=sd, tokenizer=False, vocab_size=256)
+    text_sd = {k.removeprefix("language_model."): v for k, v in sd.items() if k.startswith("language_model.")}
+    text = write_hf_llama4(tmp_path / "text", sd=text_sd, tokenizer=False, vocab_size=256)
+    (text / "config.json").write_text(json.dumps({**cfg, "architectures": ["Llama4ForCausalLM"]}))
+    for ck in (multi, text):
+        small_vocab_tokenizer(ck)
+        assert main(["convert", str(ck), "--outtype", "q8_0", "-o", str(tmp_path / f"{ck.name}.gguf"), "-q"]) == 0
+    a, b = read_gguf(tmp_path / "multi.gguf"), read_gguf(tmp_path / "text.gguf")
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    assert all(bytes(a.tensor(t.name).data) == bytes(b.tensor(t.name).data) for t in a.tensors)
+    assert {k: v for k, v in a.kvs.items() if not k.startswith("general.")} == \
+           {k: v for k, v in b.kvs.items() if not k.startswith("general.")}

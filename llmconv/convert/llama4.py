@@ -143,12 +143,15 @@ class Llama4Config:
             self._refuse("attention_bias", t["attention_bias"], False)
         if t.get("quantization_config") is not None:
             raise LlmconvError("quantization_config: pre-quantized (fp8, ...) weights are not supported", file=self.file)
+        # lists are compared item by item against the rule, never built from n (a config may claim 10**9 layers)
         moe_layers = t.get("moe_layers")
-        if moe_layers is not None and list(moe_layers) != [i for i in range(n) if is_moe_layer(i, self.moe_step)]:
+        if moe_layers is not None and (not isinstance(moe_layers, list) or len(moe_layers) != n // self.moe_step
+                                       or any(x != (k + 1) * self.moe_step - 1 for k, x in enumerate(moe_layers))):
             self._refuse("moe_layers", moe_layers, f"every {self.moe_step}th layer (interleave_moe_layer_step)")
-        want_rope = [int(uses_rope(i)) for i in range(n)]
-        if t.get("no_rope_layers") and list(t["no_rope_layers"]) != want_rope:
-            self._refuse("no_rope_layers", t["no_rope_layers"], want_rope)
+        no_rope = t.get("no_rope_layers")
+        if no_rope and (not isinstance(no_rope, list) or len(no_rope) != n
+                        or any(x != int(uses_rope(i)) for i, x in enumerate(no_rope))):
+            self._refuse("no_rope_layers", no_rope, f"1 (RoPE) on every layer but every {NO_ROPE_STEP}th")
         if not t.get("no_rope_layers") and t.get("no_rope_layer_interval", NO_ROPE_STEP) != NO_ROPE_STEP:
             self._refuse("no_rope_layer_interval", t["no_rope_layer_interval"], NO_ROPE_STEP)
         if t.get("attention_chunk_size", CHUNK_SIZE) != CHUNK_SIZE:
@@ -214,6 +217,17 @@ def hf_to_gguf(name: str, cfg: Llama4Config) -> str | None:
     layer, rest = int(m.group(1)), m.group(2)
     kinds = {**_LAYER_NAMES, **(_MOE_NAMES if is_moe_layer(layer, cfg.moe_step) else _DENSE_NAMES)}
     return tensor_name(kinds[rest], layer) if rest in kinds else None
+
+
+def _unmapped(name: str, cfg: Llama4Config) -> str:
+    m = re.fullmatch(re.escape(cfg.prefix) + r"layers\.(\d+)\.(.+)", name)
+    if m and (m.group(2) in _MOE_NAMES or m.group(2).startswith("feed_forward.experts.")):
+        return (f"a MoE tensor in layer {m.group(1)}, which interleave_moe_layer_step {cfg.moe_step} "
+                f"makes a dense layer")
+    if m and m.group(2) in _DENSE_NAMES:
+        return (f"a dense feed-forward tensor in layer {m.group(1)}, which interleave_moe_layer_step "
+                f"{cfg.moe_step} makes a MoE layer")
+    return "unknown tensor name: no llama4 GGUF mapping for it"
 
 
 def expert_tensors(entries: dict, cfg: Llama4Config, layer: int, loader: Callable) -> dict[str, SourceTensor]:
@@ -311,7 +325,7 @@ def open_llama4_source(model_dir: Path, ctx: int | None = None, pre: str | None 
     for name, e in entries.items():
         gguf_name = hf_to_gguf(name, cfg)
         if gguf_name is None:
-            raise LlmconvError("unknown tensor name: no llama4 GGUF mapping for it", file=e.file, tensor=name)
+            raise LlmconvError(_unmapped(name, cfg), file=e.file, tensor=name)
         if tuple(e.shape) != expected.get(gguf_name):
             raise LlmconvError(f"shape {tuple(e.shape)} but {cfg_file.name} implies {expected.get(gguf_name)}",
                                file=e.file, tensor=name)
