@@ -279,7 +279,7 @@ def ordered(tensors: dict[str, SourceTensor], n_layers: int) -> list[SourceTenso
 def open_llama4_source(model_dir: Path, ctx: int | None = None, pre: str | None = None, tokenizer: Path | None = None):
     """A Llama 4 Hugging Face checkpoint as a Source of llama4 tensors and keys."""
     from .guards import check_layer_count
-    from .hf import _loader
+    from .hf import weight_loader, weight_rows
     from .hf_config import rope_freqs_tensor, rope_settings
     from .hf_files import open_weights, read_json
     from .hf_tokenizer import load_hf_tokenizer
@@ -329,8 +329,10 @@ def open_llama4_source(model_dir: Path, ctx: int | None = None, pre: str | None 
         if tuple(e.shape) != expected.get(gguf_name):
             raise LlmconvError(f"shape {tuple(e.shape)} but {cfg_file.name} implies {expected.get(gguf_name)}",
                                file=e.file, tensor=name)
-        tensors[gguf_name] = SourceTensor(name=gguf_name, shape=tuple(e.shape), load=_loader(e.get, None),
-                                          files=[e.file], source_name=name, source_dtype=e.dtype)
+        tensors[gguf_name] = SourceTensor(name=gguf_name, shape=tuple(e.shape), load=weight_loader(e, None),
+                                          files=[e.file], source_name=name, source_dtype=e.dtype,
+                                          read_rows=weight_rows(e, None),
+                                          prefetch=e.raw.prefetch if e.raw is not None else None)
     for key in expected:
         if key not in tensors and not (tied and key == tensor_name(MODEL_TENSOR.OUTPUT)):
             raise LlmconvError("tensor missing from the checkpoint", file=model_dir, tensor=key)
