@@ -179,7 +179,8 @@ class QuantizeResult:
         reports = [{"input": str(self.src), "output": str(w.path), "type": rq.plan.outtype,
                     "file_type": rq.plan.file_type, "seconds": w.seconds, "file_bytes": w.nbytes,
                     "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes,
-                                 "reason": t.reason} for t in rq.plan.tensors], "notes": rq.plan.notes}
+                                 "reason": t.reason} for t in rq.plan.tensors], "notes": rq.plan.notes,
+                    "warnings": rq.warnings}
                    for rq, w in zip(self.requantizations, self.written)]
         return reports[0] if len(reports) == 1 else {"outputs": reports}
 
@@ -189,15 +190,19 @@ def quantize(src: str | Path, out: str | Path | None = None, *, outtype: str, al
              output_tensor_type: str | None = None, token_embedding_type: str | None = None,
              tensor_types: Sequence[str] = (), threads: int | None = None, split_max_size: str | int = 0,
              split_max_tensors: int = 0, force: bool = False, checksum: bool = False, progress: bool = False,
-             verbose: bool = False) -> QuantizeResult:
+             verbose: bool = False, on_warning: Callable[[str], None] | None = None) -> QuantizeResult:
     """Requantize the float GGUF `src` to `outtype` (several, comma-separated: one file each,
-    from one read). `out` defaults to src's name with its type label replaced, in ./"""
+    from one read). `out` defaults to the name convert gives the model (from src's general.*
+    keys; without them src's name with its type label replaced), next to src, as llama-quantize
+    puts it. `on_warning` hears each warning (an already quantized input) before anything is written."""
     from .convert.execute import OutputRequest, write_ggufs
     from .convert.pipeline import plan_requantizes, split_types
 
     rqs = plan_requantizes(src, out, split_types(outtype), allow_requantize=allow_requantize,
                            override_kv=override_kv, imatrix=_imatrix(imatrix),
                            **_type_policy(pure, output_tensor_type, token_embedding_type, tensor_types))
+    for w in [w for rq in rqs for w in rq.warnings]:
+        (on_warning or (lambda _: None))(w)
     written = write_ggufs([OutputRequest(rq.out_path, rq.kvs, rq.plan) for rq in rqs],
                           threads=threads or default_threads(), progress=progress, force=force, verbose=verbose,
                           split_max_size=parse_size(split_max_size), split_max_tensors=split_max_tensors,

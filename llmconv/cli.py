@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from .clitypes import quantize_positionals
 from .errors import LlmconvError, environment_error, is_library_panic, printable
 from .jsonout import emit_json, json_option
 
@@ -52,7 +53,7 @@ def cli(debug: bool) -> None:
 
     \b
     llmconv convert CKPT_DIR --outtype q4_0          # Meta/HF checkpoint -> ./Name-7B-Q4_0.gguf
-    llmconv quantize IN.gguf OUT.gguf --type q8_0    # requantize a float GGUF
+    llmconv quantize IN.gguf OUT.gguf q8_0           # requantize a float GGUF
     llmconv verify OUT.gguf --reference CKPT_DIR     # logits vs. a reference forward pass
     llmconv convert-lora ADAPTER --base CKPT_DIR     # PEFT LoRA adapter -> llama.cpp LoRA GGUF
     llmconv inspect FILE.gguf                        # what a GGUF/ggml file holds
@@ -185,41 +186,52 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora,
 
 @cli.command()
 @click.argument("infile", type=click.Path(path_type=Path))
-@click.argument("outfile", type=click.Path(), required=False)   # a str: DIR/ keeps its slash
-@click.option("--type", "--outtype", "qtype", required=True, metavar="TYPE[,TYPE...]",
-              help="Target type: q8_0, q4_0, q4_1, q5_0, q5_1, f16, ... or a K-quant mix: q2_k, q3_k_s/m/l, q4_k_s/m, "
-                   "q5_k_s/m, q6_k. Several, comma-separated, write one file each from one read of INFILE.")
-@click.option("--allow-requantize", is_flag=True, help="Accept an input whose tensors are already quantized.")
+@click.argument("out_and_type", nargs=-1, metavar="[OUTFILE] [TYPE]")
+@click.option("--type", "type_opt", metavar="TYPE[,TYPE...]",
+              help="Target type (or give it after the file names, as llama-quantize takes it): q8_0, q4_0, q4_1, "
+                   "q5_0, q5_1, f16, ... or a K-quant mix: q2_k, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k, iq4_nl, iq4_xs. "
+                   "Several, comma-separated, write one file each from one read of INFILE.")
+@click.option("--outtype", "outtype_opt", metavar="TYPE[,TYPE...]", help="The same as --type (convert's name for it).")
+@click.option("--allow-requantize", is_flag=True,
+              help="Accept an input whose tensors are already quantized (with a warning: it can severely reduce quality).")
 @click.option("--override-kv", "override_kv", metavar="KEY=TYPE:VALUE", multiple=True,
               help="Set a metadata key (repeatable; llama-quantize's syntax, TYPE int, float, bool or str), "
                    "e.g. general.name=str:My-Model or llama.context_length=int:8192.")
 @_imatrix_option
 @type_options
-def quantize(infile, outfile, qtype, allow_requantize, override_kv, imatrix, pure, output_tensor_type, token_embedding_type, tensor_type,
+def quantize(infile, out_and_type, type_opt, outtype_opt, allow_requantize, override_kv, imatrix, pure,
+             output_tensor_type, token_embedding_type, tensor_type,
              threads, split_max_size, split_max_tensors, force, checksum, json_path, quiet, verbose):
     """Requantize a GGUF file (f32/f16/bf16 in) to another type.
 
     Follows llama-quantize's per-tensor choices by default: 1-D tensors stay F32 and
     output.weight gets a higher-precision type; --pure puts every 2-D weight in TYPE.
-    Metadata passes through; general.file_type is updated. OUTFILE defaults to INFILE's
-    name with the type label replaced (Name-7B-F16.gguf -> ./Name-7B-Q4_K_M.gguf); with
-    several types it may be a directory (DIR/).
+    Metadata passes through; general.file_type is updated. Without OUTFILE the output goes
+    next to INFILE (as llama-quantize's does), named as convert names files, from INFILE's
+    general.name/size_label (Name-7B-Q4_K_M.gguf) or, without them, from INFILE's name with
+    the type label replaced; with several types OUTFILE may be a directory (DIR/).
 
-    
+    \b
     Examples:
-      llmconv quantize model-F16.gguf model-Q8_0.gguf --type q8_0
-      llmconv quantize model-F16.gguf model-Q4_K_M.gguf --type q4_K_M
+      llmconv quantize model-F16.gguf model-Q8_0.gguf q8_0
+      llmconv quantize model-F16.gguf q4_K_M                         # -> Name-Size-Q4_K_M.gguf beside it
       llmconv quantize model-F16.gguf out.gguf --type q4_0 --pure --output-tensor-type q8_0
       llmconv quantize model-F16.gguf model-Q3_K_M.gguf --type q3_K_M --imatrix model.imatrix.gguf
       llmconv quantize model-F16.gguf out/ --type q4_K_M,q5_K_M      # two files, one read
     """
     from . import api
+    from .convert.pipeline import split_types
+    from .convert.plan import check_type_name
 
+    outfile, qtype, where = quantize_positionals(out_and_type, type_opt, outtype_opt)
+    for t in split_types(qtype):
+        check_type_name(t, where)       # the message names the option the user typed
     result = api.quantize(infile, outfile, outtype=qtype, allow_requantize=allow_requantize, override_kv=override_kv,
                           imatrix=imatrix, pure=pure, output_tensor_type=output_tensor_type,
                           token_embedding_type=token_embedding_type, tensor_types=tensor_type, threads=threads,
                           split_max_size=split_max_size, split_max_tensors=split_max_tensors, force=force,
-                          checksum=checksum, progress=not quiet, verbose=verbose)
+                          checksum=checksum, progress=not quiet, verbose=verbose,
+                          on_warning=lambda w: click.echo(f"warning: {w}", err=True))
     for rq, written in zip(result.requantizations, result.written):
         _echo_written(written, rq.plan, quiet, json_path)
     emit_json(json_path, result.report())

@@ -166,3 +166,105 @@ def test_every_command_has_help_with_examples():
         res = run(cmd, "--help")
         assert res.returncode == 0, res.stderr
         assert "Examples:" in res.stdout and f"llmconv {cmd} " in res.stdout, cmd
+
+
+def main_run(capsys, *args) -> tuple[int, str, str]:
+    """The CLI in this process (main() is the entry point's function): exit code, stdout, stderr."""
+    from llmconv.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(code: int, err: str) -> str:
+    assert code == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmconv: error: "), err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def f16_gguf(tmp_path_factory):
+    from llmconv.cli import main
+
+    path = tmp_path_factory.mktemp("in") / "model-F16.gguf"
+    assert main(["convert", str(ROOT / "fixtures" / "tiny-llama"), "--outtype", "f16", "-o", str(path), "-q"]) == 0
+    return path
+
+
+def _file_type(path: Path) -> int:
+    from llmconv.formats.gguf_reader import read_gguf
+    return int(read_gguf(path).kvs["general.file_type"])
+
+
+def test_quantize_takes_the_type_after_the_file_names(tmp_path, capsys, monkeypatch, f16_gguf):
+    import json
+
+    from gguf import LlamaFileType
+
+    code, _, err = main_run(capsys, "quantize", f16_gguf, tmp_path / "a.gguf", "q8_0", "-q")
+    assert code == 0, err
+    assert _file_type(tmp_path / "a.gguf") == LlamaFileType.MOSTLY_Q8_0
+    # IN TYPE: no OUT. The file goes next to IN (not the cwd), named as convert names this model
+    code, _, err = main_run(capsys, "convert", ROOT / "fixtures" / "tiny-llama", "--outtype", "q4_K_M", "--dry-run",
+                            "--json", tmp_path / "plan.json")
+    assert code == 0, err
+    convert_name = Path(json.loads((tmp_path / "plan.json").read_text())["output"]).name
+    assert convert_name != "model-Q4_K_M.gguf"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    code, _, err = main_run(capsys, "quantize", f16_gguf, "q4_K_M", "-q")
+    written = f16_gguf.parent / convert_name
+    assert code == 0 and written.is_file() and not list(cwd.iterdir()), err
+    assert _file_type(written) == LlamaFileType.MOSTLY_Q4_K_M
+    written.unlink()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["OUT", "q4_0", "--type", "q8_0"], "two different output types: TYPE q4_0 and --type q8_0; give one"),
+    (["--type", "q4_0", "--outtype", "q8_0"], "two different output types: --type q4_0 and --outtype q8_0"),
+    (["OUT"], "no output type: add it after the file names"),
+    (["OUT", "q4_0", "extra"], "too many arguments after INFILE"),
+    (["OUT", "q4_km"], "TYPE: unknown type 'q4_km'; did you mean q4_K_M?"),
+    (["q4_km"], "TYPE: unknown type 'q4_km'; did you mean q4_K_M?"),
+    (["OUT", "--type", "q4_km"], "--type: unknown type 'q4_km'; did you mean q4_K_M?"),
+    (["OUT", "--outtype", "q4_km"], "--outtype: unknown type 'q4_km'; did you mean q4_K_M?"),
+])
+def test_quantize_type_mistakes_get_one_line(tmp_path, capsys, f16_gguf, args, needle):
+    out = tmp_path / "o.gguf"
+    code, _, err = main_run(capsys, "quantize", f16_gguf, *[out if a == "OUT" else a for a in args])
+    assert needle in one_error_line(code, err)
+    assert "auto" not in err            # quantize has no 'auto' type to offer
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_requantized_name_from_metadata_or_file_name():
+    from gguf import GGUFValueType as T
+
+    from llmconv.convert.gguf_source import GGUFSource
+    from llmconv.convert.pipeline import requantized_name
+    from llmconv.formats.gguf_writer import KV
+
+    def src(path, **general):
+        return GGUFSource(Path(path), "llama", [KV(f"general.{k}", v, T.STRING) for k, v in general.items()], [], {})
+
+    assert requantized_name(src("d/Llama-7B-F16.gguf", name="Llama 2", size_label="7B"), "q4_k_m") == "Llama-2-7B-Q4_K_M.gguf"
+    assert requantized_name(src("d/model-F16.gguf"), "q4_k_m") == "model-Q4_K_M.gguf"     # no general.name
+    assert requantized_name(src("d/model.gguf"), "q8_0") == "model-Q8_0.gguf"
+    # a hostile general.name cannot point the output elsewhere
+    assert requantized_name(src("m.gguf", name="../../etc/x\x00y"), "q8_0") == "..-..-etc-x-y-Q8_0.gguf"
+
+
+def test_requantizing_warns_about_quality(tmp_path, capsys, f16_gguf):
+    q4 = tmp_path / "q4.gguf"
+    code, _, err = main_run(capsys, "quantize", f16_gguf, q4, "q4_0", "-q")
+    assert code == 0 and "warning" not in err, err           # a float input: no warning
+    code, _, err = main_run(capsys, "quantize", q4, tmp_path / "q8.gguf", "q8_0", "-q")
+    assert "--allow-requantize" in one_error_line(code, err) and not (tmp_path / "q8.gguf").exists()
+    code, _, err = main_run(capsys, "quantize", q4, tmp_path / "q8.gguf", "q8_0", "-q", "--allow-requantize")
+    assert code == 0 and (tmp_path / "q8.gguf").is_file(), err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "Traceback" not in err, err
+    assert "already quantized (Q4_0, Q6_K)" in warnings[0] and "severely reduce quality" in warnings[0], warnings

@@ -35,17 +35,19 @@ def test_convert_several_types_equal_single_runs(tmp_path, monkeypatch):
 
 
 def test_quantize_several_types_equal_single_runs(tmp_path, monkeypatch):
-    src = tmp_path / "Tiny-F16.gguf"
+    src = tmp_path / "model-F16.gguf"
     assert main(["convert", str(TWO), "--outtype", "f16", "-o", str(src), "-q"]) == 0
     monkeypatch.chdir(tmp_path)
+    assert main(["convert", str(TWO), "--outtype", "q4_K_M,q5_K_M,q4_0", "--dry-run", "--json", "plan.json"]) == 0
+    convert_names = [Path(o["output"]).name for o in json.loads((tmp_path / "plan.json").read_text())["outputs"]]
     assert main(["quantize", str(src), "--type", "q4_K_M,q5_K_M,q4_0", "-q", "--json", "r.json"]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    assert [Path(o["output"]).name for o in report["outputs"]] == ["Tiny-Q4_K_M.gguf", "Tiny-Q5_K_M.gguf",
-                                                                   "Tiny-Q4_0.gguf"]
-    for t in ("q4_K_M", "q5_K_M", "q4_0"):
+    # no OUT: the names convert gives the model (from the input's general.* keys), not model-Q4_K_M.gguf
+    assert [Path(o["output"]).name for o in report["outputs"]] == convert_names
+    for t, name in zip(("q4_K_M", "q5_K_M", "q4_0"), convert_names):
         one = tmp_path / f"one-{t}.gguf"
         assert main(["quantize", str(src), str(one), "--type", t, "-q", "-t", "1"]) == 0
-        assert (tmp_path / f"Tiny-{t.upper()}.gguf").read_bytes() == one.read_bytes(), t
+        assert (tmp_path / name).read_bytes() == one.read_bytes(), t
 
 
 def test_directory_with_a_slash_need_not_exist_yet_to_be_named(tmp_path, capsys):

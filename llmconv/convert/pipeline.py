@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from gguf import GGUFValueType as T
 from gguf import Keys
+from gguf.utility import naming_convention
 
 from ..errors import LlmconvError
 from ..formats.gguf_writer import KV
@@ -176,6 +177,7 @@ class Requantization:
     plan: Plan
     kvs: list[KV]
     out_path: Path
+    warnings: list[str]
 
 
 def gguf_model_shape(src: GGUFSource) -> ModelShape | None:
@@ -195,16 +197,31 @@ def gguf_model_shape(src: GGUFSource) -> ModelShape | None:
                       n_expert=int(first(Keys.LLM.EXPERT_COUNT) or 0))
 
 
-def requantized_name(in_path: Path, outtype: str) -> str:
-    """Name-7B-F16.gguf -> Name-7B-Q4_K_M.gguf: the type label at the end is replaced (or added)."""
+def requantized_name(src: GGUFSource, outtype: str) -> str:
+    """The name convert would give the model, from the input's general.* keys
+    (Name-Size-Finetune-Version-TYPE.gguf, llama.cpp's convention). Without general.name or
+    general.basename: the input's file name with its type label replaced or added
+    (model-F16.gguf -> model-Q4_K_M.gguf)."""
     from .. import quantize as q
     from .mixes import MIXES
 
-    stem = in_path.name[:-5] if in_path.name.endswith(".gguf") else in_path.stem
+    kv = {k.key: k.value for k in src.kvs}
+    g = Keys.General
+    parts = [kv.get(key) for key in (g.NAME, g.BASENAME, g.FINETUNE, g.VERSION, g.SIZE_LABEL)]
+    parts = [_name_part(p) if isinstance(p, str) and p.strip() else None for p in parts]
+    if parts[0] is not None or parts[1] is not None:
+        return naming_convention(*parts, outtype.upper()) + ".gguf"
+    name = src.path.name
+    stem = name[:-5] if name.endswith(".gguf") else src.path.stem
     head, _, last = stem.rpartition("-")
     if head and (last.lower() in q.TYPES or last.lower() in MIXES):
         stem = head
     return f"{stem}-{outtype.upper()}.gguf"
+
+
+def _name_part(text: str) -> str:
+    """A metadata string made safe inside a file name: no path separators, no control characters."""
+    return re.sub(r"[\x00-\x1f\x7f/\\]", "-", text)
 
 
 def plan_requantize(in_path: str | Path, out_path: str | Path | None, qtype: str, *, pure: bool = False,
@@ -222,11 +239,25 @@ def plan_requantize(in_path: str | Path, out_path: str | Path | None, qtype: str
     kvs[at:at] = [KV(Keys.General.FILE_TYPE, plan.file_type, T.UINT32),
                   KV(Keys.General.QUANTIZATION_VERSION, QUANTIZATION_VERSION, T.UINT32)]
     kvs = apply_kv_overrides(kvs, [parse_override_kv(o) for o in override_kv])
-    out = output_path(out_path, requantized_name(Path(in_path), plan.outtype))
+    # no OUT: next to the input, as llama-quantize writes [IN's directory]/ggml-model-TYPE.gguf
+    out = output_path(out_path if out_path is not None else f"{Path(in_path).parent}{os.sep}",
+                      requantized_name(src, plan.outtype))
     if out.exists() and Path(in_path).exists() and os.path.samefile(in_path, out):
         # the input is read while the output is written: even with --force this would destroy it
         raise LlmconvError("the output is the input file; write to another path", file=out)
-    return Requantization(src, plan, kvs, out)
+    return Requantization(src, plan, kvs, out, requantize_warnings(src, plan.outtype))
+
+
+def requantize_warnings(src: GGUFSource, outtype: str) -> list[str]:
+    """llama-quantize's --allow-requantize warning: a quantized input's rounding errors stay in,
+    and the new quantization adds its own on top."""
+    quantized = sorted({t.name for t in src.source_types.values()} - {"F32", "F16", "BF16"})
+    if not quantized:
+        return []
+    n = sum(t.name in quantized for t in src.source_types.values())
+    return [f"{src.path}: {n} of {len(src.source_types)} tensors are already quantized ({', '.join(quantized)}); "
+            f"requantizing them to {outtype} keeps their rounding errors and adds new ones, which can severely "
+            f"reduce quality: quantize from the f16/bf16/f32 file if you have it"]
 
 
 def plan_requantizes(in_path: str | Path, out_path: str | Path | None, qtypes: list[str], **kw) -> list[Requantization]:

@@ -170,7 +170,19 @@ def _qtype(name: str, where: str) -> q.QuantType:
         raise LlmconvError(f"{where}: {unknown_type_message(name)}") from None
 
 
-def unknown_type_message(name: str) -> str:
+def is_type_name(name: str) -> bool:
+    """A name --outtype/--type takes (q4_0, q4_K_M, q4_k, f16; not 'auto')."""
+    n = name.lower()
+    return n in q.TYPES or n in mixes.MIXES or n in mixes.ALIASES
+
+
+def check_type_name(name: str, where: str) -> None:
+    """Refuse an unknown type before any file is opened, naming the option the user typed."""
+    if not is_type_name(name):
+        raise LlmconvError(f"{where}: {unknown_type_message(name, auto=False)}")
+
+
+def unknown_type_message(name: str, auto: bool = True) -> str:
     """'unknown type ...; did you mean q4_K_M?' over every name --outtype takes."""
     import difflib
 
@@ -178,7 +190,7 @@ def unknown_type_message(name: str) -> str:
     close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.6)
     hint = f"; did you mean {_display(close[0])}?" if close else ""
     names = dict.fromkeys(map(_display, sorted(known, key=lambda k: (k[0] != "f", k[:2] != "q8", k))))
-    return f"unknown type {name!r}{hint} (known: {', '.join(names)}, auto)"
+    return f"unknown type {name!r}{hint} (known: {', '.join(names)}{', auto' if auto else ''})"
 
 
 def _display(name: str) -> str:
