@@ -268,3 +268,56 @@ def test_requantizing_warns_about_quality(tmp_path, capsys, f16_gguf):
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "Traceback" not in err, err
     assert "already quantized (Q4_0, Q6_K)" in warnings[0] and "severely reduce quality" in warnings[0], warnings
+
+
+def _split_safetensors(tensors: dict, folder: Path, stem: str, index: bool) -> list[str]:
+    """Two -0000k-of-00002 files (+ the index) as Hugging Face and Mistral write them."""
+    import json
+
+    from safetensors.torch import save_file
+
+    names = sorted(tensors)
+    files = [f"{stem}-0000{k}-of-00002.safetensors" for k in (1, 2)]
+    halves = [names[:len(names) // 2], names[len(names) // 2:]]
+    for fname, part in zip(files, halves):
+        save_file({n: tensors[n].contiguous() for n in part}, folder / fname, metadata={"format": "pt"})
+    if index:
+        wmap = {n: f for f, part in zip(files, halves) for n in part}
+        (folder / f"{stem}.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+    return files
+
+
+def _checkpoint_missing_a_shard(layout: str, tmp: Path) -> Path:
+    """A copy of a bundled fixture in `layout`, then one weight file deleted; the path of the deleted file."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    fx = ROOT / "fixtures"
+    ckpt = tmp / layout
+    if layout.startswith("meta"):       # tiny-llama-2shard: LLaMA 2 style; llama3-tiny: LLaMA 3 style
+        shutil.copytree(fx / ("tiny-llama-2shard" if layout == "meta-last" else "llama3-tiny"), ckpt)
+        gone = ckpt / ("consolidated.01.pth" if layout == "meta-last" else "consolidated.00.pth")
+    elif layout.startswith("hf"):
+        shutil.copytree(fx / "hf-tiny-llama", ckpt, ignore=shutil.ignore_patterns("model.safetensors"))
+        files = _split_safetensors(load_file(fx / "hf-tiny-llama" / "model.safetensors"), ckpt, "model",
+                                   index=layout == "hf-index")
+        gone = ckpt / files[1]
+    else:                               # Mistral's own layout: params.json + consolidated-0000k-of-0000N
+        ckpt.mkdir()
+        for f in ("params.json", "tokenizer.model"):
+            shutil.copy(fx / "tiny-llama" / f, ckpt / f)
+        sd = torch.load(fx / "tiny-llama" / "consolidated.00.pth", weights_only=True)
+        gone = ckpt / _split_safetensors(sd, ckpt, "consolidated", index=False)[0]
+    gone.unlink()
+    return gone
+
+
+@pytest.mark.parametrize("layout", ["meta-last", "meta-first", "hf-index", "hf-no-index", "mistral"])
+def test_a_missing_shard_is_named(tmp_path, capsys, layout):
+    gone = _checkpoint_missing_a_shard(layout, tmp_path)
+    code, _, err = main_run(capsys, "convert", gone.parent, "-o", tmp_path / "x.gguf")
+    line = one_error_line(code, err)
+    assert f"{gone}: " in line and "missing" in line, line
+    assert not (tmp_path / "x.gguf").exists()

@@ -186,6 +186,7 @@ def open_meta_checkpoint(path: str | Path, ctx: int | None = None) -> MetaCheckp
     if not shard_paths:
         raise LlmconvError(f"no {SHARD_GLOB} files", file=path)
     shards = [safe_torch_load(p) for p in shard_paths]
+    _check_shard_count(path, shard_paths, shards, params)
 
     names = [n for n in shards[0] if n not in DROPPED]
     for p, s in zip(shard_paths[1:], shards[1:]):
@@ -236,6 +237,32 @@ def open_meta_checkpoint(path: str | Path, ctx: int | None = None) -> MetaCheckp
                           [raw_tensors(p, s) for p, s in zip(shard_paths, shards)])
     ckpt.hparams = _hparams(params, shapes, path, ctx)
     return ckpt
+
+
+def _shard_name(like: Path, index: int) -> str:
+    """consolidated.NN.pth with as many digits as `like` has (Meta writes two)."""
+    digits = len(like.name.split(".")[1])
+    return f"consolidated.{index:0{digits}d}.pth"
+
+
+def _check_shard_count(path: Path, shard_paths: list[Path], shards: list[dict], params: dict) -> None:
+    """A shard that did not download: every Meta shard holds an equal slice of attention.wq's
+    rows (its output features), so params.json's heads x head_dim over one shard's rows is the
+    shard count. Without this a lone consolidated.00.pth of two reads as a model of half the width."""
+    wq = shards[0].get("layers.0.attention.wq.weight")
+    if wq is None or wq.dim() != 2:
+        return
+    rows, cols = wq.shape
+    n_heads = params["n_heads"]
+    head_dim = stated_head_dim(params, path / "params.json") or params["dim"] // n_heads
+    full = n_heads * head_dim
+    if cols != params["dim"] or rows <= 0 or full % rows or full // rows <= len(shard_paths):
+        return      # not a sharding pattern: the shape checks that follow say what is wrong
+    n = full // rows
+    have = {_shard_index(p) for p in shard_paths}
+    raise LlmconvError(f"missing shard: this checkpoint has {n} model-parallel shards (each holds {rows} of "
+                       f"attention.wq's {full} rows); {len(shard_paths)} found",
+                       file=path / _shard_name(shard_paths[0], min(set(range(n)) - have)))
 
 
 def _shard_index(p: Path) -> int:
