@@ -321,3 +321,25 @@ def test_a_missing_shard_is_named(tmp_path, capsys, layout):
     line = one_error_line(code, err)
     assert f"{gone}: " in line and "missing" in line, line
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["<ckpt>", "--reference", "<gguf>"], "the arguments are swapped: the model file comes first, the checkpoint "
+                                          "folder after --reference: llmconv verify <gguf> --reference <ckpt>"),
+    (["<ckpt>/params.json", "-r", "<gguf>"], "the arguments are swapped: the model file comes first, the checkpoint "
+                                             "folder after --reference: llmconv verify <gguf> --reference <ckpt>"),
+    (["<gguf>", "--reference", "<gguf>"], "is a model file, not the checkpoint folder"),
+    (["<ckpt>", "-r", "<ckpt>"], "is a folder: verify checks a GGUF file against the checkpoint it was converted "
+                                 "from: llmconv verify MODEL.gguf --reference <ckpt>"),
+    (["<ckpt>"], "llmconv verify MODEL.gguf --reference <ckpt>"),
+    (["<gguf>"], "no --reference: verify compares the file with the checkpoint it was converted from: "
+                 "llmconv verify <gguf> --reference CKPT_DIR"),
+    (["<ckpt>", "<gguf>"], "the checkpoint goes after --reference: llmconv verify <gguf> --reference <ckpt>"),
+    (["<gguf>", "<ckpt>"], "the checkpoint goes after --reference: llmconv verify <gguf> --reference <ckpt>"),
+])
+def test_verify_arguments_in_the_wrong_places(capsys, f16_gguf, args, needle):
+    def fill(text):
+        return text.replace("<ckpt>", str(ROOT / "fixtures" / "tiny-llama")).replace("<gguf>", str(f16_gguf))
+
+    code, out, err = main_run(capsys, "verify", *map(fill, args), "--tokens", "8")
+    assert fill(needle) in one_error_line(code, err) and out == "", err

@@ -31,8 +31,9 @@ def read_text(path: Path) -> str:
 
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("file", type=click.Path(path_type=Path))
-@click.option("--reference", "-r", "reference", required=True, type=click.Path(path_type=Path), metavar="CKPT_DIR",
-              help="The original checkpoint the file was converted from: a Meta directory (params.json, "
+@click.argument("extra", nargs=-1, metavar="")      # only to say where a second path belongs
+@click.option("--reference", "-r", "reference", type=click.Path(path_type=Path), metavar="CKPT_DIR",
+              help="Required: the original checkpoint the file was converted from: a Meta directory (params.json, "
                    "consolidated.NN.pth, tokenizer.model) or a Hugging Face one (config.json, safetensors, "
                    "tokenizer).")
 @click.option("--text", "text_file", type=click.Path(path_type=Path), metavar="FILE",
@@ -70,7 +71,7 @@ def read_text(path: Path) -> str:
               help="Also check every tensor's sha256 against the sidecar `convert --checksum` wrote "
                    "(default FILE.sha256.json).")
 @click.option("--force", "-f", is_flag=True, help="Let --json FILE overwrite an existing file.")
-def verify(file, reference, text_file, tokens, json_path, max_kld, min_top1, max_ppl_ratio, max_rel_dlogit, ctx,
+def verify(file, extra, reference, text_file, tokens, json_path, max_kld, min_top1, max_ppl_ratio, max_rel_dlogit, ctx,
            engine, threads, activations, imatrix, lora, checksums, force):
     """Check that a converted file is its checkpoint (fidelity), and what its quantization costs (quality).
 
@@ -106,6 +107,7 @@ def verify(file, reference, text_file, tokens, json_path, max_kld, min_top1, max
     """
     from ..api import verify as run
 
+    check_verify_arguments(file, reference, extra)
     result = run(file, reference, text=read_text(text_file) if text_file is not None else None, tokens=tokens,
                  engine=engine, threads=threads, activations=activations, ctx=ctx, imatrix=imatrix, lora=lora,
                  checksums=checksums if checksums is not None else False, max_kld=max_kld, min_top1=min_top1,
@@ -115,3 +117,51 @@ def verify(file, reference, text_file, tokens, json_path, max_kld, min_top1, max
     emit_json(json_path, result.report)
     if not result.passed:
         sys.exit(1)
+
+
+def _kind(path: Path | None) -> str | None:
+    """What a path names, as far as verify's argument order cares: a model file (GGUF or
+    legacy ggml), a folder, another file, or nothing."""
+    if path is None:
+        return None
+    if path.is_dir():
+        return "folder"
+    if not path.is_file():
+        return "missing"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError:
+        return "file"
+    return "model" if magic in (b"GGUF", b"lmgg", b"fmgg", b"tjgg") else "file"
+
+
+def check_verify_arguments(file: Path, reference: Path | None, extra: tuple[str, ...]) -> None:
+    """The usual mistakes in verify's arguments (swapped, two GGUFs, the checkpoint as a second
+    argument, no --reference), each refused in one line that says what to type instead."""
+    from shlex import quote
+
+    if len(extra) > 1 or (extra and reference is not None):
+        raise LlmconvError(f"unexpected argument {extra[-1]!r}: verify takes one file, and the checkpoint as "
+                           f"--reference: llmconv verify MODEL.gguf --reference CKPT_DIR")
+    if extra:
+        reference = Path(extra[0])
+        first, second = (reference, file) if _kind(file) == "folder" and _kind(reference) == "model" else (file, reference)
+        raise LlmconvError(f"the checkpoint goes after --reference: llmconv verify {quote(str(first))} "
+                           f"--reference {quote(str(second))}")
+    kind, ref_kind = _kind(file), _kind(reference)
+    if kind in ("folder", "file") and ref_kind == "model":
+        ckpt = file if kind == "folder" else file.parent
+        raise LlmconvError(f"the arguments are swapped: the model file comes first, the checkpoint folder after "
+                           f"--reference: llmconv verify {quote(str(reference))} --reference {quote(str(ckpt))}")
+    if kind == "folder":
+        ckpt = reference if ref_kind == "folder" else file
+        raise LlmconvError(f"{file} is a folder: verify checks a GGUF file against the checkpoint it was converted "
+                           f"from: llmconv verify MODEL.gguf --reference {quote(str(ckpt))}")
+    if reference is None:
+        raise LlmconvError("no --reference: verify compares the file with the checkpoint it was converted from: "
+                           f"llmconv verify {quote(str(file))} --reference CKPT_DIR")
+    if ref_kind == "model":
+        raise LlmconvError(f"--reference {reference} is a model file, not the checkpoint folder {file} was converted "
+                           f"from: llmconv verify {quote(str(file))} --reference CKPT_DIR (verify does not compare two GGUFs)")
+
