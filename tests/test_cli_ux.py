@@ -343,3 +343,51 @@ def test_verify_arguments_in_the_wrong_places(capsys, f16_gguf, args, needle):
 
     code, out, err = main_run(capsys, "verify", *map(fill, args), "--tokens", "8")
     assert fill(needle) in one_error_line(code, err) and out == "", err
+
+
+class _Terminal:
+    """A stand-in for stderr on a terminal: tqdm draws into it (isatty) and we read the frames."""
+
+    def __init__(self):
+        import io
+        self.buf = io.StringIO()
+        self.encoding = "utf-8"
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        return self.buf.write(s)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("columns", [70, 100])
+def test_a_long_file_name_leaves_the_progress_bar_room(columns):
+    from llmconv.progress import MIN_BAR, byte_bar
+
+    name = "Meta-Llama-3.1-70B-Instruct-abliterated-uncensored-v2.1-experimental-Q4_K_M.gguf"
+    term = _Terminal()
+    bar = byte_bar(7 << 30, name, progress=True, file=term, columns=columns)
+    bar.update(3 << 30)
+    bar.refresh()
+    frame = term.buf.getvalue().split("\r")[-1]
+    bar.close()
+    label, _, rest = frame.partition(": ")
+    cells = rest.split("|")[1]
+    assert len(frame) <= columns and len(cells) >= MIN_BAR, frame
+    assert "\u2026" in label and label.endswith("-Q4_K_M.gguf"), label    # the type label stays readable
+    # a name that fits is left alone; a control character in it cannot reach the terminal
+    term = _Terminal()
+    with byte_bar(100, "a\x1b[2J.gguf", progress=True, file=term, columns=columns) as bar:
+        bar.update(50)
+    assert "a\\x1b[2J.gguf: " in term.buf.getvalue() and "\x1b" not in term.buf.getvalue()
+
+
+def test_imatrix_writes_no_progress_frames_into_a_log(tmp_path, capsys):
+    out = tmp_path / "im.gguf"
+    code, _, err = main_run(capsys, "imatrix", ROOT / "fixtures" / "tiny-llama", "--ctx", "32", "--chunks", "2",
+                            "-o", out)
+    assert code == 0 and out.is_file(), err
+    assert "\r" not in err and "layer/s" not in err and "it/s" not in err, err

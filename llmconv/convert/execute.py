@@ -21,13 +21,13 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf import GGUFValueType as T
 from gguf import Keys
-from tqdm import tqdm
 
 from .._malloc import pin_mmap_threshold
 from ..errors import LlmconvError
 from ..formats.atomic import atomic_outputs
 from ..formats.checksums import sidecar_document, sidecar_path
 from ..formats.gguf_writer import KV, GGUFFileWriter, TensorEntry, plan_layout, read_tensor_infos
+from ..progress import byte_bar
 from . import stream
 from .plan import Plan, PlannedTensor
 
@@ -133,8 +133,7 @@ def write_ggufs(reqs: Sequence[OutputRequest], *, threads: int = 1, progress: bo
             for o, o_tmps in zip(outs, tmps):
                 o.writers = [files.enter_context(GGUFFileWriter(tmp, lay)) for tmp, lay in zip(o_tmps, o.layouts)]
             label = outs[0].req.out_path.name + (f" (+{len(outs) - 1})" if len(outs) > 1 else "")
-            bar = files.enter_context(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                           desc=label, disable=None if progress else True, leave=False))
+            bar = files.enter_context(byte_bar(total, label, progress))
             bar.update(sum(lay.data_start for o in outs for lay in o.layouts))
             scratch = bytearray(8 << 20) if checksum else None
 

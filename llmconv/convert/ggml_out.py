@@ -21,12 +21,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gguf import MODEL_TENSOR, TokenType
-from tqdm import tqdm
 
 from ..errors import LlmconvError
 from ..formats.atomic import atomic_output
 from ..formats.ggml_reader import ASSUMED_CONTEXT, ASSUMED_NORM_EPS, ASSUMED_ROPE_THETA, read_ggml
 from ..formats.ggml_writer import GGJT_TYPES, GGJTFileWriter, GGJTHParams, GGJTTensor, find_n_mult, plan_layout
+from ..progress import byte_bar
 from . import stream
 from .execute import WriteResult
 from .pipeline import Conversion, plan_conversion
@@ -175,8 +175,7 @@ def write_ggml(conv: Conversion, threads: int = 1, progress: bool = True, force:
     with atomic_output(out_path, force=force) as tmp:
         try:
             with GGJTFileWriter(tmp, layout) as writer, \
-                    tqdm(total=layout.total_size, unit="B", unit_scale=True, unit_divisor=1024,
-                         desc=out_path.name, disable=None if progress else True, leave=False) as bar:
+                    byte_bar(layout.total_size, out_path.name, progress) as bar:
                 bar.update(len(layout.header))
 
                 def done(job: stream.Job, t: PlannedTensor, g) -> None:

@@ -150,6 +150,8 @@ def _compute(ckpt_dir: Path, text: str | Path, ctx: int, chunks: int | None, pro
     import torch
     from tqdm import tqdm
 
+    from ..progress import bar_label, terminal_columns
+
     cal = calibration_chunks(ckpt_dir, text, ctx, chunks)
     run = _runner(ckpt_dir)
     n_chunks = cal.chunks.shape[0]
@@ -171,8 +173,9 @@ def _compute(ckpt_dir: Path, text: str | Path, ctx: int, chunks: int | None, pro
     hooks = ForwardHooks(matmul_input=observe)
     group = max(1, GROUP_BYTES // (ctx * run.hidden * 4))
     starts = range(0, n_chunks, group)
-    with torch.inference_mode(), tqdm(total=len(starts) * run.n_layers, unit="layer", disable=not progress,
-                                      desc=f"imatrix: {n_chunks} chunks of {ctx}") as bar:
+    # on a terminal only: no frames in a log
+    with torch.inference_mode(), tqdm(total=len(starts) * run.n_layers, unit="layer", disable=None if progress else True,
+                                      desc=bar_label(f"imatrix: {n_chunks} chunks of {ctx}", terminal_columns())) as bar:
         cos, sin = run.rope(ctx)
         for s0 in starts:
             xs = [run.embed(c) for c in cal.chunks[s0:s0 + group]]

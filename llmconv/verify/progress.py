@@ -6,4 +6,6 @@ def layer_progress(n: int, desc: str, progress: bool):
     """range(n), shown as a bar named `desc` when `progress` and stderr is a terminal."""
     from tqdm.auto import tqdm
 
-    return tqdm(range(n), desc=desc, unit="layer", leave=False, disable=None if progress else True)
+    from ..progress import bar_label, terminal_columns
+
+    return tqdm(range(n), desc=bar_label(desc, terminal_columns()), unit="layer", leave=False, disable=None if progress else True)
