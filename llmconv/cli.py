@@ -128,7 +128,7 @@ def _echo_written(res, plan, quiet: bool, json_path: str | None = None) -> None:
 @click.option("--lora", "lora", metavar="ADAPTER[:SCALE]", multiple=True,
               help="Merge a PEFT LoRA adapter directory into the weights while converting (scale * alpha/r * B A, "
                    "in float32, before quantization); repeatable, applied in order. SCALE defaults to 1.")
-@click.option("--metadata", "metadata", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE.json",
+@click.option("--metadata", "metadata", type=click.Path(path_type=Path), metavar="FILE.json",
               help="general.* metadata over what the model card (README.md) and config give, as llama.cpp's "
                    "--metadata: keys like general.name, general.version, general.license, general.tags.")
 @click.option("--override-kv", "override_kv", metavar="KEY=TYPE:VALUE", multiple=True,

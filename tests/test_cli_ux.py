@@ -391,3 +391,38 @@ def test_imatrix_writes_no_progress_frames_into_a_log(tmp_path, capsys):
                             "-o", out)
     assert code == 0 and out.is_file(), err
     assert "\r" not in err and "layer/s" not in err and "it/s" not in err, err
+
+
+@pytest.mark.parametrize("args, needle", [
+    # a directory where a file is expected (was "no such file" or a three-line usage error)
+    (["quantize", "<dir>", "q8_0"], "<dir>: is a directory, expected a GGUF file (a checkpoint folder: llmconv convert)"),
+    (["inspect", "<dir>"], "<dir>: is a directory; inspect reads a GGUF or ggml file"),
+    (["convert", "<ckpt>", "--metadata", "<dir>", "--dry-run"], "<dir>: --metadata: is a directory, expected a JSON file"),
+    (["verify", "<gguf>", "-r", "<ckpt>", "--text", "<dir>"], "<dir>: is a directory, expected a text file"),
+    (["imatrix", "<ckpt>", "--text", "<dir>"], "<dir>: is a directory, expected a text file"),
+    (["convert", "<ckpt>", "-o", "<dir>"], "<dir>: output exists and is not a regular file (a directory): to write the "
+                                           "default-named file into it, add a slash (<dir>/)"),
+    (["quantize", "<gguf>", "<dir>", "q8_0", "-f"], "add a slash (<dir>/)"),
+    # a path that does not exist
+    (["quantize", "<nowhere>", "q8_0"], "<nowhere>: no such file"),
+    (["inspect", "<nowhere>"], "<nowhere>: no such file"),
+    (["verify", "<nowhere>", "-r", "<ckpt>"], "<nowhere>: no such file"),
+    (["verify", "<gguf>", "-r", "<nowhere>"], "<nowhere>: no such file or directory"),
+    (["convert-lora", "<nowhere>", "--base", "<ckpt>"], "<nowhere>: no such file or directory"),
+    (["imatrix", "<nowhere>"], "<nowhere>: no such file or directory"),
+    (["imatrix", "<dir>"], "<dir>: neither params.json (Meta, Mistral) nor config.json (Hugging Face) found"),
+])
+def test_a_directory_or_a_missing_path_where_a_file_is_expected(tmp_path, capsys, f16_gguf, args, needle):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    subs = {"<dir>": str(folder), "<ckpt>": str(ROOT / "fixtures" / "tiny-llama"), "<gguf>": str(f16_gguf),
+            "<nowhere>": str(tmp_path / "nowhere")}
+
+    def fill(text):
+        for k, v in subs.items():
+            text = text.replace(k, v)
+        return text
+
+    code, _, err = main_run(capsys, *map(fill, args))
+    assert fill(needle) in one_error_line(code, err)
+    assert list(folder.iterdir()) == []

@@ -83,6 +83,9 @@ class LoraAdapter:
 
 def open_adapter(path: str | Path) -> LoraAdapter:
     path = Path(path)
+    if not path.exists():
+        raise LlmconvError("no such file or directory (expected a PEFT adapter folder: adapter_config.json + "
+                           "adapter_model.safetensors)", file=path)
     if not path.is_dir():
         raise LlmconvError("not a directory (expected a PEFT adapter: adapter_config.json + adapter_model.safetensors)",
                            file=path)

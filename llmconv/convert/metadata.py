@@ -29,6 +29,8 @@ def load_model_metadata(model_dir: Path, n_params: int, override: Path | None = 
     general.name is the directory name itself, as llmconv always wrote it."""
     doc = {}
     if override is not None:
+        if override.is_dir():
+            raise LlmconvError("--metadata: is a directory, expected a JSON file of general.* keys", file=override)
         if not override.is_file():
             raise LlmconvError("--metadata: no such file", file=override)
         doc = load_json(override)           # Metadata.load would skip a missing or non-object file silently

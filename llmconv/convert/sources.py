@@ -53,7 +53,7 @@ def check_checkpoint_dir(path: Path) -> None:
         magic = f.read(4)
     if magic == b"GGUF":
         raise LlmconvError("this is a GGUF file, not a checkpoint directory: to requantize it use "
-                           "`llmconv quantize IN.gguf OUT.gguf --type TYPE`; to look inside, `llmconv inspect`", file=path)
+                           "`llmconv quantize IN.gguf [OUT.gguf] TYPE`; to look inside, `llmconv inspect`", file=path)
     raise LlmconvError("expected a checkpoint directory (params.json or config.json and the weights), "
                        "not a file: pass the folder that holds it", file=path)
 

@@ -110,8 +110,10 @@ def check_target(target: Path, *, force: bool) -> None:
         raise LlmconvError(f"cannot use output path: {e.strerror}", file=target) from None
     if st is not None:
         if not stat.S_ISREG(st.st_mode):
-            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a symlink" if stat.S_ISLNK(st.st_mode) \
-                else "a special file"
+            if stat.S_ISDIR(st.st_mode):
+                raise LlmconvError(f"output exists and is not a regular file (a directory): to write the "
+                                   f"default-named file into it, add a slash ({target}/)", file=target)
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a special file"
             raise LlmconvError(f"output exists and is not a regular file ({kind}); refusing to replace it",
                                file=target)
         if not force:

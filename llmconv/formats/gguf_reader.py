@@ -332,6 +332,8 @@ def read_gguf(path: str | Path, check_types: bool = True) -> GGUFFile:
         raise LlmconvError(f"cannot open: {e.strerror}", file=path) from None
     try:
         st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise LlmconvError("is a directory, expected a GGUF file (a checkpoint folder: llmconv convert)", file=path)
         if not stat.S_ISREG(st.st_mode):
             raise LlmconvError("not a regular file", file=path)
         size = st.st_size

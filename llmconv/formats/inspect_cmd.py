@@ -138,6 +138,8 @@ def _token_text(t: bytes | str) -> str | bytes:
 def summarize(path: str | Path, tensor_filter: str | None = None) -> dict:
     """Everything `inspect` shows, as a JSON-ready dict (only the header is read)."""
     path = Path(path)
+    if path.is_dir():
+        raise LlmconvError("is a directory; inspect reads a GGUF or ggml file", file=path)
     if not path.is_file():
         raise LlmconvError("no such file", file=path)
     with open(path, "rb") as f:

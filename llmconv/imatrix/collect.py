@@ -49,13 +49,9 @@ def read_text(text: str | Path) -> tuple[str, str]:
     """(text, dataset name) for a path or `builtin`."""
     if str(text) == BUILTIN_NAME:
         return BUILTIN_TEXT.read_text(encoding="utf-8"), "llmconv:calibration.txt"
-    path = Path(text)
-    try:
-        return path.read_text(encoding="utf-8"), str(path)
-    except FileNotFoundError:
-        raise LlmconvError("no such file", file=path) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LlmconvError(f"cannot read calibration text: {e}", file=path) from None
+    from ..verify.command import read_text as read_text_file     # verify --text's messages
+
+    return read_text_file(Path(text)), str(text)
 
 
 def calibration_chunks(ckpt_dir: str | Path, text: str | Path, ctx: int, chunks: int | None) -> Calibration:
@@ -65,8 +61,8 @@ def calibration_chunks(ckpt_dir: str | Path, text: str | Path, ctx: int, chunks:
     if ctx < MIN_CTX:
         raise LlmconvError(f"--ctx {ctx}: llama-imatrix collects nothing from fewer than {MIN_CTX} tokens")
     body, dataset = read_text(text)
+    vocab = open_source(ckpt_dir).vocab         # first: it says what is wrong with a path that is no checkpoint
     tok = load_source_tokenizer(Path(ckpt_dir))
-    vocab = open_source(ckpt_dir).vocab
     bos = vocab.bos_id if vocab.add_bos and vocab.bos_id is not None else None
     ids = ([bos] if bos is not None else []) + [int(t) for t in tok.encode(body)]
     n = len(ids) // ctx if chunks is None else min(chunks, len(ids) // ctx)

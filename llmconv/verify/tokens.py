@@ -33,7 +33,7 @@ def load_source_tokenizer(ckpt_dir: Path) -> SourceTokenizer:
         return tiktoken_tokenizer(ckpt_dir) if is_tiktoken_file(model) else sentencepiece_tokenizer(ckpt_dir)
     if (ckpt_dir / "tokenizer.json").is_file():
         return tokenizer_json_tokenizer(ckpt_dir)
-    raise LlmconvError("no tokenizer: verify tokenizes with the checkpoint's tokenizer.model or tokenizer.json",
+    raise LlmconvError("no tokenizer: the text is tokenized with the checkpoint's tokenizer.model or tokenizer.json",
                        file=ckpt_dir)
 
 
