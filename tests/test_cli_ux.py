@@ -203,8 +203,9 @@ def test_quantize_takes_the_type_after_the_file_names(tmp_path, capsys, monkeypa
 
     from gguf import LlamaFileType
 
-    code, _, err = main_run(capsys, "quantize", f16_gguf, tmp_path / "a.gguf", "q8_0", "-q")
-    assert code == 0, err
+    code, out, err = main_run(capsys, "quantize", f16_gguf, tmp_path / "a.gguf", "q8_0", "--json")
+    assert code == 0 and "wrote" in err, err
+    assert json.loads(out)["output"] == str(tmp_path / "a.gguf")      # --json alone: only JSON on stdout
     assert _file_type(tmp_path / "a.gguf") == LlamaFileType.MOSTLY_Q8_0
     # IN TYPE: no OUT. The file goes next to IN (not the cwd), named as convert names this model
     code, _, err = main_run(capsys, "convert", ROOT / "fixtures" / "tiny-llama", "--outtype", "q4_K_M", "--dry-run",
@@ -426,3 +427,17 @@ def test_a_directory_or_a_missing_path_where_a_file_is_expected(tmp_path, capsys
     code, _, err = main_run(capsys, *map(fill, args))
     assert fill(needle) in one_error_line(code, err)
     assert list(folder.iterdir()) == []
+
+
+def test_fallback_notes_are_aggregated_on_the_command_line(tmp_path, capsys):
+    from synth import write_meta_checkpoint
+
+    # SmolLM2's width: rows of 576 do not split into q4_K's 256-blocks, so most tensors fall back
+    ckpt = write_meta_checkpoint(tmp_path / "w576", dim=576, n_layers=2, n_heads=9, n_kv_heads=3, ffn=768)
+    code, out, err = main_run(capsys, "convert", ckpt, "--outtype", "q4_K_M", "-o", tmp_path / "a.gguf")
+    assert code == 0 and out.startswith("wrote "), err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert 1 <= len(notes) <= 3 and "Traceback" not in err, err
+    assert any("in all 2 layers" in n and "attn_q" in n and "ffn_up" in n for n in notes), notes
+    code, out, err = main_run(capsys, "convert", ckpt, "--outtype", "q4_K_M", "-o", tmp_path / "b.gguf", "-q")
+    assert code == 0 and "note:" not in err and out.startswith("wrote "), err
