@@ -298,6 +298,12 @@ class ImatrixResult:
     path: Path
     imatrix: Any                # imatrix.Imatrix
 
+    def report(self) -> dict:
+        """The `--json` report."""
+        im = self.imatrix
+        return {"output": str(self.path), "matrices": len(im.entries), "chunks": im.chunk_count,
+                "chunk_size": im.chunk_size, "datasets": list(im.datasets)}
+
 
 def imatrix(src: str | Path, out: str | Path = "imatrix.gguf", *, text: str = "builtin", ctx: int = 512,
             chunks: int | None = None, threads: int | None = None, force: bool = False,

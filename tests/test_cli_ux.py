@@ -166,6 +166,7 @@ def test_every_command_has_help_with_examples():
         res = run(cmd, "--help")
         assert res.returncode == 0, res.stderr
         assert "Examples:" in res.stdout and f"llmconv {cmd} " in res.stdout, cmd
+        assert "--json [FILE]" in res.stdout, cmd          # the README: every command has --json
 
 
 def main_run(capsys, *args) -> tuple[int, str, str]:
@@ -387,10 +388,13 @@ def test_a_long_file_name_leaves_the_progress_bar_room(columns):
 
 
 def test_imatrix_writes_no_progress_frames_into_a_log(tmp_path, capsys):
+    import json
+
     out = tmp_path / "im.gguf"
-    code, _, err = main_run(capsys, "imatrix", ROOT / "fixtures" / "tiny-llama", "--ctx", "32", "--chunks", "2",
-                            "-o", out)
+    code, stdout, err = main_run(capsys, "imatrix", ROOT / "fixtures" / "tiny-llama", "--ctx", "32", "--chunks", "2",
+                                 "-o", out, "--json")
     assert code == 0 and out.is_file(), err
+    assert json.loads(stdout)["chunks"] == 2 and "wrote" in err          # --json alone: only JSON on stdout
     assert "\r" not in err and "layer/s" not in err and "it/s" not in err, err
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from ..jsonout import emit_json, json_option
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -19,8 +20,9 @@ import click
 @click.option("--threads", "-t", type=click.IntRange(1, 256), metavar="N",
               help="Threads for the forward pass (default: torch's, all cores).")
 @click.option("--force", "-f", is_flag=True, help="Overwrite an existing output file.")
+@json_option()
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def imatrix(ckpt_dir, text, outfile, ctx, chunks, threads, force, quiet):
+def imatrix(ckpt_dir, text, outfile, ctx, chunks, threads, force, json_path, quiet):
     """Compute an importance matrix for CKPT_DIR (a Meta or Hugging Face checkpoint).
 
     The statistic is llama-imatrix's (the sum of squared inputs of every blk.* projection over
@@ -36,7 +38,10 @@ def imatrix(ckpt_dir, text, outfile, ctx, chunks, threads, force, quiet):
     """
     from ..api import imatrix as run
 
-    im = run(ckpt_dir, outfile, text=text, ctx=ctx, chunks=chunks, threads=threads, force=force,
-             progress=not quiet).imatrix
+    result = run(ckpt_dir, outfile, text=text, ctx=ctx, chunks=chunks, threads=threads, force=force,
+                 progress=not quiet)
+    im = result.imatrix
+    # with --json -, stdout carries only the JSON
     click.echo(f"wrote {outfile}: {len(im.entries)} matrices, {im.chunk_count} chunks of {im.chunk_size} tokens "
-               f"from {im.datasets[0]}")
+               f"from {im.datasets[0]}", err=json_path == "-")
+    emit_json(json_path, {"checkpoint": str(ckpt_dir), **result.report()})
