@@ -120,6 +120,7 @@ def test_a_type_typo_gets_a_suggestion(tmp_path):
     res = run("convert", str(ROOT / "fixtures" / "tiny-llama"), "--outtype", "q4_km", "-o", str(tmp_path / "x.gguf"))
     assert res.returncode == 2, res.stderr
     assert "did you mean q4_K_M?" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert "q3_K_M, " in res.stderr and ", auto)" in res.stderr     # the known types list the mixes and auto
 
 
 @pytest.mark.parametrize("extra", [[], ["--dry-run"]])
