@@ -207,7 +207,7 @@ def quantize(infile, out_and_type, type_opt, outtype_opt, allow_requantize, over
     Follows llama-quantize's per-tensor choices by default: 1-D tensors stay F32 and
     output.weight gets a higher-precision type; --pure puts every 2-D weight in TYPE.
     Metadata passes through; general.file_type is updated. Without OUTFILE the output goes
-    next to INFILE (as llama-quantize's does), named as convert names files, from INFILE's
+    next to INFILE (where llama-quantize puts it), named as convert names files, from INFILE's
     general.name/size_label (Name-7B-Q4_K_M.gguf) or, without them, from INFILE's name with
     the type label replaced; with several types OUTFILE may be a directory (DIR/).
 
