@@ -119,4 +119,7 @@ def test_the_same_bytes_as_before_the_api(outputs, inputs, tmp_path):
                          env={**os.environ, "PYTHONPATH": str(old)}, cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     for name in runs:
-        assert digests(tmp_path / name) == outputs[name]["cli"], name
+        before, now = digests(tmp_path / name), outputs[name]["cli"]
+        if name == "quantize":      # default names are convert's since (quantize IN [OUT] TYPE); the bytes are not
+            before, now = sorted(before.values()), sorted(now.values())
+        assert before == now, name
