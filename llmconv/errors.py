@@ -64,6 +64,20 @@ def is_library_panic(e: BaseException) -> bool:
     return type(e).__name__ == "PanicException"
 
 
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file (verify --text, imatrix --text), every failure one line naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LlmconvError("no such file", file=path) from None
+    except IsADirectoryError:
+        raise LlmconvError("is a directory, expected a text file", file=path) from None
+    except UnicodeDecodeError as e:
+        raise LlmconvError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=path) from None
+    except OSError as e:
+        raise LlmconvError(f"cannot read: {e.strerror}", file=path) from None
+
+
 MAX_JSON_BYTES = 256 << 20        # Llama 3's tokenizer.json is 9 MB; a config is a few KB
 
 

@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import LlmconvError
+from ..errors import LlmconvError, read_text_file
 from .files import Imatrix, ImatrixEntry
 
 # The bundled calibration text: ~90 KB of the Jargon File (public domain; the fixtures' corpus)
@@ -49,8 +49,6 @@ def read_text(text: str | Path) -> tuple[str, str]:
     """(text, dataset name) for a path or `builtin`."""
     if str(text) == BUILTIN_NAME:
         return BUILTIN_TEXT.read_text(encoding="utf-8"), "llmconv:calibration.txt"
-    from ..verify.command import read_text as read_text_file     # verify --text's messages
-
     return read_text_file(Path(text)), str(text)
 
 

@@ -7,26 +7,13 @@ from pathlib import Path
 import click
 
 from ..clitypes import FiniteFloatRange
-from ..errors import LlmconvError
+from ..errors import LlmconvError, read_text_file
 from ..jsonout import emit_json, json_option
 
 
 def _threads_default() -> int:
     from ..api import default_threads
     return default_threads()
-
-
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LlmconvError("no such file", file=path) from None
-    except IsADirectoryError:
-        raise LlmconvError("is a directory, expected a text file", file=path) from None
-    except UnicodeDecodeError as e:
-        raise LlmconvError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=path) from None
-    except OSError as e:
-        raise LlmconvError(f"cannot read: {e.strerror}", file=path) from None
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -108,7 +95,7 @@ def verify(file, extra, reference, text_file, tokens, json_path, max_kld, min_to
     from ..api import verify as run
 
     check_verify_arguments(file, reference, extra)
-    result = run(file, reference, text=read_text(text_file) if text_file is not None else None, tokens=tokens,
+    result = run(file, reference, text=read_text_file(text_file) if text_file is not None else None, tokens=tokens,
                  engine=engine, threads=threads, activations=activations, ctx=ctx, imatrix=imatrix, lora=lora,
                  checksums=checksums if checksums is not None else False, max_kld=max_kld, min_top1=min_top1,
                  max_ppl_ratio=max_ppl_ratio, max_rel_dlogit=max_rel_dlogit, progress=True)
