@@ -217,14 +217,14 @@ def main(argv=None) -> int:
             results["types"][t] = r
             line = f"{t:7s} llmconv 1t {r['llmconv_t1']:6.1f}"
             if cores > 1:
-                line += f"  {cores}t {r[f'llmconv_t{cores}']:6.0f}"
+                line += f"  {cores}t {r[f'llmconv_t{cores}']:6.1f}"
             if "gguf_py" in r:
                 line += f" | gguf-py {r['gguf_py']:5.0f} (x{r['llmconv_t1'] / r['gguf_py']:.2f})"
             for key, label in (("c", "C"), ("llama", "file")):
                 if f"{key}_t1" in r:
-                    line += f" | {label} 1t {r[f'{key}_t1']:5.0f} (x{r['llmconv_t1'] / r[f'{key}_t1']:.2f})"
+                    line += f" | {label} 1t {r[f'{key}_t1']:5.1f} (x{r['llmconv_t1'] / r[f'{key}_t1']:.2f})"
                     if cores > 1:
-                        line += (f" {cores}t {r[f'{key}_t{cores}']:5.0f}"
+                        line += (f" {cores}t {r[f'{key}_t{cores}']:5.1f}"
                                  f" (x{r[f'llmconv_t{cores}'] / r[f'{key}_t{cores}']:.2f})")
             if "c_t1_cpu" in r:
                 line += f" | CPU-time 1t: llmconv {r['llmconv_t1_cpu']:.2f}, C {r['c_t1_cpu']:.2f} " \
