@@ -156,3 +156,26 @@ def ggml_quantize_chunk(ggml_type: int, x: np.ndarray, imatrix: np.ndarray | Non
                  None if qw is None else qw.ctypes.data)
     assert written == out.size
     return out
+
+
+def ggml_dequantize(ggml_type: int, raw: np.ndarray, n_per_row: int) -> np.ndarray:
+    """llama.cpp's own dequantizer (the type's `to_float` from ggml_get_type_traits in
+    libggml-base): uint8[rows, row bytes] -> float32[rows, n_per_row]."""
+    import ctypes
+    import llama_cpp
+
+    class TypeTraits(ctypes.Structure):
+        _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                    ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                    ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
+                    ("from_float_ref", ctypes.c_void_p)]
+
+    lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    traits = lib.ggml_get_type_traits(int(ggml_type)).contents
+    to_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(traits.to_float)
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    out = np.empty((raw.shape[0], n_per_row), np.float32)
+    to_float(raw.ctypes.data, out.ctypes.data, out.size)
+    return out

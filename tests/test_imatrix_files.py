@@ -52,7 +52,7 @@ def synthetic_imatrix(f32_gguf: Path, seed: int = 0, chunk_size: int = 64) -> Im
     return Imatrix(entries, ["synthetic"], 7, chunk_size)
 
 
-def llama_quantize_with_imatrix(src: Path, dst: Path, mix: str, im: Imatrix) -> Path:
+def llama_quantize_with_imatrix(src: Path, dst: Path, mix: str, im: Imatrix, pure: bool = False) -> Path:
     import llama_cpp
     import llama_cpp._logger
 
@@ -70,6 +70,7 @@ def llama_quantize_with_imatrix(src: Path, dst: Path, mix: str, im: Imatrix) -> 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix.upper()}")
     params.nthread = 1
+    params.pure = pure
     params.imatrix = ctypes.cast(items, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     assert rc == 0, f"llama_model_quantize({src.name}, {mix}, imatrix) returned {rc}"

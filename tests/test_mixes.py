@@ -153,10 +153,14 @@ def test_q4_k_m_loads_and_generates_in_llama_cpp(tmp_path):
 
 # ---- the rule table over many model shapes, types only ------------------------------------
 
+LAYER_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
 def write_tensor_only_llama(path: Path, n_layers: int, n_heads: int, n_kv: int, tied: bool,
-                            rows: dict[tuple[int, str], int] | None = None) -> Path:
+                            rows: dict[tuple[int, str], int] | None = None, kinds=LAYER_KINDS) -> Path:
     """A llama GGUF whose matrices are 2 x 256 (row lengths overridable per tensor): llama-quantize
-    reads the hparams for its rules but never checks shapes, so every rule runs on a few bytes."""
+    reads the hparams for its rules but never checks shapes (nor that every layer tensor is
+    there: `kinds`), so every rule runs on a few bytes."""
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(64)
     w.add_embedding_length(256)
@@ -177,7 +181,7 @@ def write_tensor_only_llama(path: Path, n_layers: int, n_heads: int, n_kv: int, 
     mat = lambda n=256: rng.standard_normal((2, n)).astype(np.float32)
     w.add_tensor("token_embd.weight", mat())
     for i in range(n_layers):
-        for kind in ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]:
+        for kind in kinds:
             w.add_tensor(f"blk.{i}.{kind}.weight", mat((rows or {}).get((i, kind), 256)))
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(256, np.float32))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(256, np.float32))
@@ -230,14 +234,15 @@ def test_aliases_and_file_types():
     assert mixes.find_mix("q4_0") is None
     for name, mix in mixes.MIXES.items():
         assert mix.file_type == gguf.LlamaFileType[f"MOSTLY_{name.upper()}"]
-        assert mix.base == (name if name.startswith("iq") else name[:4])    # q4_k_m -> q4_k; iq4_xs itself
+        # q4_k_m -> q4_k; iq4_xs itself; llama.cpp's IQ3_XS and IQ3_M files are mostly IQ3_S
+        assert mix.base == {"iq3_xs": "iq3_s", "iq3_m": "iq3_s"}.get(name, name if name.startswith("iq") else name[:4])
 
 
 def test_every_rule_names_a_known_mix_kind_condition_and_type():
     from llmconv import quantize as q
     for names, kind, cond, t in mixes.RULES:
         assert set(names) <= set(mixes.MIXES)
-        assert kind in ("output", "token_embd", "attn_v", "attn_k", "ffn_down", "attn_output")
+        assert kind in ("output", "token_embd", *mixes._KINDS)
         assert cond in mixes.CONDITIONS
         assert t in q.TYPES
     for a, b in list(mixes.FALLBACK.items()) + list(mixes.LLAMA_70B_ATTN_V.items()):

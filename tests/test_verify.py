@@ -20,8 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
 from llmconv import quantize as q
 from llmconv.cli import main
-from llmconv.convert.mixes import ALL as MIXES
-from llmconv.convert.mixes import outtype_needs_imatrix
+from llmconv.convert.mixes import ALL as MIXES, outtype_needs_imatrix
 from llmconv.verify import calibrate, report as verify_report
 from llmconv.verify.bounds import FIDELITY_BOUNDS
 
@@ -70,13 +69,24 @@ def meta_rotate_half(n_rows: int, n_head: int) -> np.ndarray:
 
 # ---- correct files pass the fidelity gate, whatever their quality ---------------------------------
 
-# every type that converts without an importance matrix (tests/test_iq2.py verifies the others)
-ALL_TYPES = [t for t in dict.fromkeys(list(q.TYPES) + list(MIXES)) if not outtype_needs_imatrix(t)]
+ALL_TYPES = list(dict.fromkeys(list(q.TYPES) + list(MIXES)))
+
+
+@pytest.fixture(scope="module")
+def fixture_imatrix(converted, tmp_path_factory) -> Path:
+    """A synthetic imatrix for the fixture's matrices, for the types that need one."""
+    from llmconv.imatrix import write_imatrix_gguf
+    from test_imatrix_files import synthetic_imatrix
+    path = tmp_path_factory.mktemp("verify-imatrix") / "fixture.imatrix.gguf"
+    write_imatrix_gguf(path, synthetic_imatrix(converted("f32")))
+    return path
 
 
 @pytest.mark.parametrize("outtype", ALL_TYPES)
-def test_correct_conversion_passes(capsys, converted, tmp_path, outtype):
-    code, rep, out = verify_json(capsys, converted(outtype), tmp_path)
+def test_correct_conversion_passes(capsys, converted, tmp_path, outtype, fixture_imatrix):
+    # a type llama-quantize refuses without an imatrix is converted, and verified, with one
+    im = ("--imatrix", str(fixture_imatrix)) if outtype_needs_imatrix(outtype) else ()
+    code, rep, out = verify_json(capsys, converted(outtype, *im), tmp_path, *im)
     assert code == 0, out
     assert out.rstrip().endswith("PASS")
     assert rep["fidelity"]["passed"] and rep["quality"]["passed"] and rep["verdict"] == "PASS"

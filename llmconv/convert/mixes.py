@@ -46,6 +46,10 @@ MIXES: dict[str, Mix] = {m.name: m for m in [
     Mix("iq4_xs", LlamaFileType.MOSTLY_IQ4_XS, "iq4_xs"),
     Mix("iq2_xxs", LlamaFileType.MOSTLY_IQ2_XXS, "iq2_xxs"),
     Mix("iq2_xs", LlamaFileType.MOSTLY_IQ2_XS, "iq2_xs"),
+    Mix("iq3_xxs", LlamaFileType.MOSTLY_IQ3_XXS, "iq3_xxs"),
+    Mix("iq3_xs", LlamaFileType.MOSTLY_IQ3_XS, "iq3_s"),      # llama.cpp's IQ3_XS file is mostly IQ3_S
+    Mix("iq3_s", LlamaFileType.MOSTLY_IQ3_S, "iq3_s"),
+    Mix("iq3_m", LlamaFileType.MOSTLY_IQ3_M, "iq3_s"),
 ]}
 
 # llama-quantize's names without a size letter mean the medium mix.
@@ -100,6 +104,9 @@ CONDITIONS = {
     "n_expert==8": lambda t: t.model.n_expert == 8,
     "n_expert!=8": lambda t: t.model.n_expert != 8,
     "i<n/8 no imatrix": lambda t: t.i < t.n // 8 and not t.has_imatrix,
+    "no imatrix": lambda t: not t.has_imatrix,
+    "n/8<=i<7n/8": lambda t: t.n // 8 <= t.i < 7 * t.n // 8,
+    "n_expert==8 and more_bits": lambda t: t.model.n_expert == 8 and _more_bits(t),
 }
 
 ALL = tuple(MIXES)
@@ -118,6 +125,26 @@ RULES: list[tuple[tuple[str, ...], str, str, str]] = [
     (IQ2, "attn_k", "n_expert==8", "q4_k"),
     (IQ2_XXS_XS, "ffn_down", "i<n/8", "q2_k"),
     (IQ2, "attn_output", "n_expert==8", "q5_k"),
+    # 3-bit grid mixes: iq3_xxs spends its bits on output/token_embd/attn_output and takes them
+    # from attn_q/attn_k (iq2_s); iq3_xs puts the middle layers' q/k/gate/up in iq3_xxs
+    (("iq3_xxs",), "output", "row%256==0", "q5_k"),
+    (("iq3_xxs",), "token_embd", "always", "iq3_s"),
+    (("iq3_xxs",), "attn_v", "n_gqa>=4", "q4_k"),
+    (("iq3_xxs",), "attn_v", "no imatrix", "iq3_s"),
+    (("iq3_xs", "iq3_s"), "attn_v", "n_gqa>=4", "q4_k"),
+    (("iq3_m",), "attn_v", "always", "q4_k"),
+    (("iq3_xs",), "attn_k", "always", "iq3_xxs"),
+    (("iq3_xxs",), "attn_k", "always", "iq2_s"),
+    (("iq3_xs",), "attn_q", "always", "iq3_xxs"),
+    (("iq3_xxs",), "attn_q", "always", "iq2_s"),
+    (("iq3_xxs",), "ffn_down", "i<n/8 no imatrix", "q4_k"),
+    (("iq3_xxs",), "ffn_down", "no imatrix", "q3_k"),
+    (("iq3_m",), "ffn_down", "i<n/8", "q4_k"),
+    (("iq3_m",), "ffn_down", "n_expert==8 and more_bits", "q4_k"),
+    (("iq3_xxs",), "attn_output", "n_expert!=8", "iq3_s"),
+    (("iq3_m",), "attn_output", "n_expert!=8", "q4_k"),
+    (("iq3_xs",), "ffn_gate", "n/8<=i<7n/8", "iq3_xxs"),
+    (("iq3_xs",), "ffn_up", "n/8<=i<7n/8", "iq3_xxs"),
 
     # the output projection (and a tied token embedding, which serves as it) gets q6_K,
     # or q8_0 when its rows do not split into the mix's 256-blocks
@@ -139,7 +166,8 @@ RULES: list[tuple[tuple[str, ...], str, str, str]] = [
     (("q4_k_s",), "ffn_down", "i<n/8", "q5_k"),
     (("q4_k_m", "q5_k_m"), "ffn_down", "more_bits", "q6_k"),
 
-    (("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m", "iq4_nl", "iq4_xs"), "attn_output", "n_expert==8", "q5_k"),
+    (("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m", "iq4_nl", "iq4_xs", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m"),
+     "attn_output", "n_expert==8", "q5_k"),
     (("q2_k",), "attn_output", "n_expert!=8", "q3_k"),
     (("q3_k_m",), "attn_output", "n_expert!=8", "q4_k"),
     (("q3_k_l",), "attn_output", "n_expert!=8", "q5_k"),
@@ -158,7 +186,7 @@ EIGHT_EXPERTS = {"attn_v": "q8_0", "attn_k": "q8_0"}
 # A 256-block type whose row length is not a multiple of 256 falls back to a 32-block type of
 # about the same size; if that does not fit either (row not a multiple of 32), f16.
 FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl",
-            "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl", "iq2_s": "iq4_nl"}
+            "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl", "iq2_s": "iq4_nl", "iq3_xxs": "iq4_nl", "iq3_s": "iq4_nl"}
 
 # Block types llama-quantize refuses to write without an imatrix ("this quantization requires an
 # imatrix"; tensor_requires_imatrix), except into token_embd.weight and output.weight.
@@ -168,7 +196,7 @@ IMATRIX_EXEMPT = {"token_embd.weight", "output.weight"}
 # Reasons that start with this are the mix working as designed, not something to warn about.
 RULE_REASON = "mix rule"
 
-_KINDS = ("attn_v", "attn_k", "ffn_down", "attn_output")
+_KINDS = ("attn_v", "attn_k", "attn_q", "ffn_down", "ffn_gate", "ffn_up", "attn_output")
 
 # llama.cpp's IQ2 (and IQ1) branch of llama_tensor_get_type ends before the 70B attn_v bump and
 # the 8-expert q8_0 bump, which the other mixes get.
@@ -191,8 +219,9 @@ def tensor_kind(name: str, tied_embeddings: bool = False) -> str:
     m = re.fullmatch(r"blk\.\d+\.(\w+)\.weight", name)
     if m and m.group(1) in _KINDS:
         return m.group(1)
-    if m and m.group(1).startswith("ffn_down"):
-        return "ffn_down"           # the stacked experts, ffn_down_exps: llama.cpp matches the substring
+    for kind in ("ffn_down", "ffn_gate", "ffn_up"):
+        if m and m.group(1).startswith(kind):
+            return kind             # the stacked experts, ffn_down_exps ...: llama.cpp matches the substring
     return "other"
 
 
@@ -224,9 +253,12 @@ def tensor_type(mix: Mix | str, name: str, shape: tuple[int, ...], model: ModelS
 
 
 def outtype_needs_imatrix(outtype: str) -> bool:
-    """True for an --outtype llama-quantize only makes with an imatrix (its matrices' type needs one)."""
+    """True for an --outtype llama-quantize only makes with an imatrix: a block type that needs
+    one, or a mix whose base type or one of whose rules' types does (iq3_xs: attn_q iq3_xxs)."""
     mix = find_mix(outtype)
-    return (mix.base if mix else outtype.lower()) in REQUIRES_IMATRIX
+    if mix is None:
+        return outtype.lower() in REQUIRES_IMATRIX
+    return mix.base in REQUIRES_IMATRIX or any(mix.name in m and t in REQUIRES_IMATRIX for m, _, _, t in RULES)
 
 
 def requires_imatrix(qtype: str, name: str) -> bool:

@@ -272,7 +272,9 @@ def make_plan(sources: list[SourceTensor], policy: TypePolicy) -> Plan:
         weights = None
         if policy.imatrix is not None and qt.quantize_weighted is not None:
             weights = policy.imatrix.for_tensor(src.name, src.shape[-1])
-        if weights is None and (qt.requires_imatrix or mixes.requires_imatrix(qt.name, src.name)):
+        # (an empty Imatrix is convert --dry-run --imatrix-text's stand-in: nothing computed yet)
+        if weights is None and (qt.requires_imatrix or mixes.requires_imatrix(qt.name, src.name)) \
+                and (policy.imatrix is None or policy.imatrix.entries):
             raise LlmconvError(_imatrix_missing(qt.name, policy.imatrix is not None), tensor=src.name)
         tensors.append(PlannedTensor(src, qt, reason, why, weights))
     return Plan(tensors, file_type, outtype, plan_notes(tensors))

@@ -126,6 +126,15 @@ register(QuantType("iq2_s", GGMLQuantizationType.IQ2_S, 256, iq2.IQ2_S_SIZE, Lla
                    iq2.iq2_s_quantize, iq2.iq2_s_dequantize, quantize_weighted=iq2.iq2_s_quantize))
 
 
+# Grid 3-bit types (256-weight super-blocks); the same search with or without an imatrix.
+from . import iq3  # noqa: E402
+
+register(QuantType("iq3_xxs", GGMLQuantizationType.IQ3_XXS, 256, iq3.IQ3_XXS_SIZE, LlamaFileType.MOSTLY_IQ3_XXS,
+                   iq3.iq3_xxs_quantize, iq3.iq3_xxs_dequantize, quantize_weighted=iq3.iq3_xxs_quantize))
+register(QuantType("iq3_s", GGMLQuantizationType.IQ3_S, 256, iq3.IQ3_S_SIZE, LlamaFileType.MOSTLY_IQ3_S,
+                   iq3.iq3_s_quantize, iq3.iq3_s_dequantize, quantize_weighted=iq3.iq3_s_quantize))
+
+
 def get(t: str | int | GGMLQuantizationType) -> QuantType:
     """Look a type up by CLI name ("q4_0") or by GGMLQuantizationType."""
     if isinstance(t, str):

@@ -1,0 +1,376 @@
+"""IQ3_XXS and IQ3_S: ggml's quantize_row_iq3_xxs_impl / quantize_row_iq3_s_impl, bit for bit.
+
+Both cut a 256-weight super-block into 8 blocks of 32 and each block into 8 groups of 4. A
+block stores its signs apart and quantizes the magnitudes: every group becomes one point of a
+grid of allowed level combinations (iq3_grid: 256 points for XXS, 512 for S), at the block's
+scale; the block scales are then stored as 4-bit multiples of one fp16 super-block scale.
+
+Per block (C's order of float32 operations throughout):
+* weights: qw * sqrt(sigma2 + x**2) with an imatrix (sigma2 = 2 * sum(x**2) / 256 over the
+  super-block), else x**2; the neighbour search weighs with their square roots;
+* XXS keeps an even number of minus signs per 8 weights (7 sign bits are stored): when the
+  count is odd, the weight with the smallest weight * x**2 has its magnitude negated instead;
+* the scale search tries id = (15 + 0.2 * is) / max for is in -15..15 (XXS) or -9..9 (S):
+  levels nearest_int((id * |x| - 1) / 2) clamped to 0..7; a group that is off the grid takes
+  its best neighbour (smallest weighted squared error at scale 1/id, the first on ties); the
+  trial with the largest sumqx**2 / sumq2 wins;
+* then the groups still off the grid (XXS) or all groups (S) are re-fitted at the winning
+  scale, and the scale becomes their least-squares fit.
+
+Layout: blocks along the last axis ([32, blocks] for weights, [8, blocks] for groups), so one
+C loop step over a block is one vector operation over all blocks of a chunk.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ._blocks import NonFiniteError
+from .iq3_grid import Iq3Grid, grid
+from .k_common import F32, QK_K, fp16_bits, nearest_int, seq_sum_from_zero
+
+IQ3_XXS_SIZE = 98               # fp16 d, 64 grid indices, 8 x uint32 (4 x 7 sign bits | 4-bit scale)
+IQ3_S_SIZE = 110                # fp16 d, qs[64], qh[8], signs[32], scales[4]
+CHUNK_SUPERBLOCKS = 128         # 1024 blocks per numpy pass: the [32, blocks] arrays stay in L2
+XXS_MAX_EPS = F32(1e-8)         # GROUP_MAX_EPS_IQ3_XXS: a block below it is stored as zeros
+
+
+# ---------------------------------------------------------------- the grid search
+
+
+def _best_neighbours(g: Iq3Grid, u: np.ndarray, xg: np.ndarray, wg: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """iq3_find_best_neighbour for G off-grid groups at once.
+
+    u[G] the off-grid points, xg/wg [4, G] the groups' magnitudes and sqrt-weights, s[G] the
+    scale. Returns the grid index [G] of each group's best neighbour: the one with the smallest
+    sum(w * (s*q - x)**2), the first in list order on ties (C's strict `<`).
+    """
+    out = np.empty(len(u), np.int32)
+    cls = g.neighbour_class[u]
+    order = np.argsort(cls, kind="stable")
+    counts = np.bincount(cls, minlength=len(g.classes))
+    start = 0
+    for nc, count in zip(g.classes, counts):
+        if not count:
+            continue
+        sel = order[start:start + count]
+        start += count
+        us = u[sel]
+        q = nc.values.take(us, axis=2)                        # [4, width, n]
+        xs, ws, ss = xg[:, sel], wg[:, sel], s[sel]
+        d2 = None
+        for i in range(4):                                    # d2 += w*diff*diff, i = 0..3
+            diff = q[i] * ss
+            diff -= xs[i]
+            t = diff * ws[i]
+            t *= diff
+            d2 = t if d2 is None else np.add(d2, t, out=d2)
+        out[sel] = nc.index[_first_min(d2), us]
+    return out
+
+
+def _first_min(d2: np.ndarray) -> np.ndarray:
+    """Row index of each column's minimum, the first of equals (C's strict `<`). A NaN distance
+    only arises with an infinite weight, where every distance is inf or NaN and ggml aborts."""
+    width = d2.shape[0]
+    m = np.minimum.reduce(d2, axis=0)
+    # the largest (width - row) among the rows equal to the minimum is the first such row
+    rank = np.arange(width, 0, -1, dtype=np.uint8)[:, None]
+    hit = np.maximum.reduce((d2 == m) * rank, axis=0)
+    return width - hit.astype(np.intp)
+
+
+def _fit_levels(g: Iq3Grid, xval: np.ndarray, xg: np.ndarray, wg: np.ndarray, idv: np.ndarray,
+                scale: np.ndarray, groups: np.ndarray | None, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Levels of every group at inverse scale idv[B] (neighbour search at `scale`[B]).
+
+    xval [32, B]; xg/wg [4, 8*B] the same magnitudes and sqrt-weights by group (column k*B+b).
+    `groups` [8, B] (or None: all) limits the neighbour search to those groups.
+    Returns (levels float32 [32, B] in 0..7, on_grid bool [8, B]) where on_grid says whether
+    nearest rounding landed on the grid.
+    """
+    nb = xval.shape[1]
+    t = xval * idv
+    t -= F32(1.0)
+    t *= F32(0.5)
+    if exact:      # idv may be inf, or id*x beyond 2**22: ggml's nearest_int, bit for bit
+        t = np.clip(nearest_int(t), 0, 7).astype(F32)
+    else:          # |t| < 2**21 here, where nearest_int is round-half-even
+        np.rint(t, out=t)
+        np.clip(t, F32(0.0), F32(7.0), out=t)
+    lv = t.reshape(8, 4, nb)
+    u = lv[:, 0] + lv[:, 1] * F32(8) + lv[:, 2] * F32(64) + lv[:, 3] * F32(512)
+    u = u.astype(np.intp)
+    on_grid = g.kmap[u] >= 0
+    search = ~on_grid if groups is None else ~on_grid & groups
+    gid = np.flatnonzero(search)                              # = k*B + b
+    if gid.size:
+        b = gid % nb
+        best = _best_neighbours(g, u.reshape(-1)[gid], xg[:, gid], wg[:, gid], scale[b])
+        codes = g.codes_f32[:, best]                          # [4, G]
+        base = (gid - b) * 4 + b                              # flat index of (row 4k, column b)
+        flat = t.reshape(-1)
+        for i in range(4):
+            flat[base + i * nb] = codes[i]
+    return t, on_grid
+
+
+def _sums(L: np.ndarray, weight: np.ndarray, wx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    q = L * F32(2.0)
+    q += F32(1.0)
+    sumqx = seq_sum_from_zero(wx * q)
+    wq = weight * q
+    wq *= q
+    return sumqx, seq_sum_from_zero(wq)
+
+
+def _search(g: Iq3Grid, xval: np.ndarray, weight: np.ndarray, mx: np.ndarray, tries: range,
+            refit_all: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The per-block scale search over B active blocks -> (scale [B], levels [32, B])."""
+    nb = xval.shape[1]
+    waux = np.sqrt(weight)
+    wx = weight * xval
+    xgm = np.ascontiguousarray(xval.reshape(8, 4, nb).transpose(1, 0, 2)).reshape(4, -1)
+    wgm = np.ascontiguousarray(waux.reshape(8, 4, nb).transpose(1, 0, 2)).reshape(4, -1)
+    # rint equals ggml's nearest_int while |id * x| < 2**22; id <= 18.2 / max, and only XXS's
+    # negated magnitudes can exceed max (by any factor)
+    exact = not (np.isfinite(F32(18.2) / mx).all() and (xval.min(axis=0) >= -F32(1e5) * mx).all())
+
+    best = np.zeros(nb, F32)
+    scale = mx / F32(15.0)
+    L = np.zeros((32, nb), F32)
+    on_grid = np.full((8, nb), not refit_all)       # XXS starts "on grid", S "off grid"
+    for is_ in tries:
+        idv = (F32(15.0) + F32(is_) * F32(0.2)) / mx
+        this_scale = F32(1.0) / idv
+        Laux, on_aux = _fit_levels(g, xval, xgm, wgm, idv, this_scale, None, exact)
+        sumqx, sumq2 = _sums(Laux, weight, wx)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        if better.any():
+            scale = np.where(better, sumqx / np.where(better, sumq2, F32(1.0)), scale)
+            best = np.where(better, scale * sumqx, best)
+            np.copyto(L, Laux, where=better)
+            np.copyto(on_grid, on_aux, where=better)
+
+    refit = (~on_grid).any(axis=0) & (scale > 0)
+    if refit.any():
+        cols = np.flatnonzero(refit)
+        sc = scale[cols]
+        sub = lambda a: np.ascontiguousarray(a[:, cols])   # noqa: E731
+        xs, ws = sub(xval), sub(weight)
+        gm = lambda a: np.ascontiguousarray(a.reshape(4, 8, nb)[:, :, cols]).reshape(4, -1)  # noqa: E731
+        groups = None if refit_all else ~on_grid[:, cols]
+        Lnew, _ = _fit_levels(g, xs, gm(xgm), gm(wgm), F32(1.0) / sc, sc, groups, True)
+        if groups is not None:       # XXS keeps the levels of groups already on the grid
+            Lnew = np.where(np.repeat(groups, 4, axis=0), Lnew, L[:, cols])
+        sumqx, sumq2 = _sums(Lnew, ws, sub(wx))
+        L[:, cols] = Lnew
+        scale[cols] = np.where(sumq2 > 0, sumqx / np.where(sumq2 > 0, sumq2, F32(1.0)), sc)
+    return scale, L
+
+
+# ---------------------------------------------------------------- blocks
+
+
+def _block_inputs(xb: np.ndarray, qwb: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """xb [nsb, 256] -> (x [32, B], weight [32, B]) element-major, B = 8 * nsb."""
+    x = np.ascontiguousarray(xb.reshape(-1, 32).T)
+    if qwb is None:
+        return x, x * x
+    x256 = np.ascontiguousarray(xb.T)
+    sumx2 = seq_sum_from_zero(x256 * x256)
+    sigma2 = np.repeat(F32(2.0) * sumx2 / F32(QK_K), 8)
+    qw = np.ascontiguousarray(qwb.reshape(-1, 32).T)
+    return x, qw * np.sqrt(sigma2 + x * x)
+
+
+def _sign_bits(neg: np.ndarray) -> np.ndarray:
+    """neg bool [32, B] -> uint8 [4, B]: bit i of byte k = weight 8k+i is negative."""
+    bits = neg.reshape(4, 8, -1).astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None]
+    return np.bitwise_or.reduce(bits, axis=1)
+
+
+def _even_signs(x: np.ndarray, weight: np.ndarray, xval: np.ndarray, signs: np.ndarray) -> None:
+    """XXS: in each 8 weights with an odd number of minus signs, negate the magnitude of the one
+    with the smallest weight * x**2 (the first of equals) and toggle its sign bit, in place."""
+    odd = np.unpackbits(signs[..., None], axis=-1).sum(axis=-1, dtype=np.uint8) % 2 == 1
+    if not odd.any():
+        return
+    a = ((weight * x) * x).reshape(4, 8, -1)
+    amin = a[:, 0].copy()
+    imin = np.zeros(amin.shape, np.uint8)
+    for i in range(1, 8):
+        lt = a[:, i] < amin
+        np.copyto(amin, a[:, i], where=lt)
+        imin[lt] = i
+    kk, bb = np.nonzero(odd)
+    rows = 8 * kk + imin[kk, bb]
+    xval[rows, bb] = -xval[rows, bb]
+    signs[kk, bb] ^= (np.uint8(1) << imin[kk, bb])
+
+
+def _quantize_blocks(xb: np.ndarray, qwb: np.ndarray | None, g: Iq3Grid, xxs: bool):
+    """xb [nsb, 256] -> (block scale float32 [B], grid index [8, B], sign bytes [4, B],
+    stored bool [B]: the block went through the search)."""
+    x, weight = _block_inputs(xb, qwb)
+    neg = x < 0
+    xval = np.where(neg, -x, x)
+    signs = _sign_bits(neg)
+    if xxs:
+        _even_signs(x, weight, xval, signs)
+    mx = np.maximum.reduce(xval, axis=0)
+    stored = ~(mx < XXS_MAX_EPS) if xxs else mx != 0
+    nb = x.shape[1]
+    scale = np.zeros(nb, F32)
+    index = np.zeros((8, nb), np.int32)
+    cols = np.flatnonzero(stored)
+    if cols.size:
+        part = (lambda a: a) if cols.size == nb else (lambda a: np.ascontiguousarray(a[:, cols]))
+        tries = range(-15, 16) if xxs else range(-9, 10)
+        sc, L = _search(g, part(xval), part(weight), mx[cols], tries, refit_all=not xxs)
+        negative = sc < 0                 # "should never happen": flip the scale and the signs
+        if negative.any():
+            sc = np.abs(sc)
+            flip = cols[negative]
+            signs[:, flip] = ~signs[:, flip]
+        lv = L.astype(np.intp).reshape(8, 4, -1)
+        u = lv[:, 0] | (lv[:, 1] << 3) | (lv[:, 2] << 6) | (lv[:, 3] << 9)
+        index[:, cols] = g.kmap[u]
+        scale[cols] = sc
+    if xxs:
+        signs &= 127
+        signs[:, ~stored] = 0            # C leaves a skipped block's sign word as zeros
+    return scale, index, signs, stored
+
+
+def _superblock_scales(scale: np.ndarray, fudge: np.float32):
+    """Block scales [B] -> (fp16 d bits [nsb], 4-bit scale codes [nsb, 8], all-zero [nsb])."""
+    s = scale.reshape(-1, 8)
+    max_scale = np.maximum.reduce(s, axis=1)
+    zero = max_scale == 0
+    d = max_scale / F32(31.0)
+    dh = fp16_bits(d * fudge)
+    idv = F32(1.0) / d
+    ls = np.clip(nearest_int(F32(0.5) * (idv[:, None] * s - F32(1.0))), 0, 15)
+    if not np.isfinite(dh.view(np.float16)).all():
+        raise _Overflow(int(np.argmax(~np.isfinite(dh.view(np.float16)))))
+    return dh, ls.astype(np.uint32), zero
+
+
+class _Overflow(Exception):
+    def __init__(self, superblock: int):
+        self.superblock = superblock
+
+
+def _xxs_chunk(xb: np.ndarray, qwb: np.ndarray | None) -> np.ndarray:
+    nsb = xb.shape[0]
+    scale, index, signs, _ = _quantize_blocks(xb, qwb, grid(256), xxs=True)
+    dh, ls, zero = _superblock_scales(scale, F32(1.0125))
+    s = signs.astype(np.uint32)
+    words = (s[0] | (s[1] << 7) | (s[2] << 14) | (s[3] << 21)).reshape(nsb, 8) | (ls << 28)
+    out = np.empty((nsb, IQ3_XXS_SIZE), np.uint8)
+    out[:, 0:2] = dh.reshape(-1, 1).view(np.uint8)
+    out[:, 2:66] = index.astype(np.uint8).T.reshape(nsb, 64)      # q3[8*ib + k]
+    out[:, 66:98] = words.astype("<u4").view(np.uint8)
+    out[zero, 2:] = 0                                              # C copies nothing then
+    return out
+
+
+def _s_chunk(xb: np.ndarray, qwb: np.ndarray | None) -> np.ndarray:
+    nsb = xb.shape[0]
+    scale, index, signs, stored = _quantize_blocks(xb, qwb, grid(512), xxs=False)
+    dh, ls, zero = _superblock_scales(scale, F32(1.033))
+    out = np.zeros((nsb, IQ3_S_SIZE), np.uint8)
+    out[:, 0:2] = np.where(zero, np.uint16(0), dh).reshape(-1, 1).view(np.uint8)
+    # C advances its qs/signs pointers only past blocks it stored: the blocks after an all-zero
+    # block move up one slot (and the dequantizer reads them one block off); qh is not moved.
+    st = stored.reshape(nsb, 8)
+    slot = np.cumsum(st, axis=1) - 1
+    sb, ib = np.nonzero(st)
+    qs = (index & 255).astype(np.uint8).T.reshape(nsb, 8, 8)      # [sb, ib, k]
+    sg = signs.T.reshape(nsb, 8, 4)
+    dst_qs = out[:, 2:66].reshape(nsb, 8, 8)
+    dst_sg = out[:, 74:106].reshape(nsb, 8, 4)
+    dst_qs[sb, slot[sb, ib]] = qs[sb, ib]
+    dst_sg[sb, slot[sb, ib]] = sg[sb, ib]
+    hi = ((index >> 8) & 1).astype(np.uint8) << np.arange(8, dtype=np.uint8)[:, None]
+    out[:, 66:74] = np.bitwise_or.reduce(hi, axis=0).reshape(nsb, 8)
+    lsz = np.where(zero[:, None], np.uint32(0), ls).astype(np.uint8)
+    out[:, 106:110] = lsz[:, 0::2] | (lsz[:, 1::2] << 4)
+    return out
+
+
+def _over(x: np.ndarray, qw: np.ndarray | None, type_size: int, fn) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=F32)
+    rows, n = x.shape
+    if n % QK_K:
+        raise ValueError(f"row length {n} is not a multiple of {QK_K}")
+    xb = x.reshape(-1, QK_K)
+    qwb = None if qw is None else np.ascontiguousarray(qw, dtype=F32).reshape(-1, QK_K)
+    per_row = n // QK_K
+    out = np.empty((xb.shape[0], type_size), np.uint8)
+    with np.errstate(all="ignore"):
+        for s in range(0, xb.shape[0], CHUNK_SUPERBLOCKS):
+            e = min(s + CHUNK_SUPERBLOCKS, xb.shape[0])
+            try:
+                out[s:e] = fn(xb[s:e], None if qwb is None else qwb[np.arange(s, e) % per_row])
+            except _Overflow as o:
+                raise NonFiniteError((s + o.superblock) // per_row, "scale overflows fp16") from None
+    return out.reshape(rows, per_row * type_size)
+
+
+def iq3_xxs_quantize(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    return _over(x, qw, IQ3_XXS_SIZE, _xxs_chunk)
+
+
+def iq3_s_quantize(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+    return _over(x, qw, IQ3_S_SIZE, _s_chunk)
+
+
+# ---------------------------------------------------------------- dequantization
+
+# The dequantizers' grids (ggml-common.h iq3xxs_grid, iq3s_grid), from the same points: IQ3_S
+# stores the levels 2l + 1; IQ3_XXS stores 4 * (2l + 1), except 62 for the top level, and
+# halves its block scale instead.
+_XXS_LEVEL_VALUES = np.array([4, 12, 20, 28, 36, 44, 52, 62], F32)
+_S_LEVEL_VALUES = np.arange(1, 16, 2).astype(F32)
+
+
+def _grid_values(size: int, level_values: np.ndarray) -> np.ndarray:
+    return level_values[grid(size).codes]                               # [size, 4]
+
+
+def _sign_factors(bits: np.ndarray) -> np.ndarray:
+    """uint8 [..., 4] sign bytes -> float32 [..., 32]: -1 where bit j of byte l is set."""
+    b = np.unpackbits(bits[..., None], axis=-1, bitorder="little")      # [..., 4, 8]
+    return (F32(1.0) - F32(2.0) * b.astype(F32)).reshape(*bits.shape[:-1], 32)
+
+
+def iq3_xxs_dequantize(b: np.ndarray) -> np.ndarray:
+    b = np.ascontiguousarray(b, dtype=np.uint8)
+    rows = b.shape[0]
+    blk = b.reshape(-1, IQ3_XXS_SIZE)
+    nsb = blk.shape[0]
+    d = blk[:, 0:2].copy().view(np.float16).astype(F32)                # [nsb, 1]
+    words = blk[:, 66:98].copy().view("<u4").astype(np.uint32)        # [nsb, 8]
+    db = (d * (F32(0.5) + (words >> 28).astype(F32))) * F32(0.5)
+    seven = np.stack([(words >> (7 * l)) & 127 for l in range(4)], axis=-1).astype(np.uint8)
+    parity = (np.unpackbits(seven[..., None], axis=-1).sum(axis=-1) & 1).astype(np.uint8)
+    signs = _sign_factors(seven | (parity << 7))                        # [nsb, 8, 32]
+    vals = _grid_values(256, _XXS_LEVEL_VALUES)[blk[:, 2:66].reshape(nsb, 8, 8)].reshape(nsb, 8, 32)
+    return ((db[:, :, None] * vals) * signs).reshape(rows, -1)
+
+
+def iq3_s_dequantize(b: np.ndarray) -> np.ndarray:
+    b = np.ascontiguousarray(b, dtype=np.uint8)
+    rows = b.shape[0]
+    blk = b.reshape(-1, IQ3_S_SIZE)
+    nsb = blk.shape[0]
+    d = blk[:, 0:2].copy().view(np.float16).astype(F32)                # [nsb, 1]
+    sc = blk[:, 106:110]
+    ls = np.stack([sc & 15, sc >> 4], axis=-1).reshape(nsb, 8).astype(np.int32)
+    db = d * (1 + 2 * ls).astype(F32)                                    # [nsb, 8]
+    hi = np.unpackbits(blk[:, 66:74, None], axis=-1, bitorder="little").astype(np.int32)  # [nsb, 8, 8]
+    index = blk[:, 2:66].reshape(nsb, 8, 8).astype(np.int32) | (hi << 8)
+    vals = _grid_values(512, _S_LEVEL_VALUES)[index].reshape(nsb, 8, 32)
+    signs = _sign_factors(blk[:, 74:106].reshape(nsb, 8, 4))
+    return ((db[:, :, None] * vals) * signs).reshape(rows, -1)
