@@ -18,7 +18,9 @@ Per block (C's order of float32 operations throughout):
   scale, and the scale becomes their least-squares fit.
 
 Layout: blocks along the last axis ([32, blocks] for weights, [8, blocks] for groups), so one
-C loop step over a block is one vector operation over all blocks of a chunk.
+C loop step over a block is one vector operation over all blocks of a chunk; the trials are a
+middle axis ([32, trials, blocks]): every trial is fitted in one batch, and only C's choice of the
+best trial runs trial by trial.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from .k_common import F32, QK_K, fp16_bits, nearest_int, seq_sum_from_zero
 
 IQ3_XXS_SIZE = 98               # fp16 d, 64 grid indices, 8 x uint32 (4 x 7 sign bits | 4-bit scale)
 IQ3_S_SIZE = 110                # fp16 d, qs[64], qh[8], signs[32], scales[4]
-CHUNK_SUPERBLOCKS = 128         # 1024 blocks per numpy pass: the [32, blocks] arrays stay in L2
+CHUNK_SUPERBLOCKS = 32          # 256 blocks per pass: the search's [32, 31 trials, blocks] arrays are ~1 MB
 XXS_MAX_EPS = F32(1e-8)         # GROUP_MAX_EPS_IQ3_XXS: a block below it is stored as zeros
 
 
@@ -81,15 +83,15 @@ def _first_min(d2: np.ndarray) -> np.ndarray:
 
 def _fit_levels(g: Iq3Grid, xval: np.ndarray, xg: np.ndarray, wg: np.ndarray, idv: np.ndarray,
                 scale: np.ndarray, groups: np.ndarray | None, exact: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Levels of every group at inverse scale idv[B] (neighbour search at `scale`[B]).
+    """Levels of every group at T inverse scales per block, idv[T, B] (neighbours at scale[T, B]).
 
     xval [32, B]; xg/wg [4, 8*B] the same magnitudes and sqrt-weights by group (column k*B+b).
     `groups` [8, B] (or None: all) limits the neighbour search to those groups.
-    Returns (levels float32 [32, B] in 0..7, on_grid bool [8, B]) where on_grid says whether
-    nearest rounding landed on the grid.
+    Returns (levels float32 [32, T, B] in 0..7, on_grid bool [8, T, B]) where on_grid says
+    whether nearest rounding landed on the grid.
     """
-    nb = xval.shape[1]
-    t = xval * idv
+    nt, nb = idv.shape
+    t = xval[:, None, :] * idv[None]
     t -= F32(1.0)
     t *= F32(0.5)
     if exact:      # idv may be inf, or id*x beyond 2**22: ggml's nearest_int, bit for bit
@@ -97,35 +99,40 @@ def _fit_levels(g: Iq3Grid, xval: np.ndarray, xg: np.ndarray, wg: np.ndarray, id
     else:          # |t| < 2**21 here, where nearest_int is round-half-even
         np.rint(t, out=t)
         np.clip(t, F32(0.0), F32(7.0), out=t)
-    lv = t.reshape(8, 4, nb)
+    lv = t.reshape(8, 4, nt, nb)
     u = lv[:, 0] + lv[:, 1] * F32(8) + lv[:, 2] * F32(64) + lv[:, 3] * F32(512)
-    u = u.astype(np.intp)
+    u = u.astype(np.intp)                                     # [8, T, B]
     on_grid = g.kmap[u] >= 0
-    search = ~on_grid if groups is None else ~on_grid & groups
-    gid = np.flatnonzero(search)                              # = k*B + b
+    search = ~on_grid if groups is None else ~on_grid & groups[:, None, :]
+    gid = np.flatnonzero(search)                              # = (k*T + trial)*B + b
     if gid.size:
-        b = gid % nb
-        best = _best_neighbours(g, u.reshape(-1)[gid], xg[:, gid], wg[:, gid], scale[b])
+        per_k = nt * nb
+        k = gid // per_k
+        rem = gid - k * per_k                                 # trial*B + b
+        col = k * nb + rem % nb                               # the group's column in xg/wg
+        best = _best_neighbours(g, u.reshape(-1)[gid], xg[:, col], wg[:, col], scale.reshape(-1)[rem])
         codes = g.codes_f32[:, best]                          # [4, G]
-        base = (gid - b) * 4 + b                              # flat index of (row 4k, column b)
+        base = k * (4 * per_k) + rem                          # flat index of (row 4k, trial, b)
         flat = t.reshape(-1)
         for i in range(4):
-            flat[base + i * nb] = codes[i]
+            flat[base + i * per_k] = codes[i]
     return t, on_grid
 
 
 def _sums(L: np.ndarray, weight: np.ndarray, wx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sum(w*x*q), sum(w*q*q) over each block's 32 weights, q = 2L + 1: L [32, T, B] -> [T, B]."""
     q = L * F32(2.0)
     q += F32(1.0)
-    sumqx = seq_sum_from_zero(wx * q)
-    wq = weight * q
-    wq *= q
-    return sumqx, seq_sum_from_zero(wq)
+    shape = q.shape[1:]
+    sumqx = seq_sum_from_zero((wx[:, None, :] * q).reshape(32, -1))
+    q *= weight[:, None, :] * q
+    return sumqx.reshape(shape), seq_sum_from_zero(q.reshape(32, -1)).reshape(shape)
 
 
 def _search(g: Iq3Grid, xval: np.ndarray, weight: np.ndarray, mx: np.ndarray, tries: range,
             refit_all: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The per-block scale search over B active blocks -> (scale [B], levels [32, B])."""
+    """The per-block scale search over B active blocks -> (scale [B], levels [32, B]).
+    All trial scales are fitted in one batch; C's sequential choice of the best follows."""
     nb = xval.shape[1]
     waux = np.sqrt(weight)
     wx = weight * xval
@@ -135,36 +142,39 @@ def _search(g: Iq3Grid, xval: np.ndarray, weight: np.ndarray, mx: np.ndarray, tr
     # negated magnitudes can exceed max (by any factor)
     exact = not (np.isfinite(F32(18.2) / mx).all() and (xval.min(axis=0) >= -F32(1e5) * mx).all())
 
+    idv = (F32(15.0) + np.array(tries, F32)[:, None] * F32(0.2)) / mx          # [T, B]
+    Lall, on_all = _fit_levels(g, xval, xgm, wgm, idv, F32(1.0) / idv, None, exact)
+    sumqx, sumq2 = _sums(Lall, weight, wx)
     best = np.zeros(nb, F32)
     scale = mx / F32(15.0)
+    pick = np.full(nb, -1, np.intp)                  # the winning trial (-1: none; L stays 0)
+    for j in range(len(tries)):
+        sx, s2 = sumqx[j], sumq2[j]
+        better = (s2 > 0) & (sx * sx > best * s2)
+        if better.any():
+            scale = np.where(better, sx / np.where(better, s2, F32(1.0)), scale)
+            best = np.where(better, scale * sx, best)
+            pick[better] = j
     L = np.zeros((32, nb), F32)
     on_grid = np.full((8, nb), not refit_all)       # XXS starts "on grid", S "off grid"
-    for is_ in tries:
-        idv = (F32(15.0) + F32(is_) * F32(0.2)) / mx
-        this_scale = F32(1.0) / idv
-        Laux, on_aux = _fit_levels(g, xval, xgm, wgm, idv, this_scale, None, exact)
-        sumqx, sumq2 = _sums(Laux, weight, wx)
-        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
-        if better.any():
-            scale = np.where(better, sumqx / np.where(better, sumq2, F32(1.0)), scale)
-            best = np.where(better, scale * sumqx, best)
-            np.copyto(L, Laux, where=better)
-            np.copyto(on_grid, on_aux, where=better)
+    won = np.flatnonzero(pick >= 0)
+    L[:, won] = Lall[:, pick[won], won]
+    on_grid[:, won] = on_all[:, pick[won], won]
 
     refit = (~on_grid).any(axis=0) & (scale > 0)
     if refit.any():
         cols = np.flatnonzero(refit)
         sc = scale[cols]
         sub = lambda a: np.ascontiguousarray(a[:, cols])   # noqa: E731
-        xs, ws = sub(xval), sub(weight)
         gm = lambda a: np.ascontiguousarray(a.reshape(4, 8, nb)[:, :, cols]).reshape(4, -1)  # noqa: E731
         groups = None if refit_all else ~on_grid[:, cols]
-        Lnew, _ = _fit_levels(g, xs, gm(xgm), gm(wgm), F32(1.0) / sc, sc, groups, True)
+        Lnew, _ = _fit_levels(g, sub(xval), gm(xgm), gm(wgm), (F32(1.0) / sc)[None], sc[None], groups, True)
+        Lnew = Lnew[:, 0]
         if groups is not None:       # XXS keeps the levels of groups already on the grid
             Lnew = np.where(np.repeat(groups, 4, axis=0), Lnew, L[:, cols])
-        sumqx, sumq2 = _sums(Lnew, ws, sub(wx))
+        sumqx, sumq2 = _sums(Lnew[:, None], sub(weight), sub(wx))
         L[:, cols] = Lnew
-        scale[cols] = np.where(sumq2 > 0, sumqx / np.where(sumq2 > 0, sumq2, F32(1.0)), sc)
+        scale[cols] = np.where(sumq2[0] > 0, sumqx[0] / np.where(sumq2[0] > 0, sumq2[0], F32(1.0)), sc)
     return scale, L
 
 
