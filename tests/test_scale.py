@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGUFReader
 
 from llmconv.cli import main
@@ -17,11 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 ONE = ROOT / "fixtures" / "tiny-llama"
 
 
-@pytest.mark.parametrize("outtype", ["q8_0", "q4_0", "q4_k"])
+@pytest.mark.parametrize("outtype", ["q8_0", "q4_0", "q4_k", "f16"])
 def test_thread_count_does_not_change_bytes(tmp_path, outtype):
+    """(f16: at -t 1 torch casts on its own thread pool, at -t 4 on each worker alone.)"""
     a, b = tmp_path / "t1.gguf", tmp_path / "t4.gguf"
     assert main(["convert", str(ONE), "--outtype", outtype, "-t", "1", "-o", str(a), "-q"]) == 0
+    torch_threads = torch.get_num_threads()
     assert main(["convert", str(ONE), "--outtype", outtype, "-t", "4", "-o", str(b), "-q"]) == 0
+    assert torch.get_num_threads() == torch_threads         # the engine gives it back
     assert a.read_bytes() == b.read_bytes()
 
 

@@ -280,6 +280,7 @@ def run(jobs: Sequence[Job], threads: int = 1, progress: Callable[[int], None] |
     # collector walks all of them again and again while chunks are converted (9 % of the
     # f16 conversion's samples were gc_collect_main).
     gc.freeze()
+    torch_threads = _one_torch_thread() if threads > 1 else None
     pool = [threading.Thread(target=worker, name=f"llmconv-work-{k}", daemon=True) for k in range(threads)]
     try:
         for t in pool:
@@ -305,4 +306,22 @@ def run(jobs: Sequence[Job], threads: int = 1, progress: Callable[[int], None] |
         work.stop()
         for t in pool:
             t.join()
+        if torch_threads is not None:
+            _torch().set_num_threads(torch_threads)
         gc.unfreeze()
+
+
+def _torch():
+    import torch            # already loaded by the float casts (quantize/floats.py)
+    return torch
+
+
+def _one_torch_thread() -> int:
+    """With several workers, each torch cast (f16/bf16 outputs) runs on its worker alone:
+    torch's own intra-op pool would fork every cast over all cores again, and the workers sat
+    in futex waits for it about half of an f16 run at -t 2 (sampled /proc wchan). Returns
+    the previous setting. At -t 1 torch keeps its pool: it is then the only parallelism."""
+    torch = _torch()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return before
