@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from llmconv.cli import main
 from llmconv.convert.hf import unpermute_rows
 from llmconv.convert.meta import open_meta_checkpoint
 from llmconv.formats.rawread import RawTensor, SourceFile, read_rows_unpermuted
@@ -77,10 +78,7 @@ def test_checkpoint_truncated_during_convert(tmp_path, fixture, weights, threads
 
 def test_gguf_truncated_during_quantize(tmp_path):
     src = tmp_path / "src.gguf"
-    made = subprocess.run([sys.executable, "-m", "llmconv.cli", "convert", str(ROOT / "fixtures" / "tiny-llama"),
-                           "--outtype", "f16", "-o", str(src), "-q"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert made.returncode == 0, made.stderr
+    assert main(["convert", str(ROOT / "fixtures" / "tiny-llama"), "--outtype", "f16", "-o", str(src), "-q"]) == 0
     out = tmp_path / "out"
     out.mkdir()
     proc = run_truncating(src, ["quantize", str(src), str(out / "q.gguf"), "--type", "q4_0", "-q"])
