@@ -128,13 +128,15 @@ _hostile = _values | st.sampled_from([50, 500, 5000, 50_000]).map(lambda n: f"{_
 
 
 def _neighbours(v) -> list:
-    """Plausible replacements for a real value: of its type, near it."""
+    """Replacements for a real value of its own type: near it, or at the edge of what its GGUF
+    field holds (u32/i32, float32)."""
     if isinstance(v, bool):
         return [not v]
     if isinstance(v, int):
-        return [v + 1, v - 1, v * 2, v // 2, v * 3 // 2, 0, 1]
+        return [v + 1, v - 1, v * 2, v // 2, v * 3 // 2, 0, 1, -1, 2**31, 2**32, 2**63]
     if isinstance(v, float):
-        return [v * 2, v / 2, v * 10, -v, 0.0, float(int(v) + 1)] if math.isfinite(v) else [1.0]
+        near = [v * 2, v / 2, v * 10, -v, 0.0, float(int(v) + 1)] if math.isfinite(v) else [1.0]
+        return near + [3.5e38, 1e39, float("inf"), float("nan"), 5e-324]
     if isinstance(v, str) and not v.startswith(_DEEP):
         return [v + "x", v[:-1], v.upper(), "", "<|end_of_text|>", "</s>", "<s>"]
     return [None, 0, ""]

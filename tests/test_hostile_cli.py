@@ -94,6 +94,14 @@ def test_inconsistent_tokenizer_json_is_one_line(tmp_path, capsys, change, needl
     refused(["convert", d, "--dry-run"], capsys, "tokenizer.json", needle)
 
 
+def test_scaled_rope_errors_name_the_file():
+    """Found by bench/fuzz_inputs.py: scaled RoPE's own checks raised without naming config.json."""
+    from llmconv.convert.rope import llama3_rope_factors_from_config
+    from llmconv.errors import LlmconvError
+    with pytest.raises(LlmconvError, match="x/config.json: scaled RoPE needs an even head dimension"):
+        llama3_rope_factors_from_config({"rope_type": "llama3"}, 33, 10000.0, file="x/config.json")
+
+
 def test_real_tokenizer_json_passes_the_schema():
     from llmconv.errors import load_json
     assert load_json(BPE / "tokenizer.json")["model"]["type"] == "BPE"

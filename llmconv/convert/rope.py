@@ -29,12 +29,13 @@ META_DEFAULTS = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
 
 
 def llama3_rope_factors(head_dim: int, rope_theta: float, factor: float = 8.0, low_freq_factor: float = 1.0,
-                        high_freq_factor: float = 4.0, original_context: int = 8192) -> np.ndarray:
-    """float32 [head_dim // 2]: the `rope_freqs.weight` tensor for LLaMA-3 scaled RoPE."""
+                        high_freq_factor: float = 4.0, original_context: int = 8192, file=None) -> np.ndarray:
+    """float32 [head_dim // 2]: the `rope_freqs.weight` tensor for LLaMA-3 scaled RoPE. `file`
+    (config.json, params.json) is what an error names."""
     if head_dim <= 0 or head_dim % 2:
-        raise LlmconvError(f"scaled RoPE needs an even head dimension, got {head_dim}")
+        raise LlmconvError(f"scaled RoPE needs an even head dimension, got {head_dim}", file=file)
     if factor <= 0:
-        raise LlmconvError(f"rope_scaling: factor must be positive, got {factor}")
+        raise LlmconvError(f"rope_scaling: factor must be positive, got {factor}", file=file)
     freqs = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     wavelen = 2 * math.pi / freqs
     high_freq_wavelen = original_context / high_freq_factor
@@ -44,7 +45,7 @@ def llama3_rope_factors(head_dim: int, rope_theta: float, factor: float = 8.0, l
         # wavelength falls exactly on it (then the blend divides by zero, in llama.cpp's converter too)
         if bool((wavelen == low_freq_wavelen).any()):
             raise LlmconvError(f"rope_scaling: low_freq_factor and high_freq_factor are both {low_freq_factor} "
-                               f"and a wavelength is exactly {low_freq_wavelen}")
+                               f"and a wavelength is exactly {low_freq_wavelen}", file=file)
         return torch.where(wavelen < high_freq_wavelen, torch.ones_like(freqs),
                            torch.full_like(freqs, factor)).numpy().astype(np.float32)
     smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
@@ -68,7 +69,7 @@ def llama3_rope_factors_from_config(rope_scaling: dict, head_dim: int, rope_thet
             low_freq_factor=float(rope_scaling.get("low_freq_factor", META_DEFAULTS["low_freq_factor"])),
             high_freq_factor=float(rope_scaling.get("high_freq_factor", META_DEFAULTS["high_freq_factor"])),
             original_context=int(rope_scaling.get("original_max_position_embeddings",
-                                                  META_DEFAULTS["original_max_position_embeddings"])))
+                                                  META_DEFAULTS["original_max_position_embeddings"])), file=file)
     except (TypeError, ValueError) as e:
         raise LlmconvError(f"rope_scaling: {e}", file=file) from None
 
@@ -85,6 +86,6 @@ def llama3_rope_factors_from_params(params: dict, head_dim: int, file=None) -> n
             factor=float(params.get("rope_scaling_factor") or META_DEFAULTS["factor"]),
             low_freq_factor=META_DEFAULTS["low_freq_factor"],
             high_freq_factor=float(params.get("high_freq_factor") or META_DEFAULTS["high_freq_factor"]),
-            original_context=META_DEFAULTS["original_max_position_embeddings"])
+            original_context=META_DEFAULTS["original_max_position_embeddings"], file=file)
     except (TypeError, ValueError) as e:
         raise LlmconvError(f"scaled RoPE parameters: {e}", file=file) from None
