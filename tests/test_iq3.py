@@ -290,3 +290,14 @@ def test_mixes_without_an_imatrix_are_refused_as_in_llama_quantize(tmp_path, cap
         assert main(["quantize", str(src), str(tmp_path / "ours.gguf"), "--type", mix, "-q"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "importance matrix" in err[0], err
+
+
+def test_dry_run_with_imatrix_text_plans_the_mix(capsys):
+    """--dry-run --imatrix-text computes no imatrix: the plan must not call it missing."""
+    from llmconv.cli import main
+    from test_mixes import FIXTURE
+
+    assert main(["convert", str(FIXTURE), "--outtype", "iq3_xxs", "--dry-run", "--imatrix-text", "builtin"]) == 0
+    plan = capsys.readouterr()
+    rows = [line.split() for line in (plan.out + plan.err).splitlines()]
+    assert any(r and r[0] == "blk.0.attn_q.weight" and "iq2_s" in r for r in rows)
