@@ -22,6 +22,7 @@ from realtok import MULTILINGUAL
 from test_mixes import assert_same_file, llama_quantize
 
 OUTTYPES = ["f32", "f16", "q8_0", "q4_0", "q4_K_M"]
+SMALL_VOCAB = 260        # small_vocab_tokenizer's
 TEXT = "Llama 4 sends each token to one of its experts, and a shared one. Ünïcödé, 東京 and I'm sure: 12345."
 BOUND_KEY = {"q4_K_M": "q4_k"}
 
@@ -177,10 +178,10 @@ def test_long_context_chunked_attention_and_temperature(llama4):
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """(checkpoint, directory of its conversions): the same layout with a 256-token byte vocabulary,
+    """(checkpoint, directory of its conversions): the same layout with a 260-token byte vocabulary,
     so that llama.cpp's quantizer runs in a moment; converted in one pass to the QTYPES and f32."""
     root = tmp_path_factory.mktemp("llama4-small")
-    ck = write_hf_llama4(root / "Small-Llama-4", seed=2, tokenizer=False, vocab_size=256)
+    ck = write_hf_llama4(root / "Small-Llama-4", seed=2, tokenizer=False, vocab_size=SMALL_VOCAB)
     small_vocab_tokenizer(ck)
     out = root / "out"
     out.mkdir()
@@ -228,7 +229,7 @@ def test_settings_llama_cpp_fixes_are_refused(tmp_path, capsys, key, value, says
 
 
 def test_tensor_errors_name_the_tensor(tmp_path, capsys):
-    cfg = text_config(vocab_size=256)
+    cfg = text_config(vocab_size=SMALL_VOCAB)
     sd = llama4_state_dict(cfg, seed=3)
     p = "language_model.model.layers.3.feed_forward.experts."
     cases = [("missing", lambda d: d.pop(p + "gate_up_proj"), p + "gate_up_proj"),
@@ -240,7 +241,7 @@ def test_tensor_errors_name_the_tensor(tmp_path, capsys):
     for label, edit, says in cases:
         d = dict(sd)
         edit(d)
-        ck = write_hf_llama4(tmp_path / label, sd=d, shards=1, tokenizer=False, vocab_size=256)
+        ck = write_hf_llama4(tmp_path / label, sd=d, shards=1, tokenizer=False, vocab_size=SMALL_VOCAB)
         assert main(["convert", str(ck), "--dry-run"]) == 2, label
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and says in err, (label, err)
@@ -252,9 +253,9 @@ def test_experts_stream_one_slice_at_a_time(tmp_path):
     from llmconv.convert.execute import write_gguf
     from llmconv.convert.pipeline import plan_conversion
 
-    cfg = text_config(vocab_size=256)
+    cfg = text_config(vocab_size=SMALL_VOCAB)
     sd = llama4_state_dict(cfg, seed=4)
-    ck = write_hf_llama4(tmp_path / "ck", sd=sd, tokenizer=False, vocab_size=256)
+    ck = write_hf_llama4(tmp_path / "ck", sd=sd, tokenizer=False, vocab_size=SMALL_VOCAB)
     small_vocab_tokenizer(ck)
     conv = plan_conversion(ck, outtype="f32", outfile=tmp_path / "a.gguf")
     stacked = [t for t in conv.plan.tensors if t.src.parts is not None]
@@ -269,14 +270,17 @@ def test_experts_stream_one_slice_at_a_time(tmp_path):
 
 
 def small_vocab_tokenizer(ck: Path) -> None:
-    """A 256-token byte-level BPE vocabulary (the bytes, no merges) with Llama 4's pre-tokenizer."""
+    """A SMALL_VOCAB-token byte-level BPE vocabulary (the bytes and four merges) with Llama 4's pre-tokenizer."""
     from llmconv.convert import bpe
     from llmconv.convert.pretok import LLAMA4_PATTERN
     from realtok import _byte_level_bpe
     pre = {"type": "Sequence", "pretokenizers": [
         {"type": "Split", "pattern": {"Regex": LLAMA4_PATTERN}, "behavior": "Isolated", "invert": False},
         {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
-    doc = _byte_level_bpe({bpe.bytes_to_token(bytes([b])): b for b in range(256)}, [], [], pre, None)
+    vocab = {bpe.bytes_to_token(bytes([b])): b for b in range(256)}
+    merges = ["Ġ t", "e r", "i n", "Ġ a"]               # llama.cpp needs merges to load a BPE vocabulary
+    vocab |= {m.replace(" ", ""): 256 + i for i, m in enumerate(merges)}
+    doc = _byte_level_bpe(vocab, merges, [], pre, None)
     (ck / "tokenizer.json").write_text(json.dumps(doc))
     (ck / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
 
@@ -288,11 +292,11 @@ def _refuse():
 def test_text_only_layout_converts_the_same(tmp_path):
     """Llama4ForCausalLM (settings at the top of config.json, `model.` names, no vision tower)
     gives the same tensors and keys as Llama4ForConditionalGeneration."""
-    cfg = text_config(vocab_size=256)
+    cfg = text_config(vocab_size=SMALL_VOCAB)
     sd = llama4_state_dict(cfg, seed=7)
-    multi = write_hf_llama4(tmp_path / "multi", sd=sd, tokenizer=False, vocab_size=256)
+    multi = write_hf_llama4(tmp_path / "multi", sd=sd, tokenizer=False, vocab_size=SMALL_VOCAB)
     text_sd = {k.removeprefix("language_model."): v for k, v in sd.items() if k.startswith("language_model.")}
-    text = write_hf_llama4(tmp_path / "text", sd=text_sd, tokenizer=False, vocab_size=256)
+    text = write_hf_llama4(tmp_path / "text", sd=text_sd, tokenizer=False, vocab_size=SMALL_VOCAB)
     (text / "config.json").write_text(json.dumps({**cfg, "architectures": ["Llama4ForCausalLM"]}))
     for ck in (multi, text):
         small_vocab_tokenizer(ck)
@@ -302,3 +306,27 @@ def test_text_only_layout_converts_the_same(tmp_path):
     assert all(bytes(a.tensor(t.name).data) == bytes(b.tensor(t.name).data) for t in a.tensors)
     assert {k: v for k, v in a.kvs.items() if not k.startswith("general.")} == \
            {k: v for k, v in b.kvs.items() if not k.startswith("general.")}
+
+
+@pytest.mark.llamacpp
+def test_without_rope_scaling_and_with_top_2(tmp_path):
+    """Maverick has no rope_scaling (no rope_freqs.weight); top-2 routing sums two sigmoid-scaled
+    experts. llama.cpp's f32 logits follow the reference here too (byte vocabulary, 40 tokens)."""
+    import llama_cpp
+
+    cfg = text_config(vocab_size=SMALL_VOCAB, rope_scaling=None, num_experts_per_tok=2)
+    sd = llama4_state_dict(cfg, seed=8)
+    ck = write_hf_llama4(tmp_path / "ck", sd=sd, tokenizer=False, vocab_size=SMALL_VOCAB, rope_scaling=None,
+                         num_experts_per_tok=2)
+    small_vocab_tokenizer(ck)
+    out = tmp_path / "f32.gguf"
+    assert main(["convert", str(ck), "--outtype", "f32", "-o", str(out), "-q"]) == 0
+    f = read_gguf(out)
+    assert "rope_freqs.weight" not in {t.name for t in f.tensors} and f.kvs["llama4.expert_used_count"] == 2
+    tokens = list(range(30, 70))
+    llm = llama_cpp.Llama(str(out), n_ctx=64, logits_all=True, type_k=0, type_v=0, n_threads=1, verbose=False)
+    llm.eval(tokens)
+    got = np.array(llm.scores[: len(tokens)], dtype=np.float64)
+    ref, margin = llama4_logits(sd, cfg, tokens)
+    assert margin > 1e-3, "router choice too close to call: pick another seed"
+    assert (np.abs(got - ref.numpy()).max() / float(ref.abs().max())) <= 1e-5

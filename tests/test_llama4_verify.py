@@ -9,16 +9,16 @@ import pytest
 
 from llama4_synth import llama4_state_dict, text_config, write_hf_llama4
 from llmconv.cli import main
-from test_llama4 import small_vocab_tokenizer
+from test_llama4 import SMALL_VOCAB, small_vocab_tokenizer
 from test_moe_verify import swap_experts, verify
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """A 4-layer, 4-expert Llama 4 with a 256-token byte vocabulary, as f32, q8_0 and q4_K_M."""
+    """A 4-layer, 4-expert Llama 4 with a 260-token byte vocabulary, as f32, q8_0 and q4_K_M."""
     root = tmp_path_factory.mktemp("llama4-verify")
-    cfg = text_config(vocab_size=256)
-    ck = write_hf_llama4(root / "ck", sd=llama4_state_dict(cfg, seed=6), tokenizer=False, vocab_size=256)
+    cfg = text_config(vocab_size=SMALL_VOCAB)
+    ck = write_hf_llama4(root / "ck", sd=llama4_state_dict(cfg, seed=6), tokenizer=False, vocab_size=SMALL_VOCAB)
     small_vocab_tokenizer(ck)
     out = root / "out"
     out.mkdir()
