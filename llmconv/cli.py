@@ -1,7 +1,11 @@
-"""The `llmconv` command line: convert, quantize, verify, inspect.
+"""The `llmconv` command line: convert, quantize, verify, inspect, imatrix, convert-lora.
 
-Bad input (an LlmconvError) prints one line, `llmconv: error: <file>: <tensor>: <what>`,
-and exits 2; `--debug` shows the traceback instead. Ctrl-C exits 130, leaving no partial output.
+Each command parses its options, calls the function of the same name in api.py and prints the
+result. Errors take one path: an LlmconvError (bad input) is a click exception, which click
+prints as one line (`llmconv: error: <file>: <tensor>: <what>`) with exit 2; the group below
+turns the environment's errors (disk full, out of memory) into LlmconvErrors, Ctrl-C into exit
+130 and anything else (a bug) into one line with exit 70. `--debug`, before or after the
+subcommand, shows the traceback.
 """
 from __future__ import annotations
 
@@ -13,9 +17,7 @@ import click
 
 from .clitypes import quantize_positionals
 from .errors import LlmconvError, environment_error, is_library_panic, printable
-from .jsonout import emit_json, json_option
-
-_DEBUG = False
+from .jsonout import check_json_path, emit_json, json_option
 
 
 def _threads_default() -> int:
@@ -43,7 +45,54 @@ def _print_version(ctx: click.Context, value: bool) -> None:
     ctx.exit()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class Interrupted(click.ClickException):
+    exit_code = 130
+
+    def show(self, file=None) -> None:
+        click.echo("llmconv: interrupted", file=file, err=file is None)
+
+
+class InternalError(click.ClickException):
+    exit_code = 70                                      # EX_SOFTWARE
+
+    def show(self, file=None) -> None:
+        click.echo(f"llmconv: internal error: {self.message} (run with --debug for the traceback)",
+                   file=file, err=file is None)
+
+
+class LlmconvGroup(click.Group):
+    """The one error path, around every subcommand."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--debug" in args:   # a global option, also accepted after the subcommand (`llmconv convert ... --debug`)
+            args = ["--debug"] + [a for a in args if a != "--debug"]
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context):
+        debug = ctx.params.get("debug", False)
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.Exit:
+            raise
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            raise Interrupted("") from None
+        except LlmconvError:
+            if debug:
+                traceback.print_exc()
+            raise
+        except click.ClickException:
+            raise
+        except (OSError, MemoryError, RecursionError) as e:   # the environment, not the input: still one line
+            if debug:
+                traceback.print_exc()
+            raise LlmconvError(environment_error(e)) from None
+        except BaseException as e:                            # a bug: one line, the traceback behind --debug
+            if debug or not (isinstance(e, Exception) or is_library_panic(e)):   # (a Rust panic is a BaseException)
+                raise
+            raise InternalError(f"{printable(type(e).__name__)}: {printable(' '.join(str(e).split()))[:300]}") from None
+
+
+@click.group(cls=LlmconvGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show a full traceback on errors.")
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=lambda c, p, v: _print_version(c, v),
               help="Show llmconv's version and those of the libraries it runs on, then exit.")
@@ -58,8 +107,7 @@ def cli(debug: bool) -> None:
     llmconv convert-lora ADAPTER --base CKPT_DIR     # PEFT LoRA adapter -> llama.cpp LoRA GGUF
     llmconv inspect FILE.gguf                        # what a GGUF/ggml file holds
     """
-    global _DEBUG
-    _DEBUG = debug
+    # read by LlmconvGroup.invoke
 
 
 _type_options = [
@@ -167,6 +215,7 @@ def convert(ckpt_dir, outtype, outfile, ctx, input_format, tokenizer, pre, lora,
       llmconv convert path/to/ckpt --outtype iq4_xs --imatrix-text builtin   # imatrix computed first
       llmconv convert path/to/ckpt --outtype q8_0,q6_K,q4_K_M -o out/ # three files, one read
     """
+    check_json_path(json_path, force)
     from . import api
 
     result = api.convert(ckpt_dir, outfile, outtype=outtype, format=out_format, dry_run=dry_run, ctx=ctx,
@@ -219,6 +268,7 @@ def quantize(infile, out_and_type, type_opt, outtype_opt, allow_requantize, over
       llmconv quantize model-F16.gguf model-Q3_K_M.gguf --type q3_K_M --imatrix model.imatrix.gguf
       llmconv quantize model-F16.gguf out/ --type q4_K_M,q5_K_M      # two files, one read
     """
+    check_json_path(json_path, force)
     from . import api
     from .convert.pipeline import split_types
     from .convert.plan import check_type_name
@@ -259,6 +309,7 @@ def convert_lora(adapter_dir, base_dir, outtype, outfile, input_format, force, j
       llmconv convert-lora path/to/adapter --base path/to/base -o adapter.gguf
       llmconv convert-lora path/to/adapter --base path/to/base --outtype q8_0
     """
+    check_json_path(json_path, force)
     from . import api
 
     result = api.convert_lora(adapter_dir, base_dir, outfile, outtype=outtype, input_format=input_format, force=force,
@@ -289,6 +340,7 @@ def inspect(file: Path, json_path: str | None, tensor_filter: str | None, force:
     """
     import json
 
+    check_json_path(json_path, force)
     from .api import inspect as run
 
     result = run(file, tensor_filter)
@@ -313,41 +365,14 @@ _register_subcommands()
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (click prints any error)."""
     from ._malloc import pin_mmap_threshold
 
     pin_mmap_threshold()    # freed tensor buffers go back to the OS (see _malloc.py)
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--debug" in args:   # a global option, also accepted after the subcommand (`llmconv convert ... --debug`)
-        args = ["--debug"] + [a for a in args if a != "--debug"]
     try:
-        cli.main(args=args, prog_name="llmconv", standalone_mode=False)
-    except LlmconvError as e:
-        if _DEBUG:
-            traceback.print_exc()
-        click.echo(f"llmconv: error: {e.one_line()}", err=True)
-        return 2
-    except click.exceptions.Abort:
-        click.echo("llmconv: interrupted", err=True)
-        return 130
-    except KeyboardInterrupt:
-        click.echo("llmconv: interrupted", err=True)
-        return 130
-    except click.ClickException as e:
-        e.show()
-        return 2
+        cli.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="llmconv")
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except (OSError, MemoryError, RecursionError) as e:   # the environment, not the input: still one line
-        if _DEBUG:
-            traceback.print_exc()
-        click.echo(f"llmconv: error: {environment_error(e)}", err=True)
-        return 2
-    except BaseException as e:                            # a bug: one line, the traceback behind --debug
-        if _DEBUG or not (isinstance(e, Exception) or is_library_panic(e)):   # (a Rust panic is a BaseException)
-            raise
-        click.echo(f"llmconv: internal error: {printable(type(e).__name__)}: {printable(' '.join(str(e).split()))[:300]} "
-                   f"(run with --debug for the traceback)", err=True)
-        return 70                                         # EX_SOFTWARE
     return 0
 
 

@@ -1,7 +1,8 @@
 """One error type for everything a user can cause with bad input.
 
-The CLI turns an LlmconvError into a single line on stderr and exit code 2;
-anything else is a bug and keeps its traceback (behind --debug).
+An LlmconvError is a click exception: click prints it as one line on stderr
+(`llmconv: error: <file>: tensor <name>: <what>`) and exits 2. Anything else is a bug: cli.py
+prints it as one line with exit 70, its traceback behind --debug.
 """
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import os
 import re
 import stat
 from pathlib import Path
+
+import click
 
 # Control characters (C0, DEL, C1), line/paragraph separators and bidirectional overrides:
 # a file name or tensor name holding them could clear the screen, forge a second message
@@ -24,14 +27,24 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(esc, text)
 
 
-class LlmconvError(Exception):
+class LlmconvError(click.ClickException):
     """Bad input or an impossible request. `file` and `tensor` say where."""
+    exit_code = 2
 
     def __init__(self, message: str, *, file: str | Path | None = None, tensor: str | None = None):
-        self.message = message
         self.file = str(file) if file is not None else None
         self.tensor = tensor
-        super().__init__(self.one_line())
+        super().__init__(message)
+        self.args = (self.one_line(),)
+
+    def __str__(self) -> str:
+        return self.one_line()
+
+    def format_message(self) -> str:
+        return self.one_line()
+
+    def show(self, file=None) -> None:
+        click.echo(f"llmconv: error: {self.one_line()}", file=file, err=file is None)
 
     def one_line(self) -> str:
         where = []

@@ -52,6 +52,13 @@ def check_json_dir(ctx, param, path: str | None) -> str | None:  # noqa: ARG001 
     return path
 
 
+def check_json_path(path: str | None, force: bool) -> None:
+    """Before the command runs, with its --force known: an existing `--json FILE` is refused
+    unless --force (check_json_dir has checked the folder when the option was parsed)."""
+    if path and path != "-" and os.path.lexists(path) and not force:
+        raise LlmconvError("--json: the file exists; pass --force to overwrite it", file=path)
+
+
 def json_option(what: str = "a machine-readable report"):
     """`--json` alone writes to stdout (as gguf-dump --json does); `--json FILE` to a file."""
     return click.option("--json", "json_path", is_flag=False, flag_value="-", default=None, metavar="[FILE]",

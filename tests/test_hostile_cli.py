@@ -138,6 +138,8 @@ def test_json_report_never_overwrites_without_force(tmp_path, capsys):
     report.write_text("precious")
     refused(["convert", META, "-o", out, "-q", "--json", report], capsys, "r.json", "--force")
     assert report.read_text() == "precious"
+    assert not out.exists()                 # refused before converting, not after writing the model
+    assert run(["convert", META, "-o", out, "-q"], capsys)[0] == 0
     refused(["inspect", out, "--json", out], capsys, "o.gguf", "--force")         # the model just written
     assert out.stat().st_size > 10**6
     code, _, err = run(["inspect", out, "--json", report, "--force"], capsys)

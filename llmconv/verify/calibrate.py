@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 from .. import quantize as q
-from ..convert.execute import write_gguf
+from ..api import convert as convert_checkpoint
 from ..convert.mixes import ALL as MIXES
 from ..convert.mixes import outtype_needs_imatrix
-from ..convert.pipeline import plan_conversion
+from ..errors import LlmconvError, read_text_file
 from .bounds import FIDELITY_BOUNDS
 from .run import run_verify
 
@@ -31,8 +31,7 @@ ORDER = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_1", "q5_0", "q5_k", "q4_1", "
 
 
 def convert(ckpt: Path, outtype: str, out: Path) -> Path:
-    conv = plan_conversion(ckpt, outtype=outtype, outfile=out)
-    write_gguf(conv.out_path, conv.kvs, conv.plan, progress=False, force=True)
+    convert_checkpoint(ckpt, out, outtype=outtype, force=True)
     return out
 
 
@@ -86,10 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in types if t not in q.TYPES and t not in MIXES]
     if unknown:
         ap.error(f"unknown type(s) {', '.join(unknown)}; registered: {', '.join(list(q.TYPES) + list(MIXES))}")
-    counts = [int(n) for n in a.tokens.split(",")]
-    with tempfile.TemporaryDirectory(prefix="llmconv-calibrate-") as tmp:
-        text = a.text.read_text(encoding="utf-8") if a.text else None
-        rows = calibrate(a.ckpt, types, counts, Path(tmp), text)
+    if a.ckpt == FIXTURE and not FIXTURE.is_dir():
+        ap.error(f"no CKPT_DIR given, and the default {FIXTURE} is not here: it ships with llmconv's source "
+                 "tree, not with an installed package")
+    try:
+        counts = [int(n) for n in a.tokens.split(",")]
+    except ValueError:
+        ap.error(f"--tokens {a.tokens!r}: expected comma-separated numbers")
+    try:
+        with tempfile.TemporaryDirectory(prefix="llmconv-calibrate-") as tmp:
+            text = read_text_file(a.text) if a.text else None
+            rows = calibrate(a.ckpt, types, counts, Path(tmp), text)
+    except LlmconvError as e:
+        e.show()
+        return e.exit_code
     print(format_table(rows, a.ckpt, counts))
     return 0 if all(r["passed"] for r in rows) else 1
 

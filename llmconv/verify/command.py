@@ -8,7 +8,7 @@ import click
 
 from ..clitypes import FiniteFloatRange
 from ..errors import LlmconvError, read_text_file
-from ..jsonout import emit_json, json_option
+from ..jsonout import check_json_path, emit_json, json_option
 
 
 def _threads_default() -> int:
@@ -92,6 +92,7 @@ def verify(file, extra, reference, text_file, tokens, json_path, max_kld, min_to
       llmconv verify out.gguf -r ckpt/ --engine llama.cpp                  # also run llama.cpp
       llmconv verify out.gguf -r ckpt/ --checksums                         # and the sha256 sidecar
     """
+    check_json_path(json_path, force)
     from ..api import verify as run
 
     check_verify_arguments(file, reference, extra)

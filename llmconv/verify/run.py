@@ -56,6 +56,9 @@ def need_engine(engine: str | None):
         import llama_cpp
     except ImportError:
         raise LlmconvError("--engine llama.cpp needs llama-cpp-python (pip install llama-cpp-python)") from None
+    except Exception as e:   # installed but broken: llama_cpp raises RuntimeError/OSError when libllama does not load
+        raise LlmconvError(f"--engine llama.cpp: llama-cpp-python is installed but does not load: "
+                           f"{type(e).__name__}: {e}") from None
     return llama_cpp
 
 
