@@ -16,10 +16,9 @@ import torch
 from ..errors import LlmconvError, load_json
 from ..formats.rawread import RawTensor, SourceFile
 from .meta import safe_torch_load
-from .torch_zip import raw_tensors
+from .torch_zip import TORCH_DTYPE_NAMES, raw_tensors
 
 _ST_DTYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
-_TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
 
 
 def read_json(path: Path, required: bool = True) -> dict | None:
@@ -170,7 +169,7 @@ def _bin_entries(path: Path):
     sd = safe_torch_load(path)
     raws = raw_tensors(path, sd) or {}
     for name, t in sd.items():
-        dtype = _TORCH_DTYPES.get(t.dtype)
+        dtype = TORCH_DTYPE_NAMES.get(t.dtype)
         if dtype is None:
             raise LlmconvError(f"unsupported dtype {t.dtype} (bf16, f16, f32)", file=path, tensor=name)
         yield name, WeightEntry(path, tuple(t.shape), dtype, lambda t=t: t, raws.get(name))

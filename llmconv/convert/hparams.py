@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ARCH = "llama"                 # general.architecture of every model llmconv writes
+
 
 @dataclass
 class LlamaHParams:
@@ -36,9 +38,10 @@ class LlamaHParams:
         return self.head_dim
 
 
-def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
-    """Meta's FeedForward hidden size, as model.py computes it."""
-    hidden = int(2 * (4 * dim) / 3)
+def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
+    """Meta's FeedForward hidden size, as model.py computes it; without a multiplier also what a
+    ggjt loader derives from n_embd and n_mult (in integer arithmetic, as the C loader)."""
+    hidden = 2 * (4 * dim) // 3
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)

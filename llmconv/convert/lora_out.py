@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFType, Keys
+from gguf import GGML_QUANT_VERSION, GGUFType, Keys
 from gguf import GGUFValueType as T
 
 from .. import quantize as q
 from ..errors import LlmconvError
 from ..formats.gguf_writer import KV
 from .lora import Binding, LoraAdapter, bind, lora_b_meta, open_adapter
-from .metadata import ARCH, QUANTIZATION_VERSION
+from .hparams import ARCH
 from .plan import Plan, PlannedTensor, SourceTensor, Why, plan_notes
 from .sources import Source, open_source
 
@@ -84,7 +84,7 @@ def plan_adapter(adapter_dir: str | Path, base_dir: str | Path, *, outtype: str 
         KV(Keys.General.TYPE, GGUFType.ADAPTER, T.STRING),
         KV(Keys.General.NAME, name, T.STRING),
         KV(Keys.General.FILE_TYPE, int(want.file_type), T.UINT32),
-        KV(Keys.General.QUANTIZATION_VERSION, QUANTIZATION_VERSION, T.UINT32),
+        KV(Keys.General.QUANTIZATION_VERSION, GGML_QUANT_VERSION, T.UINT32),
         KV(Keys.Adapter.TYPE, "lora", T.STRING),
         KV(Keys.Adapter.LORA_ALPHA, alpha, T.FLOAT32),
     ]

@@ -7,18 +7,14 @@ from pathlib import Path
 
 import yaml
 from gguf import GGUFValueType as T
-from gguf import GGUFWriter, Keys
+from gguf import GGML_QUANT_VERSION, GGUFWriter, Keys
 from gguf.metadata import Metadata
 from gguf.utility import naming_convention, size_label
 
 from ..errors import LlmconvError, load_json
 from ..formats.gguf_writer import KV
-from .hparams import LlamaHParams
+from .hparams import ARCH, LlamaHParams
 from .tokenizer import Vocab
-
-ARCH = "llama"
-QUANTIZATION_VERSION = 2  # ggml's current legacy/K-quant block layouts
-
 
 def load_model_metadata(model_dir: Path, n_params: int, override: Path | None = None,
                         experts: tuple[int, int, int] | None = None) -> Metadata:
@@ -72,7 +68,7 @@ def general_kvs(md: Metadata, file_type: int, arch: str = ARCH) -> list[KV]:
         kvs.append(KV(key, v.value, v.type, sub))
     kvs += [
         KV(Keys.General.FILE_TYPE, int(file_type), T.UINT32),
-        KV(Keys.General.QUANTIZATION_VERSION, QUANTIZATION_VERSION, T.UINT32),
+        KV(Keys.General.QUANTIZATION_VERSION, GGML_QUANT_VERSION, T.UINT32),
     ]
     return kvs
 

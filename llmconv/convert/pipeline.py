@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gguf import GGUFValueType as T
-from gguf import Keys
+from gguf import GGML_QUANT_VERSION, Keys
 from gguf.utility import naming_convention
 
 from ..errors import LlmconvError
@@ -16,7 +16,7 @@ from .gguf_source import GGUFSource, open_gguf_source
 from ..formats.gguf_reader import check_write_caps
 from .guards import check_tensor_names
 from .hparams import LlamaHParams
-from .metadata import (QUANTIZATION_VERSION, apply_kv_overrides, default_file_name, general_kvs, llama_kvs,
+from .metadata import (apply_kv_overrides, default_file_name, general_kvs, llama_kvs,
                        load_model_metadata, parse_override_kv, vocab_kvs)
 from . import moe
 from .mixes import ModelShape
@@ -237,7 +237,7 @@ def plan_requantize(in_path: str | Path, out_path: str | Path | None, qtype: str
     # general.file_type and quantization_version go right after the other general.* keys
     at = max((i + 1 for i, kv in enumerate(kvs) if kv.key.startswith("general.")), default=0)
     kvs[at:at] = [KV(Keys.General.FILE_TYPE, plan.file_type, T.UINT32),
-                  KV(Keys.General.QUANTIZATION_VERSION, QUANTIZATION_VERSION, T.UINT32)]
+                  KV(Keys.General.QUANTIZATION_VERSION, GGML_QUANT_VERSION, T.UINT32)]
     kvs = apply_kv_overrides(kvs, [parse_override_kv(o) for o in override_kv])
     # no OUT: next to the input, as llama-quantize writes [IN's directory]/ggml-model-TYPE.gguf
     out = output_path(out_path if out_path is not None else f"{Path(in_path).parent}{os.sep}",

@@ -14,13 +14,11 @@ from ..errors import LlmconvError
 from .bpe import is_tiktoken_file, load_meta_tiktoken
 from .guards import check_checkpoint_files, require_regular_file
 from .meta import MetaCheckpoint, ffn_formula_warning, open_meta_checkpoint
+from .torch_zip import TORCH_DTYPE_NAMES
 from .plan import SourceTensor, meta_to_gguf_name, tensor_name
 from .source import Source, explicit_tokenizer
 from .rope import llama3_rope_factors_from_params
 from .tokenizer import check_vocab_size, load_sentencepiece, load_sentencepiece_file
-
-_TORCH_DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-
 
 def detect_format(model_dir: Path) -> str:
     """meta: params.json + consolidated.NN.pth; mistral: params.json + consolidated*.safetensors;
@@ -149,6 +147,6 @@ def meta_tensors(ckpt: MetaCheckpoint) -> list[SourceTensor]:
             read_rows=lambda a, b, out, name=name: ckpt.read_rows(name, a, b, out),
             prefetch=lambda name=name: ckpt.prefetch(name),
             files=ckpt.source_files(name), source_name=name,
-            source_dtype=_TORCH_DTYPE_NAMES.get(dtype, str(dtype)),
+            source_dtype=TORCH_DTYPE_NAMES.get(dtype, str(dtype)),
         ))
     return out

@@ -24,7 +24,8 @@ from ..formats.rawread import RawTensor, SourceFile
 
 _DATA_RECORD = re.compile(r"(?:^|/)data/\d+$")
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")        # zipfile's structFileHeader: 30 bytes
-_TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}
+# torch dtype -> llmconv's name for it (the float types a checkpoint may store); the one copy
+TORCH_DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 def record_offsets(path: Path) -> dict[int, int]:
@@ -64,7 +65,7 @@ def raw_tensors(path: Path, state: dict[str, torch.Tensor]) -> dict[str, RawTens
     file = SourceFile(path)
     out = {}
     for name, t in state.items():
-        dtype = _TORCH_DTYPES.get(t.dtype)
+        dtype = TORCH_DTYPE_NAMES.get(t.dtype)
         if dtype is None or not t.is_contiguous():
             return None
         offset = t.untyped_storage().data_ptr() - base + t.storage_offset() * t.element_size()

@@ -31,9 +31,11 @@ from typing import NoReturn
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
+from ..convert.hparams import meta_ffn_dim
 from ..errors import LlmconvError
 
-MAGICS = {0x67676D6C: "ggml", 0x67676D66: "ggmf", 0x67676A74: "ggjt"}
+GGJT_MAGIC = 0x67676A74          # "ggjt" read as a little-endian u32 (on disk: b"tjgg")
+MAGICS = {0x67676D6C: "ggml", 0x67676D66: "ggmf", GGJT_MAGIC: "ggjt"}
 VERSIONS = {"ggml": (0,), "ggmf": (1,), "ggjt": (1, 2, 3)}   # 0: the unversioned format
 GGJT_ALIGNMENT = 32
 MAX_DIMS = 4            # GGML_MAX_DIMS
@@ -58,6 +60,11 @@ OLD_BLOCKS = {0: (1, 4), 1: (1, 2), 2: (32, 20), 3: (32, 24), 4: (16, 10), 5: (1
 OLD_TYPE_NAMES = {4: "Q4_2", 5: "Q4_3"}
 
 
+def legacy_magic(first4: bytes) -> str | None:
+    """"ggml", "ggmf" or "ggjt" for the first four bytes of a legacy file, else None."""
+    return MAGICS.get(int.from_bytes(first4, "little")) if len(first4) == 4 else None
+
+
 @dataclass
 class GGMLHParams:
     n_vocab: int
@@ -78,8 +85,7 @@ class GGMLHParams:
     @property
     def n_ff(self) -> int:
         """The feed-forward size the loaders derive: (8*n_embd/3) rounded up to n_mult."""
-        raw = 2 * (4 * self.n_embd) // 3
-        return (raw + self.n_mult - 1) // self.n_mult * self.n_mult
+        return meta_ffn_dim(self.n_embd, self.n_mult)
 
 
 @dataclass

@@ -23,11 +23,11 @@ from typing import Sequence
 
 from gguf import GGMLQuantizationType
 
+from ..convert.hparams import meta_ffn_dim
+from .ggml_reader import GGJT_ALIGNMENT, GGJT_MAGIC
 from .positional import PositionalWriter, pwrite_all
 
-GGJT_MAGIC = 0x67676A74          # "ggjt" read as a little-endian u32
 GGJT_VERSION = 3
-GGJT_ALIGNMENT = 32
 
 # What a ggjt v3 file may hold here. (ggjt v3 loaders also know q5_0/q5_1 and the
 # K-quants; they are left out until something tests them against such a loader.)
@@ -55,8 +55,7 @@ class GGJTHParams:
 def ffn_size_from_n_mult(n_embd: int, n_mult: int) -> int:
     """The feed-forward size a ggjt loader computes: Meta's 2/3 * 4 * dim, rounded up to n_mult
     (unsigned integer arithmetic, as in the C loader)."""
-    raw = 2 * (4 * n_embd) // 3
-    return (raw + n_mult - 1) // n_mult * n_mult
+    return meta_ffn_dim(n_embd, n_mult)
 
 
 def find_n_mult(n_embd: int, ffn_dim: int, preferred: int | None = None) -> int | None:

@@ -21,6 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from ..errors import LlmconvError, printable
+from .ggml_reader import legacy_magic
 
 ARRAY_PREVIEW = 8          # array items shown (text and JSON); the length is always given
 TEXT_WIDTH = 72            # longest metadata value shown in the table before it is cut
@@ -32,7 +33,6 @@ _SHORT_TYPE = {
     GGUFValueType.ARRAY: "arr", GGUFValueType.UINT64: "u64", GGUFValueType.INT64: "i64",
     GGUFValueType.FLOAT64: "f64",
 }
-_LEGACY_MAGICS = {b"lmgg": "ggml", b"fmgg": "ggmf", b"tjgg": "ggjt"}   # u32 magics, little-endian on disk
 _LEGACY_HPARAMS = ("n_vocab", "n_embd", "n_mult", "n_head", "n_layer", "n_rot", "ftype")
 
 
@@ -144,8 +144,8 @@ def summarize(path: str | Path, tensor_filter: str | None = None) -> dict:
         raise LlmconvError("no such file", file=path)
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic in _LEGACY_MAGICS:
-        s = _ggml_summary(path, _LEGACY_MAGICS[magic])
+    if legacy_magic(magic):
+        s = _ggml_summary(path, legacy_magic(magic))
     elif magic == b"GGUF" or len(magic) < 4:     # (the reader says how a short file ends)
         s = _gguf_summary(path)
     else:

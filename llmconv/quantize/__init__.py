@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES as _SIZES
 from gguf import GGMLQuantizationType, LlamaFileType
 
 from . import floats
@@ -54,40 +55,40 @@ def register(qt: QuantType) -> QuantType:
     return qt
 
 
-register(QuantType("f32", GGMLQuantizationType.F32, 1, 4, LlamaFileType.ALL_F32,
+register(QuantType("f32", GGMLQuantizationType.F32, *_SIZES[GGMLQuantizationType.F32], LlamaFileType.ALL_F32,
                    floats.f32_quantize, floats.f32_dequantize))
-register(QuantType("f16", GGMLQuantizationType.F16, 1, 2, LlamaFileType.MOSTLY_F16,
+register(QuantType("f16", GGMLQuantizationType.F16, *_SIZES[GGMLQuantizationType.F16], LlamaFileType.MOSTLY_F16,
                    floats.f16_quantize, floats.f16_dequantize))
-register(QuantType("bf16", GGMLQuantizationType.BF16, 1, 2, LlamaFileType.MOSTLY_BF16,
+register(QuantType("bf16", GGMLQuantizationType.BF16, *_SIZES[GGMLQuantizationType.BF16], LlamaFileType.MOSTLY_BF16,
                    floats.bf16_quantize, floats.bf16_dequantize))
 
 # K-quants (256-weight super-blocks). llama.cpp has no plain "mostly Q4_K" file type: a file
 # with every matrix in q4_K is what `llama-quantize --pure ... Q4_K_S` writes, hence the _S types.
 from . import q2_k, q3_k, q4_k, q5_k, q6_k  # noqa: E402
 
-register(QuantType("q6_k", GGMLQuantizationType.Q6_K, 256, q6_k.TYPE_SIZE, LlamaFileType.MOSTLY_Q6_K,
+register(QuantType("q6_k", GGMLQuantizationType.Q6_K, *_SIZES[GGMLQuantizationType.Q6_K], LlamaFileType.MOSTLY_Q6_K,
                    q6_k.quantize, q6_k.dequantize))
-register(QuantType("q5_k", GGMLQuantizationType.Q5_K, 256, q5_k.TYPE_SIZE, LlamaFileType.MOSTLY_Q5_K_S,
+register(QuantType("q5_k", GGMLQuantizationType.Q5_K, *_SIZES[GGMLQuantizationType.Q5_K], LlamaFileType.MOSTLY_Q5_K_S,
                    q5_k.quantize, q5_k.dequantize))
-register(QuantType("q4_k", GGMLQuantizationType.Q4_K, 256, q4_k.TYPE_SIZE, LlamaFileType.MOSTLY_Q4_K_S,
+register(QuantType("q4_k", GGMLQuantizationType.Q4_K, *_SIZES[GGMLQuantizationType.Q4_K], LlamaFileType.MOSTLY_Q4_K_S,
                    q4_k.quantize, q4_k.dequantize))
-register(QuantType("q3_k", GGMLQuantizationType.Q3_K, 256, q3_k.TYPE_SIZE, LlamaFileType.MOSTLY_Q3_K_S,
+register(QuantType("q3_k", GGMLQuantizationType.Q3_K, *_SIZES[GGMLQuantizationType.Q3_K], LlamaFileType.MOSTLY_Q3_K_S,
                    q3_k.quantize, q3_k.dequantize))
-register(QuantType("q2_k", GGMLQuantizationType.Q2_K, 256, q2_k.TYPE_SIZE, LlamaFileType.MOSTLY_Q2_K,
+register(QuantType("q2_k", GGMLQuantizationType.Q2_K, *_SIZES[GGMLQuantizationType.Q2_K], LlamaFileType.MOSTLY_Q2_K,
                    q2_k.quantize, q2_k.dequantize))
 
 # Legacy 32-weight block types, bit-exact with ggml's quantize_row_*_ref.
 from . import q4_0, q4_1, q5_0, q5_1, q8_0  # noqa: E402
 
-register(QuantType("q8_0", GGMLQuantizationType.Q8_0, 32, q8_0.TYPE_SIZE, LlamaFileType.MOSTLY_Q8_0,
+register(QuantType("q8_0", GGMLQuantizationType.Q8_0, *_SIZES[GGMLQuantizationType.Q8_0], LlamaFileType.MOSTLY_Q8_0,
                    q8_0.quantize, q8_0.dequantize, checks_finite=True))
-register(QuantType("q4_0", GGMLQuantizationType.Q4_0, 32, q4_0.TYPE_SIZE, LlamaFileType.MOSTLY_Q4_0,
+register(QuantType("q4_0", GGMLQuantizationType.Q4_0, *_SIZES[GGMLQuantizationType.Q4_0], LlamaFileType.MOSTLY_Q4_0,
                    q4_0.quantize, q4_0.dequantize, checks_finite=True))
-register(QuantType("q4_1", GGMLQuantizationType.Q4_1, 32, q4_1.TYPE_SIZE, LlamaFileType.MOSTLY_Q4_1,
+register(QuantType("q4_1", GGMLQuantizationType.Q4_1, *_SIZES[GGMLQuantizationType.Q4_1], LlamaFileType.MOSTLY_Q4_1,
                    q4_1.quantize, q4_1.dequantize, checks_finite=True))
-register(QuantType("q5_0", GGMLQuantizationType.Q5_0, 32, q5_0.TYPE_SIZE, LlamaFileType.MOSTLY_Q5_0,
+register(QuantType("q5_0", GGMLQuantizationType.Q5_0, *_SIZES[GGMLQuantizationType.Q5_0], LlamaFileType.MOSTLY_Q5_0,
                    q5_0.quantize, q5_0.dequantize, checks_finite=True))
-register(QuantType("q5_1", GGMLQuantizationType.Q5_1, 32, q5_1.TYPE_SIZE, LlamaFileType.MOSTLY_Q5_1,
+register(QuantType("q5_1", GGMLQuantizationType.Q5_1, *_SIZES[GGMLQuantizationType.Q5_1], LlamaFileType.MOSTLY_Q5_1,
                    q5_1.quantize, q5_1.dequantize, checks_finite=True))
 
 
@@ -105,9 +106,9 @@ for _name, _fn in {"q2_k": k_weighted.q2_k_weighted, "q3_k": k_weighted.q3_k_wei
 # Non-linear 4-bit grid types; their search takes an imatrix when there is one.
 from . import iq4  # noqa: E402
 
-register(QuantType("iq4_nl", GGMLQuantizationType.IQ4_NL, 32, iq4.IQ4_NL_SIZE, LlamaFileType.MOSTLY_IQ4_NL,
+register(QuantType("iq4_nl", GGMLQuantizationType.IQ4_NL, *_SIZES[GGMLQuantizationType.IQ4_NL], LlamaFileType.MOSTLY_IQ4_NL,
                    iq4.iq4_nl_quantize, iq4.iq4_nl_dequantize, quantize_weighted=iq4.iq4_nl_quantize))
-register(QuantType("iq4_xs", GGMLQuantizationType.IQ4_XS, 256, iq4.IQ4_XS_SIZE, LlamaFileType.MOSTLY_IQ4_XS,
+register(QuantType("iq4_xs", GGMLQuantizationType.IQ4_XS, *_SIZES[GGMLQuantizationType.IQ4_XS], LlamaFileType.MOSTLY_IQ4_XS,
                    iq4.iq4_xs_quantize, iq4.iq4_xs_dequantize, quantize_weighted=iq4.iq4_xs_quantize))
 
 

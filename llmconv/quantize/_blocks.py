@@ -19,8 +19,9 @@ import threading
 from typing import Callable
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-QK = 32                 # weights per block
+QK = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0][0]     # 32 weights per block of every legacy type
 CHUNK_BLOCKS = 16384    # 512K weights = 2 MB of float32 per chunk: amortizes numpy's per-call cost
 
 

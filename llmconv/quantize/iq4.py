@@ -19,14 +19,15 @@ Conventions as in k_common: float32, C's operation order, element-major [32, blo
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .k_common import F32, GROUP_MAX_EPS, QK_K, first_absmax, fp16_bits, nearest_int, seq_sum_from_zero
 
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 _KF = KVALUES.astype(F32)
 NTRY = 7
-IQ4_NL_SIZE = 18
-IQ4_XS_SIZE = 136
+IQ4_NL_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ4_NL][1]     # 18 bytes per 32 weights
+IQ4_XS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ4_XS][1]     # 136 bytes per 256 weights
 CHUNK_WEIGHTS = 1 << 18            # weights per numpy pass
 
 # floor(a) + 128 -> how many kvalues are <= a (kvalues are integers, so floor decides), clamped

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ._blocks import output_blocks, select   # output buffers; float32 np.where by bit operations (np.where branches per element)
 
@@ -23,7 +24,7 @@ try:  # the clip ufunc itself: np.clip adds ~5 us of Python per call, in loops o
 except ImportError:  # pragma: no cover
     _clip = np.clip
 
-QK_K = 256                        # weights per super-block
+QK_K = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][0]   # 256 weights per super-block
 GROUP_MAX_EPS = np.float32(1e-15)  # below this a group counts as all zero
 
 F32 = np.float32

@@ -19,10 +19,11 @@ When 1/d overflows (d a tiny subnormal) the C conversion of inf/NaN gives code 0
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import _blocks as B_
 
-TYPE_SIZE = 18
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0][1]     # 18 bytes per block
 
 
 def signed_absmax(xb: np.ndarray, mx: np.ndarray, mn: np.ndarray) -> np.ndarray:

@@ -16,10 +16,11 @@ from the first zero weight.
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import _blocks as B_
 
-TYPE_SIZE = 20
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_1][1]     # 20 bytes per block
 
 
 def quantize_codes(xb: np.ndarray, levels: int):

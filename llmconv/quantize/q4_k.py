@@ -7,11 +7,12 @@ pack_scale_min_k4), qs[128]: byte 32*c + l holds weight 64c + l (low nibble) and
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .k_common import over_superblocks, superblocks
 from .k_scale_min import dequantize_scale_min, quantize_scale_min
 
-TYPE_SIZE = 144
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][1]     # 144 bytes per block
 NMAX = 15
 
 

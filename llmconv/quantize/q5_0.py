@@ -9,11 +9,12 @@ llama-cpp-python x86-64 build; see q4_0.py for how that was established).
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import _blocks as B_
 from .q4_0 import quantize_codes
 
-TYPE_SIZE = 22
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_0][1]     # 22 bytes per block
 
 
 def _kernel(xb: np.ndarray, out: np.ndarray) -> None:

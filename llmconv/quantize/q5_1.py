@@ -8,12 +8,13 @@ q4_0.py and q4_1.py).
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import _blocks as B_
 from .q4_1 import quantize_codes
 from .q5_0 import codes5
 
-TYPE_SIZE = 24
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_1][1]     # 24 bytes per block
 
 
 def _kernel(xb: np.ndarray, out: np.ndarray) -> None:

@@ -7,11 +7,12 @@ Follows llama.cpp's quantize_row_q5_K_ref (llama-quantize without an imatrix).
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .k_common import over_superblocks, superblocks
 from .k_scale_min import dequantize_scale_min, quantize_scale_min
 
-TYPE_SIZE = 176
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_K][1]     # 176 bytes per block
 NMAX = 31
 _BITS = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
 

@@ -6,12 +6,13 @@ Follows llama.cpp's quantize_row_q6_K_ref (what llama-quantize runs without an i
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .k_common import (F32, GROUP_MAX_EPS, block_major, element_major, first_absmax,
                        fp16_bits, fp16_value, make_qx_quants_rmse1, nearest_int, nearest_int_clip,
                        over_superblocks, superblocks)
 
-TYPE_SIZE = 210
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K][1]     # 210 bytes per block
 
 
 def _quantize_chunk(xb: np.ndarray, qwb: np.ndarray | None = None) -> np.ndarray:

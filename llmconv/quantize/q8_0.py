@@ -14,10 +14,11 @@ yields 0 for every weight; we write those zeros explicitly.
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import _blocks as B_
 
-TYPE_SIZE = 34
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][1]     # 34 bytes per block
 # roundf(y) == trunc(y + copysign(0.49999997f, y)) for every float32 |y| < 2**23: adding the
 # largest float below 1/2 can only push y across an integer when y's fraction is >= 1/2
 # (at |y| == 0.5 the sum is exactly halfway and rounds up to 1.0, as roundf does).

@@ -15,12 +15,11 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from .. import quantize as q
+from ..convert.hparams import ARCH
 from ..convert.plan import meta_to_gguf_name
+from ..formats.ggml_reader import legacy_magic
 from ..errors import LlmconvError
 from . import moe
-
-ARCH = "llama"
-
 
 class FileInconsistent(LlmconvError):
     """The file cannot describe a LLaMA model: its metadata and tensors disagree (a wrong
@@ -79,7 +78,7 @@ def open_model_file(path: str | Path) -> ModelFile:
         magic = f.read(4)
     if magic == b"GGUF":
         return _open_gguf(path)
-    if magic[::-1] in (b"ggml", b"ggmf", b"ggjt") or magic in (b"ggml", b"ggmf", b"ggjt"):
+    if legacy_magic(magic):
         return _open_legacy(path)
     raise LlmconvError(f"not a GGUF or ggml file (magic {magic!r})", file=path)
 
