@@ -29,9 +29,6 @@ from .tokenizer import Vocab
 
 __all__ = ["LLAMA3_PATTERN", "detect_pre"]     # re-exported: verify and the tests use them from here
 
-# GPT-2's regex, which a ByteLevel pre-tokenizer with use_regex=true applies by itself.
-GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-
 # Meta's special tokens follow the 128000 (or, for small test vocabularies, n) ranks of the file.
 N_META_SPECIAL = 256
 

@@ -42,7 +42,7 @@ class WriteResult:
 
 
 def split_plan(kvs: Sequence[KV], plan: Plan, max_bytes: int = 0, max_tensors: int = 0):
-    """[(path suffix, kvs, tensors)] for each output file. Without limits: one file.
+    """[(kvs, tensors)] for each output file (split_paths names them). Without limits: one file.
     With them, llama.cpp's split convention: the first file holds all metadata, every file
     holds split.no / split.count / split.tensors.count, names end -0000k-of-0000N.gguf."""
     groups: list[list[PlannedTensor]] = [[]]
@@ -55,13 +55,13 @@ def split_plan(kvs: Sequence[KV], plan: Plan, max_bytes: int = 0, max_tensors: i
         groups[-1].append(t)
         size += t.nbytes
     if len(groups) == 1:
-        return [("", list(kvs), groups[0])]
+        return [(list(kvs), groups[0])]
     n = len(groups)
     out = []
     for i, g in enumerate(groups):
         split_kvs = [KV(Keys.Split.LLM_KV_SPLIT_NO, i, T.UINT16), KV(Keys.Split.LLM_KV_SPLIT_COUNT, n, T.UINT16),
                      KV(Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, len(plan.tensors), T.INT32)]
-        out.append((f"-{i + 1:05d}-of-{n:05d}", (list(kvs) if i == 0 else []) + split_kvs, g))
+        out.append(((list(kvs) if i == 0 else []) + split_kvs, g))
     return out
 
 
@@ -103,8 +103,8 @@ class _Output:
 def _prepare(req: OutputRequest, split_max_size: int, split_max_tensors: int) -> _Output:
     parts = split_plan(req.kvs, req.plan, split_max_size, split_max_tensors)
     layouts = [plan_layout(p_kvs, [TensorEntry(t.name, t.shape, t.qtype.ggml_type, t.nbytes) for t in p_ts])
-               for _, p_kvs, p_ts in parts]
-    where = {t.name: i for i, (_, _, p_ts) in enumerate(parts) for t in p_ts}
+               for p_kvs, p_ts in parts]
+    where = {t.name: i for i, (_, p_ts) in enumerate(parts) for t in p_ts}
     return _Output(req, split_paths(req.out_path, len(parts)), layouts, where)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from gguf import MODEL_TENSOR, TokenType
@@ -159,14 +159,9 @@ def plan_ggml_conversion(model_dir: str | Path, *, outtype: str = "auto", outfil
     return conv
 
 
-@dataclass
-class GGMLWriteResult(WriteResult):
-    warnings: list[str] = field(default_factory=list)
-
-
 def write_ggml(conv: Conversion, threads: int = 1, progress: bool = True, force: bool = False,
-               verbose: bool = False) -> GGMLWriteResult:
-    warnings = check_ggjt(conv)
+               verbose: bool = False) -> WriteResult:
+    check_ggjt(conv)        # refuses what ggjt cannot hold, also for a Conversion planned elsewhere
     hparams = ggjt_hparams(conv)
     pairs = ggjt_tensors(conv)
     layout = plan_layout(hparams, ggjt_vocab(conv.source.vocab), [g for _, g in pairs])
@@ -192,8 +187,8 @@ def write_ggml(conv: Conversion, threads: int = 1, progress: bool = True, force:
                 raise LlmconvError(f"write failed: {e.strerror}", file=out_path) from None
             raise
         check_written(Path(tmp.read_path), hparams, layout, out_path)
-    return GGMLWriteResult(out_path, len(pairs), layout.total_size, time.perf_counter() - start,
-                           paths=[out_path], warnings=warnings)
+    return WriteResult(out_path, len(pairs), layout.total_size, time.perf_counter() - start,
+                           paths=[out_path])
 
 
 def check_written(path: Path, hparams: GGJTHParams, layout, label: Path) -> None:

@@ -32,7 +32,7 @@ class GGUFSource:
     arch: str
     kvs: list[KV]                # pass-through metadata, in file order
     tensors: list[SourceTensor]
-    source_types: dict[str, GGMLQuantizationType]
+    source_types: dict[str, GGMLQuantizationType]     # each tensor's type in the file (requantize warning)
 
     @property
     def tied_embeddings(self) -> bool:

@@ -131,10 +131,6 @@ class MetaCheckpoint:
     def source_files(self, name: str) -> list[Path]:
         return list(self.shard_paths) if self.merge_axis[name] is not None else self.shard_paths[:1]
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.shards[0][self.names[0]].dtype
-
 
 def _read_part(p: RawTensor | torch.Tensor, lo: int, hi: int, dst: np.ndarray) -> None:
     """Rows [lo, hi) of one shard's part into float32 `dst`: pread, or the mapped bytes."""

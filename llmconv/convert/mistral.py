@@ -71,10 +71,7 @@ def _version_number(name: str) -> int:
 def load_mistral_vocab(path: Path, notes: list[str]) -> tuple[Vocab, list[KV]]:
     """The vocabulary and its chat-template KV, as llama.cpp's converter writes them."""
     if path.suffix == ".json":
-        try:
-            from .tekken import tekken_vocab
-        except ImportError:
-            raise LlmconvError("Tekken tokenizers are not supported yet", file=path) from None
+        from .tekken import tekken_vocab
         vocab, kind = tekken_vocab(path), "tekken"
         version = _tekken_version(path)
     else:

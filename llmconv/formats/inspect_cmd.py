@@ -98,10 +98,8 @@ def _gguf_summary(path: Path) -> dict:
 
 
 def _ggml_summary(path: Path, magic: str) -> dict:
-    try:
-        from .ggml_reader import read_ggml
-    except ImportError:
-        raise LlmconvError(f"this is a legacy {magic} file, and this build has no ggml reader", file=path) from None
+    from .ggml_reader import read_ggml
+
     g = read_ggml(path)
     h = g.hparams
     meta = {name: _entry(GGUFValueType.UINT32, int(getattr(h, name))) for name in _LEGACY_HPARAMS}
