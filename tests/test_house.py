@@ -1,6 +1,7 @@
-"""House rules that a machine can check: ruff's lint rules pass, and llmconv's modules import
+"""House rules that a machine can check: ruff's lint rules pass, llmconv's modules import
 each other without cycles (counting imports inside functions too: a lazy import that closes a
-cycle is still a cycle a reader has to untangle)."""
+cycle is still a cycle a reader has to untangle), and no module or function grows past what a
+reader takes in at once."""
 from __future__ import annotations
 
 import ast
@@ -69,6 +70,42 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return out
+
+
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+# "path" or "path:function" -> why it cannot be split. Keep this short.
+LONG_ALLOWED: dict[str, str] = {}
+
+
+def too_long(pkg_dir: Path) -> list[str]:
+    """Modules over MAX_MODULE_LINES lines and functions (methods, nested functions) over
+    MAX_FUNCTION_LINES, docstring and decorators' lines after `def` included."""
+    out = []
+    for p in sorted(pkg_dir.rglob("*.py")):
+        rel = p.relative_to(pkg_dir.parent).as_posix()
+        text = p.read_text()
+        if len(text.splitlines()) > MAX_MODULE_LINES and rel not in LONG_ALLOWED:
+            out.append(f"{rel}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text, str(p))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES and f"{rel}:{node.name}" not in LONG_ALLOWED:
+                    out.append(f"{rel}:{node.name}: {n} lines")
+    return out
+
+
+def test_no_long_modules_or_functions():
+    assert too_long(PKG) == []
+
+
+def test_the_length_check_can_fail(tmp_path):
+    pkg = tmp_path / "llmconv"
+    pkg.mkdir()
+    (pkg / "long.py").write_text("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES + "\n" * (MAX_MODULE_LINES - 60))
+    (pkg / "fine.py").write_text("def g():\n" + "    x = 1\n" * (MAX_FUNCTION_LINES - 1))
+    assert too_long(pkg) == [f"llmconv/long.py: {MAX_MODULE_LINES + 1} lines",
+                             f"llmconv/long.py:f: {MAX_FUNCTION_LINES + 1} lines"]
 
 
 def test_no_import_cycles():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import llmconv.quantize as Q
-from llmconv.quantize import k_common, k_weighted, legacy_weighted
+from llmconv.quantize import k_search, k_weighted, legacy_weighted
 from llama_gguf_util import ggml_quantize_chunk
 from test_quant_kernels import datasets, to_bf16_grid
 
@@ -127,6 +127,6 @@ def test_first_min_clamped_keeps_c_zero_sign():
     x = np.array([[0.5, -0.0, 2.0, 0.0],
                   [-0.0, 0.0, 1.0, -0.0],
                   [0.0, 0.25, 3.0, -0.0]], np.float32)             # groups are columns
-    got = k_common.first_min_clamped(x)
+    got = k_search.first_min_clamped(x)
     assert np.array_equal(np.signbit(got), [True, True, False, False])
     assert np.array_equal(got, [0, 0, 0, 0])

@@ -135,31 +135,7 @@ def write_ggufs(reqs: Sequence[OutputRequest], *, threads: int = 1, progress: bo
             label = outs[0].req.out_path.name + (f" (+{len(outs) - 1})" if len(outs) > 1 else "")
             bar = files.enter_context(byte_bar(total, label, progress))
             bar.update(sum(lay.data_start for o in outs for lay in o.layouts))
-            scratch = bytearray(8 << 20) if checksum else None
-
-            def done(job: stream.Job, i: int) -> None:
-                for o in outs:
-                    t = o.req.plan.tensors[i]
-                    w = o.writers[o.where[t.name]]
-                    w.mark_written(t.name)
-                    if checksum:
-                        o.sums[t.name] = {"file": o.paths[o.where[t.name]].name, "type": t.qtype.name,
-                                          "shape": list(t.shape), "bytes": int(t.nbytes),
-                                          "sha256": file_sha256(w.fd, w.place(t.name), t.nbytes, scratch)}
-                if verbose:
-                    t = reqs[0].plan.tensors[i]
-                    types = ",".join(o.req.plan.tensors[i].qtype.name for o in outs)
-                    bar.write(f"  {t.name:32s} {types:6s} {str(t.shape):18s} "
-                              f"{sum(o.req.plan.tensors[i].nbytes for o in outs):>12,d} B")
-
-            jobs = []
-            for i, t in enumerate(reqs[0].plan.tensors):
-                sinks = []
-                for o in outs:
-                    ot = o.req.plan.tensors[i]
-                    w = o.writers[o.where[ot.name]]
-                    sinks.append(stream.Sink(ot.qtype, w.fd, w.place(ot.name), getattr(ot, "imatrix", None)))
-                jobs.append(stream.Job(t.src, sinks, done=lambda job, i=i: done(job, i)))
+            jobs = _jobs(outs, _on_written(outs, checksum, verbose, bar))
             stream.run(jobs, threads, progress=bar.update)
             for o in outs:
                 for w in o.writers:
@@ -177,6 +153,41 @@ def write_ggufs(reqs: Sequence[OutputRequest], *, threads: int = 1, progress: bo
     seconds = time.perf_counter() - start
     return [WriteResult(o.paths[0], len(o.req.plan.tensors), sum(lay.total_size for lay in o.layouts), seconds, o.paths)
             for o in outs]
+
+
+def _on_written(outs: list[_Output], checksum: bool, verbose: bool, bar):
+    """The callback for tensor i, once every output's copy of it is on disk: mark it written,
+    hash it for the sidecar, print its -v line."""
+    scratch = bytearray(8 << 20) if checksum else None
+
+    def done(job: stream.Job, i: int) -> None:
+        for o in outs:
+            t = o.req.plan.tensors[i]
+            w = o.writers[o.where[t.name]]
+            w.mark_written(t.name)
+            if checksum:
+                o.sums[t.name] = {"file": o.paths[o.where[t.name]].name, "type": t.qtype.name,
+                                  "shape": list(t.shape), "bytes": int(t.nbytes),
+                                  "sha256": file_sha256(w.fd, w.place(t.name), t.nbytes, scratch)}
+        if verbose:
+            t = outs[0].req.plan.tensors[i]
+            types = ",".join(o.req.plan.tensors[i].qtype.name for o in outs)
+            bar.write(f"  {t.name:32s} {types:6s} {str(t.shape):18s} "
+                      f"{sum(o.req.plan.tensors[i].nbytes for o in outs):>12,d} B")
+    return done
+
+
+def _jobs(outs: list[_Output], done) -> list[stream.Job]:
+    """One job per source tensor: read once, one sink (type, file, offset) per output."""
+    jobs = []
+    for i, t in enumerate(outs[0].req.plan.tensors):
+        sinks = []
+        for o in outs:
+            ot = o.req.plan.tensors[i]
+            w = o.writers[o.where[ot.name]]
+            sinks.append(stream.Sink(ot.qtype, w.fd, w.place(ot.name), getattr(ot, "imatrix", None)))
+        jobs.append(stream.Job(t.src, sinks, done=lambda job, i=i: done(job, i)))
+    return jobs
 
 
 def file_sha256(fd: int, offset: int, nbytes: int, scratch: bytearray) -> str:

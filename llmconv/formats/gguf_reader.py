@@ -36,13 +36,12 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
 
 from ..errors import LlmconvError
-from .gguf_arrays import LIST_MAX_ITEMS, NumberArray, StringArray
+from .gguf_values import (MAX_ARRAY_ITEMS, MAX_STRING_BYTES, Cursor, GGUFFormatError, check_write_caps,  # noqa: F401
+                          read_name, read_value, read_value_type)
 
 SUPPORTED_VERSIONS = (2, 3)          # v1 used 32-bit counts and lengths and has not been written since 2023
 MAX_DIMS = 4                         # GGML_MAX_DIMS
 MAX_TENSOR_NAME_BYTES = 63           # GGML_MAX_NAME is 64 including the terminating NUL
-MAX_STRING_BYTES = 64 << 20          # one metadata string (an embedded tokenizer.json is a few MB)
-MAX_ARRAY_ITEMS = 1 << 26            # vocabularies and merge lists are < 1M items
 MAX_KVS = 1 << 16                    # real files have < 100 keys; each costs ~300 bytes of Python objects
 MAX_TENSORS = 1 << 16                # the largest models have a few thousand tensors
 INT64_MAX = (1 << 63) - 1
@@ -52,25 +51,7 @@ _HEADER_BYTES = 4 + 4 + 8 + 8                      # magic, version, n_tensors, 
 _MIN_KV_BYTES = 8 + 1 + 4 + 1                      # key length, 1-byte key, type, u8 value
 _MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8     # name length, 1-byte name, n_dims, one dim, type, offset
 
-# Fixed-size value types: struct format and numpy dtype (little-endian).
-_FIXED = {
-    GGUFValueType.UINT8: ("<B", "<u1"), GGUFValueType.INT8: ("<b", "<i1"),
-    GGUFValueType.UINT16: ("<H", "<u2"), GGUFValueType.INT16: ("<h", "<i2"),
-    GGUFValueType.UINT32: ("<I", "<u4"), GGUFValueType.INT32: ("<i", "<i4"),
-    GGUFValueType.FLOAT32: ("<f", "<f4"), GGUFValueType.BOOL: ("<B", "<u1"),
-    GGUFValueType.UINT64: ("<Q", "<u8"), GGUFValueType.INT64: ("<q", "<i8"),
-    GGUFValueType.FLOAT64: ("<d", "<f8"),
-}
-_VALUE_TYPES = {int(t): t for t in GGUFValueType}
 _TENSOR_TYPES = {int(t): t for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
-
-
-class GGUFFormatError(LlmconvError):
-    """The file is not a well-formed GGUF file; `offset` is the byte where the problem is."""
-
-    def __init__(self, message: str, offset: int, *, file=None, tensor=None):
-        self.offset = offset
-        super().__init__(f"at byte {offset}: {message}", file=file, tensor=tensor)
 
 
 class KVType(NamedTuple):
@@ -121,174 +102,10 @@ class GGUFFile:
         raise KeyError(name)
 
 
-class _Cursor:
-    """Bounds-checked little-endian reads from a mapped file; every read names what it reads."""
-
-    def __init__(self, buf, size: int, path: Path):
-        self.buf, self.size, self.path, self.pos = buf, size, path, 0
-
-    def fail(self, message: str, offset: int | None = None, tensor: str | None = None):
-        raise GGUFFormatError(message, self.pos if offset is None else offset, file=self.path, tensor=tensor)
-
-    def need(self, n: int, what: str, tensor: str | None = None) -> None:
-        if n > self.size - self.pos:
-            self.fail(f"file ends inside {what}: needs {n} bytes, {self.size - self.pos} left "
-                      f"(file is {self.size} bytes)", tensor=tensor)
-
-    def unpack(self, fmt: str, nbytes: int, what: str, tensor: str | None = None):
-        self.need(nbytes, what, tensor)
-        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += nbytes
-        return v
-
-    def u32(self, what: str, tensor: str | None = None) -> int:
-        return self.unpack("<I", 4, what, tensor)
-
-    def u64(self, what: str, tensor: str | None = None) -> int:
-        return self.unpack("<Q", 8, what, tensor)
-
-    def raw_string(self, what: str, cap: int = MAX_STRING_BYTES, tensor: str | None = None) -> bytes:
-        at = self.pos
-        n = self.u64(f"the length of {what}", tensor)
-        if n > cap:
-            self.fail(f"{what} is {n} bytes long; the limit is {cap}", at, tensor)
-        self.need(n, f"{what} ({n} bytes)", tensor)
-        b = self.buf[self.pos:self.pos + n]
-        self.pos += n
-        return b
-
-
-def _decode(b: bytes) -> str | bytes:
-    """Metadata strings are UTF-8 by the spec; a value that is not stays bytes rather than
-    being altered or rejected (a tokenizer may hold odd tokens; the caller decides)."""
-    try:
-        return b.decode("utf-8")
-    except UnicodeDecodeError:
-        return b
-
-
-def _name(cur: _Cursor, b: bytes, what: str, at: int) -> str:
-    if not b:
-        cur.fail(f"{what} is empty", at)
-    try:
-        return b.decode("utf-8")
-    except UnicodeDecodeError:
-        cur.fail(f"{what} {b[:40]!r} is not UTF-8", at)
-
-
-def _value_type(cur: _Cursor, key: str, what: str) -> GGUFValueType:
-    at = cur.pos
-    raw = cur.u32(f"the {what} of {key}")
-    if raw not in _VALUE_TYPES:
-        cur.fail(f"{key}: unknown {what} {raw}", at)
-    return _VALUE_TYPES[raw]
-
-
-def _read_value(cur: _Cursor, key: str, vtype: GGUFValueType) -> tuple[Any, GGUFValueType | None]:
-    if vtype == GGUFValueType.STRING:
-        return _decode(cur.raw_string(f"the value of {key}")), None
-    if vtype == GGUFValueType.ARRAY:
-        return _read_array(cur, key)
-    fmt, dtype = _FIXED[vtype]
-    at = cur.pos
-    v = cur.unpack(fmt, np.dtype(dtype).itemsize, f"the value of {key}")
-    if vtype == GGUFValueType.BOOL:
-        if v > 1:
-            cur.fail(f"{key}: bool value {v} (must be 0 or 1)", at)
-        v = bool(v)
-    return v, None
-
-
-def _read_array(cur: _Cursor, key: str) -> tuple[list, GGUFValueType]:
-    etype = _value_type(cur, key, "array element type")
-    if etype == GGUFValueType.ARRAY:
-        cur.fail(f"{key}: arrays of arrays are not supported", cur.pos - 4)
-    at = cur.pos
-    n = cur.u64(f"the item count of {key}")
-    if n > MAX_ARRAY_ITEMS:
-        cur.fail(f"{key}: array of {n} items; the limit is {MAX_ARRAY_ITEMS}", at)
-    min_item = 8 if etype == GGUFValueType.STRING else np.dtype(_FIXED[etype][1]).itemsize
-    left = cur.size - cur.pos
-    if n * min_item > left:
-        cur.fail(f"{key}: array of {n} {etype.name} items needs at least {n * min_item} bytes, "
-                 f"the file has {left} left", at)
-    if etype == GGUFValueType.STRING:
-        return _read_strings(cur, key, n), etype
-    dtype = np.dtype(_FIXED[etype][1])
-    start = cur.pos
-    # straight from the map (slicing it would copy), then one copy that outlives the map
-    values = np.frombuffer(cur.buf, dtype=dtype, count=n, offset=start).copy()
-    cur.pos += n * dtype.itemsize
-    is_bool = etype == GGUFValueType.BOOL
-    if is_bool:
-        bad = np.flatnonzero(values > 1)
-        if bad.size:
-            i = int(bad[0])
-            cur.fail(f"{key}[{i}]: bool value {int(values[i])} (must be 0 or 1)", start + i)
-    if n > LIST_MAX_ITEMS:
-        return NumberArray(values, is_bool), etype        # about the bytes it had in the file
-    return ((values != 0).tolist() if is_bool else values.tolist()), etype
-
-
-_U64 = struct.Struct("<Q").unpack_from
-
-
-def _read_strings(cur: _Cursor, key: str, n: int) -> list[str | bytes] | StringArray:
-    """n length-prefixed strings: the same checks as _Cursor.raw_string, inlined because a
-    vocabulary has 10^5 of them and this loop is most of the time spent on a header.
-    More than LIST_MAX_ITEMS strings are kept as one blob + offsets (a StringArray)."""
-    if n > LIST_MAX_ITEMS:
-        return _read_string_array(cur, key, n)
-    buf, size, pos = cur.buf, cur.size, cur.pos
-    out = []
-    for i in range(n):
-        if size - pos < 8:
-            cur.pos = pos
-            cur.need(8, f"the length of {key}[{i}]")
-        (length,) = _U64(buf, pos)
-        if length > MAX_STRING_BYTES:
-            cur.fail(f"{key}[{i}] is {length} bytes long; the limit is {MAX_STRING_BYTES}", pos)
-        pos += 8
-        if length > size - pos:
-            cur.pos = pos
-            cur.need(length, f"{key}[{i}] ({length} bytes)")
-        b = buf[pos:pos + length]
-        pos += length
-        try:
-            out.append(b.decode("utf-8"))
-        except UnicodeDecodeError:
-            out.append(b)
-    cur.pos = pos
-    return out
-
-
-def _read_string_array(cur: _Cursor, key: str, n: int) -> StringArray:
-    buf, size, pos = cur.buf, cur.size, cur.pos
-    blob = bytearray()
-    starts = np.empty(n + 1, dtype=np.int64)
-    for i in range(n):
-        if size - pos < 8:
-            cur.pos = pos
-            cur.need(8, f"the length of {key}[{i}]")
-        (length,) = _U64(buf, pos)
-        if length > MAX_STRING_BYTES:
-            cur.fail(f"{key}[{i}] is {length} bytes long; the limit is {MAX_STRING_BYTES}", pos)
-        pos += 8
-        if length > size - pos:
-            cur.pos = pos
-            cur.need(length, f"{key}[{i}] ({length} bytes)")
-        starts[i] = len(blob)
-        blob += buf[pos:pos + length]
-        pos += length
-    starts[n] = len(blob)
-    cur.pos = pos
-    return StringArray(bytes(blob), starts)
-
-
-def _read_tensor_info(cur: _Cursor, alignment: int) -> GGUFTensor:
+def _read_tensor_info(cur: Cursor, alignment: int) -> GGUFTensor:
     info_offset = at = cur.pos
     raw = cur.raw_string("a tensor name", cap=MAX_TENSOR_NAME_BYTES)
-    name = _name(cur, raw, "tensor name", at)
+    name = read_name(cur, raw, "tensor name", at)
     at = cur.pos
     n_dims = cur.u32("the dimension count", name)
     if not 1 <= n_dims <= MAX_DIMS:
@@ -350,7 +167,31 @@ def read_gguf(path: str | Path, check_types: bool = True) -> GGUFFile:
 
 
 def _parse(buf, size: int, path: Path, check_types: bool = True) -> GGUFFile:
-    cur = _Cursor(buf, size, path)
+    cur = Cursor(buf, size, path)
+    version, n_tensors, n_kv = _read_header(cur)
+    kvs, kv_types, kv_offsets = _read_kvs(cur, n_kv)
+    alignment = int(kvs.get(Keys.General.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT))
+    tensors: list[GGUFTensor] = []
+    names: dict[str, int] = {}
+    for _ in range(n_tensors):
+        at = cur.pos
+        t = _read_tensor_info(cur, alignment)
+        if t.name in names:
+            cur.fail(f"duplicate tensor name (first at byte {names[t.name]})", at, t.name)
+        names[t.name] = at
+        tensors.append(t)
+    data_offset = -(-cur.pos // alignment) * alignment
+    g = GGUFFile(path, version, alignment, data_offset, size, kvs, kv_types, kv_offsets, tensors)
+    _place_tensors(cur, g)
+    if check_types:
+        from .gguf_metadata import check_metadata
+        check_metadata(g, lambda message, offset: cur.fail(message, offset))
+    return g
+
+
+def _read_header(cur: Cursor) -> tuple[int, int, int]:
+    """(version, tensor count, metadata count), the counts checked against the file's size."""
+    buf, size = cur.buf, cur.size
     cur.need(4, "the magic")
     if buf[0:4] != struct.pack("<I", GGUF_MAGIC):
         cur.fail(f"not a GGUF file (magic {bytes(buf[0:4])!r}, expected b'GGUF')")
@@ -372,68 +213,41 @@ def _parse(buf, size: int, path: Path, check_types: bool = True) -> GGUFFile:
         cur.fail(f"metadata count {n_kv}; the limit is {MAX_KVS}", 16)
     if n_tensors > MAX_TENSORS:
         cur.fail(f"tensor count {n_tensors}; the limit is {MAX_TENSORS}", 8)
+    return version, n_tensors, n_kv
 
+
+def _read_kvs(cur: Cursor, n_kv: int) -> tuple[dict[str, Any], dict[str, KVType], dict[str, int]]:
+    """The metadata: values, their types, where each key starts; general.alignment checked."""
     kvs: dict[str, Any] = {}
     kv_types: dict[str, KVType] = {}
     kv_offsets: dict[str, int] = {}
     for _ in range(n_kv):
         at = cur.pos
-        key = _name(cur, cur.raw_string("a metadata key"), "metadata key", at)
+        key = read_name(cur, cur.raw_string("a metadata key"), "metadata key", at)
         if key in kvs:
             cur.fail(f"duplicate metadata key {key!r} (first at byte {kv_offsets[key]})", at)
-        vtype = _value_type(cur, key, "value type")
+        vtype = read_value_type(cur, key, "value type")
         value_at = cur.pos
-        value, element = _read_value(cur, key, vtype)
+        value, element = read_value(cur, key, vtype)
         kvs[key], kv_types[key], kv_offsets[key] = value, KVType(vtype, element), at
         if key == Keys.General.ALIGNMENT:
             if vtype != GGUFValueType.UINT32:
                 cur.fail(f"{key} must be a UINT32, not {vtype.name}", value_at - 4)
             if value == 0 or value & (value - 1):
                 cur.fail(f"{key} = {value} is not a power of two", value_at)
-    alignment = int(kvs.get(Keys.General.ALIGNMENT, GGUF_DEFAULT_ALIGNMENT))
+    return kvs, kv_types, kv_offsets
 
-    tensors: list[GGUFTensor] = []
-    names: dict[str, int] = {}
-    for _ in range(n_tensors):
-        at = cur.pos
-        t = _read_tensor_info(cur, alignment)
-        if t.name in names:
-            cur.fail(f"duplicate tensor name (first at byte {names[t.name]})", at, t.name)
-        names[t.name] = at
-        tensors.append(t)
 
-    data_offset = -(-cur.pos // alignment) * alignment
-    g = GGUFFile(path, version, alignment, data_offset, size, kvs, kv_types, kv_offsets, tensors)
-    for t in tensors:
-        t.offset += data_offset   # was relative to the data section
+def _place_tensors(cur: Cursor, g: GGUFFile) -> None:
+    """Tensor offsets made absolute, each inside the file and none overlapping another."""
+    for t in g.tensors:
+        t.offset += g.data_offset   # was relative to the data section
         t._file = g
-        if t.nbytes > size - t.offset:   # also catches data_offset itself past the end
-            cur.fail(f"data [{t.offset}, {t.offset + t.nbytes}) runs past the end of the file ({size} bytes)",
+        if t.nbytes > g.file_size - t.offset:   # also catches data_offset itself past the end
+            cur.fail(f"data [{t.offset}, {t.offset + t.nbytes}) runs past the end of the file ({g.file_size} bytes)",
                      t.info_offset, t.name)
-    by_start = sorted(tensors, key=lambda t: t.offset)
+    by_start = sorted(g.tensors, key=lambda t: t.offset)
     for a, b in zip(by_start, by_start[1:]):
         if a.offset + a.nbytes > b.offset:
             cur.fail(f"data [{b.offset}, {b.offset + b.nbytes}) overlaps tensor {a.name} "
                      f"[{a.offset}, {a.offset + a.nbytes})", b.info_offset, b.name)
-    if check_types:
-        from .gguf_metadata import check_metadata
-        check_metadata(g, lambda message, offset: cur.fail(message, offset))
-    return g
-
-
-def check_write_caps(kvs, file=None) -> None:
-    """What llmconv writes, its own reader must accept: the same caps on strings and arrays
-    as gguf_reader applies on read (a 65 MiB chat template would make an unreadable file)."""
-    def size(s) -> int:
-        return len(s.encode("utf-8", "surrogatepass")) if isinstance(s, str) else len(s)
-
-    for kv in kvs:
-        values = kv.value if kv.type == GGUFValueType.ARRAY else [kv.value]
-        if kv.type == GGUFValueType.ARRAY and len(values) > MAX_ARRAY_ITEMS:
-            raise LlmconvError(f"metadata {kv.key} would have {len(values)} items; GGUF readers accept at most "
-                               f"{MAX_ARRAY_ITEMS}", file=file)
-        if GGUFValueType.STRING in (kv.type, kv.sub_type):
-            for s in values:
-                if size(s) > MAX_STRING_BYTES:
-                    raise LlmconvError(f"metadata {kv.key} would hold a string of {size(s)} bytes; GGUF readers "
-                                       f"accept at most {MAX_STRING_BYTES}", file=file)

@@ -1,4 +1,5 @@
-"""Shared pieces of the K-quant kernels (q2_K ... q6_K): ggml's rounding, scale search and packing.
+"""Shared pieces of the K-quant kernels (q2_K ... q6_K): ggml's rounding and packing (the scale
+searches are in k_search.py).
 
 These follow llama.cpp's reference quantizers (the path llama-quantize takes when no importance
 matrix is given) operation by operation, so that the bytes come out identical:
@@ -20,15 +21,15 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from ._blocks import output_blocks, select   # output buffers; float32 np.where by bit operations (np.where branches per element)
 
 try:  # the clip ufunc itself: np.clip adds ~5 us of Python per call, in loops over 16 elements
-    from numpy._core.umath import clip as _clip
+    from numpy._core.umath import clip as fast_clip
 except ImportError:  # pragma: no cover
-    _clip = np.clip
+    fast_clip = np.clip
 
 QK_K = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][0]   # 256 weights per super-block
 GROUP_MAX_EPS = np.float32(1e-15)  # below this a group counts as all zero
 
 F32 = np.float32
-_MAGIC = F32(12582912.0)          # 1.5 * 2**23: adding it rounds to an integer, ties to even
+MAGIC = F32(12582912.0)           # 1.5 * 2**23: adding it rounds to an integer, ties to even
 
 # Super-blocks quantized per numpy pass: big enough that numpy's per-call overhead is small,
 # small enough that the [n, groups] temporaries stay in the L2/L3 cache.
@@ -41,7 +42,7 @@ def nearest_int(v: np.ndarray) -> np.ndarray:
     Equal to round-half-to-even for |v| <= 2**22; for larger values (x/d with a tiny
     fp16 scale) it reproduces ggml's wrapped result, which the callers then clamp.
     """
-    bits = (v + _MAGIC).view(np.int32)
+    bits = (v + MAGIC).view(np.int32)
     return (bits & 0x007FFFFF) - 0x00400000
 
 
@@ -51,11 +52,11 @@ def nearest_int_clip(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
     Same operations as nearest_int, done in place: no fresh array-sized temporaries (on
     the 1 MB [16, groups] arrays, allocating them cost more than the arithmetic).
     """
-    v += _MAGIC
+    v += MAGIC
     vi = v.view(np.int32)
     vi &= 0x007FFFFF
     vi -= 0x00400000
-    return _clip(vi, np.int32(lo), np.int32(hi), out=vi)
+    return fast_clip(vi, np.int32(lo), np.int32(hi), out=vi)
 
 
 def round_small(v: np.ndarray) -> np.ndarray:
@@ -168,268 +169,6 @@ def over_superblocks(x: np.ndarray, type_size: int, quantize_chunk: Callable[[np
             stop = start + CHUNK_SUPERBLOCKS
             out[start:stop] = quantize_chunk(xb[start:stop])
     return out.reshape(rows, n // QK_K * type_size)
-
-
-# ---------------------------------------------------------------- scale searches
-
-
-def make_qx_quants_rmse1(x: np.ndarray, nmax: int,
-                         weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """ggml make_qx_quants(n, nmax, x, L, rmse_type=1, qw) for x[n, groups].
-
-    Symmetric quantization to [-nmax, nmax-1] weighted by `weights` (qw; x**2 when None, as
-    C does for qw=NULL): try iscale = -(nmax + 0.1*k)/max for k = 0, -9..9 and keep the one
-    with the largest sumlx**2/suml2.
-    Returns (scale[groups], L[n, groups] as uint8 in 0..2*nmax-1; all zero for all-zero groups).
-    """
-    amax_signed = first_absmax(x)
-    zero = np.abs(amax_signed) < GROUP_MAX_EPS
-    safe_max = np.where(zero, F32(1.0), amax_signed)
-
-    w = x * x if weights is None else weights
-    wx = w * x                                     # C: w*x[i]*l == (w*x[i])*l
-    lo, hi = F32(-nmax), F32(nmax - 1)
-    l = np.empty_like(x)
-    t = np.empty_like(x)
-
-    # Overflowed inputs (inf scales from an extreme imatrix) make x*iscale inf or NaN, where
-    # rint differs from C's nearest_int: take the exact integer path then.
-    exact = not np.isfinite(x).all()
-
-    def levels(iscale):
-        np.multiply(x, iscale, out=l)
-        if exact:
-            l[...] = nearest_int_clip(l.copy(), -nmax, nmax - 1)
-        else:
-            round_small(l)
-            _clip(l, lo, hi, out=l)
-
-    def sums(iscale):
-        levels(iscale)
-        np.multiply(wx, l, out=t)
-        sumlx = seq_sum_from_zero(t)
-        np.multiply(w, l, out=t)
-        np.multiply(t, l, out=t)                   # C: w*l*l == (w*l)*l
-        suml2 = seq_sum_from_zero(t)
-        return sumlx, suml2
-
-    best_iscale = F32(-nmax) / safe_max
-    sumlx, suml2 = sums(best_iscale)
-    scale = np.where(suml2 != 0, sumlx / suml2, F32(0.0))
-    best = scale * sumlx
-    for k in range(-9, 10):
-        if k == 0:
-            continue
-        iscale = -(F32(nmax) + F32(0.1) * F32(k)) / safe_max
-        sumlx, suml2 = sums(iscale)
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        new_scale = sumlx / suml2
-        scale = select(better, new_scale, scale)
-        best = select(better, new_scale * sumlx, best)
-        best_iscale = select(better, iscale, best_iscale)
-
-    # L of the winning iscale (C recomputes it the same way when it keeps a candidate)
-    levels(best_iscale)
-    L = (l + F32(nmax)).astype(np.uint8)
-    L[:, zero] = 0
-    scale = np.where(zero, F32(0.0), scale)
-    return scale, L
-
-
-def make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """ggml make_q3_quants(n, nmax, x, L, do_rmse=true) for x[n, groups].
-
-    Start from iscale = -nmax/max, then up to 5 sweeps of coordinate descent that move one L[i]
-    at a time to the value that best fits the current least-squares scale. The sweep is
-    sequential inside a group, so it loops over i and vectorizes across groups. A group whose
-    sweep changed nothing would change nothing in the next sweep either, so running all five
-    sweeps for every group gives C's result with its early exit.
-    Returns (scale[groups], L[n, groups] uint8 in 0..2*nmax-1; all zero for all-zero groups).
-    """
-    n = x.shape[0]
-    amax_signed = first_absmax(x)
-    zero = np.abs(amax_signed) < GROUP_MAX_EPS
-    safe_max = np.where(zero, F32(1.0), amax_signed)
-    iscale = F32(-nmax) / safe_max
-
-    L = nearest_int_clip(x * iscale, -nmax, nmax - 1).astype(F32)
-    w = x * x
-    wx = w * x
-    sumlx = seq_sum_from_zero(wx * L)
-    t = w * L
-    t *= L
-    suml2 = seq_sum_from_zero(t)
-
-    # Only groups that changed in the last sweep can change in the next one: sweep those.
-    lo_i, hi_i = np.int32(-nmax), np.int32(nmax - 1)
-    active = np.arange(x.shape[1])
-    for _sweep in range(5):
-        if active.size == 0:
-            break
-        if active.size == x.shape[1]:                # first sweep: everything, no gather
-            xa, wa, wxa, La, slx_a, sl2_a = x, w, wx, L, sumlx, suml2
-        else:
-            xa, wa, wxa, La = x[:, active], w[:, active], wx[:, active], L[:, active]
-            slx_a, sl2_a = sumlx[active], suml2[active]
-        changed = np.zeros(active.size, dtype=bool)
-        # Every temporary has a preallocated buffer: these loops run 80 times per chunk on
-        # small arrays, where numpy's allocation and call overhead is most of the cost.
-        slx, sl2, v, nl, slx2, sl22, c1, c2 = (np.empty(active.size, F32) for _ in range(8))
-        vi = v.view(np.int32)
-        take, flag = np.empty(active.size, bool), np.empty(active.size, bool)
-        for i in range(n):
-            wi, wxi, xi, Li = wa[i], wxa[i], xa[i], La[i]
-            np.multiply(wxi, Li, out=c1)
-            np.subtract(slx_a, c1, out=slx)                     # slx = sumlx - w*x*L
-            np.multiply(wi, Li, out=c1)
-            c1 *= Li
-            np.subtract(sl2_a, c1, out=sl2)                     # sl2 = suml2 - w*L*L
-            np.multiply(xi, sl2, out=v)
-            v /= slx
-            v += _MAGIC                                         # nearest_int, as in nearest_int()
-            vi &= 0x007FFFFF
-            vi -= 0x00400000
-            _clip(vi, lo_i, hi_i, out=vi)
-            np.copyto(nl, vi, casting="unsafe")                 # new_l as float32
-            np.multiply(wxi, nl, out=slx2)
-            slx2 += slx
-            np.multiply(wi, nl, out=sl22)
-            sl22 *= nl
-            sl22 += sl2
-            np.multiply(slx2, slx2, out=c1)
-            c1 *= sl2_a
-            np.multiply(slx_a, slx_a, out=c2)
-            c2 *= sl22
-            np.greater(c1, c2, out=take)                        # (slx2^2)*suml2 > (sumlx^2)*sl22
-            np.greater(slx, F32(0), out=flag)
-            take &= flag
-            np.not_equal(nl, Li, out=flag)
-            take &= flag
-            np.greater(sl22, F32(0), out=flag)
-            take &= flag
-            np.copyto(Li, nl, where=take)
-            np.copyto(slx_a, slx2, where=take)
-            np.copyto(sl2_a, sl22, where=take)
-            changed |= take
-        if La is not L:
-            L[:, active] = La
-            sumlx[active] = slx_a
-            suml2[active] = sl2_a
-        active = active[changed]
-
-    scale = np.where(suml2 > 0, sumlx / suml2, F32(0.0))
-    Lq = (L + F32(nmax)).astype(np.uint8)
-    Lq[:, zero] = 0
-    scale = np.where(zero, F32(0.0), scale)
-    return scale, Lq
-
-
-def first_min_clamped(x: np.ndarray) -> np.ndarray:
-    """C's `min = x[0]; if (x[i] < min) min = x[i]; ... if (min > 0) min = 0;` per group (axis 0).
-
-    Only the sign of a zero minimum depends on the order: C keeps the first zero it meets
-    (stored as is in q4_1/q5_1's m by the weighted search), and +0 when every x > 0.
-    """
-    xmin = x.min(axis=0)
-    zero = np.flatnonzero(xmin == 0)
-    if zero.size:
-        sub = x[:, zero]
-        xmin[zero] = sub[np.argmax(sub == 0, axis=0), np.arange(zero.size)]
-    xmin[xmin > 0] = F32(0.0)
-    return xmin
-
-
-def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float,
-                     nstep: int, use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ggml make_qkx2_quants for x[n, groups]: asymmetric quantization x ~ scale*L - the_min.
-
-    Start with L spanning [min(x, 0), max(x)], then for iscale = (rmin + rdelta*k + nmax)/(max-min),
-    k = 0..nstep, fit scale and min by weighted least squares and keep the candidate with the
-    smallest weighted squared (use_mad: absolute) error.
-    Returns (scale[groups], the_min[groups] (= -min), L[n, groups] uint8 in 0..nmax).
-
-    This is also ggml's make_qkx3_quants with explicit weights (the imatrix paths): the two
-    differ only in `max == min` vs `max <= min` for the flat case, the same test once min <= max.
-    """
-    xmin = first_min_clamped(x)
-    xmax = x.max(axis=0)
-    flat = xmax == xmin
-    live = ~flat
-
-    sum_w = seq_sum(weights)                        # C starts these at element 0, not at 0
-    sum_x = seq_sum(weights * x)
-    fnmax = F32(nmax)
-    xm = x - xmin                                   # C: iscale*(x[i] - min), kept up to date below
-    l = np.empty_like(x)
-    t = np.empty_like(x)
-
-    def levels(iscale):
-        np.multiply(xm, iscale, out=l)
-        if np.isfinite(iscale).all():
-            round_small(l)                          # |iscale*(x - min)| <= nmax + 1 here
-            _clip(l, F32(0.0), fnmax, out=l)        # once min moved, x - min can be < 0
-        else:
-            # max - min subnormal: iscale is inf, and C's nearest_int of inf/NaN gives
-            # -4194304/0, clamped to 0 (rint would give nmax)
-            l[...] = nearest_int_clip(l.copy(), 0, nmax)
-        return l
-
-    def error(scale, minv, l):
-        np.multiply(l, scale, out=t)                # C: scale*L[i] + min - x[i]
-        np.add(t, minv, out=t)
-        np.subtract(t, x, out=t)
-        if use_mad:
-            np.abs(t, out=t)
-        else:
-            np.multiply(t, t, out=t)
-        np.multiply(t, weights, out=t)
-        return seq_sum_from_zero(t)
-
-    # C updates `min` whenever a candidate wins, and later candidates measure both
-    # iscale and the levels from that updated min; so track it, and the (iscale, min)
-    # pair that produced the kept L.
-    minv = xmin.copy()
-    span = np.where(flat, F32(1.0), xmax - xmin)
-    best_iscale = fnmax / span
-    best_shift = xmin.copy()
-    scale = F32(1.0) / best_iscale
-    best_error = error(scale, minv, levels(best_iscale))
-
-    if nstep >= 1:
-        wl = np.empty_like(x)
-        for k in range(nstep + 1):
-            iscale = (F32(rmin) + F32(rdelta) * F32(k) + fnmax) / span
-            levels(iscale)
-            np.multiply(weights, l, out=wl)
-            sum_l = seq_sum_from_zero(wl)
-            np.multiply(wl, l, out=t)
-            sum_l2 = seq_sum_from_zero(t)
-            np.multiply(wl, x, out=t)               # C: w*l*x[i] == (w*l)*x[i]
-            sum_xl = seq_sum_from_zero(t)
-            D = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            clamp = this_min > 0
-            this_min[clamp] = 0
-            np.copyto(this_scale, sum_xl / sum_l2, where=clamp)
-            cur_error = error(this_scale, this_min, l)
-            better = (D > 0) & (cur_error < best_error) & live
-            won = np.flatnonzero(better)
-            if won.size == 0:
-                continue
-            best_error[won] = cur_error[won]
-            scale[won] = this_scale[won]
-            best_iscale[won] = iscale[won]
-            best_shift[won] = minv[won]
-            minv[won] = this_min[won]
-            span[won] = xmax[won] - minv[won]
-            np.subtract(x, minv, out=xm)
-
-    np.subtract(x, best_shift, out=xm)
-    L = levels(best_iscale).astype(np.uint8)
-    L[:, flat] = 0
-    scale[flat] = 0
-    return scale, -minv, L
 
 
 # ---------------------------------------------------------------- 6-bit scale/min packing

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .k_common import (F32, block_major, element_major, fp16_bits, fp16_value, make_qkx2_quants,
-                       nearest_int, nearest_int_clip, pack_scale_min_k4, seq_sum_from_zero,
-                       unpack_scale_min_k4)
+from .k_common import (F32, block_major, element_major, fp16_bits, fp16_value, nearest_int, nearest_int_clip,
+                       pack_scale_min_k4, seq_sum_from_zero, unpack_scale_min_k4)
+from .k_search import make_qkx2_quants
 
 
 def quantize_scale_min(xb: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):

@@ -22,10 +22,10 @@ from typing import Callable
 import numpy as np
 
 from . import q6_k
-from .k_common import (CHUNK_SUPERBLOCKS, F32, GROUP_MAX_EPS, QK_K, block_major, element_major,
-                       fp16_bits, fp16_value, make_qkx2_quants, make_qx_quants_rmse1, nearest_int,
-                       nearest_int_clip, pack_2bit_quarters, pack_scale_min_k4, seq_sum_from_zero,
+from .k_common import (CHUNK_SUPERBLOCKS, F32, GROUP_MAX_EPS, QK_K, block_major, element_major, fp16_bits, fp16_value,
+                       nearest_int, nearest_int_clip, pack_2bit_quarters, pack_scale_min_k4, seq_sum_from_zero,
                        unpack_scale_min_k4)
+from .k_search import make_qkx2_quants, make_qx_quants_rmse1
 from .q3_k import pack_scales as pack_q3_scales
 from .q3_k import unpack_scales as unpack_q3_scales
 

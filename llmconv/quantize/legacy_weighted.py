@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 
 from ._blocks import QK, NonFiniteError
-from .k_common import F32, make_qkx2_quants, make_qx_quants_rmse1, seq_sum_from_zero
+from .k_common import F32, seq_sum_from_zero
+from .k_search import make_qkx2_quants, make_qx_quants_rmse1
 
 ROWS_BLOCKS = 8192          # blocks per numpy pass: keeps the [32, blocks] temporaries in cache
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .k_common import (F32, block_major, element_major, fp16_bits, fp16_value, make_qkx2_quants,
-                       nearest_int, nearest_int_clip, over_superblocks, pack_2bit_quarters,
-                       superblocks, unpack_2bit_quarters)
+from .k_common import (F32, block_major, element_major, fp16_bits, fp16_value, nearest_int, nearest_int_clip,
+                       over_superblocks, pack_2bit_quarters, superblocks, unpack_2bit_quarters)
+from .k_search import make_qkx2_quants
 
 TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q2_K][1]     # 84 bytes per block
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .k_common import (F32, block_major, element_major, first_absmax, fp16_bits, fp16_value,
-                       make_q3_quants_rmse, nearest_int, nearest_int_clip, over_superblocks,
-                       pack_2bit_quarters, superblocks, unpack_2bit_quarters)
+from .k_common import (F32, block_major, element_major, first_absmax, fp16_bits, fp16_value, nearest_int,
+                       nearest_int_clip, over_superblocks, pack_2bit_quarters, superblocks, unpack_2bit_quarters)
+from .k_search import make_q3_quants_rmse
 
 TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q3_K][1]     # 110 bytes per block
 _BITS = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .k_common import (F32, GROUP_MAX_EPS, block_major, element_major, first_absmax,
-                       fp16_bits, fp16_value, make_qx_quants_rmse1, nearest_int, nearest_int_clip,
-                       over_superblocks, superblocks)
+from .k_common import (F32, GROUP_MAX_EPS, block_major, element_major, first_absmax, fp16_bits, fp16_value,
+                       nearest_int, nearest_int_clip, over_superblocks, superblocks)
+from .k_search import make_qx_quants_rmse1
 
 TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K][1]     # 210 bytes per block
 

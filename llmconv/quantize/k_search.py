@@ -1,0 +1,311 @@
+"""ggml's scale searches, shared by the K-quant and weighted legacy kernels: make_qx_quants
+(rmse_type 1), make_q3_quants (do_rmse) and make_qkx2_quants, for x[n, groups].
+
+The float32 rules of k_common.py hold here: every operation in C's order and rounding, sums
+sequential over the element axis, the work vectorized across groups.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._blocks import select
+from .k_common import (F32, GROUP_MAX_EPS, MAGIC, fast_clip, first_absmax, nearest_int_clip, round_small, seq_sum,
+                       seq_sum_from_zero)
+
+
+# ---------------------------------------------------------------- make_qx_quants, rmse_type 1
+
+def make_qx_quants_rmse1(x: np.ndarray, nmax: int,
+                         weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ggml make_qx_quants(n, nmax, x, L, rmse_type=1, qw) for x[n, groups].
+
+    Symmetric quantization to [-nmax, nmax-1] weighted by `weights` (qw; x**2 when None, as
+    C does for qw=NULL): try iscale = -(nmax + 0.1*k)/max for k = 0, -9..9 and keep the one
+    with the largest sumlx**2/suml2.
+    Returns (scale[groups], L[n, groups] as uint8 in 0..2*nmax-1; all zero for all-zero groups).
+    """
+    amax_signed = first_absmax(x)
+    zero = np.abs(amax_signed) < GROUP_MAX_EPS
+    safe_max = np.where(zero, F32(1.0), amax_signed)
+    fit = _SymmetricFit(x, nmax, x * x if weights is None else weights)
+
+    best_iscale = F32(-nmax) / safe_max
+    sumlx, suml2 = fit.sums(best_iscale)
+    scale = np.where(suml2 != 0, sumlx / suml2, F32(0.0))
+    best = scale * sumlx
+    for k in range(-9, 10):
+        if k == 0:
+            continue
+        iscale = -(F32(nmax) + F32(0.1) * F32(k)) / safe_max
+        sumlx, suml2 = fit.sums(iscale)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        new_scale = sumlx / suml2
+        scale = select(better, new_scale, scale)
+        best = select(better, new_scale * sumlx, best)
+        best_iscale = select(better, iscale, best_iscale)
+
+    # L of the winning iscale (C recomputes it the same way when it keeps a candidate)
+    L = (fit.levels(best_iscale) + F32(nmax)).astype(np.uint8)
+    L[:, zero] = 0
+    scale = np.where(zero, F32(0.0), scale)
+    return scale, L
+
+
+class _SymmetricFit:
+    """make_qx_quants's candidate levels and weighted sums, in buffers reused across candidates."""
+
+    def __init__(self, x: np.ndarray, nmax: int, w: np.ndarray):
+        self.x, self.nmax, self.w = x, nmax, w
+        self.wx = w * x                                # C: w*x[i]*l == (w*x[i])*l
+        self.l, self.t = np.empty_like(x), np.empty_like(x)
+        # Overflowed inputs (inf scales from an extreme imatrix) make x*iscale inf or NaN, where
+        # rint differs from C's nearest_int: take the exact integer path then.
+        self.exact = not np.isfinite(x).all()
+
+    def levels(self, iscale: np.ndarray) -> np.ndarray:
+        l, nmax = self.l, self.nmax
+        np.multiply(self.x, iscale, out=l)
+        if self.exact:
+            l[...] = nearest_int_clip(l.copy(), -nmax, nmax - 1)
+        else:
+            round_small(l)
+            fast_clip(l, F32(-nmax), F32(nmax - 1), out=l)
+        return l
+
+    def sums(self, iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        l, t = self.levels(iscale), self.t
+        np.multiply(self.wx, l, out=t)
+        sumlx = seq_sum_from_zero(t)
+        np.multiply(self.w, l, out=t)
+        np.multiply(t, l, out=t)                       # C: w*l*l == (w*l)*l
+        return sumlx, seq_sum_from_zero(t)
+
+
+# ---------------------------------------------------------------- make_q3_quants, do_rmse
+
+def make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """ggml make_q3_quants(n, nmax, x, L, do_rmse=true) for x[n, groups].
+
+    Start from iscale = -nmax/max, then up to 5 sweeps of coordinate descent that move one L[i]
+    at a time to the value that best fits the current least-squares scale. The sweep is
+    sequential inside a group, so it loops over i and vectorizes across groups. A group whose
+    sweep changed nothing would change nothing in the next sweep either, so running all five
+    sweeps for every group gives C's result with its early exit.
+    Returns (scale[groups], L[n, groups] uint8 in 0..2*nmax-1; all zero for all-zero groups).
+    """
+    amax_signed = first_absmax(x)
+    zero = np.abs(amax_signed) < GROUP_MAX_EPS
+    safe_max = np.where(zero, F32(1.0), amax_signed)
+    iscale = F32(-nmax) / safe_max
+
+    L = nearest_int_clip(x * iscale, -nmax, nmax - 1).astype(F32)
+    w = x * x
+    wx = w * x
+    sumlx = seq_sum_from_zero(wx * L)
+    t = w * L
+    t *= L
+    suml2 = seq_sum_from_zero(t)
+
+    # Only groups that changed in the last sweep can change in the next one: sweep those.
+    active = np.arange(x.shape[1])
+    for _sweep in range(5):
+        if active.size == 0:
+            break
+        if active.size == x.shape[1]:                # first sweep: everything, no gather
+            xa, wa, wxa, La, slx_a, sl2_a = x, w, wx, L, sumlx, suml2
+        else:
+            xa, wa, wxa, La = x[:, active], w[:, active], wx[:, active], L[:, active]
+            slx_a, sl2_a = sumlx[active], suml2[active]
+        changed = _q3_sweep(xa, wa, wxa, La, slx_a, sl2_a, nmax)
+        if La is not L:
+            L[:, active] = La
+            sumlx[active] = slx_a
+            suml2[active] = sl2_a
+        active = active[changed]
+
+    scale = np.where(suml2 > 0, sumlx / suml2, F32(0.0))
+    Lq = (L + F32(nmax)).astype(np.uint8)
+    Lq[:, zero] = 0
+    scale = np.where(zero, F32(0.0), scale)
+    return scale, Lq
+
+
+def _q3_sweep(xa, wa, wxa, La, slx_a, sl2_a, nmax: int) -> np.ndarray:
+    """One coordinate-descent sweep over the elements of the given groups, updating La, slx_a
+    (sumlx) and sl2_a (suml2) in place; returns which groups changed."""
+    lo_i, hi_i = np.int32(-nmax), np.int32(nmax - 1)
+    m = slx_a.size
+    changed = np.zeros(m, dtype=bool)
+    # Every temporary has a preallocated buffer: these loops run 80 times per chunk on
+    # small arrays, where numpy's allocation and call overhead is most of the cost.
+    slx, sl2, v, nl, slx2, sl22, c1, c2 = (np.empty(m, F32) for _ in range(8))
+    vi = v.view(np.int32)
+    take, flag = np.empty(m, bool), np.empty(m, bool)
+    for i in range(xa.shape[0]):
+        wi, wxi, xi, Li = wa[i], wxa[i], xa[i], La[i]
+        np.multiply(wxi, Li, out=c1)
+        np.subtract(slx_a, c1, out=slx)                     # slx = sumlx - w*x*L
+        np.multiply(wi, Li, out=c1)
+        c1 *= Li
+        np.subtract(sl2_a, c1, out=sl2)                     # sl2 = suml2 - w*L*L
+        np.multiply(xi, sl2, out=v)
+        v /= slx
+        v += MAGIC                                          # nearest_int, as in nearest_int()
+        vi &= 0x007FFFFF
+        vi -= 0x00400000
+        fast_clip(vi, lo_i, hi_i, out=vi)
+        np.copyto(nl, vi, casting="unsafe")                 # new_l as float32
+        np.multiply(wxi, nl, out=slx2)
+        slx2 += slx
+        np.multiply(wi, nl, out=sl22)
+        sl22 *= nl
+        sl22 += sl2
+        np.multiply(slx2, slx2, out=c1)
+        c1 *= sl2_a
+        np.multiply(slx_a, slx_a, out=c2)
+        c2 *= sl22
+        np.greater(c1, c2, out=take)                        # (slx2^2)*suml2 > (sumlx^2)*sl22
+        np.greater(slx, F32(0), out=flag)
+        take &= flag
+        np.not_equal(nl, Li, out=flag)
+        take &= flag
+        np.greater(sl22, F32(0), out=flag)
+        take &= flag
+        np.copyto(Li, nl, where=take)
+        np.copyto(slx_a, slx2, where=take)
+        np.copyto(sl2_a, sl22, where=take)
+        changed |= take
+    return changed
+
+
+# ---------------------------------------------------------------- make_qkx2_quants
+
+def first_min_clamped(x: np.ndarray) -> np.ndarray:
+    """C's `min = x[0]; if (x[i] < min) min = x[i]; ... if (min > 0) min = 0;` per group (axis 0).
+
+    Only the sign of a zero minimum depends on the order: C keeps the first zero it meets
+    (stored as is in q4_1/q5_1's m by the weighted search), and +0 when every x > 0.
+    """
+    xmin = x.min(axis=0)
+    zero = np.flatnonzero(xmin == 0)
+    if zero.size:
+        sub = x[:, zero]
+        xmin[zero] = sub[np.argmax(sub == 0, axis=0), np.arange(zero.size)]
+    xmin[xmin > 0] = F32(0.0)
+    return xmin
+
+
+def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float,
+                     nstep: int, use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ggml make_qkx2_quants for x[n, groups]: asymmetric quantization x ~ scale*L - the_min.
+
+    Start with L spanning [min(x, 0), max(x)], then for iscale = (rmin + rdelta*k + nmax)/(max-min),
+    k = 0..nstep, fit scale and min by weighted least squares and keep the candidate with the
+    smallest weighted squared (use_mad: absolute) error.
+    Returns (scale[groups], the_min[groups] (= -min), L[n, groups] uint8 in 0..nmax).
+
+    This is also ggml's make_qkx3_quants with explicit weights (the imatrix paths): the two
+    differ only in `max == min` vs `max <= min` for the flat case, the same test once min <= max.
+    """
+    xmin = first_min_clamped(x)
+    xmax = x.max(axis=0)
+    flat = xmax == xmin
+    fit = _AsymmetricFit(x, weights, nmax, use_mad, xmin)
+
+    # C updates `min` whenever a candidate wins, and later candidates measure both
+    # iscale and the levels from that updated min; so track it, and the (iscale, min)
+    # pair that produced the kept L.
+    span = np.where(flat, F32(1.0), xmax - xmin)
+    best = _Best(minv=xmin.copy(), span=span, iscale=F32(nmax) / span, shift=xmin.copy(), scale=None, error=None)
+    best.scale = F32(1.0) / best.iscale
+    best.error = fit.error(best.scale, best.minv, fit.levels(best.iscale))
+    if nstep >= 1:
+        _qkx2_steps(fit, best, xmax, ~flat, rmin, rdelta, nstep)
+
+    np.subtract(x, best.shift, out=fit.xm)
+    L = fit.levels(best.iscale).astype(np.uint8)
+    L[:, flat] = 0
+    best.scale[flat] = 0
+    return best.scale, -best.minv, L
+
+
+@dataclass
+class _Best:
+    """make_qkx2_quants's state per group: the current min and span, and the kept candidate."""
+    minv: np.ndarray
+    span: np.ndarray
+    iscale: np.ndarray
+    shift: np.ndarray            # the min the kept L was measured from
+    scale: np.ndarray | None
+    error: np.ndarray | None
+
+
+class _AsymmetricFit:
+    """make_qkx2_quants's candidate levels and errors, in buffers reused across candidates."""
+
+    def __init__(self, x: np.ndarray, weights: np.ndarray, nmax: int, use_mad: bool, xmin: np.ndarray):
+        self.x, self.w, self.nmax, self.fnmax, self.use_mad = x, weights, nmax, F32(nmax), use_mad
+        self.sum_w = seq_sum(weights)                # C starts these at element 0, not at 0
+        self.sum_x = seq_sum(weights * x)
+        self.xm = x - xmin                           # C: iscale*(x[i] - min), kept up to date
+        self.l, self.t = np.empty_like(x), np.empty_like(x)
+
+    def levels(self, iscale: np.ndarray) -> np.ndarray:
+        l = self.l
+        np.multiply(self.xm, iscale, out=l)
+        if np.isfinite(iscale).all():
+            round_small(l)                           # |iscale*(x - min)| <= nmax + 1 here
+            fast_clip(l, F32(0.0), self.fnmax, out=l)   # once min moved, x - min can be < 0
+        else:
+            # max - min subnormal: iscale is inf, and C's nearest_int of inf/NaN gives
+            # -4194304/0, clamped to 0 (rint would give nmax)
+            l[...] = nearest_int_clip(l.copy(), 0, self.nmax)
+        return l
+
+    def error(self, scale: np.ndarray, minv: np.ndarray, l: np.ndarray) -> np.ndarray:
+        t = self.t
+        np.multiply(l, scale, out=t)                 # C: scale*L[i] + min - x[i]
+        np.add(t, minv, out=t)
+        np.subtract(t, self.x, out=t)
+        if self.use_mad:
+            np.abs(t, out=t)
+        else:
+            np.multiply(t, t, out=t)
+        np.multiply(t, self.w, out=t)
+        return seq_sum_from_zero(t)
+
+
+def _qkx2_steps(fit: _AsymmetricFit, best: _Best, xmax: np.ndarray, live: np.ndarray, rmin: float, rdelta: float,
+                nstep: int) -> None:
+    """The candidates k = 0..nstep: least-squares scale and min for each, the better ones kept."""
+    x, l, t = fit.x, fit.l, fit.t
+    wl = np.empty_like(x)
+    for k in range(nstep + 1):
+        iscale = (F32(rmin) + F32(rdelta) * F32(k) + fit.fnmax) / best.span
+        fit.levels(iscale)
+        np.multiply(fit.w, l, out=wl)
+        sum_l = seq_sum_from_zero(wl)
+        np.multiply(wl, l, out=t)
+        sum_l2 = seq_sum_from_zero(t)
+        np.multiply(wl, x, out=t)                    # C: w*l*x[i] == (w*l)*x[i]
+        sum_xl = seq_sum_from_zero(t)
+        D = fit.sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (fit.sum_w * sum_xl - fit.sum_x * sum_l) / D
+        this_min = (sum_l2 * fit.sum_x - sum_l * sum_xl) / D
+        clamp = this_min > 0
+        this_min[clamp] = 0
+        np.copyto(this_scale, sum_xl / sum_l2, where=clamp)
+        cur_error = fit.error(this_scale, this_min, l)
+        better = (D > 0) & (cur_error < best.error) & live
+        won = np.flatnonzero(better)
+        if won.size == 0:
+            continue
+        best.error[won] = cur_error[won]
+        best.scale[won] = this_scale[won]
+        best.iscale[won] = iscale[won]
+        best.shift[won] = best.minv[won]
+        best.minv[won] = this_min[won]
+        best.span[won] = xmax[won] - best.minv[won]
+        np.subtract(x, best.minv, out=fit.xm)
