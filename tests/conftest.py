@@ -1,9 +1,11 @@
-"""Shared test plumbing.
+"""Shared test plumbing: the skip hook below and the `converted` fixture.
 
 Tests that need an outside oracle (llama-cpp-python, ctransformers, the real-tokenizer
 packages) import it where they use it. Where it is not installed, such a test is skipped with
 a reason instead of failing; CI installs every oracle, so there they all run."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +36,24 @@ def _skip_if_oracle_missing(outcome) -> None:
     if name:
         outcome.force_exception(pytest.skip.Exception(
             f"needs {name}, an outside oracle from the test extra: pip install -e '.[test]'", _use_item_location=True))
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """`converted(checkpoint_dir, outtype, **options)`: the checkpoint converted through
+    llmconv.convert, once per session for each (checkpoint, type, options); the path of the
+    file. The files are read-only: a test that damages one works on its own copy."""
+    import llmconv
+
+    out = tmp_path_factory.mktemp("converted")
+    cache: dict[tuple, Path] = {}
+
+    def get(src: Path, outtype: str, **options) -> Path:
+        key = (Path(src).resolve(), outtype, tuple(sorted(options.items())))
+        if key not in cache:
+            path = out / f"{len(cache)}-{Path(src).name}-{outtype}.gguf"
+            llmconv.convert(src, path, outtype=outtype, **options)
+            path.chmod(0o444)
+            cache[key] = path
+        return cache[key]
+    return get

@@ -10,6 +10,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "fixtures" / "tokenizer.model"
+
+# Text that exercises the fixture tokenizer: spaces, digits, non-ASCII (byte fallback), code.
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "  Two leading spaces, and trailing ones.  ",
+    "Numbers: 3.14159, 2024-11-24, and 1,000,000!",
+    "Ünïcödé, naïve café, 東京, and an emoji 🙂 fall back to bytes.",
+    "def f(x):\n    return x * 2  # code\n\tTabbed line",
+]
 VOCAB = 512
 
 

@@ -11,33 +11,11 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, Keys
 
 from llmconv.cli import main
 
+from synth import SENTENCES
+
 ROOT = Path(__file__).resolve().parents[1]
 ONE = ROOT / "fixtures" / "tiny-llama"
 TWO = ROOT / "fixtures" / "tiny-llama-2shard"
-
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "  Two leading spaces, and trailing ones.  ",
-    "Numbers: 3.14159, 2024-11-24, and 1,000,000!",
-    "Ünïcödé, naïve café, 東京, and an emoji 🙂 fall back to bytes.",
-    "def f(x):\n    return x * 2  # code\n\tTabbed line",
-]
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """Converts the fixture once per type; returns {outtype: path}."""
-    out = tmp_path_factory.mktemp("conv")
-    cache = {}
-
-    def get(outtype: str, src: Path = ONE, *extra: str) -> Path:
-        key = (outtype, src, extra)
-        if key not in cache:
-            p = out / f"{src.name}-{outtype}-{len(cache)}.gguf"
-            assert main(["convert", str(src), "--outtype", outtype, "-o", str(p), "-q", *extra]) == 0
-            cache[key] = p
-        return cache[key]
-    return get
 
 
 def kv(reader: GGUFReader, key: str):
@@ -47,7 +25,7 @@ def kv(reader: GGUFReader, key: str):
 
 
 def test_metadata_keys_and_types(converted):
-    r = GGUFReader(converted("f16"))
+    r = GGUFReader(converted(ONE, "f16"))
     params = json.loads((ONE / "params.json").read_text())
     sp = spm.SentencePieceProcessor(model_file=str(ONE / "tokenizer.model"))
     U32, F32, STR, ARR, BOOL = (GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING,
@@ -104,7 +82,7 @@ def test_tensor_names_shapes_types(converted):
                      f"blk.{i}.ffn_norm.weight": (dim,)})
     for outtype, ggml in [("f32", GGMLQuantizationType.F32), ("f16", GGMLQuantizationType.F16),
                           ("bf16", GGMLQuantizationType.BF16)]:
-        r = GGUFReader(converted(outtype))
+        r = GGUFReader(converted(ONE, outtype))
         got = {t.name: t for t in r.tensors}
         assert set(got) == set(want)
         for name, shape in want.items():
@@ -116,15 +94,15 @@ def test_tensor_names_shapes_types(converted):
 
 
 def test_auto_keeps_source_precision(converted):
-    r = GGUFReader(converted("auto"))
+    r = GGUFReader(converted(ONE, "auto"))
     assert kv(r, Keys.General.FILE_TYPE)[0] == 32  # MOSTLY_BF16: the fixture is stored in bf16
-    assert GGUFReader(converted("auto")).get_tensor(0).tensor_type == GGMLQuantizationType.BF16
+    assert GGUFReader(converted(ONE, "auto")).get_tensor(0).tensor_type == GGMLQuantizationType.BF16
 
 
 def test_bf16_passthrough_is_exact(converted):
     import torch
     sd = torch.load(ONE / "consolidated.00.pth", weights_only=True, mmap=True)
-    r = GGUFReader(converted("bf16"))
+    r = GGUFReader(converted(ONE, "bf16"))
     t = next(t for t in r.tensors if t.name == "blk.1.ffn_down.weight")
     src = sd["layers.1.feed_forward.w2.weight"].view(torch.int16).numpy().view(np.uint16)
     assert np.array_equal(np.asarray(t.data).view(np.uint16).reshape(src.shape), src)
@@ -132,7 +110,7 @@ def test_bf16_passthrough_is_exact(converted):
 
 @pytest.mark.parametrize("outtype", ["f32", "f16", "bf16"])
 def test_two_shards_give_the_same_bytes(converted, outtype):
-    a, b = GGUFReader(converted(outtype, ONE)), GGUFReader(converted(outtype, TWO))
+    a, b = GGUFReader(converted(ONE, outtype)), GGUFReader(converted(TWO, outtype))
     ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
     assert set(ta) == set(tb)
     for name in ta:
@@ -162,7 +140,7 @@ def test_dry_run_writes_nothing_and_lists_every_tensor(tmp_path, monkeypatch, ca
 
 
 def test_ctx_override(converted):
-    r = GGUFReader(converted("f16", ONE, "--ctx", "1234"))
+    r = GGUFReader(converted(ONE, "f16", ctx=1234))
     assert kv(r, "llama.context_length")[0] == 1234
 
 
@@ -182,7 +160,7 @@ def _open(lc, path, n_ctx=256):
 @pytest.mark.llamacpp
 def test_llamacpp_tokenizes_like_sentencepiece(converted, llama_cpp):
     sp = spm.SentencePieceProcessor(model_file=str(ONE / "tokenizer.model"))
-    llm = llama_cpp.Llama(str(converted("f16")), vocab_only=True, verbose=False)
+    llm = llama_cpp.Llama(str(converted(ONE, "f16")), vocab_only=True, verbose=False)
     for s in SENTENCES:
         assert llm.tokenize(s.encode(), add_bos=True) == [sp.bos_id()] + sp.encode(s), s
 
@@ -194,7 +172,7 @@ def test_llamacpp_logits_match_reference(converted, llama_cpp, outtype, bound):
     sp = spm.SentencePieceProcessor(model_file=str(ONE / "tokenizer.model"))
     tokens = [sp.bos_id()] + sp.encode(" ".join(SENTENCES))[:100]
     ref = reference_logits(ONE, tokens)
-    llm = _open(llama_cpp, converted(outtype))
+    llm = _open(llama_cpp, converted(ONE, outtype))
     llm.eval(tokens)
     got = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     err = np.abs(got - ref).max() / np.abs(ref).max()

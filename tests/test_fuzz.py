@@ -29,7 +29,7 @@ from gguf import GGUFValueType as VT
 
 from llmconv.errors import LlmconvError
 from llmconv.formats.gguf_reader import GGUFFormatError, read_gguf
-from test_gguf_reader import GOOD_KVS, GOOD_TENSORS, build_gguf, compare_with_gguf_reader
+from gguf_build import GOOD_KVS, GOOD_TENSORS, build_gguf, compare_with_gguf_reader
 from fuzz_util import Hang, time_limit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

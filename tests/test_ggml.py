@@ -35,7 +35,7 @@ from llmconv.verify.model_file import legacy_gguf_name, open_model_file
 from llmconv.verify.reference import reference_logits
 from llmconv.verify.run import DEFAULT_TEXT, LOGIT_BOUNDS
 
-from synth import meta_state_dict, write_meta_checkpoint
+from synth import SENTENCES, meta_state_dict, write_meta_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "fixtures" / "tiny-llama"
@@ -220,8 +220,6 @@ def test_reader_roundtrip(qtype, ggjt, ckpt, sp, tmp_path):
 
 def test_ctransformers_tokenizes_like_sentencepiece(ggjt, sp, text):
     """Its tokenize() adds BOS but not SentencePiece's dummy-prefix space."""
-    from test_convert import SENTENCES
-
     llm = load_ct(ggjt["q8_0"])
     for s in SENTENCES + [text]:
         assert llm.tokenize(" " + s) == [sp.bos_id()] + sp.encode(s), s

@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as QT, GGUFReader, GGUFValueType as VT
 
 from llmconv.cli import main
 from synth import meta_state_dict, write_meta_checkpoint
-from test_gguf_reader import _gguf_reader_view, build_gguf
+from gguf_build import build_gguf, gguf_reader_view
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "fixtures" / "tiny-llama"
@@ -59,7 +59,7 @@ def _json_scalar(v):
 def test_json_agrees_with_gguf_reader(files, outtype):
     path = files[outtype]
     s = inspect_json(path)
-    r, kvs, tensors = _gguf_reader_view(path)
+    r, kvs, tensors = gguf_reader_view(path)
     assert s["format"] == "gguf" and s["version"] == int(r.fields["GGUF.version"].parts[0][0])
     assert s["alignment"] == int(r.alignment) and s["data_offset"] == int(r.data_offset)
     assert s["file_bytes"] == path.stat().st_size
@@ -106,7 +106,7 @@ def test_text_shows_every_key_and_tensor(files, capsys):
     path = files["q4_k"]
     assert main(["inspect", str(path)]) == 0
     text = capsys.readouterr().out
-    r, kvs, tensors = _gguf_reader_view(path)
+    r, kvs, tensors = gguf_reader_view(path)
     lines = text.splitlines()
     assert lines[0].startswith(f"{path.name}: GGUF v3") and f"alignment {r.alignment}" in lines[0]
     assert f"data at byte {int(r.data_offset):,}" in lines[0] and "vocab: 512 tokens" in text

@@ -14,7 +14,6 @@ import torch
 from gguf import GGUFReader
 from tokenizers import Tokenizer
 
-from llmconv.cli import main
 from llmconv.convert.rope import llama3_rope_factors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,22 +79,7 @@ def test_rope_factors_match_llamacpp_and_meta(head_dim, base, factor, high):
         assert (got == 1).any() and (got == np.float32(factor)).any() and ((got > 1) & (got < factor)).any()
 
 
-# ---- the converted fixture -----------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("llama3")
-    cache = {}
-
-    def get(src: Path = META_DIR, *extra: str) -> Path:
-        key = (src, extra)
-        if key not in cache:
-            p = out / f"{len(cache)}.gguf"
-            assert main(["convert", str(src), "--outtype", "f32", "-o", str(p), "-q", *extra]) == 0
-            cache[key] = p
-        return cache[key]
-    return get
-
+# ---- the converted file (the shared `converted` fixture, tests/conftest.py) --------------------
 
 def kv(reader: GGUFReader, key: str):
     f = reader.get_field(key)
@@ -107,7 +91,7 @@ def tensors(reader: GGUFReader) -> dict[str, np.ndarray]:
 
 
 def test_metadata_and_rope_freqs(converted):
-    r = GGUFReader(converted())
+    r = GGUFReader(converted(META_DIR, "f32"))
     assert kv(r, "tokenizer.ggml.model") == "gpt2"
     assert kv(r, "tokenizer.ggml.pre") == "llama-bpe"
     assert kv(r, "llama.context_length") == 131072           # LLaMA 3.1/3.2
@@ -128,7 +112,7 @@ def test_metadata_and_rope_freqs(converted):
 def test_embedding_split_by_vocabulary_is_joined(converted):
     shards = [torch.load(META_DIR / f"consolidated.0{k}.pth", weights_only=True) for k in range(2)]
     assert all(s["tok_embeddings.weight"].shape[0] == (N_BPE + 256) // 2 for s in shards)
-    t = tensors(GGUFReader(converted()))
+    t = tensors(GGUFReader(converted(META_DIR, "f32")))
     for meta, gguf_name in (("tok_embeddings.weight", "token_embd.weight"), ("output.weight", "output.weight")):
         joined = torch.cat([s[meta] for s in shards], dim=0).to(torch.float32).numpy()
         assert np.array_equal(t[gguf_name], joined), gguf_name
@@ -143,12 +127,12 @@ def test_llama3_without_scaled_rope(converted, tmp_path):
     (d / "params.json").write_text(json.dumps(params))
     for f in ("consolidated.00.pth", "consolidated.01.pth", "tokenizer.model"):
         (d / f).symlink_to(META_DIR / f)
-    r = GGUFReader(converted(d))
+    r = GGUFReader(converted(d, "f32"))
     assert kv(r, "llama.context_length") == 8192
     assert "rope_freqs.weight" not in tensors(r)
     assert kv(r, "tokenizer.ggml.tokens")[N_BPE + 4] == "<|reserved_special_token_2|>"
     assert kv(r, "tokenizer.ggml.eot_token_id") == N_BPE + 9
-    r = GGUFReader(converted(d, "--ctx", "2048"))
+    r = GGUFReader(converted(d, "f32", ctx=2048))
     assert kv(r, "llama.context_length") == 2048
 
 
@@ -171,7 +155,7 @@ def meta_tiktoken() -> tiktoken.Encoding:
 
 @pytest.mark.llamacpp
 def test_llamacpp_tokenizes_like_tokenizers_and_tiktoken(converted, llama_cpp):
-    llm = llama_cpp.Llama(str(converted()), vocab_only=True, verbose=False)
+    llm = llama_cpp.Llama(str(converted(META_DIR, "f32")), vocab_only=True, verbose=False)
     hf = Tokenizer.from_file(str(HF_DIR / "tokenizer.json"))
     enc = meta_tiktoken()
     for text in [TEXT] + TEXT.split("\n"):
@@ -189,7 +173,7 @@ def test_llamacpp_logits_match_reference(converted, llama_cpp, monkeypatch):
     import llmconv.verify.reference as reference
     tokens = [N_BPE] + meta_tiktoken().encode(TEXT)
     ref = reference.reference_logits(META_DIR, tokens)
-    llm = llama_cpp.Llama(str(converted()), n_ctx=256, n_batch=256, logits_all=True, type_k=0, type_v=0,
+    llm = llama_cpp.Llama(str(converted(META_DIR, "f32")), n_ctx=256, n_batch=256, logits_all=True, type_k=0, type_v=0,
                           n_threads=1, verbose=False)
     llm.eval(tokens)
     got = np.array(llm.scores[: len(tokens)], dtype=np.float32)

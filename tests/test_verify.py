@@ -31,22 +31,6 @@ TOKENS = "32"          # enough positions for attention and RoPE to matter, chea
 from verify_util import failures, rewrite_gguf, run_verify_cli, run_verify_json, tensor_raw, verdict
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """Converts the fixture once per type (llmconv's default per-tensor choices); {type: path}."""
-    out = tmp_path_factory.mktemp("verify-conv")
-    cache: dict[str, Path] = {}
-
-    def get(outtype: str, *extra: str) -> Path:
-        key = " ".join((outtype,) + extra)
-        if key not in cache:
-            p = out / f"tiny-{outtype}{len(cache)}.gguf"
-            assert main(["convert", str(CKPT), "--outtype", outtype, "-o", str(p), "-q", *extra]) == 0
-            cache[key] = p
-        return cache[key]
-    return get
-
-
 def verify(capsys, path: Path, *extra: str) -> tuple[int, str, str]:
     return run_verify_cli(capsys, path, CKPT, "--tokens", TOKENS, *extra)
 
@@ -85,8 +69,10 @@ def fixture_imatrix(converted, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("outtype", ALL_TYPES)
 def test_correct_conversion_passes(capsys, converted, tmp_path, outtype, fixture_imatrix):
     # a type llama-quantize refuses without an imatrix is converted, and verified, with one
-    im = ("--imatrix", str(fixture_imatrix)) if outtype_needs_imatrix(outtype) else ()
-    code, rep, out = verify_json(capsys, converted(outtype, *im), tmp_path, *im)
+    needs = outtype_needs_imatrix(outtype)
+    im = ("--imatrix", str(fixture_imatrix)) if needs else ()
+    path = converted(CKPT, outtype, imatrix=fixture_imatrix) if needs else converted(CKPT, outtype)
+    code, rep, out = verify_json(capsys, path, tmp_path, *im)
     assert code == 0, out
     assert out.rstrip().endswith("PASS")
     assert rep["fidelity"]["passed"] and rep["quality"]["passed"] and rep["verdict"] == "PASS"
@@ -111,7 +97,7 @@ KLD_NOISE_FLOOR = 1e-9
 def test_candidate_agrees_with_llama_cpp(capsys, converted, tmp_path, outtype):
     import llama_cpp  # noqa: F401  (the engine; CI installs it)
 
-    code, rep, out = verify_json(capsys, converted(outtype), tmp_path, "--engine", "llama.cpp", "--threads", "1",
+    code, rep, out = verify_json(capsys, converted(CKPT, outtype), tmp_path, "--engine", "llama.cpp", "--threads", "1",
                                  "--tokens", "64")
     assert code == 0, out
     assert "error" not in rep["engine"], rep["engine"]
@@ -132,7 +118,7 @@ def expect_failure(capsys, path: Path, *extra: str) -> tuple[str, str]:
 
 
 def test_swapped_attn_q_between_layers(capsys, converted, tmp_path):
-    good = converted("q8_0")
+    good = converted(CKPT, "q8_0")
     q0, q1 = tensor_raw(good, "blk.0.attn_q.weight"), tensor_raw(good, "blk.1.attn_q.weight")
     bad = rewrite_gguf(good, tmp_path / "swap.gguf",
                        tensors={"blk.0.attn_q.weight": lambda raw, r: q1, "blk.1.attn_q.weight": lambda raw, r: q0})
@@ -149,7 +135,7 @@ def test_swapped_attn_q_between_layers(capsys, converted, tmp_path):
     ("hf_to_gguf", "HF->GGUF Q/K permutation"),            # a GGUF converter treating Meta weights as HF ones
 ])
 def test_hf_qk_permutation_applied(capsys, converted, tmp_path, direction, named):
-    good = converted("q4_0")
+    good = converted(CKPT, "q4_0")
     n_head, n_kv = PARAMS["n_heads"], PARAMS["n_kv_heads"]
 
     def permute(heads):
@@ -176,7 +162,7 @@ def test_hf_qk_permutation_applied(capsys, converted, tmp_path, direction, named
     ("tokenizer.ggml.eos_token_id", None, "q4_0"),                # set to the BOS id
 ])
 def test_wrong_metadata_value(capsys, converted, tmp_path, key, value, outtype):
-    good = converted(outtype)
+    good = converted(CKPT, outtype)
     r = GGUFReader(good)
     field = lambda k: r.get_field(k).contents()                    # noqa: E731
     value = {"llama.context_length": lambda: field(key) // 2,
@@ -189,7 +175,7 @@ def test_wrong_metadata_value(capsys, converted, tmp_path, key, value, outtype):
 
 
 def test_wrong_head_count_kv(capsys, converted, tmp_path):
-    good = converted("q8_0")
+    good = converted(CKPT, "q8_0")
     bad = rewrite_gguf(good, tmp_path / "gqa.gguf", kvs={"llama.attention.head_count_kv": PARAMS["n_heads"]})
     cause, out = expect_failure(capsys, bad)
     assert cause.startswith("metadata llama.attention.head_count_kv") and f"{PARAMS['n_heads']}" in cause, out
@@ -198,7 +184,7 @@ def test_wrong_head_count_kv(capsys, converted, tmp_path):
 
 
 def test_vocabulary_with_two_tokens_swapped(capsys, converted, tmp_path):
-    good = converted("f16")
+    good = converted(CKPT, "f16")
     tokens = GGUFReader(good).get_field("tokenizer.ggml.tokens").contents()
     i, j = 300, 301          # two ordinary pieces (ids 0-2 are specials, 3-258 byte fallbacks)
     assert tokens[i] != tokens[j]
@@ -216,7 +202,7 @@ Q4_0_BLOCK = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0][1]   # an fp16 scale d,
 
 @pytest.mark.parametrize("factor", [4, 64])   # 4: the tensor's RMSE stays in bounds; 64: the block is far off
 def test_q4_0_block_with_corrupted_scale(capsys, converted, tmp_path, factor):
-    good = converted("q4_0")
+    good = converted(CKPT, "q4_0")
     name = "blk.1.ffn_down.weight"
     raw = tensor_raw(good, name)
     row, block = raw.shape[0] // 2, 3
@@ -233,7 +219,7 @@ def test_q4_0_block_with_corrupted_scale(capsys, converted, tmp_path, factor):
 
 
 def test_single_flipped_bit(capsys, converted, tmp_path):
-    good = converted("q4_0")
+    good = converted(CKPT, "q4_0")
     name = "blk.0.ffn_up.weight"
     row, block = 5, 2
 
@@ -250,7 +236,7 @@ def test_single_flipped_bit(capsys, converted, tmp_path):
 
 def test_tensor_quantized_at_another_type_than_declared(capsys, converted, tmp_path):
     """A q8_0 tensor whose values went through q4_0 first (requantized from a q4_0 file)."""
-    good, lossy = converted("q8_0"), converted("q4_0")
+    good, lossy = converted(CKPT, "q8_0"), converted(CKPT, "q4_0")
     name = "blk.1.ffn_gate.weight"
     via_q4 = q.quantize_tensor(q.dequantize_tensor(tensor_raw(lossy, name), "q4_0"), "q8_0")
     bad = rewrite_gguf(good, tmp_path / "requant.gguf", tensors={name: lambda raw, r: via_q4})
@@ -259,7 +245,7 @@ def test_tensor_quantized_at_another_type_than_declared(capsys, converted, tmp_p
 
 
 def test_f16_data_declared_bf16(capsys, converted, tmp_path):
-    good = converted("f16")
+    good = converted(CKPT, "f16")
     name = "blk.0.attn_v.weight"
     bad = rewrite_gguf(good, tmp_path / "dtype.gguf", types={name: GGMLQuantizationType.BF16},
                        tensors={name: lambda raw, r: raw.view(np.uint8)})
@@ -268,7 +254,7 @@ def test_f16_data_declared_bf16(capsys, converted, tmp_path):
 
 
 def test_another_models_reference_is_refused(capsys, converted):
-    code, out, err = run_verify_cli(capsys, converted("q8_0"), ROOT / "fixtures" / "llama3-tiny", "--tokens", TOKENS)
+    code, out, err = run_verify_cli(capsys, converted(CKPT, "q8_0"), ROOT / "fixtures" / "llama3-tiny", "--tokens", TOKENS)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "this reference is not the model of this file" in err
 
@@ -278,7 +264,7 @@ def test_engine_without_llama_cpp_is_refused_before_the_passes(capsys, converted
 
     monkeypatch.setitem(sys.modules, "llama_cpp", None)             # import now raises ImportError
     monkeypatch.setattr(reference, "reference_logits", lambda *a, **k: pytest.fail("a pass ran"))
-    code, out, err = verify(capsys, converted("q8_0"), "--engine", "llama.cpp")
+    code, out, err = verify(capsys, converted(CKPT, "q8_0"), "--engine", "llama.cpp")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "llama-cpp-python" in err, err
 
 
@@ -336,7 +322,7 @@ def test_json_report_follows_documented_schema(capsys, converted, tmp_path):
     assert {"file", "fidelity", "quality", "passed", "failures", "tensors", "verdict"} <= set(top)
     assert set(parts) == {"fidelity", "quality"}
     assert {"kld_mean", "top1", "ppl_ratio", "max_rel_dlogit"} <= set(logit_keys)
-    code, rep, _ = verify_json(capsys, converted("q4_0"), tmp_path)
+    code, rep, _ = verify_json(capsys, converted(CKPT, "q4_0"), tmp_path)
     assert code == 0
     assert set(rep) == set(top)
     for key, doc_type in top.items():
@@ -352,21 +338,21 @@ def test_json_report_follows_documented_schema(capsys, converted, tmp_path):
     assert rep["fidelity"]["engine"] is None and rep["quality"]["engine"] is None and rep["engine"] is None
     assert rep["quality"]["published"] == {"model": "LLaMA-3-8B", "file_type": "MOSTLY_Q4_0", "kld": 0.072, "top1": None}
     assert rep["n_tokens"] == int(TOKENS) and rep["passed"] is True and rep["failures"] == []
-    names = {t.name for t in GGUFReader(converted("q4_0")).tensors}
+    names = {t.name for t in GGUFReader(converted(CKPT, "q4_0")).tensors}
     assert {t["name"] for t in rep["tensors"]} == names
     rmse = [t["rel_rmse"] for t in rep["tensors"]]
     assert rmse == sorted(rmse, reverse=True)        # worst first
 
 
 def test_json_to_stdout_is_pure_json(capsys, converted):
-    code, out, err = verify(capsys, converted("q8_0"), "--json", "-")
+    code, out, err = verify(capsys, converted(CKPT, "q8_0"), "--json", "-")
     assert code == 0
     rep = json.loads(out)                            # the table goes to stderr then
     assert rep["passed"] is True and "PASS" in err
 
 
 def test_quality_gates_fail_a_faithful_file_only_when_asked(capsys, converted, tmp_path):
-    path = converted("q2_k")
+    path = converted(CKPT, "q2_k")
     code, rep, _ = verify_json(capsys, path, tmp_path)
     assert code == 0 and all(v is None for v in rep["quality"]["gates"].values())
     m = rep["quality"]["metrics"]
@@ -383,10 +369,10 @@ def test_bad_input_exits_2(capsys, converted, tmp_path):
     code, out, err = verify(capsys, tmp_path / "missing.gguf")
     assert code == 2 and err.startswith("llmconv: error:") and len(err.strip().splitlines()) == 1
     capsys.readouterr()
-    code = main(["verify", str(converted("q8_0")), "--reference", str(tmp_path)])     # not a checkpoint
+    code = main(["verify", str(converted(CKPT, "q8_0")), "--reference", str(tmp_path)])     # not a checkpoint
     _, err = capsys.readouterr()
     assert code == 2 and err.startswith("llmconv: error:"), err
-    code, out, err = verify(capsys, converted("q8_0"), "--tokens", "1")
+    code, out, err = verify(capsys, converted(CKPT, "q8_0"), "--tokens", "1")
     assert code == 2 and "tokens" in err
 
 
@@ -397,11 +383,11 @@ def test_text_option(capsys, converted, tmp_path):
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
     sp = spm.SentencePieceProcessor(model_file=str(CKPT / "tokenizer.model"))
     want = 1 + len(sp.encode(text))                      # BOS + the text, shorter than --tokens
-    code, rep, out = verify_json(capsys, converted("f16"), tmp_path, "--text", str(tmp_path / "t.txt"))
+    code, rep, out = verify_json(capsys, converted(CKPT, "f16"), tmp_path, "--text", str(tmp_path / "t.txt"))
     assert code == 0, out
     assert rep["n_tokens"] == want and want < int(TOKENS)
     assert any(f"only {want} tokens" in n for n in rep["notes"])
-    code, _, err = verify(capsys, converted("f16"), "--text", str(tmp_path / "missing.txt"))
+    code, _, err = verify(capsys, converted(CKPT, "f16"), "--text", str(tmp_path / "missing.txt"))
     assert code == 2 and "missing.txt" in err
 
 

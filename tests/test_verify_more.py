@@ -68,19 +68,10 @@ def hf31(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, hf31):
-    """{(source, outtype): path}, each converted once."""
-    out = tmp_path_factory.mktemp("verify-more")
+def conv(converted, hf31):
+    """`conv(source, outtype)`: the shared `converted` fixture, by source name."""
     dirs = {**SOURCES, "hf31": hf31}
-    cache: dict[tuple[str, str], Path] = {}
-
-    def get(source: str, outtype: str) -> Path:
-        if (source, outtype) not in cache:
-            p = out / f"{source}-{outtype}.gguf"
-            assert main(["convert", str(dirs[source]), "--outtype", outtype, "-o", str(p), "-q"]) == 0
-            cache[source, outtype] = p
-        return cache[source, outtype]
-    return get
+    return lambda source, outtype: converted(dirs[source], outtype)
 
 
 def verify(capsys, path: Path, ref: Path, *extra: str) -> tuple[int, str, str]:
@@ -153,9 +144,9 @@ def test_hf31_reference_equals_meta_llama3_reference(hf31, monkeypatch, tmp_path
 
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
 @pytest.mark.parametrize("source", ["hf", "llama3", "hf31"])
-def test_correct_conversion_passes(capsys, converted, hf31, tmp_path, source, outtype):
+def test_correct_conversion_passes(capsys, conv, hf31, tmp_path, source, outtype):
     ref = hf31 if source == "hf31" else SOURCES[source]
-    code, rep, out = verify_json(capsys, converted(source, outtype), ref, tmp_path)
+    code, rep, out = verify_json(capsys, conv(source, outtype), ref, tmp_path)
     assert code == 0, out
     assert out.rstrip().endswith("PASS") and "vocabulary: matches" in out
     assert rep["tokens_match"] is True and rep["n_tokens"] == int(TOKENS)
@@ -164,7 +155,7 @@ def test_correct_conversion_passes(capsys, converted, hf31, tmp_path, source, ou
         assert any("untrained" in n for n in rep["notes"]), rep["notes"]
 
 
-def test_tokens_come_from_the_source_tokenizers(converted, hf31):
+def test_tokens_come_from_the_source_tokenizers(conv, hf31):
     """verify's ids are the source libraries' own: tiktoken from the Meta file's ranks, and
     `tokenizers` on tokenizer.json with its post-processor's BOS; the same vocabulary gives
     the same ids both ways."""
@@ -182,9 +173,9 @@ def test_tokens_come_from_the_source_tokenizers(converted, hf31):
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("source", ["hf", "llama3"])
-def test_passes_with_llama_cpp_engine(capsys, converted, tmp_path, source):
+def test_passes_with_llama_cpp_engine(capsys, conv, tmp_path, source):
     import llama_cpp  # noqa: F401
-    code, rep, out = verify_json(capsys, converted(source, "q8_0"), SOURCES[source], tmp_path,
+    code, rep, out = verify_json(capsys, conv(source, "q8_0"), SOURCES[source], tmp_path,
                                  "--engine", "llama.cpp", "--threads", "1")
     assert code == 0, out
     assert "error" not in rep["engine"], rep["engine"]
@@ -232,8 +223,8 @@ def test_hf_reference_alone_catches_missing_unpermute(capsys, monkeypatch, tmp_p
     assert any("vs the expected pass" in f for f in fails), out
 
 
-def test_hf_attn_q_rewritten_in_rotate_half_order_fails(capsys, converted, tmp_path):
-    good = converted("hf", "f16")
+def test_hf_attn_q_rewritten_in_rotate_half_order_fails(capsys, conv, tmp_path):
+    good = conv("hf", "f16")
     n_head = json.loads((HF_DIR / "config.json").read_text())["num_attention_heads"]
 
     def to_rotate_half(raw, r):            # per head: even rows, then odd rows
@@ -265,8 +256,8 @@ def _without_tensor(src: Path, dst: Path, drop: str) -> Path:
     return dst
 
 
-def test_llama3_without_rope_freqs_fails(capsys, converted, tmp_path):
-    bad = _without_tensor(converted("llama3", "f16"), tmp_path / "norf.gguf", "rope_freqs.weight")
+def test_llama3_without_rope_freqs_fails(capsys, conv, tmp_path):
+    bad = _without_tensor(conv("llama3", "f16"), tmp_path / "norf.gguf", "rope_freqs.weight")
     assert "rope_freqs.weight" not in {t.name for t in GGUFReader(bad).tensors}
     # over 256 positions the unscaled RoPE shows in the logits by itself (32 are too few for the
     # long wavelengths LLaMA 3.1 rescales to turn far enough)
@@ -276,8 +267,8 @@ def test_llama3_without_rope_freqs_fails(capsys, converted, tmp_path):
     assert any("vs the expected pass" in f for f in failures(out)), out
 
 
-def test_llama3_altered_rope_freqs_fails(capsys, converted, tmp_path):
-    good = converted("llama3", "q8_0")
+def test_llama3_altered_rope_freqs_fails(capsys, conv, tmp_path):
+    good = conv("llama3", "q8_0")
     assert (tensor_raw(good, "rope_freqs.weight") > 1).any()       # LLaMA 3.1 scaling is in the file
     bad = rewrite_gguf(good, tmp_path / "rf1.gguf", tensors={"rope_freqs.weight": lambda raw, r: np.ones_like(raw)})
     code, out, _ = verify(capsys, bad, L3_DIR)
@@ -285,17 +276,17 @@ def test_llama3_altered_rope_freqs_fails(capsys, converted, tmp_path):
     assert verdict(out).startswith("tensor rope_freqs.weight"), out
 
 
-def test_llama3_wrong_rope_freq_base_fails(capsys, converted, tmp_path):
+def test_llama3_wrong_rope_freq_base_fails(capsys, conv, tmp_path):
     theta = json.loads((L3_DIR / "params.json").read_text())["rope_theta"]
-    bad = rewrite_gguf(converted("llama3", "f16"), tmp_path / "base.gguf", kvs={"llama.rope.freq_base": theta / 50})
+    bad = rewrite_gguf(conv("llama3", "f16"), tmp_path / "base.gguf", kvs={"llama.rope.freq_base": theta / 50})
     code, out, _ = verify(capsys, bad, L3_DIR)
     assert code == 1, out
     assert verdict(out).startswith("metadata llama.rope.freq_base"), out
     assert any("vs the expected pass" in f for f in failures(out)), out
 
 
-def test_gpt2_vocabulary_difference_is_reported(capsys, converted, tmp_path):
-    good = converted("llama3", "f16")
+def test_gpt2_vocabulary_difference_is_reported(capsys, conv, tmp_path):
+    good = conv("llama3", "f16")
     tokens = GGUFReader(good).get_field("tokenizer.ggml.tokens").contents()
     # a word with GPT-2's space character in front ("Ġthe" is the bytes b" the")
     i = next(k for k in range(300, len(tokens)) if tokens[k][:1] == "Ġ" and tokens[k][1:].isascii()
@@ -310,8 +301,8 @@ def test_gpt2_vocabulary_difference_is_reported(capsys, converted, tmp_path):
     assert repr(b" " + tokens[i][1:].encode()) in msg                # the source token's bytes, space shown
 
 
-def test_unknown_pre_tokenizer_fails(capsys, converted, hf31, tmp_path):
-    good = converted("hf31", "q8_0")
+def test_unknown_pre_tokenizer_fails(capsys, conv, hf31, tmp_path):
+    good = conv("hf31", "q8_0")
     assert GGUFReader(good).get_field("tokenizer.ggml.pre").contents() == "llama-bpe"
     bad = rewrite_gguf(good, tmp_path / "pre.gguf", kvs={"tokenizer.ggml.pre": "foo"})
     code, out, _ = verify(capsys, bad, hf31)
@@ -320,8 +311,8 @@ def test_unknown_pre_tokenizer_fails(capsys, converted, hf31, tmp_path):
     assert any("not a pre-tokenizer llama.cpp knows" in f for f in failures(out)), out
 
 
-def test_changed_chat_template_fails(capsys, converted, hf31, tmp_path):
-    good = converted("hf31", "q8_0")
+def test_changed_chat_template_fails(capsys, conv, hf31, tmp_path):
+    good = conv("hf31", "q8_0")
     assert GGUFReader(good).get_field("tokenizer.chat_template").contents() == CHAT_TEMPLATE
     bad = rewrite_gguf(good, tmp_path / "tmpl.gguf",
                        kvs={"tokenizer.chat_template": CHAT_TEMPLATE.replace("<|eot_id|>", "")})
@@ -332,8 +323,8 @@ def test_changed_chat_template_fails(capsys, converted, hf31, tmp_path):
 
 # ---- JSON and missing optional libraries ------------------------------------------------------------
 
-def test_json_report_writes_null_for_inf(capsys, converted, tmp_path):
-    good = converted("hf", "f16")
+def test_json_report_writes_null_for_inf(capsys, conv, tmp_path):
+    good = conv("hf", "f16")
 
     def poison(raw, r):
         raw = raw.copy()
@@ -349,8 +340,8 @@ def test_json_report_writes_null_for_inf(capsys, converted, tmp_path):
 
 
 @pytest.mark.parametrize("module, source", [("tiktoken", "llama3"), ("tokenizers", "hf31")])
-def test_missing_bpe_library_is_a_one_line_error(capsys, monkeypatch, converted, hf31, module, source):
-    path = converted(source, "f16")
+def test_missing_bpe_library_is_a_one_line_error(capsys, monkeypatch, conv, hf31, module, source):
+    path = conv(source, "f16")
     monkeypatch.setitem(sys.modules, module, None)                   # import now raises ImportError
     capsys.readouterr()
     code = main(["verify", str(path), "--reference", str(hf31 if source == "hf31" else SOURCES[source])])
