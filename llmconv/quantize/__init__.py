@@ -40,6 +40,11 @@ class QuantType:
     # stops: "this quantization requires an imatrix"); `quantize` then raises ImatrixRequired.
     requires_imatrix: bool = False
 
+    def __post_init__(self):
+        if (self.block_size, self.type_size) != _SIZES[self.ggml_type]:   # one place: gguf's table
+            raise ValueError(f"{self.name}: block/type size {self.block_size}/{self.type_size}, "
+                             f"gguf says {_SIZES[self.ggml_type]}")
+
     def row_nbytes(self, n: int) -> int:
         return n // self.block_size * self.type_size
 
@@ -116,14 +121,14 @@ register(QuantType("iq4_xs", GGMLQuantizationType.IQ4_XS, *_SIZES[GGMLQuantizati
 # IQ2_S has an unweighted search too (ggml's), which llama-quantize reaches for token_embd only.
 from . import iq2  # noqa: E402
 
-register(QuantType("iq2_xxs", GGMLQuantizationType.IQ2_XXS, 256, iq2.IQ2_XXS_SIZE, LlamaFileType.MOSTLY_IQ2_XXS,
+register(QuantType("iq2_xxs", GGMLQuantizationType.IQ2_XXS, *_SIZES[GGMLQuantizationType.IQ2_XXS], LlamaFileType.MOSTLY_IQ2_XXS,
                    iq2.iq2_xxs_quantize_unweighted, iq2.iq2_xxs_dequantize, quantize_weighted=iq2.iq2_xxs_quantize,
                    requires_imatrix=True))
-register(QuantType("iq2_xs", GGMLQuantizationType.IQ2_XS, 256, iq2.IQ2_XS_SIZE, LlamaFileType.MOSTLY_IQ2_XS,
+register(QuantType("iq2_xs", GGMLQuantizationType.IQ2_XS, *_SIZES[GGMLQuantizationType.IQ2_XS], LlamaFileType.MOSTLY_IQ2_XS,
                    iq2.iq2_xs_quantize_unweighted, iq2.iq2_xs_dequantize, quantize_weighted=iq2.iq2_xs_quantize,
                    requires_imatrix=True))
 # a file "mostly" of IQ2_S blocks is llama.cpp's IQ2_M (its IQ2_S file type is mostly IQ2_XS)
-register(QuantType("iq2_s", GGMLQuantizationType.IQ2_S, 256, iq2.IQ2_S_SIZE, LlamaFileType.MOSTLY_IQ2_M,
+register(QuantType("iq2_s", GGMLQuantizationType.IQ2_S, *_SIZES[GGMLQuantizationType.IQ2_S], LlamaFileType.MOSTLY_IQ2_M,
                    iq2.iq2_s_quantize, iq2.iq2_s_dequantize, quantize_weighted=iq2.iq2_s_quantize))
 
 

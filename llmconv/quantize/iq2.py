@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import iq2_tables
 from ._blocks import ImatrixRequired, NonFiniteError
@@ -38,9 +39,9 @@ from .iq_grid import Grid, best_neighbours, make_grid
 from .k_common import F32, GROUP_MAX_EPS, QK_K, fp16_bits, nearest_int
 from .k_weighted import block_sigma2, make_qp_quants
 
-IQ2_XXS_SIZE = 66
-IQ2_XS_SIZE = 74
-IQ2_S_SIZE = 82
+IQ2_XXS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_XXS][1]     # 66 bytes per 256 weights
+IQ2_XS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_XS][1]       # 74
+IQ2_S_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_S][1]         # 82
 GROUP_MAX_EPS_IQ2_S = F32(1e-8)
 CHUNK_SUPERBLOCKS = 32              # super-blocks per numpy pass: trial arrays are 19x the input
 _KMAXQ = 3
