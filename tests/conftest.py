@@ -1,4 +1,4 @@
-"""Shared test plumbing: the skip hook below and the `converted` fixture.
+"""Shared test plumbing: the skip hook below; the `converted`, `f32_mix_models` and `base` fixtures.
 
 Tests that need an outside oracle (llama-cpp-python, ctransformers, the real-tokenizer
 packages) import it where they use it. Where it is not installed, such a test is skipped with
@@ -57,3 +57,27 @@ def converted(tmp_path_factory):
             cache[key] = path
         return cache[key]
     return get
+
+
+@pytest.fixture(scope="session")
+def f32_mix_models(tmp_path_factory):
+    """The models the mix tests compare on, as f32 GGUFs (llmconv.convert --outtype f32): the
+    fixture, 12 layers with ffn 800 (fallback rows), dim 288 (everything falls back)."""
+    import llmconv
+    from mix_util import FIXTURE, SYNTH
+    from synth import write_meta_checkpoint
+
+    root = tmp_path_factory.mktemp("mix-models")
+    out = {}
+    for name, ckpt in [("fixture", FIXTURE)] + [(n, write_meta_checkpoint(root / n, **kw)) for n, kw in SYNTH.items()]:
+        out[name] = root / f"{name}-f32.gguf"
+        llmconv.convert(ckpt, out[name], outtype="f32")
+        out[name].chmod(0o444)
+    return out
+
+
+@pytest.fixture(scope="session")
+def base(converted):
+    """The HF fixture converted to f32 with its checksum sidecar (the hostile-GGUF tests rewrite
+    copies of it)."""
+    return converted(Path(__file__).resolve().parents[1] / "fixtures" / "hf-tiny-llama", "f32", checksum=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -14,39 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmconv.cli import main
+from hostile_util import (HF, META, assert_one_line_error, copy_of, edit_json, refused, run,
+                          with_tokenizer_json)
 from procstat import run_peak_rss_anon
 
 ROOT = Path(__file__).resolve().parents[1]
-META = ROOT / "fixtures" / "tiny-llama"
-HF = ROOT / "fixtures" / "hf-tiny-llama"
-BPE = ROOT / "fixtures" / "llama3-bpe"
 
 # A hostile input under 1 MB may cost this much on top of the interpreter with torch loaded.
 MAX_RSS_ANON = 300 << 20
 MAX_SECONDS = 60          # generous: the machine is shared; the point is "not hours", never a timing test
-
-
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def assert_one_line_error(err: str, *needles: str):
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("llmconv: error: "), err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-
-
-def refused(argv, capsys, *needles):
-    code, _, err = run(argv, capsys)
-    assert code == 2, err
-    assert_one_line_error(err, *needles)
-    return err
 
 
 _DRIVER = """
@@ -76,29 +51,6 @@ def run_batch(cases: dict[str, list], tmp: Path) -> tuple[dict, int]:
         pytest.fail("hostile inputs did not finish: something hangs")
     assert code == 0, err
     return json.loads((tmp / "results.json").read_text()), peak
-
-
-def copy_of(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def edit_json(path: Path, change) -> None:
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    doc = change(doc) or doc
-    path.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
-
-
-def with_tokenizer_json(tmp_path: Path, change=None) -> Path:
-    """The HF fixture with LLaMA 3's real byte-level BPE tokenizer.json in place of
-    tokenizer.model (the vocabulary sizes differ; every attack below is refused before that)."""
-    d = copy_of(HF, tmp_path / "hf")
-    (d / "tokenizer.model").unlink()
-    shutil.copy(BPE / "tokenizer.json", d / "tokenizer.json")
-    shutil.copy(BPE / "tokenizer_config.json", d / "tokenizer_config.json")
-    if change:
-        edit_json(d / "tokenizer.json", change)
-    return d
 
 
 def files_in(d: Path) -> set[str]:

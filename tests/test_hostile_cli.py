@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from test_hostile import BPE, HF, META, copy_of, edit_json, refused, run, with_tokenizer_json
+from hostile_util import BPE, HF, META, copy_of, edit_json, refused, run, with_tokenizer_json
 
 # file, key path, value -> the error line names the file and the key
 CONFIG_VALUES = [
@@ -196,7 +196,7 @@ def test_environment_errors_anywhere_are_one_line(tmp_path, capsys, monkeypatch,
 def test_engine_without_llama_cpp_is_one_line(tmp_path, capsys, monkeypatch):
     import sys
 
-    from test_hostile_gguf import HF as HF_DIR
+    from hostile_util import HF as HF_DIR
     out = tmp_path / "o.gguf"
     assert run(["convert", HF_DIR, "--outtype", "f32", "-o", out, "-q"], capsys)[0] == 0
     monkeypatch.setitem(sys.modules, "llama_cpp", None)          # import llama_cpp -> ImportError

@@ -17,19 +17,10 @@ from llmconv.formats.checksums import check_sidecar
 from llmconv.formats.gguf_reader import read_gguf
 from llmconv.formats.gguf_writer import KV, TensorEntry, plan_layout
 from procstat import run_peak_rss_anon
-from test_hostile import refused, run
+from hostile_util import refused, run
 
 ROOT = Path(__file__).resolve().parents[1]
 HF = ROOT / "fixtures" / "hf-tiny-llama"
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """The HF fixture converted to f32 (checksum sidecar included)."""
-    out = tmp_path_factory.mktemp("gguf") / "base.gguf"
-    from llmconv.cli import main
-    assert main(["convert", str(HF), "--outtype", "f32", "-o", str(out), "-q", "--checksum"]) == 0
-    return out
 
 
 def rewrite(src: Path, dst: Path, change=None, extra=()) -> Path:

@@ -15,8 +15,7 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFValueType as V
 
 from llmconv.formats.gguf_writer import KV, TensorEntry, plan_layout
-from test_hostile import HF, refused, run
-from test_hostile_gguf import base  # noqa: F401  (the fixture: the HF fixture converted to f32, with a sidecar)
+from hostile_util import HF, refused, run
 
 SCREEN = "\n\x1b[2J\x1b]0;pwned\x07\u202e"       # a newline, clear screen, set the title, right-to-left
 

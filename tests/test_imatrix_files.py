@@ -7,7 +7,6 @@ the bytes of every tensor and general.file_type must equal `llmconv quantize --i
 """
 from __future__ import annotations
 
-import ctypes
 import struct
 from pathlib import Path
 
@@ -18,63 +17,9 @@ import pytest
 from llmconv.cli import main
 from llmconv.errors import LlmconvError
 from llmconv.imatrix import Imatrix, ImatrixEntry, read_imatrix, write_imatrix_gguf
-from synth import write_meta_checkpoint
-from test_mixes import FIXTURE, SYNTH, assert_same_file, read
+from mix_util import FIXTURE, assert_same_file, llama_quantize_with_imatrix, read, synthetic_imatrix
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def f32_mix_models(tmp_path_factory):
-    """The models test_mixes compares mixes on, as f32 GGUFs: the fixture, 12 layers with ffn 800
-    (fallback rows), dim 288."""
-    root = tmp_path_factory.mktemp("imatrix-mixes")
-    out = {}
-    for name, ckpt in [("fixture", FIXTURE)] + [(n, write_meta_checkpoint(root / n, **kw)) for n, kw in SYNTH.items()]:
-        out[name] = root / f"{name}-f32.gguf"
-        assert main(["convert", str(ckpt), "--outtype", "f32", "-o", str(out[name]), "-q"]) == 0
-    return out
-
-
-def synthetic_imatrix(f32_gguf: Path, seed: int = 0, chunk_size: int = 64) -> Imatrix:
-    """An imatrix for every blk.* matrix of a GGUF, shaped like llama-imatrix's: in_sum2 is a
-    sum of squared activations over `counts` tokens (skewed, a few outlier and dead columns)."""
-    rng = np.random.default_rng(seed)
-    entries = {}
-    for t in gguf.GGUFReader(str(f32_gguf)).tensors:
-        if t.name.startswith("blk.") and len(t.shape) == 2:
-            n = int(t.shape[0])                       # gguf-py lists ne[0] (the row length) first
-            tokens = int(rng.integers(100, 1000))
-            s = rng.gamma(0.6, 0.05, n) * tokens
-            s[rng.choice(n, 2, replace=False)] *= 200
-            s[rng.choice(n, 3, replace=False)] = 0
-            entries[t.name] = ImatrixEntry(s.astype(np.float32).reshape(1, n), np.array([tokens]))
-    return Imatrix(entries, ["synthetic"], 7, chunk_size)
-
-
-def llama_quantize_with_imatrix(src: Path, dst: Path, mix: str, im: Imatrix, pure: bool = False) -> Path:
-    import llama_cpp
-    import llama_cpp._logger
-
-    llama_cpp._logger.set_verbose(False)
-    names = sorted(im.entries)
-    values = [np.ascontiguousarray(im.importance(n), np.float32) for n in names]
-    items = (llama_cpp.llama_model_imatrix_data * (len(names) + 1))()
-    keep = []
-    for i, (n, v) in enumerate(zip(names, values)):
-        keep.append(n.encode())
-        items[i].name = keep[-1]
-        items[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        items[i].size = v.size
-    items[len(names)].name = None                     # the terminator llama.cpp stops at
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix.upper()}")
-    params.nthread = 1
-    params.pure = pure
-    params.imatrix = ctypes.cast(items, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    assert rc == 0, f"llama_model_quantize({src.name}, {mix}, imatrix) returned {rc}"
-    return dst
 
 
 @pytest.mark.llamacpp

@@ -18,10 +18,8 @@ from llmconv.convert.plan import TypePolicy, make_plan
 from llmconv.imatrix import write_imatrix_gguf
 from llmconv.quantize import iq2
 from llama_gguf_util import ggml_quantize_chunk
-from test_imatrix_files import f32_mix_models, llama_quantize_with_imatrix, synthetic_imatrix  # noqa: F401
-from test_mixes import assert_same_file, read, write_tensor_only_llama
-from test_quant_kernels import datasets, to_bf16_grid
-from test_weighted_quant import importance_vectors
+from kernel_data import datasets, importance_vectors, to_bf16_grid
+from mix_util import assert_same_file, llama_quantize_with_imatrix, read, synthetic_imatrix, write_tensor_only_llama
 
 IQ2 = ["iq2_xxs", "iq2_xs", "iq2_s"]
 pytestmark = pytest.mark.llamacpp

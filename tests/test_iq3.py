@@ -8,8 +8,7 @@ import pytest
 import llmconv.quantize as Q
 from llmconv.quantize import iq3
 from llama_gguf_util import ggml_dequantize, ggml_quantize_chunk
-from test_quant_kernels import datasets, to_bf16_grid
-from test_weighted_quant import importance_vectors
+from kernel_data import datasets, importance_vectors, to_bf16_grid
 
 IQ3 = ["iq3_xxs", "iq3_s"]
 ROW = 512                                   # two super-blocks per row
@@ -143,15 +142,14 @@ def test_imatrix_changes_the_bytes():
 
 @pytest.fixture
 def tiny_model(tmp_path):
-    from test_mixes import write_tensor_only_llama
+    from mix_util import write_tensor_only_llama
     return write_tensor_only_llama(tmp_path / "m.gguf", 2, 8, 2, False, {(1, "ffn_down"): 512})
 
 
 def test_pure_files_equal_llama_quantize(tiny_model, tmp_path):
     from llmconv.cli import main
     from llmconv.imatrix import write_imatrix_gguf
-    from test_imatrix_files import llama_quantize_with_imatrix, synthetic_imatrix
-    from test_mixes import assert_same_file, llama_quantize
+    from mix_util import assert_same_file, llama_quantize, llama_quantize_with_imatrix, synthetic_imatrix
 
     im = synthetic_imatrix(tiny_model, seed=2)
     write_imatrix_gguf(tmp_path / "im.gguf", im)
@@ -172,8 +170,8 @@ def test_iq3_xxs_needs_an_imatrix_as_in_llama_quantize(tiny_model, tmp_path, cap
     that lacks the tensor; so does llmconv, with a one-line error naming the tensor."""
     from llmconv.cli import main
     from llmconv.imatrix import write_imatrix_gguf
-    from test_imatrix_files import llama_quantize_with_imatrix, synthetic_imatrix
-    from test_mixes import llama_quantize
+    from mix_util import llama_quantize_with_imatrix, synthetic_imatrix
+    from mix_util import llama_quantize
 
     out = tmp_path / "out.gguf"
     assert main(["quantize", str(tiny_model), str(out), "--type", "iq3_xxs", "--pure", "-q"]) == 2
@@ -205,8 +203,8 @@ def _types_match(tmp_path, src_path, mix, im=None):
     from llmconv.convert.gguf_source import open_gguf_source
     from llmconv.convert.pipeline import gguf_model_shape
     from llmconv.convert.plan import TypePolicy, make_plan
-    from test_imatrix_files import llama_quantize_with_imatrix
-    from test_mixes import llama_quantize, read
+    from mix_util import llama_quantize_with_imatrix
+    from mix_util import llama_quantize, read
 
     src = open_gguf_source(src_path)
     dst = tmp_path / f"{mix}-{im is not None}.gguf"
@@ -227,8 +225,8 @@ def test_mix_types_equal_llama_quantize(tmp_path, shape):
     """Every tensor's type, for every IQ3 mix, with an imatrix and (where llama-quantize makes
     the mix without one) without: layer bands, GQA, the 70B attn_v bump, tied embeddings, the
     iq4_nl / q8_0 / f16 fallbacks of rows that do not split into 256."""
-    from test_imatrix_files import synthetic_imatrix
-    from test_mixes import write_tensor_only_llama
+    from mix_util import synthetic_imatrix
+    from mix_util import write_tensor_only_llama
 
     src_path = write_tensor_only_llama(tmp_path / "m.gguf", *shape)
     im = synthetic_imatrix(src_path, seed=1)
@@ -242,7 +240,7 @@ def test_iq3_xxs_rules_without_an_imatrix(tmp_path):
     """llama-quantize's IQ3_XXS has rules for files made without an imatrix (attn_v iq3_s,
     ffn_down q4_K/q3_K); they only run when no tensor needs one: here on a model without
     attn_q/attn_k/ffn_gate/ffn_up (which IQ3_XXS puts in iq2_s/iq3_xxs)."""
-    from test_mixes import write_tensor_only_llama
+    from mix_util import write_tensor_only_llama
 
     for shape in [(16, 8, 2, False), (16, 8, 8, True)]:
         src_path = write_tensor_only_llama(tmp_path / "m.gguf", *shape, kinds=("attn_v", "attn_output", "ffn_down"))
@@ -267,8 +265,8 @@ def test_mix_files_equal_llama_quantize(tmp_path, mix):
     """Types and bytes of every tensor (imatrix-weighted where llama.cpp weights them)."""
     from llmconv.cli import main
     from llmconv.imatrix import write_imatrix_gguf
-    from test_imatrix_files import llama_quantize_with_imatrix, synthetic_imatrix
-    from test_mixes import assert_same_file, write_tensor_only_llama
+    from mix_util import llama_quantize_with_imatrix, synthetic_imatrix
+    from mix_util import assert_same_file, write_tensor_only_llama
 
     src = write_tensor_only_llama(tmp_path / "m.gguf", 8, 8, 2, False, {(1, "ffn_down"): 512, (3, "attn_q"): 288})
     im = synthetic_imatrix(src, seed=4)
@@ -281,7 +279,7 @@ def test_mix_files_equal_llama_quantize(tmp_path, mix):
 
 def test_mixes_without_an_imatrix_are_refused_as_in_llama_quantize(tmp_path, capsys):
     from llmconv.cli import main
-    from test_mixes import llama_quantize, write_tensor_only_llama
+    from mix_util import llama_quantize, write_tensor_only_llama
 
     src = write_tensor_only_llama(tmp_path / "m.gguf", 2, 8, 8, False)
     for mix in sorted(NEED_IMATRIX):

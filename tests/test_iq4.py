@@ -15,10 +15,9 @@ from llmconv.convert.plan import TypePolicy, make_plan
 from llmconv.imatrix import write_imatrix_gguf
 from llmconv.quantize.iq4 import KVALUES, best_index
 from llama_gguf_util import ggml_quantize_chunk
-from test_imatrix_files import f32_mix_models, llama_quantize_with_imatrix, synthetic_imatrix  # noqa: F401
-from test_mixes import assert_same_file, llama_quantize, read, write_tensor_only_llama
-from test_quant_kernels import datasets, to_bf16_grid
-from test_weighted_quant import importance_vectors
+from mix_util import (assert_same_file, llama_quantize, llama_quantize_with_imatrix, read, synthetic_imatrix,
+                      write_tensor_only_llama)
+from kernel_data import datasets, importance_vectors, to_bf16_grid
 
 IQ4 = ["iq4_nl", "iq4_xs"]
 pytestmark = pytest.mark.llamacpp
@@ -107,7 +106,7 @@ def test_iq4_rule_table_matches_llama_quantize_types(tmp_path, shape):
 
 def test_convert_iq4_xs_verifies(tmp_path):
     """An iq4_xs file of the trained fixture passes verify (candidate dequantizes IQ4 blocks)."""
-    from test_mixes import FIXTURE
+    from mix_util import FIXTURE
     out = tmp_path / "iq4.gguf"
     assert main(["convert", str(FIXTURE), "--outtype", "iq4_xs", "-o", str(out), "-q"]) == 0
     assert main(["verify", str(out), "-r", str(FIXTURE), "--tokens", "64", "--max-kld", "0.05"]) == 0

@@ -19,7 +19,7 @@ from llama4_synth import (llama4_logits, llama4_state_dict, llama4_tokenizer_mod
 from llmconv.cli import main
 from llmconv.formats.gguf_reader import read_gguf
 from realtok import MULTILINGUAL
-from test_mixes import assert_same_file, llama_quantize
+from mix_util import assert_same_file, llama_quantize
 
 OUTTYPES = ["f32", "f16", "q8_0", "q4_0", "q4_K_M"]
 SMALL_VOCAB = 260        # small_vocab_tokenizer's

@@ -24,65 +24,16 @@ from llmconv.convert import mixes
 from llmconv.convert.gguf_source import open_gguf_source
 from llmconv.convert.pipeline import gguf_model_shape
 from llmconv.convert.plan import TypePolicy, make_plan
-from synth import write_meta_checkpoint
+from mix_util import FIXTURE, MIXES, SYNTH, assert_same_file, llama_quantize, read, write_tensor_only_llama
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "fixtures" / "tiny-llama"
-MIXES = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"]
-SYNTH = {
-    "gqa2-ffn800": dict(dim=256, n_layers=12, n_heads=8, n_kv_heads=4, ffn=800, seed=3),
-    "dim288": dict(dim=288, n_layers=2, n_heads=4, n_kv_heads=4, ffn=768, seed=4),
-}
-
-
-def llama_quantize(src: Path, dst: Path, mix: str, pure: bool = False) -> Path:
-    import llama_cpp
-    import llama_cpp._logger
-
-    llama_cpp._logger.set_verbose(False)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix.upper()}")
-    params.nthread = 1
-    params.pure = pure
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
-    assert rc == 0, f"llama_model_quantize({src.name}, {mix}) returned {rc}"
-    return dst
-
-
-def read(path: Path) -> tuple[int, dict[str, tuple[str, bytes]]]:
-    r = gguf.GGUFReader(str(path))
-    tensors = {t.name: (gguf.GGMLQuantizationType(t.tensor_type).name, np.asarray(t.data).tobytes())
-               for t in r.tensors}
-    return int(r.get_field("general.file_type").contents()), tensors
-
-
-@pytest.fixture(scope="module")
-def f32_models(tmp_path_factory):
-    """name -> f32 GGUF written by `llmconv convert --outtype f32`."""
-    root = tmp_path_factory.mktemp("mixes")
-    out = {}
-    for name, ckpt in [("fixture", FIXTURE)] + [(n, write_meta_checkpoint(root / n, **kw)) for n, kw in SYNTH.items()]:
-        out[name] = root / f"{name}-f32.gguf"
-        assert main(["convert", str(ckpt), "--outtype", "f32", "-o", str(out[name]), "-q"]) == 0
-    return out
-
-
-def assert_same_file(theirs: Path, ours: Path) -> None:
-    ft_theirs, t_theirs = read(theirs)
-    ft_ours, t_ours = read(ours)
-    assert t_ours.keys() == t_theirs.keys()
-    types = {n: (t_theirs[n][0], t_ours[n][0]) for n in t_theirs if t_theirs[n][0] != t_ours[n][0]}
-    assert not types, f"types differ (llama.cpp, llmconv): {types}"
-    data = [n for n in t_theirs if t_theirs[n][1] != t_ours[n][1]]
-    assert not data, f"tensor bytes differ: {data}"
-    assert ft_ours == ft_theirs
 
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("model", ["fixture", *SYNTH])
 @pytest.mark.parametrize("mix", MIXES)
-def test_mix_matches_llama_quantize(f32_models, tmp_path, model, mix):
-    src = f32_models[model]
+def test_mix_matches_llama_quantize(f32_mix_models, tmp_path, model, mix):
+    src = f32_mix_models[model]
     theirs = llama_quantize(src, tmp_path / "theirs.gguf", mix)
     ours = tmp_path / "ours.gguf"
     assert main(["quantize", str(src), str(ours), "--type", mix.upper(), "-q"]) == 0
@@ -93,9 +44,9 @@ def test_mix_matches_llama_quantize(f32_models, tmp_path, model, mix):
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("mix", ["q3_k_m", "q5_k_s"])
-def test_pure_mix_matches_llama_quantize(f32_models, tmp_path, mix):
+def test_pure_mix_matches_llama_quantize(f32_mix_models, tmp_path, mix):
     """--pure: every matrix in the base type, still with the row-length fallbacks."""
-    src = f32_models["dim288"]
+    src = f32_mix_models["dim288"]
     theirs = llama_quantize(src, tmp_path / "theirs.gguf", mix, pure=True)
     ours = tmp_path / "ours.gguf"
     assert main(["quantize", str(src), str(ours), "--type", mix, "--pure", "-q"]) == 0
@@ -103,10 +54,10 @@ def test_pure_mix_matches_llama_quantize(f32_models, tmp_path, mix):
 
 
 @pytest.mark.llamacpp
-def test_convert_outtype_mix_is_the_same_file(f32_models, tmp_path, capsys):
+def test_convert_outtype_mix_is_the_same_file(f32_mix_models, tmp_path, capsys):
     """`convert --outtype q4_K_M` from the checkpoint == llama-quantize of the f32 conversion;
     `--dry-run` lists the same per-tensor types."""
-    theirs = llama_quantize(f32_models["fixture"], tmp_path / "theirs.gguf", "q4_k_m")
+    theirs = llama_quantize(f32_mix_models["fixture"], tmp_path / "theirs.gguf", "q4_k_m")
     ours = tmp_path / "ours.gguf"
     assert main(["convert", str(FIXTURE), "--outtype", "q4_K_M", "-o", str(ours), "-q"]) == 0
     assert_same_file(theirs, ours)
@@ -152,48 +103,6 @@ def test_q4_k_m_loads_and_generates_in_llama_cpp(tmp_path):
 
 
 # ---- the rule table over many model shapes, types only ------------------------------------
-
-LAYER_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-
-
-def write_tensor_only_llama(path: Path, n_layers: int, n_heads: int, n_kv: int, tied: bool,
-                            rows: dict[tuple[int, str], int] | None = None, kinds=LAYER_KINDS) -> Path:
-    """A llama GGUF whose matrices are 2 x 256 (row lengths overridable per tensor): llama-quantize
-    reads the hparams for its rules but never checks shapes (nor that every layer tensor is
-    there: `kinds`), so every rule runs on a few bytes."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(64)
-    w.add_embedding_length(256)
-    w.add_block_count(n_layers)
-    w.add_feed_forward_length(256)
-    w.add_head_count(n_heads)
-    w.add_head_count_kv(n_kv)
-    w.add_rope_dimension_count(256 // n_heads)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(8)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(5)])
-    w.add_token_scores([0.0] * 8)
-    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-                      + [gguf.TokenType.NORMAL] * 5)
-    rng = np.random.default_rng(n_layers)
-    mat = lambda n=256: rng.standard_normal((2, n)).astype(np.float32)
-    w.add_tensor("token_embd.weight", mat())
-    for i in range(n_layers):
-        for kind in kinds:
-            w.add_tensor(f"blk.{i}.{kind}.weight", mat((rows or {}).get((i, kind), 256)))
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(256, np.float32))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(256, np.float32))
-    w.add_tensor("output_norm.weight", np.ones(256, np.float32))
-    if not tied:
-        w.add_tensor("output.weight", mat())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
 
 SHAPES = [   # (layers, heads, kv heads, tied embeddings, odd row lengths)
     (1, 8, 8, True, None),

@@ -22,7 +22,7 @@ from llmconv.convert.pipeline import gguf_model_shape, plan_conversion
 from llmconv.convert.plan import TypePolicy, make_plan
 from llmconv.formats.gguf_reader import read_gguf
 from moe_synth import FIXTURE_TOKENIZER, mistral_tokenizer, mixtral_logits, write_hf_mixtral
-from test_mixes import MIXES, assert_same_file, llama_quantize, read
+from mix_util import MIXES, assert_same_file, llama_quantize, read
 
 TEXT = "Mixtral routes each token to two of its eight experts. Ünïcödé and 東京 fall back to bytes."
 OUTTYPES = ["f32", "f16", "q8_0", "q4_0", "q4_K_M"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from synth import meta_state_dict, write_meta_checkpoint
-from test_hostile import HF, META, assert_one_line_error, run
+from hostile_util import HF, META, assert_one_line_error, run
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = ROOT / "fixtures" / "lora-tiny-llama"

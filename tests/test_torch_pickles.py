@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from synth import meta_state_dict, write_meta_checkpoint
-from test_hostile import refused, run
+from hostile_util import refused, run
 
 
 def state_dict_of_a_module(sd: dict) -> collections.OrderedDict:

@@ -60,9 +60,9 @@ ALL_TYPES = list(dict.fromkeys(list(q.TYPES) + list(MIXES)))
 def fixture_imatrix(converted, tmp_path_factory) -> Path:
     """A synthetic imatrix for the fixture's matrices, for the types that need one."""
     from llmconv.imatrix import write_imatrix_gguf
-    from test_imatrix_files import synthetic_imatrix
+    from mix_util import synthetic_imatrix
     path = tmp_path_factory.mktemp("verify-imatrix") / "fixture.imatrix.gguf"
-    write_imatrix_gguf(path, synthetic_imatrix(converted("f32")))
+    write_imatrix_gguf(path, synthetic_imatrix(converted(CKPT, "f32")))
     return path
 
 

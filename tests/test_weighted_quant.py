@@ -12,28 +12,11 @@ import pytest
 import llmconv.quantize as Q
 from llmconv.quantize import k_search, k_weighted, legacy_weighted
 from llama_gguf_util import ggml_quantize_chunk
-from test_quant_kernels import datasets, to_bf16_grid
+from kernel_data import datasets, importance_vectors, to_bf16_grid
 
 WEIGHTED = ["q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 
 pytestmark = pytest.mark.llamacpp
-
-
-def importance_vectors(n: int, seed: int = 11) -> dict[str, np.ndarray]:
-    """Column importances: what llama-imatrix produces (mean squared activations: skewed,
-    a few outlier columns, some never activated) and degenerate ones."""
-    rng = np.random.default_rng(seed)
-    realistic = rng.gamma(0.5, 0.02, n)
-    realistic[rng.choice(n, 4, replace=False)] *= 300.0
-    realistic[rng.choice(n, 8, replace=False)] = 0.0
-    return {
-        "realistic": realistic,
-        "ones": np.ones(n),
-        "zeros": np.zeros(n),
-        "sparse": np.where(rng.random(n) < 0.9, 0.0, rng.random(n) * 100),
-        "tiny": rng.random(n) * 1e-30,
-        "large": rng.random(n) * 1e20,
-    }
 
 
 @pytest.fixture(scope="module")

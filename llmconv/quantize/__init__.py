@@ -1,12 +1,14 @@
 """Quantization kernels: one small unit per ggml block type.
 
-Every unit is a pair of vectorized numpy functions over the *last* axis (GGUF's first dim):
+Every unit is a pair of vectorized numpy functions over rows (the last axis is GGUF's first dim):
 
-    quantize(x: float32[..., n])            -> uint8[..., n // block_size * type_size]
-    dequantize(blocks: uint8[..., nbytes])  -> float32[..., nbytes // type_size * block_size]
+    quantize(x: float32[rows, n])           -> uint8[rows, n // block_size * type_size]
+    dequantize(blocks: uint8[rows, nbytes]) -> float32[rows, nbytes // type_size * block_size]
 
-`quantize_tensor` / `dequantize_tensor` are what the rest of llmconv calls: they add
-threading over row chunks, checks for non-finite input, and error messages.
+(the legacy and float units also take [..., n]; the K-quant and IQ units only 2-D).
+`quantize_tensor` / `dequantize_tensor` are what the rest of llmconv calls: they take any
+[..., n] array, and add threading over row chunks, checks for non-finite input, and error
+messages.
 """
 from __future__ import annotations
 
