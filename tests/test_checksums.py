@@ -87,6 +87,10 @@ def test_check_written_catches_a_damaged_header_and_size(tmp_path):
     path.write_bytes(raw[:-4])
     with pytest.raises(LlmconvError, match="written size"):
         check_written(path, lay, path)
+    path.write_bytes(raw)
+    lay.tensors[0].nbytes = 264             # a plan whose table its own header does not encode
+    with pytest.raises(LlmconvError, match="tensor table disagrees"):
+        check_written(path, lay, path)
 
 
 def test_verify_checksums_flag(tmp_path, capsys):

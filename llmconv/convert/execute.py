@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-from gguf import GGMLQuantizationType
 from gguf import GGUFValueType as T
 from gguf import Keys
 
@@ -26,7 +24,7 @@ from .._malloc import pin_mmap_threshold
 from ..errors import LlmconvError
 from ..formats.atomic import atomic_outputs
 from ..formats.checksums import sidecar_document, sidecar_path
-from ..formats.gguf_writer import KV, GGUFFileWriter, TensorEntry, plan_layout, read_tensor_infos
+from ..formats.gguf_writer import KV, GGUFFileWriter, TensorEntry, plan_layout
 from ..progress import byte_bar
 from . import stream
 from .plan import Plan, PlannedTensor
@@ -207,10 +205,10 @@ def file_sha256(fd: int, offset: int, nbytes: int, scratch: bytearray) -> str:
 
 def check_written(path: Path, layout, label: Path) -> None:
     """Re-read what was just written: the file size, the header bytes (metadata and tensor
-    table) against the planned ones, and every tensor's type, size and offset parsed back
-    from the file (in bounds, aligned, not overlapping). Reads only the header, so it costs
-    milliseconds even for a 128k-token vocabulary."""
-    from gguf import GGML_QUANT_SIZES
+    table) against the planned ones, and every tensor's name, size and offset as llmconv's
+    hardened reader parses them back (formats/gguf_reader.py: in bounds, aligned, not
+    overlapping). Reads only the header, so it costs milliseconds even for a 128k-token vocabulary."""
+    from ..formats.gguf_reader import GGUFFormatError, read_gguf
 
     size = path.stat().st_size
     if size != layout.total_size:
@@ -220,14 +218,16 @@ def check_written(path: Path, layout, label: Path) -> None:
     if head != layout.header:
         at = next((i for i, (a, b) in enumerate(zip(head, layout.header)) if a != b), len(head))
         raise LlmconvError(f"re-read header differs from the planned one at byte {at}", file=label)
-    infos = read_tensor_infos(head, layout.infos_start, len(layout.tensors))
-    end = 0
-    for (name, dims, ggml_type, offset), t in zip(infos, layout.tensors):
-        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-        n = int(np.prod(dims, dtype=np.int64))
-        nbytes = n // block * type_size
-        if (name, offset, nbytes) != (t.name, t.offset, t.nbytes) or offset % layout.alignment or offset < end \
-                or layout.data_start + offset + nbytes > size:
-            raise LlmconvError(f"re-read tensor table disagrees: offset {offset}, {nbytes} bytes "
-                               f"(planned {t.offset}, {t.nbytes})", file=label, tensor=name)
-        end = offset + nbytes
+    try:
+        g = read_gguf(path, check_types=False)
+    except GGUFFormatError as e:
+        raise LlmconvError(f"re-read: {e.message}", file=label, tensor=e.tensor) from None
+    got = [(t.name, t.offset - g.data_offset, t.nbytes) for t in g.tensors]
+    want = [(t.name, t.offset, t.nbytes) for t in layout.tensors]
+    for a, b in zip(got, want):
+        if a != b:
+            raise LlmconvError(f"re-read tensor table disagrees: offset {a[1]}, {a[2]} bytes "
+                               f"(planned {b[1]}, {b[2]})", file=label, tensor=b[0])
+    if len(got) != len(want) or g.data_offset != layout.data_start:
+        raise LlmconvError(f"re-read {len(got)} tensors from byte {g.data_offset}, planned {len(want)} "
+                           f"from byte {layout.data_start}", file=label)

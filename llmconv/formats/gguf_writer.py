@@ -123,22 +123,6 @@ def plan_layout(kvs: Sequence[KV], tensors: Sequence[TensorEntry],
     return GGUFLayout(header, out, alignment, {t.name: i for i, t in enumerate(out)}, infos_start)
 
 
-def read_tensor_infos(buf: bytes, pos: int, count: int) -> list[tuple[str, tuple[int, ...], int, int]]:
-    """Parse `count` tensor infos from `buf` at `pos`: [(name, dims as stored, type, offset)]."""
-    out = []
-    for _ in range(count):
-        (n,) = struct.unpack_from("<Q", buf, pos)
-        name = buf[pos + 8:pos + 8 + n].decode("utf-8")
-        pos += 8 + n
-        (nd,) = struct.unpack_from("<I", buf, pos)
-        dims = struct.unpack_from(f"<{nd}Q", buf, pos + 4)
-        pos += 4 + 8 * nd
-        ggml_type, offset = struct.unpack_from("<IQ", buf, pos)
-        pos += 12
-        out.append((name, tuple(dims), ggml_type, offset))
-    return out
-
-
 class GGUFFileWriter(PositionalWriter):
     """Write one GGUF file whose layout is known: header first, tensors at offsets."""
 
