@@ -244,6 +244,22 @@ class _Chunks:
             self._stopped = True
 
 
+def _worker(jobs: Sequence[Job], work: _Chunks, finished: queue.SimpleQueue, errors: list[BaseException]) -> None:
+    """One worker thread of `run`: convert and write chunks until none is left; report each
+    finished chunk (job index, bytes) on `finished`, then None when leaving."""
+    _name_os_thread()
+    try:
+        while (item := work.next()) is not None:
+            i, a, b = item
+            _work(jobs[i], a, b)
+            finished.put((i, jobs[i].chunk_bytes(a, b)))
+    except BaseException as e:          # reraised by the main thread
+        work.stop()
+        errors.append(e)
+    finally:
+        finished.put(None)
+
+
 def run(jobs: Sequence[Job], threads: int = 1, progress: Callable[[int], None] | None = None,
         chunk_weights: int | None = None) -> None:
     """Convert and write every job. Raises the first error (LlmconvError for bad data);
@@ -262,26 +278,13 @@ def run(jobs: Sequence[Job], threads: int = 1, progress: Callable[[int], None] |
     work = _Chunks(jobs, spans)
     finished: queue.SimpleQueue = queue.SimpleQueue()   # (job index, bytes) per chunk; None: a worker left
     errors: list[BaseException] = []
-
-    def worker() -> None:
-        _name_os_thread()
-        try:
-            while (item := work.next()) is not None:
-                i, a, b = item
-                _work(jobs[i], a, b)
-                finished.put((i, jobs[i].chunk_bytes(a, b)))
-        except BaseException as e:          # reraised by the main thread
-            work.stop()
-            errors.append(e)
-        finally:
-            finished.put(None)
-
     # The checkpoint's and torch's objects never become garbage here; without this, the
     # collector walks all of them again and again while chunks are converted (9 % of the
     # f16 conversion's samples were gc_collect_main).
     gc.freeze()
     torch_threads = _one_torch_thread() if threads > 1 else None
-    pool = [threading.Thread(target=worker, name=f"llmconv-work-{k}", daemon=True) for k in range(threads)]
+    pool = [threading.Thread(target=_worker, args=(jobs, work, finished, errors), name=f"llmconv-work-{k}", daemon=True)
+            for k in range(threads)]
     try:
         for t in pool:
             t.start()
