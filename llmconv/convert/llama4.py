@@ -279,7 +279,6 @@ def ordered(tensors: dict[str, SourceTensor], n_layers: int) -> list[SourceTenso
 def open_llama4_source(model_dir: Path, ctx: int | None = None, pre: str | None = None, tokenizer: Path | None = None):
     """A Llama 4 Hugging Face checkpoint as a Source of llama4 tensors and keys."""
     from .guards import check_layer_count
-    from .hf import weight_loader, weight_rows
     from .hf_config import rope_freqs_tensor, rope_settings
     from .hf_files import open_weights, read_json
     from .hf_tokenizer import load_hf_tokenizer
@@ -315,6 +314,26 @@ def open_llama4_source(model_dir: Path, ctx: int | None = None, pre: str | None 
     check_layer_count(cfg.n_layers, [n.removeprefix("language_model.") for n in entries], cfg_file,
                       "num_hidden_layers")
 
+    tensors = _map_tensors(entries, cfg, model_dir, tied)
+    out = ordered(tensors, cfg.n_layers)
+    extra = list(cfg.extra_kvs())
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "llama3":
+            raise LlmconvError(f"rope_scaling type {kind!r}: Llama 4 uses llama3 scaling (or none)", file=cfg_file)
+        out.insert(0, rope_freqs_tensor(scaling, cfg.head_dim, theta, cfg_file))
+
+    vocab, special = load_hf_tokenizer(model_dir, tokenizer, entries[embd].shape[0], warnings, pre)
+    h = cfg.hparams(int(ctx_len), theta, tied)
+    return Source("hf", model_dir, h, vocab, out, extra_kvs=extra + special, warnings=warnings, notes=notes)
+
+
+def _map_tensors(entries: dict, cfg: Llama4Config, model_dir: Path, tied: bool) -> dict[str, SourceTensor]:
+    """GGUF name -> SourceTensor: each MoE layer's fused experts split per expert, every other
+    tensor mapped and checked against the shape config.json implies."""
+    from .hf import weight_loader, weight_rows
+
+    cfg_file = model_dir / "config.json"
     expected = cfg.expected_shapes()
     tensors: dict[str, SourceTensor] = {}
     for i in range(cfg.n_layers):
@@ -336,14 +355,4 @@ def open_llama4_source(model_dir: Path, ctx: int | None = None, pre: str | None 
     for key in expected:
         if key not in tensors and not (tied and key == tensor_name(MODEL_TENSOR.OUTPUT)):
             raise LlmconvError("tensor missing from the checkpoint", file=model_dir, tensor=key)
-    out = ordered(tensors, cfg.n_layers)
-    extra = list(cfg.extra_kvs())
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind != "llama3":
-            raise LlmconvError(f"rope_scaling type {kind!r}: Llama 4 uses llama3 scaling (or none)", file=cfg_file)
-        out.insert(0, rope_freqs_tensor(scaling, cfg.head_dim, theta, cfg_file))
-
-    vocab, special = load_hf_tokenizer(model_dir, tokenizer, entries[embd].shape[0], warnings, pre)
-    h = cfg.hparams(int(ctx_len), theta, tied)
-    return Source("hf", model_dir, h, vocab, out, extra_kvs=extra + special, warnings=warnings, notes=notes)
+    return tensors

@@ -10,9 +10,6 @@ embedding along dim 1, LLaMA 3 along the vocabulary).
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import mmap
 import pickle
 import re
 import zipfile
@@ -23,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import LlmconvError, load_json
-from ..formats.rawread import RawTensor
+from ..formats.rawread import RawTensor, will_need
 from ..quantize.floats import widen_into
 from .guards import check_tensor_storage, scan_torch_pickle
 from .hparams import CONTEXT_BY_FAMILY, LlamaHParams, meta_family, meta_ffn_dim
@@ -145,21 +142,6 @@ def _raw(t: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
-
-
-_MADV_WILLNEED = 3
-_PAGE = mmap.PAGESIZE
-_libc = None
-
-
-def will_need(addr: int, nbytes: int) -> None:
-    """madvise(MADV_WILLNEED) over [addr, addr + nbytes), page-aligned; a hint, errors ignored."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    start = addr - addr % _PAGE
-    _libc.madvise(start, nbytes + (addr - start), _MADV_WILLNEED)
 
 
 def read_params(path: Path) -> dict:

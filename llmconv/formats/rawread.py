@@ -13,6 +13,9 @@ zips, safetensors, GGUF) describe and the streaming engine reads rows of.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
 import os
 import threading
 import weakref
@@ -135,3 +138,18 @@ def read_rows_unpermuted(t: RawTensor, n_heads: int, a: int, b: int, out: np.nda
         widen_into(meta, out.reshape(k, hd // 2, 2, cols))
     else:
         widen_into(meta.reshape(k * hd, cols)[a - h0 * hd:b - h0 * hd], out)
+
+
+_MADV_WILLNEED = 3
+_PAGE = mmap.PAGESIZE
+_libc = None
+
+
+def will_need(addr: int, nbytes: int) -> None:
+    """madvise(MADV_WILLNEED) over [addr, addr + nbytes), page-aligned; a hint, errors ignored."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    start = addr - addr % _PAGE
+    _libc.madvise(start, nbytes + (addr - start), _MADV_WILLNEED)

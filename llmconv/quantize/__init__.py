@@ -137,9 +137,9 @@ register(QuantType("iq2_s", GGMLQuantizationType.IQ2_S, *_SIZES[GGMLQuantization
 # Grid 3-bit types (256-weight super-blocks); the same search with or without an imatrix.
 from . import iq3  # noqa: E402
 
-register(QuantType("iq3_xxs", GGMLQuantizationType.IQ3_XXS, 256, iq3.IQ3_XXS_SIZE, LlamaFileType.MOSTLY_IQ3_XXS,
+register(QuantType("iq3_xxs", GGMLQuantizationType.IQ3_XXS, *_SIZES[GGMLQuantizationType.IQ3_XXS], LlamaFileType.MOSTLY_IQ3_XXS,
                    iq3.iq3_xxs_quantize, iq3.iq3_xxs_dequantize, quantize_weighted=iq3.iq3_xxs_quantize))
-register(QuantType("iq3_s", GGMLQuantizationType.IQ3_S, 256, iq3.IQ3_S_SIZE, LlamaFileType.MOSTLY_IQ3_S,
+register(QuantType("iq3_s", GGMLQuantizationType.IQ3_S, *_SIZES[GGMLQuantizationType.IQ3_S], LlamaFileType.MOSTLY_IQ3_S,
                    iq3.iq3_s_quantize, iq3.iq3_s_dequantize, quantize_weighted=iq3.iq3_s_quantize))
 
 

@@ -25,13 +25,14 @@ best trial runs trial by trial.
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ._blocks import NonFiniteError
 from .iq3_grid import Iq3Grid, grid
 from .k_common import F32, QK_K, fp16_bits, nearest_int, seq_sum_from_zero
 
-IQ3_XXS_SIZE = 98               # fp16 d, 64 grid indices, 8 x uint32 (4 x 7 sign bits | 4-bit scale)
-IQ3_S_SIZE = 110                # fp16 d, qs[64], qh[8], signs[32], scales[4]
+IQ3_XXS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ3_XXS][1]  # 98 bytes: fp16 d, 64 grid indices, 8 x uint32 (4 x 7 sign bits | 4-bit scale)
+IQ3_S_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ3_S][1]      # 110 bytes: fp16 d, qs[64], qh[8], signs[32], scales[4]
 CHUNK_SUPERBLOCKS = 32          # 256 blocks per pass: the search's [32, 31 trials, blocks] arrays are ~1 MB
 XXS_MAX_EPS = F32(1e-8)         # GROUP_MAX_EPS_IQ3_XXS: a block below it is stored as zeros
 
