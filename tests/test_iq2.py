@@ -154,10 +154,10 @@ def test_neighbour_lists_follow_ggml_definition(t, nwant):
 
 # ---- the iq2 mixes against llama_model_quantize with an imatrix ------------------------------
 
-IQ2_MIXES = ["iq2_xxs", "iq2_xs"]
+IQ2_MIXES = ["iq2_xxs", "iq2_xs", "iq2_s", "iq2_m"]
 
 
-@pytest.mark.parametrize("model,mix", [("fixture", "iq2_xxs"), ("dim288", "iq2_xs")])
+@pytest.mark.parametrize("model,mix", [("fixture", "iq2_xxs"), ("dim288", "iq2_xs"), ("fixture", "iq2_m")])
 def test_mix_files_equal_llama_quantize(f32_mix_models, tmp_path, model, mix):  # noqa: F811
     """Every tensor's type and bytes with the same imatrix: the q2_K/q4_K/q5_K rule tensors,
     token_embd (unweighted), and on dim 288 every fallback (iq4_nl, output q8_0). The type

@@ -143,8 +143,10 @@ def test_aliases_and_file_types():
     assert mixes.find_mix("q4_0") is None
     for name, mix in mixes.MIXES.items():
         assert mix.file_type == gguf.LlamaFileType[f"MOSTLY_{name.upper()}"]
-        # q4_k_m -> q4_k; iq4_xs itself; llama.cpp's IQ3_XS and IQ3_M files are mostly IQ3_S
-        assert mix.base == {"iq3_xs": "iq3_s", "iq3_m": "iq3_s"}.get(name, name if name.startswith("iq") else name[:4])
+        # q4_k_m -> q4_k; iq4_xs itself; llama.cpp's IQ3_XS and IQ3_M files are mostly IQ3_S,
+        # its IQ2_S file mostly IQ2_XS and its IQ2_M mostly IQ2_S
+        other = {"iq3_xs": "iq3_s", "iq3_m": "iq3_s", "iq2_s": "iq2_xs", "iq2_m": "iq2_s"}
+        assert mix.base == other.get(name, name if name.startswith("iq") else name[:4])
 
 
 def test_every_rule_names_a_known_mix_kind_condition_and_type():

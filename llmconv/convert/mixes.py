@@ -46,6 +46,9 @@ MIXES: dict[str, Mix] = {m.name: m for m in [
     Mix("iq4_xs", LlamaFileType.MOSTLY_IQ4_XS, "iq4_xs"),
     Mix("iq2_xxs", LlamaFileType.MOSTLY_IQ2_XXS, "iq2_xxs"),
     Mix("iq2_xs", LlamaFileType.MOSTLY_IQ2_XS, "iq2_xs"),
+    # llama.cpp's IQ2_S file is mostly IQ2_XS blocks, its IQ2_M mostly IQ2_S blocks
+    Mix("iq2_s", LlamaFileType.MOSTLY_IQ2_S, "iq2_xs"),
+    Mix("iq2_m", LlamaFileType.MOSTLY_IQ2_M, "iq2_s"),
     Mix("iq3_xxs", LlamaFileType.MOSTLY_IQ3_XXS, "iq3_xxs"),
     Mix("iq3_xs", LlamaFileType.MOSTLY_IQ3_XS, "iq3_s"),      # llama.cpp's IQ3_XS file is mostly IQ3_S
     Mix("iq3_s", LlamaFileType.MOSTLY_IQ3_S, "iq3_s"),
@@ -110,21 +113,25 @@ CONDITIONS = {
 }
 
 ALL = tuple(MIXES)
-# The 2-bit grid mixes: llama-quantize's own branch of rules (no late bumps, see LATE_BUMPS).
-IQ2 = ("iq2_xxs", "iq2_xs")
-IQ2_XXS_XS = IQ2
+# The 2-bit grid mixes: llama-quantize's own branch of rules (no late bumps, see NO_LATE_BUMPS).
+IQ2 = ("iq2_xxs", "iq2_xs", "iq2_s", "iq2_m")
+IQ2_XXS_XS, IQ2_S_M = IQ2[:2], IQ2[2:]
 
 # (mixes, tensor kind, condition, type). Order matters within a (mix, kind): first match wins.
 RULES: list[tuple[tuple[str, ...], str, str, str]] = [
-    # 2-bit grid mixes: output q5_K; the tensors llama.cpp deems sensitive get q2_K
+    # 2-bit grid mixes: output q5_K; the tensors llama.cpp deems sensitive get q2_K or iq3_S
     (IQ2, "output", "row%256==0", "q5_k"),
     (IQ2, "output", "always", "q8_0"),
     (IQ2_XXS_XS, "token_embd", "always", "q2_k"),
+    (IQ2_S_M, "token_embd", "always", "iq3_s"),
     (IQ2, "attn_v", "n_gqa>=4 or n_expert>=4", "q4_k"),
     (IQ2_XXS_XS, "attn_v", "always", "q2_k"),
+    (IQ2_S_M, "attn_v", "always", "iq3_s"),
     (IQ2, "attn_k", "n_expert==8", "q4_k"),
     (IQ2_XXS_XS, "ffn_down", "i<n/8", "q2_k"),
+    (IQ2_S_M, "ffn_down", "i<n/8", "iq3_s"),
     (IQ2, "attn_output", "n_expert==8", "q5_k"),
+    (IQ2_S_M, "attn_output", "always", "iq3_s"),
     # 3-bit grid mixes: iq3_xxs spends its bits on output/token_embd/attn_output and takes them
     # from attn_q/attn_k (iq2_s); iq3_xs puts the middle layers' q/k/gate/up in iq3_xxs
     (("iq3_xxs",), "output", "row%256==0", "q5_k"),
