@@ -322,3 +322,22 @@ def llama4_logits(sd: dict, cfg: dict, tokens: list[int], last: int | None = Non
 
 def _swiglu(x, gate, up, down):
     return (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+SMALL_VOCAB = 260        # small_vocab_tokenizer's
+
+
+def small_vocab_tokenizer(ck: Path) -> None:
+    """A SMALL_VOCAB-token byte-level BPE vocabulary (the bytes and four merges) with Llama 4's pre-tokenizer."""
+    from llmconv.convert import bpe
+    from llmconv.convert.pretok import LLAMA4_PATTERN
+    from realtok import _byte_level_bpe
+    pre = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA4_PATTERN}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    vocab = {bpe.bytes_to_token(bytes([b])): b for b in range(256)}
+    merges = ["Ġ t", "e r", "i n", "Ġ a"]               # llama.cpp needs merges to load a BPE vocabulary
+    vocab |= {m.replace(" ", ""): 256 + i for i, m in enumerate(merges)}
+    doc = _byte_level_bpe(vocab, merges, [], pre, None)
+    (ck / "tokenizer.json").write_text(json.dumps(doc))
+    (ck / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))

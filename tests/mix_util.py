@@ -133,3 +133,38 @@ def write_tensor_only_llama(path: Path, n_layers: int, n_heads: int, n_kv: int, 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_tensor_only_moe(path: Path, n_layers: int, n_expert: int, n_heads: int = 8, n_kv: int = 2) -> Path:
+    """A llama GGUF with experts whose matrices have 2 rows: llama-quantize reads the hparams
+    for its rules but not the shapes, so the rules run on a few bytes."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, v in ((w.add_context_length, 64), (w.add_embedding_length, 256), (w.add_block_count, n_layers),
+                   (w.add_feed_forward_length, 256), (w.add_head_count, n_heads), (w.add_head_count_kv, n_kv),
+                   (w.add_rope_dimension_count, 32), (w.add_expert_count, n_expert), (w.add_expert_used_count, 2),
+                   (w.add_vocab_size, 8), (w.add_file_type, gguf.LlamaFileType.ALL_F32)):
+        add(v)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(5)])
+    w.add_token_scores([0.0] * 8)
+    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+                      + [gguf.TokenType.NORMAL] * 5)
+    rng = np.random.default_rng(n_layers * 10 + n_expert)
+    mat = lambda *shape: rng.standard_normal(shape).astype(np.float32)   # noqa: E731
+    w.add_tensor("token_embd.weight", mat(2, 256))
+    for i in range(n_layers):
+        for kind in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            w.add_tensor(f"blk.{i}.{kind}.weight", mat(2, 256))
+        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", mat(n_expert, 256))
+        for kind in ("ffn_gate_exps", "ffn_down_exps", "ffn_up_exps"):
+            w.add_tensor(f"blk.{i}.{kind}.weight", mat(n_expert, 1, 256))
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(256, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(256, np.float32))
+    w.add_tensor("output_norm.weight", np.ones(256, np.float32))
+    w.add_tensor("output.weight", mat(2, 256))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -122,6 +122,30 @@ def test_the_cycle_check_can_fail(tmp_path):
     assert import_cycles(module_imports(pkg)) == [["llmconv.a", "llmconv.sub.b"]]
 
 
+def modules_importing_test_modules(tests_dir: Path) -> list[str]:
+    """Test modules that import another test module (shared helpers belong in a plain module,
+    such as mix_util.py or verify_util.py, or in conftest.py): importing a test module runs its
+    module-level setup and makes pytest collect its tests twice under another name."""
+    found = []
+    for path in sorted(tests_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{path.name} imports {n}" for n in names if n.split(".")[-1].startswith("test_")]
+    return found
+
+
+def test_no_test_module_imports_another():
+    assert modules_importing_test_modules(ROOT / "tests") == []
+
+
+def test_the_test_import_check_can_fail(tmp_path):
+    (tmp_path / "test_a.py").write_text("def helper():\n    pass\n")
+    (tmp_path / "test_b.py").write_text("def test_x():\n    from test_a import helper\n")
+    (tmp_path / "test_c.py").write_text("import tests.test_a\nimport mix_util\n")
+    assert modules_importing_test_modules(tmp_path) == ["test_b.py imports test_a", "test_c.py imports tests.test_a"]
+
+
 @pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
                     reason="ruff is not installed (it is in the test extra)")
 def test_ruff_lint_passes():

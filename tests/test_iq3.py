@@ -253,7 +253,7 @@ def test_iq3_xxs_rules_without_an_imatrix(tmp_path):
 def test_moe_mix_types_equal_llama_quantize(tmp_path, shape):
     """Mixtral-like models: the 8-expert rules (attn_v/attn_k q8_0, attn_output q5_K, iq3_m's
     ffn_down bands) and the stacked experts' gate/up/down kinds."""
-    from test_moe import write_tensor_only_moe
+    from mix_util import write_tensor_only_moe
 
     src_path = write_tensor_only_moe(tmp_path / "m.gguf", *shape)
     for mix in ("iq3_s", "iq3_m"):
@@ -293,7 +293,7 @@ def test_mixes_without_an_imatrix_are_refused_as_in_llama_quantize(tmp_path, cap
 def test_dry_run_with_imatrix_text_plans_the_mix(capsys):
     """--dry-run --imatrix-text computes no imatrix: the plan must not call it missing."""
     from llmconv.cli import main
-    from test_mixes import FIXTURE
+    from mix_util import FIXTURE
 
     assert main(["convert", str(FIXTURE), "--outtype", "iq3_xxs", "--dry-run", "--imatrix-text", "builtin"]) == 0
     plan = capsys.readouterr()

@@ -7,14 +7,13 @@ vouches for the rebuilt tokenizer.json."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
 
-from llama4_synth import (llama4_logits, llama4_state_dict, llama4_tokenizer_model, load_state_dict,
+from llama4_synth import (SMALL_VOCAB, small_vocab_tokenizer, llama4_logits, llama4_state_dict, llama4_tokenizer_model, load_state_dict,
                           meta_llama4_tokenizer, text_config, write_hf_llama4)
 from llmconv.cli import main
 from llmconv.formats.gguf_reader import read_gguf
@@ -22,7 +21,6 @@ from realtok import MULTILINGUAL
 from mix_util import assert_same_file, llama_quantize
 
 OUTTYPES = ["f32", "f16", "q8_0", "q4_0", "q4_K_M"]
-SMALL_VOCAB = 260        # small_vocab_tokenizer's
 TEXT = "Llama 4 sends each token to one of its experts, and a shared one. Ünïcödé, 東京 and I'm sure: 12345."
 BOUND_KEY = {"q4_K_M": "q4_k"}
 
@@ -267,22 +265,6 @@ def test_experts_stream_one_slice_at_a_time(tmp_path):
     t = f.tensor("blk.3.ffn_up_exps.weight")
     want = sd["language_model.model.layers.3.feed_forward.experts.gate_up_proj"].float()[:, :, 256:].transpose(1, 2)
     np.testing.assert_array_equal(t.data.view(np.float32).reshape(t.shape), want.numpy())
-
-
-def small_vocab_tokenizer(ck: Path) -> None:
-    """A SMALL_VOCAB-token byte-level BPE vocabulary (the bytes and four merges) with Llama 4's pre-tokenizer."""
-    from llmconv.convert import bpe
-    from llmconv.convert.pretok import LLAMA4_PATTERN
-    from realtok import _byte_level_bpe
-    pre = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": LLAMA4_PATTERN}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
-    vocab = {bpe.bytes_to_token(bytes([b])): b for b in range(256)}
-    merges = ["Ġ t", "e r", "i n", "Ġ a"]               # llama.cpp needs merges to load a BPE vocabulary
-    vocab |= {m.replace(" ", ""): 256 + i for i, m in enumerate(merges)}
-    doc = _byte_level_bpe(vocab, merges, [], pre, None)
-    (ck / "tokenizer.json").write_text(json.dumps(doc))
-    (ck / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
 
 
 def _refuse():

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from llama4_synth import llama4_state_dict, text_config, write_hf_llama4
+from llama4_synth import SMALL_VOCAB, llama4_state_dict, small_vocab_tokenizer, text_config, write_hf_llama4
 from llmconv.cli import main
-from test_llama4 import SMALL_VOCAB, small_vocab_tokenizer
-from test_moe_verify import swap_experts, verify
+from verify_util import swap_experts, verify
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from llmconv.convert.pipeline import gguf_model_shape, plan_conversion
 from llmconv.convert.plan import TypePolicy, make_plan
 from llmconv.formats.gguf_reader import read_gguf
 from moe_synth import FIXTURE_TOKENIZER, mistral_tokenizer, mixtral_logits, write_hf_mixtral
-from mix_util import MIXES, assert_same_file, llama_quantize, read
+from mix_util import MIXES, assert_same_file, llama_quantize, read, write_tensor_only_moe
 
 TEXT = "Mixtral routes each token to two of its eight experts. Ünïcödé and 東京 fall back to bytes."
 OUTTYPES = ["f32", "f16", "q8_0", "q4_0", "q4_K_M"]
@@ -157,41 +157,6 @@ def test_quantize_matches_llama_quantize_4_experts(small, tmp_path, qtype):
     ours = tmp_path / "ours.gguf"
     assert main(["quantize", str(small[4][1]), str(ours), "--type", qtype, "-q"]) == 0
     assert_same_file(theirs, ours)
-
-
-def write_tensor_only_moe(path: Path, n_layers: int, n_expert: int, n_heads: int = 8, n_kv: int = 2) -> Path:
-    """A llama GGUF with experts whose matrices have 2 rows: llama-quantize reads the hparams
-    for its rules but not the shapes, so the rules run on a few bytes."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    for add, v in ((w.add_context_length, 64), (w.add_embedding_length, 256), (w.add_block_count, n_layers),
-                   (w.add_feed_forward_length, 256), (w.add_head_count, n_heads), (w.add_head_count_kv, n_kv),
-                   (w.add_rope_dimension_count, 32), (w.add_expert_count, n_expert), (w.add_expert_used_count, 2),
-                   (w.add_vocab_size, 8), (w.add_file_type, gguf.LlamaFileType.ALL_F32)):
-        add(v)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(5)])
-    w.add_token_scores([0.0] * 8)
-    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-                      + [gguf.TokenType.NORMAL] * 5)
-    rng = np.random.default_rng(n_layers * 10 + n_expert)
-    mat = lambda *shape: rng.standard_normal(shape).astype(np.float32)   # noqa: E731
-    w.add_tensor("token_embd.weight", mat(2, 256))
-    for i in range(n_layers):
-        for kind in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            w.add_tensor(f"blk.{i}.{kind}.weight", mat(2, 256))
-        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", mat(n_expert, 256))
-        for kind in ("ffn_gate_exps", "ffn_down_exps", "ffn_up_exps"):
-            w.add_tensor(f"blk.{i}.{kind}.weight", mat(n_expert, 1, 256))
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(256, np.float32))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(256, np.float32))
-    w.add_tensor("output_norm.weight", np.ones(256, np.float32))
-    w.add_tensor("output.weight", mat(2, 256))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 @pytest.mark.llamacpp

@@ -4,14 +4,12 @@ from the file (router, stacked expert slices); a correct conversion passes, a fi
 experts 1 and 2 trade places (all three of their matrices, in one layer) fails."""
 from __future__ import annotations
 
-import shutil
 
-import numpy as np
 import pytest
 
 from llmconv.cli import main
-from llmconv.formats.gguf_reader import read_gguf
 from moe_synth import FIXTURE_TOKENIZER, write_hf_mixtral
+from verify_util import swap_experts, verify
 
 
 @pytest.fixture(scope="module")
@@ -24,29 +22,6 @@ def mixtral(tmp_path_factory):
         files[t] = root / f"m-{t}.gguf"
         assert main(["convert", str(ckpt), "--outtype", t, "-o", str(files[t]), "-q"]) == 0
     return ckpt, files
-
-
-def swap_experts(src, dst, layer: int, a: int, b: int):
-    """Copy `src` with experts a and b of `layer` exchanged in its three stacked tensors."""
-    shutil.copy(src, dst)
-    g = read_gguf(dst)
-    mm = np.memmap(dst, dtype=np.uint8, mode="r+")
-    for kind in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
-        t = g.tensor(f"blk.{layer}.{kind}.weight")
-        step = t.nbytes // t.shape[0]
-        sa = slice(t.offset + a * step, t.offset + (a + 1) * step)
-        sb = slice(t.offset + b * step, t.offset + (b + 1) * step)
-        mm[sa], mm[sb] = mm[sb].copy(), mm[sa].copy()
-    mm.flush()
-    del mm
-    return dst
-
-
-def verify(capsys, path, ckpt, *extra):
-    capsys.readouterr()
-    code = main(["verify", str(path), "--reference", str(ckpt), "--tokens", "64", *extra])
-    out, err = capsys.readouterr()
-    return code, out + err
 
 
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])

@@ -3,12 +3,14 @@ planted defect (through gguf-py, independently of llmconv's writer)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from llmconv.cli import main
+from llmconv.formats.gguf_reader import read_gguf
 
 
 def run_verify_cli(capsys, path: Path, ref: Path, *extra: str) -> tuple[int, str, str]:
@@ -74,3 +76,26 @@ def rewrite_gguf(src: Path, dst: Path, *, kvs: dict | None = None, tensors: dict
 
 def tensor_raw(path: Path, name: str) -> np.ndarray:
     return np.array(next(t for t in GGUFReader(path).tensors if t.name == name).data)
+
+
+def swap_experts(src, dst, layer: int, a: int, b: int):
+    """Copy `src` with experts a and b of `layer` exchanged in its three stacked tensors."""
+    shutil.copy(src, dst)
+    g = read_gguf(dst)
+    mm = np.memmap(dst, dtype=np.uint8, mode="r+")
+    for kind in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+        t = g.tensor(f"blk.{layer}.{kind}.weight")
+        step = t.nbytes // t.shape[0]
+        sa = slice(t.offset + a * step, t.offset + (a + 1) * step)
+        sb = slice(t.offset + b * step, t.offset + (b + 1) * step)
+        mm[sa], mm[sb] = mm[sb].copy(), mm[sa].copy()
+    mm.flush()
+    del mm
+    return dst
+
+
+def verify(capsys, path, ckpt, *extra):
+    capsys.readouterr()
+    code = main(["verify", str(path), "--reference", str(ckpt), "--tokens", "64", *extra])
+    out, err = capsys.readouterr()
+    return code, out + err
