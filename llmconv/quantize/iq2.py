@@ -34,8 +34,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import iq2_tables
-from ._blocks import ImatrixRequired, NonFiniteError
-from .iq_grid import Grid, best_neighbours, make_grid
+from ._blocks import ImatrixRequired
+from .iq_grid import Grid, best_neighbours, make_grid, quantize_superblocks
 from .k_common import F32, GROUP_MAX_EPS, QK_K, fp16_bits, nearest_int
 from .k_weighted import block_sigma2, make_qp_quants
 
@@ -251,24 +251,7 @@ def _s_chunk(xb: np.ndarray, qwb: np.ndarray | None) -> np.ndarray:
 
 
 def _over(x: np.ndarray, qw: np.ndarray | None, type_size: int, fn) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=F32)
-    rows, n = x.shape
-    if n % QK_K:
-        raise ValueError(f"row length {n} is not a multiple of {QK_K}")
-    xb = x.reshape(-1, QK_K)
-    qwb = None if qw is None else np.ascontiguousarray(qw, dtype=F32).reshape(-1, QK_K)
-    per_row = n // QK_K
-    out = np.empty((xb.shape[0], type_size), np.uint8)
-    with np.errstate(all="ignore"):
-        for s in range(0, xb.shape[0], CHUNK_SUPERBLOCKS):
-            e = min(s + CHUNK_SUPERBLOCKS, xb.shape[0])
-            out[s:e] = fn(xb[s:e], None if qwb is None else qwb[np.arange(s, e) % per_row])
-    # |w| beyond ~1e7 makes d overflow fp16: refused, as the other types' overflows are
-    # (llama_model_quantize's row validation rejects such a tensor too)
-    bad = np.flatnonzero((out[:, 0:2].copy().view(np.uint16)[:, 0] & 0x7C00) == 0x7C00)
-    if bad.size:
-        raise NonFiniteError(int(bad[0]) // per_row, "a super-block scale overflows fp16")
-    return out.reshape(rows, per_row * type_size)
+    return quantize_superblocks(x, qw, type_size, fn, CHUNK_SUPERBLOCKS)
 
 
 def _needs_imatrix(name: str):

@@ -27,8 +27,8 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ._blocks import NonFiniteError
 from .iq3_grid import Iq3Grid, grid
+from .iq_grid import SuperblockOverflow, quantize_superblocks
 from .k_common import F32, QK_K, fp16_bits, nearest_int, seq_sum_from_zero
 
 IQ3_XXS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ3_XXS][1]  # 98 bytes: fp16 d, 64 grid indices, 8 x uint32 (4 x 7 sign bits | 4-bit scale)
@@ -263,13 +263,8 @@ def _superblock_scales(scale: np.ndarray, fudge: np.float32):
     idv = F32(1.0) / d
     ls = np.clip(nearest_int(F32(0.5) * (idv[:, None] * s - F32(1.0))), 0, 15)
     if not np.isfinite(dh.view(np.float16)).all():
-        raise _Overflow(int(np.argmax(~np.isfinite(dh.view(np.float16)))))
+        raise SuperblockOverflow(int(np.argmax(~np.isfinite(dh.view(np.float16)))))
     return dh, ls.astype(np.uint32), zero
-
-
-class _Overflow(Exception):
-    def __init__(self, superblock: int):
-        self.superblock = superblock
 
 
 def _xxs_chunk(xb: np.ndarray, qwb: np.ndarray | None) -> np.ndarray:
@@ -311,22 +306,7 @@ def _s_chunk(xb: np.ndarray, qwb: np.ndarray | None) -> np.ndarray:
 
 
 def _over(x: np.ndarray, qw: np.ndarray | None, type_size: int, fn) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=F32)
-    rows, n = x.shape
-    if n % QK_K:
-        raise ValueError(f"row length {n} is not a multiple of {QK_K}")
-    xb = x.reshape(-1, QK_K)
-    qwb = None if qw is None else np.ascontiguousarray(qw, dtype=F32).reshape(-1, QK_K)
-    per_row = n // QK_K
-    out = np.empty((xb.shape[0], type_size), np.uint8)
-    with np.errstate(all="ignore"):
-        for s in range(0, xb.shape[0], CHUNK_SUPERBLOCKS):
-            e = min(s + CHUNK_SUPERBLOCKS, xb.shape[0])
-            try:
-                out[s:e] = fn(xb[s:e], None if qwb is None else qwb[np.arange(s, e) % per_row])
-            except _Overflow as o:
-                raise NonFiniteError((s + o.superblock) // per_row, "scale overflows fp16") from None
-    return out.reshape(rows, per_row * type_size)
+    return quantize_superblocks(x, qw, type_size, fn, CHUNK_SUPERBLOCKS)
 
 
 def iq3_xxs_quantize(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._blocks import NonFiniteError
+
 F32 = np.float32
 
 
@@ -163,3 +165,38 @@ def _prefix_tables(grid: Grid, k: int) -> tuple[np.ndarray, np.ndarray]:
         suffix = np.arange(k, grid.dim, dtype=np.int32)[:, None] * grid.n_levels + lv[:, k:].T
         tables = _PREFIX_TABLES[key] = (pcode, np.ascontiguousarray(suffix, dtype=np.int32))
     return tables
+
+
+class SuperblockOverflow(Exception):
+    """Raised by a chunk function when a super-block's fp16 scale is not finite."""
+    def __init__(self, superblock: int):
+        self.superblock = superblock
+
+
+def quantize_superblocks(x: np.ndarray, qw: np.ndarray | None, type_size: int, chunk_fn,
+                         chunk_superblocks: int) -> np.ndarray:
+    """The IQ types' outer loop: x[rows, n] in passes of `chunk_superblocks` super-blocks of
+    256 (each with its row's slice of the imatrix qw[n]) through chunk_fn(xb, qwb) -> blocks.
+    A super-block scale that overflows fp16 (|w| beyond ~1e7) is refused with its row, as the
+    other types' overflows are (llama_model_quantize's row validation rejects such a tensor too):
+    either chunk_fn raises SuperblockOverflow, or the written scale (every IQ block opens with
+    its fp16 d) is inf/NaN."""
+    x = np.ascontiguousarray(x, dtype=F32)
+    rows, n = x.shape
+    if n % 256:
+        raise ValueError(f"row length {n} is not a multiple of 256")
+    xb = x.reshape(-1, 256)
+    qwb = None if qw is None else np.ascontiguousarray(qw, dtype=F32).reshape(-1, 256)
+    per_row = n // 256
+    out = np.empty((xb.shape[0], type_size), np.uint8)
+    with np.errstate(all="ignore"):
+        for s in range(0, xb.shape[0], chunk_superblocks):
+            e = min(s + chunk_superblocks, xb.shape[0])
+            try:
+                out[s:e] = chunk_fn(xb[s:e], None if qwb is None else qwb[np.arange(s, e) % per_row])
+            except SuperblockOverflow as o:
+                raise NonFiniteError((s + o.superblock) // per_row, "a super-block scale overflows fp16") from None
+    bad = np.flatnonzero((out[:, 0:2].copy().view(np.uint16)[:, 0] & 0x7C00) == 0x7C00)
+    if bad.size:
+        raise NonFiniteError(int(bad[0]) // per_row, "a super-block scale overflows fp16")
+    return out.reshape(rows, per_row * type_size)
