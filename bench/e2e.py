@@ -32,8 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-sys.path.append(str(ROOT / "tests"))     # after bench/: bench/synth.py, not tests/synth.py
-from procstat import run_peak_rss_anon  # noqa: E402
+from llmconv.testing.procstat import run_peak_rss_anon  # noqa: E402
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     python bench/fuzz_gguf.py --examples 20000 [--seed S] [--save-failures DIR] [--json out.json]
 
-The strategy and the check are tests/test_fuzz.py's (the CI test runs a few hundred inputs):
+The strategy and the check are tests/fuzzer.py's (the CI test runs a few hundred inputs):
 small valid GGUF seeds built from the fixture's hyperparameters and vocabulary, mutated by
 bit flips, truncations, byte insertions/deletions and huge, boundary or nearby values written
 over count, length, type, dimension and offset fields. Each input must give a correct parse
@@ -27,11 +27,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from hypothesis import HealthCheck, given, seed as hypothesis_seed, settings  # noqa: E402
 
-import test_fuzz  # noqa: E402
+from llmconv.testing import fuzz_gguf as fuzzer  # noqa: E402
 
 
 def main() -> int:
@@ -45,7 +44,7 @@ def main() -> int:
     outcomes: collections.Counter[str] = collections.Counter()
     failures: list[tuple[str, bytes]] = []
     seen: set[bytes] = set()
-    sizes = [len(s.data) for s in test_fuzz.SEEDS]
+    sizes = [len(s.data) for s in fuzzer.SEEDS]
 
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp) / "input.gguf"
@@ -53,7 +52,7 @@ def main() -> int:
         def one(data: bytes) -> None:
             seen.add(hashlib.sha1(data).digest())
             try:
-                outcome = test_fuzz.check_input(data, scratch)
+                outcome = fuzzer.check_input(data, scratch)
                 if outcome.startswith("error: other"):
                     raise AssertionError(f"unexpected error message: {outcome}")
             except Exception as e:   # noqa: BLE001 -- count everything, stop at nothing
@@ -62,11 +61,11 @@ def main() -> int:
             outcomes[outcome] += 1
 
         run = settings(max_examples=args.examples, derandomize=args.seed is None, deadline=None, database=None,
-                       suppress_health_check=list(HealthCheck))(given(data=test_fuzz.mutated_gguf())(one))
+                       suppress_health_check=list(HealthCheck))(given(data=fuzzer.mutated_gguf())(one))
         if args.seed is not None:
             run = hypothesis_seed(args.seed)(run)
         start = time.perf_counter()
-        with test_fuzz.tracing():
+        with fuzzer.tracing():
             run()
         seconds = time.perf_counter() - start
 

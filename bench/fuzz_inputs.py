@@ -3,7 +3,7 @@ tokenizer.json) with many structure-aware mutations of the real files and count 
 
     python bench/fuzz_inputs.py --examples 2500 [--files config.json,params.json] [--seed S] [--json out.json]
 
-The strategy and the check are tests/test_fuzz_inputs.py's (CI runs ~800 per file):
+The strategy and the check are llmconv/testing/fuzz_inputs.py's (tests/test_fuzz_inputs.py runs ~800 per file in CI):
 each input must be accepted or refused with a one-line LlmconvError naming the file, within
 a time limit, and no single input may raise the process's peak RSS by MAX_GROWTH (the growth
 over the whole run is reported too).
@@ -23,9 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-import test_fuzz_inputs as F  # noqa: E402
+from llmconv.testing import fuzz_inputs as F  # noqa: E402
 
 
 def fuzz_file(name: str, n: int, seed: int | None, tmp: Path) -> dict:

@@ -12,7 +12,7 @@ tensor in row blocks of 16 M values, Gaussian with per-tensor seeds (incompressi
 same bytes every run), so memory stays at one block; each layer's experts go to a different
 shard than its attention, as in the real checkpoint's 19 files.
 
-Measured: wall time, peak RssAnon (tests/procstat.py, polled), checkpoint bytes read per
+Measured: wall time, peak RssAnon (llmconv/testing/procstat.py, polled), checkpoint bytes read per
 second of `llmconv convert --outtype T`; with --dense, the same on the dense checkpoint, to
 compare throughput per byte.
 """
@@ -31,17 +31,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "tests"))
 from e2e import gib, llmconv  # noqa: E402
 
-
-def _bench_synth():
-    """bench/synth.py by path (tests/ has a synth.py of its own)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_synth", ROOT / "bench" / "synth.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 DIM, HEADS, KV_HEADS, FFN, EXPERTS, USED, VOCAB = 4096, 32, 8, 14336, 8, 2, 32000
 BLOCK = 1 << 24
@@ -110,12 +101,13 @@ def make_mixtral(out: Path, layers: int) -> Path:
         "num_key_value_heads": KV_HEADS, "num_local_experts": EXPERTS, "num_experts_per_tok": USED,
         "rms_norm_eps": 1e-5, "rope_theta": 1e6, "vocab_size": VOCAB, "max_position_embeddings": 32768,
         "hidden_act": "silu", "tie_word_embeddings": False, "sliding_window": None, "torch_dtype": "bfloat16"}))
-    from moe_synth import mistral_tokenizer
+    from llmconv.testing.moe_synth import mistral_tokenizer
     tok = mistral_tokenizer()          # Mixtral's own 32000-token SentencePiece model, when installed
     if tok is not None:
         (out / "tokenizer.model").write_bytes(tok.read_bytes())
     else:
-        _bench_synth().make_tokenizer(out, VOCAB)
+        from synth import make_tokenizer     # bench/synth.py
+        make_tokenizer(out, VOCAB)
     return out
 
 
@@ -141,7 +133,8 @@ def main(argv=None) -> int:
         dense = args.data / f"llama-{args.dense}"
         if not (dense / "params.json").exists():
             print(f"writing synthetic checkpoint {dense} ...", flush=True)
-            _bench_synth().make(args.dense, dense)
+            from synth import make           # bench/synth.py
+            make(args.dense, dense)
         runs.append((f"dense bench/synth.py --size {args.dense}", dense))
     print(f"{'checkpoint':42s} {'read':>10s} {'wall s':>8s} {'MiB/s read':>10s} {'peak RssAnon':>13s} {'written':>10s}")
     for label, path in runs:

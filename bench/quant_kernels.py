@@ -47,10 +47,9 @@ import numpy as np
 import gguf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import llmconv.quantize as Q  # noqa: E402
-from llama_gguf_util import write_f32_llama_gguf  # noqa: E402
+from llmconv.testing.llama_gguf_util import write_f32_llama_gguf  # noqa: E402
 
 
 def bf16_grid(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llama_gguf_util import LLAMA_MATRIX_NAMES
+from llmconv.testing.llama_gguf_util import LLAMA_MATRIX_NAMES
 
 ROW = 512  # weights per row: a multiple of 256, 16 blocks
 

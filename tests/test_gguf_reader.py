@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as QT, GGUFValueType as VT
 
 from llmconv.cli import main
 from llmconv.errors import LlmconvError
-from gguf_build import (build_gguf, good, write_file, gguf_reader_view, assert_agrees_with_gguf_reader)
+from llmconv.testing.gguf_build import (build_gguf, good, write_file, gguf_reader_view, assert_agrees_with_gguf_reader)
 from llmconv.formats.gguf_reader import MAX_ARRAY_ITEMS, MAX_STRING_BYTES, GGUFFormatError, read_gguf
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import torch
 
 from hostile_util import (HF, META, assert_one_line_error, copy_of, edit_json, refused, run,
                           with_tokenizer_json)
-from procstat import run_peak_rss_anon
+from llmconv.testing.procstat import run_peak_rss_anon
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from llmconv.errors import LlmconvError
 from llmconv.formats.checksums import check_sidecar
 from llmconv.formats.gguf_reader import read_gguf
 from llmconv.formats.gguf_writer import KV, TensorEntry, plan_layout
-from procstat import run_peak_rss_anon
+from llmconv.testing.procstat import run_peak_rss_anon
 from hostile_util import refused, run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -146,6 +146,73 @@ def test_the_test_import_check_can_fail(tmp_path):
     assert modules_importing_test_modules(tmp_path) == ["test_b.py imports test_a", "test_c.py imports tests.test_a"]
 
 
+def test_llmconv_testing_is_light_and_apart():
+    """`import llmconv` does not bring llmconv.testing, and importing llmconv.testing brings none
+    of the heavy libraries (its modules import their own when they are imported)."""
+    probe = ("import sys, llmconv; a = sorted(m for m in sys.modules if m.startswith('llmconv.testing')); "
+             "import llmconv.testing; print(a, sorted(m for m in ('torch', 'numpy', 'hypothesis', 'gguf', 'llama_cpp') "
+             "if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert res.stdout.strip() == "[] []", res.stdout + res.stderr
+
+
+def benches_reaching_into_tests(bench_dir: Path) -> list[str]:
+    """bench/ scripts that put tests/ on sys.path or import a test module: what tests and
+    benches share lives in llmconv/testing/. A sys.path change is flagged when a string in it,
+    or in an assignment of a name it uses, names the tests directory."""
+    found = []
+    for path in sorted(bench_dir.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        strings_of = {}         # module-level name -> the strings its value is built from (and its names')
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                strings_of[node.targets[0].id] = _strings(node.value, strings_of)
+        for node in ast.walk(tree):
+            if _is_sys_path_change(node) and any("tests" in s.split("/") for s in _strings(node, strings_of)):
+                found.append(f"{path.name}:{node.lineno} puts tests/ on sys.path")
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[-1].startswith("test_")]
+    return found
+
+
+def _strings(node: ast.AST, strings_of: dict[str, set[str]]) -> set[str]:
+    out = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Constant) and isinstance(n.value, str):
+            out.add(n.value)
+        elif isinstance(n, ast.Name):
+            out |= strings_of.get(n.id, set())
+    return out
+
+
+def _is_sys_path_change(node: ast.AST) -> bool:
+    """sys.path.insert/append/extend(...), or an assignment to sys.path or a slice of it."""
+    def is_sys_path(e):
+        e = e.value if isinstance(e, ast.Subscript) else e
+        return isinstance(e, ast.Attribute) and e.attr == "path" and isinstance(e.value, ast.Name) \
+            and e.value.id == "sys"
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        return node.func.attr in ("insert", "append", "extend") and is_sys_path(node.func.value)
+    if isinstance(node, (ast.Assign, ast.AugAssign)):
+        return any(is_sys_path(t) for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))
+    return False
+
+
+def test_no_bench_reaches_into_tests():
+    assert benches_reaching_into_tests(ROOT / "bench") == []
+
+
+def test_the_bench_check_can_fail(tmp_path):
+    (tmp_path / "a.py").write_text("import sys\nfrom pathlib import Path\nROOT = Path(__file__).parents[1]\n"
+                                   "sys.path.insert(0, str(ROOT / 'bench'))\nsys.path.append(str(ROOT / 'tests'))\n")
+    (tmp_path / "b.py").write_text("import sys\nTESTS = '/src/llmconv/tests'\nHERE = TESTS\n"
+                                   "sys.path[:0] = [HERE]\nimport test_fuzz as F\nfrom llmconv.testing import fuzz_gguf\n")
+    (tmp_path / "c.py").write_text("import sys\nsys.path.insert(0, 'bench')\nimport tests_util\n")
+    assert benches_reaching_into_tests(tmp_path) == ["a.py:5 puts tests/ on sys.path", "b.py:4 puts tests/ on sys.path",
+                                                     "b.py:5 imports test_fuzz"]
+
+
 @pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
                     reason="ruff is not installed (it is in the test extra)")
 def test_ruff_lint_passes():

@@ -134,7 +134,7 @@ def test_bad_imatrix_files_are_one_line_errors(tmp_path, damage, capsys):
     assert str(p) in e.value.one_line() and "\n" not in e.value.one_line()
     # and through the CLI: exit 2, one line naming the file
     src = tmp_path / "m.gguf"
-    from llama_gguf_util import write_f32_llama_gguf
+    from llmconv.testing.llama_gguf_util import write_f32_llama_gguf
     write_f32_llama_gguf(src, {"blk.0.attn_q.weight": np.zeros((256, 256), np.float32)})
     capsys.readouterr()
     assert main(["quantize", str(src), str(tmp_path / "o.gguf"), "--type", "q4_k", "--imatrix", str(p), "-q"]) == 2
@@ -143,7 +143,7 @@ def test_bad_imatrix_files_are_one_line_errors(tmp_path, damage, capsys):
 
 
 def test_imatrix_row_mismatch_names_the_tensor(tmp_path, capsys):
-    from llama_gguf_util import write_f32_llama_gguf
+    from llmconv.testing.llama_gguf_util import write_f32_llama_gguf
     src = write_f32_llama_gguf(tmp_path / "m.gguf", {"blk.0.attn_q.weight": np.zeros((256, 256), np.float32)})
     im_path = tmp_path / "im.gguf"
     write_imatrix_gguf(im_path, Imatrix({"blk.0.attn_q.weight": ImatrixEntry(np.ones((1, 512), np.float32),

@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as QT, GGUFReader, GGUFValueType as VT
 
 from llmconv.cli import main
 from synth import meta_state_dict, write_meta_checkpoint
-from gguf_build import build_gguf, gguf_reader_view
+from llmconv.testing.gguf_build import build_gguf, gguf_reader_view
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "fixtures" / "tiny-llama"

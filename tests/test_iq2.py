@@ -17,7 +17,7 @@ from llmconv.convert.pipeline import gguf_model_shape
 from llmconv.convert.plan import TypePolicy, make_plan
 from llmconv.imatrix import write_imatrix_gguf
 from llmconv.quantize import iq2
-from llama_gguf_util import ggml_quantize_chunk
+from llmconv.testing.llama_gguf_util import ggml_quantize_chunk
 from kernel_data import datasets, importance_vectors, to_bf16_grid
 from mix_util import assert_same_file, llama_quantize_with_imatrix, read, synthetic_imatrix, write_tensor_only_llama
 

@@ -7,7 +7,7 @@ import pytest
 
 import llmconv.quantize as Q
 from llmconv.quantize import iq3
-from llama_gguf_util import ggml_dequantize, ggml_quantize_chunk
+from llmconv.testing.llama_gguf_util import ggml_dequantize, ggml_quantize_chunk
 from kernel_data import datasets, importance_vectors, to_bf16_grid
 
 IQ3 = ["iq3_xxs", "iq3_s"]

@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType
 from llmconv.quantize import TYPES, dequantize_tensor, quantize_tensor
 from llmconv.quantize.k_common import nearest_int, seq_sum
 
-from llama_gguf_util import LLAMA_MATRIX_NAMES, llama_quantize_file, read_tensors, write_f32_llama_gguf
+from llmconv.testing.llama_gguf_util import LLAMA_MATRIX_NAMES, llama_quantize_file, read_tensors, write_f32_llama_gguf
 
 K_TYPES = ["q6_k", "q5_k", "q4_k", "q3_k", "q2_k"]
 # llama.cpp has no "mostly q4_K" ftype; with `pure` every matrix gets the ftype's base type.

@@ -1,6 +1,6 @@
 """Issue 16: Mixtral (MixtralForCausalLM, Hugging Face layout) -> llama.cpp's llama architecture
 with experts. Truth from outside: llama.cpp loads every output type and its logits follow an
-independent float64 forward pass written from Mixtral's definition (tests/moe_synth.py);
+independent float64 forward pass written from Mixtral's definition (llmconv/testing/moe_synth.py);
 llama.cpp's own quantizer gives the per-tensor types and bytes of every mix."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from llmconv.convert.gguf_source import open_gguf_source
 from llmconv.convert.pipeline import gguf_model_shape, plan_conversion
 from llmconv.convert.plan import TypePolicy, make_plan
 from llmconv.formats.gguf_reader import read_gguf
-from moe_synth import FIXTURE_TOKENIZER, mistral_tokenizer, mixtral_logits, write_hf_mixtral
+from llmconv.testing.moe_synth import FIXTURE_TOKENIZER, mistral_tokenizer, mixtral_logits, write_hf_mixtral
 from mix_util import MIXES, assert_same_file, llama_quantize, read, write_tensor_only_moe
 
 TEXT = "Mixtral routes each token to two of its eight experts. Ünïcödé and 東京 fall back to bytes."

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from llmconv.cli import main
-from moe_synth import FIXTURE_TOKENIZER, write_hf_mixtral
+from llmconv.testing.moe_synth import FIXTURE_TOKENIZER, write_hf_mixtral
 from verify_util import swap_experts, verify
 
 

@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as GT
 
 import llmconv.quantize as Q
 from kernel_data import ROW, datasets, to_bf16_grid
-from llama_gguf_util import LLAMA_MATRIX_NAMES, llama_quantize_file, read_tensors, write_f32_llama_gguf
+from llmconv.testing.llama_gguf_util import LLAMA_MATRIX_NAMES, llama_quantize_file, read_tensors, write_f32_llama_gguf
 
 LEGACY = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 GGUF_PY_EXACT = {"q8_0", "q4_1", "q5_1"}

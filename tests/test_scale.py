@@ -11,7 +11,7 @@ import torch
 from gguf import GGUFReader
 
 from llmconv.cli import main
-from procstat import run_peak_rss_anon
+from llmconv.testing.procstat import run_peak_rss_anon
 from synth import meta_state_dict, write_meta_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

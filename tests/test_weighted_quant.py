@@ -11,7 +11,7 @@ import pytest
 
 import llmconv.quantize as Q
 from llmconv.quantize import k_search, k_weighted, legacy_weighted
-from llama_gguf_util import ggml_quantize_chunk
+from llmconv.testing.llama_gguf_util import ggml_quantize_chunk
 from kernel_data import datasets, importance_vectors, to_bf16_grid
 
 WEIGHTED = ["q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURE_TOKENIZER = ROOT / "fixtures" / "tokenizer.model"
+from . import FIXTURES
+
+FIXTURE_TOKENIZER = FIXTURES / "tokenizer.model"
 
 
 def mistral_tokenizer() -> Path | None:
