@@ -74,7 +74,7 @@ def test_iq2_s_without_imatrix_equals_llama_cpp():
 
 
 def test_chunks_and_threads_keep_the_bytes(monkeypatch):
-    monkeypatch.setattr("llmconv.quantize.iq2.CHUNK_SUPERBLOCKS", 3)      # chunks start mid-row
+    monkeypatch.setattr(iq2, "CHUNK_SUPERBLOCKS", dict.fromkeys(IQ2, 3))    # chunks start mid-row
     rng = np.random.default_rng(9)
     x = to_bf16_grid(rng.standard_normal((7, 768)) * 0.05)
     qw = importance_vectors(768)["realistic"].astype(np.float32)

@@ -35,7 +35,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import iq2_tables
 from ._blocks import ImatrixRequired
-from .iq_grid import Grid, best_neighbours, make_grid, quantize_superblocks
+from .iq_grid import (Grid, GroupTables, best_neighbours, group_tables, make_grid, quantize_superblocks,
+                      screened_neighbours)
 from .k_common import F32, GROUP_MAX_EPS, QK_K, fp16_bits, nearest_int
 from .k_weighted import block_sigma2, make_qp_quants
 
@@ -43,7 +44,10 @@ IQ2_XXS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_XXS][1]     # 66 bytes 
 IQ2_XS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_XS][1]       # 74
 IQ2_S_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_S][1]         # 82
 GROUP_MAX_EPS_IQ2_S = F32(1e-8)
-CHUNK_SUPERBLOCKS = 32              # super-blocks per numpy pass: trial arrays are 19x the input
+# super-blocks per numpy pass. The neighbour tables are ~G*16 bytes per group of 8 weights
+# (1/4 MB per super-block for IQ2_S), so passes stay small; IQ2_XXS's tables are the smallest
+# and its make_qp_quants sweeps (numpy calls over one value per block) want long passes.
+CHUNK_SUPERBLOCKS = {"iq2_xxs": 128, "iq2_xs": 64, "iq2_s": 64}
 _KMAXQ = 3
 _DEQUANT_VALUES = np.array([8, 25, 43], dtype=F32)   # the byte ggml's iq2*_grid tables hold per level
 
@@ -74,10 +78,12 @@ def _block_sums(w: np.ndarray, xval: np.ndarray, L: np.ndarray) -> tuple[np.ndar
 
 
 def _to_grid(g: Grid, xval: np.ndarray, waux: np.ndarray, inv: np.ndarray, scale: np.ndarray,
-             groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+             tables: GroupTables, blocks: np.ndarray,
+             groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Round xval [..., bs] at 1/`inv` ([...]) to levels, and move every group of 8 that is off
     the grid to its best neighbour (at `scale`). Returns (levels [..., bs], grid index [..., bs/8],
-    off-grid mask [..., bs/8]). `groups` ([..., bs/8] bool) limits the work to those groups."""
+    off-grid mask [..., bs/8]). `groups` ([..., bs/8] bool) limits the work to those groups.
+    `tables` holds the screened search's per-group sums, block `blocks[b]` for row b of xval."""
     lv = nearest_int(F32(0.5) * (inv[..., None] * xval - F32(1.0)))
     np.clip(lv, 0, _KMAXQ - 1, out=lv)
     lv8 = lv.reshape(*lv.shape[:-1], lv.shape[-1] // 8, 8)
@@ -86,13 +92,25 @@ def _to_grid(g: Grid, xval: np.ndarray, waux: np.ndarray, inv: np.ndarray, scale
         code |= lv8[..., i].astype(np.int64) << (2 * i)
     gi = g.index[code]
     off = gi < 0
-    where = np.nonzero(off if groups is None else off & groups)
+    search = off if groups is None else off & groups
+    if search.ndim == 3:      # [trials, blocks, groups]: list a group's searches together (its table row stays in cache)
+        b, k, t = np.nonzero(search.transpose(1, 2, 0))
+        where = (t, b, k)
+    else:
+        where = np.nonzero(search)
     if where[0].size:
-        xs = np.broadcast_to(xval.reshape(lv8.shape[-3:]), lv8.shape)[where]
-        ws = np.broadcast_to(waux.reshape(lv8.shape[-3:]), lv8.shape)[where]
+        k_per = lv8.shape[-2]
         sc = np.broadcast_to(scale[..., None], off.shape)[where]
-        gi[where] = best_neighbours(g, code[where], xs, ws, sc)
-        lv8[where] = g.levels[gi[where]]
+        cw = code[where]
+        found, decided = screened_neighbours(g, cw, blocks[where[-2]] * k_per + where[-1], sc, tables)
+        rest = np.flatnonzero(~decided)
+        if rest.size:
+            wr = tuple(a[rest] for a in where)
+            xs = np.broadcast_to(xval.reshape(lv8.shape[-3:]), lv8.shape)[wr]
+            ws = np.broadcast_to(waux.reshape(lv8.shape[-3:]), lv8.shape)[wr]
+            found[rest] = best_neighbours(g, cw[rest], xs, ws, sc[rest])
+        gi[where] = found
+        lv8[where] = g.levels[found]
     return lv, gi, off
 
 
@@ -142,7 +160,9 @@ def _search(g: Grid, xb: np.ndarray, w: np.ndarray, parity: bool, eps: F32, xxs:
     xv, wv, wa = xval[live], w[live], waux[live]
     scale = scale[live]
     ids = np.stack([(F32(2 * _KMAXQ - 1) + F32(s) * F32(0.1)) / top[live] for s in trials])   # [T, b]
-    lv, gi, off = _to_grid(g, xv, wa, ids, F32(1.0) / ids)
+    tables = group_tables(g, xv.reshape(-1, 8), wa.reshape(-1, 8))
+    blocks = np.arange(len(live))
+    lv, gi, off = _to_grid(g, xv, wa, ids, F32(1.0) / ids, tables, blocks)
     sumqx, sumq2 = _block_sums(wv, xv, lv)
 
     best = np.zeros(len(live), F32)
@@ -163,7 +183,7 @@ def _search(g: Grid, xb: np.ndarray, w: np.ndarray, parity: bool, eps: F32, xxs:
     if r.size:
         s = scale[r]
         groups = None if xxs else off_best[r]
-        lv2, gi2, _ = _to_grid(g, xv[r], wa[r], F32(1.0) / s, s, groups)
+        lv2, gi2, _ = _to_grid(g, xv[r], wa[r], F32(1.0) / s, s, tables, r, groups)
         if xxs:
             L[r], gi_best[r] = lv2, gi2
         else:
@@ -250,8 +270,8 @@ def _s_chunk(xb: np.ndarray, qwb: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def _over(x: np.ndarray, qw: np.ndarray | None, type_size: int, fn) -> np.ndarray:
-    return quantize_superblocks(x, qw, type_size, fn, CHUNK_SUPERBLOCKS)
+def _over(x: np.ndarray, qw: np.ndarray | None, type_size: int, fn, name: str) -> np.ndarray:
+    return quantize_superblocks(x, qw, type_size, fn, CHUNK_SUPERBLOCKS[name])
 
 
 def _needs_imatrix(name: str):
@@ -265,15 +285,15 @@ iq2_xs_quantize_unweighted = _needs_imatrix("iq2_xs")
 
 
 def iq2_xxs_quantize(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
-    return _over(x, qw, IQ2_XXS_SIZE, _xxs_chunk)
+    return _over(x, qw, IQ2_XXS_SIZE, _xxs_chunk, "iq2_xxs")
 
 
 def iq2_xs_quantize(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
-    return _over(x, qw, IQ2_XS_SIZE, _xs_chunk)
+    return _over(x, qw, IQ2_XS_SIZE, _xs_chunk, "iq2_xs")
 
 
 def iq2_s_quantize(x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
-    return _over(x, qw, IQ2_S_SIZE, _s_chunk)
+    return _over(x, qw, IQ2_S_SIZE, _s_chunk, "iq2_s")
 
 
 # ---------------------------------------------------------------- dequantization

@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .iq_grid import make_grid
+from .iq_grid import Grid, make_grid
 
 # ggml-quants.c iq3xs_init_impl: kgrid_256 (IQ3_XXS) and kgrid_512 (IQ3_S).
 KGRID_256 = np.array([
@@ -98,6 +98,7 @@ class Iq3Grid:
     kmap: np.ndarray            # int32 [4096]: point -> grid index, or -1 when off the grid
     neighbour_class: np.ndarray  # int8 [4096]: index into `classes` (-1 on the grid)
     classes: tuple[NeighbourClass, ...]
+    base: Grid                  # the shared tables (iq_grid), for the screened search
 
 
 def build_grid(kgrid: np.ndarray, nwant: int) -> Iq3Grid:
@@ -116,7 +117,7 @@ def build_grid(kgrid: np.ndarray, nwant: int) -> Iq3Grid:
         classes.append(NeighbourClass(width, np.ascontiguousarray(index.T),
                                       np.ascontiguousarray(values.transpose(2, 1, 0))))
     return Iq3Grid(g.size, g.levels, np.ascontiguousarray(g.levels.T, dtype=np.float32), g.index, cls,
-                   tuple(classes))
+                   tuple(classes), g)
 
 
 @lru_cache(maxsize=None)

@@ -200,3 +200,152 @@ def quantize_superblocks(x: np.ndarray, qw: np.ndarray | None, type_size: int, c
     if bad.size:
         raise NonFiniteError(int(bad[0]) // per_row, "a super-block scale overflows fp16")
     return out.reshape(rows, per_row * type_size)
+
+
+# ---------------------------------------------------------------- the screened search
+#
+# C's distance d = sum_i w[i]*(s*q[i] - x[i])**2, computed in float32 term by term, equals
+# s*s*A - 2*s*B + X in exact arithmetic, with A = sum w*q*q and B = sum w*x*q per grid point and
+# X = sum w*x*x per group, none of which depends on the scale s. A group meets ~13 trial scales,
+# so A and B are tabulated once per group for the whole grid (two small matrix products), and a
+# candidate costs one gather and two multiplies instead of `dim` terms.
+#
+# That value is not C's: both differ from the exact d by rounding. With e = s*q - x, s*s*q*q <=
+# 2*e*e + 2*x*x, so s*s*A <= 2*d + 2*X; from there each float32 step of C (the product s*q, the
+# difference, two products, dim-1 additions of non-negative terms, dim <= 8) errs by at most
+# u*(15*d + 3*X) in all (u = 2**-24), and the tabulated value (A and B from float32 products of
+# dim terms, then s*s*A - 2*s*B in float32) by at most u*(42*d + 52*X). So when the smallest
+# tabulated value D1 and every other one Dc satisfy Dc - D1 > TAU*(d1 + dc + 2*X), TAU = 256*u
+# (more than twice the 57*u the bounds need), C's distances are ordered the same way and C picks
+# the same point (its first-on-ties rule never comes into play). Every other search, and every
+# group whose numbers could leave float32's normal range (where these relative bounds fail),
+# goes through best_neighbours.
+
+SCREEN_TAU = 2.0 ** -16
+_SCREEN_RANGE = (1e-30, 1e30)      # X and s*s*sum(w)*qmax**2 inside it: no overflow, no underflow
+# OpenBLAS spreads a product over all cores above m*n*k = 4 * 65536; on a shared machine its
+# waiting threads cost more CPU time than the product itself
+_SINGLE_THREAD_GEMM = 4 * 65536
+
+
+@dataclass(frozen=True)
+class PaddedLists:
+    """The neighbour lists sorted into a few widths, one dense [width, codes in class] array
+    per width (padded with the index `pad`, a table column whose distance is +inf)."""
+    cls: np.ndarray            # int8 [codes]: width class of a code's list, -1 without one
+    slot: np.ndarray           # int32 [codes]: the code's column in its class
+    lists: tuple               # int64 [width, n] per class (numpy's take is fastest with intp)
+    pad: int
+
+
+_PADDED: dict[int, PaddedLists] = {}
+_LEVEL_MATRICES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def padded_lists(grid: Grid) -> PaddedLists:
+    key = id(grid.levels)
+    got = _PADDED.get(key)
+    if got is not None:
+        return got
+    counts = grid.nbr_count
+    widths, w = [], 2
+    while True:
+        widths.append(w)
+        if w >= counts.max():
+            break
+        w = max(w + 2, int(w * 1.4) // 2 * 2)
+    cls = np.where(counts > 0, np.searchsorted(widths, counts), -1).astype(np.int8)
+    slot = np.zeros(len(counts), np.int32)
+    lists = []
+    for c, width in enumerate(widths):
+        members = np.flatnonzero(cls == c)
+        slot[members] = np.arange(len(members), dtype=np.int32)
+        arr = np.full((width, len(members)), grid.size, np.int64)
+        for j, p in enumerate(members):
+            arr[:counts[p], j] = grid.nbr[grid.nbr_start[p]:grid.nbr_start[p] + counts[p]]
+        lists.append(arr)
+    got = _PADDED[key] = PaddedLists(cls, slot, tuple(lists), grid.size)
+    return got
+
+
+def _level_matrices(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """(q, q*q) float32 [dim, G], q = 2*level + 1 of every grid point."""
+    key = id(grid.levels)
+    got = _LEVEL_MATRICES.get(key)
+    if got is None:
+        q = np.ascontiguousarray(2 * grid.levels.T.astype(F32) + 1)
+        got = _LEVEL_MATRICES[key] = (q, q * q)
+    return got
+
+
+@dataclass
+class GroupTables:
+    """Per group (of the groups a search may visit): A and B over the grid plus the pad
+    column, interleaved in one float32 [groups, G+1, 2] (one gather fetches both); X, and
+    whether the group's numbers are in the range where the screening's bounds hold."""
+    ab: np.ndarray
+    x2: np.ndarray             # float64 [groups]: X = sum w*x*x
+    wsum: np.ndarray           # float64 [groups]: sum w * qmax**2
+    ok: np.ndarray             # bool [groups]: inputs finite, w >= 0, X in range
+
+
+def group_tables(grid: Grid, xval: np.ndarray, w: np.ndarray) -> GroupTables:
+    """xval, w: float32 [groups, dim] (w: the search's weights, ggml's waux)."""
+    q, qq = _level_matrices(grid)
+    n = xval.shape[0]
+    ab = np.empty((n, grid.size + 1, 2), F32)
+    wx = w * xval
+    step = max(1, _SINGLE_THREAD_GEMM // (grid.size * grid.dim))
+    for i in range(0, n, step):
+        ab[i:i + step, :-1, 0] = w[i:i + step] @ qq
+        ab[i:i + step, :-1, 1] = wx[i:i + step] @ q
+    ab[:, -1, 0] = np.inf
+    ab[:, -1, 1] = 0.0
+    x64, w64 = xval.astype(np.float64), w.astype(np.float64)
+    x2 = (w64 * x64 * x64).sum(axis=1)
+    wsum = w64.sum(axis=1) * float(q.max()) ** 2
+    lo, hi = _SCREEN_RANGE
+    ok = np.isfinite(x64).all(axis=1) & (w64 >= 0).all(axis=1) & (x2 >= lo) & (x2 <= hi) & (wsum <= hi)
+    return GroupTables(ab, x2, wsum, ok)
+
+
+def screened_neighbours(grid: Grid, codes: np.ndarray, group: np.ndarray, scale: np.ndarray,
+                        tables: GroupTables) -> tuple[np.ndarray, np.ndarray]:
+    """The best neighbour of `codes[N]` for the groups `group[N]` (rows of `tables`) at
+    `scale[N]` where it is provably C's choice (see above). Returns (grid index [N],
+    decided bool [N]); undecided searches are to go through best_neighbours."""
+    n = codes.shape[0]
+    out = np.zeros(n, np.int64)
+    decided = np.zeros(n, bool)
+    if n == 0:
+        return out, decided
+    pl = padded_lists(grid)
+    s = scale.astype(F32)
+    s64 = s.astype(np.float64)
+    usable = tables.ok[group] & (s64 * s64 * tables.wsum[group] <= _SCREEN_RANGE[1])
+    cls = pl.cls[codes]
+    order = np.argsort(cls, kind="stable")
+    counts = np.bincount(cls + 1, minlength=len(pl.lists) + 1)
+    flat = tables.ab.reshape(-1, 2)
+    row = tables.ab.shape[1]
+    start = int(counts[0])                    # codes without a list (none reach here) stay undecided
+    for c, lists in enumerate(pl.lists):
+        cnt = int(counts[c + 1])
+        if not cnt:
+            continue
+        sel = order[start:start + cnt]
+        start += cnt
+        gs = group[sel]
+        at = np.take(lists, pl.slot[codes[sel]], axis=1)                   # [W, n]: grid indices
+        at += gs * row                                                      # -> rows of `flat`
+        ab = np.take(flat, at, axis=0)                                      # [W, n, 2]
+        ss = s[sel]
+        d = ab[..., 0] * (ss * ss)
+        d -= ab[..., 1] * (ss + ss)
+        x2 = tables.x2[gs]
+        dm = np.minimum.reduce(d, axis=0).astype(np.float64) + x2
+        thr = (dm * (1 + SCREEN_TAU) + 2 * SCREEN_TAU * x2) / (1 - SCREEN_TAU) - x2
+        within = d <= thr.astype(F32)
+        decided[sel] = (np.add.reduce(within, axis=0, dtype=np.uint16) == 1) & usable[sel]
+        out[sel] = np.take_along_axis(at, within.argmax(axis=0)[None], axis=0)[0] - gs * row
+    return out, decided

@@ -71,7 +71,7 @@ def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
     up to 5 sweeps of coordinate descent on the levels (one L[i] at a time, sequential inside a
     group, vectorized across groups). C's L is a uint8_t: stores wrap, and the sweeps read the
     wrapped value back, so L is kept as uint8 here too. A group the last sweep left unchanged
-    stays unchanged, so running all five sweeps gives C's result with its early exit.
+    stays unchanged, so C's early exit needs no test of its own (see _qp_sweeps).
     Returns (scale[groups], L uint8[n, groups]).
     """
     n = x.shape[0]
@@ -103,24 +103,41 @@ def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
     wx = w * x
     sumlx = seq_sum_from_zero(wx * lf)
     suml2 = seq_sum_from_zero(w * lf * lf)
-    for _sweep in range(5):
-        for i in range(n):
-            Li = L[i].astype(F32)
-            slx = sumlx - wx[i] * Li
-            sl2 = suml2 - w[i] * Li * Li
-            ok = (slx > 0) & (sl2 > 0)
-            new_l = np.minimum(nearest_int(x[i] * sl2 / slx), nmax)
-            nl = new_l.astype(F32)
-            slx2 = slx + wx[i] * nl
-            sl22 = sl2 + w[i] * nl * nl
-            take = ok & (new_l != L[i].astype(np.int32)) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            L[i] = np.where(take, (new_l & 0xFF).astype(np.uint8), L[i])
-            sumlx = np.where(take, slx2, sumlx)
-            suml2 = np.where(take, sl22, suml2)
+    _qp_sweeps(x, w, wx, L, sumlx, suml2, nmax)
     out = np.where(suml2 > 0, sumlx / suml2, F32(0.0)).astype(F32)
     out[zero] = 0
     L[:, zero] = 0
     return out, L
+
+
+def _qp_sweeps(x: np.ndarray, w: np.ndarray, wx: np.ndarray, L: np.ndarray, sumlx: np.ndarray,
+               suml2: np.ndarray, nmax: int) -> None:
+    """make_qp_quants' 5 coordinate-descent sweeps over L [n, groups], in place (and sumlx,
+    suml2). A group a sweep leaves unchanged stays unchanged in every later sweep (C stops it
+    there), so each sweep runs over the groups the previous one changed only."""
+    act = np.arange(x.shape[1])
+    for _sweep in range(5):
+        xa, wa, wxa, La = x[:, act], w[:, act], wx[:, act], L[:, act]
+        slx_a, sl2_a = sumlx[act], suml2[act]
+        changed = np.zeros(act.size, bool)
+        for i in range(x.shape[0]):
+            Li = La[i].astype(F32)
+            slx = slx_a - wxa[i] * Li
+            sl2 = sl2_a - wa[i] * Li * Li
+            ok = (slx > 0) & (sl2 > 0)
+            new_l = np.minimum(nearest_int(xa[i] * sl2 / slx), nmax)
+            nl = new_l.astype(F32)
+            slx2 = slx + wxa[i] * nl
+            sl22 = sl2 + wa[i] * nl * nl
+            take = ok & (new_l != La[i].astype(np.int32)) & (slx2 * slx2 * sl2_a > slx_a * slx_a * sl22)
+            La[i] = np.where(take, (new_l & 0xFF).astype(np.uint8), La[i])
+            slx_a = np.where(take, slx2, slx_a)
+            sl2_a = np.where(take, sl22, sl2_a)
+            changed |= take
+        L[:, act], sumlx[act], suml2[act] = La, slx_a, sl2_a
+        act = act[changed]
+        if not act.size:
+            break
 
 
 # ---------------------------------------------------------------- q2_K
