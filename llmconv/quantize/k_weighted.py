@@ -74,7 +74,6 @@ def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
     stays unchanged, so C's early exit needs no test of its own (see _qp_sweeps).
     Returns (scale[groups], L uint8[n, groups]).
     """
-    n = x.shape[0]
     fmax = np.maximum(x.max(axis=0), F32(0.0))                       # C: MAX from 0
     zero = fmax < GROUP_MAX_EPS
     safe_max = np.where(zero, F32(1.0), fmax)
