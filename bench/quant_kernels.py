@@ -145,7 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--no-gguf-py", action="store_true")
-    ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--no-llama", action="store_true", help="skip both llama.cpp columns (C and file)")
+    ap.add_argument("--no-file", action="store_true", help="skip only the slow end-to-end file column")
     ap.add_argument("--imatrix", action="store_true", help="the importance-weighted kernels (see above)")
     args = ap.parse_args(argv)
     if args.imatrix:
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="qbench") as tmp:
         tmp = Path(tmp)
         src = None
-        if not args.no_llama:
+        if not (args.no_llama or args.no_file):
             names = ["token_embd.weight", "blk.0.ffn_up.weight"]
             src = write_f32_llama_gguf(tmp / "f32.gguf", dict(zip(names, mats)), n_embd=4096)
         for t in types:

@@ -12,7 +12,7 @@ import gguf
 from gguf import GGMLQuantizationType
 
 from llmconv.quantize import TYPES, dequantize_tensor, quantize_tensor
-from llmconv.quantize.k_common import nearest_int, seq_sum
+from llmconv.quantize.k_common import fp16_bits, nearest_int, seq_sum
 
 from llmconv.testing.llama_gguf_util import LLAMA_MATRIX_NAMES, llama_quantize_file, read_tensors, write_f32_llama_gguf
 
@@ -139,3 +139,20 @@ def test_nearest_int_rounds_half_to_even():
     v = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 2.4999998, 7.5000005, 0.0, -31.5, 4194303.0],
                  dtype=np.float32)
     np.testing.assert_array_equal(nearest_int(v), np.rint(v.astype(np.float64)).astype(np.int64))
+
+
+def test_fp16_bits_equals_numpys_cast():
+    """fp16_bits rounds fp16-subnormal results itself (numpy's cast is slow there): every float32
+    exponent, both signs, random and rounding-edge mantissas, give numpy's (round-to-even) bits."""
+    rng = np.random.default_rng(3)
+    edges = np.array([0, 1, 0xFFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x3000, 0x5000, 0x6000,
+                      0x7FE000, 0x7FF000, 0x7FEFFF, 0x7FF001, 0x7FFFFF], dtype=np.uint32)
+    mantissas = np.concatenate([rng.integers(0, 1 << 23, 2000, dtype=np.uint32), edges])
+    exponents = np.arange(256, dtype=np.uint32)[:, None] << np.uint32(23)
+    bits = (exponents | mantissas).reshape(-1)
+    f = np.concatenate([bits, bits | np.uint32(0x80000000)]).view(np.float32)
+    with np.errstate(all="ignore"):
+        expected = f.astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(fp16_bits(f), expected)
+    np.testing.assert_array_equal(fp16_bits(f[:6].reshape(2, 3)), expected[:6].reshape(2, 3))
+    assert fp16_bits(np.float32(1e-6)) == np.float32(1e-6).astype(np.float16).view(np.uint16)

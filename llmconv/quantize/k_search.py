@@ -108,22 +108,11 @@ def make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarra
     t *= L
     suml2 = seq_sum_from_zero(t)
 
-    # Only groups that changed in the last sweep can change in the next one: sweep those.
-    active = np.arange(x.shape[1])
-    for _sweep in range(5):
-        if active.size == 0:
-            break
-        if active.size == x.shape[1]:                # first sweep: everything, no gather
-            xa, wa, wxa, La, slx_a, sl2_a = x, w, wx, L, sumlx, suml2
-        else:
-            xa, wa, wxa, La = x[:, active], w[:, active], wx[:, active], L[:, active]
-            slx_a, sl2_a = sumlx[active], suml2[active]
-        changed = _q3_sweep(xa, wa, wxa, La, slx_a, sl2_a, nmax)
-        if La is not L:
-            L[:, active] = La
-            sumlx[active] = slx_a
-            suml2[active] = sl2_a
-        active = active[changed]
+    # The first sweep visits every group: one element at a time across all groups. Only the
+    # groups it changed take part in the next sweeps (a group whose sweep changed nothing stops,
+    # as in C); those few sweeps run as speculative rounds (_q3_rounds).
+    changed = _q3_sweep(x, w, wx, L, sumlx, suml2, nmax)
+    _q3_rounds(x, w, wx, L, sumlx, suml2, nmax, np.flatnonzero(changed), sweeps=4)
 
     scale = np.where(suml2 > 0, sumlx / suml2, F32(0.0))
     Lq = (L + F32(nmax)).astype(np.uint8)
@@ -178,6 +167,69 @@ def _q3_sweep(xa, wa, wxa, La, slx_a, sl2_a, nmax: int) -> np.ndarray:
         np.copyto(sl2_a, sl22, where=take)
         changed |= take
     return changed
+
+
+def _q3_rounds(x, w, wx, L, sumlx, suml2, nmax: int, active: np.ndarray, sweeps: int) -> None:
+    """Up to `sweeps` more coordinate-descent sweeps for the groups `active`, in rounds.
+
+    A round evaluates every remaining element i >= pos of every active group against the
+    group's current sums, all at once (a [n, groups] pass, not n passes). Up to a group's first
+    accepted change, that is exactly what C computes; the change is applied, and the elements
+    after it are evaluated again, from the new sums, in the next round. A group whose sweep
+    ends with no change, or after its last sweep, leaves. Updates L, sumlx, suml2 in place.
+    """
+    n = x.shape[0]
+    pos = np.zeros(active.size, dtype=np.intp)          # next element of the current sweep
+    left = np.full(active.size, sweeps)                 # sweeps left, the current one included
+    moved = np.zeros(active.size, dtype=bool)           # the current sweep changed something
+    while active.size:
+        took, first = _q3_round(x, w, wx, L, sumlx, suml2, nmax, active, pos)
+        moved |= took
+        pos = np.where(took, first + 1, n)
+        # a sweep ends at element n: another one follows if it changed something
+        done = pos >= n
+        again = done & moved & (left > 1)
+        left = left - again
+        pos[again] = 0
+        moved[again] = False
+        keep = ~done | again
+        active, pos, left, moved = active[keep], pos[keep], left[keep], moved[keep]
+
+
+def _q3_round(x, w, wx, L, sumlx, suml2, nmax: int, active: np.ndarray, pos: np.ndarray):
+    """One round of _q3_rounds: find each active group's first change at an element >= pos and
+    apply it. Returns (took[active], first[active]: the element changed)."""
+    xa, wa, wxa, La = (np.take(a, active, axis=1) for a in (x, w, wx, L))
+    sx, s2 = sumlx[active], suml2[active]
+    slx = sx - wxa * La                                   # C: sumlx - w*x[i]*L[i]
+    t = wa * La
+    t *= La
+    sl2 = s2 - t                                          # C: suml2 - w*L[i]*L[i]
+    v = xa * sl2
+    v /= slx
+    nl = nearest_int_clip(v, -nmax, nmax - 1).astype(F32)
+    slx2 = wxa * nl
+    slx2 += slx
+    sl22 = wa * nl
+    sl22 *= nl
+    sl22 += sl2
+    lhs = slx2 * slx2
+    lhs *= s2
+    rhs = sx * sx
+    rhs = rhs * sl22
+    take = lhs > rhs                                      # slx*slx*suml2 > sumlx*sumlx*sl2
+    take &= slx > 0
+    take &= nl != La
+    take &= sl22 > 0
+    take &= np.arange(x.shape[0])[:, None] >= pos
+    first = np.argmax(take, axis=0)
+    cols = np.arange(active.size)
+    took = take[first, cols]
+    g, i, c = active[took], first[took], cols[took]
+    L[i, g] = nl[i, c]
+    sumlx[g] = slx2[i, c]
+    suml2[g] = sl22[i, c]
+    return took, first
 
 
 # ---------------------------------------------------------------- make_qkx2_quants

@@ -9,12 +9,13 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .k_common import (F32, block_major, element_major, first_absmax, fp16_bits, fp16_value, nearest_int,
-                       nearest_int_clip, over_superblocks, pack_2bit_quarters, superblocks, unpack_2bit_quarters)
+from .k_common import (F32, element_major, first_absmax, fp16_bits, fp16_value, levels_block_major, nearest_int,
+                       over_superblocks, pack_2bit_words, quarter_words, superblocks, unpack_2bit_quarters)
 from .k_search import make_q3_quants_rmse
 
 TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q3_K][1]     # 110 bytes per block
 _BITS = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+_BIT0_OF_EACH_BYTE = np.uint64(0x0101010101010101)
 
 
 def pack_scales(ls: np.ndarray) -> np.ndarray:
@@ -35,13 +36,28 @@ def unpack_scales(s: np.ndarray) -> np.ndarray:
     return low | (top.reshape(nb, 16) << 4)
 
 
+def high_bit_words(T: np.ndarray) -> np.ndarray:
+    """quarter_words of L in 0..7 -> hmask[blocks, 32]: bit m of byte l is bit 2 of L[32m + l]."""
+    h = np.empty_like(T[0])
+    t = np.empty_like(T[0])
+    for m in range(8):
+        np.right_shift(T[m], np.uint64(2), out=t)
+        t &= _BIT0_OF_EACH_BYTE
+        if m == 0:
+            h[...] = t
+        else:
+            t <<= np.uint64(m)
+            h |= t
+    return h.view(np.uint8).reshape(-1, 32)
+
+
 def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
     nb = xb.shape[0]
     xt = element_major(xb, 16)                                   # [16, nb*16]
     group_scale, L_search = make_q3_quants_rmse(xt, 4)
     group_scale = group_scale.reshape(nb, 16)
 
-    max_scale = first_absmax(group_scale.T)
+    max_scale = first_absmax(np.ascontiguousarray(group_scale.T))
     has_scale = max_scale != 0
     iscale = F32(-32.0) / np.where(has_scale, max_scale, F32(1.0))
     # C: int8_t l = nearest_int(...); l = MAX(-32, MIN(31, l)) + 32
@@ -50,20 +66,15 @@ def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
     scales = pack_scales(ls)
     d_bits = np.where(has_scale, fp16_bits(F32(1.0) / iscale), np.uint16(0)).astype(np.uint16)
 
-    sc = unpack_scales(scales).astype(np.int8) - np.int8(32)
-    d = (fp16_value(d_bits)[:, None] * sc.astype(F32)).reshape(1, -1)     # [1, nb*16]
-    L_new = nearest_int_clip(xt / d, -4, 3)
-    L_new += 4
-    L_new = L_new.astype(np.uint8)
-    L = block_major(np.where(d != 0, L_new, L_search), nb)           # d == 0: keep the search's L
-
-    high = L > 3
-    hmask = np.bitwise_or.reduce(high.reshape(nb, 8, 32).astype(np.uint8) << _BITS, axis=1)
-    L &= np.uint8(3)                                              # L - 4 where L > 3
+    # requantize against the stored scales (ls is what unpack_scales(scales) gives back)
+    d = fp16_value(d_bits)[:, None] * (ls.astype(np.int8) - np.int8(32)).astype(F32)   # C: d_all * (sc - 32)
+    L = levels_block_major(xb, d, -4, 3, L_search)                 # 0..7
+    T = quarter_words(L)
+    hmask = high_bit_words(T)
 
     out = np.empty((nb, TYPE_SIZE), dtype=np.uint8)
     out[:, 0:32] = hmask
-    out[:, 32:96] = pack_2bit_quarters(L)
+    out[:, 32:96] = pack_2bit_words(T)                            # bits 0-1: L - 4 where L > 3
     out[:, 96:108] = scales
     out[:, 108:110] = d_bits.reshape(nb, 1).view(np.uint8)
     return out

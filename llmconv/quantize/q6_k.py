@@ -23,7 +23,7 @@ def _quantize_chunk(xb: np.ndarray, qwb: np.ndarray | None = None) -> np.ndarray
     group_scale, L_search = make_qx_quants_rmse1(xt, 32, None if qwb is None else element_major(qwb, 16))
     group_scale = group_scale.reshape(nb, 16)
 
-    max_scale = first_absmax(group_scale.T)                  # signed, largest |scale|
+    max_scale = first_absmax(np.ascontiguousarray(group_scale.T))                  # signed, largest |scale|
     empty = np.abs(max_scale) < GROUP_MAX_EPS                # C zeroes the whole block
     iscale = F32(-128.0) / np.where(empty, F32(1.0), max_scale)
     d_bits = fp16_bits(F32(1.0) / iscale)
