@@ -28,7 +28,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .iq3_grid import Iq3Grid, grid
-from .iq_grid import SuperblockOverflow, quantize_superblocks
+from .iq_grid import GroupTables, SuperblockOverflow, group_tables, quantize_superblocks, screened_neighbours
 from .k_common import F32, QK_K, fp16_bits, nearest_int, seq_sum_from_zero
 
 IQ3_XXS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ3_XXS][1]  # 98 bytes: fp16 d, 64 grid indices, 8 x uint32 (4 x 7 sign bits | 4-bit scale)
@@ -83,11 +83,13 @@ def _first_min(d2: np.ndarray) -> np.ndarray:
 
 
 def _fit_levels(g: Iq3Grid, xval: np.ndarray, xg: np.ndarray, wg: np.ndarray, idv: np.ndarray,
-                scale: np.ndarray, groups: np.ndarray | None, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+                scale: np.ndarray, groups: np.ndarray | None, exact: bool,
+                tables: GroupTables, group_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Levels of every group at T inverse scales per block, idv[T, B] (neighbours at scale[T, B]).
 
     xval [32, B]; xg/wg [4, 8*B] the same magnitudes and sqrt-weights by group (column k*B+b).
-    `groups` [8, B] (or None: all) limits the neighbour search to those groups.
+    `groups` [8, B] (or None: all) limits the neighbour search to those groups. `tables` holds
+    the screened search's sums for group group_ids[column] (None: the column itself).
     Returns (levels float32 [32, T, B] in 0..7, on_grid bool [8, T, B]) where on_grid says
     whether nearest rounding landed on the grid.
     """
@@ -105,13 +107,19 @@ def _fit_levels(g: Iq3Grid, xval: np.ndarray, xg: np.ndarray, wg: np.ndarray, id
     u = u.astype(np.intp)                                     # [8, T, B]
     on_grid = g.kmap[u] >= 0
     search = ~on_grid if groups is None else ~on_grid & groups[:, None, :]
-    gid = np.flatnonzero(search)                              # = (k*T + trial)*B + b
+    # the searches group by group (a group's table row then stays in cache): (k*B + b)*T + trial
+    gid = np.flatnonzero(search.transpose(0, 2, 1))
     if gid.size:
         per_k = nt * nb
-        k = gid // per_k
-        rem = gid - k * per_k                                 # trial*B + b
-        col = k * nb + rem % nb                               # the group's column in xg/wg
-        best = _best_neighbours(g, u.reshape(-1)[gid], xg[:, col], wg[:, col], scale.reshape(-1)[rem])
+        col = gid // nt                                       # k*B + b: the group's column in xg/wg
+        k = col // nb
+        rem = (gid - col * nt) * nb + (col - k * nb)          # trial*B + b
+        us, sc = u.reshape(8, -1)[k, rem], scale.reshape(-1)[rem]
+        best, decided = screened_neighbours(g.base, us, col if group_ids is None else group_ids[col], sc, tables)
+        rest = np.flatnonzero(~decided)
+        if rest.size:
+            cr = col[rest]
+            best[rest] = _best_neighbours(g, us[rest], xg[:, cr], wg[:, cr], sc[rest])
         codes = g.codes_f32[:, best]                          # [4, G]
         base = k * (4 * per_k) + rem                          # flat index of (row 4k, trial, b)
         flat = t.reshape(-1)
@@ -144,7 +152,8 @@ def _search(g: Iq3Grid, xval: np.ndarray, weight: np.ndarray, mx: np.ndarray, tr
     exact = not (np.isfinite(F32(18.2) / mx).all() and (xval.min(axis=0) >= -F32(1e5) * mx).all())
 
     idv = (F32(15.0) + np.array(tries, F32)[:, None] * F32(0.2)) / mx          # [T, B]
-    Lall, on_all = _fit_levels(g, xval, xgm, wgm, idv, F32(1.0) / idv, None, exact)
+    tables = group_tables(g.base, np.ascontiguousarray(xgm.T), np.ascontiguousarray(wgm.T))
+    Lall, on_all = _fit_levels(g, xval, xgm, wgm, idv, F32(1.0) / idv, None, exact, tables)
     sumqx, sumq2 = _sums(Lall, weight, wx)
     best = np.zeros(nb, F32)
     scale = mx / F32(15.0)
@@ -169,7 +178,9 @@ def _search(g: Iq3Grid, xval: np.ndarray, weight: np.ndarray, mx: np.ndarray, tr
         sub = lambda a: np.ascontiguousarray(a[:, cols])   # noqa: E731
         gm = lambda a: np.ascontiguousarray(a.reshape(4, 8, nb)[:, :, cols]).reshape(4, -1)  # noqa: E731
         groups = None if refit_all else ~on_grid[:, cols]
-        Lnew, _ = _fit_levels(g, sub(xval), gm(xgm), gm(wgm), (F32(1.0) / sc)[None], sc[None], groups, True)
+        ids = (np.arange(8)[:, None] * nb + cols).reshape(-1)          # column k*len(cols)+j -> k*nb+cols[j]
+        Lnew, _ = _fit_levels(g, sub(xval), gm(xgm), gm(wgm), (F32(1.0) / sc)[None], sc[None], groups, True,
+                              tables, ids)
         Lnew = Lnew[:, 0]
         if groups is not None:       # XXS keeps the levels of groups already on the grid
             Lnew = np.where(np.repeat(groups, 4, axis=0), Lnew, L[:, cols])

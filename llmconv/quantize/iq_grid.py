@@ -234,7 +234,7 @@ class PaddedLists:
     per width (padded with the index `pad`, a table column whose distance is +inf)."""
     cls: np.ndarray            # int8 [codes]: width class of a code's list, -1 without one
     slot: np.ndarray           # int32 [codes]: the code's column in its class
-    lists: tuple               # int64 [width, n] per class (numpy's take is fastest with intp)
+    lists: tuple               # int16 [width, n] per class (grid indices, G <= 1024)
     pad: int
 
 
@@ -260,7 +260,7 @@ def padded_lists(grid: Grid) -> PaddedLists:
     for c, width in enumerate(widths):
         members = np.flatnonzero(cls == c)
         slot[members] = np.arange(len(members), dtype=np.int32)
-        arr = np.full((width, len(members)), grid.size, np.int64)
+        arr = np.full((width, len(members)), grid.size, np.int16)
         for j, p in enumerate(members):
             arr[:counts[p], j] = grid.nbr[grid.nbr_start[p]:grid.nbr_start[p] + counts[p]]
         lists.append(arr)
@@ -336,9 +336,8 @@ def screened_neighbours(grid: Grid, codes: np.ndarray, group: np.ndarray, scale:
         sel = order[start:start + cnt]
         start += cnt
         gs = group[sel]
-        at = np.take(lists, pl.slot[codes[sel]], axis=1)                   # [W, n]: grid indices
-        at += gs * row                                                      # -> rows of `flat`
-        ab = np.take(flat, at, axis=0)                                      # [W, n, 2]
+        nb = np.take(lists, pl.slot[codes[sel]], axis=1)                   # [W, n]: grid indices
+        ab = np.take(flat, nb + gs * row, axis=0)                           # [W, n, 2]
         ss = s[sel]
         d = ab[..., 0] * (ss * ss)
         d -= ab[..., 1] * (ss + ss)
@@ -347,5 +346,6 @@ def screened_neighbours(grid: Grid, codes: np.ndarray, group: np.ndarray, scale:
         thr = (dm * (1 + SCREEN_TAU) + 2 * SCREEN_TAU * x2) / (1 - SCREEN_TAU) - x2
         within = d <= thr.astype(F32)
         decided[sel] = (np.add.reduce(within, axis=0, dtype=np.uint16) == 1) & usable[sel]
-        out[sel] = np.take_along_axis(at, within.argmax(axis=0)[None], axis=0)[0] - gs * row
+        # the one candidate within the threshold (where decided): sum of index * mask, in int16
+        out[sel] = np.add.reduce(np.multiply(nb, within, dtype=np.int16), axis=0, dtype=np.int16)
     return out, decided
