@@ -8,11 +8,43 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .k_common import (F32, GROUP_MAX_EPS, block_major, element_major, first_absmax, fp16_bits, fp16_value,
-                       nearest_int, nearest_int_clip, over_superblocks, superblocks)
+from .k_common import (F32, GROUP_MAX_EPS, element_major, first_absmax, fp16_bits, fp16_value, levels_block_major,
+                       nearest_int, over_superblocks, quarter_words, superblocks)
 from .k_search import make_qx_quants_rmse1
 
 TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K][1]     # 210 bytes per block
+
+
+_LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
+_LOW_2BITS = np.uint64(0x0303030303030303)
+
+
+def _pack_low_nibbles(T: np.ndarray) -> np.ndarray:
+    """quarter_words of L -> ql[blocks, 128]: byte 64h + 32k + l = low nibble of L[128h + 32k + l]
+    | low nibble of L[128h + 32(k+2) + l] << 4 (k = 0, 1)."""
+    ql = np.empty((2, 2) + T.shape[1:], dtype=np.uint64)
+    t = np.empty_like(T[0])
+    for h in range(2):
+        for k in range(2):
+            np.bitwise_and(T[4 * h + k], _LOW_NIBBLES, out=ql[h, k])
+            np.bitwise_and(T[4 * h + k + 2], _LOW_NIBBLES, out=t)
+            t <<= np.uint64(4)
+            ql[h, k] |= t
+    return np.ascontiguousarray(ql.transpose(2, 0, 1, 3)).view(np.uint8).reshape(-1, 128)
+
+
+def _pack_high_bits(T: np.ndarray) -> np.ndarray:
+    """quarter_words of L -> qh[blocks, 64]: byte 32h + l holds bits 4-5 of L[128h + 32k + l]
+    in bits 2k..2k+1."""
+    qh = np.zeros((2,) + T.shape[1:], dtype=np.uint64)
+    t = np.empty_like(T[0])
+    for h in range(2):
+        for k in range(4):
+            np.right_shift(T[4 * h + k], np.uint64(4), out=t)
+            t &= _LOW_2BITS                      # bits 4-5 of each byte (the next byte's come in above)
+            t <<= np.uint64(2 * k)
+            qh[h] |= t
+    return np.ascontiguousarray(qh.transpose(1, 0, 2)).view(np.uint8).reshape(-1, 64)
 
 
 def _quantize_chunk(xb: np.ndarray, qwb: np.ndarray | None = None) -> np.ndarray:
@@ -30,20 +62,12 @@ def _quantize_chunk(xb: np.ndarray, qwb: np.ndarray | None = None) -> np.ndarray
     q_scales = np.minimum(127, nearest_int(iscale[:, None] * group_scale)).astype(np.int8)
 
     # requantize against the stored fp16 d and int8 scales
-    d = (fp16_value(d_bits)[:, None] * q_scales.astype(F32)).reshape(1, -1)   # [1, nb*16]
-    L_new = nearest_int_clip(xt / d, -32, 31)
-    L_new += 32
-    L_new = L_new.astype(np.uint8)
-    L = np.where(d != 0, L_new, L_search)                   # d == 0: C keeps the search's L
-    L = block_major(L, nb)
-
-    q = L.reshape(nb, 2, 4, 32)
-    ql = (q[:, :, 0:2] & 0xF) | ((q[:, :, 2:4] & 0xF) << 4)  # [nb, 2, 2, 32]
-    qh = (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
+    d = fp16_value(d_bits)[:, None] * q_scales.astype(F32)      # [nb, 16]
+    T = quarter_words(levels_block_major(xb, d, -32, 31, L_search))   # 0..63
 
     out = np.empty((nb, TYPE_SIZE), dtype=np.uint8)
-    out[:, 0:128] = ql.reshape(nb, 128)
-    out[:, 128:192] = qh.reshape(nb, 64)
+    out[:, 0:128] = _pack_low_nibbles(T)
+    out[:, 128:192] = _pack_high_bits(T)
     out[:, 192:208] = q_scales.view(np.uint8)
     out[:, 208:210] = d_bits.reshape(nb, 1).view(np.uint8)
     out[empty] = 0
