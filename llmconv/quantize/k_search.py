@@ -173,62 +173,74 @@ def _q3_rounds(x, w, wx, L, sumlx, suml2, nmax: int, active: np.ndarray, sweeps:
     """Up to `sweeps` more coordinate-descent sweeps for the groups `active`, in rounds.
 
     A round evaluates every remaining element i >= pos of every active group against the
-    group's current sums, all at once (a [n, groups] pass, not n passes). Up to a group's first
-    accepted change, that is exactly what C computes; the change is applied, and the elements
-    after it are evaluated again, from the new sums, in the next round. A group whose sweep
-    ends with no change, or after its last sweep, leaves. Updates L, sumlx, suml2 in place.
+    group's current sums, all at once. Up to a group's first accepted change, that is exactly
+    what C computes; the change is applied, and the elements after it are evaluated again, from
+    the new sums, in the next round. A group whose sweep ends with no change, or after its last
+    sweep, leaves. The working set is group-major (one row per group: leaving groups are
+    dropped by cheap row copies). Updates L, sumlx, suml2 in place.
     """
     n = x.shape[0]
+    rows = [np.take(a, active, axis=1).T.copy() for a in (x, w, wx, L)]     # X, W, WX, LW
+    sx, s2 = sumlx[active], suml2[active]
     pos = np.zeros(active.size, dtype=np.intp)          # next element of the current sweep
     left = np.full(active.size, sweeps)                 # sweeps left, the current one included
     moved = np.zeros(active.size, dtype=bool)           # the current sweep changed something
     while active.size:
-        took, first = _q3_round(x, w, wx, L, sumlx, suml2, nmax, active, pos)
+        took, first = _q3_round(*rows, sx, s2, nmax, pos)
         moved |= took
         pos = np.where(took, first + 1, n)
         # a sweep ends at element n: another one follows if it changed something
         done = pos >= n
         again = done & moved & (left > 1)
-        left = left - again
+        left -= again
         pos[again] = 0
         moved[again] = False
-        keep = ~done | again
-        active, pos, left, moved = active[keep], pos[keep], left[keep], moved[keep]
+        leave = np.flatnonzero(done & ~again)
+        if leave.size:
+            g = active[leave]
+            L[:, g] = rows[3][leave].T
+            sumlx[g], suml2[g] = sx[leave], s2[leave]
+            k = np.flatnonzero(~(done & ~again))
+            active, pos, left, moved, sx, s2 = (a[k] for a in (active, pos, left, moved, sx, s2))
+            rows = [np.take(a, k, axis=0) for a in rows]
 
 
-def _q3_round(x, w, wx, L, sumlx, suml2, nmax: int, active: np.ndarray, pos: np.ndarray):
-    """One round of _q3_rounds: find each active group's first change at an element >= pos and
-    apply it. Returns (took[active], first[active]: the element changed)."""
-    xa, wa, wxa, La = (np.take(a, active, axis=1) for a in (x, w, wx, L))
-    sx, s2 = sumlx[active], suml2[active]
-    slx = sx - wxa * La                                   # C: sumlx - w*x[i]*L[i]
-    t = wa * La
-    t *= La
-    sl2 = s2 - t                                          # C: suml2 - w*L[i]*L[i]
-    v = xa * sl2
+def _q3_round(X, W, WX, LW, sx, s2, nmax: int, pos: np.ndarray):
+    """One round of _q3_rounds on the group-major working set (rows X, W, WX, LW [groups, n],
+    sums sx, s2): find each group's first accepted change at an element >= pos and apply it.
+    Returns (took[groups], first[groups]: the element changed)."""
+    m, n = X.shape
+    SX = np.repeat(sx, n).reshape(m, n)
+    S2 = np.repeat(s2, n).reshape(m, n)
+    slx = WX * LW
+    np.subtract(SX, slx, out=slx)                         # C: sumlx - w*x[i]*L[i]
+    sl2 = W * LW
+    sl2 *= LW
+    np.subtract(S2, sl2, out=sl2)                         # C: suml2 - w*L[i]*L[i]
+    v = X * sl2
     v /= slx
     nl = nearest_int_clip(v, -nmax, nmax - 1).astype(F32)
-    slx2 = wxa * nl
+    slx2 = WX * nl
     slx2 += slx
-    sl22 = wa * nl
+    sl22 = W * nl
     sl22 *= nl
     sl22 += sl2
     lhs = slx2 * slx2
-    lhs *= s2
-    rhs = sx * sx
-    rhs = rhs * sl22
-    take = lhs > rhs                                      # slx*slx*suml2 > sumlx*sumlx*sl2
+    lhs *= S2
+    np.multiply(SX, SX, out=SX)
+    SX *= sl22
+    take = lhs > SX                                       # slx*slx*suml2 > sumlx*sumlx*sl2
     take &= slx > 0
-    take &= nl != La
+    take &= nl != LW
     take &= sl22 > 0
-    take &= np.arange(x.shape[0])[:, None] >= pos
-    first = np.argmax(take, axis=0)
-    cols = np.arange(active.size)
-    took = take[first, cols]
-    g, i, c = active[took], first[took], cols[took]
-    L[i, g] = nl[i, c]
-    sumlx[g] = slx2[i, c]
-    suml2[g] = sl22[i, c]
+    take &= np.arange(n) >= pos[:, None]
+    first = np.argmax(take, axis=1)
+    took = take[np.arange(m), first]
+    r = np.flatnonzero(took)
+    f = first[r]
+    LW[r, f] = nl[r, f]
+    sx[r] = slx2[r, f]
+    s2[r] = sl22[r, f]
     return took, first
 
 
