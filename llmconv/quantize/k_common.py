@@ -154,7 +154,11 @@ def first_absmax(x: np.ndarray) -> np.ndarray:
     value = select(neg_wins, mn, mx)
     tie = np.flatnonzero(~(neg_wins | (mx > neg)))
     if tie.size:
-        value[tie] = _first_absmax_loop(x[:, tie])
+        sub = x[:, tie]
+        if np.isfinite(mx[tie]).all():           # the loop's answer: the first |x| == max|x|
+            value[tie] = sub[np.argmax(np.abs(sub) == mx[tie], axis=0), np.arange(tie.size)]
+        else:                                    # NaN: where it stands decides
+            value[tie] = _first_absmax_loop(sub)
     return value
 
 

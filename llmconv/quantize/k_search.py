@@ -100,7 +100,9 @@ def make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarra
     safe_max = np.where(zero, F32(1.0), amax_signed)
     iscale = F32(-nmax) / safe_max
 
-    L = nearest_int_clip(x * iscale, -nmax, nmax - 1).astype(F32)
+    L = x * iscale                                   # |x*iscale| <= nmax + 1: rint is nearest_int here
+    round_small(L)
+    fast_clip(L, F32(-nmax), F32(nmax - 1), out=L)
     w = x * x
     wx = w * x
     sumlx = seq_sum_from_zero(wx * L)
