@@ -230,16 +230,22 @@ _SINGLE_THREAD_GEMM = 4 * 65536
 
 @dataclass(frozen=True)
 class PaddedLists:
-    """The neighbour lists sorted into a few widths, one dense [width, codes in class] array
-    per width (padded with the index `pad`, a table column whose distance is +inf)."""
+    """The neighbour lists sorted into a few widths, dense [width, codes in class] arrays per
+    width: grid indices, and the candidates' rows in a group table. The table has a row per
+    grid point (then `hi` is None), or, for the 1024-point grid, a row per combination of the
+    first dim/2 coordinates' levels and one per combination of the others' (offset by
+    pad_row + 1): 163 rows instead of 1024, which pays for the second gather. Padding points
+    at row pad_row, whose A is +inf."""
     cls: np.ndarray            # int8 [codes]: width class of a code's list, -1 without one
     slot: np.ndarray           # int32 [codes]: the code's column in its class
-    lists: tuple               # int16 [width, n] per class (grid indices, G <= 1024)
-    pad: int
+    index: tuple               # int16 [width, n] per class: grid indices (G <= 1024)
+    lo: tuple                  # int16 [width, n] per class: table row (of the first half)
+    hi: tuple | None           # int16 [width, n] per class: table row of the second half
+    pad_row: int
 
 
 _PADDED: dict[int, PaddedLists] = {}
-_LEVEL_MATRICES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+_HALF_MATRICES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
 
 def padded_lists(grid: Grid) -> PaddedLists:
@@ -254,35 +260,72 @@ def padded_lists(grid: Grid) -> PaddedLists:
         if w >= counts.max():
             break
         w = max(w + 2, int(w * 1.4) // 2 * 2)
+    halves = grid.size > 512
+    if halves:
+        pad_row = grid.n_levels ** (grid.dim // 2)
+        lo_of, hi_of = _half_rows(grid.levels.astype(np.int64), grid.n_levels, grid.dim // 2)
+    else:
+        pad_row = grid.size
+        lo_of = np.arange(grid.size)
     cls = np.where(counts > 0, np.searchsorted(widths, counts), -1).astype(np.int8)
     slot = np.zeros(len(counts), np.int32)
-    lists = []
+    index, lo, hi = [], [], []
     for c, width in enumerate(widths):
         members = np.flatnonzero(cls == c)
         slot[members] = np.arange(len(members), dtype=np.int32)
-        arr = np.full((width, len(members)), grid.size, np.int16)
+        arr = np.full((width, len(members)), -1, np.int64)
         for j, p in enumerate(members):
             arr[:counts[p], j] = grid.nbr[grid.nbr_start[p]:grid.nbr_start[p] + counts[p]]
-        lists.append(arr)
-    got = _PADDED[key] = PaddedLists(cls, slot, tuple(lists), grid.size)
+        pad = arr < 0
+        index.append(np.where(pad, 0, arr).astype(np.int16))
+        lo.append(np.where(pad, pad_row, lo_of[arr]).astype(np.int16))
+        if halves:
+            hi.append(np.where(pad, pad_row + 1, pad_row + 1 + hi_of[arr]).astype(np.int16))
+    got = _PADDED[key] = PaddedLists(cls, slot, tuple(index), tuple(lo), tuple(hi) if halves else None, pad_row)
     return got
 
 
-def _level_matrices(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-    """(q, q*q) float32 [dim, G], q = 2*level + 1 of every grid point."""
+def _half_rows(levels: np.ndarray, n_levels: int, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Levels [..., dim] -> (row of the first `half` coordinates, row of the rest): the levels
+    read as base-n_levels numbers, first coordinate most significant."""
+    lo = np.zeros(levels.shape[:-1], np.int64)
+    hi = np.zeros(levels.shape[:-1], np.int64)
+    for i in range(levels.shape[-1]):
+        if i < half:
+            lo = lo * n_levels + levels[..., i]
+        else:
+            hi = hi * n_levels + levels[..., i]
+    return lo, hi
+
+
+def _table_matrices(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """(q, q*q) float32 [dim, rows]: q = 2*level + 1 of the coordinates of every table row
+    (zero outside the row's half), the pad row all zero."""
     key = id(grid.levels)
-    got = _LEVEL_MATRICES.get(key)
+    got = _HALF_MATRICES.get(key)
+    if got is None and padded_lists(grid).hi is None:
+        q = np.zeros((grid.dim, grid.size + 1), F32)
+        q[:, :-1] = 2 * grid.levels.T.astype(F32) + 1
+        got = _HALF_MATRICES[key] = (q, q * q)
     if got is None:
-        q = np.ascontiguousarray(2 * grid.levels.T.astype(F32) + 1)
-        got = _LEVEL_MATRICES[key] = (q, q * q)
+        dim, nl, half = grid.dim, grid.n_levels, grid.dim // 2
+        lo_rows, hi_rows = nl ** half, nl ** (dim - half)
+        q = np.zeros((dim, lo_rows + 1 + hi_rows), F32)
+        for rows, first, count, offset in ((lo_rows, 0, half, 0), (hi_rows, half, dim - half, lo_rows + 1)):
+            combo = np.arange(rows)
+            for i in reversed(range(first, first + count)):
+                q[i, offset:offset + rows] = 2 * (combo % nl) + 1
+                combo //= nl
+        got = _HALF_MATRICES[key] = (q, q * q)
     return got
 
 
 @dataclass
 class GroupTables:
-    """Per group (of the groups a search may visit): A and B over the grid plus the pad
-    column, interleaved in one float32 [groups, G+1, 2] (one gather fetches both); X, and
-    whether the group's numbers are in the range where the screening's bounds hold."""
+    """Per group (of the groups a search may visit): A and B of each table row (a grid point,
+    or a half-combination of levels: then a point's A is the sum of its two halves'),
+    interleaved in one float32 [groups, rows, 2] (one gather fetches both); X, and whether the
+    group's numbers are in the range where the screening's bounds hold."""
     ab: np.ndarray
     x2: np.ndarray             # float64 [groups]: X = sum w*x*x
     wsum: np.ndarray           # float64 [groups]: sum w * qmax**2
@@ -291,16 +334,15 @@ class GroupTables:
 
 def group_tables(grid: Grid, xval: np.ndarray, w: np.ndarray) -> GroupTables:
     """xval, w: float32 [groups, dim] (w: the search's weights, ggml's waux)."""
-    q, qq = _level_matrices(grid)
-    n = xval.shape[0]
-    ab = np.empty((n, grid.size + 1, 2), F32)
+    q, qq = _table_matrices(grid)
+    n, rows = xval.shape[0], q.shape[1]
+    ab = np.empty((n, rows, 2), F32)
     wx = w * xval
-    step = max(1, _SINGLE_THREAD_GEMM // (grid.size * grid.dim))
+    step = max(1, _SINGLE_THREAD_GEMM // (rows * grid.dim))
     for i in range(0, n, step):
-        ab[i:i + step, :-1, 0] = w[i:i + step] @ qq
-        ab[i:i + step, :-1, 1] = wx[i:i + step] @ q
-    ab[:, -1, 0] = np.inf
-    ab[:, -1, 1] = 0.0
+        ab[i:i + step, :, 0] = w[i:i + step] @ qq
+        ab[i:i + step, :, 1] = wx[i:i + step] @ q
+    ab[:, padded_lists(grid).pad_row, 0] = np.inf
     x64, w64 = xval.astype(np.float64), w.astype(np.float64)
     x2 = (w64 * x64 * x64).sum(axis=1)
     wsum = w64.sum(axis=1) * float(q.max()) ** 2
@@ -325,19 +367,22 @@ def screened_neighbours(grid: Grid, codes: np.ndarray, group: np.ndarray, scale:
     usable = tables.ok[group] & (s64 * s64 * tables.wsum[group] <= _SCREEN_RANGE[1])
     cls = pl.cls[codes]
     order = np.argsort(cls, kind="stable")
-    counts = np.bincount(cls + 1, minlength=len(pl.lists) + 1)
+    counts = np.bincount(cls + 1, minlength=len(pl.index) + 1)
     flat = tables.ab.reshape(-1, 2)
     row = tables.ab.shape[1]
     start = int(counts[0])                    # codes without a list (none reach here) stay undecided
-    for c, lists in enumerate(pl.lists):
+    for c in range(len(pl.index)):
         cnt = int(counts[c + 1])
         if not cnt:
             continue
         sel = order[start:start + cnt]
         start += cnt
         gs = group[sel]
-        nb = np.take(lists, pl.slot[codes[sel]], axis=1)                   # [W, n]: grid indices
-        ab = np.take(flat, nb + gs * row, axis=0)                           # [W, n, 2]
+        at = pl.slot[codes[sel]]
+        base = gs * row
+        ab = np.take(flat, np.take(pl.lo[c], at, axis=1) + base, axis=0)    # [W, n, 2]
+        if pl.hi is not None:
+            ab += np.take(flat, np.take(pl.hi[c], at, axis=1) + base, axis=0)
         ss = s[sel]
         d = ab[..., 0] * (ss * ss)
         d -= ab[..., 1] * (ss + ss)
@@ -347,5 +392,6 @@ def screened_neighbours(grid: Grid, codes: np.ndarray, group: np.ndarray, scale:
         within = d <= thr.astype(F32)
         decided[sel] = (np.add.reduce(within, axis=0, dtype=np.uint16) == 1) & usable[sel]
         # the one candidate within the threshold (where decided): sum of index * mask, in int16
+        nb = np.take(pl.index[c], at, axis=1)
         out[sel] = np.add.reduce(np.multiply(nb, within, dtype=np.int16), axis=0, dtype=np.int16)
     return out, decided
