@@ -2,6 +2,7 @@
 
     python bench/quant_kernels.py [--quick] [--types q8_0,q4_0] [--repeat 3] [--json out.json]
     python bench/quant_kernels.py --imatrix [--types q4_k,iq4_xs]   # the importance-weighted kernels
+    python bench/quant_kernels.py --types q4_0,q3_k --no-gguf-py --no-file   # llmconv vs C only
 
 Data: bf16-grid float32 matrices (what real checkpoints hold) of 4096x4096 and 11008x4096
 (--quick: 1024x4096 and 2752x1024). Every type is run on the same matrices, in one process:
