@@ -6,19 +6,20 @@
 
 `llmconv.convert`, `llmconv.quantize`, `llmconv.verify` and `llmconv.imatrix` call these
 (see llmconv/__init__.py); `llmconv.inspect` and `llmconv.convert_lora` are these. The command
-line (cli.py, verify/command.py, imatrix/command.py) parses options,
-calls one of them and prints the result. Bad input raises LlmconvError (errors.py).
+line (cli.py, convert/command.py, verify/command.py, imatrix/command.py) parses options,
+calls one of them and prints the result (results.py: the result dataclasses). Bad input raises LlmconvError (errors.py).
 Imports are inside the functions: `import llmconv` stays quick and loads no torch.
 """
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from .errors import LlmconvError
+from .results import (ConvertLoraResult, ConvertResult, ImatrixResult, InspectResult, QuantizeResult,
+                      VerifyResult)
 
 
 def default_threads() -> int:
@@ -63,35 +64,6 @@ def _type_policy(pure, output_tensor_type, token_embedding_type, tensor_types) -
 
 # ---- convert --------------------------------------------------------------------------------
 
-@dataclass
-class ConvertResult:
-    """One plan (pipeline.Conversion) per output type and, unless it was a dry run, the file(s)
-    written for it (execute.WriteResult), in the same order."""
-    conversions: list
-    written: list = field(default_factory=list)
-    dry_run: bool = False
-
-    @property
-    def paths(self) -> list[Path]:
-        return [p for w in self.written for p in w.paths]
-
-    def report(self) -> dict:
-        """The `--json` report: one output's, or {"dry_run", "outputs": [...]} for several."""
-        from .convert.pipeline import plan_json
-
-        if self.dry_run:
-            outs = [plan_json(c) for c in self.conversions]
-            return {"dry_run": True, **outs[0]} if len(outs) == 1 else {"dry_run": True, "outputs": outs}
-        outs = [{"dry_run": False, **plan_json(c), "seconds": w.seconds, "file_bytes": w.nbytes}
-                for c, w in zip(self.conversions, self.written)]
-        return outs[0] if len(outs) == 1 else {"dry_run": False, "outputs": outs}
-
-    def describe(self) -> str:
-        """The plan as text (`--dry-run`)."""
-        from .convert.pipeline import describe_plan
-        return "\n\n".join(describe_plan(c) for c in self.conversions)
-
-
 def convert(src: str | Path, out: str | Path | None = None, *, outtype: str = "auto", format: str = "gguf",
             dry_run: bool = False, ctx: int | None = None, input_format: str = "auto",
             tokenizer: str | Path | None = None, pre: str | None = None, lora: Sequence = (),
@@ -105,8 +77,7 @@ def convert(src: str | Path, out: str | Path | None = None, *, outtype: str = "a
     or one ggjt file with format="ggml". `outtype` may list several types ("q8_0,q4_K_M"): one
     file each, from one read; `out` is a file, a directory ending in "/", or None (./Name-TYPE.gguf).
     `on_warning` hears each warning about the checkpoint before anything is written."""
-    from .convert.execute import OutputRequest, write_ggufs
-    from .convert.pipeline import plan_conversions, split_types
+    from .convert.pipeline import split_types
 
     types = split_types(outtype)
     max_size, threads = parse_size(split_max_size), threads or default_threads()
@@ -114,25 +85,37 @@ def convert(src: str | Path, out: str | Path | None = None, *, outtype: str = "a
         _check_ggml_options(types, max_size, split_max_tensors, checksum, override_kv)
     lora = _lora_specs(lora)
     im = _convert_imatrix(src, imatrix, imatrix_text, lora, dry_run, imatrix_ctx, imatrix_chunks, progress, threads)
-    opts = dict(ctx=ctx, input_format=input_format, pre=pre, tokenizer=tokenizer, lora=lora, metadata=metadata,
-                override_kv=override_kv, imatrix=im,
-                **_type_policy(pure, output_tensor_type, token_embedding_type, tensor_types))
-    if format == "ggml":
-        from .convert.ggml_out import plan_ggml_conversion, write_ggml
-        convs = [plan_ggml_conversion(src, outtype=types[0], outfile=out, **opts)]
-    else:
-        convs = plan_conversions(src, types, out, **opts)
+    policy = _type_policy(pure, output_tensor_type, token_embedding_type, tensor_types)
+    convs = _plan_conversions(src, out, types, format, ctx=ctx, input_format=input_format, pre=pre, tokenizer=tokenizer,
+                              lora=lora, metadata=metadata, override_kv=override_kv, imatrix=im, **policy)
     if dry_run:
         return ConvertResult(convs, dry_run=True)
     for w in convs[0].warnings:
         (on_warning or (lambda _: None))(w)
-    if format == "ggml":
-        written = [write_ggml(convs[0], threads=threads, progress=progress, force=force, verbose=verbose)]
-    else:   # every type from one read of the checkpoint
-        written = write_ggufs([OutputRequest(c.out_path, c.kvs, c.plan) for c in convs], threads=threads,
-                              progress=progress, force=force, verbose=verbose, split_max_size=max_size,
-                              split_max_tensors=split_max_tensors, checksum=checksum)
+    written = _write_conversions(convs, format, threads=threads, progress=progress, force=force, verbose=verbose,
+                                 split_max_size=max_size, split_max_tensors=split_max_tensors, checksum=checksum)
     return ConvertResult(convs, written)
+
+
+def _plan_conversions(src, out, types: list[str], format: str, **options) -> list:
+    """One plan per type: a GGUF file each, or the one ggjt file."""
+    if format == "ggml":
+        from .convert.ggml_out import plan_ggml_conversion
+        return [plan_ggml_conversion(src, outtype=types[0], outfile=out, **options)]
+    from .convert.pipeline import plan_conversions
+    return plan_conversions(src, types, out, **options)
+
+
+def _write_conversions(convs: list, format: str, *, threads: int, progress: bool, force: bool, verbose: bool,
+                       split_max_size: int, split_max_tensors: int, checksum: bool) -> list:
+    if format == "ggml":
+        from .convert.ggml_out import write_ggml
+        return [write_ggml(convs[0], threads=threads, progress=progress, force=force, verbose=verbose)]
+    from .convert.execute import OutputRequest, write_ggufs
+    # every type from one read of the checkpoint
+    return write_ggufs([OutputRequest(c.out_path, c.kvs, c.plan) for c in convs], threads=threads, progress=progress,
+                       force=force, verbose=verbose, split_max_size=split_max_size,
+                       split_max_tensors=split_max_tensors, checksum=checksum)
 
 
 def _check_ggml_options(types: list[str], max_size: int, max_tensors: int, checksum: bool, override_kv) -> None:
@@ -164,27 +147,6 @@ def _convert_imatrix(src, imatrix, imatrix_text, lora, dry_run, ctx, chunks, pro
 
 # ---- quantize -------------------------------------------------------------------------------
 
-@dataclass
-class QuantizeResult:
-    """One plan (pipeline.Requantization) per output type and the file(s) written for it."""
-    src: Path
-    requantizations: list
-    written: list
-
-    @property
-    def paths(self) -> list[Path]:
-        return [p for w in self.written for p in w.paths]
-
-    def report(self) -> dict:
-        reports = [{"input": str(self.src), "output": str(w.path), "type": rq.plan.outtype,
-                    "file_type": rq.plan.file_type, "seconds": w.seconds, "file_bytes": w.nbytes,
-                    "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape), "bytes": t.nbytes,
-                                 "reason": t.reason} for t in rq.plan.tensors], "notes": rq.plan.notes,
-                    "warnings": rq.warnings}
-                   for rq, w in zip(self.requantizations, self.written)]
-        return reports[0] if len(reports) == 1 else {"outputs": reports}
-
-
 def quantize(src: str | Path, out: str | Path | None = None, *, outtype: str, allow_requantize: bool = False,
              override_kv: Sequence[str] = (), imatrix=None, pure: bool = False,
              output_tensor_type: str | None = None, token_embedding_type: str | None = None,
@@ -212,25 +174,6 @@ def quantize(src: str | Path, out: str | Path | None = None, *, outtype: str, al
 
 # ---- convert-lora ---------------------------------------------------------------------------
 
-@dataclass
-class ConvertLoraResult:
-    adapter: Path
-    base: Path
-    conversion: Any             # lora_out.AdapterConversion
-    written: Any                # execute.WriteResult
-
-    @property
-    def paths(self) -> list[Path]:
-        return list(self.written.paths)
-
-    def report(self) -> dict:
-        ac, w = self.conversion, self.written
-        return {"adapter": str(self.adapter), "base": str(self.base), "output": str(w.path),
-                "type": ac.plan.outtype, "alpha": ac.alpha, "rslora": ac.adapter.rslora,
-                "tensors": [{"name": t.name, "type": t.qtype.name, "shape": list(t.shape)} for t in ac.plan.tensors],
-                "seconds": w.seconds, "file_bytes": w.nbytes}
-
-
 def convert_lora(adapter: str | Path, base: str | Path, out: str | Path | None = None, *, outtype: str = "f32",
                  input_format: str = "auto", force: bool = False, progress: bool = False,
                  verbose: bool = False) -> ConvertLoraResult:
@@ -244,19 +187,6 @@ def convert_lora(adapter: str | Path, base: str | Path, out: str | Path | None =
 
 
 # ---- verify, inspect, imatrix ---------------------------------------------------------------
-
-@dataclass
-class VerifyResult:
-    report: dict                # schema: verify/report.py
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.report["passed"])
-
-    def text(self) -> str:
-        from .verify.run import format_report
-        return format_report(self.report)
-
 
 def verify(file: str | Path, reference: str | Path, *, text: str | None = None, tokens: int = 256,
            engine: str | None = None, threads: int | None = None, activations: str = "ggml",
@@ -278,31 +208,10 @@ def verify(file: str | Path, reference: str | Path, *, text: str | None = None, 
     return VerifyResult(report)
 
 
-@dataclass
-class InspectResult:
-    summary: dict               # header, metadata, tensors, totals (the `--json` document)
-
-    def text(self) -> str:
-        from .formats.inspect_cmd import render_text
-        return render_text(self.summary)
-
-
 def inspect(file: str | Path, tensors: str | None = None) -> InspectResult:
     """What a GGUF or ggml file holds; `tensors` is a regex filter on tensor names."""
     from .formats.inspect_cmd import summarize
     return InspectResult(summarize(file, tensors))
-
-
-@dataclass
-class ImatrixResult:
-    path: Path
-    imatrix: Any                # imatrix.Imatrix
-
-    def report(self) -> dict:
-        """The `--json` report."""
-        im = self.imatrix
-        return {"output": str(self.path), "matrices": len(im.entries), "chunks": im.chunk_count,
-                "chunk_size": im.chunk_size, "datasets": list(im.datasets)}
 
 
 def imatrix(src: str | Path, out: str | Path = "imatrix.gguf", *, text: str = "builtin", ctx: int = 512,

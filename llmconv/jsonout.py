@@ -65,3 +65,14 @@ def json_option(what: str = "a machine-readable report"):
                         type=click.Path(dir_okay=False, allow_dash=True), callback=check_json_dir,
                         help=f"Write {what} as JSON to FILE, or to stdout with no FILE or '-' "
                              "(stdout then carries only the JSON).")
+
+
+def echo_written(res, plan, quiet: bool, json_path: str | None = None) -> None:
+    """After convert/quantize/convert-lora: the plan's notes (unless -q), then the one-line
+    summary: files, tensors, size, type, time, rate. With `--json -` stdout carries only the
+    JSON, so the summary goes to stderr."""
+    for n in [] if quiet else plan.notes:
+        click.echo(f"note: {n}", err=True)
+    click.echo(f"wrote {', '.join(map(str, res.paths))}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, "
+               f"{plan.outtype}, in {res.seconds:.1f} s ({res.nbytes / 2**20 / max(res.seconds, 1e-9):,.0f} MiB/s)",
+               err=json_path == "-")

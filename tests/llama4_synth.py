@@ -64,7 +64,7 @@ def meta_llama4_tokenizer():
 def llama4_tokenizer_files() -> tuple[str, dict]:
     """(tokenizer.json text, tokenizer_config.json) rebuilt from Meta's file as transformers'
     TikTokenConverter builds Llama 4's tokenizer.json."""
-    from llmconv.convert import bpe
+    from llmconv.convert import bpe, tiktoken_bpe
     from llmconv.convert.pretok import LLAMA4_PATTERN
     from realtok import read_tiktoken
 
@@ -88,7 +88,7 @@ def llama4_tokenizer_files() -> tuple[str, dict]:
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": vocab, "merges": bpe.merges_from_ranks(ranks)},
+                  "vocab": vocab, "merges": tiktoken_bpe.merges_from_ranks(ranks)},
     }
     config = {"add_bos_token": True, "add_eos_token": False, "bos_token": bos, "eos_token": "<|eot|>",
               "pad_token": "<|finetune_right_pad|>", "model_max_length": 10485760,

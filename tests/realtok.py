@@ -192,7 +192,7 @@ def tekken_tokenizer_files(path: Path) -> tuple[dict, dict]:
     special tokens first (special added tokens, also in the vocabulary), then the regular tokens
     in GPT-2's byte alphabet, merges rebuilt from the ranks, Tekken's split regex before a
     ByteLevel step, <s> added in front of every sequence."""
-    from llmconv.convert import bpe
+    from llmconv.convert import bpe, tiktoken_bpe
     from llmconv.convert.pretok import TEKKEN_PATTERN
     from llmconv.convert.tekken import special_token_names, tekken_ranks
     doc = json.loads(path.read_text(encoding="utf-8"))
@@ -210,7 +210,7 @@ def tekken_tokenizer_files(path: Path) -> tuple[dict, dict]:
             "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                      {"Sequence": {"id": "B", "type_id": 1}}],
             "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
-    tj = _byte_level_bpe(vocab, bpe.merges_from_ranks(ranks, first_rank=256), list(enumerate(specials)), pre, post)
+    tj = _byte_level_bpe(vocab, tiktoken_bpe.merges_from_ranks(ranks, first_rank=256), list(enumerate(specials)), pre, post)
     config = {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
               "unk_token": "<unk>", "model_max_length": 1024000, "tokenizer_class": "PreTrainedTokenizerFast"}
     return tj, config

@@ -11,7 +11,7 @@ import tiktoken
 from gguf import TokenType
 from tokenizers import Tokenizer, pre_tokenizers
 
-from llmconv.convert import bpe
+from llmconv.convert import bpe, tiktoken_bpe
 from llmconv.convert.metadata import vocab_kvs
 from llmconv.errors import LlmconvError
 
@@ -170,7 +170,7 @@ def test_not_byte_level_bpe_refused(tmp_path):
 
 def test_tiktoken_and_tokenizer_json_give_identical_metadata():
     params = json.loads((META_DIR / "params.json").read_text())
-    meta = bpe.load_meta_tiktoken(META_DIR / "tokenizer.model", params)
+    meta = tiktoken_bpe.load_meta_tiktoken(META_DIR / "tokenizer.model", params)
     hf = bpe.load_tokenizer_json(HF_DIR / "tokenizer.json", tokenizer_config())
     assert vocab_kvs(meta) == vocab_kvs(hf)
     # every split of a token into two tokens is a merge (as in LLaMA 3's official tokenizer.json)
@@ -178,8 +178,8 @@ def test_tiktoken_and_tokenizer_json_give_identical_metadata():
 
 
 def test_tiktoken_detection():
-    assert bpe.is_tiktoken_file(META_DIR / "tokenizer.model")
-    assert not bpe.is_tiktoken_file(ROOT / "fixtures" / "tokenizer.model")     # SentencePiece protobuf
+    assert tiktoken_bpe.is_tiktoken_file(META_DIR / "tokenizer.model")
+    assert not tiktoken_bpe.is_tiktoken_file(ROOT / "fixtures" / "tokenizer.model")     # SentencePiece protobuf
 
 
 def test_merges_rebuilt_from_ranks_tokenize_like_tiktoken():
@@ -188,7 +188,7 @@ def test_merges_rebuilt_from_ranks_tokenize_like_tiktoken():
     ranks = read_ranks(META_DIR / "tokenizer.model")
     enc = tiktoken.Encoding(name="fixture", pat_str=bpe.LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
     tj = tokenizer_json()
-    tj["model"]["merges"] = bpe.merges_from_ranks(ranks)
+    tj["model"]["merges"] = tiktoken_bpe.merges_from_ranks(ranks)
     tok = Tokenizer.from_str(json.dumps(tj))
     ids = enc.encode(TEXT)
     assert tok.encode(TEXT, add_special_tokens=False).ids == ids
@@ -207,14 +207,14 @@ def test_merges_rebuilt_from_ranks_tokenize_like_tiktoken():
              255: "<|reserved_special_token_247|>"}),
 ])
 def test_meta_special_token_names(version, expected):
-    names = bpe.meta_special_tokens(version)
+    names = tiktoken_bpe.meta_special_tokens(version)
     assert len(names) == len(set(names)) == 256
     assert {k: names[k] for k in expected} == expected
 
 
 def test_special_names_chosen_from_params(tmp_path):
-    v30 = bpe.load_meta_tiktoken(META_DIR / "tokenizer.model", {"rope_theta": 500000.0})
-    v31 = bpe.load_meta_tiktoken(META_DIR / "tokenizer.model", {"rope_theta": 500000.0, "use_scaled_rope": True})
+    v30 = tiktoken_bpe.load_meta_tiktoken(META_DIR / "tokenizer.model", {"rope_theta": 500000.0})
+    v31 = tiktoken_bpe.load_meta_tiktoken(META_DIR / "tokenizer.model", {"rope_theta": 500000.0, "use_scaled_rope": True})
     assert v30.tokens[N_BPE + 4] == b"<|reserved_special_token_2|>"
     assert v31.tokens[N_BPE + 4] == b"<|finetune_right_pad_id|>"
     assert v30.eot_id == v31.eot_id == N_BPE + 9
@@ -236,13 +236,13 @@ def test_bad_tiktoken_files_refused(tmp_path):
     for message, bad in cases.items():
         p.write_text(_tiktoken_lines(bad))
         with pytest.raises(LlmconvError, match=message):
-            bpe.read_tiktoken_ranks(p)
+            tiktoken_bpe.read_tiktoken_ranks(p)
     p.write_text(_tiktoken_lines(ranks) + "not-base64! 12\n")
     with pytest.raises(LlmconvError, match=f"line {len(ranks) + 1}"):
-        bpe.read_tiktoken_ranks(p)
+        tiktoken_bpe.read_tiktoken_ranks(p)
     p.write_text(_tiktoken_lines(ranks) + f"{base64.b64encode(b'zz-unique').decode()} 3\n")
     with pytest.raises(LlmconvError, match="duplicate"):
-        bpe.read_tiktoken_ranks(p)
+        tiktoken_bpe.read_tiktoken_ranks(p)
 
 
 def test_unreachable_token_refused(tmp_path):
@@ -250,6 +250,6 @@ def test_unreachable_token_refused(tmp_path):
     ranks = {bytes([b]): b for b in range(256)}
     ranks[b"xyz"] = 256                       # neither "xy" nor "yz" exists
     with pytest.raises(LlmconvError, match="cannot be built"):
-        bpe.merges_from_ranks(ranks)
+        tiktoken_bpe.merges_from_ranks(ranks)
     ranks = {bytes([b]): b for b in range(256)} | {b"xy": 256, b"xyz": 257}
-    assert bpe.merges_from_ranks(ranks) == ["x y", "xy z"]
+    assert tiktoken_bpe.merges_from_ranks(ranks) == ["x y", "xy z"]

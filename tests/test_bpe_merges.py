@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from llmconv.convert import bpe
+from llmconv.convert import bpe, tiktoken_bpe
 from llmconv.errors import LlmconvError
 
 
@@ -39,10 +39,10 @@ def random_vocab(seed: int, n: int, alphabet: bytes) -> dict[bytes, int]:
 @pytest.mark.parametrize("seed,alphabet", [(0, b"ab"), (1, b"abc "), (2, bytes(range(200, 210)))])
 def test_fast_merges_equal_the_naive_definition(seed, alphabet):
     ranks = random_vocab(seed, 400, alphabet)
-    fast = bpe.merges_from_ranks(ranks)
+    fast = tiktoken_bpe.merges_from_ranks(ranks)
     assert fast == naive_merges(ranks)
     assert len(fast) > 400                       # tokens with several splits occur
-    assert bpe.merges_from_ranks(ranks, first_rank=300) == naive_merges(ranks, first_rank=300)
+    assert tiktoken_bpe.merges_from_ranks(ranks, first_rank=300) == naive_merges(ranks, first_rank=300)
 
 
 def test_hostile_vocabularies_do_not_blow_up():
@@ -54,8 +54,8 @@ def test_hostile_vocabularies_do_not_blow_up():
     chain = dict(base)
     for k in range(2, len(x) + 1):
         chain.setdefault(x[:k], len(chain))
-    merges = bpe.merges_from_ranks(chain)
+    merges = tiktoken_bpe.merges_from_ranks(chain)
     assert len(merges) == len(chain) - 256
     runs = dict(base) | {b"a" * k: 254 + k for k in range(2, 2002)}
     with pytest.raises(LlmconvError, match="MiB"):
-        bpe.merges_from_ranks(runs)
+        tiktoken_bpe.merges_from_ranks(runs)

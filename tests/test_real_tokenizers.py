@@ -13,7 +13,7 @@ from gguf import TokenType
 from tokenizers import Tokenizer
 
 from llmconv.cli import main
-from llmconv.convert import bpe, pretok
+from llmconv.convert import bpe, pretok, tiktoken_bpe
 from llmconv.convert.tekken import tekken_vocab
 from llmconv.errors import LlmconvError
 from llmconv.formats.gguf_reader import read_gguf
@@ -70,7 +70,7 @@ def test_llama3_merges_equal_official_tokenizer_json():
     d = llama3_dir()
     official = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))["model"]["merges"]
     official = bpe.normalize_merges(official)
-    got = bpe.merges_from_ranks(bpe.read_tiktoken_ranks(d / "tokenizer.model"))
+    got = tiktoken_bpe.merges_from_ranks(tiktoken_bpe.read_tiktoken_ranks(d / "tokenizer.model"))
     assert len(got) == len(official) > 2 * N_LLAMA3
     assert got == official
 
@@ -88,7 +88,7 @@ def test_llama3_meta_and_hf_ggufs_hold_the_same_vocabulary(llama3_ggufs):
     # Special tokens: every named one sits at the same id. Only the names of unused slots differ:
     # Meta's 3.1 list calls id 128005 <|reserved_special_token_2|> (and numbers the reserved ones
     # from there); the packaged 3.2 file names it <|step_id|>.
-    specials = set(bpe.meta_special_tokens("3.1")) & set(hf["tokens"][N_LLAMA3:])
+    specials = set(tiktoken_bpe.meta_special_tokens("3.1")) & set(hf["tokens"][N_LLAMA3:])
     named = {s for s in specials if "reserved" not in s}
     assert len(named) == 8
     for s in named:

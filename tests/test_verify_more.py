@@ -115,9 +115,9 @@ def test_hf31_reference_equals_meta_llama3_reference(hf31, monkeypatch, tmp_path
     Meta fixture has an output matrix and the HF twin ties it, so the Meta reference is run with
     the embedding as its output here."""
     import tiktoken
-    from llmconv.convert import bpe
+    from llmconv.convert import bpe, tiktoken_bpe
     import llmconv.verify.reference as meta_ref
-    ranks = bpe.read_tiktoken_ranks(L3_DIR / "tokenizer.model")
+    ranks = tiktoken_bpe.read_tiktoken_ranks(L3_DIR / "tokenizer.model")
     enc = tiktoken.Encoding(name="t", pat_str=bpe.LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
     ids = ([len(ranks)] + enc.encode(default_text()))[:200]
     hf_logits = reference_logits(hf31, ids)
@@ -161,9 +161,9 @@ def test_tokens_come_from_the_source_tokenizers(conv, hf31):
     the same ids both ways."""
     import tiktoken
     from tokenizers import Tokenizer
-    from llmconv.convert import bpe
+    from llmconv.convert import bpe, tiktoken_bpe
     text = default_text()
-    ranks = bpe.read_tiktoken_ranks(L3_DIR / "tokenizer.model")
+    ranks = tiktoken_bpe.read_tiktoken_ranks(L3_DIR / "tokenizer.model")
     enc = tiktoken.Encoding(name="t", pat_str=bpe.LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
     want = ([len(ranks)] + enc.encode(text))[:100]
     assert verify_run.tokenize(verify_run.load_source_tokenizer(L3_DIR), text, 100) == want

@@ -31,7 +31,7 @@ from .hf_config import HFConfig, read_hf_config, rope_freqs_tensor, rope_scaling
 from .hf_files import WeightEntry, open_weights
 from .hf_tokenizer import load_hf_tokenizer
 from .hparams import LlamaHParams
-from .meta import expected_shapes
+from .meta_params import expected_shapes
 from .plan import SourceTensor, meta_to_gguf_name, tensor_name
 
 # HF name (layer prefix and .weight/.bias stripped) -> GGUF tensor kind.

@@ -10,7 +10,7 @@ from gguf import Keys, MODEL_TENSOR
 from ..errors import LlmconvError
 from ..formats.gguf_writer import KV
 from .hf_files import read_json
-from .meta import stated_head_dim
+from .meta_params import stated_head_dim
 from .plan import SourceTensor, tensor_name
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")

@@ -29,7 +29,8 @@ from gguf import GGUFValueType as T
 from .. import quantize as q
 from ..errors import LlmconvError
 from ..formats.gguf_writer import KV
-from .lora import Binding, LoraAdapter, bind, lora_b_meta, open_adapter
+from .lora import Binding, bind, lora_b_meta
+from .lora_adapter import LoraAdapter, open_adapter
 from .hparams import ARCH
 from .plan import Plan, PlannedTensor, SourceTensor, Why, plan_notes
 from .sources import Source, open_source

@@ -26,7 +26,7 @@ from ..errors import LlmconvError
 from ..formats.gguf_writer import KV
 from . import moe
 from .hparams import LlamaHParams
-from .meta import expected_shapes, read_params, stated_head_dim
+from .meta_params import expected_shapes, read_params, stated_head_dim
 from .plan import SourceTensor, meta_to_gguf_name
 from .tokenizer import Vocab, check_vocab_size, load_sentencepiece_file
 
@@ -100,7 +100,7 @@ def _tekken_version(path: Path) -> str:
 
 def open_mistral_source(model_dir: Path, ctx: int | None = None, pre: str | None = None,
                         tokenizer: Path | None = None):
-    from .hf import ordered_tensors, weight_loader, weight_rows
+    from .hf import ordered_tensors
     from .hf_files import open_weights
     from .source import Source
 
@@ -120,7 +120,25 @@ def open_mistral_source(model_dir: Path, ctx: int | None = None, pre: str | None
     if "tok_embeddings.weight" not in entries:
         raise LlmconvError("checkpoint has no tok_embeddings.weight", file=files[0], tensor="tok_embeddings.weight")
     h = _hparams(params, entries, pfile, ctx, warnings)
+    tensors = _source_tensors(model_dir, params, entries, h)
 
+    tok_path = find_mistral_tokenizer(model_dir, tokenizer)
+    vocab, template_kvs = load_mistral_vocab(tok_path, notes)
+    if pre is not None:
+        if vocab.model != "gpt2":
+            raise LlmconvError("--pre applies to BPE tokenizers; this checkpoint's is SentencePiece", file=tok_path)
+        vocab.pre = pre
+    check_vocab_size(vocab, h.vocab_size, tok_path, "tok_embeddings.weight")
+    return Source("mistral", model_dir, h, vocab, ordered_tensors(tensors, h.n_layers), extra_kvs=template_kvs,
+                  warnings=warnings, notes=notes)
+
+
+def _source_tensors(model_dir: Path, params: dict, entries: dict, h: LlamaHParams) -> dict[str, SourceTensor]:
+    """GGUF name -> SourceTensor: every checkpoint tensor named, its shape checked against
+    params.json; a Mixtral's experts stacked per layer."""
+    from .hf import weight_loader, weight_rows
+
+    pfile = model_dir / "params.json"
     expected = expected_shapes(h.dim, h.n_layers, h.n_heads, h.n_kv_heads, h.ffn_dim, h.vocab_size, h.stated_head_dim)
     tensors = {}
     moe_config = moe.mistral_moe_config(params, pfile)
@@ -148,16 +166,7 @@ def open_mistral_source(model_dir: Path, ctx: int | None = None, pre: str | None
     for name in expected:
         if name not in entries and not (h.tied_embeddings and name == "output.weight"):
             raise LlmconvError("tensor missing from the checkpoint", file=model_dir, tensor=name)
-
-    tok_path = find_mistral_tokenizer(model_dir, tokenizer)
-    vocab, template_kvs = load_mistral_vocab(tok_path, notes)
-    if pre is not None:
-        if vocab.model != "gpt2":
-            raise LlmconvError("--pre applies to BPE tokenizers; this checkpoint's is SentencePiece", file=tok_path)
-        vocab.pre = pre
-    check_vocab_size(vocab, h.vocab_size, tok_path, "tok_embeddings.weight")
-    return Source("mistral", model_dir, h, vocab, ordered_tensors(tensors, h.n_layers), extra_kvs=template_kvs,
-                  warnings=warnings, notes=notes)
+    return tensors
 
 
 def _hparams(params: dict, entries: dict, pfile: Path, ctx: int | None, warnings: list[str]) -> LlamaHParams:

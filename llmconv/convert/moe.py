@@ -113,27 +113,8 @@ def stack_experts(entries: dict, moe: MoEConfig, *, dim: int, ffn: int, n_layers
     """Take the router and expert tensors out of `entries` (HF name -> WeightEntry) and return
     GGUF name -> SourceTensor for the routers and the stacked experts, shapes checked.
     `expert_loader(entry)` turns one entry into a float32 loader."""
-    found: dict[tuple[int, str], dict[int, object]] = {}
-    routers: dict[int, object] = {}
-    pattern = _moe_pattern(prefix)
-    for name in [n for n in entries if pattern.fullmatch(n)]:
-        e = entries.pop(name)
-        layer, expert, w = pattern.fullmatch(name).groups()
-        layer = int(layer)
-        if layer >= n_layers:
-            raise LlmconvError(f"{cfg_file.name} says {n_layers} layers but the checkpoint has more", file=e.file, tensor=name)
-        if expert is None:
-            _check_shape(e, name, (moe.n_expert, dim), f"{moe.n_expert} experts, width {dim}", cfg_file)
-            routers[layer] = e
-            continue
-        if int(expert) >= moe.n_expert:
-            raise LlmconvError(f"expert {expert} but {cfg_file.name} says {moe.n_expert} experts",
-                               file=e.file, tensor=name)
-        sizes = {"ffn": ffn, "dim": dim}
-        _, rows, cols = HF_EXPERT_NAMES[w]
-        _check_shape(e, name, (sizes[rows], sizes[cols]), f"width {dim}, expert feed-forward {ffn}", cfg_file)
-        found.setdefault((layer, w), {})[int(expert)] = e
-
+    routers, found = _take_moe_entries(entries, moe, dim=dim, ffn=ffn, n_layers=n_layers, cfg_file=cfg_file,
+                                       prefix=prefix)
     out: dict[str, SourceTensor] = {}
     for layer in range(n_layers):
         hf_prefix = prefix.format(i=layer)
@@ -156,6 +137,33 @@ def stack_experts(entries: dict, moe: MoEConfig, *, dim: int, ffn: int, n_layers
                                             files=[p.file for p in parts], dtype=parts[0].dtype,
                                             source_name=f"{hf_prefix}.experts.{{0..{moe.n_expert - 1}}}.{w}.weight")
     return out
+
+
+def _take_moe_entries(entries: dict, moe: MoEConfig, *, dim: int, ffn: int, n_layers: int, cfg_file: Path,
+                      prefix: str) -> tuple[dict[int, object], dict[tuple[int, str], dict[int, object]]]:
+    """Pop the routers (layer -> entry) and experts ((layer, w1/w2/w3) -> {expert: entry}) out of
+    `entries`, each shape checked and each index within the config's counts."""
+    found: dict[tuple[int, str], dict[int, object]] = {}
+    routers: dict[int, object] = {}
+    pattern = _moe_pattern(prefix)
+    for name in [n for n in entries if pattern.fullmatch(n)]:
+        e = entries.pop(name)
+        layer, expert, w = pattern.fullmatch(name).groups()
+        layer = int(layer)
+        if layer >= n_layers:
+            raise LlmconvError(f"{cfg_file.name} says {n_layers} layers but the checkpoint has more", file=e.file, tensor=name)
+        if expert is None:
+            _check_shape(e, name, (moe.n_expert, dim), f"{moe.n_expert} experts, width {dim}", cfg_file)
+            routers[layer] = e
+            continue
+        if int(expert) >= moe.n_expert:
+            raise LlmconvError(f"expert {expert} but {cfg_file.name} says {moe.n_expert} experts",
+                               file=e.file, tensor=name)
+        sizes = {"ffn": ffn, "dim": dim}
+        _, rows, cols = HF_EXPERT_NAMES[w]
+        _check_shape(e, name, (sizes[rows], sizes[cols]), f"width {dim}, expert feed-forward {ffn}", cfg_file)
+        found.setdefault((layer, w), {})[int(expert)] = e
+    return routers, found
 
 
 def _named(load: Callable[[], np.ndarray], file: Path, name: str) -> Callable[[], np.ndarray]:

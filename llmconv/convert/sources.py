@@ -11,9 +11,10 @@ import torch
 from gguf import MODEL_TENSOR
 
 from ..errors import LlmconvError
-from .bpe import is_tiktoken_file, load_meta_tiktoken
+from .tiktoken_bpe import is_tiktoken_file, load_meta_tiktoken
 from .guards import check_checkpoint_files, require_regular_file
-from .meta import MetaCheckpoint, ffn_formula_warning, open_meta_checkpoint
+from .meta import MetaCheckpoint, open_meta_checkpoint
+from .meta_params import ffn_formula_warning
 from .torch_zip import TORCH_DTYPE_NAMES
 from .plan import SourceTensor, meta_to_gguf_name, tensor_name
 from .source import Source, explicit_tokenizer
@@ -71,7 +72,8 @@ def open_source(model_dir: str | Path, input_format: str = "auto", ctx: int | No
     if kind == "hf":
         from .hf import open_hf_source
         from .hf_files import read_json
-        from .llama4 import is_llama4, open_llama4_source
+        from .llama4 import open_llama4_source
+        from .llama4_config import is_llama4
         config = read_json(model_dir / "config.json", required=False)
         opener = open_llama4_source if config is not None and is_llama4(config) else open_hf_source
         src = opener(model_dir, ctx, pre, tokenizer)

@@ -18,7 +18,8 @@ from pathlib import Path
 from gguf import TokenType
 
 from ..errors import LlmconvError, load_json
-from .bpe import bytes_to_token, merges_from_ranks
+from .bpe import bytes_to_token
+from .tiktoken_bpe import merges_from_ranks
 from .pretok import TEKKEN_PATTERN
 from .tokenizer import Vocab
 

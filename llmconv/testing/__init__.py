@@ -12,7 +12,8 @@ installed wheel.
     moe_synth        tiny Mixtral checkpoints (HF layout) and a float64 reference forward pass
     fuzz_util        a wall-clock limit per fuzz input
     fuzz_gguf        the GGUF reader fuzzer: seed files, mutations, the check of one input
-    fuzz_inputs      the checkpoint-JSON fuzzer: targets, structure-aware mutations, the check
+    fuzz_inputs      the checkpoint-JSON fuzzer: targets and their checkpoints, the check of one input
+    json_mutations   its structure-aware mutations of config.json, params.json, tokenizer*.json
 """
 from pathlib import Path
 

@@ -86,8 +86,6 @@ def write_hf_mixtral(path: Path, *, tokenizer: Path | None = None, shards: int =
                      config: dict | None = None) -> Path:
     """Write the checkpoint; with `shards` > 1, tensors are spread round-robin over the
     files, so every layer's experts are split across shards."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer or mistral_tokenizer() or FIXTURE_TOKENIZER
@@ -95,17 +93,7 @@ def write_hf_mixtral(path: Path, *, tokenizer: Path | None = None, shards: int =
     if sd is None:
         sd = mixtral_state_dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn=ffn,
                                 n_expert=n_expert, vocab=vocab, seed=seed)
-    names = sorted(sd)
-    if shards == 1:
-        save_file({n: sd[n].contiguous() for n in names}, str(path / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for k in range(shards):
-            fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-            part = {n: sd[n].contiguous() for n in names[k::shards]}
-            save_file(part, str(path / fname), metadata={"format": "pt"})
-            weight_map.update({n: fname for n in part})
-        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    _save_safetensors(path, sd, shards)
     cfg = {
         "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
         "hidden_size": dim, "intermediate_size": ffn, "num_hidden_layers": n_layers,
@@ -122,6 +110,23 @@ def write_hf_mixtral(path: Path, *, tokenizer: Path | None = None, shards: int =
         "unk_token": "<unk>", "legacy": True, "tokenizer_class": "LlamaTokenizer"}))
     (path / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
     return path
+
+
+def _save_safetensors(path: Path, sd: dict, shards: int) -> None:
+    """One model.safetensors, or `shards` files and their index with tensors dealt round-robin."""
+    from safetensors.torch import save_file
+
+    names = sorted(sd)
+    if shards == 1:
+        save_file({n: sd[n].contiguous() for n in names}, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for k in range(shards):
+        fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: sd[n].contiguous() for n in names[k::shards]}
+        save_file(part, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in part})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def _rmsnorm(x, w, eps):

@@ -6,14 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..clitypes import FiniteFloatRange
+from ..clitypes import FiniteFloatRange, threads_default
 from ..errors import LlmconvError, read_text_file
 from ..jsonout import check_json_path, emit_json, json_option
-
-
-def _threads_default() -> int:
-    from ..api import default_threads
-    return default_threads()
 
 
 @click.command(context_settings={"max_content_width": 100})
@@ -42,7 +37,7 @@ def _threads_default() -> int:
 @click.option("--engine", type=click.Choice(["llama.cpp"]),
               help="Also run the file in llama.cpp (needs llama-cpp-python): its figures are shown beside the "
                    "candidate's, and quality gates apply to it too.")
-@click.option("--threads", "-t", type=click.IntRange(1, 256), default=_threads_default, show_default="all cores",
+@click.option("--threads", "-t", type=click.IntRange(1, 256), default=threads_default, show_default="all cores",
               metavar="N", help="Threads for quantizing the expected weights and for --engine llama.cpp.")
 @click.option("--activations", type=click.Choice(["ggml", "f32"]), default="ggml", show_default=True,
               help="How the quality candidate rounds activations. ggml: before each matmul, as llama.cpp's CPU "
@@ -58,8 +53,7 @@ def _threads_default() -> int:
               help="Also check every tensor's sha256 against the sidecar `convert --checksum` wrote "
                    "(default FILE.sha256.json).")
 @click.option("--force", "-f", is_flag=True, help="Let --json FILE overwrite an existing file.")
-def verify(file, extra, reference, text_file, tokens, json_path, max_kld, min_top1, max_ppl_ratio, max_rel_dlogit, ctx,
-           engine, threads, activations, imatrix, lora, checksums, force):
+def verify(file, extra, reference, text_file, json_path, checksums, force, **options):
     """Check that a converted file is its checkpoint (fidelity), and what its quantization costs (quality).
 
     \b
@@ -96,10 +90,9 @@ def verify(file, extra, reference, text_file, tokens, json_path, max_kld, min_to
     from ..api import verify as run
 
     check_verify_arguments(file, reference, extra)
-    result = run(file, reference, text=read_text_file(text_file) if text_file is not None else None, tokens=tokens,
-                 engine=engine, threads=threads, activations=activations, ctx=ctx, imatrix=imatrix, lora=lora,
-                 checksums=checksums if checksums is not None else False, max_kld=max_kld, min_top1=min_top1,
-                 max_ppl_ratio=max_ppl_ratio, max_rel_dlogit=max_rel_dlogit, progress=True)
+    # the other options' names are api.verify's parameters
+    result = run(file, reference, text=read_text_file(text_file) if text_file is not None else None,
+                 checksums=checksums if checksums is not None else False, progress=True, **options)
     # with --json -, stdout carries only the JSON, so the table goes to stderr
     click.echo(result.text(), err=json_path == "-")
     emit_json(json_path, result.report)

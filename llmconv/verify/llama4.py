@@ -25,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-from ..convert import llama4 as L4
+from ..convert import llama4_config as L4
 
 EXPERT_KINDS = {"gate": "ffn_gate_exps", "up": "ffn_up_exps", "down": "ffn_down_exps"}
 
@@ -238,7 +238,6 @@ def llama4_reference_logits(ckpt_dir, tokens: list[int], hooks=None, progress: b
     from ..errors import LlmconvError
     from .hooks import NO_HOOKS
     from .progress import layer_progress
-    from .reference_hf import llama3_inv_freq
 
     hooks = hooks or NO_HOOKS
     ckpt_dir = Path(ckpt_dir)
@@ -262,11 +261,7 @@ def llama4_reference_logits(ckpt_dir, tokens: list[int], hooks=None, progress: b
     with torch.inference_mode():
         rows = torch.tensor(ids)
         x = hooks.w(embd, weights[embd].get()[rows].to(torch.float32), rows)
-        inv = 1.0 / cfg.theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
-        if cfg.scaling and cfg.scaling.get("rope_type", cfg.scaling.get("type")) not in (None, "default"):
-            inv = llama3_inv_freq(inv, cfg.scaling)
-        ang = torch.arange(len(ids), dtype=torch.float64)[:, None] * inv[None, :]
-        cos, sin = ang.cos().to(torch.float32), ang.sin().to(torch.float32)
+        cos, sin = _rope_cos_sin(cfg, len(ids))
         for i in layer_progress(cfg.n_layers, desc, progress):
             p = f"{cfg.prefix}layers.{i}."
             lw = {n: f32(p + n + ".weight") for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
@@ -284,3 +279,14 @@ def llama4_reference_logits(ckpt_dir, tokens: list[int], hooks=None, progress: b
         x = rms(x, f32(cfg.prefix + "norm.weight"))
         head = cfg.lm_head if cfg.lm_head in weights and not cfg.tie else embd
         return (hooks.x(head, x) @ f32(head).T).numpy()
+
+
+def _rope_cos_sin(cfg: RefConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's cos and sin for positions 0..n-1 (with llama3 scaling when the config asks for it)."""
+    from .reference_hf import llama3_inv_freq
+
+    inv = 1.0 / cfg.theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+    if cfg.scaling and cfg.scaling.get("rope_type", cfg.scaling.get("type")) not in (None, "default"):
+        inv = llama3_inv_freq(inv, cfg.scaling)
+    ang = torch.arange(n, dtype=torch.float64)[:, None] * inv[None, :]
+    return ang.cos().to(torch.float32), ang.sin().to(torch.float32)

@@ -219,23 +219,8 @@ def read_config(mf: ModelFile) -> LlamaConfig:
     if value_length is not None and int(value_length) != head_dim:
         raise FileInconsistent(f"attention.value_length {value_length} differs from key_length {head_dim} "
                                "(a LLaMA model has one head size)", file=mf.path)
-    n_rot = int(mf.get(mf.arch_key("rope.dimension_count"), head_dim))
-    if n_rot > head_dim or n_rot % 2:
-        raise FileInconsistent(f"rope.dimension_count {n_rot} does not fit head size {head_dim}", file=mf.path)
-    freq_scale = 1.0
-    scaling = mf.get(mf.arch_key("rope.scaling.type"))
-    if scaling not in (None, "none"):
-        if scaling != "linear":
-            raise LlmconvError(f"rope scaling {scaling!r} is not evaluated by verify (only linear)", file=mf.path)
-        freq_scale = 1.0 / float(mf.get(mf.arch_key("rope.scaling.factor"), 1.0))
-
-    if "token_embd.weight" not in mf.tensors:
-        raise FileInconsistent("tensor token_embd.weight is missing", file=mf.path)
-    n_vocab = mf.tensors["token_embd.weight"].shape[0]
-    declared = mf.get(mf.arch_key("vocab_size"))
-    if declared is not None and int(declared) != n_vocab:
-        raise FileInconsistent(f"{mf.arch_key('vocab_size')} = {declared} but token_embd.weight has {n_vocab} rows",
-                               file=mf.path)
+    n_rot, freq_scale = _rope(mf, head_dim)
+    n_vocab = _vocab_size(mf)
     gate = mf.tensors.get("blk.0.ffn_gate.weight")
     n_ff = int(mf.get(mf.arch_key("feed_forward_length"), gate.shape[0] if gate is not None else 0))
     cfg = LlamaConfig(n_embd, n_layer, n_head, n_head_kv, n_ff, n_rot, n_vocab, eps, freq_base, freq_scale,
@@ -247,6 +232,32 @@ def read_config(mf: ModelFile) -> LlamaConfig:
         file_settings(mf, cfg)
     check_shapes(mf, cfg)
     return cfg
+
+
+def _rope(mf: ModelFile, head_dim: int) -> tuple[int, float]:
+    """rope.dimension_count (even, at most the head size) and the frequency scale (linear scaling only)."""
+    n_rot = int(mf.get(mf.arch_key("rope.dimension_count"), head_dim))
+    if n_rot > head_dim or n_rot % 2:
+        raise FileInconsistent(f"rope.dimension_count {n_rot} does not fit head size {head_dim}", file=mf.path)
+    freq_scale = 1.0
+    scaling = mf.get(mf.arch_key("rope.scaling.type"))
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise LlmconvError(f"rope scaling {scaling!r} is not evaluated by verify (only linear)", file=mf.path)
+        freq_scale = 1.0 / float(mf.get(mf.arch_key("rope.scaling.factor"), 1.0))
+    return n_rot, freq_scale
+
+
+def _vocab_size(mf: ModelFile) -> int:
+    """token_embd.weight's rows, which a declared vocab_size must equal."""
+    if "token_embd.weight" not in mf.tensors:
+        raise FileInconsistent("tensor token_embd.weight is missing", file=mf.path)
+    n_vocab = mf.tensors["token_embd.weight"].shape[0]
+    declared = mf.get(mf.arch_key("vocab_size"))
+    if declared is not None and int(declared) != n_vocab:
+        raise FileInconsistent(f"{mf.arch_key('vocab_size')} = {declared} but token_embd.weight has {n_vocab} rows",
+                               file=mf.path)
+    return n_vocab
 
 
 def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:

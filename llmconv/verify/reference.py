@@ -50,7 +50,7 @@ def reference_logits(ckpt_dir: str | Path, tokens: list[int], hooks: ForwardHook
 
     if detect_format(Path(ckpt_dir)) == "hf":
         from ..convert.hf_files import read_json
-        from ..convert.llama4 import is_llama4
+        from ..convert.llama4_config import is_llama4
         from .reference_hf import hf_reference_logits
         if is_llama4(read_json(Path(ckpt_dir) / "config.json")):
             from .llama4 import llama4_reference_logits

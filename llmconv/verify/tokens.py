@@ -26,7 +26,7 @@ class SourceTokenizer:
 def load_source_tokenizer(ckpt_dir: Path) -> SourceTokenizer:
     """tokenizer.model (SentencePiece, or Meta's LLaMA 3 tiktoken text) first, as the converter
     reads it, else a Hugging Face tokenizer.json."""
-    from ..convert.bpe import is_tiktoken_file
+    from ..convert.tiktoken_bpe import is_tiktoken_file
 
     model = ckpt_dir / "tokenizer.model"
     if model.is_file():
@@ -84,9 +84,9 @@ def tiktoken_tokenizer(ckpt_dir: Path) -> SourceTokenizer:
     """Meta's LLaMA 3 tokenizer.model, built into a tiktoken Encoding from the file's own ranks
     (tiktoken is never asked to download anything), with Meta's split regex and its 256
     special tokens after the ranks, named as that release names them."""
-    from ..convert.bpe import LLAMA3_PATTERN, bytes_to_token, meta_special_tokens, meta_special_version
-    from ..convert.bpe import read_tiktoken_ranks
-    from ..convert.meta import read_params
+    from ..convert.bpe import LLAMA3_PATTERN, bytes_to_token
+    from ..convert.tiktoken_bpe import meta_special_tokens, meta_special_version, read_tiktoken_ranks
+    from ..convert.meta_params import read_params
 
     tiktoken = _optional_import("tiktoken", "a LLaMA 3 tiktoken tokenizer.model")
     path = ckpt_dir / "tokenizer.model"
