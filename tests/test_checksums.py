@@ -8,15 +8,16 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFReader
 
+import llmconv
 from llmconv.cli import main
 from llmconv.formats.checksums import check_sidecar, sidecar_path, tensor_sha256
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "tiny-llama"
 
 
-def _convert(tmp_path: Path, *extra: str) -> Path:
+def _convert(tmp_path: Path, **options) -> Path:
     out = tmp_path / "m.gguf"
-    assert main(["convert", str(FIXTURE), "--outtype", "q8_0", "-o", str(out), "-q", "--checksum", *extra]) == 0
+    llmconv.convert(FIXTURE, out, outtype="q8_0", checksum=True, **options)
     return out
 
 
@@ -49,7 +50,7 @@ def test_flipped_byte_is_named(tmp_path):
 
 
 def test_split_output_sidecar_covers_all_parts(tmp_path):
-    out = _convert(tmp_path, "--split-max-tensors", "8")
+    out = _convert(tmp_path, split_max_tensors=8)
     parts = sorted(tmp_path.glob("m-0000*-of-*.gguf"))
     assert len(parts) > 1 and not out.exists()
     doc = json.loads(sidecar_path(out).read_text())

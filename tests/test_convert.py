@@ -9,6 +9,7 @@ import pytest
 import sentencepiece as spm
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, Keys
 
+import llmconv
 from llmconv.cli import main
 
 from synth import SENTENCES
@@ -119,7 +120,7 @@ def test_two_shards_give_the_same_bytes(converted, outtype):
 
 def test_default_output_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["convert", str(ONE), "--outtype", "f16", "-q"]) == 0
+    llmconv.convert(ONE, outtype="f16")
     files = list(tmp_path.glob("*.gguf"))
     assert len(files) == 1
     assert files[0].name.endswith("-F16.gguf") and files[0].name.lower().startswith("tiny-llama")

@@ -25,6 +25,7 @@ from gguf import GGUFReader, LlamaFileType
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import llmconv
 from llmconv.cli import main
 from llmconv.convert.ggml_out import plan_ggml_conversion
 from llmconv.errors import LlmconvError
@@ -76,7 +77,7 @@ def ggjt(ckpt, tmp_path_factory) -> dict[str, Path]:
     paths = {}
     for t in TYPES:
         paths[t] = out / f"tiny-{t}.bin"
-        assert main(["convert", str(ckpt), "--format", "ggml", "--outtype", t, "-o", str(paths[t]), "-q"]) == 0
+        llmconv.convert(ckpt, paths[t], format="ggml", outtype=t)
     return paths
 
 
@@ -146,7 +147,7 @@ def test_n_mult_search_found_by_loader(tmp_path, sp):
                                                                   dtype=torch.float32), n_heads=4,
                                 params={"norm_eps": ASSUMED_NORM_EPS, "multiple_of": 32})
     out = tmp_path / "odd.bin"
-    assert main(["convert", str(src), "--format", "ggml", "--outtype", "f32", "-o", str(out), "-q"]) == 0
+    llmconv.convert(src, out, format="ggml", outtype="f32")
     g = read_ggml(out)
     n_mult = g.hparams.n_mult
     assert n_mult != 32 and -(-(8 * 64 // 3) // n_mult) * n_mult == ffn     # the C loader's expression
@@ -203,7 +204,7 @@ def test_reader_roundtrip(qtype, ggjt, ckpt, sp, tmp_path):
 
     # tensor bytes: those of a --pure GGUF conversion of the same checkpoint
     gguf_path = tmp_path / "pure.gguf"
-    assert main(["convert", str(ckpt), "--outtype", qtype, "--pure", "-o", str(gguf_path), "-q"]) == 0
+    llmconv.convert(ckpt, gguf_path, outtype=qtype, pure=True)
     ref = {t.name: t for t in GGUFReader(gguf_path).tensors}
     assert sorted(legacy_gguf_name(t.name) for t in g.tensors) == sorted(ref)
     for t in g.tensors:
@@ -241,11 +242,10 @@ def test_ctransformers_logits(qtype, ggjt, ids, ref):
     assert M.logit_metrics(cand, got, np.asarray(ids))["max_rel_dlogit"] <= agree
 
 
-def test_verify_command_on_ggml_file(ggjt, ckpt, tmp_path):
-    report = tmp_path / "r.json"
-    assert main(["verify", str(ggjt["q4_0"]), "--reference", str(ckpt), "--tokens", str(N_TOKENS),
-                 "--json", str(report)]) == 0
-    r = json.loads(report.read_text())
+def test_verify_on_ggml_file(ggjt, ckpt):
+    result = llmconv.verify(ggjt["q4_0"], ckpt, tokens=N_TOKENS)
+    assert result.passed
+    r = json.loads(json.dumps(result.report, default=str))     # as `--json` writes it
     assert r["file_kind"] == "ggjt" and r["dominant_type"] == "q4_0" and r["file_type"] == "MOSTLY_Q4_0"
     assert r["tokens_match"] and r["passed"] and not r["metadata"]
 
@@ -318,7 +318,7 @@ def small_file(tmp_path_factory) -> bytes:
     src = write_meta_checkpoint(d / "m", meta_state_dict(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, ffn=192,
                                                          dtype=torch.float32), n_heads=4,
                                 params={"norm_eps": ASSUMED_NORM_EPS})
-    assert main(["convert", str(src), "--format", "ggml", "--outtype", "q8_0", "-o", str(d / "m.bin"), "-q"]) == 0
+    llmconv.convert(src, d / "m.bin", format="ggml", outtype="q8_0")
     return (d / "m.bin").read_bytes()
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT, GGUFValueType as VT
 
+import llmconv
 from llmconv.cli import main
 from llmconv.errors import LlmconvError
 from llmconv.testing.gguf_build import (build_gguf, good, write_file, gguf_reader_view, assert_agrees_with_gguf_reader)
@@ -70,7 +71,7 @@ def test_candidate_and_quantize_sources_read_through_it(converted, tmp_path):
     assert mf.tokens == kvs["tokenizer.ggml.tokens"][2]
     assert read_config(mf).n_vocab == 512
     out = tmp_path / "requant.gguf"
-    assert main(["quantize", str(converted(FIXTURE, "f16")), str(out), "--type", "q8_0", "-q"]) == 0
+    llmconv.quantize(converted(FIXTURE, "f16"), out, outtype="q8_0")
     assert_agrees_with_gguf_reader(out)
 
 

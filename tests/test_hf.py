@@ -15,8 +15,7 @@ import sentencepiece as spm
 import torch
 from gguf import GGUFReader, Keys
 
-from llmconv.convert.execute import write_gguf
-from llmconv.convert.pipeline import plan_conversion
+import llmconv
 from llmconv.convert.sources import open_source
 from llmconv.errors import LlmconvError
 from synth import meta_state_dict, write_meta_checkpoint
@@ -46,8 +45,7 @@ SENTENCES = [
 
 
 def convert(src: Path, out: Path, outtype: str = "f32", **kw) -> Path:
-    conv = plan_conversion(src, outtype=outtype, outfile=out, **kw)
-    write_gguf(out, conv.kvs, conv.plan, progress=False)
+    llmconv.convert(src, out, outtype=outtype, **kw)
     return out
 
 

@@ -20,11 +20,10 @@ CTX, CHUNKS = 64, 3
 
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("ckpt", [FIXTURE, HF_FIXTURE], ids=["meta", "hf"])
-def test_statistic_equals_llama_cpp(ckpt, tmp_path):
+def test_statistic_equals_llama_cpp(ckpt, converted):
     from llama_imatrix_oracle import llama_cpp_imatrix
 
-    f32 = tmp_path / "f32.gguf"
-    assert main(["convert", str(ckpt), "--outtype", "f32", "-o", str(f32), "-q"]) == 0
+    f32 = converted(ckpt, "f32")
     cal = calibration_chunks(ckpt, "builtin", CTX, CHUNKS)
     theirs, their_counts = llama_cpp_imatrix(f32, cal.chunks)
     ours = compute_imatrix(ckpt, "builtin", ctx=CTX, chunks=CHUNKS, progress=False, threads=1)

@@ -14,6 +14,7 @@ import gguf
 import numpy as np
 import pytest
 
+import llmconv
 from llmconv.cli import main
 from llmconv.errors import LlmconvError
 from llmconv.imatrix import Imatrix, ImatrixEntry, read_imatrix, write_imatrix_gguf
@@ -34,11 +35,11 @@ def test_quantize_with_imatrix_equals_llama_quantize(f32_mix_models, tmp_path, m
     write_imatrix_gguf(im_path, im)
     theirs = llama_quantize_with_imatrix(src, tmp_path / "theirs.gguf", mix, im)
     ours = tmp_path / "ours.gguf"
-    assert main(["quantize", str(src), str(ours), "--type", mix, "--imatrix", str(im_path), "-q"]) == 0
+    llmconv.quantize(src, ours, outtype=mix, imatrix=im_path)
     assert_same_file(theirs, ours)
     if model == "fixture":
         plain = tmp_path / "plain.gguf"
-        assert main(["quantize", str(src), str(plain), "--type", mix, "-q"]) == 0
+        llmconv.quantize(src, plain, outtype=mix)
         assert read(plain)[1] != read(ours)[1]        # the imatrix was used
     if mix in ("q4_0", "q5_0"):                       # the imatrix-only rule fired (12 layers: layer 0)
         assert read(ours)[1]["blk.0.ffn_down.weight"][0] == mix.upper().replace("_0", "_1")
@@ -49,8 +50,8 @@ def test_convert_with_imatrix_equals_quantize(f32_mix_models, tmp_path):
     im_path = tmp_path / "fixture.imatrix.gguf"
     write_imatrix_gguf(im_path, synthetic_imatrix(f32_mix_models["fixture"], seed=3))
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
-    assert main(["convert", str(FIXTURE), "--outtype", "q4_K_M", "--imatrix", str(im_path), "-o", str(a), "-q"]) == 0
-    assert main(["quantize", str(f32_mix_models["fixture"]), str(b), "--type", "q4_K_M", "--imatrix", str(im_path), "-q"]) == 0
+    llmconv.convert(FIXTURE, a, outtype="q4_K_M", imatrix=im_path)
+    llmconv.quantize(f32_mix_models["fixture"], b, outtype="q4_K_M", imatrix=im_path)
     assert read(a)[1] == read(b)[1]
 
 

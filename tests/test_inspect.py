@@ -13,6 +13,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT, GGUFReader, GGUFValueType as VT
 
+import llmconv
 from llmconv.cli import main
 from synth import meta_state_dict, write_meta_checkpoint
 from llmconv.testing.gguf_build import build_gguf, gguf_reader_view
@@ -24,20 +25,16 @@ SHORT = {VT.UINT8: "u8", VT.INT8: "i8", VT.UINT16: "u16", VT.INT16: "i16", VT.UI
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, converted):
     """GGUF conversions of the fixture, and ggjt conversions of a checkpoint without GQA
     (ggjt cannot describe the fixture's grouped-query attention)."""
     out = tmp_path_factory.mktemp("inspect")
-    paths = {}
-    for outtype in ("f16", "q4_0", "q4_k", "auto"):
-        p = out / f"tiny-{outtype}.gguf"
-        assert main(["convert", str(FIXTURE), "--outtype", outtype, "-o", str(p), "-q"]) == 0
-        paths[outtype] = p
+    paths = {outtype: converted(FIXTURE, outtype) for outtype in ("f16", "q4_0", "q4_k", "auto")}
     sd = meta_state_dict(dim=64, n_heads=4, n_kv_heads=4, ffn=192, seed=3)
     ckpt = write_meta_checkpoint(out / "mha", sd, n_heads=4)
     for outtype in ("f16", "q4_0"):
         p = out / f"mha-{outtype}.bin"
-        assert main(["convert", str(ckpt), "--format", "ggml", "--outtype", outtype, "-o", str(p), "-q"]) == 0
+        llmconv.convert(ckpt, p, format="ggml", outtype=outtype)
         paths[f"ggml-{outtype}"] = p
     paths["sd"] = sd
     return paths

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import llmconv.quantize as Q
+import llmconv
 from llmconv.cli import main
 from llmconv.convert.gguf_source import open_gguf_source
 from llmconv.convert.pipeline import gguf_model_shape
@@ -167,7 +168,7 @@ def test_mix_files_equal_llama_quantize(f32_mix_models, tmp_path, model, mix):  
     write_imatrix_gguf(tmp_path / "im.gguf", im)
     theirs = llama_quantize_with_imatrix(src, tmp_path / "theirs.gguf", mix, im)
     ours = tmp_path / "ours.gguf"
-    assert main(["quantize", str(src), str(ours), "--type", mix, "--imatrix", str(tmp_path / "im.gguf"), "-q"]) == 0
+    llmconv.quantize(src, ours, outtype=mix, imatrix=tmp_path / "im.gguf")
     assert_same_file(theirs, ours)
 
 

@@ -147,7 +147,7 @@ def tiny_model(tmp_path):
 
 
 def test_pure_files_equal_llama_quantize(tiny_model, tmp_path):
-    from llmconv.cli import main
+    import llmconv
     from llmconv.imatrix import write_imatrix_gguf
     from mix_util import assert_same_file, llama_quantize, llama_quantize_with_imatrix, synthetic_imatrix
 
@@ -156,12 +156,11 @@ def test_pure_files_equal_llama_quantize(tiny_model, tmp_path):
     for t in IQ3:
         theirs = llama_quantize_with_imatrix(tiny_model, tmp_path / f"{t}-theirs.gguf", t, im, pure=True)
         ours = tmp_path / f"{t}-ours.gguf"
-        assert main(["quantize", str(tiny_model), str(ours), "--type", t, "--pure",
-                     "--imatrix", str(tmp_path / "im.gguf"), "-q"]) == 0
+        llmconv.quantize(tiny_model, ours, outtype=t, pure=True, imatrix=tmp_path / "im.gguf")
         assert_same_file(theirs, ours)
     theirs = llama_quantize(tiny_model, tmp_path / "plain-theirs.gguf", "iq3_s", pure=True)
     ours = tmp_path / "plain-ours.gguf"
-    assert main(["quantize", str(tiny_model), str(ours), "--type", "iq3_s", "--pure", "-q"]) == 0
+    llmconv.quantize(tiny_model, ours, outtype="iq3_s", pure=True)
     assert_same_file(theirs, ours)
 
 
@@ -263,7 +262,7 @@ def test_moe_mix_types_equal_llama_quantize(tmp_path, shape):
 @pytest.mark.parametrize("mix", MIXES)
 def test_mix_files_equal_llama_quantize(tmp_path, mix):
     """Types and bytes of every tensor (imatrix-weighted where llama.cpp weights them)."""
-    from llmconv.cli import main
+    import llmconv
     from llmconv.imatrix import write_imatrix_gguf
     from mix_util import llama_quantize_with_imatrix, synthetic_imatrix
     from mix_util import assert_same_file, write_tensor_only_llama
@@ -273,7 +272,7 @@ def test_mix_files_equal_llama_quantize(tmp_path, mix):
     write_imatrix_gguf(tmp_path / "im.gguf", im)
     theirs = llama_quantize_with_imatrix(src, tmp_path / "theirs.gguf", mix, im)
     ours = tmp_path / "ours.gguf"
-    assert main(["quantize", str(src), str(ours), "--type", mix, "--imatrix", str(tmp_path / "im.gguf"), "-q"]) == 0
+    llmconv.quantize(src, ours, outtype=mix, imatrix=tmp_path / "im.gguf")
     assert_same_file(theirs, ours)
 
 

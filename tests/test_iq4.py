@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import llmconv.quantize as Q
-from llmconv.cli import main
+import llmconv
 from llmconv.convert.gguf_source import open_gguf_source
 from llmconv.convert.pipeline import gguf_model_shape
 from llmconv.convert.plan import TypePolicy, make_plan
@@ -76,7 +76,7 @@ def test_mix_files_equal_llama_quantize(f32_mix_models, tmp_path, model, mix):  
     src = f32_mix_models[model]
     theirs = llama_quantize(src, tmp_path / "theirs.gguf", mix)
     ours = tmp_path / "ours.gguf"
-    assert main(["quantize", str(src), str(ours), "--type", mix, "-q"]) == 0
+    llmconv.quantize(src, ours, outtype=mix)
     assert_same_file(theirs, ours)
     if model != "gqa2-ffn800":
         return
@@ -84,7 +84,7 @@ def test_mix_files_equal_llama_quantize(f32_mix_models, tmp_path, model, mix):  
     write_imatrix_gguf(tmp_path / "im.gguf", im)
     theirs_w = llama_quantize_with_imatrix(src, tmp_path / "theirs_w.gguf", mix, im)
     ours_w = tmp_path / "ours_w.gguf"
-    assert main(["quantize", str(src), str(ours_w), "--type", mix, "--imatrix", str(tmp_path / "im.gguf"), "-q"]) == 0
+    llmconv.quantize(src, ours_w, outtype=mix, imatrix=tmp_path / "im.gguf")
     assert_same_file(theirs_w, ours_w)
     assert read(ours)[1]["blk.0.ffn_down.weight"][0] == "Q5_1"          # q5_K rule, row 800 -> q5_1
     assert read(ours_w)[1]["blk.0.ffn_down.weight"][0] == "IQ4_NL"      # with an imatrix: no rule
@@ -108,5 +108,5 @@ def test_convert_iq4_xs_verifies(tmp_path):
     """An iq4_xs file of the trained fixture passes verify (candidate dequantizes IQ4 blocks)."""
     from mix_util import FIXTURE
     out = tmp_path / "iq4.gguf"
-    assert main(["convert", str(FIXTURE), "--outtype", "iq4_xs", "-o", str(out), "-q"]) == 0
-    assert main(["verify", str(out), "-r", str(FIXTURE), "--tokens", "64", "--max-kld", "0.05"]) == 0
+    llmconv.convert(FIXTURE, out, outtype="iq4_xs")
+    assert llmconv.verify(out, FIXTURE, tokens=64, max_kld=0.05).passed

@@ -14,6 +14,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+import llmconv
 from llmconv.convert.execute import write_gguf
 from llmconv.convert.pipeline import plan_conversion
 from llmconv.errors import LlmconvError
@@ -42,8 +43,7 @@ mk = _hf_generator()
 
 
 def convert(src: Path, out: Path, outtype: str = "f32", **kw) -> Path:
-    conv = plan_conversion(src, outtype=outtype, outfile=out, **kw)
-    write_gguf(out, conv.kvs, conv.plan, progress=False)
+    llmconv.convert(src, out, outtype=outtype, **kw)
     return out
 
 
@@ -539,9 +539,8 @@ def test_override_kv_in_convert_and_quantize(single_shard, tmp_path, capsys):
     sd, params, _, _ = single_shard
     src = write_meta_checkpoint(tmp_path / "m", sd)
     f32 = tmp_path / "m.gguf"
-    assert main(["convert", str(src), "--outtype", "f32", "-o", str(f32), "--override-kv", "llama.context_length=int:8192",
-                 "--override-kv", "general.name=str:Renamed", "--override-kv", "test.flag=bool:true",
-                 "--override-kv", "test.scale=float:0.25"]) == 0
+    llmconv.convert(src, f32, outtype="f32", override_kv=["llama.context_length=int:8192", "general.name=str:Renamed",
+                                                        "test.flag=bool:true", "test.scale=float:0.25"])
     types = read_gguf(f32).kv_types
     assert types["llama.context_length"].type.name == "UINT32"
     assert (types["test.flag"].type.name, types["test.scale"].type.name) == ("BOOL", "FLOAT32")
@@ -549,7 +548,7 @@ def test_override_kv_in_convert_and_quantize(single_shard, tmp_path, capsys):
     assert llama_cpp.llama_model_n_ctx_train(llm.model) == 8192
     assert (llm.metadata["general.name"], llm.metadata["test.flag"]) == ("Renamed", "true")
     q8 = tmp_path / "q8.gguf"
-    assert main(["quantize", str(f32), str(q8), "--type", "q8_0", "--override-kv", "general.name=str:Quantized"]) == 0
+    llmconv.quantize(f32, q8, outtype="q8_0", override_kv=["general.name=str:Quantized"])
     assert llama_metadata(q8)["general.name"] == "Quantized"
     capsys.readouterr()
     assert main(["convert", str(src), "--override-kv", "llama.context_length=8192"]) == 2

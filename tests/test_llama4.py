@@ -15,6 +15,7 @@ import torch
 
 from llama4_synth import (SMALL_VOCAB, small_vocab_tokenizer, llama4_logits, llama4_state_dict, llama4_tokenizer_model, load_state_dict,
                           meta_llama4_tokenizer, text_config, write_hf_llama4)
+import llmconv
 from llmconv.cli import main
 from llmconv.formats.gguf_reader import read_gguf
 from realtok import MULTILINGUAL
@@ -38,7 +39,7 @@ def llama4(tmp_path_factory):
     ckpt = write_hf_llama4(root / "Tiny-Llama-4", seed=1)
     out = root / "out"
     out.mkdir()
-    assert main(["convert", str(ckpt), "--outtype", ",".join(OUTTYPES), "-o", f"{out}/", "-q"]) == 0
+    llmconv.convert(ckpt, f"{out}/", outtype=",".join(OUTTYPES))
     files = {t: next(out.glob(f"*-{t.upper()}.gguf")) for t in OUTTYPES}
     return ckpt, files
 
@@ -183,7 +184,7 @@ def small(tmp_path_factory):
     small_vocab_tokenizer(ck)
     out = root / "out"
     out.mkdir()
-    assert main(["convert", str(ck), "--outtype", ",".join(["f32", *QTYPES]), "-o", f"{out}/", "-q"]) == 0
+    llmconv.convert(ck, f"{out}/", outtype=",".join(["f32", *QTYPES]))
     return ck, out
 
 
@@ -202,7 +203,7 @@ def test_conversion_equals_llama_quantize(small, tmp_path, qtype):
     theirs = llama_quantize(f32, tmp_path / "theirs.gguf", qtype.lower())
     assert_same_file(theirs, ours)
     # and llmconv quantize on the f32 llama4 GGUF
-    assert main(["quantize", str(f32), str(tmp_path / "requant.gguf"), "--type", qtype, "-q"]) == 0
+    llmconv.quantize(f32, tmp_path / "requant.gguf", outtype=qtype)
     assert_same_file(theirs, tmp_path / "requant.gguf")
 
 
@@ -282,7 +283,7 @@ def test_text_only_layout_converts_the_same(tmp_path):
     (text / "config.json").write_text(json.dumps({**cfg, "architectures": ["Llama4ForCausalLM"]}))
     for ck in (multi, text):
         small_vocab_tokenizer(ck)
-        assert main(["convert", str(ck), "--outtype", "q8_0", "-o", str(tmp_path / f"{ck.name}.gguf"), "-q"]) == 0
+        llmconv.convert(ck, tmp_path / f"{ck.name}.gguf", outtype="q8_0")
     a, b = read_gguf(tmp_path / "multi.gguf"), read_gguf(tmp_path / "text.gguf")
     assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
     assert all(bytes(a.tensor(t.name).data) == bytes(b.tensor(t.name).data) for t in a.tensors)
@@ -302,7 +303,7 @@ def test_without_rope_scaling_and_with_top_2(tmp_path):
                          num_experts_per_tok=2)
     small_vocab_tokenizer(ck)
     out = tmp_path / "f32.gguf"
-    assert main(["convert", str(ck), "--outtype", "f32", "-o", str(out), "-q"]) == 0
+    llmconv.convert(ck, out, outtype="f32")
     f = read_gguf(out)
     assert "rope_freqs.weight" not in {t.name for t in f.tensors} and f.kvs["llama4.expert_used_count"] == 2
     tokens = list(range(30, 70))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from llama4_synth import SMALL_VOCAB, llama4_state_dict, small_vocab_tokenizer, text_config, write_hf_llama4
-from llmconv.cli import main
+import llmconv
 from verify_util import swap_experts, verify
 
 
@@ -21,7 +21,7 @@ def small(tmp_path_factory):
     small_vocab_tokenizer(ck)
     out = root / "out"
     out.mkdir()
-    assert main(["convert", str(ck), "--outtype", "f32,q8_0,q4_K_M", "-o", f"{out}/", "-q"]) == 0
+    llmconv.convert(ck, f"{out}/", outtype="f32,q8_0,q4_K_M")
     return ck, {t: next(out.glob(f"*-{t.upper()}.gguf")) for t in ("f32", "q8_0", "q4_K_M")}
 
 
@@ -46,8 +46,7 @@ def test_wrong_moe_layer_step_fails(capsys, small, tmp_path):
     tensors, and the metadata differs from the checkpoint's."""
     ck, files = small
     bad = tmp_path / "step.gguf"
-    assert main(["quantize", str(files["f32"]), str(bad), "--type", "f32", "-q",
-                 "--override-kv", "llama4.interleave_moe_layer_step=int:1"]) == 0
+    llmconv.quantize(files["f32"], bad, outtype="f32", override_kv=["llama4.interleave_moe_layer_step=int:1"])
     code, out = verify(capsys, bad, ck)
     assert code == 1, out
     assert "llama4.interleave_moe_layer_step" in out, out

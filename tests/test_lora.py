@@ -21,6 +21,7 @@ import torch
 from gguf import GGUFReader
 from safetensors.torch import load_file, save_file
 
+import llmconv
 from llmconv.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,13 +142,9 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_f32(work):
+def base_f32(converted):
     """f32 GGUFs of the base, from the HF checkpoint and from its Meta twin."""
-    out = {}
-    for kind, ckpt in (("hf", HF), ("meta", META)):
-        out[kind] = work / f"base-{kind}.gguf"
-        assert run(["convert", ckpt, "--outtype", "f32", "-o", out[kind], "-q"]) == 0
-    return out
+    return {kind: converted(ckpt, "f32") for kind, ckpt in (("hf", HF), ("meta", META))}
 
 
 # ---- the adapter file ------------------------------------------------------------------------
@@ -164,7 +161,7 @@ def gguf_arrays(path: Path) -> dict[str, np.ndarray]:
 
 def test_adapter_file_has_llamacpp_keys_and_unpermuted_q_k(work):
     out = work / "keys.gguf"
-    assert run(["convert-lora", LORA, "--base", HF, "-o", out, "-q"]) == 0
+    llmconv.convert_lora(LORA, HF, out)
     f = gguf_fields(out)
     assert (f["general.type"], f["adapter.type"], f["general.architecture"]) == ("adapter", "lora", "llama")
     assert f["adapter.lora.alpha"] == 16.0
@@ -185,7 +182,7 @@ def test_adapter_file_has_llamacpp_keys_and_unpermuted_q_k(work):
 
 def test_rslora_alpha_folds_sqrt_r(work):
     out = work / "rs.gguf"
-    assert run(["convert-lora", variant(work, "rslora"), "--base", HF, "-o", out, "-q"]) == 0
+    llmconv.convert_lora(variant(work, "rslora"), HF, out)
     assert gguf_fields(out)["adapter.lora.alpha"] == np.float32(16 * math.sqrt(8))
 
 
@@ -194,7 +191,7 @@ def test_rslora_alpha_folds_sqrt_r(work):
 def test_llamacpp_with_adapter_gives_the_merged_reference(work, base_f32, base, name):
     adapter = variant(work, name) if name != "fixture" else LORA
     out = work / f"{base}-{name}.gguf"
-    assert run(["convert-lora", adapter, "--base", HF if base == "hf" else META, "-o", out, "-q", "-f"]) == 0
+    llmconv.convert_lora(adapter, HF if base == "hf" else META, out, force=True)
     ref = reference(merged_hf_checkpoint(work / f"ref-{base}-{name}", [(adapter, 1.0)]))
     without = llamacpp_logits(base_f32[base])
     assert rel_err(without, ref) > 0.02              # the adapter changes the output measurably
@@ -205,7 +202,7 @@ def test_llamacpp_with_adapter_gives_the_merged_reference(work, base_f32, base, 
 @pytest.mark.parametrize("outtype,bound", [("f16", 2e-3), ("bf16", 2e-2), ("q8_0", 2e-2)])
 def test_adapter_types_load_in_llamacpp(work, base_f32, outtype, bound):
     out = work / f"t-{outtype}.gguf"
-    assert run(["convert-lora", LORA, "--base", HF, "--outtype", outtype, "-o", out, "-q", "-f"]) == 0
+    llmconv.convert_lora(LORA, HF, out, outtype=outtype, force=True)
     r = GGUFReader(str(out))
     types = {t.name: t.tensor_type.name for t in r.tensors}
     if outtype == "q8_0":   # A's rows (256, 768) take q8_0 blocks; B's rows are r = 8 long: f16
@@ -219,8 +216,8 @@ def test_adapter_types_load_in_llamacpp(work, base_f32, outtype, bound):
 def test_bin_adapter_gives_the_same_file(work):
     binned = ml.write_adapter(work / "bin" / LORA.name, fixture_sd(), json.loads((LORA / "adapter_config.json").read_text()), fmt="bin")
     a, b = work / "st.gguf", work / "bin.gguf"
-    assert run(["convert-lora", LORA, "--base", HF, "-o", a, "-q"]) == 0
-    assert run(["convert-lora", binned, "--base", HF, "-o", b, "-q"]) == 0
+    llmconv.convert_lora(LORA, HF, a)
+    llmconv.convert_lora(binned, HF, b)
     assert a.read_bytes() == b.read_bytes()
 
 
@@ -235,8 +232,8 @@ def test_bin_adapter_gives_the_same_file(work):
 def test_merged_f32_gives_the_merged_reference(work, base, adapters):
     paths = [(variant(work, n), s) for n, s in adapters]
     out = work / f"merged-{base}-{len(adapters)}-{adapters[0][0]}.gguf"
-    args = [a for p, s in paths for a in ("--lora", f"{p}:{s}" if s != 1.0 else p)]
-    assert run(["convert", HF if base == "hf" else META, "--outtype", "f32", "-o", out, "-q", "-f", *args]) == 0
+    specs = [f"{p}:{s}" if s != 1.0 else str(p) for p, s in paths]
+    llmconv.convert(HF if base == "hf" else META, out, outtype="f32", force=True, lora=specs)
     ref = reference(merged_hf_checkpoint(work / f"ref-m-{out.stem}", paths))
     assert rel_err(llamacpp_logits(out), ref) <= 2e-5
 
@@ -247,9 +244,9 @@ def test_merged_q4_k_m_is_llama_quantize_of_the_merged_f32(work):
     import llama_cpp._logger
 
     f32, ours, theirs = work / "mq-f32.gguf", work / "mq-ours.gguf", work / "mq-theirs.gguf"
-    lora = ["--lora", LORA, "--lora", f"{variant(work, 'rslora')}:0.5"]
-    assert run(["convert", HF, "--outtype", "f32", "-o", f32, "-q", "-f", *lora]) == 0
-    assert run(["convert", HF, "--outtype", "q4_K_M", "-o", ours, "-q", "-f", *lora]) == 0
+    lora = [str(LORA), f"{variant(work, 'rslora')}:0.5"]
+    llmconv.convert(HF, f32, outtype="f32", force=True, lora=lora)
+    llmconv.convert(HF, ours, outtype="q4_K_M", force=True, lora=lora)
     llama_cpp._logger.set_verbose(False)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 1
@@ -350,7 +347,7 @@ def test_verify_applies_the_adapter_to_the_reference(work, capsys, base, ref, na
     adapter = variant(work, name)
     spec = f"{adapter}:{scale}" if scale != 1.0 else str(adapter)
     out = work / f"v-{base}-{name}-{outtype}.gguf"
-    assert run(["convert", HF if base == "hf" else META, "--lora", spec, "--outtype", outtype, "-o", out, "-q", "-f"]) == 0
+    llmconv.convert(HF if base == "hf" else META, out, lora=[spec], outtype=outtype, force=True)
     ref_dir = HF if ref == "hf" else META
     # fidelity (tensors, the expected pass) and quality (the float reference, gated here) both see the adapter
     code, stdout, err = run(["verify", out, "-r", ref_dir, "--lora", spec, "--tokens", 64, "--max-kld", 0.01], capsys)

@@ -19,6 +19,7 @@ import gguf
 import numpy as np
 import pytest
 
+import llmconv
 from llmconv.cli import main
 from llmconv.convert import mixes
 from llmconv.convert.gguf_source import open_gguf_source
@@ -36,7 +37,7 @@ def test_mix_matches_llama_quantize(f32_mix_models, tmp_path, model, mix):
     src = f32_mix_models[model]
     theirs = llama_quantize(src, tmp_path / "theirs.gguf", mix)
     ours = tmp_path / "ours.gguf"
-    assert main(["quantize", str(src), str(ours), "--type", mix.upper(), "-q"]) == 0
+    llmconv.quantize(src, ours, outtype=mix.upper())
     assert_same_file(theirs, ours)
     # general.file_type is gguf's LlamaFileType of the same name
     assert read(ours)[0] == gguf.LlamaFileType[f"MOSTLY_{mix.upper()}"]
@@ -59,7 +60,7 @@ def test_convert_outtype_mix_is_the_same_file(f32_mix_models, tmp_path, capsys):
     `--dry-run` lists the same per-tensor types."""
     theirs = llama_quantize(f32_mix_models["fixture"], tmp_path / "theirs.gguf", "q4_k_m")
     ours = tmp_path / "ours.gguf"
-    assert main(["convert", str(FIXTURE), "--outtype", "q4_K_M", "-o", str(ours), "-q"]) == 0
+    llmconv.convert(FIXTURE, ours, outtype="q4_K_M")
     assert_same_file(theirs, ours)
 
     capsys.readouterr()
@@ -83,7 +84,7 @@ def test_q4_k_m_loads_and_generates_in_llama_cpp(tmp_path):
     from llmconv.verify.run import LOGIT_BOUNDS
 
     out = tmp_path / "m.gguf"
-    assert main(["convert", str(FIXTURE), "--outtype", "q4_k_m", "-o", str(out), "-q"]) == 0
+    llmconv.convert(FIXTURE, out, outtype="q4_k_m")
     sp = spm.SentencePieceProcessor(model_file=str(FIXTURE / "tokenizer.model"))
     tokens = [sp.bos_id()] + sp.encode("The quick brown fox jumps over the lazy dog")
     llm = llama_cpp.Llama(str(out), n_ctx=64, logits_all=True, type_k=0, type_v=0, n_threads=1,

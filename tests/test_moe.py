@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import llmconv
 from llmconv.cli import main
 from llmconv.convert import moe
 from llmconv.convert.execute import write_gguf
@@ -48,7 +49,7 @@ def mixtral(tmp_path_factory):
     files = {}
     for t in OUTTYPES:
         files[t] = root / f"m-{t}.gguf"
-        assert main(["convert", str(ckpt), "--outtype", t, "-o", str(files[t]), "-q"]) == 0
+        llmconv.convert(ckpt, files[t], outtype=t)
     return ckpt, files
 
 
@@ -116,7 +117,7 @@ def test_convert_q4_k_m_equals_llama_quantize(small, tmp_path):
     ckpt, f32 = small[8]
     theirs = llama_quantize(f32, tmp_path / "theirs.gguf", "q4_k_m")
     ours = tmp_path / "ours.gguf"
-    assert main(["convert", str(ckpt), "--outtype", "q4_K_M", "-o", str(ours), "-q"]) == 0
+    llmconv.convert(ckpt, ours, outtype="q4_K_M")
     assert_same_file(theirs, ours)
     types = {n: t for n, (t, _) in read(theirs)[1].items()}
     assert types["blk.0.attn_v.weight"] == types["blk.0.attn_k.weight"] == "Q8_0"   # 8 experts
@@ -134,7 +135,7 @@ def small(tmp_path_factory):
     for n_expert in (8, 4):
         ckpt = write_hf_mixtral(root / f"e{n_expert}", tokenizer=FIXTURE_TOKENIZER, n_expert=n_expert, seed=n_expert)
         out[n_expert] = (ckpt, root / f"e{n_expert}.gguf")
-        assert main(["convert", str(ckpt), "--outtype", "f32", "-o", str(out[n_expert][1]), "-q"]) == 0
+        llmconv.convert(ckpt, out[n_expert][1], outtype="f32")
     return out
 
 
@@ -145,7 +146,7 @@ def test_quantize_matches_llama_quantize_8_experts(small, tmp_path, qtype):
     legacy type's choices are swept over more model shapes below, types only.)"""
     theirs = llama_quantize(small[8][1], tmp_path / "theirs.gguf", qtype)
     ours = tmp_path / "ours.gguf"
-    assert main(["quantize", str(small[8][1]), str(ours), "--type", qtype, "-q"]) == 0
+    llmconv.quantize(small[8][1], ours, outtype=qtype)
     assert_same_file(theirs, ours)
 
 
@@ -155,7 +156,7 @@ def test_quantize_matches_llama_quantize_4_experts(small, tmp_path, qtype):
     """Without the 8-expert rules: attn_v/attn_k follow the dense rules, attn_output too."""
     theirs = llama_quantize(small[4][1], tmp_path / "theirs.gguf", qtype)
     ours = tmp_path / "ours.gguf"
-    assert main(["quantize", str(small[4][1]), str(ours), "--type", qtype, "-q"]) == 0
+    llmconv.quantize(small[4][1], ours, outtype=qtype)
     assert_same_file(theirs, ours)
 
 
@@ -202,8 +203,8 @@ def test_experts_are_converted_one_at_a_time(tmp_path):
     assert len(live) == 6 * 4 and 1 <= peak[0] <= 2
     # the same bytes as the whole-tensor path (quantize from the f32 file stacks nothing itself)
     conv_f32 = tmp_path / "f32.gguf"
-    assert main(["convert", str(ckpt), "--outtype", "f32", "-o", str(conv_f32), "-q"]) == 0
-    assert main(["quantize", str(conv_f32), str(tmp_path / "b.gguf"), "--type", "q8_0", "-q"]) == 0
+    llmconv.convert(ckpt, conv_f32, outtype="f32")
+    llmconv.quantize(conv_f32, tmp_path / "b.gguf", outtype="q8_0")
     assert read(tmp_path / "a.gguf")[1] == read(tmp_path / "b.gguf")[1]
 
 
@@ -294,7 +295,7 @@ def test_mistral_consolidated_mixtral_equals_hf(tmp_path):
     out = {}
     for kind, ckpt in (("hf", hf), ("mistral", mistral)):
         out[kind] = tmp_path / f"{kind}.gguf"
-        assert main(["convert", str(ckpt), "--outtype", "f32", "-o", str(out[kind]), "-q"]) == 0
+        llmconv.convert(ckpt, out[kind], outtype="f32")
     a, b = read_gguf(out["hf"]), read_gguf(out["mistral"])
     assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
     for ta, tb in zip(a.tensors, b.tensors):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmconv.cli import main
+import llmconv
 from llmconv.testing.moe_synth import FIXTURE_TOKENIZER, write_hf_mixtral
 from verify_util import swap_experts, verify
 
@@ -20,7 +20,7 @@ def mixtral(tmp_path_factory):
     files = {}
     for t in ("f32", "q8_0"):
         files[t] = root / f"m-{t}.gguf"
-        assert main(["convert", str(ckpt), "--outtype", t, "-o", str(files[t]), "-q"]) == 0
+        llmconv.convert(ckpt, files[t], outtype=t)
     return ckpt, files
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import llmconv
 from llmconv.cli import main
 from llmconv.formats.checksums import check_sidecar
 
@@ -22,12 +23,11 @@ def test_convert_several_types_equal_single_runs(tmp_path, monkeypatch):
     multi, single = tmp_path / "multi", tmp_path / "single"
     multi.mkdir()
     single.mkdir()
-    assert main(["convert", str(ONE), "--outtype", ",".join(TYPES), "-o", f"{multi}/", "-q", "-t", "2",
-                 "--checksum"]) == 0
+    llmconv.convert(ONE, f"{multi}/", outtype=",".join(TYPES), threads=2, checksum=True)
     assert sorted(p.name for p in multi.glob("*.gguf")) == sorted(NAMES)
     monkeypatch.chdir(single)          # single runs with the default name in the cwd
     for t in TYPES:
-        assert main(["convert", str(ONE), "--outtype", t, "-q", "-t", "1"]) == 0
+        llmconv.convert(ONE, outtype=t, threads=1)
     for name in NAMES:
         assert (multi / name).read_bytes() == (single / name).read_bytes(), name
         assert check_sidecar(multi / name) == []       # each output has its own checksums
@@ -36,7 +36,7 @@ def test_convert_several_types_equal_single_runs(tmp_path, monkeypatch):
 
 def test_quantize_several_types_equal_single_runs(tmp_path, monkeypatch):
     src = tmp_path / "model-F16.gguf"
-    assert main(["convert", str(TWO), "--outtype", "f16", "-o", str(src), "-q"]) == 0
+    llmconv.convert(TWO, src, outtype="f16")
     monkeypatch.chdir(tmp_path)
     assert main(["convert", str(TWO), "--outtype", "q4_K_M,q5_K_M,q4_0", "--dry-run", "--json", "plan.json"]) == 0
     convert_names = [Path(o["output"]).name for o in json.loads((tmp_path / "plan.json").read_text())["outputs"]]
@@ -46,7 +46,7 @@ def test_quantize_several_types_equal_single_runs(tmp_path, monkeypatch):
     assert [Path(o["output"]).name for o in report["outputs"]] == convert_names
     for t, name in zip(("q4_K_M", "q5_K_M", "q4_0"), convert_names):
         one = tmp_path / f"one-{t}.gguf"
-        assert main(["quantize", str(src), str(one), "--type", t, "-q", "-t", "1"]) == 0
+        llmconv.quantize(src, one, outtype=t, threads=1)
         assert (tmp_path / name).read_bytes() == one.read_bytes(), t
 
 

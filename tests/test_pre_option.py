@@ -5,6 +5,7 @@ from pathlib import Path
 
 from gguf import GGUFReader
 
+import llmconv
 from llmconv.cli import main
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
@@ -16,8 +17,8 @@ def _pre(path: Path) -> str:
 
 def test_pre_override_for_meta_tiktoken(tmp_path):
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
-    assert main(["convert", str(FIX / "llama3-tiny"), "--outtype", "f16", "-o", str(a), "-q"]) == 0
-    assert main(["convert", str(FIX / "llama3-tiny"), "--outtype", "f16", "-o", str(b), "-q", "--pre", "gpt-2"]) == 0
+    llmconv.convert(FIX / "llama3-tiny", a, outtype="f16")
+    llmconv.convert(FIX / "llama3-tiny", b, outtype="f16", pre="gpt-2")
     assert _pre(a) == "llama-bpe"
     assert _pre(b) == "gpt-2"
 

@@ -12,7 +12,7 @@ import tiktoken
 from gguf import TokenType
 from tokenizers import Tokenizer
 
-from llmconv.cli import main
+import llmconv
 from llmconv.convert import bpe, pretok, tiktoken_bpe
 from llmconv.convert.tekken import tekken_vocab
 from llmconv.errors import LlmconvError
@@ -31,8 +31,8 @@ def gguf_vocab(path) -> dict:
              "add_bos_token", "add_eos_token")}
 
 
-def convert(ckpt, out, *args) -> None:
-    assert main(["convert", str(ckpt), "--outtype", "f16", "-o", str(out), "-q", *args]) == 0
+def convert(ckpt, out) -> None:
+    llmconv.convert(ckpt, out, outtype="f16")
 
 
 # ---- LLaMA 3: Meta's tiktoken tokenizer.model and the official tokenizer.json beside it ------

@@ -10,7 +10,7 @@ import pytest
 import torch
 from gguf import GGUFReader
 
-from llmconv.cli import main
+import llmconv
 from llmconv.testing.procstat import run_peak_rss_anon
 from synth import meta_state_dict, write_meta_checkpoint
 
@@ -22,16 +22,16 @@ ONE = ROOT / "fixtures" / "tiny-llama"
 def test_thread_count_does_not_change_bytes(tmp_path, outtype):
     """(f16: at -t 1 torch casts on its own thread pool, at -t 4 on each worker alone.)"""
     a, b = tmp_path / "t1.gguf", tmp_path / "t4.gguf"
-    assert main(["convert", str(ONE), "--outtype", outtype, "-t", "1", "-o", str(a), "-q"]) == 0
+    llmconv.convert(ONE, a, outtype=outtype, threads=1)
     torch_threads = torch.get_num_threads()
-    assert main(["convert", str(ONE), "--outtype", outtype, "-t", "4", "-o", str(b), "-q"]) == 0
+    llmconv.convert(ONE, b, outtype=outtype, threads=4)
     assert torch.get_num_threads() == torch_threads         # the engine gives it back
     assert a.read_bytes() == b.read_bytes()
 
 
-def test_split_output_metadata(tmp_path):
+def test_split_output_metadata(tmp_path, converted):
     out = tmp_path / "m.gguf"
-    assert main(["convert", str(ONE), "--outtype", "f16", "-o", str(out), "-q", "--split-max-tensors", "8"]) == 0
+    llmconv.convert(ONE, out, outtype="f16", split_max_tensors=8)
     files = sorted(tmp_path.glob("m-*-of-*.gguf"))
     assert [f.name for f in files] == ["m-00001-of-00003.gguf", "m-00002-of-00003.gguf", "m-00003-of-00003.gguf"]
     readers = [GGUFReader(f) for f in files]
@@ -42,8 +42,7 @@ def test_split_output_metadata(tmp_path):
     assert readers[1].get_field("llama.block_count") is None
     assert [len(r.tensors) for r in readers] == [8, 8, 5]
     # the same tensors, the same bytes, as the unsplit file
-    whole = tmp_path / "whole.gguf"
-    assert main(["convert", str(ONE), "--outtype", "f16", "-o", str(whole), "-q"]) == 0
+    whole = converted(ONE, "f16")
     want = {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(whole).tensors}
     got = {t.name: np.asarray(t.data).tobytes() for r in readers for t in r.tensors}
     assert got == want
@@ -51,7 +50,7 @@ def test_split_output_metadata(tmp_path):
 
 def test_split_by_size(tmp_path):
     out = tmp_path / "m.gguf"
-    assert main(["convert", str(ONE), "--outtype", "f32", "-o", str(out), "-q", "--split-max-size", "1M"]) == 0
+    llmconv.convert(ONE, out, outtype="f32", split_max_size="1M")
     files = sorted(tmp_path.glob("m-*-of-*.gguf"))
     assert len(files) > 1
     for f in files:
@@ -61,11 +60,10 @@ def test_split_by_size(tmp_path):
 
 
 @pytest.mark.llamacpp
-def test_llamacpp_loads_split_file(tmp_path):
+def test_llamacpp_loads_split_file(tmp_path, converted):
     import llama_cpp
-    whole, split = tmp_path / "whole.gguf", tmp_path / "s.gguf"
-    assert main(["convert", str(ONE), "--outtype", "f32", "-o", str(whole), "-q"]) == 0
-    assert main(["convert", str(ONE), "--outtype", "f32", "-o", str(split), "-q", "--split-max-tensors", "5"]) == 0
+    whole, split = converted(ONE, "f32"), tmp_path / "s.gguf"
+    llmconv.convert(ONE, split, outtype="f32", split_max_tensors=5)
     tokens = [1, 100, 200, 300, 400, 50, 60]
     logits = []
     for p in (whole, tmp_path / "s-00001-of-00005.gguf"):

@@ -10,7 +10,7 @@ import llama_cpp
 import pytest
 from gguf import Keys
 
-from llmconv.cli import main
+import llmconv
 from llmconv.formats.gguf_reader import read_gguf
 from realtok import _hf_generator, package_path, tiny_params, tiny_state_dict
 
@@ -33,7 +33,7 @@ def write_code_llama_hf(path: Path, n_added: int = 16) -> Path:
 
 
 def convert(ckpt: Path, out: Path) -> dict:
-    assert main(["convert", str(ckpt), "--outtype", "f16", "-o", str(out), "-q"]) == 0
+    llmconv.convert(ckpt, out, outtype="f16")
     return read_gguf(out).kvs
 
 

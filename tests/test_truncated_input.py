@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmconv.cli import main
+import llmconv
 from llmconv.convert.hf import unpermute_rows
 from llmconv.convert.meta import open_meta_checkpoint
 from llmconv.formats.rawread import RawTensor, SourceFile, read_rows_unpermuted
@@ -78,7 +78,7 @@ def test_checkpoint_truncated_during_convert(tmp_path, fixture, weights, threads
 
 def test_gguf_truncated_during_quantize(tmp_path):
     src = tmp_path / "src.gguf"
-    assert main(["convert", str(ROOT / "fixtures" / "tiny-llama"), "--outtype", "f16", "-o", str(src), "-q"]) == 0
+    llmconv.convert(ROOT / "fixtures" / "tiny-llama", src, outtype="f16")
     out = tmp_path / "out"
     out.mkdir()
     proc = run_truncating(src, ["quantize", str(src), str(out / "q.gguf"), "--type", "q4_0", "-q"])

@@ -19,6 +19,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
 from llmconv import quantize as q
+import llmconv
 from llmconv.cli import main
 from llmconv.convert.mixes import ALL as MIXES, outtype_needs_imatrix
 from llmconv.verify import calibrate, report as verify_report
@@ -272,8 +273,7 @@ def test_engine_without_llama_cpp_is_refused_before_the_passes(capsys, converted
 
 def test_split_file_and_its_checksum_sidecar(capsys, tmp_path):
     out = tmp_path / "split.gguf"
-    assert main(["convert", str(CKPT), "--outtype", "q8_0", "-o", str(out), "-q",
-                 "--split-max-tensors", "8", "--checksum"]) == 0
+    llmconv.convert(CKPT, out, outtype="q8_0", split_max_tensors=8, checksum=True)
     parts = sorted(tmp_path.glob("split-*-of-*.gguf"))
     assert len(parts) == 3 and (tmp_path / "split.gguf.sha256.json").is_file()
     code, rep, text = run_verify_json(capsys, parts[0], CKPT, tmp_path, "--tokens", TOKENS, "--checksums")

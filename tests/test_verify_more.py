@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
+import llmconv
 from llmconv.cli import main
 from llmconv.convert import hf
 from llmconv.verify import report as verify_report
@@ -190,7 +191,7 @@ def _convert_without_unpermute(monkeypatch, out: Path) -> Path:
     monkeypatch.setattr(hf, "unpermute_rows", lambda w, n_heads: w)   # Q/K stay in rotate-half order
     # the streaming engine's row reader (the same slip when reading rows in place)
     monkeypatch.setattr(hf, "read_rows_unpermuted", lambda raw, n_heads, a, b, out: raw.read_rows(a, b, out))
-    assert main(["convert", str(HF_DIR), "--outtype", "f16", "-o", str(out), "-q"]) == 0
+    llmconv.convert(HF_DIR, out, outtype="f16")
     return out
 
 
@@ -368,7 +369,7 @@ def nemo_like(tmp_path_factory):
     out = {}
     for name, ckpt in (("meta", meta), ("hf", hf_dir)):
         gguf = tmp / f"{name}.gguf"
-        assert main(["convert", str(ckpt), "--outtype", "f16", "-o", str(gguf), "-q"]) == 0
+        llmconv.convert(ckpt, gguf, outtype="f16")
         out[name] = (ckpt, gguf)
     return out
 

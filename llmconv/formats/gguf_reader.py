@@ -36,8 +36,9 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, Keys
 
 from ..errors import LlmconvError
-from .gguf_values import (MAX_ARRAY_ITEMS, MAX_STRING_BYTES, Cursor, GGUFFormatError, check_write_caps,  # noqa: F401
-                          read_name, read_value, read_value_type)
+from .gguf_values import Cursor, read_name, read_value, read_value_type
+# the reader's public names, which callers import from here
+from .gguf_values import MAX_ARRAY_ITEMS, MAX_STRING_BYTES, GGUFFormatError, check_write_caps  # noqa: F401
 
 SUPPORTED_VERSIONS = (2, 3)          # v1 used 32-bit counts and lengths and has not been written since 2023
 MAX_DIMS = 4                         # GGML_MAX_DIMS
