@@ -54,17 +54,24 @@ def assert_same_file(theirs: Path, ours: Path) -> None:
 
 def synthetic_imatrix(f32_gguf: Path, seed: int = 0, chunk_size: int = 64) -> Imatrix:
     """An imatrix for every blk.* matrix of a GGUF, shaped like llama-imatrix's: in_sum2 is a
-    sum of squared activations over `counts` tokens (skewed, a few outlier and dead columns)."""
+    sum of squared activations over `counts` tokens (skewed, a few outlier and dead columns);
+    stacked experts [n_expert, rows, n] get one such row per expert, each its own token count
+    (the tokens routed to it)."""
     rng = np.random.default_rng(seed)
     entries = {}
     for t in gguf.GGUFReader(str(f32_gguf)).tensors:
-        if t.name.startswith("blk.") and len(t.shape) == 2:
+        if t.name.startswith("blk.") and len(t.shape) in (2, 3):
             n = int(t.shape[0])                       # gguf-py lists ne[0] (the row length) first
-            tokens = int(rng.integers(100, 1000))
-            s = rng.gamma(0.6, 0.05, n) * tokens
-            s[rng.choice(n, 2, replace=False)] *= 200
-            s[rng.choice(n, 3, replace=False)] = 0
-            entries[t.name] = ImatrixEntry(s.astype(np.float32).reshape(1, n), np.array([tokens]))
+            n_mat = int(t.shape[2]) if len(t.shape) == 3 else 1
+            sums, counts = [], []
+            for _ in range(n_mat):
+                tokens = int(rng.integers(100, 1000))
+                s = rng.gamma(0.6, 0.05, n) * tokens
+                s[rng.choice(n, 2, replace=False)] *= 200
+                s[rng.choice(n, 3, replace=False)] = 0
+                sums.append(s.astype(np.float32))
+                counts.append(tokens)
+            entries[t.name] = ImatrixEntry(np.stack(sums), np.array(counts))
     return Imatrix(entries, ["synthetic"], 7, chunk_size)
 
 
@@ -135,9 +142,11 @@ def write_tensor_only_llama(path: Path, n_layers: int, n_heads: int, n_kv: int, 
     return path
 
 
-def write_tensor_only_moe(path: Path, n_layers: int, n_expert: int, n_heads: int = 8, n_kv: int = 2) -> Path:
-    """A llama GGUF with experts whose matrices have 2 rows: llama-quantize reads the hparams
-    for its rules but not the shapes, so the rules run on a few bytes."""
+def write_tensor_only_moe(path: Path, n_layers: int, n_expert: int, n_heads: int = 8, n_kv: int = 2,
+                          expert_rows: int = 1) -> Path:
+    """A llama GGUF with experts whose matrices have `expert_rows` rows (the others 2):
+    llama-quantize reads the hparams for its rules but not the shapes, so the rules run on a
+    few bytes."""
     w = gguf.GGUFWriter(str(path), "llama")
     for add, v in ((w.add_context_length, 64), (w.add_embedding_length, 256), (w.add_block_count, n_layers),
                    (w.add_feed_forward_length, 256), (w.add_head_count, n_heads), (w.add_head_count_kv, n_kv),
@@ -158,7 +167,7 @@ def write_tensor_only_moe(path: Path, n_layers: int, n_expert: int, n_heads: int
             w.add_tensor(f"blk.{i}.{kind}.weight", mat(2, 256))
         w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", mat(n_expert, 256))
         for kind in ("ffn_gate_exps", "ffn_down_exps", "ffn_up_exps"):
-            w.add_tensor(f"blk.{i}.{kind}.weight", mat(n_expert, 1, 256))
+            w.add_tensor(f"blk.{i}.{kind}.weight", mat(n_expert, expert_rows, 256))
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(256, np.float32))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(256, np.float32))
     w.add_tensor("output_norm.weight", np.ones(256, np.float32))

@@ -271,7 +271,8 @@ def make_plan(sources: list[SourceTensor], policy: TypePolicy) -> Plan:
         qt, reason, why = choose_type(src, policy)
         weights = None
         if policy.imatrix is not None and qt.quantize_weighted is not None:
-            weights = policy.imatrix.for_tensor(src.name, src.shape[-1])
+            n_mat = src.shape[0] if len(src.shape) == 3 else 1       # stacked experts: a slice each
+            weights = policy.imatrix.for_tensor(src.name, src.shape[-1], n_mat)
         # (an empty Imatrix is convert --dry-run --imatrix-text's stand-in: nothing computed yet)
         if weights is None and (qt.requires_imatrix or mixes.requires_imatrix(qt.name, src.name)) \
                 and (policy.imatrix is None or policy.imatrix.entries):

@@ -152,11 +152,19 @@ def _takes_out(fn) -> bool:
         return False
 
 
-def _quantize(x: np.ndarray, sink: Sink, out: np.ndarray) -> np.ndarray:
-    """The chunk in the sink's type: into `out` where the kernel can write there."""
+def _quantize(x: np.ndarray, sink: Sink, out: np.ndarray, a: int, rows: int) -> np.ndarray:
+    """The chunk (rows [a, a + len(x)) of `rows`) in the sink's type: into `out` where the
+    kernel can write there."""
     qt = sink.qtype
     if sink.imatrix is not None and qt.quantize_weighted is not None:
-        return qt.quantize_weighted(x, np.ascontiguousarray(sink.imatrix, dtype=np.float32).reshape(-1))
+        imp = np.asarray(sink.imatrix, dtype=np.float32)
+        if imp.ndim == 1 or imp.shape[0] == 1:
+            return qt.quantize_weighted(x, np.ascontiguousarray(imp).reshape(-1))
+        # stacked experts, imatrix [n_mat, n]: each expert's rows with its own slice
+        per = rows // imp.shape[0]
+        cuts = [a] + list(range((a // per + 1) * per, a + len(x), per)) + [a + len(x)]
+        return np.concatenate([qt.quantize_weighted(x[lo - a:hi - a], np.ascontiguousarray(imp[lo // per]))
+                               for lo, hi in zip(cuts, cuts[1:])])
     return qt.quantize(x, out=out) if _takes_out(qt.quantize) else qt.quantize(x)
 
 
@@ -178,7 +186,7 @@ def _convert_chunk(job: Job, a: int, b: int) -> None:
                 checked = True
             out = _arenas.get(f"out{len(made)}", (b - a) * qt.row_nbytes(n))
             try:
-                blob = made[key] = _quantize(x, sink, out)
+                blob = made[key] = _quantize(x, sink, out, a, rows)
             except q.NonFiniteError as e:
                 raise q.NonFiniteError(a + e.row, e.what) from None
         pwrite_all(sink.fd, blob, sink.offset + a * qt.row_nbytes(n))

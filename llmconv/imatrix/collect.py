@@ -106,6 +106,9 @@ def _runner(ckpt_dir: Path) -> _Runner:
         from ..verify import reference_hf as R
 
         c = R.HFConfig(read_json(ckpt_dir / "config.json"), ckpt_dir / "config.json")
+        if c.moe is not None:      # llama-imatrix keeps a row per expert (MUL_MAT_ID): not collected here
+            raise LlmconvError("llmconv imatrix does not collect expert (MoE) activations yet; "
+                               "llama-imatrix's file for this model works with --imatrix", file=ckpt_dir / "config.json")
         weights, _ = open_weights(ckpt_dir)
         emb = weights["model.embed_tokens.weight"]
         return _Runner(c.n_layers, c.hidden, lambda ids: emb.get()[torch.as_tensor(ids)].to(torch.float32),

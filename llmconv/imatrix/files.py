@@ -5,7 +5,8 @@ GGUF (what llama-imatrix writes today): `general.type = "imatrix"`, `imatrix.dat
 (strings), `imatrix.chunk_count` and `imatrix.chunk_size` (u32), and per weight `W`:
 
     W.in_sum2   f32 [n_mat, n]   sum over tokens of x**2, x the input column of W's matmul
-    W.counts    f32 [n_mat, 1]   the number of tokens summed (one per matrix; n_mat = 1 for LLaMA)
+    W.counts    f32 [n_mat, 1]   the number of tokens summed (one per matrix; n_mat = 1 for LLaMA,
+                                 the expert count for stacked experts, each counting its routed tokens)
 
 Legacy .dat (little-endian): int32 n_entries, then per entry int32 name length, the name,
 int32 ncall, int32 nval, float32[nval] holding (in_sum2 / tokens) * ncall; then optionally
@@ -65,18 +66,20 @@ class Imatrix:
                 out[j] = 1.0
         return out.reshape(-1)
 
-    def for_tensor(self, name: str, row: int) -> np.ndarray | None:
-        """importance(name) checked against the tensor's row length, as llama-quantize checks it
-        (a mismatch is an error, except for token_embd, which is then quantized unweighted)."""
+    def for_tensor(self, name: str, row: int, n_mat: int = 1) -> np.ndarray | None:
+        """importance(name) checked against the tensor's row length and matrix count (`n_mat`:
+        the experts of a stacked [n_expert, rows, row] tensor), as llama-quantize checks it (a
+        mismatch is an error, except for token_embd, which is then quantized unweighted).
+        float32 [row], or [n_mat, row] for n_mat > 1: expert e's rows are weighted by row e."""
         w = self.importance(name)
         if w is None:
             return None
-        if w.shape[0] != row:
+        if w.shape[0] != row * n_mat:
             if name == "token_embd.weight":
                 return None
-            raise LlmconvError(f"imatrix has {w.shape[0]} values for {name}, whose rows have {row}",
-                               file=self.path, tensor=name)
-        return w
+            whose = f"whose rows have {row}" if n_mat == 1 else f"whose {n_mat} experts have rows of {row}"
+            raise LlmconvError(f"imatrix has {w.shape[0]} values for {name}, {whose}", file=self.path, tensor=name)
+        return w if n_mat == 1 else w.reshape(n_mat, row)
 
 
 def read_imatrix(path: str | Path) -> Imatrix:

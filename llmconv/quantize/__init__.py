@@ -175,7 +175,8 @@ def quantize_tensor(x: np.ndarray, qt: QuantType | str, threads: int = 1,
     """float array [..., n] -> uint8 [..., row_nbytes(n)]. Raises NonFiniteError.
 
     `imatrix` (float32[n], the importance of each input column) selects the type's weighted
-    kernel, as llama.cpp does; types without one ignore it.
+    kernel, as llama.cpp does; types without one ignore it. For stacked experts x[n_mat, r, n]
+    it may be [n_mat, n]: expert e's rows are weighted by imatrix[e] (llama-quantize's slices).
 
     Rows are cut into ~CHUNK_BYTES pieces, quantized by `threads` worker threads (numpy
     releases the GIL in the kernels). The cut depends only on the shape, and every row is
@@ -198,6 +199,8 @@ def quantize_tensor(x: np.ndarray, qt: QuantType | str, threads: int = 1,
     starts = list(range(0, rows, step))
 
     weighted = imatrix is not None and qt.quantize_weighted is not None
+    if weighted and np.ndim(imatrix) == 2 and np.shape(imatrix)[0] > 1:
+        return _per_expert(x, qt, threads, np.asarray(imatrix, dtype=np.float32))
     if weighted:
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
         if imatrix.shape[0] != n:
@@ -226,6 +229,19 @@ def quantize_tensor(x: np.ndarray, qt: QuantType | str, threads: int = 1,
             if e is not None:
                 raise e
     return out.reshape(*shape[:-1], qt.row_nbytes(n))
+
+
+def _per_expert(x: np.ndarray, qt: QuantType, threads: int, imatrix: np.ndarray) -> np.ndarray:
+    """quantize_tensor of stacked experts x[n_mat, r, n], expert e weighted by imatrix[e]."""
+    if x.ndim != 3 or x.shape[0] != imatrix.shape[0]:
+        raise ValueError(f"imatrix has {imatrix.shape[0]} slices for a tensor of shape {x.shape}")
+    out = np.empty((*x.shape[:-1], qt.row_nbytes(x.shape[-1])), np.uint8)
+    for e in range(x.shape[0]):
+        try:
+            out[e] = quantize_tensor(x[e], qt, threads, imatrix[e])
+        except NonFiniteError as err:
+            raise NonFiniteError(e * x.shape[1] + err.row, err.what) from None
+    return out
 
 
 def dequantize_tensor(raw: np.ndarray, qt: QuantType | str | GGMLQuantizationType) -> np.ndarray:

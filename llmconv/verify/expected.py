@@ -28,7 +28,7 @@ from .bounds import TENSOR_BOUNDS, type_name
 from .hooks import ForwardHooks
 from .candidate import activation_rounding
 from .model_file import FileTensor, ModelFile, dequantize
-from .moe import expert_slice
+from .moe import expert_slice, split_expert_slice
 
 ROWS_PER_CHUNK_BYTES = 32 << 20     # float32 source rows handled at a time
 
@@ -172,6 +172,17 @@ class ExpectedWeights:
         self.imatrix = imatrix           # llmconv.imatrix.Imatrix the file was quantized with, or None
         self.checks: dict[str, TensorCheck] = {}
 
+    def importance(self, ft: FileTensor) -> np.ndarray | None:
+        """The imatrix weights the file's tensor was quantized with (an expert: its slice)."""
+        if self.imatrix is None:
+            return None
+        expert = split_expert_slice(ft.name)
+        if expert is None:
+            return self.imatrix.for_tensor(ft.name, ft.shape[-1])
+        stacked = self.mf.tensors[expert[0]]
+        w = self.imatrix.for_tensor(expert[0], ft.shape[-1], n_mat=stacked.shape[0])
+        return None if w is None else w[expert[1]]
+
     def file_tensor(self, name: str) -> FileTensor | None:
         g = self.names.get(name)
         if isinstance(g, tuple):         # an expert: (stacked tensor, index), verify/moe.py
@@ -192,7 +203,7 @@ class ExpectedWeights:
             return torch.from_numpy(q.dequantize_tensor(q.quantize_tensor(a, qt, self.threads), qt))
         order = self.row_orders.get(ft.name)
         src = a if order is None else a[np.argsort(order)]       # to GGUF row order
-        imp = self.imatrix.for_tensor(ft.name, ft.shape[-1]) if self.imatrix is not None else None
+        imp = self.importance(ft)
         check, expected = check_tensor(ft, src, self.threads, imatrix=imp)
         self.checks.setdefault(ft.name, check)
         if expected is None:

@@ -73,6 +73,12 @@ def is_expert_slice(name: str) -> bool:
     return _SLICE.fullmatch(name) is not None
 
 
+def split_expert_slice(name: str) -> tuple[str, int] | None:
+    """`name[e]` (an expert_slice) -> (the stacked tensor's name, e); None for other names."""
+    m = _SLICE.fullmatch(name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
 def explain_expert(check, mf, source) -> str | None:
     """For an expert slice far from its source: which other expert of the layer it holds."""
     m = _SLICE.fullmatch(check.name)
