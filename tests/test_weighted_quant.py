@@ -113,3 +113,81 @@ def test_first_min_clamped_keeps_c_zero_sign():
     got = k_search.first_min_clamped(x)
     assert np.array_equal(np.signbit(got), [True, True, False, False])
     assert np.array_equal(got, [0, 0, 0, 0])
+
+
+def _make_qp_quants_scalar(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.float32, np.ndarray]:
+    """ggml's make_qp_quants for one group, statement by statement in float32 scalars (L a
+    uint8_t array, as in C): the reference for the vectorized one's shortcuts below."""
+    f, n = np.float32, len(x)
+
+    def nearest_int(v):
+        return int((np.array(v + f(12582912.0), np.float32).view(np.int32) & 0x007FFFFF) - 0x00400000)
+
+    mx = f(0)
+    for v in x:
+        mx = max(mx, v)
+    L = np.zeros(n, np.uint8)
+    if mx < f(1e-15):
+        return f(0), L
+    iscale = f(nmax) / mx
+    for i in range(n):
+        L[i] = nearest_int(iscale * x[i]) & 0xFF
+    scale, best = f(1) / iscale, f(0)
+    for i in range(n):
+        diff = x[i] - scale * f(L[i])
+        best += w[i] * diff * diff
+    for k in (-4, -3, -2, -1, 1, 2, 3, 4):
+        isc = (f(0.1) * f(k) + f(nmax)) / mx
+        sc, mse = f(1) / isc, f(0)
+        for i in range(n):
+            diff = x[i] - sc * f(min(nmax, nearest_int(isc * x[i])))
+            mse += w[i] * diff * diff
+        if mse < best:
+            best, iscale = mse, isc
+    sumlx = suml2 = f(0)
+    for i in range(n):
+        li = min(nmax, nearest_int(iscale * x[i]))
+        L[i] = li & 0xFF
+        sumlx += w[i] * x[i] * f(li)
+        suml2 += w[i] * f(li) * f(li)
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            slx = sumlx - w[i] * x[i] * f(L[i])
+            sl2 = suml2 - w[i] * f(L[i]) * f(L[i])
+            if slx > 0 and sl2 > 0:
+                new_l = min(nmax, nearest_int(x[i] * sl2 / slx))
+                if new_l != L[i]:
+                    slx += w[i] * x[i] * f(new_l)
+                    sl2 += w[i] * f(new_l) * f(new_l)
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i], sumlx, suml2 = new_l & 0xFF, slx, sl2
+                        changed += 1
+        if not changed:
+            break
+    return (sumlx / suml2 if suml2 > 0 else f(0)), L
+
+
+def test_make_qp_quants_pair_equals_the_scalar_search():
+    """make_qp_quants_pair (both searches in one call, later sweeps only on the groups the last
+    one changed, C's wrapping uint8 stores) against C's loop: sub-block scales as the weighted
+    K-quants produce them, plus negative values (L wraps), zero groups, zero weights, ties."""
+    rng = np.random.default_rng(8)
+    nb, n = 48, 8
+    a = np.abs(rng.standard_normal((nb, n))).astype(np.float32) * 1e-3
+    b = np.abs(rng.standard_normal((nb, n))).astype(np.float32) * 1e-3
+    a[0] = 0                                                  # all-zero group
+    a[1, :4] = -a[1, :4]                                      # negatives: nearest_int < 0, stored wrapped
+    b[2] = -b[2]
+    a[3] = np.float32(1e-3)                                   # constant
+    b[4, ::2] = 0
+    a[5] = rng.integers(0, 64, n) / np.float32(63) * np.float32(2e-3)   # on the level grid: ties
+    w = rng.gamma(0.5, 1.0, (nb, n)).astype(np.float32)
+    w[6] = 0                                                  # weightless group
+    w[7, 3] = 0
+    with np.errstate(all="ignore"):                          # 0/0 where C discards it too
+        (da, La), (db, Lb) = k_weighted.make_qp_quants_pair(a, b, 63, w)
+    for got_d, got_L, x in ((da, La, a), (db, Lb, b)):
+        for g in range(nb):
+            d, L = _make_qp_quants_scalar(x[g], 63, w[g])
+            assert got_d[g].tobytes() == np.float32(d).tobytes() and np.array_equal(got_L[:, g], L), g

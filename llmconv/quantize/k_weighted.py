@@ -22,8 +22,8 @@ from typing import Callable
 import numpy as np
 
 from . import q6_k
-from .k_common import (CHUNK_SUPERBLOCKS, F32, GROUP_MAX_EPS, QK_K, block_major, element_major, fp16_bits, fp16_value,
-                       nearest_int, nearest_int_clip, pack_2bit_quarters, pack_scale_min_k4, seq_sum_from_zero,
+from .k_common import (CHUNK_SUPERBLOCKS, F32, GROUP_MAX_EPS, MAGIC, QK_K, block_major, element_major, fp16_bits,
+                       fp16_value, nearest_int, nearest_int_clip, pack_2bit_quarters, pack_scale_min_k4, seq_sum_from_zero,
                        unpack_scale_min_k4)
 from .k_search import make_qkx2_quants, make_qx_quants_rmse1
 from .q3_k import pack_scales as pack_q3_scales
@@ -116,27 +116,77 @@ def _qp_sweeps(x: np.ndarray, w: np.ndarray, wx: np.ndarray, L: np.ndarray, suml
     there), so each sweep runs over the groups the previous one changed only."""
     act = np.arange(x.shape[1])
     for _sweep in range(5):
-        xa, wa, wxa, La = x[:, act], w[:, act], wx[:, act], L[:, act]
-        slx_a, sl2_a = sumlx[act], suml2[act]
-        changed = np.zeros(act.size, bool)
-        for i in range(x.shape[0]):
-            Li = La[i].astype(F32)
-            slx = slx_a - wxa[i] * Li
-            sl2 = sl2_a - wa[i] * Li * Li
-            ok = (slx > 0) & (sl2 > 0)
-            new_l = np.minimum(nearest_int(xa[i] * sl2 / slx), nmax)
-            nl = new_l.astype(F32)
-            slx2 = slx + wxa[i] * nl
-            sl22 = sl2 + wa[i] * nl * nl
-            take = ok & (new_l != La[i].astype(np.int32)) & (slx2 * slx2 * sl2_a > slx_a * slx_a * sl22)
-            La[i] = np.where(take, (new_l & 0xFF).astype(np.uint8), La[i])
-            slx_a = np.where(take, slx2, slx_a)
-            sl2_a = np.where(take, sl22, sl2_a)
-            changed |= take
-        L[:, act], sumlx[act], suml2[act] = La, slx_a, sl2_a
+        if act.size == x.shape[1]:                   # first sweep: everything, no gather
+            xa, wa, wxa, La, slx_a, sl2_a = x, w, wx, L, sumlx, suml2
+        else:
+            xa, wa, wxa, La = x[:, act], w[:, act], wx[:, act], L[:, act]
+            slx_a, sl2_a = sumlx[act], suml2[act]
+        changed = _qp_sweep(xa, wa, wxa, La, slx_a, sl2_a, nmax)
+        if La is not L:
+            L[:, act], sumlx[act], suml2[act] = La, slx_a, sl2_a
         act = act[changed]
         if not act.size:
             break
+
+
+def make_qp_quants_pair(a: np.ndarray, b: np.ndarray, nmax: int, w: np.ndarray):
+    """make_qp_quants of each block's scales a[nb, n] and of its mins b[nb, n], both weighted by
+    w[nb, n], in one call over 2*nb groups (the searches are independent per group; one call
+    halves numpy's per-call overhead, which is most of these small problems' cost).
+    Returns ((scale[nb], L[n, nb]), (scale[nb], L[n, nb]))."""
+    nb = a.shape[0]
+    x = np.ascontiguousarray(np.concatenate([a, b]).T)                # [n, 2*nb]
+    ww = np.ascontiguousarray(np.concatenate([w, w]).T)
+    d, L = make_qp_quants(x, nmax, ww)
+    return (d[:nb], L[:, :nb]), (d[nb:], L[:, nb:])
+
+
+def _qp_sweep(x, w, wx, L, sumlx, suml2, nmax: int) -> np.ndarray:
+    """One make_qp_quants sweep over the elements of the given groups: L (uint8, C's wrapping
+    stores), sumlx and suml2 updated in place; returns which groups changed. Every temporary
+    has a buffer: on these small arrays numpy's allocations cost more than the arithmetic."""
+    m = sumlx.size
+    changed = np.zeros(m, dtype=bool)
+    Li, slx, sl2, v, nl, slx2, sl22, c1, c2 = (np.empty(m, F32) for _ in range(9))
+    vi = v.view(np.int32)
+    new_u8 = np.empty(m, np.uint8)
+    take, flag = np.empty(m, bool), np.empty(m, bool)
+    for i in range(x.shape[0]):
+        np.copyto(Li, L[i], casting="unsafe")
+        np.multiply(wx[i], Li, out=c1)
+        np.subtract(sumlx, c1, out=slx)                  # slx = sumlx - w*x*L
+        np.multiply(w[i], Li, out=c1)
+        c1 *= Li
+        np.subtract(suml2, c1, out=sl2)                  # sl2 = suml2 - w*L*L
+        np.multiply(x[i], sl2, out=v)
+        v /= slx
+        v += MAGIC                                       # nearest_int, as in nearest_int()
+        vi &= 0x007FFFFF
+        vi -= 0x00400000
+        np.minimum(vi, np.int32(nmax), out=vi)           # new_l
+        np.copyto(nl, vi, casting="unsafe")
+        np.multiply(wx[i], nl, out=slx2)
+        slx2 += slx
+        np.multiply(w[i], nl, out=sl22)
+        sl22 *= nl
+        sl22 += sl2
+        np.multiply(slx2, slx2, out=c1)
+        c1 *= suml2
+        np.multiply(sumlx, sumlx, out=c2)
+        c2 *= sl22
+        np.greater(c1, c2, out=take)                     # slx*slx*suml2 > sumlx*sumlx*sl2
+        np.greater(slx, F32(0), out=flag)
+        take &= flag
+        np.greater(sl2, F32(0), out=flag)
+        take &= flag
+        np.not_equal(nl, Li, out=flag)                   # new_l != L[i] (both exact in float32)
+        take &= flag
+        np.copyto(new_u8, vi, casting="unsafe")          # C's uint8_t store wraps
+        np.copyto(L[i], new_u8, where=take)
+        np.copyto(sumlx, slx2, where=take)
+        np.copyto(suml2, sl22, where=take)
+        changed |= take
+    return changed
 
 
 # ---------------------------------------------------------------- q2_K
@@ -149,8 +199,7 @@ def _q2_k_chunk(xb: np.ndarray, qwb: np.ndarray) -> np.ndarray:
     sw = seq_sum_from_zero(weights).reshape(nb, 16)
     scale, the_min, L_search = make_qkx2_quants(xt, weights, 3, rmin=-0.9, rdelta=0.05,
                                                 nstep=36, use_mad=False)
-    dm, Ls = make_qp_quants(np.ascontiguousarray(scale.reshape(nb, 16).T), 15, np.ascontiguousarray(sw.T))
-    mm, Lm = make_qp_quants(np.ascontiguousarray(the_min.reshape(nb, 16).T), 15, np.ascontiguousarray(sw.T))
+    (dm, Ls), (mm, Lm) = make_qp_quants_pair(scale.reshape(nb, 16), the_min.reshape(nb, 16), 15, sw)
     d_bits, dmin_bits = fp16_bits(dm), fp16_bits(mm)
     scales = (Ls.T | (Lm.T << 4)).astype(np.uint8)                  # C: uint8 store of Ls | Lm << 4
 
@@ -208,11 +257,10 @@ def _scale_min_weighted(xb: np.ndarray, qwb: np.ndarray, nmax: int, cap63: bool)
     nb = xb.shape[0]
     xt = element_major(xb, 32)
     weights = importance(xt, element_major(qwb, 32), block_sigma2(xb, 2), 8)
-    sw = np.ascontiguousarray(seq_sum_from_zero(weights).reshape(nb, 8).T)
+    sw = seq_sum_from_zero(weights).reshape(nb, 8)
     scale, the_min, L_search = make_qkx2_quants(xt, weights, nmax, rmin=-0.9, rdelta=0.05,
                                                 nstep=36, use_mad=False)
-    d_block, Ls = make_qp_quants(np.ascontiguousarray(scale.reshape(nb, 8).T), 63, sw)
-    m_block, Lm = make_qp_quants(np.ascontiguousarray(the_min.reshape(nb, 8).T), 63, sw)
+    (d_block, Ls), (m_block, Lm) = make_qp_quants_pair(scale.reshape(nb, 8), the_min.reshape(nb, 8), 63, sw)
     if cap63:                                                        # q5_K clamps, q4_K does not
         Ls, Lm = np.minimum(Ls, 63), np.minimum(Lm, 63)
     scales = pack_scale_min_k4(Ls.T, Lm.T)
