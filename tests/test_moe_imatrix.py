@@ -15,8 +15,8 @@ import pytest
 
 from llmconv.cli import main
 from llmconv.imatrix import write_imatrix_gguf
+from llmconv.testing.moe_synth import FIXTURE_TOKENIZER, write_hf_mixtral
 from mix_util import assert_same_file, llama_quantize_with_imatrix, read, synthetic_imatrix, write_tensor_only_moe
-from moe_synth import FIXTURE_TOKENIZER, write_hf_mixtral
 
 MIXES = ["iq2_xs", "iq2_m", "iq3_xxs", "iq3_m", "q2_k", "q3_k_m"]
 
