@@ -142,15 +142,17 @@ class _Blocks:
     signs: np.ndarray
 
 
-def _search(g: Grid, xb: np.ndarray, w: np.ndarray, parity: bool, eps: F32, xxs: bool) -> _Blocks:
-    """The per-block search shared by the three types (see the module docstring)."""
+def _search(g: Grid, xb: np.ndarray, w: np.ndarray, parity: bool, eps: F32,
+            qp_scale: np.ndarray | None = None) -> _Blocks:
+    """The per-block search shared by the three types (see the module docstring); XXS passes
+    its blocks' make_qp_quants scales (_xxs_start_scales)."""
     B, bs = xb.shape
     waux = np.sqrt(w)
     xval, signs = _signed(xb, w, parity)
     mx = xval.max(axis=1)
     zero = mx < eps
+    xxs = qp_scale is not None
     if xxs:
-        qp_scale, _ = make_qp_quants(np.ascontiguousarray(xval.T), _KMAXQ + 1, np.ascontiguousarray(w.T))
         eff_max = qp_scale * F32(_KMAXQ)
         zero |= ~(eff_max > 0)
         scale, top, trials = qp_scale, eff_max, range(-6, 7)
@@ -225,9 +227,20 @@ def _weights(xb: np.ndarray, qwb: np.ndarray | None, bs: int, sigma_factor: int)
 # ---------------------------------------------------------------- the three types
 
 
-def _xxs_chunk(xb: np.ndarray, qwb: np.ndarray) -> np.ndarray:
+def _xxs_start_scales(xb: np.ndarray, qwb: np.ndarray) -> np.ndarray:
+    """make_qp_quants' scale of every block of 32 [nsb, 8], the start of XXS's search. Its
+    sweeps are numpy calls over one value per block, so they run over all super-blocks at once."""
+    x = xb.reshape(-1, 32)
+    w = _weights(xb, qwb, 32, 1)
+    xval, _ = _signed(x, w, True)
+    scale, _ = make_qp_quants(np.ascontiguousarray(xval.T), _KMAXQ + 1, np.ascontiguousarray(w.T))
+    return scale.reshape(-1, 8)
+
+
+def _xxs_chunk(xb: np.ndarray, qwb: np.ndarray, qp_scale: np.ndarray) -> np.ndarray:
     nsb = xb.shape[0]
-    r = _search(grid("iq2_xxs"), xb.reshape(-1, 32), _weights(xb, qwb, 32, 1), True, GROUP_MAX_EPS, True)
+    r = _search(grid("iq2_xxs"), xb.reshape(-1, 32), _weights(xb, qwb, 32, 1), True, GROUP_MAX_EPS,
+                qp_scale.reshape(-1))
     max_scale, d, ls = _super_scales(r.scale, 8)
     gi = r.gi.astype(np.uint32).reshape(nsb, 8, 4)
     sg = r.signs.astype(np.uint32).reshape(nsb, 8, 4)
@@ -243,7 +256,7 @@ def _xxs_chunk(xb: np.ndarray, qwb: np.ndarray) -> np.ndarray:
 
 def _xs_chunk(xb: np.ndarray, qwb: np.ndarray) -> np.ndarray:
     nsb = xb.shape[0]
-    r = _search(grid("iq2_xs"), xb.reshape(-1, 16), _weights(xb, qwb, 16, 1), True, GROUP_MAX_EPS, False)
+    r = _search(grid("iq2_xs"), xb.reshape(-1, 16), _weights(xb, qwb, 16, 1), True, GROUP_MAX_EPS)
     max_scale, d, ls = _super_scales(r.scale, 16)
     q2 = (r.gi.astype(np.uint16) | (r.signs.astype(np.uint16) << 9)).reshape(nsb, 32)
     q2[max_scale == 0] = 0
@@ -256,7 +269,7 @@ def _xs_chunk(xb: np.ndarray, qwb: np.ndarray) -> np.ndarray:
 
 def _s_chunk(xb: np.ndarray, qwb: np.ndarray | None) -> np.ndarray:
     nsb = xb.shape[0]
-    r = _search(grid("iq2_s"), xb.reshape(-1, 16), _weights(xb, qwb, 16, 2), False, GROUP_MAX_EPS_IQ2_S, False)
+    r = _search(grid("iq2_s"), xb.reshape(-1, 16), _weights(xb, qwb, 16, 2), False, GROUP_MAX_EPS_IQ2_S)
     max_scale, d, ls = _super_scales(r.scale, 16)
     gi = r.gi.reshape(nsb, 32).astype(np.uint32)
     out = np.zeros((nsb, IQ2_S_SIZE), np.uint8)
@@ -270,8 +283,8 @@ def _s_chunk(xb: np.ndarray, qwb: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def _over(x: np.ndarray, qw: np.ndarray | None, type_size: int, fn, name: str) -> np.ndarray:
-    return quantize_superblocks(x, qw, type_size, fn, CHUNK_SUPERBLOCKS[name])
+def _over(x: np.ndarray, qw: np.ndarray | None, type_size: int, fn, name: str, prepare=None) -> np.ndarray:
+    return quantize_superblocks(x, qw, type_size, fn, CHUNK_SUPERBLOCKS[name], prepare)
 
 
 def _needs_imatrix(name: str):
@@ -285,7 +298,7 @@ iq2_xs_quantize_unweighted = _needs_imatrix("iq2_xs")
 
 
 def iq2_xxs_quantize(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
-    return _over(x, qw, IQ2_XXS_SIZE, _xxs_chunk, "iq2_xxs")
+    return _over(x, qw, IQ2_XXS_SIZE, _xxs_chunk, "iq2_xxs", _xxs_start_scales)
 
 
 def iq2_xs_quantize(x: np.ndarray, qw: np.ndarray) -> np.ndarray:

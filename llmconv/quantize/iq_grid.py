@@ -174,13 +174,15 @@ class SuperblockOverflow(Exception):
 
 
 def quantize_superblocks(x: np.ndarray, qw: np.ndarray | None, type_size: int, chunk_fn,
-                         chunk_superblocks: int) -> np.ndarray:
+                         chunk_superblocks: int, prepare=None) -> np.ndarray:
     """The IQ types' outer loop: x[rows, n] in passes of `chunk_superblocks` super-blocks of
     256 (each with its row's slice of the imatrix qw[n]) through chunk_fn(xb, qwb) -> blocks.
     A super-block scale that overflows fp16 (|w| beyond ~1e7) is refused with its row, as the
     other types' overflows are (llama_model_quantize's row validation rejects such a tensor too):
     either chunk_fn raises SuperblockOverflow, or the written scale (every IQ block opens with
-    its fp16 d) is inf/NaN."""
+    its fp16 d) is inf/NaN. `prepare(xb, qwb)`, when given, runs once over all super-blocks and
+    returns an array per super-block; chunk_fn then gets its slice as a third argument (for
+    steps whose numpy calls work on one value per block: cheaper in one long pass)."""
     x = np.ascontiguousarray(x, dtype=F32)
     rows, n = x.shape
     if n % 256:
@@ -190,10 +192,14 @@ def quantize_superblocks(x: np.ndarray, qw: np.ndarray | None, type_size: int, c
     per_row = n // 256
     out = np.empty((xb.shape[0], type_size), np.uint8)
     with np.errstate(all="ignore"):
+        extra = None
+        if prepare is not None:
+            extra = prepare(xb, None if qwb is None else qwb[np.arange(xb.shape[0]) % per_row])
         for s in range(0, xb.shape[0], chunk_superblocks):
             e = min(s + chunk_superblocks, xb.shape[0])
+            args = (xb[s:e], None if qwb is None else qwb[np.arange(s, e) % per_row])
             try:
-                out[s:e] = chunk_fn(xb[s:e], None if qwb is None else qwb[np.arange(s, e) % per_row])
+                out[s:e] = chunk_fn(*args) if extra is None else chunk_fn(*args, extra[s:e])
             except SuperblockOverflow as o:
                 raise NonFiniteError((s + o.superblock) // per_row, "a super-block scale overflows fp16") from None
     bad = np.flatnonzero((out[:, 0:2].copy().view(np.uint16)[:, 0] & 0x7C00) == 0x7C00)
