@@ -362,6 +362,12 @@ def screened_neighbours(grid: Grid, codes: np.ndarray, group: np.ndarray, scale:
     """The best neighbour of `codes[N]` for the groups `group[N]` (rows of `tables`) at
     `scale[N]` where it is provably C's choice (see above). Returns (grid index [N],
     decided bool [N]); undecided searches are to go through best_neighbours."""
+    with np.errstate(over="ignore", invalid="ignore"):      # out-of-range groups stay undecided
+        return _screened(grid, codes, group, scale, tables)
+
+
+def _screened(grid: Grid, codes: np.ndarray, group: np.ndarray, scale: np.ndarray,
+              tables: GroupTables) -> tuple[np.ndarray, np.ndarray]:
     n = codes.shape[0]
     out = np.zeros(n, np.int64)
     decided = np.zeros(n, bool)
@@ -374,8 +380,11 @@ def screened_neighbours(grid: Grid, codes: np.ndarray, group: np.ndarray, scale:
     cls = pl.cls[codes]
     order = np.argsort(cls, kind="stable")
     counts = np.bincount(cls + 1, minlength=len(pl.index) + 1)
-    flat = tables.ab.reshape(-1, 2)
+    flat = tables.ab.reshape(-1, 2).view(np.complex64)[:, 0]      # A + iB
     row = tables.ab.shape[1]
+    # Re((A + iB) * (s*s + 2s i)) = s*s*A - 2*s*B: numpy's complex product is one pass
+    coef = (s * s).astype(np.complex64)
+    coef.imag = s + s
     start = int(counts[0])                    # codes without a list (none reach here) stay undecided
     for c in range(len(pl.index)):
         cnt = int(counts[c + 1])
@@ -386,18 +395,18 @@ def screened_neighbours(grid: Grid, codes: np.ndarray, group: np.ndarray, scale:
         gs = group[sel]
         at = pl.slot[codes[sel]]
         base = gs * row
-        ab = np.take(flat, np.take(pl.lo[c], at, axis=1) + base, axis=0)    # [W, n, 2]
+        nb = np.take(pl.lo[c], at, axis=1)                                  # [W, n]
+        ab = np.take(flat, nb + base)
         if pl.hi is not None:
-            ab += np.take(flat, np.take(pl.hi[c], at, axis=1) + base, axis=0)
-        ss = s[sel]
-        d = ab[..., 0] * (ss * ss)
-        d -= ab[..., 1] * (ss + ss)
+            ab += np.take(flat, np.take(pl.hi[c], at, axis=1) + base)
+            nb = np.take(pl.index[c], at, axis=1)
+        ab *= coef[sel]
+        d = ab.real
         x2 = tables.x2[gs]
         dm = np.minimum.reduce(d, axis=0).astype(np.float64) + x2
         thr = (dm * (1 + SCREEN_TAU) + 2 * SCREEN_TAU * x2) / (1 - SCREEN_TAU) - x2
         within = d <= thr.astype(F32)
         decided[sel] = (np.add.reduce(within, axis=0, dtype=np.uint16) == 1) & usable[sel]
         # the one candidate within the threshold (where decided): sum of index * mask, in int16
-        nb = np.take(pl.index[c], at, axis=1)
         out[sel] = np.add.reduce(np.multiply(nb, within, dtype=np.int16), axis=0, dtype=np.int16)
     return out, decided
