@@ -1,4 +1,4 @@
-"""The screened neighbour search (iq_grid.screened_neighbours) against the exact one
+"""The screened neighbour search (iq_screen.screened_neighbours) against the exact one
 (best_neighbours, C's float32 order): wherever the screen decides, it must pick C's point, also
 on the searches built to be hard for it: exact ties (a magnitude on the midpoint of two levels
 at a power-of-two scale, where two candidates' float32 distances are equal), near ties (one ulp
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmconv.quantize import iq2, iq_grid
+from llmconv.quantize import iq2, iq_grid, iq_screen
 from llmconv.quantize.iq3_grid import grid as iq3_grid
 
 F32 = np.float32
@@ -46,8 +46,8 @@ def _searches(g: iq_grid.Grid, n: int, seed: int):
 def test_screen_picks_c_choice_where_it_decides(name):
     g = _grids()[name]
     codes, x, w, s = _searches(g, 40000, seed=len(name))
-    tables = iq_grid.group_tables(g, x, w)
-    found, decided = iq_grid.screened_neighbours(g, codes, np.arange(len(codes)), s, tables)
+    tables = iq_screen.group_tables(g, x, w)
+    found, decided = iq_screen.screened_neighbours(g, codes, np.arange(len(codes)), s, tables)
     exact = iq_grid.best_neighbours(g, codes, x, w, s)
     wrong = np.flatnonzero(decided & (found != exact))
     assert wrong.size == 0, f"{name}: {wrong.size} screened choices differ from C's, first {wrong[:5].tolist()}"
@@ -61,11 +61,11 @@ def test_out_of_range_groups_are_not_screened():
     g = iq2.grid("iq2_xs")
     codes, x, w, s = _searches(g, 2000, seed=7)
     for scale_x, scale_w in ((1e-18, 1.0), (1e18, 1.0), (1.0, 1e36)):
-        tables = iq_grid.group_tables(g, (x * F32(scale_x)).astype(F32), (w * F32(scale_w)).astype(F32))
-        _, decided = iq_grid.screened_neighbours(g, codes, np.arange(len(codes)), (s * F32(scale_x)).astype(F32), tables)
+        tables = iq_screen.group_tables(g, (x * F32(scale_x)).astype(F32), (w * F32(scale_w)).astype(F32))
+        _, decided = iq_screen.screened_neighbours(g, codes, np.arange(len(codes)), (s * F32(scale_x)).astype(F32), tables)
         assert not decided.any(), (scale_x, scale_w)
     bad = x.copy()
     bad[::2, 0] = np.nan
-    tables = iq_grid.group_tables(g, bad, w)
-    _, decided = iq_grid.screened_neighbours(g, codes, np.arange(len(codes)), s, tables)
+    tables = iq_screen.group_tables(g, bad, w)
+    _, decided = iq_screen.screened_neighbours(g, codes, np.arange(len(codes)), s, tables)
     assert not decided[::2].any() and decided[1::2].any()

@@ -35,8 +35,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import iq2_tables
 from ._blocks import ImatrixRequired
-from .iq_grid import (Grid, GroupTables, best_neighbours, group_tables, make_grid, quantize_superblocks,
-                      screened_neighbours)
+from .iq_grid import Grid, best_neighbours, make_grid, quantize_superblocks
+from .iq_screen import GroupTables, group_tables, screened_neighbours
 from .k_common import F32, GROUP_MAX_EPS, QK_K, fp16_bits, nearest_int
 from .k_weighted import block_sigma2, make_qp_quants
 

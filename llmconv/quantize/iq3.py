@@ -28,7 +28,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .iq3_grid import Iq3Grid, grid
-from .iq_grid import GroupTables, SuperblockOverflow, group_tables, quantize_superblocks, screened_neighbours
+from .iq_grid import SuperblockOverflow, quantize_superblocks
+from .iq_screen import GroupTables, group_tables, screened_neighbours
 from .k_common import F32, QK_K, fp16_bits, nearest_int, seq_sum_from_zero
 
 IQ3_XXS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ3_XXS][1]  # 98 bytes: fp16 d, 64 grid indices, 8 x uint32 (4 x 7 sign bits | 4-bit scale)
