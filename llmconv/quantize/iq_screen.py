@@ -66,7 +66,7 @@ def padded_lists(grid: Grid) -> PaddedLists:
         if w >= counts.max():
             break
         w = max(w + 2, int(w * 1.4) // 2 * 2)
-    halves = grid.size > 512
+    halves = grid.size > 256
     if halves:
         pad_row = grid.n_levels ** (grid.dim // 2)
         lo_of, hi_of = _half_rows(grid.levels.astype(np.int64), grid.n_levels, grid.dim // 2)
@@ -105,14 +105,15 @@ def _half_rows(levels: np.ndarray, n_levels: int, half: int) -> tuple[np.ndarray
 
 
 def _table_matrices(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-    """(q, q*q) float32 [dim, rows]: q = 2*level + 1 of the coordinates of every table row
-    (zero outside the row's half), the pad row all zero."""
+    """(q float32 [dim, rows], their product matrix float32 [2*dim, rows*2]): q = 2*level + 1 of
+    the coordinates of every table row (zero outside the row's half; the pad row all zero),
+    and the matrix that takes [w, w*x] of a group to its interleaved (A, B) row by row."""
     key = id(grid.levels)
     got = _HALF_MATRICES.get(key)
     if got is None and padded_lists(grid).hi is None:
         q = np.zeros((grid.dim, grid.size + 1), F32)
         q[:, :-1] = 2 * grid.levels.T.astype(F32) + 1
-        got = _HALF_MATRICES[key] = (q, q * q)
+        got = _HALF_MATRICES[key] = (q, _ab_matrix(q))
     if got is None:
         dim, nl, half = grid.dim, grid.n_levels, grid.dim // 2
         lo_rows, hi_rows = nl ** half, nl ** (dim - half)
@@ -122,8 +123,16 @@ def _table_matrices(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
             for i in reversed(range(first, first + count)):
                 q[i, offset:offset + rows] = 2 * (combo % nl) + 1
                 combo //= nl
-        got = _HALF_MATRICES[key] = (q, q * q)
+        got = _HALF_MATRICES[key] = (q, _ab_matrix(q))
     return got
+
+
+def _ab_matrix(q: np.ndarray) -> np.ndarray:
+    dim, rows = q.shape
+    m = np.zeros((2 * dim, rows, 2), F32)
+    m[:dim, :, 0] = q * q            # A = sum w*q*q
+    m[dim:, :, 1] = q                # B = sum (w*x)*q
+    return m.reshape(2 * dim, 2 * rows)
 
 
 @dataclass
@@ -140,14 +149,14 @@ class GroupTables:
 
 def group_tables(grid: Grid, xval: np.ndarray, w: np.ndarray) -> GroupTables:
     """xval, w: float32 [groups, dim] (w: the search's weights, ggml's waux)."""
-    q, qq = _table_matrices(grid)
+    q, m = _table_matrices(grid)
     n, rows = xval.shape[0], q.shape[1]
-    ab = np.empty((n, rows, 2), F32)
-    wx = w * xval
-    step = max(1, _SINGLE_THREAD_GEMM // (rows * grid.dim))
+    ab = np.empty((n, 2 * rows), F32)
+    w_wx = np.concatenate([w, w * xval], axis=1)         # zero terms of the product add exactly 0
+    step = max(1, _SINGLE_THREAD_GEMM // m.size)
     for i in range(0, n, step):
-        ab[i:i + step, :, 0] = w[i:i + step] @ qq
-        ab[i:i + step, :, 1] = wx[i:i + step] @ q
+        np.matmul(w_wx[i:i + step], m, out=ab[i:i + step])
+    ab = ab.reshape(n, rows, 2)
     ab[:, padded_lists(grid).pad_row, 0] = np.inf
     x64, w64 = xval.astype(np.float64), w.astype(np.float64)
     x2 = (w64 * x64 * x64).sum(axis=1)
