@@ -66,7 +66,7 @@ def padded_lists(grid: Grid) -> PaddedLists:
         if w >= counts.max():
             break
         w = max(w + 2, int(w * 1.4) // 2 * 2)
-    halves = grid.size > 256
+    halves = grid.size > 512
     if halves:
         pad_row = grid.n_levels ** (grid.dim // 2)
         lo_of, hi_of = _half_rows(grid.levels.astype(np.int64), grid.n_levels, grid.dim // 2)
