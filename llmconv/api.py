@@ -52,6 +52,8 @@ def _imatrix(imatrix):
 
 def _lora_specs(lora) -> list[tuple[Path, float]]:
     """'ADAPTER[:SCALE]' strings or (adapter dir, scale) pairs."""
+    if not lora:
+        return []           # without adapters, no import of convert.lora (and of torch with it)
     from .convert.lora import parse_lora_spec
     return [parse_lora_spec(s) if isinstance(s, str) else (Path(s[0]), float(s[1])) for s in lora]
 

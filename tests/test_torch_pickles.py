@@ -10,11 +10,18 @@ read, a dtype llmconv does not convert, a pickled module, a tensor subclass."""
 from __future__ import annotations
 
 import collections
+import os
 import shutil
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from llmconv.convert.torch_pickle import read_state_dict
 
 from synth import meta_state_dict, write_meta_checkpoint
 from hostile_util import refused, run
@@ -150,3 +157,59 @@ def tensor_with_an_attribute(sd):
 def test_anything_else_is_one_line(plain, tmp_path, capsys, change, needle):
     d = resaved(plain, tmp_path / "m", change)
     refused(["convert", d, "--dry-run"], capsys, "consolidated.00.pth", "refused", needle)
+
+
+# Variants llmconv reads without torch (convert/torch_pickle.py); the others go through torch.
+TORCH_FREE = {"module state_dict bf16", "module state_dict f16", "module state_dict f32", "parameters (keep_vars)",
+              "tagged parameters", "pickle protocol 3"}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_plain_state_dicts_are_placed_without_torch(plain, tmp_path, variant):
+    """torch_pickle's reader gives every tensor of a plain state dict at the bytes torch maps
+    for it, with its dtype and shape; anything else (a non-contiguous view) is left to torch."""
+    values, form, save_kw = VARIANTS[variant]
+    d = resaved(plain, tmp_path / "m", lambda sd: form(values(sd)), **save_kw)
+    raw = read_state_dict(d / "consolidated.00.pth")
+    if variant not in TORCH_FREE:
+        assert raw is None
+        return
+    sd = torch.load(d / "consolidated.00.pth", weights_only=True)
+    assert raw is not None and list(raw) == list(sd)
+    for name, t in sd.items():
+        assert raw[name].shape == tuple(t.shape) and raw[name].dtype == {torch.bfloat16: "bf16",
+                                                                         torch.float16: "f16", torch.float32: "f32"}[t.dtype]
+        assert np.array_equal(raw[name].load(), t.float().numpy()), name
+
+
+def test_a_big_endian_file_or_shared_storage_goes_through_torch(plain, tmp_path):
+    d = resaved(plain, tmp_path / "b" / "m", same)
+    big_endian(d / "consolidated.00.pth")
+    assert read_state_dict(d / "consolidated.00.pth") is None
+    sd = meta_state_dict()
+    sd["output.weight"] = sd["tok_embeddings.weight"]
+    tied = write_meta_checkpoint(tmp_path / "t" / "m", sd)
+    assert read_state_dict(tied / "consolidated.00.pth") is None
+
+
+NO_TORCH = """
+import sys
+from llmconv.cli import main
+code = main(sys.argv[1:])
+print("torch imported" if "torch" in sys.modules else "no torch")
+sys.exit(code)
+"""
+
+
+def test_a_quantized_conversion_does_not_import_torch(plain, tmp_path):
+    """Importing torch costs ~1.4 s of CPU, more than the rest of a 1B q4_0 run's start-up:
+    a conversion to a quantized type from a plain .pth must not do it (f16/bf16 outputs do,
+    for torch's fast casts)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    for outtype, want in (("q4_0", "no torch"), ("f16", "torch imported")):
+        proc = subprocess.run([sys.executable, "-c", NO_TORCH, "convert", str(plain), "--outtype", outtype,
+                               "-o", str(tmp_path / f"{outtype}.gguf"), "-q", "-t", "2"],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().splitlines()[-1] == want, (outtype, proc.stdout)

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import LlmconvError, load_json
 from ..formats.rawread import RawTensor, SourceFile
-from .meta import safe_torch_load
+from .pth import safe_torch_load
 from .torch_zip import TORCH_DTYPE_NAMES, raw_tensors
 
 _ST_DTYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}

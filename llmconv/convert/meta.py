@@ -1,76 +1,32 @@
 """Original Meta checkpoints: params.json + consolidated.NN.pth (+ tokenizer.model).
 
-Shards are opened with torch.load(mmap=True, weights_only=True): pickled code never
-runs and no tensor data is read until `load(name)` asks for it. The streaming engine
-reads rows with pread at each tensor's place in the file (torch_zip.py), not through
-the mapping. A model-parallel
+Shards are read without torch where they are plain state dicts (torch_pickle.py: where each
+tensor lies, its dtype and shape; importing torch would cost more CPU than a 1B q4_0
+conversion's start-up otherwise needs), else with torch.load(mmap=True, weights_only=True).
+Either way pickled code never runs and no tensor data is read until asked for. The
+streaming engine reads rows with pread at each tensor's place in the file (torch_pickle.py,
+or torch_zip.py for torch's mapping), not through the mapping. A model-parallel
 tensor is joined from its shards only when it is loaded; which axis to join along is
 found from the shard shapes against params.json, not hard-coded (LLaMA 1/2 split the
 embedding along dim 1, LLaMA 3 along the vocabulary).
 """
 from __future__ import annotations
 
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import LlmconvError
 from ..formats.rawread import RawTensor, will_need
 from ..quantize.floats import widen_into
-from .guards import check_tensor_storage, scan_torch_pickle
 from .hparams import LlamaHParams
 from .meta_params import meta_hparams, read_params, stated_head_dim
-from .torch_zip import raw_tensors
+from .pth import is_float, mapped_bytes, open_shards, same_values, safe_torch_load
 
 SHARD_GLOB = "consolidated.*.pth"
 DROPPED = {"rope.freqs"}  # precomputed RoPE table in LLaMA 1 checkpoints; llama.cpp computes its own
-_FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
-
-
-def safe_torch_load(path: Path) -> dict:
-    """torch.load that never runs pickled code and never reads past the file's end."""
-    _check_zip(path)
-    scan_torch_pickle(path)     # before torch unpickles anything: only what a state dict needs
-    try:
-        obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise LlmconvError(
-            "refused to load: the pickle holds code or objects that are not plain tensors "
-            f"(weights_only=True said: {_first_line(e)})", file=path) from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise LlmconvError(f"not a readable PyTorch checkpoint: {_first_line(e)}", file=path) from None
-    if not isinstance(obj, dict):
-        raise LlmconvError(f"expected a dict of tensors, found {type(obj).__name__}", file=path)
-    for k, v in obj.items():
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise LlmconvError(f"entry {k!r} is not a named tensor", file=path)
-    check_tensor_storage(obj, path)
-    return obj
-
-
-def _check_zip(path: Path) -> None:
-    """A truncated zip that torch still opens would fault (SIGBUS) when its mmapped data
-    is touched, so check every member lies inside the file before torch sees it."""
-    size = path.stat().st_size
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if info.header_offset + info.compress_size > size:
-                    raise LlmconvError(f"truncated: member {info.filename} ends past the end of the file", file=path)
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise LlmconvError(f"member {info.filename} is compressed; not a torch.save file", file=path)
-    except zipfile.BadZipFile as e:
-        raise LlmconvError(f"not a zip archive (truncated, corrupt, or a legacy pickle): {e}", file=path) from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 @dataclass
@@ -78,28 +34,61 @@ class MetaCheckpoint:
     path: Path
     params: dict
     shard_paths: list[Path]
-    shards: list[dict]                       # name -> mmapped tensor, one dict per shard
     names: list[str]                         # Meta names present, in file order, rope.freqs dropped
     shapes: dict[str, tuple[int, ...]]       # merged shape of every tensor
     merge_axis: dict[str, int | None]        # None: single shard or replicated 1-D
     raw: list[dict[str, RawTensor] | None] = field(default_factory=list)   # per shard: where each tensor lies
+    # per shard: name -> torch's memory-mapped tensor; loaded on first use of `shards` when
+    # the shards were read without torch
+    _torch_shards: list[dict] | None = None
     hparams: LlamaHParams = field(init=False)
 
-    def load(self, name: str) -> torch.Tensor:
-        """The whole tensor, joined across shards, in the checkpoint's dtype."""
+    @property
+    def shards(self) -> list[dict]:
+        """name -> torch tensor (memory-mapped), one dict per shard: for callers that compute
+        with torch (verify, imatrix); the conversion itself reads `raw`."""
+        if self._torch_shards is None:
+            self._torch_shards = [safe_torch_load(p) for p in self.shard_paths]
+        return self._torch_shards
+
+    def _placed(self, shards) -> bool:
+        return all(self.raw[i] is not None for i in shards)
+
+    def load(self, name: str):
+        """The whole tensor as a torch tensor, joined across shards, in the checkpoint's dtype."""
+        import torch
+
         parts = [s[name] for s in self.shards]
         axis = self.merge_axis[name]
         if axis is None:
             return parts[0]
         return torch.cat(parts, dim=axis)
 
+    def load_f32(self, name: str) -> np.ndarray:
+        """The whole tensor as a new float32 array, joined across shards."""
+        axis = self.merge_axis[name]
+        shards = range(len(self.raw)) if axis is not None else range(1)
+        if not self._placed(shards):
+            import torch
+            return self.load(name).to(torch.float32).numpy()
+        parts = [self.raw[i][name].load() for i in shards]
+        return parts[0] if axis is None else np.concatenate(parts, axis=axis)
+
+    def dtype_name(self, name: str) -> str:
+        """"bf16", "f16" or "f32": the tensor's storage dtype."""
+        if self.raw[0] is not None:
+            return self.raw[0][name].dtype
+        from .torch_zip import TORCH_DTYPE_NAMES
+        t = self.shards[0][name]
+        return TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype))
+
     def read_rows(self, name: str, a: int, b: int, out: np.ndarray) -> None:
         """Rows [a, b) of the joined tensor as float32 into out[b - a, cols], straight from
         the shards (no joined copy; a 1-D tensor is one row): with pread where every shard's
         tensors were placed in their files (torch_zip.py), else through torch's mapping."""
         axis = self.merge_axis[name]
-        shards = range(len(self.shards)) if axis is not None else range(1)
-        placed = all(self.raw[i] is not None for i in shards)
+        shards = range(len(self.raw)) if axis is not None else range(1)
+        placed = self._placed(shards)
         parts = [self.raw[i][name] if placed else self.shards[i][name] for i in shards]
         if axis == 1:           # columns split: each shard gives every row, a band of columns
             col = 0
@@ -119,30 +108,23 @@ class MetaCheckpoint:
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading tensor `name` from disk now, so a checkpoint that
         is not in the page cache streams in while the tensor before it is converted."""
-        for i, s in enumerate(self.shards):
-            if self.raw[i] is not None:
-                self.raw[i][name].prefetch()
+        for i, raw in enumerate(self.raw):
+            if raw is not None:
+                raw[name].prefetch()
             else:
-                t = s[name]
+                t = self.shards[i][name]
                 will_need(t.data_ptr(), t.numel() * t.element_size())
 
     def source_files(self, name: str) -> list[Path]:
         return list(self.shard_paths) if self.merge_axis[name] is not None else self.shard_paths[:1]
 
 
-def _read_part(p: RawTensor | torch.Tensor, lo: int, hi: int, dst: np.ndarray) -> None:
+def _read_part(p, lo: int, hi: int, dst: np.ndarray) -> None:
     """Rows [lo, hi) of one shard's part into float32 `dst`: pread, or the mapped bytes."""
     if isinstance(p, RawTensor):
         p.read_rows(lo, hi, dst)
     else:
-        widen_into(_raw(p).reshape(-1, dst.shape[1])[lo:hi], dst)
-
-
-def _raw(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of a tensor's memory-mapped bytes: bf16 as its uint16 bits."""
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
+        widen_into(mapped_bytes(p).reshape(-1, dst.shape[1])[lo:hi], dst)
 
 
 def open_meta_checkpoint(path: str | Path, ctx: int | None = None) -> MetaCheckpoint:
@@ -151,7 +133,8 @@ def open_meta_checkpoint(path: str | Path, ctx: int | None = None) -> MetaCheckp
     shard_paths = sorted(path.glob(SHARD_GLOB), key=_shard_index)
     if not shard_paths:
         raise LlmconvError(f"no {SHARD_GLOB} files", file=path)
-    shards = [safe_torch_load(p) for p in shard_paths]
+    raws, torch_shards = open_shards(shard_paths)
+    shards = torch_shards if torch_shards is not None else raws
     _check_shard_count(path, shard_paths, shards, params)
 
     names = [n for n in shards[0] if n not in DROPPED]
@@ -185,7 +168,7 @@ def open_meta_checkpoint(path: str | Path, ctx: int | None = None) -> MetaCheckp
     axes: dict[str, int | None] = {}
     for name in names:
         parts = [s[name] for s in shards]
-        if parts[0].dtype not in _FLOAT_DTYPES:
+        if not is_float(parts[0]):
             raise LlmconvError(f"unsupported dtype {parts[0].dtype}", file=shard_paths[0], tensor=name)
         for p, t in zip(shard_paths, parts):
             if t.dtype != parts[0].dtype:
@@ -194,13 +177,12 @@ def open_meta_checkpoint(path: str | Path, ctx: int | None = None) -> MetaCheckp
         axis, shape = _merge_rule(name, [tuple(t.shape) for t in parts], known.get(short), shard_paths)
         if axis is None and len(parts) > 1:
             for p, t in zip(shard_paths[1:], parts[1:]):
-                if not torch.equal(t, parts[0]):
+                if not same_values(t, parts[0]):
                     raise LlmconvError("replicated tensor differs between shards", file=p, tensor=name)
         shapes[name] = shape
         axes[name] = axis
 
-    ckpt = MetaCheckpoint(path, params, shard_paths, shards, names, shapes, axes,
-                          [raw_tensors(p, s) for p, s in zip(shard_paths, shards)])
+    ckpt = MetaCheckpoint(path, params, shard_paths, names, shapes, axes, raws, torch_shards)
     ckpt.hparams = meta_hparams(params, shapes, path, ctx)
     return ckpt
 
@@ -216,7 +198,7 @@ def _check_shard_count(path: Path, shard_paths: list[Path], shards: list[dict], 
     rows (its output features), so params.json's heads x head_dim over one shard's rows is the
     shard count. Without this a lone consolidated.00.pth of two reads as a model of half the width."""
     wq = shards[0].get("layers.0.attention.wq.weight")
-    if wq is None or wq.dim() != 2:
+    if wq is None or len(wq.shape) != 2:
         return
     rows, cols = wq.shape
     n_heads = params["n_heads"]

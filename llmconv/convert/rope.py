@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from ..errors import LlmconvError
 
@@ -36,6 +35,8 @@ def llama3_rope_factors(head_dim: int, rope_theta: float, factor: float = 8.0, l
         raise LlmconvError(f"scaled RoPE needs an even head dimension, got {head_dim}", file=file)
     if factor <= 0:
         raise LlmconvError(f"rope_scaling: factor must be positive, got {factor}", file=file)
+    import torch        # here, not at the top: only LLaMA 3 checkpoints pay for importing it
+
     freqs = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     wavelen = 2 * math.pi / freqs
     high_freq_wavelen = original_context / high_freq_factor

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from gguf import MODEL_TENSOR
 
 from ..errors import LlmconvError
@@ -15,7 +14,6 @@ from .tiktoken_bpe import is_tiktoken_file, load_meta_tiktoken
 from .guards import check_checkpoint_files, require_regular_file
 from .meta import MetaCheckpoint, open_meta_checkpoint
 from .meta_params import ffn_formula_warning
-from .torch_zip import TORCH_DTYPE_NAMES
 from .plan import SourceTensor, meta_to_gguf_name, tensor_name
 from .source import Source, explicit_tokenizer
 from .rope import llama3_rope_factors_from_params
@@ -142,13 +140,12 @@ def meta_tensors(ckpt: MetaCheckpoint) -> list[SourceTensor]:
         gguf_name = meta_to_gguf_name(name)
         if gguf_name is None:
             raise LlmconvError("unknown tensor name: no GGUF mapping for it", file=ckpt.source_files(name)[0], tensor=name)
-        dtype = ckpt.shards[0][name].dtype
         out.append(SourceTensor(
             name=gguf_name, shape=ckpt.shapes[name],
-            load=lambda name=name: ckpt.load(name).to(torch.float32).numpy(),
+            load=lambda name=name: ckpt.load_f32(name),
             read_rows=lambda a, b, out, name=name: ckpt.read_rows(name, a, b, out),
             prefetch=lambda name=name: ckpt.prefetch(name),
             files=ckpt.source_files(name), source_name=name,
-            source_dtype=TORCH_DTYPE_NAMES.get(dtype, str(dtype)),
+            source_dtype=ckpt.dtype_name(name),
         ))
     return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import inspect
 import queue
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -29,6 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .. import quantize as q
+from ..quantize import floats
 from ..errors import LlmconvError
 from ..formats.positional import pwrite_all
 from .plan import SourceTensor
@@ -290,7 +292,7 @@ def run(jobs: Sequence[Job], threads: int = 1, progress: Callable[[int], None] |
     # collector walks all of them again and again while chunks are converted (9 % of the
     # f16 conversion's samples were gc_collect_main).
     gc.freeze()
-    torch_threads = _one_torch_thread() if threads > 1 else None
+    torch_threads = _one_torch_thread() if threads > 1 and _uses_torch(jobs) else None
     pool = [threading.Thread(target=_worker, args=(jobs, work, finished, errors), name=f"llmconv-work-{k}", daemon=True)
             for k in range(threads)]
     try:
@@ -323,8 +325,14 @@ def run(jobs: Sequence[Job], threads: int = 1, progress: Callable[[int], None] |
 
 
 def _torch():
-    import torch            # already loaded by the float casts (quantize/floats.py)
+    import torch
     return torch
+
+
+def _uses_torch(jobs: Sequence[Job]) -> bool:
+    """Whether any output is cast by torch (quantize/floats.py), or torch is loaded anyway: a
+    run without either does not import it (that costs ~1.4 s of CPU)."""
+    return "torch" in sys.modules or any(s.qtype.name in floats.TORCH_CAST_TYPES for j in jobs for s in j.sinks)
 
 
 def _one_torch_thread() -> int:

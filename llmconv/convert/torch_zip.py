@@ -3,7 +3,7 @@ pread (formats/rawread.py) instead of through torch's memory map.
 
 torch.load with mmap maps the whole file once and gives every storage a slice of that
 mapping, but does not say which record (`archive/data/<key>`) a storage came from. The
-records are stored uncompressed (meta._check_zip), so a record's bytes start right after
+records are stored uncompressed (pth._check_zip), so a record's bytes start right after
 its local zip header, and every storage's address minus the mapping's base is its record's
 file offset. The base is the one constant that maps every storage's address onto the start
 of a record at least as long as the storage; it is found by trying the records in order
@@ -45,7 +45,7 @@ def record_offsets(path: Path) -> dict[int, int]:
 
 
 def raw_tensors(path: Path, state: dict[str, torch.Tensor]) -> dict[str, RawTensor] | None:
-    """name -> RawTensor for every float tensor of a state dict meta.safe_torch_load mapped, or
+    """name -> RawTensor for every float tensor of a state dict pth.safe_torch_load mapped, or
     None when the storages cannot be placed in the file (the caller then reads the mapping)."""
     storages = {}
     for t in state.values():

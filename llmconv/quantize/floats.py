@@ -5,22 +5,27 @@ torch's casts are used because they are 5-7x faster than numpy's here (f16: 1100
 M/s on one core); tests/test_floats.py checks them bit for bit against numpy's f16 cast and
 against ggml's bf16 rule on every class of float32 (normals, subnormals, overflow, ties).
 NaN never reaches these casts: quantize_tensor rejects non-finite input first.
+torch is imported on the first f16/bf16 cast, not with this module: it costs ~1.4 s of CPU,
+which a conversion to any other type does not need to pay.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+TORCH_CAST_TYPES = ("f16", "bf16")      # the types whose quantize imports torch
 
 
-def _into(x: np.ndarray, out: np.ndarray | None, dtype: torch.dtype, itemsize: int) -> np.ndarray:
-    """Cast float32 `x` to `dtype` with torch (round to nearest even), into `out` if given.
-    torch's copy_ runs without the GIL, so threads convert chunks in parallel."""
+def _into(x: np.ndarray, out: np.ndarray | None, dtype: str, itemsize: int) -> np.ndarray:
+    """Cast float32 `x` to torch's `dtype` ("float16", "bfloat16"; round to nearest even),
+    into `out` if given. torch's copy_ runs without the GIL, so threads convert chunks in parallel."""
+    import torch
+
     x = np.ascontiguousarray(x, dtype=np.float32)
     if out is None:
         out = np.empty(x.size * itemsize, np.uint8)
     elif out.nbytes != x.size * itemsize or not out.flags.c_contiguous:
         raise ValueError(f"output buffer of {out.nbytes} bytes, need {x.size * itemsize} contiguous")
-    dst = torch.from_numpy(out.view(np.uint8).reshape(-1)).view(dtype).view(x.shape)
+    dst = torch.from_numpy(out.view(np.uint8).reshape(-1)).view(getattr(torch, dtype)).view(x.shape)
     dst.copy_(torch.from_numpy(x))
     return out.view(np.uint8).reshape(*x.shape[:-1], x.shape[-1] * itemsize)
 
@@ -29,7 +34,10 @@ def f32_quantize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if out is None:
         return x.view(np.uint8)
-    return _into(x, out, torch.float32, 4)
+    if out.nbytes != x.nbytes or not out.flags.c_contiguous:
+        raise ValueError(f"output buffer of {out.nbytes} bytes, need {x.nbytes} contiguous")
+    np.copyto(out.view(np.float32).reshape(x.shape), x)
+    return out.view(np.uint8).reshape(*x.shape[:-1], x.shape[-1] * 4)
 
 
 def f32_dequantize(b: np.ndarray) -> np.ndarray:
@@ -37,7 +45,7 @@ def f32_dequantize(b: np.ndarray) -> np.ndarray:
 
 
 def f16_quantize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    return _into(x, out, torch.float16, 2)
+    return _into(x, out, "float16", 2)
 
 
 def f16_dequantize(b: np.ndarray) -> np.ndarray:
@@ -45,7 +53,7 @@ def f16_dequantize(b: np.ndarray) -> np.ndarray:
 
 
 def bf16_quantize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    return _into(x, out, torch.bfloat16, 2)
+    return _into(x, out, "bfloat16", 2)
 
 
 def bf16_dequantize(b: np.ndarray) -> np.ndarray:
