@@ -74,3 +74,56 @@ def test_the_first_error_stops_the_run_and_is_raised(tmp_path):
     finally:
         os.close(fd)
     assert started == [0, 1]
+
+
+def _stored(tmp_path, dtype: str, values: np.ndarray):
+    """A RawTensor over `values` written to a file in `dtype` (bf16: the top half of float32)."""
+    from llmconv.formats.rawread import RawTensor, SourceFile
+    if dtype == "bf16":
+        data = (values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    else:
+        data = values.astype({"f16": np.float16, "f32": np.float32}[dtype])
+    path = tmp_path / f"{dtype}.bin"
+    path.write_bytes(b"\0" * 24 + data.tobytes())       # the tensor does not start the file
+    return RawTensor(SourceFile(path), 24, dtype, values.shape, f"w.{dtype}")
+
+
+def _written(tmp_path, raw, types, verbatim: bool, label: str) -> list[bytes]:
+    """Every type's bytes of `raw`, through the engine; verbatim=False hides the RawTensor behind
+    a lambda, so the engine widens and casts as for any other source."""
+    rows, cols = raw.shape
+    read = raw.read_rows if verbatim else (lambda a, b, out: raw.read_rows(a, b, out))
+    src = SourceTensor(name="w", shape=raw.shape, load=raw.load, files=[raw.file.path], source_name=raw.label,
+                       read_rows=read)
+    paths = [tmp_path / f"{label}-{t}.bin" for t in types]
+    fds = [os.open(p, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644) for p in paths]
+    try:
+        job = stream.Job(src, [stream.Sink(q.get(t), fd, 0) for t, fd in zip(types, fds)])
+        assert (stream.verbatim_source(job) is not None) == verbatim
+        stream.run([job], threads=2, chunk_weights=3 * cols)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return [p.read_bytes() for p in paths]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
+def test_an_output_in_the_stored_type_is_the_stored_bytes(tmp_path, dtype):
+    """bf16 -> bf16, f16 -> f16, f32 -> f32 copy the stored bytes (stream.verbatim_source):
+    every byte equals what widening and casting back gives, for normals, subnormals, signed
+    zeros and the largest values; the other outputs of the same read are unchanged; a NaN is
+    refused with the same message either way."""
+    rng = np.random.default_rng(7)
+    v = rng.standard_normal((11, 64)).astype(np.float32) * 0.02
+    v[0, :6] = [0.0, -0.0, 1e-41, -3e-39, 6e-8, 65504.0]    # signed zeros, subnormals (f32/bf16, f16), f16's max
+    raw = _stored(tmp_path, dtype, v)
+    types = [dtype, "q8_0", "f32" if dtype != "f32" else "f16"]
+    assert _written(tmp_path, raw, types, True, "copy") == _written(tmp_path, raw, types, False, "cast")
+    v[9, 5] = np.nan
+    bad = _stored(tmp_path, dtype, v)
+    errors = []
+    for verbatim in (True, False):
+        with pytest.raises(LlmconvError) as e:
+            _written(tmp_path, bad, [dtype], verbatim, f"nan-{verbatim}")
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "row 9" in errors[0]

@@ -105,6 +105,14 @@ class MetaCheckpoint:
                 _read_part(p, lo - first, hi - first, out[lo - a:hi - a])
             first += n_rows
 
+    def rows_reader(self, name: str):
+        """The engine's read_rows for `name`: the shard's own RawTensor.read_rows when the tensor
+        is one part stored as it is (the engine then knows it may copy the bytes verbatim,
+        stream.verbatim_source), else `read_rows` joining the parts."""
+        if self.merge_axis[name] is None and self.raw[0] is not None:
+            return self.raw[0][name].read_rows
+        return lambda a, b, out: self.read_rows(name, a, b, out)
+
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading tensor `name` from disk now, so a checkpoint that
         is not in the page cache streams in while the tensor before it is converted."""

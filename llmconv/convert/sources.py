@@ -143,7 +143,7 @@ def meta_tensors(ckpt: MetaCheckpoint) -> list[SourceTensor]:
         out.append(SourceTensor(
             name=gguf_name, shape=ckpt.shapes[name],
             load=lambda name=name: ckpt.load_f32(name),
-            read_rows=lambda a, b, out, name=name: ckpt.read_rows(name, a, b, out),
+            read_rows=ckpt.rows_reader(name),
             prefetch=lambda name=name: ckpt.prefetch(name),
             files=ckpt.source_files(name), source_name=name,
             source_dtype=ckpt.dtype_name(name),

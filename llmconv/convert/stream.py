@@ -33,6 +33,8 @@ from .. import quantize as q
 from ..quantize import floats
 from ..errors import LlmconvError
 from ..formats.positional import pwrite_all
+from ..formats.rawread import RawTensor
+from ..quantize.floats import widen_into
 from .plan import SourceTensor
 
 CHUNK_WEIGHTS = 1 << 20      # weights per work item: 4 MiB of float32
@@ -170,13 +172,48 @@ def _quantize(x: np.ndarray, sink: Sink, out: np.ndarray, a: int, rows: int) -> 
     return qt.quantize(x, out=out) if _takes_out(qt.quantize) else qt.quantize(x)
 
 
+def verbatim_source(job: Job) -> RawTensor | None:
+    """The tensor's stored bytes when they are exactly what the source gives (its read_rows is
+    the RawTensor's own: no shard join, no Q/K reordering, no adapter merge): an output in the
+    stored type (bf16 -> bf16, f16 -> f16, f32 -> f32) is then those bytes, copied without
+    widening and casting back, bit for bit what the cast would give for finite values."""
+    rr = job.src.read_rows
+    owner = getattr(rr, "__self__", None)
+    return owner if isinstance(owner, RawTensor) and getattr(rr, "__func__", None) is RawTensor.read_rows else None
+
+
+def _copies(sink: Sink, verbatim: RawTensor | None) -> bool:
+    return verbatim is not None and sink.qtype.name == verbatim.dtype and sink.imatrix is None
+
+
+def _first_nonfinite_raw(raw: np.ndarray) -> int | None:
+    """First row of stored bytes (bf16 bits as uint16, float16, float32) holding NaN/inf, or None."""
+    if raw.dtype == np.uint16:          # bf16: all exponent bits set
+        bad = np.bitwise_and(raw, 0x7F80) == 0x7F80
+    else:
+        bad = ~np.isfinite(raw)
+    return int(np.argmax(bad.any(axis=1))) if bad.any() else None
+
+
 def _convert_chunk(job: Job, a: int, b: int) -> None:
     rows, n = job.rows_cols
-    x = _read_chunk(job, a, b)
-    checked = False
+    verbatim = verbatim_source(job)
+    raw = verbatim.raw_rows(a, b) if any(_copies(s, verbatim) for s in job.sinks) else None
+    x = None
+    checked = raw_checked = False
     made: dict[tuple, np.ndarray] = {}
     for sink in job.sinks:
         qt = sink.qtype
+        if raw is not None and _copies(sink, verbatim):
+            if not raw_checked:
+                bad = _first_nonfinite_raw(raw)
+                if bad is not None:
+                    raise q.NonFiniteError(a + bad)
+                raw_checked = True
+            pwrite_all(sink.fd, raw, sink.offset + a * qt.row_nbytes(n))
+            continue
+        if x is None:
+            x = _read_chunk(job, a, b) if raw is None else _widened(raw, b - a, n)
         weighted = sink.imatrix is not None and qt.quantize_weighted is not None
         key = (qt.name, id(sink.imatrix) if weighted else None)
         blob = made.get(key)
@@ -192,6 +229,13 @@ def _convert_chunk(job: Job, a: int, b: int) -> None:
             except q.NonFiniteError as e:
                 raise q.NonFiniteError(a + e.row, e.what) from None
         pwrite_all(sink.fd, blob, sink.offset + a * qt.row_nbytes(n))
+
+
+def _widened(raw: np.ndarray, rows: int, n: int) -> np.ndarray:
+    """Stored rows already read (for a verbatim copy) as float32 in this worker's arena."""
+    x = _arenas.get("f32", rows * n * 4).view(np.float32).reshape(rows, n)
+    widen_into(raw, x)
+    return x
 
 
 def _work(job: Job, a: int, b: int) -> None:
@@ -332,7 +376,8 @@ def _torch():
 def _uses_torch(jobs: Sequence[Job]) -> bool:
     """Whether any output is cast by torch (quantize/floats.py), or torch is loaded anyway: a
     run without either does not import it (that costs ~1.4 s of CPU)."""
-    return "torch" in sys.modules or any(s.qtype.name in floats.TORCH_CAST_TYPES for j in jobs for s in j.sinks)
+    return "torch" in sys.modules or any(s.qtype.name in floats.TORCH_CAST_TYPES and not _copies(s, verbatim_source(j))
+                                         for j in jobs for s in j.sinks)
 
 
 def _one_torch_thread() -> int:
