@@ -107,23 +107,23 @@ def _written(tmp_path, raw, types, verbatim: bool, label: str) -> list[bytes]:
     return [p.read_bytes() for p in paths]
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "f16", "f32"])
-def test_an_output_in_the_stored_type_is_the_stored_bytes(tmp_path, dtype):
-    """bf16 -> bf16, f16 -> f16, f32 -> f32 copy the stored bytes (stream.verbatim_source):
-    every byte equals what widening and casting back gives, for normals, subnormals, signed
-    zeros and the largest values; the other outputs of the same read are unchanged; a NaN is
-    refused with the same message either way."""
+@pytest.mark.parametrize("dtype, outtype", [("bf16", "bf16"), ("f16", "f16"), ("f32", "f32"), ("bf16", "f16")])
+def test_an_output_written_from_the_stored_bytes_equals_the_cast(tmp_path, dtype, outtype):
+    """bf16 -> bf16, f16 -> f16, f32 -> f32 copy the stored bytes and bf16 -> f16 transcodes
+    them (stream.verbatim_source, floats.FROM_STORED): every byte equals what widening and
+    casting gives, for normals, subnormals, signed zeros and values past f16's range; the other
+    outputs of the same read are unchanged; a NaN is refused with the same message either way."""
     rng = np.random.default_rng(7)
     v = rng.standard_normal((11, 64)).astype(np.float32) * 0.02
-    v[0, :6] = [0.0, -0.0, 1e-41, -3e-39, 6e-8, 65504.0]    # signed zeros, subnormals (f32/bf16, f16), f16's max
+    v[0, :8] = [0.0, -0.0, 1e-41, -3e-39, 6e-8, -3e-5, 65504.0, -1e5 if dtype != "f16" else -65504.0]
     raw = _stored(tmp_path, dtype, v)
-    types = [dtype, "q8_0", "f32" if dtype != "f32" else "f16"]
+    types = [outtype, "q8_0", "f32" if dtype != "f32" else "f16"]
     assert _written(tmp_path, raw, types, True, "copy") == _written(tmp_path, raw, types, False, "cast")
     v[9, 5] = np.nan
     bad = _stored(tmp_path, dtype, v)
     errors = []
     for verbatim in (True, False):
         with pytest.raises(LlmconvError) as e:
-            _written(tmp_path, bad, [dtype], verbatim, f"nan-{verbatim}")
+            _written(tmp_path, bad, [outtype], verbatim, f"nan-{verbatim}")
         errors.append(str(e.value))
     assert errors[0] == errors[1] and "row 9" in errors[0]

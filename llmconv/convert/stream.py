@@ -174,16 +174,19 @@ def _quantize(x: np.ndarray, sink: Sink, out: np.ndarray, a: int, rows: int) -> 
 
 def verbatim_source(job: Job) -> RawTensor | None:
     """The tensor's stored bytes when they are exactly what the source gives (its read_rows is
-    the RawTensor's own: no shard join, no Q/K reordering, no adapter merge): an output in the
-    stored type (bf16 -> bf16, f16 -> f16, f32 -> f32) is then those bytes, copied without
-    widening and casting back, bit for bit what the cast would give for finite values."""
+    the RawTensor's own: no shard join, no Q/K reordering, no adapter merge). An output in the
+    stored type is then those bytes, and bf16 -> f16 is an integer transcode of them
+    (floats.FROM_STORED): no widening to float32, no cast back, no torch."""
     rr = job.src.read_rows
     owner = getattr(rr, "__self__", None)
     return owner if isinstance(owner, RawTensor) and getattr(rr, "__func__", None) is RawTensor.read_rows else None
 
 
-def _copies(sink: Sink, verbatim: RawTensor | None) -> bool:
-    return verbatim is not None and sink.qtype.name == verbatim.dtype and sink.imatrix is None
+def _from_stored(sink: Sink, verbatim: RawTensor | None):
+    """The function writing `sink` from the stored bytes, or None (then: widen and quantize)."""
+    if verbatim is None or sink.imatrix is not None:
+        return None
+    return floats.FROM_STORED.get((verbatim.dtype, sink.qtype.name))
 
 
 def _first_nonfinite_raw(raw: np.ndarray) -> int | None:
@@ -198,26 +201,27 @@ def _first_nonfinite_raw(raw: np.ndarray) -> int | None:
 def _convert_chunk(job: Job, a: int, b: int) -> None:
     rows, n = job.rows_cols
     verbatim = verbatim_source(job)
-    raw = verbatim.raw_rows(a, b) if any(_copies(s, verbatim) for s in job.sinks) else None
+    raw = verbatim.raw_rows(a, b) if any(_from_stored(s, verbatim) for s in job.sinks) else None
     x = None
     checked = raw_checked = False
     made: dict[tuple, np.ndarray] = {}
     for sink in job.sinks:
         qt = sink.qtype
-        if raw is not None and _copies(sink, verbatim):
+        weighted = sink.imatrix is not None and qt.quantize_weighted is not None
+        key = (qt.name, id(sink.imatrix) if weighted else None)
+        blob = made.get(key)
+        transcode = _from_stored(sink, verbatim) if raw is not None else None
+        if blob is None and transcode is not None:
             if not raw_checked:
                 bad = _first_nonfinite_raw(raw)
                 if bad is not None:
                     raise q.NonFiniteError(a + bad)
                 raw_checked = True
-            pwrite_all(sink.fd, raw, sink.offset + a * qt.row_nbytes(n))
-            continue
-        if x is None:
-            x = _read_chunk(job, a, b) if raw is None else _widened(raw, b - a, n)
-        weighted = sink.imatrix is not None and qt.quantize_weighted is not None
-        key = (qt.name, id(sink.imatrix) if weighted else None)
-        blob = made.get(key)
-        if blob is None:
+            out = _arenas.get(f"out{len(made)}", (b - a) * qt.row_nbytes(n)).view(raw.dtype).reshape(raw.shape)
+            blob = made[key] = transcode(raw, out)
+        elif blob is None:
+            if x is None:
+                x = _read_chunk(job, a, b) if raw is None else _widened(raw, b - a, n)
             if (weighted or not qt.checks_finite) and not checked:
                 bad = _check_finite(x)
                 if bad is not None:
@@ -376,7 +380,7 @@ def _torch():
 def _uses_torch(jobs: Sequence[Job]) -> bool:
     """Whether any output is cast by torch (quantize/floats.py), or torch is loaded anyway: a
     run without either does not import it (that costs ~1.4 s of CPU)."""
-    return "torch" in sys.modules or any(s.qtype.name in floats.TORCH_CAST_TYPES and not _copies(s, verbatim_source(j))
+    return "torch" in sys.modules or any(s.qtype.name in floats.TORCH_CAST_TYPES and _from_stored(s, verbatim_source(j)) is None
                                          for j in jobs for s in j.sinks)
 
 
