@@ -204,13 +204,13 @@ sys.exit(code)
 def test_a_quantized_conversion_does_not_import_torch(plain, tmp_path):
     """Importing torch costs ~1.4 s of CPU, more than the rest of a 1B q4_0 run's start-up:
     a conversion from a plain bf16 .pth to a quantized type, to bf16 (its stored bytes are
-    copied) or to f16 (transcoded from them) must not do it; an f16 checkpoint to bf16 does,
+    copied) or to f16 (transcoded from them), or from safetensors to a quantized type, must not do it; an f16 checkpoint to bf16 does,
     for torch's fast cast."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     half = resaved(plain, tmp_path / "half" / "m", lambda sd: {k: v.half() for k, v in sd.items()})
     for ckpt, outtype, want in ((plain, "q4_0", "no torch"), (plain, "bf16", "no torch"), (plain, "f16", "no torch"),
-                                (half, "bf16", "torch imported")):
+                                (root / "fixtures" / "hf-tiny-llama", "q4_0", "no torch"), (half, "bf16", "torch imported")):
         proc = subprocess.run([sys.executable, "-c", NO_TORCH, "convert", str(ckpt), "--outtype", outtype,
                                "-o", str(tmp_path / f"{outtype}.gguf"), "-q", "-f", "-t", "2"],
                               capture_output=True, text=True, env=env, timeout=300)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from gguf import MODEL_TENSOR
 
 from ..errors import LlmconvError
@@ -191,7 +190,11 @@ def _map_tensors(entries: dict[str, WeightEntry], cfg: HFConfig, vocab_size: int
 
 def weight_loader(e: WeightEntry, heads: int | None) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        a = e.raw.load() if e.raw is not None else e.get().to(torch.float32).numpy()
+        if e.raw is not None:
+            a = e.raw.load()
+        else:
+            import torch        # only for a tensor pread cannot place
+            a = e.get().to(torch.float32).numpy()
         return np.ascontiguousarray(unpermute_rows(a, heads)) if heads else a
     return load
 

@@ -11,12 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from ..errors import LlmconvError, load_json
 from ..formats.rawread import RawTensor, SourceFile
-from .pth import safe_torch_load
-from .torch_zip import TORCH_DTYPE_NAMES, raw_tensors
 
 _ST_DTYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
 
@@ -131,13 +127,16 @@ def open_weights(model_dir: Path, kinds: tuple[str, ...] = ("safetensors", "bin"
 def _safetensors_entries(path: Path):
     from safetensors import SafetensorError, safe_open
     try:
-        handle = safe_open(str(path), framework="pt")
+        # the numpy view of the header: framework="pt" would import torch (~1.4 s of CPU) to
+        # read names, dtypes and shapes; torch's handle is opened only if a tensor is `get`
+        handle = safe_open(str(path), framework="numpy")
         names = list(handle.keys())
         meta = [(n, handle.get_slice(n)) for n in names]
     except (SafetensorError, OSError, ValueError) as e:
         raise LlmconvError(f"not a readable safetensors file: {_first_line(e)}", file=path) from None
     places = _safetensors_places(path)
     file = SourceFile(path) if places else None
+    torch_handle = _opened_on_first_use(path)
     for name, sl in meta:
         dtype = _ST_DTYPES.get(sl.get_dtype())
         if dtype is None:
@@ -148,8 +147,20 @@ def _safetensors_entries(path: Path):
             raw = RawTensor(file, places[name][0], dtype, shape, name)
             if places[name][1] - places[name][0] != raw.nbytes:
                 raw = None
-        yield name, WeightEntry(path, shape, dtype, lambda h=handle, n=name: h.get_tensor(n), raw,
-                                lambda i, h=handle, n=name: h.get_slice(n)[i])
+        yield name, WeightEntry(path, shape, dtype, lambda h=torch_handle, n=name: h().get_tensor(n), raw,
+                                lambda i, h=torch_handle, n=name: h().get_slice(n)[i])
+
+
+def _opened_on_first_use(path: Path):
+    """A function returning one safe_open(path, framework="pt") handle, opened on its first call."""
+    handles = []
+
+    def handle():
+        if not handles:
+            from safetensors import safe_open
+            handles.append(safe_open(str(path), framework="pt"))
+        return handles[0]
+    return handle
 
 
 def _safetensors_places(path: Path) -> dict[str, tuple[int, int]]:
@@ -166,6 +177,8 @@ def _safetensors_places(path: Path) -> dict[str, tuple[int, int]]:
 
 
 def _bin_entries(path: Path):
+    from .pth import safe_torch_load
+    from .torch_zip import TORCH_DTYPE_NAMES, raw_tensors
     sd = safe_torch_load(path)
     raws = raw_tensors(path, sd) or {}
     for name, t in sd.items():
