@@ -106,7 +106,7 @@ def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return True
 
 
-def _records(zf: zipfile.ZipFile, f) -> dict[str, tuple[int, int]]:
+def stored_records(zf: zipfile.ZipFile, f) -> dict[str, tuple[int, int]]:
     """Member name -> (file offset of its first byte, size), for stored (uncompressed) members."""
     out = {}
     for info in zf.infolist():
@@ -134,7 +134,7 @@ def read_state_dict(path: Path) -> dict[str, RawTensor] | None:
             if prefix + "byteorder" in zf.namelist() and zf.read(prefix + "byteorder") != b"little":
                 return None
             state = _Unpickler(io.BytesIO(zf.read(pkl[0]))).load()
-            records = _records(zf, f)
+            records = stored_records(zf, f)
     except (_Unusual, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError, TypeError,
             EOFError, AttributeError, IndexError, KeyError):
         return None

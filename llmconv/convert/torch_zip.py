@@ -13,7 +13,6 @@ If no base fits (a writer that is not torch.save), the caller keeps the mapped p
 from __future__ import annotations
 
 import re
-import struct
 import zipfile
 from pathlib import Path
 
@@ -21,27 +20,17 @@ import numpy as np
 import torch
 
 from ..formats.rawread import RawTensor, SourceFile
+from .torch_pickle import stored_records
 
 _DATA_RECORD = re.compile(r"(?:^|/)data/\d+$")
-_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")        # zipfile's structFileHeader: 30 bytes
 # torch dtype -> llmconv's name for it (the float types a checkpoint may store); the one copy
 TORCH_DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 def record_offsets(path: Path) -> dict[int, int]:
     """File offset of each data record's first byte -> the record's size."""
-    out: dict[int, int] = {}
     with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
-        for info in zf.infolist():
-            if not _DATA_RECORD.search(info.filename) or info.compress_type != zipfile.ZIP_STORED:
-                continue
-            f.seek(info.header_offset)
-            head = f.read(_LOCAL_HEADER.size)
-            if len(head) != _LOCAL_HEADER.size or head[:4] != b"PK\x03\x04":
-                continue
-            fields = _LOCAL_HEADER.unpack(head)
-            out[info.header_offset + _LOCAL_HEADER.size + fields[10] + fields[11]] = info.file_size
-    return out
+        return {offset: size for name, (offset, size) in stored_records(zf, f).items() if _DATA_RECORD.search(name)}
 
 
 def raw_tensors(path: Path, state: dict[str, torch.Tensor]) -> dict[str, RawTensor] | None:
