@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from llmconv.testing.moe_synth import save_safetensors
+
 CHUNK = 8192
 
 
@@ -163,22 +165,13 @@ def llama4_state_dict(cfg: dict, seed: int = 0, dtype=torch.bfloat16, router_sca
 
 def write_hf_llama4(path: Path, *, seed: int = 0, shards: int = 2, sd: dict | None = None, tokenizer: bool = True,
                     **overrides) -> Path:
-    """The checkpoint (weights spread round-robin over `shards` files with an index), Llama 4's
+    """The checkpoint (one model.safetensors, or weights spread round-robin over `shards` files with an index), Llama 4's
     tokenizer files (unless `tokenizer` is false), generation_config.json."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tcfg = text_config(**overrides)
     sd = sd if sd is not None else llama4_state_dict(tcfg, seed)
-    names = sorted(sd)
-    weight_map = {}
-    for k in range(shards):
-        fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        part = {n: sd[n].contiguous() for n in names[k::shards]}
-        save_file(part, str(path / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in part})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_safetensors(path, sd, shards)
     cfg = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
            "boi_token_index": 200080, "eoi_token_index": 200081, "image_token_index": 200092,
            "tie_word_embeddings": False, "torch_dtype": "bfloat16", "text_config": tcfg,

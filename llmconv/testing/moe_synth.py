@@ -93,7 +93,7 @@ def write_hf_mixtral(path: Path, *, tokenizer: Path | None = None, shards: int =
     if sd is None:
         sd = mixtral_state_dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn=ffn,
                                 n_expert=n_expert, vocab=vocab, seed=seed)
-    _save_safetensors(path, sd, shards)
+    save_safetensors(path, sd, shards)
     cfg = {
         "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
         "hidden_size": dim, "intermediate_size": ffn, "num_hidden_layers": n_layers,
@@ -112,7 +112,7 @@ def write_hf_mixtral(path: Path, *, tokenizer: Path | None = None, shards: int =
     return path
 
 
-def _save_safetensors(path: Path, sd: dict, shards: int) -> None:
+def save_safetensors(path: Path, sd: dict, shards: int) -> None:
     """One model.safetensors, or `shards` files and their index with tensors dealt round-robin."""
     from safetensors.torch import save_file
 
