@@ -36,6 +36,7 @@ from ..formats.positional import pwrite_all
 from ..formats.rawread import RawTensor
 from ..quantize.floats import widen_into
 from .plan import SourceTensor
+from .worker_threads import name_os_thread, one_torch_thread, torch_module
 
 CHUNK_WEIGHTS = 1 << 20      # weights per work item: 4 MiB of float32
 
@@ -255,16 +256,6 @@ def _work(job: Job, a: int, b: int) -> None:
         raise LlmconvError(f"{e} (cannot convert to {types})", file=where, tensor=label) from None
 
 
-def _name_os_thread() -> None:
-    """Name the worker's OS thread `llmconv-work` (top -H, perf and bench/pipeline.py's
-    per-thread accounting see it); Python's own thread name stays inside the interpreter."""
-    try:
-        import ctypes
-        ctypes.CDLL(None).prctl(15, b"llmconv-work", 0, 0, 0)       # PR_SET_NAME
-    except (OSError, AttributeError):
-        pass
-
-
 def chunks(job: Job, chunk_weights: int | None = None):
     """(first row, end row) of each chunk of about `chunk_weights` weights (at least a row).
     A stacked tensor read expert by expert is cut at every expert's first row."""
@@ -305,7 +296,7 @@ class _Chunks:
 def _worker(jobs: Sequence[Job], work: _Chunks, finished: queue.SimpleQueue, errors: list[BaseException]) -> None:
     """One worker thread of `run`: convert and write chunks until none is left; report each
     finished chunk (job index, bytes) on `finished`, then None when leaving."""
-    _name_os_thread()
+    name_os_thread()
     try:
         while (item := work.next()) is not None:
             i, a, b = item
@@ -340,7 +331,7 @@ def run(jobs: Sequence[Job], threads: int = 1, progress: Callable[[int], None] |
     # collector walks all of them again and again while chunks are converted (9 % of the
     # f16 conversion's samples were gc_collect_main).
     gc.freeze()
-    torch_threads = _one_torch_thread() if threads > 1 and _uses_torch(jobs) else None
+    torch_threads = one_torch_thread() if threads > 1 and _uses_torch(jobs) else None
     pool = [threading.Thread(target=_worker, args=(jobs, work, finished, errors), name=f"llmconv-work-{k}", daemon=True)
             for k in range(threads)]
     try:
@@ -368,13 +359,8 @@ def run(jobs: Sequence[Job], threads: int = 1, progress: Callable[[int], None] |
         for t in pool:
             t.join()
         if torch_threads is not None:
-            _torch().set_num_threads(torch_threads)
+            torch_module().set_num_threads(torch_threads)
         gc.unfreeze()
-
-
-def _torch():
-    import torch
-    return torch
 
 
 def _uses_torch(jobs: Sequence[Job]) -> bool:
@@ -384,12 +370,3 @@ def _uses_torch(jobs: Sequence[Job]) -> bool:
                                          for j in jobs for s in j.sinks)
 
 
-def _one_torch_thread() -> int:
-    """With several workers, each torch cast (f16/bf16 outputs) runs on its worker alone:
-    torch's own intra-op pool would fork every cast over all cores again, and the workers sat
-    in futex waits for it about half of an f16 run at -t 2 (sampled /proc wchan). Returns
-    the previous setting. At -t 1 torch keeps its pool: it is then the only parallelism."""
-    torch = _torch()
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    return before
