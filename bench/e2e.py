@@ -18,6 +18,7 @@ the page cache or mmapped files) polled every 5 ms, and bytes written. Threads: 
 every tool. The checkpoint is read through the page cache; with 24 GB of RAM a 13.5 GB 7B
 checkpoint is mostly cached after the first step, for every step alike.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,7 @@ from llmconv.testing.procstat import run_peak_rss_anon  # noqa: E402
 class Step:
     name: str
     seconds: float
-    peak_rss_anon: int      # bytes, the max over the step's processes
+    peak_rss_anon: int  # bytes, the max over the step's processes
     bytes_written: int
 
 
@@ -52,8 +53,21 @@ def run_measured(cmd: list[str]) -> tuple[float, int]:
 
 
 def llmconv(ckpt: Path, outtype: str, out: Path, threads: int) -> Step:
-    cmd = [sys.executable, "-m", "llmconv.cli", "convert", str(ckpt), "--outtype", outtype,
-           "-o", str(out), "-q", "-f", "-t", str(threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmconv.cli",
+        "convert",
+        str(ckpt),
+        "--outtype",
+        outtype,
+        "-o",
+        str(out),
+        "-q",
+        "-f",
+        "-t",
+        str(threads),
+    ]
     sec, peak = run_measured(cmd)
     return Step(f"llmconv convert --outtype {outtype}", sec, peak, out.stat().st_size)
 
@@ -89,6 +103,7 @@ def ensure_checkpoint(size: str, data: Path) -> Path:
     ckpt = data / f"llama-{size}"
     if not (ckpt / "params.json").exists():
         from synth import make
+
         print(f"writing synthetic checkpoint {ckpt} ...", flush=True)
         make(size, ckpt)
     return ckpt
@@ -115,8 +130,11 @@ def main(argv=None) -> int:
     out = args.data / "out"
     out.mkdir(exist_ok=True)
     ckpt_bytes = sum(p.stat().st_size for p in ckpt.glob("consolidated.*.pth"))
-    print(f"checkpoint {ckpt} ({gib(ckpt_bytes)}), {args.threads} threads, {platform.processor() or platform.machine()}, "
-          f"llama-cpp-python {llama_cpp.__version__}", flush=True)
+    print(
+        f"checkpoint {ckpt} ({gib(ckpt_bytes)}), {args.threads} threads, {platform.processor() or platform.machine()}, "
+        f"llama-cpp-python {llama_cpp.__version__}",
+        flush=True,
+    )
 
     steps: dict[str, Step] = {}
     steps["copy"] = copy_limit(ckpt, out)
@@ -143,19 +161,34 @@ def main(argv=None) -> int:
     for key, s in steps.items():
         vs_copy = f"{steps['copy'].seconds / s.seconds:7.0%}" if key not in ("copy", "b_q4_0") else ""
         label = ("(b) " if key.startswith("b_") else "(a) " if key != "copy" else "") + s.name
-        print(f"{label:48s} {s.seconds:8.1f} {gib(s.peak_rss_anon) if s.peak_rss_anon else '':>13s} "
-              f"{gib(s.bytes_written):>11s} {vs_copy:>8s}")
+        print(
+            f"{label:48s} {s.seconds:8.1f} {gib(s.peak_rss_anon) if s.peak_rss_anon else '':>13s} "
+            f"{gib(s.bytes_written):>11s} {vs_copy:>8s}"
+        )
     print(f"{'(b) two-step total f16 -> q4_0':48s} {two_step:8.1f} {gib(two_step_peak):>13s}")
     if "q4_0" in steps:
-        print(f"\nq4_0: one pass (a) / two-step (b) = {steps['q4_0'].seconds / two_step:.2f} x the time, "
-              f"{steps['q4_0'].peak_rss_anon / two_step_peak:.2f} x the peak RssAnon")
+        print(
+            f"\nq4_0: one pass (a) / two-step (b) = {steps['q4_0'].seconds / two_step:.2f} x the time, "
+            f"{steps['q4_0'].peak_rss_anon / two_step_peak:.2f} x the peak RssAnon"
+        )
     if "f16" in steps:
-        print(f"f16 conversion ran at {steps['copy'].seconds / steps['f16'].seconds:.0%} of the copy rate "
-              f"(copy {ckpt_bytes / steps['copy'].seconds / 2**20:.0f} MiB/s read+write, "
-              f"convert {ckpt_bytes / steps['f16'].seconds / 2**20:.0f} MiB/s of checkpoint)")
+        print(
+            f"f16 conversion ran at {steps['copy'].seconds / steps['f16'].seconds:.0%} of the copy rate "
+            f"(copy {ckpt_bytes / steps['copy'].seconds / 2**20:.0f} MiB/s read+write, "
+            f"convert {ckpt_bytes / steps['f16'].seconds / 2**20:.0f} MiB/s of checkpoint)"
+        )
     if args.json:
-        args.json.write_text(json.dumps({"size": args.size, "threads": args.threads, "checkpoint_bytes": ckpt_bytes,
-                                         "steps": {k: asdict(v) for k, v in steps.items()}}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "size": args.size,
+                    "threads": args.threads,
+                    "checkpoint_bytes": ckpt_bytes,
+                    "steps": {k: asdict(v) for k, v in steps.items()},
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

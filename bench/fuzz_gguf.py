@@ -13,6 +13,7 @@ Prints how many inputs were tried (and how many were distinct), the outcomes by 
 every failure (also saved to --save-failures). Exit status 1 if anything failed.
 Without --seed the run is deterministic (hypothesis' derandomize).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,13 +56,18 @@ def main() -> int:
                 outcome = fuzzer.check_input(data, scratch)
                 if outcome.startswith("error: other"):
                     raise AssertionError(f"unexpected error message: {outcome}")
-            except Exception as e:   # noqa: BLE001 -- count everything, stop at nothing
+            except Exception as e:  # noqa: BLE001 -- count everything, stop at nothing
                 outcome = f"FAILED: {type(e).__name__}"
                 failures.append((f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}", data))
             outcomes[outcome] += 1
 
-        run = settings(max_examples=args.examples, derandomize=args.seed is None, deadline=None, database=None,
-                       suppress_health_check=list(HealthCheck))(given(data=fuzzer.mutated_gguf())(one))
+        run = settings(
+            max_examples=args.examples,
+            derandomize=args.seed is None,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )(given(data=fuzzer.mutated_gguf())(one))
         if args.seed is not None:
             run = hypothesis_seed(args.seed)(run)
         start = time.perf_counter()
@@ -88,9 +94,20 @@ def main() -> int:
             (args.save_failures / f"failure-{i}.gguf").write_bytes(data)
             (args.save_failures / f"failure-{i}.txt").write_text(why)
     if args.json:
-        args.json.write_text(json.dumps({"examples_requested": args.examples, "tried": tried, "distinct": len(seen),
-                                         "seconds": seconds, "outcomes": dict(outcomes),
-                                         "failures": len(failures)}, indent=1) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "examples_requested": args.examples,
+                    "tried": tried,
+                    "distinct": len(seen),
+                    "seconds": seconds,
+                    "outcomes": dict(outcomes),
+                    "failures": len(failures),
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 1 if failures else 0
 
 

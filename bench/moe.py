@@ -16,6 +16,7 @@ Measured: wall time, peak RssAnon (llmconv/testing/procstat.py, polled), checkpo
 second of `llmconv convert --outtype T`; with --dense, the same on the dense checkpoint, to
 compare throughput per byte.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,16 +46,22 @@ def tensor_plan(layers: int) -> list[tuple[str, tuple[int, ...], int]]:
     plan = [("model.embed_tokens.weight", (VOCAB, DIM), 0)]
     for i in range(layers):
         p = f"model.layers.{i}."
-        plan += [(p + "self_attn.q_proj.weight", (HEADS * hd, DIM), 0),
-                 (p + "self_attn.k_proj.weight", (KV_HEADS * hd, DIM), 0),
-                 (p + "self_attn.v_proj.weight", (KV_HEADS * hd, DIM), 0),
-                 (p + "self_attn.o_proj.weight", (DIM, HEADS * hd), 0),
-                 (p + "input_layernorm.weight", (DIM,), 0), (p + "post_attention_layernorm.weight", (DIM,), 0),
-                 (p + "block_sparse_moe.gate.weight", (EXPERTS, DIM), 1 + i)]
+        plan += [
+            (p + "self_attn.q_proj.weight", (HEADS * hd, DIM), 0),
+            (p + "self_attn.k_proj.weight", (KV_HEADS * hd, DIM), 0),
+            (p + "self_attn.v_proj.weight", (KV_HEADS * hd, DIM), 0),
+            (p + "self_attn.o_proj.weight", (DIM, HEADS * hd), 0),
+            (p + "input_layernorm.weight", (DIM,), 0),
+            (p + "post_attention_layernorm.weight", (DIM,), 0),
+            (p + "block_sparse_moe.gate.weight", (EXPERTS, DIM), 1 + i),
+        ]
         for e in range(EXPERTS):
             q = p + f"block_sparse_moe.experts.{e}."
-            plan += [(q + "w1.weight", (FFN, DIM), 1 + i), (q + "w2.weight", (DIM, FFN), 1 + i),
-                     (q + "w3.weight", (FFN, DIM), 1 + i)]
+            plan += [
+                (q + "w1.weight", (FFN, DIM), 1 + i),
+                (q + "w2.weight", (DIM, FFN), 1 + i),
+                (q + "w3.weight", (FFN, DIM), 1 + i),
+            ]
     plan += [("model.norm.weight", (DIM,), 0), ("lm_head.weight", (VOCAB, DIM), 0)]
     return plan
 
@@ -71,10 +78,10 @@ def write_shard(path: Path, tensors: list[tuple[str, tuple[int, ...], int]]) -> 
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(head)) + head)
         for name, shape, _ in tensors:
-            rng = np.random.default_rng(zlib.crc32(name.encode()))   # per-tensor seed
+            rng = np.random.default_rng(zlib.crc32(name.encode()))  # per-tensor seed
             n = int(np.prod(shape))
             if len(shape) == 1:
-                block = (1 + 0.1 * rng.standard_normal(n, dtype=np.float32))
+                block = 1 + 0.1 * rng.standard_normal(n, dtype=np.float32)
                 f.write(torch.from_numpy(block).to(torch.bfloat16).view(torch.int16).numpy().tobytes())
                 continue
             scale = np.float32(shape[1] ** -0.5)
@@ -95,18 +102,37 @@ def make_mixtral(out: Path, layers: int) -> Path:
         weight_map.update({name: fname for name, _, _ in part})
         print(f"  {fname}: {(out / fname).stat().st_size / 2**30:.2f} GiB", flush=True)
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (out / "config.json").write_text(json.dumps({
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": DIM,
-        "intermediate_size": FFN, "num_hidden_layers": layers, "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS, "num_local_experts": EXPERTS, "num_experts_per_tok": USED,
-        "rms_norm_eps": 1e-5, "rope_theta": 1e6, "vocab_size": VOCAB, "max_position_embeddings": 32768,
-        "hidden_act": "silu", "tie_word_embeddings": False, "sliding_window": None, "torch_dtype": "bfloat16"}))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["MixtralForCausalLM"],
+                "model_type": "mixtral",
+                "hidden_size": DIM,
+                "intermediate_size": FFN,
+                "num_hidden_layers": layers,
+                "num_attention_heads": HEADS,
+                "num_key_value_heads": KV_HEADS,
+                "num_local_experts": EXPERTS,
+                "num_experts_per_tok": USED,
+                "rms_norm_eps": 1e-5,
+                "rope_theta": 1e6,
+                "vocab_size": VOCAB,
+                "max_position_embeddings": 32768,
+                "hidden_act": "silu",
+                "tie_word_embeddings": False,
+                "sliding_window": None,
+                "torch_dtype": "bfloat16",
+            }
+        )
+    )
     from llmconv.testing.moe_synth import mistral_tokenizer
-    tok = mistral_tokenizer()          # Mixtral's own 32000-token SentencePiece model, when installed
+
+    tok = mistral_tokenizer()  # Mixtral's own 32000-token SentencePiece model, when installed
     if tok is not None:
         (out / "tokenizer.model").write_bytes(tok.read_bytes())
     else:
-        from synth import make_tokenizer     # bench/synth.py
+        from synth import make_tokenizer  # bench/synth.py
+
         make_tokenizer(out, VOCAB)
     return out
 
@@ -133,7 +159,8 @@ def main(argv=None) -> int:
         dense = args.data / f"llama-{args.dense}"
         if not (dense / "params.json").exists():
             print(f"writing synthetic checkpoint {dense} ...", flush=True)
-            from synth import make           # bench/synth.py
+            from synth import make  # bench/synth.py
+
             make(args.dense, dense)
         runs.append((f"dense bench/synth.py --size {args.dense}", dense))
     print(f"{'checkpoint':42s} {'read':>10s} {'wall s':>8s} {'MiB/s read':>10s} {'peak RssAnon':>13s} {'written':>10s}")
@@ -141,8 +168,11 @@ def main(argv=None) -> int:
         out = args.data / f"{path.name}-{args.type}.gguf"
         step = llmconv(path, args.type, out, args.threads)
         size = checkpoint_bytes(path)
-        print(f"{label:42s} {gib(size):>10s} {step.seconds:8.1f} {size / 2**20 / step.seconds:10.1f} "
-              f"{gib(step.peak_rss_anon):>13s} {gib(step.bytes_written):>10s}", flush=True)
+        print(
+            f"{label:42s} {gib(size):>10s} {step.seconds:8.1f} {size / 2**20 / step.seconds:10.1f} "
+            f"{gib(step.peak_rss_anon):>13s} {gib(step.bytes_written):>10s}",
+            flush=True,
+        )
         out.unlink()
     return 0
 

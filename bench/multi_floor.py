@@ -9,6 +9,7 @@ kernel call with the thread's CPU clock: the engine shares a pair between output
 several types cannot cost less CPU than this sum; four separate runs cost at least each file's
 own kernels.
 """
+
 from __future__ import annotations
 
 import sys

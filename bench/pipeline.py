@@ -24,6 +24,7 @@ seconds runnable but waiting for a CPU, and the rest of their lives, blocked (on
 lock, I/O). On a shared machine the wall and the wait grow with the load, but blocked time
 does not: it is what the engine itself serializes, and the measure of thread scaling there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -107,8 +108,22 @@ def measure(name: str, cmd: list[str], written: list[Path] = ()) -> Run:
 
 
 def llmconv(ckpt: Path, outtype: str, out: Path | str, threads: int, extra=()) -> list[str]:
-    return [sys.executable, "-m", "llmconv.cli", "convert", str(ckpt), "--outtype", outtype, "-o", str(out),
-            "-q", "-f", "-t", str(threads), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "llmconv.cli",
+        "convert",
+        str(ckpt),
+        "--outtype",
+        outtype,
+        "-o",
+        str(out),
+        "-q",
+        "-f",
+        "-t",
+        str(threads),
+        *extra,
+    ]
 
 
 LLAMA_QUANTIZE = """
@@ -123,10 +138,11 @@ def ensure(size: str, data: Path, cold: bool = False) -> Path:
     ckpt = data / f"llama-{size}"
     if not (ckpt / "params.json").exists():
         from synth import make
+
         print(f"writing synthetic checkpoint {ckpt} ...", flush=True)
         make(size, ckpt)
     if not cold:
-        for shard in ckpt.glob("consolidated.*.pth"):          # into the page cache
+        for shard in ckpt.glob("consolidated.*.pth"):  # into the page cache
             subprocess.run(["cat", str(shard)], stdout=subprocess.DEVNULL, check=True)
     return ckpt
 
@@ -143,13 +159,17 @@ def evict(paths) -> None:
 
 
 def table(runs: list[Run]) -> str:
-    lines = [f"{'step':58s} {'wall s':>7s} {'user s':>7s} {'sys s':>6s} {'sys/user':>8s} {'faults':>9s} "
-             f"{'peak anon':>10s} {'written':>10s}  workers: {'cpu s':>6s} {'wait s':>6s} {'blocked s':>9s}"]
+    lines = [
+        f"{'step':58s} {'wall s':>7s} {'user s':>7s} {'sys s':>6s} {'sys/user':>8s} {'faults':>9s} "
+        f"{'peak anon':>10s} {'written':>10s}  workers: {'cpu s':>6s} {'wait s':>6s} {'blocked s':>9s}"
+    ]
     for r in runs:
         su = f"{r.sys / r.user:8.0%}" if r.user > 0.05 else ""
         work = f"  {'':8s} {r.work_cpu:6.2f} {r.work_wait:6.2f} {r.work_blocked:9.2f}" if r.work_cpu else ""
-        lines.append(f"{r.name:58s} {r.wall:7.2f} {r.user:7.2f} {r.sys:6.2f} {su:>8s} {r.faults:9,d} "
-                     f"{r.peak_anon / 2**20:7.0f} MiB {r.written / 2**30:6.2f} GiB{work}")
+        lines.append(
+            f"{r.name:58s} {r.wall:7.2f} {r.user:7.2f} {r.sys:6.2f} {su:>8s} {r.faults:9,d} "
+            f"{r.peak_anon / 2**20:7.0f} MiB {r.written / 2**30:6.2f} GiB{work}"
+        )
     return "\n".join(lines)
 
 
@@ -164,31 +184,38 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=ROOT / "bench" / "data")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sections", default=ALL, help=f"comma-separated subset of {ALL}")
-    ap.add_argument("--small-size", default=None, help="checkpoint for the scaling and multi sections (default: --size)")
+    ap.add_argument(
+        "--small-size", default=None, help="checkpoint for the scaling and multi sections (default: --size)"
+    )
     ap.add_argument("--scaling-types", default="q8_0,q4_0,q4_1,q5_0,q5_1,q6_k,q5_k_m,q4_k_m,q3_k_m,q2_k")
     ap.add_argument("--multi-types", default=MULTI)
-    ap.add_argument("--cold", action="store_true",
-                    help="evict the checkpoint from the page cache before every step (reads come from disk)")
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="evict the checkpoint from the page cache before every step (reads come from disk)",
+    )
     args = ap.parse_args(argv)
     sections = set(args.sections.split(","))
     T = args.threads
 
     args.data.mkdir(parents=True, exist_ok=True)
     ckpt = ensure(args.size, args.data, args.cold)
-    out = args.data / f"out-{args.size}"     # one per size: runs for two sizes may overlap
+    out = args.data / f"out-{args.size}"  # one per size: runs for two sizes may overlap
     out.mkdir(exist_ok=True)
     shards = sorted(ckpt.glob("consolidated.*.pth"))
     ckpt_bytes = sum(p.stat().st_size for p in shards)
     if args.cold:
         evict(shards)
-    print(f"checkpoint {ckpt} ({ckpt_bytes / 2**30:.2f} GiB bf16), {T} threads, "
-          f"load average {os.getloadavg()[0]:.1f} at start{', checkpoint not in the page cache' if args.cold else ''}",
-          flush=True)
+    print(
+        f"checkpoint {ckpt} ({ckpt_bytes / 2**30:.2f} GiB bf16), {T} threads, "
+        f"load average {os.getloadavg()[0]:.1f} at start{', checkpoint not in the page cache' if args.cold else ''}",
+        flush=True,
+    )
     runs: dict[str, Run] = {}
 
     def step(key: str, run: Run) -> Run:
         if args.cold:
-            evict(shards)              # for the next step
+            evict(shards)  # for the next step
         runs[key] = run
         print(table([run]).splitlines()[1], flush=True)
         return run
@@ -199,21 +226,51 @@ def main(argv=None) -> int:
 
     if "copy" in sections:
         dst = [out / f"copy-{s.name}" for s in shards]
-        step("cp", measure("cp + sync of the checkpoint", ["sh", "-c", " && ".join(
-            f"cp {s} {d} && sync {d}" for s, d in zip(shards, dst))], dst))
+        step(
+            "cp",
+            measure(
+                "cp + sync of the checkpoint",
+                ["sh", "-c", " && ".join(f"cp {s} {d} && sync {d}" for s, d in zip(shards, dst))],
+                dst,
+            ),
+        )
         clean(*dst)
-        step("dd", measure("dd bs=64M conv=fsync of the checkpoint", ["sh", "-c", " && ".join(
-            f"dd if={s} of={d} bs=64M conv=fsync status=none" for s, d in zip(shards, dst))], dst))
+        step(
+            "dd",
+            measure(
+                "dd bs=64M conv=fsync of the checkpoint",
+                [
+                    "sh",
+                    "-c",
+                    " && ".join(f"dd if={s} of={d} bs=64M conv=fsync status=none" for s, d in zip(shards, dst)),
+                ],
+                dst,
+            ),
+        )
         clean(*dst)
     if "f16" in sections or "two-step" in sections:
         f16 = out / "b-f16.gguf"
         step("f16", measure(f"llmconv convert --outtype f16 -t {T}", llmconv(ckpt, "f16", f16, T), [f16]))
         if "two-step" in sections:
             from gguf import LlamaFileType
+
             q = out / "b-q4_0.gguf"
-            step("llama_q", measure(f"  then llama.cpp llama_model_quantize f16 -> q4_0 ({T} threads)",
-                                    [sys.executable, "-c", LLAMA_QUANTIZE, str(f16), str(q),
-                                     str(int(LlamaFileType.MOSTLY_Q4_0)), str(T)], [q]))
+            step(
+                "llama_q",
+                measure(
+                    f"  then llama.cpp llama_model_quantize f16 -> q4_0 ({T} threads)",
+                    [
+                        sys.executable,
+                        "-c",
+                        LLAMA_QUANTIZE,
+                        str(f16),
+                        str(q),
+                        str(int(LlamaFileType.MOSTLY_Q4_0)),
+                        str(T),
+                    ],
+                    [q],
+                ),
+            )
             clean(q)
         clean(f16)
     if "q4_0" in sections or "two-step" in sections:
@@ -235,8 +292,12 @@ def main(argv=None) -> int:
         d.mkdir(exist_ok=True)
         files = list(d.iterdir())
         clean(*files)
-        step("multi", measure(f"[{mckpt.name}] --outtype {','.join(types)} -t {T}",
-                              llmconv(mckpt, ",".join(types), f"{d}/", T), []))
+        step(
+            "multi",
+            measure(
+                f"[{mckpt.name}] --outtype {','.join(types)} -t {T}", llmconv(mckpt, ",".join(types), f"{d}/", T), []
+            ),
+        )
         runs["multi"].written = sum(p.stat().st_size for p in d.iterdir())
         clean(*d.iterdir())
         for typ in types:
@@ -248,6 +309,7 @@ def main(argv=None) -> int:
         hf = args.data / f"hf-{args.size}"
         if not (hf / "config.json").exists():
             from synth import make_hf
+
             make_hf(ckpt, hf)
         if not args.cold:
             subprocess.run(["cat", str(hf / "model.safetensors")], stdout=subprocess.DEVNULL, check=True)
@@ -260,29 +322,39 @@ def main(argv=None) -> int:
     r = runs
     if "two-step" in sections:
         two = r["f16"].wall + r["llama_q"].wall
-        print(f"q4_0 one pass (-t {T}) / two-step (f16 + llama.cpp quantize) = "
-              f"{r[f'q4_0_t{T}'].wall:.2f} / {two:.2f} s = {r[f'q4_0_t{T}'].wall / two:.2f}x   (goal <= 0.35x)")
+        print(
+            f"q4_0 one pass (-t {T}) / two-step (f16 + llama.cpp quantize) = "
+            f"{r[f'q4_0_t{T}'].wall:.2f} / {two:.2f} s = {r[f'q4_0_t{T}'].wall / two:.2f}x   (goal <= 0.35x)"
+        )
     if "copy" in sections and f"q4_0_t{T}" in r:
         print(f"q4_0 one pass / cp = {r[f'q4_0_t{T}'].wall / r['cp'].wall:.2f}x   (goal <= 3x)")
     if "copy" in sections and "f16" in r:
-        print(f"f16 rate / cp rate = {r['cp'].wall / r['f16'].wall:.0%}   (goal >= 70 %); "
-              f"/ dd rate = {r['dd'].wall / r['f16'].wall:.0%}; f16 {ckpt_bytes / r['f16'].wall / 2**20:.0f} MiB/s, "
-              f"cp {ckpt_bytes / r['cp'].wall / 2**20:.0f} MiB/s")
+        print(
+            f"f16 rate / cp rate = {r['cp'].wall / r['f16'].wall:.0%}   (goal >= 70 %); "
+            f"/ dd rate = {r['dd'].wall / r['f16'].wall:.0%}; f16 {ckpt_bytes / r['f16'].wall / 2**20:.0f} MiB/s, "
+            f"cp {ckpt_bytes / r['cp'].wall / 2**20:.0f} MiB/s"
+        )
     pairs = [("q4_0_t1", f"q4_0_t{T}", "q4_0")] if "q4_0_t1" in r and T > 1 else []
     pairs += [(f"s_{t}_t1", f"s_{t}_t{T}", t) for t in args.scaling_types.split(",") if f"s_{t}_t1" in r]
     for a, b, typ in pairs:
-        print(f"{typ:7s} -t {T} / -t 1 wall = {r[b].wall / r[a].wall:.2f}x; sys/user at -t {T} = "
-              f"{r[b].sys / max(r[b].user, 1e-9):.0%}; workers blocked {_blocked_share(r[a]):.0%} of their "
-              f"non-waiting time at -t 1, {_blocked_share(r[b]):.0%} at -t {T}")
+        print(
+            f"{typ:7s} -t {T} / -t 1 wall = {r[b].wall / r[a].wall:.2f}x; sys/user at -t {T} = "
+            f"{r[b].sys / max(r[b].user, 1e-9):.0%}; workers blocked {_blocked_share(r[a]):.0%} of their "
+            f"non-waiting time at -t 1, {_blocked_share(r[b]):.0%} at -t {T}"
+        )
     if "multi" in r:
         sep = sum(r[f"m_{t}"].wall for t in args.multi_types.split(","))
-        print(f"{len(args.multi_types.split(','))} types in one run / separate runs = {r['multi'].wall:.1f} / {sep:.1f} s "
-              f"= {r['multi'].wall / sep:.2f}x   (goal <= 0.5x); CPU "
-              f"{r['multi'].user + r['multi'].sys:.1f} / "
-              f"{sum(r[f'm_{t}'].user + r[f'm_{t}'].sys for t in args.multi_types.split(',')):.1f} s")
-    print(f"peak RssAnon over all llmconv runs: "
-          f"{max(x.peak_anon for k, x in r.items() if k not in ('cp', 'dd', 'llama_q')) / 2**20:.0f} MiB; "
-          f"load average {os.getloadavg()[0]:.1f} at the end")
+        print(
+            f"{len(args.multi_types.split(','))} types in one run / separate runs = {r['multi'].wall:.1f} / {sep:.1f} s "
+            f"= {r['multi'].wall / sep:.2f}x   (goal <= 0.5x); CPU "
+            f"{r['multi'].user + r['multi'].sys:.1f} / "
+            f"{sum(r[f'm_{t}'].user + r[f'm_{t}'].sys for t in args.multi_types.split(',')):.1f} s"
+        )
+    print(
+        f"peak RssAnon over all llmconv runs: "
+        f"{max(x.peak_anon for k, x in r.items() if k not in ('cp', 'dd', 'llama_q')) / 2**20:.0f} MiB; "
+        f"load average {os.getloadavg()[0]:.1f} at the end"
+    )
     return 0
 
 

@@ -34,6 +34,7 @@ squared activations are, with a few outlier and dead columns), llmconv's weighte
 `ggml_quantize_chunk(..., imatrix)` alike; the types are those with a weighted kernel, and the
 gguf-py and file columns are skipped (neither takes an imatrix here).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,8 +95,15 @@ def ggml_chunk_fn():
     lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
     fn = lib.ggml_quantize_chunk
     fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    fn.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     lib.ggml_quantize_init.argtypes = [ctypes.c_int]
     return fn, lib.ggml_quantize_init
 
@@ -162,15 +170,17 @@ def main(argv=None) -> int:
     if args.imatrix:
         types = [t for t in types if Q.get(t).quantize_weighted is not None]
     elif not args.types:
-        types = [t for t in types if not Q.get(t).requires_imatrix]   # iq2_xxs/iq2_xs: --imatrix only
+        types = [t for t in types if not Q.get(t).requires_imatrix]  # iq2_xxs/iq2_xs: --imatrix only
     shapes = [(1024, 4096), (2752, 1024)] if args.quick else [(4096, 4096), (11008, 4096)]
     rng = np.random.default_rng(0)
     mats = [bf16_grid(rng, s, 0.02) for s in shapes]
     qws = [importance(rng, s[1]) if args.imatrix else None for s in shapes]
     nweights = sum(m.size for m in mats)
-    print(f"matrices {shapes}, {nweights / 1e6:.1f} M weights, bf16 grid; {cores} cores; "
-          f"numpy {np.__version__}, gguf {gguf.__version__ if hasattr(gguf, '__version__') else '?'}, "
-          f"llama-cpp-python {llama_cpp.__version__}")
+    print(
+        f"matrices {shapes}, {nweights / 1e6:.1f} M weights, bf16 grid; {cores} cores; "
+        f"numpy {np.__version__}, gguf {gguf.__version__ if hasattr(gguf, '__version__') else '?'}, "
+        f"llama-cpp-python {llama_cpp.__version__}"
+    )
 
     results = {"shapes": shapes, "cores": cores, "types": {}}
     with tempfile.TemporaryDirectory(prefix="qbench") as tmp:
@@ -183,8 +193,9 @@ def main(argv=None) -> int:
             qt = Q.get(t)
             r: dict[str, float] = {}
             for th in sorted({1, cores}):
-                secs, cpu = best_times(lambda: [Q.quantize_tensor(m, qt, threads=th, imatrix=w)
-                                                for m, w in zip(mats, qws)], args.repeat)
+                secs, cpu = best_times(
+                    lambda: [Q.quantize_tensor(m, qt, threads=th, imatrix=w) for m, w in zip(mats, qws)], args.repeat
+                )
                 r[f"llmconv_t{th}"] = nweights / secs / 1e6
                 if th == 1:
                     r["llmconv_t1_cpu"] = nweights / cpu / 1e6
@@ -199,8 +210,9 @@ def main(argv=None) -> int:
                 init(int(qt.ggml_type))
                 outs = [np.empty((m.shape[0], qt.row_nbytes(m.shape[1])), np.uint8) for m in mats]
                 for th in sorted({1, cores}):
-                    secs, cpu = best_times(lambda: [c_quantize(fn, qt, m, o, th, w) for m, o, w in zip(mats, outs, qws)],
-                                           args.repeat)
+                    secs, cpu = best_times(
+                        lambda: [c_quantize(fn, qt, m, o, th, w) for m, o, w in zip(mats, outs, qws)], args.repeat
+                    )
                     r[f"c_t{th}"] = nweights / secs / 1e6
                     if th == 1:
                         r["c_t1_cpu"] = nweights / cpu / 1e6
@@ -208,10 +220,13 @@ def main(argv=None) -> int:
                 r["bytes_equal_c"] = bool(same)
             if src is not None and llama_has_ftype(qt) and not args.imatrix:
                 for th in sorted({1, cores}):
-                    copy = min(llama_quantize_seconds(src, tmp / "copy.gguf", llama_cpp.LLAMA_FTYPE_ALL_F32, th)
-                               for _ in range(args.repeat))
-                    quant = min(llama_quantize_seconds(src, tmp / "q.gguf", int(qt.file_type), th)
-                                for _ in range(args.repeat))
+                    copy = min(
+                        llama_quantize_seconds(src, tmp / "copy.gguf", llama_cpp.LLAMA_FTYPE_ALL_F32, th)
+                        for _ in range(args.repeat)
+                    )
+                    quant = min(
+                        llama_quantize_seconds(src, tmp / "q.gguf", int(qt.file_type), th) for _ in range(args.repeat)
+                    )
                     r[f"llama_t{th}"] = nweights / (quant - copy) / 1e6 if quant > copy else float("nan")
                     r[f"llama_t{th}_raw_s"] = quant
                     r[f"llama_t{th}_copy_s"] = copy
@@ -225,11 +240,15 @@ def main(argv=None) -> int:
                 if f"{key}_t1" in r:
                     line += f" | {label} 1t {r[f'{key}_t1']:5.1f} (x{r['llmconv_t1'] / r[f'{key}_t1']:.2f})"
                     if cores > 1:
-                        line += (f" {cores}t {r[f'{key}_t{cores}']:5.1f}"
-                                 f" (x{r[f'llmconv_t{cores}'] / r[f'{key}_t{cores}']:.2f})")
+                        line += (
+                            f" {cores}t {r[f'{key}_t{cores}']:5.1f}"
+                            f" (x{r[f'llmconv_t{cores}'] / r[f'{key}_t{cores}']:.2f})"
+                        )
             if "c_t1_cpu" in r:
-                line += f" | CPU-time 1t: llmconv {r['llmconv_t1_cpu']:.2f}, C {r['c_t1_cpu']:.2f} " \
-                        f"(x{r['llmconv_t1_cpu'] / r['c_t1_cpu']:.2f})"
+                line += (
+                    f" | CPU-time 1t: llmconv {r['llmconv_t1_cpu']:.2f}, C {r['c_t1_cpu']:.2f} "
+                    f"(x{r['llmconv_t1_cpu'] / r['c_t1_cpu']:.2f})"
+                )
             if "bytes_equal_c" in r:
                 line += f" | bytes==C: {r['bytes_equal_c']}"
             print(line + "   [M weights/s]", flush=True)

@@ -16,6 +16,7 @@ tensors, so `torch.load(weights_only=True, mmap=True)` reads it like any Meta ch
 The tokenizer is the fixture's (vocab 512) padded to LLaMA's 32000 entries with
 added_tokens.json, so the checkpoint converts like a real one; it is for timing, not for running.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,13 +34,13 @@ import torch
 
 SIZES = {
     #          dim  layers heads kv  ffn   vocab shards
-    "0.2b": (1024, 12, 16, 16, 2816, 32000, 1),    # 0.2B: quick thread-scaling runs
-    "1.1b": (2048, 22, 32, 4, 5632, 32000, 1),     # TinyLlama-1.1B
-    "1b": (2048, 16, 16, 16, 5504, 32000, 1),      # a quick stand-in with 7B-like rows
+    "0.2b": (1024, 12, 16, 16, 2816, 32000, 1),  # 0.2B: quick thread-scaling runs
+    "1.1b": (2048, 22, 32, 4, 5632, 32000, 1),  # TinyLlama-1.1B
+    "1b": (2048, 16, 16, 16, 5504, 32000, 1),  # a quick stand-in with 7B-like rows
     "7b": (4096, 32, 32, 32, 11008, 32000, 1),
     "13b": (5120, 40, 40, 40, 13824, 32000, 2),
 }
-ROWS_PER_TASK = 1 << 22     # weights per generator task (threads share the work)
+ROWS_PER_TASK = 1 << 22  # weights per generator task (threads share the work)
 
 
 def tensor_shapes(dim, layers, heads, kv, ffn, vocab):
@@ -70,13 +71,13 @@ def generate(idx: int, shape: tuple[int, ...], pool: ThreadPoolExecutor) -> np.n
         return out
     rows, cols = shape
     step = max(1, ROWS_PER_TASK // cols)
-    scale = np.float32(cols ** -0.5)
+    scale = np.float32(cols**-0.5)
 
     def block(r: int) -> None:
         g = np.random.default_rng([idx, r])
         x = g.standard_normal((min(step, rows - r), cols), dtype=np.float32)
         x *= scale
-        out[r:r + len(x)] = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        out[r : r + len(x)] = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
     list(pool.map(block, range(0, rows, step)))
     return out
@@ -94,7 +95,7 @@ class _Tensor:
         self.storage, self.shape = storage, shape
 
     def __reduce__(self):
-        stride = tuple(int(np.prod(self.shape[i + 1:])) for i in range(len(self.shape)))
+        stride = tuple(int(np.prod(self.shape[i + 1 :])) for i in range(len(self.shape)))
         return torch._utils._rebuild_tensor_v2, (self.storage, 0, self.shape, stride, False, collections.OrderedDict())
 
 
@@ -136,8 +137,15 @@ def make(size: str, out: Path, threads: int = 2) -> None:
     with ThreadPoolExecutor(threads) as pool:
         tensors = ((name, generate(idx, shape, pool), axis) for idx, (name, shape, axis) in enumerate(shapes))
         write_shards([out / f"consolidated.{i:02d}.pth" for i in range(n_shards)], tensors)
-    params = {"dim": dim, "n_layers": layers, "n_heads": heads, "vocab_size": vocab,
-              "multiple_of": 256, "norm_eps": 1e-5, "rope_theta": 10000.0}
+    params = {
+        "dim": dim,
+        "n_layers": layers,
+        "n_heads": heads,
+        "vocab_size": vocab,
+        "multiple_of": 256,
+        "norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+    }
     if kv != heads:
         params["n_kv_heads"] = kv
     (out / "params.json").write_text(json.dumps(params))
@@ -145,15 +153,25 @@ def make(size: str, out: Path, threads: int = 2) -> None:
     print(f"wrote {out}: {sum(p.stat().st_size for p in out.glob('*.pth')) / 2**30:.2f} GiB")
 
 
-_HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj",
-             "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_HF_NAMES = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
 
 
 def hf_name(meta: str) -> str:
-    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
+    top = {
+        "tok_embeddings.weight": "model.embed_tokens.weight",
+        "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
     if meta in top:
         return top[meta]
     _, layer, rest = meta.split(".", 2)
@@ -177,12 +195,22 @@ def make_hf(meta_dir: Path, out: Path) -> None:
         f.write(len(head).to_bytes(8, "little") + head)
         for t in sd.values():
             f.write(t.contiguous().view(torch.int16).numpy())
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": params["dim"],
-              "num_hidden_layers": params["n_layers"], "num_attention_heads": params["n_heads"],
-              "num_key_value_heads": params.get("n_kv_heads", params["n_heads"]),
-              "intermediate_size": sd["layers.0.feed_forward.w1.weight"].shape[0], "rms_norm_eps": 1e-5,
-              "rope_theta": 10000.0, "vocab_size": params["vocab_size"], "max_position_embeddings": 4096,
-              "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": params["dim"],
+        "num_hidden_layers": params["n_layers"],
+        "num_attention_heads": params["n_heads"],
+        "num_key_value_heads": params.get("n_kv_heads", params["n_heads"]),
+        "intermediate_size": sd["layers.0.feed_forward.w1.weight"].shape[0],
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "vocab_size": params["vocab_size"],
+        "max_position_embeddings": 4096,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
     (out / "config.json").write_text(json.dumps(config))
     for f in ("tokenizer.model", "added_tokens.json"):
         shutil.copy(meta_dir / f, out / f)
@@ -194,6 +222,7 @@ def make_tokenizer(out: Path, vocab: int) -> None:
     root = Path(__file__).resolve().parents[1]
     shutil.copy(root / "fixtures" / "tokenizer.model", out / "tokenizer.model")
     import sentencepiece as spm
+
     base = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model")).vocab_size()
     (out / "added_tokens.json").write_text(json.dumps({f"<pad_{i}>": i for i in range(base, vocab)}))
 

@@ -1,4 +1,5 @@
 """`python -m llmconv` runs the command line, like the `llmconv` script."""
+
 import sys
 
 from .cli import main

@@ -4,6 +4,7 @@
 The function is looked up by name when the package is called, not imported here: api.py
 imports these packages, so a static import back would be an import cycle.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -18,6 +18,7 @@ buffers, e.g. whole 7B tensors on the fallback path, still get their own mapping
 back to the OS), and a trim threshold high enough that the heaps keep their chunk-sized
 working set instead of returning and re-faulting it for every chunk.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -25,7 +26,7 @@ import ctypes.util
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-THRESHOLD = 32 << 20           # glibc's maximum on 64-bit
+THRESHOLD = 32 << 20  # glibc's maximum on 64-bit
 TRIM_THRESHOLD = 256 << 20
 
 

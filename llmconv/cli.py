@@ -8,6 +8,7 @@ turns the environment's errors (disk full, out of memory) into LlmconvErrors, Ct
 130 and anything else (a bug) into one line with exit 70. `--debug`, before or after the
 subcommand, shows the traceback.
 """
+
 from __future__ import annotations
 
 import sys
@@ -34,8 +35,19 @@ def _print_version(ctx: click.Context, value: bool) -> None:
         except PackageNotFoundError:
             return "not installed"
 
-    libs = ", ".join(f"{n} {ver(n)}" for n in ("numpy", "torch", "gguf", "safetensors", "sentencepiece",
-                                                "tokenizers", "tiktoken", "llama-cpp-python"))
+    libs = ", ".join(
+        f"{n} {ver(n)}"
+        for n in (
+            "numpy",
+            "torch",
+            "gguf",
+            "safetensors",
+            "sentencepiece",
+            "tokenizers",
+            "tiktoken",
+            "llama-cpp-python",
+        )
+    )
     click.echo(f"llmconv {__version__} (python {sys.version.split()[0]}; {libs})")
     ctx.exit()
 
@@ -48,18 +60,19 @@ class Interrupted(click.ClickException):
 
 
 class InternalError(click.ClickException):
-    exit_code = 70                                      # EX_SOFTWARE
+    exit_code = 70  # EX_SOFTWARE
 
     def show(self, file=None) -> None:
-        click.echo(f"llmconv: internal error: {self.message} (run with --debug for the traceback)",
-                   file=file, err=file is None)
+        click.echo(
+            f"llmconv: internal error: {self.message} (run with --debug for the traceback)", file=file, err=file is None
+        )
 
 
 class LlmconvGroup(click.Group):
     """The one error path, around every subcommand."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if "--debug" in args:   # a global option, also accepted after the subcommand (`llmconv convert ... --debug`)
+        if "--debug" in args:  # a global option, also accepted after the subcommand (`llmconv convert ... --debug`)
             args = ["--debug"] + [a for a in args if a != "--debug"]
         return super().parse_args(ctx, args)
 
@@ -77,20 +90,26 @@ class LlmconvGroup(click.Group):
             raise
         except click.ClickException:
             raise
-        except (OSError, MemoryError, RecursionError) as e:   # the environment, not the input: still one line
+        except (OSError, MemoryError, RecursionError) as e:  # the environment, not the input: still one line
             if debug:
                 traceback.print_exc()
             raise LlmconvError(environment_error(e)) from None
-        except BaseException as e:                            # a bug: one line, the traceback behind --debug
-            if debug or not (isinstance(e, Exception) or is_library_panic(e)):   # (a Rust panic is a BaseException)
+        except BaseException as e:  # a bug: one line, the traceback behind --debug
+            if debug or not (isinstance(e, Exception) or is_library_panic(e)):  # (a Rust panic is a BaseException)
                 raise
             raise InternalError(f"{printable(type(e).__name__)}: {printable(' '.join(str(e).split()))[:300]}") from None
 
 
 @click.group(cls=LlmconvGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show a full traceback on errors.")
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=lambda c, p, v: _print_version(c, v),
-              help="Show llmconv's version and those of the libraries it runs on, then exit.")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=lambda c, p, v: _print_version(c, v),
+    help="Show llmconv's version and those of the libraries it runs on, then exit.",
+)
 def cli(debug: bool) -> None:
     """Convert LLaMA-family checkpoints into GGUF files for llama.cpp, quantize them with
     numpy kernels whose bytes equal llama.cpp's quantizer's, and verify them against the original.
@@ -109,8 +128,12 @@ def cli(debug: bool) -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 @json_option("the same information")
 @click.option("--force", "-f", is_flag=True, help="Let --json FILE overwrite an existing file.")
-@click.option("--tensors", "tensor_filter", metavar="REGEX",
-              help="Only tensors whose name matches REGEX (searched, as grep does), e.g. 'blk\\.0\\.'.")
+@click.option(
+    "--tensors",
+    "tensor_filter",
+    metavar="REGEX",
+    help="Only tensors whose name matches REGEX (searched, as grep does), e.g. 'blk\\.0\\.'.",
+)
 def inspect(file: Path, json_path: str | None, tensor_filter: str | None, force: bool) -> None:
     """Show what a GGUF or ggml file holds: version, alignment, metadata with types, vocab size,
     the tensor table (name, type, shape, offset, bytes) and totals per type with bits per weight.
@@ -157,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (click prints any error)."""
     from ._malloc import pin_mmap_threshold
 
-    pin_mmap_threshold()    # freed tensor buffers go back to the OS (see _malloc.py)
+    pin_mmap_threshold()  # freed tensor buffers go back to the OS (see _malloc.py)
     try:
         cli.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="llmconv")
     except SystemExit as e:

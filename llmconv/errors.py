@@ -4,6 +4,7 @@ An LlmconvError is a click exception: click prints it as one line on stderr
 (`llmconv: error: <file>: tensor <name>: <what>`) and exits 2. Anything else is a bug: cli.py
 prints it as one line with exit 70, its traceback behind --debug.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,14 +22,19 @@ _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u2
 
 def printable(text: str) -> str:
     """`text` with every control or bidi character shown as an escape (\\n, \\x1b, \\u202e)."""
+
     def esc(m: re.Match) -> str:
         c = m.group()
-        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c) or (
+            f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+        )
+
     return _UNPRINTABLE.sub(esc, text)
 
 
 class LlmconvError(click.ClickException):
     """Bad input or an impossible request. `file` and `tensor` say where."""
+
     exit_code = 2
 
     def __init__(self, message: str, *, file: str | Path | None = None, tensor: str | None = None):
@@ -91,7 +97,7 @@ def read_text_file(path: Path) -> str:
         raise LlmconvError(f"cannot read: {e.strerror}", file=path) from None
 
 
-MAX_JSON_BYTES = 256 << 20        # Llama 3's tokenizer.json is 9 MB; a config is a few KB
+MAX_JSON_BYTES = 256 << 20  # Llama 3's tokenizer.json is 9 MB; a config is a few KB
 
 
 def read_regular_file(path: str | Path, max_bytes: int) -> bytes:

@@ -4,6 +4,7 @@ A report never replaces an existing file unless the command was given --force (a
 `--json model.gguf` must not overwrite the model just written), is never written through a
 symlink, and an unwritable path is one line, not a traceback.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,9 @@ def check_json_dir(ctx, param, path: str | None) -> str | None:  # noqa: ARG001 
             raise LlmconvError("--json: the folder does not exist", file=path)
         if not os.access(folder, os.W_OK | os.X_OK):
             read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
-            raise LlmconvError(f"--json: cannot write here: {'Read-only file system' if read_only else 'Permission denied'}",
-                               file=path)
+            raise LlmconvError(
+                f"--json: cannot write here: {'Read-only file system' if read_only else 'Permission denied'}", file=path
+            )
     return path
 
 
@@ -61,10 +63,17 @@ def check_json_path(path: str | None, force: bool) -> None:
 
 def json_option(what: str = "a machine-readable report"):
     """`--json` alone writes to stdout (as gguf-dump --json does); `--json FILE` to a file."""
-    return click.option("--json", "json_path", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
-                        type=click.Path(dir_okay=False, allow_dash=True), callback=check_json_dir,
-                        help=f"Write {what} as JSON to FILE, or to stdout with no FILE or '-' "
-                             "(stdout then carries only the JSON).")
+    return click.option(
+        "--json",
+        "json_path",
+        is_flag=False,
+        flag_value="-",
+        default=None,
+        metavar="[FILE]",
+        type=click.Path(dir_okay=False, allow_dash=True),
+        callback=check_json_dir,
+        help=f"Write {what} as JSON to FILE, or to stdout with no FILE or '-' (stdout then carries only the JSON).",
+    )
 
 
 def echo_written(res, plan, quiet: bool, json_path: str | None = None) -> None:
@@ -73,6 +82,8 @@ def echo_written(res, plan, quiet: bool, json_path: str | None = None) -> None:
     JSON, so the summary goes to stderr."""
     for n in [] if quiet else plan.notes:
         click.echo(f"note: {n}", err=True)
-    click.echo(f"wrote {', '.join(map(str, res.paths))}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, "
-               f"{plan.outtype}, in {res.seconds:.1f} s ({res.nbytes / 2**20 / max(res.seconds, 1e-9):,.0f} MiB/s)",
-               err=json_path == "-")
+    click.echo(
+        f"wrote {', '.join(map(str, res.paths))}: {res.n_tensors} tensors, {res.nbytes / 2**20:,.1f} MiB, "
+        f"{plan.outtype}, in {res.seconds:.1f} s ({res.nbytes / 2**20 / max(res.seconds, 1e-9):,.0f} MiB/s)",
+        err=json_path == "-",
+    )

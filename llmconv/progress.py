@@ -1,5 +1,6 @@
 """Progress bars (tqdm) on stderr, shared by the commands: drawn only on a terminal, and
 with a label short enough to leave the bar room in a narrow one."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ from .errors import printable
 
 # tqdm's text beside the label for a byte count: ":  43%|" and "| 3.00G/7.00G [00:12<00:30, 120MB/s]"
 STATS_WIDTH = 44
-MIN_BAR = 10        # cells of bar a label may never take away
+MIN_BAR = 10  # cells of bar a label may never take away
 MIN_LABEL = 8
 
 
@@ -31,7 +32,7 @@ def bar_label(text: str, columns: int) -> str:
     if len(text) <= room:
         return text
     head = max(3, (room - 1) // 4)
-    return text[:head] + "\u2026" + text[len(text) - (room - 1 - head):]
+    return text[:head] + "\u2026" + text[len(text) - (room - 1 - head) :]
 
 
 def byte_bar(total: int, label: str, progress: bool, file=None, columns: int | None = None):
@@ -41,5 +42,14 @@ def byte_bar(total: int, label: str, progress: bool, file=None, columns: int | N
 
     file = file or sys.stderr
     columns = columns or terminal_columns(file)
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=bar_label(label, columns),
-                ncols=columns, file=file, disable=None if progress else True, leave=False)
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=bar_label(label, columns),
+        ncols=columns,
+        file=file,
+        disable=None if progress else True,
+        leave=False,
+    )

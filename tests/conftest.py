@@ -3,6 +3,7 @@
 Tests that need an outside oracle (llama-cpp-python, ctransformers, the real-tokenizer
 packages) import it where they use it. Where it is not installed, such a test is skipped with
 a reason instead of failing; CI installs every oracle, so there they all run."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +35,12 @@ def pytest_runtest_call(item):
 def _skip_if_oracle_missing(outcome) -> None:
     name = _missing_oracle(outcome.excinfo)
     if name:
-        outcome.force_exception(pytest.skip.Exception(
-            f"needs {name}, an outside oracle from the test extra: pip install -e '.[test]'", _use_item_location=True))
+        outcome.force_exception(
+            pytest.skip.Exception(
+                f"needs {name}, an outside oracle from the test extra: pip install -e '.[test]'",
+                _use_item_location=True,
+            )
+        )
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +61,7 @@ def converted(tmp_path_factory):
             path.chmod(0o444)
             cache[key] = path
         return cache[key]
+
     return get
 
 

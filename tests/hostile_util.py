@@ -1,5 +1,6 @@
 """Shared by the hostile-input tests (test_hostile*.py): the fixture paths, running the CLI
 in-process, checking that a refusal is one line, and editing copies of a fixture."""
+
 from __future__ import annotations
 
 import json

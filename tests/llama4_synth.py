@@ -32,6 +32,7 @@ few vision-tower tensors. Deterministic for a seed.
                      sum_e (silu(x Wgu_e[:, :F]) * x Wgu_e[:, F:]) Wd_e
     logits = rmsnorm(h) Wlm^T
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -59,6 +60,7 @@ def llama4_tokenizer_model() -> Path | None:
 def meta_llama4_tokenizer():
     """Meta's own Llama 4 tokenizer class (tiktoken underneath): the tokenization oracle."""
     from llama_models.llama4.tokenizer import Tokenizer
+
     return Tokenizer(llama4_tokenizer_model())
 
 
@@ -75,41 +77,107 @@ def llama4_tokenizer_files() -> tuple[str, dict]:
     vocab = {bpe.bytes_to_token(t): r for t, r in ranks.items()}
     bos = "<|begin_of_text|>"
     doc = {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for s, i in specials],
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": s,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for s, i in specials
+        ],
         "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": LLAMA4_PATTERN}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-        "post_processor": {"type": "TemplateProcessing",
-                           "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                           "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                                    {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                           "special_tokens": {bos: {"id": bos, "ids": [200000], "tokens": [bos]}}},
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": LLAMA4_PATTERN}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [
+                {"SpecialToken": {"id": bos, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": bos, "type_id": 1}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {bos: {"id": bos, "ids": [200000], "tokens": [bos]}},
+        },
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": vocab, "merges": tiktoken_bpe.merges_from_ranks(ranks)},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": True,
+            "vocab": vocab,
+            "merges": tiktoken_bpe.merges_from_ranks(ranks),
+        },
     }
-    config = {"add_bos_token": True, "add_eos_token": False, "bos_token": bos, "eos_token": "<|eot|>",
-              "pad_token": "<|finetune_right_pad|>", "model_max_length": 10485760,
-              "tokenizer_class": "PreTrainedTokenizerFast",
-              "chat_template": "{{ bos_token }}{% for m in messages %}<|header_start|>{{ m['role'] }}<|header_end|>\n\n"
-                               "{{ m['content'] }}<|eot|>{% endfor %}"}
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": bos,
+        "eos_token": "<|eot|>",
+        "pad_token": "<|finetune_right_pad|>",
+        "model_max_length": 10485760,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": "{{ bos_token }}{% for m in messages %}<|header_start|>{{ m['role'] }}<|header_end|>\n\n"
+        "{{ m['content'] }}<|eot|>{% endfor %}",
+    }
     return json.dumps(doc, ensure_ascii=False), config
 
 
-TEXT_CONFIG = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                   intermediate_size=256, intermediate_size_mlp=512, num_local_experts=4, num_experts_per_tok=1,
-                   interleave_moe_layer_step=2, vocab_size=202048, rms_norm_eps=1e-5, rope_theta=500000.0,
-                   rope_scaling={"factor": 16.0, "high_freq_factor": 1.0, "low_freq_factor": 1.0,
-                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-                   max_position_embeddings=10485760, use_qk_norm=True, attention_chunk_size=8192,
-                   attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1, no_rope_layer_interval=4,
-                   hidden_act="silu", attention_bias=False, tie_word_embeddings=False, model_type="llama4_text",
-                   bos_token_id=200000, eos_token_id=[200001, 200007, 200008], pad_token_id=200018,
-                   router_aux_loss_coef=0.001, router_jitter_noise=0.0, output_router_logits=False)
+TEXT_CONFIG = dict(
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=256,
+    intermediate_size_mlp=512,
+    num_local_experts=4,
+    num_experts_per_tok=1,
+    interleave_moe_layer_step=2,
+    vocab_size=202048,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling={
+        "factor": 16.0,
+        "high_freq_factor": 1.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    max_position_embeddings=10485760,
+    use_qk_norm=True,
+    attention_chunk_size=8192,
+    attn_temperature_tuning=True,
+    floor_scale=8192,
+    attn_scale=0.1,
+    no_rope_layer_interval=4,
+    hidden_act="silu",
+    attention_bias=False,
+    tie_word_embeddings=False,
+    model_type="llama4_text",
+    bos_token_id=200000,
+    eos_token_id=[200001, 200007, 200008],
+    pad_token_id=200018,
+    router_aux_loss_coef=0.001,
+    router_jitter_noise=0.0,
+    output_router_logits=False,
+)
 
 
 def text_config(**overrides) -> dict:
@@ -121,8 +189,9 @@ def text_config(**overrides) -> dict:
     return cfg
 
 
-def llama4_state_dict(cfg: dict, seed: int = 0, dtype=torch.bfloat16, router_scale: float = 3.0
-                      ) -> dict[str, torch.Tensor]:
+def llama4_state_dict(
+    cfg: dict, seed: int = 0, dtype=torch.bfloat16, router_scale: float = 3.0
+) -> dict[str, torch.Tensor]:
     """Random weights under Llama4ForConditionalGeneration's names."""
     g = torch.Generator().manual_seed(seed)
     d, hd, nh, nkv = cfg["hidden_size"], cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -135,7 +204,7 @@ def llama4_state_dict(cfg: dict, seed: int = 0, dtype=torch.bfloat16, router_sca
         return (1 + 0.1 * torch.randn(d, generator=g)).to(dtype)
 
     p = "language_model.model."
-    sd = {p + "embed_tokens.weight": w(cfg["vocab_size"], d, scale=d ** 0.5)}
+    sd = {p + "embed_tokens.weight": w(cfg["vocab_size"], d, scale=d**0.5)}
     for i in range(cfg["num_hidden_layers"]):
         L = f"{p}layers.{i}."
         sd[L + "self_attn.q_proj.weight"] = w(nh * hd, d)
@@ -163,8 +232,9 @@ def llama4_state_dict(cfg: dict, seed: int = 0, dtype=torch.bfloat16, router_sca
     return sd
 
 
-def write_hf_llama4(path: Path, *, seed: int = 0, shards: int = 2, sd: dict | None = None, tokenizer: bool = True,
-                    **overrides) -> Path:
+def write_hf_llama4(
+    path: Path, *, seed: int = 0, shards: int = 2, sd: dict | None = None, tokenizer: bool = True, **overrides
+) -> Path:
     """The checkpoint (one model.safetensors, or weights spread round-robin over `shards` files with an index), Llama 4's
     tokenizer files (unless `tokenizer` is false), generation_config.json."""
     path = Path(path)
@@ -172,27 +242,46 @@ def write_hf_llama4(path: Path, *, seed: int = 0, shards: int = 2, sd: dict | No
     tcfg = text_config(**overrides)
     sd = sd if sd is not None else llama4_state_dict(tcfg, seed)
     save_safetensors(path, sd, shards)
-    cfg = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
-           "boi_token_index": 200080, "eoi_token_index": 200081, "image_token_index": 200092,
-           "tie_word_embeddings": False, "torch_dtype": "bfloat16", "text_config": tcfg,
-           "vision_config": {"model_type": "llama4_vision_model", "hidden_size": 32, "num_hidden_layers": 1,
-                             "num_attention_heads": 2, "intermediate_size": 64, "image_size": 336, "patch_size": 14,
-                             "norm_eps": 1e-5, "pixel_shuffle_ratio": 0.5, "projector_input_dim": 32,
-                             "projector_output_dim": tcfg["hidden_size"], "vision_output_dim": 32,
-                             "hidden_act": "gelu"}}
+    cfg = {
+        "architectures": ["Llama4ForConditionalGeneration"],
+        "model_type": "llama4",
+        "boi_token_index": 200080,
+        "eoi_token_index": 200081,
+        "image_token_index": 200092,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "text_config": tcfg,
+        "vision_config": {
+            "model_type": "llama4_vision_model",
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "image_size": 336,
+            "patch_size": 14,
+            "norm_eps": 1e-5,
+            "pixel_shuffle_ratio": 0.5,
+            "projector_input_dim": 32,
+            "projector_output_dim": tcfg["hidden_size"],
+            "vision_output_dim": 32,
+            "hidden_act": "gelu",
+        },
+    }
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     if not tokenizer:
         return path
     tok_json, tok_config = llama4_tokenizer_files()
     (path / "tokenizer.json").write_text(tok_json, encoding="utf-8")
     (path / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-    (path / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008], "pad_token_id": 200018}))
+    (path / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008], "pad_token_id": 200018})
+    )
     return path
 
 
 def load_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
+
     sd = {}
     for f in sorted(Path(ckpt).glob("*.safetensors")):
         sd.update(load_file(str(f)))
@@ -200,6 +289,7 @@ def load_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 # ---- the reference forward pass ---------------------------------------------------------------
+
 
 def _rms(x, eps, w=None):
     y = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
@@ -213,7 +303,12 @@ def _inv_freq(cfg: dict) -> torch.Tensor:
     rs = cfg.get("rope_scaling")
     if not rs:
         return inv
-    factor, lo, hi, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
+    factor, lo, hi, old = (
+        rs["factor"],
+        rs["low_freq_factor"],
+        rs["high_freq_factor"],
+        rs["original_max_position_embeddings"],
+    )
     wavelen = 2 * math.pi / inv
     out = torch.where(wavelen > old / lo, inv / factor, inv)
     if hi != lo:
@@ -239,21 +334,22 @@ def _attention(q, k, v, qpos, chunk: int | None, block: int = 1024):
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     out = torch.empty_like(q)
     for a in range(0, q.shape[0], block):
-        qp = qpos[a:a + block]
+        qp = qpos[a : a + block]
         lo = int(qp.min()) // chunk * chunk if chunk else 0
         keys = slice(lo, int(qp.max()) + 1)
         kp = torch.arange(keys.start, keys.stop)
         mask = kp[None, :] > qp[:, None]
         if chunk:
             mask |= (kp[None, :] // chunk) != (qp[:, None] // chunk)
-        s = torch.einsum("thd,khd->htk", q[a:a + block], k[keys]) / math.sqrt(hd)
+        s = torch.einsum("thd,khd->htk", q[a : a + block], k[keys]) / math.sqrt(hd)
         s = s.masked_fill(mask[None], float("-inf"))
-        out[a:a + block] = torch.einsum("htk,khd->thd", torch.softmax(s, -1), v[keys])
+        out[a : a + block] = torch.einsum("htk,khd->thd", torch.softmax(s, -1), v[keys])
     return out
 
 
-def llama4_logits(sd: dict, cfg: dict, tokens: list[int], last: int | None = None, dtype=torch.float64,
-                  chunk: int | None = CHUNK) -> tuple[torch.Tensor, float]:
+def llama4_logits(
+    sd: dict, cfg: dict, tokens: list[int], last: int | None = None, dtype=torch.float64, chunk: int | None = CHUNK
+) -> tuple[torch.Tensor, float]:
     """(logits [T or `last`, vocab], the smallest gap between the k-th and (k+1)-th router score
     over all tokens and MoE layers: how safe the top-k choice is from rounding). `cfg` is the
     text_config; `last` keeps only the last positions' logits (long sequences); `chunk` None
@@ -283,15 +379,19 @@ def llama4_logits(sd: dict, cfg: dict, tokens: list[int], last: int | None = Non
             scale = torch.log(torch.floor((pos.to(torch.float64) + 1) / cfg["floor_scale"]) + 1) * cfg["attn_scale"] + 1
             q = q * scale.to(dtype)[:, None, None]
         qpos = pos
-        if last is not None and i == n_layers - 1:       # only the last positions' outputs are needed
+        if last is not None and i == n_layers - 1:  # only the last positions' outputs are needed
             q, qpos, h = q[-last:], pos[-last:], h[-last:]
         att = _attention(q, k, v, qpos, chunk if rope else None)
         h = h + att.reshape(len(qpos), nh * hd) @ w(L + "self_attn.o_proj.weight").T
         f = _rms(h, eps, w(L + "post_attention_layernorm.weight"))
         if i in cfg["moe_layers"]:
             ff = L + "feed_forward."
-            out = _swiglu(f, w(ff + "shared_expert.gate_proj.weight"), w(ff + "shared_expert.up_proj.weight"),
-                          w(ff + "shared_expert.down_proj.weight"))
+            out = _swiglu(
+                f,
+                w(ff + "shared_expert.gate_proj.weight"),
+                w(ff + "shared_expert.up_proj.weight"),
+                w(ff + "shared_expert.down_proj.weight"),
+            )
             scores = f @ w(ff + "router.weight").T
             ranked = torch.sort(scores, -1, descending=True).values
             if k_used < scores.shape[-1]:
@@ -301,7 +401,7 @@ def llama4_logits(sd: dict, cfg: dict, tokens: list[int], last: int | None = Non
             for e in range(gate_up.shape[0]):
                 rows, slot = (top_e == e).nonzero(as_tuple=True)
                 if len(rows):
-                    x = f[rows] * torch.sigmoid(top_s[rows, slot])[:, None]     # the score scales the input
+                    x = f[rows] * torch.sigmoid(top_s[rows, slot])[:, None]  # the score scales the input
                     gu = x @ gate_up[e]
                     out[rows] += (torch.nn.functional.silu(gu[:, :F]) * gu[:, F:]) @ down[e]
             h = h + out
@@ -317,7 +417,7 @@ def _swiglu(x, gate, up, down):
     return (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
 
 
-SMALL_VOCAB = 260        # small_vocab_tokenizer's
+SMALL_VOCAB = 260  # small_vocab_tokenizer's
 
 
 def small_vocab_tokenizer(ck: Path) -> None:
@@ -325,11 +425,16 @@ def small_vocab_tokenizer(ck: Path) -> None:
     from llmconv.convert import bpe
     from llmconv.convert.pretok import LLAMA4_PATTERN
     from realtok import _byte_level_bpe
-    pre = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": LLAMA4_PATTERN}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+    pre = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA4_PATTERN}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ],
+    }
     vocab = {bpe.bytes_to_token(bytes([b])): b for b in range(256)}
-    merges = ["Ġ t", "e r", "i n", "Ġ a"]               # llama.cpp needs merges to load a BPE vocabulary
+    merges = ["Ġ t", "e r", "i n", "Ġ a"]  # llama.cpp needs merges to load a BPE vocabulary
     vocab |= {m.replace(" ", ""): 256 + i for i, m in enumerate(merges)}
     doc = _byte_level_bpe(vocab, merges, [], pre, None)
     (ck / "tokenizer.json").write_text(json.dumps(doc))

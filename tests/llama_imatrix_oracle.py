@@ -10,6 +10,7 @@ sequence from position 0, the KV cache cleared in between, all logits requested 
 layer runs on every row). The KV cache is f32 and flash attention off, so the comparison with
 llmconv's float32 reference is not blurred by f16 rounding.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -59,7 +60,7 @@ def llama_cpp_imatrix(gguf_path: Path, chunks: np.ndarray) -> tuple[dict[str, np
     def collect(t_ptr, ask, _user):
         t = ctypes.cast(t_ptr, ctypes.POINTER(GGMLTensor)).contents
         if t.op != mul_mat:
-            return not ask                         # not interested (ask); keep computing (not ask)
+            return not ask  # not interested (ask); keep computing (not ask)
         w, x = t.src[0].contents, t.src[1].contents
         name = w.name.decode()
         if ask:
@@ -74,7 +75,8 @@ def llama_cpp_imatrix(gguf_path: Path, chunks: np.ndarray) -> tuple[dict[str, np
         return True
 
     callback_type = llama_cpp.llama_context_params._fields_[
-        [f[0] for f in llama_cpp.llama_context_params._fields_].index("cb_eval")][1]
+        [f[0] for f in llama_cpp.llama_context_params._fields_].index("cb_eval")
+    ][1]
     cb = callback_type(collect)
 
     n_chunks, ctx = chunks.shape
@@ -84,7 +86,7 @@ def llama_cpp_imatrix(gguf_path: Path, chunks: np.ndarray) -> tuple[dict[str, np
     cparams = llama_cpp.llama_context_default_params()
     cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = ctx
     cparams.n_threads = cparams.n_threads_batch = 1
-    cparams.type_k = cparams.type_v = 0                       # GGML_TYPE_F32
+    cparams.type_k = cparams.type_v = 0  # GGML_TYPE_F32
     cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     cparams.cb_eval = cb
     lctx = llama_cpp.llama_init_from_model(model, cparams)

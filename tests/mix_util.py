@@ -1,6 +1,7 @@
 """Shared by the mix tests (test_mixes.py, test_imatrix_files.py, test_iq4.py, test_moe.py): the
 models mixes are compared on, llama.cpp's quantizer as the oracle (with and without an imatrix),
 and a byte-for-byte comparison of two GGUF files' tensors."""
+
 from __future__ import annotations
 
 import ctypes
@@ -36,8 +37,7 @@ def llama_quantize(src: Path, dst: Path, mix: str, pure: bool = False) -> Path:
 
 def read(path: Path) -> tuple[int, dict[str, tuple[str, bytes]]]:
     r = gguf.GGUFReader(str(path))
-    tensors = {t.name: (gguf.GGMLQuantizationType(t.tensor_type).name, np.asarray(t.data).tobytes())
-               for t in r.tensors}
+    tensors = {t.name: (gguf.GGMLQuantizationType(t.tensor_type).name, np.asarray(t.data).tobytes()) for t in r.tensors}
     return int(r.get_field("general.file_type").contents()), tensors
 
 
@@ -61,7 +61,7 @@ def synthetic_imatrix(f32_gguf: Path, seed: int = 0, chunk_size: int = 64) -> Im
     entries = {}
     for t in gguf.GGUFReader(str(f32_gguf)).tensors:
         if t.name.startswith("blk.") and len(t.shape) in (2, 3):
-            n = int(t.shape[0])                       # gguf-py lists ne[0] (the row length) first
+            n = int(t.shape[0])  # gguf-py lists ne[0] (the row length) first
             n_mat = int(t.shape[2]) if len(t.shape) == 3 else 1
             sums, counts = [], []
             for _ in range(n_mat):
@@ -89,7 +89,7 @@ def llama_quantize_with_imatrix(src: Path, dst: Path, mix: str, im: Imatrix, pur
         items[i].name = keep[-1]
         items[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         items[i].size = v.size
-    items[len(names)].name = None                     # the terminator llama.cpp stops at
+    items[len(names)].name = None  # the terminator llama.cpp stops at
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{mix.upper()}")
     params.nthread = 1
@@ -103,8 +103,15 @@ def llama_quantize_with_imatrix(src: Path, dst: Path, mix: str, im: Imatrix, pur
 LAYER_KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
-def write_tensor_only_llama(path: Path, n_layers: int, n_heads: int, n_kv: int, tied: bool,
-                            rows: dict[tuple[int, str], int] | None = None, kinds=LAYER_KINDS) -> Path:
+def write_tensor_only_llama(
+    path: Path,
+    n_layers: int,
+    n_heads: int,
+    n_kv: int,
+    tied: bool,
+    rows: dict[tuple[int, str], int] | None = None,
+    kinds=LAYER_KINDS,
+) -> Path:
     """A llama GGUF whose matrices are 2 x 256 (row lengths overridable per tensor): llama-quantize
     reads the hparams for its rules but never checks shapes (nor that every layer tensor is
     there: `kinds`), so every rule runs on a few bytes."""
@@ -122,8 +129,9 @@ def write_tensor_only_llama(path: Path, n_layers: int, n_heads: int, n_kv: int, 
     w.add_tokenizer_model("llama")
     w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(5)])
     w.add_token_scores([0.0] * 8)
-    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-                      + [gguf.TokenType.NORMAL] * 5)
+    w.add_token_types(
+        [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.NORMAL] * 5
+    )
     rng = np.random.default_rng(n_layers)
     mat = lambda n=256: rng.standard_normal((2, n)).astype(np.float32)
     w.add_tensor("token_embd.weight", mat())
@@ -142,25 +150,36 @@ def write_tensor_only_llama(path: Path, n_layers: int, n_heads: int, n_kv: int, 
     return path
 
 
-def write_tensor_only_moe(path: Path, n_layers: int, n_expert: int, n_heads: int = 8, n_kv: int = 2,
-                          expert_rows: int = 1) -> Path:
+def write_tensor_only_moe(
+    path: Path, n_layers: int, n_expert: int, n_heads: int = 8, n_kv: int = 2, expert_rows: int = 1
+) -> Path:
     """A llama GGUF with experts whose matrices have `expert_rows` rows (the others 2):
     llama-quantize reads the hparams for its rules but not the shapes, so the rules run on a
     few bytes."""
     w = gguf.GGUFWriter(str(path), "llama")
-    for add, v in ((w.add_context_length, 64), (w.add_embedding_length, 256), (w.add_block_count, n_layers),
-                   (w.add_feed_forward_length, 256), (w.add_head_count, n_heads), (w.add_head_count_kv, n_kv),
-                   (w.add_rope_dimension_count, 32), (w.add_expert_count, n_expert), (w.add_expert_used_count, 2),
-                   (w.add_vocab_size, 8), (w.add_file_type, gguf.LlamaFileType.ALL_F32)):
+    for add, v in (
+        (w.add_context_length, 64),
+        (w.add_embedding_length, 256),
+        (w.add_block_count, n_layers),
+        (w.add_feed_forward_length, 256),
+        (w.add_head_count, n_heads),
+        (w.add_head_count_kv, n_kv),
+        (w.add_rope_dimension_count, 32),
+        (w.add_expert_count, n_expert),
+        (w.add_expert_used_count, 2),
+        (w.add_vocab_size, 8),
+        (w.add_file_type, gguf.LlamaFileType.ALL_F32),
+    ):
         add(v)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_tokenizer_model("llama")
     w.add_token_list(["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(5)])
     w.add_token_scores([0.0] * 8)
-    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-                      + [gguf.TokenType.NORMAL] * 5)
+    w.add_token_types(
+        [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.NORMAL] * 5
+    )
     rng = np.random.default_rng(n_layers * 10 + n_expert)
-    mat = lambda *shape: rng.standard_normal(shape).astype(np.float32)   # noqa: E731
+    mat = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
     w.add_tensor("token_embd.weight", mat(2, 256))
     for i in range(n_layers):
         for kind in ("attn_q", "attn_k", "attn_v", "attn_output"):

@@ -1,5 +1,6 @@
 """Synthetic Meta-format checkpoints for tests: random weights scaled like a real model's,
 with the fixture's SentencePiece tokenizer (vocab 512). Deterministic for a given seed."""
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,15 @@ SENTENCES = [
 VOCAB = 512
 
 
-def meta_state_dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=192, vocab=VOCAB, seed=0,
-                    dtype=torch.bfloat16, head_dim=None) -> dict[str, torch.Tensor]:
+def meta_state_dict(
+    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn=192, vocab=VOCAB, seed=0, dtype=torch.bfloat16, head_dim=None
+) -> dict[str, torch.Tensor]:
     """`head_dim` other than dim / n_heads gives Mistral Nemo's kind of attention shapes."""
     g = torch.Generator().manual_seed(seed)
     hd = head_dim or dim // n_heads
 
     def w(rows, cols):
-        return (torch.randn(rows, cols, generator=g) * cols ** -0.5).to(dtype)
+        return (torch.randn(rows, cols, generator=g) * cols**-0.5).to(dtype)
 
     sd = {"tok_embeddings.weight": w(vocab, dim)}
     for i in range(n_layers):
@@ -58,9 +60,16 @@ def write_meta_checkpoint(path: Path, sd: dict | None = None, params: dict | Non
     hd_rows = sd["layers.0.attention.wq.weight"].shape[0]
     kv_rows = sd["layers.0.attention.wk.weight"].shape[0]
     n_heads = kw.get("n_heads", 4)
-    base = {"dim": dim, "n_layers": n_layers, "n_heads": n_heads,
-            "n_kv_heads": n_heads * kv_rows // hd_rows, "vocab_size": sd["tok_embeddings.weight"].shape[0],
-            "multiple_of": 32, "norm_eps": 1e-5, "rope_theta": 10000.0}
+    base = {
+        "dim": dim,
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "n_kv_heads": n_heads * kv_rows // hd_rows,
+        "vocab_size": sd["tok_embeddings.weight"].shape[0],
+        "multiple_of": 32,
+        "norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+    }
     base.update(params or {})
     (path / "params.json").write_text(json.dumps(base))
     torch.save(sd, path / "consolidated.00.pth")

@@ -1,5 +1,6 @@
 """Merges rebuilt from tiktoken ranks: the same list as the naive definition (every split of every
 token into two tokens, by token rank, then by the parts' ranks), and no blow-up on hostile files."""
+
 from __future__ import annotations
 
 import random
@@ -16,8 +17,11 @@ def naive_merges(ranks: dict[bytes, int], first_rank: int = 0) -> list[str]:
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(token) < 2 or rank < first_rank:
             continue
-        local = [(ranks[token[:j]], ranks[token[j:]]) for j in range(1, len(token))
-                 if token[:j] in ranks and token[j:] in ranks]
+        local = [
+            (ranks[token[:j]], ranks[token[j:]])
+            for j in range(1, len(token))
+            if token[:j] in ranks and token[j:] in ranks
+        ]
         by_rank = sorted(ranks, key=ranks.get)
         out += [f"{bpe.bytes_to_token(by_rank[a])} {bpe.bytes_to_token(by_rank[b])}" for a, b in sorted(local)]
     return out
@@ -41,7 +45,7 @@ def test_fast_merges_equal_the_naive_definition(seed, alphabet):
     ranks = random_vocab(seed, 400, alphabet)
     fast = tiktoken_bpe.merges_from_ranks(ranks)
     assert fast == naive_merges(ranks)
-    assert len(fast) > 400                       # tokens with several splits occur
+    assert len(fast) > 400  # tokens with several splits occur
     assert tiktoken_bpe.merges_from_ranks(ranks, first_rank=300) == naive_merges(ranks, first_rank=300)
 
 

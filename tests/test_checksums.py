@@ -1,4 +1,5 @@
 """--checksum sidecar: written from the bytes as written, and it catches a changed tensor."""
+
 from __future__ import annotations
 
 import json
@@ -71,16 +72,20 @@ def test_check_written_catches_a_damaged_header_and_size(tmp_path):
     from llmconv.formats.gguf_writer import GGUFFileWriter, KV, TensorEntry, plan_layout
     from gguf import GGMLQuantizationType, GGUFValueType
 
-    lay = plan_layout([KV("general.architecture", "llama", GGUFValueType.STRING)],
-                      [TensorEntry("a", (2, 32), GGMLQuantizationType.F32, 256),
-                       TensorEntry("b", (4,), GGMLQuantizationType.F32, 16)])
+    lay = plan_layout(
+        [KV("general.architecture", "llama", GGUFValueType.STRING)],
+        [
+            TensorEntry("a", (2, 32), GGMLQuantizationType.F32, 256),
+            TensorEntry("b", (4,), GGMLQuantizationType.F32, 16),
+        ],
+    )
     path = tmp_path / "x.gguf"
     with GGUFFileWriter(path, lay) as w:
         w.write_tensor("a", np.zeros((2, 32), np.float32))
         w.write_tensor("b", np.zeros(4, np.float32))
-    check_written(path, lay, path)          # intact: no error
+    check_written(path, lay, path)  # intact: no error
     raw = bytearray(path.read_bytes())
-    raw[lay.infos_start + 8] ^= 1           # a byte of the first tensor's name
+    raw[lay.infos_start + 8] ^= 1  # a byte of the first tensor's name
     path.write_bytes(raw)
     with pytest.raises(LlmconvError, match="header differs"):
         check_written(path, lay, path)
@@ -89,7 +94,7 @@ def test_check_written_catches_a_damaged_header_and_size(tmp_path):
     with pytest.raises(LlmconvError, match="written size"):
         check_written(path, lay, path)
     path.write_bytes(raw)
-    lay.tensors[0].nbytes = 264             # a plan whose table its own header does not encode
+    lay.tensors[0].nbytes = 264  # a plan whose table its own header does not encode
     with pytest.raises(LlmconvError, match="tensor table disagrees"):
         check_written(path, lay, path)
 
@@ -105,7 +110,7 @@ def test_verify_checksums_flag(tmp_path, capsys):
         f.seek(off)
         b = f.read(1)
         f.seek(off)
-        f.write(bytes([b[0] ^ 0x01]))   # one bit: far below what the logit bounds can see
+        f.write(bytes([b[0] ^ 0x01]))  # one bit: far below what the logit bounds can see
     capsys.readouterr()
     assert main(args) == 1
     assert "checksum: output.weight" in capsys.readouterr().out

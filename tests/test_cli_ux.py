@@ -1,4 +1,5 @@
 """Command-line conventions a llama.cpp user expects (issue 19), each checked in a subprocess."""
+
 from __future__ import annotations
 
 import re
@@ -51,10 +52,16 @@ def _plan_for(n_layers: int, dim: int, ffn: int, outtype: str):
 
     tensors = [t("token_embd.weight", (1000, dim)), t("output_norm.weight", (dim,)), t("output.weight", (1000, dim))]
     for i in range(n_layers):
-        tensors += [t(f"blk.{i}.attn_q.weight", (dim, dim)), t(f"blk.{i}.attn_k.weight", (dim, dim)),
-                    t(f"blk.{i}.attn_v.weight", (dim, dim)), t(f"blk.{i}.attn_output.weight", (dim, dim)),
-                    t(f"blk.{i}.ffn_gate.weight", (ffn, dim)), t(f"blk.{i}.ffn_up.weight", (ffn, dim)),
-                    t(f"blk.{i}.ffn_down.weight", (dim, ffn)), t(f"blk.{i}.attn_norm.weight", (dim,))]
+        tensors += [
+            t(f"blk.{i}.attn_q.weight", (dim, dim)),
+            t(f"blk.{i}.attn_k.weight", (dim, dim)),
+            t(f"blk.{i}.attn_v.weight", (dim, dim)),
+            t(f"blk.{i}.attn_output.weight", (dim, dim)),
+            t(f"blk.{i}.ffn_gate.weight", (ffn, dim)),
+            t(f"blk.{i}.ffn_up.weight", (ffn, dim)),
+            t(f"blk.{i}.ffn_down.weight", (dim, ffn)),
+            t(f"blk.{i}.attn_norm.weight", (dim,)),
+        ]
     return make_plan(tensors, TypePolicy(outtype, model=mixes.ModelShape(n_layers, 9, 3)))
 
 
@@ -67,14 +74,15 @@ def test_notes_are_aggregated_not_one_per_tensor():
     joined = "\n".join(plan.notes)
     assert "attn_q" in joined and "ffn_up" in joined and "all 30 layers" in joined
     assert sum(int(n.split()[0]) if n.split()[0].isdigit() else 1 for n in plan.notes) == len(
-        [t for t in plan.tensors if t.why.name in ("FALLBACK", "OUTPUT", "OVERRIDE")])
+        [t for t in plan.tensors if t.why.name in ("FALLBACK", "OUTPUT", "OVERRIDE")]
+    )
 
 
 def test_quiet_means_no_notes(tmp_path):
     ckpt = ROOT / "fixtures" / "tiny-llama"
     res = run("convert", str(ckpt), "--outtype", "q4_0", "-o", str(tmp_path / "a.gguf"))
     assert res.returncode == 0, res.stderr
-    assert "note:" in res.stderr                       # output.weight -> q6_K is a note
+    assert "note:" in res.stderr  # output.weight -> q6_K is a note
     res = run("convert", str(ckpt), "--outtype", "q4_0", "-o", str(tmp_path / "b.gguf"), "-q")
     assert res.returncode == 0, res.stderr
     assert "note:" not in res.stderr and res.stderr.strip() == ""
@@ -120,17 +128,26 @@ def test_a_type_typo_gets_a_suggestion(tmp_path):
     res = run("convert", str(ROOT / "fixtures" / "tiny-llama"), "--outtype", "q4_km", "-o", str(tmp_path / "x.gguf"))
     assert res.returncode == 2, res.stderr
     assert "did you mean q4_K_M?" in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    assert "q3_K_M, " in res.stderr and ", auto)" in res.stderr     # the known types list the mixes and auto
+    assert "q3_K_M, " in res.stderr and ", auto)" in res.stderr  # the known types list the mixes and auto
 
 
 @pytest.mark.parametrize("extra", [[], ["--dry-run"]])
 def test_json_to_stdout_is_only_json(tmp_path, extra):
     import json
 
-    res = run("convert", str(ROOT / "fixtures" / "tiny-llama"), "--outtype", "q4_0", "-o", str(tmp_path / "a.gguf"),
-              "--json", "-", *extra)
+    res = run(
+        "convert",
+        str(ROOT / "fixtures" / "tiny-llama"),
+        "--outtype",
+        "q4_0",
+        "-o",
+        str(tmp_path / "a.gguf"),
+        "--json",
+        "-",
+        *extra,
+    )
     assert res.returncode == 0, res.stderr
-    report = json.loads(res.stdout)                    # nothing but the JSON document on stdout
+    report = json.loads(res.stdout)  # nothing but the JSON document on stdout
     assert report["dry_run"] == bool(extra)
     assert ("wrote" in res.stderr) != bool(extra)
 
@@ -167,7 +184,7 @@ def test_every_command_has_help_with_examples():
         res = run(cmd, "--help")
         assert res.returncode == 0, res.stderr
         assert "Examples:" in res.stdout and f"llmconv {cmd} " in res.stdout, cmd
-        assert "--json [FILE]" in res.stdout, cmd          # the README: every command has --json
+        assert "--json [FILE]" in res.stdout, cmd  # the README: every command has --json
 
 
 def main_run(capsys, *args) -> tuple[int, str, str]:
@@ -197,6 +214,7 @@ def f16_gguf(tmp_path_factory):
 
 def _file_type(path: Path) -> int:
     from llmconv.formats.gguf_reader import read_gguf
+
     return int(read_gguf(path).kvs["general.file_type"])
 
 
@@ -207,11 +225,19 @@ def test_quantize_takes_the_type_after_the_file_names(tmp_path, capsys, monkeypa
 
     code, out, err = main_run(capsys, "quantize", f16_gguf, tmp_path / "a.gguf", "q8_0", "--json")
     assert code == 0 and "wrote" in err, err
-    assert json.loads(out)["output"] == str(tmp_path / "a.gguf")      # --json alone: only JSON on stdout
+    assert json.loads(out)["output"] == str(tmp_path / "a.gguf")  # --json alone: only JSON on stdout
     assert _file_type(tmp_path / "a.gguf") == LlamaFileType.MOSTLY_Q8_0
     # IN TYPE: no OUT. The file goes next to IN (not the cwd), named as convert names this model
-    code, _, err = main_run(capsys, "convert", ROOT / "fixtures" / "tiny-llama", "--outtype", "q4_K_M", "--dry-run",
-                            "--json", tmp_path / "plan.json")
+    code, _, err = main_run(
+        capsys,
+        "convert",
+        ROOT / "fixtures" / "tiny-llama",
+        "--outtype",
+        "q4_K_M",
+        "--dry-run",
+        "--json",
+        tmp_path / "plan.json",
+    )
     assert code == 0, err
     convert_name = Path(json.loads((tmp_path / "plan.json").read_text())["output"]).name
     assert convert_name != "model-Q4_K_M.gguf"
@@ -225,21 +251,24 @@ def test_quantize_takes_the_type_after_the_file_names(tmp_path, capsys, monkeypa
     written.unlink()
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["OUT", "q4_0", "--type", "q8_0"], "two different output types: TYPE q4_0 and --type q8_0; give one"),
-    (["--type", "q4_0", "--outtype", "q8_0"], "two different output types: --type q4_0 and --outtype q8_0"),
-    (["OUT"], "no output type: add it after the file names"),
-    (["OUT", "q4_0", "extra"], "too many arguments after INFILE"),
-    (["OUT", "q4_km"], "TYPE: unknown type 'q4_km'; did you mean q4_K_M?"),
-    (["q4_km"], "TYPE: unknown type 'q4_km'; did you mean q4_K_M?"),
-    (["OUT", "--type", "q4_km"], "--type: unknown type 'q4_km'; did you mean q4_K_M?"),
-    (["OUT", "--outtype", "q4_km"], "--outtype: unknown type 'q4_km'; did you mean q4_K_M?"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["OUT", "q4_0", "--type", "q8_0"], "two different output types: TYPE q4_0 and --type q8_0; give one"),
+        (["--type", "q4_0", "--outtype", "q8_0"], "two different output types: --type q4_0 and --outtype q8_0"),
+        (["OUT"], "no output type: add it after the file names"),
+        (["OUT", "q4_0", "extra"], "too many arguments after INFILE"),
+        (["OUT", "q4_km"], "TYPE: unknown type 'q4_km'; did you mean q4_K_M?"),
+        (["q4_km"], "TYPE: unknown type 'q4_km'; did you mean q4_K_M?"),
+        (["OUT", "--type", "q4_km"], "--type: unknown type 'q4_km'; did you mean q4_K_M?"),
+        (["OUT", "--outtype", "q4_km"], "--outtype: unknown type 'q4_km'; did you mean q4_K_M?"),
+    ],
+)
 def test_quantize_type_mistakes_get_one_line(tmp_path, capsys, f16_gguf, args, needle):
     out = tmp_path / "o.gguf"
     code, _, err = main_run(capsys, "quantize", f16_gguf, *[out if a == "OUT" else a for a in args])
     assert needle in one_error_line(code, err)
-    assert "auto" not in err            # quantize has no 'auto' type to offer
+    assert "auto" not in err  # quantize has no 'auto' type to offer
     assert list(tmp_path.iterdir()) == []
 
 
@@ -253,8 +282,11 @@ def test_requantized_name_from_metadata_or_file_name():
     def src(path, **general):
         return GGUFSource(Path(path), "llama", [KV(f"general.{k}", v, T.STRING) for k, v in general.items()], [], {})
 
-    assert requantized_name(src("d/Llama-7B-F16.gguf", name="Llama 2", size_label="7B"), "q4_k_m") == "Llama-2-7B-Q4_K_M.gguf"
-    assert requantized_name(src("d/model-F16.gguf"), "q4_k_m") == "model-Q4_K_M.gguf"     # no general.name
+    assert (
+        requantized_name(src("d/Llama-7B-F16.gguf", name="Llama 2", size_label="7B"), "q4_k_m")
+        == "Llama-2-7B-Q4_K_M.gguf"
+    )
+    assert requantized_name(src("d/model-F16.gguf"), "q4_k_m") == "model-Q4_K_M.gguf"  # no general.name
     assert requantized_name(src("d/model.gguf"), "q8_0") == "model-Q8_0.gguf"
     # a hostile general.name cannot point the output elsewhere
     assert requantized_name(src("m.gguf", name="../../etc/x\x00y"), "q8_0") == "..-..-etc-x-y-Q8_0.gguf"
@@ -263,7 +295,7 @@ def test_requantized_name_from_metadata_or_file_name():
 def test_requantizing_warns_about_quality(tmp_path, capsys, f16_gguf):
     q4 = tmp_path / "q4.gguf"
     code, _, err = main_run(capsys, "quantize", f16_gguf, q4, "q4_0", "-q")
-    assert code == 0 and "warning" not in err, err           # a float input: no warning
+    assert code == 0 and "warning" not in err, err  # a float input: no warning
     code, _, err = main_run(capsys, "quantize", q4, tmp_path / "q8.gguf", "q8_0", "-q")
     assert "--allow-requantize" in one_error_line(code, err) and not (tmp_path / "q8.gguf").exists()
     code, _, err = main_run(capsys, "quantize", q4, tmp_path / "q8.gguf", "q8_0", "-q", "--allow-requantize")
@@ -281,7 +313,7 @@ def _split_safetensors(tensors: dict, folder: Path, stem: str, index: bool) -> l
 
     names = sorted(tensors)
     files = [f"{stem}-0000{k}-of-00002.safetensors" for k in (1, 2)]
-    halves = [names[:len(names) // 2], names[len(names) // 2:]]
+    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
     for fname, part in zip(files, halves):
         save_file({n: tensors[n].contiguous() for n in part}, folder / fname, metadata={"format": "pt"})
     if index:
@@ -299,15 +331,16 @@ def _checkpoint_missing_a_shard(layout: str, tmp: Path) -> Path:
 
     fx = ROOT / "fixtures"
     ckpt = tmp / layout
-    if layout.startswith("meta"):       # tiny-llama-2shard: LLaMA 2 style; llama3-tiny: LLaMA 3 style
+    if layout.startswith("meta"):  # tiny-llama-2shard: LLaMA 2 style; llama3-tiny: LLaMA 3 style
         shutil.copytree(fx / ("tiny-llama-2shard" if layout == "meta-last" else "llama3-tiny"), ckpt)
         gone = ckpt / ("consolidated.01.pth" if layout == "meta-last" else "consolidated.00.pth")
     elif layout.startswith("hf"):
         shutil.copytree(fx / "hf-tiny-llama", ckpt, ignore=shutil.ignore_patterns("model.safetensors"))
-        files = _split_safetensors(load_file(fx / "hf-tiny-llama" / "model.safetensors"), ckpt, "model",
-                                   index=layout == "hf-index")
+        files = _split_safetensors(
+            load_file(fx / "hf-tiny-llama" / "model.safetensors"), ckpt, "model", index=layout == "hf-index"
+        )
         gone = ckpt / files[1]
-    else:                               # Mistral's own layout: params.json + consolidated-0000k-of-0000N
+    else:  # Mistral's own layout: params.json + consolidated-0000k-of-0000N
         ckpt.mkdir()
         for f in ("params.json", "tokenizer.model"):
             shutil.copy(fx / "tiny-llama" / f, ckpt / f)
@@ -326,20 +359,35 @@ def test_a_missing_shard_is_named(tmp_path, capsys, layout):
     assert not (tmp_path / "x.gguf").exists()
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["<ckpt>", "--reference", "<gguf>"], "the arguments are swapped: the model file comes first, the checkpoint "
-                                          "folder after --reference: llmconv verify <gguf> --reference <ckpt>"),
-    (["<ckpt>/params.json", "-r", "<gguf>"], "the arguments are swapped: the model file comes first, the checkpoint "
-                                             "folder after --reference: llmconv verify <gguf> --reference <ckpt>"),
-    (["<gguf>", "--reference", "<gguf>"], "is a model file, not the checkpoint folder"),
-    (["<ckpt>", "-r", "<ckpt>"], "is a folder: verify checks a GGUF file against the checkpoint it was converted "
-                                 "from: llmconv verify MODEL.gguf --reference <ckpt>"),
-    (["<ckpt>"], "llmconv verify MODEL.gguf --reference <ckpt>"),
-    (["<gguf>"], "no --reference: verify compares the file with the checkpoint it was converted from: "
-                 "llmconv verify <gguf> --reference CKPT_DIR"),
-    (["<ckpt>", "<gguf>"], "the checkpoint goes after --reference: llmconv verify <gguf> --reference <ckpt>"),
-    (["<gguf>", "<ckpt>"], "the checkpoint goes after --reference: llmconv verify <gguf> --reference <ckpt>"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (
+            ["<ckpt>", "--reference", "<gguf>"],
+            "the arguments are swapped: the model file comes first, the checkpoint "
+            "folder after --reference: llmconv verify <gguf> --reference <ckpt>",
+        ),
+        (
+            ["<ckpt>/params.json", "-r", "<gguf>"],
+            "the arguments are swapped: the model file comes first, the checkpoint "
+            "folder after --reference: llmconv verify <gguf> --reference <ckpt>",
+        ),
+        (["<gguf>", "--reference", "<gguf>"], "is a model file, not the checkpoint folder"),
+        (
+            ["<ckpt>", "-r", "<ckpt>"],
+            "is a folder: verify checks a GGUF file against the checkpoint it was converted "
+            "from: llmconv verify MODEL.gguf --reference <ckpt>",
+        ),
+        (["<ckpt>"], "llmconv verify MODEL.gguf --reference <ckpt>"),
+        (
+            ["<gguf>"],
+            "no --reference: verify compares the file with the checkpoint it was converted from: "
+            "llmconv verify <gguf> --reference CKPT_DIR",
+        ),
+        (["<ckpt>", "<gguf>"], "the checkpoint goes after --reference: llmconv verify <gguf> --reference <ckpt>"),
+        (["<gguf>", "<ckpt>"], "the checkpoint goes after --reference: llmconv verify <gguf> --reference <ckpt>"),
+    ],
+)
 def test_verify_arguments_in_the_wrong_places(capsys, f16_gguf, args, needle):
     def fill(text):
         return text.replace("<ckpt>", str(ROOT / "fixtures" / "tiny-llama")).replace("<gguf>", str(f16_gguf))
@@ -353,6 +401,7 @@ class _Terminal:
 
     def __init__(self):
         import io
+
         self.buf = io.StringIO()
         self.encoding = "utf-8"
 
@@ -380,7 +429,7 @@ def test_a_long_file_name_leaves_the_progress_bar_room(columns):
     label, _, rest = frame.partition(": ")
     cells = rest.split("|")[1]
     assert len(frame) <= columns and len(cells) >= MIN_BAR, frame
-    assert "\u2026" in label and label.endswith("-Q4_K_M.gguf"), label    # the type label stays readable
+    assert "\u2026" in label and label.endswith("-Q4_K_M.gguf"), label  # the type label stays readable
     # a name that fits is left alone; a control character in it cannot reach the terminal
     term = _Terminal()
     with byte_bar(100, "a\x1b[2J.gguf", progress=True, file=term, columns=columns) as bar:
@@ -392,37 +441,54 @@ def test_imatrix_writes_no_progress_frames_into_a_log(tmp_path, capsys):
     import json
 
     out = tmp_path / "im.gguf"
-    code, stdout, err = main_run(capsys, "imatrix", ROOT / "fixtures" / "tiny-llama", "--ctx", "32", "--chunks", "2",
-                                 "-o", out, "--json")
+    code, stdout, err = main_run(
+        capsys, "imatrix", ROOT / "fixtures" / "tiny-llama", "--ctx", "32", "--chunks", "2", "-o", out, "--json"
+    )
     assert code == 0 and out.is_file(), err
-    assert json.loads(stdout)["chunks"] == 2 and "wrote" in err          # --json alone: only JSON on stdout
+    assert json.loads(stdout)["chunks"] == 2 and "wrote" in err  # --json alone: only JSON on stdout
     assert "\r" not in err and "layer/s" not in err and "it/s" not in err, err
 
 
-@pytest.mark.parametrize("args, needle", [
-    # a directory where a file is expected (was "no such file" or a three-line usage error)
-    (["quantize", "<dir>", "q8_0"], "<dir>: is a directory, expected a GGUF file (a checkpoint folder: llmconv convert)"),
-    (["inspect", "<dir>"], "<dir>: is a directory; inspect reads a GGUF or ggml file"),
-    (["convert", "<ckpt>", "--metadata", "<dir>", "--dry-run"], "<dir>: --metadata: is a directory, expected a JSON file"),
-    (["verify", "<gguf>", "-r", "<ckpt>", "--text", "<dir>"], "<dir>: is a directory, expected a text file"),
-    (["imatrix", "<ckpt>", "--text", "<dir>"], "<dir>: is a directory, expected a text file"),
-    (["convert", "<ckpt>", "-o", "<dir>"], "<dir>: output exists and is not a regular file (a directory): to write the "
-                                           "default-named file into it, add a slash (<dir>/)"),
-    (["quantize", "<gguf>", "<dir>", "q8_0", "-f"], "add a slash (<dir>/)"),
-    # a path that does not exist
-    (["quantize", "<nowhere>", "q8_0"], "<nowhere>: no such file"),
-    (["inspect", "<nowhere>"], "<nowhere>: no such file"),
-    (["verify", "<nowhere>", "-r", "<ckpt>"], "<nowhere>: no such file"),
-    (["verify", "<gguf>", "-r", "<nowhere>"], "<nowhere>: no such file or directory"),
-    (["convert-lora", "<nowhere>", "--base", "<ckpt>"], "<nowhere>: no such file or directory"),
-    (["imatrix", "<nowhere>"], "<nowhere>: no such file or directory"),
-    (["imatrix", "<dir>"], "<dir>: neither params.json (Meta, Mistral) nor config.json (Hugging Face) found"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        # a directory where a file is expected (was "no such file" or a three-line usage error)
+        (
+            ["quantize", "<dir>", "q8_0"],
+            "<dir>: is a directory, expected a GGUF file (a checkpoint folder: llmconv convert)",
+        ),
+        (["inspect", "<dir>"], "<dir>: is a directory; inspect reads a GGUF or ggml file"),
+        (
+            ["convert", "<ckpt>", "--metadata", "<dir>", "--dry-run"],
+            "<dir>: --metadata: is a directory, expected a JSON file",
+        ),
+        (["verify", "<gguf>", "-r", "<ckpt>", "--text", "<dir>"], "<dir>: is a directory, expected a text file"),
+        (["imatrix", "<ckpt>", "--text", "<dir>"], "<dir>: is a directory, expected a text file"),
+        (
+            ["convert", "<ckpt>", "-o", "<dir>"],
+            "<dir>: output exists and is not a regular file (a directory): to write the "
+            "default-named file into it, add a slash (<dir>/)",
+        ),
+        (["quantize", "<gguf>", "<dir>", "q8_0", "-f"], "add a slash (<dir>/)"),
+        # a path that does not exist
+        (["quantize", "<nowhere>", "q8_0"], "<nowhere>: no such file"),
+        (["inspect", "<nowhere>"], "<nowhere>: no such file"),
+        (["verify", "<nowhere>", "-r", "<ckpt>"], "<nowhere>: no such file"),
+        (["verify", "<gguf>", "-r", "<nowhere>"], "<nowhere>: no such file or directory"),
+        (["convert-lora", "<nowhere>", "--base", "<ckpt>"], "<nowhere>: no such file or directory"),
+        (["imatrix", "<nowhere>"], "<nowhere>: no such file or directory"),
+        (["imatrix", "<dir>"], "<dir>: neither params.json (Meta, Mistral) nor config.json (Hugging Face) found"),
+    ],
+)
 def test_a_directory_or_a_missing_path_where_a_file_is_expected(tmp_path, capsys, f16_gguf, args, needle):
     folder = tmp_path / "d"
     folder.mkdir()
-    subs = {"<dir>": str(folder), "<ckpt>": str(ROOT / "fixtures" / "tiny-llama"), "<gguf>": str(f16_gguf),
-            "<nowhere>": str(tmp_path / "nowhere")}
+    subs = {
+        "<dir>": str(folder),
+        "<ckpt>": str(ROOT / "fixtures" / "tiny-llama"),
+        "<gguf>": str(f16_gguf),
+        "<nowhere>": str(tmp_path / "nowhere"),
+    }
 
     def fill(text):
         for k, v in subs.items():

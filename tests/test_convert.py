@@ -1,4 +1,5 @@
 """Issue 2: Meta checkpoint -> GGUF that reads back, merges shards, and that llama.cpp runs."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,13 @@ def test_metadata_keys_and_types(converted):
     r = GGUFReader(converted(ONE, "f16"))
     params = json.loads((ONE / "params.json").read_text())
     sp = spm.SentencePieceProcessor(model_file=str(ONE / "tokenizer.model"))
-    U32, F32, STR, ARR, BOOL = (GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING,
-                                GGUFValueType.ARRAY, GGUFValueType.BOOL)
+    U32, F32, STR, ARR, BOOL = (
+        GGUFValueType.UINT32,
+        GGUFValueType.FLOAT32,
+        GGUFValueType.STRING,
+        GGUFValueType.ARRAY,
+        GGUFValueType.BOOL,
+    )
     dim, n_heads = params["dim"], params["n_heads"]
     expect = {
         Keys.General.ARCHITECTURE: ("llama", STR),
@@ -76,13 +82,24 @@ def test_tensor_names_shapes_types(converted):
     hd, ffn, V = dim // H, 768, 512
     want = {"token_embd.weight": (V, dim), "output_norm.weight": (dim,), "output.weight": (V, dim)}
     for i in range(L):
-        want.update({f"blk.{i}.attn_q.weight": (H * hd, dim), f"blk.{i}.attn_k.weight": (KV * hd, dim),
-                     f"blk.{i}.attn_v.weight": (KV * hd, dim), f"blk.{i}.attn_output.weight": (dim, H * hd),
-                     f"blk.{i}.ffn_gate.weight": (ffn, dim), f"blk.{i}.ffn_up.weight": (ffn, dim),
-                     f"blk.{i}.ffn_down.weight": (dim, ffn), f"blk.{i}.attn_norm.weight": (dim,),
-                     f"blk.{i}.ffn_norm.weight": (dim,)})
-    for outtype, ggml in [("f32", GGMLQuantizationType.F32), ("f16", GGMLQuantizationType.F16),
-                          ("bf16", GGMLQuantizationType.BF16)]:
+        want.update(
+            {
+                f"blk.{i}.attn_q.weight": (H * hd, dim),
+                f"blk.{i}.attn_k.weight": (KV * hd, dim),
+                f"blk.{i}.attn_v.weight": (KV * hd, dim),
+                f"blk.{i}.attn_output.weight": (dim, H * hd),
+                f"blk.{i}.ffn_gate.weight": (ffn, dim),
+                f"blk.{i}.ffn_up.weight": (ffn, dim),
+                f"blk.{i}.ffn_down.weight": (dim, ffn),
+                f"blk.{i}.attn_norm.weight": (dim,),
+                f"blk.{i}.ffn_norm.weight": (dim,),
+            }
+        )
+    for outtype, ggml in [
+        ("f32", GGMLQuantizationType.F32),
+        ("f16", GGMLQuantizationType.F16),
+        ("bf16", GGMLQuantizationType.BF16),
+    ]:
         r = GGUFReader(converted(ONE, outtype))
         got = {t.name: t for t in r.tensors}
         assert set(got) == set(want)
@@ -102,6 +119,7 @@ def test_auto_keeps_source_precision(converted):
 
 def test_bf16_passthrough_is_exact(converted):
     import torch
+
     sd = torch.load(ONE / "consolidated.00.pth", weights_only=True, mmap=True)
     r = GGUFReader(converted(ONE, "bf16"))
     t = next(t for t in r.tensors if t.name == "blk.1.ffn_down.weight")
@@ -147,15 +165,18 @@ def test_ctx_override(converted):
 
 # ---- llama.cpp is the judge ----------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def llama_cpp():
     import llama_cpp as lc
+
     return lc
 
 
 def _open(lc, path, n_ctx=256):
-    return lc.Llama(str(path), n_ctx=n_ctx, logits_all=True, type_k=0, type_v=0, n_threads=2,
-                    n_batch=n_ctx, verbose=False)
+    return lc.Llama(
+        str(path), n_ctx=n_ctx, logits_all=True, type_k=0, type_v=0, n_threads=2, n_batch=n_ctx, verbose=False
+    )
 
 
 @pytest.mark.llamacpp
@@ -170,6 +191,7 @@ def test_llamacpp_tokenizes_like_sentencepiece(converted, llama_cpp):
 @pytest.mark.parametrize("outtype,bound", [("f32", 1e-4), ("f16", 1e-2), ("bf16", 1e-2)])
 def test_llamacpp_logits_match_reference(converted, llama_cpp, outtype, bound):
     from llmconv.verify.reference import reference_logits
+
     sp = spm.SentencePieceProcessor(model_file=str(ONE / "tokenizer.model"))
     tokens = [sp.bos_id()] + sp.encode(" ".join(SENTENCES))[:100]
     ref = reference_logits(ONE, tokens)

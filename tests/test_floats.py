@@ -1,4 +1,5 @@
 """f16/bf16 casts are bit-exact with ggml's rounding on every class of finite float32."""
+
 import numpy as np
 import pytest
 
@@ -10,8 +11,25 @@ def every_kind_of_float32(n=2_000_000, seed=0):
     bits = rng.integers(0, 2**32, size=n, dtype=np.uint64).astype(np.uint32)
     x = bits.view(np.float32)
     x = x[np.isfinite(x)]
-    special = np.array([0.0, -0.0, 65504.0, 65520.0, -65520.0, 6.1e-5, 5.96e-8, 2.98e-8, 1e-45, 3.4e38,
-                        1.0 + 2**-11, 1.0 + 3 * 2**-11, 1.0 + 2**-8, 1.0 + 3 * 2**-8], dtype=np.float32)
+    special = np.array(
+        [
+            0.0,
+            -0.0,
+            65504.0,
+            65520.0,
+            -65520.0,
+            6.1e-5,
+            5.96e-8,
+            2.98e-8,
+            1e-45,
+            3.4e38,
+            1.0 + 2**-11,
+            1.0 + 3 * 2**-11,
+            1.0 + 2**-8,
+            1.0 + 3 * 2**-8,
+        ],
+        dtype=np.float32,
+    )
     return np.concatenate([x, special, rng.standard_normal(100_000).astype(np.float32)])
 
 
@@ -31,10 +49,12 @@ def test_bf16_matches_ggml_rule():
 def test_roundtrip_and_nonfinite(name):
     x = np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)
     from llmconv.quantize import dequantize_tensor
+
     y = dequantize_tensor(quantize_tensor(x, name), name)
     assert np.allclose(x, y, rtol=1e-2, atol=1e-3)
     x[3, 7] = np.inf
     from llmconv.quantize import NonFiniteError
+
     with pytest.raises(NonFiniteError) as e:
         quantize_tensor(x, name)
     assert e.value.row == 3

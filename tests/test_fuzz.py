@@ -16,6 +16,7 @@ and tensors, and every tensor lies inside the file, aligned and not overlapping 
 The seeds, mutations and check live in llmconv/testing/fuzz_gguf.py; `bench/fuzz_gguf.py
 --examples N` runs the same strategy and check for many more inputs.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -24,10 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from llmconv.formats.gguf_reader import read_gguf
 from llmconv.testing.fuzz_gguf import SEED_KVS, SEEDS, apply_mutations, check_input, mutated_gguf, tracing
 
-EXAMPLES = 1500            # 7 s on a quiet 2-core machine, 12 s on a busy one (bench/fuzz_gguf.py: 20000)
+EXAMPLES = 1500  # 7 s on a quiet 2-core machine, 12 s on a busy one (bench/fuzz_gguf.py: 20000)
 
 
 # ---- the test -------------------------------------------------------------------------------------
+
 
 def test_seeds_are_valid(tmp_path):
     for i, seed in enumerate(SEEDS):
@@ -42,9 +44,9 @@ def test_mutations_hit_the_fields():
     """The u64/u32 mutations write where the builder put counts and lengths: a huge n_kv is
     rejected as a count, a huge string length as a length."""
     s = SEEDS[0]
-    assert int.from_bytes(s.data[s.at["n_kv"]:s.at["n_kv"] + 8], "little") == len(SEED_KVS)
+    assert int.from_bytes(s.data[s.at["n_kv"] : s.at["n_kv"] + 8], "little") == len(SEED_KVS)
     huge = apply_mutations(s.data, [("u64", s.at["n_kv"], 2**64 - 1)])
-    assert huge[s.at["n_kv"]:s.at["n_kv"] + 8] == b"\xff" * 8
+    assert huge[s.at["n_kv"] : s.at["n_kv"] + 8] == b"\xff" * 8
     assert s.at["n_kv"] in s.marks["count"] and s.at["kv:general.name"] in s.marks["length"]
 
 
@@ -53,11 +55,12 @@ def scratch(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz") / "input.gguf"
 
 
-@settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
-          suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=EXAMPLES, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
 @given(data=mutated_gguf())
 def test_mutated_files_parse_or_fail_cleanly(scratch, data):
     with tracing():
         outcome = check_input(data, scratch)
     assert outcome == "parsed" or outcome.startswith("error: ")
-    assert not outcome.startswith("error: other"), outcome     # every message is one the reader writes
+    assert not outcome.startswith("error: other"), outcome  # every message is one the reader writes

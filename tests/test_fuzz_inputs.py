@@ -17,20 +17,29 @@ The targets, mutations and checks live in llmconv/testing/fuzz_inputs.py. CI run
 EXAMPLES[target] inputs per target; `python bench/fuzz_inputs.py --examples N` runs more and
 counts the outcomes.
 """
+
 from __future__ import annotations
 
 import pytest
 
-from llmconv.testing.fuzz_inputs import (MAX_GROWTH, TARGETS, check_cli_input, check_input, checkpoint_copy, fuzz,
-                                         peak_rss)
+from llmconv.testing.fuzz_inputs import (
+    MAX_GROWTH,
+    TARGETS,
+    check_cli_input,
+    check_input,
+    checkpoint_copy,
+    fuzz,
+    peak_rss,
+)
 
 # inputs per target in CI (2-20 ms each; most are refused by the schema in well under 1 ms);
 # bench/fuzz_inputs.py runs thousands per target.
 EXAMPLES = {"config.json": 900, "params.json": 800, "tokenizer.json": 700, "tokenizer_config.json": 800}
-CLI_EXAMPLES = 60          # of config.json and tokenizer.json, through `llmconv convert --dry-run`
+CLI_EXAMPLES = 60  # of config.json and tokenizer.json, through `llmconv convert --dry-run`
 
 
 # ---- the tests -----------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def rss_at_start():

@@ -10,6 +10,7 @@ Oracles: SentencePiece for the vocabulary and tokenization, llmconv's GGUF conve
 tensor bytes, the PyTorch reference forward pass for logits (bounds from verify's per-type
 table), and ctransformers as the outside reader.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,12 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "fixtures" / "tiny-llama"
 TYPES = ["f16", "q4_0", "q8_0"]
 N_TOKENS = 64
-FILE_TYPE = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
-             "q4_0": LlamaFileType.MOSTLY_Q4_0, "q8_0": LlamaFileType.MOSTLY_Q8_0}
+FILE_TYPE = {
+    "f32": LlamaFileType.ALL_F32,
+    "f16": LlamaFileType.MOSTLY_F16,
+    "q4_0": LlamaFileType.MOSTLY_Q4_0,
+    "q8_0": LlamaFileType.MOSTLY_Q8_0,
+}
 MAGIC = {"ggml": 0x67676D6C, "ggmf": 0x67676D66, "ggjt": 0x67676A74}
 
 
@@ -54,6 +59,7 @@ def one_line_error(exc: pytest.ExceptionInfo) -> str:
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
@@ -66,9 +72,12 @@ def ckpt(tmp_path_factory) -> Path:
             w = sd[k]
             heads = w.reshape(params["n_kv_heads"], -1, w.shape[1])
             sd[k] = heads.repeat_interleave(group, dim=0).reshape(-1, w.shape[1]).clone()
-    return write_meta_checkpoint(tmp_path_factory.mktemp("mha") / "tiny-mha", sd, n_heads=params["n_heads"],
-                                 params={"norm_eps": ASSUMED_NORM_EPS, "rope_theta": ASSUMED_ROPE_THETA,
-                                         "multiple_of": params["multiple_of"]})
+    return write_meta_checkpoint(
+        tmp_path_factory.mktemp("mha") / "tiny-mha",
+        sd,
+        n_heads=params["n_heads"],
+        params={"norm_eps": ASSUMED_NORM_EPS, "rope_theta": ASSUMED_ROPE_THETA, "multiple_of": params["multiple_of"]},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +112,10 @@ def ref(ckpt, ids) -> np.ndarray:
 
 def load_ct(path: Path):
     from ctransformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(str(path), model_type="llama", context_length=512, threads=1,
-                                                batch_size=1, gpu_layers=0)
+
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), model_type="llama", context_length=512, threads=1, batch_size=1, gpu_layers=0
+    )
 
 
 def ct_logits(path: Path, ids: list[int]) -> np.ndarray:
@@ -119,6 +130,7 @@ def ct_logits(path: Path, ids: list[int]) -> np.ndarray:
 
 # ---- refusals ---------------------------------------------------------------------------------
 
+
 def test_gqa_fixture_refused(tmp_path, capsys):
     out = tmp_path / "x.bin"
     assert main(["convert", str(FIXTURE), "--format", "ggml", "--outtype", "q4_0", "-o", str(out), "-q"]) == 2
@@ -129,9 +141,12 @@ def test_gqa_fixture_refused(tmp_path, capsys):
 
 def test_ffn_no_n_mult_can_express_refused(tmp_path, capsys):
     # dim 64: the loaders' n_ff = ceil(floor(8*64/3) / n_mult) * n_mult >= 170 for every n_mult
-    src = write_meta_checkpoint(tmp_path / "narrow", meta_state_dict(dim=64, n_heads=4, n_kv_heads=4, ffn=128,
-                                                                     dtype=torch.float32), n_heads=4,
-                                params={"norm_eps": ASSUMED_NORM_EPS})
+    src = write_meta_checkpoint(
+        tmp_path / "narrow",
+        meta_state_dict(dim=64, n_heads=4, n_kv_heads=4, ffn=128, dtype=torch.float32),
+        n_heads=4,
+        params={"norm_eps": ASSUMED_NORM_EPS},
+    )
     out = tmp_path / "x.bin"
     assert main(["convert", str(src), "--format", "ggml", "-o", str(out), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -143,14 +158,17 @@ def test_n_mult_search_found_by_loader(tmp_path, sp):
     """ffn 180 with multiple_of 32 needs another n_mult (12); ctransformers derives n_ff from it
     and refuses the file if its tensors do not have that size."""
     ffn = 180
-    src = write_meta_checkpoint(tmp_path / "odd", meta_state_dict(dim=64, n_heads=4, n_kv_heads=4, ffn=ffn,
-                                                                  dtype=torch.float32), n_heads=4,
-                                params={"norm_eps": ASSUMED_NORM_EPS, "multiple_of": 32})
+    src = write_meta_checkpoint(
+        tmp_path / "odd",
+        meta_state_dict(dim=64, n_heads=4, n_kv_heads=4, ffn=ffn, dtype=torch.float32),
+        n_heads=4,
+        params={"norm_eps": ASSUMED_NORM_EPS, "multiple_of": 32},
+    )
     out = tmp_path / "odd.bin"
     llmconv.convert(src, out, format="ggml", outtype="f32")
     g = read_ggml(out)
     n_mult = g.hparams.n_mult
-    assert n_mult != 32 and -(-(8 * 64 // 3) // n_mult) * n_mult == ffn     # the C loader's expression
+    assert n_mult != 32 and -(-(8 * 64 // 3) // n_mult) * n_mult == ffn  # the C loader's expression
     ids = [sp.bos_id()] + sp.encode("The fox")
     got = ct_logits(out, ids)
     want = reference_logits(src, ids)
@@ -174,6 +192,7 @@ def test_unholdable_hparams(tmp_path):
 
 # ---- what the file holds ----------------------------------------------------------------------
 
+
 def expected_token_bytes(sp, i: int) -> bytes:
     """How ggjt loaders want SentencePiece tokens: text with U+2581 as space, byte tokens as the
     byte, control tokens empty, the unknown token as ' \u2047 '."""
@@ -194,7 +213,12 @@ def test_reader_roundtrip(qtype, ggjt, ckpt, sp, tmp_path):
     assert (g.magic, g.version, g.alignment) == ("ggjt", 3, 32)
     h = g.hparams
     assert (h.n_vocab, h.n_embd, h.n_head, h.n_layer, h.n_rot) == (
-        sp.get_piece_size(), params["dim"], params["n_heads"], params["n_layers"], params["dim"] // params["n_heads"])
+        sp.get_piece_size(),
+        params["dim"],
+        params["n_heads"],
+        params["n_layers"],
+        params["dim"] // params["n_heads"],
+    )
     assert h.ftype == FILE_TYPE[qtype]
     w1 = torch.load(ckpt / "consolidated.00.pth", weights_only=True)["layers.0.feed_forward.w1.weight"]
     assert h.n_ff == w1.shape[0]
@@ -218,6 +242,7 @@ def test_reader_roundtrip(qtype, ggjt, ckpt, sp, tmp_path):
 
 
 # ---- ctransformers, the outside ggjt reader -----------------------------------------------------
+
 
 def test_ctransformers_tokenizes_like_sentencepiece(ggjt, sp, text):
     """Its tokenize() adds BOS but not SentencePiece's dummy-prefix space."""
@@ -245,12 +270,13 @@ def test_ctransformers_logits(qtype, ggjt, ids, ref):
 def test_verify_on_ggml_file(ggjt, ckpt):
     result = llmconv.verify(ggjt["q4_0"], ckpt, tokens=N_TOKENS)
     assert result.passed
-    r = json.loads(json.dumps(result.report, default=str))     # as `--json` writes it
+    r = json.loads(json.dumps(result.report, default=str))  # as `--json` writes it
     assert r["file_kind"] == "ggjt" and r["dominant_type"] == "q4_0" and r["file_type"] == "MOSTLY_Q4_0"
     assert r["tokens_match"] and r["passed"] and not r["metadata"]
 
 
 # ---- older revisions --------------------------------------------------------------------------
+
 
 def legacy_file(g, magic: str, version: int, blocks: dict[int, int] | None = None) -> bytes:
     """Re-pack a parsed file as another revision: no version field and no scores in 'ggml',
@@ -312,12 +338,16 @@ def test_pre_v3_quantized_blocks(ggjt, tmp_path):
 
 # ---- hostile files ----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_file(tmp_path_factory) -> bytes:
     d = tmp_path_factory.mktemp("small")
-    src = write_meta_checkpoint(d / "m", meta_state_dict(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, ffn=192,
-                                                         dtype=torch.float32), n_heads=4,
-                                params={"norm_eps": ASSUMED_NORM_EPS})
+    src = write_meta_checkpoint(
+        d / "m",
+        meta_state_dict(dim=64, n_layers=1, n_heads=4, n_kv_heads=4, ffn=192, dtype=torch.float32),
+        n_heads=4,
+        params={"norm_eps": ASSUMED_NORM_EPS},
+    )
     llmconv.convert(src, d / "m.bin", format="ggml", outtype="q8_0")
     return (d / "m.bin").read_bytes()
 
@@ -363,7 +393,7 @@ def test_corrupt_headers(small_file, tmp_path):
     expect_corrupt(p, small_file + b"\1" * 7, "truncated", f"offset {len(small_file)}")
     expect_corrupt(p, small_file + bytes(40), "0 dimensions")
     t0 = g.tensors[0]
-    dup = bytearray(small_file + small_file[first:first + 12 + 4 * len(t0.shape) + len(t0.name)])
+    dup = bytearray(small_file + small_file[first : first + 12 + 4 * len(t0.shape) + len(t0.name)])
     dup += bytes(-len(dup) % 32) + np.asarray(t0.data).tobytes()
     expect_corrupt(p, bytes(dup), "duplicate")
 
@@ -371,12 +401,15 @@ def test_corrupt_headers(small_file, tmp_path):
 def test_truncations(small_file, tmp_path):
     p = tmp_path / "cut.bin"
     g = read_ggml_bytes(small_file, tmp_path)
-    cuts = set(range(0, 64)) | set(range(g.vocab_offset, g.vocab_offset + 40)) | \
-        {o + d for t in g.tensors for o in (t.record_offset, t.offset) for d in (0, 1, 5, 13)}
+    cuts = (
+        set(range(0, 64))
+        | set(range(g.vocab_offset, g.vocab_offset + 40))
+        | {o + d for t in g.tensors for o in (t.record_offset, t.offset) for d in (0, 1, 5, 13)}
+    )
     cuts |= {t.offset + t.nbytes - 1 for t in g.tensors}
     for n in sorted(c for c in cuts if c < len(small_file)):
         if n in {t.record_offset for t in g.tensors}:
-            continue                       # a cut between records is a valid file with fewer tensors
+            continue  # a cut between records is a valid file with fewer tensors
         expect_corrupt(p, small_file[:n])
 
 
@@ -387,12 +420,15 @@ def test_random_header_damage(small_file, tmp_path, data):
     the file or says what is wrong in one line, never anything else."""
     b = bytearray(small_file)
     g = read_ggml_bytes(small_file, tmp_path)
-    regions = [(0, 36), (g.vocab_offset, g.vocab_offset + 200)] + \
-        [(t.record_offset, t.offset) for t in g.tensors[:3]] + [(g.tensors[-1].offset - 8, len(b) - 4)]
+    regions = (
+        [(0, 36), (g.vocab_offset, g.vocab_offset + 200)]
+        + [(t.record_offset, t.offset) for t in g.tensors[:3]]
+        + [(g.tensors[-1].offset - 8, len(b) - 4)]
+    )
     for _ in range(data.draw(st.integers(1, 4))):
         lo, hi = data.draw(st.sampled_from(regions))
         at = data.draw(st.integers(lo, hi))
-        b[at:at + 4] = data.draw(st.binary(min_size=4, max_size=4))
+        b[at : at + 4] = data.draw(st.binary(min_size=4, max_size=4))
     p = tmp_path / "fuzz.bin"
     p.write_bytes(bytes(b))
     try:

@@ -7,6 +7,7 @@ reader and records where it put each field, so every test knows the offset to ex
 test first checks that the good version of each file parses (in both readers), so each bad
 file differs from a good one by exactly the thing under test.
 """
+
 from __future__ import annotations
 
 import struct
@@ -20,13 +21,14 @@ from gguf import GGMLQuantizationType as QT, GGUFValueType as VT
 import llmconv
 from llmconv.cli import main
 from llmconv.errors import LlmconvError
-from llmconv.testing.gguf_build import (build_gguf, good, write_file, gguf_reader_view, assert_agrees_with_gguf_reader)
+from llmconv.testing.gguf_build import build_gguf, good, write_file, gguf_reader_view, assert_agrees_with_gguf_reader
 from llmconv.formats.gguf_reader import MAX_ARRAY_ITEMS, MAX_STRING_BYTES, GGUFFormatError, read_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "fixtures" / "tiny-llama"
 
 # ---- good files ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("outtype", ["f16", "q4_0", "q4_k"])
 def test_agrees_with_gguf_reader_on_fixture(converted, outtype):
@@ -51,10 +53,10 @@ def test_version_2_reads_like_version_3(tmp_path):
 def test_tensor_data_is_mapped_lazily(tmp_path):
     b = good()
     g = read_gguf(write_file(tmp_path, b.data))
-    assert g._memmap is None                     # parsing did not map the data
+    assert g._memmap is None  # parsing did not map the data
     t = g.tensor("c.q4_0")
-    assert t.offset == b.at["data"] + 128     # after a.f32 (28 bytes) and b.f16 (30 bytes), 64-aligned
-    assert t.nbytes == 3 * 2 * 18 and bytes(t.data) == b.data[t.offset:t.offset + t.nbytes]
+    assert t.offset == b.at["data"] + 128  # after a.f32 (28 bytes) and b.f16 (30 bytes), 64-aligned
+    assert t.nbytes == 3 * 2 * 18 and bytes(t.data) == b.data[t.offset : t.offset + t.nbytes]
     assert isinstance(t.data, np.memmap) and t.data.dtype == np.uint8
 
 
@@ -66,6 +68,7 @@ def test_invalid_utf8_string_value_stays_bytes(tmp_path):
 
 def test_candidate_and_quantize_sources_read_through_it(converted, tmp_path):
     from llmconv.verify.model_file import open_model_file, read_config
+
     r, kvs, _ = gguf_reader_view(converted(FIXTURE, "q4_0"))
     mf = open_model_file(converted(FIXTURE, "q4_0"))
     assert mf.tokens == kvs["tokenizer.ggml.tokens"][2]
@@ -78,14 +81,19 @@ def test_candidate_and_quantize_sources_read_through_it(converted, tmp_path):
 def test_header_of_a_multi_gb_file_reads_fast(tmp_path):
     """4 GiB of (sparse) tensor data and a 128k-token vocabulary: only the header is read."""
     n_vocab = 128_000
-    b = build_gguf([("general.architecture", VT.STRING, "llama"),
-                    ("tokenizer.ggml.tokens", VT.ARRAY, [f"tok{i}" for i in range(n_vocab)], VT.STRING),
-                    ("tokenizer.ggml.scores", VT.ARRAY, [0.0] * n_vocab, VT.FLOAT32)],
-                   [("small", [32], QT.F32), ("big", [1 << 15, 1 << 15], QT.F32, 128)], with_data=False)
+    b = build_gguf(
+        [
+            ("general.architecture", VT.STRING, "llama"),
+            ("tokenizer.ggml.tokens", VT.ARRAY, [f"tok{i}" for i in range(n_vocab)], VT.STRING),
+            ("tokenizer.ggml.scores", VT.ARRAY, [0.0] * n_vocab, VT.FLOAT32),
+        ],
+        [("small", [32], QT.F32), ("big", [1 << 15, 1 << 15], QT.F32, 128)],
+        with_data=False,
+    )
     p = tmp_path / "big.gguf"
     with open(p, "wb") as f:
         f.write(b.data)
-        f.truncate(b.at["data"] + 128 + (1 << 32))       # sparse: no disk space, no page cache
+        f.truncate(b.at["data"] + 128 + (1 << 32))  # sparse: no disk space, no page cache
     t0, c0 = time.perf_counter(), time.process_time()
     g = read_gguf(p)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -136,7 +144,7 @@ def _case_huge_kv_count():
 
 def _case_kv_count_past_file():
     b = good()
-    n = len(b.data) // 14 + 1           # just more than the file could hold
+    n = len(b.data) // 14 + 1  # just more than the file could hold
     return good(n_kv=n).data, b.at["n_kv"], f"metadata count {n} cannot fit"
 
 
@@ -154,21 +162,21 @@ def _case_kv_count_one_too_many():
 def _case_huge_key_length():
     b = build_gguf([("a.b", VT.UINT32, 1)])
     data = bytearray(b.data)
-    data[b.at["kv:a.b"]:b.at["kv:a.b"] + 8] = struct.pack("<Q", U64_MAX)
+    data[b.at["kv:a.b"] : b.at["kv:a.b"] + 8] = struct.pack("<Q", U64_MAX)
     return bytes(data), b.at["kv:a.b"], f"a metadata key is {U64_MAX} bytes long; the limit is {MAX_STRING_BYTES}"
 
 
 def _case_string_past_end():
     b = build_gguf([("a.s", VT.STRING, "hello")])
     data = bytearray(b.data)
-    data[b.at["value:a.s"]:b.at["value:a.s"] + 8] = struct.pack("<Q", 1000)
+    data[b.at["value:a.s"] : b.at["value:a.s"] + 8] = struct.pack("<Q", 1000)
     return bytes(data), b.at["value:a.s"] + 8, "file ends inside the value of a.s (1000 bytes)"
 
 
 def _case_string_over_cap():
     b = build_gguf([("a.s", VT.STRING, "hello")])
     data = bytearray(b.data)
-    data[b.at["value:a.s"]:b.at["value:a.s"] + 8] = struct.pack("<Q", MAX_STRING_BYTES + 1)
+    data[b.at["value:a.s"] : b.at["value:a.s"] + 8] = struct.pack("<Q", MAX_STRING_BYTES + 1)
     return bytes(data), b.at["value:a.s"], "the value of a.s is 67108865 bytes long; the limit"
 
 
@@ -176,7 +184,7 @@ def _case_array_count_over_cap():
     b = build_gguf([("a.arr", VT.ARRAY, [1, 2], VT.UINT8)])
     data = bytearray(b.data)
     pos = b.at["value:a.arr"] + 4
-    data[pos:pos + 8] = struct.pack("<Q", MAX_ARRAY_ITEMS + 1)
+    data[pos : pos + 8] = struct.pack("<Q", MAX_ARRAY_ITEMS + 1)
     return bytes(data), pos, f"a.arr: array of {MAX_ARRAY_ITEMS + 1} items; the limit"
 
 
@@ -184,7 +192,7 @@ def _case_array_count_past_end():
     b = build_gguf([("a.arr", VT.ARRAY, ["x", "y"], VT.STRING)])
     data = bytearray(b.data)
     pos = b.at["value:a.arr"] + 4
-    data[pos:pos + 8] = struct.pack("<Q", 1000)
+    data[pos : pos + 8] = struct.pack("<Q", 1000)
     return bytes(data), pos, "a.arr: array of 1000 STRING items needs at least 8000 bytes"
 
 
@@ -264,7 +272,7 @@ def _case_element_count_overflow():
 
 
 def _case_unknown_tensor_type():
-    b = build_gguf([], [_tensor("w", [32], 4)])      # 4 was Q4_2, removed from ggml in 2023
+    b = build_gguf([], [_tensor("w", [32], 4)])  # 4 was Q4_2, removed from ggml in 2023
     return b.data, b.at["type:w"], "tensor w: at byte {}: unknown tensor type 4"
 
 
@@ -286,11 +294,15 @@ def _case_offset_unaligned():
 def _case_offset_past_end():
     b = build_gguf([], [_tensor("a"), _tensor("w", [32], QT.F32, 2**40)])
     start = 2**40 + b.at["data"]
-    return b.data, b.at["tensor:w"], f"data [{start}, {start + 128}) runs past the end of the file ({len(b.data)} bytes)"
+    return (
+        b.data,
+        b.at["tensor:w"],
+        f"data [{start}, {start + 128}) runs past the end of the file ({len(b.data)} bytes)",
+    )
 
 
 def _case_offset_near_u64_max():
-    off = U64_MAX - 31                 # aligned, and offset + size wraps in 64-bit arithmetic
+    off = U64_MAX - 31  # aligned, and offset + size wraps in 64-bit arithmetic
     b = build_gguf([], [_tensor("w", [32], QT.F32, off)])
     return b.data, b.at["tensor:w"], "runs past the end of the file"
 
@@ -332,10 +344,12 @@ BAD = {name[6:]: f for name, f in dict(globals()).items() if name.startswith("_c
 
 def test_good_files_behind_the_bad_ones_parse(tmp_path):
     """The builder writes correct GGUF: fixed versions of a few bad cases parse in both readers."""
-    for b in (build_gguf([("a.b", VT.UINT32, 1), ("c", VT.UINT8, 1)], [_tensor("w"), _tensor("v", [32], QT.F32, 128)]),
-              build_gguf([("general.alignment", VT.UINT32, 16)], [_tensor("w", [32, 1, 1, 1])]),
-              build_gguf([("a.flags", VT.ARRAY, [1, 0, 1, 1], VT.BOOL)], [_tensor("w", [64, 2], QT.Q4_0)]),
-              build_gguf([], [_tensor("a", [64]), _tensor("b", [32], QT.F32, 384), _tensor("w", [32], QT.F32, 256)])):
+    for b in (
+        build_gguf([("a.b", VT.UINT32, 1), ("c", VT.UINT8, 1)], [_tensor("w"), _tensor("v", [32], QT.F32, 128)]),
+        build_gguf([("general.alignment", VT.UINT32, 16)], [_tensor("w", [32, 1, 1, 1])]),
+        build_gguf([("a.flags", VT.ARRAY, [1, 0, 1, 1], VT.BOOL)], [_tensor("w", [64, 2], QT.Q4_0)]),
+        build_gguf([], [_tensor("a", [64]), _tensor("b", [32], QT.F32, 384), _tensor("w", [32], QT.F32, 256)]),
+    ):
         assert_agrees_with_gguf_reader(write_file(tmp_path, b.data))
 
 

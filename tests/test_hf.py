@@ -1,6 +1,7 @@
 """Issue 6 (Hugging Face half): HF checkpoints convert to the same GGUF as their Meta twins,
 shards and indexes are checked, tied embeddings, config.json rules, HF SentencePiece tokenizers,
 and llama.cpp runs the result like the reference forward pass runs the Meta original."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -70,17 +71,19 @@ def twins(tmp: Path, *, n_heads=4, n_kv=2, dim=64, ffn=96, vocab=512, seed=0, ti
         del sd["output.weight"]
     meta = write_meta_checkpoint(tmp / "meta", sd, params=params_for(n_heads, n_kv, vocab))
     params = json.loads((meta / "params.json").read_text())
-    hf_kw.setdefault("config", {"max_position_embeddings": 4096})   # the Meta twin's LLaMA-2 context
+    hf_kw.setdefault("config", {"max_position_embeddings": 4096})  # the Meta twin's LLaMA-2 context
     hf = mk.write_hf_checkpoint(tmp / "hf", sd, params, tied=tied, **hf_kw)
     return meta, hf, sd
 
 
 # ---- same weights, two layouts ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n_heads,n_kv,dim", [(32, 4, 256), (9, 3, 72)])
 def test_hf_twin_converts_to_identical_gguf(tmp_path, n_heads, n_kv, dim):
     meta, hf, sd = twins(tmp_path, n_heads=n_heads, n_kv=n_kv, dim=dim, seed=n_heads)
     from safetensors.torch import load_file
+
     raw = load_file(hf / "model.safetensors")
     # the HF file really is in the other row order (otherwise this test could not fail)
     assert not torch.equal(raw["model.layers.0.self_attn.q_proj.weight"], sd["layers.0.attention.wq.weight"])
@@ -109,8 +112,12 @@ def test_biases_are_reordered_like_their_weights(tmp_path):
     params = {"dim": 72, "n_layers": 1, "n_heads": 9, "n_kv_heads": 3, "vocab_size": 512, "norm_eps": 1e-5}
     hf = mk.write_hf_checkpoint(tmp_path / "hf", sd, params, config={"attention_bias": True})
     got = {name: data for name, _, data in tensors(convert(hf, tmp_path / "hf.gguf"))}
-    for meta_name, gguf_name in [("attention.wq", "attn_q"), ("attention.wk", "attn_k"),
-                                 ("attention.wv", "attn_v"), ("attention.wo", "attn_output")]:
+    for meta_name, gguf_name in [
+        ("attention.wq", "attn_q"),
+        ("attention.wk", "attn_k"),
+        ("attention.wv", "attn_v"),
+        ("attention.wo", "attn_output"),
+    ]:
         for suffix in ("weight", "bias"):
             want = sd[f"layers.0.{meta_name}.{suffix}"].to(torch.float32).numpy().tobytes()
             assert got[f"blk.0.{gguf_name}.{suffix}"] == want, (gguf_name, suffix)
@@ -121,6 +128,7 @@ def test_hf_llama31_with_tokenizer_json_is_identical_to_meta_llama3(tmp_path):
     tokenizer.json) vs Meta's original (model-parallel .pth, use_scaled_rope, tiktoken
     tokenizer.model) of the same weights and vocabulary: the same GGUF, rope_freqs included."""
     from llmconv.convert.meta import open_meta_checkpoint
+
     meta, bpe = ROOT / "fixtures" / "llama3-tiny", ROOT / "fixtures" / "llama3-bpe"
     ck = open_meta_checkpoint(meta)
     sd = {n: ck.load(n).clone() for n in ck.names}
@@ -128,10 +136,16 @@ def test_hf_llama31_with_tokenizer_json_is_identical_to_meta_llama3(tmp_path):
     d = tmp_path / "hf"
     d.mkdir()
     mk.write_weights(d, mk.hf_state_dict(sd, params["n_heads"], params["n_kv_heads"]), shards=2)
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-    cfg = mk.hf_config(params, sd["layers.0.feed_forward.w1.weight"].shape[0], max_positions=131072,
-                       rope_scaling=scaling)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    cfg = mk.hf_config(
+        params, sd["layers.0.feed_forward.w1.weight"].shape[0], max_positions=131072, rope_scaling=scaling
+    )
     (d / "config.json").write_text(json.dumps(cfg))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (d / name).write_bytes((bpe / name).read_bytes())
@@ -145,6 +159,7 @@ def test_hf_llama31_with_tokenizer_json_is_identical_to_meta_llama3(tmp_path):
 
 # ---- weight files -----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("small")
@@ -156,8 +171,9 @@ def small(tmp_path_factory):
 @pytest.mark.parametrize("shards,fmt", [(3, "safetensors"), (1, "bin"), (2, "bin")])
 def test_shards_and_bin_give_the_same_tensors(small, tmp_path, shards, fmt):
     _, _, _, sd, params, want = small
-    d = mk.write_hf_checkpoint(tmp_path / "ck", sd, params, shards=shards, fmt=fmt,
-                               config={"max_position_embeddings": 4096})
+    d = mk.write_hf_checkpoint(
+        tmp_path / "ck", sd, params, shards=shards, fmt=fmt, config={"max_position_embeddings": 4096}
+    )
     if shards > 1:
         index = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
         assert (d / index).is_file() and len(list(d.glob("*-of-*"))) == shards
@@ -223,7 +239,7 @@ def test_shard_on_disk_missing_from_the_index(small, tmp_path):
 def test_shards_without_index_must_be_complete(small, tmp_path):
     d, index, _ = _sharded(small, tmp_path)
     index.unlink()
-    assert open_source(d).n_files == 3                     # complete set: fine without an index
+    assert open_source(d).n_files == 3  # complete set: fine without an index
     (d / "model-00002-of-00003.safetensors").unlink()
     with pytest.raises(LlmconvError, match="shard 2 of 3 is missing") as e:
         open_source(d)
@@ -232,6 +248,7 @@ def test_shards_without_index_must_be_complete(small, tmp_path):
 
 def test_unknown_tensor_is_named_and_inv_freq_is_dropped(small, tmp_path):
     from safetensors.torch import load_file, save_file
+
     _, _, hf, _, _, want = small
     d = tmp_path / "ck"
     d.mkdir()
@@ -250,6 +267,7 @@ def test_unknown_tensor_is_named_and_inv_freq_is_dropped(small, tmp_path):
 
 # ---- tied embeddings ----------------------------------------------------------------------------
 
+
 def test_tied_embeddings_have_no_output_tensor(tmp_path):
     meta, hf, sd = twins(tmp_path, tied=True, seed=4)
     a, b = convert(meta, tmp_path / "meta.gguf"), convert(hf, tmp_path / "hf.gguf")
@@ -259,8 +277,9 @@ def test_tied_embeddings_have_no_output_tensor(tmp_path):
     # tie_word_embeddings with an lm_head stored anyway: the stored copy is ignored
     params = json.loads((meta / "params.json").read_text())
     full = dict(sd, **{"output.weight": torch.zeros_like(sd["tok_embeddings.weight"])})
-    c = mk.write_hf_checkpoint(tmp_path / "hf2", full, params, config={"max_position_embeddings": 4096,
-                                                                      "tie_word_embeddings": True})
+    c = mk.write_hf_checkpoint(
+        tmp_path / "hf2", full, params, config={"max_position_embeddings": 4096, "tie_word_embeddings": True}
+    )
     src = open_source(c)
     assert src.hparams.tied_embeddings and any("lm_head.weight ignored" in w for w in src.warnings)
     assert tensors(convert(c, tmp_path / "c.gguf")) == tensors(b)
@@ -272,6 +291,7 @@ def test_untied_has_output_tensor(small):
 
 
 # ---- config.json ------------------------------------------------------------------------------
+
 
 def _edit_config(src: Path, dst: Path, **changes) -> Path:
     dst.mkdir()
@@ -299,8 +319,15 @@ def test_auto_map_is_ignored_with_a_warning(small, tmp_path):
 
 
 def test_mistral_sliding_window_is_dropped_with_a_warning_and_ctx(small, tmp_path):
-    d = _edit_config(small[2], tmp_path / "m", architectures=["MistralForCausalLM"], model_type="mistral",
-                     sliding_window=4096, max_position_embeddings=32768, rope_theta=1e6)
+    d = _edit_config(
+        small[2],
+        tmp_path / "m",
+        architectures=["MistralForCausalLM"],
+        model_type="mistral",
+        sliding_window=4096,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+    )
     src = open_source(d)
     assert any("sliding_window 4096 dropped" in w for w in src.warnings)
     f = fields(convert(d, tmp_path / "m.gguf"))
@@ -332,8 +359,13 @@ def test_config_disagreeing_with_the_weights_is_an_error(small, tmp_path):
 
 
 def test_llama3_rope_scaling_writes_rope_freqs(small, tmp_path):
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     d = _edit_config(small[2], tmp_path / "r", rope_theta=500000.0, rope_scaling=scaling)
     got = {n: np.frombuffer(b, np.float32) for n, _, b in tensors(convert(d, tmp_path / "r.gguf"))}
     # Meta's apply_scaling, in float64: the divisor llama.cpp applies to each frequency
@@ -349,7 +381,7 @@ def test_llama3_rope_scaling_writes_rope_freqs(small, tmp_path):
             s = (8192 / wavelen - 1.0) / (4.0 - 1.0)
             want.append(1 / ((1 - s) / 8.0 + s))
     np.testing.assert_allclose(got["rope_freqs.weight"], want, rtol=1e-6)
-    assert set(got["rope_freqs.weight"]) != {1.0}           # the tiny head size still scales some
+    assert set(got["rope_freqs.weight"]) != {1.0}  # the tiny head size still scales some
 
 
 def test_unsupported_rope_scaling_is_named(small, tmp_path):
@@ -373,10 +405,15 @@ def chat_model(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chat")
     sd = meta_state_dict(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn=96, vocab=514, seed=9)
     params = {"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 514, "norm_eps": 1e-5}
-    tc = mk.sp_tokenizer_config({512: ("<|im_start|>", True), 513: ("<|im_end|>", True)},
-                                add_bos_token=False, add_eos_token=True, chat_template=TEMPLATE)
-    d = mk.write_hf_checkpoint(tmp / "chat", sd, params, tokenizer_config=tc,
-                               generation_config={"bos_token_id": 1, "eos_token_id": [2, 513]})
+    tc = mk.sp_tokenizer_config(
+        {512: ("<|im_start|>", True), 513: ("<|im_end|>", True)},
+        add_bos_token=False,
+        add_eos_token=True,
+        chat_template=TEMPLATE,
+    )
+    d = mk.write_hf_checkpoint(
+        tmp / "chat", sd, params, tokenizer_config=tc, generation_config={"bos_token_id": 1, "eos_token_id": [2, 513]}
+    )
     return d, convert(d, tmp / "chat.gguf")
 
 
@@ -387,7 +424,7 @@ def test_added_tokens_special_ids_and_chat_template(chat_model):
     sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
     assert f[T.LIST][:512] == [sp.id_to_piece(i) for i in range(512)]
     assert f[T.LIST][512:] == ["<|im_start|>", "<|im_end|>"]
-    assert f[T.TOKEN_TYPE][512:] == [3, 3]                # control
+    assert f[T.TOKEN_TYPE][512:] == [3, 3]  # control
     assert (f[T.BOS_ID], f[T.EOS_ID], f[T.UNK_ID]) == (sp.bos_id(), sp.eos_id(), sp.unk_id())
     assert f[T.EOT_ID] == 513
     assert (f[T.ADD_BOS], f[T.ADD_EOS]) == (False, True)
@@ -411,7 +448,7 @@ def test_added_token_errors_and_padding(tmp_path):
     params = {"dim": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 520, "norm_eps": 1e-5}
     d = mk.write_hf_checkpoint(tmp_path / "pad", sd, params)
     src = open_source(d)
-    assert len(src.vocab) == 520 and src.vocab.token_types[512:] == [5] * 8      # unused
+    assert len(src.vocab) == 520 and src.vocab.token_types[512:] == [5] * 8  # unused
     assert src.vocab.tokens[519] == b"[PAD519]" and any("8 unused" in w for w in src.warnings)
     gap = mk.sp_tokenizer_config({513: ("<x>", True)})
     mk.write_hf_checkpoint(tmp_path / "gap", sd, params, tokenizer_config=gap)
@@ -425,9 +462,11 @@ def test_added_token_errors_and_padding(tmp_path):
 
 # ---- llama.cpp is the judge ---------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def llama_cpp():
     import llama_cpp as lc
+
     return lc
 
 
@@ -445,8 +484,7 @@ def test_llamacpp_tokenizes_the_hf_fixture_like_sentencepiece(hf_f32, llama_cpp)
 
 
 def _llamacpp_logits(lc, path, tokens):
-    llm = lc.Llama(str(path), n_ctx=256, n_batch=256, logits_all=True, type_k=0, type_v=0, n_threads=1,
-                   verbose=False)
+    llm = lc.Llama(str(path), n_ctx=256, n_batch=256, logits_all=True, type_k=0, type_v=0, n_threads=1, verbose=False)
     llm.eval(tokens)
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
 
@@ -459,6 +497,7 @@ def _tokens(n=100):
 @pytest.mark.llamacpp
 def test_llamacpp_logits_of_hf_fixture_match_the_meta_reference(hf_f32, llama_cpp):
     from llmconv.verify.reference import reference_logits
+
     tokens = _tokens()
     ref = reference_logits(META, tokens)
     got = _llamacpp_logits(llama_cpp, hf_f32, tokens)
@@ -470,6 +509,7 @@ def test_llamacpp_logits_of_hf_fixture_match_the_meta_reference(hf_f32, llama_cp
 @pytest.mark.parametrize("n_heads,n_kv,dim,tied", [(9, 3, 72, True), (32, 4, 256, False)])
 def test_llamacpp_logits_of_synthetic_hf_match_the_meta_twin(tmp_path, llama_cpp, n_heads, n_kv, dim, tied):
     from llmconv.verify.reference import reference_logits
+
     meta, hf, _ = twins(tmp_path, n_heads=n_heads, n_kv=n_kv, dim=dim, tied=tied, seed=11)
     tokens = _tokens(48)
     ref = reference_logits(meta, tokens)

@@ -1,6 +1,7 @@
 """Issue 21: hostile and unlucky checkpoint inputs. Each attack is built on a real layout (the
 fixtures) and must end in one line, exit 2, no traceback; the ones that used to cost gigabytes
 or hang run in a subprocess whose time and peak anonymous memory are bounded."""
+
 from __future__ import annotations
 
 import json
@@ -13,15 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from hostile_util import (HF, META, assert_one_line_error, copy_of, edit_json, refused, run,
-                          with_tokenizer_json)
+from hostile_util import HF, META, assert_one_line_error, copy_of, edit_json, refused, run, with_tokenizer_json
 from llmconv.testing.procstat import run_peak_rss_anon
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # A hostile input under 1 MB may cost this much on top of the interpreter with torch loaded.
 MAX_RSS_ANON = 300 << 20
-MAX_SECONDS = 60          # generous: the machine is shared; the point is "not hours", never a timing test
+MAX_SECONDS = 60  # generous: the machine is shared; the point is "not hours", never a timing test
 
 
 _DRIVER = """
@@ -45,8 +45,8 @@ def run_batch(cases: dict[str, list], tmp: Path) -> tuple[dict, int]:
     (tmp / "cases.json").write_text(json.dumps({k: [str(a) for a in v] for k, v in cases.items()}))
     try:
         _, peak, code, err = run_peak_rss_anon(
-            [sys.executable, "-c", _DRIVER, str(tmp / "cases.json"), str(tmp / "results.json")],
-            timeout=MAX_SECONDS * 3)
+            [sys.executable, "-c", _DRIVER, str(tmp / "cases.json"), str(tmp / "results.json")], timeout=MAX_SECONDS * 3
+        )
     except TimeoutError:
         pytest.fail("hostile inputs did not finish: something hangs")
     assert code == 0, err
@@ -58,6 +58,7 @@ def files_in(d: Path) -> set[str]:
 
 
 # ---- attacks that used to cost gigabytes or hang: all run in one bounded subprocess --------------
+
 
 class _BigBytearray:
     def __reduce__(self):
@@ -89,7 +90,9 @@ def _token_id(where):
                 tj["model"]["vocab"]["Ġhostile"] = 10**8
             else:
                 tj["added_tokens"].append({"id": 10**8 - 1, "content": "<x>", "special": True})
+
         return with_tokenizer_json(tmp / f"tok-{where}", change)
+
     return build
 
 
@@ -104,13 +107,14 @@ def _stride0_pth(tmp):
     d = copy_of(META, tmp / "stride0")
     sd = _meta_state(d)
     row = sd["tok_embeddings.weight"][0]
-    sd["tok_embeddings.weight"] = row.expand(1_000_000, row.shape[0])   # one row on disk, 1 GB as f32
+    sd["tok_embeddings.weight"] = row.expand(1_000_000, row.shape[0])  # one row on disk, 1 GB as f32
     torch.save(sd, d / "consolidated.00.pth")
     return d
 
 
 def _stride0_bin(tmp):
     from safetensors.torch import load_file
+
     d = copy_of(HF, tmp / "stride0-bin")
     sd = load_file(d / "model.safetensors")
     emb = sd["model.embed_tokens.weight"]
@@ -127,6 +131,7 @@ def _fifo(name):
             (d / name).unlink()
         os.mkfifo(d / name)
         return d
+
     return build
 
 
@@ -147,8 +152,9 @@ BOUNDED = {
 @pytest.fixture(scope="module")
 def bounded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bounded")
-    cases = {name: ["convert", build(tmp), "--dry-run", "-o", tmp / "never.gguf"]
-             for name, (build, _) in BOUNDED.items()}
+    cases = {
+        name: ["convert", build(tmp), "--dry-run", "-o", tmp / "never.gguf"] for name, (build, _) in BOUNDED.items()
+    }
     results, peak = run_batch(cases, tmp)
     assert not (tmp / "never.gguf").exists()
     return results, peak
@@ -168,15 +174,18 @@ def test_hostile_inputs_stay_within_memory_bound(bounded):
 
 
 def test_gappy_vocabulary_is_refused(tmp_path, capsys):
-    d = with_tokenizer_json(tmp_path, lambda tj: tj["added_tokens"].append(
-        {"id": 3_000_000, "content": "<x>", "special": True}))
+    d = with_tokenizer_json(
+        tmp_path, lambda tj: tj["added_tokens"].append({"id": 3_000_000, "content": "<x>", "special": True})
+    )
     refused(["convert", d, "--dry-run"], capsys, "tokenizer.json", "mostly gaps")
 
 
 def test_huge_added_tokens_decoder_id_is_refused(tmp_path, capsys):
     d = copy_of(HF, tmp_path / "hf")
-    edit_json(d / "tokenizer_config.json",
-              lambda c: c["added_tokens_decoder"].update({"1000000000": {"content": "<x>", "special": True}}))
+    edit_json(
+        d / "tokenizer_config.json",
+        lambda c: c["added_tokens_decoder"].update({"1000000000": {"content": "<x>", "special": True}}),
+    )
     refused(["convert", d, "--dry-run"], capsys, "tokenizer_config.json", "added_tokens_decoder.1000000000")
 
 
@@ -208,8 +217,10 @@ def test_tied_weights_saved_once_by_torch_are_accepted(tmp_path, capsys):
 
 # ---- names that alias or exceed the layer count ----------------------------------------------------
 
+
 def test_hf_names_that_alias_one_gguf_tensor_are_refused(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
+
     d = copy_of(HF, tmp_path / "hf")
     sd = load_file(d / "model.safetensors")
     sd["model.layers.00.mlp.up_proj.weight"] = torch.zeros_like(sd["model.layers.0.mlp.up_proj.weight"])

@@ -2,6 +2,7 @@
 reader; wrongly typed metadata is one line; reader memory stays near the file size; checksum
 sidecars name only the files of their split set. Hostile files are the fixture's real
 conversion with one thing changed."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ HF = ROOT / "fixtures" / "hf-tiny-llama"
 def rewrite(src: Path, dst: Path, change=None, extra=()) -> Path:
     """`src` with its metadata passed through `change(list[KV]) -> list[KV]`, tensors as they were."""
     g = read_gguf(src, check_types=False)
-    kvs = [KV(k, v, g.kv_types[k].type, g.kv_types[k].element) for k, v in g.kvs.items()
-           if k != "general.alignment"] + list(extra)
+    kvs = [
+        KV(k, v, g.kv_types[k].type, g.kv_types[k].element) for k, v in g.kvs.items() if k != "general.alignment"
+    ] + list(extra)
     if change:
         kvs = change(kvs)
     entries = [TensorEntry(t.name, t.shape, t.ggml_type, t.nbytes) for t in g.tensors]
@@ -43,6 +45,7 @@ def rewrite(src: Path, dst: Path, change=None, extra=()) -> Path:
 def replace(key: str, value, vtype, sub=None):
     def change(kvs):
         return [KV(key, value, vtype, sub) if kv.key == key else kv for kv in kvs]
+
     return change
 
 
@@ -66,8 +69,11 @@ def test_wrongly_typed_metadata_is_one_line_in_quantize(base, tmp_path, capsys, 
 
 
 def test_rope_scale_factor_zero_is_one_line_in_verify(base, tmp_path, capsys):
-    bad = rewrite(base, tmp_path / "bad.gguf",
-                  extra=[KV("llama.rope.scaling.type", "linear", V.STRING), KV("llama.rope.scaling.factor", 0.0, V.FLOAT32)])
+    bad = rewrite(
+        base,
+        tmp_path / "bad.gguf",
+        extra=[KV("llama.rope.scaling.type", "linear", V.STRING), KV("llama.rope.scaling.factor", 0.0, V.FLOAT32)],
+    )
     refused(["verify", bad, "-r", HF], capsys, "llama.rope.scaling.factor")
 
 
@@ -92,6 +98,7 @@ def test_quantize_keeps_keys_named_gguf_dot(base, tmp_path, capsys):
 
 
 # ---- checksum sidecars ---------------------------------------------------------------------------
+
 
 def _sidecar(base: Path, tmp_path: Path, change) -> Path:
     model = tmp_path / "m.gguf"
@@ -118,20 +125,25 @@ def test_sidecar_may_name_only_its_split_set(base, tmp_path, name):
 
 
 def test_sidecar_of_a_split_set_is_accepted(base, tmp_path, capsys):
-    code, _, err = run(["quantize", base, tmp_path / "s.gguf", "--type", "f32", "--split-max-tensors", "8",
-                        "--checksum", "-q"], capsys)
+    code, _, err = run(
+        ["quantize", base, tmp_path / "s.gguf", "--type", "f32", "--split-max-tensors", "8", "--checksum", "-q"], capsys
+    )
     assert code == 0, err
     assert check_sidecar(tmp_path / "s.gguf") == []
     assert check_sidecar(tmp_path / "s-00001-of-00003.gguf", tmp_path / "s.gguf.sha256.json") == []
 
 
-@pytest.mark.parametrize("change", [
-    lambda d: d.update(files="m.gguf"),
-    lambda d: d.update(files=[3]),
-    lambda d: d["tensors"].update({"token_embd.weight": "abc"}),
-    lambda d: d["tensors"]["token_embd.weight"].update(sha256=None),
-    lambda d: d.update(tensors=[]),
-], ids=["files-string", "files-int", "entry-string", "sha-null", "tensors-list"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d.update(files="m.gguf"),
+        lambda d: d.update(files=[3]),
+        lambda d: d["tensors"].update({"token_embd.weight": "abc"}),
+        lambda d: d["tensors"]["token_embd.weight"].update(sha256=None),
+        lambda d: d.update(tensors=[]),
+    ],
+    ids=["files-string", "files-int", "entry-string", "sha-null", "tensors-list"],
+)
 def test_malformed_sidecar_is_an_llmconv_error(base, tmp_path, change):
     model = _sidecar(base, tmp_path, change)
     with pytest.raises(LlmconvError, match="sha256.json"):
@@ -147,6 +159,7 @@ def test_deeply_nested_sidecar_is_an_llmconv_error(base, tmp_path):
 
 
 # ---- reader memory -------------------------------------------------------------------------------
+
 
 def _array_file(path: Path, n: int, element) -> Path:
     value = np.zeros(n, np.uint8) if element == V.UINT8 else [""] * n

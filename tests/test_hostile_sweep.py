@@ -4,6 +4,7 @@ file a second time with gguf-py's GGUFReader (which has none of the hardened rea
 limits), and verify reading a tokenizer_config.json that names token id 10**9.
 (The rest: tests/test_hostile*.py, test_race.py, test_safety.py, test_os_errors.py,
 test_torch_pickles.py, test_fuzz*.py; the README's Safety section lists them.)"""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ from gguf import GGMLQuantizationType, GGUFValueType as V
 from llmconv.formats.gguf_writer import KV, TensorEntry, plan_layout
 from hostile_util import HF, refused, run
 
-SCREEN = "\n\x1b[2J\x1b]0;pwned\x07\u202e"       # a newline, clear screen, set the title, right-to-left
+SCREEN = "\n\x1b[2J\x1b]0;pwned\x07\u202e"  # a newline, clear screen, set the title, right-to-left
 
 
 def test_inspect_escapes_control_characters_in_keys_values_and_tensor_names(tmp_path, capsys):
@@ -32,7 +33,7 @@ def test_inspect_escapes_control_characters_in_keys_values_and_tensor_names(tmp_
     assert code == 0, err
     for raw in ("\x1b", "\x07", "\u202e"):
         assert raw not in out + err
-    assert out.count("\\x1b[2J") == 3 and out.count("\\u202e") == 3, out       # key, value, tensor name
+    assert out.count("\\x1b[2J") == 3 and out.count("\\u202e") == 3, out  # key, value, tensor name
     assert "\nllmconv" not in out and all(line.strip() for line in out.splitlines() if "evil" in line)
 
 
@@ -40,6 +41,7 @@ def test_inspect_escapes_control_characters_in_keys_values_and_tensor_names(tmp_
 def no_gguf_py_reader(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("gguf-py's GGUFReader parsed the file")
+
     monkeypatch.setattr(gguf.GGUFReader, "__init__", refuse)
 
 

@@ -2,6 +2,7 @@
 each other without cycles (counting imports inside functions too: a lazy import that closes a
 cycle is still a cycle a reader has to untangle), and no module or function grows past what a
 reader takes in at once."""
+
 from __future__ import annotations
 
 import ast
@@ -30,7 +31,7 @@ def module_imports(pkg_dir: Path) -> dict[str, set[str]]:
                 graph[m] |= {a.name for a in node.names if a.name in mods}
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
-                    base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
                     target = ".".join(base + ([node.module] if node.module else []))
                 else:
                     target = node.module or ""
@@ -104,11 +105,15 @@ def test_no_long_modules_or_functions():
 def test_the_length_check_can_fail(tmp_path):
     pkg = tmp_path / "llmconv"
     pkg.mkdir()
-    (pkg / "long.py").write_text("def f():\n" + "    x = 1\n" * (MAX_FUNCTION_LINES + 1) + "\n" * (MAX_MODULE_LINES - 61))
+    (pkg / "long.py").write_text(
+        "def f():\n" + "    x = 1\n" * (MAX_FUNCTION_LINES + 1) + "\n" * (MAX_MODULE_LINES - 61)
+    )
     signature = "def g(\n" + "    a,\n" * 40 + "):\n"
     (pkg / "fine.py").write_text(signature + '    """Doc."""\n' + "    x = 1\n" * (MAX_FUNCTION_LINES - 1))
-    assert too_long(pkg) == [f"llmconv/long.py: {MAX_MODULE_LINES + 1} lines",
-                             f"llmconv/long.py:f: {MAX_FUNCTION_LINES + 1} lines"]
+    assert too_long(pkg) == [
+        f"llmconv/long.py: {MAX_MODULE_LINES + 1} lines",
+        f"llmconv/long.py:f: {MAX_FUNCTION_LINES + 1} lines",
+    ]
 
 
 def test_no_import_cycles():
@@ -132,8 +137,13 @@ def modules_importing_test_modules(tests_dir: Path) -> list[str]:
     found = []
     for path in sorted(tests_dir.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
             found += [f"{path.name} imports {n}" for n in names if n.split(".")[-1].startswith("test_")]
     return found
 
@@ -152,9 +162,11 @@ def test_the_test_import_check_can_fail(tmp_path):
 def test_llmconv_testing_is_light_and_apart():
     """`import llmconv` does not bring llmconv.testing, and importing llmconv.testing brings none
     of the heavy libraries (its modules import their own when they are imported)."""
-    probe = ("import sys, llmconv; a = sorted(m for m in sys.modules if m.startswith('llmconv.testing')); "
-             "import llmconv.testing; print(a, sorted(m for m in ('torch', 'numpy', 'hypothesis', 'gguf', 'llama_cpp') "
-             "if m in sys.modules))")
+    probe = (
+        "import sys, llmconv; a = sorted(m for m in sys.modules if m.startswith('llmconv.testing')); "
+        "import llmconv.testing; print(a, sorted(m for m in ('torch', 'numpy', 'hypothesis', 'gguf', 'llama_cpp') "
+        "if m in sys.modules))"
+    )
     res = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
     assert res.stdout.strip() == "[] []", res.stdout + res.stderr
 
@@ -166,15 +178,20 @@ def benches_reaching_into_tests(bench_dir: Path) -> list[str]:
     found = []
     for path in sorted(bench_dir.glob("*.py")):
         tree = ast.parse(path.read_text())
-        strings_of = {}         # module-level name -> the strings its value is built from (and its names')
+        strings_of = {}  # module-level name -> the strings its value is built from (and its names')
         for node in tree.body:
             if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
                 strings_of[node.targets[0].id] = _strings(node.value, strings_of)
         for node in ast.walk(tree):
             if _is_sys_path_change(node) and any("tests" in s.split("/") for s in _strings(node, strings_of)):
                 found.append(f"{path.name}:{node.lineno} puts tests/ on sys.path")
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
             found += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[-1].startswith("test_")]
     return found
 
@@ -191,10 +208,13 @@ def _strings(node: ast.AST, strings_of: dict[str, set[str]]) -> set[str]:
 
 def _is_sys_path_change(node: ast.AST) -> bool:
     """sys.path.insert/append/extend(...), or an assignment to sys.path or a slice of it."""
+
     def is_sys_path(e):
         e = e.value if isinstance(e, ast.Subscript) else e
-        return isinstance(e, ast.Attribute) and e.attr == "path" and isinstance(e.value, ast.Name) \
-            and e.value.id == "sys"
+        return (
+            isinstance(e, ast.Attribute) and e.attr == "path" and isinstance(e.value, ast.Name) and e.value.id == "sys"
+        )
+
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
         return node.func.attr in ("insert", "append", "extend") and is_sys_path(node.func.value)
     if isinstance(node, (ast.Assign, ast.AugAssign)):
@@ -207,22 +227,65 @@ def test_no_bench_reaches_into_tests():
 
 
 def test_the_bench_check_can_fail(tmp_path):
-    (tmp_path / "a.py").write_text("import sys\nfrom pathlib import Path\nROOT = Path(__file__).parents[1]\n"
-                                   "sys.path.insert(0, str(ROOT / 'bench'))\nsys.path.append(str(ROOT / 'tests'))\n")
-    (tmp_path / "b.py").write_text("import sys\nTESTS = '/src/llmconv/tests'\nHERE = TESTS\n"
-                                   "sys.path[:0] = [HERE]\nimport test_fuzz as F\nfrom llmconv.testing import fuzz_gguf\n")
+    (tmp_path / "a.py").write_text(
+        "import sys\nfrom pathlib import Path\nROOT = Path(__file__).parents[1]\n"
+        "sys.path.insert(0, str(ROOT / 'bench'))\nsys.path.append(str(ROOT / 'tests'))\n"
+    )
+    (tmp_path / "b.py").write_text(
+        "import sys\nTESTS = '/src/llmconv/tests'\nHERE = TESTS\n"
+        "sys.path[:0] = [HERE]\nimport test_fuzz as F\nfrom llmconv.testing import fuzz_gguf\n"
+    )
     (tmp_path / "c.py").write_text("import sys\nsys.path.insert(0, 'bench')\nimport tests_util\n")
-    assert benches_reaching_into_tests(tmp_path) == ["a.py:5 puts tests/ on sys.path", "b.py:4 puts tests/ on sys.path",
-                                                     "b.py:5 imports test_fuzz"]
+    assert benches_reaching_into_tests(tmp_path) == [
+        "a.py:5 puts tests/ on sys.path",
+        "b.py:4 puts tests/ on sys.path",
+        "b.py:5 imports test_fuzz",
+    ]
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
-                    reason="ruff is not installed (it is in the test extra)")
+@pytest.mark.skipif(
+    shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
+    reason="ruff is not installed (it is in the test extra)",
+)
 def test_ruff_lint_passes():
     ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
-    res = subprocess.run([ruff, "check", "--no-cache", "llmconv", "tests", "bench", "fixtures"],
-                         cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run(
+        [ruff, "check", "--no-cache", "llmconv", "tests", "bench", "fixtures"], cwd=ROOT, capture_output=True, text=True
+    )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.skipif(
+    shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
+    reason="ruff is not installed (it is in the test extra)",
+)
+def test_ruff_format_is_applied():
+    """`ruff format` (settings in pyproject.toml) leaves every file as it is."""
+    assert _ruff_format_check(ROOT, "llmconv", "tests", "bench", "fixtures") == ""
+
+
+def _ruff_format_check(cwd: Path, *paths: str) -> str:
+    """The files `ruff format --check` would change ("" if none), with the repository's settings."""
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    res = subprocess.run(
+        [ruff, "format", "--check", "--no-cache", "--config", str(ROOT / "pyproject.toml"), *paths],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode in (0, 1), res.stdout + res.stderr  # 2: ruff itself failed
+    return "" if res.returncode == 0 else res.stdout + res.stderr
+
+
+@pytest.mark.skipif(
+    shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(),
+    reason="ruff is not installed (it is in the test extra)",
+)
+def test_the_format_check_can_fail(tmp_path):
+    (tmp_path / "fine.py").write_text('x = {"a": 1}\n')
+    (tmp_path / "unformatted.py").write_text("x = {  'a':1 }\n")
+    found = _ruff_format_check(tmp_path, ".")
+    assert "unformatted.py" in found and "fine.py" not in found
 
 
 def test_a_missing_outside_oracle_skips_with_a_reason(tmp_path):
@@ -233,8 +296,13 @@ def test_a_missing_outside_oracle_skips_with_a_reason(tmp_path):
         "    sys.modules['llama_cpp'] = None      # as if it were not installed\n"
         "    import llama_cpp  # noqa: F401\n\n"
         "def test_other_import_errors_still_fail():\n"
-        "    import surely_not_a_module_here  # noqa: F401\n")
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(tmp_path)],
-                         cwd=tmp_path, capture_output=True, text=True)
+        "    import surely_not_a_module_here  # noqa: F401\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert "1 failed, 1 skipped" in res.stdout, res.stdout
     assert "needs llama_cpp" in res.stdout

@@ -1,6 +1,7 @@
 """`llmconv imatrix` (the statistic from the PyTorch reference over the checkpoint) against
 llama.cpp's own computation of it (llama-imatrix's eval callback, run through llama-cpp-python
 on the f32 conversion of the same checkpoint: see llama_imatrix_oracle.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,11 +29,10 @@ def test_statistic_equals_llama_cpp(ckpt, converted):
     theirs, their_counts = llama_cpp_imatrix(f32, cal.chunks)
     ours = compute_imatrix(ckpt, "builtin", ctx=CTX, chunks=CHUNKS, progress=False, threads=1)
     assert sorted(ours.entries) == sorted(theirs)
-    assert len(theirs) == 7 * 2                               # 7 projections x 2 layers
+    assert len(theirs) == 7 * 2  # 7 projections x 2 layers
     for name, e in ours.entries.items():
         assert e.counts.tolist() == [their_counts[name]] == [CTX * CHUNKS], name
-        np.testing.assert_allclose(e.sums[0], theirs[name], rtol=2e-5, atol=1e-7 * theirs[name].max(),
-                                   err_msg=name)
+        np.testing.assert_allclose(e.sums[0], theirs[name], rtol=2e-5, atol=1e-7 * theirs[name].max(), err_msg=name)
     assert ours.chunk_count == CHUNKS and ours.chunk_size == CTX
 
 
@@ -75,20 +75,58 @@ def test_cli_imatrix_then_convert(tmp_path, capsys):
     im_path = tmp_path / "tiny.imatrix.gguf"
     text = tmp_path / "calib.txt"
     text.write_text((ROOT / "fixtures" / "corpus.txt").read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    assert main(["imatrix", str(FIXTURE), "--text", str(text), "--ctx", "32", "--chunks", "4", "-t", "1",
-                 "-o", str(im_path), "-q"]) == 0
+    assert (
+        main(
+            [
+                "imatrix",
+                str(FIXTURE),
+                "--text",
+                str(text),
+                "--ctx",
+                "32",
+                "--chunks",
+                "4",
+                "-t",
+                "1",
+                "-o",
+                str(im_path),
+                "-q",
+            ]
+        )
+        == 0
+    )
     im = read_imatrix(im_path)
     assert im.datasets == [str(text)] and im.chunk_count == 4 and im.chunk_size == 32
     a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
     assert main(["convert", str(FIXTURE), "--outtype", "q4_K_M", "--imatrix", str(im_path), "-o", str(a), "-q"]) == 0
-    assert main(["convert", str(FIXTURE), "--outtype", "q4_K_M", "--imatrix-text", str(text), "--imatrix-ctx", "32",
-                 "--imatrix-chunks", "4", "-t", "1", "-o", str(b), "-q"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(FIXTURE),
+                "--outtype",
+                "q4_K_M",
+                "--imatrix-text",
+                str(text),
+                "--imatrix-ctx",
+                "32",
+                "--imatrix-chunks",
+                "4",
+                "-t",
+                "1",
+                "-o",
+                str(b),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert a.read_bytes() == b.read_bytes()
     # verify's expected pass quantizes as the file was quantized: with the imatrix given
     assert main(["verify", str(a), "-r", str(FIXTURE), "--tokens", "32", "--imatrix", str(im_path)]) == 0
     assert main(["verify", str(a), "-r", str(FIXTURE), "--tokens", "32"]) == 1
     capsys.readouterr()
-    assert main(["imatrix", str(FIXTURE), "--text", str(text), "-o", str(im_path), "-q"]) == 2   # exists
+    assert main(["imatrix", str(FIXTURE), "--text", str(text), "-o", str(im_path), "-q"]) == 2  # exists
     assert main(["imatrix", str(FIXTURE), "--ctx", "8", "-o", str(tmp_path / "x"), "-q"]) == 2
     assert main(["imatrix", str(FIXTURE), "--text", str(tmp_path / "none.txt"), "-o", str(tmp_path / "y"), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

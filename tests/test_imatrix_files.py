@@ -5,6 +5,7 @@ llama_model_imatrix_data: name, float data, size), given the per-column importan
 llama-quantize derives from the file (in_sum2 / counts): for every mix and model the types,
 the bytes of every tensor and general.file_type must equal `llmconv quantize --imatrix`'s.
 """
+
 from __future__ import annotations
 
 import struct
@@ -24,10 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("model,mix", [
-    ("fixture", "q4_k_m"), ("fixture", "q2_k"), ("fixture", "q6_k"),
-    ("gqa2-ffn800", "q4_0"), ("gqa2-ffn800", "q5_k_s"), ("dim288", "q3_k_m"),
-])
+@pytest.mark.parametrize(
+    "model,mix",
+    [
+        ("fixture", "q4_k_m"),
+        ("fixture", "q2_k"),
+        ("fixture", "q6_k"),
+        ("gqa2-ffn800", "q4_0"),
+        ("gqa2-ffn800", "q5_k_s"),
+        ("dim288", "q3_k_m"),
+    ],
+)
 def test_quantize_with_imatrix_equals_llama_quantize(f32_mix_models, tmp_path, model, mix):
     src = f32_mix_models[model]
     im = synthetic_imatrix(src)
@@ -40,8 +48,8 @@ def test_quantize_with_imatrix_equals_llama_quantize(f32_mix_models, tmp_path, m
     if model == "fixture":
         plain = tmp_path / "plain.gguf"
         llmconv.quantize(src, plain, outtype=mix)
-        assert read(plain)[1] != read(ours)[1]        # the imatrix was used
-    if mix in ("q4_0", "q5_0"):                       # the imatrix-only rule fired (12 layers: layer 0)
+        assert read(plain)[1] != read(ours)[1]  # the imatrix was used
+    if mix in ("q4_0", "q5_0"):  # the imatrix-only rule fired (12 layers: layer 0)
         assert read(ours)[1]["blk.0.ffn_down.weight"][0] == mix.upper().replace("_0", "_1")
 
 
@@ -56,9 +64,15 @@ def test_convert_with_imatrix_equals_quantize(f32_mix_models, tmp_path):
 
 
 def test_gguf_roundtrip_and_layout(tmp_path):
-    im = Imatrix({"blk.1.ffn_up.weight": ImatrixEntry(np.arange(1, 9, dtype=np.float32).reshape(1, 8), np.array([4])),
-                  "blk.0.attn_q.weight": ImatrixEntry(np.ones((1, 4), np.float32), np.array([0]))},
-                 ["calib.txt"], 3, 512)
+    im = Imatrix(
+        {
+            "blk.1.ffn_up.weight": ImatrixEntry(np.arange(1, 9, dtype=np.float32).reshape(1, 8), np.array([4])),
+            "blk.0.attn_q.weight": ImatrixEntry(np.ones((1, 4), np.float32), np.array([0])),
+        },
+        ["calib.txt"],
+        3,
+        512,
+    )
     p = tmp_path / "x.imatrix.gguf"
     write_imatrix_gguf(p, im)
     # what llama.cpp's loader looks for, read with gguf-py (an independent reader)
@@ -69,15 +83,19 @@ def test_gguf_roundtrip_and_layout(tmp_path):
     assert r.get_field("imatrix.chunk_size").contents() == 512
     assert r.get_field("imatrix.chunk_count").types == [gguf.GGUFValueType.UINT32]
     tensors = {t.name: t for t in r.tensors}
-    assert [t.name for t in r.tensors] == ["blk.0.attn_q.weight.in_sum2", "blk.0.attn_q.weight.counts",
-                                           "blk.1.ffn_up.weight.in_sum2", "blk.1.ffn_up.weight.counts"]
+    assert [t.name for t in r.tensors] == [
+        "blk.0.attn_q.weight.in_sum2",
+        "blk.0.attn_q.weight.counts",
+        "blk.1.ffn_up.weight.in_sum2",
+        "blk.1.ffn_up.weight.counts",
+    ]
     assert list(tensors["blk.1.ffn_up.weight.in_sum2"].shape) == [8, 1]
     assert list(tensors["blk.1.ffn_up.weight.counts"].shape) == [1, 1]
     assert float(tensors["blk.1.ffn_up.weight.counts"].data[0, 0]) == 4.0
     back = read_imatrix(p)
     assert back.datasets == ["calib.txt"] and back.chunk_count == 3 and back.chunk_size == 512
     assert np.array_equal(back.importance("blk.1.ffn_up.weight"), np.arange(1, 9, dtype=np.float32) / 4)
-    assert np.array_equal(back.importance("blk.0.attn_q.weight"), np.ones(4, np.float32))   # count 0: ones
+    assert np.array_equal(back.importance("blk.0.attn_q.weight"), np.ones(4, np.float32))  # count 0: ones
     assert back.importance("output.weight") is None
 
 
@@ -100,9 +118,9 @@ def test_legacy_dat(tmp_path):
     write_legacy_dat(p, {"blk.0.attn_k.weight": (2, vals), "blk.0.ffn_down.weight": (0, vals)}, (10, "wiki.txt"))
     im = read_imatrix(p)
     assert im.legacy and im.chunk_count == 10 and im.datasets == ["wiki.txt"]
-    assert np.array_equal(im.importance("blk.0.attn_k.weight"), vals / 2)          # sums / ncall
-    assert np.array_equal(im.importance("blk.0.ffn_down.weight"), vals)            # ncall 0: as stored
-    write_legacy_dat(p, {"blk.0.attn_k.weight": (2, vals)})                        # no trailer: fine
+    assert np.array_equal(im.importance("blk.0.attn_k.weight"), vals / 2)  # sums / ncall
+    assert np.array_equal(im.importance("blk.0.ffn_down.weight"), vals)  # ncall 0: as stored
+    write_legacy_dat(p, {"blk.0.attn_k.weight": (2, vals)})  # no trailer: fine
     assert read_imatrix(p).chunk_count == 0
 
 
@@ -136,6 +154,7 @@ def test_bad_imatrix_files_are_one_line_errors(tmp_path, damage, capsys):
     # and through the CLI: exit 2, one line naming the file
     src = tmp_path / "m.gguf"
     from llmconv.testing.llama_gguf_util import write_f32_llama_gguf
+
     write_f32_llama_gguf(src, {"blk.0.attn_q.weight": np.zeros((256, 256), np.float32)})
     capsys.readouterr()
     assert main(["quantize", str(src), str(tmp_path / "o.gguf"), "--type", "q4_k", "--imatrix", str(p), "-q"]) == 2
@@ -145,10 +164,15 @@ def test_bad_imatrix_files_are_one_line_errors(tmp_path, damage, capsys):
 
 def test_imatrix_row_mismatch_names_the_tensor(tmp_path, capsys):
     from llmconv.testing.llama_gguf_util import write_f32_llama_gguf
+
     src = write_f32_llama_gguf(tmp_path / "m.gguf", {"blk.0.attn_q.weight": np.zeros((256, 256), np.float32)})
     im_path = tmp_path / "im.gguf"
-    write_imatrix_gguf(im_path, Imatrix({"blk.0.attn_q.weight": ImatrixEntry(np.ones((1, 512), np.float32),
-                                                                             np.array([1]))}, ["x"], 1, 8))
-    assert main(["quantize", str(src), str(tmp_path / "o.gguf"), "--type", "q4_k", "--imatrix", str(im_path), "-q"]) == 2
+    write_imatrix_gguf(
+        im_path,
+        Imatrix({"blk.0.attn_q.weight": ImatrixEntry(np.ones((1, 512), np.float32), np.array([1]))}, ["x"], 1, 8),
+    )
+    assert (
+        main(["quantize", str(src), str(tmp_path / "o.gguf"), "--type", "q4_k", "--imatrix", str(im_path), "-q"]) == 2
+    )
     err = capsys.readouterr().err
     assert "blk.0.attn_q.weight" in err and "512" in err

@@ -1,5 +1,6 @@
 """Issue 5, inspect: `llmconv inspect` shows what GGUF and ggml files hold, and agrees with
 gguf.GGUFReader (GGUF) and with the checkpoint the file was made from (ggml)."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,20 @@ from llmconv.testing.gguf_build import build_gguf, gguf_reader_view
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "fixtures" / "tiny-llama"
-SHORT = {VT.UINT8: "u8", VT.INT8: "i8", VT.UINT16: "u16", VT.INT16: "i16", VT.UINT32: "u32", VT.INT32: "i32",
-         VT.FLOAT32: "f32", VT.BOOL: "bool", VT.STRING: "str", VT.UINT64: "u64", VT.INT64: "i64", VT.FLOAT64: "f64"}
+SHORT = {
+    VT.UINT8: "u8",
+    VT.INT8: "i8",
+    VT.UINT16: "u16",
+    VT.INT16: "i16",
+    VT.UINT32: "u32",
+    VT.INT32: "i32",
+    VT.FLOAT32: "f32",
+    VT.BOOL: "bool",
+    VT.STRING: "str",
+    VT.UINT64: "u64",
+    VT.INT64: "i64",
+    VT.FLOAT64: "f64",
+}
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +80,9 @@ def test_json_agrees_with_gguf_reader(files, outtype):
         assert e["type"] == main_t.name, key
         if main_t == VT.ARRAY:
             assert e["element_type"] == sub.name and e["count"] == len(val), key
-            assert e["value"] == [_json_scalar(v) for v in val[:len(e["value"])]] and len(e["value"]) == min(8, len(val))
+            assert e["value"] == [_json_scalar(v) for v in val[: len(e["value"])]] and len(e["value"]) == min(
+                8, len(val)
+            )
             assert e["shortened"] == (len(val) > 8)
         else:
             assert e["value"] == _json_scalar(val), key
@@ -75,8 +90,14 @@ def test_json_agrees_with_gguf_reader(files, outtype):
 
     assert s["tensor_count"] == len(tensors) == len(s["tensors"]) == 21
     for t, (name, qt, shape, offset, nbytes, n_el, _) in zip(s["tensors"], tensors):
-        assert (t["name"], t["type"], tuple(t["shape"]), t["offset"], t["bytes"], t["elements"]) == \
-            (name, qt.name, shape, offset, nbytes, n_el)
+        assert (t["name"], t["type"], tuple(t["shape"]), t["offset"], t["bytes"], t["elements"]) == (
+            name,
+            qt.name,
+            shape,
+            offset,
+            nbytes,
+            n_el,
+        )
 
     by_type: dict[str, list[int]] = {}
     for name, qt, shape, offset, nbytes, n_el, _ in tensors:
@@ -158,7 +179,9 @@ def test_ggml_file_agrees_with_its_checkpoint(files, outtype):
     raw = path.read_bytes()
     magic, version, *hp = struct.unpack_from("<9I", raw, 0)
     assert (magic, version) == (0x67676A74, 3) and s["format"] == "ggjt" and s["version"] == 3
-    assert [s["metadata"][k]["value"] for k in ("n_vocab", "n_embd", "n_mult", "n_head", "n_layer", "n_rot", "ftype")] == hp
+    assert [
+        s["metadata"][k]["value"] for k in ("n_vocab", "n_embd", "n_mult", "n_head", "n_layer", "n_rot", "ftype")
+    ] == hp
     assert hp[:2] == [512, 64] and hp[3:6] == [4, 2, 16] and s["alignment"] == 32
     assert s["vocab_size"] == 512 and s["metadata"]["vocab.tokens"]["count"] == 512
     assert {t["name"]: tuple(t["shape"]) for t in s["tensors"]} == {k: tuple(v.shape) for k, v in sd.items()}
@@ -167,12 +190,12 @@ def test_ggml_file_agrees_with_its_checkpoint(files, outtype):
         want = "F32" if w.dim() == 1 else outtype.upper()
         assert t["type"] == want and t["offset"] % 32 == 0 and t["elements"] == w.numel()
         if want == "F16":
-            assert raw[t["offset"]:t["offset"] + t["bytes"]] == w.to(torch.float16).numpy().tobytes()
+            assert raw[t["offset"] : t["offset"] + t["bytes"]] == w.to(torch.float16).numpy().tobytes()
         elif want == "F32":
-            assert raw[t["offset"]:t["offset"] + t["bytes"]] == w.float().numpy().tobytes()
+            assert raw[t["offset"] : t["offset"] + t["bytes"]] == w.float().numpy().tobytes()
         else:
             assert t["bytes"] == w.numel() // 32 * 18
-    assert max(t["offset"] + t["bytes"] for t in s["tensors"]) == len(raw)   # ggjt: nothing after the last tensor
+    assert max(t["offset"] + t["bytes"] for t in s["tensors"]) == len(raw)  # ggjt: nothing after the last tensor
 
 
 def test_ggml_text(files, capsys):
@@ -185,10 +208,15 @@ def test_ggml_text(files, capsys):
 def test_multi_gb_file_is_quick(tmp_path):
     """A header with a 128k-token vocabulary before 4 GiB of (sparse) tensor data."""
     n_vocab = 128_000
-    b = build_gguf([("general.architecture", VT.STRING, "llama"),
-                    ("tokenizer.ggml.tokens", VT.ARRAY, [f"tok{i}" for i in range(n_vocab)], VT.STRING),
-                    ("tokenizer.ggml.scores", VT.ARRAY, [0.0] * n_vocab, VT.FLOAT32)],
-                   [("big", [1 << 15, 1 << 15], QT.F32)], with_data=False)
+    b = build_gguf(
+        [
+            ("general.architecture", VT.STRING, "llama"),
+            ("tokenizer.ggml.tokens", VT.ARRAY, [f"tok{i}" for i in range(n_vocab)], VT.STRING),
+            ("tokenizer.ggml.scores", VT.ARRAY, [0.0] * n_vocab, VT.FLOAT32),
+        ],
+        [("big", [1 << 15, 1 << 15], QT.F32)],
+        with_data=False,
+    )
     p = tmp_path / "big.gguf"
     with open(p, "wb") as f:
         f.write(b.data)
@@ -210,7 +238,7 @@ def _legacy_file(magic: str, version: int | None) -> tuple[bytes, list[dict]]:
     b = bytearray(struct.pack("<I", code))
     if version is not None:
         b += struct.pack("<I", version)
-    b += struct.pack("<7I", 3, 32, 256, 4, 1, 8, 2)       # n_vocab, n_embd, n_mult, n_head, n_layer, n_rot, ftype
+    b += struct.pack("<7I", 3, 32, 256, 4, 1, 8, 2)  # n_vocab, n_embd, n_mult, n_head, n_layer, n_rot, ftype
     for tok in (b"<unk>", b"\xe2\x96\x81a", b"b"):
         b += struct.pack("<I", len(tok)) + tok + (struct.pack("<f", -1.0) if magic != "ggml" else b"")
     want = []
@@ -219,8 +247,15 @@ def _legacy_file(magic: str, version: int | None) -> tuple[bytes, list[dict]]:
         b += struct.pack("<3i", len(dims), len(name_b), ttype) + struct.pack(f"<{len(dims)}i", *dims) + name_b
         if magic == "ggjt":
             b += bytes(-len(b) % 32)
-        want.append({"name": name, "shape": dims[::-1], "offset": len(b), "bytes": nbytes,
-                     "type": "F32" if ttype == 0 else "Q4_0 (pre-v3 layout)"})
+        want.append(
+            {
+                "name": name,
+                "shape": dims[::-1],
+                "offset": len(b),
+                "bytes": nbytes,
+                "type": "F32" if ttype == 0 else "Q4_0 (pre-v3 layout)",
+            }
+        )
         b += bytes(range(nbytes))
     return bytes(b), want
 
@@ -233,8 +268,9 @@ def test_older_ggml_revisions(tmp_path, magic, version):
     s = inspect_json(p)
     assert s["format"] == magic and s["version"] == (version or 0)
     assert s["alignment"] == (32 if magic == "ggjt" else None)
-    assert [s["metadata"][k]["value"] for k in ("n_vocab", "n_embd", "n_mult", "n_head", "n_layer", "n_rot", "ftype")] \
-        == [3, 32, 256, 4, 1, 8, 2]
+    assert [
+        s["metadata"][k]["value"] for k in ("n_vocab", "n_embd", "n_mult", "n_head", "n_layer", "n_rot", "ftype")
+    ] == [3, 32, 256, 4, 1, 8, 2]
     assert s["vocab_size"] == 3 and s["metadata"]["vocab.tokens"]["value"] == ["<unk>", "▁a", "b"]
     assert [{k: t[k] for k in ("name", "shape", "offset", "bytes", "type")} for t in s["tensors"]] == want
     assert s["totals"]["by_type"]["Q4_0 (pre-v3 layout)"]["bits_per_weight"] == 40 * 8 / 64
@@ -243,7 +279,7 @@ def test_older_ggml_revisions(tmp_path, magic, version):
 def test_truncated_ggml_file_exits_2(files, tmp_path, capsys):
     data = files["ggml-q4_0"].read_bytes()
     p = tmp_path / "cut.bin"
-    p.write_bytes(data[:len(data) - 100])
+    p.write_bytes(data[: len(data) - 100])
     assert main(["inspect", str(p)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "output.weight" in err and "Traceback" not in err

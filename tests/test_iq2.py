@@ -1,6 +1,7 @@
 """IQ2_XXS, IQ2_XS and IQ2_S against llama.cpp: the kernels (ggml_quantize_chunk with an imatrix,
 and IQ2_S without one), the dequantizers (gguf-py and ggml's own to_float), the grid tables
 (iq2xs_init_impl's neighbour lists, rebuilt independently here), and the imatrix requirement."""
+
 from __future__ import annotations
 
 import ctypes
@@ -29,17 +30,25 @@ pytestmark = pytest.mark.llamacpp
 def extreme_rows(n: int = 512) -> np.ndarray:
     """Whole rows that are edge cases of the search: zero, constant, tiny, huge, sparse, ±."""
     rng = np.random.default_rng(5)
-    rows = [np.zeros(n), np.full(n, 0.01), np.full(n, -3.0), rng.standard_normal(n) * 1e-20,
-            rng.standard_normal(n) * 1e-8, rng.standard_normal(n) * 1e-12, rng.standard_normal(n) * 3e4,
-            np.where(rng.random(n) < 0.9, 0.0, rng.standard_normal(n)), np.tile([0.5, -0.5], n // 2),
-            to_bf16_grid(rng.standard_normal(n) * 0.02)]
+    rows = [
+        np.zeros(n),
+        np.full(n, 0.01),
+        np.full(n, -3.0),
+        rng.standard_normal(n) * 1e-20,
+        rng.standard_normal(n) * 1e-8,
+        rng.standard_normal(n) * 1e-12,
+        rng.standard_normal(n) * 3e4,
+        np.where(rng.random(n) < 0.9, 0.0, rng.standard_normal(n)),
+        np.tile([0.5, -0.5], n // 2),
+        to_bf16_grid(rng.standard_normal(n) * 0.02),
+    ]
     return np.array(rows, dtype=np.float32)
 
 
 def imatrices(x: np.ndarray) -> dict[str, np.ndarray]:
     n = x.shape[1]
     ims = importance_vectors(n)
-    ims["zero_half"] = np.where(np.arange(n) % 32 < 16, 0.0, 1.0)      # XS/S blocks of 16 all unweighted
+    ims["zero_half"] = np.where(np.arange(n) % 32 < 16, 0.0, 1.0)  # XS/S blocks of 16 all unweighted
     ims["only_on_zeros"] = np.where(x[-1] == 0, 1.0, 0.0) if (x[-1] == 0).any() else np.eye(1, n, 3)[0]
     return {k: v.astype(np.float32) for k, v in ims.items()}
 
@@ -75,7 +84,7 @@ def test_iq2_s_without_imatrix_equals_llama_cpp():
 
 
 def test_chunks_and_threads_keep_the_bytes(monkeypatch):
-    monkeypatch.setattr(iq2, "CHUNK_SUPERBLOCKS", dict.fromkeys(IQ2, 3))    # chunks start mid-row
+    monkeypatch.setattr(iq2, "CHUNK_SUPERBLOCKS", dict.fromkeys(IQ2, 3))  # chunks start mid-row
     rng = np.random.default_rng(9)
     x = to_bf16_grid(rng.standard_normal((7, 768)) * 0.05)
     qw = importance_vectors(768)["realistic"].astype(np.float32)
@@ -98,8 +107,14 @@ def _c_to_float():
 
     lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
     # ggml_get_type_traits(type)->to_float(x, y, k): the dequantizer the CPU backend runs
-    fields = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64), ("blck_size_interleave", ctypes.c_int64),
-              ("type_size", ctypes.c_size_t), ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p)]
+    fields = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+    ]
     Traits = type("Traits", (ctypes.Structure,), {"_fields_": fields})
     lib.ggml_get_type_traits.restype = ctypes.POINTER(Traits)
     lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
@@ -112,6 +127,7 @@ def _c_to_float():
         y = np.empty(k, np.float32)
         fn(raw.ctypes.data, y.ctypes.data, k)
         return y
+
     return to_float
 
 
@@ -127,7 +143,7 @@ def test_dequantize_equals_ggml_and_gguf_py(t):
     ref = gguf.quants.dequantize(raw, qt.ggml_type).astype(np.float32)
     assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
     # a real fit: the error is well below the weights' own size
-    assert np.sqrt(np.mean((ours - x) ** 2)) < 0.7 * np.sqrt(np.mean(x ** 2))
+    assert np.sqrt(np.mean((ours - x) ** 2)) < 0.7 * np.sqrt(np.mean(x**2))
 
 
 @pytest.mark.parametrize("t,nwant", [("iq2_xxs", 2), ("iq2_xs", 2), ("iq2_s", 1)])
@@ -148,7 +164,7 @@ def test_neighbour_lists_follow_ggml_definition(t, nwant):
             continue
         shells = sorted(set(d2))[:nwant]
         want = sorted((d, j) for j, d in enumerate(d2) if d in shells)
-        got = g.nbr[g.nbr_start[code]:g.nbr_start[code] + g.nbr_count[code]]
+        got = g.nbr[g.nbr_start[code] : g.nbr_start[code] + g.nbr_count[code]]
         assert got.tolist() == [j for _, j in want]
         checked += 1
 
@@ -172,9 +188,16 @@ def test_mix_files_equal_llama_quantize(f32_mix_models, tmp_path, model, mix):  
     assert_same_file(theirs, ours)
 
 
-@pytest.mark.parametrize("shape", [(8, 4, 4, False, None), (16, 8, 2, True, None), (9, 8, 8, False, None),
-                                   (80, 8, 1, False, None),
-                                   (12, 8, 4, False, {(0, "ffn_down"): 200, (1, "ffn_down"): 96, (5, "attn_v"): 288})])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (8, 4, 4, False, None),
+        (16, 8, 2, True, None),
+        (9, 8, 8, False, None),
+        (80, 8, 1, False, None),
+        (12, 8, 4, False, {(0, "ffn_down"): 200, (1, "ffn_down"): 96, (5, "attn_v"): 288}),
+    ],
+)
 def test_iq2_rule_table_matches_llama_quantize_types(tmp_path, shape):
     src_path = write_tensor_only_llama(tmp_path / "m.gguf", *shape)
     src = open_gguf_source(src_path)
@@ -197,15 +220,28 @@ def test_iq2_mix_without_imatrix_is_a_one_line_error(f32_mix_models, tmp_path, c
     im = synthetic_imatrix(src, seed=1)
     del im.entries["blk.1.ffn_up.weight"]
     write_imatrix_gguf(tmp_path / "im.gguf", im)
-    assert main(["quantize", str(src), str(tmp_path / "o.gguf"), "--type", "iq2_xs", "--imatrix",
-                 str(tmp_path / "im.gguf"), "-q"]) == 2
+    assert (
+        main(
+            [
+                "quantize",
+                str(src),
+                str(tmp_path / "o.gguf"),
+                "--type",
+                "iq2_xs",
+                "--imatrix",
+                str(tmp_path / "im.gguf"),
+                "-q",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "blk.1.ffn_up.weight" in err and "no entry" in err, err
 
 
 def test_scale_overflow_is_refused_with_the_row():
     x = np.zeros((3, 256), np.float32)
-    x[2, 7] = 3e9                                     # d = max_scale/31 does not fit fp16
+    x[2, 7] = 3e9  # d = max_scale/31 does not fit fp16
     qw = np.ones(256, np.float32)
     for t in IQ2:
         with pytest.raises(Q.NonFiniteError, match="row 2"):

@@ -1,5 +1,6 @@
 """IQ3_XXS and IQ3_S against llama.cpp: kernels (ggml_quantize_chunk, with and without an
 imatrix) on bf16-grid data and super-block edge cases, and the dequantizers (ggml's to_float)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,7 @@ from llmconv.testing.llama_gguf_util import ggml_dequantize, ggml_quantize_chunk
 from kernel_data import datasets, importance_vectors, to_bf16_grid
 
 IQ3 = ["iq3_xxs", "iq3_s"]
-ROW = 512                                   # two super-blocks per row
+ROW = 512  # two super-blocks per row
 pytestmark = pytest.mark.llamacpp
 
 
@@ -22,43 +23,48 @@ def edge_rows(rng: np.random.Generator) -> np.ndarray:
     def normal(n=ROW, s=0.02):
         return to_bf16_grid(rng.standard_normal(n) * s)
 
-    def blocks_zeroed(*which):                        # some 32-blocks all zero, the rest normal
+    def blocks_zeroed(*which):  # some 32-blocks all zero, the rest normal
         r = normal().reshape(-1, 32)
         r[list(which)] = 0
         return r.ravel()
 
-    rows.append(np.zeros(ROW))                        # all-zero super-blocks
+    rows.append(np.zeros(ROW))  # all-zero super-blocks
     rows.append(np.full(ROW, -0.0))
-    rows.append(np.full(ROW, 0.5))                    # constant rows
+    rows.append(np.full(ROW, 0.5))  # constant rows
     rows.append(np.full(ROW, -3.0))
-    rows.append(blocks_zeroed(0))                     # IQ3_S stores the later blocks one slot up
+    rows.append(blocks_zeroed(0))  # IQ3_S stores the later blocks one slot up
     rows.append(blocks_zeroed(3, 7, 8, 15))
-    rows.append(blocks_zeroed(1, 2, 3, 4, 5, 6, 7))   # one block left in the first super-block
+    rows.append(blocks_zeroed(1, 2, 3, 4, 5, 6, 7))  # one block left in the first super-block
     r = normal()
-    r[:256] *= 1e-7                                   # blocks below IQ3_XXS's 1e-8 threshold
+    r[:256] *= 1e-7  # blocks below IQ3_XXS's 1e-8 threshold
     r[40:44] = [2e-8, -3e-8, 5e-9, 1e-8]
     rows.append(r)
-    rows.append(to_bf16_grid(rng.standard_normal(ROW) * 1e-40))     # subnormal: 1/max overflows
-    rows.append(to_bf16_grid(rng.standard_normal(ROW) * 1e5))       # large, fp16 d still finite
-    r = normal(s=1e-3)                                # one huge weight among small ones: with an
-    r[[25, 300]] = [-5e5, 7e5]                        # odd sign count its magnitude may be negated
+    rows.append(to_bf16_grid(rng.standard_normal(ROW) * 1e-40))  # subnormal: 1/max overflows
+    rows.append(to_bf16_grid(rng.standard_normal(ROW) * 1e5))  # large, fp16 d still finite
+    r = normal(s=1e-3)  # one huge weight among small ones: with an
+    r[[25, 300]] = [-5e5, 7e5]  # odd sign count its magnitude may be negated
     rows.append(r)
-    r = np.abs(normal())                              # exactly one minus sign in every 8 weights
+    r = np.abs(normal())  # exactly one minus sign in every 8 weights
     r[::8] *= -1
     rows.append(r)
-    r = np.tile([1.0, -1.0, 1.0, 1.0], ROW // 4) * 0.25   # equal |x|: ties in the sign choice
+    r = np.tile([1.0, -1.0, 1.0, 1.0], ROW // 4) * 0.25  # equal |x|: ties in the sign choice
     rows.append(r)
-    levels = rng.integers(0, 8, ROW)                  # magnitudes on the level grid 2l + 1
+    levels = rng.integers(0, 8, ROW)  # magnitudes on the level grid 2l + 1
     rows.append((2 * levels + 1) * np.where(rng.random(ROW) < 0.5, -0.01, 0.01))
-    rows.append(to_bf16_grid(rng.integers(-3, 4, ROW) * 0.5))        # many rounding ties
+    rows.append(to_bf16_grid(rng.integers(-3, 4, ROW) * 0.5))  # many rounding ties
     return np.stack(rows).astype(np.float32)
 
 
 def _data() -> dict[str, np.ndarray]:
     d = datasets()
-    return {"bf16": d["bf16"], "bf16_heavy": d["bf16_heavy"], "bf16_coarse": d["bf16_coarse"],
-            "normal_1000": d["normal_1000"], "edges": d["edges_shuffled"],
-            "iq3_edges": edge_rows(np.random.default_rng(3))}
+    return {
+        "bf16": d["bf16"],
+        "bf16_heavy": d["bf16_heavy"],
+        "bf16_coarse": d["bf16_coarse"],
+        "normal_1000": d["normal_1000"],
+        "edges": d["edges_shuffled"],
+        "iq3_edges": edge_rows(np.random.default_rng(3)),
+    }
 
 
 def _diff(a: np.ndarray, b: np.ndarray, type_size: int) -> str:
@@ -95,10 +101,10 @@ def test_edge_rows_reach_the_special_paths():
 def test_scale_overflow_is_refused_where_llama_cpp_writes_inf(t):
     qt = Q.get(t)
     x = np.random.default_rng(4).standard_normal((3, 256)).astype(np.float32)
-    x[2] *= 1e9                                        # d = max/15/31 * 1.01 > 65504
+    x[2] *= 1e9  # d = max/15/31 * 1.01 > 65504
     ref = ggml_quantize_chunk(qt.ggml_type, x, None)
     d = ref[:, :2].copy().view(np.float16).ravel()
-    assert np.isfinite(d[:2]).all() and np.isinf(d[2])   # llama_model_quantize rejects such rows
+    assert np.isfinite(d[:2]).all() and np.isinf(d[2])  # llama_model_quantize rejects such rows
     with pytest.raises(Q.NonFiniteError) as e:
         Q.quantize_tensor(x, qt)
     assert e.value.row == 2 and "fp16" in str(e.value)
@@ -140,9 +146,11 @@ def test_imatrix_changes_the_bytes():
 
 # ---- whole files: llama_model_quantize on the same f32 GGUF ------------------------------------
 
+
 @pytest.fixture
 def tiny_model(tmp_path):
     from mix_util import write_tensor_only_llama
+
     return write_tensor_only_llama(tmp_path / "m.gguf", 2, 8, 2, False, {(1, "ffn_down"): 512})
 
 
@@ -182,8 +190,22 @@ def test_iq3_xxs_needs_an_imatrix_as_in_llama_quantize(tiny_model, tmp_path, cap
     im = synthetic_imatrix(tiny_model, seed=2)
     del im.entries["blk.1.ffn_up.weight"]
     write_imatrix_gguf(tmp_path / "im.gguf", im)
-    assert main(["quantize", str(tiny_model), str(out), "--type", "iq3_xxs", "--pure",
-                 "--imatrix", str(tmp_path / "im.gguf"), "-q"]) == 2
+    assert (
+        main(
+            [
+                "quantize",
+                str(tiny_model),
+                str(out),
+                "--type",
+                "iq3_xxs",
+                "--pure",
+                "--imatrix",
+                str(tmp_path / "im.gguf"),
+                "-q",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tensor blk.1.ffn_up.weight" in err[0] and "no entry" in err[0], err
     with pytest.raises(AssertionError, match="returned"):
@@ -194,7 +216,7 @@ def test_iq3_xxs_needs_an_imatrix_as_in_llama_quantize(tiny_model, tmp_path, cap
 # ---- the --outtype mixes -----------------------------------------------------------------------
 
 MIXES = ["iq3_xxs", "iq3_xs", "iq3_s", "iq3_m"]
-NEED_IMATRIX = {"iq3_xxs", "iq3_xs"}           # llama-quantize refuses them without one
+NEED_IMATRIX = {"iq3_xxs", "iq3_xs"}  # llama-quantize refuses them without one
 
 
 def _types_match(tmp_path, src_path, mix, im=None):
@@ -208,18 +230,27 @@ def _types_match(tmp_path, src_path, mix, im=None):
     src = open_gguf_source(src_path)
     dst = tmp_path / f"{mix}-{im is not None}.gguf"
     theirs = read(llama_quantize_with_imatrix(src_path, dst, mix, im) if im else llama_quantize(src_path, dst, mix))[1]
-    plan = make_plan(src.tensors, TypePolicy(mix, tied_embeddings=src.tied_embeddings,
-                                             model=gguf_model_shape(src), imatrix=im))
+    plan = make_plan(
+        src.tensors, TypePolicy(mix, tied_embeddings=src.tied_embeddings, model=gguf_model_shape(src), imatrix=im)
+    )
     ours = {t.name: t.qtype.ggml_type.name for t in plan.tensors}
     diff = {n: (theirs[n][0], ours[n]) for n in theirs if theirs[n][0] != ours[n]}
     assert not diff, f"{mix}, imatrix {im is not None}: (llama.cpp, llmconv) {diff}"
     return ours
 
 
-@pytest.mark.parametrize("shape", [(1, 8, 8, True, None), (8, 8, 2, False, None), (16, 8, 1, True, None),
-                                   (33, 8, 4, False, None), (80, 8, 1, False, None),
-                                   (12, 8, 4, False, {(0, "ffn_down"): 288, (5, "attn_q"): 96, (6, "ffn_up"): 200})],
-                         ids=["L1-tied", "L8-gqa4", "L16-gqa8-tied", "L33-gqa2", "L80-70B", "L12-oddrows"])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 8, 8, True, None),
+        (8, 8, 2, False, None),
+        (16, 8, 1, True, None),
+        (33, 8, 4, False, None),
+        (80, 8, 1, False, None),
+        (12, 8, 4, False, {(0, "ffn_down"): 288, (5, "attn_q"): 96, (6, "ffn_up"): 200}),
+    ],
+    ids=["L1-tied", "L8-gqa4", "L16-gqa8-tied", "L33-gqa2", "L80-70B", "L12-oddrows"],
+)
 def test_mix_types_equal_llama_quantize(tmp_path, shape):
     """Every tensor's type, for every IQ3 mix, with an imatrix and (where llama-quantize makes
     the mix without one) without: layer bands, GQA, the 70B attn_v bump, tied embeddings, the
@@ -245,7 +276,7 @@ def test_iq3_xxs_rules_without_an_imatrix(tmp_path):
         src_path = write_tensor_only_llama(tmp_path / "m.gguf", *shape, kinds=("attn_v", "attn_output", "ffn_down"))
         ours = _types_match(tmp_path, src_path, "iq3_xxs")
         assert ours["blk.0.ffn_down.weight"] == "Q4_K" and ours["blk.2.ffn_down.weight"] == "Q3_K"
-        assert ours["blk.0.attn_v.weight"] == ("IQ3_S" if shape[2] == 8 else "Q4_K")      # GQA 1 or 4
+        assert ours["blk.0.attn_v.weight"] == ("IQ3_S" if shape[2] == 8 else "Q4_K")  # GQA 1 or 4
 
 
 @pytest.mark.parametrize("shape", [(32, 8), (12, 4)], ids=lambda s: f"L{s[0]}-x{s[1]}")

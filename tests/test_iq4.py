@@ -1,6 +1,7 @@
 """IQ4_NL and IQ4_XS against llama.cpp: kernels (ggml_quantize_chunk, with and without an
 imatrix), dequantizers (gguf-py), and whole files with the iq4_nl/iq4_xs mixes
 (llama_model_quantize), including the IQ4_NL fallback for rows that do not split into 256."""
+
 from __future__ import annotations
 
 import gguf
@@ -15,8 +16,14 @@ from llmconv.convert.plan import TypePolicy, make_plan
 from llmconv.imatrix import write_imatrix_gguf
 from llmconv.quantize.iq4 import KVALUES, best_index
 from llmconv.testing.llama_gguf_util import ggml_quantize_chunk
-from mix_util import (assert_same_file, llama_quantize, llama_quantize_with_imatrix, read, synthetic_imatrix,
-                      write_tensor_only_llama)
+from mix_util import (
+    assert_same_file,
+    llama_quantize,
+    llama_quantize_with_imatrix,
+    read,
+    synthetic_imatrix,
+    write_tensor_only_llama,
+)
 from kernel_data import datasets, importance_vectors, to_bf16_grid
 
 IQ4 = ["iq4_nl", "iq4_xs"]
@@ -36,7 +43,7 @@ def test_kernel_bytes_equal_llama_cpp(t):
 
 
 def test_iq4_nl_short_rows_and_chunks(monkeypatch):
-    monkeypatch.setattr("llmconv.quantize.iq4.CHUNK_WEIGHTS", 32 * 7)   # chunks start mid-row
+    monkeypatch.setattr("llmconv.quantize.iq4.CHUNK_WEIGHTS", 32 * 7)  # chunks start mid-row
     rng = np.random.default_rng(9)
     x = to_bf16_grid(rng.standard_normal((13, 96)) * 0.1)
     qw = importance_vectors(96)["realistic"].astype(np.float32)
@@ -55,7 +62,7 @@ def test_best_index_is_ggml_nearest_with_ties_up():
             continue
         d = np.abs(vals - v)
         best = np.flatnonzero(d == d.min())
-        assert g == best.max(), (v, g)                      # nearest; the upper one on a tie
+        assert g == best.max(), (v, g)  # nearest; the upper one on a tie
 
 
 @pytest.mark.parametrize("t", IQ4)
@@ -86,13 +93,20 @@ def test_mix_files_equal_llama_quantize(f32_mix_models, tmp_path, model, mix):  
     ours_w = tmp_path / "ours_w.gguf"
     llmconv.quantize(src, ours_w, outtype=mix, imatrix=tmp_path / "im.gguf")
     assert_same_file(theirs_w, ours_w)
-    assert read(ours)[1]["blk.0.ffn_down.weight"][0] == "Q5_1"          # q5_K rule, row 800 -> q5_1
-    assert read(ours_w)[1]["blk.0.ffn_down.weight"][0] == "IQ4_NL"      # with an imatrix: no rule
-    assert read(ours)[1]["blk.5.ffn_down.weight"][0] == "IQ4_NL"        # fallback from iq4_xs
+    assert read(ours)[1]["blk.0.ffn_down.weight"][0] == "Q5_1"  # q5_K rule, row 800 -> q5_1
+    assert read(ours_w)[1]["blk.0.ffn_down.weight"][0] == "IQ4_NL"  # with an imatrix: no rule
+    assert read(ours)[1]["blk.5.ffn_down.weight"][0] == "IQ4_NL"  # fallback from iq4_xs
 
 
-@pytest.mark.parametrize("shape", [(8, 4, 4, False, None), (16, 8, 2, True, None), (32, 32, 8, False, None),
-                                   (12, 8, 4, False, {(0, "ffn_down"): 200, (1, "ffn_down"): 96, (5, "attn_v"): 288})])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (8, 4, 4, False, None),
+        (16, 8, 2, True, None),
+        (32, 32, 8, False, None),
+        (12, 8, 4, False, {(0, "ffn_down"): 200, (1, "ffn_down"): 96, (5, "attn_v"): 288}),
+    ],
+)
 def test_iq4_rule_table_matches_llama_quantize_types(tmp_path, shape):
     src_path = write_tensor_only_llama(tmp_path / "m.gguf", *shape)
     src = open_gguf_source(src_path)
@@ -107,6 +121,7 @@ def test_iq4_rule_table_matches_llama_quantize_types(tmp_path, shape):
 def test_convert_iq4_xs_verifies(tmp_path):
     """An iq4_xs file of the trained fixture passes verify (candidate dequantizes IQ4 blocks)."""
     from mix_util import FIXTURE
+
     out = tmp_path / "iq4.gguf"
     llmconv.convert(FIXTURE, out, outtype="iq4_xs")
     assert llmconv.verify(out, FIXTURE, tokens=64, max_kld=0.05).passed

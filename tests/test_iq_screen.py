@@ -3,6 +3,7 @@
 on the searches built to be hard for it: exact ties (a magnitude on the midpoint of two levels
 at a power-of-two scale, where two candidates' float32 distances are equal), near ties (one ulp
 off), negated magnitudes, zero and repeated weights, and magnitudes far below the scale."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,8 +16,13 @@ F32 = np.float32
 
 
 def _grids():
-    return {"iq2_xxs": iq2.grid("iq2_xxs"), "iq2_xs": iq2.grid("iq2_xs"), "iq2_s": iq2.grid("iq2_s"),
-            "iq3_xxs": iq3_grid(256).base, "iq3_s": iq3_grid(512).base}
+    return {
+        "iq2_xxs": iq2.grid("iq2_xxs"),
+        "iq2_xs": iq2.grid("iq2_xs"),
+        "iq2_s": iq2.grid("iq2_s"),
+        "iq3_xxs": iq3_grid(256).base,
+        "iq3_s": iq3_grid(512).base,
+    }
 
 
 def _searches(g: iq_grid.Grid, n: int, seed: int):
@@ -24,18 +30,20 @@ def _searches(g: iq_grid.Grid, n: int, seed: int):
     rng = np.random.default_rng(seed)
     dim, nl = g.dim, g.n_levels
     s = (2.0 ** rng.integers(-9, -3, n)).astype(F32)
-    s[rng.random(n) < 0.3] *= F32(1.37)                                  # and scales that are not
+    s[rng.random(n) < 0.3] *= F32(1.37)  # and scales that are not
     lv = rng.integers(0, nl, (n, dim))
     kind = rng.integers(0, 5, (n, dim))
-    t = np.select([kind == 0, kind == 1, kind == 2],
-                  [2 * lv + 2, 2 * lv + 1, rng.uniform(0.0, 2.0 * nl, (n, dim))],
-                  rng.uniform(0.0, 0.05, (n, dim)))
+    t = np.select(
+        [kind == 0, kind == 1, kind == 2],
+        [2 * lv + 2, 2 * lv + 1, rng.uniform(0.0, 2.0 * nl, (n, dim))],
+        rng.uniform(0.0, 0.05, (n, dim)),
+    )
     x = (t * s[:, None]).astype(F32)
-    x = np.where(rng.random((n, dim)) < 0.1, np.nextafter(x, F32(np.inf)), x)      # one ulp off a tie
-    x = np.where(rng.random((n, dim)) < 0.05, -x, x)                               # parity-negated
+    x = np.where(rng.random((n, dim)) < 0.1, np.nextafter(x, F32(np.inf)), x)  # one ulp off a tie
+    x = np.where(rng.random((n, dim)) < 0.05, -x, x)  # parity-negated
     w = rng.choice(np.array([0.0, 1.0, 0.25, 3.0], F32), (n, dim))
     w = np.where(rng.random((n, dim)) < 0.5, rng.gamma(0.5, 1.0, (n, dim)).astype(F32), w)
-    w[rng.random(n) < 0.05] = F32(1.0)                                              # all equal
+    w[rng.random(n) < 0.05] = F32(1.0)  # all equal
     levels = np.clip(np.rint(F32(0.5) * (x / s[:, None] - F32(1.0))), 0, nl - 1).astype(np.int64)
     codes = iq_grid.codes_of(levels, g.bits)
     off = g.nbr_count[codes] > 0
@@ -62,7 +70,9 @@ def test_out_of_range_groups_are_not_screened():
     codes, x, w, s = _searches(g, 2000, seed=7)
     for scale_x, scale_w in ((1e-18, 1.0), (1e18, 1.0), (1.0, 1e36)):
         tables = iq_screen.group_tables(g, (x * F32(scale_x)).astype(F32), (w * F32(scale_w)).astype(F32))
-        _, decided = iq_screen.screened_neighbours(g, codes, np.arange(len(codes)), (s * F32(scale_x)).astype(F32), tables)
+        _, decided = iq_screen.screened_neighbours(
+            g, codes, np.arange(len(codes)), (s * F32(scale_x)).astype(F32), tables
+        )
         assert not decided.any(), (scale_x, scale_w)
     bad = x.copy()
     bad[::2, 0] = np.nan

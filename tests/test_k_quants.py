@@ -4,6 +4,7 @@ The oracle is llama.cpp's own quantizer: an f32 llama GGUF holding test matrices
 `llama_model_quantize` (pure, no imatrix, one thread), and every quantized tensor it writes must
 be byte-identical to llmconv's. Dequantization is checked against gguf-py's reader code.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,7 @@ K_TYPES = ["q6_k", "q5_k", "q4_k", "q3_k", "q2_k"]
 # llama.cpp has no "mostly q4_K" ftype; with `pure` every matrix gets the ftype's base type.
 LLAMA_FTYPE_NAME = {"q6_k": "q6_k", "q5_k": "q5_k_s", "q4_k": "q4_k_s", "q3_k": "q3_k_s", "q2_k": "q2_k"}
 
-ROWS, COLS = 48, 1024   # 192 super-blocks per matrix, 9 matrices per file
+ROWS, COLS = 48, 1024  # 192 super-blocks per matrix, 9 matrices per file
 
 
 def bf16_grid(a: np.ndarray) -> np.ndarray:
@@ -33,26 +34,26 @@ def make_test_matrices(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     normal = lambda scale: bf16_grid(rng.standard_normal((ROWS, COLS)) * scale)
 
-    outliers = normal(0.02)                              # real-model-like: a few hot channels
+    outliers = normal(0.02)  # real-model-like: a few hot channels
     outliers[:, rng.choice(COLS, 12, replace=False)] *= 40
 
     special = normal(0.05)
-    special[0] = 0                                       # all-zero super-blocks
-    special[1, :300] = 0                                 # zero groups next to live ones
-    special[2] = 0.375                                   # constant rows
-    special[3, 7] = 3e4                                  # single huge values
+    special[0] = 0  # all-zero super-blocks
+    special[1, :300] = 0  # zero groups next to live ones
+    special[2] = 0.375  # constant rows
+    special[3, 7] = 3e4  # single huge values
     special[4, 700] = -5e3
-    special[5, ::2] = 0                                  # half zeros
-    special[6] = -np.abs(special[6]) - 1                 # all negative (min far below 0)
-    special[7] = np.abs(special[7]) + 1                  # all positive (min clamps to 0)
-    special[8, 256:512] = rng.integers(-8, 8, 256)       # exact small integers: rounding ties
+    special[5, ::2] = 0  # half zeros
+    special[6] = -np.abs(special[6]) - 1  # all negative (min far below 0)
+    special[7] = np.abs(special[7]) + 1  # all positive (min clamps to 0)
+    special[8, 256:512] = rng.integers(-8, 8, 256)  # exact small integers: rounding ties
     special[9] = np.where(rng.random(COLS) < 0.98, 0, rng.standard_normal(COLS) * 10)
 
     tiny = normal(1e-6)
-    tiny[: ROWS // 2] *= 1e-3                            # scales near/below fp16's subnormal range
+    tiny[: ROWS // 2] *= 1e-3  # scales near/below fp16's subnormal range
 
     mixed = normal(1.0)
-    mixed[:, :128] *= 1e-20                              # vanishing half-blocks next to normal ones
+    mixed[:, :128] *= 1e-20  # vanishing half-blocks next to normal ones
 
     return {
         "token_embd.weight": normal(0.02),
@@ -107,10 +108,10 @@ def test_roundtrip_error_is_small(name):
     x = rng.standard_normal((16, 512)).astype(np.float32)
     y = dequantize_tensor(quantize_tensor(x, name), name)
     assert y.shape == x.shape
-    rel_rmse = float(np.sqrt(np.mean((y - x) ** 2)) / np.sqrt(np.mean(x ** 2)))
+    rel_rmse = float(np.sqrt(np.mean((y - x) ** 2)) / np.sqrt(np.mean(x**2)))
     bits = int(name[1])
     # uniform quantization of a Gaussian over about +-3 sigma with 2**bits levels
-    assert rel_rmse < 6.0 / 2 ** bits / np.sqrt(3), rel_rmse
+    assert rel_rmse < 6.0 / 2**bits / np.sqrt(3), rel_rmse
 
 
 @pytest.mark.parametrize("name", K_TYPES)
@@ -121,7 +122,7 @@ def test_block_size_and_layout_constants(name):
     x = np.zeros((3, 512), np.float32)
     out = quantize_tensor(x, name)
     assert out.shape == (3, 2 * qt.type_size) and out.dtype == np.uint8
-    assert not out.any()                                 # zeros quantize to all-zero blocks
+    assert not out.any()  # zeros quantize to all-zero blocks
 
 
 @pytest.mark.parametrize("groups", [1, 2, 3, 7, 8, 9, 17, 100, 4097])
@@ -136,8 +137,7 @@ def test_seq_sum_is_c_order(groups):
 
 
 def test_nearest_int_rounds_half_to_even():
-    v = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 2.4999998, 7.5000005, 0.0, -31.5, 4194303.0],
-                 dtype=np.float32)
+    v = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 2.4999998, 7.5000005, 0.0, -31.5, 4194303.0], dtype=np.float32)
     np.testing.assert_array_equal(nearest_int(v), np.rint(v.astype(np.float64)).astype(np.int64))
 
 
@@ -145,8 +145,26 @@ def test_fp16_bits_equals_numpys_cast():
     """fp16_bits rounds fp16-subnormal results itself (numpy's cast is slow there): every float32
     exponent, both signs, random and rounding-edge mantissas, give numpy's (round-to-even) bits."""
     rng = np.random.default_rng(3)
-    edges = np.array([0, 1, 0xFFF, 0x1000, 0x1001, 0x1FFF, 0x2000, 0x3000, 0x5000, 0x6000,
-                      0x7FE000, 0x7FF000, 0x7FEFFF, 0x7FF001, 0x7FFFFF], dtype=np.uint32)
+    edges = np.array(
+        [
+            0,
+            1,
+            0xFFF,
+            0x1000,
+            0x1001,
+            0x1FFF,
+            0x2000,
+            0x3000,
+            0x5000,
+            0x6000,
+            0x7FE000,
+            0x7FF000,
+            0x7FEFFF,
+            0x7FF001,
+            0x7FFFFF,
+        ],
+        dtype=np.uint32,
+    )
     mantissas = np.concatenate([rng.integers(0, 1 << 23, 2000, dtype=np.uint32), edges])
     exponents = np.arange(256, dtype=np.uint32)[:, None] << np.uint32(23)
     bits = (exponents | mantissas).reshape(-1)

@@ -2,6 +2,7 @@
 layout with tiny deterministic weights and lets llama.cpp judge the converted file: its logits
 against an independent float64 forward pass (tests/torch_reference.py) and its tokenization
 against the source tokenizer."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -63,8 +64,10 @@ def sp_tokens(n: int, model: Path = TOKENIZER) -> list[int]:
 
 def llamacpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
     import llama_cpp
-    llm = llama_cpp.Llama(str(path), n_ctx=128, n_batch=128, logits_all=True, type_k=0, type_v=0, n_threads=1,
-                          verbose=False)
+
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=128, n_batch=128, logits_all=True, type_k=0, type_v=0, n_threads=1, verbose=False
+    )
     llm.eval(tokens)
     return np.array(llm.scores[: len(tokens)], dtype=np.float64)
 
@@ -84,13 +87,21 @@ def head_dim_twins(tmp_path_factory):
     """The same weights as a Meta checkpoint (params.json head_dim) and an HF one (config.json head_dim)."""
     tmp = tmp_path_factory.mktemp("head_dim")
     c = NEMO_LIKE
-    sd = meta_state_dict(dim=c["dim"], n_heads=c["n_heads"], n_kv_heads=c["n_kv_heads"], head_dim=c["head_dim"],
-                         ffn=c["ffn"], seed=5, dtype=torch.float32)
+    sd = meta_state_dict(
+        dim=c["dim"],
+        n_heads=c["n_heads"],
+        n_kv_heads=c["n_kv_heads"],
+        head_dim=c["head_dim"],
+        ffn=c["ffn"],
+        seed=5,
+        dtype=torch.float32,
+    )
     params = {"n_heads": c["n_heads"], "n_kv_heads": c["n_kv_heads"], "head_dim": c["head_dim"], "vocab_size": 512}
     meta = write_meta_checkpoint(tmp / "meta", sd, params=params)
     full = json.loads((meta / "params.json").read_text())
-    hf = mk.write_hf_checkpoint(tmp / "hf", sd, full, config={"head_dim": c["head_dim"],
-                                                            "max_position_embeddings": 4096})
+    hf = mk.write_hf_checkpoint(
+        tmp / "hf", sd, full, config={"head_dim": c["head_dim"], "max_position_embeddings": 4096}
+    )
     return sd, full, meta, hf, tmp
 
 
@@ -118,8 +129,9 @@ def test_llamacpp_logits_with_head_dim_match_the_reference(head_dim_twins, layou
     sd, params, meta, hf, tmp = head_dim_twins
     out = convert(meta if layout == "meta" else hf, tmp / f"{layout}-logits.gguf")
     tokens = sp_tokens(40)
-    ref = meta_logits(sd, tokens, n_heads=4, n_kv_heads=2, head_dim=32, norm_eps=params["norm_eps"],
-                      rope_theta=params["rope_theta"])
+    ref = meta_logits(
+        sd, tokens, n_heads=4, n_kv_heads=2, head_dim=32, norm_eps=params["norm_eps"], rope_theta=params["rope_theta"]
+    )
     err = rel_err(llamacpp_logits(out, tokens), ref)
     assert err < 1e-5, err
 
@@ -137,12 +149,14 @@ def test_head_dim_must_be_even_and_fit_the_weights(head_dim_twins, tmp_path):
 
 def test_head_dim_cannot_go_to_ggjt(head_dim_twins):
     from llmconv.convert.ggml_out import plan_ggml_conversion
+
     sd, params, meta, hf, tmp = head_dim_twins
     with pytest.raises(LlmconvError, match="head size 32 != dim / n_heads = 20"):
         plan_ggml_conversion(meta, outtype="f32")
 
 
 # ---- 4. uneven model-parallel shards ----------------------------------------------------------
+
 
 def tensor_split_shards(sd: dict, n: int, vocab_axis_embedding: bool = False) -> list[dict]:
     """Re-shard as torch.tensor_split does: parts differ by one row or column. Meta's axes: wo, w2
@@ -151,8 +165,9 @@ def tensor_split_shards(sd: dict, n: int, vocab_axis_embedding: bool = False) ->
     for k, t in sd.items():
         if t.dim() == 1:
             parts = [t.clone() for _ in range(n)]
-        elif k.endswith(("attention.wo.weight", "feed_forward.w2.weight")) or \
-                (k == "tok_embeddings.weight" and not vocab_axis_embedding):
+        elif k.endswith(("attention.wo.weight", "feed_forward.w2.weight")) or (
+            k == "tok_embeddings.weight" and not vocab_axis_embedding
+        ):
             parts = [c.clone() for c in torch.tensor_split(t, n, dim=1)]
         else:
             parts = [c.clone() for c in torch.tensor_split(t, n, dim=0)]
@@ -173,7 +188,7 @@ def write_shards(path: Path, shards: list[dict], params: dict) -> Path:
 @pytest.fixture(scope="module")
 def single_shard(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("uneven")
-    sd = meta_state_dict(seed=3)               # dim 64, ffn 192, vocab 512
+    sd = meta_state_dict(seed=3)  # dim 64, ffn 192, vocab 512
     src = write_meta_checkpoint(tmp / "one", sd)
     params = json.loads((src / "params.json").read_text())
     return sd, params, tensor_bytes(convert(src, tmp / "one.gguf", "f16")), tmp
@@ -184,7 +199,7 @@ def test_uneven_shards_join_to_the_same_tensors(single_shard, tmp_path, n, vocab
     sd, params, want, _ = single_shard
     shards = tensor_split_shards(sd, n, vocab_axis)
     sizes = [s["tok_embeddings.weight"].shape for s in shards]
-    assert len(set(sizes)) > 1, sizes                   # really uneven (512 rows / 64 columns over n)
+    assert len(set(sizes)) > 1, sizes  # really uneven (512 rows / 64 columns over n)
     src = write_shards(tmp_path / "split", shards, params)
     conv = plan_conversion(src, outtype="f16", outfile=tmp_path / "s.gguf")
     assert conv.source.n_files == n
@@ -203,7 +218,9 @@ def test_uneven_shards_must_add_up_to_params(single_shard, tmp_path):
     shards = tensor_split_shards(sd, 3, vocab_axis_embedding=True)
     shards[2]["tok_embeddings.weight"] = shards[2]["tok_embeddings.weight"][:-1].clone()
     src = write_shards(tmp_path / "short", shards, params)
-    with pytest.raises(LlmconvError, match=r"tok_embeddings.weight.*join to 511 along dim 0 but params.json implies 512"):
+    with pytest.raises(
+        LlmconvError, match=r"tok_embeddings.weight.*join to 511 along dim 0 but params.json implies 512"
+    ):
         plan_conversion(src)
 
 
@@ -218,11 +235,14 @@ def test_uneven_shards_replicated_norms_must_be_equal(single_shard, tmp_path):
 
 # ---- 2. Mistral's own format ---------------------------------------------------------------------
 
+
 def mistral_data(name: str) -> Path:
     spec = importlib.util.find_spec("mistral_common")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("mistral-common is not installed (pip install --no-deps mistral-common): it ships the real "
-                    "Mistral tokenizer files")
+        pytest.skip(
+            "mistral-common is not installed (pip install --no-deps mistral-common): it ships the real "
+            "Mistral tokenizer files"
+        )
     return Path(spec.submodule_search_locations[0]) / "data" / name
 
 
@@ -242,23 +262,38 @@ def write_mistral_checkpoint(path: Path, sd: dict, params: dict, tokenizer: Path
     """params.json + consolidated.safetensors (or consolidated-0000k-of-0000N) + the tokenizer file,
     under its own name, as Mistral's repositories hold them."""
     from safetensors.torch import save_file
+
     path.mkdir(parents=True)
     (path / "params.json").write_text(json.dumps(params, indent=2))
     names = list(sd)
     for k in range(files):
-        part = {n: sd[n].contiguous() for n in names[k * len(names) // files:(k + 1) * len(names) // files]}
+        part = {n: sd[n].contiguous() for n in names[k * len(names) // files : (k + 1) * len(names) // files]}
         fname = "consolidated.safetensors" if files == 1 else f"consolidated-{k + 1:05d}-of-{files:05d}.safetensors"
         save_file(part, str(path / fname), metadata={"format": "pt"})
-    target = "tekken.json" if tokenizer.suffix == ".json" else \
-        tokenizer.name if tokenizer.name == "tokenizer.model" else "tokenizer.model." + tokenizer.name.rsplit(".", 1)[-1]
+    target = (
+        "tekken.json"
+        if tokenizer.suffix == ".json"
+        else tokenizer.name
+        if tokenizer.name == "tokenizer.model"
+        else "tokenizer.model." + tokenizer.name.rsplit(".", 1)[-1]
+    )
     (path / target).write_bytes(tokenizer.read_bytes())
     return path
 
 
 # Mistral 7B v0.3's params.json, scaled down (dim 4096, 32 layers, 32 heads of 128, 8 kv heads,
 # hidden_dim 14336, vocab 32768 with tokenizer.model.v3)
-MISTRAL_V03 = {"dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 96, "n_heads": 4, "n_kv_heads": 2,
-               "norm_eps": 1e-05, "vocab_size": 32768, "rope_theta": 1000000.0}
+MISTRAL_V03 = {
+    "dim": 64,
+    "n_layers": 2,
+    "head_dim": 16,
+    "hidden_dim": 96,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "norm_eps": 1e-05,
+    "vocab_size": 32768,
+    "rope_theta": 1000000.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -266,8 +301,14 @@ def mistral_v3(tmp_path_factory):
     tok = mistral_data("mistral_instruct_tokenizer_240323.model.v3")
     tmp = tmp_path_factory.mktemp("mistral_v3")
     p = MISTRAL_V03
-    sd = meta_state_dict(dim=p["dim"], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"], ffn=p["hidden_dim"],
-                         vocab=p["vocab_size"], seed=7)
+    sd = meta_state_dict(
+        dim=p["dim"],
+        n_heads=p["n_heads"],
+        n_kv_heads=p["n_kv_heads"],
+        ffn=p["hidden_dim"],
+        vocab=p["vocab_size"],
+        seed=7,
+    )
     src = write_mistral_checkpoint(tmp / "Mistral-7B-Instruct-v0.3", sd, p, tok)
     out = convert(src, tmp / "m.gguf")
     return sd, src, out, tok, tmp
@@ -281,9 +322,12 @@ def test_mistral_format_is_detected_and_written_like_llamacpp(mistral_v3):
     f = fields(out)
     sp = spm.SentencePieceProcessor(model_file=str(tok))
     assert f["tokenizer.ggml.model"] == "llama" and len(f["tokenizer.ggml.tokens"]) == sp.vocab_size() == 32768
-    assert f["tokenizer.ggml.tokens"][3] == "[INST]" and f["tokenizer.ggml.token_type"][3] == 3   # control
-    assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"], f["tokenizer.ggml.padding_token_id"]) \
-        == (1, 2, 2)                     # no pad piece: padded with eos, as llama.cpp's MistralVocab does
+    assert f["tokenizer.ggml.tokens"][3] == "[INST]" and f["tokenizer.ggml.token_type"][3] == 3  # control
+    assert (
+        f["tokenizer.ggml.bos_token_id"],
+        f["tokenizer.ggml.eos_token_id"],
+        f["tokenizer.ggml.padding_token_id"],
+    ) == (1, 2, 2)  # no pad piece: padded with eos, as llama.cpp's MistralVocab does
     assert f["tokenizer.chat_template"] == "mistral-v3"
     assert f["llama.attention.key_length"] == 16 and f["llama.rope.freq_base"] == 1e6
     # Meta's names and Q/K order: the tensors are the state dict's, in Meta's order
@@ -296,8 +340,9 @@ def test_mistral_format_is_detected_and_written_like_llamacpp(mistral_v3):
 @pytest.mark.llamacpp
 def test_llamacpp_tokenizes_like_the_v3_sentencepiece_model(mistral_v3):
     import llama_cpp
+
     sd, src, out, tok, tmp = mistral_v3
-    sp = spm.SentencePieceProcessor(model_file=str(tok))    # what mistral-common's SentencePieceTokenizer runs
+    sp = spm.SentencePieceProcessor(model_file=str(tok))  # what mistral-common's SentencePieceTokenizer runs
     llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
     for s in MULTILINGUAL:
         assert llm.tokenize(s.encode(), add_bos=True) == [sp.bos_id()] + sp.encode(s), s
@@ -311,8 +356,15 @@ def test_llamacpp_logits_of_mistral_format_match_the_reference(mistral_v3):
     sp = spm.SentencePieceProcessor(model_file=str(tok))
     tokens = ([sp.bos_id()] + sp.encode(" ".join(MULTILINGUAL)))[:48]
     p = MISTRAL_V03
-    ref = meta_logits(sd, tokens, n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"], head_dim=p["head_dim"],
-                      norm_eps=p["norm_eps"], rope_theta=p["rope_theta"])
+    ref = meta_logits(
+        sd,
+        tokens,
+        n_heads=p["n_heads"],
+        n_kv_heads=p["n_kv_heads"],
+        head_dim=p["head_dim"],
+        norm_eps=p["norm_eps"],
+        rope_theta=p["rope_theta"],
+    )
     err = rel_err(llamacpp_logits(out, tokens), ref)
     assert err < 1e-5, err
 
@@ -328,9 +380,12 @@ def test_mistral_files_split_by_tensor_give_the_same_gguf(mistral_v3, tmp_path):
 
 def test_mistral_refuses_what_the_llama_architecture_cannot_hold(mistral_v3, tmp_path):
     sd, src, out, tok, tmp = mistral_v3
-    moe = write_mistral_checkpoint(tmp_path / "moe", {"tok_embeddings.weight": sd["tok_embeddings.weight"]},
-                                   dict(MISTRAL_V03, moe={"num_experts": 8, "num_experts_per_tok": 2,
-                                                          "num_shared_experts": 1}), tok)
+    moe = write_mistral_checkpoint(
+        tmp_path / "moe",
+        {"tok_embeddings.weight": sd["tok_embeddings.weight"]},
+        dict(MISTRAL_V03, moe={"num_experts": 8, "num_experts_per_tok": 2, "num_shared_experts": 1}),
+        tok,
+    )
     # Mixtral's moe section converts (tests/test_moe.py); later kinds of MoE do not fit the llama architecture
     with pytest.raises(LlmconvError, match="params.json.*'moe': a mixture of experts with num_shared_experts"):
         plan_conversion(moe)
@@ -338,9 +393,11 @@ def test_mistral_refuses_what_the_llama_architecture_cannot_hold(mistral_v3, tmp
 
 # ---- 3. Meta's download tree and --tokenizer --------------------------------------------------------
 
+
 def test_meta_download_tree_takes_the_tokenizer_from_the_folder_above(single_shard, tmp_path, capsys):
     """llama/tokenizer.model beside llama/llama-2-7b/{params.json, consolidated.00.pth}."""
     from llmconv.cli import main
+
     sd, params, want, _ = single_shard
     model = write_meta_checkpoint(tmp_path / "llama" / "llama-2-7b", sd)
     (model / "tokenizer.model").rename(tmp_path / "llama" / "tokenizer.model")
@@ -349,8 +406,12 @@ def test_meta_download_tree_takes_the_tokenizer_from_the_folder_above(single_sha
     err = capsys.readouterr().err
     assert "note: tokenizer.model is not in the checkpoint folder" in err and str(tmp_path / "llama") in err
     assert tensor_bytes(out) == want
-    assert fields(out)["tokenizer.ggml.tokens"] == fields(convert(write_meta_checkpoint(tmp_path / "std", sd),
-                                                                  tmp_path / "std.gguf", "f16"))["tokenizer.ggml.tokens"]
+    assert (
+        fields(out)["tokenizer.ggml.tokens"]
+        == fields(convert(write_meta_checkpoint(tmp_path / "std", sd), tmp_path / "std.gguf", "f16"))[
+            "tokenizer.ggml.tokens"
+        ]
+    )
 
 
 def test_meta_without_any_tokenizer_says_where_it_looked(single_shard, tmp_path):
@@ -379,6 +440,7 @@ def test_tokenizer_option_for_meta(single_shard, tmp_path, as_folder):
 @pytest.mark.parametrize("as_folder", [False, True])
 def test_tokenizer_option_for_hf(head_dim_twins, tmp_path, as_folder):
     import shutil
+
     sd, params, meta, hf, tmp = head_dim_twins
     std = fields(convert(hf, tmp_path / "std.gguf"))
     bare = tmp_path / "bare"
@@ -396,7 +458,7 @@ def test_tokenizer_option_for_hf(head_dim_twins, tmp_path, as_folder):
 
 def test_tokenizer_option_for_mistral(mistral_v3, tmp_path):
     sd, src, out, tok, tmp = mistral_v3
-    v1 = mistral_data("tokenizer.model.v1")           # 32000 pieces: the 32768-row embedding refuses it
+    v1 = mistral_data("tokenizer.model.v1")  # 32000 pieces: the 32768-row embedding refuses it
     with pytest.raises(LlmconvError, match="tokenizer has 32000 tokens but the embedding has 32768 rows"):
         plan_conversion(src, tokenizer=v1)
     f = fields(convert(src, tmp_path / "t.gguf", tokenizer=tok))
@@ -407,8 +469,17 @@ def test_tokenizer_option_for_mistral(mistral_v3, tmp_path):
 
 # Mistral Nemo's params.json (dim 5120, 40 layers, 32 heads of 128 -- not 160 --, 8 kv heads,
 # hidden_dim 14336, vocab 131072, rope_theta 1e6) with the real tekken_240718.json
-NEMO = {"dim": 48, "n_layers": 2, "head_dim": 32, "hidden_dim": 64, "n_heads": 2, "n_kv_heads": 1,
-        "norm_eps": 1e-05, "vocab_size": 131072, "rope_theta": 1000000.0}
+NEMO = {
+    "dim": 48,
+    "n_layers": 2,
+    "head_dim": 32,
+    "hidden_dim": 64,
+    "n_heads": 2,
+    "n_kv_heads": 1,
+    "norm_eps": 1e-05,
+    "vocab_size": 131072,
+    "rope_theta": 1000000.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -416,8 +487,15 @@ def nemo(tmp_path_factory):
     tok = mistral_data("tekken_240718.json")
     tmp = tmp_path_factory.mktemp("nemo")
     p = NEMO
-    sd = meta_state_dict(dim=p["dim"], n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"], head_dim=p["head_dim"],
-                         ffn=p["hidden_dim"], vocab=p["vocab_size"], seed=9)
+    sd = meta_state_dict(
+        dim=p["dim"],
+        n_heads=p["n_heads"],
+        n_kv_heads=p["n_kv_heads"],
+        head_dim=p["head_dim"],
+        ffn=p["hidden_dim"],
+        vocab=p["vocab_size"],
+        seed=9,
+    )
     src = write_mistral_checkpoint(tmp / "Mistral-Nemo-Instruct-2407", sd, p, tok)
     return sd, src, convert(src, tmp / "nemo.gguf"), tok
 
@@ -428,26 +506,41 @@ def test_nemo_tekken_format_tokenizes_like_tiktoken_and_matches_the_reference(ne
     import base64
 
     import tiktoken
+
     sd, src, out, tok = nemo
     f = fields(out)
-    assert (f["tokenizer.ggml.model"], f["tokenizer.ggml.pre"], f["tokenizer.chat_template"]) == \
-        ("gpt2", "tekken", "mistral-v3-tekken")
+    assert (f["tokenizer.ggml.model"], f["tokenizer.ggml.pre"], f["tokenizer.chat_template"]) == (
+        "gpt2",
+        "tekken",
+        "mistral-v3-tekken",
+    )
     assert f["llama.attention.key_length"] == 32 and f["llama.embedding_length"] == 48
     # mistral-common's Tekken tokenizer is tiktoken on the file's ranks and regex, ids past the specials
     doc = json.loads(tok.read_text(encoding="utf-8"))
     n_special = doc["config"]["default_num_special_tokens"]
-    ranks = {base64.b64decode(e["token_bytes"]): e["rank"]
-             for e in doc["vocab"][:doc["config"]["default_vocab_size"] - n_special]}
+    ranks = {
+        base64.b64decode(e["token_bytes"]): e["rank"]
+        for e in doc["vocab"][: doc["config"]["default_vocab_size"] - n_special]
+    }
     enc = tiktoken.Encoding(name="nemo", pat_str=doc["config"]["pattern"], mergeable_ranks=ranks, special_tokens={})
     import llama_cpp
-    llm = llama_cpp.Llama(str(out), n_ctx=128, n_batch=128, logits_all=True, type_k=0, type_v=0, n_threads=1,
-                          verbose=False)
+
+    llm = llama_cpp.Llama(
+        str(out), n_ctx=128, n_batch=128, logits_all=True, type_k=0, type_v=0, n_threads=1, verbose=False
+    )
     for s in MULTILINGUAL:
         assert llm.tokenize(s.encode(), add_bos=True) == [1] + [n_special + i for i in enc.encode_ordinary(s)], s
     tokens = ([1] + [n_special + i for i in enc.encode_ordinary(" ".join(MULTILINGUAL))])[:48]
     p = NEMO
-    ref = meta_logits(sd, tokens, n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"], head_dim=p["head_dim"],
-                      norm_eps=p["norm_eps"], rope_theta=p["rope_theta"])
+    ref = meta_logits(
+        sd,
+        tokens,
+        n_heads=p["n_heads"],
+        n_kv_heads=p["n_kv_heads"],
+        head_dim=p["head_dim"],
+        norm_eps=p["norm_eps"],
+        rope_theta=p["rope_theta"],
+    )
     llm.eval(tokens)
     err = rel_err(np.array(llm.scores[: len(tokens)], dtype=np.float64), ref)
     assert err < 1e-5, err
@@ -485,6 +578,7 @@ def carded(tmp_path_factory):
 def llama_metadata(path: Path) -> dict:
     """The metadata as llama.cpp read it (llama-cpp-python's Llama.metadata: every key as a string)."""
     import llama_cpp
+
     return llama_cpp.Llama(str(path), vocab_only=True, verbose=False).metadata
 
 
@@ -498,15 +592,20 @@ def test_model_card_fills_general_keys_and_the_file_name(carded, tmp_path, monke
     src, _ = carded
     monkeypatch.chdir(tmp_path)
     from gguf.utility import size_label
+
     conv = plan_conversion(src, outtype="f16")
-    label = size_label(conv.plan.n_params, conv.plan.n_params, 0, 0)     # llama.cpp's rounding: "164K"
+    label = size_label(conv.plan.n_params, conv.plan.n_params, 0, 0)  # llama.cpp's rounding: "164K"
     # llama.cpp's naming convention: Basename-Size-Finetune-Version-TYPE
     assert conv.out_path == tmp_path / f"Mistral-Nemo-{label}-Instruct-2407-F16.gguf"
     write_gguf(conv.out_path, conv.kvs, conv.plan, progress=False)
     md = llama_metadata(conv.out_path)
-    assert md["general.name"] == "Mistral-Nemo-Instruct-2407"       # the card names none: the folder's name
-    assert (md["general.basename"], md["general.finetune"], md["general.version"], md["general.size_label"]) == \
-        ("Mistral-Nemo", "Instruct", "2407", label)
+    assert md["general.name"] == "Mistral-Nemo-Instruct-2407"  # the card names none: the folder's name
+    assert (md["general.basename"], md["general.finetune"], md["general.version"], md["general.size_label"]) == (
+        "Mistral-Nemo",
+        "Instruct",
+        "2407",
+        label,
+    )
     assert md["general.license"] == "apache-2.0"
     assert md["general.base_model.count"] == "1" and md["general.base_model.0.name"] == "Mistral Nemo Base 2407"
     assert md["general.base_model.0.organization"] == "Mistralai"
@@ -519,8 +618,9 @@ def test_metadata_file_overrides_the_card_and_names_the_output(carded, tmp_path,
     src, _ = carded
     monkeypatch.chdir(tmp_path)
     override = tmp_path / "meta.json"
-    override.write_text(json.dumps({"general.size_label": "12B", "general.author": "Mistral AI",
-                                    "general.license": "mit"}))
+    override.write_text(
+        json.dumps({"general.size_label": "12B", "general.author": "Mistral AI", "general.license": "mit"})
+    )
     conv = plan_conversion(src, outtype="q4_K_M", metadata=override)
     assert conv.out_path.name == "Mistral-Nemo-12B-Instruct-2407-Q4_K_M.gguf"
     kv = {k.key: k.value for k in conv.kvs}
@@ -536,11 +636,21 @@ def test_metadata_file_overrides_the_card_and_names_the_output(carded, tmp_path,
 def test_override_kv_in_convert_and_quantize(single_shard, tmp_path, capsys):
     import llama_cpp
     from llmconv.cli import main
+
     sd, params, _, _ = single_shard
     src = write_meta_checkpoint(tmp_path / "m", sd)
     f32 = tmp_path / "m.gguf"
-    llmconv.convert(src, f32, outtype="f32", override_kv=["llama.context_length=int:8192", "general.name=str:Renamed",
-                                                        "test.flag=bool:true", "test.scale=float:0.25"])
+    llmconv.convert(
+        src,
+        f32,
+        outtype="f32",
+        override_kv=[
+            "llama.context_length=int:8192",
+            "general.name=str:Renamed",
+            "test.flag=bool:true",
+            "test.scale=float:0.25",
+        ],
+    )
     types = read_gguf(f32).kv_types
     assert types["llama.context_length"].type.name == "UINT32"
     assert (types["test.flag"].type.name, types["test.scale"].type.name) == ("BOOL", "FLOAT32")
@@ -562,24 +672,38 @@ def test_override_keeps_an_existing_keys_number_type():
 
     from llmconv.convert.metadata import apply_kv_overrides, parse_override_kv
     from llmconv.formats.gguf_writer import KV
+
     kvs = [KV("split.tensors.count", 5, T.INT32), KV("x.f64", 0.5, T.FLOAT64)]
-    out = apply_kv_overrides(kvs, [parse_override_kv(s) for s in ("split.tensors.count=int:-3", "x.f64=float:2.5",
-                                                                   "x.new=int:7")])
-    assert [(k.key, k.value, k.type) for k in out] == [("split.tensors.count", -3, T.INT32), ("x.f64", 2.5, T.FLOAT64),
-                                                       ("x.new", 7, T.UINT32)]    # new keys: llama-quantize's types
+    out = apply_kv_overrides(
+        kvs, [parse_override_kv(s) for s in ("split.tensors.count=int:-3", "x.f64=float:2.5", "x.new=int:7")]
+    )
+    assert [(k.key, k.value, k.type) for k in out] == [
+        ("split.tensors.count", -3, T.INT32),
+        ("x.f64", 2.5, T.FLOAT64),
+        ("x.new", 7, T.UINT32),
+    ]  # new keys: llama-quantize's types
 
 
 def test_folder_with_both_mistral_and_hf_layouts(head_dim_twins, tmp_path):
     """Mistral's repositories ship both: the HF one is read by default (with a note), the other with
     --input-format mistral, and both give the same tensors (HF's Q/K un-permuted, Mistral's as stored)."""
     import shutil
+
     sd, params, meta, hf, tmp = head_dim_twins
     both = tmp_path / "both"
     shutil.copytree(hf, both)
     c = NEMO_LIKE
-    mistral_params = {"dim": c["dim"], "n_layers": 2, "head_dim": c["head_dim"], "hidden_dim": c["ffn"],
-                      "n_heads": c["n_heads"], "n_kv_heads": c["n_kv_heads"], "norm_eps": params["norm_eps"],
-                      "vocab_size": 512, "rope_theta": params["rope_theta"]}
+    mistral_params = {
+        "dim": c["dim"],
+        "n_layers": 2,
+        "head_dim": c["head_dim"],
+        "hidden_dim": c["ffn"],
+        "n_heads": c["n_heads"],
+        "n_kv_heads": c["n_kv_heads"],
+        "norm_eps": params["norm_eps"],
+        "vocab_size": 512,
+        "rope_theta": params["rope_theta"],
+    }
     write_mistral_checkpoint(tmp_path / "m", sd, mistral_params, TOKENIZER)
     for f in (tmp_path / "m").iterdir():
         shutil.copy(f, both / f.name)

@@ -1,5 +1,6 @@
 """Issue 6: Meta's original LLaMA 3.x checkpoints (tiktoken tokenizer.model, scaled RoPE,
 vocabulary-split embedding) -> GGUF that llama.cpp tokenizes and runs like the source."""
+
 from __future__ import annotations
 
 import base64
@@ -21,12 +22,16 @@ META_DIR = ROOT / "fixtures" / "llama3-tiny"
 HF_DIR = ROOT / "fixtures" / "llama3-bpe"
 N_BPE = 1000
 
-TEXT = ("Hello, world! 3.14159 and 1234567 — naïve café, Ünïcödé; 東京タワー, Привет мир, مرحبا, नमस्ते "
-        "🙂👍🏽 Ελληνικά\n\ndef f(x):\n    return x ** 2  # it's code\n\t\tdon't  stop   'LL 'Re I'M\r\n"
-        "   trailing spaces   \n\n\n$100,000.00 (approx.) <tag attr=\"v\"/> a_b-c.d")
+TEXT = (
+    "Hello, world! 3.14159 and 1234567 — naïve café, Ünïcödé; 東京タワー, Привет мир, مرحبا, नमस्ते "
+    "🙂👍🏽 Ελληνικά\n\ndef f(x):\n    return x ** 2  # it's code\n\t\tdon't  stop   'LL 'Re I'M\r\n"
+    '   trailing spaces   \n\n\n$100,000.00 (approx.) <tag attr="v"/> a_b-c.d'
+)
 # LLaMA 3's split regex as Meta's tokenizer.py gives it to tiktoken
-META_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+META_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def llamacpp_loop_factors(head_dim, base, factor, low, high, old_ctx):
@@ -65,11 +70,14 @@ def meta_apply_scaling_divisors(head_dim, base, factor, low, high, old_ctx):
     return np.array(out)
 
 
-@pytest.mark.parametrize("head_dim,base,factor,high", [(64, 500000.0, 8.0, 4.0), (128, 500000.0, 8.0, 4.0),
-                                                      (64, 500000.0, 32.0, 4.0), (128, 10000.0, 8.0, 2.0)])
+@pytest.mark.parametrize(
+    "head_dim,base,factor,high",
+    [(64, 500000.0, 8.0, 4.0), (128, 500000.0, 8.0, 4.0), (64, 500000.0, 32.0, 4.0), (128, 10000.0, 8.0, 2.0)],
+)
 def test_rope_factors_match_llamacpp_and_meta(head_dim, base, factor, high):
-    got = llama3_rope_factors(head_dim, base, factor=factor, low_freq_factor=1.0, high_freq_factor=high,
-                              original_context=8192)
+    got = llama3_rope_factors(
+        head_dim, base, factor=factor, low_freq_factor=1.0, high_freq_factor=high, original_context=8192
+    )
     assert got.dtype == np.float32 and got.shape == (head_dim // 2,)
     want = llamacpp_loop_factors(head_dim, base, factor, 1.0, high, 8192)
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
@@ -80,6 +88,7 @@ def test_rope_factors_match_llamacpp_and_meta(head_dim, base, factor, high):
 
 
 # ---- the converted file (the shared `converted` fixture, tests/conftest.py) --------------------
+
 
 def kv(reader: GGUFReader, key: str):
     f = reader.get_field(key)
@@ -94,19 +103,22 @@ def test_metadata_and_rope_freqs(converted):
     r = GGUFReader(converted(META_DIR, "f32"))
     assert kv(r, "tokenizer.ggml.model") == "gpt2"
     assert kv(r, "tokenizer.ggml.pre") == "llama-bpe"
-    assert kv(r, "llama.context_length") == 131072           # LLaMA 3.1/3.2
+    assert kv(r, "llama.context_length") == 131072  # LLaMA 3.1/3.2
     assert kv(r, "llama.rope.freq_base") == 500000.0
     toks = kv(r, "tokenizer.ggml.tokens")
     assert len(toks) == N_BPE + 256 and toks[N_BPE + 4] == "<|finetune_right_pad_id|>"
-    assert (kv(r, "tokenizer.ggml.bos_token_id"), kv(r, "tokenizer.ggml.eos_token_id"),
-            kv(r, "tokenizer.ggml.eot_token_id")) == (N_BPE, N_BPE + 1, N_BPE + 9)
+    assert (
+        kv(r, "tokenizer.ggml.bos_token_id"),
+        kv(r, "tokenizer.ggml.eos_token_id"),
+        kv(r, "tokenizer.ggml.eot_token_id"),
+    ) == (N_BPE, N_BPE + 1, N_BPE + 9)
     assert r.get_field("tokenizer.ggml.scores") is None
     t = tensors(r)
     params = json.loads((META_DIR / "params.json").read_text())
     head_dim = params["dim"] // params["n_heads"]
     want = llamacpp_loop_factors(head_dim, params["rope_theta"], 8.0, 1.0, 4.0, 8192)
     assert np.array_equal(t["rope_freqs.weight"], want)
-    assert (want != 1).any()                                 # the fixture's RoPE is actually scaled
+    assert (want != 1).any()  # the fixture's RoPE is actually scaled
 
 
 def test_embedding_split_by_vocabulary_is_joined(converted):
@@ -138,9 +150,11 @@ def test_llama3_without_scaled_rope(converted, tmp_path):
 
 # ---- llama.cpp is the judge ------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def llama_cpp():
     import llama_cpp as lc
+
     return lc
 
 
@@ -149,8 +163,12 @@ def meta_tiktoken() -> tiktoken.Encoding:
     for line in (META_DIR / "tokenizer.model").read_bytes().splitlines():
         token, rank = line.split()
         ranks[base64.b64decode(token)] = int(rank)
-    return tiktoken.Encoding(name="llama3-tiny", pat_str=META_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|begin_of_text|>": N_BPE, "<|eot_id|>": N_BPE + 9})
+    return tiktoken.Encoding(
+        name="llama3-tiny",
+        pat_str=META_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={"<|begin_of_text|>": N_BPE, "<|eot_id|>": N_BPE + 9},
+    )
 
 
 @pytest.mark.llamacpp
@@ -164,17 +182,29 @@ def test_llamacpp_tokenizes_like_tokenizers_and_tiktoken(converted, llama_cpp):
     # with the beginning-of-text token and special-token parsing
     chat = "<|begin_of_text|>hi<|eot_id|>"
     assert llm.tokenize(TEXT.encode(), add_bos=True) == hf.encode(TEXT).ids
-    assert (llm.tokenize(chat.encode(), add_bos=False, special=True)
-            == enc.encode(chat, allowed_special="all") == [N_BPE] + enc.encode("hi") + [N_BPE + 9])
+    assert (
+        llm.tokenize(chat.encode(), add_bos=False, special=True)
+        == enc.encode(chat, allowed_special="all")
+        == [N_BPE] + enc.encode("hi") + [N_BPE + 9]
+    )
 
 
 @pytest.mark.llamacpp
 def test_llamacpp_logits_match_reference(converted, llama_cpp, monkeypatch):
     import llmconv.verify.reference as reference
+
     tokens = [N_BPE] + meta_tiktoken().encode(TEXT)
     ref = reference.reference_logits(META_DIR, tokens)
-    llm = llama_cpp.Llama(str(converted(META_DIR, "f32")), n_ctx=256, n_batch=256, logits_all=True, type_k=0, type_v=0,
-                          n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(
+        str(converted(META_DIR, "f32")),
+        n_ctx=256,
+        n_batch=256,
+        logits_all=True,
+        type_k=0,
+        type_v=0,
+        n_threads=1,
+        verbose=False,
+    )
     llm.eval(tokens)
     got = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     scale = np.abs(ref).max()

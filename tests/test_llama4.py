@@ -4,6 +4,7 @@ tokenizer does, and its f32 logits equal an independent float64 forward pass wri
 transformers' Llama 4 text model (tests/llama4_synth.py); llama.cpp's quantizer gives the types
 and bytes of the quantized files; llama.cpp's check-text hash of Llama 4 Scout's tokenizer.json
 vouches for the rebuilt tokenizer.json."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from llama4_synth import (SMALL_VOCAB, small_vocab_tokenizer, llama4_logits, llama4_state_dict, llama4_tokenizer_model, load_state_dict,
-                          meta_llama4_tokenizer, text_config, write_hf_llama4)
+from llama4_synth import (
+    SMALL_VOCAB,
+    small_vocab_tokenizer,
+    llama4_logits,
+    llama4_state_dict,
+    llama4_tokenizer_model,
+    load_state_dict,
+    meta_llama4_tokenizer,
+    text_config,
+    write_hf_llama4,
+)
 import llmconv
 from llmconv.cli import main
 from llmconv.formats.gguf_reader import read_gguf
@@ -25,9 +35,11 @@ OUTTYPES = ["f32", "f16", "q8_0", "q4_0", "q4_K_M"]
 TEXT = "Llama 4 sends each token to one of its experts, and a shared one. Ünïcödé, 東京 and I'm sure: 12345."
 BOUND_KEY = {"q4_K_M": "q4_k"}
 
-pytestmark = pytest.mark.skipif(llama4_tokenizer_model() is None,
-                                reason="llama-models is not installed (pip install --no-deps llama-models==0.3.0): "
-                                       "it ships Meta's Llama 4 tokenizer.model")
+pytestmark = pytest.mark.skipif(
+    llama4_tokenizer_model() is None,
+    reason="llama-models is not installed (pip install --no-deps llama-models==0.3.0): "
+    "it ships Meta's Llama 4 tokenizer.model",
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +86,18 @@ def test_layout_and_metadata(llama4):
         assert not {f"blk.{i}.ffn_gate.weight", f"blk.{i}.ffn_down.weight"} & names
         gate_up = sd[f"{p}{i}.feed_forward.experts.gate_up_proj"].float()
         down = sd[f"{p}{i}.feed_forward.experts.down_proj"].float()
-        np.testing.assert_array_equal(data(f"blk.{i}.ffn_gate_exps.weight"), gate_up[:, :, :256].transpose(1, 2).numpy())
+        np.testing.assert_array_equal(
+            data(f"blk.{i}.ffn_gate_exps.weight"), gate_up[:, :, :256].transpose(1, 2).numpy()
+        )
         np.testing.assert_array_equal(data(f"blk.{i}.ffn_up_exps.weight"), gate_up[:, :, 256:].transpose(1, 2).numpy())
         np.testing.assert_array_equal(data(f"blk.{i}.ffn_down_exps.weight"), down.transpose(1, 2).numpy())
-        np.testing.assert_array_equal(data(f"blk.{i}.ffn_down_shexp.weight"),
-                                      sd[f"{p}{i}.feed_forward.shared_expert.down_proj.weight"].float().numpy())
-        np.testing.assert_array_equal(data(f"blk.{i}.ffn_gate_inp.weight"),
-                                      sd[f"{p}{i}.feed_forward.router.weight"].float().numpy())
+        np.testing.assert_array_equal(
+            data(f"blk.{i}.ffn_down_shexp.weight"),
+            sd[f"{p}{i}.feed_forward.shared_expert.down_proj.weight"].float().numpy(),
+        )
+        np.testing.assert_array_equal(
+            data(f"blk.{i}.ffn_gate_inp.weight"), sd[f"{p}{i}.feed_forward.router.weight"].float().numpy()
+        )
     for t in OUTTYPES[1:]:
         assert read_gguf(files[t]).tensor("blk.1.ffn_gate_inp.weight").ggml_type == gguf.GGMLQuantizationType.F32
 
@@ -91,6 +108,7 @@ def test_tokenizer_is_llama4s(llama4):
     import llama_cpp
 
     from llmconv.convert.pretok import CHECK_HASHES, check_hash
+
     ckpt, files = llama4
     assert CHECK_HASHES.get(check_hash(ckpt / "tokenizer.json")) == "llama4"
     meta = meta_llama4_tokenizer()
@@ -130,8 +148,9 @@ def test_llama_cpp_logits_follow_the_reference(llama4, reference, outtype):
 
     _, files = llama4
     tokens, ref, margin = reference
-    llm = llama_cpp.Llama(str(files[outtype]), n_ctx=128, logits_all=True, type_k=0, type_v=0, n_threads=1,
-                          verbose=False)
+    llm = llama_cpp.Llama(
+        str(files[outtype]), n_ctx=128, logits_all=True, type_k=0, type_v=0, n_threads=1, verbose=False
+    )
     assert llm.tokenize(TEXT.encode(), add_bos=True) == tokens
     llm.eval(tokens)
     got = np.array(llm.scores[: len(tokens)], dtype=np.float64)
@@ -156,9 +175,9 @@ def test_long_context_chunked_attention_and_temperature(llama4):
     g = torch.Generator().manual_seed(5)
     tokens = [200000] + torch.randint(0, 200000, (T - 1,), generator=g).tolist()
     llm = llama_cpp.Llama(str(files["f32"]), n_ctx=8448, n_batch=512, type_k=0, type_v=0, verbose=False)
-    llm.eval(tokens[:T - K])
+    llm.eval(tokens[: T - K])
     rows = []
-    for tok in tokens[T - K:]:        # one token per batch: llama.cpp keeps that token's logits
+    for tok in tokens[T - K :]:  # one token per batch: llama.cpp keeps that token's logits
         llm.eval([tok])
         rows.append(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy())
     got = np.array(rows, dtype=np.float64)
@@ -167,7 +186,7 @@ def test_long_context_chunked_attention_and_temperature(llama4):
     ref, _ = llama4_logits(sd, cfg, tokens, last=K, dtype=torch.float32)
     scale = float(ref.abs().max())
     err = np.abs(got - ref.double().numpy()).max(axis=1) / scale
-    assert err.max() <= 5e-5, err        # a float32 reference over 8195 positions
+    assert err.max() <= 5e-5, err  # a float32 reference over 8195 positions
     # temperature tuning acts from position 8191 (rows 2..), chunking from 8192 (rows 3..)
     no_temp, _ = llama4_logits(sd, dict(cfg, attn_scale=0.0), tokens, last=K, dtype=torch.float32)
     assert (np.abs(got - no_temp.double().numpy()).max(axis=1)[2:] / scale > 50 * err.max()).all()
@@ -209,14 +228,18 @@ def test_conversion_equals_llama_quantize(small, tmp_path, qtype):
 
 # ---- refusals and errors: one line naming the file and key/tensor, exit 2 -----------------------
 
-@pytest.mark.parametrize("key,value,says", [
-    ("attention_chunk_size", 4096, "attention_chunk_size is 4096"),
-    ("use_qk_norm", False, "use_qk_norm is False"),
-    ("no_rope_layers", [1, 0, 1, 0], "no_rope_layers"),
-    ("attn_temperature_tuning", False, "attn_temperature_tuning"),
-    ("floor_scale", 4096, "floor_scale"),
-    ("moe_layers", [0, 1, 2, 3], "moe_layers"),
-])
+
+@pytest.mark.parametrize(
+    "key,value,says",
+    [
+        ("attention_chunk_size", 4096, "attention_chunk_size is 4096"),
+        ("use_qk_norm", False, "use_qk_norm is False"),
+        ("no_rope_layers", [1, 0, 1, 0], "no_rope_layers"),
+        ("attn_temperature_tuning", False, "attn_temperature_tuning"),
+        ("floor_scale", 4096, "floor_scale"),
+        ("moe_layers", [0, 1, 2, 3], "moe_layers"),
+    ],
+)
 def test_settings_llama_cpp_fixes_are_refused(tmp_path, capsys, key, value, says):
     ck = tmp_path / "ck"
     ck.mkdir()
@@ -231,12 +254,21 @@ def test_tensor_errors_name_the_tensor(tmp_path, capsys):
     cfg = text_config(vocab_size=SMALL_VOCAB)
     sd = llama4_state_dict(cfg, seed=3)
     p = "language_model.model.layers.3.feed_forward.experts."
-    cases = [("missing", lambda d: d.pop(p + "gate_up_proj"), p + "gate_up_proj"),
-             ("shape", lambda d: d.__setitem__(p + "down_proj", torch.zeros(4, 64, 256, dtype=torch.bfloat16)),
-              "implies (4, 256, 64)"),
-             ("unknown", lambda d: d.__setitem__("language_model.model.layers.0.feed_forward.router.weight",
-                                                 torch.zeros(4, 64, dtype=torch.bfloat16)),
-              "layers.0.feed_forward.router.weight")]
+    cases = [
+        ("missing", lambda d: d.pop(p + "gate_up_proj"), p + "gate_up_proj"),
+        (
+            "shape",
+            lambda d: d.__setitem__(p + "down_proj", torch.zeros(4, 64, 256, dtype=torch.bfloat16)),
+            "implies (4, 256, 64)",
+        ),
+        (
+            "unknown",
+            lambda d: d.__setitem__(
+                "language_model.model.layers.0.feed_forward.router.weight", torch.zeros(4, 64, dtype=torch.bfloat16)
+            ),
+            "layers.0.feed_forward.router.weight",
+        ),
+    ]
     for label, edit, says in cases:
         d = dict(sd)
         edit(d)
@@ -287,8 +319,9 @@ def test_text_only_layout_converts_the_same(tmp_path):
     a, b = read_gguf(tmp_path / "multi.gguf"), read_gguf(tmp_path / "text.gguf")
     assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
     assert all(bytes(a.tensor(t.name).data) == bytes(b.tensor(t.name).data) for t in a.tensors)
-    assert {k: v for k, v in a.kvs.items() if not k.startswith("general.")} == \
-           {k: v for k, v in b.kvs.items() if not k.startswith("general.")}
+    assert {k: v for k, v in a.kvs.items() if not k.startswith("general.")} == {
+        k: v for k, v in b.kvs.items() if not k.startswith("general.")
+    }
 
 
 @pytest.mark.llamacpp
@@ -299,8 +332,9 @@ def test_without_rope_scaling_and_with_top_2(tmp_path):
 
     cfg = text_config(vocab_size=SMALL_VOCAB, rope_scaling=None, num_experts_per_tok=2)
     sd = llama4_state_dict(cfg, seed=8)
-    ck = write_hf_llama4(tmp_path / "ck", sd=sd, tokenizer=False, vocab_size=SMALL_VOCAB, rope_scaling=None,
-                         num_experts_per_tok=2)
+    ck = write_hf_llama4(
+        tmp_path / "ck", sd=sd, tokenizer=False, vocab_size=SMALL_VOCAB, rope_scaling=None, num_experts_per_tok=2
+    )
     small_vocab_tokenizer(ck)
     out = tmp_path / "f32.gguf"
     llmconv.convert(ck, out, outtype="f32")

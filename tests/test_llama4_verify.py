@@ -3,6 +3,7 @@ checkpoint as stored (fused experts read one at a time, sigmoid-scaled expert in
 expert, QK-norm, the no-RoPE layer), the candidate llama.cpp's llama4 graph from the file. A
 correct conversion passes; a file whose experts 1 and 2 of a layer trade places fails, and so
 does one whose MoE layer step is wrong."""
+
 from __future__ import annotations
 
 import pytest

@@ -5,6 +5,7 @@ The judge is llama.cpp (it loads base + adapter, or the merged file) against a r
 PEFT's definition, in HF's layout as stored: W + scale * (alpha / r) * B @ A, no row permutation.
 So a wrong Q/K permutation, a wrong transpose, a wrong alpha or a wrong rank all show as logit errors.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -52,6 +53,7 @@ def run(argv, capsys=None):
 
 # ---- adapter variants (made at test time from the committed fixture) ---------------------------
 
+
 def fixture_sd() -> dict[str, torch.Tensor]:
     return load_file(str(LORA / "adapter_model.safetensors"))
 
@@ -91,17 +93,17 @@ def merged_hf_checkpoint(out: Path, adapters: list[tuple[Path, float]]) -> Path:
         cfg = json.loads((path / "adapter_config.json").read_text())
         lsd = load_file(str(path / "adapter_model.safetensors"))
         for key, t in lsd.items():
-            module = key[len(PREFIX):]
+            module = key[len(PREFIX) :]
             if module.endswith(".lora_A.weight"):
-                module = module[:-len(".lora_A.weight")]
+                module = module[: -len(".lora_A.weight")]
                 b = lsd[PREFIX + module + ".lora_B.weight"]
                 sd[module + ".weight"] += scale * peft_scale(cfg, module, t.shape[0]) * (b.float() @ t.float())
             elif module.endswith(".lora_embedding_A"):
-                module = module[:-len(".lora_embedding_A")]
+                module = module[: -len(".lora_embedding_A")]
                 b = lsd[PREFIX + module + ".lora_embedding_B"]
                 sd[module + ".weight"] += scale * peft_scale(cfg, module, t.shape[0]) * (b.float() @ t.float()).T
             elif module.endswith(".weight") and "lora_" not in module:
-                sd[module] = t.float().clone()              # modules_to_save: replaced whole
+                sd[module] = t.float().clone()  # modules_to_save: replaced whole
     out.mkdir(parents=True)
     for f in HF.iterdir():
         if f.name != "model.safetensors":
@@ -112,24 +114,29 @@ def merged_hf_checkpoint(out: Path, adapters: list[tuple[Path, float]]) -> Path:
 
 def tokens(n: int = 80) -> list[int]:
     sp = spm.SentencePieceProcessor(model_file=str(HF / "tokenizer.model"))
-    text = ("The hacker culture is a loosely networked collection of subcultures. A kludge is a clever "
-            "programming trick; a hack is an appropriate application of ingenuity. Some say foo and bar.")
+    text = (
+        "The hacker culture is a loosely networked collection of subcultures. A kludge is a clever "
+        "programming trick; a hack is an appropriate application of ingenuity. Some say foo and bar."
+    )
     return ([sp.bos_id()] + sp.encode(text))[:n]
 
 
 def reference(ckpt: Path) -> np.ndarray:
     from llmconv.verify.reference import reference_logits
+
     return reference_logits(ckpt, tokens())
 
 
 def llamacpp_logits(model: Path, lora: Path | None = None) -> np.ndarray:
     import llama_cpp
+
     kw = {"lora_path": str(lora)} if lora else {}
-    llm = llama_cpp.Llama(str(model), n_ctx=128, n_batch=128, logits_all=True, type_k=0, type_v=0, n_threads=1,
-                          verbose=False, **kw)
+    llm = llama_cpp.Llama(
+        str(model), n_ctx=128, n_batch=128, logits_all=True, type_k=0, type_v=0, n_threads=1, verbose=False, **kw
+    )
     toks = tokens()
     llm.eval(toks)
-    return np.array(llm.scores[:len(toks)], dtype=np.float32)
+    return np.array(llm.scores[: len(toks)], dtype=np.float32)
 
 
 def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
@@ -148,6 +155,7 @@ def base_f32(converted):
 
 
 # ---- the adapter file ------------------------------------------------------------------------
+
 
 def gguf_fields(path: Path) -> dict:
     r = GGUFReader(str(path))
@@ -169,8 +177,12 @@ def test_adapter_file_has_llamacpp_keys_and_unpermuted_q_k(work):
     assert len(arrays) == len(sd)
     p = ml.mf.PARAMS
     for layer in range(p["n_layers"]):
-        for gg, hf, heads in (("attn_q", "self_attn.q_proj", p["n_heads"]), ("attn_k", "self_attn.k_proj", p["n_kv_heads"]),
-                              ("attn_v", "self_attn.v_proj", None), ("ffn_down", "mlp.down_proj", None)):
+        for gg, hf, heads in (
+            ("attn_q", "self_attn.q_proj", p["n_heads"]),
+            ("attn_k", "self_attn.k_proj", p["n_kv_heads"]),
+            ("attn_v", "self_attn.v_proj", None),
+            ("ffn_down", "mlp.down_proj", None),
+        ):
             a = sd[f"{PREFIX}model.layers.{layer}.{hf}.lora_A.weight"]
             b = sd[f"{PREFIX}model.layers.{layer}.{hf}.lora_B.weight"]
             got_a = arrays[f"blk.{layer}.{gg}.weight.lora_a"]
@@ -194,7 +206,7 @@ def test_llamacpp_with_adapter_gives_the_merged_reference(work, base_f32, base, 
     llmconv.convert_lora(adapter, HF if base == "hf" else META, out, force=True)
     ref = reference(merged_hf_checkpoint(work / f"ref-{base}-{name}", [(adapter, 1.0)]))
     without = llamacpp_logits(base_f32[base])
-    assert rel_err(without, ref) > 0.02              # the adapter changes the output measurably
+    assert rel_err(without, ref) > 0.02  # the adapter changes the output measurably
     assert rel_err(llamacpp_logits(base_f32[base], out), ref) <= 2e-5
 
 
@@ -205,7 +217,7 @@ def test_adapter_types_load_in_llamacpp(work, base_f32, outtype, bound):
     llmconv.convert_lora(LORA, HF, out, outtype=outtype, force=True)
     r = GGUFReader(str(out))
     types = {t.name: t.tensor_type.name for t in r.tensors}
-    if outtype == "q8_0":   # A's rows (256, 768) take q8_0 blocks; B's rows are r = 8 long: f16
+    if outtype == "q8_0":  # A's rows (256, 768) take q8_0 blocks; B's rows are r = 8 long: f16
         assert types["blk.0.attn_q.weight.lora_a"] == "Q8_0" and types["blk.0.attn_q.weight.lora_b"] == "F16"
     else:
         assert set(types.values()) == {outtype.upper()}
@@ -214,7 +226,9 @@ def test_adapter_types_load_in_llamacpp(work, base_f32, outtype, bound):
 
 
 def test_bin_adapter_gives_the_same_file(work):
-    binned = ml.write_adapter(work / "bin" / LORA.name, fixture_sd(), json.loads((LORA / "adapter_config.json").read_text()), fmt="bin")
+    binned = ml.write_adapter(
+        work / "bin" / LORA.name, fixture_sd(), json.loads((LORA / "adapter_config.json").read_text()), fmt="bin"
+    )
     a, b = work / "st.gguf", work / "bin.gguf"
     llmconv.convert_lora(LORA, HF, a)
     llmconv.convert_lora(binned, HF, b)
@@ -223,12 +237,16 @@ def test_bin_adapter_gives_the_same_file(work):
 
 # ---- merged while converting -------------------------------------------------------------------
 
+
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("base,adapters", [
-    ("hf", [("fixture", 1.0)]),
-    ("meta", [("fixture", 1.0), ("rslora", 0.5)]),
-    ("hf", [("extras", 0.75)]),
-])
+@pytest.mark.parametrize(
+    "base,adapters",
+    [
+        ("hf", [("fixture", 1.0)]),
+        ("meta", [("fixture", 1.0), ("rslora", 0.5)]),
+        ("hf", [("extras", 0.75)]),
+    ],
+)
 def test_merged_f32_gives_the_merged_reference(work, base, adapters):
     paths = [(variant(work, n), s) for n, s in adapters]
     out = work / f"merged-{base}-{len(adapters)}-{adapters[0][0]}.gguf"
@@ -251,8 +269,10 @@ def test_merged_q4_k_m_is_llama_quantize_of_the_merged_f32(work):
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M, 1
     assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), params) == 0
-    mine, ref = ({t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in GGUFReader(str(p)).tensors}
-                 for p in (ours, theirs))       # llama.cpp writes them in another order
+    mine, ref = (
+        {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in GGUFReader(str(p)).tensors}
+        for p in (ours, theirs)
+    )  # llama.cpp writes them in another order
     assert {n: t for n, (t, _) in mine.items()} == {n: t for n, (t, _) in ref.items()}
     assert "Q4_K" in {t for t, _ in mine.values()}
     for name in ref:
@@ -261,12 +281,14 @@ def test_merged_q4_k_m_is_llama_quantize_of_the_merged_f32(work):
 
 def test_lora_spec_parsing():
     from llmconv.convert.lora import parse_lora_spec
+
     assert parse_lora_spec("a/b") == (Path("a/b"), 1.0)
     assert parse_lora_spec("a/b:0.5") == (Path("a/b"), 0.5)
     assert parse_lora_spec("c:/x/y") == (Path("c:/x/y"), 1.0)
 
 
 # ---- what is refused ---------------------------------------------------------------------------
+
 
 def _broken(tmp: Path, name: str, cfg_change=None, sd_change=None) -> Path:
     cfg, sd = json.loads((LORA / "adapter_config.json").read_text()), fixture_sd()
@@ -285,8 +307,11 @@ BROKEN = {
     "rank": (dict(r=4), None, "rank 8"),
     "missing_b": (None, lambda sd: sd.pop(PREFIX + "model.layers.1.mlp.up_proj.lora_B.weight"), "lora_B is missing"),
     "stray": (None, lambda sd: sd.__setitem__(PREFIX + "model.norm.weight", torch.ones(256)), "not a LoRA matrix"),
-    "magnitude": (None, lambda sd: sd.__setitem__(PREFIX + "model.layers.0.self_attn.q_proj.lora_magnitude_vector",
-                                                  torch.ones(256)), "DoRA"),
+    "magnitude": (
+        None,
+        lambda sd: sd.__setitem__(PREFIX + "model.layers.0.self_attn.q_proj.lora_magnitude_vector", torch.ones(256)),
+        "DoRA",
+    ),
 }
 
 
@@ -294,8 +319,10 @@ BROKEN = {
 def test_unsupported_adapters_are_one_line_errors(tmp_path, capsys, case):
     cfg_change, sd_change, needle = BROKEN[case]
     path = _broken(tmp_path, case, cfg_change, sd_change)
-    for argv in (["convert-lora", path, "--base", HF, "-o", tmp_path / "x.gguf"],
-                 ["convert", HF, "--lora", path, "-o", tmp_path / "y.gguf", "--dry-run"]):
+    for argv in (
+        ["convert-lora", path, "--base", HF, "-o", tmp_path / "x.gguf"],
+        ["convert", HF, "--lora", path, "-o", tmp_path / "y.gguf", "--dry-run"],
+    ):
         code, _, err = run(argv, capsys)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith("llmconv: error: "), err
@@ -304,7 +331,9 @@ def test_unsupported_adapters_are_one_line_errors(tmp_path, capsys, case):
 
 
 def test_adapter_for_another_base_is_refused(tmp_path, capsys):
-    code, _, err = run(["convert-lora", LORA, "--base", ROOT / "fixtures" / "llama3-tiny", "-o", tmp_path / "x.gguf"], capsys)
+    code, _, err = run(
+        ["convert-lora", LORA, "--base", ROOT / "fixtures" / "llama3-tiny", "-o", tmp_path / "x.gguf"], capsys
+    )
     assert code == 2 and "made for another base model" in err and "lora_A" in err, err
 
 
@@ -327,6 +356,7 @@ def test_malicious_bin_adapter_is_refused(tmp_path, capsys):
     class Evil:
         def __reduce__(self):
             import os
+
             return os.system, (f"touch {sentinel}",)
 
     path = tmp_path / "evil"
@@ -339,10 +369,14 @@ def test_malicious_bin_adapter_is_refused(tmp_path, capsys):
 
 # ---- verify --lora ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("base,ref,name,scale,outtype", [
-    ("hf", "hf", "fixture", 1.0, "q8_0"),
-    ("hf", "meta", "extras", 0.75, "f32"),
-])
+
+@pytest.mark.parametrize(
+    "base,ref,name,scale,outtype",
+    [
+        ("hf", "hf", "fixture", 1.0, "q8_0"),
+        ("hf", "meta", "extras", 0.75, "f32"),
+    ],
+)
 def test_verify_applies_the_adapter_to_the_reference(work, capsys, base, ref, name, scale, outtype):
     adapter = variant(work, name)
     spec = f"{adapter}:{scale}" if scale != 1.0 else str(adapter)
@@ -353,4 +387,4 @@ def test_verify_applies_the_adapter_to_the_reference(work, capsys, base, ref, na
     code, stdout, err = run(["verify", out, "-r", ref_dir, "--lora", spec, "--tokens", 64, "--max-kld", 0.01], capsys)
     assert code == 0, stdout + err
     code, stdout, err = run(["verify", out, "-r", ref_dir, "--tokens", 64], capsys)
-    assert code == 1, stdout + err                   # the same file against the base alone is out of bounds
+    assert code == 1, stdout + err  # the same file against the base alone is out of bounds

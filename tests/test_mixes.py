@@ -11,6 +11,7 @@ the tensor bytes and general.file_type must be identical. The models:
   * a sweep of tensor-only files (2-row matrices, cheap) over layer counts, head layouts,
     tied embeddings, the 80-layer "70B" rule and rows that fit no block: types only.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -87,8 +88,7 @@ def test_q4_k_m_loads_and_generates_in_llama_cpp(tmp_path):
     llmconv.convert(FIXTURE, out, outtype="q4_k_m")
     sp = spm.SentencePieceProcessor(model_file=str(FIXTURE / "tokenizer.model"))
     tokens = [sp.bos_id()] + sp.encode("The quick brown fox jumps over the lazy dog")
-    llm = llama_cpp.Llama(str(out), n_ctx=64, logits_all=True, type_k=0, type_v=0, n_threads=1,
-                          verbose=False)
+    llm = llama_cpp.Llama(str(out), n_ctx=64, logits_all=True, type_k=0, type_v=0, n_threads=1, verbose=False)
     llm.eval(tokens)
     got = np.array(llm.scores[: len(tokens)], dtype=np.float32)
     ref = reference_logits(FIXTURE, tokens)
@@ -105,7 +105,7 @@ def test_q4_k_m_loads_and_generates_in_llama_cpp(tmp_path):
 
 # ---- the rule table over many model shapes, types only ------------------------------------
 
-SHAPES = [   # (layers, heads, kv heads, tied embeddings, odd row lengths)
+SHAPES = [  # (layers, heads, kv heads, tied embeddings, odd row lengths)
     (1, 8, 8, True, None),
     (3, 8, 2, False, None),
     (9, 4, 2, True, None),
@@ -113,14 +113,17 @@ SHAPES = [   # (layers, heads, kv heads, tied embeddings, odd row lengths)
     (17, 8, 8, False, None),
     (24, 8, 1, True, None),
     (33, 8, 4, False, None),
-    (80, 8, 1, False, None),      # llama.cpp's "70B": attn_v bumped to q5_K
-    (80, 8, 8, False, None),      # 80 layers without GQA ("65B"): no bump
+    (80, 8, 1, False, None),  # llama.cpp's "70B": attn_v bumped to q5_K
+    (80, 8, 8, False, None),  # 80 layers without GQA ("65B"): no bump
 ]
 
 
 @pytest.mark.llamacpp
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"L{s[0]}-h{s[1]}-kv{s[2]}" + ("-tied" if s[3] else "")
-                         + ("-oddrows" if s[4] else ""))
+@pytest.mark.parametrize(
+    "shape",
+    SHAPES,
+    ids=lambda s: f"L{s[0]}-h{s[1]}-kv{s[2]}" + ("-tied" if s[3] else "") + ("-oddrows" if s[4] else ""),
+)
 def test_rule_table_matches_llama_quantize_types(tmp_path, shape):
     src_path = write_tensor_only_llama(tmp_path / "m.gguf", *shape)
     src = open_gguf_source(src_path)
@@ -135,6 +138,7 @@ def test_rule_table_matches_llama_quantize_types(tmp_path, shape):
 
 
 # ---- the table itself ---------------------------------------------------------------------
+
 
 def test_aliases_and_file_types():
     # llama-quantize's names: Q4_K means Q4_K_M, etc.; case does not matter
@@ -152,6 +156,7 @@ def test_aliases_and_file_types():
 
 def test_every_rule_names_a_known_mix_kind_condition_and_type():
     from llmconv import quantize as q
+
     for names, kind, cond, t in mixes.RULES:
         assert set(names) <= set(mixes.MIXES)
         assert kind in ("output", "token_embd", *mixes._KINDS)
@@ -165,7 +170,10 @@ def test_more_bits_layers():
     """use_more_bits for 32 layers, written out from its definition: the first 4 and last 4
     layers, and every third layer starting at 4 + 2."""
     model = mixes.ModelShape(32, 32, 32)
-    got = [i for i in range(32)
-           if mixes.tensor_type("q4_k_m", f"blk.{i}.ffn_down.weight", (4096, 11008), model)[0] == "q6_k"]
+    got = [
+        i
+        for i in range(32)
+        if mixes.tensor_type("q4_k_m", f"blk.{i}.ffn_down.weight", (4096, 11008), model)[0] == "q6_k"
+    ]
     want = sorted(set(range(4)) | set(range(28, 32)) | set(range(4 + 2, 28, 3)))
     assert got == want

@@ -2,6 +2,7 @@
 with experts. Truth from outside: llama.cpp loads every output type and its logits follow an
 independent float64 forward pass written from Mixtral's definition (llmconv/testing/moe_synth.py);
 llama.cpp's own quantizer gives the per-tensor types and bytes of every mix."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ from mix_util import MIXES, assert_same_file, llama_quantize, read, write_tensor
 
 TEXT = "Mixtral routes each token to two of its eight experts. Ünïcödé and 東京 fall back to bytes."
 OUTTYPES = ["f32", "f16", "q8_0", "q4_0", "q4_K_M"]
-BOUND_KEY = {"q4_K_M": "q4_k"}     # verify's bounds go by the file's main block type
+BOUND_KEY = {"q4_K_M": "q4_k"}  # verify's bounds go by the file's main block type
 
 
 def state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -44,8 +45,9 @@ def mixtral(tmp_path_factory):
     fixture's); converted to each output type in one pass from the checkpoint. Its width (128)
     keeps the 32000-row embedding cheap; K-quant blocks are covered by `small` below."""
     root = tmp_path_factory.mktemp("mixtral")
-    ckpt = write_hf_mixtral(root / "Tiny-Mixtral", shards=3, tokenizer=mistral_tokenizer() or FIXTURE_TOKENIZER,
-                            dim=128, ffn=128, seed=1)
+    ckpt = write_hf_mixtral(
+        root / "Tiny-Mixtral", shards=3, tokenizer=mistral_tokenizer() or FIXTURE_TOKENIZER, dim=128, ffn=128, seed=1
+    )
     files = {}
     for t in OUTTYPES:
         files[t] = root / f"m-{t}.gguf"
@@ -67,11 +69,16 @@ def test_layout_and_metadata(mixtral):
         assert not {f"blk.{i}.ffn_{k}.weight" for k in ("gate", "down", "up")} & names
         router = f.tensor(f"blk.{i}.ffn_gate_inp.weight")
         assert router.ggml_type == gguf.GGMLQuantizationType.F32
-        np.testing.assert_array_equal(router.data.view(np.float32).reshape(router.shape),
-                                      sd[f"model.layers.{i}.block_sparse_moe.gate.weight"].float().numpy())
+        np.testing.assert_array_equal(
+            router.data.view(np.float32).reshape(router.shape),
+            sd[f"model.layers.{i}.block_sparse_moe.gate.weight"].float().numpy(),
+        )
         for w, kind in (("w1", "ffn_gate_exps"), ("w2", "ffn_down_exps"), ("w3", "ffn_up_exps")):
-            want = torch.stack([sd[f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"]
-                                for e in range(8)]).float().numpy()
+            want = (
+                torch.stack([sd[f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"] for e in range(8)])
+                .float()
+                .numpy()
+            )
             t = f.tensor(f"blk.{i}.{kind}.weight")
             assert t.shape == want.shape
             np.testing.assert_array_equal(t.data.view(np.float32).reshape(t.shape), want)
@@ -95,8 +102,9 @@ def test_llama_cpp_logits_follow_the_reference(mixtral, outtype):
     ckpt, files = mixtral
     sp = spm.SentencePieceProcessor(model_file=str(ckpt / "tokenizer.model"))
     tokens = [sp.bos_id()] + sp.encode(TEXT)
-    llm = llama_cpp.Llama(str(files[outtype]), n_ctx=128, logits_all=True, type_k=0, type_v=0, n_threads=1,
-                          verbose=False)
+    llm = llama_cpp.Llama(
+        str(files[outtype]), n_ctx=128, logits_all=True, type_k=0, type_v=0, n_threads=1, verbose=False
+    )
     assert llm.tokenize(TEXT.encode(), add_bos=True) == tokens
     llm.eval(tokens)
     got = np.array(llm.scores[: len(tokens)], dtype=np.float64)
@@ -120,11 +128,12 @@ def test_convert_q4_k_m_equals_llama_quantize(small, tmp_path):
     llmconv.convert(ckpt, ours, outtype="q4_K_M")
     assert_same_file(theirs, ours)
     types = {n: t for n, (t, _) in read(theirs)[1].items()}
-    assert types["blk.0.attn_v.weight"] == types["blk.0.attn_k.weight"] == "Q8_0"   # 8 experts
+    assert types["blk.0.attn_v.weight"] == types["blk.0.attn_k.weight"] == "Q8_0"  # 8 experts
     assert types["blk.0.attn_output.weight"] == "Q5_K"
 
 
 # ---- every mix and legacy type against llama-quantize, on small-vocabulary models --------------
+
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
@@ -168,7 +177,7 @@ def test_moe_rule_table_matches_llama_quantize_types(tmp_path, shape):
     src = open_gguf_source(src_path)
     model = gguf_model_shape(src)
     assert model.n_expert == shape[1]
-    for qtype in MIXES + ["q4_0", "q5_1", "q8_0"]:     # the legacy types share one rule set
+    for qtype in MIXES + ["q4_0", "q5_1", "q8_0"]:  # the legacy types share one rule set
         _, theirs = read(llama_quantize(src_path, tmp_path / f"{qtype}.gguf", qtype))
         plan = make_plan(src.tensors, TypePolicy(qtype, model=model))
         ours = {t.name: t.qtype.ggml_type.name for t in plan.tensors}
@@ -178,12 +187,13 @@ def test_moe_rule_table_matches_llama_quantize_types(tmp_path, shape):
 
 # ---- streaming and errors ---------------------------------------------------------------------
 
+
 def test_experts_are_converted_one_at_a_time(tmp_path):
     """The writer never asks a stacked tensor for all its experts at once: its whole-tensor
     loader is disabled here, and at most two expert slices are alive (one read ahead)."""
     ckpt = write_hf_mixtral(tmp_path / "ck", tokenizer=FIXTURE_TOKENIZER, n_expert=4, shards=2, dim=64, ffn=64)
     conv = plan_conversion(ckpt, outtype="q8_0", outfile=tmp_path / "a.gguf")
-    live: list = []          # weak references to every expert slice handed out
+    live: list = []  # weak references to every expert slice handed out
     peak = [0]
 
     def counted(load):
@@ -192,10 +202,11 @@ def test_experts_are_converted_one_at_a_time(tmp_path):
             live.append(weakref.ref(arr))
             peak[0] = max(peak[0], sum(r() is not None for r in live))
             return arr
+
         return run
 
     stacked = [t for t in conv.plan.tensors if t.src.parts is not None]
-    assert len(stacked) == 6 and all(len(t.src.files) == 2 for t in stacked)   # each from both shards
+    assert len(stacked) == 6 and all(len(t.src.files) == 2 for t in stacked)  # each from both shards
     for t in stacked:
         t.src.load = _refuse
         t.src.parts = [counted(p) for p in t.src.parts]
@@ -216,23 +227,48 @@ def test_errors_name_the_file_and_tensor(tmp_path, capsys):
     ck = write_hf_mixtral(tmp_path / "ck", tokenizer=FIXTURE_TOKENIZER, n_expert=4, dim=64, ffn=64, n_heads=4)
     sd = state_dict(ck)
     cases = [
-        ("missing expert", lambda d: d.pop("model.layers.1.block_sparse_moe.experts.3.w2.weight"), {},
-         "model.layers.1.block_sparse_moe.experts.3.w2.weight"),
-        ("expert shape", lambda d: d.__setitem__("model.layers.0.block_sparse_moe.experts.2.w1.weight",
-                                                 torch.zeros(32, 64, dtype=torch.bfloat16)), {},
-         "experts.2.w1.weight"),
-        ("extra expert", lambda d: d.__setitem__("model.layers.0.block_sparse_moe.experts.4.w1.weight",
-                                                 torch.zeros(64, 64, dtype=torch.bfloat16)), {},
-         "says 4 experts"),
-        ("router", lambda d: d.pop("model.layers.0.block_sparse_moe.gate.weight"), {},
-         "model.layers.0.block_sparse_moe.gate.weight"),
+        (
+            "missing expert",
+            lambda d: d.pop("model.layers.1.block_sparse_moe.experts.3.w2.weight"),
+            {},
+            "model.layers.1.block_sparse_moe.experts.3.w2.weight",
+        ),
+        (
+            "expert shape",
+            lambda d: d.__setitem__(
+                "model.layers.0.block_sparse_moe.experts.2.w1.weight", torch.zeros(32, 64, dtype=torch.bfloat16)
+            ),
+            {},
+            "experts.2.w1.weight",
+        ),
+        (
+            "extra expert",
+            lambda d: d.__setitem__(
+                "model.layers.0.block_sparse_moe.experts.4.w1.weight", torch.zeros(64, 64, dtype=torch.bfloat16)
+            ),
+            {},
+            "says 4 experts",
+        ),
+        (
+            "router",
+            lambda d: d.pop("model.layers.0.block_sparse_moe.gate.weight"),
+            {},
+            "model.layers.0.block_sparse_moe.gate.weight",
+        ),
         ("top-k", lambda d: None, {"num_experts_per_tok": 5}, "num_experts_per_tok 5 > num_local_experts 4"),
     ]
     for label, change, cfg, needle in cases:
         d = dict(sd)
         change(d)
-        bad = write_hf_mixtral(tmp_path / label.replace(" ", "-"), tokenizer=FIXTURE_TOKENIZER, n_expert=4, dim=64,
-                               ffn=64, sd=d, config=cfg)
+        bad = write_hf_mixtral(
+            tmp_path / label.replace(" ", "-"),
+            tokenizer=FIXTURE_TOKENIZER,
+            n_expert=4,
+            dim=64,
+            ffn=64,
+            sd=d,
+            config=cfg,
+        )
         capsys.readouterr()
         assert main(["convert", str(bad), "--outtype", "f16", "-o", str(tmp_path / "x.gguf"), "-q"]) == 2, label
         err = capsys.readouterr().err.strip()
@@ -246,8 +282,12 @@ def test_expert_params_label():
     """llama.cpp's size label counts one expert: 8 experts of 1,000 parameters each over 2
     tensors plus 500 shared -> shared 500, per expert 2,000."""
     from types import SimpleNamespace as NS
-    ts = [NS(name="blk.0.ffn_up_exps.weight", shape=(8, 10, 100)), NS(name="blk.0.ffn_down_exps.weight", shape=(8, 100, 10)),
-          NS(name="token_embd.weight", shape=(5, 100))]
+
+    ts = [
+        NS(name="blk.0.ffn_up_exps.weight", shape=(8, 10, 100)),
+        NS(name="blk.0.ffn_down_exps.weight", shape=(8, 100, 10)),
+        NS(name="token_embd.weight", shape=(5, 100)),
+    ]
     assert moe.expert_params(ts) == (500, 2000, 8)
     assert moe.expert_params(ts[2:]) is None
 
@@ -262,15 +302,25 @@ def test_mistral_consolidated_mixtral_equals_hf(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
     from make_hf_fixtures import rotate_half_order
 
-    hf = write_hf_mixtral(tmp_path / "hf", tokenizer=FIXTURE_TOKENIZER, n_expert=4, dim=64, ffn=64, n_heads=4,
-                          n_kv_heads=2, seed=5)
+    hf = write_hf_mixtral(
+        tmp_path / "hf", tokenizer=FIXTURE_TOKENIZER, n_expert=4, dim=64, ffn=64, n_heads=4, n_kv_heads=2, seed=5
+    )
     sd = state_dict(hf)
     cfg = json.loads((hf / "config.json").read_text())
-    meta = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
-            "output.weight": sd["lm_head.weight"]}
-    names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-             "self_attn.o_proj": "attention.wo", "input_layernorm": "attention_norm",
-             "post_attention_layernorm": "ffn_norm", "block_sparse_moe.gate": "feed_forward.gate"}
+    meta = {
+        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
+        "norm.weight": sd["model.norm.weight"],
+        "output.weight": sd["lm_head.weight"],
+    }
+    names = {
+        "self_attn.q_proj": "attention.wq",
+        "self_attn.k_proj": "attention.wk",
+        "self_attn.v_proj": "attention.wv",
+        "self_attn.o_proj": "attention.wo",
+        "input_layernorm": "attention_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "block_sparse_moe.gate": "feed_forward.gate",
+    }
     for name, t in sd.items():
         parts = name.split(".")
         if parts[0] != "model" or parts[1] != "layers":
@@ -280,17 +330,29 @@ def test_mistral_consolidated_mixtral_equals_hf(tmp_path):
             new = rest.replace("block_sparse_moe.experts.", "feed_forward.experts.")
         else:
             new = names[rest]
-        if rest in ("self_attn.q_proj", "self_attn.k_proj"):      # HF rotate-half rows -> Meta's adjacent pairs
+        if rest in ("self_attn.q_proj", "self_attn.k_proj"):  # HF rotate-half rows -> Meta's adjacent pairs
             heads = cfg["num_attention_heads"] if "q_proj" in rest else cfg["num_key_value_heads"]
             t = t[torch.argsort(rotate_half_order(heads, t.shape[0] // heads))]
         meta[f"layers.{i}.{new}.weight"] = t.contiguous()
     mistral = tmp_path / "mistral"
     mistral.mkdir()
     save_file(meta, str(mistral / "consolidated.safetensors"))
-    (mistral / "params.json").write_text(json.dumps({
-        "dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 64, "n_heads": 4, "n_kv_heads": 2,
-        "norm_eps": 1e-5, "vocab_size": cfg["vocab_size"], "rope_theta": 1e6,
-        "moe": {"num_experts_per_tok": 2, "num_experts": 4}}))
+    (mistral / "params.json").write_text(
+        json.dumps(
+            {
+                "dim": 64,
+                "n_layers": 2,
+                "head_dim": 16,
+                "hidden_dim": 64,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "norm_eps": 1e-5,
+                "vocab_size": cfg["vocab_size"],
+                "rope_theta": 1e6,
+                "moe": {"num_experts_per_tok": 2, "num_experts": 4},
+            }
+        )
+    )
     (mistral / "tokenizer.model").write_bytes(FIXTURE_TOKENIZER.read_bytes())
     out = {}
     for kind, ckpt in (("hf", hf), ("mistral", mistral)):

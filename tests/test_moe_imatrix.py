@@ -7,6 +7,7 @@ same imatrix, on tensor-only MoE files (8 experts: Mixtral's rules; 4: the dense
 IQ mixes that need an imatrix and K-quant mixes: every tensor's type and bytes. Then verify on
 a Mixtral checkpoint converted with an imatrix: it re-quantizes each expert slice with its row.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -64,10 +65,23 @@ def test_expert_imatrix_of_the_wrong_size_is_one_line(moe_models, tmp_path, caps
     src, im, _ = moe_models[4]
     name = "blk.0.ffn_down_exps.weight"
     e = im.entries[name]
-    e.sums, e.counts = e.sums[:1], e.counts[:1]                     # one row for 4 experts
+    e.sums, e.counts = e.sums[:1], e.counts[:1]  # one row for 4 experts
     write_imatrix_gguf(tmp_path / "bad.gguf", im)
-    assert main(["quantize", str(src), str(tmp_path / "o.gguf"), "--type", "q2_k",
-                 "--imatrix", str(tmp_path / "bad.gguf"), "-q"]) == 2
+    assert (
+        main(
+            [
+                "quantize",
+                str(src),
+                str(tmp_path / "o.gguf"),
+                "--type",
+                "q2_k",
+                "--imatrix",
+                str(tmp_path / "bad.gguf"),
+                "-q",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and name in err and "4 experts" in err
 

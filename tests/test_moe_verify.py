@@ -2,6 +2,7 @@
 own layout (Hugging Face's sparse MoE block: softmax router, top-k, renormalised), the candidate
 from the file (router, stacked expert slices); a correct conversion passes, a file whose
 experts 1 and 2 trade places (all three of their matrices, in one layer) fails."""
+
 from __future__ import annotations
 
 
@@ -15,8 +16,9 @@ from verify_util import swap_experts, verify
 @pytest.fixture(scope="module")
 def mixtral(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixtral-verify")
-    ckpt = write_hf_mixtral(root / "ck", tokenizer=FIXTURE_TOKENIZER, n_expert=4, dim=64, ffn=64, n_heads=4,
-                            n_kv_heads=2, shards=2, seed=2)
+    ckpt = write_hf_mixtral(
+        root / "ck", tokenizer=FIXTURE_TOKENIZER, n_expert=4, dim=64, ffn=64, n_heads=4, n_kv_heads=2, shards=2, seed=2
+    )
     files = {}
     for t in ("f32", "q8_0"):
         files[t] = root / f"m-{t}.gguf"

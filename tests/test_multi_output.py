@@ -1,5 +1,6 @@
 """Issue 18: several output types from one read of the source (convert and quantize). Each
 file must be byte-identical to the one its own single-type run writes."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 ONE = ROOT / "fixtures" / "tiny-llama"
 TWO = ROOT / "fixtures" / "tiny-llama-2shard"
 TYPES = ["q8_0", "q6_K", "q4_K_M", "q2_K"]
-NAMES = ["tiny-llama-1.8M-Q8_0.gguf", "tiny-llama-1.8M-Q6_K.gguf", "tiny-llama-1.8M-Q4_K_M.gguf",
-         "tiny-llama-1.8M-Q2_K.gguf"]
+NAMES = [
+    "tiny-llama-1.8M-Q8_0.gguf",
+    "tiny-llama-1.8M-Q6_K.gguf",
+    "tiny-llama-1.8M-Q4_K_M.gguf",
+    "tiny-llama-1.8M-Q2_K.gguf",
+]
 
 
 def test_convert_several_types_equal_single_runs(tmp_path, monkeypatch):
@@ -25,13 +30,13 @@ def test_convert_several_types_equal_single_runs(tmp_path, monkeypatch):
     single.mkdir()
     llmconv.convert(ONE, f"{multi}/", outtype=",".join(TYPES), threads=2, checksum=True)
     assert sorted(p.name for p in multi.glob("*.gguf")) == sorted(NAMES)
-    monkeypatch.chdir(single)          # single runs with the default name in the cwd
+    monkeypatch.chdir(single)  # single runs with the default name in the cwd
     for t in TYPES:
         llmconv.convert(ONE, outtype=t, threads=1)
     for name in NAMES:
         assert (multi / name).read_bytes() == (single / name).read_bytes(), name
-        assert check_sidecar(multi / name) == []       # each output has its own checksums
-    assert not list(multi.glob(".*"))                     # no temp file left behind
+        assert check_sidecar(multi / name) == []  # each output has its own checksums
+    assert not list(multi.glob(".*"))  # no temp file left behind
 
 
 def test_quantize_several_types_equal_single_runs(tmp_path, monkeypatch):

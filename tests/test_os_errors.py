@@ -5,6 +5,7 @@ sidecar is written. Each run must end in one line naming the output, exit 2, no 
 no temporary or partial file left on the small disk, files already there untouched, and
 nothing changed outside it. The sizes come from the same conversion written to an ordinary
 folder first, so "the disk fills up while the sidecar is written" is arranged, not guessed."""
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,9 @@ def tmpfs(path: Path, size: int, read_only: bool = False, keep: bytes = b"alread
     """Mount a tmpfs of `size` bytes at `path` holding one file, `keep` (which must survive),
     then remount it read-only if asked."""
     path.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if r.returncode:
         pytest.skip(f"cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN): {r.stderr.strip()}")
     try:
@@ -73,6 +75,7 @@ def refused_cleanly(argv, capsys, disk: Path, outside: list[Path], *needles: str
 
 # ---- a read-only file system ----------------------------------------------------------------------
 
+
 @pytest.fixture
 def read_only(tmp_path):
     with tmpfs(tmp_path / "ro", 1 << 20, read_only=True) as d:
@@ -84,11 +87,12 @@ def test_read_only_file_system(tmp_path, read_only, capsys, monkeypatch, command
     f16 = tmp_path / "m.gguf"
     if command == "quantize":
         assert run(["convert", META, "-o", f16, "--outtype", "f16", "-q"], capsys)[0] == 0
-    mha = tmp_path / "mha"            # ggjt holds only n_kv_heads == n_heads
+    mha = tmp_path / "mha"  # ggjt holds only n_kv_heads == n_heads
     if command == "ggml":
         write_meta_checkpoint(mha, meta_state_dict(n_heads=4, n_kv_heads=4))
-    if command == "imatrix":          # minutes on a real model: the output folder is checked first
+    if command == "imatrix":  # minutes on a real model: the output folder is checked first
         import llmconv.imatrix.collect as collect
+
         monkeypatch.setattr(collect, "compute_imatrix", lambda *a, **k: pytest.fail("computed before checking -o"))
     argv = {
         "convert": ["convert", META, "-o", read_only / "o.gguf", "-q"],
@@ -103,12 +107,19 @@ def test_read_only_file_system(tmp_path, read_only, capsys, monkeypatch, command
 
 def test_json_report_on_a_read_only_file_system_fails_before_converting(tmp_path, read_only, capsys):
     out = tmp_path / "m.gguf"
-    refused_cleanly(["convert", META, "-o", out, "-q", "--json", read_only / "r.json"], capsys, read_only,
-                    [tmp_path, META], "r.json", "Read-only file system")
-    assert not out.exists()       # refused up front, not after an hour of converting
+    refused_cleanly(
+        ["convert", META, "-o", out, "-q", "--json", read_only / "r.json"],
+        capsys,
+        read_only,
+        [tmp_path, META],
+        "r.json",
+        "Read-only file system",
+    )
+    assert not out.exists()  # refused up front, not after an hour of converting
 
 
 # ---- a disk that fills up ---------------------------------------------------------------------------
+
 
 def reference_sizes(tmp_path: Path, capsys, argv_tail: list) -> dict[str, int]:
     """The files the same conversion writes to an ordinary folder, by name, with their sizes."""
@@ -122,8 +133,14 @@ def reference_sizes(tmp_path: Path, capsys, argv_tail: list) -> dict[str, int]:
 def test_disk_full_while_writing_the_model(tmp_path, capsys):
     sizes = reference_sizes(tmp_path, capsys, ["--outtype", "q8_0"])
     with tmpfs(tmp_path / "small", pages(sizes["o.gguf"]) // 2) as disk:
-        refused_cleanly(["convert", META, "-o", disk / "o.gguf", "--outtype", "q8_0", "-q"], capsys, disk,
-                        [tmp_path, META], "o.gguf", "No space left on device")
+        refused_cleanly(
+            ["convert", META, "-o", disk / "o.gguf", "--outtype", "q8_0", "-q"],
+            capsys,
+            disk,
+            [tmp_path, META],
+            "o.gguf",
+            "No space left on device",
+        )
 
 
 def test_disk_full_keeps_the_existing_target(tmp_path, capsys):
@@ -144,9 +161,15 @@ def test_disk_full_while_writing_the_checksum_sidecar(tmp_path, capsys):
     complete model is removed with it (the set appears whole or not at all)."""
     sizes = reference_sizes(tmp_path, capsys, ["--outtype", "q8_0", "--checksum"])
     assert set(sizes) == {"o.gguf", "o.gguf.sha256.json"}
-    with tmpfs(tmp_path / "small", pages(sizes["o.gguf"]) + PAGE) as disk:   # + keep.txt's page
-        refused_cleanly(["convert", META, "-o", disk / "o.gguf", "--outtype", "q8_0", "--checksum", "-q"], capsys,
-                        disk, [tmp_path, META], "o.gguf.sha256.json", "No space left on device")
+    with tmpfs(tmp_path / "small", pages(sizes["o.gguf"]) + PAGE) as disk:  # + keep.txt's page
+        refused_cleanly(
+            ["convert", META, "-o", disk / "o.gguf", "--outtype", "q8_0", "--checksum", "-q"],
+            capsys,
+            disk,
+            [tmp_path, META],
+            "o.gguf.sha256.json",
+            "No space left on device",
+        )
 
 
 @pytest.mark.parametrize("fails_in", ["a part", "the sidecar"])
@@ -155,12 +178,18 @@ def test_disk_full_while_writing_split_parts(tmp_path, capsys, fails_in):
     sizes = reference_sizes(tmp_path, capsys, tail)
     parts = sorted(n for n in sizes if n.endswith(".gguf"))
     assert len(parts) >= 3
-    room = sum(pages(sizes[p]) for p in parts) + PAGE                          # + keep.txt's page
+    room = sum(pages(sizes[p]) for p in parts) + PAGE  # + keep.txt's page
     if fails_in == "a part":
         room -= pages(sizes[parts[-1]]) // 2
     with tmpfs(tmp_path / "small", room) as disk:
-        refused_cleanly(["convert", META, "-o", disk / "o.gguf", "-q", *tail], capsys, disk, [tmp_path, META],
-                        "o.gguf", "No space left on device")
+        refused_cleanly(
+            ["convert", META, "-o", disk / "o.gguf", "-q", *tail],
+            capsys,
+            disk,
+            [tmp_path, META],
+            "o.gguf",
+            "No space left on device",
+        )
 
 
 def test_file_size_limit_is_one_line(tmp_path, capsys):

@@ -1,4 +1,5 @@
 """--pre overrides the detected BPE pre-tokenizer; it is refused for SentencePiece."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ Oracle: llama.cpp's own quantizer (`llama_model_quantize`, pure, one thread) run
 llama-cpp-python on an f32 llama GGUF whose tensors hold the test data. gguf-py's numpy
 quantizer is a second reference (exact for q8_0/q4_1/q5_1; reported only for q4_0/q5_0).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -66,11 +67,11 @@ def test_edge_dataset_hits_the_edge_cases(data, llama_outputs):
     """The edge data really exercises what it claims (guards the data, not the kernels)."""
     q4 = llama_outputs["q4_0"]["edges"].reshape(-1, 18)
     d = q4[:, :2].copy().view(np.float16).ravel()
-    assert (d.view(np.uint16) == 0x8000).any()              # -0.0 scale of an all-zero block
+    assert (d.view(np.uint16) == 0x8000).any()  # -0.0 scale of an all-zero block
     q8 = llama_outputs["q8_0"]["edges"].reshape(-1, 34)
     assert (q8[:, :2].copy().view(np.float16) == 1.0).any()  # the roundf tie blocks
     m = llama_outputs["q4_1"]["edges"].reshape(-1, 20)[:, 2:4].copy().view(np.uint16).ravel()
-    assert (m == 0x8000).any() and (m == 0).any()           # both zero signs of m occur
+    assert (m == 0x8000).any() and (m == 0).any()  # both zero signs of m occur
 
 
 def _plus_zero_m(raw: np.ndarray, type_size: int) -> np.ndarray:
@@ -120,7 +121,7 @@ def test_module_functions_match_registry(t, data):
 
 @pytest.mark.parametrize("t", LEGACY)
 def test_threads_give_identical_bytes(t, monkeypatch):
-    monkeypatch.setattr(Q, "CHUNK_BYTES", 64 * 1024)          # many chunks, uneven last one
+    monkeypatch.setattr(Q, "CHUNK_BYTES", 64 * 1024)  # many chunks, uneven last one
     rng = np.random.default_rng(7)
     x = to_bf16_grid(rng.standard_normal((3, 37, 1024)) * 0.05)
     one = Q.quantize_tensor(x, t, threads=1)
@@ -137,7 +138,7 @@ def test_nonfinite_names_first_bad_row(t, threads, bad, monkeypatch):
     monkeypatch.setattr(Q, "CHUNK_BYTES", 16 * 1024)
     x = np.random.default_rng(3).standard_normal((100, 256)).astype(np.float32)
     x[93, 255] = bad
-    x[41, 100] = bad                                          # first bad row: 41, chunk 10
+    x[41, 100] = bad  # first bad row: 41, chunk 10
     x[77, 0] = bad
     with pytest.raises(Q.NonFiniteError) as e:
         Q.quantize_tensor(x, t, threads=threads)
@@ -147,8 +148,8 @@ def test_nonfinite_names_first_bad_row(t, threads, bad, monkeypatch):
 @pytest.mark.parametrize("t", LEGACY)
 def test_scale_overflow_names_row(t):
     x = np.random.default_rng(4).standard_normal((20, 256)).astype(np.float32)
-    x[12, 70] = 1e7                                           # d > 65504 for every legacy type
-    x[15, 3] = np.nan                                         # a later NaN row does not win
+    x[12, 70] = 1e7  # d > 65504 for every legacy type
+    x[15, 3] = np.nan  # a later NaN row does not win
     with pytest.raises(Q.NonFiniteError) as e:
         Q.quantize_tensor(x, t)
     assert e.value.row == 12 and "fp16" in str(e.value)
@@ -157,11 +158,11 @@ def test_scale_overflow_names_row(t):
 @pytest.mark.parametrize("t", ["q4_1", "q5_1"])
 def test_min_overflow_names_row(t):
     x = np.zeros((4, 256), np.float32)
-    x[2, 32:64] = -70000.0                                    # d = 0 but m = fp16(-70000) = -inf
+    x[2, 32:64] = -70000.0  # d = 0 but m = fp16(-70000) = -inf
     with pytest.raises(Q.NonFiniteError) as e:
         Q.quantize_tensor(x, t)
     assert e.value.row == 2
-    Q.quantize_tensor(x, "q4_0")                              # q4_0 only stores d = 8750: fine
+    Q.quantize_tensor(x, "q4_0")  # q4_0 only stores d = 8750: fine
 
 
 @pytest.mark.llamacpp

@@ -5,6 +5,7 @@ write through a symlink, or replace its temp file.
 The attacker is a real second user (`runuser -u nobody`) running a tight loop that plants
 symlinks to a root-owned 0600 file under every temp name it can predict, in a directory
 filled with thousands of files to widen any window between a check and an open."""
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,8 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 
 needs_second_user = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("runuser") is None or not os.path.exists(SYSTEM_PYTHON),
-    reason="needs root, runuser and /usr/bin/python3 to run an attacker as a second user")
+    reason="needs root, runuser and /usr/bin/python3 to run an attacker as a second user",
+)
 
 # The attacker: fill the directory, then keep planting symlinks to the victim under the names
 # it can guess (the writer's pid-based name and, once seen, any partial name) until told to stop.
@@ -66,7 +68,7 @@ def shared_dir():
     shared = base / "shared"
     shared.mkdir()
     os.chmod(base, 0o755)
-    os.chmod(shared, 0o1777)           # world-writable and sticky, like /tmp
+    os.chmod(shared, 0o1777)  # world-writable and sticky, like /tmp
     secret_dir = base / "secret"
     secret_dir.mkdir(mode=0o700)
     victim = secret_dir / "victim"
@@ -82,9 +84,24 @@ def _run_attack(base: Path, shared: Path, victim: Path, extra: list[str], n_fill
     os.chmod(ctl, 0o777)
     pidfile, ready, stop = ctl / "pid", ctl / "ready", ctl / "stop"
     attacker = subprocess.Popen(
-        ["runuser", "-u", "nobody", "--", SYSTEM_PYTHON, "-c", ATTACKER,
-         str(shared), str(victim), str(pidfile), str(ready), str(stop), str(n_fill)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            "runuser",
+            "-u",
+            "nobody",
+            "--",
+            SYSTEM_PYTHON,
+            "-c",
+            ATTACKER,
+            str(shared),
+            str(victim),
+            str(pidfile),
+            str(ready),
+            str(stop),
+            str(n_fill),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         t0 = time.time()
         while not ready.exists():
@@ -95,9 +112,28 @@ def _run_attack(base: Path, shared: Path, victim: Path, extra: list[str], n_fill
         # The shell writes its pid (which the exec'd converter keeps) before the converter starts,
         # so the attacker knows the pid-based temp name in advance.
         script = f'echo $$ > "{pidfile}"; sleep 0.3; exec "$@"'
-        res = subprocess.run(["sh", "-c", script, "sh", sys.executable, "-m", "llmconv.cli", "convert",
-                              str(FIXTURE), "-o", str(out), "--outtype", "f16", "-q", *extra],
-                             capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [
+                "sh",
+                "-c",
+                script,
+                "sh",
+                sys.executable,
+                "-m",
+                "llmconv.cli",
+                "convert",
+                str(FIXTURE),
+                "-o",
+                str(out),
+                "--outtype",
+                "f16",
+                "-q",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         stop.touch()
         attacker.wait(timeout=60)
@@ -122,8 +158,24 @@ def test_symlink_at_target_is_refused_not_followed(shared_dir):
     before = victim.read_bytes()
     out = shared / "out.gguf"
     subprocess.run(["runuser", "-u", "nobody", "--", "ln", "-s", str(victim), str(out)], check=True)
-    res = subprocess.run([sys.executable, "-m", "llmconv.cli", "convert", str(FIXTURE), "-o", str(out),
-                          "--outtype", "f16", "-q", "--force"], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmconv.cli",
+            "convert",
+            str(FIXTURE),
+            "-o",
+            str(out),
+            "--outtype",
+            "f16",
+            "-q",
+            "--force",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert victim.read_bytes() == before
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
@@ -148,15 +200,15 @@ def test_temp_names_are_unpredictable_and_exclusive(tmp_path):
 
 def test_a_live_partial_is_not_removed_but_a_dead_one_is(tmp_path):
     target = tmp_path / "m.gguf"
-    dead = tmp_path / f".m.gguf{PARTIAL_TAG}12345"          # a SIGKILLed run's leftover: no lock
+    dead = tmp_path / f".m.gguf{PARTIAL_TAG}12345"  # a SIGKILLed run's leftover: no lock
     dead.write_bytes(b"old")
-    link = tmp_path / f".m.gguf{PARTIAL_TAG}link"            # not a regular file: never touched
+    link = tmp_path / f".m.gguf{PARTIAL_TAG}link"  # not a regular file: never touched
     link.symlink_to(tmp_path / "elsewhere")
     with atomic_output(target) as live:
-        assert not dead.exists()                                 # cleaned when this run started
+        assert not dead.exists()  # cleaned when this run started
         dead.write_bytes(b"old")
-        assert clean_stale_partials(target) == [dead]            # a second run's view
-        assert live.path.exists()                                # the live one is locked: kept
+        assert clean_stale_partials(target) == [dead]  # a second run's view
+        assert live.path.exists()  # the live one is locked: kept
         live.write_bytes(b"new")
     assert link.is_symlink() and target.read_bytes() == b"new"
 

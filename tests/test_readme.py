@@ -1,5 +1,6 @@
 """The README's quick start does what it says: its first command's llmconv steps, run as
 written in a fresh directory, give a file that llama.cpp loads and generates from."""
+
 from __future__ import annotations
 
 import re
@@ -25,8 +26,9 @@ def test_quick_start_converts_verifies_and_runs_in_llama_cpp(tmp_path):
     assert [s[1] for s in steps] == ["convert", "verify"]
     (tmp_path / "fixtures").symlink_to(ROOT / "fixtures")
     for step in steps:
-        res = subprocess.run([sys.executable, "-m", "llmconv", *step[1:]], cwd=tmp_path, capture_output=True,
-                             text=True, timeout=600)
+        res = subprocess.run(
+            [sys.executable, "-m", "llmconv", *step[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        )
         assert res.returncode == 0, (step, res.stdout, res.stderr)
     verify_out = res.stdout
     assert "PASS" in verify_out, verify_out

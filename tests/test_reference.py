@@ -2,6 +2,7 @@
 LLaMA implementation: the model fixtures/make_fixtures.py trained the fixture with (Meta's
 complex-number RoPE, repeat_kv and torch's fused attention, where the reference rotates
 pairs with cos/sin, groups query heads and writes its own softmax)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,7 +28,7 @@ TWO_SHARDS = FIXTURES / "tiny-llama-2shard"
 def _load_make_fixtures():
     spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["make_fixtures"] = mod          # dataclasses look their module up there
+    sys.modules["make_fixtures"] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -45,7 +46,7 @@ def corpus_tokens(sp):
     """~300 tokens of the training text: a BOS, then whole paragraphs from the middle of the corpus."""
     paras = (FIXTURES / "corpus.txt").read_text(encoding="utf-8").splitlines()
     ids = [sp.bos_id()]
-    for para in paras[len(paras) // 2:]:
+    for para in paras[len(paras) // 2 :]:
         ids += sp.encode(para + "\n")
         if len(ids) >= 300:
             break
@@ -69,8 +70,9 @@ def test_reference_matches_training_model(corpus_tokens):
 def test_reference_matches_training_model_on_arbitrary_tokens():
     # Byte-fallback tokens, specials and rare pieces, BOS absent: nothing the model was fit to.
     tokens = torch.randint(0, 512, (97,), generator=torch.Generator().manual_seed(7)).tolist()
-    np.testing.assert_allclose(reference_logits(ONE_SHARD, tokens), _training_model_logits(tokens),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        reference_logits(ONE_SHARD, tokens), _training_model_logits(tokens), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_two_shards_give_the_same_logits(corpus_tokens):

@@ -1,4 +1,5 @@
 """Issue 8: bad input never runs code, never crashes with a traceback, never leaves a broken file."""
+
 from __future__ import annotations
 
 import json
@@ -43,6 +44,7 @@ def ckpt(tmp_path):
 
 
 # ---- 1. No code execution -------------------------------------------------------------------
+
 
 class _RunsShell:
     def __init__(self, sentinel):
@@ -111,6 +113,7 @@ def test_no_plain_pickle_load_in_the_package():
 
 # ---- 2. Clear errors, exit code 2, no traceback ---------------------------------------------
 
+
 def test_missing_params_json(ckpt, tmp_path, capsys):
     (ckpt / "params.json").unlink()
     code, _, err = run(["convert", ckpt, "-o", tmp_path / "o.gguf"], capsys)
@@ -162,7 +165,7 @@ def test_zip_member_pointing_past_end(ckpt, tmp_path, capsys):
     while True:
         pos = data.index(cd_sig, pos)
         name_len = struct.unpack_from("<H", data, pos + 28)[0]
-        if data[pos + 46: pos + 46 + name_len].decode() == info.filename:
+        if data[pos + 46 : pos + 46 + name_len].decode() == info.filename:
             break
         pos += 4
     struct.pack_into("<II", data, pos + 20, info.compress_size + 10**9, info.file_size + 10**9)
@@ -193,6 +196,7 @@ def test_shard_missing_a_tensor(tmp_path, capsys):
 def test_shapes_disagree_between_shards(tmp_path, capsys):
     def mutate(s):
         s[1]["layers.0.feed_forward.w1.weight"] = s[1]["layers.0.feed_forward.w1.weight"][:-1]
+
     d = _two_shards(tmp_path, mutate)
     code, _, err = run(["convert", d, "-o", tmp_path / "o.gguf"], capsys)
     assert code == 2
@@ -202,19 +206,23 @@ def test_shapes_disagree_between_shards(tmp_path, capsys):
 def test_replicated_norm_differs(tmp_path, capsys):
     def mutate(s):
         s[1]["norm.weight"] = s[1]["norm.weight"] + 1
+
     d = _two_shards(tmp_path, mutate)
     code, _, err = run(["convert", d, "-o", tmp_path / "o.gguf"], capsys)
     assert code == 2
     assert_one_line_error(err, "consolidated.01.pth", "norm.weight", "differs")
 
 
-@pytest.mark.parametrize("key,value,needle", [
-    ("dim", 128, "tok_embeddings.weight"),
-    ("n_heads", 8, "n_heads=8"),
-    ("n_kv_heads", 4, "attention.wk.weight"),
-    ("vocab_size", 500, "vocab_size"),
-    ("n_layers", 3, "layers.2"),
-])
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("dim", 128, "tok_embeddings.weight"),
+        ("n_heads", 8, "n_heads=8"),
+        ("n_kv_heads", 4, "attention.wk.weight"),
+        ("vocab_size", 500, "vocab_size"),
+        ("n_layers", 3, "layers.2"),
+    ],
+)
 def test_params_disagree_with_shapes(ckpt, tmp_path, key, value, needle, capsys):
     params = json.loads((ckpt / "params.json").read_text())
     params[key] = value
@@ -304,6 +312,7 @@ def test_existing_output_needs_force(ckpt, tmp_path, capsys):
 
 # ---- 3. Never a broken output file ----------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def medium_ckpt(tmp_path_factory):
     """Big enough (~100M parameters) that a conversion takes a few seconds."""
@@ -313,9 +322,25 @@ def medium_ckpt(tmp_path_factory):
 
 
 def _start_convert(ckpt, out, *extra):
-    return subprocess.Popen([sys.executable, "-m", "llmconv.cli", "convert", str(ckpt), "-o", str(out),
-                             "--outtype", "q4_0", "-t", "1", "-q", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llmconv.cli",
+            "convert",
+            str(ckpt),
+            "-o",
+            str(out),
+            "--outtype",
+            "q4_0",
+            "-t",
+            "1",
+            "-q",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _wait_for_partial(out: Path, proc, min_bytes=1 << 20, timeout=120):
@@ -333,6 +358,7 @@ def _wait_for_partial(out: Path, proc, min_bytes=1 << 20, timeout=120):
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGKILL"])
 def test_kill_mid_write_leaves_old_file_intact(medium_ckpt, tmp_path, sig):
     import signal
+
     out = tmp_path / "model.gguf"
     out.write_bytes(b"the old, complete file")
     proc = _start_convert(medium_ckpt, out, "--force")
@@ -346,8 +372,23 @@ def test_kill_mid_write_leaves_old_file_intact(medium_ckpt, tmp_path, sig):
     else:
         assert partial.exists()  # SIGKILL cannot be caught ...
         # ... and the next run for the same target removes it
-        res = subprocess.run([sys.executable, "-m", "llmconv.cli", "convert", str(medium_ckpt), "-o", str(out),
-                              "--outtype", "f16", "--force", "-q"], capture_output=True, text=True)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "llmconv.cli",
+                "convert",
+                str(medium_ckpt),
+                "-o",
+                str(out),
+                "--outtype",
+                "f16",
+                "--force",
+                "-q",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert res.returncode == 0, res.stderr
         assert not partial.exists()
         assert GGUFReader(out).tensors
@@ -356,6 +397,7 @@ def test_kill_mid_write_leaves_old_file_intact(medium_ckpt, tmp_path, sig):
 @pytest.mark.slow
 def test_kill_mid_write_new_target_absent(medium_ckpt, tmp_path):
     import signal
+
     out = tmp_path / "model.gguf"
     proc = _start_convert(medium_ckpt, out)
     _wait_for_partial(out, proc)

@@ -1,5 +1,6 @@
 """Issue 7: output independent of thread count, split output that llama.cpp loads, memory
 bounded by about one tensor (measured as peak RssAnon of a real conversion process)."""
+
 from __future__ import annotations
 
 import sys
@@ -25,7 +26,7 @@ def test_thread_count_does_not_change_bytes(tmp_path, outtype):
     llmconv.convert(ONE, a, outtype=outtype, threads=1)
     torch_threads = torch.get_num_threads()
     llmconv.convert(ONE, b, outtype=outtype, threads=4)
-    assert torch.get_num_threads() == torch_threads         # the engine gives it back
+    assert torch.get_num_threads() == torch_threads  # the engine gives it back
     assert a.read_bytes() == b.read_bytes()
 
 
@@ -62,6 +63,7 @@ def test_split_by_size(tmp_path):
 @pytest.mark.llamacpp
 def test_llamacpp_loads_split_file(tmp_path, converted):
     import llama_cpp
+
     whole, split = converted(ONE, "f32"), tmp_path / "s.gguf"
     llmconv.convert(ONE, split, outtype="f32", split_max_tensors=5)
     tokens = [1, 100, 200, 300, 400, 50, 60]
@@ -97,8 +99,10 @@ def test_peak_memory_is_about_one_tensor(tmp_path_factory, outtype):
     small = _peak_rss_anon(cmd + [str(ONE), "-o", str(tmp / "small.gguf")])
     big = _peak_rss_anon(cmd + [str(base), "-o", str(tmp / "big.gguf")])
     bound = small + 4 * largest_f32 + 64 * 2**20
-    print(f"peak RssAnon: tiny {small / 2**20:.0f} MiB, 230M-param model {big / 2**20:.0f} MiB, "
-          f"bound {bound / 2**20:.0f} MiB, whole model as f32 {model_f32 / 2**20:.0f} MiB")
+    print(
+        f"peak RssAnon: tiny {small / 2**20:.0f} MiB, 230M-param model {big / 2**20:.0f} MiB, "
+        f"bound {bound / 2**20:.0f} MiB, whole model as f32 {model_f32 / 2**20:.0f} MiB"
+    )
     assert big <= bound
 
 

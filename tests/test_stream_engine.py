@@ -1,6 +1,7 @@
 """The streaming engine's scheduling (convert/stream.py): workers pull chunks themselves, so
 a slow chunk holds up nobody else, yet every job is finished (`done`) in job order and only
 once all its chunks are written; the first error stops the run and is raised."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,9 @@ from llmconv.errors import LlmconvError
 
 
 def _job(name, rows, cols, fd, offset, read_rows, done):
-    src = SourceTensor(name=name, shape=(rows, cols), load=lambda: None, files=[], source_name=name,
-                       read_rows=read_rows)
+    src = SourceTensor(
+        name=name, shape=(rows, cols), load=lambda: None, files=[], source_name=name, read_rows=read_rows
+    )
     return stream.Job(src, [stream.Sink(q.get("f32"), fd, offset)], done=done)
 
 
@@ -39,12 +41,13 @@ def test_a_slow_chunk_blocks_no_other_worker_and_jobs_finish_in_order(tmp_path):
             out[...] = i
             if i == n_jobs - 1:
                 last_read.set()
+
         return read
 
     def done(job):
         i = int(job.src.name)
         data = np.fromfile(tmp_path / "out.bin", np.float32, count=rows * cols, offset=i * rows * cols * 4)
-        assert np.all(data == i)            # all of its bytes are written before done()
+        assert np.all(data == i)  # all of its bytes are written before done()
         finished.append(i)
 
     jobs = [_job(str(i), rows, cols, fd, i * rows * cols * 4, reader(i), done) for i in range(n_jobs)]
@@ -65,6 +68,7 @@ def test_the_first_error_stops_the_run_and_is_raised(tmp_path):
             if i == 1:
                 raise LlmconvError("cannot read", file="f", tensor=str(i))
             out[...] = 0
+
         return read
 
     jobs = [_job(str(i), 2, 4, fd, i * 32, reader(i), None) for i in range(50)]
@@ -79,12 +83,13 @@ def test_the_first_error_stops_the_run_and_is_raised(tmp_path):
 def _stored(tmp_path, dtype: str, values: np.ndarray):
     """A RawTensor over `values` written to a file in `dtype` (bf16: the top half of float32)."""
     from llmconv.formats.rawread import RawTensor, SourceFile
+
     if dtype == "bf16":
         data = (values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
     else:
         data = values.astype({"f16": np.float16, "f32": np.float32}[dtype])
     path = tmp_path / f"{dtype}.bin"
-    path.write_bytes(b"\0" * 24 + data.tobytes())       # the tensor does not start the file
+    path.write_bytes(b"\0" * 24 + data.tobytes())  # the tensor does not start the file
     return RawTensor(SourceFile(path), 24, dtype, values.shape, f"w.{dtype}")
 
 
@@ -93,8 +98,9 @@ def _written(tmp_path, raw, types, verbatim: bool, label: str) -> list[bytes]:
     a lambda, so the engine widens and casts as for any other source."""
     rows, cols = raw.shape
     read = raw.read_rows if verbatim else (lambda a, b, out: raw.read_rows(a, b, out))
-    src = SourceTensor(name="w", shape=raw.shape, load=raw.load, files=[raw.file.path], source_name=raw.label,
-                       read_rows=read)
+    src = SourceTensor(
+        name="w", shape=raw.shape, load=raw.load, files=[raw.file.path], source_name=raw.label, read_rows=read
+    )
     paths = [tmp_path / f"{label}-{t}.bin" for t in types]
     fds = [os.open(p, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644) for p in paths]
     try:

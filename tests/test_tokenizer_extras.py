@@ -1,5 +1,6 @@
 """Issue 12, around the tokenizer: Code Llama's fill-in-the-middle tokens for Hugging Face
 checkpoints, and chat_template.json (the newer HF layout) carried over."""
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,14 @@ def write_code_llama_hf(path: Path, n_added: int = 16) -> Path:
     vocab = 32000 + n_added
     added = {i: (CODE_LLAMA_ADDED.get(i, f"<unused_{i}>"), False) for i in range(32000, vocab)}
     params = tiny_params(vocab, rope_theta=1e6)
-    return mk.write_hf_checkpoint(path, tiny_state_dict(vocab), params, tokenizer_config=mk.sp_tokenizer_config(added),
-                                  tokenizer=package_path("mistral_common", "data", "tokenizer.model.v1"),
-                                  config={"rope_theta": 1e6, "torch_dtype": "float16"})
+    return mk.write_hf_checkpoint(
+        path,
+        tiny_state_dict(vocab),
+        params,
+        tokenizer_config=mk.sp_tokenizer_config(added),
+        tokenizer=package_path("mistral_common", "data", "tokenizer.model.v1"),
+        config={"rope_theta": 1e6, "torch_dtype": "float16"},
+    )
 
 
 def convert(ckpt: Path, out: Path) -> dict:
@@ -45,8 +51,12 @@ def test_code_llama_fim_tokens(tmp_path):
     # llama.cpp reads them as its infilling and end-of-turn tokens
     llm = llama_cpp.Llama(str(tmp_path / "cl.gguf"), vocab_only=True, verbose=False)
     vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
-    assert [llama_cpp.llama_vocab_fim_pre(vocab), llama_cpp.llama_vocab_fim_suf(vocab),
-            llama_cpp.llama_vocab_fim_mid(vocab), llama_cpp.llama_vocab_eot(vocab)] == [32007, 32008, 32009, 32010]
+    assert [
+        llama_cpp.llama_vocab_fim_pre(vocab),
+        llama_cpp.llama_vocab_fim_suf(vocab),
+        llama_cpp.llama_vocab_fim_mid(vocab),
+        llama_cpp.llama_vocab_eot(vocab),
+    ] == [32007, 32008, 32009, 32010]
 
 
 def test_no_fim_tokens_for_other_vocabulary_sizes(tmp_path):
@@ -78,12 +88,23 @@ def test_added_tokens_typed_as_llamacpps_converter_does(tmp_path):
     from gguf import TokenType
 
     from llmconv.convert.bpe import load_tokenizer_json
+
     src = ROOT / "fixtures" / "llama3-bpe" / "tokenizer.json"
     tj = json.loads(src.read_text(encoding="utf-8"))
     n = max(t["id"] for t in tj["added_tokens"]) + 1
     extra = {n: "<|tool_start|>", n + 1: "▁<FILL>", n + 2: "plain"}
-    tj["added_tokens"] += [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
-                            "normalized": False, "special": False} for i, c in extra.items()]
+    tj["added_tokens"] += [
+        {
+            "id": i,
+            "content": c,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": False,
+        }
+        for i, c in extra.items()
+    ]
     p = tmp_path / "tokenizer.json"
     p.write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
     v = load_tokenizer_json(p)

@@ -7,6 +7,7 @@ Megatron does), bf16/f16/f32, pickle protocols 2 and 3, transposed views, tied w
 once, a big-endian file. Each is converted and must give the same GGUF as the plain file.
 Everything else gets one line, exit 2, and the reason: a protocol torch's safe loader cannot
 read, a dtype llmconv does not convert, a pickled module, a tensor subclass."""
+
 from __future__ import annotations
 
 import collections
@@ -43,7 +44,7 @@ def tagged_parameters(sd: dict) -> dict:
     out = {}
     for k, v in sd.items():
         p = torch.nn.Parameter(v, requires_grad=False)
-        p.tensor_model_parallel, p.partition_dim = True, 0          # Megatron tags its weights so
+        p.tensor_model_parallel, p.partition_dim = True, 0  # Megatron tags its weights so
         out[k] = p
     return out
 
@@ -60,7 +61,7 @@ def big_endian(path):
     src = zipfile.ZipFile(path)
     data = {i.filename: src.read(i) for i in src.infolist()}
     src.close()
-    prefix = next(n for n in data if n.endswith("/data.pkl"))[:-len("data.pkl")]
+    prefix = next(n for n in data if n.endswith("/data.pkl"))[: -len("data.pkl")]
     storages = {}
     for t in sd.values():
         storages[t.untyped_storage().data_ptr()] = t
@@ -70,7 +71,7 @@ def big_endian(path):
                 blob = b"big"
             elif name.startswith(prefix + "data/"):
                 itemsize = next(iter(sd.values())).element_size()
-                blob = bytes(b for i in range(0, len(blob), itemsize) for b in reversed(blob[i:i + itemsize]))
+                blob = bytes(b for i in range(0, len(blob), itemsize) for b in reversed(blob[i : i + itemsize]))
             z.writestr(name, blob)
 
 
@@ -126,7 +127,7 @@ def test_a_big_endian_file_loads(plain, tmp_path, capsys):
 
 def test_tied_weights_saved_once_load(tmp_path, capsys):
     sd = meta_state_dict()
-    sd["output.weight"] = sd["tok_embeddings.weight"]          # one storage, two names
+    sd["output.weight"] = sd["tok_embeddings.weight"]  # one storage, two names
     d = write_meta_checkpoint(tmp_path / "m", sd)
     code, _, err = run(["convert", d, "-o", tmp_path / "o.gguf", "-q"], capsys)
     assert code == 0, err
@@ -146,22 +147,32 @@ def test_a_dtype_without_a_typed_storage_is_one_line(plain, tmp_path, capsys, dt
 
 def tensor_with_an_attribute(sd):
     t = next(iter(sd.values())).clone()
-    t.note = "x"                  # pickled through torch._tensor._rebuild_from_type_v2
+    t.note = "x"  # pickled through torch._tensor._rebuild_from_type_v2
     return {**sd, next(iter(sd)): t}
 
 
-@pytest.mark.parametrize("change, needle", [
-    (lambda sd: torch.nn.Linear(2, 2), "torch.nn.modules.linear.Linear"),
-    (tensor_with_an_attribute, "_rebuild_from_type_v2"),
-], ids=["a whole module", "a tensor with a Python attribute"])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda sd: torch.nn.Linear(2, 2), "torch.nn.modules.linear.Linear"),
+        (tensor_with_an_attribute, "_rebuild_from_type_v2"),
+    ],
+    ids=["a whole module", "a tensor with a Python attribute"],
+)
 def test_anything_else_is_one_line(plain, tmp_path, capsys, change, needle):
     d = resaved(plain, tmp_path / "m", change)
     refused(["convert", d, "--dry-run"], capsys, "consolidated.00.pth", "refused", needle)
 
 
 # Variants llmconv reads without torch (convert/torch_pickle.py); the others go through torch.
-TORCH_FREE = {"module state_dict bf16", "module state_dict f16", "module state_dict f32", "parameters (keep_vars)",
-              "tagged parameters", "pickle protocol 3"}
+TORCH_FREE = {
+    "module state_dict bf16",
+    "module state_dict f16",
+    "module state_dict f32",
+    "parameters (keep_vars)",
+    "tagged parameters",
+    "pickle protocol 3",
+}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -177,8 +188,10 @@ def test_plain_state_dicts_are_placed_without_torch(plain, tmp_path, variant):
     sd = torch.load(d / "consolidated.00.pth", weights_only=True)
     assert raw is not None and list(raw) == list(sd)
     for name, t in sd.items():
-        assert raw[name].shape == tuple(t.shape) and raw[name].dtype == {torch.bfloat16: "bf16",
-                                                                         torch.float16: "f16", torch.float32: "f32"}[t.dtype]
+        assert (
+            raw[name].shape == tuple(t.shape)
+            and raw[name].dtype == {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}[t.dtype]
+        )
         assert np.array_equal(raw[name].load(), t.float().numpy()), name
 
 
@@ -209,10 +222,33 @@ def test_a_quantized_conversion_does_not_import_torch(plain, tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     half = resaved(plain, tmp_path / "half" / "m", lambda sd: {k: v.half() for k, v in sd.items()})
-    for ckpt, outtype, want in ((plain, "q4_0", "no torch"), (plain, "bf16", "no torch"), (plain, "f16", "no torch"),
-                                (root / "fixtures" / "hf-tiny-llama", "q4_0", "no torch"), (half, "bf16", "torch imported")):
-        proc = subprocess.run([sys.executable, "-c", NO_TORCH, "convert", str(ckpt), "--outtype", outtype,
-                               "-o", str(tmp_path / f"{outtype}.gguf"), "-q", "-f", "-t", "2"],
-                              capture_output=True, text=True, env=env, timeout=300)
+    for ckpt, outtype, want in (
+        (plain, "q4_0", "no torch"),
+        (plain, "bf16", "no torch"),
+        (plain, "f16", "no torch"),
+        (root / "fixtures" / "hf-tiny-llama", "q4_0", "no torch"),
+        (half, "bf16", "torch imported"),
+    ):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                NO_TORCH,
+                "convert",
+                str(ckpt),
+                "--outtype",
+                outtype,
+                "-o",
+                str(tmp_path / f"{outtype}.gguf"),
+                "-q",
+                "-f",
+                "-t",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip().splitlines()[-1] == want, (ckpt, outtype, proc.stdout)

@@ -6,6 +6,7 @@ a hook in the child shrinks the input to half its size right after the first row
 so every later tensor whose bytes lay in the second half is read from a file that ends early.
 Also: the pread readers place every tensor where the mapped loaders see it (torch zips,
 safetensors, Hugging Face Q/K rows put back in Meta order for any range of rows)."""
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,9 @@ sys.exit(main(sys.argv[2:]))
 
 def run_truncating(victim: Path, argv: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-c", HOOK, str(victim), *argv], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", HOOK, str(victim), *argv], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def assert_truncation_reported(proc: subprocess.CompletedProcess, victim: Path, out_dir: Path) -> None:
@@ -65,14 +67,16 @@ def assert_truncation_reported(proc: subprocess.CompletedProcess, victim: Path, 
     assert list(out_dir.iterdir()) == [], "a partial output was left behind"
 
 
-@pytest.mark.parametrize("fixture,weights,threads", [("tiny-llama", "consolidated.00.pth", 1),
-                                                     ("hf-tiny-llama", "model.safetensors", 2)])
+@pytest.mark.parametrize(
+    "fixture,weights,threads", [("tiny-llama", "consolidated.00.pth", 1), ("hf-tiny-llama", "model.safetensors", 2)]
+)
 def test_checkpoint_truncated_during_convert(tmp_path, fixture, weights, threads):
     ckpt = shutil.copytree(ROOT / "fixtures" / fixture, tmp_path / "ckpt")
     out = tmp_path / "out"
     out.mkdir()
-    proc = run_truncating(ckpt / weights, ["convert", str(ckpt), "--outtype", "q8_0", "-o", str(out / "m.gguf"),
-                                           "-t", str(threads), "-q"])
+    proc = run_truncating(
+        ckpt / weights, ["convert", str(ckpt), "--outtype", "q8_0", "-o", str(out / "m.gguf"), "-t", str(threads), "-q"]
+    )
     assert_truncation_reported(proc, ckpt / weights, out)
 
 

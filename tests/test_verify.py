@@ -7,6 +7,7 @@ GGUFWriter), changing one thing: a metadata value, the vocabulary, the rows of a
 block's bytes. Nothing is copied from a run: the expectations are the defect itself (its key,
 tensor, token id, block) and, for the gates, figures read back from the same run's report.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ from llmconv.verify.bounds import FIDELITY_BOUNDS
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "fixtures" / "tiny-llama"
 PARAMS = json.loads((CKPT / "params.json").read_text())
-TOKENS = "32"          # enough positions for attention and RoPE to matter, cheap enough for CI
+TOKENS = "32"  # enough positions for attention and RoPE to matter, cheap enough for CI
 from verify_util import failures, rewrite_gguf, run_verify_cli, run_verify_json, tensor_raw, verdict
 
 
@@ -62,6 +63,7 @@ def fixture_imatrix(converted, tmp_path_factory) -> Path:
     """A synthetic imatrix for the fixture's matrices, for the types that need one."""
     from llmconv.imatrix import write_imatrix_gguf
     from mix_util import synthetic_imatrix
+
     path = tmp_path_factory.mktemp("verify-imatrix") / "fixture.imatrix.gguf"
     write_imatrix_gguf(path, synthetic_imatrix(converted(CKPT, "f32")))
     return path
@@ -82,7 +84,7 @@ def test_correct_conversion_passes(capsys, converted, tmp_path, outtype, fixture
     assert not any(d["failure"] for d in rep["metadata"]) and rep["tokens_match"]
     fid = rep["fidelity"]["metrics"]
     assert fid["max_rel_dlogit"] <= FIDELITY_BOUNDS.max_rel_dlogit and fid["kld_mean"] <= FIDELITY_BOUNDS.max_kld
-    assert "position 0" not in out                      # the position hint does not fire on a correct file
+    assert "position 0" not in out  # the position hint does not fire on a correct file
     assert rep["quality"]["metrics"]["kld_mean"] >= 0 and "quality (informational)" in out
 
 
@@ -98,8 +100,9 @@ KLD_NOISE_FLOOR = 1e-9
 def test_candidate_agrees_with_llama_cpp(capsys, converted, tmp_path, outtype):
     import llama_cpp  # noqa: F401  (the engine; CI installs it)
 
-    code, rep, out = verify_json(capsys, converted(CKPT, outtype), tmp_path, "--engine", "llama.cpp", "--threads", "1",
-                                 "--tokens", "64")
+    code, rep, out = verify_json(
+        capsys, converted(CKPT, outtype), tmp_path, "--engine", "llama.cpp", "--threads", "1", "--tokens", "64"
+    )
     assert code == 0, out
     assert "error" not in rep["engine"], rep["engine"]
     cand, eng = rep["quality"]["metrics"], rep["quality"]["engine"]
@@ -111,6 +114,7 @@ def test_candidate_agrees_with_llama_cpp(capsys, converted, tmp_path, outtype):
 
 # ---- planted defects fail, and the verdict names the cause ------------------------------------------
 
+
 def expect_failure(capsys, path: Path, *extra: str) -> tuple[str, str]:
     """(the verdict, the whole output) of a run that must fail."""
     code, out, err = verify(capsys, path, *extra)
@@ -121,29 +125,39 @@ def expect_failure(capsys, path: Path, *extra: str) -> tuple[str, str]:
 def test_swapped_attn_q_between_layers(capsys, converted, tmp_path):
     good = converted(CKPT, "q8_0")
     q0, q1 = tensor_raw(good, "blk.0.attn_q.weight"), tensor_raw(good, "blk.1.attn_q.weight")
-    bad = rewrite_gguf(good, tmp_path / "swap.gguf",
-                       tensors={"blk.0.attn_q.weight": lambda raw, r: q1, "blk.1.attn_q.weight": lambda raw, r: q0})
+    bad = rewrite_gguf(
+        good,
+        tmp_path / "swap.gguf",
+        tensors={"blk.0.attn_q.weight": lambda raw, r: q1, "blk.1.attn_q.weight": lambda raw, r: q0},
+    )
     cause, out = expect_failure(capsys, bad)
     assert re.match(r"tensor blk\.[01]\.attn_q\.weight", cause) and "swapped" in cause, out
     for a, b in ((0, 1), (1, 0)):
-        assert any(f.startswith(f"FAIL: tensor blk.{a}.attn_q.weight") and f"source's blk.{b}.attn_q.weight" in f
-                   for f in failures(out)), out
-    assert any("vs the expected pass" in f for f in failures(out)), out       # and the logits show it
+        assert any(
+            f.startswith(f"FAIL: tensor blk.{a}.attn_q.weight") and f"source's blk.{b}.attn_q.weight" in f
+            for f in failures(out)
+        ), out
+    assert any("vs the expected pass" in f for f in failures(out)), out  # and the logits show it
 
 
-@pytest.mark.parametrize("direction, named", [
-    ("meta_to_hf", "Hugging Face's Q/K permutation"),      # HF's own export permutation
-    ("hf_to_gguf", "HF->GGUF Q/K permutation"),            # a GGUF converter treating Meta weights as HF ones
-])
+@pytest.mark.parametrize(
+    "direction, named",
+    [
+        ("meta_to_hf", "Hugging Face's Q/K permutation"),  # HF's own export permutation
+        ("hf_to_gguf", "HF->GGUF Q/K permutation"),  # a GGUF converter treating Meta weights as HF ones
+    ],
+)
 def test_hf_qk_permutation_applied(capsys, converted, tmp_path, direction, named):
     good = converted(CKPT, "q4_0")
     n_head, n_kv = PARAMS["n_heads"], PARAMS["n_kv_heads"]
 
     def permute(heads):
-        def edit(raw, r):          # rows hold whole blocks, so quantized rows move as they are
+        def edit(raw, r):  # rows hold whole blocks, so quantized rows move as they are
             order = meta_rotate_half(raw.shape[0], heads)
             return raw[order] if direction == "meta_to_hf" else raw[np.argsort(order)]
+
         return edit
+
     edits = {}
     for i in range(PARAMS["n_layers"]):
         edits[f"blk.{i}.attn_q.weight"] = permute(n_head)
@@ -151,24 +165,29 @@ def test_hf_qk_permutation_applied(capsys, converted, tmp_path, direction, named
     bad = rewrite_gguf(good, tmp_path / "perm.gguf", tensors=edits)
     cause, out = expect_failure(capsys, bad)
     assert cause.startswith("tensor blk.") and named in cause, out
-    for name in list(edits)[:4]:                            # the causes of the first few are searched
+    for name in list(edits)[:4]:  # the causes of the first few are searched
         assert any(f.startswith(f"FAIL: tensor {name}") and named in f for f in failures(out)), out
 
 
-@pytest.mark.parametrize("key, value, outtype", [
-    ("llama.rope.freq_base", PARAMS["rope_theta"] * 50, "f16"),
-    ("llama.attention.layer_norm_rms_epsilon", PARAMS["norm_eps"] * 1e4, "f16"),
-    ("llama.context_length", None, "q8_0"),                        # halved
-    ("tokenizer.ggml.bos_token_id", None, "q4_0"),                # set to the EOS id
-    ("tokenizer.ggml.eos_token_id", None, "q4_0"),                # set to the BOS id
-])
+@pytest.mark.parametrize(
+    "key, value, outtype",
+    [
+        ("llama.rope.freq_base", PARAMS["rope_theta"] * 50, "f16"),
+        ("llama.attention.layer_norm_rms_epsilon", PARAMS["norm_eps"] * 1e4, "f16"),
+        ("llama.context_length", None, "q8_0"),  # halved
+        ("tokenizer.ggml.bos_token_id", None, "q4_0"),  # set to the EOS id
+        ("tokenizer.ggml.eos_token_id", None, "q4_0"),  # set to the BOS id
+    ],
+)
 def test_wrong_metadata_value(capsys, converted, tmp_path, key, value, outtype):
     good = converted(CKPT, outtype)
     r = GGUFReader(good)
-    field = lambda k: r.get_field(k).contents()                    # noqa: E731
-    value = {"llama.context_length": lambda: field(key) // 2,
-             "tokenizer.ggml.bos_token_id": lambda: field("tokenizer.ggml.eos_token_id"),
-             "tokenizer.ggml.eos_token_id": lambda: field("tokenizer.ggml.bos_token_id")}.get(key, lambda: value)()
+    field = lambda k: r.get_field(k).contents()  # noqa: E731
+    value = {
+        "llama.context_length": lambda: field(key) // 2,
+        "tokenizer.ggml.bos_token_id": lambda: field("tokenizer.ggml.eos_token_id"),
+        "tokenizer.ggml.eos_token_id": lambda: field("tokenizer.ggml.bos_token_id"),
+    }.get(key, lambda: value)()
     assert value != field(key)
     bad = rewrite_gguf(good, tmp_path / "meta.gguf", kvs={key: value})
     cause, out = expect_failure(capsys, bad)
@@ -187,7 +206,7 @@ def test_wrong_head_count_kv(capsys, converted, tmp_path):
 def test_vocabulary_with_two_tokens_swapped(capsys, converted, tmp_path):
     good = converted(CKPT, "f16")
     tokens = GGUFReader(good).get_field("tokenizer.ggml.tokens").contents()
-    i, j = 300, 301          # two ordinary pieces (ids 0-2 are specials, 3-258 byte fallbacks)
+    i, j = 300, 301  # two ordinary pieces (ids 0-2 are specials, 3-258 byte fallbacks)
     assert tokens[i] != tokens[j]
     swapped = list(tokens)
     swapped[i], swapped[j] = swapped[j], swapped[i]
@@ -198,10 +217,10 @@ def test_vocabulary_with_two_tokens_swapped(capsys, converted, tmp_path):
     assert rep["tokens_match"] is False and rep["first_token_diff"] == i
 
 
-Q4_0_BLOCK = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0][1]   # an fp16 scale d, then 16 bytes of 4-bit values
+Q4_0_BLOCK = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0][1]  # an fp16 scale d, then 16 bytes of 4-bit values
 
 
-@pytest.mark.parametrize("factor", [4, 64])   # 4: the tensor's RMSE stays in bounds; 64: the block is far off
+@pytest.mark.parametrize("factor", [4, 64])  # 4: the tensor's RMSE stays in bounds; 64: the block is far off
 def test_q4_0_block_with_corrupted_scale(capsys, converted, tmp_path, factor):
     good = converted(CKPT, "q4_0")
     name = "blk.1.ffn_down.weight"
@@ -212,6 +231,7 @@ def test_q4_0_block_with_corrupted_scale(capsys, converted, tmp_path, factor):
         at = slice(block * Q4_0_BLOCK, block * Q4_0_BLOCK + 2)
         raw[row, at] = (raw[row, at].view(np.float16) * np.float16(factor)).view(np.uint8)
         return raw
+
     bad = rewrite_gguf(good, tmp_path / "scale.gguf", tensors={name: corrupt})
     cause, out = expect_failure(capsys, bad)
     assert cause.startswith(f"tensor {name} (q4_0): 1 of ") and f"row {row} block {block}" in cause, out
@@ -224,9 +244,10 @@ def test_single_flipped_bit(capsys, converted, tmp_path):
     name = "blk.0.ffn_up.weight"
     row, block = 5, 2
 
-    def flip(raw, r):           # bit 3 of a 4-bit value: that weight moves by 8 quantization steps
+    def flip(raw, r):  # bit 3 of a 4-bit value: that weight moves by 8 quantization steps
         raw[row, block * Q4_0_BLOCK + 2 + 7] ^= 0x08
         return raw
+
     bad = rewrite_gguf(good, tmp_path / "bit.gguf", tensors={name: flip})
     code, rep, out = verify_json(capsys, bad, tmp_path)
     assert code == 1, out
@@ -248,14 +269,20 @@ def test_tensor_quantized_at_another_type_than_declared(capsys, converted, tmp_p
 def test_f16_data_declared_bf16(capsys, converted, tmp_path):
     good = converted(CKPT, "f16")
     name = "blk.0.attn_v.weight"
-    bad = rewrite_gguf(good, tmp_path / "dtype.gguf", types={name: GGMLQuantizationType.BF16},
-                       tensors={name: lambda raw, r: raw.view(np.uint8)})
+    bad = rewrite_gguf(
+        good,
+        tmp_path / "dtype.gguf",
+        types={name: GGMLQuantizationType.BF16},
+        tensors={name: lambda raw, r: raw.view(np.uint8)},
+    )
     cause, out = expect_failure(capsys, bad)
     assert cause.startswith(f"tensor {name} (bf16)") and "its bytes are f16 data" in cause, out
 
 
 def test_another_models_reference_is_refused(capsys, converted):
-    code, out, err = run_verify_cli(capsys, converted(CKPT, "q8_0"), ROOT / "fixtures" / "llama3-tiny", "--tokens", TOKENS)
+    code, out, err = run_verify_cli(
+        capsys, converted(CKPT, "q8_0"), ROOT / "fixtures" / "llama3-tiny", "--tokens", TOKENS
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "this reference is not the model of this file" in err
 
@@ -263,13 +290,14 @@ def test_another_models_reference_is_refused(capsys, converted):
 def test_engine_without_llama_cpp_is_refused_before_the_passes(capsys, converted, monkeypatch):
     import llmconv.verify.reference as reference
 
-    monkeypatch.setitem(sys.modules, "llama_cpp", None)             # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import now raises ImportError
     monkeypatch.setattr(reference, "reference_logits", lambda *a, **k: pytest.fail("a pass ran"))
     code, out, err = verify(capsys, converted(CKPT, "q8_0"), "--engine", "llama.cpp")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "llama-cpp-python" in err, err
 
 
 # ---- split files, checksums ---------------------------------------------------------------------
+
 
 def test_split_file_and_its_checksum_sidecar(capsys, tmp_path):
     out = tmp_path / "split.gguf"
@@ -279,7 +307,7 @@ def test_split_file_and_its_checksum_sidecar(capsys, tmp_path):
     code, rep, text = run_verify_json(capsys, parts[0], CKPT, tmp_path, "--tokens", TOKENS, "--checksums")
     assert code == 0, text
     assert len(rep["tensors"]) == 21 and rep["checksums"]["problems"] == []
-    with open(parts[2], "r+b") as f:                 # one byte of the last part's data
+    with open(parts[2], "r+b") as f:  # one byte of the last part's data
         f.seek(-100, 2)
         b = f.read(1)
         f.seek(-100, 2)
@@ -292,8 +320,16 @@ def test_split_file_and_its_checksum_sidecar(capsys, tmp_path):
 
 # ---- the JSON report, the quality gates, bad input --------------------------------------------------
 
-JSON_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict,
-              "None": type(None), "list[str]": list}
+JSON_TYPES = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": bool,
+    "list": list,
+    "dict": dict,
+    "None": type(None),
+    "list[str]": list,
+}
 
 
 def documented_schema() -> tuple[dict, dict, list[str]]:
@@ -307,8 +343,12 @@ def documented_schema() -> tuple[dict, dict, list[str]]:
             part = m.group(2)
         elif m:
             parts.setdefault(part, {}).update({k.strip(): m.group(3) for k in m.group(2).split(",")})
-    logit_keys = [k.strip() for line in logit_doc.splitlines()[1:] if line.strip()
-                  for k in re.split(r"\s{2,}", line.strip())[0].split(",")]
+    logit_keys = [
+        k.strip()
+        for line in logit_doc.splitlines()[1:]
+        if line.strip()
+        for k in re.split(r"\s{2,}", line.strip())[0].split(",")
+    ]
     return top, parts, logit_keys
 
 
@@ -336,18 +376,23 @@ def test_json_report_follows_documented_schema(capsys, converted, tmp_path):
     for m in (rep["fidelity"]["metrics"], rep["quality"]["metrics"]):
         assert set(m) == set(logit_keys) and all(isinstance(v, float) for v in m.values())
     assert rep["fidelity"]["engine"] is None and rep["quality"]["engine"] is None and rep["engine"] is None
-    assert rep["quality"]["published"] == {"model": "LLaMA-3-8B", "file_type": "MOSTLY_Q4_0", "kld": 0.072, "top1": None}
+    assert rep["quality"]["published"] == {
+        "model": "LLaMA-3-8B",
+        "file_type": "MOSTLY_Q4_0",
+        "kld": 0.072,
+        "top1": None,
+    }
     assert rep["n_tokens"] == int(TOKENS) and rep["passed"] is True and rep["failures"] == []
     names = {t.name for t in GGUFReader(converted(CKPT, "q4_0")).tensors}
     assert {t["name"] for t in rep["tensors"]} == names
     rmse = [t["rel_rmse"] for t in rep["tensors"]]
-    assert rmse == sorted(rmse, reverse=True)        # worst first
+    assert rmse == sorted(rmse, reverse=True)  # worst first
 
 
 def test_json_to_stdout_is_pure_json(capsys, converted):
     code, out, err = verify(capsys, converted(CKPT, "q8_0"), "--json", "-")
     assert code == 0
-    rep = json.loads(out)                            # the table goes to stderr then
+    rep = json.loads(out)  # the table goes to stderr then
     assert rep["passed"] is True and "PASS" in err
 
 
@@ -357,19 +402,22 @@ def test_quality_gates_fail_a_faithful_file_only_when_asked(capsys, converted, t
     assert code == 0 and all(v is None for v in rep["quality"]["gates"].values())
     m = rep["quality"]["metrics"]
     assert m["kld_mean"] > 0 and m["top1"] < 1 and m["ppl_ratio"] > 0
-    for gate, bound in (("--max-kld", m["kld_mean"] * 0.5), ("--min-top1", min(1.0, m["top1"] + 0.01)),
-                        ("--max-ppl-ratio", m["ppl_ratio"] * 0.999)):
+    for gate, bound in (
+        ("--max-kld", m["kld_mean"] * 0.5),
+        ("--min-top1", min(1.0, m["top1"] + 0.01)),
+        ("--max-ppl-ratio", m["ppl_ratio"] * 0.999),
+    ):
         code, rep2, out = verify_json(capsys, path, tmp_path, gate, repr(bound))
         assert code == 1, out
         assert rep2["fidelity"]["passed"] is True and rep2["quality"]["passed"] is False
-        assert rep2["failures"] and all(gate in f for f in rep2["failures"]), rep2["failures"]   # nothing else
+        assert rep2["failures"] and all(gate in f for f in rep2["failures"]), rep2["failures"]  # nothing else
 
 
 def test_bad_input_exits_2(capsys, converted, tmp_path):
     code, out, err = verify(capsys, tmp_path / "missing.gguf")
     assert code == 2 and err.startswith("llmconv: error:") and len(err.strip().splitlines()) == 1
     capsys.readouterr()
-    code = main(["verify", str(converted(CKPT, "q8_0")), "--reference", str(tmp_path)])     # not a checkpoint
+    code = main(["verify", str(converted(CKPT, "q8_0")), "--reference", str(tmp_path)])  # not a checkpoint
     _, err = capsys.readouterr()
     assert code == 2 and err.startswith("llmconv: error:"), err
     code, out, err = verify(capsys, converted(CKPT, "q8_0"), "--tokens", "1")
@@ -382,7 +430,7 @@ def test_text_option(capsys, converted, tmp_path):
     text = "The river turned green past the mill."
     (tmp_path / "t.txt").write_text(text, encoding="utf-8")
     sp = spm.SentencePieceProcessor(model_file=str(CKPT / "tokenizer.model"))
-    want = 1 + len(sp.encode(text))                      # BOS + the text, shorter than --tokens
+    want = 1 + len(sp.encode(text))  # BOS + the text, shorter than --tokens
     code, rep, out = verify_json(capsys, converted(CKPT, "f16"), tmp_path, "--text", str(tmp_path / "t.txt"))
     assert code == 0, out
     assert rep["n_tokens"] == want and want < int(TOKENS)

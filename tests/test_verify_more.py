@@ -7,6 +7,7 @@ must catch a conversion that skips the Q/K un-permutation even when the tensor-b
 is blinded by the same slip. Expectations come from the defects themselves and from the source
 tokenizers' own libraries, never from a previous run.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -27,14 +28,16 @@ from llmconv.verify.reference import meta_reference_logits, reference_logits
 from verify_util import failures, rewrite_gguf, run_verify_cli, run_verify_json, tensor_raw, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
-HF_DIR = ROOT / "fixtures" / "hf-tiny-llama"          # tiny-llama's weights in HF layout, SentencePiece
+HF_DIR = ROOT / "fixtures" / "hf-tiny-llama"  # tiny-llama's weights in HF layout, SentencePiece
 META_DIR = ROOT / "fixtures" / "tiny-llama"
-L3_DIR = ROOT / "fixtures" / "llama3-tiny"            # Meta LLaMA 3.1 style: tiktoken, use_scaled_rope, 2 shards
-BPE_DIR = ROOT / "fixtures" / "llama3-bpe"            # the same vocabulary as tokenizer.json
+L3_DIR = ROOT / "fixtures" / "llama3-tiny"  # Meta LLaMA 3.1 style: tiktoken, use_scaled_rope, 2 shards
+BPE_DIR = ROOT / "fixtures" / "llama3-bpe"  # the same vocabulary as tokenizer.json
 TOKENS = "32"
 SOURCES = {"hf": HF_DIR, "llama3": L3_DIR}
-CHAT_TEMPLATE = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-                 "{{ m['content'] }}<|eot_id|>{% endfor %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+)
 
 
 def _load_generator():
@@ -50,16 +53,23 @@ def hf31(tmp_path_factory) -> Path:
     """llama3-tiny's weights as an HF LLaMA 3.1 checkpoint: 2 safetensors shards + index,
     rope_scaling llama3, byte-level BPE tokenizer.json, tied embeddings (no lm_head)."""
     from llmconv.convert.meta import open_meta_checkpoint
+
     mk = _load_generator()
     ck = open_meta_checkpoint(L3_DIR)
     sd = {n: ck.load(n).clone() for n in ck.names}
     p = ck.params
     d = tmp_path_factory.mktemp("hf31")
     mk.write_weights(d, mk.hf_state_dict(sd, p["n_heads"], p["n_kv_heads"], tied=True), shards=2)
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-    cfg = mk.hf_config(p, sd["layers.0.feed_forward.w1.weight"].shape[0], tied=True, max_positions=131072,
-                       rope_scaling=scaling)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    cfg = mk.hf_config(
+        p, sd["layers.0.feed_forward.w1.weight"].shape[0], tied=True, max_positions=131072, rope_scaling=scaling
+    )
     (d / "config.json").write_text(json.dumps(cfg))
     (d / "tokenizer.json").write_bytes((BPE_DIR / "tokenizer.json").read_bytes())
     tok_config = json.loads((BPE_DIR / "tokenizer_config.json").read_text())
@@ -90,8 +100,10 @@ def verify_json(capsys, path: Path, ref: Path, tmp_path: Path, *extra: str) -> t
 
 def strict_json(text: str):
     """json.loads that refuses Infinity/NaN, as strict JSON parsers do."""
+
     def refuse(name):
         raise ValueError(f"not strict JSON: {name}")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -101,10 +113,12 @@ def default_text() -> str:
 
 # ---- the HF reference -------------------------------------------------------------------------------
 
+
 def test_hf_reference_equals_meta_reference_on_the_same_weights():
     """Two independent forward passes, HF layout (rotate-half on permuted rows) and Meta layout
     (adjacent pairs), over the same weights give the same logits to float32 rounding."""
     import sentencepiece as spm
+
     sp = spm.SentencePieceProcessor(model_file=str(HF_DIR / "tokenizer.model"))
     ids = ([sp.bos_id()] + sp.encode(default_text()))[:64]
     a, b = reference_logits(HF_DIR, ids), meta_reference_logits(META_DIR, ids)
@@ -118,13 +132,17 @@ def test_hf31_reference_equals_meta_llama3_reference(hf31, monkeypatch, tmp_path
     import tiktoken
     from llmconv.convert import bpe, tiktoken_bpe
     import llmconv.verify.reference as meta_ref
+
     ranks = tiktoken_bpe.read_tiktoken_ranks(L3_DIR / "tokenizer.model")
     enc = tiktoken.Encoding(name="t", pat_str=bpe.LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
     ids = ([len(ranks)] + enc.encode(default_text()))[:200]
     hf_logits = reference_logits(hf31, ids)
     orig = meta_ref.load_f32
-    monkeypatch.setattr(meta_ref, "load_f32",
-                        lambda ckpt, name: orig(ckpt, "tok_embeddings.weight" if name == "output.weight" else name))
+    monkeypatch.setattr(
+        meta_ref,
+        "load_f32",
+        lambda ckpt, name: orig(ckpt, "tok_embeddings.weight" if name == "output.weight" else name),
+    )
     meta_logits = meta_reference_logits(L3_DIR, ids)
     scale = np.abs(meta_logits).max()
     err = np.abs(hf_logits - meta_logits).max() / scale
@@ -143,6 +161,7 @@ def test_hf31_reference_equals_meta_llama3_reference(hf31, monkeypatch, tmp_path
 
 # ---- correct files pass -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
 @pytest.mark.parametrize("source", ["hf", "llama3", "hf31"])
 def test_correct_conversion_passes(capsys, conv, hf31, tmp_path, source, outtype):
@@ -152,7 +171,7 @@ def test_correct_conversion_passes(capsys, conv, hf31, tmp_path, source, outtype
     assert out.rstrip().endswith("PASS") and "vocabulary: matches" in out
     assert rep["tokens_match"] is True and rep["n_tokens"] == int(TOKENS)
     assert rep["fidelity"]["tensors_differ"] == 0 and not any(d["failure"] for d in rep["metadata"])
-    if source != "hf":       # llama3-tiny has random weights, and verify says what that means for quality
+    if source != "hf":  # llama3-tiny has random weights, and verify says what that means for quality
         assert any("untrained" in n for n in rep["notes"]), rep["notes"]
 
 
@@ -163,6 +182,7 @@ def test_tokens_come_from_the_source_tokenizers(conv, hf31):
     import tiktoken
     from tokenizers import Tokenizer
     from llmconv.convert import bpe, tiktoken_bpe
+
     text = default_text()
     ranks = tiktoken_bpe.read_tiktoken_ranks(L3_DIR / "tokenizer.model")
     enc = tiktoken.Encoding(name="t", pat_str=bpe.LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
@@ -176,8 +196,10 @@ def test_tokens_come_from_the_source_tokenizers(conv, hf31):
 @pytest.mark.parametrize("source", ["hf", "llama3"])
 def test_passes_with_llama_cpp_engine(capsys, conv, tmp_path, source):
     import llama_cpp  # noqa: F401
-    code, rep, out = verify_json(capsys, conv(source, "q8_0"), SOURCES[source], tmp_path,
-                                 "--engine", "llama.cpp", "--threads", "1")
+
+    code, rep, out = verify_json(
+        capsys, conv(source, "q8_0"), SOURCES[source], tmp_path, "--engine", "llama.cpp", "--threads", "1"
+    )
     assert code == 0, out
     assert "error" not in rep["engine"], rep["engine"]
     cand, eng = rep["quality"]["metrics"], rep["quality"]["engine"]
@@ -187,8 +209,9 @@ def test_passes_with_llama_cpp_engine(capsys, conv, tmp_path, source):
 
 # ---- planted defects fail ---------------------------------------------------------------------------
 
+
 def _convert_without_unpermute(monkeypatch, out: Path) -> Path:
-    monkeypatch.setattr(hf, "unpermute_rows", lambda w, n_heads: w)   # Q/K stay in rotate-half order
+    monkeypatch.setattr(hf, "unpermute_rows", lambda w, n_heads: w)  # Q/K stay in rotate-half order
     # the streaming engine's row reader (the same slip when reading rows in place)
     monkeypatch.setattr(hf, "read_rows_unpermuted", lambda raw, n_heads, a, b, out: raw.read_rows(a, b, out))
     llmconv.convert(HF_DIR, out, outtype="f16")
@@ -204,8 +227,9 @@ def test_hf_qk_not_unpermuted_fails(capsys, monkeypatch, tmp_path):
     n_layers = json.loads((HF_DIR / "config.json").read_text())["num_hidden_layers"]
     for i in range(n_layers):
         for kind in ("attn_q", "attn_k"):
-            assert any(f.startswith(f"FAIL: tensor blk.{i}.{kind}.weight") and "Q/K permutation" in f
-                       for f in fails), out
+            assert any(f.startswith(f"FAIL: tensor blk.{i}.{kind}.weight") and "Q/K permutation" in f for f in fails), (
+                out
+            )
     assert any("vs the expected pass" in f for f in fails), out
 
 
@@ -228,10 +252,11 @@ def test_hf_attn_q_rewritten_in_rotate_half_order_fails(capsys, conv, tmp_path):
     good = conv("hf", "f16")
     n_head = json.loads((HF_DIR / "config.json").read_text())["num_attention_heads"]
 
-    def to_rotate_half(raw, r):            # per head: even rows, then odd rows
+    def to_rotate_half(raw, r):  # per head: even rows, then odd rows
         hd = raw.shape[0] // n_head
-        order = np.concatenate([np.r_[h * hd:(h + 1) * hd:2, h * hd + 1:(h + 1) * hd:2] for h in range(n_head)])
+        order = np.concatenate([np.r_[h * hd : (h + 1) * hd : 2, h * hd + 1 : (h + 1) * hd : 2] for h in range(n_head)])
         return raw[order]
+
     bad = rewrite_gguf(good, tmp_path / "q-rot.gguf", tensors={"blk.0.attn_q.weight": to_rotate_half})
     code, out, _ = verify(capsys, bad, HF_DIR)
     assert code == 1, out
@@ -270,7 +295,7 @@ def test_llama3_without_rope_freqs_fails(capsys, conv, tmp_path):
 
 def test_llama3_altered_rope_freqs_fails(capsys, conv, tmp_path):
     good = conv("llama3", "q8_0")
-    assert (tensor_raw(good, "rope_freqs.weight") > 1).any()       # LLaMA 3.1 scaling is in the file
+    assert (tensor_raw(good, "rope_freqs.weight") > 1).any()  # LLaMA 3.1 scaling is in the file
     bad = rewrite_gguf(good, tmp_path / "rf1.gguf", tensors={"rope_freqs.weight": lambda raw, r: np.ones_like(raw)})
     code, out, _ = verify(capsys, bad, L3_DIR)
     assert code == 1, out
@@ -290,8 +315,11 @@ def test_gpt2_vocabulary_difference_is_reported(capsys, conv, tmp_path):
     good = conv("llama3", "f16")
     tokens = GGUFReader(good).get_field("tokenizer.ggml.tokens").contents()
     # a word with GPT-2's space character in front ("Ġthe" is the bytes b" the")
-    i = next(k for k in range(300, len(tokens)) if tokens[k][:1] == "Ġ" and tokens[k][1:].isascii()
-             and tokens[k][1:].isalpha())
+    i = next(
+        k
+        for k in range(300, len(tokens))
+        if tokens[k][:1] == "Ġ" and tokens[k][1:].isascii() and tokens[k][1:].isalpha()
+    )
     swapped = list(tokens)
     swapped[i], swapped[i + 1] = swapped[i + 1], swapped[i]
     bad = rewrite_gguf(good, tmp_path / "vocab.gguf", kvs={"tokenizer.ggml.tokens": swapped})
@@ -299,7 +327,7 @@ def test_gpt2_vocabulary_difference_is_reported(capsys, conv, tmp_path):
     assert code == 1 and rep["tokens_match"] is False and rep["first_token_diff"] == i, out
     msg = next(f for f in failures(out) if f"id {i}" in f)
     assert repr(tokens[i + 1].encode()) in msg and repr(tokens[i].encode()) in msg
-    assert repr(b" " + tokens[i][1:].encode()) in msg                # the source token's bytes, space shown
+    assert repr(b" " + tokens[i][1:].encode()) in msg  # the source token's bytes, space shown
 
 
 def test_unknown_pre_tokenizer_fails(capsys, conv, hf31, tmp_path):
@@ -315,14 +343,16 @@ def test_unknown_pre_tokenizer_fails(capsys, conv, hf31, tmp_path):
 def test_changed_chat_template_fails(capsys, conv, hf31, tmp_path):
     good = conv("hf31", "q8_0")
     assert GGUFReader(good).get_field("tokenizer.chat_template").contents() == CHAT_TEMPLATE
-    bad = rewrite_gguf(good, tmp_path / "tmpl.gguf",
-                       kvs={"tokenizer.chat_template": CHAT_TEMPLATE.replace("<|eot_id|>", "")})
+    bad = rewrite_gguf(
+        good, tmp_path / "tmpl.gguf", kvs={"tokenizer.chat_template": CHAT_TEMPLATE.replace("<|eot_id|>", "")}
+    )
     code, out, _ = verify(capsys, bad, hf31)
     assert code == 1, out
     assert verdict(out).startswith("metadata tokenizer.chat_template = "), out
 
 
 # ---- JSON and missing optional libraries ------------------------------------------------------------
+
 
 def test_json_report_writes_null_for_inf(capsys, conv, tmp_path):
     good = conv("hf", "f16")
@@ -331,8 +361,9 @@ def test_json_report_writes_null_for_inf(capsys, conv, tmp_path):
         raw = raw.copy()
         raw[3] = np.inf
         return raw
+
     bad = rewrite_gguf(good, tmp_path / "inf.gguf", tensors={"blk.0.ffn_norm.weight": poison})
-    code, rep, out = verify_json(capsys, bad, HF_DIR, tmp_path)     # strict_json refuses Infinity
+    code, rep, out = verify_json(capsys, bad, HF_DIR, tmp_path)  # strict_json refuses Infinity
     assert code == 1, out
     row = next(t for t in rep["tensors"] if t["name"] == "blk.0.ffn_norm.weight")
     assert row["rel_rmse"] is None and row["rel_max_err"] is None
@@ -343,7 +374,7 @@ def test_json_report_writes_null_for_inf(capsys, conv, tmp_path):
 @pytest.mark.parametrize("module, source", [("tiktoken", "llama3"), ("tokenizers", "hf31")])
 def test_missing_bpe_library_is_a_one_line_error(capsys, monkeypatch, conv, hf31, module, source):
     path = conv(source, "f16")
-    monkeypatch.setitem(sys.modules, module, None)                   # import now raises ImportError
+    monkeypatch.setitem(sys.modules, module, None)  # import now raises ImportError
     capsys.readouterr()
     code = main(["verify", str(path), "--reference", str(hf31 if source == "hf31" else SOURCES[source])])
     _, err = capsys.readouterr()
@@ -353,17 +384,20 @@ def test_missing_bpe_library_is_a_one_line_error(capsys, monkeypatch, conv, hf31
 
 # ---- head_dim != dim / n_heads (Mistral Nemo's attention shape) ------------------------------------
 
+
 @pytest.fixture(scope="module")
 def nemo_like(tmp_path_factory):
     """Meta and HF checkpoints of the same weights with dim 80 and 4 heads of 32 (not 20), and
     their f16 conversions: {"meta"/"hf": (checkpoint, gguf)}."""
     import torch
     from synth import meta_state_dict, write_meta_checkpoint
+
     mk = _load_generator()
     tmp = tmp_path_factory.mktemp("nemo-like")
     sd = meta_state_dict(dim=80, n_heads=4, n_kv_heads=2, head_dim=32, ffn=96, seed=5, dtype=torch.float32)
-    meta = write_meta_checkpoint(tmp / "meta", sd, params={"n_heads": 4, "n_kv_heads": 2, "head_dim": 32,
-                                                            "vocab_size": 512})
+    meta = write_meta_checkpoint(
+        tmp / "meta", sd, params={"n_heads": 4, "n_kv_heads": 2, "head_dim": 32, "vocab_size": 512}
+    )
     params = json.loads((meta / "params.json").read_text())
     hf_dir = mk.write_hf_checkpoint(tmp / "hf", sd, params, config={"head_dim": 32, "max_position_embeddings": 4096})
     out = {}
@@ -382,7 +416,8 @@ def test_head_dim_other_than_dim_over_heads(capsys, nemo_like, tmp_path, layout)
     assert code == 0, out
     assert rep["fidelity"]["metrics"]["max_rel_dlogit"] <= 1e-4 and rep["fidelity"]["tensors_differ"] == 0
     # the candidate reads the head size from key_length: the quotient (20) cannot even split the tensors
-    bad = rewrite_gguf(good, tmp_path / "kl.gguf", kvs={"llama.attention.key_length": 16,
-                                                       "llama.attention.value_length": 16})
+    bad = rewrite_gguf(
+        good, tmp_path / "kl.gguf", kvs={"llama.attention.key_length": 16, "llama.attention.value_length": 16}
+    )
     code, out, _ = run_verify_cli(capsys, bad, ckpt, "--tokens", "32")
     assert code == 1 and verdict(out).startswith("metadata llama.attention.key_length = 16"), out

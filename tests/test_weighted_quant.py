@@ -4,6 +4,7 @@ Oracle: `ggml_quantize_chunk(type, x, imatrix)` from llama-cpp-python's libggml-
 llama_model_quantize calls for every chunk of rows, with the tensor's imatrix), on bf16-grid
 data, the legacy edge-case blocks, and importance vectors from realistic to degenerate.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,7 +30,7 @@ def _scales_overflow(raw: np.ndarray, t: str) -> bool:
     then refuses the tensor: ggml_validate_row_data)."""
     qt = Q.get(t)
     blocks = raw.reshape(-1, qt.type_size)
-    heads = blocks[:, :4 if t in ("q4_1", "q5_1") else 2].copy().view(np.float16)
+    heads = blocks[:, : 4 if t in ("q4_1", "q5_1") else 2].copy().view(np.float16)
     return not np.isfinite(heads).all()
 
 
@@ -107,9 +108,9 @@ def test_imatrix_length_must_match_rows():
 
 
 def test_first_min_clamped_keeps_c_zero_sign():
-    x = np.array([[0.5, -0.0, 2.0, 0.0],
-                  [-0.0, 0.0, 1.0, -0.0],
-                  [0.0, 0.25, 3.0, -0.0]], np.float32)             # groups are columns
+    x = np.array(
+        [[0.5, -0.0, 2.0, 0.0], [-0.0, 0.0, 1.0, -0.0], [0.0, 0.25, 3.0, -0.0]], np.float32
+    )  # groups are columns
     got = k_search.first_min_clamped(x)
     assert np.array_equal(np.signbit(got), [True, True, False, False])
     assert np.array_equal(got, [0, 0, 0, 0])
@@ -176,16 +177,16 @@ def test_make_qp_quants_pair_equals_the_scalar_search():
     nb, n = 48, 8
     a = np.abs(rng.standard_normal((nb, n))).astype(np.float32) * 1e-3
     b = np.abs(rng.standard_normal((nb, n))).astype(np.float32) * 1e-3
-    a[0] = 0                                                  # all-zero group
-    a[1, :4] = -a[1, :4]                                      # negatives: nearest_int < 0, stored wrapped
+    a[0] = 0  # all-zero group
+    a[1, :4] = -a[1, :4]  # negatives: nearest_int < 0, stored wrapped
     b[2] = -b[2]
-    a[3] = np.float32(1e-3)                                   # constant
+    a[3] = np.float32(1e-3)  # constant
     b[4, ::2] = 0
-    a[5] = rng.integers(0, 64, n) / np.float32(63) * np.float32(2e-3)   # on the level grid: ties
+    a[5] = rng.integers(0, 64, n) / np.float32(63) * np.float32(2e-3)  # on the level grid: ties
     w = rng.gamma(0.5, 1.0, (nb, n)).astype(np.float32)
-    w[6] = 0                                                  # weightless group
+    w[6] = 0  # weightless group
     w[7, 3] = 0
-    with np.errstate(all="ignore"):                          # 0/0 where C discards it too
+    with np.errstate(all="ignore"):  # 0/0 where C discards it too
         (da, La), (db, Lb) = k_weighted.make_qp_quants_pair(a, b, 63, w)
     for got_d, got_L, x in ((da, La, a), (db, Lb, b)):
         for g in range(nb):

@@ -10,6 +10,7 @@ definition, apart from llmconv.verify and the fixture generator:
                 h += W2 (silu(W1 rmsnorm(h)) * W3 rmsnorm(h))
     logits = rmsnorm(h) Wout^T     (Wout = embed when the checkpoint ties them)
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,7 +25,7 @@ def _rotate_adjacent(x: torch.Tensor, theta: float) -> torch.Tensor:
     """x [T, heads, hd]: pair (x[2i], x[2i+1]) rotated by angle pos * theta^(-2i/hd)."""
     T, _, hd = x.shape
     inv = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]          # [T, hd/2]
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]  # [T, hd/2]
     cos, sin = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]
     even, odd = x[..., 0::2], x[..., 1::2]
     out = torch.empty_like(x)
@@ -33,8 +34,16 @@ def _rotate_adjacent(x: torch.Tensor, theta: float) -> torch.Tensor:
     return out
 
 
-def meta_logits(sd: dict[str, torch.Tensor], tokens: list[int], *, n_heads: int, n_kv_heads: int,
-                head_dim: int, norm_eps: float, rope_theta: float) -> np.ndarray:
+def meta_logits(
+    sd: dict[str, torch.Tensor],
+    tokens: list[int],
+    *,
+    n_heads: int,
+    n_kv_heads: int,
+    head_dim: int,
+    norm_eps: float,
+    rope_theta: float,
+) -> np.ndarray:
     """float64 logits [len(tokens), vocab] of a Meta-named state dict."""
     w = {k: v.to(torch.float64) for k, v in sd.items()}
     n_layers = sum(1 for k in w if k.endswith("attention.wq.weight"))
@@ -52,7 +61,7 @@ def meta_logits(sd: dict[str, torch.Tensor], tokens: list[int], *, n_heads: int,
         heads = []
         for j in range(n_heads):
             kv = j // rep
-            s = q[:, j, :] @ k[:, kv, :].T / head_dim ** 0.5 + causal
+            s = q[:, j, :] @ k[:, kv, :].T / head_dim**0.5 + causal
             heads.append(torch.softmax(s, dim=-1) @ v[:, kv, :])
         h = h + torch.cat(heads, dim=-1) @ w[p + "attention.wo.weight"].T
         f = _rmsnorm(h, w[p + "ffn_norm.weight"], norm_eps)

@@ -1,5 +1,6 @@
 """Shared by the verify tests: run `llmconv verify` in-process, and rewrite a GGUF file with one
 planted defect (through gguf-py, independently of llmconv's writer)."""
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,15 @@ def verdict(out: str) -> str:
     return last.split("): ", 1)[1]
 
 
-def rewrite_gguf(src: Path, dst: Path, *, kvs: dict | None = None, tensors: dict | None = None,
-                 types: dict | None = None, drop: tuple[str, ...] = ()) -> Path:
+def rewrite_gguf(
+    src: Path,
+    dst: Path,
+    *,
+    kvs: dict | None = None,
+    tensors: dict | None = None,
+    types: dict | None = None,
+    drop: tuple[str, ...] = (),
+) -> Path:
     """Copy `src` to `dst` through gguf-py. `kvs` replaces metadata values (same GGUF type; a key
     not in the file is added as a string); `tensors` maps a tensor name to a function
     (raw, reader) -> new raw, where raw is the tensor's data as the reader holds it (uint8 rows
@@ -51,7 +59,7 @@ def rewrite_gguf(src: Path, dst: Path, *, kvs: dict | None = None, tensors: dict
     tensors out."""
     kvs, tensors, types = dict(kvs or {}), dict(tensors or {}), dict(types or {})
     r = GGUFReader(src)
-    w = GGUFWriter(str(dst), r.get_field("general.architecture").contents())   # writes general.architecture
+    w = GGUFWriter(str(dst), r.get_field("general.architecture").contents())  # writes general.architecture
     for name, field in r.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
             continue
@@ -62,7 +70,7 @@ def rewrite_gguf(src: Path, dst: Path, *, kvs: dict | None = None, tensors: dict
     for t in r.tensors:
         if t.name in drop:
             continue
-        data = np.array(t.data)                                  # a copy: the reader's view is read-only
+        data = np.array(t.data)  # a copy: the reader's view is read-only
         if t.name in tensors:
             data = np.ascontiguousarray(tensors.pop(t.name)(data, r))
         w.add_tensor(t.name, data, raw_dtype=GGMLQuantizationType(types.pop(t.name, int(t.tensor_type))))

@@ -13,6 +13,7 @@ llama.cpp stores every token in GPT-2's alphabet (each byte mapped to one printa
 character, e.g. space -> "Ġ") and merges as "left right" strings, and picks its
 pre-tokenizer regex from `tokenizer.ggml.pre`. Both sources end up as the same Vocab.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -24,9 +25,10 @@ from ..errors import LlmconvError, load_json
 from .pretok import LLAMA3_PATTERN, _flatten, detect_pre
 from .tokenizer import Vocab
 
-__all__ = ["LLAMA3_PATTERN", "detect_pre"]     # re-exported: verify and the tests use them from here
+__all__ = ["LLAMA3_PATTERN", "detect_pre"]  # re-exported: verify and the tests use them from here
 
 # ---- GPT-2 byte alphabet ------------------------------------------------------------------
+
 
 @lru_cache(maxsize=1)
 def byte_to_char() -> tuple[str, ...]:
@@ -64,6 +66,7 @@ def token_to_bytes(text: str) -> bytes | None:
 
 # ---- Hugging Face tokenizer.json ----------------------------------------------------------
 
+
 def load_tokenizer_json(path: str | Path, tokenizer_config: dict | None = None, pre: str | None = None) -> Vocab:
     """A byte-level BPE tokenizer.json (+ tokenizer_config.json contents) as a "gpt2" Vocab.
 
@@ -76,8 +79,11 @@ def load_tokenizer_json(path: str | Path, tokenizer_config: dict | None = None, 
     if model.get("type") != "BPE":
         raise LlmconvError(f"tokenizer model type {model.get('type')!r} is not BPE", file=path)
     if not _is_byte_level(tj):
-        raise LlmconvError("BPE tokenizer is not byte-level (no ByteLevel pre-tokenizer or decoder); "
-                           "for SentencePiece-style models convert with tokenizer.model", file=path)
+        raise LlmconvError(
+            "BPE tokenizer is not byte-level (no ByteLevel pre-tokenizer or decoder); "
+            "for SentencePiece-style models convert with tokenizer.model",
+            file=path,
+        )
     vocab = model.get("vocab")
     if not isinstance(vocab, dict) or not vocab:
         raise LlmconvError("model.vocab is missing or empty", file=path)
@@ -95,8 +101,17 @@ def load_tokenizer_json(path: str | Path, tokenizer_config: dict | None = None, 
     pre_name = pre if pre is not None else detect_pre(tj, path)
     text_to_id = {t: i for i, (t, _) in by_id.items()}
     specials = _special_ids(tokenizer_config or {}, tj.get("post_processor"), text_to_id, path)
-    return Vocab("gpt2", tokens, [], types, **specials, merges=merges, pre=pre_name,
-                 eot_id=text_to_id.get("<|eot_id|>"), source=path)
+    return Vocab(
+        "gpt2",
+        tokens,
+        [],
+        types,
+        **specials,
+        merges=merges,
+        pre=pre_name,
+        eot_id=text_to_id.get("<|eot_id|>"),
+        source=path,
+    )
 
 
 def _tokens_by_id(vocab: dict, added: list, path: Path) -> dict[int, tuple[str, int]]:
@@ -112,7 +127,7 @@ def _tokens_by_id(vocab: dict, added: list, path: Path) -> dict[int, tuple[str, 
             raise LlmconvError(f"added token {i} has no content", file=path)
         if tok.get("special") or looks_special(text):
             by_id[i] = (text, int(TokenType.CONTROL))
-        else:                           # llama.cpp's converter writes a user-defined "▁" as a space
+        else:  # llama.cpp's converter writes a user-defined "▁" as a space
             by_id[i] = (text.replace("\u2581", " "), int(TokenType.USER_DEFINED))
     return by_id
 
@@ -137,10 +152,12 @@ def _special_ids(cfg: dict, post_processor: dict | None, text_to_id: dict, path:
 def looks_special(text: str) -> bool:
     """Added tokens llama.cpp's converter makes control tokens even when tokenizer.json does not
     mark them special (some models forget to): <|...|>, <｜...｜>, <unused...>, and a few names."""
-    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
-            or (text.startswith("<|") and text.endswith("|>"))
-            or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
-            or (text.startswith("<unused") and text.endswith(">")))
+    return (
+        text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (text.startswith("<|") and text.endswith("|>"))
+        or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
+        or (text.startswith("<unused") and text.endswith(">"))
+    )
 
 
 def normalize_merges(merges: list, path: Path | None = None) -> list[str]:

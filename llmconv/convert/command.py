@@ -1,6 +1,7 @@
 """The commands that write model files: `llmconv convert`, `quantize` and `convert-lora`, the
 command line over api.convert, api.quantize and api.convert_lora (parse the options, call, print
 what was written)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,41 +14,98 @@ from ..jsonout import check_json_path, echo_written, emit_json, json_option
 
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("ckpt_dir", type=click.Path(path_type=Path))
-@click.option("--outtype", default="auto", show_default=True, metavar="TYPE[,TYPE...]",
-              help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, or a K-quant mix: q2_k, q3_k_s/m/l, q4_k_s/m, "
-                   "q5_k_s/m, q6_k (llama-quantize's per-tensor rules; q3_k/q4_k/q5_k mean the _m mix), iq4_nl, iq4_xs. "
-                   "'auto' keeps the source precision. Several, comma-separated (q8_0,q6_k,q4_k_m): one file "
-                   "each, all from one read of the checkpoint.")
-@click.option("--outfile", "-o", type=click.Path(),   # a str: a trailing slash means a directory
-              help="Output path, or a directory (DIR/) for the default names. Default: ./Name-Size-TYPE.gguf.")
-@click.option("--ctx", type=click.IntRange(1, 2**32 - 1), help="Context length to record (default: by model family; see README).")
-@click.option("--input-format", type=click.Choice(["auto", "meta", "hf", "mistral"]), default="auto", show_default=True,
-              help="Checkpoint layout; 'auto' detects it: params.json + consolidated.NN.pth (Meta), params.json + "
-                   "consolidated*.safetensors (Mistral), config.json (Hugging Face).")
-@click.option("--tokenizer", type=click.Path(path_type=Path), metavar="PATH",
-              help="Tokenizer file, or a folder holding it, to use instead of the checkpoint's own "
-                   "(default: the checkpoint folder; for Meta also the folder above it).")
-@click.option("--pre", metavar="NAME",
-              help="tokenizer.ggml.pre for a BPE tokenizer (llama-bpe, smollm, tekken, gpt-2), overriding the detected one.")
-@click.option("--lora", "lora", metavar="ADAPTER[:SCALE]", multiple=True,
-              help="Merge a PEFT LoRA adapter directory into the weights while converting (scale * alpha/r * B A, "
-                   "in float32, before quantization); repeatable, applied in order. SCALE defaults to 1.")
-@click.option("--metadata", "metadata", type=click.Path(path_type=Path), metavar="FILE.json",
-              help="general.* metadata over what the model card (README.md) and config give, as llama.cpp's "
-                   "--metadata: keys like general.name, general.version, general.license, general.tags.")
-@click.option("--override-kv", "override_kv", metavar="KEY=TYPE:VALUE", multiple=True,
-              help="Set a metadata key (repeatable; llama-quantize's syntax, TYPE int, float, bool or str), "
-                   "e.g. general.name=str:My-Model or llama.context_length=int:8192.")
-@click.option("--dry-run", is_flag=True, help="Print the plan (every tensor, its shards, GGUF name, shape, type, bytes) and write nothing.")
-@click.option("--format", "format", type=click.Choice(["gguf", "ggml"]), default="gguf", show_default=True,
-              help="ggml: one legacy ggjt v3 .bin file for pre-GGUF runtimes (f32, f16, q4_0, q4_1, q8_0; implies --pure; "
-                   "refuses models ggjt cannot describe, e.g. grouped-query attention or RoPE base != 10000).")
+@click.option(
+    "--outtype",
+    default="auto",
+    show_default=True,
+    metavar="TYPE[,TYPE...]",
+    help="f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, or a K-quant mix: q2_k, q3_k_s/m/l, q4_k_s/m, "
+    "q5_k_s/m, q6_k (llama-quantize's per-tensor rules; q3_k/q4_k/q5_k mean the _m mix), iq4_nl, iq4_xs. "
+    "'auto' keeps the source precision. Several, comma-separated (q8_0,q6_k,q4_k_m): one file "
+    "each, all from one read of the checkpoint.",
+)
+@click.option(
+    "--outfile",
+    "-o",
+    type=click.Path(),  # a str: a trailing slash means a directory
+    help="Output path, or a directory (DIR/) for the default names. Default: ./Name-Size-TYPE.gguf.",
+)
+@click.option(
+    "--ctx", type=click.IntRange(1, 2**32 - 1), help="Context length to record (default: by model family; see README)."
+)
+@click.option(
+    "--input-format",
+    type=click.Choice(["auto", "meta", "hf", "mistral"]),
+    default="auto",
+    show_default=True,
+    help="Checkpoint layout; 'auto' detects it: params.json + consolidated.NN.pth (Meta), params.json + "
+    "consolidated*.safetensors (Mistral), config.json (Hugging Face).",
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(path_type=Path),
+    metavar="PATH",
+    help="Tokenizer file, or a folder holding it, to use instead of the checkpoint's own "
+    "(default: the checkpoint folder; for Meta also the folder above it).",
+)
+@click.option(
+    "--pre",
+    metavar="NAME",
+    help="tokenizer.ggml.pre for a BPE tokenizer (llama-bpe, smollm, tekken, gpt-2), overriding the detected one.",
+)
+@click.option(
+    "--lora",
+    "lora",
+    metavar="ADAPTER[:SCALE]",
+    multiple=True,
+    help="Merge a PEFT LoRA adapter directory into the weights while converting (scale * alpha/r * B A, "
+    "in float32, before quantization); repeatable, applied in order. SCALE defaults to 1.",
+)
+@click.option(
+    "--metadata",
+    "metadata",
+    type=click.Path(path_type=Path),
+    metavar="FILE.json",
+    help="general.* metadata over what the model card (README.md) and config give, as llama.cpp's "
+    "--metadata: keys like general.name, general.version, general.license, general.tags.",
+)
+@click.option(
+    "--override-kv",
+    "override_kv",
+    metavar="KEY=TYPE:VALUE",
+    multiple=True,
+    help="Set a metadata key (repeatable; llama-quantize's syntax, TYPE int, float, bool or str), "
+    "e.g. general.name=str:My-Model or llama.context_length=int:8192.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the plan (every tensor, its shards, GGUF name, shape, type, bytes) and write nothing.",
+)
+@click.option(
+    "--format",
+    "format",
+    type=click.Choice(["gguf", "ggml"]),
+    default="gguf",
+    show_default=True,
+    help="ggml: one legacy ggjt v3 .bin file for pre-GGUF runtimes (f32, f16, q4_0, q4_1, q8_0; implies --pure; "
+    "refuses models ggjt cannot describe, e.g. grouped-query attention or RoPE base != 10000).",
+)
 @imatrix_option
-@click.option("--imatrix-text", metavar="FILE",
-              help="Compute the importance matrix from this calibration text first, as `llmconv imatrix` does "
-                   "('builtin': the bundled text), and quantize with it.")
-@click.option("--imatrix-ctx", type=click.IntRange(16), default=512, show_default=True, metavar="N",
-              help="Tokens per chunk for --imatrix-text.")
+@click.option(
+    "--imatrix-text",
+    metavar="FILE",
+    help="Compute the importance matrix from this calibration text first, as `llmconv imatrix` does "
+    "('builtin': the bundled text), and quantize with it.",
+)
+@click.option(
+    "--imatrix-ctx",
+    type=click.IntRange(16),
+    default=512,
+    show_default=True,
+    metavar="N",
+    help="Tokens per chunk for --imatrix-text.",
+)
 @click.option("--imatrix-chunks", type=click.IntRange(1), metavar="N", help="At most N chunks for --imatrix-text.")
 @type_options
 def convert(ckpt_dir, outfile, dry_run, json_path, quiet, **options):
@@ -72,8 +130,14 @@ def convert(ckpt_dir, outfile, dry_run, json_path, quiet, **options):
     from .. import api
 
     # the options' names are api.convert's parameters
-    result = api.convert(ckpt_dir, outfile, dry_run=dry_run, progress=not quiet, **options,
-                         on_warning=lambda w: click.echo(f"warning: {w}", err=True))
+    result = api.convert(
+        ckpt_dir,
+        outfile,
+        dry_run=dry_run,
+        progress=not quiet,
+        **options,
+        on_warning=lambda w: click.echo(f"warning: {w}", err=True),
+    )
     if dry_run:
         click.echo(result.describe(), err=json_path == "-")
     for conv, written in zip(result.conversions, result.written):
@@ -84,16 +148,28 @@ def convert(ckpt_dir, outfile, dry_run, json_path, quiet, **options):
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("infile", type=click.Path(path_type=Path))
 @click.argument("out_and_type", nargs=-1, metavar="[OUTFILE] [TYPE]")
-@click.option("--type", "type_opt", metavar="TYPE[,TYPE...]",
-              help="Target type (or give it after the file names, as llama-quantize takes it): q8_0, q4_0, q4_1, "
-                   "q5_0, q5_1, f16, ... or a K-quant mix: q2_k, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k, iq4_nl, iq4_xs. "
-                   "Several, comma-separated, write one file each from one read of INFILE.")
+@click.option(
+    "--type",
+    "type_opt",
+    metavar="TYPE[,TYPE...]",
+    help="Target type (or give it after the file names, as llama-quantize takes it): q8_0, q4_0, q4_1, "
+    "q5_0, q5_1, f16, ... or a K-quant mix: q2_k, q3_k_s/m/l, q4_k_s/m, q5_k_s/m, q6_k, iq4_nl, iq4_xs. "
+    "Several, comma-separated, write one file each from one read of INFILE.",
+)
 @click.option("--outtype", "outtype_opt", metavar="TYPE[,TYPE...]", help="The same as --type (convert's name for it).")
-@click.option("--allow-requantize", is_flag=True,
-              help="Accept an input whose tensors are already quantized (with a warning: it can severely reduce quality).")
-@click.option("--override-kv", "override_kv", metavar="KEY=TYPE:VALUE", multiple=True,
-              help="Set a metadata key (repeatable; llama-quantize's syntax, TYPE int, float, bool or str), "
-                   "e.g. general.name=str:My-Model or llama.context_length=int:8192.")
+@click.option(
+    "--allow-requantize",
+    is_flag=True,
+    help="Accept an input whose tensors are already quantized (with a warning: it can severely reduce quality).",
+)
+@click.option(
+    "--override-kv",
+    "override_kv",
+    metavar="KEY=TYPE:VALUE",
+    multiple=True,
+    help="Set a metadata key (repeatable; llama-quantize's syntax, TYPE int, float, bool or str), "
+    "e.g. general.name=str:My-Model or llama.context_length=int:8192.",
+)
 @imatrix_option
 @type_options
 def quantize(infile, out_and_type, type_opt, outtype_opt, json_path, quiet, **options):
@@ -121,10 +197,16 @@ def quantize(infile, out_and_type, type_opt, outtype_opt, json_path, quiet, **op
 
     outfile, qtype, where = quantize_positionals(out_and_type, type_opt, outtype_opt)
     for t in split_types(qtype):
-        check_type_name(t, where)       # the message names the option the user typed
+        check_type_name(t, where)  # the message names the option the user typed
     # the options' names are api.quantize's parameters
-    result = api.quantize(infile, outfile, outtype=qtype, progress=not quiet, **options,
-                          on_warning=lambda w: click.echo(f"warning: {w}", err=True))
+    result = api.quantize(
+        infile,
+        outfile,
+        outtype=qtype,
+        progress=not quiet,
+        **options,
+        on_warning=lambda w: click.echo(f"warning: {w}", err=True),
+    )
     for rq, written in zip(result.requantizations, result.written):
         echo_written(written, rq.plan, quiet, json_path)
     emit_json(json_path, result.report())
@@ -132,13 +214,30 @@ def quantize(infile, out_and_type, type_opt, outtype_opt, json_path, quiet, **op
 
 @click.command("convert-lora", context_settings={"max_content_width": 100})
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
-@click.option("--base", "base_dir", required=True, type=click.Path(path_type=Path),
-              help="The base checkpoint the adapter was trained on (Meta or Hugging Face): its shapes and head counts.")
-@click.option("--outtype", default="f32", show_default=True, type=click.Choice(["f32", "f16", "bf16", "q8_0"], case_sensitive=False),
-              help="Type of the LoRA matrices (q8_0 rows that do not fit its blocks are written f16).")
-@click.option("--outfile", "-o", type=click.Path(path_type=Path), help="Output path. Default: ./ADAPTER-TYPE-LoRA.gguf.")
-@click.option("--input-format", type=click.Choice(["auto", "meta", "hf"]), default="auto", show_default=True,
-              help="Layout of the base checkpoint.")
+@click.option(
+    "--base",
+    "base_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The base checkpoint the adapter was trained on (Meta or Hugging Face): its shapes and head counts.",
+)
+@click.option(
+    "--outtype",
+    default="f32",
+    show_default=True,
+    type=click.Choice(["f32", "f16", "bf16", "q8_0"], case_sensitive=False),
+    help="Type of the LoRA matrices (q8_0 rows that do not fit its blocks are written f16).",
+)
+@click.option(
+    "--outfile", "-o", type=click.Path(path_type=Path), help="Output path. Default: ./ADAPTER-TYPE-LoRA.gguf."
+)
+@click.option(
+    "--input-format",
+    type=click.Choice(["auto", "meta", "hf"]),
+    default="auto",
+    show_default=True,
+    help="Layout of the base checkpoint.",
+)
 @click.option("--force", "-f", is_flag=True, help="Overwrite an existing output file.")
 @json_option()
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -155,7 +254,15 @@ def convert_lora(adapter_dir, base_dir, outtype, outfile, input_format, force, j
     check_json_path(json_path, force)
     from .. import api
 
-    result = api.convert_lora(adapter_dir, base_dir, outfile, outtype=outtype, input_format=input_format, force=force,
-                              progress=not quiet, verbose=verbose)
+    result = api.convert_lora(
+        adapter_dir,
+        base_dir,
+        outfile,
+        outtype=outtype,
+        input_format=input_format,
+        force=force,
+        progress=not quiet,
+        verbose=verbose,
+    )
     echo_written(result.written, result.conversion.plan, quiet, json_path)
     emit_json(json_path, result.report())

@@ -5,6 +5,7 @@ known offset; the streaming engine (stream.py) then reads each source tensor onc
 chunks, and pwrites each chunk converted to every output's type at its offset.
 Each output appears under its final name only when complete (see formats/atomic.py).
 """
+
 from __future__ import annotations
 
 import errno
@@ -36,7 +37,7 @@ class WriteResult:
     n_tensors: int
     nbytes: int
     seconds: float
-    paths: list[Path] = field(default_factory=list)   # all files written (more than one when split)
+    paths: list[Path] = field(default_factory=list)  # all files written (more than one when split)
 
 
 def split_plan(kvs: Sequence[KV], plan: Plan, max_bytes: int = 0, max_tensors: int = 0):
@@ -57,8 +58,11 @@ def split_plan(kvs: Sequence[KV], plan: Plan, max_bytes: int = 0, max_tensors: i
     n = len(groups)
     out = []
     for i, g in enumerate(groups):
-        split_kvs = [KV(Keys.Split.LLM_KV_SPLIT_NO, i, T.UINT16), KV(Keys.Split.LLM_KV_SPLIT_COUNT, n, T.UINT16),
-                     KV(Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, len(plan.tensors), T.INT32)]
+        split_kvs = [
+            KV(Keys.Split.LLM_KV_SPLIT_NO, i, T.UINT16),
+            KV(Keys.Split.LLM_KV_SPLIT_COUNT, n, T.UINT16),
+            KV(Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, len(plan.tensors), T.INT32),
+        ]
         out.append(((list(kvs) if i == 0 else []) + split_kvs, g))
     return out
 
@@ -73,19 +77,37 @@ def split_paths(out_path: Path, n: int) -> list[Path]:
 @dataclass
 class OutputRequest:
     """One GGUF output of a multi-output run: where, its metadata, its plan."""
+
     out_path: Path
     kvs: list[KV]
     plan: Plan
 
 
-def write_gguf(out_path: str | Path, kvs: Sequence[KV], plan: Plan, *, threads: int = 1,
-               progress: bool = True, force: bool = False, verbose: bool = False,
-               split_max_size: int = 0, split_max_tensors: int = 0, checksum: bool = False) -> WriteResult:
+def write_gguf(
+    out_path: str | Path,
+    kvs: Sequence[KV],
+    plan: Plan,
+    *,
+    threads: int = 1,
+    progress: bool = True,
+    force: bool = False,
+    verbose: bool = False,
+    split_max_size: int = 0,
+    split_max_tensors: int = 0,
+    checksum: bool = False,
+) -> WriteResult:
     """Write `plan` to `out_path` (or its split parts). With `checksum`, also write the
     sha256 of every tensor's bytes to `out_path.sha256.json` (see formats/checksums.py)."""
-    return write_ggufs([OutputRequest(Path(out_path), list(kvs), plan)], threads=threads, progress=progress,
-                       force=force, verbose=verbose, split_max_size=split_max_size,
-                       split_max_tensors=split_max_tensors, checksum=checksum)[0]
+    return write_ggufs(
+        [OutputRequest(Path(out_path), list(kvs), plan)],
+        threads=threads,
+        progress=progress,
+        force=force,
+        verbose=verbose,
+        split_max_size=split_max_size,
+        split_max_tensors=split_max_tensors,
+        checksum=checksum,
+    )[0]
 
 
 @dataclass
@@ -93,22 +115,32 @@ class _Output:
     req: OutputRequest
     paths: list[Path]
     layouts: list
-    where: dict[str, int]                     # tensor name -> index of its file in `paths`
+    where: dict[str, int]  # tensor name -> index of its file in `paths`
     writers: list = field(default_factory=list)
     sums: dict[str, dict] = field(default_factory=dict)
 
 
 def _prepare(req: OutputRequest, split_max_size: int, split_max_tensors: int) -> _Output:
     parts = split_plan(req.kvs, req.plan, split_max_size, split_max_tensors)
-    layouts = [plan_layout(p_kvs, [TensorEntry(t.name, t.shape, t.qtype.ggml_type, t.nbytes) for t in p_ts])
-               for p_kvs, p_ts in parts]
+    layouts = [
+        plan_layout(p_kvs, [TensorEntry(t.name, t.shape, t.qtype.ggml_type, t.nbytes) for t in p_ts])
+        for p_kvs, p_ts in parts
+    ]
     where = {t.name: i for i, (_, p_ts) in enumerate(parts) for t in p_ts}
     return _Output(req, split_paths(req.out_path, len(parts)), layouts, where)
 
 
-def write_ggufs(reqs: Sequence[OutputRequest], *, threads: int = 1, progress: bool = True, force: bool = False,
-                verbose: bool = False, split_max_size: int = 0, split_max_tensors: int = 0,
-                checksum: bool = False) -> list[WriteResult]:
+def write_ggufs(
+    reqs: Sequence[OutputRequest],
+    *,
+    threads: int = 1,
+    progress: bool = True,
+    force: bool = False,
+    verbose: bool = False,
+    split_max_size: int = 0,
+    split_max_tensors: int = 0,
+    checksum: bool = False,
+) -> list[WriteResult]:
     """Write several GGUF files from one read of the source: every plan must list the same
     tensors in the same order (the same source, different types). Each file gets its own
     temporary name, check and rename; a failure in any of them leaves none behind."""
@@ -123,7 +155,9 @@ def write_ggufs(reqs: Sequence[OutputRequest], *, threads: int = 1, progress: bo
     with ExitStack() as files:
         # every part of every output and the sidecars appear together, or none of them
         # (formats/atomic.py)
-        targets = [p for o in outs for p in o.paths] + ([sidecar_path(o.req.out_path) for o in outs] if checksum else [])
+        targets = [p for o in outs for p in o.paths] + (
+            [sidecar_path(o.req.out_path) for o in outs] if checksum else []
+        )
         temps = iter(files.enter_context(atomic_outputs(targets, force=force)))
         tmps = [[next(temps) for _ in o.paths] for o in outs]
         side_tmps = [next(temps) if checksum else None for _ in outs]
@@ -149,8 +183,10 @@ def write_ggufs(reqs: Sequence[OutputRequest], *, threads: int = 1, progress: bo
             if side is not None:
                 side.write_bytes((json.dumps(sidecar_document(o.paths, o.sums), indent=1) + "\n").encode())
     seconds = time.perf_counter() - start
-    return [WriteResult(o.paths[0], len(o.req.plan.tensors), sum(lay.total_size for lay in o.layouts), seconds, o.paths)
-            for o in outs]
+    return [
+        WriteResult(o.paths[0], len(o.req.plan.tensors), sum(lay.total_size for lay in o.layouts), seconds, o.paths)
+        for o in outs
+    ]
 
 
 def _on_written(outs: list[_Output], checksum: bool, verbose: bool, bar):
@@ -164,14 +200,21 @@ def _on_written(outs: list[_Output], checksum: bool, verbose: bool, bar):
             w = o.writers[o.where[t.name]]
             w.mark_written(t.name)
             if checksum:
-                o.sums[t.name] = {"file": o.paths[o.where[t.name]].name, "type": t.qtype.name,
-                                  "shape": list(t.shape), "bytes": int(t.nbytes),
-                                  "sha256": file_sha256(w.fd, w.place(t.name), t.nbytes, scratch)}
+                o.sums[t.name] = {
+                    "file": o.paths[o.where[t.name]].name,
+                    "type": t.qtype.name,
+                    "shape": list(t.shape),
+                    "bytes": int(t.nbytes),
+                    "sha256": file_sha256(w.fd, w.place(t.name), t.nbytes, scratch),
+                }
         if verbose:
             t = outs[0].req.plan.tensors[i]
             types = ",".join(o.req.plan.tensors[i].qtype.name for o in outs)
-            bar.write(f"  {t.name:32s} {types:6s} {str(t.shape):18s} "
-                      f"{sum(o.req.plan.tensors[i].nbytes for o in outs):>12,d} B")
+            bar.write(
+                f"  {t.name:32s} {types:6s} {str(t.shape):18s} "
+                f"{sum(o.req.plan.tensors[i].nbytes for o in outs):>12,d} B"
+            )
+
     return done
 
 
@@ -194,7 +237,7 @@ def file_sha256(fd: int, offset: int, nbytes: int, scratch: bytearray) -> str:
     h = hashlib.sha256()
     view = memoryview(scratch)
     while nbytes:
-        n = os.preadv(fd, [view[:min(nbytes, len(view))]], offset)
+        n = os.preadv(fd, [view[: min(nbytes, len(view))]], offset)
         if n <= 0:
             raise OSError(errno.EIO, "short read while hashing the written tensor")
         h.update(view[:n])
@@ -226,8 +269,13 @@ def check_written(path: Path, layout, label: Path) -> None:
     want = [(t.name, t.offset, t.nbytes) for t in layout.tensors]
     for a, b in zip(got, want):
         if a != b:
-            raise LlmconvError(f"re-read tensor table disagrees: offset {a[1]}, {a[2]} bytes "
-                               f"(planned {b[1]}, {b[2]})", file=label, tensor=b[0])
+            raise LlmconvError(
+                f"re-read tensor table disagrees: offset {a[1]}, {a[2]} bytes (planned {b[1]}, {b[2]})",
+                file=label,
+                tensor=b[0],
+            )
     if len(got) != len(want) or g.data_offset != layout.data_start:
-        raise LlmconvError(f"re-read {len(got)} tensors from byte {g.data_offset}, planned {len(want)} "
-                           f"from byte {layout.data_start}", file=label)
+        raise LlmconvError(
+            f"re-read {len(got)} tensors from byte {g.data_offset}, planned {len(want)} from byte {layout.data_start}",
+            file=label,
+        )

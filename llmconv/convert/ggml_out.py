@@ -12,6 +12,7 @@ A model that differs where a loader cannot be told is refused (it would load and
 compute something else); where a loader can be told (epsilon, context) the conversion
 warns and says what to tell it.
 """
+
 from __future__ import annotations
 
 import errno
@@ -34,7 +35,7 @@ from .plan import META_GLOBAL_NAMES, META_LAYER_NAMES, PlannedTensor, tensor_nam
 from .tokenizer import Vocab
 
 LOADER_ROPE_BASE = ASSUMED_ROPE_THETA
-LOADER_RMS_EPS = ASSUMED_NORM_EPS   # ctransformers and llama.cpp from late July 2023 (LLAMA_DEFAULT_RMS_EPS)
+LOADER_RMS_EPS = ASSUMED_NORM_EPS  # ctransformers and llama.cpp from late July 2023 (LLAMA_DEFAULT_RMS_EPS)
 LOADER_BOS, LOADER_EOS = 1, 2
 TYPE_NAMES = "f32, f16, q4_0, q4_1, q8_0"
 
@@ -78,31 +79,50 @@ def check_ggjt(conv: Conversion) -> list[str]:
     h = conv.hparams
     src = conv.source.path
     if conv.source.vocab.model != "llama":
-        raise LlmconvError(f"the tokenizer is {conv.source.vocab.model!r} (byte-level BPE); ggjt loaders read only "
-                           "SentencePiece vocabularies: use --format gguf", file=src)
+        raise LlmconvError(
+            f"the tokenizer is {conv.source.vocab.model!r} (byte-level BPE); ggjt loaders read only "
+            "SentencePiece vocabularies: use --format gguf",
+            file=src,
+        )
     if h.n_expert:
-        raise LlmconvError(f"a mixture of experts ({h.n_expert} experts) cannot be recorded in a ggjt file: "
-                           "use --format gguf", file=src)
+        raise LlmconvError(
+            f"a mixture of experts ({h.n_expert} experts) cannot be recorded in a ggjt file: use --format gguf",
+            file=src,
+        )
     if h.head_dim * h.n_heads != h.dim:
-        raise LlmconvError(f"head size {h.head_dim} != dim / n_heads = {h.dim // h.n_heads} cannot be recorded in a "
-                           "ggjt file; its loaders assume dim / n_heads: use --format gguf", file=src)
+        raise LlmconvError(
+            f"head size {h.head_dim} != dim / n_heads = {h.dim // h.n_heads} cannot be recorded in a "
+            "ggjt file; its loaders assume dim / n_heads: use --format gguf",
+            file=src,
+        )
     if h.n_kv_heads != h.n_heads:
-        raise LlmconvError(f"grouped-query attention (n_kv_heads {h.n_kv_heads} != n_heads {h.n_heads}) cannot be "
-                           "recorded in a ggjt file; its loaders assume n_kv_heads == n_heads: use --format gguf", file=src)
+        raise LlmconvError(
+            f"grouped-query attention (n_kv_heads {h.n_kv_heads} != n_heads {h.n_heads}) cannot be "
+            "recorded in a ggjt file; its loaders assume n_kv_heads == n_heads: use --format gguf",
+            file=src,
+        )
     if h.rope_theta != LOADER_ROPE_BASE:
-        raise LlmconvError(f"RoPE base {h.rope_theta:g} cannot be recorded in a ggjt file; its loaders use "
-                           f"{LOADER_ROPE_BASE:g}: use --format gguf", file=src)
+        raise LlmconvError(
+            f"RoPE base {h.rope_theta:g} cannot be recorded in a ggjt file; its loaders use "
+            f"{LOADER_ROPE_BASE:g}: use --format gguf",
+            file=src,
+        )
     rope_keys = [kv.key for kv in conv.source.extra_kvs if "rope" in kv.key]
     if rope_keys:
-        raise LlmconvError(f"RoPE scaling ({', '.join(rope_keys)}) cannot be recorded in a ggjt file: use --format gguf",
-                           file=src)
+        raise LlmconvError(
+            f"RoPE scaling ({', '.join(rope_keys)}) cannot be recorded in a ggjt file: use --format gguf", file=src
+        )
     warnings = []
     if h.norm_eps != LOADER_RMS_EPS:
-        warnings.append(f"ggjt files do not record the RMS norm epsilon ({h.norm_eps:g} for this model): loaders assume "
-                        f"{LOADER_RMS_EPS:g} (ctransformers, llama.cpp from late July 2023) or 1e-06 (earlier llama.cpp); "
-                        f"pass {h.norm_eps:g} where the loader takes it (llama.cpp --rms-norm-eps)")
-    warnings.append(f"ggjt files do not record the context length ({h.context_length} for this model): loaders use "
-                    f"the one they are given (llama.cpp -c, ctransformers context_length=; both default to {ASSUMED_CONTEXT})")
+        warnings.append(
+            f"ggjt files do not record the RMS norm epsilon ({h.norm_eps:g} for this model): loaders assume "
+            f"{LOADER_RMS_EPS:g} (ctransformers, llama.cpp from late July 2023) or 1e-06 (earlier llama.cpp); "
+            f"pass {h.norm_eps:g} where the loader takes it (llama.cpp --rms-norm-eps)"
+        )
+    warnings.append(
+        f"ggjt files do not record the context length ({h.context_length} for this model): loaders use "
+        f"the one they are given (llama.cpp -c, ctransformers context_length=; both default to {ASSUMED_CONTEXT})"
+    )
     v = conv.source.vocab
     if (v.bos_id, v.eos_id) != (LOADER_BOS, LOADER_EOS):
         warnings.append(f"BOS/EOS are tokens {v.bos_id}/{v.eos_id}, but ggjt loaders use {LOADER_BOS}/{LOADER_EOS}")
@@ -117,11 +137,21 @@ def ggjt_hparams(conv: Conversion) -> GGJTHParams:
     n_mult = find_n_mult(h.dim, h.ffn_dim, h.multiple_of)
     if n_mult is None:
         raw = 8 * h.dim // 3
-        raise LlmconvError(f"feed-forward size {h.ffn_dim} cannot be expressed in a ggjt file: its loaders compute "
-                           f"it from dim {h.dim} as ceil({raw} / n_mult) * n_mult, which is never below {raw} "
-                           "(use --format gguf)", file=conv.source.path)
-    return GGJTHParams(n_vocab=len(conv.source.vocab), n_embd=h.dim, n_mult=n_mult, n_head=h.n_heads,
-                       n_layer=h.n_layers, n_rot=h.rope_dim, ftype=conv.plan.file_type)
+        raise LlmconvError(
+            f"feed-forward size {h.ffn_dim} cannot be expressed in a ggjt file: its loaders compute "
+            f"it from dim {h.dim} as ceil({raw} / n_mult) * n_mult, which is never below {raw} "
+            "(use --format gguf)",
+            file=conv.source.path,
+        )
+    return GGJTHParams(
+        n_vocab=len(conv.source.vocab),
+        n_embd=h.dim,
+        n_mult=n_mult,
+        n_head=h.n_heads,
+        n_layer=h.n_layers,
+        n_rot=h.rope_dim,
+        ftype=conv.plan.file_type,
+    )
 
 
 def ggjt_tensors(conv: Conversion) -> list[tuple[PlannedTensor, GGJTTensor]]:
@@ -135,14 +165,16 @@ def ggjt_tensors(conv: Conversion) -> list[tuple[PlannedTensor, GGJTTensor]]:
     for t in planned:
         if t.qtype.ggml_type not in GGJT_TYPES:
             where = t.src.files[0] if t.src.files else None
-            raise LlmconvError(f"type {t.qtype.name} cannot be stored in a ggjt v3 file (only {TYPE_NAMES})",
-                               file=where, tensor=t.name)
+            raise LlmconvError(
+                f"type {t.qtype.name} cannot be stored in a ggjt v3 file (only {TYPE_NAMES})", file=where, tensor=t.name
+            )
         out.append((t, GGJTTensor(ggjt_name(t.name), t.shape, t.qtype.ggml_type, t.nbytes)))
     return out
 
 
-def plan_ggml_conversion(model_dir: str | Path, *, outtype: str = "auto", outfile: str | Path | None = None,
-                         **kw) -> Conversion:
+def plan_ggml_conversion(
+    model_dir: str | Path, *, outtype: str = "auto", outfile: str | Path | None = None, **kw
+) -> Conversion:
     """plan_conversion for a ggjt file: every 2-D weight in the requested type (ggjt-era
     loaders know no per-tensor upgrades), 'auto' is f16 unless the source is f32, and the
     default file name ends in .bin."""
@@ -159,9 +191,10 @@ def plan_ggml_conversion(model_dir: str | Path, *, outtype: str = "auto", outfil
     return conv
 
 
-def write_ggml(conv: Conversion, threads: int = 1, progress: bool = True, force: bool = False,
-               verbose: bool = False) -> WriteResult:
-    check_ggjt(conv)        # refuses what ggjt cannot hold, also for a Conversion planned elsewhere
+def write_ggml(
+    conv: Conversion, threads: int = 1, progress: bool = True, force: bool = False, verbose: bool = False
+) -> WriteResult:
+    check_ggjt(conv)  # refuses what ggjt cannot hold, also for a Conversion planned elsewhere
     hparams = ggjt_hparams(conv)
     pairs = ggjt_tensors(conv)
     layout = plan_layout(hparams, ggjt_vocab(conv.source.vocab), [g for _, g in pairs])
@@ -169,8 +202,7 @@ def write_ggml(conv: Conversion, threads: int = 1, progress: bool = True, force:
     start = time.perf_counter()
     with atomic_output(out_path, force=force) as tmp:
         try:
-            with GGJTFileWriter(tmp, layout) as writer, \
-                    byte_bar(layout.total_size, out_path.name, progress) as bar:
+            with GGJTFileWriter(tmp, layout) as writer, byte_bar(layout.total_size, out_path.name, progress) as bar:
                 bar.update(len(layout.header))
 
                 def done(job: stream.Job, t: PlannedTensor, g) -> None:
@@ -179,16 +211,21 @@ def write_ggml(conv: Conversion, threads: int = 1, progress: bool = True, force:
                         bar.write(f"  {g.name:36s} {t.qtype.name:6s} {str(t.shape):18s} {t.nbytes:>12,d} B")
 
                 # the same engine as GGUF output: chunks read once, converted and pwritten by workers
-                jobs = [stream.Job(t.src, [stream.Sink(t.qtype, writer.fd, writer.place(g.name), getattr(t, "imatrix", None))],
-                                   done=lambda job, t=t, g=g: done(job, t, g)) for t, g in pairs]
+                jobs = [
+                    stream.Job(
+                        t.src,
+                        [stream.Sink(t.qtype, writer.fd, writer.place(g.name), getattr(t, "imatrix", None))],
+                        done=lambda job, t=t, g=g: done(job, t, g),
+                    )
+                    for t, g in pairs
+                ]
                 stream.run(jobs, threads, progress=bar.update)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise LlmconvError(f"write failed: {e.strerror}", file=out_path) from None
             raise
         check_written(Path(tmp.read_path), hparams, layout, out_path)
-    return WriteResult(out_path, len(pairs), layout.total_size, time.perf_counter() - start,
-                           paths=[out_path])
+    return WriteResult(out_path, len(pairs), layout.total_size, time.perf_counter() - start, paths=[out_path])
 
 
 def check_written(path: Path, hparams: GGJTHParams, layout, label: Path) -> None:
@@ -197,10 +234,24 @@ def check_written(path: Path, hparams: GGJTHParams, layout, label: Path) -> None
     if size != layout.total_size:
         raise LlmconvError(f"written size {size} != planned {layout.total_size}", file=label)
     g = read_ggml(path)
-    got_h = (g.hparams.n_vocab, g.hparams.n_embd, g.hparams.n_mult, g.hparams.n_head, g.hparams.n_layer,
-             g.hparams.n_rot, g.hparams.ftype)
-    want_h = (hparams.n_vocab, hparams.n_embd, hparams.n_mult, hparams.n_head, hparams.n_layer, hparams.n_rot,
-              hparams.ftype)
+    got_h = (
+        g.hparams.n_vocab,
+        g.hparams.n_embd,
+        g.hparams.n_mult,
+        g.hparams.n_head,
+        g.hparams.n_layer,
+        g.hparams.n_rot,
+        g.hparams.ftype,
+    )
+    want_h = (
+        hparams.n_vocab,
+        hparams.n_embd,
+        hparams.n_mult,
+        hparams.n_head,
+        hparams.n_layer,
+        hparams.n_rot,
+        hparams.ftype,
+    )
     if (g.magic, g.version, got_h) != ("ggjt", 3, want_h):
         raise LlmconvError(f"re-read header disagrees: {g.magic} v{g.version} {got_h} != ggjt v3 {want_h}", file=label)
     got = [(t.name, t.ggml_type, t.shape, t.offset, t.nbytes) for t in g.tensors]

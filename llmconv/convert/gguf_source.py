@@ -6,6 +6,7 @@ every count, length, offset and the known keys' types before anything is allocat
 tensor data is read with pread at the offsets it validated (formats/rawread.py), so a file
 that shrinks during the run is an error naming the tensor, not a SIGBUS.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,9 +31,9 @@ _FLOAT_INPUTS = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantiz
 class GGUFSource:
     path: Path
     arch: str
-    kvs: list[KV]                # pass-through metadata, in file order
+    kvs: list[KV]  # pass-through metadata, in file order
     tensors: list[SourceTensor]
-    source_types: dict[str, GGMLQuantizationType]     # each tensor's type in the file (requantize warning)
+    source_types: dict[str, GGMLQuantizationType]  # each tensor's type in the file (requantize warning)
 
     @property
     def tied_embeddings(self) -> bool:
@@ -41,21 +42,28 @@ class GGUFSource:
 
 def open_gguf_source(path: str | Path, allow_requantize: bool = False) -> GGUFSource:
     path = Path(path)
-    g = read_gguf(path)          # structure and the known keys' types (general.architecture a string, ...)
+    g = read_gguf(path)  # structure and the known keys' types (general.architecture a string, ...)
     arch = g.kvs.get(Keys.General.ARCHITECTURE)
     if arch is None:
         raise LlmconvError("no general.architecture key", file=path)
     if int(g.kvs.get("split.count", 1)) > 1:
         raise LlmconvError("split GGUF input is not supported; merge it first (llama-gguf-split --merge)", file=path)
-    kvs = [KV(name, value, g.kv_types[name].type, g.kv_types[name].element)
-           for name, value in g.kvs.items() if name not in _REPLACED_KEYS and not name.startswith("split.")]
+    kvs = [
+        KV(name, value, g.kv_types[name].type, g.kv_types[name].element)
+        for name, value in g.kvs.items()
+        if name not in _REPLACED_KEYS and not name.startswith("split.")
+    ]
 
     tensors, types = [], {}
     file = SourceFile(path)
     for t in g.tensors:
         if t.ggml_type not in _FLOAT_INPUTS and not allow_requantize:
-            raise LlmconvError(f"tensor is already {t.ggml_type.name}; requantizing loses quality "
-                               "(pass --allow-requantize to do it anyway)", file=path, tensor=t.name)
+            raise LlmconvError(
+                f"tensor is already {t.ggml_type.name}; requantizing loses quality "
+                "(pass --allow-requantize to do it anyway)",
+                file=path,
+                tensor=t.name,
+            )
         try:
             qt = q.get(t.ggml_type)
         except KeyError:
@@ -65,19 +73,27 @@ def open_gguf_source(path: str | Path, allow_requantize: bool = False) -> GGUFSo
             raw = RawTensor(file, t.offset, qt.name, t.shape, t.name)
             load, read_rows = raw.load, raw.read_rows
         else:
-            load = lambda off=t.offset, n=t.nbytes, shape=t.shape, qt=qt, name=t.name: \
-                _load(file, off, n, shape, qt, name)
+            load = lambda off=t.offset, n=t.nbytes, shape=t.shape, qt=qt, name=t.name: _load(
+                file, off, n, shape, qt, name
+            )
             read_rows = lambda a, b, out, off=t.offset, qt=qt, name=t.name: _read_rows(file, off, qt, name, a, b, out)
-        tensors.append(SourceTensor(
-            name=t.name, shape=t.shape, files=[path], source_name=t.name, source_dtype=qt.name, load=load,
-            parts=_slices(file, t, qt) if len(t.shape) == 3 else None, read_rows=read_rows,
-            prefetch=lambda off=t.offset, n=t.nbytes: file.will_need(off, n),
-        ))
+        tensors.append(
+            SourceTensor(
+                name=t.name,
+                shape=t.shape,
+                files=[path],
+                source_name=t.name,
+                source_dtype=qt.name,
+                load=load,
+                parts=_slices(file, t, qt) if len(t.shape) == 3 else None,
+                read_rows=read_rows,
+                prefetch=lambda off=t.offset, n=t.nbytes: file.will_need(off, n),
+            )
+        )
     return GGUFSource(path, arch, kvs, tensors, types)
 
 
-def _load(file: SourceFile, offset: int, nbytes: int, shape: tuple[int, ...], qt: q.QuantType,
-          name: str) -> np.ndarray:
+def _load(file: SourceFile, offset: int, nbytes: int, shape: tuple[int, ...], qt: q.QuantType, name: str) -> np.ndarray:
     raw = np.empty(nbytes, np.uint8)
     file.read_into(offset, raw, name)
     rows = int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1

@@ -13,6 +13,7 @@ What differs from a Meta checkpoint, and how it is undone here:
 config.json is read in hf_config.py and the tokenizer files in hf_tokenizer.py; this module maps
 the tensors and puts the Source together.
 """
+
 from __future__ import annotations
 
 import re
@@ -57,9 +58,18 @@ _MAY_HAVE_BIAS = {k for k in HF_LAYER_NAMES if k.startswith(("self_attn.", "mlp.
 _DROPPED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 # Order of a layer's tensors in the output (the order of a Meta checkpoint).
-_LAYER_ORDER = [MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K, MODEL_TENSOR.ATTN_V, MODEL_TENSOR.ATTN_OUT,
-                MODEL_TENSOR.FFN_GATE, MODEL_TENSOR.FFN_DOWN, MODEL_TENSOR.FFN_UP, *moe.LAYER_ORDER,
-                MODEL_TENSOR.ATTN_NORM, MODEL_TENSOR.FFN_NORM]
+_LAYER_ORDER = [
+    MODEL_TENSOR.ATTN_Q,
+    MODEL_TENSOR.ATTN_K,
+    MODEL_TENSOR.ATTN_V,
+    MODEL_TENSOR.ATTN_OUT,
+    MODEL_TENSOR.FFN_GATE,
+    MODEL_TENSOR.FFN_DOWN,
+    MODEL_TENSOR.FFN_UP,
+    *moe.LAYER_ORDER,
+    MODEL_TENSOR.ATTN_NORM,
+    MODEL_TENSOR.FFN_NORM,
+]
 
 
 def hf_name_to_gguf(name: str) -> str | None:
@@ -88,6 +98,7 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 # ---- the source ------------------------------------------------------------------------------
 
+
 def open_hf_source(model_dir: Path, ctx: int | None = None, pre: str | None = None, tokenizer: Path | None = None):
     """`pre` overrides the detected tokenizer.ggml.pre of a tokenizer.json BPE vocabulary;
     `tokenizer` (--tokenizer) is a folder holding the tokenizer files, or one tokenizer file."""
@@ -113,24 +124,37 @@ def open_hf_source(model_dir: Path, ctx: int | None = None, pre: str | None = No
         ordered.insert(0, rope_freqs_tensor(cfg.scaling, cfg.head_dim, cfg.theta, cfg.file))
     vocab, special = load_hf_tokenizer(model_dir, tokenizer, emb_rows, warnings, pre)
 
-    h = LlamaHParams(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv,
-                     vocab_size=vocab_size, ffn_dim=cfg.ffn, norm_eps=cfg.norm_eps, rope_theta=cfg.theta,
-                     context_length=cfg.ctx_len, family=cfg.family(vocab_size), tied_embeddings=tied,
-                     stated_head_dim=cfg.stated_head_dim,
-                     n_expert=moe_config.n_expert if moe_config else 0,
-                     n_expert_used=moe_config.n_expert_used if moe_config else 0)
+    h = LlamaHParams(
+        dim=cfg.dim,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_kv,
+        vocab_size=vocab_size,
+        ffn_dim=cfg.ffn,
+        norm_eps=cfg.norm_eps,
+        rope_theta=cfg.theta,
+        context_length=cfg.ctx_len,
+        family=cfg.family(vocab_size),
+        tied_embeddings=tied,
+        stated_head_dim=cfg.stated_head_dim,
+        n_expert=moe_config.n_expert if moe_config else 0,
+        n_expert_used=moe_config.n_expert_used if moe_config else 0,
+    )
     return Source("hf", model_dir, h, vocab, ordered, extra_kvs=extra + special, warnings=warnings)
 
 
 def _embedding_rows(entries: dict[str, WeightEntry], files: list[Path], cfg: HFConfig) -> tuple[int, int]:
     """(embedding rows, vocab_size): config.json's vocab_size must be the embedding's row count."""
     if "model.embed_tokens.weight" not in entries:
-        raise LlmconvError("checkpoint has no model.embed_tokens.weight", file=files[0], tensor="model.embed_tokens.weight")
+        raise LlmconvError(
+            "checkpoint has no model.embed_tokens.weight", file=files[0], tensor="model.embed_tokens.weight"
+        )
     emb_rows = entries["model.embed_tokens.weight"].shape[0]
     vocab_size = cfg.raw.get("vocab_size", emb_rows)
     if vocab_size != emb_rows:
-        raise LlmconvError(f"vocab_size {vocab_size} != embedding rows {emb_rows}", file=cfg.file,
-                           tensor="model.embed_tokens.weight")
+        raise LlmconvError(
+            f"vocab_size {vocab_size} != embedding rows {emb_rows}", file=cfg.file, tensor="model.embed_tokens.weight"
+        )
     return emb_rows, vocab_size
 
 
@@ -141,28 +165,44 @@ def _drop_tied_output(entries: dict[str, WeightEntry], cfg: HFConfig, warnings: 
         warnings.append("lm_head.weight ignored: tie_word_embeddings is set, so the output reuses the embedding")
         del entries["lm_head.weight"]
     elif "lm_head.weight" not in entries and tie is False:
-        warnings.append("config.json says tie_word_embeddings false but there is no lm_head.weight: "
-                        "the output reuses the embedding")
+        warnings.append(
+            "config.json says tie_word_embeddings false but there is no lm_head.weight: the output reuses the embedding"
+        )
     return "lm_head.weight" not in entries
 
 
 def _expected(cfg: HFConfig, vocab_size: int, moe_config) -> dict[str, tuple[int, ...]]:
     """GGUF name -> the shape config.json implies (a MoE model's dense ffn tensors are not expected)."""
-    expected = {meta_to_gguf_name(k): v for k, v in expected_shapes(
-        cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv, cfg.ffn, vocab_size, cfg.head_dim).items()}
+    expected = {
+        meta_to_gguf_name(k): v
+        for k, v in expected_shapes(
+            cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv, cfg.ffn, vocab_size, cfg.head_dim
+        ).items()
+    }
     if moe_config is not None:
         dense_ffn = moe.dense_ffn_names(cfg.n_layers)
         expected = {k: v for k, v in expected.items() if k not in dense_ffn}
     return expected
 
 
-def _map_tensors(entries: dict[str, WeightEntry], cfg: HFConfig, vocab_size: int, moe_config) -> dict[str, SourceTensor]:
+def _map_tensors(
+    entries: dict[str, WeightEntry], cfg: HFConfig, vocab_size: int, moe_config
+) -> dict[str, SourceTensor]:
     """GGUF name -> SourceTensor for every stored tensor, each checked against its expected shape."""
     expected = _expected(cfg, vocab_size, moe_config)
     tensors: dict[str, SourceTensor] = {}
-    if moe_config is not None:      # Mixtral: routers and stacked experts instead of the dense ffn
-        tensors.update(moe.stack_experts(entries, moe_config, dim=cfg.dim, ffn=cfg.ffn, n_layers=cfg.n_layers,
-                                         cfg_file=cfg.file, expert_loader=lambda e: weight_loader(e, None)))
+    if moe_config is not None:  # Mixtral: routers and stacked experts instead of the dense ffn
+        tensors.update(
+            moe.stack_experts(
+                entries,
+                moe_config,
+                dim=cfg.dim,
+                ffn=cfg.ffn,
+                n_layers=cfg.n_layers,
+                cfg_file=cfg.file,
+                expert_loader=lambda e: weight_loader(e, None),
+            )
+        )
     for name, e in entries.items():
         if _DROPPED.fullmatch(name):
             continue
@@ -170,21 +210,38 @@ def _map_tensors(entries: dict[str, WeightEntry], cfg: HFConfig, vocab_size: int
         if gguf_name is None:
             raise LlmconvError("unknown tensor name: no GGUF mapping for it", file=e.file, tensor=name)
         if gguf_name in tensors:
-            raise LlmconvError(f"both {tensors[gguf_name].source_name} and {name} map to {gguf_name}", file=e.file, tensor=name)
+            raise LlmconvError(
+                f"both {tensors[gguf_name].source_name} and {name} map to {gguf_name}", file=e.file, tensor=name
+            )
         layer = re.match(r"model\.layers\.(\d+)\.", name)
         if layer and int(layer.group(1)) >= cfg.n_layers:
-            raise LlmconvError(f"config.json says {cfg.n_layers} layers but the checkpoint has more", file=e.file, tensor=name)
-        want = expected.get(gguf_name) if gguf_name.endswith(".weight") else \
-            (expected[gguf_name[:-len("bias")] + "weight"][0],)
+            raise LlmconvError(
+                f"config.json says {cfg.n_layers} layers but the checkpoint has more", file=e.file, tensor=name
+            )
+        want = (
+            expected.get(gguf_name)
+            if gguf_name.endswith(".weight")
+            else (expected[gguf_name[: -len("bias")] + "weight"][0],)
+        )
         if tuple(e.shape) != want:
-            raise LlmconvError(f"shape {tuple(e.shape)} but config.json (hidden_size={cfg.dim}, heads={cfg.n_heads}, "
-                               f"head_dim={cfg.head_dim}, kv_heads={cfg.n_kv}, intermediate_size={cfg.ffn}, "
-                               f"vocab_size={vocab_size}) implies {want}", file=e.file, tensor=name)
+            raise LlmconvError(
+                f"shape {tuple(e.shape)} but config.json (hidden_size={cfg.dim}, heads={cfg.n_heads}, "
+                f"head_dim={cfg.head_dim}, kv_heads={cfg.n_kv}, intermediate_size={cfg.ffn}, "
+                f"vocab_size={vocab_size}) implies {want}",
+                file=e.file,
+                tensor=name,
+            )
         heads = cfg.n_heads if ".self_attn.q_proj." in name else cfg.n_kv if ".self_attn.k_proj." in name else None
-        tensors[gguf_name] = SourceTensor(name=gguf_name, shape=tuple(e.shape), load=weight_loader(e, heads),
-                                          files=[e.file], source_name=name, source_dtype=e.dtype,
-                                          read_rows=weight_rows(e, heads),
-                                          prefetch=e.raw.prefetch if e.raw is not None else None)
+        tensors[gguf_name] = SourceTensor(
+            name=gguf_name,
+            shape=tuple(e.shape),
+            load=weight_loader(e, heads),
+            files=[e.file],
+            source_name=name,
+            source_dtype=e.dtype,
+            read_rows=weight_rows(e, heads),
+            prefetch=e.raw.prefetch if e.raw is not None else None,
+        )
     return tensors
 
 
@@ -193,9 +250,11 @@ def weight_loader(e: WeightEntry, heads: int | None) -> Callable[[], np.ndarray]
         if e.raw is not None:
             a = e.raw.load()
         else:
-            import torch        # only for a tensor pread cannot place
+            import torch  # only for a tensor pread cannot place
+
             a = e.get().to(torch.float32).numpy()
         return np.ascontiguousarray(unpermute_rows(a, heads)) if heads else a
+
     return load
 
 
@@ -215,4 +274,3 @@ def ordered_tensors(tensors: dict[str, SourceTensor], n_layers: int) -> list[Sou
         keys += [tensor_name(k, i) for k in _LAYER_ORDER] + [tensor_name(k, i, "bias") for k in _LAYER_ORDER]
     keys += [tensor_name(MODEL_TENSOR.OUTPUT_NORM), tensor_name(MODEL_TENSOR.OUTPUT)]
     return [tensors[k] for k in keys if k in tensors]
-

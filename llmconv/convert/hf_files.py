@@ -3,6 +3,7 @@ index file, or shards named -0000k-of-0000N. `safe_open` checks each safetensors
 streaming engine then reads rows with pread at the offsets the header gives (formats/rawread.py;
 .bin zips: torch_zip.py), `get` remains for whole-tensor users. Also the JSON reader the HF
 modules share."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,7 @@ from ..errors import LlmconvError, load_json
 from ..formats.rawread import RawTensor, SourceFile
 
 if TYPE_CHECKING:
-    import torch        # `get` returns torch tensors; importing torch at run time costs ~1.4 s of CPU
+    import torch  # `get` returns torch tensors; importing torch at run time costs ~1.4 s of CPU
 
 _ST_DTYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
 
@@ -35,37 +36,46 @@ def read_json(path: Path, required: bool = True) -> dict | None:
 class WeightEntry:
     file: Path
     shape: tuple[int, ...]
-    dtype: str                                  # "bf16", "f16", "f32"
+    dtype: str  # "bf16", "f16", "f32"
     get: Callable[[], torch.Tensor]
-    raw: RawTensor | None = None                # where its bytes lie, for pread (None: only `get`)
+    raw: RawTensor | None = None  # where its bytes lie, for pread (None: only `get`)
     # t[i] alone, read without the rest (a safetensors slice): one expert of a fused MoE tensor
     get_expert: Callable[[int], torch.Tensor] | None = None
 
 
 # File layouts: "safetensors" and "bin" are Hugging Face's, "consolidated" is Mistral's own
 # (consolidated.safetensors, or consolidated-0000k-of-0000N.safetensors: split by tensor, not model-parallel).
-_SHARD_RE = {"safetensors": re.compile(r"model-(\d+)-of-(\d+)\.safetensors"),
-             "bin": re.compile(r"pytorch_model-(\d+)-of-(\d+)\.bin"),
-             "consolidated": re.compile(r"consolidated-(\d+)-of-(\d+)\.safetensors")}
+_SHARD_RE = {
+    "safetensors": re.compile(r"model-(\d+)-of-(\d+)\.safetensors"),
+    "bin": re.compile(r"pytorch_model-(\d+)-of-(\d+)\.bin"),
+    "consolidated": re.compile(r"consolidated-(\d+)-of-(\d+)\.safetensors"),
+}
 _SINGLE = {"safetensors": "model.safetensors", "bin": "pytorch_model.bin", "consolidated": "consolidated.safetensors"}
-_INDEX = {"safetensors": "model.safetensors.index.json", "bin": "pytorch_model.bin.index.json",
-          "consolidated": "consolidated.safetensors.index.json"}
+_INDEX = {
+    "safetensors": "model.safetensors.index.json",
+    "bin": "pytorch_model.bin.index.json",
+    "consolidated": "consolidated.safetensors.index.json",
+}
 
 
 def _shards_on_disk(model_dir: Path, kind: str) -> list[Path]:
     return sorted(p for p in model_dir.iterdir() if _SHARD_RE[kind].fullmatch(p.name))
 
 
-def find_weight_files(model_dir: Path, kinds: tuple[str, ...] = ("safetensors", "bin")
-                      ) -> tuple[str, list[Path], dict[str, str] | None, Path | None]:
+def find_weight_files(
+    model_dir: Path, kinds: tuple[str, ...] = ("safetensors", "bin")
+) -> tuple[str, list[Path], dict[str, str] | None, Path | None]:
     """(kind, files, weight_map or None, index path or None). safetensors first, like transformers."""
     for kind in kinds:
         index = model_dir / _INDEX[kind]
         if index.is_file():
             doc = read_json(index)
             wmap = doc.get("weight_map")
-            if not isinstance(wmap, dict) or not wmap or not all(
-                    isinstance(k, str) and isinstance(v, str) for k, v in wmap.items()):
+            if (
+                not isinstance(wmap, dict)
+                or not wmap
+                or not all(isinstance(k, str) and isinstance(v, str) for k, v in wmap.items())
+            ):
                 raise LlmconvError("no 'weight_map' of tensor name -> file name", file=index)
             names = list(dict.fromkeys(wmap.values()))
             for fname in names:
@@ -95,10 +105,15 @@ def find_weight_files(model_dir: Path, kinds: tuple[str, ...] = ("safetensors", 
                 raise LlmconvError(f"shard {missing[0]} of {n} is missing", file=model_dir / want)
             return kind, sorted(shards, key=_shard_key), None, None
     if kinds == ("consolidated",):
-        raise LlmconvError("no weights found: expected consolidated.safetensors or "
-                           "consolidated-0000k-of-0000N.safetensors", file=model_dir)
-    raise LlmconvError("no weights found: expected model.safetensors, model-0000k-of-0000N.safetensors "
-                       "(+ model.safetensors.index.json) or pytorch_model*.bin", file=model_dir)
+        raise LlmconvError(
+            "no weights found: expected consolidated.safetensors or consolidated-0000k-of-0000N.safetensors",
+            file=model_dir,
+        )
+    raise LlmconvError(
+        "no weights found: expected model.safetensors, model-0000k-of-0000N.safetensors "
+        "(+ model.safetensors.index.json) or pytorch_model*.bin",
+        file=model_dir,
+    )
 
 
 def _shard_key(p: Path):
@@ -106,13 +121,14 @@ def _shard_key(p: Path):
     return (int(m.group(1)) if m else 0, p.name)
 
 
-def open_weights(model_dir: Path, kinds: tuple[str, ...] = ("safetensors", "bin")
-                 ) -> tuple[dict[str, WeightEntry], list[Path]]:
+def open_weights(
+    model_dir: Path, kinds: tuple[str, ...] = ("safetensors", "bin")
+) -> tuple[dict[str, WeightEntry], list[Path]]:
     """name -> WeightEntry for every tensor in the checkpoint, in file order; nothing is read yet."""
     kind, files, wmap, index = find_weight_files(model_dir, kinds)
     entries: dict[str, WeightEntry] = {}
     for path in files:
-        for name, entry in (_bin_entries(path) if kind == "bin" else _safetensors_entries(path)):
+        for name, entry in _bin_entries(path) if kind == "bin" else _safetensors_entries(path):
             if name in entries:
                 raise LlmconvError(f"tensor is stored twice, also in {entries[name].file.name}", file=path, tensor=name)
             if wmap is not None and wmap.get(name) != path.name:
@@ -122,13 +138,15 @@ def open_weights(model_dir: Path, kinds: tuple[str, ...] = ("safetensors", "bin"
     if wmap is not None:
         for name, fname in wmap.items():
             if name not in entries:
-                raise LlmconvError(f"{index.name} lists the tensor in {fname} but it is not there",
-                                   file=model_dir / fname, tensor=name)
+                raise LlmconvError(
+                    f"{index.name} lists the tensor in {fname} but it is not there", file=model_dir / fname, tensor=name
+                )
     return entries, files
 
 
 def _safetensors_entries(path: Path):
     from safetensors import SafetensorError, safe_open
+
     try:
         # the numpy view of the header: framework="pt" would import torch (~1.4 s of CPU) to
         # read names, dtypes and shapes; torch's handle is opened only if a tensor is `get`
@@ -150,8 +168,17 @@ def _safetensors_entries(path: Path):
             raw = RawTensor(file, places[name][0], dtype, shape, name)
             if places[name][1] - places[name][0] != raw.nbytes:
                 raw = None
-        yield name, WeightEntry(path, shape, dtype, lambda h=torch_handle, n=name: h().get_tensor(n), raw,
-                                lambda i, h=torch_handle, n=name: h().get_slice(n)[i])
+        yield (
+            name,
+            WeightEntry(
+                path,
+                shape,
+                dtype,
+                lambda h=torch_handle, n=name: h().get_tensor(n),
+                raw,
+                lambda i, h=torch_handle, n=name: h().get_slice(n)[i],
+            ),
+        )
 
 
 def _opened_on_first_use(path: Path):
@@ -161,8 +188,10 @@ def _opened_on_first_use(path: Path):
     def handle():
         if not handles:
             from safetensors import safe_open
+
             handles.append(safe_open(str(path), framework="pt"))
         return handles[0]
+
     return handle
 
 
@@ -173,15 +202,19 @@ def _safetensors_places(path: Path) -> dict[str, tuple[int, int]]:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(n))
-        return {k: (8 + n + int(v["data_offsets"][0]), 8 + n + int(v["data_offsets"][1]))
-                for k, v in header.items() if k != "__metadata__"}
+        return {
+            k: (8 + n + int(v["data_offsets"][0]), 8 + n + int(v["data_offsets"][1]))
+            for k, v in header.items()
+            if k != "__metadata__"
+        }
     except (OSError, ValueError, TypeError, KeyError, IndexError):
-        return {}           # safe_open read it, so this does not happen; `get` still works
+        return {}  # safe_open read it, so this does not happen; `get` still works
 
 
 def _bin_entries(path: Path):
     from .pth import safe_torch_load
     from .torch_zip import TORCH_DTYPE_NAMES, raw_tensors
+
     sd = safe_torch_load(path)
     raws = raw_tensors(path, sd) or {}
     for name, t in sd.items():

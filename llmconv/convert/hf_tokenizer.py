@@ -1,6 +1,7 @@
 """The tokenizer of a Hugging Face checkpoint: tokenizer.model, tokenizer.json or tekken.json, then
 tokenizer_config.json's added tokens and special tokens, generation_config.json's stop ids and
 the chat template."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from .tokenizer import Vocab, check_vocab_size, load_sentencepiece, load_sentenc
 # Token texts that end a chat turn; when generation_config.json stops on one of them it is
 # written as tokenizer.ggml.eot_token_id so llama.cpp ends the turn there.
 END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "<|eot|>")
-END_OF_MESSAGE = ("<|eom_id|>", "<|eom|>")          # <|eot|>, <|eom|>: Llama 4
+END_OF_MESSAGE = ("<|eom_id|>", "<|eom|>")  # <|eot|>, <|eom|>: Llama 4
 
 
 def _token_text(v) -> str | None:
@@ -26,12 +27,19 @@ def _token_text(v) -> str | None:
     return v if isinstance(v, str) else None
 
 
-def load_hf_vocab(model_dir: Path, tok_config: dict | None, n_embd_rows: int, warnings: list[str],
-                  pre: str | None = None, tok_file: Path | None = None) -> Vocab:
+def load_hf_vocab(
+    model_dir: Path,
+    tok_config: dict | None,
+    n_embd_rows: int,
+    warnings: list[str],
+    pre: str | None = None,
+    tok_file: Path | None = None,
+) -> Vocab:
     """From `model_dir` (the checkpoint's or --tokenizer's folder), or from `tok_file` when
     --tokenizer names a file: a .json one is a tokenizer.json, anything else SentencePiece."""
     if tok_file is not None and tok_file.suffix == ".json":
         from .bpe import load_tokenizer_json
+
         vocab = load_tokenizer_json(tok_file, tok_config, pre)
     elif tok_file is not None:
         vocab = load_sentencepiece_file(tok_file)
@@ -40,21 +48,25 @@ def load_hf_vocab(model_dir: Path, tok_config: dict | None, n_embd_rows: int, wa
         vocab = load_sentencepiece(model_dir)
         add_decoder_tokens(vocab, tok_config, model_dir / "tokenizer_config.json")
     elif (model_dir / "tokenizer.json").is_file():
-        from .bpe import load_tokenizer_json   # byte-level BPE (LLaMA 3 and most newer models)
+        from .bpe import load_tokenizer_json  # byte-level BPE (LLaMA 3 and most newer models)
+
         vocab = load_tokenizer_json(model_dir / "tokenizer.json", tok_config, pre)
     elif (model_dir / "tekken.json").is_file():
-        from .tekken import tekken_vocab       # Mistral's own tokenizer file, as llama.cpp reads it here too
+        from .tekken import tekken_vocab  # Mistral's own tokenizer file, as llama.cpp reads it here too
+
         vocab = tekken_vocab(model_dir / "tekken.json")
         vocab.pre = pre or vocab.pre
     else:
-        raise LlmconvError("no tokenizer: expected tokenizer.model (SentencePiece), tokenizer.json or tekken.json",
-                           file=model_dir)
+        raise LlmconvError(
+            "no tokenizer: expected tokenizer.model (SentencePiece), tokenizer.json or tekken.json", file=model_dir
+        )
     if len(vocab) < n_embd_rows:
         # The embedding has rows no token maps to (vocabularies padded to a round size):
         # named placeholder tokens of type UNUSED, as llama.cpp's converter writes them.
         n = n_embd_rows - len(vocab)
-        warnings.append(f"tokenizer has {len(vocab)} tokens, the embedding {n_embd_rows} rows: "
-                        f"{n} unused [PAD] tokens added")
+        warnings.append(
+            f"tokenizer has {len(vocab)} tokens, the embedding {n_embd_rows} rows: {n} unused [PAD] tokens added"
+        )
         with_scores = len(vocab.scores) == len(vocab.tokens)
         for i in range(len(vocab), n_embd_rows):
             vocab.tokens.append(f"[PAD{i}]".encode())
@@ -92,8 +104,10 @@ def add_decoder_tokens(vocab: Vocab, tok_config: dict | None, file: Path) -> Non
             vocab.scores.append(-1000.0)
             vocab.token_types.append(ttype)
         else:
-            raise LlmconvError(f"added token {text!r} has id {tid} but the vocabulary ends at {len(vocab) - 1}: "
-                               f"ids would have a gap", file=file)
+            raise LlmconvError(
+                f"added token {text!r} has id {tid} but the vocabulary ends at {len(vocab) - 1}: ids would have a gap",
+                file=file,
+            )
 
 
 def _text(token: bytes | str) -> str:
@@ -103,9 +117,9 @@ def _text(token: bytes | str) -> str:
 @dataclass
 class SpecialTokens:
     eom_id: int | None = None
-    chat_templates: dict[str, str] | None = None   # name -> template; "default" is the main one
-    add_space_prefix: bool | None = None           # tokenizer_config.json add_prefix_space
-    fim_ids: dict[str, int] | None = None          # Code Llama's fill-in-the-middle tokens
+    chat_templates: dict[str, str] | None = None  # name -> template; "default" is the main one
+    add_space_prefix: bool | None = None  # tokenizer_config.json add_prefix_space
+    fim_ids: dict[str, int] | None = None  # Code Llama's fill-in-the-middle tokens
 
 
 # Code Llama's infilling tokens (vocabulary 32016: LLaMA 2's 32000 + 16), at the ids llama.cpp's
@@ -114,8 +128,9 @@ CODE_LLAMA_VOCAB = 32016
 CODE_LLAMA_FIM = {"prefix": 32007, "suffix": 32008, "middle": 32009, "eot": 32010}
 
 
-def load_hf_tokenizer(model_dir: Path, tokenizer: Path | None, n_embd_rows: int, warnings: list[str],
-                      pre: str | None) -> tuple[Vocab, list[KV]]:
+def load_hf_tokenizer(
+    model_dir: Path, tokenizer: Path | None, n_embd_rows: int, warnings: list[str], pre: str | None
+) -> tuple[Vocab, list[KV]]:
     """The vocabulary (with its special ids set) and the extra tokenizer keys (chat templates,
     eom, FIM ids, add_prefix_space). `tokenizer` is --tokenizer: a folder or one file."""
     from .hf_files import read_json
@@ -129,7 +144,9 @@ def load_hf_tokenizer(model_dir: Path, tokenizer: Path | None, n_embd_rows: int,
     return vocab, special_kvs(apply_special_tokens(vocab, tok_dir, tok_config, gen_config))
 
 
-def apply_special_tokens(vocab: Vocab, model_dir: Path, tok_config: dict | None, gen_config: dict | None) -> SpecialTokens:
+def apply_special_tokens(
+    vocab: Vocab, model_dir: Path, tok_config: dict | None, gen_config: dict | None
+) -> SpecialTokens:
     """Special token ids, add_bos/add_eos and the chat template, from tokenizer_config.json
     (the tokenizer's own settings) and then generation_config.json (ids the model stops on).
     A setting neither file gives keeps what the tokenizer itself says."""
@@ -156,6 +173,7 @@ def apply_special_tokens(vocab: Vocab, model_dir: Path, tok_config: dict | None,
 
 def _generation_ids(gc: dict, n_vocab: int, gc_file: Path):
     """A reader of generation_config.json's id lists (`eos_token_id` may be one id or a list)."""
+
     def gen_ids(key: str) -> list[int]:
         v = gc.get(key)
         ids = [v] if isinstance(v, int) else v if isinstance(v, list) else []
@@ -163,6 +181,7 @@ def _generation_ids(gc: dict, n_vocab: int, gc_file: Path):
             if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < n_vocab:
                 raise LlmconvError(f"{key} {i!r} is not a token id of the vocabulary ({n_vocab} tokens)", file=gc_file)
         return ids
+
     return gen_ids
 
 
@@ -181,8 +200,12 @@ def _set_special_ids(vocab: Vocab, tc: dict, tc_file: Path, gen_ids) -> None:
             raise LlmconvError(f"{key} {tc[key]!r} is not a token of the vocabulary", file=tc_file)
         return by_text[text]
 
-    for field_name, key in (("bos_id", "bos_token"), ("eos_id", "eos_token"), ("unk_id", "unk_token"),
-                            ("pad_id", "pad_token")):
+    for field_name, key in (
+        ("bos_id", "bos_token"),
+        ("eos_id", "eos_token"),
+        ("unk_id", "unk_token"),
+        ("pad_id", "pad_token"),
+    ):
         tid = token_id(key)
         if tid is None:
             ids = gen_ids(f"{key}_id") if key != "unk_token" else []

@@ -1,9 +1,10 @@
 """Model hyperparameters, and the rules that fill in what a checkpoint leaves out."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-ARCH = "llama"                 # general.architecture of every model llmconv writes
+ARCH = "llama"  # general.architecture of every model llmconv writes
 
 
 @dataclass
@@ -17,7 +18,7 @@ class LlamaHParams:
     norm_eps: float
     rope_theta: float
     context_length: int
-    family: str                      # "llama-1", "llama-2", "code-llama", "llama-3", ...
+    family: str  # "llama-1", "llama-2", "code-llama", "llama-3", ...
     multiple_of: int | None = None
     ffn_dim_multiplier: float | None = None
     tied_embeddings: bool = False
@@ -27,7 +28,7 @@ class LlamaHParams:
     # mixture of experts (Mixtral): experts per layer and experts each token uses; 0 when dense
     n_expert: int = 0
     n_expert_used: int = 0
-    arch: str = "llama"              # general.architecture: "llama", or "llama4" (convert/llama4.py)
+    arch: str = "llama"  # general.architecture: "llama", or "llama4" (convert/llama4.py)
 
     @property
     def head_dim(self) -> int:

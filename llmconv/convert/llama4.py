@@ -27,6 +27,7 @@ attention over 8192 tokens, temperature tuning with floor 8192 and scale 0.1, an
 on RoPE layers unless the model has 128 experts. A checkpoint that says otherwise would run
 differently in llama.cpp: it is refused, naming the key.
 """
+
 from __future__ import annotations
 
 import re
@@ -63,11 +64,24 @@ _MOE_NAMES = {
 }
 GATE_UP, DOWN = "feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"
 # the output order of a layer's tensors
-_LAYER_ORDER = [MODEL_TENSOR.ATTN_Q, MODEL_TENSOR.ATTN_K, MODEL_TENSOR.ATTN_V, MODEL_TENSOR.ATTN_OUT,
-                MODEL_TENSOR.FFN_GATE, MODEL_TENSOR.FFN_DOWN, MODEL_TENSOR.FFN_UP,
-                MODEL_TENSOR.FFN_GATE_INP, MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_DOWN_EXP, MODEL_TENSOR.FFN_UP_EXP,
-                MODEL_TENSOR.FFN_GATE_SHEXP, MODEL_TENSOR.FFN_DOWN_SHEXP, MODEL_TENSOR.FFN_UP_SHEXP,
-                MODEL_TENSOR.ATTN_NORM, MODEL_TENSOR.FFN_NORM]
+_LAYER_ORDER = [
+    MODEL_TENSOR.ATTN_Q,
+    MODEL_TENSOR.ATTN_K,
+    MODEL_TENSOR.ATTN_V,
+    MODEL_TENSOR.ATTN_OUT,
+    MODEL_TENSOR.FFN_GATE,
+    MODEL_TENSOR.FFN_DOWN,
+    MODEL_TENSOR.FFN_UP,
+    MODEL_TENSOR.FFN_GATE_INP,
+    MODEL_TENSOR.FFN_GATE_EXP,
+    MODEL_TENSOR.FFN_DOWN_EXP,
+    MODEL_TENSOR.FFN_UP_EXP,
+    MODEL_TENSOR.FFN_GATE_SHEXP,
+    MODEL_TENSOR.FFN_DOWN_SHEXP,
+    MODEL_TENSOR.FFN_UP_SHEXP,
+    MODEL_TENSOR.ATTN_NORM,
+    MODEL_TENSOR.FFN_NORM,
+]
 VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 
 
@@ -90,11 +104,12 @@ def hf_to_gguf(name: str, cfg: Llama4Config) -> str | None:
 def _unmapped(name: str, cfg: Llama4Config) -> str:
     m = re.fullmatch(re.escape(cfg.prefix) + r"layers\.(\d+)\.(.+)", name)
     if m and (m.group(2) in _MOE_NAMES or m.group(2).startswith("feed_forward.experts.")):
-        return (f"a MoE tensor in layer {m.group(1)}, which interleave_moe_layer_step {cfg.moe_step} "
-                f"makes a dense layer")
+        return f"a MoE tensor in layer {m.group(1)}, which interleave_moe_layer_step {cfg.moe_step} makes a dense layer"
     if m and m.group(2) in _DENSE_NAMES:
-        return (f"a dense feed-forward tensor in layer {m.group(1)}, which interleave_moe_layer_step "
-                f"{cfg.moe_step} makes a MoE layer")
+        return (
+            f"a dense feed-forward tensor in layer {m.group(1)}, which interleave_moe_layer_step "
+            f"{cfg.moe_step} makes a MoE layer"
+        )
     return "unknown tensor name: no llama4 GGUF mapping for it"
 
 
@@ -110,18 +125,25 @@ def expert_tensors(entries: dict, cfg: Llama4Config, layer: int, loader: Callabl
         if e is None:
             raise LlmconvError("tensor missing from the checkpoint", file=cfg.file.parent, tensor=p + hf_name)
         if tuple(e.shape) != want:
-            raise LlmconvError(f"shape {tuple(e.shape)} but {cfg.file.name} (hidden_size {d}, intermediate_size {f}, "
-                               f"{E} experts) implies {want}", file=e.file, tensor=p + hf_name)
+            raise LlmconvError(
+                f"shape {tuple(e.shape)} but {cfg.file.name} (hidden_size {d}, intermediate_size {f}, "
+                f"{E} experts) implies {want}",
+                file=e.file,
+                tensor=p + hf_name,
+            )
     gate_up, down = entries[p + GATE_UP], entries[p + DOWN]
-    for kind, entry, cols, what in ((MODEL_TENSOR.FFN_GATE_EXP, gate_up, slice(0, f), "[:, :ffn]"),
-                                    (MODEL_TENSOR.FFN_DOWN_EXP, down, slice(None), ""),
-                                    (MODEL_TENSOR.FFN_UP_EXP, gate_up, slice(f, 2 * f), "[:, ffn:]")):
+    for kind, entry, cols, what in (
+        (MODEL_TENSOR.FFN_GATE_EXP, gate_up, slice(0, f), "[:, :ffn]"),
+        (MODEL_TENSOR.FFN_DOWN_EXP, down, slice(None), ""),
+        (MODEL_TENSOR.FFN_UP_EXP, gate_up, slice(f, 2 * f), "[:, ffn:]"),
+    ):
         name = tensor_name(kind, layer)
         hf_name = p + (GATE_UP if entry is gate_up else DOWN)
         parts = [_named(loader(entry, x, cols), entry.file, f"{hf_name}[{x}]{what}") for x in range(E)]
         rows_cols = (d, f) if kind == MODEL_TENSOR.FFN_DOWN_EXP else (f, d)
-        out[name] = stacked_tensor(name, parts, rows_cols, files=[entry.file], dtype=entry.dtype,
-                                   source_name=f"{hf_name}{what} (transposed)")
+        out[name] = stacked_tensor(
+            name, parts, rows_cols, files=[entry.file], dtype=entry.dtype, source_name=f"{hf_name}{what} (transposed)"
+        )
     return out
 
 
@@ -133,6 +155,7 @@ def expert_slice_loader(entry, expert: int, cols: slice) -> Callable[[], np.ndar
     def load() -> np.ndarray:
         part = entry.get_expert(expert) if entry.get_expert is not None else entry.get()[expert]
         return np.ascontiguousarray(part[:, cols].to(torch.float32).numpy().T)
+
     return load
 
 
@@ -169,8 +192,10 @@ def open_llama4_source(model_dir: Path, ctx: int | None = None, pre: str | None 
     for n in vision:
         del entries[n]
     if vision:
-        notes.append(f"vision tower skipped: {len(vision)} tensors (vision_model.*, multi_modal_projector.*); "
-                     f"the text model is converted (llama.cpp reads the vision tower from a separate mmproj file)")
+        notes.append(
+            f"vision tower skipped: {len(vision)} tensors (vision_model.*, multi_modal_projector.*); "
+            f"the text model is converted (llama.cpp reads the vision tower from a separate mmproj file)"
+        )
     embd = cfg.prefix + "embed_tokens.weight"
     if embd not in entries:
         raise LlmconvError("checkpoint has no text embedding", file=files[0], tensor=embd)
@@ -179,8 +204,7 @@ def open_llama4_source(model_dir: Path, ctx: int | None = None, pre: str | None 
         warnings.append(f"{cfg.lm_head} ignored: tie_word_embeddings is set, so the output reuses the embedding")
         del entries[cfg.lm_head]
     tied = cfg.lm_head not in entries
-    check_layer_count(cfg.n_layers, [n.removeprefix("language_model.") for n in entries], cfg_file,
-                      "num_hidden_layers")
+    check_layer_count(cfg.n_layers, [n.removeprefix("language_model.") for n in entries], cfg_file, "num_hidden_layers")
 
     tensors = _map_tensors(entries, cfg, model_dir, tied)
     out = ordered(tensors, cfg.n_layers)
@@ -214,12 +238,21 @@ def _map_tensors(entries: dict, cfg: Llama4Config, model_dir: Path, tied: bool) 
         if gguf_name is None:
             raise LlmconvError(_unmapped(name, cfg), file=e.file, tensor=name)
         if tuple(e.shape) != expected.get(gguf_name):
-            raise LlmconvError(f"shape {tuple(e.shape)} but {cfg_file.name} implies {expected.get(gguf_name)}",
-                               file=e.file, tensor=name)
-        tensors[gguf_name] = SourceTensor(name=gguf_name, shape=tuple(e.shape), load=weight_loader(e, None),
-                                          files=[e.file], source_name=name, source_dtype=e.dtype,
-                                          read_rows=weight_rows(e, None),
-                                          prefetch=e.raw.prefetch if e.raw is not None else None)
+            raise LlmconvError(
+                f"shape {tuple(e.shape)} but {cfg_file.name} implies {expected.get(gguf_name)}",
+                file=e.file,
+                tensor=name,
+            )
+        tensors[gguf_name] = SourceTensor(
+            name=gguf_name,
+            shape=tuple(e.shape),
+            load=weight_loader(e, None),
+            files=[e.file],
+            source_name=name,
+            source_dtype=e.dtype,
+            read_rows=weight_rows(e, None),
+            prefetch=e.raw.prefetch if e.raw is not None else None,
+        )
     for key in expected:
         if key not in tensors and not (tied and key == tensor_name(MODEL_TENSOR.OUTPUT)):
             raise LlmconvError("tensor missing from the checkpoint", file=model_dir, tensor=key)

@@ -15,6 +15,7 @@ way as the base (hf.unpermute_rows). A has the input side, which no permutation 
 
 Nothing here reads more than one base tensor at a time; A and B are small.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,13 +34,15 @@ from .plan import tensor_name
 
 # ---- binding to a base model -----------------------------------------------------------------
 
+
 @dataclass
 class Binding:
     """Where an adapter's modules land in a base Source, with the facts the maths needs."""
+
     adapter: LoraAdapter
-    targets: dict[str, LoraPair]                  # GGUF tensor name -> pair
-    qk_heads: dict[str, int]                      # GGUF name -> heads, for attn_q/attn_k (B rows un-permuted)
-    replaced: dict[str, str]                      # GGUF name -> adapter weight name (modules_to_save)
+    targets: dict[str, LoraPair]  # GGUF tensor name -> pair
+    qk_heads: dict[str, int]  # GGUF name -> heads, for attn_q/attn_k (B rows un-permuted)
+    replaced: dict[str, str]  # GGUF name -> adapter weight name (modules_to_save)
 
 
 def gguf_weight_name(hf_module: str) -> str | None:
@@ -56,22 +59,28 @@ def bind(adapter: LoraAdapter, source) -> Binding:
     for module, pair in adapter.pairs.items():
         name = _base_tensor(module, base, h, wf, f"{module}.lora_A")
         if pair.weight_shape != tuple(base[name].shape):
-            raise LlmconvError(f"the adapter changes a {pair.weight_shape} weight but the base's {name} is "
-                               f"{tuple(base[name].shape)}: made for another base model "
-                               f"({adapter.config.get('base_model_name_or_path')!r})", file=wf, tensor=f"{module}.lora_A")
+            raise LlmconvError(
+                f"the adapter changes a {pair.weight_shape} weight but the base's {name} is "
+                f"{tuple(base[name].shape)}: made for another base model "
+                f"({adapter.config.get('base_model_name_or_path')!r})",
+                file=wf,
+                tensor=f"{module}.lora_A",
+            )
         if pair.embedding != (name == tensor_name(MODEL_TENSOR.TOKEN_EMBD)):
-            raise LlmconvError("embedding LoRA matrices on a layer that is not the embedding (or the reverse)",
-                               file=wf, tensor=module)
+            raise LlmconvError(
+                "embedding LoRA matrices on a layer that is not the embedding (or the reverse)", file=wf, tensor=module
+            )
         targets[name] = pair
         if name.endswith((".attn_q.weight", ".attn_k.weight")):
             heads[name] = h.n_heads if ".attn_q." in name else h.n_kv_heads
     for wname, (shape, _) in adapter.saved.items():
-        name = _base_tensor(wname[:-len(".weight")], base, h, wf, wname)
+        name = _base_tensor(wname[: -len(".weight")], base, h, wf, wname)
         if name in targets:
             raise LlmconvError("layer is both adapted (LoRA) and saved whole (modules_to_save)", file=wf, tensor=wname)
         if tuple(shape) != tuple(base[name].shape):
-            raise LlmconvError(f"shape {tuple(shape)} but the base's {name} is {tuple(base[name].shape)}",
-                               file=wf, tensor=wname)
+            raise LlmconvError(
+                f"shape {tuple(shape)} but the base's {name} is {tuple(base[name].shape)}", file=wf, tensor=wname
+            )
         replaced[name] = wname
     return Binding(adapter, targets, heads, replaced)
 
@@ -82,12 +91,19 @@ def _base_tensor(module: str, base: dict, h, wf: Path, tensor: str) -> str:
         raise LlmconvError("no llama tensor corresponds to this module", file=wf, tensor=tensor)
     if name not in base:
         if name == tensor_name(MODEL_TENSOR.OUTPUT) and h.tied_embeddings:
-            raise LlmconvError("the adapter changes lm_head but the base model ties it to the embedding "
-                               "(there is no separate output matrix to change)", file=wf, tensor=tensor)
+            raise LlmconvError(
+                "the adapter changes lm_head but the base model ties it to the embedding "
+                "(there is no separate output matrix to change)",
+                file=wf,
+                tensor=tensor,
+            )
         raise LlmconvError(f"the base model has no {name} (made for another base model?)", file=wf, tensor=tensor)
     if name == tensor_name(MODEL_TENSOR.TOKEN_EMBD) and h.tied_embeddings:
-        raise LlmconvError("the adapter changes embed_tokens but the base model ties it to the output: "
-                           "changing one would change both", file=wf, tensor=tensor)
+        raise LlmconvError(
+            "the adapter changes embed_tokens but the base model ties it to the output: changing one would change both",
+            file=wf,
+            tensor=tensor,
+        )
     return name
 
 
@@ -110,6 +126,7 @@ def delta(binding: Binding, name: str, user_scale: float, meta_rows: bool = True
 
 # ---- merging while converting ----------------------------------------------------------------
 
+
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
     """'path' or 'path:scale' (a path may itself hold ':'; only a trailing number is a scale)."""
     head, sep, tail = spec.rpartition(":")
@@ -131,7 +148,7 @@ def apply_adapters(source, specs) -> AdapterPatch:
         used = [b.adapter for b, _ in patch.steps if t.name in b.targets or t.name in b.replaced]
         if used:
             t.load = _merged_loader(patch, t.name, t.load)
-            t.read_rows = None          # the merged weight exists only whole: the engine must use load()
+            t.read_rows = None  # the merged weight exists only whole: the engine must use load()
             t.files = list(t.files) + [a.weights_file for a in used]
     return patch
 
@@ -143,16 +160,20 @@ def _merged_loader(patch: AdapterPatch, name: str, base_load: Callable[[], np.nd
 
 # ---- a reference forward pass with the adapters applied (verify --lora) -------------------------
 
+
 @dataclass
 class AdapterPatch:
     """Adapters bound to one base checkpoint, applied to weights as a reference pass loads them."""
+
     steps: list[tuple[Binding, float]]
 
-    def apply(self, gguf_name: str | None, load: Callable[[], torch.Tensor], meta_rows: bool,
-              rows: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(
+        self, gguf_name: str | None, load: Callable[[], torch.Tensor], meta_rows: bool, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The weight `load()` gives (float32, in the caller's layout: Meta rows or HF's), with every
         adapter that changes `gguf_name` applied. `rows`: `load()` gives only these rows (an embedding
         lookup). A replaced weight's base is never loaded."""
+
         def pick(t: torch.Tensor) -> torch.Tensor:
             return t if rows is None else t[rows]
 
@@ -183,4 +204,5 @@ def checkpoint_weight_hook(patch: AdapterPatch) -> Callable[[str, torch.Tensor, 
         if gguf_name is None:
             return w
         return patch.apply(gguf_name, lambda: w, meta_rows=meta is not None, rows=rows)
+
     return hook

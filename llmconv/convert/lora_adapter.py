@@ -2,6 +2,7 @@
 merges it): adapter_config.json (its options, alpha_pattern, rank_pattern, layers_to_transform,
 target_modules), and adapter_model.safetensors or .bin (read with the safe torch loader), whose
 tensors must each be a lora_A/lora_B half or the weight of a modules_to_save layer."""
+
 from __future__ import annotations
 
 import math
@@ -21,21 +22,26 @@ _PREFIX = "base_model.model."
 _LINEAR_RE = re.compile(r"(.+)\.lora_([AB])\.weight")
 _EMBED_RE = re.compile(r"(.+)\.lora_embedding_([AB])")
 # config keys whose non-default value changes what the adapter computes in ways llmconv does not model
-_UNSUPPORTED = {"use_dora": "DoRA (use_dora)", "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)",
-                "lora_bias": "lora_bias", "use_qalora": "QA-LoRA"}
+_UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora)",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D layers)",
+    "lora_bias": "lora_bias",
+    "use_qalora": "QA-LoRA",
+}
 
 
 @dataclass
 class LoraPair:
     """One adapted module: delta = scale * B @ A (linear) or scale * (B @ A)^T (embedding)."""
-    module: str                        # HF module name, e.g. "model.layers.0.self_attn.q_proj"
+
+    module: str  # HF module name, e.g. "model.layers.0.self_attn.q_proj"
     a: Callable[[], torch.Tensor]
     b: Callable[[], torch.Tensor]
-    a_shape: tuple[int, int]           # (r, in), or (r, vocab) for an embedding
-    b_shape: tuple[int, int]           # (out, r), or (dim, r)
-    alpha: float                       # lora_alpha, or its alpha_pattern entry
+    a_shape: tuple[int, int]  # (r, in), or (r, vocab) for an embedding
+    b_shape: tuple[int, int]  # (out, r), or (dim, r)
+    alpha: float  # lora_alpha, or its alpha_pattern entry
     embedding: bool = False
-    dtype: str = "f32"                 # as stored: "f32", "f16", "bf16"
+    dtype: str = "f32"  # as stored: "f32", "f16", "bf16"
 
     @property
     def rank(self) -> int:
@@ -55,7 +61,7 @@ class LoraAdapter:
     weights_file: Path
     config: dict
     rslora: bool
-    pairs: dict[str, LoraPair]                                     # by HF module name
+    pairs: dict[str, LoraPair]  # by HF module name
     saved: dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]] = field(default_factory=dict)
 
     def scale(self, pair: LoraPair) -> float:
@@ -66,11 +72,15 @@ class LoraAdapter:
 def open_adapter(path: str | Path) -> LoraAdapter:
     path = Path(path)
     if not path.exists():
-        raise LlmconvError("no such file or directory (expected a PEFT adapter folder: adapter_config.json + "
-                           "adapter_model.safetensors)", file=path)
+        raise LlmconvError(
+            "no such file or directory (expected a PEFT adapter folder: adapter_config.json + "
+            "adapter_model.safetensors)",
+            file=path,
+        )
     if not path.is_dir():
-        raise LlmconvError("not a directory (expected a PEFT adapter: adapter_config.json + adapter_model.safetensors)",
-                           file=path)
+        raise LlmconvError(
+            "not a directory (expected a PEFT adapter: adapter_config.json + adapter_model.safetensors)", file=path
+        )
     cfg_file = path / CONFIG
     config = read_json(cfg_file)
     _check_config(config, cfg_file)
@@ -80,8 +90,10 @@ def open_adapter(path: str | Path) -> LoraAdapter:
     entries = _weight_entries(weights_file)
 
     halves, saved = _sort_entries(entries, _modules_to_save(config, cfg_file), weights_file)
-    pairs = {module: _pair(module, embedding, ab, config, cfg_file, weights_file)
-             for (module, embedding), ab in halves.items()}
+    pairs = {
+        module: _pair(module, embedding, ab, config, cfg_file, weights_file)
+        for (module, embedding), ab in halves.items()
+    }
     if not pairs and not saved:
         raise LlmconvError("the adapter holds no LoRA matrices", file=weights_file)
     return LoraAdapter(path, weights_file, config, bool(config.get("use_rslora")), pairs, saved)
@@ -93,20 +105,23 @@ def _sort_entries(entries: dict, save_names: set[str], weights_file: Path) -> tu
     halves: dict[tuple[str, bool], dict[str, tuple]] = {}
     saved = {}
     for name, (shape, get, dtype) in entries.items():
-        stem = name[len(_PREFIX):] if name.startswith(_PREFIX) else name
+        stem = name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
         m = _LINEAR_RE.fullmatch(stem) or _EMBED_RE.fullmatch(stem)
         if m:
             if len(shape) != 2:
                 raise LlmconvError(f"LoRA matrix has shape {shape}, expected 2-D", file=weights_file, tensor=name)
             key = (m.group(1), m.re is _EMBED_RE)
             halves.setdefault(key, {})[m.group(2)] = (shape, get, name, dtype)
-        elif stem.endswith(".weight") and stem[:-len(".weight")].rsplit(".", 1)[-1] in save_names:
+        elif stem.endswith(".weight") and stem[: -len(".weight")].rsplit(".", 1)[-1] in save_names:
             saved[stem] = (shape, get)
         elif "lora_magnitude_vector" in stem:
             raise LlmconvError("DoRA magnitude vector: DoRA adapters are not supported", file=weights_file, tensor=name)
         else:
-            raise LlmconvError("not a LoRA matrix (lora_A/lora_B) nor a weight of a modules_to_save layer",
-                               file=weights_file, tensor=name)
+            raise LlmconvError(
+                "not a LoRA matrix (lora_A/lora_B) nor a weight of a modules_to_save layer",
+                file=weights_file,
+                tensor=name,
+            )
     return halves, saved
 
 
@@ -115,16 +130,26 @@ def _pair(module: str, embedding: bool, ab: dict, config: dict, cfg_file: Path, 
     for need in "AB":
         if need not in ab:
             other = ab["B" if need == "A" else "A"][2]
-            raise LlmconvError(f"lora_{need} is missing for this lora_{'A' if need == 'B' else 'B'}",
-                               file=weights_file, tensor=other)
+            raise LlmconvError(
+                f"lora_{need} is missing for this lora_{'A' if need == 'B' else 'B'}", file=weights_file, tensor=other
+            )
     (a_shape, a_get, a_name, dtype), (b_shape, b_get, _, _) = ab["A"], ab["B"]
     if a_shape[0] != b_shape[1]:
-        raise LlmconvError(f"lora_A {a_shape} and lora_B {b_shape} disagree on the rank",
-                           file=weights_file, tensor=a_name)
+        raise LlmconvError(
+            f"lora_A {a_shape} and lora_B {b_shape} disagree on the rank", file=weights_file, tensor=a_name
+        )
     _check_layer(module, config, cfg_file)
     _check_target(module, config, cfg_file)
-    return LoraPair(module, a_get, b_get, a_shape, b_shape,
-                    _module_alpha(module, a_shape[0], config, cfg_file, weights_file, a_name), embedding, dtype)
+    return LoraPair(
+        module,
+        a_get,
+        b_get,
+        a_shape,
+        b_shape,
+        _module_alpha(module, a_shape[0], config, cfg_file, weights_file, a_name),
+        embedding,
+        dtype,
+    )
 
 
 def _check_config(config: dict, cfg_file: Path) -> None:
@@ -193,8 +218,9 @@ def _pattern_value(module: str, patterns: dict, default):
 def _module_alpha(module, rank, config, cfg_file, weights_file, tensor) -> float:
     want_r = _pattern_value(module, config.get("rank_pattern"), config["r"])
     if rank != want_r:
-        raise LlmconvError(f"rank {rank} but adapter_config.json says r={want_r} for {module}",
-                           file=weights_file, tensor=tensor)
+        raise LlmconvError(
+            f"rank {rank} but adapter_config.json says r={want_r} for {module}", file=weights_file, tensor=tensor
+        )
     alpha = _pattern_value(module, config.get("alpha_pattern"), config["lora_alpha"])
     if not isinstance(alpha, (int, float)) or alpha <= 0:
         raise LlmconvError(f"lora_alpha for {module} is not a positive number", file=cfg_file)
@@ -203,5 +229,6 @@ def _module_alpha(module, rank, config, cfg_file, weights_file, tensor) -> float
 
 def _weight_entries(path: Path) -> dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor], str]]:
     from .hf_files import _bin_entries, _safetensors_entries
+
     entries = _safetensors_entries(path) if path.suffix == ".safetensors" else _bin_entries(path)
     return {name: (tuple(e.shape), e.get, e.dtype) for name, e in entries}

@@ -15,6 +15,7 @@ PEFT scales by alpha / r, rsLoRA by alpha / sqrt(r): the written alpha is lora_a
 modules_to_save layers have no A/B: the replacement is written as a full-rank LoRA, delta = new - base,
 with an identity on one side (rank = dim), so llama.cpp adds exactly the difference at scale 1.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,7 +43,7 @@ ADAPTER_TYPES = ("f32", "f16", "bf16", "q8_0")
 class AdapterConversion:
     adapter: LoraAdapter
     base: Source
-    alpha: float                  # adapter.lora.alpha as written
+    alpha: float  # adapter.lora.alpha as written
     kvs: list[KV]
     plan: Plan
     out_path: Path
@@ -54,8 +55,14 @@ def written_alpha(adapter: LoraAdapter) -> float:
     return alpha * math.sqrt(r) if adapter.rslora else alpha
 
 
-def plan_adapter(adapter_dir: str | Path, base_dir: str | Path, *, outtype: str = "f32",
-                 outfile: str | Path | None = None, input_format: str = "auto") -> AdapterConversion:
+def plan_adapter(
+    adapter_dir: str | Path,
+    base_dir: str | Path,
+    *,
+    outtype: str = "f32",
+    outfile: str | Path | None = None,
+    input_format: str = "auto",
+) -> AdapterConversion:
     outtype = outtype.lower()
     if outtype not in ADAPTER_TYPES:
         raise LlmconvError(f"--outtype {outtype!r}: a LoRA adapter can be {', '.join(ADAPTER_TYPES)}")
@@ -64,7 +71,7 @@ def plan_adapter(adapter_dir: str | Path, base_dir: str | Path, *, outtype: str 
     binding = bind(adapter, base)
     alpha = written_alpha(adapter)
     sources = []
-    for t in base.tensors:                  # the base's tensor order
+    for t in base.tensors:  # the base's tensor order
         if t.name in binding.targets:
             sources += _pair_tensors(binding, t, alpha)
         elif t.name in binding.replaced:
@@ -74,9 +81,12 @@ def plan_adapter(adapter_dir: str | Path, base_dir: str | Path, *, outtype: str 
     for s in sources:
         if want.can_hold_row(s.shape[-1]):
             tensors.append(PlannedTensor(s, want))
-        else:   # as llama.cpp's converter does: a row q8_0 cannot block (lora_b's, r long) is written f16
-            tensors.append(PlannedTensor(s, q.get("f16"), f"row length {s.shape[-1]} does not fit {want.name} blocks",
-                                         Why.FALLBACK))
+        else:  # as llama.cpp's converter does: a row q8_0 cannot block (lora_b's, r long) is written f16
+            tensors.append(
+                PlannedTensor(
+                    s, q.get("f16"), f"row length {s.shape[-1]} does not fit {want.name} blocks", Why.FALLBACK
+                )
+            )
     plan = Plan(tensors, int(want.file_type), want.name, plan_notes(tensors))
     name = Path(adapter_dir).resolve().name
     out_path = Path(outfile) if outfile else Path.cwd() / f"{name}-{want.name.upper()}-LoRA.gguf"
@@ -114,8 +124,10 @@ def _pair_tensors(binding: Binding, base: SourceTensor, alpha: float) -> list[So
 
     a_shape = pair.a_shape[::-1] if pair.embedding else pair.a_shape
     dtype = pair.dtype
-    return [SourceTensor(base.name + ".lora_a", tuple(a_shape), load_a, files, f"{pair.module}.lora_A", dtype),
-            SourceTensor(base.name + ".lora_b", tuple(pair.b_shape), load_b, files, f"{pair.module}.lora_B", dtype)]
+    return [
+        SourceTensor(base.name + ".lora_a", tuple(a_shape), load_a, files, f"{pair.module}.lora_A", dtype),
+        SourceTensor(base.name + ".lora_b", tuple(pair.b_shape), load_b, files, f"{pair.module}.lora_B", dtype),
+    ]
 
 
 def _replacement_tensors(binding: Binding, base: SourceTensor, alpha: float) -> list[SourceTensor]:
@@ -124,7 +136,7 @@ def _replacement_tensors(binding: Binding, base: SourceTensor, alpha: float) -> 
     shape, get = binding.adapter.saved[wname]
     rows, dim = shape
     embedding = base.name.startswith("token_embd.")
-    f = np.float32(dim / alpha)              # llama.cpp scales by alpha / rank, rank = dim
+    f = np.float32(dim / alpha)  # llama.cpp scales by alpha / rank, rank = dim
     files = [binding.adapter.weights_file] + list(base.files)
 
     def load_delta() -> np.ndarray:
@@ -138,4 +150,6 @@ def _replacement_tensors(binding: Binding, base: SourceTensor, alpha: float) -> 
     delta = (base.name + (".lora_a" if embedding else ".lora_b"), (rows, dim), load_delta)
     ident = (base.name + (".lora_b" if embedding else ".lora_a"), (dim, dim), load_identity)
     first, second = (delta, ident) if embedding else (ident, delta)
-    return [SourceTensor(n, s, load, files, f"{wname} (modules_to_save) - base", "f32") for n, s, load in (first, second)]
+    return [
+        SourceTensor(n, s, load, files, f"{wname} (modules_to_save) - base", "f32") for n, s, load in (first, second)
+    ]

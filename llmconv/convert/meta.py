@@ -10,6 +10,7 @@ tensor is joined from its shards only when it is loaded; which axis to join alon
 found from the shard shapes against params.json, not hard-coded (LLaMA 1/2 split the
 embedding along dim 1, LLaMA 3 along the vocabulary).
 """
+
 from __future__ import annotations
 
 import re
@@ -34,10 +35,10 @@ class MetaCheckpoint:
     path: Path
     params: dict
     shard_paths: list[Path]
-    names: list[str]                         # Meta names present, in file order, rope.freqs dropped
-    shapes: dict[str, tuple[int, ...]]       # merged shape of every tensor
-    merge_axis: dict[str, int | None]        # None: single shard or replicated 1-D
-    raw: list[dict[str, RawTensor] | None] = field(default_factory=list)   # per shard: where each tensor lies
+    names: list[str]  # Meta names present, in file order, rope.freqs dropped
+    shapes: dict[str, tuple[int, ...]]  # merged shape of every tensor
+    merge_axis: dict[str, int | None]  # None: single shard or replicated 1-D
+    raw: list[dict[str, RawTensor] | None] = field(default_factory=list)  # per shard: where each tensor lies
     # per shard: name -> torch's memory-mapped tensor; loaded on first use of `shards` when
     # the shards were read without torch
     _torch_shards: list[dict] | None = None
@@ -70,15 +71,17 @@ class MetaCheckpoint:
         shards = range(len(self.raw)) if axis is not None else range(1)
         if not self._placed(shards):
             import torch
+
             return self.load(name).to(torch.float32).numpy()
         parts = [self.raw[i][name].load() for i in shards]
         return parts[0] if axis is None else np.concatenate(parts, axis=axis)
 
     def dtype_name(self, name: str) -> str:
-        """"bf16", "f16" or "f32": the tensor's storage dtype."""
+        """ "bf16", "f16" or "f32": the tensor's storage dtype."""
         if self.raw[0] is not None:
             return self.raw[0][name].dtype
         from .torch_zip import TORCH_DTYPE_NAMES
+
         t = self.shards[0][name]
         return TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype))
 
@@ -90,19 +93,19 @@ class MetaCheckpoint:
         shards = range(len(self.raw)) if axis is not None else range(1)
         placed = self._placed(shards)
         parts = [self.raw[i][name] if placed else self.shards[i][name] for i in shards]
-        if axis == 1:           # columns split: each shard gives every row, a band of columns
+        if axis == 1:  # columns split: each shard gives every row, a band of columns
             col = 0
             for p in parts:
                 width = p.shape[1]
-                _read_part(p, a, b, out[:, col:col + width])
+                _read_part(p, a, b, out[:, col : col + width])
                 col += width
             return
-        first = 0               # rows split (or one part): copy the overlap of each shard
+        first = 0  # rows split (or one part): copy the overlap of each shard
         for p in parts:
             n_rows = int(np.prod(p.shape[:-1], dtype=np.int64)) if len(p.shape) > 1 else 1
             lo, hi = max(a, first), min(b, first + n_rows)
             if lo < hi:
-                _read_part(p, lo - first, hi - first, out[lo - a:hi - a])
+                _read_part(p, lo - first, hi - first, out[lo - a : hi - a])
             first += n_rows
 
     def rows_reader(self, name: str):
@@ -213,12 +216,14 @@ def _check_shard_count(path: Path, shard_paths: list[Path], shards: list[dict], 
     head_dim = stated_head_dim(params, path / "params.json") or params["dim"] // n_heads
     full = n_heads * head_dim
     if cols != params["dim"] or rows <= 0 or full % rows or full // rows <= len(shard_paths):
-        return      # not a sharding pattern: the shape checks that follow say what is wrong
+        return  # not a sharding pattern: the shape checks that follow say what is wrong
     n = full // rows
     have = {_shard_index(p) for p in shard_paths}
-    raise LlmconvError(f"missing shard: this checkpoint has {n} model-parallel shards (each holds {rows} of "
-                       f"attention.wq's {full} rows); {len(shard_paths)} found",
-                       file=path / _shard_name(shard_paths[0], min(set(range(n)) - have)))
+    raise LlmconvError(
+        f"missing shard: this checkpoint has {n} model-parallel shards (each holds {rows} of "
+        f"attention.wq's {full} rows); {len(shard_paths)} found",
+        file=path / _shard_name(shard_paths[0], min(set(range(n)) - have)),
+    )
 
 
 def _shard_index(p: Path) -> int:
@@ -249,14 +254,20 @@ def _merge_rule(name, shard_shapes, full, shard_paths):
     full = full if full is not None else (None, None)
     fits = [axis for axis in (0, 1) if _splits_along(axis, shard_shapes, full)]
     if len(fits) != 1:
-        for axis in (0, 1):     # the split is clear but the parts do not add up to params.json's size
-            if not fits and _splits_along(axis, shard_shapes, full[:axis] + (None,) + full[axis + 1:]):
+        for axis in (0, 1):  # the split is clear but the parts do not add up to params.json's size
+            if not fits and _splits_along(axis, shard_shapes, full[:axis] + (None,) + full[axis + 1 :]):
                 total = sum(s[axis] for s in shard_shapes)
-                raise LlmconvError(f"shards join to {total} along dim {axis} but params.json implies {full[axis]}",
-                                   file=shard_paths[0], tensor=name)
+                raise LlmconvError(
+                    f"shards join to {total} along dim {axis} but params.json implies {full[axis]}",
+                    file=shard_paths[0],
+                    tensor=name,
+                )
         why = "fit no split" if not fits else "fit a split along either dimension"
-        raise LlmconvError(f"shard shapes {shard_shapes} {why} of a {tuple(full)} tensor given params.json",
-                           file=shard_paths[0], tensor=name)
+        raise LlmconvError(
+            f"shard shapes {shard_shapes} {why} of a {tuple(full)} tensor given params.json",
+            file=shard_paths[0],
+            tensor=name,
+        )
     axis = fits[0]
     merged = list(first)
     merged[axis] = sum(s[axis] for s in shard_shapes)

@@ -1,6 +1,7 @@
 """A Meta checkpoint's params.json: read, turned into hyperparameters and checked against the
 tensors' shapes (meta.py opens the shards; Mistral's own layout and HF configs reuse the shape
 table and the head_dim rule)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,12 +32,16 @@ def meta_hparams(params: dict, shapes: dict, path: Path, ctx: int | None) -> Lla
     emb_rows, emb_cols = shapes["tok_embeddings.weight"]
     dim = params["dim"]
     if emb_cols != dim:
-        raise LlmconvError(f"embedding width {emb_cols} != params.json dim {dim}", file=pfile, tensor="tok_embeddings.weight")
+        raise LlmconvError(
+            f"embedding width {emb_cols} != params.json dim {dim}", file=pfile, tensor="tok_embeddings.weight"
+        )
     vocab = params.get("vocab_size", -1)
     if vocab is None or vocab <= 0:
         vocab = emb_rows
     elif vocab != emb_rows:
-        raise LlmconvError(f"vocab_size {vocab} != embedding rows {emb_rows}", file=pfile, tensor="tok_embeddings.weight")
+        raise LlmconvError(
+            f"vocab_size {vocab} != embedding rows {emb_rows}", file=pfile, tensor="tok_embeddings.weight"
+        )
     n_heads = params["n_heads"]
     n_kv = params.get("n_kv_heads") or n_heads
     head_dim = stated_head_dim(params, pfile)
@@ -46,33 +51,54 @@ def meta_hparams(params: dict, shapes: dict, path: Path, ctx: int | None) -> Lla
     _check_layer_count(shapes, n_layers, pfile)
     w1 = shapes.get("layers.0.feed_forward.w1.weight")
     if w1 is None:
-        raise LlmconvError("checkpoint has no feed-forward weights", file=path, tensor="layers.0.feed_forward.w1.weight")
+        raise LlmconvError(
+            "checkpoint has no feed-forward weights", file=path, tensor="layers.0.feed_forward.w1.weight"
+        )
     ffn = _feed_forward_size(shapes, n_layers)
     expected = expected_shapes(dim, n_layers, n_heads, n_kv, ffn, vocab, head_dim)
     for name, shape in shapes.items():
         want = expected.get(name)
-        if want is not None and shape != want:    # an unknown name is reported by the name mapping, with its shard
-            raise LlmconvError(f"shape {shape} but params.json (dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv}"
-                               f"{f', head_dim={head_dim}' if head_dim else ''}) "
-                               f"and ffn={ffn} imply {want}", file=pfile, tensor=name)
+        if want is not None and shape != want:  # an unknown name is reported by the name mapping, with its shard
+            raise LlmconvError(
+                f"shape {shape} but params.json (dim={dim}, n_heads={n_heads}, n_kv_heads={n_kv}"
+                f"{f', head_dim={head_dim}' if head_dim else ''}) "
+                f"and ffn={ffn} imply {want}",
+                file=pfile,
+                tensor=name,
+            )
     family = meta_family(params, vocab)
     return LlamaHParams(
-        dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab, ffn_dim=ffn,
-        norm_eps=float(params.get("norm_eps", 1e-5)), rope_theta=float(params.get("rope_theta", 10000.0)),
-        context_length=ctx or CONTEXT_BY_FAMILY[family], family=family,
-        multiple_of=params.get("multiple_of"), ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
-        tied_embeddings="output.weight" not in shapes, stated_head_dim=head_dim,
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        vocab_size=vocab,
+        ffn_dim=ffn,
+        norm_eps=float(params.get("norm_eps", 1e-5)),
+        rope_theta=float(params.get("rope_theta", 10000.0)),
+        context_length=ctx or CONTEXT_BY_FAMILY[family],
+        family=family,
+        multiple_of=params.get("multiple_of"),
+        ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+        tied_embeddings="output.weight" not in shapes,
+        stated_head_dim=head_dim,
     )
 
 
 def _check_layer_count(shapes: dict, n_layers: int, pfile: Path) -> None:
     for i in range(n_layers):
         if f"layers.{i}.attention.wq.weight" not in shapes:
-            raise LlmconvError(f"params.json says {n_layers} layers but layer {i} is missing",
-                               file=pfile, tensor=f"layers.{i}.attention.wq.weight")
+            raise LlmconvError(
+                f"params.json says {n_layers} layers but layer {i} is missing",
+                file=pfile,
+                tensor=f"layers.{i}.attention.wq.weight",
+            )
     if f"layers.{n_layers}.attention.wq.weight" in shapes:
-        raise LlmconvError(f"params.json says {n_layers} layers but the checkpoint has more",
-                           file=pfile, tensor=f"layers.{n_layers}.attention.wq.weight")
+        raise LlmconvError(
+            f"params.json says {n_layers} layers but the checkpoint has more",
+            file=pfile,
+            tensor=f"layers.{n_layers}.attention.wq.weight",
+        )
 
 
 def _feed_forward_size(shapes: dict, n_layers: int) -> int:
@@ -102,13 +128,19 @@ def expected_shapes(dim, n_layers, n_heads, n_kv, ffn, vocab, head_dim=None) -> 
     out = {"tok_embeddings.weight": (vocab, dim), "norm.weight": (dim,), "output.weight": (vocab, dim)}
     for i in range(n_layers):
         p = f"layers.{i}."
-        out.update({
-            p + "attention.wq.weight": (n_heads * hd, dim), p + "attention.wk.weight": (n_kv * hd, dim),
-            p + "attention.wv.weight": (n_kv * hd, dim), p + "attention.wo.weight": (dim, n_heads * hd),
-            p + "feed_forward.w1.weight": (ffn, dim), p + "feed_forward.w3.weight": (ffn, dim),
-            p + "feed_forward.w2.weight": (dim, ffn),
-            p + "attention_norm.weight": (dim,), p + "ffn_norm.weight": (dim,),
-        })
+        out.update(
+            {
+                p + "attention.wq.weight": (n_heads * hd, dim),
+                p + "attention.wk.weight": (n_kv * hd, dim),
+                p + "attention.wv.weight": (n_kv * hd, dim),
+                p + "attention.wo.weight": (dim, n_heads * hd),
+                p + "feed_forward.w1.weight": (ffn, dim),
+                p + "feed_forward.w3.weight": (ffn, dim),
+                p + "feed_forward.w2.weight": (dim, ffn),
+                p + "attention_norm.weight": (dim,),
+                p + "ffn_norm.weight": (dim,),
+            }
+        )
     return out
 
 

@@ -1,5 +1,6 @@
 """GGUF metadata (key/value pairs) for a llama-architecture model: general.* from the model card,
 the rest from hparams + vocab; --override-kv on top."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,8 +17,10 @@ from ..formats.gguf_writer import KV
 from .hparams import ARCH, LlamaHParams
 from .tokenizer import Vocab
 
-def load_model_metadata(model_dir: Path, n_params: int, override: Path | None = None,
-                        experts: tuple[int, int, int] | None = None) -> Metadata:
+
+def load_model_metadata(
+    model_dir: Path, n_params: int, override: Path | None = None, experts: tuple[int, int, int] | None = None
+) -> Metadata:
     """general.* the way llama.cpp's converter fills them (gguf-py's Metadata.load): the model card's
     front matter (README.md), config.json, generation_config.json's sampling settings, the
     directory name's parts (name, finetune, version, size), then `override` (--metadata FILE.json,
@@ -29,17 +32,19 @@ def load_model_metadata(model_dir: Path, n_params: int, override: Path | None = 
             raise LlmconvError("--metadata: is a directory, expected a JSON file of general.* keys", file=override)
         if not override.is_file():
             raise LlmconvError("--metadata: no such file", file=override)
-        doc = load_json(override)           # Metadata.load would skip a missing or non-object file silently
+        doc = load_json(override)  # Metadata.load would skip a missing or non-object file silently
         if not isinstance(doc, dict):
             raise LlmconvError("expected a JSON object of general.* keys", file=override)
     try:
         md = Metadata.load(override, model_dir, None, n_params)
-        if Keys.General.LICENSE in doc:     # the one general.* key gguf-py's override leaves out
+        if Keys.General.LICENSE in doc:  # the one general.* key gguf-py's override leaves out
             md.license = doc[Keys.General.LICENSE]
         from_dir = Metadata.apply_metadata_heuristic(Metadata(), None, None, model_dir, n_params)
     except (ValueError, TypeError, AttributeError, KeyError, yaml.YAMLError) as e:
-        raise LlmconvError(f"model card or metadata unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                           file=model_dir / "README.md") from None
+        raise LlmconvError(
+            f"model card or metadata unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+            file=model_dir / "README.md",
+        ) from None
     if md.name is None or md.name == from_dir.name:
         md.name = model_dir.resolve().name
     if md.size_label is None and n_params > 0:
@@ -63,7 +68,7 @@ def general_kvs(md: Metadata, file_type: int, arch: str = ARCH) -> list[KV]:
         if key == Keys.General.ARCHITECTURE:
             continue
         sub = v.sub_type
-        if v.type == T.ARRAY and sub is None:       # tags, languages: lists of strings
+        if v.type == T.ARRAY and sub is None:  # tags, languages: lists of strings
             sub = T.STRING
         kvs.append(KV(key, v.value, v.type, sub))
     kvs += [
@@ -75,9 +80,16 @@ def general_kvs(md: Metadata, file_type: int, arch: str = ARCH) -> list[KV]:
 
 # ---- --override-kv KEY=TYPE:VALUE (llama-quantize's syntax) ---------------------------------------
 
-_INT_TYPES = {T.UINT8: (0, 2**8 - 1), T.INT8: (-2**7, 2**7 - 1), T.UINT16: (0, 2**16 - 1), T.INT16: (-2**15, 2**15 - 1),
-              T.UINT32: (0, 2**32 - 1), T.INT32: (-2**31, 2**31 - 1), T.UINT64: (0, 2**64 - 1),
-              T.INT64: (-2**63, 2**63 - 1)}
+_INT_TYPES = {
+    T.UINT8: (0, 2**8 - 1),
+    T.INT8: (-(2**7), 2**7 - 1),
+    T.UINT16: (0, 2**16 - 1),
+    T.INT16: (-(2**15), 2**15 - 1),
+    T.UINT32: (0, 2**32 - 1),
+    T.INT32: (-(2**31), 2**31 - 1),
+    T.UINT64: (0, 2**64 - 1),
+    T.INT64: (-(2**63), 2**63 - 1),
+}
 # the type llama-quantize writes for each override kind when the key is new
 _NEW_TYPE = {"int": T.UINT32, "float": T.FLOAT32, "bool": T.BOOL, "str": T.STRING}
 
@@ -85,7 +97,7 @@ _NEW_TYPE = {"int": T.UINT32, "float": T.FLOAT32, "bool": T.BOOL, "str": T.STRIN
 @dataclass
 class KVOverride:
     key: str
-    kind: str          # int, float, bool, str
+    kind: str  # int, float, bool, str
     value: object
 
 
@@ -97,8 +109,9 @@ def parse_override_kv(spec: str) -> KVOverride:
     try:
         value = {"int": int, "float": float, "str": str}.get(kind, lambda t: {"true": True, "false": False}[t])(text)
     except (ValueError, KeyError):
-        raise LlmconvError(f"--override-kv {spec!r}: {text!r} is not a {kind}"
-                           + (" (true or false)" if kind == "bool" else "")) from None
+        raise LlmconvError(
+            f"--override-kv {spec!r}: {text!r} is not a {kind}" + (" (true or false)" if kind == "bool" else "")
+        ) from None
     return KVOverride(key, kind, value)
 
 
@@ -111,8 +124,9 @@ def apply_kv_overrides(kvs: list[KV], overrides: list[KVOverride]) -> list[KV]:
     for o in overrides:
         old = out[at[o.key]] if o.key in at else None
         vtype = _NEW_TYPE[o.kind]
-        if old is not None and ((o.kind == "int" and old.type in _INT_TYPES) or
-                                (o.kind == "float" and old.type in (T.FLOAT32, T.FLOAT64))):
+        if old is not None and (
+            (o.kind == "int" and old.type in _INT_TYPES) or (o.kind == "float" and old.type in (T.FLOAT32, T.FLOAT64))
+        ):
             vtype = old.type
         if vtype in _INT_TYPES:
             lo, hi = _INT_TYPES[vtype]
@@ -134,10 +148,16 @@ def llama_kvs(h: LlamaHParams) -> list[KV]:
     f = lambda key: key.format(arch=h.arch)  # noqa: E731
     # llama.cpp's converter writes key/value_length whenever the checkpoint states head_dim;
     # llama.cpp needs them when head_dim != dim / n_heads (it defaults to that quotient)
-    head = [] if h.stated_head_dim is None else [KV(f(a.KEY_LENGTH), h.stated_head_dim, T.UINT32),
-                                                 KV(f(a.VALUE_LENGTH), h.stated_head_dim, T.UINT32)]
-    experts = [] if not h.n_expert else [KV(f(k.EXPERT_COUNT), h.n_expert, T.UINT32),
-                                         KV(f(k.EXPERT_USED_COUNT), h.n_expert_used, T.UINT32)]
+    head = (
+        []
+        if h.stated_head_dim is None
+        else [KV(f(a.KEY_LENGTH), h.stated_head_dim, T.UINT32), KV(f(a.VALUE_LENGTH), h.stated_head_dim, T.UINT32)]
+    )
+    experts = (
+        []
+        if not h.n_expert
+        else [KV(f(k.EXPERT_COUNT), h.n_expert, T.UINT32), KV(f(k.EXPERT_USED_COUNT), h.n_expert_used, T.UINT32)]
+    )
     return [
         KV(f(k.VOCAB_SIZE), h.vocab_size, T.UINT32),
         KV(f(k.CONTEXT_LENGTH), h.context_length, T.UINT32),
@@ -171,8 +191,13 @@ def vocab_kvs(v: Vocab) -> list[KV]:
     ]
     if v.merges:
         kvs.append(KV(t.MERGES, v.merges, T.ARRAY, T.STRING))
-    for key, value in ((t.BOS_ID, v.bos_id), (t.EOS_ID, v.eos_id), (t.UNK_ID, v.unk_id), (t.PAD_ID, v.pad_id),
-                       (t.EOT_ID, v.eot_id)):
+    for key, value in (
+        (t.BOS_ID, v.bos_id),
+        (t.EOS_ID, v.eos_id),
+        (t.UNK_ID, v.unk_id),
+        (t.PAD_ID, v.pad_id),
+        (t.EOT_ID, v.eot_id),
+    ):
         if value is not None:
             kvs.append(KV(key, value, T.UINT32))
     kvs += [

@@ -14,6 +14,7 @@ What it shares with Meta's original layout, and what not:
     by tokenizer version ("mistral-v3", "mistral-v3-tekken", ...) when no chat_template.jinja
     is shipped.
 """
+
 from __future__ import annotations
 
 import re
@@ -35,12 +36,20 @@ DEFAULT_CONTEXT = 32768
 # Tensors of a vision encoder (Pixtral, Mistral Small 3.1): not part of the text model llama.cpp runs.
 _VISION_PREFIXES = ("vision_encoder.", "vision_language_adapter.", "patch_merger.", "pre_mm_projector_norm.")
 # params.json sections of models this llama-architecture path cannot describe
-_REFUSED = {"llama_4_scaling": "llama-4 attention scaling (llama.cpp's mistral3 "
-            "architecture)", "yarn": "YaRN RoPE scaling", "quantization": "pre-quantized (fp8) weights"}
+_REFUSED = {
+    "llama_4_scaling": "llama-4 attention scaling (llama.cpp's mistral3 architecture)",
+    "yarn": "YaRN RoPE scaling",
+    "quantization": "pre-quantized (fp8) weights",
+}
 # llama.cpp's built-in chat templates for Mistral tokenizers, by (version, kind)
-_CHAT_TEMPLATES = {("v1", "spm"): "mistral-v1", ("v1", "tekken"): "mistral-v1", ("v3", "spm"): "mistral-v3",
-                   ("v3", "tekken"): "mistral-v3-tekken", ("v7", "spm"): "mistral-v7",
-                   ("v7", "tekken"): "mistral-v7-tekken"}
+_CHAT_TEMPLATES = {
+    ("v1", "spm"): "mistral-v1",
+    ("v1", "tekken"): "mistral-v1",
+    ("v3", "spm"): "mistral-v3",
+    ("v3", "tekken"): "mistral-v3-tekken",
+    ("v7", "spm"): "mistral-v7",
+    ("v7", "tekken"): "mistral-v7-tekken",
+}
 
 
 def find_mistral_tokenizer(model_dir: Path, tokenizer: Path | None) -> Path:
@@ -72,14 +81,15 @@ def load_mistral_vocab(path: Path, notes: list[str]) -> tuple[Vocab, list[KV]]:
     """The vocabulary and its chat-template KV, as llama.cpp's converter writes them."""
     if path.suffix == ".json":
         from .tekken import tekken_vocab
+
         vocab, kind = tekken_vocab(path), "tekken"
         version = _tekken_version(path)
     else:
         vocab, kind = load_sentencepiece_file(path), "spm"
         m = re.search(r"\.(v\d+)", path.name)
-        version = m.group(1) if m else "v1"         # plain tokenizer.model: Mistral 7B v0.1's, v1
+        version = m.group(1) if m else "v1"  # plain tokenizer.model: Mistral 7B v0.1's, v1
         if vocab.pad_id is None:
-            vocab.pad_id = vocab.eos_id             # MistralVocab's rule: no pad token -> pad with eos
+            vocab.pad_id = vocab.eos_id  # MistralVocab's rule: no pad token -> pad with eos
     vocab.add_bos, vocab.add_eos = True, False
     jinja = path.parent / "chat_template.jinja"
     if jinja.is_file():
@@ -93,13 +103,13 @@ def load_mistral_vocab(path: Path, notes: list[str]) -> tuple[Vocab, list[KV]]:
 
 def _tekken_version(path: Path) -> str:
     from ..errors import load_json
+
     doc = load_json(path)
     version = (doc.get("config") or {}).get("version") if isinstance(doc, dict) else None
     return version if isinstance(version, str) else "v3"
 
 
-def open_mistral_source(model_dir: Path, ctx: int | None = None, pre: str | None = None,
-                        tokenizer: Path | None = None):
+def open_mistral_source(model_dir: Path, ctx: int | None = None, pre: str | None = None, tokenizer: Path | None = None):
     from .hf import ordered_tensors
     from .hf_files import open_weights
     from .source import Source
@@ -108,13 +118,17 @@ def open_mistral_source(model_dir: Path, ctx: int | None = None, pre: str | None
     params = read_params(model_dir)
     for key, what in _REFUSED.items():
         if params.get(key):
-            raise LlmconvError(f"{key!r}: {what} is not supported by llmconv's llama-architecture conversion", file=pfile)
+            raise LlmconvError(
+                f"{key!r}: {what} is not supported by llmconv's llama-architecture conversion", file=pfile
+            )
     warnings: list[str] = []
     notes: list[str] = []
     entries, files = open_weights(model_dir, kinds=("consolidated",))
     vision = [n for n in entries if n.startswith(_VISION_PREFIXES)]
     if vision:
-        warnings.append(f"{len(vision)} vision-encoder tensors dropped (e.g. {vision[0]}): the GGUF holds the text model")
+        warnings.append(
+            f"{len(vision)} vision-encoder tensors dropped (e.g. {vision[0]}): the GGUF holds the text model"
+        )
         for n in vision:
             del entries[n]
     if "tok_embeddings.weight" not in entries:
@@ -129,8 +143,16 @@ def open_mistral_source(model_dir: Path, ctx: int | None = None, pre: str | None
             raise LlmconvError("--pre applies to BPE tokenizers; this checkpoint's is SentencePiece", file=tok_path)
         vocab.pre = pre
     check_vocab_size(vocab, h.vocab_size, tok_path, "tok_embeddings.weight")
-    return Source("mistral", model_dir, h, vocab, ordered_tensors(tensors, h.n_layers), extra_kvs=template_kvs,
-                  warnings=warnings, notes=notes)
+    return Source(
+        "mistral",
+        model_dir,
+        h,
+        vocab,
+        ordered_tensors(tensors, h.n_layers),
+        extra_kvs=template_kvs,
+        warnings=warnings,
+        notes=notes,
+    )
 
 
 def _source_tensors(model_dir: Path, params: dict, entries: dict, h: LlamaHParams) -> dict[str, SourceTensor]:
@@ -142,10 +164,19 @@ def _source_tensors(model_dir: Path, params: dict, entries: dict, h: LlamaHParam
     expected = expected_shapes(h.dim, h.n_layers, h.n_heads, h.n_kv_heads, h.ffn_dim, h.vocab_size, h.stated_head_dim)
     tensors = {}
     moe_config = moe.mistral_moe_config(params, pfile)
-    if moe_config is not None:      # Mixtral: routers and stacked experts instead of the dense ffn (Meta row order)
-        tensors.update(moe.stack_experts(entries, moe_config, dim=h.dim, ffn=h.ffn_dim, n_layers=h.n_layers,
-                                            cfg_file=pfile, prefix=moe.MISTRAL_PREFIX,
-                                            expert_loader=lambda e: weight_loader(e, None)))
+    if moe_config is not None:  # Mixtral: routers and stacked experts instead of the dense ffn (Meta row order)
+        tensors.update(
+            moe.stack_experts(
+                entries,
+                moe_config,
+                dim=h.dim,
+                ffn=h.ffn_dim,
+                n_layers=h.n_layers,
+                cfg_file=pfile,
+                prefix=moe.MISTRAL_PREFIX,
+                expert_loader=lambda e: weight_loader(e, None),
+            )
+        )
         dense_ffn = {k for k in expected if k.split(".")[-2] in ("w1", "w2", "w3")}
         expected = {k: v for k, v in expected.items() if k not in dense_ffn}
         h.n_expert, h.n_expert_used = moe_config.n_expert, moe_config.n_expert_used
@@ -154,15 +185,27 @@ def _source_tensors(model_dir: Path, params: dict, entries: dict, h: LlamaHParam
         if gguf_name is None:
             raise LlmconvError("unknown tensor name: no GGUF mapping for it", file=e.file, tensor=name)
         if name not in expected:
-            raise LlmconvError(f"params.json says {h.n_layers} layers but the checkpoint has more", file=e.file, tensor=name)
+            raise LlmconvError(
+                f"params.json says {h.n_layers} layers but the checkpoint has more", file=e.file, tensor=name
+            )
         if tuple(e.shape) != expected[name]:
-            raise LlmconvError(f"shape {tuple(e.shape)} but params.json (dim={h.dim}, n_heads={h.n_heads}, "
-                               f"n_kv_heads={h.n_kv_heads}, head_dim={h.head_dim}, hidden_dim={h.ffn_dim}, "
-                               f"vocab_size={h.vocab_size}) implies {expected[name]}", file=e.file, tensor=name)
-        tensors[gguf_name] = SourceTensor(name=gguf_name, shape=tuple(e.shape),
-                                          load=weight_loader(e, None), files=[e.file], source_name=name,
-                                          source_dtype=e.dtype, read_rows=weight_rows(e, None),
-                                          prefetch=e.raw.prefetch if e.raw is not None else None)
+            raise LlmconvError(
+                f"shape {tuple(e.shape)} but params.json (dim={h.dim}, n_heads={h.n_heads}, "
+                f"n_kv_heads={h.n_kv_heads}, head_dim={h.head_dim}, hidden_dim={h.ffn_dim}, "
+                f"vocab_size={h.vocab_size}) implies {expected[name]}",
+                file=e.file,
+                tensor=name,
+            )
+        tensors[gguf_name] = SourceTensor(
+            name=gguf_name,
+            shape=tuple(e.shape),
+            load=weight_loader(e, None),
+            files=[e.file],
+            source_name=name,
+            source_dtype=e.dtype,
+            read_rows=weight_rows(e, None),
+            prefetch=e.raw.prefetch if e.raw is not None else None,
+        )
     for name in expected:
         if name not in entries and not (h.tied_embeddings and name == "output.weight"):
             raise LlmconvError("tensor missing from the checkpoint", file=model_dir, tensor=name)
@@ -178,15 +221,20 @@ def _hparams(params: dict, entries: dict, pfile: Path, ctx: int | None, warnings
     rows, cols = entries["tok_embeddings.weight"].shape
     vocab = params.get("vocab_size") or rows
     if vocab != rows or cols != dim:
-        raise LlmconvError(f"embedding shape {(rows, cols)} but params.json says vocab_size {vocab}, dim {dim}",
-                           file=pfile, tensor="tok_embeddings.weight")
+        raise LlmconvError(
+            f"embedding shape {(rows, cols)} but params.json says vocab_size {vocab}, dim {dim}",
+            file=pfile,
+            tensor="tok_embeddings.weight",
+        )
     w1 = entries.get("layers.0.feed_forward.w1.weight") or entries.get("layers.0.feed_forward.experts.0.w1.weight")
     ffn = params.get("hidden_dim") or (w1.shape[0] if w1 is not None else None)
     if not isinstance(ffn, int) or ffn <= 0:
         raise LlmconvError("no feed-forward size: params.json has no hidden_dim and there is no w1", file=pfile)
     if params.get("sliding_window") is not None:
-        warnings.append(f"sliding_window {params['sliding_window']} dropped: llama.cpp's llama architecture has no "
-                        f"sliding-window attention; it attends over the whole context")
+        warnings.append(
+            f"sliding_window {params['sliding_window']} dropped: llama.cpp's llama architecture has no "
+            f"sliding-window attention; it attends over the whole context"
+        )
     context = ctx or params.get("max_seq_len") or params.get("max_position_embeddings")
     if context is None:
         context = DEFAULT_CONTEXT
@@ -195,8 +243,20 @@ def _hparams(params: dict, entries: dict, pfile: Path, ctx: int | None, warnings
         raise LlmconvError(f"context length {context!r} is not a positive integer", file=pfile)
     tied = "output.weight" not in entries
     if tied and params.get("tied_embeddings") is False:
-        warnings.append("params.json says tied_embeddings false but there is no output.weight: "
-                        "the output reuses the embedding")
-    return LlamaHParams(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab, ffn_dim=ffn,
-                        norm_eps=float(params.get("norm_eps", 1e-5)), rope_theta=float(params.get("rope_theta", 10000.0)),
-                        context_length=context, family="mistral", tied_embeddings=tied, stated_head_dim=head_dim)
+        warnings.append(
+            "params.json says tied_embeddings false but there is no output.weight: the output reuses the embedding"
+        )
+    return LlamaHParams(
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        vocab_size=vocab,
+        ffn_dim=ffn,
+        norm_eps=float(params.get("norm_eps", 1e-5)),
+        rope_theta=float(params.get("rope_theta", 10000.0)),
+        context_length=context,
+        family="mistral",
+        tied_embeddings=tied,
+        stated_head_dim=head_dim,
+    )

@@ -15,6 +15,7 @@ table that `tensor_type` reads:
 Layer-dependent conditions look at the tensor's layer index `i` and the layer count `n`,
 with C's integer division (n/8 is n // 8 here: both are non-negative).
 """
+
 from __future__ import annotations
 
 import re
@@ -27,33 +28,36 @@ from .. import quantize as q
 
 @dataclass(frozen=True)
 class Mix:
-    name: str                   # CLI name, lower case: "q4_k_m"
-    file_type: LlamaFileType    # general.file_type
-    base: str                   # block type of every matrix no rule picks out
+    name: str  # CLI name, lower case: "q4_k_m"
+    file_type: LlamaFileType  # general.file_type
+    base: str  # block type of every matrix no rule picks out
 
 
-MIXES: dict[str, Mix] = {m.name: m for m in [
-    Mix("q2_k", LlamaFileType.MOSTLY_Q2_K, "q2_k"),
-    Mix("q3_k_s", LlamaFileType.MOSTLY_Q3_K_S, "q3_k"),
-    Mix("q3_k_m", LlamaFileType.MOSTLY_Q3_K_M, "q3_k"),
-    Mix("q3_k_l", LlamaFileType.MOSTLY_Q3_K_L, "q3_k"),
-    Mix("q4_k_s", LlamaFileType.MOSTLY_Q4_K_S, "q4_k"),
-    Mix("q4_k_m", LlamaFileType.MOSTLY_Q4_K_M, "q4_k"),
-    Mix("q5_k_s", LlamaFileType.MOSTLY_Q5_K_S, "q5_k"),
-    Mix("q5_k_m", LlamaFileType.MOSTLY_Q5_K_M, "q5_k"),
-    Mix("q6_k", LlamaFileType.MOSTLY_Q6_K, "q6_k"),
-    Mix("iq4_nl", LlamaFileType.MOSTLY_IQ4_NL, "iq4_nl"),
-    Mix("iq4_xs", LlamaFileType.MOSTLY_IQ4_XS, "iq4_xs"),
-    Mix("iq2_xxs", LlamaFileType.MOSTLY_IQ2_XXS, "iq2_xxs"),
-    Mix("iq2_xs", LlamaFileType.MOSTLY_IQ2_XS, "iq2_xs"),
-    # llama.cpp's IQ2_S file is mostly IQ2_XS blocks, its IQ2_M mostly IQ2_S blocks
-    Mix("iq2_s", LlamaFileType.MOSTLY_IQ2_S, "iq2_xs"),
-    Mix("iq2_m", LlamaFileType.MOSTLY_IQ2_M, "iq2_s"),
-    Mix("iq3_xxs", LlamaFileType.MOSTLY_IQ3_XXS, "iq3_xxs"),
-    Mix("iq3_xs", LlamaFileType.MOSTLY_IQ3_XS, "iq3_s"),      # llama.cpp's IQ3_XS file is mostly IQ3_S
-    Mix("iq3_s", LlamaFileType.MOSTLY_IQ3_S, "iq3_s"),
-    Mix("iq3_m", LlamaFileType.MOSTLY_IQ3_M, "iq3_s"),
-]}
+MIXES: dict[str, Mix] = {
+    m.name: m
+    for m in [
+        Mix("q2_k", LlamaFileType.MOSTLY_Q2_K, "q2_k"),
+        Mix("q3_k_s", LlamaFileType.MOSTLY_Q3_K_S, "q3_k"),
+        Mix("q3_k_m", LlamaFileType.MOSTLY_Q3_K_M, "q3_k"),
+        Mix("q3_k_l", LlamaFileType.MOSTLY_Q3_K_L, "q3_k"),
+        Mix("q4_k_s", LlamaFileType.MOSTLY_Q4_K_S, "q4_k"),
+        Mix("q4_k_m", LlamaFileType.MOSTLY_Q4_K_M, "q4_k"),
+        Mix("q5_k_s", LlamaFileType.MOSTLY_Q5_K_S, "q5_k"),
+        Mix("q5_k_m", LlamaFileType.MOSTLY_Q5_K_M, "q5_k"),
+        Mix("q6_k", LlamaFileType.MOSTLY_Q6_K, "q6_k"),
+        Mix("iq4_nl", LlamaFileType.MOSTLY_IQ4_NL, "iq4_nl"),
+        Mix("iq4_xs", LlamaFileType.MOSTLY_IQ4_XS, "iq4_xs"),
+        Mix("iq2_xxs", LlamaFileType.MOSTLY_IQ2_XXS, "iq2_xxs"),
+        Mix("iq2_xs", LlamaFileType.MOSTLY_IQ2_XS, "iq2_xs"),
+        # llama.cpp's IQ2_S file is mostly IQ2_XS blocks, its IQ2_M mostly IQ2_S blocks
+        Mix("iq2_s", LlamaFileType.MOSTLY_IQ2_S, "iq2_xs"),
+        Mix("iq2_m", LlamaFileType.MOSTLY_IQ2_M, "iq2_s"),
+        Mix("iq3_xxs", LlamaFileType.MOSTLY_IQ3_XXS, "iq3_xxs"),
+        Mix("iq3_xs", LlamaFileType.MOSTLY_IQ3_XS, "iq3_s"),  # llama.cpp's IQ3_XS file is mostly IQ3_S
+        Mix("iq3_s", LlamaFileType.MOSTLY_IQ3_S, "iq3_s"),
+        Mix("iq3_m", LlamaFileType.MOSTLY_IQ3_M, "iq3_s"),
+    ]
+}
 
 # llama-quantize's names without a size letter mean the medium mix.
 ALIASES = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}
@@ -62,11 +66,12 @@ ALIASES = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}
 @dataclass(frozen=True)
 class ModelShape:
     """The model facts the rules look at."""
-    n_layers: int               # block count: the `n` of ffn_down's layer rules
+
+    n_layers: int  # block count: the `n` of ffn_down's layer rules
     n_heads: int
     n_kv_heads: int
     n_attn_v: int | None = None  # attn_v tensors in the file (llama.cpp counts them); default n_layers
-    n_expert: int = 0            # experts per MoE layer ({arch}.expert_count); 0 for a dense model
+    n_expert: int = 0  # experts per MoE layer ({arch}.expert_count); 0 for a dense model
 
     @property
     def n_gqa(self) -> int:
@@ -80,12 +85,12 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    kind: str                   # "attn_v", "ffn_down", "attn_output", "output", ... (see tensor_kind)
-    i: int                      # layer index (0 for tensors outside the layers)
-    n: int                      # layer count the rule compares `i` with
-    row: int                    # row length (GGUF ne[0])
+    kind: str  # "attn_v", "ffn_down", "attn_output", "output", ... (see tensor_kind)
+    i: int  # layer index (0 for tensors outside the layers)
+    n: int  # layer count the rule compares `i` with
+    row: int  # row length (GGUF ne[0])
     model: ModelShape
-    has_imatrix: bool = False   # llama-quantize was given an importance matrix
+    has_imatrix: bool = False  # llama-quantize was given an importance matrix
 
 
 def _more_bits(t: TensorInfo) -> bool:
@@ -152,12 +157,10 @@ RULES: list[tuple[tuple[str, ...], str, str, str]] = [
     (("iq3_m",), "attn_output", "n_expert!=8", "q4_k"),
     (("iq3_xs",), "ffn_gate", "n/8<=i<7n/8", "iq3_xxs"),
     (("iq3_xs",), "ffn_up", "n/8<=i<7n/8", "iq3_xxs"),
-
     # the output projection (and a tied token embedding, which serves as it) gets q6_K,
     # or q8_0 when its rows do not split into the mix's 256-blocks
     (ALL, "output", "row%256==0", "q6_k"),
     (ALL, "output", "always", "q8_0"),
-
     (("q2_k",), "attn_v", "n_gqa>=4", "q4_k"),
     (("q2_k",), "attn_v", "always", "q3_k"),
     (("q3_k_m",), "attn_v", "i<2", "q5_k"),
@@ -165,20 +168,21 @@ RULES: list[tuple[tuple[str, ...], str, str, str]] = [
     (("q3_k_l",), "attn_v", "always", "q5_k"),
     (("q4_k_s",), "attn_v", "i<4", "q5_k"),
     (("q4_k_m", "q5_k_m"), "attn_v", "more_bits", "q6_k"),
-
     (("q2_k",), "ffn_down", "always", "q3_k"),
     (("q3_k_m",), "ffn_down", "i<n/16", "q5_k"),
     (("q3_k_m",), "ffn_down", "always", "q4_k"),
     (("q3_k_l",), "ffn_down", "always", "q5_k"),
     (("q4_k_s",), "ffn_down", "i<n/8", "q5_k"),
     (("q4_k_m", "q5_k_m"), "ffn_down", "more_bits", "q6_k"),
-
-    (("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m", "iq4_nl", "iq4_xs", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m"),
-     "attn_output", "n_expert==8", "q5_k"),
+    (
+        ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m", "iq4_nl", "iq4_xs", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m"),
+        "attn_output",
+        "n_expert==8",
+        "q5_k",
+    ),
     (("q2_k",), "attn_output", "n_expert!=8", "q3_k"),
     (("q3_k_m",), "attn_output", "n_expert!=8", "q4_k"),
     (("q3_k_l",), "attn_output", "n_expert!=8", "q5_k"),
-
     (("iq4_nl", "iq4_xs"), "attn_v", "n_gqa>=4", "q5_k"),
     (("iq4_nl", "iq4_xs"), "ffn_down", "i<n/8 no imatrix", "q5_k"),
 ]
@@ -192,8 +196,19 @@ EIGHT_EXPERTS = {"attn_v": "q8_0", "attn_k": "q8_0"}
 
 # A 256-block type whose row length is not a multiple of 256 falls back to a 32-block type of
 # about the same size; if that does not fit either (row not a multiple of 32), f16.
-FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl",
-            "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl", "iq2_s": "iq4_nl", "iq3_xxs": "iq4_nl", "iq3_s": "iq4_nl"}
+FALLBACK = {
+    "q2_k": "q4_0",
+    "q3_k": "q4_0",
+    "q4_k": "q5_0",
+    "q5_k": "q5_1",
+    "q6_k": "q8_0",
+    "iq4_xs": "iq4_nl",
+    "iq2_xxs": "iq4_nl",
+    "iq2_xs": "iq4_nl",
+    "iq2_s": "iq4_nl",
+    "iq3_xxs": "iq4_nl",
+    "iq3_s": "iq4_nl",
+}
 
 # Block types llama-quantize refuses to write without an imatrix ("this quantization requires an
 # imatrix"; tensor_requires_imatrix), except into token_embd.weight and output.weight.
@@ -228,7 +243,7 @@ def tensor_kind(name: str, tied_embeddings: bool = False) -> str:
         return m.group(1)
     for kind in ("ffn_down", "ffn_gate", "ffn_up"):
         if m and m.group(1).startswith(kind):
-            return kind             # the stacked experts, ffn_down_exps ...: llama.cpp matches the substring
+            return kind  # the stacked experts, ffn_down_exps ...: llama.cpp matches the substring
     return "other"
 
 
@@ -237,8 +252,14 @@ def layer_index(name: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def tensor_type(mix: Mix | str, name: str, shape: tuple[int, ...], model: ModelShape,
-                tied_embeddings: bool = False, has_imatrix: bool = False) -> tuple[str, str]:
+def tensor_type(
+    mix: Mix | str,
+    name: str,
+    shape: tuple[int, ...],
+    model: ModelShape,
+    tied_embeddings: bool = False,
+    has_imatrix: bool = False,
+) -> tuple[str, str]:
     """(block type, why) for one 2-D weight of `mix`. `shape` is numpy order (row length last).
     The reason is empty when the tensor simply gets the mix's base type."""
     if isinstance(mix, str):
@@ -256,7 +277,7 @@ def tensor_type(mix: Mix | str, name: str, shape: tuple[int, ...], model: ModelS
     if kind == "attn_v" and model.is_llama_70b and qtype in LLAMA_70B_ATTN_V:
         qtype, reason = LLAMA_70B_ATTN_V[qtype], f"{RULE_REASON} {mix.name}: attn_v on an 80-layer GQA model"
     qtype, reason = eight_expert_bump(qtype, reason, name, model)
-    return qtype, reason              # the row-length fallback is the planner's (plan.choose_type)
+    return qtype, reason  # the row-length fallback is the planner's (plan.choose_type)
 
 
 def outtype_needs_imatrix(outtype: str) -> bool:
@@ -304,4 +325,3 @@ def legacy_imatrix_type(outtype: str, name: str, n_ffn_down: int) -> str | None:
     if outtype not in LEGACY_IMATRIX_FFN_DOWN or tensor_kind(name) != "ffn_down":
         return None
     return LEGACY_IMATRIX_FFN_DOWN[outtype] if layer_index(name) < n_ffn_down // 8 else None
-

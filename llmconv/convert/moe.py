@@ -20,6 +20,7 @@ Its SourceTensor carries one loader per expert (`parts`): the streaming engine (
 loads one expert's slice at a time and converts it chunk by chunk, so at most two experts'
 float32 slices are in memory; `load()` (for verify and tests) stacks them all.
 """
+
 from __future__ import annotations
 
 import re
@@ -34,12 +35,14 @@ from ..errors import LlmconvError
 from .plan import SourceTensor, tensor_name
 
 # HF expert weight -> GGUF stacked kind, and which of (ffn, dim) its rows and columns are
-HF_EXPERT_NAMES = {"w1": (MODEL_TENSOR.FFN_GATE_EXP, "ffn", "dim"),
-                   "w2": (MODEL_TENSOR.FFN_DOWN_EXP, "dim", "ffn"),
-                   "w3": (MODEL_TENSOR.FFN_UP_EXP, "ffn", "dim")}
+HF_EXPERT_NAMES = {
+    "w1": (MODEL_TENSOR.FFN_GATE_EXP, "ffn", "dim"),
+    "w2": (MODEL_TENSOR.FFN_DOWN_EXP, "dim", "ffn"),
+    "w3": (MODEL_TENSOR.FFN_UP_EXP, "ffn", "dim"),
+}
 # Where a layer's router and experts live: `{prefix}.gate.weight`, `{prefix}.experts.E.wK.weight`.
-HF_PREFIX = "model.layers.{i}.block_sparse_moe"          # Hugging Face MixtralForCausalLM
-MISTRAL_PREFIX = "layers.{i}.feed_forward"               # Mistral's own consolidated layout
+HF_PREFIX = "model.layers.{i}.block_sparse_moe"  # Hugging Face MixtralForCausalLM
+MISTRAL_PREFIX = "layers.{i}.feed_forward"  # Mistral's own consolidated layout
 
 
 def _moe_pattern(prefix: str) -> re.Pattern:
@@ -47,8 +50,7 @@ def _moe_pattern(prefix: str) -> re.Pattern:
 
 
 # A layer's tensors in the output: the router, then the experts in llama.cpp's converter's order.
-LAYER_ORDER = [MODEL_TENSOR.FFN_GATE_INP, MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_DOWN_EXP,
-               MODEL_TENSOR.FFN_UP_EXP]
+LAYER_ORDER = [MODEL_TENSOR.FFN_GATE_INP, MODEL_TENSOR.FFN_GATE_EXP, MODEL_TENSOR.FFN_DOWN_EXP, MODEL_TENSOR.FFN_UP_EXP]
 # The dense feed-forward a MoE layer does not have.
 DENSE_FFN = (MODEL_TENSOR.FFN_GATE, MODEL_TENSOR.FFN_DOWN, MODEL_TENSOR.FFN_UP)
 
@@ -95,8 +97,11 @@ def mistral_moe_config(params: dict, file: Path) -> MoEConfig | None:
         raise LlmconvError("'moe' is not an object", file=file)
     extra = sorted(set(moe) - {"num_experts", "num_experts_per_tok"})
     if extra:
-        raise LlmconvError(f"'moe': a mixture of experts with {', '.join(extra)} is not supported by llmconv's "
-                           "llama-architecture conversion (Mixtral's num_experts and num_experts_per_tok are)", file=file)
+        raise LlmconvError(
+            f"'moe': a mixture of experts with {', '.join(extra)} is not supported by llmconv's "
+            "llama-architecture conversion (Mixtral's num_experts and num_experts_per_tok are)",
+            file=file,
+        )
     vals = []
     for key in ("num_experts", "num_experts_per_tok"):
         v = moe.get(key)
@@ -108,39 +113,67 @@ def mistral_moe_config(params: dict, file: Path) -> MoEConfig | None:
     return MoEConfig(*vals)
 
 
-def stack_experts(entries: dict, moe: MoEConfig, *, dim: int, ffn: int, n_layers: int,
-                     cfg_file: Path, expert_loader: Callable, prefix: str = HF_PREFIX) -> dict[str, SourceTensor]:
+def stack_experts(
+    entries: dict,
+    moe: MoEConfig,
+    *,
+    dim: int,
+    ffn: int,
+    n_layers: int,
+    cfg_file: Path,
+    expert_loader: Callable,
+    prefix: str = HF_PREFIX,
+) -> dict[str, SourceTensor]:
     """Take the router and expert tensors out of `entries` (HF name -> WeightEntry) and return
     GGUF name -> SourceTensor for the routers and the stacked experts, shapes checked.
     `expert_loader(entry)` turns one entry into a float32 loader."""
-    routers, found = _take_moe_entries(entries, moe, dim=dim, ffn=ffn, n_layers=n_layers, cfg_file=cfg_file,
-                                       prefix=prefix)
+    routers, found = _take_moe_entries(
+        entries, moe, dim=dim, ffn=ffn, n_layers=n_layers, cfg_file=cfg_file, prefix=prefix
+    )
     out: dict[str, SourceTensor] = {}
     for layer in range(n_layers):
         hf_prefix = prefix.format(i=layer)
         if layer not in routers:
-            raise LlmconvError("router missing from the checkpoint", file=cfg_file.parent, tensor=f"{hf_prefix}.gate.weight")
+            raise LlmconvError(
+                "router missing from the checkpoint", file=cfg_file.parent, tensor=f"{hf_prefix}.gate.weight"
+            )
         r = routers[layer]
         out[tensor_name(MODEL_TENSOR.FFN_GATE_INP, layer)] = SourceTensor(
-            name=tensor_name(MODEL_TENSOR.FFN_GATE_INP, layer), shape=tuple(r.shape), load=expert_loader(r),
-            files=[r.file], source_name=f"{hf_prefix}.gate.weight", source_dtype=r.dtype)
+            name=tensor_name(MODEL_TENSOR.FFN_GATE_INP, layer),
+            shape=tuple(r.shape),
+            load=expert_loader(r),
+            files=[r.file],
+            source_name=f"{hf_prefix}.gate.weight",
+            source_dtype=r.dtype,
+        )
         for w, (kind, _, _) in HF_EXPERT_NAMES.items():
             have = found.get((layer, w), {})
             missing = [x for x in range(moe.n_expert) if x not in have]
             if missing:
-                raise LlmconvError("expert missing from the checkpoint", file=cfg_file.parent,
-                                   tensor=f"{hf_prefix}.experts.{missing[0]}.{w}.weight")
+                raise LlmconvError(
+                    "expert missing from the checkpoint",
+                    file=cfg_file.parent,
+                    tensor=f"{hf_prefix}.experts.{missing[0]}.{w}.weight",
+                )
             parts = [have[x] for x in range(moe.n_expert)]
             gguf_name = tensor_name(kind, layer)
-            loaders = [_named(expert_loader(p), p.file, f"{hf_prefix}.experts.{x}.{w}.weight") for x, p in enumerate(parts)]
-            out[gguf_name] = stacked_tensor(gguf_name, loaders, tuple(parts[0].shape),
-                                            files=[p.file for p in parts], dtype=parts[0].dtype,
-                                            source_name=f"{hf_prefix}.experts.{{0..{moe.n_expert - 1}}}.{w}.weight")
+            loaders = [
+                _named(expert_loader(p), p.file, f"{hf_prefix}.experts.{x}.{w}.weight") for x, p in enumerate(parts)
+            ]
+            out[gguf_name] = stacked_tensor(
+                gguf_name,
+                loaders,
+                tuple(parts[0].shape),
+                files=[p.file for p in parts],
+                dtype=parts[0].dtype,
+                source_name=f"{hf_prefix}.experts.{{0..{moe.n_expert - 1}}}.{w}.weight",
+            )
     return out
 
 
-def _take_moe_entries(entries: dict, moe: MoEConfig, *, dim: int, ffn: int, n_layers: int, cfg_file: Path,
-                      prefix: str) -> tuple[dict[int, object], dict[tuple[int, str], dict[int, object]]]:
+def _take_moe_entries(
+    entries: dict, moe: MoEConfig, *, dim: int, ffn: int, n_layers: int, cfg_file: Path, prefix: str
+) -> tuple[dict[int, object], dict[tuple[int, str], dict[int, object]]]:
     """Pop the routers (layer -> entry) and experts ((layer, w1/w2/w3) -> {expert: entry}) out of
     `entries`, each shape checked and each index within the config's counts."""
     found: dict[tuple[int, str], dict[int, object]] = {}
@@ -151,14 +184,17 @@ def _take_moe_entries(entries: dict, moe: MoEConfig, *, dim: int, ffn: int, n_la
         layer, expert, w = pattern.fullmatch(name).groups()
         layer = int(layer)
         if layer >= n_layers:
-            raise LlmconvError(f"{cfg_file.name} says {n_layers} layers but the checkpoint has more", file=e.file, tensor=name)
+            raise LlmconvError(
+                f"{cfg_file.name} says {n_layers} layers but the checkpoint has more", file=e.file, tensor=name
+            )
         if expert is None:
             _check_shape(e, name, (moe.n_expert, dim), f"{moe.n_expert} experts, width {dim}", cfg_file)
             routers[layer] = e
             continue
         if int(expert) >= moe.n_expert:
-            raise LlmconvError(f"expert {expert} but {cfg_file.name} says {moe.n_expert} experts",
-                               file=e.file, tensor=name)
+            raise LlmconvError(
+                f"expert {expert} but {cfg_file.name} says {moe.n_expert} experts", file=e.file, tensor=name
+            )
         sizes = {"ffn": ffn, "dim": dim}
         _, rows, cols = HF_EXPERT_NAMES[w]
         _check_shape(e, name, (sizes[rows], sizes[cols]), f"width {dim}, expert feed-forward {ffn}", cfg_file)
@@ -169,31 +205,50 @@ def _take_moe_entries(entries: dict, moe: MoEConfig, *, dim: int, ffn: int, n_la
 def _named(load: Callable[[], np.ndarray], file: Path, name: str) -> Callable[[], np.ndarray]:
     """`load`, with a read error naming the expert's own shard and tensor (the stacked
     tensor's name stands for n_expert of them)."""
+
     def run() -> np.ndarray:
         try:
             return load()
         except (RuntimeError, OSError, ValueError) as e:
             text = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise LlmconvError(f"cannot read tensor data: {text}", file=file, tensor=name) from None
+
     return run
 
 
 def _check_shape(e, name: str, want: tuple[int, ...], what: str, cfg_file: Path) -> None:
     if tuple(e.shape) != want:
-        raise LlmconvError(f"shape {tuple(e.shape)} but {cfg_file.name} ({what}) implies {want}", file=e.file, tensor=name)
+        raise LlmconvError(
+            f"shape {tuple(e.shape)} but {cfg_file.name} ({what}) implies {want}", file=e.file, tensor=name
+        )
 
 
-def stacked_tensor(name: str, parts: list[Callable[[], np.ndarray]], part_shape: tuple[int, ...], *,
-                   files: list[Path], dtype: str, source_name: str) -> SourceTensor:
+def stacked_tensor(
+    name: str,
+    parts: list[Callable[[], np.ndarray]],
+    part_shape: tuple[int, ...],
+    *,
+    files: list[Path],
+    dtype: str,
+    source_name: str,
+) -> SourceTensor:
     """A 3-D tensor [len(parts), *part_shape] whose slices come from separate loaders."""
+
     def load() -> np.ndarray:
         out = np.empty((len(parts), *part_shape), np.float32)
         for i, part in enumerate(parts):
             out[i] = part()
         return out
-    return SourceTensor(name=name, shape=(len(parts), *part_shape), load=load,
-                        files=list(dict.fromkeys(files)), source_name=source_name, source_dtype=dtype,
-                        parts=parts)
+
+    return SourceTensor(
+        name=name,
+        shape=(len(parts), *part_shape),
+        load=load,
+        files=list(dict.fromkeys(files)),
+        source_name=source_name,
+        source_dtype=dtype,
+        parts=parts,
+    )
 
 
 def expert_params(tensors) -> tuple[int, int, int] | None:

@@ -4,6 +4,7 @@ A source (Meta checkpoint, HF checkpoint, GGUF file) gives SourceTensors: lazy,
 already named in GGUF terms. The plan picks a type for each; the executor then
 loads, converts and writes them one at a time.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,28 +27,29 @@ if TYPE_CHECKING:
 
 @dataclass
 class SourceTensor:
-    name: str                              # GGUF name, e.g. "blk.0.attn_q.weight"
-    shape: tuple[int, ...]                 # numpy order
-    load: Callable[[], np.ndarray]         # -> float32 array of `shape`
-    files: list[Path]                      # where the bytes come from (for messages)
-    source_name: str = ""                  # name in the source, e.g. "layers.0.attention.wq.weight"
-    source_dtype: str = ""                 # "bf16", "f16", "f32", "q4_0", ...
+    name: str  # GGUF name, e.g. "blk.0.attn_q.weight"
+    shape: tuple[int, ...]  # numpy order
+    load: Callable[[], np.ndarray]  # -> float32 array of `shape`
+    files: list[Path]  # where the bytes come from (for messages)
+    source_name: str = ""  # name in the source, e.g. "layers.0.attention.wq.weight"
+    source_dtype: str = ""  # "bf16", "f16", "f32", "q4_0", ...
     # a 3-D tensor stacked from 2-D sources (MoE experts): one loader per slice, so the writer
     # can convert slice by slice (convert/moe.py); `load` still returns the whole tensor
     parts: list[Callable[[], np.ndarray]] | None = None
     # rows [a, b) as float32 into out[b - a, n] (1-D tensors: one row); None: only `load` works.
     # Lets the streaming engine read a tensor chunk by chunk into reused buffers.
     read_rows: Callable[[int, int, np.ndarray], None] | None = None
-    prefetch: Callable[[], None] | None = None   # start reading the bytes from disk (a hint)
+    prefetch: Callable[[], None] | None = None  # start reading the bytes from disk (a hint)
 
 
 class Why(enum.Enum):
     """Why a tensor gets its type. Notes are for the choices a user did not ask for by name."""
-    REQUESTED = "requested"        # the --outtype (1-D tensors: f32)
-    MIX_RULE = "mix rule"          # a K-quant mix's per-tensor rule: by design, --dry-run lists it
-    OUTPUT = "output tensor"       # llama-quantize's higher-precision type for output.weight
-    OVERRIDE = "override"          # --output-tensor-type, --token-embedding-type, --tensor-type
-    FALLBACK = "fallback"          # the row length does not split into the wanted type's blocks
+
+    REQUESTED = "requested"  # the --outtype (1-D tensors: f32)
+    MIX_RULE = "mix rule"  # a K-quant mix's per-tensor rule: by design, --dry-run lists it
+    OUTPUT = "output tensor"  # llama-quantize's higher-precision type for output.weight
+    OVERRIDE = "override"  # --output-tensor-type, --token-embedding-type, --tensor-type
+    FALLBACK = "fallback"  # the row length does not split into the wanted type's blocks
 
 
 NOTED = (Why.OUTPUT, Why.OVERRIDE, Why.FALLBACK)
@@ -57,9 +59,9 @@ NOTED = (Why.OUTPUT, Why.OVERRIDE, Why.FALLBACK)
 class PlannedTensor:
     src: SourceTensor
     qtype: q.QuantType
-    reason: str = ""                       # why this type, when it is not the requested one
+    reason: str = ""  # why this type, when it is not the requested one
     why: Why = Why.REQUESTED
-    imatrix: np.ndarray | None = None      # the column importances its weighted kernel uses
+    imatrix: np.ndarray | None = None  # the column importances its weighted kernel uses
 
     @property
     def name(self) -> str:
@@ -152,11 +154,11 @@ class TypePolicy:
     output_type: str | None = None
     token_embd_type: str | None = None
     overrides: list[tuple[re.Pattern, str]] = field(default_factory=list)
-    model: mixes.ModelShape | None = None        # what a mix's layer/GQA rules look at
-    mix: mixes.Mix | None = None                 # set from outtype when it names a K-quant mix
-    imatrix: "Imatrix | None" = None             # llmconv.imatrix.Imatrix: weights + imatrix rules
+    model: mixes.ModelShape | None = None  # what a mix's layer/GQA rules look at
+    mix: mixes.Mix | None = None  # set from outtype when it names a K-quant mix
+    imatrix: "Imatrix | None" = None  # llmconv.imatrix.Imatrix: weights + imatrix rules
 
-    n_ffn_down: int = 0                          # layers with ffn_down tensors (llama-quantize's n_layer for its rules)
+    n_ffn_down: int = 0  # layers with ffn_down tensors (llama-quantize's n_layer for its rules)
 
     def __post_init__(self):
         if self.mix is None:
@@ -200,7 +202,7 @@ def _display(name: str) -> str:
 
 def choose_type(src: SourceTensor, policy: TypePolicy) -> tuple[q.QuantType, str, Why]:
     if len(src.shape) < 2 or not src.name.endswith(".weight") or src.name.endswith(".ffn_gate_inp.weight"):
-        return q.get("f32"), "", Why.REQUESTED   # norms, biases, MoE routers: llama-quantize never touches them
+        return q.get("f32"), "", Why.REQUESTED  # norms, biases, MoE routers: llama-quantize never touches them
     n = src.shape[-1]
     wanted, reason, why = policy.outtype, "", Why.REQUESTED
     output_name = tensor_name(MODEL_TENSOR.OUTPUT)
@@ -212,11 +214,15 @@ def choose_type(src: SourceTensor, policy: TypePolicy) -> tuple[q.QuantType, str
         else:
             if policy.model is None:
                 raise LlmconvError(f"{policy.mix.name} needs the model's layer and head counts")
-            wanted, reason = mixes.tensor_type(policy.mix, src.name, src.shape, policy.model,
-                                               policy.tied_embeddings, policy.imatrix is not None)
+            wanted, reason = mixes.tensor_type(
+                policy.mix, src.name, src.shape, policy.model, policy.tied_embeddings, policy.imatrix is not None
+            )
             why = Why.MIX_RULE if reason else Why.REQUESTED
-    elif (not policy.pure and policy.imatrix is not None
-          and mixes.legacy_imatrix_type(wanted, src.name, policy.n_ffn_down) is not None):
+    elif (
+        not policy.pure
+        and policy.imatrix is not None
+        and mixes.legacy_imatrix_type(wanted, src.name, policy.n_ffn_down) is not None
+    ):
         wanted = mixes.legacy_imatrix_type(wanted, src.name, policy.n_ffn_down)
         why = Why.MIX_RULE
         reason = f"{mixes.RULE_REASON} {policy.outtype} with an imatrix: ffn_down in the first eighth of the layers"
@@ -246,8 +252,11 @@ def choose_type(src: SourceTensor, policy: TypePolicy) -> tuple[q.QuantType, str
         qt = _qtype(wanted, src.name)
     if not qt.can_hold_row(n):
         if policy.pure or why is Why.OVERRIDE:
-            raise LlmconvError(f"row length {n} is not a multiple of {qt.name}'s block size {qt.block_size}",
-                               file=src.files[0] if src.files else None, tensor=src.name)
+            raise LlmconvError(
+                f"row length {n} is not a multiple of {qt.name}'s block size {qt.block_size}",
+                file=src.files[0] if src.files else None,
+                tensor=src.name,
+            )
         reason, why = f"row length {n} does not fit {qt.name} blocks of {qt.block_size}: f16", Why.FALLBACK
         qt = q.get("f16")
     return qt, reason, why
@@ -264,28 +273,34 @@ def make_plan(sources: list[SourceTensor], policy: TypePolicy) -> Plan:
         out_qt = _qtype(policy.outtype, "--outtype")
         file_type, outtype = int(out_qt.file_type), out_qt.name
     # llama-quantize's count is the layer count; a Llama 4 MoE layer has two ffn_down tensors (experts, shared)
-    policy = dataclasses.replace(policy, n_ffn_down=len({mixes.layer_index(s.name) for s in sources
-                                                          if mixes.tensor_kind(s.name) == "ffn_down"}))
+    policy = dataclasses.replace(
+        policy, n_ffn_down=len({mixes.layer_index(s.name) for s in sources if mixes.tensor_kind(s.name) == "ffn_down"})
+    )
     tensors = []
     for src in sources:
         qt, reason, why = choose_type(src, policy)
         weights = None
         if policy.imatrix is not None and qt.quantize_weighted is not None:
-            n_mat = src.shape[0] if len(src.shape) == 3 else 1       # stacked experts: a slice each
+            n_mat = src.shape[0] if len(src.shape) == 3 else 1  # stacked experts: a slice each
             weights = policy.imatrix.for_tensor(src.name, src.shape[-1], n_mat)
         # (an empty Imatrix is convert --dry-run --imatrix-text's stand-in: nothing computed yet)
-        if weights is None and (qt.requires_imatrix or mixes.requires_imatrix(qt.name, src.name)) \
-                and (policy.imatrix is None or policy.imatrix.entries):
+        if (
+            weights is None
+            and (qt.requires_imatrix or mixes.requires_imatrix(qt.name, src.name))
+            and (policy.imatrix is None or policy.imatrix.entries)
+        ):
             raise LlmconvError(_imatrix_missing(qt.name, policy.imatrix is not None), tensor=src.name)
         tensors.append(PlannedTensor(src, qt, reason, why, weights))
     return Plan(tensors, file_type, outtype, plan_notes(tensors))
 
 
 def _imatrix_missing(qtype: str, have_one: bool) -> str:
-    if have_one:   # llama-quantize: "Missing importance matrix for tensor ... in a very low-bit quantization"
+    if have_one:  # llama-quantize: "Missing importance matrix for tensor ... in a very low-bit quantization"
         return f"the imatrix has no entry for this tensor, which {qtype} needs (llama-quantize refuses too)"
-    return (f"{qtype} needs an importance matrix, as llama-quantize requires one: "
-            f"give --imatrix FILE (convert also takes --imatrix-text builtin)")
+    return (
+        f"{qtype} needs an importance matrix, as llama-quantize requires one: "
+        f"give --imatrix FILE (convert also takes --imatrix-text builtin)"
+    )
 
 
 def plan_notes(tensors: list[PlannedTensor]) -> list[str]:

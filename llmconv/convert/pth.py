@@ -1,6 +1,7 @@
 """torch.save files (Meta's consolidated.NN.pth, Hugging Face's pytorch_model*.bin): checked,
 then read without torch where they are plain state dicts (torch_pickle.py), else loaded with
 torch.load(mmap=True, weights_only=True). Pickled code never runs either way."""
+
 from __future__ import annotations
 
 import pickle
@@ -22,13 +23,15 @@ def safe_torch_load(path: Path, checked: bool = False) -> dict:
 
     if not checked:
         _check_zip(path)
-        scan_torch_pickle(path)     # before torch unpickles anything: only what a state dict needs
+        scan_torch_pickle(path)  # before torch unpickles anything: only what a state dict needs
     try:
         obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
         raise LlmconvError(
             "refused to load: the pickle holds code or objects that are not plain tensors "
-            f"(weights_only=True said: {_first_line(e)})", file=path) from None
+            f"(weights_only=True said: {_first_line(e)})",
+            file=path,
+        ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise LlmconvError(f"not a readable PyTorch checkpoint: {_first_line(e)}", file=path) from None
     if not isinstance(obj, dict):
@@ -64,12 +67,13 @@ def open_shard(path: Path) -> tuple[dict[str, RawTensor] | None, dict | None]:
     """(where each tensor lies, None) for a plain state dict, read without torch; else
     (where torch's mapping placed them or None, torch's state dict)."""
     _check_zip(path)
-    scan_torch_pickle(path)     # before anything unpickles it: only what a state dict needs
+    scan_torch_pickle(path)  # before anything unpickles it: only what a state dict needs
     raw = read_state_dict(path)
     if raw is not None:
         return raw, None
     state = safe_torch_load(path, checked=True)
     from .torch_zip import raw_tensors
+
     return raw_tensors(path, state), state
 
 
@@ -84,6 +88,7 @@ def open_shards(paths: list[Path]) -> tuple[list[dict[str, RawTensor] | None], l
     states = [state if state is not None else safe_torch_load(p, checked=True) for p, (_, state) in zip(paths, opened)]
     if any(state is None for _, state in opened):
         from .torch_zip import raw_tensors
+
         raws = [raw_tensors(p, s) for p, s in zip(paths, states)]
     return raws, states
 
@@ -91,6 +96,7 @@ def open_shards(paths: list[Path]) -> tuple[list[dict[str, RawTensor] | None], l
 def mapped_bytes(t) -> np.ndarray:
     """A numpy view of a torch tensor's memory-mapped bytes: bf16 as its uint16 bits."""
     import torch
+
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
@@ -98,8 +104,9 @@ def mapped_bytes(t) -> np.ndarray:
 
 def is_float(t) -> bool:
     if isinstance(t, RawTensor):
-        return True                     # torch_pickle reads only bf16, f16 and f32 storages
+        return True  # torch_pickle reads only bf16, f16 and f32 storages
     import torch
+
     return t.dtype in (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -108,4 +115,5 @@ def same_values(a, b) -> bool:
     if isinstance(a, RawTensor) and isinstance(b, RawTensor):
         return a.shape == b.shape and bool(np.array_equal(a.load(), b.load()))
     import torch
+
     return torch.equal(a, b)

@@ -15,6 +15,7 @@ dense (a placeholder is written for every id it skips).
 SchemaError into a one-line LlmconvError naming the file. (This module imports nothing of
 llmconv's, so errors.py can use it without an import cycle.)
 """
+
 from __future__ import annotations
 
 import math
@@ -26,10 +27,10 @@ from typing import Any, Callable
 U32_MAX = 2**32 - 1
 I32_MAX = 2**31 - 1
 F32_MAX = 3.4028234663852886e38
-MAX_TOKEN_ID = 1 << 22          # 4M; the largest real vocabularies have ~260k tokens
-MAX_TEMPLATE_BYTES = 64 << 20   # = the GGUF reader's cap on one string (formats/gguf_reader.py)
+MAX_TOKEN_ID = 1 << 22  # 4M; the largest real vocabularies have ~260k tokens
+MAX_TEMPLATE_BYTES = 64 << 20  # = the GGUF reader's cap on one string (formats/gguf_reader.py)
 
-Check = Callable[[Any, str], None]   # raises _Bad(message) for a wrong value
+Check = Callable[[Any, str], None]  # raises _Bad(message) for a wrong value
 
 
 class SchemaError(ValueError):
@@ -59,18 +60,22 @@ def _is_num(v) -> bool:
 
 # ---- value checks ------------------------------------------------------------------------------
 
+
 def integer(lo: int = 1, hi: int = I32_MAX) -> Check:
     def check(v, key):
         if not _is_int(v) or not lo <= v <= hi:
             _fail(f"an integer in [{lo}, {hi}]", v)
+
     return check
 
 
 def number(lo: float = 0.0, hi: float = F32_MAX, lo_open: bool = True) -> Check:
     """A finite JSON number in range; `lo_open` excludes lo itself (eps, theta and factors > 0)."""
+
     def check(v, key):
         if not _is_num(v) or not math.isfinite(float(v)) or not lo <= v <= hi or (lo_open and v == lo):
             _fail(f"a finite number {'>' if lo_open else '>='} {lo:g} and <= {hi:.4g}", v)
+
     return check
 
 
@@ -87,8 +92,9 @@ def string(v, key):
 def template_text(v, key):
     string(v, key)
     if len(v) > MAX_TEMPLATE_BYTES // 4 and len(v.encode("utf-8", "surrogatepass")) > MAX_TEMPLATE_BYTES:
-        raise _Bad(f"is {len(v.encode('utf-8', 'surrogatepass'))} bytes; GGUF readers accept at most "
-                   f"{MAX_TEMPLATE_BYTES}")
+        raise _Bad(
+            f"is {len(v.encode('utf-8', 'surrogatepass'))} bytes; GGUF readers accept at most {MAX_TEMPLATE_BYTES}"
+        )
 
 
 def token_id(v, key):
@@ -99,8 +105,19 @@ def token_id(v, key):
 def token_text(v, key):
     """tokenizer_config.json writes a special token as its text or as {"content": text, ...}."""
     if isinstance(v, dict):
-        _object(v, key, {"content": string, "special": boolean, "lstrip": boolean, "rstrip": boolean,
-                         "normalized": boolean, "single_word": boolean}, required=("content",))
+        _object(
+            v,
+            key,
+            {
+                "content": string,
+                "special": boolean,
+                "lstrip": boolean,
+                "rstrip": boolean,
+                "normalized": boolean,
+                "single_word": boolean,
+            },
+            required=("content",),
+        )
     elif not isinstance(v, str):
         _fail("a token (a string or an object with a content string)", v)
 
@@ -114,6 +131,7 @@ def one_of(*checks: Check, want: str) -> Check:
             except (_Bad, _Key):
                 pass
         _fail(want, v)
+
     return check
 
 
@@ -125,12 +143,14 @@ def list_of(item: Check, max_items: int = MAX_TOKEN_ID) -> Check:
             raise _Bad(f"has {len(v)} items; at most {max_items}")
         for i, x in enumerate(v):
             _at(item, x, f"{key}[{i}]")
+
     return check
 
 
 def obj(fields: dict[str, Check], required: tuple = ()) -> Check:
     def check(v, key):
         _object(v, key, fields, required)
+
     return check
 
 
@@ -138,6 +158,7 @@ def nullable(c: Check) -> Check:
     def check(v, key):
         if v is not None:
             c(v, key)
+
     return check
 
 
@@ -168,29 +189,60 @@ def _at(c: Check, v, key: str) -> None:
 
 # ---- the files -----------------------------------------------------------------------------------
 
-_ROPE_SCALING = obj({
-    "rope_type": string, "type": string, "factor": number(), "low_freq_factor": number(),
-    "high_freq_factor": number(), "original_max_position_embeddings": integer(1, U32_MAX),
-    "rope_theta": number(),
-})
+_ROPE_SCALING = obj(
+    {
+        "rope_type": string,
+        "type": string,
+        "factor": number(),
+        "low_freq_factor": number(),
+        "high_freq_factor": number(),
+        "original_max_position_embeddings": integer(1, U32_MAX),
+        "rope_theta": number(),
+    }
+)
 _IDS = nullable(one_of(token_id, list_of(token_id, 1024), want="a token id or a list of token ids"))
 
 CONFIG = {
-    "architectures": list_of(string, 16), "model_type": string, "hidden_act": string,
-    "hidden_size": integer(), "num_hidden_layers": integer(), "num_attention_heads": integer(),
-    "num_key_value_heads": nullable(integer()), "intermediate_size": integer(), "vocab_size": integer(1, MAX_TOKEN_ID),
-    "head_dim": nullable(integer()), "max_position_embeddings": nullable(integer(1, U32_MAX)),
-    "rms_norm_eps": number(), "rope_theta": number(), "rope_scaling": nullable(_ROPE_SCALING),
-    "rope_parameters": nullable(_ROPE_SCALING), "tie_word_embeddings": boolean,
-    "sliding_window": nullable(integer(1, U32_MAX)), "attention_bias": boolean, "mlp_bias": boolean,
-    "bos_token_id": _IDS, "eos_token_id": _IDS, "pad_token_id": _IDS, "auto_map": obj({}),
+    "architectures": list_of(string, 16),
+    "model_type": string,
+    "hidden_act": string,
+    "hidden_size": integer(),
+    "num_hidden_layers": integer(),
+    "num_attention_heads": integer(),
+    "num_key_value_heads": nullable(integer()),
+    "intermediate_size": integer(),
+    "vocab_size": integer(1, MAX_TOKEN_ID),
+    "head_dim": nullable(integer()),
+    "max_position_embeddings": nullable(integer(1, U32_MAX)),
+    "rms_norm_eps": number(),
+    "rope_theta": number(),
+    "rope_scaling": nullable(_ROPE_SCALING),
+    "rope_parameters": nullable(_ROPE_SCALING),
+    "tie_word_embeddings": boolean,
+    "sliding_window": nullable(integer(1, U32_MAX)),
+    "attention_bias": boolean,
+    "mlp_bias": boolean,
+    "bos_token_id": _IDS,
+    "eos_token_id": _IDS,
+    "pad_token_id": _IDS,
+    "auto_map": obj({}),
 }
 PARAMS = {
-    "dim": integer(), "n_layers": integer(), "n_heads": integer(), "n_kv_heads": nullable(integer()),
-    "vocab_size": integer(-1, MAX_TOKEN_ID), "multiple_of": nullable(integer()),
-    "ffn_dim_multiplier": nullable(number(hi=1e6)), "norm_eps": number(), "rope_theta": number(),
-    "use_scaled_rope": boolean, "rope_scaling_factor": nullable(number()), "high_freq_factor": nullable(number()),
-    "max_seq_len": integer(1, U32_MAX), "head_dim": nullable(integer()), "hidden_dim": nullable(integer()),
+    "dim": integer(),
+    "n_layers": integer(),
+    "n_heads": integer(),
+    "n_kv_heads": nullable(integer()),
+    "vocab_size": integer(-1, MAX_TOKEN_ID),
+    "multiple_of": nullable(integer()),
+    "ffn_dim_multiplier": nullable(number(hi=1e6)),
+    "norm_eps": number(),
+    "rope_theta": number(),
+    "use_scaled_rope": boolean,
+    "rope_scaling_factor": nullable(number()),
+    "high_freq_factor": nullable(number()),
+    "max_seq_len": integer(1, U32_MAX),
+    "head_dim": nullable(integer()),
+    "hidden_dim": nullable(integer()),
 }
 
 
@@ -203,13 +255,20 @@ def _added_tokens_decoder(v, key):
         _at(token_text, tok, f"{key}.{k}")
 
 
-_TEMPLATES = one_of(template_text, list_of(obj({"name": string, "template": template_text},
-                                                required=("name", "template")), 256),
-                    want="a template string or a list of {name, template}")
+_TEMPLATES = one_of(
+    template_text,
+    list_of(obj({"name": string, "template": template_text}, required=("name", "template")), 256),
+    want="a template string or a list of {name, template}",
+)
 TOKENIZER_CONFIG = {
-    "bos_token": nullable(token_text), "eos_token": nullable(token_text), "unk_token": nullable(token_text),
-    "pad_token": nullable(token_text), "add_bos_token": nullable(boolean), "add_eos_token": nullable(boolean),
-    "chat_template": nullable(_TEMPLATES), "added_tokens_decoder": nullable(_added_tokens_decoder),
+    "bos_token": nullable(token_text),
+    "eos_token": nullable(token_text),
+    "unk_token": nullable(token_text),
+    "pad_token": nullable(token_text),
+    "add_bos_token": nullable(boolean),
+    "add_eos_token": nullable(boolean),
+    "chat_template": nullable(_TEMPLATES),
+    "added_tokens_decoder": nullable(_added_tokens_decoder),
 }
 GENERATION_CONFIG = {"bos_token_id": _IDS, "eos_token_id": _IDS, "pad_token_id": _IDS}
 
@@ -285,5 +344,7 @@ def _check_text(s: str) -> None:
         return
     m = _SURROGATE.search(s)
     if m:
-        raise SchemaError(f"string {s[max(0, m.start() - 20):m.start()]!r}... holds a lone surrogate "
-                          f"(U+{ord(m.group()):04X}): not valid Unicode text")
+        raise SchemaError(
+            f"string {s[max(0, m.start() - 20) : m.start()]!r}... holds a lone surrogate "
+            f"(U+{ord(m.group()):04X}): not valid Unicode text"
+        )

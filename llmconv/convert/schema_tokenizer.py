@@ -5,25 +5,51 @@ ids unique and mostly dense (each id the file skips becomes a placeholder token)
 naming two tokens of the vocabulary whose concatenation is one too, and an added token that
 reuses a vocabulary id must be that token.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from .schema import (MAX_TOKEN_ID, SchemaError, _at, _Bad, _fail, _Key, _object, boolean, check_strings, nullable,
-                     obj, string, token_id)
+from .schema import (
+    MAX_TOKEN_ID,
+    SchemaError,
+    _at,
+    _Bad,
+    _fail,
+    _Key,
+    _object,
+    boolean,
+    check_strings,
+    nullable,
+    obj,
+    string,
+    token_id,
+)
 
-MAX_COMPONENT_DEPTH = 8       # Sequence inside Sequence: real files nest one or two levels
+MAX_COMPONENT_DEPTH = 8  # Sequence inside Sequence: real files nest one or two levels
 
 
 def _component(children: str) -> "callable":
     """A normalizer / pre-tokenizer / decoder / post-processor object: a `type` string and,
     for a Sequence, a list of the same under `children`."""
+
     def check(v, key, depth=0):
         if depth > MAX_COMPONENT_DEPTH:
             raise _Bad(f"nested more than {MAX_COMPONENT_DEPTH} levels deep")
-        _object(v, key, {"type": string, "pattern": obj({"Regex": string, "String": string}),
-                         "behavior": string, "invert": boolean, "add_prefix_space": boolean, "use_regex": boolean,
-                         "single": _template, "pair": _template})
+        _object(
+            v,
+            key,
+            {
+                "type": string,
+                "pattern": obj({"Regex": string, "String": string}),
+                "behavior": string,
+                "invert": boolean,
+                "add_prefix_space": boolean,
+                "use_regex": boolean,
+                "single": _template,
+                "pair": _template,
+            },
+        )
         if "single" in v or "pair" in v:
             _check_template_specials(v, key)
         items = v.get(children)
@@ -36,6 +62,7 @@ def _component(children: str) -> "callable":
                 check(item, f"{key}.{children}[{i}]", depth + 1)
             except _Bad as e:
                 raise _Key(f"{key}.{children}[{i}]", str(e)) from None
+
     return check
 
 
@@ -53,8 +80,13 @@ def _check_template_specials(v: dict, key: str) -> None:
     if not isinstance(specials, dict):
         raise _Key(f"{key}.special_tokens", f"expected an object, found {type(specials).__name__}")
     for name, entry in specials.items():
-        _at(obj({"id": string, "ids": _list_of(token_id), "tokens": _list_of(string)}, required=("id", "ids", "tokens")),
-            entry, f"{key}.special_tokens.{name}")
+        _at(
+            obj(
+                {"id": string, "ids": _list_of(token_id), "tokens": _list_of(string)}, required=("id", "ids", "tokens")
+            ),
+            entry,
+            f"{key}.special_tokens.{name}",
+        )
         if len(entry["ids"]) != len(entry["tokens"]):
             raise _Key(f"{key}.special_tokens.{name}", f"{len(entry['ids'])} ids but {len(entry['tokens'])} tokens")
     for part in ("single", "pair"):
@@ -70,6 +102,7 @@ def _list_of(check):
             _fail("a list", v)
         for i, item in enumerate(v):
             _at(check, item, f"{key}[{i}]")
+
     return check_list
 
 
@@ -82,11 +115,19 @@ def validate_tokenizer_json(doc, path: Path | None = None) -> None:
     try:
         if not isinstance(doc, dict):
             _fail("a JSON object", doc)
-        _object(doc, "", {"model": obj({"type": string}), "added_tokens": nullable(_list_of_added),
-                          "normalizer": nullable(_component("normalizers")),
-                          "pre_tokenizer": nullable(_component("pretokenizers")),
-                          "decoder": nullable(_component("decoders")),
-                          "post_processor": nullable(_component("processors"))}, required=("model",))
+        _object(
+            doc,
+            "",
+            {
+                "model": obj({"type": string}),
+                "added_tokens": nullable(_list_of_added),
+                "normalizer": nullable(_component("normalizers")),
+                "pre_tokenizer": nullable(_component("pretokenizers")),
+                "decoder": nullable(_component("decoders")),
+                "post_processor": nullable(_component("processors")),
+            },
+            required=("model",),
+        )
         if doc["model"].get("type") == "BPE":
             _check_bpe(doc["model"], doc.get("added_tokens") or [])
     except _Bad as e:
@@ -120,8 +161,11 @@ def _check_bpe(model: dict, added: list) -> None:
     if by_id:
         top = max(by_id)
         if top + 1 > 2 * len(by_id) + 1024:
-            raise _Key("model.vocab", f"ids go up to {top} but only {len(by_id)} are defined: "
-                                      f"a vocabulary that is mostly gaps is not plausible")
+            raise _Key(
+                "model.vocab",
+                f"ids go up to {top} but only {len(by_id)} are defined: "
+                f"a vocabulary that is mostly gaps is not plausible",
+            )
     merges = model.get("merges")
     if merges is None:
         return
@@ -131,8 +175,10 @@ def _check_bpe(model: dict, added: list) -> None:
     for k, m in enumerate(merges):
         parts = m.split(" ") if isinstance(m, str) else m
         if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) for p in parts):
-            raise _Key("model.merges", f"merge {k} ({m!r:.60}) is not two tokens: expected \"left right\" or [left, right]")
-        joined = parts[0] + (parts[1][len(prefix):] if prefix and parts[1].startswith(prefix) else parts[1])
+            raise _Key(
+                "model.merges", f'merge {k} ({m!r:.60}) is not two tokens: expected "left right" or [left, right]'
+            )
+        joined = parts[0] + (parts[1][len(prefix) :] if prefix and parts[1].startswith(prefix) else parts[1])
         for p in (parts[0], parts[1], joined):
             if p not in vocab:
                 raise _Key("model.merges", f"merge {k} names {p!r:.60}, which is not in model.vocab")

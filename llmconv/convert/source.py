@@ -1,5 +1,6 @@
 """What every checkpoint format yields (a leaf module: the format readers import it, and
 `sources.py` picks the reader)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,12 +14,12 @@ from .tokenizer import Vocab
 
 @dataclass
 class Source:
-    kind: str                          # "meta", "hf" or "mistral"
+    kind: str  # "meta", "hf" or "mistral"
     path: Path
     hparams: LlamaHParams
     vocab: Vocab
     tensors: list[SourceTensor]
-    extra_kvs: list = field(default_factory=list)   # format-specific GGUF metadata (KV), e.g. rope scaling
+    extra_kvs: list = field(default_factory=list)  # format-specific GGUF metadata (KV), e.g. rope scaling
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # things done on the user's behalf, e.g. where the tokenizer was
 

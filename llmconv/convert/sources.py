@@ -3,6 +3,7 @@
 A Source is what the rest of the pipeline needs from any checkpoint: hyperparameters,
 the vocabulary, and lazy tensors already named in GGUF terms (in Meta's Q/K layout).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,6 +20,7 @@ from .source import Source, explicit_tokenizer
 from .rope import llama3_rope_factors_from_params
 from .tokenizer import check_vocab_size, load_sentencepiece, load_sentencepiece_file
 
+
 def detect_format(model_dir: Path) -> str:
     """meta: params.json + consolidated.NN.pth; mistral: params.json + consolidated*.safetensors;
     hf: config.json. Mistral's repositories often hold both their own and the HF layout: the HF
@@ -32,8 +34,10 @@ def detect_format(model_dir: Path) -> str:
         return "meta"
     if has_config:
         return "hf"
-    raise LlmconvError("neither params.json (Meta, Mistral) nor config.json (Hugging Face) found: "
-                       "not a checkpoint directory", file=model_dir)
+    raise LlmconvError(
+        "neither params.json (Meta, Mistral) nor config.json (Hugging Face) found: not a checkpoint directory",
+        file=model_dir,
+    )
 
 
 INPUT_FORMATS = ("meta", "hf", "mistral")
@@ -45,18 +49,29 @@ def check_checkpoint_dir(path: Path) -> None:
         return
     if not path.exists():
         raise LlmconvError("no such file or directory", file=path)
-    require_regular_file(path)          # a FIFO given as CKPT_DIR would block the open below
+    require_regular_file(path)  # a FIFO given as CKPT_DIR would block the open below
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        raise LlmconvError("this is a GGUF file, not a checkpoint directory: to requantize it use "
-                           "`llmconv quantize IN.gguf [OUT.gguf] TYPE`; to look inside, `llmconv inspect`", file=path)
-    raise LlmconvError("expected a checkpoint directory (params.json or config.json and the weights), "
-                       "not a file: pass the folder that holds it", file=path)
+        raise LlmconvError(
+            "this is a GGUF file, not a checkpoint directory: to requantize it use "
+            "`llmconv quantize IN.gguf [OUT.gguf] TYPE`; to look inside, `llmconv inspect`",
+            file=path,
+        )
+    raise LlmconvError(
+        "expected a checkpoint directory (params.json or config.json and the weights), "
+        "not a file: pass the folder that holds it",
+        file=path,
+    )
 
 
-def open_source(model_dir: str | Path, input_format: str = "auto", ctx: int | None = None,
-                pre: str | None = None, tokenizer: str | Path | None = None) -> Source:
+def open_source(
+    model_dir: str | Path,
+    input_format: str = "auto",
+    ctx: int | None = None,
+    pre: str | None = None,
+    tokenizer: str | Path | None = None,
+) -> Source:
     """Open a checkpoint directory. `pre` overrides tokenizer.ggml.pre for BPE tokenizers;
     `tokenizer` (--tokenizer) is a tokenizer file, or a folder holding one, used instead of the
     checkpoint's own."""
@@ -72,15 +87,19 @@ def open_source(model_dir: str | Path, input_format: str = "auto", ctx: int | No
         from .hf_files import read_json
         from .llama4 import open_llama4_source
         from .llama4_config import is_llama4
+
         config = read_json(model_dir / "config.json", required=False)
         opener = open_llama4_source if config is not None and is_llama4(config) else open_hf_source
         src = opener(model_dir, ctx, pre, tokenizer)
         if input_format == "auto" and (model_dir / "params.json").is_file():
-            src.notes.append("the folder also holds Mistral's own layout (params.json, consolidated*.safetensors); "
-                             "read the Hugging Face one (--input-format mistral reads the other)")
+            src.notes.append(
+                "the folder also holds Mistral's own layout (params.json, consolidated*.safetensors); "
+                "read the Hugging Face one (--input-format mistral reads the other)"
+            )
         return src
     if kind == "mistral":
         from .mistral import open_mistral_source
+
         return open_mistral_source(model_dir, ctx, pre, tokenizer)
     raise LlmconvError(f"unknown input format {input_format!r} ({', '.join(INPUT_FORMATS)})", file=model_dir)
 
@@ -100,20 +119,24 @@ def meta_tokenizer_path(model_dir: Path, tokenizer: Path | None, notes: list[str
         return own
     parent = model_dir.resolve().parent / "tokenizer.model"
     if parent.is_file():
-        notes.append(f"tokenizer.model is not in the checkpoint folder; using {parent} from the folder above, "
-                     f"where Meta's download script puts it (--tokenizer names another)")
+        notes.append(
+            f"tokenizer.model is not in the checkpoint folder; using {parent} from the folder above, "
+            f"where Meta's download script puts it (--tokenizer names another)"
+        )
         return parent
-    raise LlmconvError("tokenizer.model is missing (here and in the folder above; --tokenizer names one)",
-                       file=model_dir)
+    raise LlmconvError(
+        "tokenizer.model is missing (here and in the folder above; --tokenizer names one)", file=model_dir
+    )
 
 
-def open_meta_source(model_dir: Path, ctx: int | None = None, pre: str | None = None,
-                     tokenizer: Path | None = None) -> Source:
+def open_meta_source(
+    model_dir: Path, ctx: int | None = None, pre: str | None = None, tokenizer: Path | None = None
+) -> Source:
     ckpt = open_meta_checkpoint(model_dir, ctx=ctx)
     h = ckpt.hparams
     notes: list[str] = []
     tok_path = meta_tokenizer_path(model_dir, tokenizer, notes)
-    if is_tiktoken_file(tok_path):      # LLaMA 3.x: tiktoken text, not SentencePiece
+    if is_tiktoken_file(tok_path):  # LLaMA 3.x: tiktoken text, not SentencePiece
         vocab = load_meta_tiktoken(tok_path, ckpt.params)
     elif tok_path.name == "tokenizer.model":
         vocab = load_sentencepiece(tok_path.parent)
@@ -127,10 +150,18 @@ def open_meta_source(model_dir: Path, ctx: int | None = None, pre: str | None = 
     warnings = [w for w in [ffn_formula_warning(h)] if w]
     tensors = meta_tensors(ckpt)
     factors = llama3_rope_factors_from_params(ckpt.params, h.head_dim, file=model_dir / "params.json")
-    if factors is not None:             # LLaMA 3.1+: first, where llama.cpp's converter puts it
-        tensors.insert(0, SourceTensor(name=tensor_name(MODEL_TENSOR.ROPE_FREQS), shape=tuple(factors.shape),
-                                       load=lambda: factors.copy(), files=[model_dir / "params.json"],
-                                       source_name="use_scaled_rope (params.json)", source_dtype="f32"))
+    if factors is not None:  # LLaMA 3.1+: first, where llama.cpp's converter puts it
+        tensors.insert(
+            0,
+            SourceTensor(
+                name=tensor_name(MODEL_TENSOR.ROPE_FREQS),
+                shape=tuple(factors.shape),
+                load=lambda: factors.copy(),
+                files=[model_dir / "params.json"],
+                source_name="use_scaled_rope (params.json)",
+                source_dtype="f32",
+            ),
+        )
     return Source("meta", model_dir, h, vocab, tensors, warnings=warnings, notes=notes)
 
 
@@ -139,13 +170,19 @@ def meta_tensors(ckpt: MetaCheckpoint) -> list[SourceTensor]:
     for name in ckpt.names:
         gguf_name = meta_to_gguf_name(name)
         if gguf_name is None:
-            raise LlmconvError("unknown tensor name: no GGUF mapping for it", file=ckpt.source_files(name)[0], tensor=name)
-        out.append(SourceTensor(
-            name=gguf_name, shape=ckpt.shapes[name],
-            load=lambda name=name: ckpt.load_f32(name),
-            read_rows=ckpt.rows_reader(name),
-            prefetch=lambda name=name: ckpt.prefetch(name),
-            files=ckpt.source_files(name), source_name=name,
-            source_dtype=ckpt.dtype_name(name),
-        ))
+            raise LlmconvError(
+                "unknown tensor name: no GGUF mapping for it", file=ckpt.source_files(name)[0], tensor=name
+            )
+        out.append(
+            SourceTensor(
+                name=gguf_name,
+                shape=ckpt.shapes[name],
+                load=lambda name=name: ckpt.load_f32(name),
+                read_rows=ckpt.rows_reader(name),
+                prefetch=lambda name=name: ckpt.prefetch(name),
+                files=ckpt.source_files(name),
+                source_name=name,
+                source_dtype=ckpt.dtype_name(name),
+            )
+        )
     return out

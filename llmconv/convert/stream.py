@@ -17,6 +17,7 @@ chunk themselves; the main thread only tracks progress and finishes jobs (see ru
 Several outputs from one read: a job has one sink per output file. Sinks that want the same
 type share one quantization of the chunk.
 """
+
 from __future__ import annotations
 
 import gc
@@ -38,16 +39,17 @@ from ..quantize.floats import widen_into
 from .plan import SourceTensor
 from .worker_threads import name_os_thread, one_torch_thread, torch_module
 
-CHUNK_WEIGHTS = 1 << 20      # weights per work item: 4 MiB of float32
+CHUNK_WEIGHTS = 1 << 20  # weights per work item: 4 MiB of float32
 
 
 @dataclass
 class Sink:
     """One tensor's destination in one output file."""
+
     qtype: q.QuantType
     fd: int
-    offset: int                  # absolute file offset of the tensor's first byte
-    imatrix: np.ndarray | None = None   # importance of each column: the type's weighted kernel
+    offset: int  # absolute file offset of the tensor's first byte
+    imatrix: np.ndarray | None = None  # importance of each column: the type's weighted kernel
 
     def row_nbytes(self, n: int) -> int:
         return self.qtype.row_nbytes(n)
@@ -57,6 +59,7 @@ class Sink:
 class Job:
     """One source tensor and where it goes. `done(job)` runs on the main thread when every
     chunk of it is written."""
+
     src: SourceTensor
     sinks: list[Sink]
     done: Callable[["Job"], None] | None = None
@@ -108,9 +111,9 @@ def _read_chunk(job: Job, a: int, b: int) -> np.ndarray:
             job.src.read_rows(a, b, x)
             return x
         if job.src.parts is not None:
-            per = rows // len(job.src.parts)             # chunks never cross experts (see chunks)
+            per = rows // len(job.src.parts)  # chunks never cross experts (see chunks)
             e = a // per
-            return _expert_slice(job, e, per, n)[a - e * per:b - e * per]
+            return _expert_slice(job, e, per, n)[a - e * per : b - e * per]
         with job._lock:
             if job._whole is None:
                 job._whole = _checked(job, job.src.load(), tuple(job.src.shape)).reshape(rows, n)
@@ -168,8 +171,12 @@ def _quantize(x: np.ndarray, sink: Sink, out: np.ndarray, a: int, rows: int) -> 
         # stacked experts, imatrix [n_mat, n]: each expert's rows with its own slice
         per = rows // imp.shape[0]
         cuts = [a] + list(range((a // per + 1) * per, a + len(x), per)) + [a + len(x)]
-        return np.concatenate([qt.quantize_weighted(x[lo - a:hi - a], np.ascontiguousarray(imp[lo // per]))
-                               for lo, hi in zip(cuts, cuts[1:])])
+        return np.concatenate(
+            [
+                qt.quantize_weighted(x[lo - a : hi - a], np.ascontiguousarray(imp[lo // per]))
+                for lo, hi in zip(cuts, cuts[1:])
+            ]
+        )
     return qt.quantize(x, out=out) if _takes_out(qt.quantize) else qt.quantize(x)
 
 
@@ -192,7 +199,7 @@ def _from_stored(sink: Sink, verbatim: RawTensor | None):
 
 def _first_nonfinite_raw(raw: np.ndarray) -> int | None:
     """First row of stored bytes (bf16 bits as uint16, float16, float32) holding NaN/inf, or None."""
-    if raw.dtype == np.uint16:          # bf16: all exponent bits set
+    if raw.dtype == np.uint16:  # bf16: all exponent bits set
         bad = np.bitwise_and(raw, 0x7F80) == 0x7F80
     else:
         bad = ~np.isfinite(raw)
@@ -246,7 +253,7 @@ def _widened(raw: np.ndarray, rows: int, n: int) -> np.ndarray:
 def _work(job: Job, a: int, b: int) -> None:
     try:
         _convert_chunk(job, a, b)
-        with job._lock:                 # the last chunk frees the job's whole-tensor buffers
+        with job._lock:  # the last chunk frees the job's whole-tensor buffers
             job._remaining -= 1
             if job._remaining == 0:
                 job._whole, job._slices = None, {}
@@ -285,7 +292,7 @@ class _Chunks:
                 self._prefetched = item[0] + 1
                 after = self._jobs[item[0] + 1] if item[0] + 1 < len(self._jobs) else None
                 if after is not None and after.src.prefetch is not None:
-                    after.src.prefetch()        # read-ahead: the next tensor streams in meanwhile
+                    after.src.prefetch()  # read-ahead: the next tensor streams in meanwhile
             return item
 
     def stop(self) -> None:
@@ -302,15 +309,19 @@ def _worker(jobs: Sequence[Job], work: _Chunks, finished: queue.SimpleQueue, err
             i, a, b = item
             _work(jobs[i], a, b)
             finished.put((i, jobs[i].chunk_bytes(a, b)))
-    except BaseException as e:          # reraised by the main thread
+    except BaseException as e:  # reraised by the main thread
         work.stop()
         errors.append(e)
     finally:
         finished.put(None)
 
 
-def run(jobs: Sequence[Job], threads: int = 1, progress: Callable[[int], None] | None = None,
-        chunk_weights: int | None = None) -> None:
+def run(
+    jobs: Sequence[Job],
+    threads: int = 1,
+    progress: Callable[[int], None] | None = None,
+    chunk_weights: int | None = None,
+) -> None:
     """Convert and write every job. Raises the first error (LlmconvError for bad data);
     chunks not yet started are then dropped.
 
@@ -325,15 +336,17 @@ def run(jobs: Sequence[Job], threads: int = 1, progress: Callable[[int], None] |
     for job, n in zip(jobs, left):
         job._remaining = n
     work = _Chunks(jobs, spans)
-    finished: queue.SimpleQueue = queue.SimpleQueue()   # (job index, bytes) per chunk; None: a worker left
+    finished: queue.SimpleQueue = queue.SimpleQueue()  # (job index, bytes) per chunk; None: a worker left
     errors: list[BaseException] = []
     # The checkpoint's and torch's objects never become garbage here; without this, the
     # collector walks all of them again and again while chunks are converted (9 % of the
     # f16 conversion's samples were gc_collect_main).
     gc.freeze()
     torch_threads = one_torch_thread() if threads > 1 and _uses_torch(jobs) else None
-    pool = [threading.Thread(target=_worker, args=(jobs, work, finished, errors), name=f"llmconv-work-{k}", daemon=True)
-            for k in range(threads)]
+    pool = [
+        threading.Thread(target=_worker, args=(jobs, work, finished, errors), name=f"llmconv-work-{k}", daemon=True)
+        for k in range(threads)
+    ]
     try:
         for t in pool:
             t.start()
@@ -366,7 +379,8 @@ def run(jobs: Sequence[Job], threads: int = 1, progress: Callable[[int], None] |
 def _uses_torch(jobs: Sequence[Job]) -> bool:
     """Whether any output is cast by torch (quantize/floats.py), or torch is loaded anyway: a
     run without either does not import it (that costs ~1.4 s of CPU)."""
-    return "torch" in sys.modules or any(s.qtype.name in floats.TORCH_CAST_TYPES and _from_stored(s, verbatim_source(j)) is None
-                                         for j in jobs for s in j.sinks)
-
-
+    return "torch" in sys.modules or any(
+        s.qtype.name in floats.TORCH_CAST_TYPES and _from_stored(s, verbatim_source(j)) is None
+        for j in jobs
+        for s in j.sinks
+    )

@@ -9,6 +9,7 @@ the first `default_vocab_size - default_num_special_tokens` ranks, each shifted 
 specials. Merges are rebuilt from the ranks as for LLaMA 3's tiktoken file (every split into two
 tokens, by rank), starting past the 256 single bytes.
 """
+
 from __future__ import annotations
 
 import base64
@@ -24,10 +25,28 @@ from .pretok import TEKKEN_PATTERN
 from .tokenizer import Vocab
 
 # mistral-common's special tokens for Tekken files that do not list their own (versions up to v7).
-LEGACY_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
-                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
-                   "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
-                   "[TOOL_CONTENT]")
+LEGACY_SPECIALS = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "[INST]",
+    "[/INST]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[TOOL_CALLS]",
+    "[IMG]",
+    "<pad>",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+    "[PREFIX]",
+    "[MIDDLE]",
+    "[SUFFIX]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[TOOL_CONTENT]",
+)
 
 
 def is_tekken_file(path: Path) -> bool:
@@ -61,16 +80,20 @@ def special_token_names(doc: dict, n_special: int, path: Path) -> list[str]:
                 raise LlmconvError(f"special_tokens[{k}] is not {{rank: {k}, token_str: ...}}", file=path)
             names.append(t["token_str"])
     if len(names) > n_special or len(set(names)) != len(names):
-        raise LlmconvError(f"{len(names)} special tokens (duplicates or more than "
-                           f"default_num_special_tokens = {n_special})", file=path)
+        raise LlmconvError(
+            f"{len(names)} special tokens (duplicates or more than default_num_special_tokens = {n_special})", file=path
+        )
     return names + [f"<SPECIAL_{i}>" for i in range(len(names), n_special)]
 
 
 def tekken_ranks(vocab: list, n_regular: int, path: Path) -> dict[bytes, int]:
     """The first n_regular ranks (mistral-common cuts the file's vocabulary to that size)."""
     if not isinstance(vocab, list) or len(vocab) < n_regular:
-        raise LlmconvError(f"vocab has {len(vocab) if isinstance(vocab, list) else 'no'} entries, "
-                           f"fewer than the {n_regular} regular tokens the config asks for", file=path)
+        raise LlmconvError(
+            f"vocab has {len(vocab) if isinstance(vocab, list) else 'no'} entries, "
+            f"fewer than the {n_regular} regular tokens the config asks for",
+            file=path,
+        )
     ranks: dict[bytes, int] = {}
     for i, entry in enumerate(vocab[:n_regular]):
         try:
@@ -80,8 +103,9 @@ def tekken_ranks(vocab: list, n_regular: int, path: Path) -> dict[bytes, int]:
         except (KeyError, TypeError, ValueError, binascii.Error):
             raise LlmconvError(f"vocab[{i}] is not {{rank: {i}, token_bytes: base64}}", file=path) from None
         if (i < 256 and token != bytes([i])) or (i >= 256 and len(token) < 2) or token in ranks:
-            raise LlmconvError(f"vocab[{i}] = {token!r}: ranks 0-255 must be the single bytes in order, "
-                               "and tokens unique", file=path)
+            raise LlmconvError(
+                f"vocab[{i}] = {token!r}: ranks 0-255 must be the single bytes in order, and tokens unique", file=path
+            )
         ranks[token] = i
     return ranks
 
@@ -97,16 +121,18 @@ def tekken_vocab(path: str | Path) -> Vocab:
     config = doc["config"]
     pattern = config.get("pattern")
     if pattern != TEKKEN_PATTERN:
-        raise LlmconvError(f"split pattern {pattern!r} is not the one llama.cpp's tekken pre-tokenizer "
-                           "implements", file=path)
+        raise LlmconvError(
+            f"split pattern {pattern!r} is not the one llama.cpp's tekken pre-tokenizer implements", file=path
+        )
     n_special = _config_int(config, "default_num_special_tokens", path)
     n_total = _config_int(config, "default_vocab_size", path)
     if n_total <= n_special + 256:
-        raise LlmconvError(f"default_vocab_size {n_total} leaves no room past {n_special} special tokens "
-                           "and 256 bytes", file=path)
+        raise LlmconvError(
+            f"default_vocab_size {n_total} leaves no room past {n_special} special tokens and 256 bytes", file=path
+        )
     specials = special_token_names(doc, n_special, path)
     ranks = tekken_ranks(doc.get("vocab"), n_total - n_special, path)
-    del doc, config                     # ~1M parsed JSON objects, not needed past here
+    del doc, config  # ~1M parsed JSON objects, not needed past here
     by_rank = sorted(ranks, key=ranks.__getitem__)
     tokens = [s.encode("utf-8") for s in specials] + [bytes_to_token(t).encode("utf-8") for t in by_rank]
     types = [int(TokenType.CONTROL)] * n_special + [int(TokenType.NORMAL)] * len(by_rank)
@@ -114,6 +140,18 @@ def tekken_vocab(path: str | Path) -> Vocab:
     for needed in ("<s>", "</s>", "<unk>"):
         if needed not in sid:
             raise LlmconvError(f"special token {needed} is missing", file=path)
-    return Vocab("gpt2", tokens, [0.0] * len(tokens), types, bos_id=sid["<s>"], eos_id=sid["</s>"],
-                 unk_id=sid["<unk>"], pad_id=sid.get("<pad>", sid["</s>"]), add_bos=True, add_eos=False,
-                 merges=merges_from_ranks(ranks, path, first_rank=256), pre="tekken", source=path)
+    return Vocab(
+        "gpt2",
+        tokens,
+        [0.0] * len(tokens),
+        types,
+        bos_id=sid["<s>"],
+        eos_id=sid["</s>"],
+        unk_id=sid["<unk>"],
+        pad_id=sid.get("<pad>", sid["</s>"]),
+        add_bos=True,
+        add_eos=False,
+        merges=merges_from_ranks(ranks, path, first_rank=256),
+        pre="tekken",
+        source=path,
+    )

@@ -3,6 +3,7 @@ Meta's LLaMA 3 tokenizer.model (`base64(token bytes) rank` per line, rank = toke
 special tokens live in their Python code and are appended here) as a Vocab, and the merges
 rebuilt from the ranks, as Hugging Face's TikTokenConverter and llama.cpp's converter do (also
 for Mistral's Tekken files, tekken.py)."""
+
 from __future__ import annotations
 
 import base64
@@ -27,18 +28,33 @@ def meta_special_tokens(version: str) -> list[str]:
     LLaMA 3.1+ (llama-models repo, also 3.2/3.3): adds <|finetune_right_pad_id|>, <|eom_id|> and
     <|python_tag|> in slots 3.0 had reserved, so the reserved numbering shifts."""
     if version == "3.0":
-        head = ["<|begin_of_text|>", "<|end_of_text|>",
-                "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-                "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
-                "<|start_header_id|>", "<|end_header_id|>",
-                "<|reserved_special_token_4|>", "<|eot_id|>"]
+        head = [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|reserved_special_token_0|>",
+            "<|reserved_special_token_1|>",
+            "<|reserved_special_token_2|>",
+            "<|reserved_special_token_3|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|reserved_special_token_4|>",
+            "<|eot_id|>",
+        ]
         first_reserved = 5
     elif version == "3.1":
-        head = ["<|begin_of_text|>", "<|end_of_text|>",
-                "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-                "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
-                "<|start_header_id|>", "<|end_header_id|>",
-                "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+        head = [
+            "<|begin_of_text|>",
+            "<|end_of_text|>",
+            "<|reserved_special_token_0|>",
+            "<|reserved_special_token_1|>",
+            "<|finetune_right_pad_id|>",
+            "<|reserved_special_token_2|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eom_id|>",
+            "<|eot_id|>",
+            "<|python_tag|>",
+        ]
         first_reserved = 3
     else:
         raise ValueError(f"unknown LLaMA 3 special-token version {version!r}")
@@ -164,13 +180,18 @@ def _merges_from_ranks(ranks: dict[bytes, int], path: Path | None, first_rank: i
         right_at = {n - len(by_rank[s]): s for s in suffixes[r]}
         pairs = sorted((p, right_at[len(by_rank[p])]) for p in prefixes[r] if len(by_rank[p]) in right_at)
         if not pairs:
-            raise LlmconvError(f"token {by_rank[r]!r} (rank {r}) cannot be built by joining two "
-                               "tokens: not a BPE vocabulary", file=path)
+            raise LlmconvError(
+                f"token {by_rank[r]!r} (rank {r}) cannot be built by joining two tokens: not a BPE vocabulary",
+                file=path,
+            )
         splits_of[r] = pairs
         text_size += len(pairs) * (2 * n + 1)
         if text_size > MAX_MERGE_TEXT:
-            raise LlmconvError(f"the merges up to token rank {r} already exceed {MAX_MERGE_TEXT >> 20} MiB: "
-                               "too many long tokens that split many ways", file=path)
+            raise LlmconvError(
+                f"the merges up to token rank {r} already exceed {MAX_MERGE_TEXT >> 20} MiB: "
+                "too many long tokens that split many ways",
+                file=path,
+            )
     names = [bytes_to_token(t) for t in by_rank]
     return [f"{names[a]} {names[b]}" for pairs in splits_of for a, b in pairs]
 
@@ -187,6 +208,17 @@ def load_meta_tiktoken(path: str | Path, params: dict | None = None, special_ver
     tokens = [bytes_to_token(t).encode("utf-8") for t in by_rank] + [s.encode("utf-8") for s in specials]
     types = [int(TokenType.NORMAL)] * n + [int(TokenType.CONTROL)] * len(specials)
     sid = {s: n + k for k, s in enumerate(specials)}
-    return Vocab("gpt2", tokens, [], types, bos_id=sid["<|begin_of_text|>"], eos_id=sid["<|end_of_text|>"],
-                 add_bos=True, add_eos=False, merges=merges_from_ranks(ranks, path), pre="llama-bpe",
-                 eot_id=sid["<|eot_id|>"], source=path)
+    return Vocab(
+        "gpt2",
+        tokens,
+        [],
+        types,
+        bos_id=sid["<|begin_of_text|>"],
+        eos_id=sid["<|end_of_text|>"],
+        add_bos=True,
+        add_eos=False,
+        merges=merges_from_ranks(ranks, path),
+        pre="llama-bpe",
+        eot_id=sid["<|eot_id|>"],
+        source=path,
+    )

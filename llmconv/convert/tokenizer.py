@@ -4,6 +4,7 @@ SentencePiece (LLaMA 1/2, Code Llama, Mistral): the token walk is gguf-py's
 SentencePieceVocab (it also reads added_tokens.json); the special ids and
 add_bos/add_eos come from the model itself.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from ..errors import LlmconvError
 
 @dataclass
 class Vocab:
-    model: str                        # tokenizer.ggml.model: "llama" (SentencePiece) or "gpt2" (byte-level BPE)
+    model: str  # tokenizer.ggml.model: "llama" (SentencePiece) or "gpt2" (byte-level BPE)
     tokens: list[bytes]
     scores: list[float]
     token_types: list[int]
@@ -25,11 +26,11 @@ class Vocab:
     eos_id: int | None = None
     unk_id: int | None = None
     pad_id: int | None = None
-    eot_id: int | None = None         # end of turn (LLaMA 3 instruct: <|eot_id|>)
+    eot_id: int | None = None  # end of turn (LLaMA 3 instruct: <|eot_id|>)
     add_bos: bool = True
     add_eos: bool = False
     merges: list[str] = field(default_factory=list)
-    pre: str | None = None            # tokenizer.ggml.pre for BPE
+    pre: str | None = None  # tokenizer.ggml.pre for BPE
     source: Path | None = None
 
     def __len__(self) -> int:
@@ -43,8 +44,9 @@ def load_sentencepiece(model_dir: Path) -> Vocab:
     try:
         spv = SentencePieceVocab(model_dir)
     except (OSError, RuntimeError) as e:
-        raise LlmconvError(f"not a SentencePiece model: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                           file=path) from None
+        raise LlmconvError(
+            f"not a SentencePiece model: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=path
+        ) from None
     except ValueError as e:
         raise LlmconvError(str(e), file=model_dir / "added_tokens.json") from None
     tokens, scores, types = [], [], []
@@ -57,10 +59,19 @@ def load_sentencepiece(model_dir: Path) -> Vocab:
     def special(i: int) -> int | None:
         return i if i >= 0 else None
 
-    return Vocab("llama", tokens, scores, types,
-                 bos_id=special(sp.bos_id()), eos_id=special(sp.eos_id()),
-                 unk_id=special(sp.unk_id()), pad_id=special(sp.pad_id()),
-                 add_bos=True, add_eos=False, source=path)
+    return Vocab(
+        "llama",
+        tokens,
+        scores,
+        types,
+        bos_id=special(sp.bos_id()),
+        eos_id=special(sp.eos_id()),
+        unk_id=special(sp.unk_id()),
+        pad_id=special(sp.pad_id()),
+        add_bos=True,
+        add_eos=False,
+        source=path,
+    )
 
 
 def load_sentencepiece_file(path: Path) -> Vocab:
@@ -73,8 +84,9 @@ def load_sentencepiece_file(path: Path) -> Vocab:
     try:
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except (OSError, RuntimeError) as e:
-        raise LlmconvError(f"not a SentencePiece model: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                           file=path) from None
+        raise LlmconvError(
+            f"not a SentencePiece model: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=path
+        ) from None
     tokens, scores, types = [], [], []
     for i in range(sp.vocab_size()):
         ttype = TokenType.NORMAL
@@ -93,8 +105,19 @@ def load_sentencepiece_file(path: Path) -> Vocab:
     def special(i: int) -> int | None:
         return i if i >= 0 else None
 
-    return Vocab("llama", tokens, scores, types, bos_id=special(sp.bos_id()), eos_id=special(sp.eos_id()),
-                 unk_id=special(sp.unk_id()), pad_id=special(sp.pad_id()), add_bos=True, add_eos=False, source=path)
+    return Vocab(
+        "llama",
+        tokens,
+        scores,
+        types,
+        bos_id=special(sp.bos_id()),
+        eos_id=special(sp.eos_id()),
+        unk_id=special(sp.unk_id()),
+        pad_id=special(sp.pad_id()),
+        add_bos=True,
+        add_eos=False,
+        source=path,
+    )
 
 
 def check_vocab_size(vocab: Vocab, n_embd_rows: int, file: Path, tensor: str) -> None:
@@ -102,11 +125,18 @@ def check_vocab_size(vocab: Vocab, n_embd_rows: int, file: Path, tensor: str) ->
     load time, so it is an error here, before anything is written."""
     n = len(vocab)
     if n > n_embd_rows:
-        raise LlmconvError(f"tokenizer has {n} tokens but the embedding has only {n_embd_rows} rows",
-                           file=vocab.source or file, tensor=tensor)
+        raise LlmconvError(
+            f"tokenizer has {n} tokens but the embedding has only {n_embd_rows} rows",
+            file=vocab.source or file,
+            tensor=tensor,
+        )
     if n < n_embd_rows:
-        raise LlmconvError(f"tokenizer has {n} tokens but the embedding has {n_embd_rows} rows "
-                           f"(add the missing tokens with added_tokens.json)", file=vocab.source or file, tensor=tensor)
+        raise LlmconvError(
+            f"tokenizer has {n} tokens but the embedding has {n_embd_rows} rows "
+            f"(add the missing tokens with added_tokens.json)",
+            file=vocab.source or file,
+            tensor=tensor,
+        )
 
 
 __all__ = ["Vocab", "load_sentencepiece", "load_sentencepiece_file", "check_vocab_size", "TokenType"]

@@ -13,6 +13,7 @@ storage, a view outside its storage, big-endian data, a pickle that does not reb
 of tensors) returns None: the caller then loads the file with torch (pth.safe_torch_load),
 whose checks and messages cover those cases.
 """
+
 from __future__ import annotations
 
 import io
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from ..formats.rawread import RawTensor, SourceFile
 
-_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")        # zipfile's structFileHeader: 30 bytes
+_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")  # zipfile's structFileHeader: 30 bytes
 # typed storage class named in a persistent id -> (llmconv's dtype name, bytes per element)
 _STORAGE_DTYPES = {"FloatStorage": ("f32", 4), "HalfStorage": ("f16", 2), "BFloat16Storage": ("bf16", 2)}
 
@@ -49,7 +50,7 @@ class _Storage:
 @dataclass(frozen=True)
 class _Stored:
     storage: _Storage
-    offset: int                      # in elements
+    offset: int  # in elements
     shape: tuple[int, ...]
     stride: tuple[int, ...]
 
@@ -58,8 +59,7 @@ class _StateDict(dict):
     """collections.OrderedDict as pickled by torch.save (BUILD may set its _metadata)."""
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     if not isinstance(storage, _Storage) or not isinstance(storage_offset, int):
         raise _Unusual("tensor without a storage")
     if not all(isinstance(v, int) and v >= 0 for v in (*size, *stride)) or len(size) != len(stride):
@@ -88,8 +88,14 @@ class _Unpickler(pickle.Unpickler):
         raise _Unusual(f"{module}.{name}")
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[4], int)):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
+            and isinstance(pid[4], int)
+        ):
             raise _Unusual("persistent id")
         if pid[1].name not in _STORAGE_DTYPES:
             raise _Unusual(f"storage {pid[1].name}")
@@ -130,13 +136,23 @@ def read_state_dict(path: Path) -> dict[str, RawTensor] | None:
             pkl = [n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
             if len(pkl) != 1:
                 return None
-            prefix = pkl[0][:-len("data.pkl")]
+            prefix = pkl[0][: -len("data.pkl")]
             if prefix + "byteorder" in zf.namelist() and zf.read(prefix + "byteorder") != b"little":
                 return None
             state = _Unpickler(io.BytesIO(zf.read(pkl[0]))).load()
             records = stored_records(zf, f)
-    except (_Unusual, pickle.UnpicklingError, zipfile.BadZipFile, OSError, ValueError, TypeError,
-            EOFError, AttributeError, IndexError, KeyError):
+    except (
+        _Unusual,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        OSError,
+        ValueError,
+        TypeError,
+        EOFError,
+        AttributeError,
+        IndexError,
+        KeyError,
+    ):
         return None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, _Stored) for k, v in state.items()):
         return None
@@ -149,8 +165,13 @@ def read_state_dict(path: Path) -> dict[str, RawTensor] | None:
         numel = 1
         for d in t.shape:
             numel *= d
-        if (record is None or s.key in keys or not _contiguous(t.shape, t.stride)
-                or s.numel * s.itemsize > record[1] or t.offset + numel > s.numel):
+        if (
+            record is None
+            or s.key in keys
+            or not _contiguous(t.shape, t.stride)
+            or s.numel * s.itemsize > record[1]
+            or t.offset + numel > s.numel
+        ):
             return None
         keys.add(s.key)
         out[name] = RawTensor(file, record[0] + t.offset * s.itemsize, s.dtype, t.shape, name)

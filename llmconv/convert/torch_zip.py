@@ -10,6 +10,7 @@ of a record at least as long as the storage; it is found by trying the records i
 against the lowest address, and a few bytes of every tensor are then compared both ways.
 If no base fits (a writer that is not torch.save), the caller keeps the mapped path.
 """
+
 from __future__ import annotations
 
 import re
@@ -67,7 +68,7 @@ def raw_tensors(path: Path, state: dict[str, torch.Tensor]) -> dict[str, RawTens
 def _same_head(raw: RawTensor, t: torch.Tensor) -> bool:
     """The first bytes of the tensor through the mapping equal those pread from `raw.offset`."""
     n = min(16, raw.nbytes)
-    mapped = t.reshape(-1)[:n // t.element_size()].view(torch.uint8).numpy()
+    mapped = t.reshape(-1)[: n // t.element_size()].view(torch.uint8).numpy()
     buf = np.empty(n, np.uint8)
     raw.file.read_into(raw.offset, buf, raw.label)
-    return bool(np.array_equal(mapped, buf[:mapped.size]))
+    return bool(np.array_equal(mapped, buf[: mapped.size]))

@@ -1,6 +1,7 @@
 """The streaming engine's worker threads as the OS and torch see them: the thread name that top -H,
 perf and bench/pipeline.py's per-thread accounting show, and torch's intra-op pool held to one
 thread while several workers cast at once (stream.run)."""
+
 from __future__ import annotations
 
 
@@ -9,13 +10,15 @@ def name_os_thread() -> None:
     per-thread accounting see it); Python's own thread name stays inside the interpreter."""
     try:
         import ctypes
-        ctypes.CDLL(None).prctl(15, b"llmconv-work", 0, 0, 0)       # PR_SET_NAME
+
+        ctypes.CDLL(None).prctl(15, b"llmconv-work", 0, 0, 0)  # PR_SET_NAME
     except (OSError, AttributeError):
         pass
 
 
 def torch_module():
     import torch
+
     return torch
 
 

@@ -13,6 +13,7 @@ fsynced first, then renamed; on any failure, Ctrl-C, SIGTERM or SIGHUP every tem
 removed and existing targets are untouched. Without `force` the rename never replaces a
 file that appeared meanwhile (a second run for the same target).
 """
+
 from __future__ import annotations
 
 import errno
@@ -30,13 +31,14 @@ from typing import Iterator, Sequence
 from ..errors import LlmconvError
 
 PARTIAL_TAG = ".llmconv-partial-"
-_NAME_KEEP = 120          # target-name characters kept in a temp name: it must fit NAME_MAX
+_NAME_KEEP = 120  # target-name characters kept in a temp name: it must fit NAME_MAX
 
 
 @dataclass
 class TempOutput:
     """An open temp file: write through `fd`; `read_path` reopens this very file (not the name).
     `target` is the file it becomes, the name an error message gives."""
+
     path: Path
     fd: int
     target: Path | None = None
@@ -48,10 +50,11 @@ class TempOutput:
 
     def write_bytes(self, data: bytes) -> None:
         from .positional import pwrite_all
+
         try:
             os.ftruncate(self.fd, 0)
             pwrite_all(self.fd, data, 0)
-        except OSError as e:            # a full disk, a quota: say which output
+        except OSError as e:  # a full disk, a quota: say which output
             raise LlmconvError(f"write failed: {e.strerror}", file=self.target or self.path) from None
 
 
@@ -87,7 +90,7 @@ def _remove_if_stale(p: Path) -> bool:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            return False                      # a live writer holds it
+            return False  # a live writer holds it
         now = os.lstat(p)
         if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
             return False
@@ -111,11 +114,13 @@ def check_target(target: Path, *, force: bool) -> None:
     if st is not None:
         if not stat.S_ISREG(st.st_mode):
             if stat.S_ISDIR(st.st_mode):
-                raise LlmconvError(f"output exists and is not a regular file (a directory): to write the "
-                                   f"default-named file into it, add a slash ({target}/)", file=target)
+                raise LlmconvError(
+                    f"output exists and is not a regular file (a directory): to write the "
+                    f"default-named file into it, add a slash ({target}/)",
+                    file=target,
+                )
             kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a special file"
-            raise LlmconvError(f"output exists and is not a regular file ({kind}); refusing to replace it",
-                               file=target)
+            raise LlmconvError(f"output exists and is not a regular file ({kind}); refusing to replace it", file=target)
         if not force:
             raise LlmconvError("output exists; pass --force to overwrite it", file=target)
     if not target.parent.is_dir():
@@ -136,10 +141,9 @@ def _create_temp(target: Path) -> TempOutput:
     try:
         fd, name = tempfile.mkstemp(prefix=partial_prefix(target), dir=target.parent)
     except OSError as e:
-        raise LlmconvError(f"cannot create a temporary file beside the output: {e.strerror}",
-                           file=target) from None
+        raise LlmconvError(f"cannot create a temporary file beside the output: {e.strerror}", file=target) from None
     fcntl.flock(fd, fcntl.LOCK_EX)
-    os.fchmod(fd, 0o666 & ~_umask())          # mkstemp makes 0600; a model file is shared like any file
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a model file is shared like any file
     return TempOutput(Path(name), fd, target)
 
 
@@ -174,14 +178,14 @@ def _publish(tmp: TempOutput, target: Path, force: bool) -> None:
     try:
         os.link(tmp.path, target, follow_symlinks=False)
     except FileExistsError:
-        raise LlmconvError("output appeared while this run was writing it (another run?); "
-                           "pass --force to overwrite it", file=target) from None
+        raise LlmconvError(
+            "output appeared while this run was writing it (another run?); pass --force to overwrite it", file=target
+        ) from None
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
             raise
-        if os.path.lexists(target):           # a filesystem without hard links: check, then rename
-            raise LlmconvError("output appeared while this run was writing it; pass --force", file=target) \
-                from None
+        if os.path.lexists(target):  # a filesystem without hard links: check, then rename
+            raise LlmconvError("output appeared while this run was writing it; pass --force", file=target) from None
         os.replace(tmp.path, target)
         return
     os.unlink(tmp.path)
@@ -219,7 +223,7 @@ def atomic_outputs(targets: Sequence[str | Path], *, force: bool = False) -> Ite
         yield tmps
         for tmp in tmps:
             try:
-                os.fsync(tmp.fd)        # where a delayed write error (ENOSPC, EIO) shows up
+                os.fsync(tmp.fd)  # where a delayed write error (ENOSPC, EIO) shows up
             except OSError as e:
                 raise LlmconvError(f"write failed: {e.strerror}", file=tmp.target) from None
         published: list[Path] = []

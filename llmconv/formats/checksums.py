@@ -9,6 +9,7 @@ A whole-file hash would say only "something changed"; per-tensor hashes say whic
      "tensors": {"blk.0.attn_q.weight": {"file": "Name-7B-Q4_0.gguf", "type": "q4_0",
                                          "shape": [4096, 4096], "bytes": 9437184, "sha256": "..."}}}
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,13 +59,20 @@ def load_sidecar(path: str | Path) -> dict:
     except OSError as e:
         raise LlmconvError(f"cannot read: {e.strerror or e}", file=path) from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("tensors"), dict):
-        raise LlmconvError(f"not a checksum sidecar (format {doc.get('format') if isinstance(doc, dict) else None!r:.40}, "
-                           f"want {FORMAT!r})", file=path)
+        raise LlmconvError(
+            f"not a checksum sidecar (format {doc.get('format') if isinstance(doc, dict) else None!r:.40}, "
+            f"want {FORMAT!r})",
+            file=path,
+        )
     files = doc.get("files")
     if files is not None and (not isinstance(files, list) or not all(isinstance(f, str) for f in files)):
         raise LlmconvError("'files' is not a list of file names", file=path)
     for name, entry in doc["tensors"].items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("sha256"), str)
+            or not _SHA256.fullmatch(entry["sha256"])
+        ):
             raise LlmconvError(f"tensors.{name}: expected an object with a 64-digit hex sha256", file=path)
     return doc
 
@@ -78,11 +86,14 @@ def check_split_set(model_path: Path, names: list[str], side: Path) -> None:
     counts = set()
     for name in names:
         part = _SPLIT_NAME.fullmatch(name)
-        if name == model_path.name or (part and part.group(1) == stem and 1 <= int(part.group(2)) <= int(part.group(3))):
+        if name == model_path.name or (
+            part and part.group(1) == stem and 1 <= int(part.group(2)) <= int(part.group(3))
+        ):
             counts |= {part.group(3)} if part else set()
             continue
-        raise LlmconvError(f"lists {name!r:.80}, which is neither {model_path.name} nor a part of its split set",
-                           file=side)
+        raise LlmconvError(
+            f"lists {name!r:.80}, which is neither {model_path.name} nor a part of its split set", file=side
+        )
     if len(counts) > 1:
         raise LlmconvError(f"lists parts of split sets of different sizes ({', '.join(sorted(counts))})", file=side)
 
@@ -104,7 +115,7 @@ def check_sidecar(model_path: str | Path, sidecar: str | Path | None = None) -> 
         if not f.is_file():
             problems.append(f"{f}: listed in {side.name} but missing")
             continue
-        for t in read_gguf(f).tensors:       # the hardened reader: offsets and sizes checked
+        for t in read_gguf(f).tensors:  # the hardened reader: offsets and sizes checked
             seen[t.name] = tensor_sha256(t.data)
     for name, entry in want.items():
         if name not in seen:

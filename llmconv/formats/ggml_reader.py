@@ -21,6 +21,7 @@ The file is untrusted: every count and length is checked against the file size b
 used, and any inconsistency raises a one-line LlmconvError naming the offset. Tensor data is
 never read here: `data` is a view into a read-only memory map.
 """
+
 from __future__ import annotations
 
 import struct
@@ -34,34 +35,42 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 from ..convert.hparams import meta_ffn_dim
 from ..errors import LlmconvError
 
-GGJT_MAGIC = 0x67676A74          # "ggjt" read as a little-endian u32 (on disk: b"tjgg")
+GGJT_MAGIC = 0x67676A74  # "ggjt" read as a little-endian u32 (on disk: b"tjgg")
 MAGICS = {0x67676D6C: "ggml", 0x67676D66: "ggmf", GGJT_MAGIC: "ggjt"}
-VERSIONS = {"ggml": (0,), "ggmf": (1,), "ggjt": (1, 2, 3)}   # 0: the unversioned format
+VERSIONS = {"ggml": (0,), "ggmf": (1,), "ggjt": (1, 2, 3)}  # 0: the unversioned format
 GGJT_ALIGNMENT = 32
-MAX_DIMS = 4            # GGML_MAX_DIMS
-MAX_NAME = 512          # llama.cpp's ggjt names are < 64 bytes; anything longer is corruption
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NAME = 512  # llama.cpp's ggjt names are < 64 bytes; anything longer is corruption
 
 # What a ggjt loader does not read from the file but assumes. These are the values of
 # ctransformers 0.2.27 and llama.cpp from late July 2023 until GGUF (LLAMA_DEFAULT_RMS_EPS);
 # llama.cpp before that used 1e-6, and later loaders took the epsilon as a parameter.
 ASSUMED_NORM_EPS = 5e-6
 ASSUMED_ROPE_THETA = 10000.0
-ASSUMED_CONTEXT = 512   # the default context of those loaders; the file has none
+ASSUMED_CONTEXT = 512  # the default context of those loaders; the file has none
 
 # (weights per block, bytes per block) by ggml type id.
 # ggjt v3: the layouts GGUF kept; types that existed before GGUF and were stored in files.
-_V3_TYPES = (QT.F32, QT.F16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
-             QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
+_V3_TYPES = (QT.F32, QT.F16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 V3_BLOCKS = {int(t): GGML_QUANT_SIZES[t] for t in _V3_TYPES}
 # Before v3: f32 scales for q4_0/q4_1/q8_0; q4_2 (4) and q4_3 (5) were 16-weight blocks
 # with fp16 scales, removed in May 2023.
-OLD_BLOCKS = {0: (1, 4), 1: (1, 2), 2: (32, 20), 3: (32, 24), 4: (16, 10), 5: (16, 12),
-              6: (32, 22), 7: (32, 24), 8: (32, 36)}
+OLD_BLOCKS = {
+    0: (1, 4),
+    1: (1, 2),
+    2: (32, 20),
+    3: (32, 24),
+    4: (16, 10),
+    5: (16, 12),
+    6: (32, 22),
+    7: (32, 24),
+    8: (32, 36),
+}
 OLD_TYPE_NAMES = {4: "Q4_2", 5: "Q4_3"}
 
 
 def legacy_magic(first4: bytes) -> str | None:
-    """"ggml", "ggmf" or "ggjt" for the first four bytes of a legacy file, else None."""
+    """ "ggml", "ggmf" or "ggjt" for the first four bytes of a legacy file, else None."""
     return MAGICS.get(int.from_bytes(first4, "little")) if len(first4) == 4 else None
 
 
@@ -73,14 +82,14 @@ class GGMLHParams:
     n_head: int
     n_layer: int
     n_rot: int
-    ftype: int               # llama_ftype (0 all f32, 1 mostly f16, 2 q4_0, ...); f16 flag in 'ggml' files
+    ftype: int  # llama_ftype (0 all f32, 1 mostly f16, 2 q4_0, ...); f16 flag in 'ggml' files
     # Not in the file: what ggjt-era loaders assume (see ASSUMED_*).
     norm_eps: float = ASSUMED_NORM_EPS
     rope_theta: float = ASSUMED_ROPE_THETA
 
     @property
     def n_head_kv(self) -> int:
-        return self.n_head   # no grouped-query attention in these files
+        return self.n_head  # no grouped-query attention in these files
 
     @property
     def n_ff(self) -> int:
@@ -91,18 +100,18 @@ class GGMLHParams:
 @dataclass
 class GGMLVocab:
     tokens: list[bytes]
-    scores: list[float]      # all 0.0 for 'ggml' files, which have none
+    scores: list[float]  # all 0.0 for 'ggml' files, which have none
 
 
 @dataclass
 class GGMLTensor:
     name: str
     ggml_type: int
-    shape: tuple[int, ...]   # numpy order: outermost first, shape[-1] is the row length (ne[0])
-    offset: int              # absolute file offset of the data
+    shape: tuple[int, ...]  # numpy order: outermost first, shape[-1] is the row length (ne[0])
+    offset: int  # absolute file offset of the data
     nbytes: int
-    data: np.ndarray         # uint8 view of the data in the file's memory map
-    record_offset: int = 0   # where the tensor's record starts
+    data: np.ndarray  # uint8 view of the data in the file's memory map
+    record_offset: int = 0  # where the tensor's record starts
     gguf_layout: bool = True  # the bytes use GGUF's block layout for ggml_type
 
     @property
@@ -120,15 +129,15 @@ class GGMLTensor:
 @dataclass
 class GGMLFile:
     path: Path
-    magic: str               # "ggml", "ggmf" or "ggjt"
-    version: int             # 0 for the unversioned 'ggml' format
+    magic: str  # "ggml", "ggmf" or "ggjt"
+    version: int  # 0 for the unversioned 'ggml' format
     hparams: GGMLHParams
     vocab: GGMLVocab
     tensors: list[GGMLTensor]
     file_size: int
-    alignment: int           # 32 for ggjt (data offsets are multiples of it), else 1
-    vocab_offset: int        # where the vocabulary starts
-    tensors_offset: int      # where the first tensor record starts
+    alignment: int  # 32 for ggjt (data offsets are multiples of it), else 1
+    vocab_offset: int  # where the vocabulary starts
+    tensors_offset: int  # where the first tensor record starts
     _mm: np.ndarray | None = field(default=None, repr=False)
 
     def tensor(self, name: str) -> GGMLTensor:
@@ -165,7 +174,7 @@ class _Cursor:
 
     def raw(self, n: int, what: str, tensor: str | None = None) -> bytes:
         self.need(n, what, tensor)
-        out = bytes(self.buf[self.pos:self.pos + n])
+        out = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
         return out
 
@@ -225,7 +234,7 @@ def read_ggml(path: str | Path) -> GGMLFile:
 
 
 def _read_vocab(c: _Cursor, n_vocab: int, scored: bool) -> GGMLVocab:
-    per_token = 8 if scored else 4          # the least a token takes: its length (and score)
+    per_token = 8 if scored else 4  # the least a token takes: its length (and score)
     if n_vocab * per_token > c.size - c.pos:
         c.fail(f"n_vocab {n_vocab} needs at least {n_vocab * per_token} bytes, the file has {c.size - c.pos} left")
     tokens: list[bytes] = []
@@ -241,7 +250,7 @@ def _read_vocab(c: _Cursor, n_vocab: int, scored: bool) -> GGMLVocab:
         end = at + 4 + n + (4 if scored else 0)
         if end > size:
             c.fail(f"token {i} claims {n} bytes, only {size - at - 4} left in the file")
-        tokens.append(bytes(buf[at + 4:at + 4 + n]))
+        tokens.append(bytes(buf[at + 4 : at + 4 + n]))
         scores.append(unpack_score(buf, at + 4 + n)[0] if scored else 0.0)
         c.pos = end
     return GGMLVocab(tokens, scores)
@@ -267,17 +276,24 @@ def _read_tensor(c: _Cursor, mm: np.ndarray, blocks: dict, alignment: int, magic
         c.fail(f"dimensions {list(dims)} (each must be at least 1)", at=at + 12, tensor=name)
     block, type_size = blocks[ggml_type]
     if dims[0] % block:
-        c.fail(f"row length {dims[0]} is not a multiple of the {block}-weight block of type {ggml_type}",
-               at=at + 12, tensor=name)
+        c.fail(
+            f"row length {dims[0]} is not a multiple of the {block}-weight block of type {ggml_type}",
+            at=at + 12,
+            tensor=name,
+        )
     n_rows = 1
     for d in dims[1:]:
         n_rows *= d
-    nbytes = n_rows * (dims[0] // block) * type_size   # Python ints: no overflow
+    nbytes = n_rows * (dims[0] // block) * type_size  # Python ints: no overflow
     data_at = c.pos + (-c.pos % alignment)
     if data_at + nbytes > c.size:
-        c.fail(f"tensor data ({nbytes} bytes at offset {data_at}) runs past the end of the file "
-               f"({c.size} bytes)", at=at, tensor=name)
+        c.fail(
+            f"tensor data ({nbytes} bytes at offset {data_at}) runs past the end of the file ({c.size} bytes)",
+            at=at,
+            tensor=name,
+        )
     c.pos = data_at + nbytes
     gguf_layout = ggml_type in (0, 1) or (magic, version) == ("ggjt", 3)
-    return GGMLTensor(name, ggml_type, tuple(reversed(dims)), data_at, nbytes, mm[data_at:data_at + nbytes],
-                      at, gguf_layout)
+    return GGMLTensor(
+        name, ggml_type, tuple(reversed(dims)), data_at, nbytes, mm[data_at : data_at + nbytes], at, gguf_layout
+    )

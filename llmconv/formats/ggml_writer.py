@@ -15,6 +15,7 @@ q4_0/q4_1/q8_0 to fp16 scales, the layouts GGUF kept).
 As with the GGUF writer, the whole layout is fixed before any data is written, and each
 tensor (its record and its data) is written with pwrite at its known offset.
 """
+
 from __future__ import annotations
 
 import struct
@@ -31,25 +32,40 @@ GGJT_VERSION = 3
 
 # What a ggjt v3 file may hold here. (ggjt v3 loaders also know q5_0/q5_1 and the
 # K-quants; they are left out until something tests them against such a loader.)
-GGJT_TYPES = frozenset({
-    GGMLQuantizationType.F32, GGMLQuantizationType.F16,
-    GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0,
-})
+GGJT_TYPES = frozenset(
+    {
+        GGMLQuantizationType.F32,
+        GGMLQuantizationType.F16,
+        GGMLQuantizationType.Q4_0,
+        GGMLQuantizationType.Q4_1,
+        GGMLQuantizationType.Q8_0,
+    }
+)
 
 
 @dataclass(frozen=True)
 class GGJTHParams:
     n_vocab: int
     n_embd: int
-    n_mult: int       # the loader derives the feed-forward size from this (see ffn_size_from_n_mult)
+    n_mult: int  # the loader derives the feed-forward size from this (see ffn_size_from_n_mult)
     n_head: int
     n_layer: int
-    n_rot: int        # RoPE dimensions per head
-    ftype: int        # llama_ftype: 0 all f32, 1 mostly f16, 2 q4_0, 3 q4_1, 7 q8_0
+    n_rot: int  # RoPE dimensions per head
+    ftype: int  # llama_ftype: 0 all f32, 1 mostly f16, 2 q4_0, 3 q4_1, 7 q8_0
 
     def pack(self) -> bytes:
-        return struct.pack("<9I", GGJT_MAGIC, GGJT_VERSION, self.n_vocab, self.n_embd, self.n_mult,
-                           self.n_head, self.n_layer, self.n_rot, self.ftype)
+        return struct.pack(
+            "<9I",
+            GGJT_MAGIC,
+            GGJT_VERSION,
+            self.n_vocab,
+            self.n_embd,
+            self.n_mult,
+            self.n_head,
+            self.n_layer,
+            self.n_rot,
+            self.ftype,
+        )
 
 
 def ffn_size_from_n_mult(n_embd: int, n_mult: int) -> int:
@@ -83,12 +99,12 @@ def vocab_record(text: bytes, score: float) -> bytes:
 
 @dataclass
 class GGJTTensor:
-    name: str                        # old ggml name, e.g. "layers.0.attention.wq.weight"
-    shape: tuple[int, ...]           # numpy order: shape[-1] is the row length (ggml's ne[0])
+    name: str  # old ggml name, e.g. "layers.0.attention.wq.weight"
+    shape: tuple[int, ...]  # numpy order: shape[-1] is the row length (ggml's ne[0])
     ggml_type: GGMLQuantizationType
     nbytes: int
-    record_offset: int = 0           # file offset of the tensor record
-    data_offset: int = 0             # file offset of the data (a multiple of 32)
+    record_offset: int = 0  # file offset of the tensor record
+    data_offset: int = 0  # file offset of the data (a multiple of 32)
 
     def record(self) -> bytes:
         """Record + zero padding: the bytes from record_offset up to data_offset."""
@@ -100,7 +116,7 @@ class GGJTTensor:
 
 @dataclass
 class GGJTLayout:
-    header: bytes                    # magic, hparams and vocabulary
+    header: bytes  # magic, hparams and vocabulary
     tensors: list[GGJTTensor]
     index: dict[str, int] = field(default_factory=dict)
 
@@ -116,8 +132,9 @@ def _record_size(name: str, n_dims: int) -> int:
     return 12 + 4 * n_dims + len(name.encode("utf-8"))
 
 
-def plan_layout(hparams: GGJTHParams, vocab: Sequence[tuple[bytes, float]],
-                tensors: Sequence[GGJTTensor]) -> GGJTLayout:
+def plan_layout(
+    hparams: GGJTHParams, vocab: Sequence[tuple[bytes, float]], tensors: Sequence[GGJTTensor]
+) -> GGJTLayout:
     if len(vocab) != hparams.n_vocab:
         raise ValueError(f"{len(vocab)} vocabulary entries but n_vocab is {hparams.n_vocab}")
     names = [t.name for t in tensors]
@@ -133,8 +150,11 @@ def plan_layout(hparams: GGJTHParams, vocab: Sequence[tuple[bytes, float]],
             raise ValueError(f"{t.name}: ggjt loaders take 1-D and 2-D tensors only, not {len(t.shape)}-D")
         data = pos + _record_size(t.name, len(t.shape))
         data += -data % GGJT_ALIGNMENT
-        out.append(GGJTTensor(t.name, tuple(int(d) for d in t.shape), GGMLQuantizationType(t.ggml_type),
-                              int(t.nbytes), pos, data))
+        out.append(
+            GGJTTensor(
+                t.name, tuple(int(d) for d in t.shape), GGMLQuantizationType(t.ggml_type), int(t.nbytes), pos, data
+            )
+        )
         pos = data + int(t.nbytes)
     return GGJTLayout(header, out, {t.name: i for i, t in enumerate(out)})
 

@@ -6,13 +6,14 @@ keeps long arrays in these compact forms instead (numbers in a numpy array, stri
 bytes blob plus offsets): at most about twice the bytes the array has in the file. They read
 like lists: len, indexing (Python values), slicing (a list), iteration, ==, repr.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
 
-LIST_MAX_ITEMS = 64       # shorter arrays are plain lists (their overhead is bounded by the KV cap)
+LIST_MAX_ITEMS = 64  # shorter arrays are plain lists (their overhead is bounded by the KV cap)
 
 
 class CompactArray(Sequence):
@@ -55,8 +56,11 @@ class NumberArray(CompactArray):
         return bool(v) if self.is_bool else v
 
     def __iter__(self):
-        return iter(self.values.astype(bool).tolist() if self.is_bool else self.values.tolist()) \
-            if len(self.values) <= 1 << 16 else (self._item(i) for i in range(len(self)))
+        return (
+            iter(self.values.astype(bool).tolist() if self.is_bool else self.values.tolist())
+            if len(self.values) <= 1 << 16
+            else (self._item(i) for i in range(len(self)))
+        )
 
     def __array__(self, dtype=None, copy=None):
         return self.values if dtype is None else self.values.astype(dtype)
@@ -67,13 +71,13 @@ class StringArray(CompactArray):
     object and the start of each string in it."""
 
     def __init__(self, blob: bytes, starts: np.ndarray):
-        self.blob, self.starts = blob, starts        # starts has len + 1 entries
+        self.blob, self.starts = blob, starts  # starts has len + 1 entries
 
     def __len__(self) -> int:
         return len(self.starts) - 1
 
     def _item(self, i: int):
-        b = self.blob[self.starts[i]:self.starts[i + 1]]
+        b = self.blob[self.starts[i] : self.starts[i + 1]]
         try:
             return b.decode("utf-8")
         except UnicodeDecodeError:

@@ -8,6 +8,7 @@ vocabulary, rope/eps floats finite and > 0 (a scale factor of 0 would divide by 
 tokens an array of strings (verify turned an integer "token" n into bytes(n)).
 `inspect` skips this check: it shows whatever a file holds.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,7 @@ from gguf import GGUFValueType as V
 _INTS = {V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V.INT32, V.UINT64, V.INT64}
 _FLOATS = {V.FLOAT32, V.FLOAT64}
 MAX_LAYERS = 1 << 16
-MAX_TOKENS = 1 << 22           # = convert/schema.py's MAX_TOKEN_ID
+MAX_TOKENS = 1 << 22  # = convert/schema.py's MAX_TOKEN_ID
 
 
 def _int(lo=0, hi=2**64 - 1, per_layer=False):
@@ -32,20 +33,34 @@ def _float():
 # key (with {arch}) -> what its value must be
 _KEYS = {
     "general.architecture": ("str",),
-    "general.file_type": _int(), "general.quantization_version": _int(),
+    "general.file_type": _int(),
+    "general.quantization_version": _int(),
     "{arch}.block_count": _int(1, MAX_LAYERS),
-    "{arch}.context_length": _int(1), "{arch}.embedding_length": _int(1), "{arch}.vocab_size": _int(1, MAX_TOKENS),
+    "{arch}.context_length": _int(1),
+    "{arch}.embedding_length": _int(1),
+    "{arch}.vocab_size": _int(1, MAX_TOKENS),
     "{arch}.feed_forward_length": _int(0, per_layer=True),
-    "{arch}.attention.head_count": _int(1, per_layer=True), "{arch}.attention.head_count_kv": _int(0, per_layer=True),
-    "{arch}.attention.key_length": _int(1), "{arch}.attention.value_length": _int(1),
-    "{arch}.attention.layer_norm_rms_epsilon": _float(), "{arch}.rope.freq_base": _float(),
-    "{arch}.rope.dimension_count": _int(1), "{arch}.rope.scaling.factor": _float(),
+    "{arch}.attention.head_count": _int(1, per_layer=True),
+    "{arch}.attention.head_count_kv": _int(0, per_layer=True),
+    "{arch}.attention.key_length": _int(1),
+    "{arch}.attention.value_length": _int(1),
+    "{arch}.attention.layer_norm_rms_epsilon": _float(),
+    "{arch}.rope.freq_base": _float(),
+    "{arch}.rope.dimension_count": _int(1),
+    "{arch}.rope.scaling.factor": _float(),
     "{arch}.rope.scaling.type": ("str",),
-    "tokenizer.ggml.model": ("str",), "tokenizer.ggml.pre": ("str",), "tokenizer.chat_template": ("str",),
-    "tokenizer.ggml.tokens": ("array", "str"), "tokenizer.ggml.merges": ("array", "str"),
-    "tokenizer.ggml.scores": ("array", "float"), "tokenizer.ggml.token_type": ("array", "int"),
-    "tokenizer.ggml.add_bos_token": ("bool",), "tokenizer.ggml.add_eos_token": ("bool",),
-    "split.no": _int(), "split.count": _int(1, 99999), "split.tensors.count": _int(),
+    "tokenizer.ggml.model": ("str",),
+    "tokenizer.ggml.pre": ("str",),
+    "tokenizer.chat_template": ("str",),
+    "tokenizer.ggml.tokens": ("array", "str"),
+    "tokenizer.ggml.merges": ("array", "str"),
+    "tokenizer.ggml.scores": ("array", "float"),
+    "tokenizer.ggml.token_type": ("array", "int"),
+    "tokenizer.ggml.add_bos_token": ("bool",),
+    "tokenizer.ggml.add_eos_token": ("bool",),
+    "split.no": _int(),
+    "split.count": _int(1, 99999),
+    "split.tensors.count": _int(),
 }
 _TOKEN_ID = re.compile(r"tokenizer\.ggml\.[a-z]+_token_id")
 _BLK = re.compile(r"blk\.(\d+)\.")
@@ -67,8 +82,13 @@ def check_metadata(g, fail) -> None:
     n_tokens = len(tokens) if tokens is not None else None
     for key, v in g.kvs.items():
         if _TOKEN_ID.fullmatch(key):
-            _check(key, v, g.kv_types[key], _int(0, (n_tokens or MAX_TOKENS) - 1),
-                   lambda m, k=key: fail(f"{k}: {m}", g.kv_offsets[k]))
+            _check(
+                key,
+                v,
+                g.kv_types[key],
+                _int(0, (n_tokens or MAX_TOKENS) - 1),
+                lambda m, k=key: fail(f"{k}: {m}", g.kv_offsets[k]),
+            )
     n_layers = g.kvs.get(f"{arch}.block_count")
     if isinstance(n_layers, int):
         for t in g.tensors:
@@ -111,4 +131,3 @@ def _check(key, v, vt, rule, fail) -> None:
 
 def _tname(vt) -> str:
     return f"ARRAY of {vt.element.name}" if vt.type == V.ARRAY and vt.element is not None else vt.type.name
-

@@ -22,6 +22,7 @@ proportion to bytes that are present (a 100-byte file cannot make us build a lis
 billion items). Only the header pages are read: the file is memory-mapped, tensor data is
 never touched unless a caller reads `tensor.data`.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -37,44 +38,45 @@ from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuant
 
 from ..errors import LlmconvError
 from .gguf_values import Cursor, read_name, read_value, read_value_type
+
 # the reader's public names, which callers import from here
 from .gguf_values import MAX_ARRAY_ITEMS, MAX_STRING_BYTES, GGUFFormatError, check_write_caps  # noqa: F401
 
-SUPPORTED_VERSIONS = (2, 3)          # v1 used 32-bit counts and lengths and has not been written since 2023
-MAX_DIMS = 4                         # GGML_MAX_DIMS
-MAX_TENSOR_NAME_BYTES = 63           # GGML_MAX_NAME is 64 including the terminating NUL
-MAX_KVS = 1 << 16                    # real files have < 100 keys; each costs ~300 bytes of Python objects
-MAX_TENSORS = 1 << 16                # the largest models have a few thousand tensors
+SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts and lengths and has not been written since 2023
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_TENSOR_NAME_BYTES = 63  # GGML_MAX_NAME is 64 including the terminating NUL
+MAX_KVS = 1 << 16  # real files have < 100 keys; each costs ~300 bytes of Python objects
+MAX_TENSORS = 1 << 16  # the largest models have a few thousand tensors
 INT64_MAX = (1 << 63) - 1
 
 # Smallest possible encodings, for checking counts against the file size before reading.
-_HEADER_BYTES = 4 + 4 + 8 + 8                      # magic, version, n_tensors, n_kv
-_MIN_KV_BYTES = 8 + 1 + 4 + 1                      # key length, 1-byte key, type, u8 value
-_MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8     # name length, 1-byte name, n_dims, one dim, type, offset
+_HEADER_BYTES = 4 + 4 + 8 + 8  # magic, version, n_tensors, n_kv
+_MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, 1-byte key, type, u8 value
+_MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, 1-byte name, n_dims, one dim, type, offset
 
 _TENSOR_TYPES = {int(t): t for t in GGMLQuantizationType if t in GGML_QUANT_SIZES}
 
 
 class KVType(NamedTuple):
     type: GGUFValueType
-    element: GGUFValueType | None = None   # the element type of an ARRAY
+    element: GGUFValueType | None = None  # the element type of an ARRAY
 
 
 @dataclass
 class GGUFTensor:
     name: str
     ggml_type: GGMLQuantizationType
-    shape: tuple[int, ...]       # numpy order, outermost first: shape[-1] is GGUF's ne[0], the row length
-    offset: int                  # absolute byte offset of the data in the file
+    shape: tuple[int, ...]  # numpy order, outermost first: shape[-1] is GGUF's ne[0], the row length
+    offset: int  # absolute byte offset of the data in the file
     nbytes: int
     n_elements: int
-    info_offset: int             # where this tensor's entry in the tensor table starts
+    info_offset: int  # where this tensor's entry in the tensor table starts
     _file: "GGUFFile" = field(repr=False, compare=False, default=None)
 
     @property
     def data(self) -> np.memmap:
         """The tensor's bytes as a read-only uint8 memmap (mapped on first use)."""
-        return self._file.memmap[self.offset:self.offset + self.nbytes]
+        return self._file.memmap[self.offset : self.offset + self.nbytes]
 
 
 @dataclass
@@ -82,12 +84,12 @@ class GGUFFile:
     path: Path
     version: int
     alignment: int
-    data_offset: int             # where the data section starts (tensor offsets in the file are relative to it)
+    data_offset: int  # where the data section starts (tensor offsets in the file are relative to it)
     file_size: int
-    kvs: dict[str, Any]          # strings as str (bytes if not UTF-8), arrays as lists
+    kvs: dict[str, Any]  # strings as str (bytes if not UTF-8), arrays as lists
     kv_types: dict[str, KVType]
-    kv_offsets: dict[str, int]   # where each KV's key starts
-    tensors: list[GGUFTensor]    # in file order
+    kv_offsets: dict[str, int]  # where each KV's key starts
+    tensors: list[GGUFTensor]  # in file order
     _memmap: np.memmap | None = field(default=None, repr=False)
 
     @property
@@ -112,7 +114,7 @@ def _read_tensor_info(cur: Cursor, alignment: int) -> GGUFTensor:
     if not 1 <= n_dims <= MAX_DIMS:
         cur.fail(f"{n_dims} dimensions (must be 1 to {MAX_DIMS})", at, name)
     dims_at = cur.pos
-    ne = [cur.u64("a dimension", name) for _ in range(n_dims)]   # innermost (row length) first
+    ne = [cur.u64("a dimension", name) for _ in range(n_dims)]  # innermost (row length) first
     n_elements = 1
     for i, d in enumerate(ne):
         if d < 1:
@@ -186,6 +188,7 @@ def _parse(buf, size: int, path: Path, check_types: bool = True) -> GGUFFile:
     _place_tensors(cur, g)
     if check_types:
         from .gguf_metadata import check_metadata
+
         check_metadata(g, lambda message, offset: cur.fail(message, offset))
     return g
 
@@ -207,8 +210,7 @@ def _read_header(cur: Cursor) -> tuple[int, int, int]:
     room = size - _HEADER_BYTES
     if n_kv > room // _MIN_KV_BYTES:
         cur.fail(f"metadata count {n_kv} cannot fit in a {size}-byte file", 16)
-    if n_tensors > room // _MIN_TENSOR_INFO_BYTES or \
-            n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES > room:
+    if n_tensors > room // _MIN_TENSOR_INFO_BYTES or n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES > room:
         cur.fail(f"tensor count {n_tensors} (with {n_kv} metadata entries) cannot fit in a {size}-byte file", 8)
     if n_kv > MAX_KVS:
         cur.fail(f"metadata count {n_kv}; the limit is {MAX_KVS}", 16)
@@ -242,13 +244,20 @@ def _read_kvs(cur: Cursor, n_kv: int) -> tuple[dict[str, Any], dict[str, KVType]
 def _place_tensors(cur: Cursor, g: GGUFFile) -> None:
     """Tensor offsets made absolute, each inside the file and none overlapping another."""
     for t in g.tensors:
-        t.offset += g.data_offset   # was relative to the data section
+        t.offset += g.data_offset  # was relative to the data section
         t._file = g
-        if t.nbytes > g.file_size - t.offset:   # also catches data_offset itself past the end
-            cur.fail(f"data [{t.offset}, {t.offset + t.nbytes}) runs past the end of the file ({g.file_size} bytes)",
-                     t.info_offset, t.name)
+        if t.nbytes > g.file_size - t.offset:  # also catches data_offset itself past the end
+            cur.fail(
+                f"data [{t.offset}, {t.offset + t.nbytes}) runs past the end of the file ({g.file_size} bytes)",
+                t.info_offset,
+                t.name,
+            )
     by_start = sorted(g.tensors, key=lambda t: t.offset)
     for a, b in zip(by_start, by_start[1:]):
         if a.offset + a.nbytes > b.offset:
-            cur.fail(f"data [{b.offset}, {b.offset + b.nbytes}) overlaps tensor {a.name} "
-                     f"[{a.offset}, {a.offset + a.nbytes})", b.info_offset, b.name)
+            cur.fail(
+                f"data [{b.offset}, {b.offset + b.nbytes}) overlaps tensor {a.name} "
+                f"[{a.offset}, {a.offset + a.nbytes})",
+                b.info_offset,
+                b.name,
+            )

@@ -4,6 +4,7 @@ Every length is checked against a cap and against the bytes left before anything
 or allocated; long arrays are kept compact (gguf_arrays.py). `check_write_caps` holds what
 llmconv writes to the same caps.
 """
+
 from __future__ import annotations
 
 import struct
@@ -16,19 +17,25 @@ from gguf import GGUFValueType
 from ..errors import LlmconvError
 from .gguf_arrays import LIST_MAX_ITEMS, NumberArray, StringArray
 
-MAX_STRING_BYTES = 64 << 20          # one metadata string (an embedded tokenizer.json is a few MB)
-MAX_ARRAY_ITEMS = 1 << 26            # vocabularies and merge lists are < 1M items
+MAX_STRING_BYTES = 64 << 20  # one metadata string (an embedded tokenizer.json is a few MB)
+MAX_ARRAY_ITEMS = 1 << 26  # vocabularies and merge lists are < 1M items
 
 # Fixed-size value types: struct format and numpy dtype (little-endian).
 _FIXED = {
-    GGUFValueType.UINT8: ("<B", "<u1"), GGUFValueType.INT8: ("<b", "<i1"),
-    GGUFValueType.UINT16: ("<H", "<u2"), GGUFValueType.INT16: ("<h", "<i2"),
-    GGUFValueType.UINT32: ("<I", "<u4"), GGUFValueType.INT32: ("<i", "<i4"),
-    GGUFValueType.FLOAT32: ("<f", "<f4"), GGUFValueType.BOOL: ("<B", "<u1"),
-    GGUFValueType.UINT64: ("<Q", "<u8"), GGUFValueType.INT64: ("<q", "<i8"),
+    GGUFValueType.UINT8: ("<B", "<u1"),
+    GGUFValueType.INT8: ("<b", "<i1"),
+    GGUFValueType.UINT16: ("<H", "<u2"),
+    GGUFValueType.INT16: ("<h", "<i2"),
+    GGUFValueType.UINT32: ("<I", "<u4"),
+    GGUFValueType.INT32: ("<i", "<i4"),
+    GGUFValueType.FLOAT32: ("<f", "<f4"),
+    GGUFValueType.BOOL: ("<B", "<u1"),
+    GGUFValueType.UINT64: ("<Q", "<u8"),
+    GGUFValueType.INT64: ("<q", "<i8"),
     GGUFValueType.FLOAT64: ("<d", "<f8"),
 }
 _VALUE_TYPES = {int(t): t for t in GGUFValueType}
+
 
 class GGUFFormatError(LlmconvError):
     """The file is not a well-formed GGUF file; `offset` is the byte where the problem is."""
@@ -49,8 +56,10 @@ class Cursor:
 
     def need(self, n: int, what: str, tensor: str | None = None) -> None:
         if n > self.size - self.pos:
-            self.fail(f"file ends inside {what}: needs {n} bytes, {self.size - self.pos} left "
-                      f"(file is {self.size} bytes)", tensor=tensor)
+            self.fail(
+                f"file ends inside {what}: needs {n} bytes, {self.size - self.pos} left (file is {self.size} bytes)",
+                tensor=tensor,
+            )
 
     def unpack(self, fmt: str, nbytes: int, what: str, tensor: str | None = None):
         self.need(nbytes, what, tensor)
@@ -70,7 +79,7 @@ class Cursor:
         if n > cap:
             self.fail(f"{what} is {n} bytes long; the limit is {cap}", at, tensor)
         self.need(n, f"{what} ({n} bytes)", tensor)
-        b = self.buf[self.pos:self.pos + n]
+        b = self.buf[self.pos : self.pos + n]
         self.pos += n
         return b
 
@@ -127,8 +136,9 @@ def _read_array(cur: Cursor, key: str) -> tuple[list, GGUFValueType]:
     min_item = 8 if etype == GGUFValueType.STRING else np.dtype(_FIXED[etype][1]).itemsize
     left = cur.size - cur.pos
     if n * min_item > left:
-        cur.fail(f"{key}: array of {n} {etype.name} items needs at least {n * min_item} bytes, "
-                 f"the file has {left} left", at)
+        cur.fail(
+            f"{key}: array of {n} {etype.name} items needs at least {n * min_item} bytes, the file has {left} left", at
+        )
     if etype == GGUFValueType.STRING:
         return _read_strings(cur, key, n), etype
     dtype = np.dtype(_FIXED[etype][1])
@@ -143,7 +153,7 @@ def _read_array(cur: Cursor, key: str) -> tuple[list, GGUFValueType]:
             i = int(bad[0])
             cur.fail(f"{key}[{i}]: bool value {int(values[i])} (must be 0 or 1)", start + i)
     if n > LIST_MAX_ITEMS:
-        return NumberArray(values, is_bool), etype        # about the bytes it had in the file
+        return NumberArray(values, is_bool), etype  # about the bytes it had in the file
     return ((values != 0).tolist() if is_bool else values.tolist()), etype
 
 
@@ -169,7 +179,7 @@ def _read_strings(cur: Cursor, key: str, n: int) -> list[str | bytes] | StringAr
         if length > size - pos:
             cur.pos = pos
             cur.need(length, f"{key}[{i}] ({length} bytes)")
-        b = buf[pos:pos + length]
+        b = buf[pos : pos + length]
         pos += length
         try:
             out.append(b.decode("utf-8"))
@@ -195,7 +205,7 @@ def _read_string_array(cur: Cursor, key: str, n: int) -> StringArray:
             cur.pos = pos
             cur.need(length, f"{key}[{i}] ({length} bytes)")
         starts[i] = len(blob)
-        blob += buf[pos:pos + length]
+        blob += buf[pos : pos + length]
         pos += length
     starts[n] = len(blob)
     cur.pos = pos
@@ -205,16 +215,22 @@ def _read_string_array(cur: Cursor, key: str, n: int) -> StringArray:
 def check_write_caps(kvs, file=None) -> None:
     """What llmconv writes, its own reader must accept: the same caps on strings and arrays
     as gguf_reader applies on read (a 65 MiB chat template would make an unreadable file)."""
+
     def size(s) -> int:
         return len(s.encode("utf-8", "surrogatepass")) if isinstance(s, str) else len(s)
 
     for kv in kvs:
         values = kv.value if kv.type == GGUFValueType.ARRAY else [kv.value]
         if kv.type == GGUFValueType.ARRAY and len(values) > MAX_ARRAY_ITEMS:
-            raise LlmconvError(f"metadata {kv.key} would have {len(values)} items; GGUF readers accept at most "
-                               f"{MAX_ARRAY_ITEMS}", file=file)
+            raise LlmconvError(
+                f"metadata {kv.key} would have {len(values)} items; GGUF readers accept at most {MAX_ARRAY_ITEMS}",
+                file=file,
+            )
         if GGUFValueType.STRING in (kv.type, kv.sub_type):
             for s in values:
                 if size(s) > MAX_STRING_BYTES:
-                    raise LlmconvError(f"metadata {kv.key} would hold a string of {size(s)} bytes; GGUF readers "
-                                       f"accept at most {MAX_STRING_BYTES}", file=file)
+                    raise LlmconvError(
+                        f"metadata {kv.key} would hold a string of {size(s)} bytes; GGUF readers "
+                        f"accept at most {MAX_STRING_BYTES}",
+                        file=file,
+                    )

@@ -5,6 +5,7 @@ before any tensor data is written. Tensors are then written with pwrite at known
 offsets, in any order and from any thread, and the file's bytes do not depend on
 that order. Format constants come from the `gguf` package.
 """
+
 from __future__ import annotations
 
 import struct
@@ -16,19 +17,29 @@ from .positional import PositionalWriter
 from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GGMLQuantizationType, GGUFValueType
 
 _SCALAR = {
-    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b",
-    GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
-    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-    GGUFValueType.FLOAT32: "<f", GGUFValueType.UINT64: "<Q",
-    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+    GGUFValueType.UINT8: "<B",
+    GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I",
+    GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d",
     GGUFValueType.BOOL: "<?",
 }
 _NUMPY = {
-    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1",
-    GGUFValueType.UINT16: "<u2", GGUFValueType.INT16: "<i2",
-    GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
-    GGUFValueType.FLOAT32: "<f4", GGUFValueType.UINT64: "<u8",
-    GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
+    GGUFValueType.UINT8: "<u1",
+    GGUFValueType.INT8: "<i1",
+    GGUFValueType.UINT16: "<u2",
+    GGUFValueType.INT16: "<i2",
+    GGUFValueType.UINT32: "<u4",
+    GGUFValueType.INT32: "<i4",
+    GGUFValueType.FLOAT32: "<f4",
+    GGUFValueType.UINT64: "<u8",
+    GGUFValueType.INT64: "<i8",
+    GGUFValueType.FLOAT64: "<f8",
     GGUFValueType.BOOL: "<u1",
 }
 
@@ -44,19 +55,19 @@ class KV:
 @dataclass
 class TensorEntry:
     name: str
-    shape: tuple[int, ...]          # numpy order: shape[-1] is the row length (GGUF's ne[0])
+    shape: tuple[int, ...]  # numpy order: shape[-1] is the row length (GGUF's ne[0])
     ggml_type: GGMLQuantizationType
     nbytes: int
-    offset: int = 0                 # from the start of the data section
+    offset: int = 0  # from the start of the data section
 
 
 @dataclass
 class GGUFLayout:
-    header: bytes                   # magic .. tensor infos, padded to the alignment
+    header: bytes  # magic .. tensor infos, padded to the alignment
     tensors: list[TensorEntry]
     alignment: int = GGUF_DEFAULT_ALIGNMENT
     index: dict[str, int] = field(default_factory=dict)
-    infos_start: int = 0            # where the tensor-info table begins in `header`
+    infos_start: int = 0  # where the tensor-info table begins in `header`
 
     @property
     def data_start(self) -> int:
@@ -98,8 +109,9 @@ def encode_kv(kv: KV) -> bytes:
     return _string(kv.key) + struct.pack("<I", int(kv.type)) + encode_value(kv.value, kv.type, kv.sub_type)
 
 
-def plan_layout(kvs: Sequence[KV], tensors: Sequence[TensorEntry],
-                alignment: int = GGUF_DEFAULT_ALIGNMENT) -> GGUFLayout:
+def plan_layout(
+    kvs: Sequence[KV], tensors: Sequence[TensorEntry], alignment: int = GGUF_DEFAULT_ALIGNMENT
+) -> GGUFLayout:
     keys = [kv.key for kv in kvs]
     if len(set(keys)) != len(keys):
         raise ValueError("duplicate metadata key")
@@ -112,11 +124,17 @@ def plan_layout(kvs: Sequence[KV], tensors: Sequence[TensorEntry],
     offset = 0
     out = []
     for t in tensors:
-        t = TensorEntry(t.name, tuple(int(d) for d in t.shape), GGMLQuantizationType(t.ggml_type), int(t.nbytes), offset)
+        t = TensorEntry(
+            t.name, tuple(int(d) for d in t.shape), GGMLQuantizationType(t.ggml_type), int(t.nbytes), offset
+        )
         out.append(t)
         dims = t.shape[::-1]  # GGUF lists ne[0] (the row length) first
-        parts.append(_string(t.name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
-                     + struct.pack("<IQ", int(t.ggml_type), t.offset))
+        parts.append(
+            _string(t.name)
+            + struct.pack("<I", len(dims))
+            + struct.pack(f"<{len(dims)}Q", *dims)
+            + struct.pack("<IQ", int(t.ggml_type), t.offset)
+        )
         offset = _pad(offset + t.nbytes, alignment)
     header = b"".join(parts)
     header += b"\0" * (_pad(len(header), alignment) - len(header))

@@ -9,6 +9,7 @@ per type with bits per weight.
 GGUF files go through llmconv.formats.gguf_reader, which validates every count, length
 and offset before using it, so a corrupt file gets a one-line error, not a traceback.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,20 +24,29 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from ..errors import LlmconvError, printable
 from .ggml_reader import legacy_magic
 
-ARRAY_PREVIEW = 8          # array items shown (text and JSON); the length is always given
-TEXT_WIDTH = 72            # longest metadata value shown in the table before it is cut
+ARRAY_PREVIEW = 8  # array items shown (text and JSON); the length is always given
+TEXT_WIDTH = 72  # longest metadata value shown in the table before it is cut
 
 _SHORT_TYPE = {
-    GGUFValueType.UINT8: "u8", GGUFValueType.INT8: "i8", GGUFValueType.UINT16: "u16",
-    GGUFValueType.INT16: "i16", GGUFValueType.UINT32: "u32", GGUFValueType.INT32: "i32",
-    GGUFValueType.FLOAT32: "f32", GGUFValueType.BOOL: "bool", GGUFValueType.STRING: "str",
-    GGUFValueType.ARRAY: "arr", GGUFValueType.UINT64: "u64", GGUFValueType.INT64: "i64",
+    GGUFValueType.UINT8: "u8",
+    GGUFValueType.INT8: "i8",
+    GGUFValueType.UINT16: "u16",
+    GGUFValueType.INT16: "i16",
+    GGUFValueType.UINT32: "u32",
+    GGUFValueType.INT32: "i32",
+    GGUFValueType.FLOAT32: "f32",
+    GGUFValueType.BOOL: "bool",
+    GGUFValueType.STRING: "str",
+    GGUFValueType.ARRAY: "arr",
+    GGUFValueType.UINT64: "u64",
+    GGUFValueType.INT64: "i64",
     GGUFValueType.FLOAT64: "f64",
 }
 _LEGACY_HPARAMS = ("n_vocab", "n_embd", "n_mult", "n_head", "n_layer", "n_rot", "ftype")
 
 
 # ---- the summary -------------------------------------------------------------------------------
+
 
 def _json_value(v: Any) -> Any:
     """A metadata value as JSON can hold it: bytes (non-UTF-8 strings) with escapes, and
@@ -78,22 +88,37 @@ def _totals(tensors: list[dict]) -> dict:
         s["bits_per_weight"] = 8 * s["bytes"] / s["elements"] if s["elements"] else None
     n = sum(t["elements"] for t in tensors)
     b = sum(t["bytes"] for t in tensors)
-    return {"by_type": by_type, "all": {"tensors": len(tensors), "elements": n, "bytes": b,
-                                        "bits_per_weight": 8 * b / n if n else None}}
+    return {
+        "by_type": by_type,
+        "all": {"tensors": len(tensors), "elements": n, "bytes": b, "bits_per_weight": 8 * b / n if n else None},
+    }
 
 
 def _gguf_summary(path: Path) -> dict:
     from .gguf_reader import read_gguf
-    g = read_gguf(path, check_types=False)      # show whatever the file holds
+
+    g = read_gguf(path, check_types=False)  # show whatever the file holds
     tokens = g.kvs.get("tokenizer.ggml.tokens")
     return {
-        "file": str(path), "format": "gguf", "version": g.version, "file_bytes": g.file_size,
-        "alignment": g.alignment, "data_offset": g.data_offset,
+        "file": str(path),
+        "format": "gguf",
+        "version": g.version,
+        "file_bytes": g.file_size,
+        "alignment": g.alignment,
+        "data_offset": g.data_offset,
         "metadata": {k: _entry(g.kv_types[k].type, v, g.kv_types[k].element) for k, v in g.kvs.items()},
-        "vocab_size": len(tokens) if tokens is not None and not isinstance(tokens, (str, bytes, int, float))
-        else None,
-        "tensors": [{"name": t.name, "type": t.ggml_type.name, "shape": list(t.shape), "offset": t.offset,
-                     "bytes": t.nbytes, "elements": t.n_elements} for t in g.tensors],
+        "vocab_size": len(tokens) if tokens is not None and not isinstance(tokens, (str, bytes, int, float)) else None,
+        "tensors": [
+            {
+                "name": t.name,
+                "type": t.ggml_type.name,
+                "shape": list(t.shape),
+                "offset": t.offset,
+                "bytes": t.nbytes,
+                "elements": t.n_elements,
+            }
+            for t in g.tensors
+        ],
     }
 
 
@@ -107,12 +132,25 @@ def _ggml_summary(path: Path, magic: str) -> dict:
     meta["vocab.tokens"] = _entry(GGUFValueType.ARRAY, [_token_text(t) for t in g.vocab.tokens], GGUFValueType.STRING)
     meta["vocab.scores"] = _entry(GGUFValueType.ARRAY, [float(x) for x in g.vocab.scores], GGUFValueType.FLOAT32)
     return {
-        "file": str(path), "format": g.magic, "version": g.version, "file_bytes": path.stat().st_size,
-        "alignment": g.alignment if g.alignment > 1 else None, "data_offset": None,   # ggml/ggmf: unaligned
-        "metadata": meta, "vocab_size": len(g.vocab.tokens),
-        "tensors": [{"name": t.name, "type": _legacy_type_name(t), "shape": [int(d) for d in t.shape],
-                     "offset": int(t.offset), "bytes": int(t.nbytes), "elements": int(np.prod(t.shape, dtype=object))}
-                    for t in g.tensors],
+        "file": str(path),
+        "format": g.magic,
+        "version": g.version,
+        "file_bytes": path.stat().st_size,
+        "alignment": g.alignment if g.alignment > 1 else None,
+        "data_offset": None,  # ggml/ggmf: unaligned
+        "metadata": meta,
+        "vocab_size": len(g.vocab.tokens),
+        "tensors": [
+            {
+                "name": t.name,
+                "type": _legacy_type_name(t),
+                "shape": [int(d) for d in t.shape],
+                "offset": int(t.offset),
+                "bytes": int(t.nbytes),
+                "elements": int(np.prod(t.shape, dtype=object)),
+            }
+            for t in g.tensors
+        ],
     }
 
 
@@ -120,6 +158,7 @@ def _legacy_type_name(t) -> str:
     """GGUF's name for the type id; files before ggjt v3 stored q4_0/q4_1/q8_0 blocks with f32
     scales (and had q4_2/q4_3), which the name says, since their bits per weight differ."""
     from .ggml_reader import OLD_TYPE_NAMES
+
     name = OLD_TYPE_NAMES.get(int(t.ggml_type)) or _type_name(int(t.ggml_type))
     return name if getattr(t, "gguf_layout", True) else f"{name} (pre-v3 layout)"
 
@@ -144,7 +183,7 @@ def summarize(path: str | Path, tensor_filter: str | None = None) -> dict:
         magic = f.read(4)
     if legacy_magic(magic):
         s = _ggml_summary(path, legacy_magic(magic))
-    elif magic == b"GGUF" or len(magic) < 4:     # (the reader says how a short file ends)
+    elif magic == b"GGUF" or len(magic) < 4:  # (the reader says how a short file ends)
         s = _gguf_summary(path)
     else:
         raise LlmconvError(f"not a GGUF or ggml file (magic {magic!r})", file=path)
@@ -163,13 +202,14 @@ def summarize(path: str | Path, tensor_filter: str | None = None) -> dict:
 
 # ---- text rendering ----------------------------------------------------------------------------
 
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB" if n >= 2**10 else f"{n} B"
 
 
 def _scalar_text(v: Any, vtype: str) -> str:
     if vtype == "FLOAT32" and isinstance(v, float):
-        return str(np.float32(v))          # the shortest text that gives back the stored f32
+        return str(np.float32(v))  # the shortest text that gives back the stored f32
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str) and vtype == "STRING":
@@ -178,14 +218,14 @@ def _scalar_text(v: Any, vtype: str) -> str:
 
 
 def _cut(text: str) -> str:
-    return text if len(text) <= TEXT_WIDTH else text[:TEXT_WIDTH - 1] + "…"
+    return text if len(text) <= TEXT_WIDTH else text[: TEXT_WIDTH - 1] + "…"
 
 
 def _value_text(e: dict) -> str:
     if e["type"] != "ARRAY":
         return _cut(_scalar_text(e["value"], e["type"]))
     items: list[str] = []
-    for x in e["value"]:              # as many whole items as fit in the column
+    for x in e["value"]:  # as many whole items as fit in the column
         t = _scalar_text(x, e["element_type"])
         if items and sum(len(i) + 2 for i in items) + len(t) > TEXT_WIDTH - 5:
             break
@@ -233,8 +273,9 @@ def render_text(s: dict) -> str:
     meta = s["metadata"]
     lines += ["", _heading(f"Metadata ({len(meta)} {'key' if len(meta) == 1 else 'keys'})")]
     if meta:
-        rows = [["key", "type", "value"]] + [[_cut(printable(k)), _type_text(e), printable(_value_text(e))]
-                                             for k, e in meta.items()]
+        rows = [["key", "type", "value"]] + [
+            [_cut(printable(k)), _type_text(e), printable(_value_text(e))] for k, e in meta.items()
+        ]
         lines += _table(rows, right=set())
 
     shown, total = len(s["tensors"]), s["tensor_count"]
@@ -242,8 +283,17 @@ def render_text(s: dict) -> str:
     lines += ["", _heading(f"Tensors ({total}{filt})")]
     if s["tensors"]:
         rows = [["#", "name", "type", "shape", "offset", "bytes"]]
-        rows += [[str(t["index"]), printable(t["name"]), t["type"], " x ".join(map(str, t["shape"])), f"{t['offset']:,}", f"{t['bytes']:,}"]
-                 for t in s["tensors"]]
+        rows += [
+            [
+                str(t["index"]),
+                printable(t["name"]),
+                t["type"],
+                " x ".join(map(str, t["shape"])),
+                f"{t['offset']:,}",
+                f"{t['bytes']:,}",
+            ]
+            for t in s["tensors"]
+        ]
         lines += _table(rows, right={0, 4, 5})
 
     tot = s["totals"]
@@ -254,6 +304,7 @@ def render_text(s: dict) -> str:
         def row(label, d):
             bpw = f"{d['bits_per_weight']:.2f}" if d["bits_per_weight"] is not None else "-"
             return [label, f"{d['tensors']:,}", f"{d['elements']:,}", f"{d['bytes']:,}", _mib(d["bytes"]), bpw]
+
         rows += [row(k, d) for k, d in sorted(tot["by_type"].items(), key=lambda kv: -kv[1]["bytes"])]
         rows.append(row("all", tot["all"]))
         lines += _table(rows, right={1, 2, 3, 4, 5})

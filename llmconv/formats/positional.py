@@ -1,5 +1,6 @@
 """A file written at known offsets: the layout is fixed first, then each tensor's bytes go
 to their place with pwrite, from any thread and in any order. GGUF and ggjt writers share it."""
+
 from __future__ import annotations
 
 import os

@@ -11,6 +11,7 @@ becomes one line naming the file and the tensor.
 the storage dtype, the shape), which the readers of every format (Meta .pth and HF .bin
 zips, safetensors, GGUF) describe and the streaming engine reads rows of.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -60,13 +61,17 @@ class SourceFile:
             try:
                 n = os.preadv(self.fd, [view], pos)
             except OSError as e:
-                raise LlmconvError(f"cannot read tensor data at byte {pos}: {e.strerror}", file=self.path,
-                                   tensor=tensor) from None
+                raise LlmconvError(
+                    f"cannot read tensor data at byte {pos}: {e.strerror}", file=self.path, tensor=tensor
+                ) from None
             if n == 0:
                 size = os.fstat(self.fd).st_size
-                raise LlmconvError(f"the file ends at byte {size}, inside the tensor's data (bytes {offset}.."
-                                   f"{offset + want}): it was truncated or replaced while being read",
-                                   file=self.path, tensor=tensor)
+                raise LlmconvError(
+                    f"the file ends at byte {size}, inside the tensor's data (bytes {offset}.."
+                    f"{offset + want}): it was truncated or replaced while being read",
+                    file=self.path,
+                    tensor=tensor,
+                )
             view, pos = view[n:], pos + n
 
     def will_need(self, offset: int, nbytes: int) -> None:
@@ -81,11 +86,12 @@ class SourceFile:
 @dataclass
 class RawTensor:
     """A dense tensor stored at `offset` of `file`, row-major, in `dtype` ("bf16", "f16", "f32")."""
+
     file: SourceFile
     offset: int
     dtype: str
     shape: tuple[int, ...]
-    label: str                          # the tensor's name in the source, for messages
+    label: str  # the tensor's name in the source, for messages
 
     @property
     def cols(self) -> int:
@@ -108,11 +114,13 @@ class RawTensor:
     def read_rows(self, a: int, b: int, out: np.ndarray) -> None:
         """Rows [a, b) as float32 into out[b - a, cols] (any strides: a band of columns works)."""
         from ..quantize.floats import widen_into
+
         widen_into(self.raw_rows(a, b), out)
 
     def load(self) -> np.ndarray:
         """The whole tensor as a new float32 array."""
         from ..quantize.floats import widen_into
+
         raw = np.empty(self.nbytes, np.uint8)
         self.file.read_into(self.offset, raw, self.label)
         out = np.empty(self.shape, np.float32)
@@ -129,15 +137,16 @@ def read_rows_unpermuted(t: RawTensor, n_heads: int, a: int, b: int, out: np.nda
     heads (the engine's chunks do), that is a strided view of the rows read, widened straight
     into `out`; otherwise the heads around [a, b) are read and gathered."""
     from ..quantize.floats import widen_into
+
     hd = t.shape[0] // n_heads
     h0, h1 = a // hd, -(-b // hd)
     raw = t.raw_rows(h0 * hd, h1 * hd)
     k, cols = h1 - h0, t.cols
-    meta = raw.reshape(k, 2, hd // 2, cols).swapaxes(1, 2)         # (head, j, p, col)
+    meta = raw.reshape(k, 2, hd // 2, cols).swapaxes(1, 2)  # (head, j, p, col)
     if a == h0 * hd and b == h1 * hd:
         widen_into(meta, out.reshape(k, hd // 2, 2, cols))
     else:
-        widen_into(meta.reshape(k * hd, cols)[a - h0 * hd:b - h0 * hd], out)
+        widen_into(meta.reshape(k * hd, cols)[a - h0 * hd : b - h0 * hd], out)
 
 
 _MADV_WILLNEED = 3

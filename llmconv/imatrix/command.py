@@ -1,4 +1,5 @@
 """`llmconv imatrix`: llama-imatrix's importance matrix, computed from the original checkpoint."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,15 +11,37 @@ from ..jsonout import emit_json, json_option
 
 @click.command(context_settings={"max_content_width": 100})
 @click.argument("ckpt_dir", type=click.Path(path_type=Path))
-@click.option("--text", default="builtin", show_default=True, metavar="FILE",
-              help="UTF-8 calibration text. 'builtin': the bundled one (public-domain prose and code).")
-@click.option("--outfile", "-o", type=click.Path(path_type=Path), default=Path("imatrix.gguf"), show_default=True,
-              help="Where to write the GGUF imatrix (llama.cpp's format: llama-quantize --imatrix reads it).")
-@click.option("--ctx", type=click.IntRange(1), default=512, show_default=True, metavar="N",
-              help="Tokens per chunk; each chunk is evaluated on its own and starts with BOS (as llama-imatrix -c).")
+@click.option(
+    "--text",
+    default="builtin",
+    show_default=True,
+    metavar="FILE",
+    help="UTF-8 calibration text. 'builtin': the bundled one (public-domain prose and code).",
+)
+@click.option(
+    "--outfile",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=Path("imatrix.gguf"),
+    show_default=True,
+    help="Where to write the GGUF imatrix (llama.cpp's format: llama-quantize --imatrix reads it).",
+)
+@click.option(
+    "--ctx",
+    type=click.IntRange(1),
+    default=512,
+    show_default=True,
+    metavar="N",
+    help="Tokens per chunk; each chunk is evaluated on its own and starts with BOS (as llama-imatrix -c).",
+)
 @click.option("--chunks", type=click.IntRange(1), metavar="N", help="Use only the first N chunks (default: all).")
-@click.option("--threads", "-t", type=click.IntRange(1, 256), metavar="N",
-              help="Threads for the forward pass (default: torch's, all cores).")
+@click.option(
+    "--threads",
+    "-t",
+    type=click.IntRange(1, 256),
+    metavar="N",
+    help="Threads for the forward pass (default: torch's, all cores).",
+)
 @click.option("--force", "-f", is_flag=True, help="Overwrite an existing output file.")
 @json_option()
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -38,10 +61,12 @@ def imatrix(ckpt_dir, text, outfile, ctx, chunks, threads, force, json_path, qui
     """
     from ..api import imatrix as run
 
-    result = run(ckpt_dir, outfile, text=text, ctx=ctx, chunks=chunks, threads=threads, force=force,
-                 progress=not quiet)
+    result = run(ckpt_dir, outfile, text=text, ctx=ctx, chunks=chunks, threads=threads, force=force, progress=not quiet)
     im = result.imatrix
     # with --json -, stdout carries only the JSON
-    click.echo(f"wrote {outfile}: {len(im.entries)} matrices, {im.chunk_count} chunks of {im.chunk_size} tokens "
-               f"from {im.datasets[0]}", err=json_path == "-")
+    click.echo(
+        f"wrote {outfile}: {len(im.entries)} matrices, {im.chunk_count} chunks of {im.chunk_size} tokens "
+        f"from {im.datasets[0]}",
+        err=json_path == "-",
+    )
     emit_json(json_path, {"checkpoint": str(ckpt_dir), **result.report()})

@@ -15,6 +15,7 @@ int32 chunk count, int32 length and the dataset name.
 `Imatrix.importance(name)` is what llama-quantize hands its quantizers for a tensor:
 in_sum2 / counts (a matrix with count 0 gets all ones), or for .dat files sums / ncall.
 """
+
 from __future__ import annotations
 
 import struct
@@ -32,13 +33,13 @@ KV_CHUNK_SIZE = "imatrix.chunk_size"
 SUM_SUFFIX = ".in_sum2"
 COUNT_SUFFIX = ".counts"
 _GGUF_MAGIC = b"GGUF"
-MAX_LEGACY_NAME = 4096          # bytes; a longer name is a corrupt file, not a tensor name
+MAX_LEGACY_NAME = 4096  # bytes; a longer name is a corrupt file, not a tensor name
 
 
 @dataclass
 class ImatrixEntry:
-    sums: np.ndarray            # float32 [n_mat, n]: GGUF in_sum2, or the legacy scaled means
-    counts: np.ndarray          # int64 [n_mat]: tokens (GGUF) or ncall (legacy)
+    sums: np.ndarray  # float32 [n_mat, n]: GGUF in_sum2, or the legacy scaled means
+    counts: np.ndarray  # int64 [n_mat]: tokens (GGUF) or ncall (legacy)
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Imatrix:
     chunk_count: int = 0
     chunk_size: int = 0
     legacy: bool = False
-    path: str | None = None     # where it was read from (error messages)
+    path: str | None = None  # where it was read from (error messages)
 
     def importance(self, name: str) -> np.ndarray | None:
         """float32 [n_mat * n]: the per-column weights llama-quantize passes for tensor `name`,
@@ -61,7 +62,7 @@ class Imatrix:
             if self.legacy:
                 out[j] = e.sums[j] / np.float32(c) if c > 0 else e.sums[j]
             elif c > 0:
-                out[j] = e.sums[j] / np.float32(c)          # C: sums[i] / (float) count
+                out[j] = e.sums[j] / np.float32(c)  # C: sums[i] / (float) count
             else:
                 out[j] = 1.0
         return out.reshape(-1)
@@ -113,7 +114,7 @@ def _read_gguf(path: Path) -> Imatrix:
             if t.name.endswith(suffix) and len(t.name) > len(suffix):
                 if t.ggml_type != GGMLQuantizationType.F32:
                     raise LlmconvError(f"{suffix[1:]} must be F32, is {t.ggml_type.name}", file=path, tensor=t.name)
-                into[t.name[:-len(suffix)]] = np.asarray(t.data).view(np.float32).reshape(t.shape)
+                into[t.name[: -len(suffix)]] = np.asarray(t.data).view(np.float32).reshape(t.shape)
     for name in sorted(set(sums) | set(counts)):
         if name not in sums or name not in counts:
             raise LlmconvError("in_sum2 without counts or counts without in_sum2", file=path, tensor=name)
@@ -122,8 +123,9 @@ def _read_gguf(path: Path) -> Imatrix:
             raise LlmconvError(f"{s.size} sums do not split into {c.size} matrices", file=path, tensor=name)
         if not (np.isfinite(s).all() and np.isfinite(c).all()):
             raise LlmconvError("non-finite value", file=path, tensor=name)
-        im.entries[name] = ImatrixEntry(np.array(s, np.float32).reshape(c.size, -1),
-                                        np.rint(c).astype(np.int64))       # C: lround
+        im.entries[name] = ImatrixEntry(
+            np.array(s, np.float32).reshape(c.size, -1), np.rint(c).astype(np.int64)
+        )  # C: lround
     if not im.entries:
         raise LlmconvError("imatrix holds no entries", file=path)
     return im
@@ -150,7 +152,7 @@ def _read_legacy(path: Path) -> Imatrix:
         length = take("<i", f"entry {i} name length")
         if not 0 < length <= MAX_LEGACY_NAME or pos + length > len(data):
             raise LlmconvError(f"bad name length {length} for entry {i}", file=path)
-        name = data[pos:pos + length].decode("utf-8", "replace")
+        name = data[pos : pos + length].decode("utf-8", "replace")
         pos += length
         ncall, nval = take("<ii", f"entry {i} counts")
         if nval < 1 or pos + 4 * nval > len(data):
@@ -160,12 +162,12 @@ def _read_legacy(path: Path) -> Imatrix:
         if not np.isfinite(sums).all():
             raise LlmconvError("non-finite value", file=path, tensor=name)
         im.entries[name] = ImatrixEntry(sums, np.array([ncall], np.int64))
-    if pos + 4 <= len(data):                     # optional trailer: chunk count, dataset name
+    if pos + 4 <= len(data):  # optional trailer: chunk count, dataset name
         im.chunk_count = take("<i", "chunk count")
         if pos + 4 <= len(data):
             length = take("<i", "dataset name length")
             if 0 < length <= len(data) - pos:
-                im.datasets = [data[pos:pos + length].decode("utf-8", "replace")]
+                im.datasets = [data[pos : pos + length].decode("utf-8", "replace")]
     return im
 
 
@@ -175,22 +177,23 @@ def write_imatrix_gguf(path: str | Path, im: Imatrix, *, force: bool = True) -> 
     from ..formats.atomic import atomic_output
     from ..formats.gguf_writer import KV, TensorEntry, plan_layout
 
-    kvs = [KV("general.type", "imatrix", GGUFValueType.STRING),
-           KV(KV_DATASETS, list(im.datasets), GGUFValueType.ARRAY, GGUFValueType.STRING),
-           KV(KV_CHUNK_COUNT, int(im.chunk_count), GGUFValueType.UINT32),
-           KV(KV_CHUNK_SIZE, int(im.chunk_size), GGUFValueType.UINT32)]
+    kvs = [
+        KV("general.type", "imatrix", GGUFValueType.STRING),
+        KV(KV_DATASETS, list(im.datasets), GGUFValueType.ARRAY, GGUFValueType.STRING),
+        KV(KV_CHUNK_COUNT, int(im.chunk_count), GGUFValueType.UINT32),
+        KV(KV_CHUNK_SIZE, int(im.chunk_size), GGUFValueType.UINT32),
+    ]
     arrays = {}
     for name in sorted(im.entries):
         e = im.entries[name]
         arrays[name + SUM_SUFFIX] = np.ascontiguousarray(e.sums, "<f4")
         arrays[name + COUNT_SUFFIX] = e.counts.astype("<f4").reshape(-1, 1)
-    layout = plan_layout(kvs, [TensorEntry(n, a.shape, GGMLQuantizationType.F32, a.nbytes)
-                               for n, a in arrays.items()])
+    layout = plan_layout(kvs, [TensorEntry(n, a.shape, GGMLQuantizationType.F32, a.nbytes) for n, a in arrays.items()])
     # small (a 7B model's is ~7 MB): assembled in memory, written in one go
     blob = bytearray(layout.total_size)
-    blob[:layout.data_start] = layout.header
+    blob[: layout.data_start] = layout.header
     for t in layout.tensors:
         at = layout.data_start + t.offset
-        blob[at:at + t.nbytes] = arrays[t.name].tobytes()
+        blob[at : at + t.nbytes] = arrays[t.name].tobytes()
     with atomic_output(path, force=force) as tmp:
         tmp.write_bytes(bytes(blob))

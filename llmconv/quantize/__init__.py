@@ -10,6 +10,7 @@ Every unit is a pair of vectorized numpy functions over rows (the last axis is G
 [..., n] array, and add threading over row chunks, checks for non-finite input, and error
 messages.
 """
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -25,11 +26,11 @@ from . import floats
 
 @dataclass(frozen=True)
 class QuantType:
-    name: str                      # lower-case CLI name: "q4_0"
+    name: str  # lower-case CLI name: "q4_0"
     ggml_type: GGMLQuantizationType
-    block_size: int                # weights per block
-    type_size: int                 # bytes per block
-    file_type: LlamaFileType       # general.file_type for a file "mostly" of this type
+    block_size: int  # weights per block
+    type_size: int  # bytes per block
+    file_type: LlamaFileType  # general.file_type for a file "mostly" of this type
     quantize: Callable[[np.ndarray], np.ndarray]
     dequantize: Callable[[np.ndarray], np.ndarray]
     # True if `quantize` itself raises NonFiniteError for NaN/inf input (the block kernels see
@@ -43,9 +44,10 @@ class QuantType:
     requires_imatrix: bool = False
 
     def __post_init__(self):
-        if (self.block_size, self.type_size) != _SIZES[self.ggml_type]:   # one place: gguf's table
-            raise ValueError(f"{self.name}: block/type size {self.block_size}/{self.type_size}, "
-                             f"gguf says {_SIZES[self.ggml_type]}")
+        if (self.block_size, self.type_size) != _SIZES[self.ggml_type]:  # one place: gguf's table
+            raise ValueError(
+                f"{self.name}: block/type size {self.block_size}/{self.type_size}, gguf says {_SIZES[self.ggml_type]}"
+            )
 
     def row_nbytes(self, n: int) -> int:
         return n // self.block_size * self.type_size
@@ -62,6 +64,8 @@ def register(qt: QuantType) -> QuantType:
     return qt
 
 
+# The registry is a table, one type a row (its columns in QuantType's order): left as written.
+# fmt: off
 register(QuantType("f32", GGMLQuantizationType.F32, *_SIZES[GGMLQuantizationType.F32], LlamaFileType.ALL_F32,
                    floats.f32_quantize, floats.f32_dequantize))
 register(QuantType("f16", GGMLQuantizationType.F16, *_SIZES[GGMLQuantizationType.F16], LlamaFileType.MOSTLY_F16,
@@ -141,6 +145,7 @@ register(QuantType("iq3_xxs", GGMLQuantizationType.IQ3_XXS, *_SIZES[GGMLQuantiza
                    iq3.iq3_xxs_quantize, iq3.iq3_xxs_dequantize, quantize_weighted=iq3.iq3_xxs_quantize))
 register(QuantType("iq3_s", GGMLQuantizationType.IQ3_S, *_SIZES[GGMLQuantizationType.IQ3_S], LlamaFileType.MOSTLY_IQ3_S,
                    iq3.iq3_s_quantize, iq3.iq3_s_dequantize, quantize_weighted=iq3.iq3_s_quantize))
+# fmt: on
 
 
 def get(t: str | int | GGMLQuantizationType) -> QuantType:
@@ -167,11 +172,12 @@ def _first_nonfinite_row(x2d: np.ndarray) -> int | None:
     return None
 
 
-CHUNK_BYTES = 2 << 20   # float32 input per work item: big enough to amortize numpy's per-call cost
+CHUNK_BYTES = 2 << 20  # float32 input per work item: big enough to amortize numpy's per-call cost
 
 
-def quantize_tensor(x: np.ndarray, qt: QuantType | str, threads: int = 1,
-                    imatrix: np.ndarray | None = None) -> np.ndarray:
+def quantize_tensor(
+    x: np.ndarray, qt: QuantType | str, threads: int = 1, imatrix: np.ndarray | None = None
+) -> np.ndarray:
     """float array [..., n] -> uint8 [..., row_nbytes(n)]. Raises NonFiniteError.
 
     `imatrix` (float32[n], the importance of each input column) selects the type's weighted
@@ -207,14 +213,13 @@ def quantize_tensor(x: np.ndarray, qt: QuantType | str, threads: int = 1,
             raise ValueError(f"imatrix has {imatrix.shape[0]} values for rows of {n}")
 
     def work(start: int) -> None:
-        chunk = np.ascontiguousarray(x2d[start:start + step], dtype=np.float32)
+        chunk = np.ascontiguousarray(x2d[start : start + step], dtype=np.float32)
         if weighted or not qt.checks_finite:
             row = _first_nonfinite_row(chunk)
             if row is not None:
                 raise NonFiniteError(start + row)
         try:
-            out[start:start + step] = (qt.quantize_weighted(chunk, imatrix) if weighted
-                                       else qt.quantize(chunk))
+            out[start : start + step] = qt.quantize_weighted(chunk, imatrix) if weighted else qt.quantize(chunk)
         except NonFiniteError as e:
             raise NonFiniteError(start + e.row, getattr(e, "what", "NaN or inf")) from None
 
@@ -224,7 +229,7 @@ def quantize_tensor(x: np.ndarray, qt: QuantType | str, threads: int = 1,
     else:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             futures = [pool.submit(work, s0) for s0 in starts]
-            errors = [f.exception() for f in futures]   # waits for all; chunks are in row order
+            errors = [f.exception() for f in futures]  # waits for all; chunks are in row order
         for e in errors:
             if e is not None:
                 raise e
@@ -252,6 +257,7 @@ def dequantize_tensor(raw: np.ndarray, qt: QuantType | str | GGMLQuantizationTyp
     nbytes = raw.shape[-1]
     out = qt.dequantize(raw.reshape(-1, nbytes))
     return out.reshape(*raw.shape[:-1], nbytes // qt.type_size * qt.block_size)
+
 
 from .._callable import make_callable  # noqa: E402  (llmconv.quantize(...) runs api.quantize)
 

@@ -13,6 +13,7 @@ rows r and r+4. Results go back to [B, type_size] with one strided copy per fiel
 Every float operation is float32, one rounding per C operation, in the C order, so the
 results are bit-identical to ggml's reference quantizers (see each type's module).
 """
+
 from __future__ import annotations
 
 import threading
@@ -21,8 +22,8 @@ from typing import Callable
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-QK = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0][0]     # 32 weights per block of every legacy type
-CHUNK_BLOCKS = 16384    # 512K weights = 2 MB of float32 per chunk: amortizes numpy's per-call cost
+QK = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0][0]  # 32 weights per block of every legacy type
+CHUNK_BLOCKS = 16384  # 512K weights = 2 MB of float32 per chunk: amortizes numpy's per-call cost
 
 
 class NonFiniteError(ValueError):
@@ -106,7 +107,7 @@ def check(mx: np.ndarray, mn: np.ndarray, *scales: np.ndarray) -> None:
 
     `scales` are the float32 values about to be stored as fp16.
     """
-    ok = np.isfinite(mx - mn).all()          # NaN/inf in, or (rarely) a max - min overflow
+    ok = np.isfinite(mx - mn).all()  # NaN/inf in, or (rarely) a max - min overflow
     for s in scales:
         ok = ok and bool((np.abs(s) < FP16_OVERFLOW).all())
     if ok:
@@ -154,7 +155,7 @@ def pack_nibbles(codes: np.ndarray, mask: bool) -> np.ndarray:
     Without `mask`, codes must be <= 15, so a code shifted left by 4 stays inside its byte.
     With `mask`, codes may have bit 4 set (q5 types keep it in qh): only the low nibbles are kept.
     """
-    c, w = wide_bytes(codes)                                     # [8, B/2] or [8, B]
+    c, w = wide_bytes(codes)  # [8, B/2] or [8, B]
     packed = scratch("packed", (4, c.shape[1]), w)
     np.left_shift(c[4:], w(4), out=packed)
     if mask:
@@ -172,7 +173,7 @@ def select(mask: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     element: with a mask that is true about half the time ("is the max negative?") they run
     ~5x slower than these four passes."""
     m = np.ascontiguousarray(mask).view(np.uint8).astype(np.uint32)
-    np.negative(m, out=m)                                       # 0 or 0xFFFFFFFF
+    np.negative(m, out=m)  # 0 or 0xFFFFFFFF
     bi = np.ascontiguousarray(b, dtype=np.float32).view(np.uint32)
     r = np.bitwise_xor(np.ascontiguousarray(a, dtype=np.float32).view(np.uint32), bi)
     r &= m
@@ -187,7 +188,7 @@ def high_bits(codes: np.ndarray) -> np.ndarray:
     c, w = wide_bytes(codes)
     h = np.right_shift(c, w(4))
     h &= repeat_byte(w, 0x01)
-    h = h.view(np.uint32)                               # [8, B]; byte k = bit of weight 4r+k
+    h = h.view(np.uint32)  # [8, B]; byte k = bit of weight 4r+k
     # Gather the bits at byte positions 0, 8, 16, 24 into bits 21..24 with one multiply
     # (shifts 0, 7, 14, 21 never collide, so no carries), then to bits 4r..4r+3.
     h = h * np.uint32(0x00204081)
@@ -211,8 +212,7 @@ def put_words(out: np.ndarray, offset: int, words: np.ndarray) -> None:
     runs with an inner loop of k.
     """
     for i, w in enumerate(words):
-        field = np.ndarray((out.shape[0],), np.uint32, buffer=out, offset=offset + 4 * i,
-                           strides=(out.shape[1],))
+        field = np.ndarray((out.shape[0],), np.uint32, buffer=out, offset=offset + 4 * i, strides=(out.shape[1],))
         field[...] = w
 
 
@@ -227,8 +227,9 @@ def clamp_codes(codes: np.ndarray, top: int) -> None:
     np.minimum(codes, bound, out=codes)
 
 
-def quantize_rows(x: np.ndarray, type_size: int,
-                  kernel: Callable[[np.ndarray, np.ndarray], None], out: np.ndarray | None = None) -> np.ndarray:
+def quantize_rows(
+    x: np.ndarray, type_size: int, kernel: Callable[[np.ndarray, np.ndarray], None], out: np.ndarray | None = None
+) -> np.ndarray:
     """Run `kernel(xb [B, 32] float32, out [B, type_size] uint8)` over cache-sized chunks.
 
     x: float [rows, n] (or [..., n]); returns uint8 [..., n // 32 * type_size], written into
@@ -248,7 +249,7 @@ def quantize_rows(x: np.ndarray, type_size: int,
     with np.errstate(all="ignore"):
         for s in range(0, nb, CHUNK_BLOCKS):
             try:
-                kernel(xb[s:s + CHUNK_BLOCKS], out[s:s + CHUNK_BLOCKS])
+                kernel(xb[s : s + CHUNK_BLOCKS], out[s : s + CHUNK_BLOCKS])
             except BadBlock as e:
                 raise NonFiniteError((s + e.index) // (n // QK), e.what) from None
     return out.reshape(*shape[:-1], n // QK * type_size)
@@ -263,8 +264,7 @@ def output_blocks(out: np.ndarray | None, nblocks: int, type_size: int) -> np.nd
     return out.view(np.uint8).reshape(nblocks, type_size)
 
 
-def dequantize_rows(b: np.ndarray, type_size: int,
-                    kernel: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+def dequantize_rows(b: np.ndarray, type_size: int, kernel: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """uint8 [..., nbytes] -> float32 [..., nbytes // type_size * 32]; kernel: [B, ts] -> [B, 32]."""
     b = np.ascontiguousarray(b).view(np.uint8)
     shape = b.shape

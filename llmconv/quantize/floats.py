@@ -10,11 +10,12 @@ the stored bits (tested against numpy's cast for all 65536 of them).
 torch is imported on the first f16/bf16 cast, not with this module: it costs ~1.4 s of CPU,
 which a conversion to any other type does not need to pay.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-TORCH_CAST_TYPES = ("f16", "bf16")      # the types whose quantize imports torch
+TORCH_CAST_TYPES = ("f16", "bf16")  # the types whose quantize imports torch
 
 
 def _into(x: np.ndarray, out: np.ndarray | None, dtype: str, itemsize: int) -> np.ndarray:
@@ -88,10 +89,10 @@ def bf16_bits_to_f16(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
     f16's range (inf) are different: those few (about 0.3 % of a trained weight matrix) are cast
     by numpy, one by one. ~2 G weights/s on one core (numpy's own float16 cast: ~0.4 G)."""
     mag = np.bitwise_and(bits, 0x7FFF)
-    np.subtract(mag, 0x3800, out=out, casting="unsafe")        # exponent 127 -> 15 bias (wraps if small)
+    np.subtract(mag, 0x3800, out=out, casting="unsafe")  # exponent 127 -> 15 bias (wraps if small)
     np.left_shift(out, 3, out=out)
     np.bitwise_or(out, np.bitwise_and(bits, 0x8000), out=out)
-    odd = np.flatnonzero((mag < 0x3880) | (mag >= 0x4780))   # below 2^-14, zero, or 2^16 and past
+    odd = np.flatnonzero((mag < 0x3880) | (mag >= 0x4780))  # below 2^-14, zero, or 2^16 and past
     if odd.size:
         wide = np.left_shift(bits.reshape(-1)[odd].astype(np.uint32), 16).view(np.float32)
         out.reshape(-1)[odd] = wide.astype(np.float16).view(np.uint16)
@@ -99,8 +100,12 @@ def bf16_bits_to_f16(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 
 # (stored dtype, output type) -> how to write the output from the stored bytes
-FROM_STORED = {("bf16", "bf16"): stored_as_is, ("f16", "f16"): stored_as_is, ("f32", "f32"): stored_as_is,
-               ("bf16", "f16"): bf16_bits_to_f16}
+FROM_STORED = {
+    ("bf16", "bf16"): stored_as_is,
+    ("f16", "f16"): stored_as_is,
+    ("f32", "f32"): stored_as_is,
+    ("bf16", "f16"): bf16_bits_to_f16,
+}
 
 
 def widen_into(src: np.ndarray, out: np.ndarray) -> None:

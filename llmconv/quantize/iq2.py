@@ -25,6 +25,7 @@ Conventions as in k_common: float32, C's operation order. Arrays are [.., blocks
 (block-major): the sums over a block's weights loop over its elements, vectorized across
 blocks and trial scales.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,23 +41,26 @@ from .iq_screen import GroupTables, group_tables, screened_neighbours
 from .k_common import F32, GROUP_MAX_EPS, QK_K, fp16_bits, nearest_int
 from .k_weighted import block_sigma2, make_qp_quants
 
-IQ2_XXS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_XXS][1]     # 66 bytes per 256 weights
-IQ2_XS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_XS][1]       # 74
-IQ2_S_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_S][1]         # 82
+IQ2_XXS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_XXS][1]  # 66 bytes per 256 weights
+IQ2_XS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_XS][1]  # 74
+IQ2_S_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_S][1]  # 82
 GROUP_MAX_EPS_IQ2_S = F32(1e-8)
 # super-blocks per numpy pass. The neighbour tables are ~G*16 bytes per group of 8 weights
 # (1/4 MB per super-block for IQ2_S), so passes stay small; IQ2_XXS's tables are the smallest
 # and its make_qp_quants sweeps (numpy calls over one value per block) want long passes.
 CHUNK_SUPERBLOCKS = {"iq2_xxs": 128, "iq2_xs": 64, "iq2_s": 64}
 _KMAXQ = 3
-_DEQUANT_VALUES = np.array([8, 25, 43], dtype=F32)   # the byte ggml's iq2*_grid tables hold per level
+_DEQUANT_VALUES = np.array([8, 25, 43], dtype=F32)  # the byte ggml's iq2*_grid tables hold per level
 
 
 @lru_cache(maxsize=None)
 def grid(name: str) -> Grid:
     """The grid of an IQ2 type, built on first use (iq2xs_init_impl: nwant 2, IQ2_S 1)."""
-    kgrid, nwant = {"iq2_xxs": (iq2_tables.KGRID_IQ2_XXS, 2), "iq2_xs": (iq2_tables.KGRID_IQ2_XS, 2),
-                    "iq2_s": (iq2_tables.KGRID_IQ2_S, 1)}[name]
+    kgrid, nwant = {
+        "iq2_xxs": (iq2_tables.KGRID_IQ2_XXS, 2),
+        "iq2_xs": (iq2_tables.KGRID_IQ2_XS, 2),
+        "iq2_s": (iq2_tables.KGRID_IQ2_S, 1),
+    }[name]
     return make_grid(kgrid, dim=8, bits=2, nwant=nwant, max_level=_KMAXQ - 1)
 
 
@@ -77,9 +81,16 @@ def _block_sums(w: np.ndarray, xval: np.ndarray, L: np.ndarray) -> tuple[np.ndar
     return sumqx, sumq2
 
 
-def _to_grid(g: Grid, xval: np.ndarray, waux: np.ndarray, inv: np.ndarray, scale: np.ndarray,
-             tables: GroupTables, blocks: np.ndarray,
-             groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _to_grid(
+    g: Grid,
+    xval: np.ndarray,
+    waux: np.ndarray,
+    inv: np.ndarray,
+    scale: np.ndarray,
+    tables: GroupTables,
+    blocks: np.ndarray,
+    groups: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Round xval [..., bs] at 1/`inv` ([...]) to levels, and move every group of 8 that is off
     the grid to its best neighbour (at `scale`). Returns (levels [..., bs], grid index [..., bs/8],
     off-grid mask [..., bs/8]). `groups` ([..., bs/8] bool) limits the work to those groups.
@@ -93,7 +104,7 @@ def _to_grid(g: Grid, xval: np.ndarray, waux: np.ndarray, inv: np.ndarray, scale
     gi = g.index[code]
     off = gi < 0
     search = off if groups is None else off & groups
-    if search.ndim == 3:      # [trials, blocks, groups]: list a group's searches together (its table row stays in cache)
+    if search.ndim == 3:  # [trials, blocks, groups]: list a group's searches together (its table row stays in cache)
         b, k, t = np.nonzero(search.transpose(1, 2, 0))
         where = (t, b, k)
     else:
@@ -125,11 +136,11 @@ def _signed(xb: np.ndarray, w: np.ndarray, parity: bool) -> tuple[np.ndarray, np
         odd = (np.unpackbits(bits[..., None], axis=-1).sum(axis=-1) & 1).astype(bool)
         if odd.any():
             imp = ((w * xb) * xb).reshape(B, bs // 8, 8)
-            imin = np.argmin(imp, axis=2)                          # the first of equal minima, as C
+            imin = np.argmin(imp, axis=2)  # the first of equal minima, as C
             b, k = np.nonzero(odd)
             col = k * 8 + imin[b, k]
             xval[b, col] = -xval[b, col]
-            bits[b, k] ^= (np.uint8(1) << imin[b, k].astype(np.uint8))
+            bits[b, k] ^= np.uint8(1) << imin[b, k].astype(np.uint8)
         bits &= 127
     return xval, bits
 
@@ -137,13 +148,15 @@ def _signed(xb: np.ndarray, w: np.ndarray, parity: bool) -> tuple[np.ndarray, np
 @dataclass
 class _Blocks:
     """A chunk's per-block results: scale [B], grid indices [B, K], signs [B, K]."""
+
     scale: np.ndarray
     gi: np.ndarray
     signs: np.ndarray
 
 
-def _search(g: Grid, xb: np.ndarray, w: np.ndarray, parity: bool, eps: F32,
-            qp_scale: np.ndarray | None = None) -> _Blocks:
+def _search(
+    g: Grid, xb: np.ndarray, w: np.ndarray, parity: bool, eps: F32, qp_scale: np.ndarray | None = None
+) -> _Blocks:
     """The per-block search shared by the three types (see the module docstring); XXS passes
     its blocks' make_qp_quants scales (_xxs_start_scales)."""
     B, bs = xb.shape
@@ -161,7 +174,7 @@ def _search(g: Grid, xb: np.ndarray, w: np.ndarray, parity: bool, eps: F32,
     live = np.flatnonzero(~zero)
     xv, wv, wa = xval[live], w[live], waux[live]
     scale = scale[live]
-    ids = np.stack([(F32(2 * _KMAXQ - 1) + F32(s) * F32(0.1)) / top[live] for s in trials])   # [T, b]
+    ids = np.stack([(F32(2 * _KMAXQ - 1) + F32(s) * F32(0.1)) / top[live] for s in trials])  # [T, b]
     tables = group_tables(g, xv.reshape(-1, 8), wa.reshape(-1, 8))
     blocks = np.arange(len(live))
     lv, gi, off = _to_grid(g, xv, wa, ids, F32(1.0) / ids, tables, blocks)
@@ -239,8 +252,9 @@ def _xxs_start_scales(xb: np.ndarray, qwb: np.ndarray) -> np.ndarray:
 
 def _xxs_chunk(xb: np.ndarray, qwb: np.ndarray, qp_scale: np.ndarray) -> np.ndarray:
     nsb = xb.shape[0]
-    r = _search(grid("iq2_xxs"), xb.reshape(-1, 32), _weights(xb, qwb, 32, 1), True, GROUP_MAX_EPS,
-                qp_scale.reshape(-1))
+    r = _search(
+        grid("iq2_xxs"), xb.reshape(-1, 32), _weights(xb, qwb, 32, 1), True, GROUP_MAX_EPS, qp_scale.reshape(-1)
+    )
     max_scale, d, ls = _super_scales(r.scale, 8)
     gi = r.gi.astype(np.uint32).reshape(nsb, 8, 4)
     sg = r.signs.astype(np.uint32).reshape(nsb, 8, 4)
@@ -290,6 +304,7 @@ def _over(x: np.ndarray, qw: np.ndarray | None, type_size: int, fn, name: str, p
 def _needs_imatrix(name: str):
     def quantize(x: np.ndarray) -> np.ndarray:
         raise ImatrixRequired(f"{name} needs an importance matrix (--imatrix), as llama.cpp's quantizer does")
+
     return quantize
 
 
@@ -347,11 +362,11 @@ def _dequant(db: np.ndarray, vals: np.ndarray, signs: np.ndarray, rows: int) -> 
 def iq2_xxs_dequantize(b: np.ndarray) -> np.ndarray:
     b = np.ascontiguousarray(b, dtype=np.uint8)
     blk = b.reshape(-1, IQ2_XXS_SIZE)
-    d = blk[:, 0:2].copy().view(np.float16).astype(F32)                     # [nsb, 1]
+    d = blk[:, 0:2].copy().view(np.float16).astype(F32)  # [nsb, 1]
     q2 = blk[:, 2:].copy().view(np.uint32).reshape(-1, 8, 2)
-    idx = (q2[..., 0:1] >> (8 * np.arange(4, dtype=np.uint32))) & 255      # [nsb, 8, 4]
+    idx = (q2[..., 0:1] >> (8 * np.arange(4, dtype=np.uint32))) & 255  # [nsb, 8, 4]
     sg = (q2[..., 1:2] >> (7 * np.arange(4, dtype=np.uint32))) & 127
-    db = np.repeat(_scale_of(d, q2[..., 1] >> 28), 4, axis=1)              # [nsb, 32]
+    db = np.repeat(_scale_of(d, q2[..., 1] >> 28), 4, axis=1)  # [nsb, 32]
     return _dequant(db, _values("iq2_xxs")[idx.reshape(-1, 32)], _SIGNS7[sg.reshape(-1, 32)], b.shape[0])
 
 
@@ -359,9 +374,9 @@ def iq2_xs_dequantize(b: np.ndarray) -> np.ndarray:
     b = np.ascontiguousarray(b, dtype=np.uint8)
     blk = b.reshape(-1, IQ2_XS_SIZE)
     d = blk[:, 0:2].copy().view(np.float16).astype(F32)
-    qs = blk[:, 2:66].copy().view(np.uint16)                                # [nsb, 32]
+    qs = blk[:, 2:66].copy().view(np.uint16)  # [nsb, 32]
     sc = blk[:, 66:74]
-    nib = np.stack([sc & 15, sc >> 4], axis=2).reshape(-1, 16)              # one per 16 weights
+    nib = np.stack([sc & 15, sc >> 4], axis=2).reshape(-1, 16)  # one per 16 weights
     db = np.repeat(_scale_of(d, nib), 2, axis=1)
     return _dequant(db, _values("iq2_xs")[qs & 511], _SIGNS7[qs >> 9], b.shape[0])
 
@@ -371,7 +386,7 @@ def iq2_s_dequantize(b: np.ndarray) -> np.ndarray:
     blk = b.reshape(-1, IQ2_S_SIZE)
     d = blk[:, 0:2].copy().view(np.float16).astype(F32)
     qh = blk[:, 66:74].astype(np.int64)
-    hi = (qh[:, :, None] >> (2 * np.arange(4))) & 3                         # [nsb, 8, 4]
+    hi = (qh[:, :, None] >> (2 * np.arange(4))) & 3  # [nsb, 8, 4]
     idx = blk[:, 2:34].astype(np.int64) | (hi.reshape(-1, 32) << 8)
     sc = blk[:, 74:82]
     nib = np.stack([sc & 15, sc >> 4], axis=2).reshape(-1, 16)

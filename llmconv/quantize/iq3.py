@@ -22,6 +22,7 @@ C loop step over a block is one vector operation over all blocks of a chunk; the
 middle axis ([32, trials, blocks]): every trial is fitted in one batch, and only C's choice of the
 best trial runs trial by trial.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,10 +33,12 @@ from .iq_grid import SuperblockOverflow, quantize_superblocks
 from .iq_screen import GroupTables, group_tables, screened_neighbours
 from .k_common import F32, QK_K, fp16_bits, nearest_int, seq_sum_from_zero
 
-IQ3_XXS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ3_XXS][1]  # 98 bytes: fp16 d, 64 grid indices, 8 x uint32 (4 x 7 sign bits | 4-bit scale)
-IQ3_S_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ3_S][1]      # 110 bytes: fp16 d, qs[64], qh[8], signs[32], scales[4]
-CHUNK_SUPERBLOCKS = 32          # 256 blocks per pass: the search's [32, 31 trials, blocks] arrays are ~1 MB
-XXS_MAX_EPS = F32(1e-8)         # GROUP_MAX_EPS_IQ3_XXS: a block below it is stored as zeros
+IQ3_XXS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ3_XXS][
+    1
+]  # 98 bytes: fp16 d, 64 grid indices, 8 x uint32 (4 x 7 sign bits | 4-bit scale)
+IQ3_S_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ3_S][1]  # 110 bytes: fp16 d, qs[64], qh[8], signs[32], scales[4]
+CHUNK_SUPERBLOCKS = 32  # 256 blocks per pass: the search's [32, 31 trials, blocks] arrays are ~1 MB
+XXS_MAX_EPS = F32(1e-8)  # GROUP_MAX_EPS_IQ3_XXS: a block below it is stored as zeros
 
 
 # ---------------------------------------------------------------- the grid search
@@ -56,13 +59,13 @@ def _best_neighbours(g: Iq3Grid, u: np.ndarray, xg: np.ndarray, wg: np.ndarray, 
     for nc, count in zip(g.classes, counts):
         if not count:
             continue
-        sel = order[start:start + count]
+        sel = order[start : start + count]
         start += count
         us = u[sel]
-        q = nc.values.take(us, axis=2)                        # [4, width, n]
+        q = nc.values.take(us, axis=2)  # [4, width, n]
         xs, ws, ss = xg[:, sel], wg[:, sel], s[sel]
         d2 = None
-        for i in range(4):                                    # d2 += w*diff*diff, i = 0..3
+        for i in range(4):  # d2 += w*diff*diff, i = 0..3
             diff = q[i] * ss
             diff -= xs[i]
             t = diff * ws[i]
@@ -83,9 +86,18 @@ def _first_min(d2: np.ndarray) -> np.ndarray:
     return width - hit.astype(np.intp)
 
 
-def _fit_levels(g: Iq3Grid, xval: np.ndarray, xg: np.ndarray, wg: np.ndarray, idv: np.ndarray,
-                scale: np.ndarray, groups: np.ndarray | None, exact: bool,
-                tables: GroupTables, group_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _fit_levels(
+    g: Iq3Grid,
+    xval: np.ndarray,
+    xg: np.ndarray,
+    wg: np.ndarray,
+    idv: np.ndarray,
+    scale: np.ndarray,
+    groups: np.ndarray | None,
+    exact: bool,
+    tables: GroupTables,
+    group_ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Levels of every group at T inverse scales per block, idv[T, B] (neighbours at scale[T, B]).
 
     xval [32, B]; xg/wg [4, 8*B] the same magnitudes and sqrt-weights by group (column k*B+b).
@@ -98,31 +110,31 @@ def _fit_levels(g: Iq3Grid, xval: np.ndarray, xg: np.ndarray, wg: np.ndarray, id
     t = xval[:, None, :] * idv[None]
     t -= F32(1.0)
     t *= F32(0.5)
-    if exact:      # idv may be inf, or id*x beyond 2**22: ggml's nearest_int, bit for bit
+    if exact:  # idv may be inf, or id*x beyond 2**22: ggml's nearest_int, bit for bit
         t = np.clip(nearest_int(t), 0, 7).astype(F32)
-    else:          # |t| < 2**21 here, where nearest_int is round-half-even
+    else:  # |t| < 2**21 here, where nearest_int is round-half-even
         np.rint(t, out=t)
         np.clip(t, F32(0.0), F32(7.0), out=t)
     lv = t.reshape(8, 4, nt, nb)
     u = lv[:, 0] + lv[:, 1] * F32(8) + lv[:, 2] * F32(64) + lv[:, 3] * F32(512)
-    u = u.astype(np.intp)                                     # [8, T, B]
+    u = u.astype(np.intp)  # [8, T, B]
     on_grid = g.kmap[u] >= 0
     search = ~on_grid if groups is None else ~on_grid & groups[:, None, :]
     # the searches group by group (a group's table row then stays in cache): (k*B + b)*T + trial
     gid = np.flatnonzero(search.transpose(0, 2, 1))
     if gid.size:
         per_k = nt * nb
-        col = gid // nt                                       # k*B + b: the group's column in xg/wg
+        col = gid // nt  # k*B + b: the group's column in xg/wg
         k = col // nb
-        rem = (gid - col * nt) * nb + (col - k * nb)          # trial*B + b
+        rem = (gid - col * nt) * nb + (col - k * nb)  # trial*B + b
         us, sc = u.reshape(8, -1)[k, rem], scale.reshape(-1)[rem]
         best, decided = screened_neighbours(g.base, us, col if group_ids is None else group_ids[col], sc, tables)
         rest = np.flatnonzero(~decided)
         if rest.size:
             cr = col[rest]
             best[rest] = _best_neighbours(g, us[rest], xg[:, cr], wg[:, cr], sc[rest])
-        codes = g.codes_f32[:, best]                          # [4, G]
-        base = k * (4 * per_k) + rem                          # flat index of (row 4k, trial, b)
+        codes = g.codes_f32[:, best]  # [4, G]
+        base = k * (4 * per_k) + rem  # flat index of (row 4k, trial, b)
         flat = t.reshape(-1)
         for i in range(4):
             flat[base + i * per_k] = codes[i]
@@ -139,8 +151,9 @@ def _sums(L: np.ndarray, weight: np.ndarray, wx: np.ndarray) -> tuple[np.ndarray
     return sumqx.reshape(shape), seq_sum_from_zero(q.reshape(32, -1)).reshape(shape)
 
 
-def _search(g: Iq3Grid, xval: np.ndarray, weight: np.ndarray, mx: np.ndarray, tries: range,
-            refit_all: bool) -> tuple[np.ndarray, np.ndarray]:
+def _search(
+    g: Iq3Grid, xval: np.ndarray, weight: np.ndarray, mx: np.ndarray, tries: range, refit_all: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """The per-block scale search over B active blocks -> (scale [B], levels [32, B]).
     All trial scales are fitted in one batch; C's sequential choice of the best follows."""
     nb = xval.shape[1]
@@ -152,13 +165,13 @@ def _search(g: Iq3Grid, xval: np.ndarray, weight: np.ndarray, mx: np.ndarray, tr
     # negated magnitudes can exceed max (by any factor)
     exact = not (np.isfinite(F32(18.2) / mx).all() and (xval.min(axis=0) >= -F32(1e5) * mx).all())
 
-    idv = (F32(15.0) + np.array(tries, F32)[:, None] * F32(0.2)) / mx          # [T, B]
+    idv = (F32(15.0) + np.array(tries, F32)[:, None] * F32(0.2)) / mx  # [T, B]
     tables = group_tables(g.base, np.ascontiguousarray(xgm.T), np.ascontiguousarray(wgm.T))
     Lall, on_all = _fit_levels(g, xval, xgm, wgm, idv, F32(1.0) / idv, None, exact, tables)
     sumqx, sumq2 = _sums(Lall, weight, wx)
     best = np.zeros(nb, F32)
     scale = mx / F32(15.0)
-    pick = np.full(nb, -1, np.intp)                  # the winning trial (-1: none; L stays 0)
+    pick = np.full(nb, -1, np.intp)  # the winning trial (-1: none; L stays 0)
     for j in range(len(tries)):
         sx, s2 = sumqx[j], sumq2[j]
         better = (s2 > 0) & (sx * sx > best * s2)
@@ -167,7 +180,7 @@ def _search(g: Iq3Grid, xval: np.ndarray, weight: np.ndarray, mx: np.ndarray, tr
             best = np.where(better, scale * sx, best)
             pick[better] = j
     L = np.zeros((32, nb), F32)
-    on_grid = np.full((8, nb), not refit_all)       # XXS starts "on grid", S "off grid"
+    on_grid = np.full((8, nb), not refit_all)  # XXS starts "on grid", S "off grid"
     won = np.flatnonzero(pick >= 0)
     L[:, won] = Lall[:, pick[won], won]
     on_grid[:, won] = on_all[:, pick[won], won]
@@ -176,14 +189,15 @@ def _search(g: Iq3Grid, xval: np.ndarray, weight: np.ndarray, mx: np.ndarray, tr
     if refit.any():
         cols = np.flatnonzero(refit)
         sc = scale[cols]
-        sub = lambda a: np.ascontiguousarray(a[:, cols])   # noqa: E731
+        sub = lambda a: np.ascontiguousarray(a[:, cols])  # noqa: E731
         gm = lambda a: np.ascontiguousarray(a.reshape(4, 8, nb)[:, :, cols]).reshape(4, -1)  # noqa: E731
         groups = None if refit_all else ~on_grid[:, cols]
-        ids = (np.arange(8)[:, None] * nb + cols).reshape(-1)          # column k*len(cols)+j -> k*nb+cols[j]
-        Lnew, _ = _fit_levels(g, sub(xval), gm(xgm), gm(wgm), (F32(1.0) / sc)[None], sc[None], groups, True,
-                              tables, ids)
+        ids = (np.arange(8)[:, None] * nb + cols).reshape(-1)  # column k*len(cols)+j -> k*nb+cols[j]
+        Lnew, _ = _fit_levels(
+            g, sub(xval), gm(xgm), gm(wgm), (F32(1.0) / sc)[None], sc[None], groups, True, tables, ids
+        )
         Lnew = Lnew[:, 0]
-        if groups is not None:       # XXS keeps the levels of groups already on the grid
+        if groups is not None:  # XXS keeps the levels of groups already on the grid
             Lnew = np.where(np.repeat(groups, 4, axis=0), Lnew, L[:, cols])
         sumqx, sumq2 = _sums(Lnew[:, None], sub(weight), sub(wx))
         L[:, cols] = Lnew
@@ -228,7 +242,7 @@ def _even_signs(x: np.ndarray, weight: np.ndarray, xval: np.ndarray, signs: np.n
     kk, bb = np.nonzero(odd)
     rows = 8 * kk + imin[kk, bb]
     xval[rows, bb] = -xval[rows, bb]
-    signs[kk, bb] ^= (np.uint8(1) << imin[kk, bb])
+    signs[kk, bb] ^= np.uint8(1) << imin[kk, bb]
 
 
 def _quantize_blocks(xb: np.ndarray, qwb: np.ndarray | None, g: Iq3Grid, xxs: bool):
@@ -250,7 +264,7 @@ def _quantize_blocks(xb: np.ndarray, qwb: np.ndarray | None, g: Iq3Grid, xxs: bo
         part = (lambda a: a) if cols.size == nb else (lambda a: np.ascontiguousarray(a[:, cols]))
         tries = range(-15, 16) if xxs else range(-9, 10)
         sc, L = _search(g, part(xval), part(weight), mx[cols], tries, refit_all=not xxs)
-        negative = sc < 0                 # "should never happen": flip the scale and the signs
+        negative = sc < 0  # "should never happen": flip the scale and the signs
         if negative.any():
             sc = np.abs(sc)
             flip = cols[negative]
@@ -261,7 +275,7 @@ def _quantize_blocks(xb: np.ndarray, qwb: np.ndarray | None, g: Iq3Grid, xxs: bo
         scale[cols] = sc
     if xxs:
         signs &= 127
-        signs[:, ~stored] = 0            # C leaves a skipped block's sign word as zeros
+        signs[:, ~stored] = 0  # C leaves a skipped block's sign word as zeros
     return scale, index, signs, stored
 
 
@@ -287,9 +301,9 @@ def _xxs_chunk(xb: np.ndarray, qwb: np.ndarray | None) -> np.ndarray:
     words = (s[0] | (s[1] << 7) | (s[2] << 14) | (s[3] << 21)).reshape(nsb, 8) | (ls << 28)
     out = np.empty((nsb, IQ3_XXS_SIZE), np.uint8)
     out[:, 0:2] = dh.reshape(-1, 1).view(np.uint8)
-    out[:, 2:66] = index.astype(np.uint8).T.reshape(nsb, 64)      # q3[8*ib + k]
+    out[:, 2:66] = index.astype(np.uint8).T.reshape(nsb, 64)  # q3[8*ib + k]
     out[:, 66:98] = words.astype("<u4").view(np.uint8)
-    out[zero, 2:] = 0                                              # C copies nothing then
+    out[zero, 2:] = 0  # C copies nothing then
     return out
 
 
@@ -304,7 +318,7 @@ def _s_chunk(xb: np.ndarray, qwb: np.ndarray | None) -> np.ndarray:
     st = stored.reshape(nsb, 8)
     slot = np.cumsum(st, axis=1) - 1
     sb, ib = np.nonzero(st)
-    qs = (index & 255).astype(np.uint8).T.reshape(nsb, 8, 8)      # [sb, ib, k]
+    qs = (index & 255).astype(np.uint8).T.reshape(nsb, 8, 8)  # [sb, ib, k]
     sg = signs.T.reshape(nsb, 8, 4)
     dst_qs = out[:, 2:66].reshape(nsb, 8, 8)
     dst_sg = out[:, 74:106].reshape(nsb, 8, 4)
@@ -339,12 +353,12 @@ _S_LEVEL_VALUES = np.arange(1, 16, 2).astype(F32)
 
 
 def _grid_values(size: int, level_values: np.ndarray) -> np.ndarray:
-    return level_values[grid(size).codes]                               # [size, 4]
+    return level_values[grid(size).codes]  # [size, 4]
 
 
 def _sign_factors(bits: np.ndarray) -> np.ndarray:
     """uint8 [..., 4] sign bytes -> float32 [..., 32]: -1 where bit j of byte l is set."""
-    b = np.unpackbits(bits[..., None], axis=-1, bitorder="little")      # [..., 4, 8]
+    b = np.unpackbits(bits[..., None], axis=-1, bitorder="little")  # [..., 4, 8]
     return (F32(1.0) - F32(2.0) * b.astype(F32)).reshape(*bits.shape[:-1], 32)
 
 
@@ -353,12 +367,12 @@ def iq3_xxs_dequantize(b: np.ndarray) -> np.ndarray:
     rows = b.shape[0]
     blk = b.reshape(-1, IQ3_XXS_SIZE)
     nsb = blk.shape[0]
-    d = blk[:, 0:2].copy().view(np.float16).astype(F32)                # [nsb, 1]
-    words = blk[:, 66:98].copy().view("<u4").astype(np.uint32)        # [nsb, 8]
+    d = blk[:, 0:2].copy().view(np.float16).astype(F32)  # [nsb, 1]
+    words = blk[:, 66:98].copy().view("<u4").astype(np.uint32)  # [nsb, 8]
     db = (d * (F32(0.5) + (words >> 28).astype(F32))) * F32(0.5)
     seven = np.stack([(words >> (7 * l)) & 127 for l in range(4)], axis=-1).astype(np.uint8)
     parity = (np.unpackbits(seven[..., None], axis=-1).sum(axis=-1) & 1).astype(np.uint8)
-    signs = _sign_factors(seven | (parity << 7))                        # [nsb, 8, 32]
+    signs = _sign_factors(seven | (parity << 7))  # [nsb, 8, 32]
     vals = _grid_values(256, _XXS_LEVEL_VALUES)[blk[:, 2:66].reshape(nsb, 8, 8)].reshape(nsb, 8, 32)
     return ((db[:, :, None] * vals) * signs).reshape(rows, -1)
 
@@ -368,10 +382,10 @@ def iq3_s_dequantize(b: np.ndarray) -> np.ndarray:
     rows = b.shape[0]
     blk = b.reshape(-1, IQ3_S_SIZE)
     nsb = blk.shape[0]
-    d = blk[:, 0:2].copy().view(np.float16).astype(F32)                # [nsb, 1]
+    d = blk[:, 0:2].copy().view(np.float16).astype(F32)  # [nsb, 1]
     sc = blk[:, 106:110]
     ls = np.stack([sc & 15, sc >> 4], axis=-1).reshape(nsb, 8).astype(np.int32)
-    db = d * (1 + 2 * ls).astype(F32)                                    # [nsb, 8]
+    db = d * (1 + 2 * ls).astype(F32)  # [nsb, 8]
     hi = np.unpackbits(blk[:, 66:74, None], axis=-1, bitorder="little").astype(np.int32)  # [nsb, 8, 8]
     index = blk[:, 2:66].reshape(nsb, 8, 8).astype(np.int32) | (hi << 8)
     vals = _grid_values(512, _S_LEVEL_VALUES)[index].reshape(nsb, 8, 32)

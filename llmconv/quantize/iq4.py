@@ -16,6 +16,7 @@ other IQ4 path, so llama-quantize's files are these bytes either way.
 
 Conventions as in k_common: float32, C's operation order, element-major [32, blocks] arrays.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,9 +27,9 @@ from .k_common import F32, GROUP_MAX_EPS, QK_K, first_absmax, fp16_bits, nearest
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 _KF = KVALUES.astype(F32)
 NTRY = 7
-IQ4_NL_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ4_NL][1]     # 18 bytes per 32 weights
-IQ4_XS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ4_XS][1]     # 136 bytes per 256 weights
-CHUNK_WEIGHTS = 1 << 18            # weights per numpy pass
+IQ4_NL_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ4_NL][1]  # 18 bytes per 32 weights
+IQ4_XS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ4_XS][1]  # 136 bytes per 256 weights
+CHUNK_WEIGHTS = 1 << 18  # weights per numpy pass
 
 # floor(a) + 128 -> how many kvalues are <= a (kvalues are integers, so floor decides), clamped
 # to 1..15 so that (mu - 1, mu) is always a valid pair of neighbours.
@@ -63,7 +64,7 @@ def _block_scales(xt: np.ndarray, w: np.ndarray) -> np.ndarray:
     mx = first_absmax(xt)
     zero = np.abs(mx) < GROUP_MAX_EPS
     mx = np.where(zero, F32(1.0), mx)
-    d = -mx / _KF[0]                                 # ntry > 0: d = -max/values[0]
+    d = -mx / _KF[0]  # ntry > 0: d = -max/values[0]
     sumqx, sumq2 = _sums(xt, w, best_index(xt * (F32(1.0) / d)))
     d = np.where(sumq2 > 0, sumqx / sumq2, F32(0.0))
     best = d * sumqx
@@ -80,7 +81,7 @@ def _block_scales(xt: np.ndarray, w: np.ndarray) -> np.ndarray:
 def _weights(xt: np.ndarray, qwt: np.ndarray | None, super_sum: np.ndarray, super_size: int) -> np.ndarray:
     if qwt is None:
         return xt * xt
-    sigma2 = super_sum * (F32(2.0) / F32(super_size))                 # C: sigma2 *= 2.f/super_block_size
+    sigma2 = super_sum * (F32(2.0) / F32(super_size))  # C: sigma2 *= 2.f/super_block_size
     return qwt * np.sqrt(sigma2[None, :] + xt * xt)
 
 
@@ -106,20 +107,20 @@ def _xs_chunk(xb: np.ndarray, qwb: np.ndarray | None) -> np.ndarray:
     """xb [superblocks, 256] -> IQ4_XS blocks."""
     nb = xb.shape[0]
     x32 = xb.reshape(-1, 32)
-    xt = np.ascontiguousarray(x32.T)                                   # [32, nb*8]
+    xt = np.ascontiguousarray(x32.T)  # [32, nb*8]
     x256 = np.ascontiguousarray(xb.T)
     s2 = np.repeat(seq_sum_from_zero(x256 * x256), 8)
     w = _weights(xt, None if qwb is None else np.ascontiguousarray(qwb.reshape(-1, 32).T), s2, QK_K)
     scales = _block_scales(xt, w).reshape(nb, 8)
 
-    max_scale = first_absmax(np.ascontiguousarray(scales.T))            # C: first largest |d|
-    max_scale = np.where(np.abs(max_scale) > 0, max_scale, F32(0.0))    # never above 0: +0
+    max_scale = first_absmax(np.ascontiguousarray(scales.T))  # C: first largest |d|
+    max_scale = np.where(np.abs(max_scale) > 0, max_scale, F32(0.0))  # never above 0: +0
     d = -max_scale / F32(32)
     inv = np.where(d != 0, F32(1.0) / np.where(d != 0, d, F32(1.0)), F32(0.0))
-    ls = np.clip(nearest_int(inv[:, None] * scales), -32, 31)           # [nb, 8]
+    ls = np.clip(nearest_int(inv[:, None] * scales), -32, 31)  # [nb, 8]
     dl = d[:, None] * ls.astype(F32)
     idl = np.where(dl != 0, F32(1.0) / np.where(dl != 0, dl, F32(1.0)), F32(0.0))
-    L = best_index(xt * idl.reshape(1, -1)).T.astype(np.uint8)          # [nb*8, 32]
+    L = best_index(xt * idl.reshape(1, -1)).T.astype(np.uint8)  # [nb*8, 32]
 
     l6 = (ls + 32).astype(np.uint16)
     out = np.empty((nb, IQ4_XS_SIZE), np.uint8)
@@ -161,7 +162,7 @@ def iq4_nl_dequantize(b: np.ndarray) -> np.ndarray:
     b = np.ascontiguousarray(b, dtype=np.uint8)
     rows = b.shape[0]
     blk = b.reshape(-1, IQ4_NL_SIZE)
-    d = blk[:, 0:2].copy().view(np.float16).astype(F32)                 # [B, 1]
+    d = blk[:, 0:2].copy().view(np.float16).astype(F32)  # [B, 1]
     qs = blk[:, 2:]
     codes = np.concatenate([qs & 0xF, qs >> 4], axis=1)
     return (d * _KF[codes]).reshape(rows, -1)
@@ -172,12 +173,12 @@ def iq4_xs_dequantize(b: np.ndarray) -> np.ndarray:
     rows = b.shape[0]
     blk = b.reshape(-1, IQ4_XS_SIZE)
     nb = blk.shape[0]
-    d = blk[:, 0:2].copy().view(np.float16).astype(F32)                 # [nb, 1]
-    sh = blk[:, 2:4].copy().view(np.uint16).astype(np.int32)            # [nb, 1]
+    d = blk[:, 0:2].copy().view(np.float16).astype(F32)  # [nb, 1]
+    sh = blk[:, 2:4].copy().view(np.uint16).astype(np.int32)  # [nb, 1]
     sl = blk[:, 4:8]
     ib = np.arange(8)
     ls = ((sl[:, ib // 2] >> (4 * (ib % 2))) & 0xF).astype(np.int32) | (((sh >> (2 * ib)) & 3) << 4)
-    dl = d * (ls - 32).astype(F32)                                      # [nb, 8]
+    dl = d * (ls - 32).astype(F32)  # [nb, 8]
     qs = blk[:, 8:].reshape(nb, 8, 16)
-    codes = np.concatenate([qs & 0xF, qs >> 4], axis=2)                 # [nb, 8, 32]
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=2)  # [nb, 8, 32]
     return (dl[:, :, None] * _KF[codes]).reshape(rows, -1)

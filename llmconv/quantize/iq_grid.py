@@ -14,6 +14,7 @@ The quantizer rounds a group to the lattice; when the code is off the grid it ta
 neighbour with the smallest weighted error sum_i w[i] * (scale*q[i] - x[i])**2, the first one
 on ties, in float32 with C's order of operations (`best_neighbours`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,14 +28,14 @@ F32 = np.float32
 
 @dataclass(frozen=True)
 class Grid:
-    dim: int                  # coordinates per group
-    bits: int                 # bits per coordinate in a code
-    levels: np.ndarray        # uint8 [G, dim]: level of each coordinate of each grid point
-    index: np.ndarray         # int32 [2**(bits*dim)]: grid index of a code, -1 off the grid
-    nbr_start: np.ndarray     # int64 [codes]: start of a code's neighbour list in `nbr`
-    nbr_count: np.ndarray     # int64 [codes]: its length (0 on the grid and for unreachable codes)
-    nbr: np.ndarray           # int32: every neighbour list, one after the other
-    n_levels: int             # levels a quantizer can produce per coordinate (max_level + 1)
+    dim: int  # coordinates per group
+    bits: int  # bits per coordinate in a code
+    levels: np.ndarray  # uint8 [G, dim]: level of each coordinate of each grid point
+    index: np.ndarray  # int32 [2**(bits*dim)]: grid index of a code, -1 off the grid
+    nbr_start: np.ndarray  # int64 [codes]: start of a code's neighbour list in `nbr`
+    nbr_count: np.ndarray  # int64 [codes]: its length (0 on the grid and for unreachable codes)
+    nbr: np.ndarray  # int32: every neighbour list, one after the other
+    n_levels: int  # levels a quantizer can produce per coordinate (max_level + 1)
 
     @property
     def size(self) -> int:
@@ -61,10 +62,10 @@ def make_grid(kgrid, dim: int, bits: int, nwant: int, max_level: int) -> Grid:
 
     pos_grid = 2 * levels.astype(np.int32) + 1
     pos_pts = (2 * mesh + 1).astype(np.int32)
-    d2 = np.zeros((len(codes), len(kgrid)), np.int32)                          # [points, G]
+    d2 = np.zeros((len(codes), len(kgrid)), np.int32)  # [points, G]
     for i in range(dim):
         d2 += (pos_pts[:, i, None] - pos_grid[None, :, i]) ** 2
-    order = np.argsort(d2, axis=1, kind="stable")                              # (distance, index)
+    order = np.argsort(d2, axis=1, kind="stable")  # (distance, index)
     sorted_d2 = np.take_along_axis(d2, order, axis=1)
     # the nwant-th smallest distinct distance of each point: everything up to it is a neighbour
     distinct = np.ones_like(sorted_d2, dtype=bool)
@@ -77,7 +78,7 @@ def make_grid(kgrid, dim: int, bits: int, nwant: int, max_level: int) -> Grid:
     nbr_count[codes] = counts
     nbr_start = np.zeros(n_codes, np.int64)
     nbr_start[codes] = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    nbr = order[keep].astype(np.int32)          # row-major: the lists one after the other, in `codes` order
+    nbr = order[keep].astype(np.int32)  # row-major: the lists one after the other, in `codes` order
     return Grid(dim, bits, levels, index, nbr_start, nbr_count, nbr, max_level + 1)
 
 
@@ -90,8 +91,7 @@ def codes_of(levels: np.ndarray, bits: int) -> np.ndarray:
     return code
 
 
-def best_neighbours(grid: Grid, codes: np.ndarray, xval: np.ndarray, w: np.ndarray,
-                    scale: np.ndarray) -> np.ndarray:
+def best_neighbours(grid: Grid, codes: np.ndarray, xval: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """ggml's iq2/iq3_find_best_neighbour for N groups at once: the grid index [N] of the
     neighbour of `codes[N]` (all off the grid) minimizing, in float32,
 
@@ -110,7 +110,7 @@ def best_neighbours(grid: Grid, codes: np.ndarray, xval: np.ndarray, w: np.ndarr
         return np.zeros(0, np.int32)
     nl, dim = grid.n_levels, grid.dim
     q = 2 * np.arange(nl, dtype=F32) + 1
-    diff = scale[:, None, None] * q[None, None, :] - xval[:, :, None]        # [N, dim, nl]
+    diff = scale[:, None, None] * q[None, None, :] - xval[:, :, None]  # [N, dim, nl]
     terms = (w[:, :, None] * diff) * diff
 
     counts = grid.nbr_count[codes]
@@ -118,11 +118,11 @@ def best_neighbours(grid: Grid, codes: np.ndarray, xval: np.ndarray, w: np.ndarr
         raise ValueError("a code without a neighbour list (not off the grid, or a level above max_level)")
     ends = np.cumsum(counts)
     total = int(ends[-1])
-    first = ends - counts                                                    # each group's first candidate
+    first = ends - counts  # each group's first candidate
     k = 1
     while k < dim - 1 and nl ** (k + 1) <= 1.5 * total / n:
         k += 1
-    prefix = terms[:, 0, :] + F32(0.0)                                       # C starts from d2 = 0
+    prefix = terms[:, 0, :] + F32(0.0)  # C starts from d2 = 0
     for i in range(1, k):
         prefix = (prefix[:, :, None] + terms[:, i, None, :]).reshape(n, -1)
     pcode, suffix = _prefix_tables(grid, k)
@@ -130,11 +130,11 @@ def best_neighbours(grid: Grid, codes: np.ndarray, xval: np.ndarray, w: np.ndarr
     group = np.repeat(np.arange(n, dtype=np.int32), counts)
     pos = np.arange(total, dtype=np.int32)
     pos += np.repeat((grid.nbr_start[codes] - first).astype(np.int32), counts)
-    cand = grid.nbr[pos]                                                     # grid index per candidate
-    d2 = prefix.reshape(-1)[group * np.int32(nl ** k) + pcode[cand]]
+    cand = grid.nbr[pos]  # grid index per candidate
+    d2 = prefix.reshape(-1)[group * np.int32(nl**k) + pcode[cand]]
     flat = terms.reshape(-1)
     base = group * np.int32(dim * nl)
-    for offsets in suffix:                                                   # coordinates k .. dim-1
+    for offsets in suffix:  # coordinates k .. dim-1
         d2 += flat[base + offsets[cand]]
 
     # first minimum per group; NaN never wins in C (d2 < best_d2 is false), nor here (fmin)
@@ -169,12 +169,14 @@ def _prefix_tables(grid: Grid, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 class SuperblockOverflow(Exception):
     """Raised by a chunk function when a super-block's fp16 scale is not finite."""
+
     def __init__(self, superblock: int):
         self.superblock = superblock
 
 
-def quantize_superblocks(x: np.ndarray, qw: np.ndarray | None, type_size: int, chunk_fn,
-                         chunk_superblocks: int, prepare=None) -> np.ndarray:
+def quantize_superblocks(
+    x: np.ndarray, qw: np.ndarray | None, type_size: int, chunk_fn, chunk_superblocks: int, prepare=None
+) -> np.ndarray:
     """The IQ types' outer loop: x[rows, n] in passes of `chunk_superblocks` super-blocks of
     256 (each with its row's slice of the imatrix qw[n]) through chunk_fn(xb, qwb) -> blocks.
     A super-block scale that overflows fp16 (|w| beyond ~1e7) is refused with its row, as the
@@ -206,4 +208,3 @@ def quantize_superblocks(x: np.ndarray, qw: np.ndarray | None, type_size: int, c
     if bad.size:
         raise NonFiniteError(int(bad[0]) // per_row, "a super-block scale overflows fp16")
     return out.reshape(rows, per_row * type_size)
-

@@ -19,6 +19,7 @@ the same point (its first-on-ties rule never comes into play). Every other searc
 group whose numbers could leave float32's normal range (where these relative bounds fail),
 goes through best_neighbours.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,8 +28,8 @@ import numpy as np
 
 from .iq_grid import F32, Grid
 
-SCREEN_TAU = 2.0 ** -16
-_SCREEN_RANGE = (1e-30, 1e30)      # X and s*s*sum(w)*qmax**2 inside it: no overflow, no underflow
+SCREEN_TAU = 2.0**-16
+_SCREEN_RANGE = (1e-30, 1e30)  # X and s*s*sum(w)*qmax**2 inside it: no overflow, no underflow
 # OpenBLAS spreads a product over all cores above m*n*k = 4 * 65536; on a shared machine its
 # waiting threads cost more CPU time than the product itself
 _SINGLE_THREAD_GEMM = 4 * 65536
@@ -42,11 +43,12 @@ class PaddedLists:
     first dim/2 coordinates' levels and one per combination of the others' (offset by
     pad_row + 1): 163 rows instead of 1024, which pays for the second gather. Padding points
     at row pad_row, whose A is +inf."""
-    cls: np.ndarray            # int8 [codes]: width class of a code's list, -1 without one
-    slot: np.ndarray           # int32 [codes]: the code's column in its class
-    index: tuple               # int16 [width, n] per class: grid indices (G <= 1024)
-    lo: tuple                  # int16 [width, n] per class: table row (of the first half)
-    hi: tuple | None           # int16 [width, n] per class: table row of the second half
+
+    cls: np.ndarray  # int8 [codes]: width class of a code's list, -1 without one
+    slot: np.ndarray  # int32 [codes]: the code's column in its class
+    index: tuple  # int16 [width, n] per class: grid indices (G <= 1024)
+    lo: tuple  # int16 [width, n] per class: table row (of the first half)
+    hi: tuple | None  # int16 [width, n] per class: table row of the second half
     pad_row: int
 
 
@@ -81,7 +83,7 @@ def padded_lists(grid: Grid) -> PaddedLists:
         slot[members] = np.arange(len(members), dtype=np.int32)
         arr = np.full((width, len(members)), -1, np.int64)
         for j, p in enumerate(members):
-            arr[:counts[p], j] = grid.nbr[grid.nbr_start[p]:grid.nbr_start[p] + counts[p]]
+            arr[: counts[p], j] = grid.nbr[grid.nbr_start[p] : grid.nbr_start[p] + counts[p]]
         pad = arr < 0
         index.append(np.where(pad, 0, arr).astype(np.int16))
         lo.append(np.where(pad, pad_row, lo_of[arr]).astype(np.int16))
@@ -116,12 +118,12 @@ def _table_matrices(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
         got = _HALF_MATRICES[key] = (q, _ab_matrix(q))
     if got is None:
         dim, nl, half = grid.dim, grid.n_levels, grid.dim // 2
-        lo_rows, hi_rows = nl ** half, nl ** (dim - half)
+        lo_rows, hi_rows = nl**half, nl ** (dim - half)
         q = np.zeros((dim, lo_rows + 1 + hi_rows), F32)
         for rows, first, count, offset in ((lo_rows, 0, half, 0), (hi_rows, half, dim - half, lo_rows + 1)):
             combo = np.arange(rows)
             for i in reversed(range(first, first + count)):
-                q[i, offset:offset + rows] = 2 * (combo % nl) + 1
+                q[i, offset : offset + rows] = 2 * (combo % nl) + 1
                 combo //= nl
         got = _HALF_MATRICES[key] = (q, _ab_matrix(q))
     return got
@@ -130,8 +132,8 @@ def _table_matrices(grid: Grid) -> tuple[np.ndarray, np.ndarray]:
 def _ab_matrix(q: np.ndarray) -> np.ndarray:
     dim, rows = q.shape
     m = np.zeros((2 * dim, rows, 2), F32)
-    m[:dim, :, 0] = q * q            # A = sum w*q*q
-    m[dim:, :, 1] = q                # B = sum (w*x)*q
+    m[:dim, :, 0] = q * q  # A = sum w*q*q
+    m[dim:, :, 1] = q  # B = sum (w*x)*q
     return m.reshape(2 * dim, 2 * rows)
 
 
@@ -141,10 +143,11 @@ class GroupTables:
     or a half-combination of levels: then a point's A is the sum of its two halves'),
     interleaved in one float32 [groups, rows, 2] (one gather fetches both); X, and whether the
     group's numbers are in the range where the screening's bounds hold."""
+
     ab: np.ndarray
-    x2: np.ndarray             # float64 [groups]: X = sum w*x*x
-    wsum: np.ndarray           # float64 [groups]: sum w * qmax**2
-    ok: np.ndarray             # bool [groups]: inputs finite, w >= 0, X in range
+    x2: np.ndarray  # float64 [groups]: X = sum w*x*x
+    wsum: np.ndarray  # float64 [groups]: sum w * qmax**2
+    ok: np.ndarray  # bool [groups]: inputs finite, w >= 0, X in range
 
 
 def group_tables(grid: Grid, xval: np.ndarray, w: np.ndarray) -> GroupTables:
@@ -152,10 +155,10 @@ def group_tables(grid: Grid, xval: np.ndarray, w: np.ndarray) -> GroupTables:
     q, m = _table_matrices(grid)
     n, rows = xval.shape[0], q.shape[1]
     ab = np.empty((n, 2 * rows), F32)
-    w_wx = np.concatenate([w, w * xval], axis=1)         # zero terms of the product add exactly 0
+    w_wx = np.concatenate([w, w * xval], axis=1)  # zero terms of the product add exactly 0
     step = max(1, _SINGLE_THREAD_GEMM // m.size)
     for i in range(0, n, step):
-        np.matmul(w_wx[i:i + step], m, out=ab[i:i + step])
+        np.matmul(w_wx[i : i + step], m, out=ab[i : i + step])
     ab = ab.reshape(n, rows, 2)
     ab[:, padded_lists(grid).pad_row, 0] = np.inf
     x64, w64 = xval.astype(np.float64), w.astype(np.float64)
@@ -166,17 +169,19 @@ def group_tables(grid: Grid, xval: np.ndarray, w: np.ndarray) -> GroupTables:
     return GroupTables(ab, x2, wsum, ok)
 
 
-def screened_neighbours(grid: Grid, codes: np.ndarray, group: np.ndarray, scale: np.ndarray,
-                        tables: GroupTables) -> tuple[np.ndarray, np.ndarray]:
+def screened_neighbours(
+    grid: Grid, codes: np.ndarray, group: np.ndarray, scale: np.ndarray, tables: GroupTables
+) -> tuple[np.ndarray, np.ndarray]:
     """The best neighbour of `codes[N]` for the groups `group[N]` (rows of `tables`) at
     `scale[N]` where it is provably C's choice (see above). Returns (grid index [N],
     decided bool [N]); undecided searches are to go through best_neighbours."""
-    with np.errstate(over="ignore", invalid="ignore"):      # out-of-range groups stay undecided
+    with np.errstate(over="ignore", invalid="ignore"):  # out-of-range groups stay undecided
         return _screened(grid, codes, group, scale, tables)
 
 
-def _screened(grid: Grid, codes: np.ndarray, group: np.ndarray, scale: np.ndarray,
-              tables: GroupTables) -> tuple[np.ndarray, np.ndarray]:
+def _screened(
+    grid: Grid, codes: np.ndarray, group: np.ndarray, scale: np.ndarray, tables: GroupTables
+) -> tuple[np.ndarray, np.ndarray]:
     n = codes.shape[0]
     out = np.zeros(n, np.int64)
     decided = np.zeros(n, bool)
@@ -189,22 +194,22 @@ def _screened(grid: Grid, codes: np.ndarray, group: np.ndarray, scale: np.ndarra
     cls = pl.cls[codes]
     order = np.argsort(cls, kind="stable")
     counts = np.bincount(cls + 1, minlength=len(pl.index) + 1)
-    flat = tables.ab.reshape(-1, 2).view(np.complex64)[:, 0]      # A + iB
+    flat = tables.ab.reshape(-1, 2).view(np.complex64)[:, 0]  # A + iB
     row = tables.ab.shape[1]
     # Re((A + iB) * (s*s + 2s i)) = s*s*A - 2*s*B: numpy's complex product is one pass
     coef = (s * s).astype(np.complex64)
     coef.imag = s + s
-    start = int(counts[0])                    # codes without a list (none reach here) stay undecided
+    start = int(counts[0])  # codes without a list (none reach here) stay undecided
     for c in range(len(pl.index)):
         cnt = int(counts[c + 1])
         if not cnt:
             continue
-        sel = order[start:start + cnt]
+        sel = order[start : start + cnt]
         start += cnt
         gs = group[sel]
         at = pl.slot[codes[sel]]
         base = gs * row
-        nb = np.take(pl.lo[c], at, axis=1)                                  # [W, n]
+        nb = np.take(pl.lo[c], at, axis=1)  # [W, n]
         ab = np.take(flat, nb + base)
         if pl.hi is not None:
             ab += np.take(flat, np.take(pl.hi[c], at, axis=1) + base)

@@ -11,6 +11,7 @@ matrix is given) operation by operation, so that the bytes come out identical:
 * the work is vectorized across sub-blocks: arrays are laid out element-major, `[n, groups]`,
   so one C loop step over a group's n elements is one vector operation over all groups.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -18,18 +19,21 @@ from typing import Callable
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ._blocks import output_blocks, select   # output buffers; float32 np.where by bit operations (np.where branches per element)
+from ._blocks import (
+    output_blocks,
+    select,
+)  # output buffers; float32 np.where by bit operations (np.where branches per element)
 
 try:  # the clip ufunc itself: np.clip adds ~5 us of Python per call, in loops over 16 elements
     from numpy._core.umath import clip as fast_clip
 except ImportError:  # pragma: no cover
     fast_clip = np.clip
 
-QK_K = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][0]   # 256 weights per super-block
+QK_K = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][0]  # 256 weights per super-block
 GROUP_MAX_EPS = np.float32(1e-15)  # below this a group counts as all zero
 
 F32 = np.float32
-MAGIC = F32(12582912.0)           # 1.5 * 2**23: adding it rounds to an integer, ties to even
+MAGIC = F32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer, ties to even
 
 # Super-blocks quantized per numpy pass: big enough that numpy's per-call overhead is small,
 # small enough that the [n, groups] temporaries stay in the L2/L3 cache.
@@ -95,8 +99,8 @@ def seq_sum_from_zero(a: np.ndarray) -> np.ndarray:
     return s
 
 
-_FP16_MIN_NORMAL = np.uint32(113 << 23)      # float32 bits of 2**-14, fp16's smallest normal
-_HALF_BITS = np.uint32(0x3F000000)           # float32 bits of 0.5
+_FP16_MIN_NORMAL = np.uint32(113 << 23)  # float32 bits of 2**-14, fp16's smallest normal
+_HALF_BITS = np.uint32(0x3F000000)  # float32 bits of 0.5
 
 
 def fp16_bits(v: np.ndarray) -> np.ndarray:
@@ -110,14 +114,14 @@ def fp16_bits(v: np.ndarray) -> np.ndarray:
     """
     f = np.ascontiguousarray(v, dtype=F32).reshape(-1)
     u = f.view(np.uint32)
-    a = u & np.uint32(0x7FFFFFFF)                                   # |v|
+    a = u & np.uint32(0x7FFFFFFF)  # |v|
     tiny = a < _FP16_MIN_NORMAL
     if not tiny.any():
         return f.astype(np.float16).view(np.uint16).reshape(np.shape(v))
     normal = np.where(tiny, F32(0.0), f).astype(np.float16).view(np.uint16)
     sub = (a.view(F32) + F32(0.5)).view(np.uint32)
     sub -= _HALF_BITS
-    sub |= (u >> np.uint32(16)) & np.uint32(0x8000)                 # sign
+    sub |= (u >> np.uint32(16)) & np.uint32(0x8000)  # sign
     return np.where(tiny, sub.astype(np.uint16), normal).reshape(np.shape(v))
 
 
@@ -155,9 +159,9 @@ def first_absmax(x: np.ndarray) -> np.ndarray:
     tie = np.flatnonzero(~(neg_wins | (mx > neg)))
     if tie.size:
         sub = x[:, tie]
-        if np.isfinite(mx[tie]).all():           # the loop's answer: the first |x| == max|x|
+        if np.isfinite(mx[tie]).all():  # the loop's answer: the first |x| == max|x|
             value[tie] = sub[np.argmax(np.abs(sub) == mx[tie], axis=0), np.arange(tie.size)]
-        else:                                    # NaN: where it stands decides
+        else:  # NaN: where it stands decides
             value[tie] = _first_absmax_loop(sub)
     return value
 
@@ -179,8 +183,9 @@ def superblocks(b: np.ndarray, type_size: int) -> tuple[int, np.ndarray]:
     return b.shape[0], b.reshape(-1, type_size)
 
 
-def over_superblocks(x: np.ndarray, type_size: int, quantize_chunk: Callable[[np.ndarray], np.ndarray],
-                     out: np.ndarray | None = None) -> np.ndarray:
+def over_superblocks(
+    x: np.ndarray, type_size: int, quantize_chunk: Callable[[np.ndarray], np.ndarray], out: np.ndarray | None = None
+) -> np.ndarray:
     """Apply quantize_chunk([blocks, 256] float32 -> [blocks, type_size] uint8) to x[rows, n],
     into `out` (a contiguous uint8 buffer of the result's size) when given."""
     x = np.ascontiguousarray(x, dtype=F32)
@@ -235,10 +240,10 @@ def levels_block_major(v: np.ndarray, d: np.ndarray, lo: int, hi: int, L_search:
     Returns uint8[blocks, 256] in 0..hi-lo.
     """
     v = np.divide(v, np.repeat(d.reshape(-1), 16).reshape(v.shape))
-    v += MAGIC                                   # nearest_int, as in nearest_int()
+    v += MAGIC  # nearest_int, as in nearest_int()
     vi = v.view(np.int32)
     vi &= 0x007FFFFF
-    vi -= 0x00400000 + lo                        # ... - lo: the stored offset
+    vi -= 0x00400000 + lo  # ... - lo: the stored offset
     L = fast_clip(vi, np.int32(0), np.int32(hi - lo), out=vi).astype(np.uint8)
     skipped = np.flatnonzero(d.reshape(-1) == 0)
     if skipped.size:
@@ -265,7 +270,7 @@ def pack_2bit_words(T: np.ndarray) -> np.ndarray:
         np.bitwise_and(T[4 * h], _THREES, out=qs[h])
         for k in range(1, 4):
             np.bitwise_and(T[4 * h + k], _THREES, out=t)
-            t <<= np.uint64(2 * k)              # fields stay inside their byte: 3 << 6 < 256
+            t <<= np.uint64(2 * k)  # fields stay inside their byte: 3 << 6 < 256
             qs[h] |= t
     return np.ascontiguousarray(qs.transpose(1, 0, 2)).view(np.uint8).reshape(-1, 64)
 

@@ -4,19 +4,30 @@ Per group, make_qkx2_quants picks a scale and a min with weights av_x + |x|; the
 8 mins are then quantized to 6 bits against the block's largest (d = max/63 in fp16), and
 every weight is requantized against the stored values, as quantize_row_q{4,5}_K_ref do.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
-from .k_common import (F32, block_major, element_major, fp16_bits, fp16_value, nearest_int, nearest_int_clip,
-                       pack_scale_min_k4, seq_sum_from_zero, unpack_scale_min_k4)
+from .k_common import (
+    F32,
+    block_major,
+    element_major,
+    fp16_bits,
+    fp16_value,
+    nearest_int,
+    nearest_int_clip,
+    pack_scale_min_k4,
+    seq_sum_from_zero,
+    unpack_scale_min_k4,
+)
 from .k_search import make_qkx2_quants
 
 
 def quantize_scale_min(xb: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """[nb, 256] -> (d fp16 bits[nb], dmin fp16 bits[nb], scales uint8[nb, 12], L uint8[nb, 256])."""
     nb = xb.shape[0]
-    xt = element_major(xb, 32)                                     # [32, nb*8]
+    xt = element_major(xb, 32)  # [32, nb*8]
     av_x = np.sqrt(seq_sum_from_zero(xt * xt) / F32(32))
     weights = av_x + np.abs(xt)
     scale, the_min, L_search = make_qkx2_quants(xt, weights, nmax, rmin, rdelta, nstep, use_mad=False)
@@ -35,12 +46,12 @@ def quantize_scale_min(xb: np.ndarray, nmax: int, rmin: float, rdelta: float, ns
     dmin_bits = fp16_bits(max_min / F32(63.0))
 
     # requantize against the stored values (ls/lm survive the 6-bit packing unchanged)
-    d = (fp16_value(d_bits)[:, None] * ls.astype(F32)).reshape(1, -1)      # [1, nb*8]
+    d = (fp16_value(d_bits)[:, None] * ls.astype(F32)).reshape(1, -1)  # [1, nb*8]
     dm = (fp16_value(dmin_bits)[:, None] * lm.astype(F32)).reshape(1, -1)
     v = xt + dm
     v /= d
     L_new = nearest_int_clip(v, 0, nmax).astype(np.uint8)
-    L = np.where(d != 0, L_new, L_search)                              # d == 0: C keeps the search's L
+    L = np.where(d != 0, L_new, L_search)  # d == 0: C keeps the search's L
     return d_bits, dmin_bits, pack_scale_min_k4(ls, lm), block_major(L, nb)
 
 
@@ -51,6 +62,6 @@ def dequantize_scale_min(head: np.ndarray, q: np.ndarray) -> np.ndarray:
     d = fp16_value(head[:, 0:2].copy().view(np.uint16)).reshape(nb, 1)
     dmin = fp16_value(head[:, 2:4].copy().view(np.uint16)).reshape(nb, 1)
     sc, mn = unpack_scale_min_k4(head[:, 4:16])
-    d1 = (d * sc.astype(F32))[:, :, None]                              # C: d1 = d * sc; y = d1*q - m1
+    d1 = (d * sc.astype(F32))[:, :, None]  # C: d1 = d * sc; y = d1*q - m1
     m1 = (dmin * mn.astype(F32))[:, :, None]
     return (d1 * q.astype(F32) - m1).reshape(nb, 256)

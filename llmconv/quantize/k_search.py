@@ -4,6 +4,7 @@
 The float32 rules of k_common.py hold here: every operation in C's order and rounding, sums
 sequential over the element axis, the work vectorized across groups.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,14 +12,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._blocks import select
-from .k_common import (F32, GROUP_MAX_EPS, MAGIC, fast_clip, first_absmax, nearest_int_clip, round_small, seq_sum,
-                       seq_sum_from_zero)
+from .k_common import (
+    F32,
+    GROUP_MAX_EPS,
+    MAGIC,
+    fast_clip,
+    first_absmax,
+    nearest_int_clip,
+    round_small,
+    seq_sum,
+    seq_sum_from_zero,
+)
 
 
 # ---------------------------------------------------------------- make_qx_quants, rmse_type 1
 
-def make_qx_quants_rmse1(x: np.ndarray, nmax: int,
-                         weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+
+def make_qx_quants_rmse1(x: np.ndarray, nmax: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """ggml make_qx_quants(n, nmax, x, L, rmse_type=1, qw) for x[n, groups].
 
     Symmetric quantization to [-nmax, nmax-1] weighted by `weights` (qw; x**2 when None, as
@@ -58,7 +68,7 @@ class _SymmetricFit:
 
     def __init__(self, x: np.ndarray, nmax: int, w: np.ndarray):
         self.x, self.nmax, self.w = x, nmax, w
-        self.wx = w * x                                # C: w*x[i]*l == (w*x[i])*l
+        self.wx = w * x  # C: w*x[i]*l == (w*x[i])*l
         self.l, self.t = np.empty_like(x), np.empty_like(x)
         # Overflowed inputs (inf scales from an extreme imatrix) make x*iscale inf or NaN, where
         # rint differs from C's nearest_int: take the exact integer path then.
@@ -79,11 +89,12 @@ class _SymmetricFit:
         np.multiply(self.wx, l, out=t)
         sumlx = seq_sum_from_zero(t)
         np.multiply(self.w, l, out=t)
-        np.multiply(t, l, out=t)                       # C: w*l*l == (w*l)*l
+        np.multiply(t, l, out=t)  # C: w*l*l == (w*l)*l
         return sumlx, seq_sum_from_zero(t)
 
 
 # ---------------------------------------------------------------- make_q3_quants, do_rmse
+
 
 def make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """ggml make_q3_quants(n, nmax, x, L, do_rmse=true) for x[n, groups].
@@ -100,7 +111,7 @@ def make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarra
     safe_max = np.where(zero, F32(1.0), amax_signed)
     iscale = F32(-nmax) / safe_max
 
-    L = x * iscale                                   # |x*iscale| <= nmax + 1: rint is nearest_int here
+    L = x * iscale  # |x*iscale| <= nmax + 1: rint is nearest_int here
     round_small(L)
     fast_clip(L, F32(-nmax), F32(nmax - 1), out=L)
     w = x * x
@@ -137,17 +148,17 @@ def _q3_sweep(xa, wa, wxa, La, slx_a, sl2_a, nmax: int) -> np.ndarray:
     for i in range(xa.shape[0]):
         wi, wxi, xi, Li = wa[i], wxa[i], xa[i], La[i]
         np.multiply(wxi, Li, out=c1)
-        np.subtract(slx_a, c1, out=slx)                     # slx = sumlx - w*x*L
+        np.subtract(slx_a, c1, out=slx)  # slx = sumlx - w*x*L
         np.multiply(wi, Li, out=c1)
         c1 *= Li
-        np.subtract(sl2_a, c1, out=sl2)                     # sl2 = suml2 - w*L*L
+        np.subtract(sl2_a, c1, out=sl2)  # sl2 = suml2 - w*L*L
         np.multiply(xi, sl2, out=v)
         v /= slx
-        v += MAGIC                                          # nearest_int, as in nearest_int()
+        v += MAGIC  # nearest_int, as in nearest_int()
         vi &= 0x007FFFFF
         vi -= 0x00400000
         fast_clip(vi, lo_i, hi_i, out=vi)
-        np.copyto(nl, vi, casting="unsafe")                 # new_l as float32
+        np.copyto(nl, vi, casting="unsafe")  # new_l as float32
         np.multiply(wxi, nl, out=slx2)
         slx2 += slx
         np.multiply(wi, nl, out=sl22)
@@ -157,7 +168,7 @@ def _q3_sweep(xa, wa, wxa, La, slx_a, sl2_a, nmax: int) -> np.ndarray:
         c1 *= sl2_a
         np.multiply(slx_a, slx_a, out=c2)
         c2 *= sl22
-        np.greater(c1, c2, out=take)                        # (slx2^2)*suml2 > (sumlx^2)*sl22
+        np.greater(c1, c2, out=take)  # (slx2^2)*suml2 > (sumlx^2)*sl22
         np.greater(slx, F32(0), out=flag)
         take &= flag
         np.not_equal(nl, Li, out=flag)
@@ -182,11 +193,11 @@ def _q3_rounds(x, w, wx, L, sumlx, suml2, nmax: int, active: np.ndarray, sweeps:
     dropped by cheap row copies). Updates L, sumlx, suml2 in place.
     """
     n = x.shape[0]
-    rows = [np.take(a, active, axis=1).T.copy() for a in (x, w, wx, L)]     # X, W, WX, LW
+    rows = [np.take(a, active, axis=1).T.copy() for a in (x, w, wx, L)]  # X, W, WX, LW
     sx, s2 = sumlx[active], suml2[active]
-    pos = np.zeros(active.size, dtype=np.intp)          # next element of the current sweep
-    left = np.full(active.size, sweeps)                 # sweeps left, the current one included
-    moved = np.zeros(active.size, dtype=bool)           # the current sweep changed something
+    pos = np.zeros(active.size, dtype=np.intp)  # next element of the current sweep
+    left = np.full(active.size, sweeps)  # sweeps left, the current one included
+    moved = np.zeros(active.size, dtype=bool)  # the current sweep changed something
     while active.size:
         took, first = _q3_round(*rows, sx, s2, nmax, pos)
         moved |= took
@@ -215,10 +226,10 @@ def _q3_round(X, W, WX, LW, sx, s2, nmax: int, pos: np.ndarray):
     SX = np.repeat(sx, n).reshape(m, n)
     S2 = np.repeat(s2, n).reshape(m, n)
     slx = WX * LW
-    np.subtract(SX, slx, out=slx)                         # C: sumlx - w*x[i]*L[i]
+    np.subtract(SX, slx, out=slx)  # C: sumlx - w*x[i]*L[i]
     sl2 = W * LW
     sl2 *= LW
-    np.subtract(S2, sl2, out=sl2)                         # C: suml2 - w*L[i]*L[i]
+    np.subtract(S2, sl2, out=sl2)  # C: suml2 - w*L[i]*L[i]
     v = X * sl2
     v /= slx
     nl = nearest_int_clip(v, -nmax, nmax - 1).astype(F32)
@@ -231,7 +242,7 @@ def _q3_round(X, W, WX, LW, sx, s2, nmax: int, pos: np.ndarray):
     lhs *= S2
     np.multiply(SX, SX, out=SX)
     SX *= sl22
-    take = lhs > SX                                       # slx*slx*suml2 > sumlx*sumlx*sl2
+    take = lhs > SX  # slx*slx*suml2 > sumlx*sumlx*sl2
     take &= slx > 0
     take &= nl != LW
     take &= sl22 > 0
@@ -248,6 +259,7 @@ def _q3_round(X, W, WX, LW, sx, s2, nmax: int, pos: np.ndarray):
 
 # ---------------------------------------------------------------- make_qkx2_quants
 
+
 def first_min_clamped(x: np.ndarray) -> np.ndarray:
     """C's `min = x[0]; if (x[i] < min) min = x[i]; ... if (min > 0) min = 0;` per group (axis 0).
 
@@ -263,8 +275,9 @@ def first_min_clamped(x: np.ndarray) -> np.ndarray:
     return xmin
 
 
-def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float,
-                     nstep: int, use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_qkx2_quants(
+    x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """ggml make_qkx2_quants for x[n, groups]: asymmetric quantization x ~ scale*L - the_min.
 
     Start with L spanning [min(x, 0), max(x)], then for iscale = (rmin + rdelta*k + nmax)/(max-min),
@@ -300,10 +313,11 @@ def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
 @dataclass
 class _Best:
     """make_qkx2_quants's state per group: the current min and span, and the kept candidate."""
+
     minv: np.ndarray
     span: np.ndarray
     iscale: np.ndarray
-    shift: np.ndarray            # the min the kept L was measured from
+    shift: np.ndarray  # the min the kept L was measured from
     scale: np.ndarray | None
     error: np.ndarray | None
 
@@ -313,17 +327,17 @@ class _AsymmetricFit:
 
     def __init__(self, x: np.ndarray, weights: np.ndarray, nmax: int, use_mad: bool, xmin: np.ndarray):
         self.x, self.w, self.nmax, self.fnmax, self.use_mad = x, weights, nmax, F32(nmax), use_mad
-        self.sum_w = seq_sum(weights)                # C starts these at element 0, not at 0
+        self.sum_w = seq_sum(weights)  # C starts these at element 0, not at 0
         self.sum_x = seq_sum(weights * x)
-        self.xm = x - xmin                           # C: iscale*(x[i] - min), kept up to date
+        self.xm = x - xmin  # C: iscale*(x[i] - min), kept up to date
         self.l, self.t = np.empty_like(x), np.empty_like(x)
 
     def levels(self, iscale: np.ndarray) -> np.ndarray:
         l = self.l
         np.multiply(self.xm, iscale, out=l)
         if np.isfinite(iscale).all():
-            round_small(l)                           # |iscale*(x - min)| <= nmax + 1 here
-            fast_clip(l, F32(0.0), self.fnmax, out=l)   # once min moved, x - min can be < 0
+            round_small(l)  # |iscale*(x - min)| <= nmax + 1 here
+            fast_clip(l, F32(0.0), self.fnmax, out=l)  # once min moved, x - min can be < 0
         else:
             # max - min subnormal: iscale is inf, and C's nearest_int of inf/NaN gives
             # -4194304/0, clamped to 0 (rint would give nmax)
@@ -332,7 +346,7 @@ class _AsymmetricFit:
 
     def error(self, scale: np.ndarray, minv: np.ndarray, l: np.ndarray) -> np.ndarray:
         t = self.t
-        np.multiply(l, scale, out=t)                 # C: scale*L[i] + min - x[i]
+        np.multiply(l, scale, out=t)  # C: scale*L[i] + min - x[i]
         np.add(t, minv, out=t)
         np.subtract(t, self.x, out=t)
         if self.use_mad:
@@ -343,8 +357,9 @@ class _AsymmetricFit:
         return seq_sum_from_zero(t)
 
 
-def _qkx2_steps(fit: _AsymmetricFit, best: _Best, xmax: np.ndarray, live: np.ndarray, rmin: float, rdelta: float,
-                nstep: int) -> None:
+def _qkx2_steps(
+    fit: _AsymmetricFit, best: _Best, xmax: np.ndarray, live: np.ndarray, rmin: float, rdelta: float, nstep: int
+) -> None:
     """The candidates k = 0..nstep: least-squares scale and min for each, the better ones kept."""
     x, l, t = fit.x, fit.l, fit.t
     wl = np.empty_like(x)
@@ -355,7 +370,7 @@ def _qkx2_steps(fit: _AsymmetricFit, best: _Best, xmax: np.ndarray, live: np.nda
         sum_l = seq_sum_from_zero(wl)
         np.multiply(wl, l, out=t)
         sum_l2 = seq_sum_from_zero(t)
-        np.multiply(wl, x, out=t)                    # C: w*l*x[i] == (w*l)*x[i]
+        np.multiply(wl, x, out=t)  # C: w*l*x[i] == (w*l)*x[i]
         sum_xl = seq_sum_from_zero(t)
         D = fit.sum_w * sum_l2 - sum_l * sum_l
         this_scale = (fit.sum_w * sum_xl - fit.sum_x * sum_l) / D

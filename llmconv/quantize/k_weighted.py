@@ -15,6 +15,7 @@ requantize every weight against the stored scales. Without an imatrix llama.cpp 
 Same conventions as k_common: float32 throughout, C's operation order, element-major arrays
 ([n, groups]) so a C loop over a group's elements is one vector operation over all groups.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -22,9 +23,23 @@ from typing import Callable
 import numpy as np
 
 from . import q6_k
-from .k_common import (CHUNK_SUPERBLOCKS, F32, GROUP_MAX_EPS, MAGIC, QK_K, block_major, element_major, fp16_bits,
-                       fp16_value, nearest_int, nearest_int_clip, pack_2bit_quarters, pack_scale_min_k4, seq_sum_from_zero,
-                       unpack_scale_min_k4)
+from .k_common import (
+    CHUNK_SUPERBLOCKS,
+    F32,
+    GROUP_MAX_EPS,
+    MAGIC,
+    QK_K,
+    block_major,
+    element_major,
+    fp16_bits,
+    fp16_value,
+    nearest_int,
+    nearest_int_clip,
+    pack_2bit_quarters,
+    pack_scale_min_k4,
+    seq_sum_from_zero,
+    unpack_scale_min_k4,
+)
 from .k_search import make_qkx2_quants, make_qx_quants_rmse1
 from .q3_k import pack_scales as pack_q3_scales
 from .q3_k import unpack_scales as unpack_q3_scales
@@ -32,14 +47,15 @@ from .q3_k import unpack_scales as unpack_q3_scales
 _BITS = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
 
 
-def over_superblocks_weighted(x: np.ndarray, qw: np.ndarray, type_size: int,
-                              quantize_chunk: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+def over_superblocks_weighted(
+    x: np.ndarray, qw: np.ndarray, type_size: int, quantize_chunk: Callable[[np.ndarray, np.ndarray], np.ndarray]
+) -> np.ndarray:
     """quantize_chunk(xb [blocks, 256], qwb [blocks, 256]) over x[rows, n] with column weights qw[n]."""
     x = np.ascontiguousarray(x, dtype=F32)
     rows, n = x.shape
     if n % QK_K:
         raise ValueError(f"row length {n} is not a multiple of {QK_K}")
-    qwb = np.ascontiguousarray(qw, dtype=F32).reshape(-1, QK_K)      # [n/256, 256]
+    qwb = np.ascontiguousarray(qw, dtype=F32).reshape(-1, QK_K)  # [n/256, 256]
     xb = x.reshape(-1, QK_K)
     out = np.empty((xb.shape[0], type_size), dtype=np.uint8)
     with np.errstate(all="ignore"):
@@ -51,7 +67,7 @@ def over_superblocks_weighted(x: np.ndarray, qw: np.ndarray, type_size: int,
 
 def block_sigma2(xb: np.ndarray, factor: float) -> np.ndarray:
     """C: `float sumx2 = 0; for (j < 256) sumx2 += x[j]*x[j]; sigma2 = factor*sumx2/QK_K` per block."""
-    xt = element_major(xb, QK_K)                                      # [256, nb]
+    xt = element_major(xb, QK_K)  # [256, nb]
     s = seq_sum_from_zero(xt * xt)
     if factor != 1:
         s = F32(factor) * s
@@ -74,13 +90,13 @@ def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
     stays unchanged, so C's early exit needs no test of its own (see _qp_sweeps).
     Returns (scale[groups], L uint8[n, groups]).
     """
-    fmax = np.maximum(x.max(axis=0), F32(0.0))                       # C: MAX from 0
+    fmax = np.maximum(x.max(axis=0), F32(0.0))  # C: MAX from 0
     zero = fmax < GROUP_MAX_EPS
     safe_max = np.where(zero, F32(1.0), fmax)
     fnmax = F32(nmax)
 
     iscale = fnmax / safe_max
-    L = (nearest_int(iscale * x) & 0xFF).astype(np.uint8)           # no clamp on this first pass
+    L = (nearest_int(iscale * x) & 0xFF).astype(np.uint8)  # no clamp on this first pass
     scale = F32(1.0) / iscale
     diff = x - scale * L.astype(F32)
     best_mse = seq_sum_from_zero(w * diff * diff)
@@ -96,7 +112,7 @@ def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
         best_mse = np.where(better, mse, best_mse)
         iscale = np.where(better, iscale_k, iscale)
 
-    li = np.minimum(nearest_int(iscale * x), nmax)                   # int, may be negative
+    li = np.minimum(nearest_int(iscale * x), nmax)  # int, may be negative
     L = (li & 0xFF).astype(np.uint8)
     lf = li.astype(F32)
     wx = w * x
@@ -109,14 +125,15 @@ def make_qp_quants(x: np.ndarray, nmax: int, w: np.ndarray) -> tuple[np.ndarray,
     return out, L
 
 
-def _qp_sweeps(x: np.ndarray, w: np.ndarray, wx: np.ndarray, L: np.ndarray, sumlx: np.ndarray,
-               suml2: np.ndarray, nmax: int) -> None:
+def _qp_sweeps(
+    x: np.ndarray, w: np.ndarray, wx: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray, nmax: int
+) -> None:
     """make_qp_quants' 5 coordinate-descent sweeps over L [n, groups], in place (and sumlx,
     suml2). A group a sweep leaves unchanged stays unchanged in every later sweep (C stops it
     there), so each sweep runs over the groups the previous one changed only."""
     act = np.arange(x.shape[1])
     for _sweep in range(5):
-        if act.size == x.shape[1]:                   # first sweep: everything, no gather
+        if act.size == x.shape[1]:  # first sweep: everything, no gather
             xa, wa, wxa, La, slx_a, sl2_a = x, w, wx, L, sumlx, suml2
         else:
             xa, wa, wxa, La = x[:, act], w[:, act], wx[:, act], L[:, act]
@@ -135,7 +152,7 @@ def make_qp_quants_pair(a: np.ndarray, b: np.ndarray, nmax: int, w: np.ndarray):
     halves numpy's per-call overhead, which is most of these small problems' cost).
     Returns ((scale[nb], L[n, nb]), (scale[nb], L[n, nb]))."""
     nb = a.shape[0]
-    x = np.ascontiguousarray(np.concatenate([a, b]).T)                # [n, 2*nb]
+    x = np.ascontiguousarray(np.concatenate([a, b]).T)  # [n, 2*nb]
     ww = np.ascontiguousarray(np.concatenate([w, w]).T)
     d, L = make_qp_quants(x, nmax, ww)
     return (d[:nb], L[:, :nb]), (d[nb:], L[:, nb:])
@@ -154,16 +171,16 @@ def _qp_sweep(x, w, wx, L, sumlx, suml2, nmax: int) -> np.ndarray:
     for i in range(x.shape[0]):
         np.copyto(Li, L[i], casting="unsafe")
         np.multiply(wx[i], Li, out=c1)
-        np.subtract(sumlx, c1, out=slx)                  # slx = sumlx - w*x*L
+        np.subtract(sumlx, c1, out=slx)  # slx = sumlx - w*x*L
         np.multiply(w[i], Li, out=c1)
         c1 *= Li
-        np.subtract(suml2, c1, out=sl2)                  # sl2 = suml2 - w*L*L
+        np.subtract(suml2, c1, out=sl2)  # sl2 = suml2 - w*L*L
         np.multiply(x[i], sl2, out=v)
         v /= slx
-        v += MAGIC                                       # nearest_int, as in nearest_int()
+        v += MAGIC  # nearest_int, as in nearest_int()
         vi &= 0x007FFFFF
         vi -= 0x00400000
-        np.minimum(vi, np.int32(nmax), out=vi)           # new_l
+        np.minimum(vi, np.int32(nmax), out=vi)  # new_l
         np.copyto(nl, vi, casting="unsafe")
         np.multiply(wx[i], nl, out=slx2)
         slx2 += slx
@@ -174,14 +191,14 @@ def _qp_sweep(x, w, wx, L, sumlx, suml2, nmax: int) -> np.ndarray:
         c1 *= suml2
         np.multiply(sumlx, sumlx, out=c2)
         c2 *= sl22
-        np.greater(c1, c2, out=take)                     # slx*slx*suml2 > sumlx*sumlx*sl2
+        np.greater(c1, c2, out=take)  # slx*slx*suml2 > sumlx*sumlx*sl2
         np.greater(slx, F32(0), out=flag)
         take &= flag
         np.greater(sl2, F32(0), out=flag)
         take &= flag
-        np.not_equal(nl, Li, out=flag)                   # new_l != L[i] (both exact in float32)
+        np.not_equal(nl, Li, out=flag)  # new_l != L[i] (both exact in float32)
         take &= flag
-        np.copyto(new_u8, vi, casting="unsafe")          # C's uint8_t store wraps
+        np.copyto(new_u8, vi, casting="unsafe")  # C's uint8_t store wraps
         np.copyto(L[i], new_u8, where=take)
         np.copyto(sumlx, slx2, where=take)
         np.copyto(suml2, sl22, where=take)
@@ -194,21 +211,20 @@ def _qp_sweep(x, w, wx, L, sumlx, suml2, nmax: int) -> np.ndarray:
 
 def _q2_k_chunk(xb: np.ndarray, qwb: np.ndarray) -> np.ndarray:
     nb = xb.shape[0]
-    xt = element_major(xb, 16)                                       # [16, nb*16]
+    xt = element_major(xb, 16)  # [16, nb*16]
     weights = importance(xt, element_major(qwb, 16), block_sigma2(xb, 1), 16)
     sw = seq_sum_from_zero(weights).reshape(nb, 16)
-    scale, the_min, L_search = make_qkx2_quants(xt, weights, 3, rmin=-0.9, rdelta=0.05,
-                                                nstep=36, use_mad=False)
+    scale, the_min, L_search = make_qkx2_quants(xt, weights, 3, rmin=-0.9, rdelta=0.05, nstep=36, use_mad=False)
     (dm, Ls), (mm, Lm) = make_qp_quants_pair(scale.reshape(nb, 16), the_min.reshape(nb, 16), 15, sw)
     d_bits, dmin_bits = fp16_bits(dm), fp16_bits(mm)
-    scales = (Ls.T | (Lm.T << 4)).astype(np.uint8)                  # C: uint8 store of Ls | Lm << 4
+    scales = (Ls.T | (Lm.T << 4)).astype(np.uint8)  # C: uint8 store of Ls | Lm << 4
 
     d = (fp16_value(d_bits)[:, None] * (scales & 0xF).astype(F32)).reshape(1, -1)
     m = (fp16_value(dmin_bits)[:, None] * (scales >> 4).astype(F32)).reshape(1, -1)
     v = xt + m
     v /= d
     L_new = nearest_int_clip(v, 0, 3).astype(np.uint8)
-    L = block_major(np.where(d != 0, L_new, L_search), nb)           # d == 0: C keeps the search's L
+    L = block_major(np.where(d != 0, L_new, L_search), nb)  # d == 0: C keeps the search's L
 
     out = np.empty((nb, 84), dtype=np.uint8)
     out[:, 0:16] = scales
@@ -227,8 +243,9 @@ def _q3_k_chunk(xb: np.ndarray, qwb: np.ndarray) -> np.ndarray:
     weights = importance(xt, element_major(qwb, 16), block_sigma2(xb, 2), 16)
     sw = seq_sum_from_zero(weights).reshape(nb, 16)
     group_scale, L_search = make_qx_quants_rmse1(xt, 4, weights)
-    d_block, Ls = make_qx_quants_rmse1(np.ascontiguousarray(group_scale.reshape(nb, 16).T), 32,
-                                       np.ascontiguousarray(sw.T))
+    d_block, Ls = make_qx_quants_rmse1(
+        np.ascontiguousarray(group_scale.reshape(nb, 16).T), 32, np.ascontiguousarray(sw.T)
+    )
     scales = pack_q3_scales(np.ascontiguousarray(Ls.T))
     d_bits = fp16_bits(d_block)
 
@@ -258,15 +275,14 @@ def _scale_min_weighted(xb: np.ndarray, qwb: np.ndarray, nmax: int, cap63: bool)
     xt = element_major(xb, 32)
     weights = importance(xt, element_major(qwb, 32), block_sigma2(xb, 2), 8)
     sw = seq_sum_from_zero(weights).reshape(nb, 8)
-    scale, the_min, L_search = make_qkx2_quants(xt, weights, nmax, rmin=-0.9, rdelta=0.05,
-                                                nstep=36, use_mad=False)
+    scale, the_min, L_search = make_qkx2_quants(xt, weights, nmax, rmin=-0.9, rdelta=0.05, nstep=36, use_mad=False)
     (d_block, Ls), (m_block, Lm) = make_qp_quants_pair(scale.reshape(nb, 8), the_min.reshape(nb, 8), 63, sw)
-    if cap63:                                                        # q5_K clamps, q4_K does not
+    if cap63:  # q5_K clamps, q4_K does not
         Ls, Lm = np.minimum(Ls, 63), np.minimum(Lm, 63)
     scales = pack_scale_min_k4(Ls.T, Lm.T)
     d_bits, dmin_bits = fp16_bits(d_block), fp16_bits(m_block)
 
-    sc, mn = unpack_scale_min_k4(scales)                             # C reads the packed bytes back
+    sc, mn = unpack_scale_min_k4(scales)  # C reads the packed bytes back
     d = (fp16_value(d_bits)[:, None] * sc.astype(F32)).reshape(1, -1)
     dm = (fp16_value(dmin_bits)[:, None] * mn.astype(F32)).reshape(1, -1)
     v = xt + dm
@@ -311,6 +327,7 @@ def _q5_k_chunk(xb: np.ndarray, qwb: np.ndarray) -> np.ndarray:
 def _entry(chunk_fn, type_size):
     def quantize_weighted(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
         return over_superblocks_weighted(x, qw, type_size, chunk_fn)
+
     return quantize_weighted
 
 

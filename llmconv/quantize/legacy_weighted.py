@@ -10,6 +10,7 @@ q4_0/q5_0 take the weighted make_qx_quants (symmetric, nmax 8/16), q4_1/q5_1 mak
 the imatrix in llama.cpp, so it has no weighted variant. Without an imatrix llama.cpp takes
 the *_ref path (q4_0.py ... q5_1.py).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,12 +19,12 @@ from ._blocks import QK, NonFiniteError
 from .k_common import F32, seq_sum_from_zero
 from .k_search import make_qkx2_quants, make_qx_quants_rmse1
 
-ROWS_BLOCKS = 8192          # blocks per numpy pass: keeps the [32, blocks] temporaries in cache
+ROWS_BLOCKS = 8192  # blocks per numpy pass: keeps the [32, blocks] temporaries in cache
 
 
 def _row_sigma2(x: np.ndarray) -> np.ndarray:
     """C: `float sum_x2 = 0; for (j < n) sum_x2 += x[j]*x[j]; sigma2 = sum_x2/n` per row."""
-    xx = np.ascontiguousarray((x * x).T)                             # [n, rows]
+    xx = np.ascontiguousarray((x * x).T)  # [n, rows]
     return seq_sum_from_zero(xx) / F32(x.shape[1])
 
 
@@ -31,12 +32,11 @@ def _search(x: np.ndarray, qw: np.ndarray, nmax: int, with_min: bool):
     """x[rows, n] -> (d float32[blocks], m float32[blocks] or None, L uint8[blocks, 32])."""
     rows, n = x.shape
     sigma2 = np.repeat(_row_sigma2(x), n // QK)[None, :]
-    xt = np.ascontiguousarray(x.reshape(-1, QK).T)                  # [32, blocks]
+    xt = np.ascontiguousarray(x.reshape(-1, QK).T)  # [32, blocks]
     qwt = np.tile(qw.reshape(-1, QK).T, (1, rows))
     weights = qwt * np.sqrt(sigma2 + xt * xt)
     if with_min:
-        d, the_min, L = make_qkx2_quants(xt, weights, nmax, rmin=-0.9, rdelta=0.05, nstep=36,
-                                         use_mad=False)
+        d, the_min, L = make_qkx2_quants(xt, weights, nmax, rmin=-0.9, rdelta=0.05, nstep=36, use_mad=False)
         return d, -the_min, L.T
     d, L = make_qx_quants_rmse1(xt, nmax, weights)
     return d, None, L.T
@@ -76,15 +76,15 @@ def _quantize(x: np.ndarray, qw: np.ndarray, kind: str) -> np.ndarray:
     step = max(1, ROWS_BLOCKS // per_row)
     with np.errstate(all="ignore"):
         for r0 in range(0, x.shape[0], step):
-            d, m, L = _search(x[r0:r0 + step], qw, nmax, with_min)
-            o = out[r0:r0 + step].reshape(-1, type_size)
+            d, m, L = _search(x[r0 : r0 + step], qw, nmax, with_min)
+            o = out[r0 : r0 + step].reshape(-1, type_size)
             o[:, 0:2] = _fp16(d, per_row, r0).reshape(-1, 1).view(np.uint8)
             pos = 2
             if with_min:
                 o[:, 2:4] = _fp16(m, per_row, r0).reshape(-1, 1).view(np.uint8)
                 pos = 4
             if five:
-                o[:, pos:pos + 4] = _high_bits(L)
+                o[:, pos : pos + 4] = _high_bits(L)
                 pos += 4
             o[:, pos:] = _nibbles(L)
     return out.reshape(*shape[:-1], per_row * type_size)

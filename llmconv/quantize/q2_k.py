@@ -4,26 +4,37 @@ Block (84 bytes): scales[16] (scale in the low nibble, min in the high nibble), 
 (see pack_2bit_quarters), d fp16, dmin fp16. Follows llama.cpp's quantize_row_q2_K_ref
 (llama-quantize without an imatrix).
 """
+
 from __future__ import annotations
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .k_common import (F32, block_major, element_major, fp16_bits, fp16_value, nearest_int, nearest_int_clip,
-                       over_superblocks, pack_2bit_quarters, superblocks, unpack_2bit_quarters)
+from .k_common import (
+    F32,
+    block_major,
+    element_major,
+    fp16_bits,
+    fp16_value,
+    nearest_int,
+    nearest_int_clip,
+    over_superblocks,
+    pack_2bit_quarters,
+    superblocks,
+    unpack_2bit_quarters,
+)
 from .k_search import make_qkx2_quants
 
-TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q2_K][1]     # 84 bytes per block
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q2_K][1]  # 84 bytes per block
 
 
 def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
     nb = xb.shape[0]
-    xt = element_major(xb, 16)                                       # [16, nb*16]
-    scale, the_min, L_search = make_qkx2_quants(xt, np.abs(xt), 3, rmin=-0.5, rdelta=0.1,
-                                                nstep=15, use_mad=True)
+    xt = element_major(xb, 16)  # [16, nb*16]
+    scale, the_min, L_search = make_qkx2_quants(xt, np.abs(xt), 3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True)
     scale = scale.reshape(nb, 16)
     the_min = the_min.reshape(nb, 16)
-    max_scale = np.maximum(scale.max(axis=1), F32(0.0))              # C: running max from 0
+    max_scale = np.maximum(scale.max(axis=1), F32(0.0))  # C: running max from 0
     max_min = np.maximum(the_min.max(axis=1), F32(0.0))
 
     has_scale = max_scale > 0
@@ -42,7 +53,7 @@ def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
     v = xt + dm
     v /= d
     L_new = nearest_int_clip(v, 0, 3).astype(np.uint8)
-    L = block_major(np.where(d != 0, L_new, L_search), nb)           # d == 0: keep the search's L
+    L = block_major(np.where(d != 0, L_new, L_search), nb)  # d == 0: keep the search's L
 
     out = np.empty((nb, TYPE_SIZE), dtype=np.uint8)
     out[:, 0:16] = scales
@@ -64,7 +75,7 @@ def dequantize(b: np.ndarray) -> np.ndarray:
     scales = blk[:, 0:16]
     d = fp16_value(blk[:, 80:82].copy().view(np.uint16)).reshape(nb, 1)
     dmin = fp16_value(blk[:, 82:84].copy().view(np.uint16)).reshape(nb, 1)
-    dl = (d * (scales & 0xF).astype(F32))[:, :, None]                # C: dl*q - ml
+    dl = (d * (scales & 0xF).astype(F32))[:, :, None]  # C: dl*q - ml
     ml = (dmin * (scales >> 4).astype(F32))[:, :, None]
     q = unpack_2bit_quarters(blk[:, 16:80]).astype(F32).reshape(nb, 16, 16)
     return (dl * q - ml).reshape(rows, -1)

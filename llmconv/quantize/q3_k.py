@@ -4,16 +4,29 @@ Block (110 bytes): hmask[32] (bit k of byte l: 3rd bit of weight 32k + l), qs[64
 (see pack_2bit_quarters), scales[12] (6-bit scales: low nibbles in bytes 0-7, top 2 bits in
 bytes 8-11), d fp16. Follows llama.cpp's quantize_row_q3_K_ref (llama-quantize without an imatrix).
 """
+
 from __future__ import annotations
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .k_common import (F32, element_major, first_absmax, fp16_bits, fp16_value, levels_block_major, nearest_int,
-                       over_superblocks, pack_2bit_words, quarter_words, superblocks, unpack_2bit_quarters)
+from .k_common import (
+    F32,
+    element_major,
+    first_absmax,
+    fp16_bits,
+    fp16_value,
+    levels_block_major,
+    nearest_int,
+    over_superblocks,
+    pack_2bit_words,
+    quarter_words,
+    superblocks,
+    unpack_2bit_quarters,
+)
 from .k_search import make_q3_quants_rmse
 
-TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q3_K][1]     # 110 bytes per block
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q3_K][1]  # 110 bytes per block
 _BITS = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
 _BIT0_OF_EACH_BYTE = np.uint64(0x0101010101010101)
 
@@ -23,7 +36,7 @@ def pack_scales(ls: np.ndarray) -> np.ndarray:
     nb = ls.shape[0]
     out = np.empty((nb, 12), dtype=np.uint8)
     out[:, 0:8] = (ls[:, 0:8] & 0xF) | ((ls[:, 8:16] & 0xF) << 4)
-    top = (ls >> 4).reshape(nb, 4, 4)                  # top[:, j//4, j%4]
+    top = (ls >> 4).reshape(nb, 4, 4)  # top[:, j//4, j%4]
     out[:, 8:12] = top[:, 0] | (top[:, 1] << 2) | (top[:, 2] << 4) | (top[:, 3] << 6)
     return out
 
@@ -53,7 +66,7 @@ def high_bit_words(T: np.ndarray) -> np.ndarray:
 
 def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
     nb = xb.shape[0]
-    xt = element_major(xb, 16)                                   # [16, nb*16]
+    xt = element_major(xb, 16)  # [16, nb*16]
     group_scale, L_search = make_q3_quants_rmse(xt, 4)
     group_scale = group_scale.reshape(nb, 16)
 
@@ -67,14 +80,14 @@ def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
     d_bits = np.where(has_scale, fp16_bits(F32(1.0) / iscale), np.uint16(0)).astype(np.uint16)
 
     # requantize against the stored scales (ls is what unpack_scales(scales) gives back)
-    d = fp16_value(d_bits)[:, None] * (ls.astype(np.int8) - np.int8(32)).astype(F32)   # C: d_all * (sc - 32)
-    L = levels_block_major(xb, d, -4, 3, L_search)                 # 0..7
+    d = fp16_value(d_bits)[:, None] * (ls.astype(np.int8) - np.int8(32)).astype(F32)  # C: d_all * (sc - 32)
+    L = levels_block_major(xb, d, -4, 3, L_search)  # 0..7
     T = quarter_words(L)
     hmask = high_bit_words(T)
 
     out = np.empty((nb, TYPE_SIZE), dtype=np.uint8)
     out[:, 0:32] = hmask
-    out[:, 32:96] = pack_2bit_words(T)                            # bits 0-1: L - 4 where L > 3
+    out[:, 32:96] = pack_2bit_words(T)  # bits 0-1: L - 4 where L > 3
     out[:, 96:108] = scales
     out[:, 108:110] = d_bits.reshape(nb, 1).view(np.uint8)
     return out
@@ -94,5 +107,5 @@ def dequantize(b: np.ndarray) -> np.ndarray:
     q = unpack_2bit_quarters(blk[:, 32:96]).astype(np.int8) - np.where(high == 1, 0, 4).astype(np.int8)
     sc = unpack_scales(blk[:, 96:108]).astype(np.int8) - np.int8(32)
     d = fp16_value(blk[:, 108:110].copy().view(np.uint16)).reshape(nb, 1)
-    dl = (d * sc.astype(F32))[:, :, None]                           # C: dl = d_all * (sc - 32)
+    dl = (d * sc.astype(F32))[:, :, None]  # C: dl = d_all * (sc - 32)
     return (dl * q.astype(F32).reshape(nb, 16, 16)).reshape(rows, -1)

@@ -16,6 +16,7 @@ reference routines), so we round after the multiply and again after the add. The
 in tests/test_quant_kernels.py (llama_model_quantize on bf16-grid data) confirms byte equality.
 When 1/d overflows (d a tiny subnormal) the C conversion of inf/NaN gives code 0 everywhere.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,14 +24,14 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import _blocks as B_
 
-TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0][1]     # 18 bytes per block
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0][1]  # 18 bytes per block
 
 
 def signed_absmax(xb: np.ndarray, mx: np.ndarray, mn: np.ndarray) -> np.ndarray:
     """ggml's `max` for q4_0/q5_0: the weight of largest magnitude, first one on a tie."""
     neg = -mn
     vmax = B_.select(neg > mx, mn, mx)
-    tie = np.flatnonzero(neg == mx)                     # +a and -a both present, or all zero
+    tie = np.flatnonzero(neg == mx)  # +a and -a both present, or all zero
     if tie.size:
         amax = mx[tie]
         first = B_.first_signed(xb, tie, amax)
@@ -50,8 +51,8 @@ def quantize_codes(xb: np.ndarray, divisor: float, offset: float, top: int):
     y = np.multiply(lanes, B_.per_lane(inv), out=lanes)
     y += np.float32(offset)
     codes = B_.scratch("codes", y.shape, np.uint8)
-    np.copyto(codes, y, casting="unsafe")               # y > 0 here, so this is (int8) truncation
-    B_.clamp_codes(codes, top)                          # MIN(top, .)
+    np.copyto(codes, y, casting="unsafe")  # y > 0 here, so this is (int8) truncation
+    B_.clamp_codes(codes, top)  # MIN(top, .)
     dead = np.isinf(inv)
     if dead.any():
         codes.reshape(8, -1, 4)[:, dead] = 0

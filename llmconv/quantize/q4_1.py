@@ -13,6 +13,7 @@ subnormal) the C conversion of inf/NaN gives code 0 everywhere. ggml's scan keep
 first minimum, which only shows in m's sign when the minimum is zero; we take that sign
 from the first zero weight.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import _blocks as B_
 
-TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_1][1]     # 20 bytes per block
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_1][1]  # 20 bytes per block
 
 
 def quantize_codes(xb: np.ndarray, levels: int):
@@ -41,7 +42,7 @@ def quantize_codes(xb: np.ndarray, levels: int):
     y *= B_.per_lane(inv)
     y += np.float32(0.5)
     codes = B_.scratch("codes", y.shape, np.uint8)
-    np.copyto(codes, y, casting="unsafe")               # y >= 0.5: truncation
+    np.copyto(codes, y, casting="unsafe")  # y >= 0.5: truncation
     dead = np.isinf(inv)
     if dead.any():
         codes.reshape(8, -1, 4)[:, dead] = 0

@@ -4,6 +4,7 @@ Block (144 bytes): d fp16, dmin fp16, scales[12] (6-bit scales and mins, see
 pack_scale_min_k4), qs[128]: byte 32*c + l holds weight 64c + l (low nibble) and 64c + 32 + l
 (high nibble). Follows llama.cpp's quantize_row_q4_K_ref (llama-quantize without an imatrix).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +13,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from .k_common import over_superblocks, superblocks
 from .k_scale_min import dequantize_scale_min, quantize_scale_min
 
-TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][1]     # 144 bytes per block
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][1]  # 144 bytes per block
 NMAX = 15
 
 

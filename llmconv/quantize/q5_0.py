@@ -6,6 +6,7 @@ quantize_row_q5_0_ref bit for bit: same as q4_0 with d = max / -16 and
 q = MIN(31, (int8)(w*id + 16.5f)), multiply and add rounded separately (no FMA in the
 llama-cpp-python x86-64 build; see q4_0.py for how that was established).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +15,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from . import _blocks as B_
 from .q4_0 import quantize_codes
 
-TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_0][1]     # 22 bytes per block
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_0][1]  # 22 bytes per block
 
 
 def _kernel(xb: np.ndarray, out: np.ndarray) -> None:
@@ -30,7 +31,7 @@ def quantize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 def codes5(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
     """qh uint8 [B, 4], qs uint8 [B, 16] -> uint8 [B, 32] 5-bit codes."""
-    bits = np.unpackbits(qh, axis=1, bitorder="little")          # [B, 32], bit j of weight j
+    bits = np.unpackbits(qh, axis=1, bitorder="little")  # [B, 32], bit j of weight j
     low = np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)
     return low | (bits << np.uint8(4))
 

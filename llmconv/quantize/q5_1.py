@@ -5,6 +5,7 @@ MIN here; the value cannot exceed 31 for a finite id), bits packed as in q5_0. M
 ggml's quantize_row_q5_1_ref bit for bit on the llama-cpp-python x86-64 build (no FMA; see
 q4_0.py and q4_1.py).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +15,7 @@ from . import _blocks as B_
 from .q4_1 import quantize_codes
 from .q5_0 import codes5
 
-TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_1][1]     # 24 bytes per block
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_1][1]  # 24 bytes per block
 
 
 def _kernel(xb: np.ndarray, out: np.ndarray) -> None:

@@ -4,6 +4,7 @@ Block (176 bytes): d fp16, dmin fp16, scales[12] (see pack_scale_min_k4), qh[32]
 byte l is the 5th bit of weight 32k + l, qs[128]: low 4 bits laid out as in q4_K.
 Follows llama.cpp's quantize_row_q5_K_ref (llama-quantize without an imatrix).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +13,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from .k_common import over_superblocks, superblocks
 from .k_scale_min import dequantize_scale_min, quantize_scale_min
 
-TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_K][1]     # 176 bytes per block
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_K][1]  # 176 bytes per block
 NMAX = 31
 _BITS = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
 
@@ -21,7 +22,7 @@ def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
     nb = xb.shape[0]
     d_bits, dmin_bits, scales, L = quantize_scale_min(xb, NMAX, rmin=-0.5, rdelta=0.1, nstep=15)
     groups = L.reshape(nb, 8, 32)
-    qh = np.bitwise_or.reduce((groups >> 4) << _BITS, axis=1)          # [nb, 32]
+    qh = np.bitwise_or.reduce((groups >> 4) << _BITS, axis=1)  # [nb, 32]
     low = (L & 0xF).reshape(nb, 4, 2, 32)
     out = np.empty((nb, TYPE_SIZE), dtype=np.uint8)
     out[:, 0:2] = d_bits.reshape(nb, 1).view(np.uint8)

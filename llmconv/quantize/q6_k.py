@@ -3,16 +3,28 @@
 Block (210 bytes): ql[128] low 4 bits, qh[64] high 2 bits, scales[16] int8, d fp16.
 Follows llama.cpp's quantize_row_q6_K_ref (what llama-quantize runs without an imatrix).
 """
+
 from __future__ import annotations
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .k_common import (F32, GROUP_MAX_EPS, element_major, first_absmax, fp16_bits, fp16_value, levels_block_major,
-                       nearest_int, over_superblocks, quarter_words, superblocks)
+from .k_common import (
+    F32,
+    GROUP_MAX_EPS,
+    element_major,
+    first_absmax,
+    fp16_bits,
+    fp16_value,
+    levels_block_major,
+    nearest_int,
+    over_superblocks,
+    quarter_words,
+    superblocks,
+)
 from .k_search import make_qx_quants_rmse1
 
-TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K][1]     # 210 bytes per block
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K][1]  # 210 bytes per block
 
 
 _LOW_NIBBLES = np.uint64(0x0F0F0F0F0F0F0F0F)
@@ -41,7 +53,7 @@ def _pack_high_bits(T: np.ndarray) -> np.ndarray:
     for h in range(2):
         for k in range(4):
             np.right_shift(T[4 * h + k], np.uint64(4), out=t)
-            t &= _LOW_2BITS                      # bits 4-5 of each byte (the next byte's come in above)
+            t &= _LOW_2BITS  # bits 4-5 of each byte (the next byte's come in above)
             t <<= np.uint64(2 * k)
             qh[h] |= t
     return np.ascontiguousarray(qh.transpose(1, 0, 2)).view(np.uint8).reshape(-1, 64)
@@ -51,19 +63,19 @@ def _quantize_chunk(xb: np.ndarray, qwb: np.ndarray | None = None) -> np.ndarray
     """qwb: the imatrix weights of these blocks' columns (quantize_row_q6_K_impl weights each
     group's search by them as they are), or None for quantize_row_q6_K_ref (weights x**2)."""
     nb = xb.shape[0]
-    xt = element_major(xb, 16)                               # [16, nb*16]
+    xt = element_major(xb, 16)  # [16, nb*16]
     group_scale, L_search = make_qx_quants_rmse1(xt, 32, None if qwb is None else element_major(qwb, 16))
     group_scale = group_scale.reshape(nb, 16)
 
-    max_scale = first_absmax(np.ascontiguousarray(group_scale.T))                  # signed, largest |scale|
-    empty = np.abs(max_scale) < GROUP_MAX_EPS                # C zeroes the whole block
+    max_scale = first_absmax(np.ascontiguousarray(group_scale.T))  # signed, largest |scale|
+    empty = np.abs(max_scale) < GROUP_MAX_EPS  # C zeroes the whole block
     iscale = F32(-128.0) / np.where(empty, F32(1.0), max_scale)
     d_bits = fp16_bits(F32(1.0) / iscale)
     q_scales = np.minimum(127, nearest_int(iscale[:, None] * group_scale)).astype(np.int8)
 
     # requantize against the stored fp16 d and int8 scales
-    d = fp16_value(d_bits)[:, None] * q_scales.astype(F32)      # [nb, 16]
-    T = quarter_words(levels_block_major(xb, d, -32, 31, L_search))   # 0..63
+    d = fp16_value(d_bits)[:, None] * q_scales.astype(F32)  # [nb, 16]
+    T = quarter_words(levels_block_major(xb, d, -32, 31, L_search))  # 0..63
 
     out = np.empty((nb, TYPE_SIZE), dtype=np.uint8)
     out[:, 0:128] = _pack_low_nibbles(T)
@@ -91,8 +103,8 @@ def dequantize(b: np.ndarray) -> np.ndarray:
     scales = blk[:, 192:208].view(np.int8).astype(F32).reshape(nb, 16, 1)
     d = fp16_value(blk[:, 208:210].copy().view(np.uint16)).reshape(nb, 1, 1)
 
-    low = np.concatenate([ql & 0xF, ql >> 4], axis=2)         # [nb, 2, 4, 32]: quarters 0..3
+    low = np.concatenate([ql & 0xF, ql >> 4], axis=2)  # [nb, 2, 4, 32]: quarters 0..3
     high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
     q = ((low | (high << 4)).astype(np.int8) - 32).astype(F32).reshape(nb, 16, 16)
-    y = (d * scales) * q                                       # C: d * sc[is] * q
+    y = (d * scales) * q  # C: d * sc[is] * q
     return y.reshape(rows, -1)

@@ -11,6 +11,7 @@ fused multiply-add to emulate; tests/test_quant_kernels.py compares bytes with t
 When d is a subnormal so small that 1/d overflows, x*id is inf/NaN and the C conversion
 yields 0 for every weight; we write those zeros explicitly.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import _blocks as B_
 
-TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][1]     # 34 bytes per block
+TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][1]  # 34 bytes per block
 # roundf(y) == trunc(y + copysign(0.49999997f, y)) for every float32 |y| < 2**23: adding the
 # largest float below 1/2 can only push y across an integer when y's fraction is >= 1/2
 # (at |y| == 0.5 the sum is exactly halfway and rounds up to 1.0, as roundf does).
@@ -29,7 +30,7 @@ _SIGN = np.uint32(0x80000000)
 def _kernel(xb: np.ndarray, out: np.ndarray) -> None:
     lanes = B_.to_lanes(xb)
     mx, mn = B_.block_max(lanes), B_.block_min(lanes)
-    amax = np.maximum(np.abs(mx), np.abs(mn))          # +0.0 for an all-zero block, as ggml
+    amax = np.maximum(np.abs(mx), np.abs(mn))  # +0.0 for an all-zero block, as ggml
     d = amax / np.float32(127)
     inv = B_.reciprocal(d)
     B_.check(mx, mn, d)
@@ -40,7 +41,7 @@ def _kernel(xb: np.ndarray, out: np.ndarray) -> None:
     half |= _HALF_BELOW
     y += half.view(np.float32)
     codes = B_.scratch("codes", y.shape, np.int8)
-    np.copyto(codes, y, casting="unsafe")               # truncates toward zero
+    np.copyto(codes, y, casting="unsafe")  # truncates toward zero
     dead = np.isinf(inv)
     if dead.any():
         codes.reshape(8, -1, 4)[:, dead] = 0

@@ -15,6 +15,7 @@ installed wheel.
     fuzz_inputs      the checkpoint-JSON fuzzer: targets and their checkpoints, the check of one input
     json_mutations   its structure-aware mutations of config.json, params.json, tokenizer*.json
 """
+
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]

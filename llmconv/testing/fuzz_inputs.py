@@ -4,6 +4,7 @@ hostile and plausible values, structure-aware mutations of config.json, params.j
 tokenizer.json and tokenizer_config.json, and the check of one input (in process, and through
 `llmconv convert --dry-run`). tests/test_fuzz_inputs.py says what each input must give.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,14 +28,19 @@ from .fuzz_util import Hang, time_limit
 from .json_mutations import mutated
 
 TIMEOUT_S = 10.0
-MAX_GROWTH = 300 << 20     # growth of the process's peak RSS over the whole run
+MAX_GROWTH = 300 << 20  # growth of the process's peak RSS over the whole run
 
 # target file -> the checkpoint it is fuzzed in (built by CHECKPOINTS)
-TARGETS = {"config.json": "hf-llama3", "params.json": "meta-llama3", "tokenizer.json": "hf-llama3",
-           "tokenizer_config.json": "hf-sentencepiece"}
+TARGETS = {
+    "config.json": "hf-llama3",
+    "params.json": "meta-llama3",
+    "tokenizer.json": "hf-llama3",
+    "tokenizer_config.json": "hf-sentencepiece",
+}
 
 
 # ---- the checkpoints -----------------------------------------------------------------------------
+
 
 def _hf_generator():
     spec = importlib.util.spec_from_file_location("make_hf_fixtures", FIXTURES / "make_hf_fixtures.py")
@@ -55,10 +61,21 @@ def _hf_llama3(dst: Path) -> Path:
     p = ck.params
     dst.mkdir(parents=True)
     mk.write_weights(dst, mk.hf_state_dict(sd, p["n_heads"], p["n_kv_heads"]))
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
-    cfg = mk.hf_config(p, sd["layers.0.feed_forward.w1.weight"].shape[0], max_positions=131072,
-                       rope_scaling=scaling, bos_token_id=1000, eos_token_id=1001)
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    cfg = mk.hf_config(
+        p,
+        sd["layers.0.feed_forward.w1.weight"].shape[0],
+        max_positions=131072,
+        rope_scaling=scaling,
+        bos_token_id=1000,
+        eos_token_id=1001,
+    )
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(FIXTURES / "llama3-bpe" / name, dst / name)
@@ -78,6 +95,7 @@ def checkpoint_copy(tmp: Path, target: str) -> Path:
 
 
 # ---- the check ---------------------------------------------------------------------------------------
+
 
 def consume(d: Path) -> None:
     """What `convert --dry-run` does with the inputs, and the metadata the writer would encode."""
@@ -128,8 +146,9 @@ def fuzz(name: str, d: Path, n: int, check=check_input, seed: int | None = None,
     `record(text, outcome)` sees each; without it an unexpected outcome fails the run."""
     base = json.loads((d / name).read_text(encoding="utf-8"))
 
-    @settings(max_examples=n, derandomize=seed is None, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=n, derandomize=seed is None, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(text=mutated(name, base))
     def run(text):
         if record is None:
@@ -137,11 +156,12 @@ def fuzz(name: str, d: Path, n: int, check=check_input, seed: int | None = None,
             return
         try:
             outcome = check(name, text, d)
-        except BaseException as e:          # noqa: BLE001 - the bench counts every other outcome as a finding
+        except BaseException as e:  # noqa: BLE001 - the bench counts every other outcome as a finding
             outcome = e
         record(text, outcome)
 
     if seed is not None:
         from hypothesis import seed as hypothesis_seed
+
         run = hypothesis_seed(seed)(run)
     run()

@@ -1,4 +1,5 @@
 """What the fuzz tests share: a wall-clock limit on one input, raised as Hang."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,6 +20,7 @@ def time_limit(seconds: float):
     def on_alarm(signum, frame):
         expired.append(True)
         raise Hang(f"no result after {seconds} s")
+
     old = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:

@@ -1,6 +1,7 @@
 """GGUF files built byte by byte for the reader tests (test_gguf_reader.py, test_fuzz.py,
 test_inspect.py): `build_gguf` is independent of llmconv's reader and records where it put each
 field; `compare_with_gguf_reader` checks a reading against gguf.GGUFReader's."""
+
 from __future__ import annotations
 
 import struct
@@ -13,17 +14,29 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, GGUFReader, GGUFV
 from llmconv.formats.gguf_arrays import CompactArray
 from llmconv.formats.gguf_reader import read_gguf
 
-_PACK = {VT.UINT8: "<B", VT.INT8: "<b", VT.UINT16: "<H", VT.INT16: "<h", VT.UINT32: "<I", VT.INT32: "<i",
-         VT.FLOAT32: "<f", VT.BOOL: "<B", VT.UINT64: "<Q", VT.INT64: "<q", VT.FLOAT64: "<d"}
+_PACK = {
+    VT.UINT8: "<B",
+    VT.INT8: "<b",
+    VT.UINT16: "<H",
+    VT.INT16: "<h",
+    VT.UINT32: "<I",
+    VT.INT32: "<i",
+    VT.FLOAT32: "<f",
+    VT.BOOL: "<B",
+    VT.UINT64: "<Q",
+    VT.INT64: "<q",
+    VT.FLOAT64: "<d",
+}
 
 
 # ---- a byte-level GGUF writer that remembers where everything is -------------------------------
 
+
 @dataclass
 class Built:
     data: bytes
-    at: dict[str, int]                                     # named positions, e.g. "value:general.name"
-    marks: dict[str, list[int]] = field(default_factory=dict)   # every position of a kind (for fuzzing)
+    at: dict[str, int]  # named positions, e.g. "value:general.name"
+    marks: dict[str, list[int]] = field(default_factory=dict)  # every position of a kind (for fuzzing)
 
 
 class _Buf:
@@ -48,7 +61,7 @@ class _Buf:
 
 def _value(buf: _Buf, vtype, value, elem=None) -> None:
     if isinstance(value, (bytes, bytearray)) and vtype not in (VT.STRING,):
-        buf.b += value                        # raw payload, for unknown types and hand-made values
+        buf.b += value  # raw payload, for unknown types and hand-made values
     elif vtype == VT.STRING:
         buf.string(value)
     elif vtype == VT.ARRAY:
@@ -60,8 +73,9 @@ def _value(buf: _Buf, vtype, value, elem=None) -> None:
         buf.put(_PACK[vtype], value, "bool" if vtype == VT.BOOL else None)
 
 
-def build_gguf(kvs=(), tensors=(), *, version=3, n_kv=None, n_tensors=None, alignment=32, magic=b"GGUF",
-               fill=0, with_data=True) -> Built:
+def build_gguf(
+    kvs=(), tensors=(), *, version=3, n_kv=None, n_tensors=None, alignment=32, magic=b"GGUF", fill=0, with_data=True
+) -> Built:
     """kvs: (key, type, value[, element type]); tensors: (name, ne innermost first, type[, offset]).
     Tensor data (zeros, or random bytes if `fill` is a seed) follows at aligned offsets (or the
     given ones) and the file ends after the last; offsets beyond 1 TiB get no data."""
@@ -111,10 +125,17 @@ def build_gguf(kvs=(), tensors=(), *, version=3, n_kv=None, n_tensors=None, alig
 GOOD_KVS = [
     ("general.architecture", VT.STRING, "llama"),
     ("general.alignment", VT.UINT32, 64),
-    ("test.u8", VT.UINT8, 200), ("test.i8", VT.INT8, -100), ("test.u16", VT.UINT16, 60000),
-    ("test.i16", VT.INT16, -30000), ("test.u32", VT.UINT32, 4_000_000_000), ("test.i32", VT.INT32, -2_000_000_000),
-    ("test.f32", VT.FLOAT32, 1e-5), ("test.bool", VT.BOOL, 1), ("test.u64", VT.UINT64, 2**64 - 1),
-    ("test.i64", VT.INT64, -2**63), ("test.f64", VT.FLOAT64, 3.141592653589793),
+    ("test.u8", VT.UINT8, 200),
+    ("test.i8", VT.INT8, -100),
+    ("test.u16", VT.UINT16, 60000),
+    ("test.i16", VT.INT16, -30000),
+    ("test.u32", VT.UINT32, 4_000_000_000),
+    ("test.i32", VT.INT32, -2_000_000_000),
+    ("test.f32", VT.FLOAT32, 1e-5),
+    ("test.bool", VT.BOOL, 1),
+    ("test.u64", VT.UINT64, 2**64 - 1),
+    ("test.i64", VT.INT64, -(2**63)),
+    ("test.f64", VT.FLOAT64, 3.141592653589793),
     ("test.unicode", VT.STRING, "naïve 東京 🙂"),
     ("test.empty_string", VT.STRING, ""),
     ("tokenizer.ggml.tokens", VT.ARRAY, ["<unk>", "<s>", "</s>", "▁the", "<0x0A>"], VT.STRING),
@@ -124,8 +145,11 @@ GOOD_KVS = [
     ("test.empty_array", VT.ARRAY, [], VT.UINT32),
 ]
 GOOD_TENSORS = [
-    ("a.f32", [7], QT.F32), ("b.f16", [3, 5], QT.F16), ("c.q4_0", [64, 3], QT.Q4_0),
-    ("d.q8_0", [32, 2, 2], QT.Q8_0), ("e.q4_k", [256, 1, 1, 2], QT.Q4_K),
+    ("a.f32", [7], QT.F32),
+    ("b.f16", [3, 5], QT.F16),
+    ("c.q4_0", [64, 3], QT.Q4_0),
+    ("d.q8_0", [32, 2, 2], QT.Q8_0),
+    ("e.q4_k", [256, 1, 1, 2], QT.Q4_K),
 ]
 
 
@@ -148,7 +172,7 @@ def gguf_reader_view(path: Path):
         if name.startswith("GGUF."):
             continue
         main = f.types[0]
-        sub = VT(int(f.parts[3][0])) if main == VT.ARRAY else None    # (f.types omits it for empty arrays)
+        sub = VT(int(f.parts[3][0])) if main == VT.ARRAY else None  # (f.types omits it for empty arrays)
         if main == VT.ARRAY:
             if sub == VT.STRING:
                 val = [bytes(f.parts[i]) for i in f.data]
@@ -159,9 +183,18 @@ def gguf_reader_view(path: Path):
         else:
             val = _number(f.parts[-1], main)
         kvs[name] = (main, sub, val)
-    tensors = [(t.name, QT(int(t.tensor_type)), tuple(reversed(t.shape.tolist())), int(t.data_offset), int(t.n_bytes),
-                int(t.n_elements), bytes(np.asarray(t.data).view(np.uint8).reshape(-1)))
-               for t in r.tensors]
+    tensors = [
+        (
+            t.name,
+            QT(int(t.tensor_type)),
+            tuple(reversed(t.shape.tolist())),
+            int(t.data_offset),
+            int(t.n_bytes),
+            int(t.n_elements),
+            bytes(np.asarray(t.data).view(np.uint8).reshape(-1)),
+        )
+        for t in r.tensors
+    ]
     return r, kvs, tensors
 
 
@@ -173,7 +206,7 @@ def _number(part, vtype):
 def _as_bytes(v):
     if isinstance(v, str):
         return v.encode("utf-8")
-    if isinstance(v, CompactArray):      # long arrays: compact, list-like
+    if isinstance(v, CompactArray):  # long arrays: compact, list-like
         v = v.tolist()
     if isinstance(v, list):
         return [_as_bytes(x) for x in v]
@@ -192,9 +225,10 @@ def compare_with_gguf_reader(g, path: Path) -> None:
             raw = val if isinstance(val, list) else [val]
             assert set(raw) <= {0, 1}, (k, raw)
             val = [bool(x) for x in val] if isinstance(val, list) else bool(val)
-        assert repr(_as_bytes(g.kvs[k])) == repr(val), k          # repr: NaN equals NaN, -0.0 differs from 0.0
-    assert [(t.name, t.ggml_type, t.shape, t.offset, t.nbytes, t.n_elements, bytes(t.data)) for t in g.tensors] \
-        == tensors
+        assert repr(_as_bytes(g.kvs[k])) == repr(val), k  # repr: NaN equals NaN, -0.0 differs from 0.0
+    assert [
+        (t.name, t.ggml_type, t.shape, t.offset, t.nbytes, t.n_elements, bytes(t.data)) for t in g.tensors
+    ] == tensors
 
 
 def assert_agrees_with_gguf_reader(path: Path):

@@ -8,6 +8,7 @@ hparams, so any 2-D float32 matrix can ride in a weight tensor and be quantized 
 `llama_quantize_file` runs llama.cpp's quantizer (`llama_model_quantize`, what the
 `llama-quantize` tool calls) on such a file; `read_tensors` reads the result back.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,10 +31,19 @@ LLAMA_MATRIX_NAMES = [
 ]
 
 
-def write_f32_llama_gguf(path: str | Path, tensors: dict[str, np.ndarray], *,
-                         n_embd: int = 256, n_ff: int = 512, n_head: int = 2, n_layer: int = 1,
-                         n_ctx: int = 128, n_vocab: int = 8, rms_eps: float = 1e-5,
-                         norms: bool = True) -> Path:
+def write_f32_llama_gguf(
+    path: str | Path,
+    tensors: dict[str, np.ndarray],
+    *,
+    n_embd: int = 256,
+    n_ff: int = 512,
+    n_head: int = 2,
+    n_layer: int = 1,
+    n_ctx: int = 128,
+    n_vocab: int = 8,
+    rms_eps: float = 1e-5,
+    norms: bool = True,
+) -> Path:
     """Write `tensors` (numpy shape = [rows, row_len], stored as f32) into a llama GGUF.
 
     Row lengths of quantized tensors must be multiples of the block size (use 256 to also
@@ -58,8 +68,10 @@ def write_f32_llama_gguf(path: str | Path, tensors: dict[str, np.ndarray], *,
     tokens = ["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(n_vocab - 3)]
     w.add_token_list(tokens)
     w.add_token_scores([0.0] * n_vocab)
-    w.add_token_types([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-                      + [gguf.TokenType.NORMAL] * (n_vocab - 3))
+    w.add_token_types(
+        [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+        + [gguf.TokenType.NORMAL] * (n_vocab - 3)
+    )
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
@@ -141,8 +153,15 @@ def ggml_quantize_chunk(ggml_type: int, x: np.ndarray, imatrix: np.ndarray | Non
         lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
         fn = lib.ggml_quantize_chunk
         fn.restype = ctypes.c_size_t
-        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                       ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        fn.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_int64,
+            ctypes.c_void_p,
+        ]
         lib.ggml_row_size.restype = ctypes.c_size_t
         lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
         _GGML_QUANTIZE_CHUNK = (fn, lib.ggml_row_size)
@@ -152,8 +171,7 @@ def ggml_quantize_chunk(ggml_type: int, x: np.ndarray, imatrix: np.ndarray | Non
     out = np.zeros((rows, row_size(int(ggml_type), n)), np.uint8)
     qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
     assert qw is None or qw.shape == (n,)
-    written = fn(int(ggml_type), x.ctypes.data, out.ctypes.data, 0, rows, n,
-                 None if qw is None else qw.ctypes.data)
+    written = fn(int(ggml_type), x.ctypes.data, out.ctypes.data, 0, rows, n, None if qw is None else qw.ctypes.data)
     assert written == out.size
     return out
 
@@ -165,10 +183,15 @@ def ggml_dequantize(ggml_type: int, raw: np.ndarray, n_per_row: int) -> np.ndarr
     import llama_cpp
 
     class TypeTraits(ctypes.Structure):
-        _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
-                    ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
-                    ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p),
-                    ("from_float_ref", ctypes.c_void_p)]
+        _fields_ = [
+            ("type_name", ctypes.c_char_p),
+            ("blck_size", ctypes.c_int64),
+            ("blck_size_interleave", ctypes.c_int64),
+            ("type_size", ctypes.c_size_t),
+            ("is_quantized", ctypes.c_bool),
+            ("to_float", ctypes.c_void_p),
+            ("from_float_ref", ctypes.c_void_p),
+        ]
 
     lib = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
     lib.ggml_get_type_traits.restype = ctypes.POINTER(TypeTraits)

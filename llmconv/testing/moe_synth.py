@@ -20,6 +20,7 @@ a given seed.
                 h += sum_e weight_e * W2_e (silu(W1_e f) * W3_e f)
     logits = rmsnorm(h) Wout^T
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -45,23 +46,35 @@ def mistral_tokenizer() -> Path | None:
 
 def vocab_size(tokenizer: Path) -> int:
     import sentencepiece as spm
+
     return spm.SentencePieceProcessor(model_file=str(tokenizer)).vocab_size()
 
 
-def mixtral_state_dict(*, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256, n_expert=8, vocab=512,
-                       seed=0, dtype=torch.bfloat16, router_scale=3.0) -> dict[str, torch.Tensor]:
+def mixtral_state_dict(
+    *,
+    dim=256,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    ffn=256,
+    n_expert=8,
+    vocab=512,
+    seed=0,
+    dtype=torch.bfloat16,
+    router_scale=3.0,
+) -> dict[str, torch.Tensor]:
     """Random weights in HF names. `router_scale` spreads the router logits so that the top-k
     choice has clear margins (the reference checks them)."""
     g = torch.Generator().manual_seed(seed)
     hd = dim // n_heads
 
     def w(rows, cols, scale=1.0):
-        return (torch.randn(rows, cols, generator=g) * scale * cols ** -0.5).to(dtype)
+        return (torch.randn(rows, cols, generator=g) * scale * cols**-0.5).to(dtype)
 
     def norm():
         return (1 + 0.1 * torch.randn(dim, generator=g)).to(dtype)
 
-    sd = {"model.embed_tokens.weight": w(vocab, dim, dim ** 0.5 * 0.05)}
+    sd = {"model.embed_tokens.weight": w(vocab, dim, dim**0.5 * 0.05)}
     for i in range(n_layers):
         p = f"model.layers.{i}."
         sd[p + "self_attn.q_proj.weight"] = w(n_heads * hd, dim)
@@ -80,10 +93,22 @@ def mixtral_state_dict(*, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn=256,
     return sd
 
 
-def write_hf_mixtral(path: Path, *, tokenizer: Path | None = None, shards: int = 1, n_expert: int = 8,
-                     n_expert_used: int = 2, dim: int = 256, n_layers: int = 2, n_heads: int = 4,
-                     n_kv_heads: int = 2, ffn: int = 256, seed: int = 0, sd: dict | None = None,
-                     config: dict | None = None) -> Path:
+def write_hf_mixtral(
+    path: Path,
+    *,
+    tokenizer: Path | None = None,
+    shards: int = 1,
+    n_expert: int = 8,
+    n_expert_used: int = 2,
+    dim: int = 256,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    ffn: int = 256,
+    seed: int = 0,
+    sd: dict | None = None,
+    config: dict | None = None,
+) -> Path:
     """Write the checkpoint; with `shards` > 1, tensors are spread round-robin over the
     files, so every layer's experts are split across shards."""
     path = Path(path)
@@ -91,23 +116,55 @@ def write_hf_mixtral(path: Path, *, tokenizer: Path | None = None, shards: int =
     tokenizer = tokenizer or mistral_tokenizer() or FIXTURE_TOKENIZER
     vocab = vocab_size(tokenizer)
     if sd is None:
-        sd = mixtral_state_dict(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, ffn=ffn,
-                                n_expert=n_expert, vocab=vocab, seed=seed)
+        sd = mixtral_state_dict(
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            ffn=ffn,
+            n_expert=n_expert,
+            vocab=vocab,
+            seed=seed,
+        )
     save_safetensors(path, sd, shards)
     cfg = {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-        "hidden_size": dim, "intermediate_size": ffn, "num_hidden_layers": n_layers,
-        "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads, "num_local_experts": n_expert,
-        "num_experts_per_tok": n_expert_used, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "vocab_size": vocab,
-        "max_position_embeddings": 32768, "hidden_act": "silu", "tie_word_embeddings": False,
-        "sliding_window": None, "router_aux_loss_coef": 0.02, "output_router_logits": False,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_size": dim,
+        "intermediate_size": ffn,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv_heads,
+        "num_local_experts": n_expert,
+        "num_experts_per_tok": n_expert_used,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e6,
+        "vocab_size": vocab,
+        "max_position_embeddings": 32768,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "sliding_window": None,
+        "router_aux_loss_coef": 0.02,
+        "output_router_logits": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
     }
     cfg.update(config or {})
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "legacy": True, "tokenizer_class": "LlamaTokenizer"}))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "legacy": True,
+                "tokenizer_class": "LlamaTokenizer",
+            }
+        )
+    )
     (path / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
     return path
 
@@ -139,7 +196,7 @@ def _rotate_half(x, theta):
     inv = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
     ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None, :]
     cos, sin = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]
-    a, b = x[..., : hd // 2], x[..., hd // 2:]
+    a, b = x[..., : hd // 2], x[..., hd // 2 :]
     return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
 
 
@@ -160,8 +217,10 @@ def mixtral_logits(sd: dict, config: dict, tokens: list[int]) -> tuple[torch.Ten
         q = _rotate_half((a @ w[p + "self_attn.q_proj.weight"].T).view(T, nh, hd), theta)
         k = _rotate_half((a @ w[p + "self_attn.k_proj.weight"].T).view(T, nkv, hd), theta)
         v = (a @ w[p + "self_attn.v_proj.weight"].T).view(T, nkv, hd)
-        heads = [torch.softmax(q[:, j] @ k[:, j // (nh // nkv)].T / hd ** 0.5 + causal, -1) @ v[:, j // (nh // nkv)]
-                 for j in range(nh)]
+        heads = [
+            torch.softmax(q[:, j] @ k[:, j // (nh // nkv)].T / hd**0.5 + causal, -1) @ v[:, j // (nh // nkv)]
+            for j in range(nh)
+        ]
         h = h + torch.cat(heads, -1) @ w[p + "self_attn.o_proj.weight"].T
         f = _rmsnorm(h, w[p + "post_attention_layernorm.weight"], eps)
         probs = torch.softmax(f @ w[p + "block_sparse_moe.gate.weight"].T, -1)

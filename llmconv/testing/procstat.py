@@ -1,5 +1,6 @@
 """Run a command and sample its peak anonymous memory (RssAnon: not the page cache, not
 mmapped files). Shared by tests/test_scale.py and bench/e2e.py."""
+
 from __future__ import annotations
 
 import subprocess

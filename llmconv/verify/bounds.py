@@ -20,6 +20,7 @@ max|deq - src| / max|src| against the source weight. The max-error bounds follow
 format's step size (half a step, or a whole step where the block's far side can clip), so they
 hold for any model.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,8 +34,8 @@ from ..errors import LlmconvError
 
 @dataclass(frozen=True)
 class FidelityBounds:
-    max_rel_dlogit: float     # max |candidate - expected| over max |expected|
-    max_kld: float            # mean KL(expected || candidate), nats
+    max_rel_dlogit: float  # max |candidate - expected| over max |expected|
+    max_kld: float  # mean KL(expected || candidate), nats
 
 
 # See the module docstring and README "verify: fidelity" for the measured margin.
@@ -42,16 +43,27 @@ FIDELITY_BOUNDS = FidelityBounds(max_rel_dlogit=2e-3, max_kld=1e-4)
 
 # (rel_rmse, rel_max_err) per tensor type, against the source weight
 TENSOR_BOUNDS: dict[str, tuple[float, float]] = {
-    "f32": (1e-6, 1e-6), "f16": (1e-3, 1e-3), "bf16": (5e-3, 5e-3),
-    "q8_0": (0.02, 0.01), "q5_1": (0.06, 0.05), "q5_0": (0.10, 0.08),
-    "q4_1": (0.15, 0.10), "q4_0": (0.20, 0.15),
-    "q6_k": (0.04, 0.04), "q5_k": (0.08, 0.08), "q4_k": (0.15, 0.15), "q3_k": (0.30, 0.35), "q2_k": (0.50, 0.60),
+    "f32": (1e-6, 1e-6),
+    "f16": (1e-3, 1e-3),
+    "bf16": (5e-3, 5e-3),
+    "q8_0": (0.02, 0.01),
+    "q5_1": (0.06, 0.05),
+    "q5_0": (0.10, 0.08),
+    "q4_1": (0.15, 0.10),
+    "q4_0": (0.20, 0.15),
+    "q6_k": (0.04, 0.04),
+    "q5_k": (0.08, 0.08),
+    "q4_k": (0.15, 0.15),
+    "q3_k": (0.30, 0.35),
+    "q2_k": (0.50, 0.60),
     # IQ4 grid steps reach 24/127 of the block scale: half a step ~0.1 (fixture worst: 0.093 rmse, 0.053 max)
-    "iq4_nl": (0.20, 0.15), "iq4_xs": (0.20, 0.15),
+    "iq4_nl": (0.20, 0.15),
+    "iq4_xs": (0.20, 0.15),
     # IQ3 groups must land on a 256/512-point grid and an imatrix may zero a weight's importance,
     # so single weights can move by more than the tensor's max (measured up to 1.43x on uniform
     # data); heavy tails (Student t, 1.5 dof) reach 0.44 rms. Loose: the bytes are compared anyway.
-    "iq3_s": (0.60, 2.0), "iq3_xxs": (0.60, 2.0),
+    "iq3_s": (0.60, 2.0),
+    "iq3_xxs": (0.60, 2.0),
 }
 
 
@@ -91,7 +103,7 @@ LOGIT_BOUNDS: dict[str, LogitBounds] = {
 @dataclass(frozen=True)
 class Published:
     kld: float
-    top1: float | None        # "Same top p", when published
+    top1: float | None  # "Same top p", when published
 
 
 # llama.cpp's published figures on LLaMA-3-8B (tools/perplexity/README.md, no imatrix), by file type

@@ -31,6 +31,7 @@ weights alone.
 
 The file's tensors and hyperparameters come from model_file.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,10 +45,11 @@ from ..errors import LlmconvError
 from . import moe
 from .model_file import FileTensor, LlamaConfig, ModelFile, dequantize, open_model_file, read_config
 
-CHUNK_BYTES = 64 << 20          # float32 bytes of dequantized weight per matmul chunk
+CHUNK_BYTES = 64 << 20  # float32 bytes of dequantized weight per matmul chunk
 
 
 # ---- activation rounding (llama.cpp CPU "vec_dot type") ------------------------------------
+
 
 def _round_f16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).astype(np.float32)
@@ -55,7 +57,7 @@ def _round_f16(x: np.ndarray) -> np.ndarray:
 
 def _round_bf16(x: np.ndarray) -> np.ndarray:
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    r = (u + (0x7FFF + ((u >> 16) & 1))) & np.uint32(0xFFFF0000)   # nearest even on the top 16 bits
+    r = (u + (0x7FFF + ((u >> 16) & 1))) & np.uint32(0xFFFF0000)  # nearest even on the top 16 bits
     return r.view(np.float32)
 
 
@@ -83,7 +85,7 @@ def _round_q8_k(x: np.ndarray) -> np.ndarray:
 
 
 _K_TYPES = {QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K}
-_Q8_0_TYPES = {QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_1, QT.Q5_1}   # q8_1 rounds the values as q8_0 does
+_Q8_0_TYPES = {QT.Q4_0, QT.Q5_0, QT.Q8_0, QT.Q4_1, QT.Q5_1}  # q8_1 rounds the values as q8_0 does
 
 
 def activation_rounding(ggml_type: QT, n: int) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -100,6 +102,7 @@ def activation_rounding(ggml_type: QT, n: int) -> Callable[[np.ndarray], np.ndar
 
 # ---- the forward pass ----------------------------------------------------------------------
 
+
 def matmul_t(x: np.ndarray, t: FileTensor, activations: str | tuple[str, ...]) -> np.ndarray:
     """x [T, n] @ W^T for W = t [m, n], dequantizing W in row chunks. With several activation
     modes, x holds one equal-length stream per mode, stacked: each is rounded its own way, and
@@ -112,12 +115,12 @@ def matmul_t(x: np.ndarray, t: FileTensor, activations: str | tuple[str, ...]) -
         T = x.shape[0] // len(modes)
         for s, mode in enumerate(modes):
             if mode == "ggml":
-                x[s * T:(s + 1) * T] = rnd(x[s * T:(s + 1) * T])
+                x[s * T : (s + 1) * T] = rnd(x[s * T : (s + 1) * T])
     out = np.empty((x.shape[0], m), np.float32)
     step = max(1, CHUNK_BYTES // (4 * n))
     for r0 in range(0, m, step):
         w = t.rows(r0, min(m, r0 + step))
-        np.matmul(x, w.T, out=out[:, r0:r0 + w.shape[0]])
+        np.matmul(x, w.T, out=out[:, r0 : r0 + w.shape[0]])
         del w
     return out
 
@@ -153,9 +156,9 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head_kv: int, chunk
     `chunk`: attend only within blocks of that many positions (llama4's chunked attention)."""
     T, H, d = q.shape
     g = H // n_head_kv
-    qh = q.transpose(1, 0, 2).reshape(n_head_kv, g * T, d)          # [Hkv, g*T, d]
-    kh = k.transpose(1, 2, 0)                                        # [Hkv, d, T]
-    scores = np.matmul(qh, kh) * np.float32(1.0 / math.sqrt(d))      # [Hkv, g*T, T]
+    qh = q.transpose(1, 0, 2).reshape(n_head_kv, g * T, d)  # [Hkv, g*T, d]
+    kh = k.transpose(1, 2, 0)  # [Hkv, d, T]
+    scores = np.matmul(qh, kh) * np.float32(1.0 / math.sqrt(d))  # [Hkv, g*T, T]
     scores = scores.reshape(n_head_kv, g, T, T)
     future = np.triu(np.ones((T, T), bool), 1)
     if chunk:
@@ -165,7 +168,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_head_kv: int, chunk
     scores -= scores.max(axis=-1, keepdims=True)
     p = np.exp(scores)
     p /= p.sum(axis=-1, keepdims=True)
-    out = np.matmul(p.reshape(n_head_kv, g * T, T), v.transpose(1, 0, 2))   # [Hkv, g*T, d]
+    out = np.matmul(p.reshape(n_head_kv, g * T, T), v.transpose(1, 0, 2))  # [Hkv, g*T, d]
     return out.reshape(H, T, d).transpose(1, 0, 2).reshape(T, H * d)
 
 
@@ -176,15 +179,17 @@ def embed(t: FileTensor, tokens: np.ndarray) -> np.ndarray:
     return rows[inv].astype(np.float32)
 
 
-def candidate_logits(model: str | Path | ModelFile, tokens, activations: str = "ggml",
-                     progress: bool = False) -> np.ndarray:
+def candidate_logits(
+    model: str | Path | ModelFile, tokens, activations: str = "ggml", progress: bool = False
+) -> np.ndarray:
     """Logits [T, vocab] (float32) of the file's model for `tokens`, all positions; `progress`
     shows the layers with tqdm."""
     return candidate_streams(model, tokens, (activations,), progress)[activations]
 
 
-def candidate_streams(model: str | Path | ModelFile, tokens, modes: tuple[str, ...] = ("f32", "ggml"),
-                      progress: bool = False) -> dict[str, np.ndarray]:
+def candidate_streams(
+    model: str | Path | ModelFile, tokens, modes: tuple[str, ...] = ("f32", "ggml"), progress: bool = False
+) -> dict[str, np.ndarray]:
     """candidate_logits for several activation modes in one pass over the weights: {mode: logits}."""
     from .progress import layer_progress
 
@@ -205,9 +210,10 @@ def candidate_streams(model: str | Path | ModelFile, tokens, modes: tuple[str, .
     llama4 = cfg.arch == "llama4"
     if llama4:
         from . import llama4 as l4
+
         positions = np.tile(np.arange(T), S)
 
-    x = np.tile(embed(W["token_embd.weight"], tokens), (S, 1))         # the streams, stacked [S*T, dim]
+    x = np.tile(embed(W["token_embd.weight"], tokens), (S, 1))  # the streams, stacked [S*T, dim]
     for i in layer_progress(cfg.n_layer, "candidate", progress):
         b = f"blk.{i}."
         h = rms_norm(x, W[b + "attn_norm.weight"].array(), cfg.eps)
@@ -220,8 +226,14 @@ def candidate_streams(model: str | Path | ModelFile, tokens, modes: tuple[str, .
             qx = apply_rope(qx, cos, sin, cfg.n_rot)
             kx = apply_rope(kx, cos, sin, cfg.n_rot)
         chunk = l4.chunk_of(i) if llama4 else None
-        att = np.concatenate([attention(qx[s * T:(s + 1) * T], kx[s * T:(s + 1) * T], vx[s * T:(s + 1) * T],
-                                        cfg.n_head_kv, chunk) for s in range(S)])
+        att = np.concatenate(
+            [
+                attention(
+                    qx[s * T : (s + 1) * T], kx[s * T : (s + 1) * T], vx[s * T : (s + 1) * T], cfg.n_head_kv, chunk
+                )
+                for s in range(S)
+            ]
+        )
         x = x + matmul_t(att, W[b + "attn_output.weight"], modes)
         h = rms_norm(x, W[b + "ffn_norm.weight"].array(), cfg.eps)
         if llama4:
@@ -232,9 +244,9 @@ def candidate_streams(model: str | Path | ModelFile, tokens, modes: tuple[str, .
             continue
         gate = matmul_t(h, W[b + "ffn_gate.weight"], modes)
         up = matmul_t(h, W[b + "ffn_up.weight"], modes)
-        act = gate / (1.0 + np.exp(-gate)) * up                          # silu(gate) * up
+        act = gate / (1.0 + np.exp(-gate)) * up  # silu(gate) * up
         x = x + matmul_t(act.astype(np.float32), W[b + "ffn_down.weight"], modes)
     h = rms_norm(x, W["output_norm.weight"].array(), cfg.eps)
     out = W["token_embd.weight"] if cfg.tied_output else W["output.weight"]
     logits = matmul_t(h, out, modes)
-    return {mode: logits[s * T:(s + 1) * T] for s, mode in enumerate(modes)}
+    return {mode: logits[s * T : (s + 1) * T] for s, mode in enumerate(modes)}

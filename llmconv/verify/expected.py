@@ -15,6 +15,7 @@ It works in the checkpoint's own layout: a Hugging Face q_proj/k_proj is permute
 to GGUF order, compared and rounded there, and put back. Tensors the reference reads only in
 part (the embedding lookup) or not at all are compared afterwards (`compare_rest`).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -30,19 +31,20 @@ from .candidate import activation_rounding
 from .model_file import FileTensor, ModelFile, dequantize
 from .moe import expert_slice, split_expert_slice
 
-ROWS_PER_CHUNK_BYTES = 32 << 20     # float32 source rows handled at a time
+ROWS_PER_CHUNK_BYTES = 32 << 20  # float32 source rows handled at a time
 
 
 @dataclass
 class TensorCheck:
     """One file tensor against its source weight."""
+
     name: str
     type: str
-    blocks: int = 0                  # blocks compared byte for byte
-    blocks_differ: int = 0           # ... whose bytes differ from llmconv's quantization
-    blocks_damaged: int = 0          # ... and that are further from the source than llmconv's
-    worst_block: tuple[int, int] | None = None   # (row, block) of the damaged block furthest off
-    exact: bool = True               # the bytes were compared (False: no kernel, or shapes differ)
+    blocks: int = 0  # blocks compared byte for byte
+    blocks_differ: int = 0  # ... whose bytes differ from llmconv's quantization
+    blocks_damaged: int = 0  # ... and that are further from the source than llmconv's
+    worst_block: tuple[int, int] | None = None  # (row, block) of the damaged block furthest off
+    exact: bool = True  # the bytes were compared (False: no kernel, or shapes differ)
     rel_rmse: float = float("inf")
     rel_max_err: float = float("inf")
     bound_rel_rmse: float = float("inf")
@@ -96,8 +98,15 @@ class _Errors:
         return rmse, mx
 
 
-def compare_rows(check: TensorCheck, qt: q.QuantType, src: np.ndarray, file_raw: np.ndarray, r0: int,
-                 threads: int, imatrix: np.ndarray | None = None) -> np.ndarray:
+def compare_rows(
+    check: TensorCheck,
+    qt: q.QuantType,
+    src: np.ndarray,
+    file_raw: np.ndarray,
+    r0: int,
+    threads: int,
+    imatrix: np.ndarray | None = None,
+) -> np.ndarray:
     """Quantize source rows [rows, n] as the file's type, compare with the file's rows block by
     block, accumulate nothing but the block counts; returns llmconv's round trip of the rows."""
     ours = q.quantize_tensor(src, qt, threads, imatrix=imatrix)
@@ -122,8 +131,9 @@ def compare_rows(check: TensorCheck, qt: q.QuantType, src: np.ndarray, file_raw:
     return rt
 
 
-def check_tensor(ft: FileTensor, src: np.ndarray, threads: int = 1, keep: bool = True,
-                 imatrix: np.ndarray | None = None) -> tuple[TensorCheck, np.ndarray | None]:
+def check_tensor(
+    ft: FileTensor, src: np.ndarray, threads: int = 1, keep: bool = True, imatrix: np.ndarray | None = None
+) -> tuple[TensorCheck, np.ndarray | None]:
     """Compare the file tensor with its source weight `src` (GGUF row order, float32), row chunk
     by row chunk; return the check and, with `keep`, the expected weight (llmconv's round trip
     at the file's type; the file's own values when llmconv has no kernel for that type)."""
@@ -144,16 +154,16 @@ def check_tensor(ft: FileTensor, src: np.ndarray, threads: int = 1, keep: bool =
     errs = _Errors()
     step = max(1, ROWS_PER_CHUNK_BYTES // (4 * src2.shape[1]))
     for r0 in range(0, src2.shape[0], step):
-        s = np.ascontiguousarray(src2[r0:r0 + step], dtype=np.float32)
-        deq = q.dequantize_tensor(raw2[r0:r0 + step], ft.ggml_type) if qt is not None else ft.rows(r0, r0 + step)
+        s = np.ascontiguousarray(src2[r0 : r0 + step], dtype=np.float32)
+        deq = q.dequantize_tensor(raw2[r0 : r0 + step], ft.ggml_type) if qt is not None else ft.rows(r0, r0 + step)
         errs.add(deq, s)
         if qt is not None and np.isfinite(s).all():
-            rt = compare_rows(check, qt, s, raw2[r0:r0 + step], r0, threads, imatrix)
+            rt = compare_rows(check, qt, s, raw2[r0 : r0 + step], r0, threads, imatrix)
         else:
             check.exact = False
             rt = deq
         if out is not None:
-            out[r0:r0 + len(s)] = rt
+            out[r0 : r0 + len(s)] = rt
     check.rel_rmse, check.rel_max_err = errs.result()
     if qt is None:
         check.note = f"llmconv has no {tname} quantizer: bytes not compared, the expected pass uses the file's values"
@@ -165,11 +175,18 @@ class ExpectedWeights:
     the checkpoint's tensor names to GGUF names; `row_orders` gives, per GGUF name, the row
     order the checkpoint stores it in (HF Q/K: rotate_half_order) when it is not GGUF's."""
 
-    def __init__(self, mf: ModelFile, names: dict[str, str], row_orders: dict[str, np.ndarray],
-                 activations: str = "ggml", threads: int = 1, imatrix=None):
+    def __init__(
+        self,
+        mf: ModelFile,
+        names: dict[str, str],
+        row_orders: dict[str, np.ndarray],
+        activations: str = "ggml",
+        threads: int = 1,
+        imatrix=None,
+    ):
         self.mf, self.names, self.row_orders = mf, names, row_orders
         self.activations, self.threads = activations, threads
-        self.imatrix = imatrix           # llmconv.imatrix.Imatrix the file was quantized with, or None
+        self.imatrix = imatrix  # llmconv.imatrix.Imatrix the file was quantized with, or None
         self.checks: dict[str, TensorCheck] = {}
 
     def importance(self, ft: FileTensor) -> np.ndarray | None:
@@ -185,7 +202,7 @@ class ExpectedWeights:
 
     def file_tensor(self, name: str) -> FileTensor | None:
         g = self.names.get(name)
-        if isinstance(g, tuple):         # an expert: (stacked tensor, index), verify/moe.py
+        if isinstance(g, tuple):  # an expert: (stacked tensor, index), verify/moe.py
             t = self.mf.tensors.get(g[0])
             return expert_slice(t, g[1]) if t is not None and len(t.shape) == 3 and g[1] < t.shape[0] else None
         return self.mf.tensors.get(g) if g is not None else None
@@ -193,16 +210,16 @@ class ExpectedWeights:
     def weight(self, name: str, w: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         ft = self.file_tensor(name)
         if ft is None or ft.shape[-1] != w.shape[-1]:
-            return w                     # the structure checks report it; the pass keeps the source value
+            return w  # the structure checks report it; the pass keeps the source value
         a = w.detach().numpy()
-        if rows is not None:             # a lookup: round-trip just these rows (quantization is per row)
+        if rows is not None:  # a lookup: round-trip just these rows (quantization is per row)
             try:
                 qt = q.get(ft.ggml_type)
-            except KeyError:             # no kernel: the file's own rows
+            except KeyError:  # no kernel: the file's own rows
                 return torch.from_numpy(dequantize(ft.raw[rows.numpy()], ft))
             return torch.from_numpy(q.dequantize_tensor(q.quantize_tensor(a, qt, self.threads), qt))
         order = self.row_orders.get(ft.name)
-        src = a if order is None else a[np.argsort(order)]       # to GGUF row order
+        src = a if order is None else a[np.argsort(order)]  # to GGUF row order
         imp = self.importance(ft)
         check, expected = check_tensor(ft, src, self.threads, imatrix=imp)
         self.checks.setdefault(ft.name, check)
@@ -221,13 +238,14 @@ class ExpectedWeights:
         return ForwardHooks(weight=self.weight, matmul_input=self.matmul_input)
 
 
-def compare_rest(mf: ModelFile, source, checks: dict[str, TensorCheck], threads: int = 1,
-                 progress: Callable | None = None) -> None:
+def compare_rest(
+    mf: ModelFile, source, checks: dict[str, TensorCheck], threads: int = 1, progress: Callable | None = None
+) -> None:
     """Compare the file tensors the expected pass did not read in full (the embedding of an
     untied model, rope_freqs), loading their source tensors in GGUF layout."""
     for st in source.tensors:
         ft = mf.tensors.get(st.name)
-        if ft is None or st.name in checks or f"{st.name}[0]" in checks:    # experts: checked slice by slice
+        if ft is None or st.name in checks or f"{st.name}[0]" in checks:  # experts: checked slice by slice
             continue
         src = np.asarray(st.load(), dtype=np.float32).reshape(st.shape)
         checks[st.name], _ = check_tensor(ft, src, threads, keep=False)

@@ -1,5 +1,6 @@
 """Hooks into the reference forward passes (reference.py, reference_hf.py): replace a weight, or
 observe or change the input of a matrix product, by the checkpoint's own tensor name."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ class ForwardHooks:
 
     verify's expected pass uses both (quantize->dequantize each weight at the file's type, and
     round activations as llama.cpp's CPU backend does); an activation collector can use the second."""
+
     weight: Callable[[str, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
     matmul_input: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 

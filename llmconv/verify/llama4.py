@@ -18,6 +18,7 @@ The expected pass names each expert weight `...experts.gate[e]`, `...experts.up[
 `...experts.down[e]`: the slice in llama.cpp's [rows, cols] orientation (the fused tensor's
 columns transposed), so that the hooks round it as the file's stacked tensor slice e.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,6 +33,7 @@ EXPERT_KINDS = {"gate": "ffn_gate_exps", "up": "ffn_up_exps", "down": "ffn_down_
 
 # ---- file side -----------------------------------------------------------------------------
 
+
 def file_settings(mf, cfg) -> None:
     """The llama4 keys the graph reads, onto the candidate's config."""
     cfg.moe_step = int(mf.get(mf.arch_key("interleave_moe_layer_step"), 0) or 0)
@@ -43,10 +45,15 @@ def expected_shapes(cfg, i: int) -> dict[str, tuple[int, ...]]:
     b, d, E = f"blk.{i}.", cfg.n_embd, cfg.n_expert
     if L4.is_moe_layer(i, cfg.moe_step):
         f = cfg.n_ff_exp
-        return {b + "ffn_gate_inp.weight": (E, d), b + "ffn_gate_exps.weight": (E, f, d),
-                b + "ffn_up_exps.weight": (E, f, d), b + "ffn_down_exps.weight": (E, d, f),
-                b + "ffn_gate_shexp.weight": (f, d), b + "ffn_up_shexp.weight": (f, d),
-                b + "ffn_down_shexp.weight": (d, f)}
+        return {
+            b + "ffn_gate_inp.weight": (E, d),
+            b + "ffn_gate_exps.weight": (E, f, d),
+            b + "ffn_up_exps.weight": (E, f, d),
+            b + "ffn_down_exps.weight": (E, d, f),
+            b + "ffn_gate_shexp.weight": (f, d),
+            b + "ffn_up_shexp.weight": (f, d),
+            b + "ffn_down_shexp.weight": (d, f),
+        }
     ff = cfg.n_ff
     return {b + "ffn_gate.weight": (ff, d), b + "ffn_up.weight": (ff, d), b + "ffn_down.weight": (d, ff)}
 
@@ -90,7 +97,7 @@ def candidate_ffn(h: np.ndarray, W: dict, layer: int, cfg, modes, matmul_t) -> n
         return swiglu(h, W[b + "ffn_gate.weight"], W[b + "ffn_up.weight"], W[b + "ffn_down.weight"])
     out = swiglu(h, W[b + "ffn_gate_shexp.weight"], W[b + "ffn_up_shexp.weight"], W[b + "ffn_down_shexp.weight"])
     logits = matmul_t(h, W[b + "ffn_gate_inp.weight"], modes)
-    top_e = np.argsort(-logits, axis=-1, kind="stable")[:, :cfg.n_expert_used]
+    top_e = np.argsort(-logits, axis=-1, kind="stable")[:, : cfg.n_expert_used]
     weight = 1.0 / (1.0 + np.exp(-np.take_along_axis(logits, top_e, axis=-1).astype(np.float64)))
     for e in range(cfg.n_expert):
         rows, slot = np.nonzero(top_e == e)
@@ -105,6 +112,7 @@ def candidate_ffn(h: np.ndarray, W: dict, layer: int, cfg, modes, matmul_t) -> n
 
 
 # ---- reference side (checkpoint) -----------------------------------------------------------------
+
 
 def expert_names(source) -> dict[str, tuple[str, int]]:
     """The expected pass's expert weight names -> (stacked GGUF tensor, expert index)."""
@@ -203,6 +211,7 @@ class RefConfig:
 
     def __init__(self, config: dict, file):
         from ..errors import LlmconvError
+
         t = config.get("text_config", config)
         self.prefix = "language_model.model." if "text_config" in config else "model."
         self.lm_head = ("language_model." if "text_config" in config else "") + "lm_head.weight"
@@ -220,7 +229,9 @@ class RefConfig:
         step = int(t.get("interleave_moe_layer_step", 1))
         self.moe_layers = set(t.get("moe_layers") or range(step - 1, self.n_layers, step))
         interval = int(t.get("no_rope_layer_interval", 4))
-        self.no_rope_layers = list(t.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(self.n_layers)])
+        self.no_rope_layers = list(
+            t.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(self.n_layers)]
+        )
         self.use_qk_norm = bool(t.get("use_qk_norm", True))
         self.temperature_tuning = bool(t.get("attn_temperature_tuning", 4))
         self.floor_scale, self.attn_scale = float(t.get("floor_scale", 8192)), float(t.get("attn_scale", 0.1))
@@ -228,8 +239,9 @@ class RefConfig:
         self.tie = bool(t.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
 
 
-def llama4_reference_logits(ckpt_dir, tokens: list[int], hooks=None, progress: bool = False,
-                            desc: str = "reference") -> np.ndarray:
+def llama4_reference_logits(
+    ckpt_dir, tokens: list[int], hooks=None, progress: bool = False, desc: str = "reference"
+) -> np.ndarray:
     """Logits [T, vocab] (float32) of a Llama 4 checkpoint, one layer's weights at a time (experts
     one at a time)."""
     from pathlib import Path
@@ -264,8 +276,17 @@ def llama4_reference_logits(ckpt_dir, tokens: list[int], hooks=None, progress: b
         cos, sin = _rope_cos_sin(cfg, len(ids))
         for i in layer_progress(cfg.n_layers, desc, progress):
             p = f"{cfg.prefix}layers.{i}."
-            lw = {n: f32(p + n + ".weight") for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                         "self_attn.o_proj", "input_layernorm", "post_attention_layernorm")}
+            lw = {
+                n: f32(p + n + ".weight")
+                for n in (
+                    "self_attn.q_proj",
+                    "self_attn.k_proj",
+                    "self_attn.v_proj",
+                    "self_attn.o_proj",
+                    "input_layernorm",
+                    "post_attention_layernorm",
+                )
+            }
             mm = lambda v, short, p=p, lw=lw: hooks.x(p + short + ".weight", v) @ lw[short].T  # noqa: E731
             x = x + reference_attention(rms(x, lw["input_layernorm"]), lw, cfg, i, cos, sin, mm)
             f = rms(x, lw["post_attention_layernorm"])
@@ -273,8 +294,7 @@ def llama4_reference_logits(ckpt_dir, tokens: list[int], hooks=None, progress: b
                 x = x + reference_moe(f, cfg, p + "feed_forward.", weights, hooks)
             else:
                 ws = {k: f32(f"{p}feed_forward.{k}_proj.weight") for k in ("gate", "up", "down")}
-                x = x + _swiglu_named(f, p + "feed_forward.", ws,
-                                      lambda v, name, wt: hooks.x(name, v) @ wt.T)
+                x = x + _swiglu_named(f, p + "feed_forward.", ws, lambda v, name, wt: hooks.x(name, v) @ wt.T)
             del lw
         x = rms(x, f32(cfg.prefix + "norm.weight"))
         head = cfg.lm_head if cfg.lm_head in weights and not cfg.tie else embd

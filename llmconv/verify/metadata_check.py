@@ -9,6 +9,7 @@ absent hyperparameter takes llama.cpp's default, and the forward passes show whe
 matters. `tokenizer.ggml.pre` must also be a name llama.cpp knows: an unknown one makes
 llama.cpp refuse the file (recent builds) or fall back to its default split (older ones).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,21 +22,23 @@ from .model_file import ModelFile
 
 # tokenizer.ggml.pre values llama.cpp's llama-vocab.cpp recognises (a data table carried over
 # from llama.cpp; names added there since are accepted with a note, see check_pre)
-LLAMA_CPP_PRE = frozenset("""
+LLAMA_CPP_PRE = frozenset(
+    """
 default llama3 llama-v3 llama-bpe falcon3 deepseek-llm deepseek-coder deepseek-v3 falcon mpt
 starcoder gpt-2 phi-2 jina-es jina-de gigachat jina-v1-en jina-v2-es jina-v2-de jina-v2-code
 roberta-bpe refact command-r qwen2 stablelm2 olmo dbrx smaug-bpe poro-chat chatglm-bpe glm4 viking
 jais tekken smollm codeshell bloom gpt3-finnish exaone exaone4 chameleon minerva-7b megrez gpt-4o
 superbpe trillion bailingmoe seed-coder hunyuan kimi-k2 grok-2 pixtral deepseek-r1-qwen llama4
-""".split())
+""".split()
+)
 
 
 @dataclass
 class MetadataDifference:
     key: str
-    file: Any            # None: absent from the file
-    source: Any          # None: the checkpoint implies no value
-    failure: bool        # False: worth a note, not a different behaviour
+    file: Any  # None: absent from the file
+    source: Any  # None: the checkpoint implies no value
+    failure: bool  # False: worth a note, not a different behaviour
 
     def as_dict(self) -> dict:
         return {"key": self.key, "file": _plain(self.file), "source": _plain(self.source), "failure": self.failure}
@@ -56,7 +59,7 @@ def _plain(v):
 
 def _short(v) -> str:
     if isinstance(v, float):
-        return f"{v:.7g}"       # float32 keys read back as 9.999999747378752e-06: say 1e-05
+        return f"{v:.7g}"  # float32 keys read back as 9.999999747378752e-06: say 1e-05
     if isinstance(v, str) and len(v) > 60:
         return repr(v[:57] + "...")
     if isinstance(v, list):
@@ -70,17 +73,41 @@ def _arch(key: str, arch: str = "llama") -> str:
 
 # hyperparameters: compared when both sides have them ({arch}: the file's general.architecture)
 HPARAM_TEMPLATES = (
-    Keys.LLM.VOCAB_SIZE, Keys.LLM.EMBEDDING_LENGTH, Keys.LLM.BLOCK_COUNT, Keys.LLM.FEED_FORWARD_LENGTH,
-    Keys.Attention.HEAD_COUNT, Keys.Attention.HEAD_COUNT_KV, Keys.Attention.KEY_LENGTH,
-    Keys.Attention.VALUE_LENGTH, Keys.Attention.LAYERNORM_RMS_EPS, Keys.Rope.FREQ_BASE,
-    Keys.Rope.DIMENSION_COUNT, Keys.Rope.SCALING_TYPE, Keys.Rope.SCALING_FACTOR,
-    Keys.Rope.SCALING_ORIG_CTX_LEN, Keys.LLM.EXPERT_COUNT, Keys.LLM.EXPERT_USED_COUNT,
-    Keys.LLM.INTERLEAVE_MOE_LAYER_STEP, Keys.LLM.EXPERT_FEED_FORWARD_LENGTH)
+    Keys.LLM.VOCAB_SIZE,
+    Keys.LLM.EMBEDDING_LENGTH,
+    Keys.LLM.BLOCK_COUNT,
+    Keys.LLM.FEED_FORWARD_LENGTH,
+    Keys.Attention.HEAD_COUNT,
+    Keys.Attention.HEAD_COUNT_KV,
+    Keys.Attention.KEY_LENGTH,
+    Keys.Attention.VALUE_LENGTH,
+    Keys.Attention.LAYERNORM_RMS_EPS,
+    Keys.Rope.FREQ_BASE,
+    Keys.Rope.DIMENSION_COUNT,
+    Keys.Rope.SCALING_TYPE,
+    Keys.Rope.SCALING_FACTOR,
+    Keys.Rope.SCALING_ORIG_CTX_LEN,
+    Keys.LLM.EXPERT_COUNT,
+    Keys.LLM.EXPERT_USED_COUNT,
+    Keys.LLM.INTERLEAVE_MOE_LAYER_STEP,
+    Keys.LLM.EXPERT_FEED_FORWARD_LENGTH,
+)
 HPARAM_KEYS = [_arch(k) for k in HPARAM_TEMPLATES]
 # behaviour keys that must be present when the checkpoint implies them
 T = Keys.Tokenizer
-TOKENIZER_KEYS = [T.MODEL, T.PRE, T.BOS_ID, T.EOS_ID, T.EOT_ID, T.EOM_ID, T.UNK_ID, T.PAD_ID, T.ADD_BOS, T.ADD_EOS,
-                  T.CHAT_TEMPLATE]
+TOKENIZER_KEYS = [
+    T.MODEL,
+    T.PRE,
+    T.BOS_ID,
+    T.EOS_ID,
+    T.EOT_ID,
+    T.EOM_ID,
+    T.UNK_ID,
+    T.PAD_ID,
+    T.ADD_BOS,
+    T.ADD_EOS,
+    T.CHAT_TEMPLATE,
+]
 REQUIRED_KEYS = [_arch(Keys.LLM.CONTEXT_LENGTH)] + TOKENIZER_KEYS
 # tokenizer tables (the token texts are compared id by id elsewhere)
 TABLE_KEYS = [T.MERGES, T.TOKEN_TYPE, T.SCORES]
@@ -127,7 +154,7 @@ def metadata_differences(mf: ModelFile, source) -> list[MetadataDifference]:
     for key in [_arch(k, arch) for k in HPARAM_TEMPLATES] + (required + TABLE_KEYS if mf.kind == "gguf" else []):
         got, src = mf.get(key), want.get(key)
         if key == _arch(Keys.Attention.KEY_LENGTH, arch) and src is None and got is not None:
-            src = source.hparams.head_dim     # stated explicitly: still must match
+            src = source.hparams.head_dim  # stated explicitly: still must match
         if key == _arch(Keys.Attention.VALUE_LENGTH, arch) and src is None and got is not None:
             src = source.hparams.head_dim
         if got is None and src is None:
@@ -140,7 +167,7 @@ def metadata_differences(mf: ModelFile, source) -> list[MetadataDifference]:
                 out.append(MetadataDifference(key, None, src, True))
         else:
             out.append(MetadataDifference(key, got, None, False))
-    for key in mf.kvs:                     # named chat templates (tokenizer.chat_template.NAME)
+    for key in mf.kvs:  # named chat templates (tokenizer.chat_template.NAME)
         if key.startswith(T.CHAT_TEMPLATE + ".") and not same(mf.kvs[key], want.get(key)):
             out.append(MetadataDifference(key, mf.kvs[key], want.get(key), want.get(key) is not None))
     return out
@@ -150,5 +177,7 @@ def unknown_pre(mf: ModelFile) -> str | None:
     pre = mf.get(T.PRE)
     if pre is None or mf.get(T.MODEL) != "gpt2" or pre in LLAMA_CPP_PRE:
         return None
-    return (f"metadata {T.PRE} = {pre!r} is not a pre-tokenizer llama.cpp knows: llama.cpp refuses the file "
-            "or splits text with its default regex")
+    return (
+        f"metadata {T.PRE} = {pre!r} is not a pre-tokenizer llama.cpp knows: llama.cpp refuses the file "
+        "or splits text with its default regex"
+    )

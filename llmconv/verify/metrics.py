@@ -13,6 +13,7 @@ in float64 from log-softmax, so a float32 candidate that equals the reference gi
 
 Weights: rel_rmse = rms(dequantized - source) / rms(source), per tensor, worst first.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -78,7 +79,7 @@ def rel_rmse(deq: np.ndarray, src: np.ndarray) -> float:
     d = np.asarray(deq, np.float64).ravel()
     s = np.asarray(src, np.float64).ravel()
     err = float(np.sqrt(np.mean((d - s) ** 2)))
-    ref = float(np.sqrt(np.mean(s ** 2)))
+    ref = float(np.sqrt(np.mean(s**2)))
     if ref == 0.0:
         return 0.0 if err == 0.0 else float("inf")
     return err / ref

@@ -4,6 +4,7 @@ demand with llmconv's kernels) and its hyperparameters, checked against every te
 Files: GGUF (llmconv.formats.gguf_reader; a split model from its first part) and legacy
 ggml/ggmf/ggjt files (llmconv.formats.ggml_reader), both under GGUF names and keys.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,6 +22,7 @@ from ..formats.ggml_reader import legacy_magic
 from ..errors import LlmconvError
 from . import moe
 
+
 class FileInconsistent(LlmconvError):
     """The file cannot describe a LLaMA model: its metadata and tensors disagree (a wrong
     head_count_kv, a tensor of the wrong shape, a missing tensor). `llmconv verify` reports
@@ -29,12 +31,13 @@ class FileInconsistent(LlmconvError):
 
 # ---- the file ------------------------------------------------------------------------------
 
+
 @dataclass
 class FileTensor:
     name: str
     ggml_type: QT
-    shape: tuple[int, ...]           # numpy order: shape[-1] is the row length
-    raw: np.ndarray                  # uint8 [rows, row_nbytes] ([row_nbytes] for 1-D), usually a memmap
+    shape: tuple[int, ...]  # numpy order: shape[-1] is the row length
+    raw: np.ndarray  # uint8 [rows, row_nbytes] ([row_nbytes] for 1-D), usually a memmap
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         """Dequantized float32 rows [start, stop)."""
@@ -55,10 +58,10 @@ def dequantize(raw: np.ndarray, t: FileTensor) -> np.ndarray:
 @dataclass
 class ModelFile:
     path: Path
-    kind: str                                  # "gguf", or the legacy magic: "ggml", "ggmf", "ggjt"
-    kvs: dict[str, Any]                        # GGUF-named metadata (legacy readers map their hparams)
-    tensors: dict[str, FileTensor]             # GGUF-named tensors
-    tokens: list[bytes] | None = None          # the vocabulary the file carries, id by id
+    kind: str  # "gguf", or the legacy magic: "ggml", "ggmf", "ggjt"
+    kvs: dict[str, Any]  # GGUF-named metadata (legacy readers map their hparams)
+    tensors: dict[str, FileTensor]  # GGUF-named tensors
+    tokens: list[bytes] | None = None  # the vocabulary the file carries, id by id
     _keep: list = field(default_factory=list)  # reader objects whose memmaps the tensors view
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -95,8 +98,11 @@ def split_parts(path: Path, kvs: dict) -> list[Path]:
         return [path]
     m = SPLIT_NAME.match(path.name)
     if int(kvs.get("split.no", 0)) != 0 or not m:
-        raise LlmconvError(f"part {int(kvs.get('split.no', 0)) + 1} of a {count}-part split model: "
-                           "give the first part (-00001-of-...)", file=path)
+        raise LlmconvError(
+            f"part {int(kvs.get('split.no', 0)) + 1} of a {count}-part split model: "
+            "give the first part (-00001-of-...)",
+            file=path,
+        )
     return [path.with_name(f"{m['stem']}-{i + 1:05d}-of-{count:05d}.gguf") for i in range(count)]
 
 
@@ -142,7 +148,7 @@ def _open_legacy(path: Path) -> ModelFile:
     n_embd, n_head = int(h.n_embd), int(h.n_head)
     kvs: dict[str, Any] = {
         "general.architecture": ARCH,
-        "general.file_type": int(h.ftype),     # llama_ftype, numbered as GGUF's general.file_type
+        "general.file_type": int(h.ftype),  # llama_ftype, numbered as GGUF's general.file_type
         f"{ARCH}.embedding_length": n_embd,
         f"{ARCH}.block_count": int(h.n_layer),
         f"{ARCH}.attention.head_count": n_head,
@@ -154,20 +160,27 @@ def _open_legacy(path: Path) -> ModelFile:
     tensors = {}
     for t in g.tensors:
         name = legacy_gguf_name(t.name)
-        if not t.gguf_layout:   # pre-v3 q4/q8 blocks: f32 scales, other nibble order
-            raise LlmconvError(f"{t.type_name} tensors of {g.magic} v{g.version} files are not evaluated "
-                               "(quantized tensors only from ggjt v3 files)", file=path, tensor=t.name)
+        if not t.gguf_layout:  # pre-v3 q4/q8 blocks: f32 scales, other nibble order
+            raise LlmconvError(
+                f"{t.type_name} tensors of {g.magic} v{g.version} files are not evaluated "
+                "(quantized tensors only from ggjt v3 files)",
+                file=path,
+                tensor=t.name,
+            )
         shape = tuple(int(d) for d in t.shape)
         raw = np.asarray(t.data).view(np.uint8)
         raw = raw.reshape(*shape[:-1], -1) if len(shape) > 1 else raw.reshape(-1)
         tensors[name] = FileTensor(name, QT(int(t.ggml_type)), shape, raw)
     if "token_embd.weight" in tensors:
-        kvs[f"{ARCH}.feed_forward_length"] = tensors["blk.0.ffn_gate.weight"].shape[0] if "blk.0.ffn_gate.weight" in tensors else 0
+        kvs[f"{ARCH}.feed_forward_length"] = (
+            tensors["blk.0.ffn_gate.weight"].shape[0] if "blk.0.ffn_gate.weight" in tensors else 0
+        )
     tokens = [bytes(tok) if not isinstance(tok, str) else tok.encode("utf-8") for tok in g.vocab.tokens]
     return ModelFile(path, g.magic, kvs, tensors, tokens, [g])
 
 
 # ---- hyperparameters -----------------------------------------------------------------------
+
 
 @dataclass
 class LlamaConfig:
@@ -182,11 +195,11 @@ class LlamaConfig:
     freq_base: float
     freq_scale: float
     tied_output: bool
-    head_dim: int = 0                # attention.key_length, else n_embd / n_head (set by read_config)
-    n_expert: int = 0                # expert_count, expert_used_count: a Mixtral (verify/moe.py); 0 dense
+    head_dim: int = 0  # attention.key_length, else n_embd / n_head (set by read_config)
+    n_expert: int = 0  # expert_count, expert_used_count: a Mixtral (verify/moe.py); 0 dense
     n_expert_used: int = 0
-    arch: str = ARCH                 # "llama", or "llama4" (verify/llama4.py)
-    moe_step: int = 0                # llama4: interleave_moe_layer_step, expert_feed_forward_length
+    arch: str = ARCH  # "llama", or "llama4" (verify/llama4.py)
+    moe_step: int = 0  # llama4: interleave_moe_layer_step, expert_feed_forward_length
     n_ff_exp: int = 0
 
 
@@ -194,8 +207,9 @@ def read_config(mf: ModelFile) -> LlamaConfig:
     """Hyperparameters from the metadata, checked against every tensor's shape."""
     arch = mf.get("general.architecture", ARCH)
     if arch not in (ARCH, "llama4"):
-        raise LlmconvError(f"general.architecture is {arch!r}; verify evaluates 'llama' and 'llama4' models",
-                           file=mf.path)
+        raise LlmconvError(
+            f"general.architecture is {arch!r}; verify evaluates 'llama' and 'llama4' models", file=mf.path
+        )
 
     def need(suffix: str):
         key = mf.arch_key(suffix)
@@ -212,23 +226,40 @@ def read_config(mf: ModelFile) -> LlamaConfig:
     key_length = mf.get(mf.arch_key("attention.key_length"))
     value_length = mf.get(mf.arch_key("attention.value_length"), key_length)
     if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv or (key_length is None and n_embd % n_head):
-        raise FileInconsistent(f"embedding_length {n_embd}, head_count {n_head}, head_count_kv {n_head_kv} "
-                               "do not divide", file=mf.path)
+        raise FileInconsistent(
+            f"embedding_length {n_embd}, head_count {n_head}, head_count_kv {n_head_kv} do not divide", file=mf.path
+        )
     # Mistral Nemo style: heads of 128 with embedding 5120 and 32 heads (key_length != n_embd / n_head)
     head_dim = int(key_length) if key_length is not None else n_embd // n_head
     if value_length is not None and int(value_length) != head_dim:
-        raise FileInconsistent(f"attention.value_length {value_length} differs from key_length {head_dim} "
-                               "(a LLaMA model has one head size)", file=mf.path)
+        raise FileInconsistent(
+            f"attention.value_length {value_length} differs from key_length {head_dim} "
+            "(a LLaMA model has one head size)",
+            file=mf.path,
+        )
     n_rot, freq_scale = _rope(mf, head_dim)
     n_vocab = _vocab_size(mf)
     gate = mf.tensors.get("blk.0.ffn_gate.weight")
     n_ff = int(mf.get(mf.arch_key("feed_forward_length"), gate.shape[0] if gate is not None else 0))
-    cfg = LlamaConfig(n_embd, n_layer, n_head, n_head_kv, n_ff, n_rot, n_vocab, eps, freq_base, freq_scale,
-                      tied_output="output.weight" not in mf.tensors, head_dim=head_dim)
+    cfg = LlamaConfig(
+        n_embd,
+        n_layer,
+        n_head,
+        n_head_kv,
+        n_ff,
+        n_rot,
+        n_vocab,
+        eps,
+        freq_base,
+        freq_scale,
+        tied_output="output.weight" not in mf.tensors,
+        head_dim=head_dim,
+    )
     cfg.n_expert, cfg.n_expert_used = moe.expert_count(mf)
     cfg.arch = arch
     if arch == "llama4":
         from .llama4 import file_settings
+
         file_settings(mf, cfg)
     check_shapes(mf, cfg)
     return cfg
@@ -255,8 +286,9 @@ def _vocab_size(mf: ModelFile) -> int:
     n_vocab = mf.tensors["token_embd.weight"].shape[0]
     declared = mf.get(mf.arch_key("vocab_size"))
     if declared is not None and int(declared) != n_vocab:
-        raise FileInconsistent(f"{mf.arch_key('vocab_size')} = {declared} but token_embd.weight has {n_vocab} rows",
-                               file=mf.path)
+        raise FileInconsistent(
+            f"{mf.arch_key('vocab_size')} = {declared} but token_embd.weight has {n_vocab} rows", file=mf.path
+        )
     return n_vocab
 
 
@@ -268,16 +300,23 @@ def expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     for i in range(cfg.n_layer):
         b = f"blk.{i}."
         want |= {
-            b + "attn_norm.weight": (d,), b + "ffn_norm.weight": (d,),
-            b + "attn_q.weight": (cfg.n_head * hd, d), b + "attn_k.weight": (cfg.n_head_kv * hd, d),
-            b + "attn_v.weight": (cfg.n_head_kv * hd, d), b + "attn_output.weight": (d, cfg.n_head * hd),
+            b + "attn_norm.weight": (d,),
+            b + "ffn_norm.weight": (d,),
+            b + "attn_q.weight": (cfg.n_head * hd, d),
+            b + "attn_k.weight": (cfg.n_head_kv * hd, d),
+            b + "attn_v.weight": (cfg.n_head_kv * hd, d),
+            b + "attn_output.weight": (d, cfg.n_head * hd),
         }
         if cfg.arch == "llama4":
             from .llama4 import expected_shapes as llama4_ffn_shapes
+
             want |= llama4_ffn_shapes(cfg, i)
             continue
-        want |= moe.expected_moe_shapes(i, d, ff, cfg.n_expert) if cfg.n_expert else {
-            b + "ffn_gate.weight": (ff, d), b + "ffn_up.weight": (ff, d), b + "ffn_down.weight": (d, ff)}
+        want |= (
+            moe.expected_moe_shapes(i, d, ff, cfg.n_expert)
+            if cfg.n_expert
+            else {b + "ffn_gate.weight": (ff, d), b + "ffn_up.weight": (ff, d), b + "ffn_down.weight": (d, ff)}
+        )
     return want
 
 
@@ -299,12 +338,21 @@ def check_shapes(mf: ModelFile, cfg: LlamaConfig) -> None:
         if tuple(t.shape) != shape:
             kind = name.split(".")[-2]
             because = why.get(kind, f"{k('embedding_length')} = {cfg.n_embd}")
-            raise FileInconsistent(f"shape {tuple(t.shape)}, but {because} (head size {cfg.head_dim}) implies {shape}",
-                                   file=mf.path, tensor=name)
+            raise FileInconsistent(
+                f"shape {tuple(t.shape)}, but {because} (head size {cfg.head_dim}) implies {shape}",
+                file=mf.path,
+                tensor=name,
+            )
     if cfg.n_layer and f"blk.{cfg.n_layer}.attn_q.weight" in mf.tensors:
-        raise FileInconsistent(f"{k('block_count')} = {cfg.n_layer} but the file has more layers",
-                               file=mf.path, tensor=f"blk.{cfg.n_layer}.attn_q.weight")
+        raise FileInconsistent(
+            f"{k('block_count')} = {cfg.n_layer} but the file has more layers",
+            file=mf.path,
+            tensor=f"blk.{cfg.n_layer}.attn_q.weight",
+        )
     rf = mf.tensors.get("rope_freqs.weight")
     if rf is not None and tuple(rf.shape) != (cfg.n_rot // 2,):
-        raise FileInconsistent(f"shape {tuple(rf.shape)}, but rope.dimension_count {cfg.n_rot} implies ({cfg.n_rot // 2},)",
-                               file=mf.path, tensor="rope_freqs.weight")
+        raise FileInconsistent(
+            f"shape {tuple(rf.shape)}, but rope.dimension_count {cfg.n_rot} implies ({cfg.n_rot // 2},)",
+            file=mf.path,
+            tensor="rope_freqs.weight",
+        )

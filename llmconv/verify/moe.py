@@ -11,6 +11,7 @@ Both sides route the same way, each written from its own side's definition:
 
 Experts are read one at a time on both sides.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,6 +22,7 @@ import torch
 
 
 # ---- reference (checkpoint) ----------------------------------------------------------------
+
 
 def hf_moe_settings(cfg: dict) -> tuple[int, int] | None:
     """(num_local_experts, num_experts_per_tok) of a Mixtral config.json, None when dense."""
@@ -45,7 +47,7 @@ def hf_sparse_moe(x: torch.Tensor, layer: int, n_expert: int, top_k: int, load, 
         rows, slot = torch.where(top_e == e)
         names = [f"{p}experts.{e}.{w}.weight" for w in ("w1", "w2", "w3")]
         if not len(rows):
-            for n in names:          # unused here, but the hooks still see (and check) the weight
+            for n in names:  # unused here, but the hooks still see (and check) the weight
                 hooks.w(n, load(n))
             continue
         xe = x[rows]
@@ -55,6 +57,7 @@ def hf_sparse_moe(x: torch.Tensor, layer: int, n_expert: int, top_k: int, load, 
 
 
 # ---- candidate (file) ----------------------------------------------------------------------
+
 
 def expert_count(mf) -> tuple[int, int]:
     """({arch}.expert_count, {arch}.expert_used_count); (0, 0) for a dense model."""
@@ -91,7 +94,11 @@ def explain_expert(check, mf, source) -> str | None:
         if j == e:
             continue
         src = load().reshape(deq.shape)
-        err = float(np.sqrt(np.mean(np.square(deq - src, dtype=np.float64)) / max(np.mean(np.square(src, dtype=np.float64)), 1e-30)))
+        err = float(
+            np.sqrt(
+                np.mean(np.square(deq - src, dtype=np.float64)) / max(np.mean(np.square(src, dtype=np.float64)), 1e-30)
+            )
+        )
         if err <= check.bound_rel_rmse:
             return f"it holds expert {j}'s weights (experts swapped or stacked out of order)"
     return None
@@ -99,8 +106,12 @@ def explain_expert(check, mf, source) -> str | None:
 
 def expected_moe_shapes(layer: int, n_embd: int, n_ff: int, n_expert: int) -> dict[str, tuple[int, ...]]:
     b = f"blk.{layer}."
-    return {b + "ffn_gate_inp.weight": (n_expert, n_embd), b + "ffn_gate_exps.weight": (n_expert, n_ff, n_embd),
-            b + "ffn_up_exps.weight": (n_expert, n_ff, n_embd), b + "ffn_down_exps.weight": (n_expert, n_embd, n_ff)}
+    return {
+        b + "ffn_gate_inp.weight": (n_expert, n_embd),
+        b + "ffn_gate_exps.weight": (n_expert, n_ff, n_embd),
+        b + "ffn_up_exps.weight": (n_expert, n_ff, n_embd),
+        b + "ffn_down_exps.weight": (n_expert, n_embd, n_ff),
+    }
 
 
 def candidate_moe_ffn(h: np.ndarray, W: dict, layer: int, n_expert: int, top_k: int, modes, matmul_t) -> np.ndarray:
@@ -134,5 +145,9 @@ def hf_expert_names(source) -> dict[str, tuple[str, int]]:
     n_layers, n_expert = source.hparams.n_layers, source.hparams.n_expert
     if source.kind != "hf" or not n_expert:
         return {}
-    return {f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight": (f"blk.{i}.{k}.weight", e)
-            for i in range(n_layers) for e in range(n_expert) for w, k in kinds.items()}
+    return {
+        f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight": (f"blk.{i}.{k}.weight", e)
+        for i in range(n_layers)
+        for e in range(n_expert)
+        for w, k in kinds.items()
+    }

@@ -1,4 +1,5 @@
 """Progress of a forward pass on the terminal: one tqdm bar over the layers of each pass."""
+
 from __future__ import annotations
 
 
@@ -8,4 +9,10 @@ def layer_progress(n: int, desc: str, progress: bool):
 
     from ..progress import bar_label, terminal_columns
 
-    return tqdm(range(n), desc=bar_label(desc, terminal_columns()), unit="layer", leave=False, disable=None if progress else True)
+    return tqdm(
+        range(n),
+        desc=bar_label(desc, terminal_columns()),
+        unit="layer",
+        leave=False,
+        disable=None if progress else True,
+    )

@@ -20,6 +20,7 @@ Meta's conventions, as in their model.py:
   - SwiGLU feed-forward: w2(silu(w1 x) * w3 x)
   - output.weight, or the embedding when a checkpoint ties them
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,14 +36,24 @@ from .progress import layer_progress
 
 LAYER_TENSORS = (
     "attention_norm.weight",
-    "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
+    "attention.wq.weight",
+    "attention.wk.weight",
+    "attention.wv.weight",
+    "attention.wo.weight",
     "ffn_norm.weight",
-    "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight",
+    "feed_forward.w1.weight",
+    "feed_forward.w2.weight",
+    "feed_forward.w3.weight",
 )
 
 
-def reference_logits(ckpt_dir: str | Path, tokens: list[int], hooks: ForwardHooks | None = None,
-                     progress: bool = False, desc: str = "reference") -> np.ndarray:
+def reference_logits(
+    ckpt_dir: str | Path,
+    tokens: list[int],
+    hooks: ForwardHooks | None = None,
+    progress: bool = False,
+    desc: str = "reference",
+) -> np.ndarray:
     """Logits [len(tokens), vocab] (float32) of the checkpoint in `ckpt_dir` on `tokens`,
     every position attending causally to the ones before it (no cache, one pass). `hooks`
     replace weights or activations (ForwardHooks); `progress` shows the layers with tqdm."""
@@ -52,8 +63,10 @@ def reference_logits(ckpt_dir: str | Path, tokens: list[int], hooks: ForwardHook
         from ..convert.hf_files import read_json
         from ..convert.llama4_config import is_llama4
         from .reference_hf import hf_reference_logits
+
         if is_llama4(read_json(Path(ckpt_dir) / "config.json")):
             from .llama4 import llama4_reference_logits
+
             return llama4_reference_logits(ckpt_dir, tokens, hooks=hooks, progress=progress, desc=desc)
         return hf_reference_logits(ckpt_dir, tokens, hooks=hooks, progress=progress, desc=desc)
     return meta_reference_logits(ckpt_dir, tokens, hooks=hooks, progress=progress, desc=desc)
@@ -64,8 +77,13 @@ def meta_head_dim(ckpt: MetaCheckpoint) -> int:
     return int(ckpt.hparams.head_dim)
 
 
-def meta_reference_logits(ckpt_dir: str | Path, tokens: list[int], hooks: ForwardHooks | None = None,
-                          progress: bool = False, desc: str = "reference") -> np.ndarray:
+def meta_reference_logits(
+    ckpt_dir: str | Path,
+    tokens: list[int],
+    hooks: ForwardHooks | None = None,
+    progress: bool = False,
+    desc: str = "reference",
+) -> np.ndarray:
     """reference_logits for a Meta checkpoint (params.json + consolidated.NN.pth)."""
     hooks = hooks or NO_HOOKS
     ckpt = open_meta_checkpoint(ckpt_dir)
@@ -79,7 +97,7 @@ def meta_reference_logits(ckpt_dir: str | Path, tokens: list[int], hooks: Forwar
         for i in layer_progress(h.n_layers, desc, progress):
             w = layer_weights(ckpt, i, hooks)
             x = transformer_block(x, w, h, cos, sin)
-            del w                              # free this layer's float32 copies before loading the next
+            del w  # free this layer's float32 copies before loading the next
         x = rms_norm(x, hooks.w("norm.weight", load_f32(ckpt, "norm.weight")), h.norm_eps)
         out_name = "output.weight" if "output.weight" in ckpt.names else "tok_embeddings.weight"
         logits = hooks.x(out_name, x) @ hooks.w(out_name, load_f32(ckpt, out_name)).T
@@ -92,8 +110,9 @@ def load_f32(ckpt: MetaCheckpoint, name: str) -> torch.Tensor:
 
 def layer_weights(ckpt: MetaCheckpoint, i: int, hooks: ForwardHooks = NO_HOOKS) -> LayerWeights:
     prefix = f"layers.{i}."
-    return LayerWeights({short: hooks.w(prefix + short, load_f32(ckpt, prefix + short)) for short in LAYER_TENSORS},
-                        prefix, hooks)
+    return LayerWeights(
+        {short: hooks.w(prefix + short, load_f32(ckpt, prefix + short)) for short in LAYER_TENSORS}, prefix, hooks
+    )
 
 
 def llama3_scaling(params: dict) -> dict | None:
@@ -101,8 +120,12 @@ def llama3_scaling(params: dict) -> dict | None:
     The scale factor is `rope_scaling_factor` when given (LLaMA 3.2 small models), else 8."""
     if not params.get("use_scaled_rope"):
         return None
-    return {"scale": float(params.get("rope_scaling_factor") or 8.0), "low": 1.0,
-            "high": float(params.get("high_freq_factor") or 4.0), "old_context": 8192.0}
+    return {
+        "scale": float(params.get("rope_scaling_factor") or 8.0),
+        "low": 1.0,
+        "high": float(params.get("high_freq_factor") or 4.0),
+        "old_context": 8192.0,
+    }
 
 
 def scale_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
@@ -115,8 +138,9 @@ def scale_frequencies(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(wavelen < s["old_context"] / s["high"], inv_freq, out)
 
 
-def rope_tables(head_dim: int, n_pos: int, theta: float,
-                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    head_dim: int, n_pos: int, theta: float, scaling: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of pos * theta^(-2i/head_dim), [n_pos, 1, head_dim/2]. Angles are computed
     in float64 so the reference carries no error of its own at long positions."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
@@ -140,20 +164,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def attention(x: torch.Tensor, w: LayerWeights, h: LlamaHParams, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    T, hd = x.shape[0], cos.shape[-1] * 2                  # head size from the RoPE tables (may differ from dim/heads)
-    group = h.n_heads // h.n_kv_heads                     # query heads sharing one key/value head
+    T, hd = x.shape[0], cos.shape[-1] * 2  # head size from the RoPE tables (may differ from dim/heads)
+    group = h.n_heads // h.n_kv_heads  # query heads sharing one key/value head
     q = rotate_pairs(w.mm(x, "attention.wq.weight").view(T, h.n_heads, hd), cos, sin)
     k = rotate_pairs(w.mm(x, "attention.wk.weight").view(T, h.n_kv_heads, hd), cos, sin)
     v = w.mm(x, "attention.wv.weight").view(T, h.n_kv_heads, hd)
     # query heads grouped as [kv_head, member]: head h = kv_head * group + member
-    q = q.view(T, h.n_kv_heads, group, hd).permute(1, 2, 0, 3)          # [kv, group, T, hd]
-    k = k.permute(1, 0, 2)[:, None]                                       # [kv, 1, T, hd]
+    q = q.view(T, h.n_kv_heads, group, hd).permute(1, 2, 0, 3)  # [kv, group, T, hd]
+    k = k.permute(1, 0, 2)[:, None]  # [kv, 1, T, hd]
     v = v.permute(1, 0, 2)[:, None]
-    scores = q @ k.transpose(-1, -2) / hd ** 0.5                           # [kv, group, T, T]
+    scores = q @ k.transpose(-1, -2) / hd**0.5  # [kv, group, T, T]
     future = torch.ones(T, T, dtype=torch.bool).triu(1)
     scores = scores.masked_fill(future, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = (probs @ v).permute(2, 0, 1, 3).reshape(T, h.n_heads * hd)    # back to [T, head * hd]
+    out = (probs @ v).permute(2, 0, 1, 3).reshape(T, h.n_heads * hd)  # back to [T, head * hd]
     return w.mm(out, "attention.wo.weight")
 
 

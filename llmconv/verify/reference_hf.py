@@ -21,6 +21,7 @@ HF's conventions (transformers LlamaModel / LlamaForCausalLM):
   - LlamaMLP: down_proj(silu(gate_proj x) * up_proj x)
   - lm_head, or embed_tokens when there is no lm_head (tied embeddings)
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,15 @@ from .progress import layer_progress
 from .hooks import NO_HOOKS, ForwardHooks, LayerWeights
 from .moe import hf_moe_settings, hf_sparse_moe
 
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PROJECTIONS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
@@ -58,13 +66,18 @@ class HFConfig:
         scaling = cfg.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
         self.scaling = scaling if scaling and scaling.get("rope_type", scaling.get("type")) != "default" else None
         self.tie = bool(cfg.get("tie_word_embeddings", False))
-        self.moe = hf_moe_settings(cfg)      # (experts, experts per token) of a Mixtral; None when dense
+        self.moe = hf_moe_settings(cfg)  # (experts, experts per token) of a Mixtral; None when dense
         if cfg.get("hidden_act", "silu") != "silu":
             raise LlmconvError(f"hidden_act {cfg.get('hidden_act')!r}: the reference computes silu", file=file)
 
 
-def hf_reference_logits(ckpt_dir: str | Path, tokens: list[int], hooks: ForwardHooks | None = None,
-                        progress: bool = False, desc: str = "reference") -> np.ndarray:
+def hf_reference_logits(
+    ckpt_dir: str | Path,
+    tokens: list[int],
+    hooks: ForwardHooks | None = None,
+    progress: bool = False,
+    desc: str = "reference",
+) -> np.ndarray:
     """Logits [len(tokens), vocab] (float32) of the HF checkpoint in `ckpt_dir`, causal, one pass
     (hooks and progress: see reference.reference_logits)."""
     hooks = hooks or NO_HOOKS
@@ -81,12 +94,17 @@ def hf_reference_logits(ckpt_dir: str | Path, tokens: list[int], hooks: ForwardH
 
     with torch.inference_mode():
         rows = torch.tensor(ids)
-        hidden = hooks.w("model.embed_tokens.weight",
-                         weights["model.embed_tokens.weight"].get()[rows].to(torch.float32), rows)
+        hidden = hooks.w(
+            "model.embed_tokens.weight", weights["model.embed_tokens.weight"].get()[rows].to(torch.float32), rows
+        )
         cos, sin = rotary_cos_sin(c, len(ids))
         for i in layer_progress(c.n_layers, desc, progress):
             layer = decoder_layer_weights(weights, i, hooks, dense=c.moe is None)
-            moe = None if c.moe is None else (lambda h, i=i: hf_sparse_moe(h, i, *c.moe, lambda n: f32(weights, n), hooks))
+            moe = (
+                None
+                if c.moe is None
+                else (lambda h, i=i: hf_sparse_moe(h, i, *c.moe, lambda n: f32(weights, n), hooks))
+            )
             hidden = decoder_layer(hidden, layer, c, cos, sin, moe)
             del layer
         hidden = llama_rms_norm(hidden, hooks.w("model.norm.weight", f32(weights, "model.norm.weight")), c.eps)
@@ -102,14 +120,16 @@ def f32(weights: dict[str, WeightEntry], name: str) -> torch.Tensor:
     return weights[name].get().to(torch.float32)
 
 
-def decoder_layer_weights(weights: dict[str, WeightEntry], i: int, hooks: ForwardHooks = NO_HOOKS,
-                          dense: bool = True) -> LayerWeights:
+def decoder_layer_weights(
+    weights: dict[str, WeightEntry], i: int, hooks: ForwardHooks = NO_HOOKS, dense: bool = True
+) -> LayerWeights:
     """Layer i by short name ("self_attn.q_proj"); hooks see the full names (".weight", ".bias").
     `dense=False`: no mlp (a Mixtral layer's experts are read by verify/moe.py, one at a time)."""
     p = f"model.layers.{i}."
     projections = PROJECTIONS if dense else tuple(n for n in PROJECTIONS if not n.startswith("mlp."))
-    out: dict[str, torch.Tensor | None] = {n: hooks.w(p + n + ".weight", f32(weights, p + n + ".weight"))
-                                           for n in projections + NORMS}
+    out: dict[str, torch.Tensor | None] = {
+        n: hooks.w(p + n + ".weight", f32(weights, p + n + ".weight")) for n in projections + NORMS
+    }
     for n in projections:
         name = p + n + ".bias"
         out[n + ".bias"] = hooks.w(name, f32(weights, name)) if name in weights else None
@@ -174,9 +194,9 @@ def self_attention(x: torch.Tensor, w: dict, c: HFConfig, cos: torch.Tensor, sin
     q = q * cos + rotate_half(q) * sin
     k = k * cos + rotate_half(k) * sin
     n_rep = c.n_heads // c.n_kv
-    k = k.repeat_interleave(n_rep, dim=0)                 # repeat_kv: head h reads kv head h // n_rep
+    k = k.repeat_interleave(n_rep, dim=0)  # repeat_kv: head h reads kv head h // n_rep
     v = v.repeat_interleave(n_rep, dim=0)
-    scores = (q @ k.transpose(1, 2)) * c.head_dim ** -0.5
+    scores = (q @ k.transpose(1, 2)) * c.head_dim**-0.5
     causal = torch.full((T, T), float("-inf")).triu(1)
     probs = torch.softmax(scores + causal, dim=-1)
     out = (probs @ v).transpose(0, 1).reshape(T, c.n_heads * c.head_dim)
@@ -184,8 +204,9 @@ def self_attention(x: torch.Tensor, w: dict, c: HFConfig, cos: torch.Tensor, sin
 
 
 def mlp(x: torch.Tensor, w: dict) -> torch.Tensor:
-    return linear(torch.nn.functional.silu(linear(x, w, "mlp.gate_proj")) * linear(x, w, "mlp.up_proj"),
-                  w, "mlp.down_proj")
+    return linear(
+        torch.nn.functional.silu(linear(x, w, "mlp.gate_proj")) * linear(x, w, "mlp.up_proj"), w, "mlp.down_proj"
+    )
 
 
 def decoder_layer(x, w, c, cos, sin, moe=None):

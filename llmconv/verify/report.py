@@ -49,6 +49,7 @@ Logit keys (each metrics dict):
         ppl_ref, ppl_cand, ppl_ratio      float  next-token perplexity of a and b, b/a
         rel_dlogit_pos0, rel_dlogit_rest  float  max rel |dlogit| at position 0 / at positions >= 1
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -57,18 +58,27 @@ from pathlib import Path
 import numpy as np
 
 # the order causes are named in: what the file is made of first, the forward pass after
-CHECK_ORDER = ("vocabulary", "metadata", "structure", "missing_tensor", "tensor", "logits", "engine",
-               "quality", "checksum")
+CHECK_ORDER = (
+    "vocabulary",
+    "metadata",
+    "structure",
+    "missing_tensor",
+    "tensor",
+    "logits",
+    "engine",
+    "quality",
+    "checksum",
+)
 
 
 @dataclass
 class Finding:
-    part: str                 # "fidelity", "quality" or "integrity" (checksums)
-    check: str                # one of CHECK_ORDER
+    part: str  # "fidelity", "quality" or "integrity" (checksums)
+    check: str  # one of CHECK_ORDER
     message: str
-    subject: str | None = None   # the tensor or metadata key it is about
+    subject: str | None = None  # the tensor or metadata key it is about
     failure: bool = True
-    explained: bool = False   # the message names a cause (ranks before unexplained findings of its check)
+    explained: bool = False  # the message names a cause (ranks before unexplained findings of its check)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -100,8 +110,10 @@ def _g(v, spec: str) -> str:
 
 
 def _logit_row(who: str, m: dict) -> str:
-    return (f"  {who:11s} {_g(m['max_rel_dlogit'], '14.3g')} {_g(m['kld_mean'], '10.3g')} "
-            f"{_g(m['kld_p99'], '10.3g')} {_g(m['top1'], '7.3f')} {_g(m['ppl_ratio'], '10.4f')}")
+    return (
+        f"  {who:11s} {_g(m['max_rel_dlogit'], '14.3g')} {_g(m['kld_mean'], '10.3g')} "
+        f"{_g(m['kld_p99'], '10.3g')} {_g(m['top1'], '7.3f')} {_g(m['ppl_ratio'], '10.4f')}"
+    )
 
 
 def format_fidelity(r: dict) -> list[str]:
@@ -110,18 +122,26 @@ def format_fidelity(r: dict) -> list[str]:
     lines = ["fidelity (gated): is this file the checkpoint, at the types it declares?"]
     n = len(r["tensors"])
     differ = [t for t in r["tensors"] if t["blocks_differ"]]
-    lines.append(f"  tensors: {f['tensors_identical']} of {n} byte-identical to llmconv's quantization of the source"
-                 + (f"; {', '.join(t['name'] + ': ' + t['bytes'] for t in differ[:3])}" if differ else ""))
-    lines.append(f"  metadata: {'matches the checkpoint' if not any(d['failure'] for d in r['metadata']) else 'DIFFERS'}"
-                 f"; vocabulary: {'matches' if r['tokens_match'] else 'DIFFERS'}")
+    lines.append(
+        f"  tensors: {f['tensors_identical']} of {n} byte-identical to llmconv's quantization of the source"
+        + (f"; {', '.join(t['name'] + ': ' + t['bytes'] for t in differ[:3])}" if differ else "")
+    )
+    lines.append(
+        f"  metadata: {'matches the checkpoint' if not any(d['failure'] for d in r['metadata']) else 'DIFFERS'}"
+        f"; vocabulary: {'matches' if r['tokens_match'] else 'DIFFERS'}"
+    )
     m = f["metrics"]
     if m:
-        lines.append(f"  logits vs expected pass: max rel dlogit {_g(m['max_rel_dlogit'], '.3g')} (bound "
-                     f"{b['max_rel_dlogit']:g}), KLD {_g(m['kld_mean'], '.3g')} (bound {b['max_kld']:g})")
+        lines.append(
+            f"  logits vs expected pass: max rel dlogit {_g(m['max_rel_dlogit'], '.3g')} (bound "
+            f"{b['max_rel_dlogit']:g}), KLD {_g(m['kld_mean'], '.3g')} (bound {b['max_kld']:g})"
+        )
     e = f.get("engine")
     if e:
-        lines.append(f"  llama.cpp vs expected pass: max rel dlogit {_g(e['max_rel_dlogit'], '.3g')}, "
-                     f"KLD {_g(e['kld_mean'], '.3g')}")
+        lines.append(
+            f"  llama.cpp vs expected pass: max rel dlogit {_g(e['max_rel_dlogit'], '.3g')}, "
+            f"KLD {_g(e['kld_mean'], '.3g')}"
+        )
     return lines
 
 
@@ -131,18 +151,22 @@ def format_quality(r: dict) -> list[str]:
     how = "gated: " + ", ".join(f"{k} {qd['gates'][k]:g}" for k in gated) if gated else "informational"
     lines = [f"quality ({how}): what does this quantization cost against the float reference?"]
     if qd["metrics"]:
-        lines.append(f"  {'':11s} {'max rel dlogit':>14s} {'KLD mean':>10s} {'KLD p99':>10s} {'top-1':>7s} "
-                     f"{'PPL ratio':>10s}")
+        lines.append(
+            f"  {'':11s} {'max rel dlogit':>14s} {'KLD mean':>10s} {'KLD p99':>10s} {'top-1':>7s} {'PPL ratio':>10s}"
+        )
         lines.append(_logit_row("candidate", qd["metrics"]))
         if qd.get("engine"):
             lines.append(_logit_row("llama.cpp", qd["engine"]))
-        lines.append(f"  perplexity: reference {_g(qd['metrics']['ppl_ref'], '.3f')}, "
-                     f"candidate {_g(qd['metrics']['ppl_cand'], '.3f')}")
+        lines.append(
+            f"  perplexity: reference {_g(qd['metrics']['ppl_ref'], '.3f')}, "
+            f"candidate {_g(qd['metrics']['ppl_cand'], '.3f')}"
+        )
     p = qd.get("published")
     if p:
         top = f", top-1 {p['top1']:.1%}" if p.get("top1") is not None else ""
-        lines.append(f"  for comparison, {p['file_type']} on {p['model']} (llama.cpp's published figures): "
-                     f"KLD {p['kld']:g}{top}")
+        lines.append(
+            f"  for comparison, {p['file_type']} on {p['model']} (llama.cpp's published figures): KLD {p['kld']:g}{top}"
+        )
     return lines
 
 
@@ -153,8 +177,10 @@ def format_report(r: dict) -> str:
     lines += format_fidelity(r) + format_quality(r)
     worst = r["tensors"][:3]
     if worst:
-        lines.append("worst tensors (dequantized vs source): "
-                     + ", ".join(f"{t['name']} {t['type']} {_g(t['rel_rmse'], '.3g')}" for t in worst))
+        lines.append(
+            "worst tensors (dequantized vs source): "
+            + ", ".join(f"{t['name']} {t['type']} {_g(t['rel_rmse'], '.3g')}" for t in worst)
+        )
     lines += [f"note: {n}" for n in r["notes"]]
     lines += [f"FAIL: {f}" for f in r["failures"]]
     lines.append("PASS" if r["passed"] else f"FAILED ({len(r['failures'])} check(s)): {r['verdict']}")
@@ -177,8 +203,10 @@ def add_checksums(report: dict, file: Path, sidecar: Path | None) -> None:
     problems = check_sidecar(file, sidecar or default_sidecar(file))
     report["checksums"] = {"checked": True, "problems": problems}
     report["failures"] += [f"checksum: {p}" for p in problems]
-    report["findings"] += [{"part": "integrity", "check": "checksum", "subject": None, "message": f"checksum: {p}",
-                            "failure": True} for p in problems]
+    report["findings"] += [
+        {"part": "integrity", "check": "checksum", "subject": None, "message": f"checksum: {p}", "failure": True}
+        for p in problems
+    ]
     if problems and report["passed"]:
         report["verdict"] = report["failures"][0]
     report["passed"] = report["passed"] and not problems

@@ -18,6 +18,7 @@ Steps:
   5. the verdict: the first failure in CHECK_ORDER (report.py), with its cause where the numbers
      show one (tensor_causes.py).
 """
+
 from __future__ import annotations
 
 import time
@@ -56,9 +57,10 @@ def need_engine(engine: str | None):
         import llama_cpp
     except ImportError:
         raise LlmconvError("--engine llama.cpp needs llama-cpp-python (pip install llama-cpp-python)") from None
-    except Exception as e:   # installed but broken: llama_cpp raises RuntimeError/OSError when libllama does not load
-        raise LlmconvError(f"--engine llama.cpp: llama-cpp-python is installed but does not load: "
-                           f"{type(e).__name__}: {e}") from None
+    except Exception as e:  # installed but broken: llama_cpp raises RuntimeError/OSError when libllama does not load
+        raise LlmconvError(
+            f"--engine llama.cpp: llama-cpp-python is installed but does not load: {type(e).__name__}: {e}"
+        ) from None
     return llama_cpp
 
 
@@ -68,19 +70,22 @@ def same_model_or_refuse(mf: ModelFile, source) -> None:
     emb = mf.tensors.get("token_embd.weight")
     want = next((t for t in source.tensors if t.name == "token_embd.weight"), None)
     if emb is None or want is None:
-        return                      # the structure check reports a missing embedding
+        return  # the structure check reports a missing embedding
     if tuple(emb.shape) != tuple(want.shape):
-        raise LlmconvError(f"this reference is not the model of this file: its embedding is {tuple(want.shape)} "
-                           f"(vocabulary x width), the file's {tuple(emb.shape)}", file=source.path)
+        raise LlmconvError(
+            f"this reference is not the model of this file: its embedding is {tuple(want.shape)} "
+            f"(vocabulary x width), the file's {tuple(emb.shape)}",
+            file=source.path,
+        )
 
 
 def source_names(source, mf: ModelFile) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     """Checkpoint tensor name -> GGUF name, and the row order of HF Q/K (rotate-half)."""
     names = {t.source_name: t.name for t in source.tensors if t.source_name}
-    names |= hf_expert_names(source)       # expert -> (stacked tensor, index)
+    names |= hf_expert_names(source)  # expert -> (stacked tensor, index)
     names |= llama4_expert_names(source)
     orders: dict[str, np.ndarray] = {}
-    if source.kind == "hf" and source.hparams.arch != "llama4":    # Llama 4 stores Q/K in Meta's order
+    if source.kind == "hf" and source.hparams.arch != "llama4":  # Llama 4 stores Q/K in Meta's order
         h = source.hparams
         for t in source.tensors:
             kind = t.name.split(".")[-2] if t.name.startswith("blk.") else ""
@@ -101,12 +106,21 @@ def compare_logits(a: np.ndarray, b: np.ndarray, ids: list[int]) -> dict:
 
 
 def engine_logits(llama_cpp, path: Path, tokens: list[int], threads: int) -> np.ndarray:
-    llm = llama_cpp.Llama(str(path), n_ctx=max(len(tokens), 16), n_batch=max(len(tokens), 16),
-                          n_ubatch=max(len(tokens), 16), logits_all=True, type_k=0, type_v=0,
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(
+        str(path),
+        n_ctx=max(len(tokens), 16),
+        n_batch=max(len(tokens), 16),
+        n_ubatch=max(len(tokens), 16),
+        logits_all=True,
+        type_k=0,
+        type_v=0,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     try:
         llm.eval(tokens)
-        return np.array(llm.scores[:len(tokens)], dtype=np.float32)
+        return np.array(llm.scores[: len(tokens)], dtype=np.float32)
     finally:
         llm.close() if hasattr(llm, "close") else None
 
@@ -123,16 +137,20 @@ def lora_hooks(source, lora) -> Callable[[ForwardHooks | None], ForwardHooks | N
     def adapted(hooks: ForwardHooks | None) -> ForwardHooks:
         if hooks is None or hooks.weight is None:
             return ForwardHooks(weight=merge, matmul_input=hooks.matmul_input if hooks else None)
-        return ForwardHooks(weight=lambda n, w, rows: hooks.weight(n, merge(n, w, rows), rows),
-                            matmul_input=hooks.matmul_input)
+        return ForwardHooks(
+            weight=lambda n, w, rows: hooks.weight(n, merge(n, w, rows), rows), matmul_input=hooks.matmul_input
+        )
+
     return adapted
 
 
 # ---- the run ----------------------------------------------------------------------------------
 
+
 @dataclass
 class Run:
     """What one verification has opened, computed and found so far."""
+
     path: Path
     ref_dir: Path
     mf: ModelFile
@@ -150,18 +168,28 @@ class Run:
     structure_error: str | None = None
     imatrix: object = None
     checks: dict[str, TensorCheck] = field(default_factory=dict)
-    fidelity: dict | None = None          # candidate vs expected
-    quality: dict | None = None           # candidate vs reference
+    fidelity: dict | None = None  # candidate vs expected
+    quality: dict | None = None  # candidate vs reference
     engine: dict | None = None
     engine_fidelity: dict | None = None
     engine_quality: dict | None = None
-    adapted: Callable = field(default=lambda hooks: hooks)   # LoRA adapters in front of a pass's hooks (lora_hooks)
+    adapted: Callable = field(default=lambda hooks: hooks)  # LoRA adapters in front of a pass's hooks (lora_hooks)
 
 
-def run_verify(gguf_path: str | Path, reference_dir: str | Path, text: str | None = None,
-               tokens: int = DEFAULT_TOKENS, engine: str | None = None, bounds: dict | None = None,
-               threads: int = 1, activations: str = "ggml", ctx: int | None = None,
-               progress: bool = False, imatrix=None, lora=()) -> dict:
+def run_verify(
+    gguf_path: str | Path,
+    reference_dir: str | Path,
+    text: str | None = None,
+    tokens: int = DEFAULT_TOKENS,
+    engine: str | None = None,
+    bounds: dict | None = None,
+    threads: int = 1,
+    activations: str = "ggml",
+    ctx: int | None = None,
+    progress: bool = False,
+    imatrix=None,
+    lora=(),
+) -> dict:
     """Verify `gguf_path` against the checkpoint in `reference_dir`; returns the report (schema in
     report.py). `text` is the text itself (default: the bundled default_text.txt); `bounds` are the
     quality gates (max_kld, min_top1, max_ppl_ratio, max_rel_dlogit; None = not gated); `ctx` the
@@ -186,7 +214,7 @@ def run_verify(gguf_path: str | Path, reference_dir: str | Path, text: str | Non
     if len(ids) < 2:
         raise LlmconvError("the text gives fewer than 2 tokens")
     run = Run(path, ref_dir, mf, source, ids, gates, activations, threads, progress, start, adapted=adapted)
-    run.imatrix = imatrix      # the Imatrix the file was quantized with: the expected pass uses it too
+    run.imatrix = imatrix  # the Imatrix the file was quantized with: the expected pass uses it too
     if len(ids) < tokens:
         run.notes.append(f"the text has only {len(ids)} tokens (asked for {tokens})")
     static_checks(run, tok)
@@ -213,8 +241,9 @@ def static_checks(run: Run, tok) -> None:
         read_config(run.mf)
     except FileInconsistent as e:
         run.structure_error = e.one_line()
-        run.findings.append(Finding("fidelity", "structure",
-                                    f"the file is not a consistent LLaMA model: {run.structure_error}"))
+        run.findings.append(
+            Finding("fidelity", "structure", f"the file is not a consistent LLaMA model: {run.structure_error}")
+        )
 
 
 def reference_passes(run: Run) -> tuple[np.ndarray, np.ndarray]:
@@ -224,17 +253,25 @@ def reference_passes(run: Run) -> tuple[np.ndarray, np.ndarray]:
     ref = reference_logits(run.ref_dir, run.ids, hooks=run.adapted(None), progress=run.progress, desc="reference")
     names, orders = source_names(run.source, run.mf)
     exp = ExpectedWeights(run.mf, names, orders, "f32", run.threads, run.imatrix)
-    expected = reference_logits(run.ref_dir, run.ids, hooks=run.adapted(exp.hooks()), progress=run.progress,
-                                desc="expected")
+    expected = reference_logits(
+        run.ref_dir, run.ids, hooks=run.adapted(exp.hooks()), progress=run.progress, desc="expected"
+    )
     compare_rest(run.mf, run.source, exp.checks, run.threads)
     run.checks = exp.checks
     source_names_all = {t.name for t in run.source.tensors}
     for st in run.source.tensors:
         if st.name not in run.mf.tensors:
-            run.findings.append(Finding("fidelity", "missing_tensor", f"tensor {st.name} is in the source checkpoint "
-                                        f"({st.source_name}) but not in the file", subject=st.name))
-    run.notes += [f"{n}: not in the source checkpoint, not compared" for n in run.mf.tensors
-                  if n not in source_names_all]
+            run.findings.append(
+                Finding(
+                    "fidelity",
+                    "missing_tensor",
+                    f"tensor {st.name} is in the source checkpoint ({st.source_name}) but not in the file",
+                    subject=st.name,
+                )
+            )
+    run.notes += [
+        f"{n}: not in the source checkpoint, not compared" for n in run.mf.tensors if n not in source_names_all
+    ]
     worst = sorted(exp.checks.values(), key=lambda c: (-(c.rel_rmse if np.isfinite(c.rel_rmse) else np.inf), c.name))
     found, notes = tensor_findings(worst, run.mf, run.source)
     run.findings += found
@@ -259,8 +296,9 @@ def engine_pass(run: Run, llama_cpp, ref: np.ndarray, expected: np.ndarray) -> N
     try:
         logits = engine_logits(llama_cpp, run.path, run.ids, run.threads)
     except Exception as e:  # llama.cpp refuses the file: that is a finding, not a crash
-        run.engine["error"] = ("llama.cpp could not load or run the file: "
-                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        run.engine["error"] = (
+            f"llama.cpp could not load or run the file: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        )
         run.findings.append(Finding("fidelity", "engine", run.engine["error"]))
         return
     run.engine_fidelity = compare_logits(expected, logits, run.ids)
@@ -271,8 +309,9 @@ def engine_pass(run: Run, llama_cpp, ref: np.ndarray, expected: np.ndarray) -> N
 def vocabulary_check(mf: ModelFile, source, tok):
     # the embedding may have rows past the tokenizer's tokens (padding): those ids can hold anything
     want_tokens = tok.tokens + [None] * (source.hparams.vocab_size - len(tok.tokens))
-    if mf.kind != "gguf":   # legacy files hold token text as their loaders match it, not SentencePiece pieces
+    if mf.kind != "gguf":  # legacy files hold token text as their loaders match it, not SentencePiece pieces
         from ..convert.ggml_out import ggjt_vocab
+
         want_tokens = [text for text, _ in ggjt_vocab(source.vocab)]
     return first_vocab_difference(mf.tokens, want_tokens)
 
@@ -282,8 +321,10 @@ def reference_notes(m: dict | None, n_vocab: int) -> list[str]:
     better than a uniform guess over its vocabulary has random (untrained) weights."""
     if not m or not np.isfinite(m["ppl_ref"]) or m["ppl_ref"] < n_vocab / 8:
         return []
-    return [f"the reference's perplexity on this text is {m['ppl_ref']:.0f} over a {n_vocab}-token vocabulary: "
-            "its weights look untrained (random), so the quality figures say little about a real model"]
+    return [
+        f"the reference's perplexity on this text is {m['ppl_ref']:.0f} over a {n_vocab}-token vocabulary: "
+        "its weights look untrained (random), so the quality figures say little about a real model"
+    ]
 
 
 def assemble(run: Run) -> dict:
@@ -293,23 +334,41 @@ def assemble(run: Run) -> dict:
     checks = M.worst_first([c.as_dict() for c in run.checks.values()])
     mf = run.mf
     file_type = file_type_name(mf.get("general.file_type"))
-    return finite_or_none({
-        "file": str(run.path), "file_kind": mf.kind, "reference": str(run.ref_dir),
-        "file_type": file_type, "dominant_type": dominant_type(mf.tensors.values()),
-        "activations": run.activations, "n_tokens": len(run.ids),
-        "tokens_match": run.tokens_diff[1] is None, "first_token_diff": run.tokens_diff[0],
-        "metadata": [d.as_dict() for d in run.metadata], "structure_error": run.structure_error,
-        "tensors": checks,
-        "fidelity": {"passed": not any(f.part == "fidelity" and f.failure for f in findings),
-                     "bounds": {"max_rel_dlogit": FIDELITY_BOUNDS.max_rel_dlogit, "max_kld": FIDELITY_BOUNDS.max_kld},
-                     "metrics": run.fidelity, "engine": run.engine_fidelity,
-                     "tensors_identical": sum(1 for c in checks if c["exact"] and not c["blocks_differ"]),
-                     "tensors_differ": sum(1 for c in checks if c["blocks_differ"])},
-        "quality": {"gates": run.gates, "passed": not any(f.part == "quality" for f in findings),
-                    "metrics": run.quality, "engine": run.engine_quality, "published": published_figures(file_type)},
-        "engine": run.engine,
-        "findings": [f.as_dict() for f in findings],
-        "verdict": failures[0] if failures else "PASS",
-        "passed": not failures, "failures": failures, "notes": run.notes,
-        "seconds": time.perf_counter() - run.start,
-    })
+    return finite_or_none(
+        {
+            "file": str(run.path),
+            "file_kind": mf.kind,
+            "reference": str(run.ref_dir),
+            "file_type": file_type,
+            "dominant_type": dominant_type(mf.tensors.values()),
+            "activations": run.activations,
+            "n_tokens": len(run.ids),
+            "tokens_match": run.tokens_diff[1] is None,
+            "first_token_diff": run.tokens_diff[0],
+            "metadata": [d.as_dict() for d in run.metadata],
+            "structure_error": run.structure_error,
+            "tensors": checks,
+            "fidelity": {
+                "passed": not any(f.part == "fidelity" and f.failure for f in findings),
+                "bounds": {"max_rel_dlogit": FIDELITY_BOUNDS.max_rel_dlogit, "max_kld": FIDELITY_BOUNDS.max_kld},
+                "metrics": run.fidelity,
+                "engine": run.engine_fidelity,
+                "tensors_identical": sum(1 for c in checks if c["exact"] and not c["blocks_differ"]),
+                "tensors_differ": sum(1 for c in checks if c["blocks_differ"]),
+            },
+            "quality": {
+                "gates": run.gates,
+                "passed": not any(f.part == "quality" for f in findings),
+                "metrics": run.quality,
+                "engine": run.engine_quality,
+                "published": published_figures(file_type),
+            },
+            "engine": run.engine,
+            "findings": [f.as_dict() for f in findings],
+            "verdict": failures[0] if failures else "PASS",
+            "passed": not failures,
+            "failures": failures,
+            "notes": run.notes,
+            "seconds": time.perf_counter() - run.start,
+        }
+    )

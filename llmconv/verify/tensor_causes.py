@@ -1,6 +1,7 @@
 """Why a file tensor is not its source weight, when it is one of the usual slips: a tensor from
 another layer, the Hugging Face Q/K row permutation (either direction), data of another type
 than the one declared, or a few damaged blocks."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,6 +27,7 @@ def from_rotate_half(w: np.ndarray, n_head: int) -> np.ndarray:
 def explain(check: TensorCheck, mf: ModelFile, source) -> str | None:
     """The first cause the numbers support, or None."""
     from .moe import explain_expert, is_expert_slice
+
     if is_expert_slice(check.name):
         return explain_expert(check, mf, source)
     ft = mf.tensors[check.name]
@@ -35,8 +37,12 @@ def explain(check: TensorCheck, mf: ModelFile, source) -> str | None:
     deq = ft.array()
     src = by_name[check.name].load().reshape(deq.shape)
     bound = check.bound_rel_rmse
-    for why in (qk_permutation(check, deq, src, source.hparams, bound), other_layer(check, deq, by_name, bound),
-                other_type(check, ft, src), broken_blocks(deq, src, GGML_QUANT_SIZES[ft.ggml_type][0])):
+    for why in (
+        qk_permutation(check, deq, src, source.hparams, bound),
+        other_layer(check, deq, by_name, bound),
+        other_type(check, ft, src),
+        broken_blocks(deq, src, GGML_QUANT_SIZES[ft.ggml_type][0]),
+    ):
         if why:
             return why
     return None
@@ -47,11 +53,15 @@ def qk_permutation(check: TensorCheck, deq, src, h, bound: float) -> str | None:
     if kind not in ("attn_q", "attn_k"):
         return None
     heads = h.n_heads if kind == "attn_q" else h.n_kv_heads
-    for f, what in ((to_rotate_half, "Hugging Face's Q/K permutation (adjacent pairs -> rotate-half)"),
-                    (from_rotate_half, "the HF->GGUF Q/K permutation (rotate-half -> adjacent pairs)")):
+    for f, what in (
+        (to_rotate_half, "Hugging Face's Q/K permutation (adjacent pairs -> rotate-half)"),
+        (from_rotate_half, "the HF->GGUF Q/K permutation (rotate-half -> adjacent pairs)"),
+    ):
         if M.rel_rmse(deq, f(src, heads)) <= bound:
-            return (f"matches the source with {what} applied to its rows; llama.cpp's 'llama' architecture "
-                    "wants Meta's adjacent-pair row order, which a Meta checkpoint already has")
+            return (
+                f"matches the source with {what} applied to its rows; llama.cpp's 'llama' architecture "
+                "wants Meta's adjacent-pair row order, which a Meta checkpoint already has"
+            )
     return None
 
 
@@ -82,11 +92,13 @@ def other_type(check: TensorCheck, ft, src) -> str | None:
             as_other = q.dequantize_tensor(ft.raw, qt).reshape(src.shape)
             if M.rel_rmse(as_other, src) <= check.bound_rel_rmse / 10:
                 return f"its bytes are {qt.name} data, but the file declares {declared.name}"
-        if qt.type_size * declared.block_size < declared.type_size * qt.block_size:   # fewer bits than declared
+        if qt.type_size * declared.block_size < declared.type_size * qt.block_size:  # fewer bits than declared
             rt = q.dequantize_tensor(q.quantize_tensor(src, qt), qt).reshape(src.shape)
             if M.rel_rmse(deq, rt) < own / 4:
-                return (f"its values are the source quantized at {qt.name} and then stored as {declared.name}: "
-                        "requantized from a lossier file, not converted from the checkpoint")
+                return (
+                    f"its values are the source quantized at {qt.name} and then stored as {declared.name}: "
+                    "requantized from a lossier file, not converted from the checkpoint"
+                )
     return None
 
 
@@ -102,13 +114,15 @@ def broken_blocks(deq: np.ndarray, src: np.ndarray, block: int) -> str | None:
     err2 = np.square(d).sum(axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.sqrt(err2 / np.square(s).sum(axis=-1))
-    rel = np.where(np.isnan(rel), np.inf, rel)            # 0/0 only when err2 is nan
+    rel = np.where(np.isnan(rel), np.inf, rel)  # 0/0 only when err2 is nan
     bad = np.flatnonzero(rel > 1.0)
     if not len(bad) or len(bad) > max(1, rel.size // 100):
-        return None                                       # none, or everywhere: not a local fault
+        return None  # none, or everywhere: not a local fault
     r, b = divmod(int(bad[np.argmax(rel.flat[bad])]), rel.shape[1])
     total = float(err2.sum())
     share = float(err2[r, b]) / total if np.isfinite(total) and total > 0 else 1.0
-    return (f"{len(bad)} block(s) of {block} values far off the source; the worst, row {r} block {b} "
-            f"(columns {b * block}..{b * block + block - 1}), is off by {rel[r, b]:.3g}x its own RMS and holds "
-            f"{share:.0%} of the tensor's error: a corrupted block scale or block bytes")
+    return (
+        f"{len(bad)} block(s) of {block} values far off the source; the worst, row {r} block {b} "
+        f"(columns {b * block}..{b * block + block - 1}), is off by {rel[r, b]:.3g}x its own RMS and holds "
+        f"{share:.0%} of the tensor's error: a corrupted block scale or block bytes"
+    )

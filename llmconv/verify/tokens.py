@@ -1,5 +1,6 @@
 """The text verify evaluates, tokenized by the checkpoint's own tokenizer library (never by
 llmconv's converter), and the id-by-id comparison of the file's vocabulary with that tokenizer's."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,10 +17,11 @@ class SourceTokenizer:
     tokens: the source vocabulary id by id, written as a GGUF file stores it (SentencePiece
     pieces; byte-level BPE tokens in GPT-2's printable-byte alphabet, as bpe.py writes them);
     None where the source defines no token (ids an embedding pads past the tokenizer)."""
-    kind: str                                 # "sentencepiece", "tokenizer.json" or "tiktoken"
+
+    kind: str  # "sentencepiece", "tokenizer.json" or "tiktoken"
     path: Path
     bos_id: int | None
-    encode: Callable[[str], list[int]]        # text -> ids, no BOS/EOS
+    encode: Callable[[str], list[int]]  # text -> ids, no BOS/EOS
     tokens: list[bytes | None]
 
 
@@ -33,13 +35,15 @@ def load_source_tokenizer(ckpt_dir: Path) -> SourceTokenizer:
         return tiktoken_tokenizer(ckpt_dir) if is_tiktoken_file(model) else sentencepiece_tokenizer(ckpt_dir)
     if (ckpt_dir / "tokenizer.json").is_file():
         return tokenizer_json_tokenizer(ckpt_dir)
-    raise LlmconvError("no tokenizer: the text is tokenized with the checkpoint's tokenizer.model or tokenizer.json",
-                       file=ckpt_dir)
+    raise LlmconvError(
+        "no tokenizer: the text is tokenized with the checkpoint's tokenizer.model or tokenizer.json", file=ckpt_dir
+    )
 
 
 def _optional_import(module: str, what: str):
     """tokenizers and tiktoken are dependencies, but a hand-made environment may lack them."""
     import importlib
+
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -55,8 +59,9 @@ def sentencepiece_tokenizer(ckpt_dir: Path) -> SourceTokenizer:
     except (RuntimeError, OSError) as e:
         raise LlmconvError(f"not a SentencePiece model: {str(e).splitlines()[0] if str(e) else e}", file=path) from None
     bos = sp.bos_id()
-    return SourceTokenizer("sentencepiece", path, bos if bos >= 0 else None, lambda text: sp.encode(text),
-                           source_pieces(sp, ckpt_dir))
+    return SourceTokenizer(
+        "sentencepiece", path, bos if bos >= 0 else None, lambda text: sp.encode(text), source_pieces(sp, ckpt_dir)
+    )
 
 
 def source_pieces(sp, ckpt_dir: Path) -> list[bytes | None]:
@@ -93,13 +98,22 @@ def tiktoken_tokenizer(ckpt_dir: Path) -> SourceTokenizer:
     ranks = read_tiktoken_ranks(path)
     specials = meta_special_tokens(meta_special_version(read_params(ckpt_dir)))
     n = len(ranks)
-    enc = tiktoken.Encoding(name=f"llmconv-verify-{n}", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
-                            special_tokens={s: n + k for k, s in enumerate(specials)})
+    enc = tiktoken.Encoding(
+        name=f"llmconv-verify-{n}",
+        pat_str=LLAMA3_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={s: n + k for k, s in enumerate(specials)},
+    )
     by_rank = sorted(ranks, key=ranks.__getitem__)
     tokens = [bytes_to_token(b).encode("utf-8") for b in by_rank] + [s.encode("utf-8") for s in specials]
     # special-token text in the input is encoded as plain text, as Meta's tokenizer does by default
-    return SourceTokenizer("tiktoken", path, n + specials.index("<|begin_of_text|>"),
-                           lambda text: enc.encode(text, allowed_special=set(), disallowed_special=()), tokens)
+    return SourceTokenizer(
+        "tiktoken",
+        path,
+        n + specials.index("<|begin_of_text|>"),
+        lambda text: enc.encode(text, allowed_special=set(), disallowed_special=()),
+        tokens,
+    )
 
 
 def tokenizer_json_tokenizer(ckpt_dir: Path) -> SourceTokenizer:
@@ -107,12 +121,13 @@ def tokenizer_json_tokenizer(ckpt_dir: Path) -> SourceTokenizer:
     bos_token, else what the post-processor puts in front of a sequence."""
     tokenizers = _optional_import("tokenizers", "a tokenizer.json")
     path = ckpt_dir / "tokenizer.json"
-    load_json(path)             # the schema first: it refuses what makes the library panic
+    load_json(path)  # the schema first: it refuses what makes the library panic
     try:
         tok = tokenizers.Tokenizer.from_file(str(path))
-    except Exception as e:      # the library raises its own Exception subclass for any bad file
-        raise LlmconvError(f"tokenizers cannot read it: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                           file=path) from None
+    except Exception as e:  # the library raises its own Exception subclass for any bad file
+        raise LlmconvError(
+            f"tokenizers cannot read it: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=path
+        ) from None
     config_file = ckpt_dir / "tokenizer_config.json"
     bos_text = _json(config_file).get("bos_token") if config_file.is_file() else None
     bos_text = bos_text.get("content") if isinstance(bos_text, dict) else bos_text
@@ -120,11 +135,14 @@ def tokenizer_json_tokenizer(ckpt_dir: Path) -> SourceTokenizer:
     if bos is None:
         with_specials = tok.encode("x", add_special_tokens=True).ids
         plain = tok.encode("x", add_special_tokens=False).ids
-        bos = with_specials[0] if len(with_specials) > len(plain) and with_specials[1:1 + len(plain)] == plain else None
+        bos = (
+            with_specials[0] if len(with_specials) > len(plain) and with_specials[1 : 1 + len(plain)] == plain else None
+        )
     by_id = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
     tokens = [by_id[i].encode("utf-8") if i in by_id else None for i in range(max(by_id) + 1)]
-    return SourceTokenizer("tokenizer.json", path, bos,
-                           lambda text: tok.encode(text, add_special_tokens=False).ids, tokens)
+    return SourceTokenizer(
+        "tokenizer.json", path, bos, lambda text: tok.encode(text, add_special_tokens=False).ids, tokens
+    )
 
 
 def _json(path: Path) -> dict:
@@ -137,15 +155,18 @@ def tokenize(tok: SourceTokenizer, text: str, n: int) -> list[int]:
     return ids[:n]
 
 
-def first_vocab_difference(file_tokens: list[bytes] | None,
-                           source: list[bytes | None]) -> tuple[int | None, str | None]:
+def first_vocab_difference(
+    file_tokens: list[bytes] | None, source: list[bytes | None]
+) -> tuple[int | None, str | None]:
     """The first id where the file's token differs from the source's (None in `source`: any token)."""
     if file_tokens is None:
         return 0, "the file has no tokenizer.ggml.tokens list"
     for i, (a, b) in enumerate(zip(file_tokens, source)):
         if b is not None and a != b:
-            return i, (f"vocabulary differs at id {i}: the file has {a!r}{_as_bytes(a)}, "
-                       f"the source tokenizer has {b!r}{_as_bytes(b)}")
+            return i, (
+                f"vocabulary differs at id {i}: the file has {a!r}{_as_bytes(a)}, "
+                f"the source tokenizer has {b!r}{_as_bytes(b)}"
+            )
     if len(file_tokens) != len(source):
         n = min(len(file_tokens), len(source))
         return n, f"vocabulary sizes differ: the file has {len(file_tokens)} tokens, the source tokenizer {len(source)}"
