@@ -232,17 +232,23 @@ def _map_tensors(
                 tensor=name,
             )
         heads = cfg.n_heads if ".self_attn.q_proj." in name else cfg.n_kv if ".self_attn.k_proj." in name else None
-        tensors[gguf_name] = SourceTensor(
-            name=gguf_name,
-            shape=tuple(e.shape),
-            load=weight_loader(e, heads),
-            files=[e.file],
-            source_name=name,
-            source_dtype=e.dtype,
-            read_rows=weight_rows(e, heads),
-            prefetch=e.raw.prefetch if e.raw is not None else None,
-        )
+        tensors[gguf_name] = entry_tensor(gguf_name, e, name, heads)
     return tensors
+
+
+def entry_tensor(gguf_name: str, e: WeightEntry, source_name: str, heads: int | None = None) -> SourceTensor:
+    """The SourceTensor of a checkpoint entry (HF, Mistral, Llama 4): read by pread where the
+    entry's bytes are placed, Q/K rows unpermuted when `heads` is given."""
+    return SourceTensor(
+        name=gguf_name,
+        shape=tuple(e.shape),
+        load=weight_loader(e, heads),
+        files=[e.file],
+        source_name=source_name,
+        source_dtype=e.dtype,
+        read_rows=weight_rows(e, heads),
+        prefetch=e.raw.prefetch if e.raw is not None else None,
+    )
 
 
 def weight_loader(e: WeightEntry, heads: int | None) -> Callable[[], np.ndarray]:

@@ -223,7 +223,7 @@ def open_llama4_source(model_dir: Path, ctx: int | None = None, pre: str | None 
 def _map_tensors(entries: dict, cfg: Llama4Config, model_dir: Path, tied: bool) -> dict[str, SourceTensor]:
     """GGUF name -> SourceTensor: each MoE layer's fused experts split per expert, every other
     tensor mapped and checked against the shape config.json implies."""
-    from .hf import weight_loader, weight_rows
+    from .hf import entry_tensor
 
     cfg_file = model_dir / "config.json"
     expected = cfg.expected_shapes()
@@ -243,16 +243,7 @@ def _map_tensors(entries: dict, cfg: Llama4Config, model_dir: Path, tied: bool) 
                 file=e.file,
                 tensor=name,
             )
-        tensors[gguf_name] = SourceTensor(
-            name=gguf_name,
-            shape=tuple(e.shape),
-            load=weight_loader(e, None),
-            files=[e.file],
-            source_name=name,
-            source_dtype=e.dtype,
-            read_rows=weight_rows(e, None),
-            prefetch=e.raw.prefetch if e.raw is not None else None,
-        )
+        tensors[gguf_name] = entry_tensor(gguf_name, e, name)
     for key in expected:
         if key not in tensors and not (tied and key == tensor_name(MODEL_TENSOR.OUTPUT)):
             raise LlmconvError("tensor missing from the checkpoint", file=model_dir, tensor=key)

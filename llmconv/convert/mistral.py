@@ -158,7 +158,7 @@ def open_mistral_source(model_dir: Path, ctx: int | None = None, pre: str | None
 def _source_tensors(model_dir: Path, params: dict, entries: dict, h: LlamaHParams) -> dict[str, SourceTensor]:
     """GGUF name -> SourceTensor: every checkpoint tensor named, its shape checked against
     params.json; a Mixtral's experts stacked per layer."""
-    from .hf import weight_loader, weight_rows
+    from .hf import entry_tensor, weight_loader
 
     pfile = model_dir / "params.json"
     expected = expected_shapes(h.dim, h.n_layers, h.n_heads, h.n_kv_heads, h.ffn_dim, h.vocab_size, h.stated_head_dim)
@@ -196,16 +196,7 @@ def _source_tensors(model_dir: Path, params: dict, entries: dict, h: LlamaHParam
                 file=e.file,
                 tensor=name,
             )
-        tensors[gguf_name] = SourceTensor(
-            name=gguf_name,
-            shape=tuple(e.shape),
-            load=weight_loader(e, None),
-            files=[e.file],
-            source_name=name,
-            source_dtype=e.dtype,
-            read_rows=weight_rows(e, None),
-            prefetch=e.raw.prefetch if e.raw is not None else None,
-        )
+        tensors[gguf_name] = entry_tensor(gguf_name, e, name)
     for name in expected:
         if name not in entries and not (h.tied_embeddings and name == "output.weight"):
             raise LlmconvError("tensor missing from the checkpoint", file=model_dir, tensor=name)
