@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -323,8 +324,10 @@ def medium_ckpt(tmp_path_factory):
 
 def _start_convert(ckpt, out, *extra):
     # q4_K_M at one thread: its kernels take seconds on this checkpoint, so the signal lands
-    # mid-write (q4_0 now finishes a fraction of a second after the first MiB is written,
-    # and the run could end before the signal: seen once in CI as exit 0)
+    # mid-write (q4_0 ends a fraction of a second after the first MiB is written).
+    # SIGINT back to its default in the child: a test runner started in the background
+    # (nohup, `cmd &` without job control) ignores SIGINT, the child would inherit that and
+    # Python would install no Ctrl-C handler, so the run would finish with exit 0.
     return subprocess.Popen(
         [
             sys.executable,
@@ -343,6 +346,7 @@ def _start_convert(ckpt, out, *extra):
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
