@@ -37,6 +37,27 @@ class Vocab:
         return len(self.tokens)
 
 
+def _sentencepiece_vocab(sp, tokens: list, scores: list, types: list, path: Path) -> Vocab:
+    """The Vocab of a SentencePiece model: its special ids (-1: none), BOS added, EOS not."""
+
+    def special(i: int) -> int | None:
+        return i if i >= 0 else None
+
+    return Vocab(
+        "llama",
+        tokens,
+        scores,
+        types,
+        bos_id=special(sp.bos_id()),
+        eos_id=special(sp.eos_id()),
+        unk_id=special(sp.unk_id()),
+        pad_id=special(sp.pad_id()),
+        add_bos=True,
+        add_eos=False,
+        source=path,
+    )
+
+
 def load_sentencepiece(model_dir: Path) -> Vocab:
     path = model_dir / "tokenizer.model"
     if not path.is_file():
@@ -56,22 +77,7 @@ def load_sentencepiece(model_dir: Path) -> Vocab:
         types.append(int(ttype))
     sp = spv.sentencepiece_tokenizer
 
-    def special(i: int) -> int | None:
-        return i if i >= 0 else None
-
-    return Vocab(
-        "llama",
-        tokens,
-        scores,
-        types,
-        bos_id=special(sp.bos_id()),
-        eos_id=special(sp.eos_id()),
-        unk_id=special(sp.unk_id()),
-        pad_id=special(sp.pad_id()),
-        add_bos=True,
-        add_eos=False,
-        source=path,
-    )
+    return _sentencepiece_vocab(sp, tokens, scores, types, path)
 
 
 def load_sentencepiece_file(path: Path) -> Vocab:
@@ -102,22 +108,7 @@ def load_sentencepiece_file(path: Path) -> Vocab:
         scores.append(float(sp.GetScore(i)))
         types.append(int(ttype))
 
-    def special(i: int) -> int | None:
-        return i if i >= 0 else None
-
-    return Vocab(
-        "llama",
-        tokens,
-        scores,
-        types,
-        bos_id=special(sp.bos_id()),
-        eos_id=special(sp.eos_id()),
-        unk_id=special(sp.unk_id()),
-        pad_id=special(sp.pad_id()),
-        add_bos=True,
-        add_eos=False,
-        source=path,
-    )
+    return _sentencepiece_vocab(sp, tokens, scores, types, path)
 
 
 def check_vocab_size(vocab: Vocab, n_embd_rows: int, file: Path, tensor: str) -> None:
