@@ -31,8 +31,8 @@ def test_statistic_equals_llama_cpp(ckpt, converted):
     assert sorted(ours.entries) == sorted(theirs)
     assert len(theirs) == 7 * 2  # 7 projections x 2 layers
     for name, e in ours.entries.items():
-        assert e.counts.tolist() == [their_counts[name]] == [CTX * CHUNKS], name
-        np.testing.assert_allclose(e.sums[0], theirs[name], rtol=2e-5, atol=1e-7 * theirs[name].max(), err_msg=name)
+        assert e.counts.tolist() == their_counts[name].tolist() == [CTX * CHUNKS], name
+        np.testing.assert_allclose(e.sums, theirs[name], rtol=2e-5, atol=1e-7 * theirs[name].max(), err_msg=name)
     assert ours.chunk_count == CHUNKS and ours.chunk_size == CTX
 
 

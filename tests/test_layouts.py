@@ -369,6 +369,24 @@ def test_llamacpp_logits_of_mistral_format_match_the_reference(mistral_v3):
     assert err < 1e-5, err
 
 
+@pytest.mark.llamacpp
+def test_imatrix_of_mistral_format_equals_llama_cpp(mistral_v3):
+    """`llmconv imatrix` on Mistral's own layout (Meta's names and Q/K order in safetensors,
+    tokenizer.model.v3): llama-imatrix's statistic from llama.cpp on the f32 conversion."""
+    from llama_imatrix_oracle import llama_cpp_imatrix
+
+    from llmconv.imatrix.collect import calibration_chunks, compute_imatrix
+
+    sd, src, out, tok, tmp = mistral_v3
+    cal = calibration_chunks(src, "builtin", 32, 2)
+    theirs, counts = llama_cpp_imatrix(out, cal.chunks)
+    ours = compute_imatrix(src, "builtin", ctx=32, chunks=2, progress=False, threads=1)
+    assert sorted(ours.entries) == sorted(theirs) and len(theirs) == 14
+    for name, e in ours.entries.items():
+        assert e.counts.tolist() == counts[name].tolist() == [64], name
+        np.testing.assert_allclose(e.sums, theirs[name], rtol=2e-5, atol=1e-7 * theirs[name].max(), err_msg=name)
+
+
 def test_mistral_files_split_by_tensor_give_the_same_gguf(mistral_v3, tmp_path):
     sd, src, out, tok, tmp = mistral_v3
     split = write_mistral_checkpoint(tmp_path / "split", sd, MISTRAL_V03, tok, files=3)

@@ -23,7 +23,13 @@ from llmconv.convert.gguf_source import open_gguf_source
 from llmconv.convert.pipeline import gguf_model_shape, plan_conversion
 from llmconv.convert.plan import TypePolicy, make_plan
 from llmconv.formats.gguf_reader import read_gguf
-from llmconv.testing.moe_synth import FIXTURE_TOKENIZER, mistral_tokenizer, mixtral_logits, write_hf_mixtral
+from llmconv.testing.moe_synth import (
+    FIXTURE_TOKENIZER,
+    mistral_tokenizer,
+    mixtral_logits,
+    write_hf_mixtral,
+    write_mistral_mixtral,
+)
 from mix_util import MIXES, assert_same_file, llama_quantize, read, write_tensor_only_moe
 
 TEXT = "Mixtral routes each token to two of its eight experts. Ünïcödé and 東京 fall back to bytes."
@@ -296,64 +302,10 @@ def test_mistral_consolidated_mixtral_equals_hf(tmp_path):
     """Mistral's own Mixtral layout (params.json with a `moe` section, consolidated.safetensors,
     Meta names `layers.N.feed_forward.gate` / `feed_forward.experts.E.wK`, Q/K in Meta's row
     order) converts to the same tensors as its Hugging Face twin."""
-    import sys
-    from safetensors.torch import save_file
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
-    from make_hf_fixtures import rotate_half_order
-
     hf = write_hf_mixtral(
         tmp_path / "hf", tokenizer=FIXTURE_TOKENIZER, n_expert=4, dim=64, ffn=64, n_heads=4, n_kv_heads=2, seed=5
     )
-    sd = state_dict(hf)
-    cfg = json.loads((hf / "config.json").read_text())
-    meta = {
-        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
-        "norm.weight": sd["model.norm.weight"],
-        "output.weight": sd["lm_head.weight"],
-    }
-    names = {
-        "self_attn.q_proj": "attention.wq",
-        "self_attn.k_proj": "attention.wk",
-        "self_attn.v_proj": "attention.wv",
-        "self_attn.o_proj": "attention.wo",
-        "input_layernorm": "attention_norm",
-        "post_attention_layernorm": "ffn_norm",
-        "block_sparse_moe.gate": "feed_forward.gate",
-    }
-    for name, t in sd.items():
-        parts = name.split(".")
-        if parts[0] != "model" or parts[1] != "layers":
-            continue
-        i, rest = parts[2], ".".join(parts[3:-1])
-        if rest.startswith("block_sparse_moe.experts."):
-            new = rest.replace("block_sparse_moe.experts.", "feed_forward.experts.")
-        else:
-            new = names[rest]
-        if rest in ("self_attn.q_proj", "self_attn.k_proj"):  # HF rotate-half rows -> Meta's adjacent pairs
-            heads = cfg["num_attention_heads"] if "q_proj" in rest else cfg["num_key_value_heads"]
-            t = t[torch.argsort(rotate_half_order(heads, t.shape[0] // heads))]
-        meta[f"layers.{i}.{new}.weight"] = t.contiguous()
-    mistral = tmp_path / "mistral"
-    mistral.mkdir()
-    save_file(meta, str(mistral / "consolidated.safetensors"))
-    (mistral / "params.json").write_text(
-        json.dumps(
-            {
-                "dim": 64,
-                "n_layers": 2,
-                "head_dim": 16,
-                "hidden_dim": 64,
-                "n_heads": 4,
-                "n_kv_heads": 2,
-                "norm_eps": 1e-5,
-                "vocab_size": cfg["vocab_size"],
-                "rope_theta": 1e6,
-                "moe": {"num_experts_per_tok": 2, "num_experts": 4},
-            }
-        )
-    )
-    (mistral / "tokenizer.model").write_bytes(FIXTURE_TOKENIZER.read_bytes())
+    mistral = write_mistral_mixtral(hf, tmp_path / "mistral")
     out = {}
     for kind, ckpt in (("hf", hf), ("mistral", mistral)):
         out[kind] = tmp_path / f"{kind}.gguf"

@@ -12,10 +12,15 @@ column (`in_sum2`) and counts the tokens (`counts`). Its chunking, reproduced he
   * every token of every chunk counts (llama-imatrix asks for all logits, so even the last
     layer runs on every row).
 
-The forward pass is llmconv's float32 PyTorch reference over the checkpoint itself (Meta or
-Hugging Face layout, verify/reference*.py), run layer by layer: each layer's weights are loaded
-once and every chunk of a group goes through it before the next layer is loaded, so memory is
-one layer plus the group's activations. The projections' inputs reach us through the
+Expert (Mixtral) layers: llama.cpp multiplies the stacked `ffn_{gate,up,down}_exps` with
+MUL_MAT_ID, for which llama-imatrix keeps a row of in_sum2 and a count per expert, summing
+each token into the rows of the top-k experts it was routed to (_Statistic below).
+
+The forward pass is llmconv's float32 PyTorch reference over the checkpoint itself (Meta,
+Hugging Face or Mistral layout, verify/reference*.py and verify/moe.py, cut into layers by
+runners.py), run layer by layer: each layer's weights (experts one at a time) are loaded once
+per group of chunks and every chunk of the group goes through it before the next layer is
+loaded, so memory is one layer plus the group's activations. The projections' inputs reach us through the
 reference's `matmul_input` hook (verify/hooks.py), by the checkpoint's tensor names, mapped to
 GGUF names: attn_q/attn_k/attn_v share one input, as do ffn_gate/ffn_up.
 """
@@ -23,9 +28,7 @@ GGUF names: attn_q/attn_k/attn_v share one input, as do ffn_gate/ffn_up.
 from __future__ import annotations
 
 from dataclasses import dataclass
-import re
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -38,6 +41,22 @@ BUILTIN_TEXT = Path(__file__).with_name("calibration.txt")
 BUILTIN_NAME = "builtin"  # --text builtin: the bundled calibration text
 MIN_CTX = 16  # llama-imatrix ignores matmuls over fewer rows than this
 GROUP_BYTES = 256 << 20  # float32 activations kept per group of chunks
+
+
+def _mistral_encoder(ckpt_dir: Path):
+    """Mistral's own layout names its SentencePiece model tokenizer.model.vN (convert/mistral.py
+    finds it): its encode, None for the other layouts."""
+    from ..convert.mistral import find_mistral_tokenizer
+    from ..convert.sources import detect_format
+
+    if detect_format(ckpt_dir) != "mistral":
+        return None
+    path = find_mistral_tokenizer(ckpt_dir, None)
+    if path.suffix == ".json":
+        raise LlmconvError("llmconv imatrix does not tokenize with Tekken (tekken.json) yet", file=path)
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=str(path)).encode
 
 
 @dataclass
@@ -61,9 +80,9 @@ def calibration_chunks(ckpt_dir: str | Path, text: str | Path, ctx: int, chunks:
         raise LlmconvError(f"--ctx {ctx}: llama-imatrix collects nothing from fewer than {MIN_CTX} tokens")
     body, dataset = read_text(text)
     vocab = open_source(ckpt_dir).vocab  # first: it says what is wrong with a path that is no checkpoint
-    tok = load_source_tokenizer(Path(ckpt_dir))
+    encode = _mistral_encoder(Path(ckpt_dir)) or load_source_tokenizer(Path(ckpt_dir)).encode
     bos = vocab.bos_id if vocab.add_bos and vocab.bos_id is not None else None
-    ids = ([bos] if bos is not None else []) + [int(t) for t in tok.encode(body)]
+    ids = ([bos] if bos is not None else []) + [int(t) for t in encode(body)]
     n = len(ids) // ctx if chunks is None else min(chunks, len(ids) // ctx)
     if n < 1:
         raise LlmconvError(
@@ -74,80 +93,6 @@ def calibration_chunks(ckpt_dir: str | Path, text: str | Path, ctx: int, chunks:
     if bos is not None:
         arr[:, 0] = bos  # llama-imatrix: every chunk starts with BOS
     return Calibration(arr, dataset)
-
-
-@dataclass
-class _Runner:
-    """One architecture's pieces of the reference forward pass."""
-
-    n_layers: int
-    hidden: int
-    embed: Callable  # int64 [T] -> float32 [T, hidden]
-    rope: Callable  # T -> (cos, sin)
-    layer_weights: Callable  # (i, hooks) -> weights
-    block: Callable  # (x, weights, cos, sin) -> x
-    gguf_name: Callable  # checkpoint tensor name -> GGUF name (None: not a blk.* projection)
-
-
-HF_PROJECTIONS = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
-
-def _hf_gguf_name(name: str) -> str | None:
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name)
-    kind = HF_PROJECTIONS.get(m.group(2)) if m else None
-    return f"blk.{m.group(1)}.{kind}.weight" if kind else None
-
-
-def _runner(ckpt_dir: Path) -> _Runner:
-    import torch
-
-    from ..convert.sources import detect_format
-
-    if detect_format(ckpt_dir) == "hf":
-        from ..convert.hf_files import open_weights, read_json
-        from ..verify import reference_hf as R
-
-        c = R.HFConfig(read_json(ckpt_dir / "config.json"), ckpt_dir / "config.json")
-        if c.moe is not None:  # llama-imatrix keeps a row per expert (MUL_MAT_ID): not collected here
-            raise LlmconvError(
-                "llmconv imatrix does not collect expert (MoE) activations yet; "
-                "llama-imatrix's file for this model works with --imatrix",
-                file=ckpt_dir / "config.json",
-            )
-        weights, _ = open_weights(ckpt_dir)
-        emb = weights["model.embed_tokens.weight"]
-        return _Runner(
-            c.n_layers,
-            c.hidden,
-            lambda ids: emb.get()[torch.as_tensor(ids)].to(torch.float32),
-            lambda T: R.rotary_cos_sin(c, T),
-            lambda i, hooks: R.decoder_layer_weights(weights, i, hooks),
-            lambda x, w, cos, sin: R.decoder_layer(x, w, c, cos, sin),
-            _hf_gguf_name,
-        )
-    from ..convert.meta import open_meta_checkpoint
-    from ..convert.plan import meta_to_gguf_name
-    from ..verify import reference as R
-
-    ckpt = open_meta_checkpoint(ckpt_dir)
-    h = ckpt.hparams
-    return _Runner(
-        h.n_layers,
-        h.dim,
-        lambda ids: ckpt.load("tok_embeddings.weight")[torch.as_tensor(ids)].to(torch.float32),
-        lambda T: R.rope_tables(R.meta_head_dim(ckpt), T, h.rope_theta, R.llama3_scaling(ckpt.params)),
-        lambda i, hooks: R.layer_weights(ckpt, i, hooks),
-        lambda x, w, cos, sin: R.transformer_block(x, w, h, cos, sin),
-        lambda name: meta_to_gguf_name(name) if name.startswith("layers.") else None,
-    )
 
 
 def compute_imatrix(
@@ -176,27 +121,14 @@ def _compute(ckpt_dir: Path, text: str | Path, ctx: int, chunks: int | None, pro
     from tqdm import tqdm
 
     from ..progress import bar_label, terminal_columns
+    from ..verify.hooks import ForwardHooks
+    from .runners import runner
 
     cal = calibration_chunks(ckpt_dir, text, ctx, chunks)
-    run = _runner(ckpt_dir)
+    run = runner(ckpt_dir)
     n_chunks = cal.chunks.shape[0]
-    sums: dict[str, torch.Tensor] = {}
-    last: list = [None, None]  # attn_q/k/v (ffn_gate/up) share one input: square it once
-
-    def observe(name: str, x: torch.Tensor) -> torch.Tensor:
-        gguf = run.gguf_name(name)
-        if gguf is not None:
-            if last[0] is not x:
-                last[0], last[1] = x, (x.to(torch.float64) ** 2).sum(dim=0)
-            if gguf in sums:
-                sums[gguf] += last[1]
-            else:
-                sums[gguf] = last[1].clone()
-        return x
-
-    from ..verify.hooks import ForwardHooks
-
-    hooks = ForwardHooks(matmul_input=observe)
+    stats = _Statistic(run)
+    hooks = ForwardHooks(matmul_input=stats.observe)
     group = max(1, GROUP_BYTES // (ctx * run.hidden * 4))
     starts = range(0, n_chunks, group)
     # on a terminal only: no frames in a log
@@ -214,13 +146,52 @@ def _compute(ckpt_dir: Path, text: str | Path, ctx: int, chunks: int | None, pro
             xs = [run.embed(c) for c in cal.chunks[s0 : s0 + group]]
             for i in range(run.n_layers):
                 w = run.layer_weights(i, hooks)
-                xs = [run.block(x, w, cos, sin) for x in xs]
+                xs = run.block(i, xs, w, cos, sin, hooks)
                 del w  # one layer's float32 weights at a time
                 bar.update(1)
-        last[0] = last[1] = None
-    tokens = n_chunks * ctx
-    entries = {
-        name: ImatrixEntry(s.to(torch.float32).numpy().reshape(1, -1), np.array([tokens], np.int64))
-        for name, s in sorted(sums.items())
-    }
-    return Imatrix(entries, [cal.dataset], n_chunks, ctx)
+    return Imatrix(stats.entries(), [cal.dataset], n_chunks, ctx)
+
+
+class _Statistic:
+    """in_sum2 and counts per GGUF tensor, fed by the forward pass's matmul_input hook.
+
+    A dense projection has one row, counting every token. A stacked expert tensor has a row per
+    expert (llama-imatrix on MUL_MAT_ID): expert e's row sums x**2 over exactly the tokens
+    routed to e, and its count is their number. The input is what the expert multiplies:
+    gate/up see the routed tokens' normed hidden state, down sees silu(gate x) * up x of those
+    tokens (before the routing weight scales the output). An expert no token chose keeps a row
+    of zeros and count 0, as llama-imatrix writes it to a GGUF file (llama-quantize then uses
+    all-ones importances for it)."""
+
+    def __init__(self, run):
+        self.run = run
+        self.sums: dict = {}  # GGUF name -> float64 [n_mat, n]
+        self.counts: dict[str, np.ndarray] = {}  # GGUF name -> int64 [n_mat]
+        self.last: tuple = (None, None)  # attn_q/k/v (gate/up) share one input: square it once
+
+    def observe(self, name: str, x):
+        import torch
+
+        target = self.run.target(name)
+        if target is None:
+            return x
+        gguf, expert = target
+        if self.last[0] is not x:
+            self.last = (x, (x.to(torch.float64) ** 2).sum(dim=0))
+        if gguf not in self.sums:
+            n_mat = 1 if expert is None else self.run.n_expert
+            self.sums[gguf] = torch.zeros(n_mat, x.shape[-1], dtype=torch.float64)
+            self.counts[gguf] = np.zeros(n_mat, np.int64)
+        row = 0 if expert is None else expert
+        self.sums[gguf][row] += self.last[1]
+        self.counts[gguf][row] += x.shape[0]
+        return x
+
+    def entries(self) -> dict[str, ImatrixEntry]:
+        import torch
+
+        self.last = (None, None)
+        return {
+            name: ImatrixEntry(s.to(torch.float32).numpy(), self.counts[name].copy())
+            for name, s in sorted(self.sums.items())
+        }

@@ -46,11 +46,12 @@ from ..jsonout import emit_json, json_option
 @json_option()
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def imatrix(ckpt_dir, text, outfile, ctx, chunks, threads, force, json_path, quiet):
-    """Compute an importance matrix for CKPT_DIR (a Meta or Hugging Face checkpoint).
+    """Compute an importance matrix for CKPT_DIR (a Meta, Hugging Face or Mistral checkpoint).
 
     The statistic is llama-imatrix's (the sum of squared inputs of every blk.* projection over
-    the tokens, and the token count), from llmconv's float32 reference forward pass over the
-    checkpoint's own weights, one layer at a time. convert/quantize --imatrix read the file,
+    the tokens, and the token count; for a Mixtral's stacked experts one row and count per
+    expert, over the tokens routed to it), from llmconv's float32 reference forward pass over
+    the checkpoint's own weights, one layer at a time. convert/quantize --imatrix read the file,
     as does llama-quantize --imatrix.
 
     \b

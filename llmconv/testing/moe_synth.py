@@ -169,6 +169,71 @@ def write_hf_mixtral(
     return path
 
 
+# Hugging Face name (inside a layer) -> Mistral's own (Meta's names; experts keep theirs under feed_forward)
+_MISTRAL_LAYER_NAMES = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "block_sparse_moe.gate": "feed_forward.gate",
+}
+
+
+def meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Q/K rows from HF's rotate-half order back to Meta's adjacent pairs: within a head, HF row
+    k < hd/2 is Meta row 2k and HF row hd/2 + k is Meta row 2k + 1."""
+    hd = w.shape[0] // n_heads
+    return w.view(n_heads, 2, hd // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+def write_mistral_mixtral(hf_dir: Path, path: Path, tokenizer_name: str = "tokenizer.model.v1") -> Path:
+    """The Mistral-layout twin of write_hf_mixtral's checkpoint `hf_dir` (what Mistral publishes
+    beside it): params.json with a `moe` section, consolidated.safetensors with Meta's names
+    (`layers.N.feed_forward.gate`, `layers.N.feed_forward.experts.E.wK`) and Q/K rows in Meta's
+    order, and the same SentencePiece model under Mistral's versioned name."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    sd: dict[str, torch.Tensor] = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    out = {
+        "tok_embeddings.weight": sd["model.embed_tokens.weight"],
+        "norm.weight": sd["model.norm.weight"],
+        "output.weight": sd["lm_head.weight"],
+    }
+    heads = {"self_attn.q_proj": cfg["num_attention_heads"], "self_attn.k_proj": cfg["num_key_value_heads"]}
+    for name, t in sd.items():
+        parts = name.split(".")
+        if parts[:2] != ["model", "layers"]:
+            continue
+        i, rest = parts[2], ".".join(parts[3:-1])
+        new = (
+            rest.replace("block_sparse_moe.", "feed_forward.", 1) if ".experts." in rest else _MISTRAL_LAYER_NAMES[rest]
+        )
+        out[f"layers.{i}.{new}.weight"] = meta_rows(t, heads[rest]) if rest in heads else t.contiguous()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path / "consolidated.safetensors"))
+    params = {
+        "dim": cfg["hidden_size"],
+        "n_layers": cfg["num_hidden_layers"],
+        "head_dim": cfg["hidden_size"] // cfg["num_attention_heads"],
+        "hidden_dim": cfg["intermediate_size"],
+        "n_heads": cfg["num_attention_heads"],
+        "n_kv_heads": cfg["num_key_value_heads"],
+        "norm_eps": cfg["rms_norm_eps"],
+        "vocab_size": cfg["vocab_size"],
+        "rope_theta": cfg["rope_theta"],
+        "moe": {"num_experts_per_tok": cfg["num_experts_per_tok"], "num_experts": cfg["num_local_experts"]},
+    }
+    (path / "params.json").write_text(json.dumps(params, indent=2))
+    (path / tokenizer_name).write_bytes((hf_dir / "tokenizer.model").read_bytes())
+    return path
+
+
 def save_safetensors(path: Path, sd: dict, shards: int) -> None:
     """One model.safetensors, or `shards` files and their index with tensors dealt round-robin."""
     from safetensors.torch import save_file

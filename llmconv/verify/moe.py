@@ -31,10 +31,22 @@ def hf_moe_settings(cfg: dict) -> tuple[int, int] | None:
     return int(cfg["num_local_experts"]), int(cfg["num_experts_per_tok"])
 
 
+HF_MOE_PREFIX = "model.layers.{i}.block_sparse_moe."  # Hugging Face MixtralForCausalLM
+MISTRAL_MOE_PREFIX = "layers.{i}.feed_forward."  # Mistral's own consolidated layout (Meta names)
+
+
 def hf_sparse_moe(x: torch.Tensor, layer: int, n_expert: int, top_k: int, load, hooks) -> torch.Tensor:
-    """Mixtral's sparse MoE block on x [T, dim]. `load(name)` gives a checkpoint tensor as
-    float32; `hooks` (ForwardHooks) see each weight and matmul input by its checkpoint name."""
-    p = f"model.layers.{layer}.block_sparse_moe."
+    """Mixtral's sparse MoE block on x [T, dim] in Hugging Face's names (sparse_moe)."""
+    return sparse_moe(x, HF_MOE_PREFIX.format(i=layer), n_expert, top_k, load, hooks)
+
+
+def sparse_moe(x: torch.Tensor, prefix: str, n_expert: int, top_k: int, load, hooks) -> torch.Tensor:
+    """Mixtral's sparse MoE block on x [T, dim]: the router `{prefix}gate.weight`, the experts
+    `{prefix}experts.E.w1/w2/w3.weight` (both layouts name them so under their own prefix).
+    `load(name)` gives a checkpoint tensor as float32; `hooks` (ForwardHooks) see each weight
+    and matmul input by its checkpoint name: expert E's w1/w3 input is the rows routed to E
+    (one tensor for both), its w2 input those rows' silu(w1 x) * w3 x."""
+    p = prefix
 
     def mm(v: torch.Tensor, name: str) -> torch.Tensor:
         return hooks.x(name, v) @ hooks.w(name, load(name)).T

@@ -104,15 +104,34 @@ def meta_reference_logits(
     return logits.numpy()
 
 
-def load_f32(ckpt: MetaCheckpoint, name: str) -> torch.Tensor:
+def load_f32(ckpt, name: str) -> torch.Tensor:
     return ckpt.load(name).to(torch.float32)
 
 
-def layer_weights(ckpt: MetaCheckpoint, i: int, hooks: ForwardHooks = NO_HOOKS) -> LayerWeights:
+def layer_weights(ckpt, i: int, hooks: ForwardHooks = NO_HOOKS, dense: bool = True) -> LayerWeights:
+    """Layer i by short name; `ckpt`: a MetaCheckpoint or SafetensorsWeights (Mistral's layout).
+    `dense=False`: no w1/w2/w3 (a Mixtral layer's experts are read by moe.py, one at a time)."""
     prefix = f"layers.{i}."
+    shorts = LAYER_TENSORS if dense else tuple(n for n in LAYER_TENSORS if not n.startswith("feed_forward."))
     return LayerWeights(
-        {short: hooks.w(prefix + short, load_f32(ckpt, prefix + short)) for short in LAYER_TENSORS}, prefix, hooks
+        {short: hooks.w(prefix + short, load_f32(ckpt, prefix + short)) for short in shorts}, prefix, hooks
     )
+
+
+class SafetensorsWeights:
+    """Mistral's own layout (consolidated*.safetensors): Meta's names and row order, so Meta's
+    pass runs on it; `entries` from convert.hf_files.open_weights."""
+
+    def __init__(self, entries: dict):
+        self.entries = entries
+
+    def load(self, name: str) -> torch.Tensor:
+        if name not in self.entries:
+            raise LlmconvError("tensor missing from the checkpoint", tensor=name)
+        return self.entries[name].get()
+
+    def load_f32(self, name: str) -> torch.Tensor:
+        return self.load(name).to(torch.float32)
 
 
 def llama3_scaling(params: dict) -> dict | None:

@@ -1,0 +1,205 @@
+"""The reference forward pass of each checkpoint layout, in the pieces `llmconv imatrix` runs
+layer by layer, and which GGUF imatrix entry each matrix product's input belongs to.
+
+The pieces are verify's float32 reference (verify/reference*.py, verify/moe.py), so the
+statistic comes from the same pass that judges converted files:
+
+  hf       Hugging Face LLaMA and Mixtral (config.json; rotate-half Q/K as stored)
+  meta     Meta's consolidated.NN.pth (params.json; Meta's names and row order)
+  mistral  Mistral's own consolidated*.safetensors (params.json; Meta's names and row order),
+           dense or Mixtral (`moe` in params.json)
+
+A matmul input is named by the checkpoint tensor it multiplies; `target` maps that name to
+(GGUF tensor, expert): expert None for a dense projection (one row of in_sum2), the expert's
+index for a Mixtral expert matrix, whose stacked `ffn_{gate,up,down}_exps` tensor keeps a row
+per expert (llama.cpp multiplies them with MUL_MAT_ID). The router (`ffn_gate_inp`) is an
+ordinary projection: llama.cpp's MUL_MAT over every token.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from gguf import MODEL_TENSOR
+
+from ..convert.moe import HF_EXPERT_NAMES
+from ..convert.plan import meta_to_gguf_name, tensor_name
+from ..errors import LlmconvError
+
+
+@dataclass
+class Runner:
+    """One architecture's pieces of the reference forward pass."""
+
+    n_layers: int
+    hidden: int
+    n_expert: int  # experts of a MoE layer (0: dense)
+    embed: Callable  # int64 [T] -> float32 [T, hidden]
+    rope: Callable  # T -> (cos, sin)
+    layer_weights: Callable  # (i, hooks) -> weights
+    # (i, xs, weights, cos, sin, hooks) -> xs: layer i on every chunk of a group (each its own sequence)
+    block: Callable
+    target: Callable  # checkpoint tensor name -> (GGUF name, expert or None), None: not collected
+
+
+HF_PROJECTIONS = {
+    "self_attn.q_proj": MODEL_TENSOR.ATTN_Q,
+    "self_attn.k_proj": MODEL_TENSOR.ATTN_K,
+    "self_attn.v_proj": MODEL_TENSOR.ATTN_V,
+    "self_attn.o_proj": MODEL_TENSOR.ATTN_OUT,
+    "mlp.gate_proj": MODEL_TENSOR.FFN_GATE,
+    "mlp.up_proj": MODEL_TENSOR.FFN_UP,
+    "mlp.down_proj": MODEL_TENSOR.FFN_DOWN,
+    "block_sparse_moe.gate": MODEL_TENSOR.FFN_GATE_INP,
+}
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_META_LAYER = re.compile(r"layers\.(\d+)\.(.+)\.weight")
+# a Mixtral expert matrix under a layout's MoE prefix: (expert, w1/w2/w3)
+_EXPERT = re.compile(r"(?:block_sparse_moe|feed_forward)\.experts\.(\d+)\.(w[123])")
+
+
+def _expert_target(layer: str, rest: str) -> tuple[str, int] | None:
+    m = _EXPERT.fullmatch(rest)
+    if m is None:
+        return None
+    return tensor_name(HF_EXPERT_NAMES[m.group(2)][0], int(layer)), int(m.group(1))
+
+
+def hf_target(name: str) -> tuple[str, int | None] | None:
+    m = _HF_LAYER.fullmatch(name)
+    if m is None:
+        return None
+    kind = HF_PROJECTIONS.get(m.group(2))
+    if kind is not None:
+        return tensor_name(kind, int(m.group(1))), None
+    return _expert_target(m.group(1), m.group(2))
+
+
+def meta_target(name: str) -> tuple[str, int | None] | None:
+    """Meta's and Mistral's names (`layers.N.attention.wq.weight`, `layers.N.feed_forward.gate.weight`)."""
+    m = _META_LAYER.fullmatch(name)
+    if m is None:
+        return None
+    if m.group(2) == "feed_forward.gate":
+        return tensor_name(MODEL_TENSOR.FFN_GATE_INP, int(m.group(1))), None
+    gguf = meta_to_gguf_name(name)
+    if gguf is not None:
+        return (gguf, None) if gguf.startswith("blk.") and not gguf.endswith("_norm.weight") else None
+    return _expert_target(m.group(1), m.group(2))
+
+
+def moe_layer_on_group(xs: list, attend: Callable, ffn_norm: Callable, moe: Callable) -> list:
+    """A Mixtral layer on a group of chunks: attention chunk by chunk, then the MoE block once
+    over all their rows (it treats rows independently), so each expert's weights are read once
+    per group rather than once per chunk."""
+    import torch
+
+    xs = [x + attend(x) for x in xs]
+    out = moe(torch.cat([ffn_norm(x) for x in xs])).split([x.shape[0] for x in xs])
+    return [x + y for x, y in zip(xs, out)]
+
+
+def runner(ckpt_dir: Path) -> Runner:
+    from ..convert.sources import detect_format
+
+    kind = detect_format(ckpt_dir)
+    if kind == "hf":
+        return _hf_runner(ckpt_dir)
+    if kind == "mistral":
+        return _mistral_runner(ckpt_dir)
+    return _meta_runner(ckpt_dir)
+
+
+def _hf_runner(ckpt_dir: Path) -> Runner:
+    import torch
+
+    from ..convert.hf_files import open_weights, read_json
+    from ..convert.llama4_config import is_llama4
+    from ..verify import reference_hf as R
+    from ..verify.moe import hf_sparse_moe
+
+    cfg = read_json(ckpt_dir / "config.json")
+    if is_llama4(cfg):  # its reference (verify/llama4.py) is not cut into layer pieces here
+        raise LlmconvError("llmconv imatrix does not run Llama 4 checkpoints", file=ckpt_dir / "config.json")
+    c = R.HFConfig(cfg, ckpt_dir / "config.json")
+    weights, _ = open_weights(ckpt_dir)
+    emb = weights["model.embed_tokens.weight"]
+
+    def block(i, xs, w, cos, sin, hooks):
+        if c.moe is None:
+            return [R.decoder_layer(x, w, c, cos, sin) for x in xs]
+        return moe_layer_on_group(
+            xs,
+            lambda x: R.self_attention(R.llama_rms_norm(x, w["input_layernorm"], c.eps), w, c, cos, sin),
+            lambda x: R.llama_rms_norm(x, w["post_attention_layernorm"], c.eps),
+            lambda f: hf_sparse_moe(f, i, *c.moe, lambda n: R.f32(weights, n), hooks),
+        )
+
+    return Runner(
+        c.n_layers,
+        c.hidden,
+        c.moe[0] if c.moe else 0,
+        lambda ids: emb.get()[torch.as_tensor(ids)].to(torch.float32),
+        lambda T: R.rotary_cos_sin(c, T),
+        lambda i, hooks: R.decoder_layer_weights(weights, i, hooks, dense=c.moe is None),
+        block,
+        hf_target,
+    )
+
+
+def _meta_runner(ckpt_dir: Path) -> Runner:
+    import torch
+
+    from ..convert.meta import open_meta_checkpoint
+    from ..verify import reference as R
+
+    ckpt = open_meta_checkpoint(ckpt_dir)
+    h = ckpt.hparams
+    return Runner(
+        h.n_layers,
+        h.dim,
+        0,
+        lambda ids: ckpt.load("tok_embeddings.weight")[torch.as_tensor(ids)].to(torch.float32),
+        lambda T: R.rope_tables(R.meta_head_dim(ckpt), T, h.rope_theta, R.llama3_scaling(ckpt.params)),
+        lambda i, hooks: R.layer_weights(ckpt, i, hooks),
+        lambda i, xs, w, cos, sin, hooks: [R.transformer_block(x, w, h, cos, sin) for x in xs],
+        meta_target,
+    )
+
+
+def _mistral_runner(ckpt_dir: Path) -> Runner:
+    import torch
+
+    from ..convert.hf_files import open_weights
+    from ..convert.sources import open_source
+    from ..verify import reference as R
+    from ..verify.moe import MISTRAL_MOE_PREFIX, sparse_moe
+
+    h = open_source(ckpt_dir).hparams  # params.json, checked against every tensor's shape
+    weights, _ = open_weights(ckpt_dir, kinds=("consolidated",))
+    ckpt = R.SafetensorsWeights(weights)
+
+    def block(i, xs, w, cos, sin, hooks):
+        if not h.n_expert:
+            return [R.transformer_block(x, w, h, cos, sin) for x in xs]
+        prefix = MISTRAL_MOE_PREFIX.format(i=i)
+        return moe_layer_on_group(
+            xs,
+            lambda x: R.attention(R.rms_norm(x, w["attention_norm.weight"], h.norm_eps), w, h, cos, sin),
+            lambda x: R.rms_norm(x, w["ffn_norm.weight"], h.norm_eps),
+            lambda f: sparse_moe(f, prefix, h.n_expert, h.n_expert_used, ckpt.load_f32, hooks),
+        )
+
+    return Runner(
+        h.n_layers,
+        h.dim,
+        h.n_expert,
+        lambda ids: ckpt.load("tok_embeddings.weight")[torch.as_tensor(ids)].to(torch.float32),
+        lambda T: R.rope_tables(h.head_dim, T, h.rope_theta),
+        lambda i, hooks: R.layer_weights(ckpt, i, hooks, dense=not h.n_expert),
+        block,
+        meta_target,
+    )
