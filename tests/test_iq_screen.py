@@ -79,3 +79,28 @@ def test_out_of_range_groups_are_not_screened():
     tables = iq_screen.group_tables(g, bad, w)
     _, decided = iq_screen.screened_neighbours(g, codes, np.arange(len(codes)), s, tables)
     assert not decided[::2].any() and decided[1::2].any()
+
+
+@pytest.mark.parametrize("name", ["iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs", "iq3_s"])
+def test_searches_listed_by_group_and_scale_keep_c_choice(name):
+    """The quantizers list a group's searches together, one per trial scale, and consecutive
+    searches often share group and code (the screen then gathers their sums once). Here every
+    group is searched at 7 scales (its code re-rounded at each), and groups with equal codes
+    follow each other: runs must end where the group or the code changes."""
+    g = _grids()[name]
+    codes, x, w, s = _searches(g, 6000, seed=11)
+    order = np.argsort(codes, kind="stable")
+    x, w, s = x[order], w[order], s[order]
+    factors = (F32(0.88) + F32(0.04) * np.arange(7)).astype(F32)
+    group = np.repeat(np.arange(len(s)), len(factors))
+    scale = (s[group] * np.tile(factors, len(s))).astype(F32)
+    levels = np.clip(np.rint(F32(0.5) * (x[group] / scale[:, None] - F32(1.0))), 0, g.n_levels - 1)
+    cd = iq_grid.codes_of(levels.astype(np.int64), g.bits)
+    keep = g.nbr_count[cd] > 0
+    group, scale, cd = group[keep], scale[keep], cd[keep]
+    tables = iq_screen.group_tables(g, x, w)
+    found, decided = iq_screen.screened_neighbours(g, cd, group, scale, tables)
+    exact = iq_grid.best_neighbours(g, cd, x[group], w[group], scale)
+    wrong = np.flatnonzero(decided & (found != exact))
+    assert wrong.size == 0, f"{name}: {wrong.size} screened choices differ from C's, first {wrong[:5].tolist()}"
+    assert decided.mean() > 0.6, decided.mean()

@@ -33,6 +33,8 @@ _SCREEN_RANGE = (1e-30, 1e30)  # X and s*s*sum(w)*qmax**2 inside it: no overflow
 # OpenBLAS spreads a product over all cores above m*n*k = 4 * 65536; on a shared machine its
 # waiting threads cost more CPU time than the product itself
 _SINGLE_THREAD_GEMM = 4 * 65536
+# lists at least this long gather their (A, B) once per run of searches (see _screened)
+RUN_WIDTH = 8
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class PaddedLists:
 
 
 _PADDED: dict[int, PaddedLists] = {}
+_POSITIONS = np.arange(1024, dtype=np.int16)[:, None]
 _HALF_MATRICES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
 
@@ -169,6 +172,15 @@ def group_tables(grid: Grid, xval: np.ndarray, w: np.ndarray) -> GroupTables:
     return GroupTables(ab, x2, wsum, ok)
 
 
+def _gather(pl: PaddedLists, c: int, flat: np.ndarray, at: np.ndarray, base: np.ndarray) -> np.ndarray:
+    """A + iB [W, n] of the width-class-c lists at slots `at`, for the groups whose table rows
+    start at flat[base]."""
+    ab = np.take(flat, np.take(pl.lo[c], at, axis=1) + base)
+    if pl.hi is not None:
+        ab += np.take(flat, np.take(pl.hi[c], at, axis=1) + base)
+    return ab
+
+
 def screened_neighbours(
     grid: Grid, codes: np.ndarray, group: np.ndarray, scale: np.ndarray, tables: GroupTables
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -207,13 +219,24 @@ def _screened(
         sel = order[start : start + cnt]
         start += cnt
         gs = group[sel]
-        at = pl.slot[codes[sel]]
-        base = gs * row
-        nb = np.take(pl.lo[c], at, axis=1)  # [W, n]
-        ab = np.take(flat, nb + base)
-        if pl.hi is not None:
-            ab += np.take(flat, np.take(pl.hi[c], at, axis=1) + base)
-            nb = np.take(pl.index[c], at, axis=1)
+        cs = codes[sel]
+        if pl.lo[c].shape[0] >= RUN_WIDTH:
+            # the searches of one group at one code (nearby trial scales round a group alike)
+            # share their candidates' (A, B): gathered once per such run from the big table,
+            # then spread to the searches from the small gathered array, which stays in cache
+            new = np.empty(cnt, bool)
+            new[0] = True
+            np.not_equal(cs[1:], cs[:-1], out=new[1:])
+            new[1:] |= gs[1:] != gs[:-1]
+            first = np.flatnonzero(new)
+            run = np.cumsum(new, dtype=np.intp)
+            run -= 1
+            at = pl.slot[cs[first]]
+            ab = np.take(_gather(pl, c, flat, at, gs[first] * row), run, axis=1)  # [W, runs] -> [W, n]
+            at = at[run]
+        else:
+            at = pl.slot[cs]
+            ab = _gather(pl, c, flat, at, gs * row)
         ab *= coef[sel]
         d = ab.real
         x2 = tables.x2[gs]
@@ -221,6 +244,8 @@ def _screened(
         thr = (dm * (1 + SCREEN_TAU) + 2 * SCREEN_TAU * x2) / (1 - SCREEN_TAU) - x2
         within = d <= thr.astype(F32)
         decided[sel] = (np.add.reduce(within, axis=0, dtype=np.uint16) == 1) & usable[sel]
-        # the one candidate within the threshold (where decided): sum of index * mask, in int16
-        out[sel] = np.add.reduce(np.multiply(nb, within, dtype=np.int16), axis=0, dtype=np.int16)
+        # the one candidate within the threshold (where decided): its position in the list
+        pos = np.add.reduce(np.multiply(_POSITIONS[: within.shape[0]], within, dtype=np.int16), axis=0, dtype=np.int16)
+        np.clip(pos, 0, within.shape[0] - 1, out=pos)  # undecided searches: any valid position
+        out[sel] = pl.index[c][pos, at]
     return out, decided
