@@ -142,7 +142,7 @@ def test_nearest_int_rounds_half_to_even():
 
 
 def test_fp16_bits_equals_numpys_cast():
-    """fp16_bits rounds fp16-subnormal results itself (numpy's cast is slow there): every float32
+    """fp16_bits rounds by integer and float32 operations (numpy's cast is slow): every float32
     exponent, both signs, random and rounding-edge mantissas, give numpy's (round-to-even) bits."""
     rng = np.random.default_rng(3)
     edges = np.array(
@@ -172,5 +172,12 @@ def test_fp16_bits_equals_numpys_cast():
     with np.errstate(all="ignore"):
         expected = f.astype(np.float16).view(np.uint16)
     np.testing.assert_array_equal(fp16_bits(f), expected)
+    # fp16_bits takes one of three paths by the array's range: numpy's cast with NaN present,
+    # float32 rounding with fp16 subnormals or overflow, integer rounding when all are normal
+    finite = ~np.isnan(f)
+    np.testing.assert_array_equal(fp16_bits(f[finite]), expected[finite])
+    normal = (np.abs(f) >= 2.0**-14) & (np.abs(f) < 65504.0)
+    assert normal.sum() > 100_000
+    np.testing.assert_array_equal(fp16_bits(f[normal]), expected[normal])
     np.testing.assert_array_equal(fp16_bits(f[:6].reshape(2, 3)), expected[:6].reshape(2, 3))
     assert fp16_bits(np.float32(1e-6)) == np.float32(1e-6).astype(np.float16).view(np.uint16)

@@ -15,6 +15,7 @@ import gguf
 from gguf import GGMLQuantizationType as GT
 
 import llmconv.quantize as Q
+from llmconv.quantize import _blocks as B_
 from kernel_data import ROW, datasets, to_bf16_grid
 from llmconv.testing.llama_gguf_util import LLAMA_MATRIX_NAMES, llama_quantize_file, read_tensors, write_f32_llama_gguf
 
@@ -60,6 +61,21 @@ def test_bytes_equal_llama_cpp(t, data, llama_outputs):
         ref = llama_outputs[t][name]
         assert ours.shape == ref.shape, name
         assert np.array_equal(ours, ref), f"{t} {name}: {_diff(ours, ref, qt.type_size)}"
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("t", LEGACY)
+def test_bytes_equal_llama_cpp_cut_in_odd_pieces(t, data, llama_outputs, monkeypatch):
+    """The block kernels work on chunks of CHUNK_BLOCKS blocks and transpose them LANES_PIECE
+    blocks at a time; cuts at odd places (uneven last chunk and piece) keep the bytes."""
+    monkeypatch.setattr(B_, "CHUNK_BLOCKS", 100)
+    monkeypatch.setattr(B_, "LANES_PIECE", 7)
+    qt = Q.get(t)
+    for name, x in data.items():
+        ours = qt.quantize(x)
+        assert np.array_equal(ours, llama_outputs[t][name]), (
+            f"{t} {name}: {_diff(ours, llama_outputs[t][name], qt.type_size)}"
+        )
 
 
 @pytest.mark.llamacpp

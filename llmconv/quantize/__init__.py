@@ -13,6 +13,7 @@ messages.
 
 from __future__ import annotations
 
+import inspect
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -172,7 +173,26 @@ def _first_nonfinite_row(x2d: np.ndarray) -> int | None:
     return None
 
 
-CHUNK_BYTES = 2 << 20  # float32 input per work item: big enough to amortize numpy's per-call cost
+CHUNK_BYTES = 4 << 20  # float32 input per work item: big enough to amortize numpy's per-call cost
+
+
+def _writes_into(fn) -> bool:
+    """Whether a kernel takes `out=` (the block and float kernels: writes into a given buffer)."""
+    try:
+        return "out" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _quantize_into(qt: QuantType, chunk: np.ndarray, dst: np.ndarray, imatrix: np.ndarray | None, into: bool) -> None:
+    """dst[...] = the chunk quantized (weighted when given an imatrix); `into`: the kernel
+    writes into dst itself (no per-chunk result array, no copy)."""
+    if imatrix is not None:
+        dst[...] = qt.quantize_weighted(chunk, imatrix)
+    elif into:
+        qt.quantize(chunk, out=dst)
+    else:
+        dst[...] = qt.quantize(chunk)
 
 
 def quantize_tensor(
@@ -212,6 +232,8 @@ def quantize_tensor(
         if imatrix.shape[0] != n:
             raise ValueError(f"imatrix has {imatrix.shape[0]} values for rows of {n}")
 
+    into = _writes_into(qt.quantize)
+
     def work(start: int) -> None:
         chunk = np.ascontiguousarray(x2d[start : start + step], dtype=np.float32)
         if weighted or not qt.checks_finite:
@@ -219,7 +241,7 @@ def quantize_tensor(
             if row is not None:
                 raise NonFiniteError(start + row)
         try:
-            out[start : start + step] = qt.quantize_weighted(chunk, imatrix) if weighted else qt.quantize(chunk)
+            _quantize_into(qt, chunk, out[start : start + step], imatrix if weighted else None, into)
         except NonFiniteError as e:
             raise NonFiniteError(start + e.row, getattr(e, "what", "NaN or inf")) from None
 

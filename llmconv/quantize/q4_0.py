@@ -40,7 +40,7 @@ def signed_absmax(xb: np.ndarray, mx: np.ndarray, mn: np.ndarray) -> np.ndarray:
 
 
 def quantize_codes(xb: np.ndarray, divisor: float, offset: float, top: int):
-    """Shared by q4_0 and q5_0: returns (d16, codes uint8 [8, 4B] in lanes order)."""
+    """Shared by q4_0 and q5_0: returns (fp16 bits of d as uint16 [B], codes uint8 [8, 4B] in lanes order)."""
     lanes = B_.to_lanes(xb)
     mx, mn = B_.block_max(lanes), B_.block_min(lanes)
     vmax = signed_absmax(xb, mx, mn)
@@ -56,7 +56,7 @@ def quantize_codes(xb: np.ndarray, divisor: float, offset: float, top: int):
     dead = np.isinf(inv)
     if dead.any():
         codes.reshape(8, -1, 4)[:, dead] = 0
-    return d.astype(np.float16), codes
+    return B_.fp16_bits32(d).astype(np.uint16), codes
 
 
 def _kernel(xb: np.ndarray, out: np.ndarray) -> None:

@@ -19,9 +19,8 @@ TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_1][1]  # 24 bytes per block
 
 
 def _kernel(xb: np.ndarray, out: np.ndarray) -> None:
-    d16, m16, codes = quantize_codes(xb, 31)
-    B_.put_u16(out, 0, d16)
-    B_.put_u16(out, 2, m16)
+    dm, codes = quantize_codes(xb, 31)
+    B_.put_words(out, 0, dm[None, :])
     B_.put_words(out, 4, B_.high_bits(codes)[None, :])
     B_.put_words(out, 8, B_.pack_nibbles(codes, mask=True))
 

@@ -46,7 +46,7 @@ def _kernel(xb: np.ndarray, out: np.ndarray) -> None:
     if dead.any():
         codes.reshape(8, -1, 4)[:, dead] = 0
 
-    B_.put_u16(out, 0, d.astype(np.float16))
+    B_.put_u16(out, 0, B_.fp16_bits32(d).astype(np.uint16))
     B_.put_words(out, 2, codes.view(np.uint32).reshape(8, -1))
 
 
