@@ -5,8 +5,9 @@ C's distance d = sum_i w[i]*(s*q[i] - x[i])**2, computed in float32 term by term
 s*s*A - 2*s*B + X in exact arithmetic, with A = sum w*q*q and B = sum w*x*q per grid point and
 X = sum w*x*x per group, none of which depends on the scale s. A group meets ~13 trial scales,
 so A and B are tabulated once per group for the whole grid (two small matrix products), and a
-candidate costs one gather and one complex product instead of `dim` terms (IQ2_S's 1024-point
-grid is tabulated by halves of the coordinates: two gathers and an addition, see PaddedLists).
+candidate costs one gather and one complex product instead of `dim` terms (the 512- and
+1024-point grids are tabulated by halves of the coordinates: two gathers and an addition, see
+PaddedLists).
 
 That value is not C's: both differ from the exact d by rounding. With e = s*q - x, s*s*q*q <=
 2*e*e + 2*x*x, so s*s*A <= 2*d + 2*X; from there each float32 step of C (the product s*q, the
@@ -35,16 +36,19 @@ _SCREEN_RANGE = (1e-30, 1e30)  # X and s*s*sum(w)*qmax**2 inside it: no overflow
 _SINGLE_THREAD_GEMM = 4 * 65536
 # lists at least this long gather their (A, B) once per run of searches (see _screened)
 RUN_WIDTH = 8
+HALVES_ABOVE = 256  # grids larger than this are tabulated by halves (see PaddedLists)
 
 
 @dataclass(frozen=True)
 class PaddedLists:
     """The neighbour lists sorted into a few widths, dense [width, codes in class] arrays per
     width: grid indices, and the candidates' rows in a group table. The table has a row per
-    grid point (then `hi` is None), or, for the 1024-point grid, a row per combination of the
-    first dim/2 coordinates' levels and one per combination of the others' (offset by
-    pad_row + 1): 163 rows instead of 1024, which pays for the second gather. Padding points
-    at row pad_row, whose A is +inf."""
+    grid point (then `hi` is None), or, for grids above HALVES_ABOVE points, a row per
+    combination of the first dim/2 coordinates' levels and one per combination of the others'
+    (offset by pad_row + 1): 163 rows instead of 1024 (IQ2_S), 163 instead of 512 (IQ2_XS),
+    129 instead of 512 (IQ3_S). Building the smaller table saves more than the second gather
+    costs (measured; the gathers are per run of searches, see _screened). Padding points at row
+    pad_row, whose A is +inf."""
 
     cls: np.ndarray  # int8 [codes]: width class of a code's list, -1 without one
     slot: np.ndarray  # int32 [codes]: the code's column in its class
@@ -71,7 +75,7 @@ def padded_lists(grid: Grid) -> PaddedLists:
         if w >= counts.max():
             break
         w = max(w + 2, int(w * 1.4) // 2 * 2)
-    halves = grid.size > 512
+    halves = grid.size > HALVES_ABOVE
     if halves:
         pad_row = grid.n_levels ** (grid.dim // 2)
         lo_of, hi_of = _half_rows(grid.levels.astype(np.int64), grid.n_levels, grid.dim // 2)
