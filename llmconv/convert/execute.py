@@ -226,7 +226,7 @@ def _jobs(outs: list[_Output], done) -> list[stream.Job]:
         for o in outs:
             ot = o.req.plan.tensors[i]
             w = o.writers[o.where[ot.name]]
-            sinks.append(stream.Sink(ot.qtype, w.fd, w.place(ot.name), getattr(ot, "imatrix", None)))
+            sinks.append(stream.Sink(ot.qtype, w.fd, w.place(ot.name), getattr(ot, "imatrix", None), w.direct_fd))
         jobs.append(stream.Job(t.src, sinks, done=lambda job, i=i: done(job, i)))
     return jobs
 

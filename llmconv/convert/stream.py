@@ -33,7 +33,7 @@ import numpy as np
 from .. import quantize as q
 from ..quantize import floats
 from ..errors import LlmconvError
-from ..formats.positional import pwrite_all
+from ..formats.positional import DIRECT_ALIGN, pwrite_direct
 from ..formats.rawread import RawTensor
 from ..quantize.floats import widen_into
 from .plan import SourceTensor
@@ -50,6 +50,7 @@ class Sink:
     fd: int
     offset: int  # absolute file offset of the tensor's first byte
     imatrix: np.ndarray | None = None  # importance of each column: the type's weighted kernel
+    direct_fd: int = -1  # the same file opened O_DIRECT (formats/positional.py), or -1
 
     def row_nbytes(self, n: int) -> int:
         return self.qtype.row_nbytes(n)
@@ -91,11 +92,16 @@ class _Arenas(threading.local):
     def __init__(self):
         self.bufs: dict[str, np.ndarray] = {}
 
-    def get(self, key: str, nbytes: int) -> np.ndarray:
+    def get(self, key: str, nbytes: int, file_pos: int | None = None) -> np.ndarray:
+        """`nbytes` of the buffer `key`; with `file_pos`, placed so that their address lines up
+        with that file offset modulo DIRECT_ALIGN: the bytes bound for pos can then go to the
+        file past the page cache (pwrite_direct), straight from here."""
+        slack = DIRECT_ALIGN if file_pos is not None else 0
         buf = self.bufs.get(key)
-        if buf is None or buf.nbytes < nbytes:
-            buf = self.bufs[key] = np.empty(max(nbytes, CHUNK_WEIGHTS * 4), np.uint8)
-        return buf[:nbytes]
+        if buf is None or buf.nbytes < nbytes + slack:
+            buf = self.bufs[key] = np.empty(max(nbytes, CHUNK_WEIGHTS * 4) + DIRECT_ALIGN, np.uint8)
+        start = 0 if file_pos is None else (file_pos - buf.ctypes.data) % DIRECT_ALIGN
+        return buf[start : start + nbytes]
 
 
 _arenas = _Arenas()
@@ -209,7 +215,11 @@ def _first_nonfinite_raw(raw: np.ndarray) -> int | None:
 def _convert_chunk(job: Job, a: int, b: int) -> None:
     rows, n = job.rows_cols
     verbatim = verbatim_source(job)
-    raw = verbatim.raw_rows(a, b) if any(_from_stored(s, verbatim) for s in job.sinks) else None
+    raw = None
+    if any(_from_stored(s, verbatim) for s in job.sinks):
+        # an output of the stored bytes themselves writes them from the raw arena: place it for that file offset
+        as_is = [s for s in job.sinks if _from_stored(s, verbatim) is floats.stored_as_is]
+        raw = verbatim.raw_rows(a, b, as_is[0].offset + a * as_is[0].row_nbytes(n) if as_is else None)
     x = None
     checked = raw_checked = False
     made: dict[tuple, np.ndarray] = {}
@@ -219,13 +229,14 @@ def _convert_chunk(job: Job, a: int, b: int) -> None:
         key = (qt.name, id(sink.imatrix) if weighted else None)
         blob = made.get(key)
         transcode = _from_stored(sink, verbatim) if raw is not None else None
+        pos = sink.offset + a * qt.row_nbytes(n)
         if blob is None and transcode is not None:
             if not raw_checked:
                 bad = _first_nonfinite_raw(raw)
                 if bad is not None:
                     raise q.NonFiniteError(a + bad)
                 raw_checked = True
-            out = _arenas.get(f"out{len(made)}", (b - a) * qt.row_nbytes(n)).view(raw.dtype).reshape(raw.shape)
+            out = _arenas.get(f"out{len(made)}", (b - a) * qt.row_nbytes(n), pos).view(raw.dtype).reshape(raw.shape)
             blob = made[key] = transcode(raw, out)
         elif blob is None:
             if x is None:
@@ -235,12 +246,12 @@ def _convert_chunk(job: Job, a: int, b: int) -> None:
                 if bad is not None:
                     raise q.NonFiniteError(a + bad)
                 checked = True
-            out = _arenas.get(f"out{len(made)}", (b - a) * qt.row_nbytes(n))
+            out = _arenas.get(f"out{len(made)}", (b - a) * qt.row_nbytes(n), pos)
             try:
                 blob = made[key] = _quantize(x, sink, out, a, rows)
             except q.NonFiniteError as e:
                 raise q.NonFiniteError(a + e.row, e.what) from None
-        pwrite_all(sink.fd, blob, sink.offset + a * qt.row_nbytes(n))
+        pwrite_direct(sink.fd, sink.direct_fd, blob, pos)
 
 
 def _widened(raw: np.ndarray, rows: int, n: int) -> np.ndarray:
