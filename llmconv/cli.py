@@ -11,8 +11,14 @@ subcommand, shows the traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
+
+# Before numpy loads: its OpenBLAS starts a thread per core that busy-waits ~0.1 s of CPU at
+# load (a third of a conversion's start-up), and llmconv wants none of them: its GEMMs are
+# kept single-threaded (quantize/iq_screen.py) and the engine's workers are the parallelism.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from pathlib import Path
 
 import click
