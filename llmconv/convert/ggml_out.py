@@ -214,7 +214,11 @@ def write_ggml(
                 jobs = [
                     stream.Job(
                         t.src,
-                        [stream.Sink(t.qtype, writer.fd, writer.place(g.name), getattr(t, "imatrix", None), writer.direct_fd)],
+                        [
+                            stream.Sink(
+                                t.qtype, writer.fd, writer.place(g.name), getattr(t, "imatrix", None), writer.direct_fd
+                            )
+                        ],
                         done=lambda job, t=t, g=g: done(job, t, g),
                     )
                     for t, g in pairs
