@@ -16,9 +16,18 @@ import sys
 import traceback
 
 # Before numpy loads: its OpenBLAS starts a thread per core that busy-waits ~0.1 s of CPU at
-# load (a third of a conversion's start-up), and llmconv wants none of them: its GEMMs are
-# kept single-threaded (quantize/iq_screen.py) and the engine's workers are the parallelism.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# load (a third of a conversion's start-up). The commands that stream tensors want none of
+# them: their GEMMs are kept single-threaded (quantize/iq_screen.py) and the engine's workers
+# are the parallelism. verify's candidate forward pass does use them (numpy matmul).
+STREAMING_COMMANDS = ("convert", "quantize", "convert-lora")
+
+
+def _command(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+if _command(sys.argv[1:]) in STREAMING_COMMANDS:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from pathlib import Path
 
 import click
