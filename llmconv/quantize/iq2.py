@@ -38,7 +38,7 @@ from . import iq2_tables
 from ._blocks import ImatrixRequired
 from .iq_grid import Grid, best_neighbours, make_grid, quantize_superblocks
 from .iq_screen import GroupTables, group_tables, screened_neighbours
-from .k_common import F32, GROUP_MAX_EPS, QK_K, fp16_bits, nearest_int
+from .k_common import F32, GROUP_MAX_EPS, QK_K, fp16_bits, nearest_int, nearest_int_clip, seq_sum_from_zero
 from .k_weighted import block_sigma2, make_qp_quants
 
 IQ2_XXS_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.IQ2_XXS][1]  # 66 bytes per 256 weights
@@ -68,17 +68,40 @@ def grid(name: str) -> Grid:
 
 
 def _block_sums(w: np.ndarray, xval: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """C: sumqx += w*xval*q; sumq2 += w*q*q over a block (last axis), q = 2L+1, from 0."""
-    q = (2 * L + 1).astype(F32)
-    wq = w * q
-    pqx = (w * xval) * q
-    pq2 = wq * q
-    sumqx = pqx[..., 0] + F32(0.0)
-    sumq2 = pq2[..., 0] + F32(0.0)
-    for j in range(1, L.shape[-1]):
-        sumqx += pqx[..., j]
-        sumq2 += pq2[..., j]
-    return sumqx, sumq2
+    """C: sumqx += w*xval*q; sumq2 += w*q*q over a block, q = 2L+1, from 0. L uint8
+    [..., B, bs], w and xval [B, bs] -> sums [..., B]. Computed element-major ([bs, ..., B]):
+    each of C's bs sequential additions is then one contiguous pass (seq_sum)."""
+    bs, lead = L.shape[-1], L.shape[:-1]
+    q = np.ascontiguousarray(L.reshape(-1, bs).T).astype(F32).reshape(bs, *lead)
+    q *= F32(2.0)
+    q += F32(1.0)
+    per_block = (bs,) + (1,) * (len(lead) - 1) + (lead[-1],)  # [bs, 1.., B]
+    pqx = np.ascontiguousarray((w * xval).T).reshape(per_block) * q
+    q *= np.ascontiguousarray(w.T).reshape(per_block) * q  # (w*q)*q
+    return seq_sum_from_zero(pqx.reshape(bs, -1)).reshape(lead), seq_sum_from_zero(q.reshape(bs, -1)).reshape(lead)
+
+
+def _codes(packed: np.ndarray) -> np.ndarray:
+    """Grid codes (level i at bits 2i) of groups whose 8 levels (0..3) are packed one per byte
+    in a uint64 (level i in byte i): three steps of folding neighbouring fields together."""
+    v = packed.copy()
+    t = np.empty_like(v)
+    for shift, mask in ((6, 0x000F000F000F000F), (12, 0x000000FF000000FF), (24, 0xFFFF)):
+        np.right_shift(v, np.uint64(shift), out=t)
+        v |= t
+        v &= np.uint64(mask)
+    return v.view(np.int64)
+
+
+_LEVELS_PACKED: dict[int, np.ndarray] = {}
+
+
+def _levels_packed(g: Grid) -> np.ndarray:
+    """The grid's levels [G, 8] packed as uint64 [G], byte i = level of coordinate i."""
+    got = _LEVELS_PACKED.get(id(g.levels))
+    if got is None:
+        got = _LEVELS_PACKED[id(g.levels)] = np.ascontiguousarray(g.levels, dtype=np.uint8).view(np.uint64)[:, 0]
+    return got
 
 
 def _to_grid(
@@ -91,37 +114,43 @@ def _to_grid(
     blocks: np.ndarray,
     groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Round xval [..., bs] at 1/`inv` ([...]) to levels, and move every group of 8 that is off
-    the grid to its best neighbour (at `scale`). Returns (levels [..., bs], grid index [..., bs/8],
-    off-grid mask [..., bs/8]). `groups` ([..., bs/8] bool) limits the work to those groups.
-    `tables` holds the screened search's per-group sums, block `blocks[b]` for row b of xval."""
-    lv = nearest_int(F32(0.5) * (inv[..., None] * xval - F32(1.0)))
-    np.clip(lv, 0, _KMAXQ - 1, out=lv)
-    lv8 = lv.reshape(*lv.shape[:-1], lv.shape[-1] // 8, 8)
-    code = lv8[..., 0].astype(np.int64)
-    for i in range(1, 8):
-        code |= lv8[..., i].astype(np.int64) << (2 * i)
+    """Round xval [B, bs] at 1/`inv` ([T, B] trial scales, or [B]) to levels, and move every
+    group of 8 that is off the grid to its best neighbour (at `scale`). Returns (levels uint8
+    [(T,) B, bs], grid index [(T,) B, bs/8], off-grid mask [(T,) B, bs/8]). `groups` ([B, bs/8]
+    bool) limits the work to those groups. `tables` holds the screened search's per-group sums,
+    block `blocks[b]` for row b of xval."""
+    one = inv.ndim == 1
+    inv2, scale2 = (inv[None], scale[None]) if one else (inv, scale)
+    nt, nb = inv2.shape
+    bs = xval.shape[-1]
+    k_per = bs // 8
+    t = inv2[..., None] * xval  # C: nearest_int(0.5f*(id*xval[i] - 1)), clamped to 0..2
+    t -= F32(1.0)
+    t *= F32(0.5)
+    lv = nearest_int_clip(t, 0, _KMAXQ - 1).astype(np.uint8)  # [T, B, bs]
+    packed = lv.view(np.uint64)  # [T, B, K]: a group's 8 levels
+    code = _codes(packed)
     gi = g.index[code]
     off = gi < 0
     search = off if groups is None else off & groups
-    if search.ndim == 3:  # [trials, blocks, groups]: list a group's searches together (its table row stays in cache)
-        b, k, t = np.nonzero(search.transpose(1, 2, 0))
-        where = (t, b, k)
-    else:
-        where = np.nonzero(search)
-    if where[0].size:
-        k_per = lv8.shape[-2]
-        sc = np.broadcast_to(scale[..., None], off.shape)[where]
-        cw = code[where]
-        found, decided = screened_neighbours(g, cw, blocks[where[-2]] * k_per + where[-1], sc, tables)
+    # a group's searches listed together, in trial order (its table row stays in cache, and
+    # the screen gathers once per run of equal codes): index (b*K + k)*T + t
+    hit = np.flatnonzero(search.transpose(1, 2, 0))
+    if hit.size:
+        bk = hit // nt
+        f = (hit - bk * nt) * (nb * k_per) + bk  # flat index in [T, B, K]
+        b = bk // k_per
+        cw = code.reshape(-1)[f]
+        sc = scale2.reshape(-1)[f // k_per]
+        found, decided = screened_neighbours(g, cw, blocks[b] * k_per + (bk - b * k_per), sc, tables)
         rest = np.flatnonzero(~decided)
         if rest.size:
-            wr = tuple(a[rest] for a in where)
-            xs = np.broadcast_to(xval.reshape(lv8.shape[-3:]), lv8.shape)[wr]
-            ws = np.broadcast_to(waux.reshape(lv8.shape[-3:]), lv8.shape)[wr]
-            found[rest] = best_neighbours(g, cw[rest], xs, ws, sc[rest])
-        gi[where] = found
-        lv8[where] = g.levels[found]
+            r = bk[rest]
+            found[rest] = best_neighbours(g, cw[rest], xval.reshape(-1, 8)[r], waux.reshape(-1, 8)[r], sc[rest])
+        gi.reshape(-1)[f] = found
+        packed.reshape(-1)[f] = _levels_packed(g)[found]
+    if one:
+        return lv[0], gi[0], off[0]
     return lv, gi, off
 
 
