@@ -36,7 +36,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import iq2_tables
 from ._blocks import ImatrixRequired
-from .iq_grid import Grid, best_neighbours, make_grid, quantize_superblocks
+from .iq_grid import Grid, best_neighbours, codes_of_packed_bytes, levels_packed, make_grid, quantize_superblocks
 from .iq_screen import GroupTables, group_tables, screened_neighbours
 from .k_common import F32, GROUP_MAX_EPS, QK_K, fp16_bits, nearest_int, nearest_int_clip, seq_sum_from_zero
 from .k_weighted import block_sigma2, make_qp_quants
@@ -81,29 +81,6 @@ def _block_sums(w: np.ndarray, xval: np.ndarray, L: np.ndarray) -> tuple[np.ndar
     return seq_sum_from_zero(pqx.reshape(bs, -1)).reshape(lead), seq_sum_from_zero(q.reshape(bs, -1)).reshape(lead)
 
 
-def _codes(packed: np.ndarray) -> np.ndarray:
-    """Grid codes (level i at bits 2i) of groups whose 8 levels (0..3) are packed one per byte
-    in a uint64 (level i in byte i): three steps of folding neighbouring fields together."""
-    v = packed.copy()
-    t = np.empty_like(v)
-    for shift, mask in ((6, 0x000F000F000F000F), (12, 0x000000FF000000FF), (24, 0xFFFF)):
-        np.right_shift(v, np.uint64(shift), out=t)
-        v |= t
-        v &= np.uint64(mask)
-    return v.view(np.int64)
-
-
-_LEVELS_PACKED: dict[int, np.ndarray] = {}
-
-
-def _levels_packed(g: Grid) -> np.ndarray:
-    """The grid's levels [G, 8] packed as uint64 [G], byte i = level of coordinate i."""
-    got = _LEVELS_PACKED.get(id(g.levels))
-    if got is None:
-        got = _LEVELS_PACKED[id(g.levels)] = np.ascontiguousarray(g.levels, dtype=np.uint8).view(np.uint64)[:, 0]
-    return got
-
-
 def _to_grid(
     g: Grid,
     xval: np.ndarray,
@@ -129,7 +106,7 @@ def _to_grid(
     t *= F32(0.5)
     lv = nearest_int_clip(t, 0, _KMAXQ - 1).astype(np.uint8)  # [T, B, bs]
     packed = lv.view(np.uint64)  # [T, B, K]: a group's 8 levels
-    code = _codes(packed)
+    code = codes_of_packed_bytes(packed)
     gi = g.index[code]
     off = gi < 0
     search = off if groups is None else off & groups
@@ -148,7 +125,7 @@ def _to_grid(
             r = bk[rest]
             found[rest] = best_neighbours(g, cw[rest], xval.reshape(-1, 8)[r], waux.reshape(-1, 8)[r], sc[rest])
         gi.reshape(-1)[f] = found
-        packed.reshape(-1)[f] = _levels_packed(g)[found]
+        packed.reshape(-1)[f] = levels_packed(g)[found]
     if one:
         return lv[0], gi[0], off[0]
     return lv, gi, off

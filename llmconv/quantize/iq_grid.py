@@ -149,6 +149,29 @@ def best_neighbours(grid: Grid, codes: np.ndarray, xval: np.ndarray, w: np.ndarr
     return cand[hit]
 
 
+def codes_of_packed_bytes(packed: np.ndarray) -> np.ndarray:
+    """codes_of for 8 coordinates of 2 bits (the IQ2 grids) whose levels (0..3) are packed one
+    per byte in a uint64 (level i in byte i): three steps of folding neighbouring fields together."""
+    v = packed.copy()
+    t = np.empty_like(v)
+    for shift, mask in ((6, 0x000F000F000F000F), (12, 0x000000FF000000FF), (24, 0xFFFF)):
+        np.right_shift(v, np.uint64(shift), out=t)
+        v |= t
+        v &= np.uint64(mask)
+    return v.view(np.int64)
+
+
+_LEVELS_PACKED: dict[int, np.ndarray] = {}
+
+
+def levels_packed(g: Grid) -> np.ndarray:
+    """An 8-coordinate grid's levels [G, 8] packed as uint64 [G], byte i = level of coordinate i."""
+    got = _LEVELS_PACKED.get(id(g.levels))
+    if got is None:
+        got = _LEVELS_PACKED[id(g.levels)] = np.ascontiguousarray(g.levels, dtype=np.uint8).view(np.uint64)[:, 0]
+    return got
+
+
 _PREFIX_TABLES: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
 
