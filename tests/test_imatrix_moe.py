@@ -6,6 +6,8 @@ token's gated activation). The oracle is llama-imatrix's eval callback run throu
 llama-cpp-python on the f32 conversion (llama_imatrix_oracle.py). Then end to end: the file
 `llmconv imatrix` writes, given to `llmconv convert --outtype iq2_xs`, gives llama_model_quantize's
 bytes; `--imatrix-text` gives the same file. Mistral's own layout gives its HF twin's statistic.
+Llama 4 (top-1, sigmoid router whose score scales the expert's input, a shared expert, dense
+layers between) against llama.cpp too.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from llmconv.testing.moe_synth import (
     write_hf_mixtral,
     write_mistral_mixtral,
 )
+from llama4_synth import SMALL_VOCAB, small_vocab_tokenizer, write_hf_llama4
 from mix_util import assert_same_file, llama_quantize_with_imatrix
 
 CTX, CHUNKS, N_EXPERT, TOP_K = 64, 3, 8, 2
@@ -73,6 +76,35 @@ def test_expert_statistic_equals_llama_cpp(mixtral, tmp_path):
     assert ours.chunk_count == CHUNKS and ours.chunk_size == CTX
 
 
+@pytest.mark.llamacpp
+def test_llama4_statistic_equals_llama_cpp(tmp_path):
+    """4 layers: dense 0 and 2; MoE 1 and 3 (4 experts, top-1, shared expert; 3 without RoPE).
+    llama.cpp feeds a routed expert's gate/up the token times its router sigmoid (weight before
+    the ffn), the shared expert and router the token itself. The fixture's 260-token byte-level
+    vocabulary keeps the embedding small (test_llama4.py covers Llama 4's real tokenizer)."""
+    from llama_imatrix_oracle import llama_cpp_imatrix
+
+    ckpt = write_hf_llama4(tmp_path / "ck", seed=2, tokenizer=False, vocab_size=SMALL_VOCAB)
+    small_vocab_tokenizer(ckpt)
+    f32 = tmp_path / "f32.gguf"
+    llmconv.convert(ckpt, f32, outtype="f32")
+    cal = calibration_chunks(ckpt, "builtin", CTX, CHUNKS)
+    theirs, their_counts = llama_cpp_imatrix(f32, cal.chunks)
+    ours = compute_imatrix(ckpt, "builtin", ctx=CTX, chunks=CHUNKS, progress=False, threads=1)
+    assert sorted(ours.entries) == sorted(theirs)
+    moe = {f"blk.{i}.{k}.weight" for i in (1, 3) for k in (*EXPS, "ffn_gate_inp", "ffn_gate_shexp", "ffn_up_shexp")}
+    assert moe <= set(theirs) and "blk.2.ffn_down.weight" in theirs
+    for name, e in ours.entries.items():
+        assert e.counts.tolist() == their_counts[name].tolist(), name
+        np.testing.assert_allclose(e.sums, theirs[name], rtol=5e-5, atol=1e-6 * theirs[name].max(), err_msg=name)
+        if "_exps" in name:  # top-1: every token in exactly one expert's row
+            assert e.counts.shape == (4,) and e.counts.sum() == CTX * CHUNKS, name
+    # the routed experts' input is scaled by the router: it differs from the shared expert's
+    assert not np.allclose(
+        ours.entries["blk.1.ffn_gate_exps.weight"].sums.sum(0), theirs["blk.1.ffn_gate_shexp.weight"][0]
+    )
+
+
 def test_mistral_layout_gives_the_hf_statistic(mixtral, tmp_path):
     """Mistral's consolidated twin (Meta names and Q/K order, tokenizer.model.v1) routes the same
     tokens to the same experts: the same counts, the same sums to float rounding."""
@@ -89,12 +121,14 @@ def test_mistral_layout_gives_the_hf_statistic(mixtral, tmp_path):
 def test_cli_imatrix_then_iq2_xs_equals_llama_quantize(tmp_path):
     """Rows of 256 so the experts are IQ2_XS blocks (4 experts, the fixture's small tokenizer
     to keep the embedding cheap)."""
-    ckpt = write_hf_mixtral(tmp_path / "ck", tokenizer=FIXTURE_TOKENIZER, n_expert=4, dim=256, ffn=256, seed=4)
+    ckpt = write_hf_mixtral(
+        tmp_path / "ck", tokenizer=FIXTURE_TOKENIZER, n_expert=4, n_layers=1, dim=256, ffn=256, seed=4
+    )
     im_path, f32 = tmp_path / "im.gguf", tmp_path / "f32.gguf"
     calib = ["--ctx", "32", "--chunks", "4"]
     assert main(["imatrix", str(ckpt), *calib, "-t", "1", "-o", str(im_path), "-q"]) == 0
     im = read_imatrix(im_path)
-    assert im.entries["blk.1.ffn_down_exps.weight"].sums.shape == (4, 256)
+    assert im.entries["blk.0.ffn_down_exps.weight"].sums.shape == (4, 256)
     ours = tmp_path / "ours.gguf"
     assert main(["convert", str(ckpt), "--outtype", "iq2_xs", "--imatrix", str(im_path), "-o", str(ours), "-q"]) == 0
     llmconv.convert(ckpt, f32, outtype="f32")

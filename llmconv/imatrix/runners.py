@@ -4,16 +4,17 @@ layer by layer, and which GGUF imatrix entry each matrix product's input belongs
 The pieces are verify's float32 reference (verify/reference*.py, verify/moe.py), so the
 statistic comes from the same pass that judges converted files:
 
-  hf       Hugging Face LLaMA and Mixtral (config.json; rotate-half Q/K as stored)
+  hf       Hugging Face LLaMA and Mixtral (config.json; rotate-half Q/K as stored), and Llama 4
+           (verify/llama4.py: dense and MoE layers, a shared expert, top-k sigmoid routing)
   meta     Meta's consolidated.NN.pth (params.json; Meta's names and row order)
   mistral  Mistral's own consolidated*.safetensors (params.json; Meta's names and row order),
            dense or Mixtral (`moe` in params.json)
 
 A matmul input is named by the checkpoint tensor it multiplies; `target` maps that name to
 (GGUF tensor, expert): expert None for a dense projection (one row of in_sum2), the expert's
-index for a Mixtral expert matrix, whose stacked `ffn_{gate,up,down}_exps` tensor keeps a row
+index for an expert matrix, whose stacked `ffn_{gate,up,down}_exps` tensor keeps a row
 per expert (llama.cpp multiplies them with MUL_MAT_ID). The router (`ffn_gate_inp`) is an
-ordinary projection: llama.cpp's MUL_MAT over every token.
+ordinary projection (llama.cpp's MUL_MAT over every token), as is a Llama 4 shared expert.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from gguf import MODEL_TENSOR
 
 from ..convert.moe import HF_EXPERT_NAMES
 from ..convert.plan import meta_to_gguf_name, tensor_name
-from ..errors import LlmconvError
 
 
 @dataclass
@@ -122,8 +122,8 @@ def _hf_runner(ckpt_dir: Path) -> Runner:
     from ..verify.moe import hf_sparse_moe
 
     cfg = read_json(ckpt_dir / "config.json")
-    if is_llama4(cfg):  # its reference (verify/llama4.py) is not cut into layer pieces here
-        raise LlmconvError("llmconv imatrix does not run Llama 4 checkpoints", file=ckpt_dir / "config.json")
+    if is_llama4(cfg):
+        return _llama4_runner(ckpt_dir, cfg)
     c = R.HFConfig(cfg, ckpt_dir / "config.json")
     weights, _ = open_weights(ckpt_dir)
     emb = weights["model.embed_tokens.weight"]
@@ -202,4 +202,54 @@ def _mistral_runner(ckpt_dir: Path) -> Runner:
         lambda i, hooks: R.layer_weights(ckpt, i, hooks, dense=not h.n_expert),
         block,
         meta_target,
+    )
+
+
+# the Llama 4 reference's names for expert e's slices of the fused tensors (verify/llama4.py)
+_LLAMA4_EXPERT = re.compile(r".*layers\.(\d+)\.feed_forward\.experts\.(gate|up|down)\[(\d+)\]")
+
+
+def _llama4_runner(ckpt_dir: Path, config: dict) -> Runner:
+    """Llama 4: dense and MoE layers interleaved; a MoE layer's routed experts are MUL_MAT_ID
+    (gate/up see the token scaled by its router sigmoid, as llama.cpp's weight-before-ffn graph
+    feeds them), its shared expert and router ordinary projections."""
+    import torch
+
+    from ..convert.hf_files import open_weights
+    from ..convert.llama4 import hf_to_gguf
+    from ..convert.llama4_config import Llama4Config
+    from ..verify import llama4 as R
+
+    file = ckpt_dir / "config.json"
+    cfg, names = R.RefConfig(config, file), Llama4Config(config, file)
+    weights, _ = open_weights(ckpt_dir)
+    emb = weights[cfg.prefix + "embed_tokens.weight"]
+
+    def target(name: str):
+        m = _LLAMA4_EXPERT.fullmatch(name)
+        if m is not None:
+            return f"blk.{m.group(1)}.{R.EXPERT_KINDS[m.group(2)]}.weight", int(m.group(3))
+        gguf = hf_to_gguf(name, names)
+        return (gguf, None) if gguf is not None and gguf.startswith("blk.") else None
+
+    def block(i, xs, lw, cos, sin, hooks):
+        def f32(name):
+            return hooks.w(name, weights[name].get().to(torch.float32))
+
+        return moe_layer_on_group(
+            xs,
+            lambda x: R.layer_attention(x, lw, cfg, i, cos, sin, hooks),
+            lambda x: R.rms(x, lw["post_attention_layernorm"], cfg.eps),
+            lambda f: R.layer_ffn(f, cfg, i, weights, hooks, f32),
+        )
+
+    return Runner(
+        cfg.n_layers,
+        names.dim,
+        cfg.n_expert,
+        lambda ids: emb.get()[torch.as_tensor(ids)].to(torch.float32),
+        lambda T: R.rope_cos_sin(cfg, T),
+        lambda i, hooks: R.layer_weights(cfg, i, lambda n: hooks.w(n, weights[n].get().to(torch.float32))),
+        block,
+        target,
     )

@@ -267,41 +267,58 @@ def llama4_reference_logits(
             raise LlmconvError("tensor missing from the checkpoint", file=ckpt_dir, tensor=name)
         return hooks.w(name, weights[name].get().to(torch.float32))
 
-    def rms(x, w):
-        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.eps))
-
     with torch.inference_mode():
         rows = torch.tensor(ids)
         x = hooks.w(embd, weights[embd].get()[rows].to(torch.float32), rows)
-        cos, sin = _rope_cos_sin(cfg, len(ids))
+        cos, sin = rope_cos_sin(cfg, len(ids))
         for i in layer_progress(cfg.n_layers, desc, progress):
-            p = f"{cfg.prefix}layers.{i}."
-            lw = {
-                n: f32(p + n + ".weight")
-                for n in (
-                    "self_attn.q_proj",
-                    "self_attn.k_proj",
-                    "self_attn.v_proj",
-                    "self_attn.o_proj",
-                    "input_layernorm",
-                    "post_attention_layernorm",
-                )
-            }
-            mm = lambda v, short, p=p, lw=lw: hooks.x(p + short + ".weight", v) @ lw[short].T  # noqa: E731
-            x = x + reference_attention(rms(x, lw["input_layernorm"]), lw, cfg, i, cos, sin, mm)
-            f = rms(x, lw["post_attention_layernorm"])
-            if i in cfg.moe_layers:
-                x = x + reference_moe(f, cfg, p + "feed_forward.", weights, hooks)
-            else:
-                ws = {k: f32(f"{p}feed_forward.{k}_proj.weight") for k in ("gate", "up", "down")}
-                x = x + _swiglu_named(f, p + "feed_forward.", ws, lambda v, name, wt: hooks.x(name, v) @ wt.T)
+            lw = layer_weights(cfg, i, f32)
+            x = x + layer_attention(x, lw, cfg, i, cos, sin, hooks)
+            x = x + layer_ffn(rms(x, lw["post_attention_layernorm"], cfg.eps), cfg, i, weights, hooks, f32)
             del lw
-        x = rms(x, f32(cfg.prefix + "norm.weight"))
+        x = rms(x, f32(cfg.prefix + "norm.weight"), cfg.eps)
         head = cfg.lm_head if cfg.lm_head in weights and not cfg.tie else embd
         return (hooks.x(head, x) @ f32(head).T).numpy()
 
 
-def _rope_cos_sin(cfg: RefConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+LAYER_WEIGHTS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+)
+
+
+def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def layer_weights(cfg: RefConfig, i: int, f32) -> dict:
+    """Layer i's attention weights and norms by short name (`f32(name)`: a checkpoint tensor as
+    float32, through the hooks); its feed-forward is read by layer_ffn."""
+    p = f"{cfg.prefix}layers.{i}."
+    return {n: f32(p + n + ".weight") for n in LAYER_WEIGHTS}
+
+
+def layer_attention(x, lw: dict, cfg: RefConfig, i: int, cos, sin, hooks) -> torch.Tensor:
+    """Layer i's attention output on x [T, dim] (one sequence from position 0), before the residual."""
+    p = f"{cfg.prefix}layers.{i}."
+    mm = lambda v, short: hooks.x(p + short + ".weight", v) @ lw[short].T  # noqa: E731
+    return reference_attention(rms(x, lw["input_layernorm"], cfg.eps), lw, cfg, i, cos, sin, mm)
+
+
+def layer_ffn(f, cfg: RefConfig, i: int, weights, hooks, f32) -> torch.Tensor:
+    """Layer i's feed-forward on the normed f [T, dim] (rows independent): MoE or dense."""
+    p = f"{cfg.prefix}layers.{i}."
+    if i in cfg.moe_layers:
+        return reference_moe(f, cfg, p + "feed_forward.", weights, hooks)
+    ws = {k: f32(f"{p}feed_forward.{k}_proj.weight") for k in ("gate", "up", "down")}
+    return _swiglu_named(f, p + "feed_forward.", ws, lambda v, name, wt: hooks.x(name, v) @ wt.T)
+
+
+def rope_cos_sin(cfg: RefConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE's cos and sin for positions 0..n-1 (with llama3 scaling when the config asks for it)."""
     from .reference_hf import llama3_inv_freq
 
