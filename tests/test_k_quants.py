@@ -12,7 +12,7 @@ import pytest
 import gguf
 from gguf import GGMLQuantizationType
 
-from llmconv.quantize import TYPES, dequantize_tensor, quantize_tensor
+from llmconv.quantize import TYPES, dequantize_tensor, q3_k, quantize_tensor
 from llmconv.quantize.k_common import fp16_bits, nearest_int, seq_sum
 
 from llmconv.testing.llama_gguf_util import LLAMA_MATRIX_NAMES, llama_quantize_file, read_tensors, write_f32_llama_gguf
@@ -99,6 +99,20 @@ def test_quantize_bytes_match_llama_cpp(f32_model, tmp_path, name):
         ours_deq = dequantize_tensor(ref, qt)
         gguf_deq = gguf.quants.dequantize(ref, qt.ggml_type)
         np.testing.assert_array_equal(ours_deq, gguf_deq.reshape(ours_deq.shape))
+
+
+@pytest.mark.llamacpp
+def test_q3_k_cut_in_odd_chunks_matches_llama_cpp(f32_model, tmp_path, monkeypatch):
+    """q3_K runs CHUNK_SUPERBLOCKS super-blocks at a time (the later sweeps of its scale search on
+    the groups of the whole chunk still changing): cuts at odd places keep llama.cpp's bytes."""
+    src, mats = f32_model
+    monkeypatch.setattr(q3_k, "CHUNK_SUPERBLOCKS", 7)
+    dst = tmp_path / "q3_k.gguf"
+    llama_quantize_file(src, dst, LLAMA_FTYPE_NAME["q3_k"], nthread=1)
+    theirs = read_tensors(dst)
+    for tname, x in mats.items():
+        ref = np.asarray(theirs[tname][1], dtype=np.uint8).reshape(x.shape[0], -1)
+        assert np.array_equal(q3_k.quantize(x), ref), tname
 
 
 @pytest.mark.parametrize("name", K_TYPES)

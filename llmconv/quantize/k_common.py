@@ -171,10 +171,16 @@ def superblocks(b: np.ndarray, type_size: int) -> tuple[int, np.ndarray]:
 
 
 def over_superblocks(
-    x: np.ndarray, type_size: int, quantize_chunk: Callable[[np.ndarray], np.ndarray], out: np.ndarray | None = None
+    x: np.ndarray,
+    type_size: int,
+    quantize_chunk: Callable[[np.ndarray], np.ndarray],
+    out: np.ndarray | None = None,
+    chunk: int | None = None,
 ) -> np.ndarray:
     """Apply quantize_chunk([blocks, 256] float32 -> [blocks, type_size] uint8) to x[rows, n],
-    into `out` (a contiguous uint8 buffer of the result's size) when given."""
+    `chunk` (default CHUNK_SUPERBLOCKS) super-blocks at a time, into `out` (a contiguous uint8
+    buffer of the result's size) when given."""
+    chunk = chunk or CHUNK_SUPERBLOCKS
     x = np.ascontiguousarray(x, dtype=F32)
     rows, n = x.shape
     if n % QK_K:
@@ -182,8 +188,8 @@ def over_superblocks(
     xb = x.reshape(-1, QK_K)
     out = output_blocks(out, xb.shape[0], type_size)
     with np.errstate(all="ignore"):  # x/0 and 0/0 happen in groups whose result C discards too
-        for start in range(0, xb.shape[0], CHUNK_SUPERBLOCKS):
-            stop = start + CHUNK_SUPERBLOCKS
+        for start in range(0, xb.shape[0], chunk):
+            stop = start + chunk
             out[start:stop] = quantize_chunk(xb[start:stop])
     return out.reshape(rows, n // QK_K * type_size)
 

@@ -27,6 +27,10 @@ from .k_common import (
 from .k_search import make_q3_quants_rmse
 
 TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q3_K][1]  # 110 bytes per block
+# 1M weights per chunk, 4x k_common's (~40 MB of temporaries): make_q3_quants's later sweeps
+# run on the few groups still changing, in numpy calls whose cost is mostly per call; with 4x
+# the groups per call the search took ~15 % less time here.
+CHUNK_SUPERBLOCKS = 4096
 _BITS = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
 _BIT0_OF_EACH_BYTE = np.uint64(0x0101010101010101)
 
@@ -95,7 +99,7 @@ def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
 
 def quantize(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float32[rows, n] -> uint8[rows, n // 256 * 110]."""
-    return over_superblocks(x, TYPE_SIZE, _quantize_chunk, out)
+    return over_superblocks(x, TYPE_SIZE, _quantize_chunk, out, chunk=CHUNK_SUPERBLOCKS)
 
 
 def dequantize(b: np.ndarray) -> np.ndarray:
