@@ -152,6 +152,20 @@ def _compute(ckpt_dir: Path, text: str | Path, ctx: int, chunks: int | None, pro
     return Imatrix(stats.entries(), [cal.dataset], n_chunks, ctx)
 
 
+SQUARE_ROWS = 1024  # rows squared in float64 at a time (an expert's ffn-wide input can be large)
+
+
+def _sum_of_squares(x):
+    """float64 [n]: the sum over rows of x**2, a block of rows at a time (the float64 copy of a
+    whole ffn-wide input would double the activations' memory)."""
+    import torch
+
+    out = torch.zeros(x.shape[-1], dtype=torch.float64)
+    for block in x.split(SQUARE_ROWS):
+        out += block.to(torch.float64).square().sum(dim=0)
+    return out
+
+
 class _Statistic:
     """in_sum2 and counts per GGUF tensor, fed by the forward pass's matmul_input hook.
 
@@ -177,7 +191,7 @@ class _Statistic:
             return x
         gguf, expert = target
         if self.last[0] is not x:
-            self.last = (x, (x.to(torch.float64) ** 2).sum(dim=0))
+            self.last = (x, _sum_of_squares(x))
         if gguf not in self.sums:
             n_mat = 1 if expert is None else self.run.n_expert
             self.sums[gguf] = torch.zeros(n_mat, x.shape[-1], dtype=torch.float64)
