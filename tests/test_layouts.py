@@ -520,6 +520,28 @@ def nemo(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.llamacpp
+def test_imatrix_chunks_of_a_tekken_checkpoint_are_llama_cpps_tokens(nemo, tmp_path):
+    """`llmconv imatrix` on Mistral's layout with tekken.json: the calibration chunks are the
+    text as llama.cpp tokenizes it from the converted file (BOS first, each chunk's first token
+    replaced by BOS); the forward pass is the Mistral one test_imatrix_of_mistral_format_... checks."""
+    import llama_cpp
+
+    from llmconv.imatrix.collect import calibration_chunks
+
+    sd, src, out, tok = nemo
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(MULTILINGUAL) + (ROOT / "fixtures" / "corpus.txt").read_text(encoding="utf-8")[:6000])
+    cal = calibration_chunks(src, text, 32, None)
+    llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
+    ids = llm.tokenize(text.read_text(encoding="utf-8").encode(), add_bos=True, special=False)
+    n = len(ids) // 32
+    want = np.array(ids[: n * 32]).reshape(n, 32)
+    want[:, 0] = 1
+    assert n > 20 and np.array_equal(cal.chunks, want)
+
+
+@pytest.mark.slow
+@pytest.mark.llamacpp
 def test_nemo_tekken_format_tokenizes_like_tiktoken_and_matches_the_reference(nemo):
     import base64
 

@@ -53,10 +53,27 @@ def _mistral_encoder(ckpt_dir: Path):
         return None
     path = find_mistral_tokenizer(ckpt_dir, None)
     if path.suffix == ".json":
-        raise LlmconvError("llmconv imatrix does not tokenize with Tekken (tekken.json) yet", file=path)
+        return _tekken_encoder(path)
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=str(path)).encode
+
+
+def _tekken_encoder(path: Path):
+    """mistral-common's Tekken encoding: tiktoken over the file's first regular ranks with its
+    split pattern, each id shifted past the special tokens (the ids llama.cpp gives the GGUF's
+    vocabulary, convert/tekken.py)."""
+    import tiktoken
+
+    from ..convert.tekken import tekken_ranks
+    from ..errors import load_json
+
+    doc = load_json(path)  # already checked by the source's vocabulary (convert/tekken.py)
+    config = doc["config"]
+    n_special = config["default_num_special_tokens"]
+    ranks = tekken_ranks(doc["vocab"], config["default_vocab_size"] - n_special, path)
+    enc = tiktoken.Encoding(name="tekken", pat_str=config["pattern"], mergeable_ranks=ranks, special_tokens={})
+    return lambda text: [t + n_special for t in enc.encode_ordinary(text)]
 
 
 @dataclass
@@ -72,14 +89,18 @@ def read_text(text: str | Path) -> tuple[str, str]:
     return read_text_file(Path(text)), str(text)
 
 
-def calibration_chunks(ckpt_dir: str | Path, text: str | Path, ctx: int, chunks: int | None) -> Calibration:
+def calibration_chunks(
+    ckpt_dir: str | Path, text: str | Path, ctx: int, chunks: int | None, source=None
+) -> Calibration:
+    """`source`: the checkpoint's convert Source when already opened (its vocabulary says BOS)."""
     from ..convert.sources import open_source
     from ..verify.run import load_source_tokenizer
 
     if ctx < MIN_CTX:
         raise LlmconvError(f"--ctx {ctx}: llama-imatrix collects nothing from fewer than {MIN_CTX} tokens")
     body, dataset = read_text(text)
-    vocab = open_source(ckpt_dir).vocab  # first: it says what is wrong with a path that is no checkpoint
+    # first: it says what is wrong with a path that is no checkpoint
+    vocab = (source or open_source(ckpt_dir)).vocab
     encode = _mistral_encoder(Path(ckpt_dir)) or load_source_tokenizer(Path(ckpt_dir)).encode
     bos = vocab.bos_id if vocab.add_bos and vocab.bos_id is not None else None
     ids = ([bos] if bos is not None else []) + [int(t) for t in encode(body)]
@@ -124,8 +145,11 @@ def _compute(ckpt_dir: Path, text: str | Path, ctx: int, chunks: int | None, pro
     from ..verify.hooks import ForwardHooks
     from .runners import runner
 
-    cal = calibration_chunks(ckpt_dir, text, ctx, chunks)
-    run = runner(ckpt_dir)
+    from ..convert.sources import open_source
+
+    source = open_source(ckpt_dir)  # once: a Tekken or 200k-token vocabulary takes seconds to build
+    cal = calibration_chunks(ckpt_dir, text, ctx, chunks, source)
+    run = runner(ckpt_dir, source)
     n_chunks = cal.chunks.shape[0]
     stats = _Statistic(run)
     hooks = ForwardHooks(matmul_input=stats.observe)

@@ -102,14 +102,12 @@ def moe_layer_on_group(xs: list, attend: Callable, ffn_norm: Callable, moe: Call
     return [x + y for x, y in zip(xs, out)]
 
 
-def runner(ckpt_dir: Path) -> Runner:
-    from ..convert.sources import detect_format
-
-    kind = detect_format(ckpt_dir)
-    if kind == "hf":
+def runner(ckpt_dir: Path, source) -> Runner:
+    """`source`: the checkpoint opened by convert.sources.open_source (its kind and hparams)."""
+    if source.kind == "hf":
         return _hf_runner(ckpt_dir)
-    if kind == "mistral":
-        return _mistral_runner(ckpt_dir)
+    if source.kind == "mistral":
+        return _mistral_runner(ckpt_dir, source.hparams)
     return _meta_runner(ckpt_dir)
 
 
@@ -170,15 +168,14 @@ def _meta_runner(ckpt_dir: Path) -> Runner:
     )
 
 
-def _mistral_runner(ckpt_dir: Path) -> Runner:
+def _mistral_runner(ckpt_dir: Path, h) -> Runner:
+    """`h`: the source's hparams (params.json, checked against every tensor's shape)."""
     import torch
 
     from ..convert.hf_files import open_weights
-    from ..convert.sources import open_source
     from ..verify import reference as R
     from ..verify.moe import MISTRAL_MOE_PREFIX, sparse_moe
 
-    h = open_source(ckpt_dir).hparams  # params.json, checked against every tensor's shape
     weights, _ = open_weights(ckpt_dir, kinds=("consolidated",))
     ckpt = R.SafetensorsWeights(weights)
 
