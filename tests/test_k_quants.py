@@ -12,7 +12,7 @@ import pytest
 import gguf
 from gguf import GGMLQuantizationType
 
-from llmconv.quantize import TYPES, dequantize_tensor, q3_k, quantize_tensor
+from llmconv.quantize import TYPES, dequantize_tensor, k_common, q3_k, quantize_tensor
 from llmconv.quantize.k_common import fp16_bits, nearest_int, seq_sum
 
 from llmconv.testing.llama_gguf_util import LLAMA_MATRIX_NAMES, llama_quantize_file, read_tensors, write_f32_llama_gguf
@@ -113,6 +113,14 @@ def test_q3_k_cut_in_odd_chunks_matches_llama_cpp(f32_model, tmp_path, monkeypat
     for tname, x in mats.items():
         ref = np.asarray(theirs[tname][1], dtype=np.uint8).reshape(x.shape[0], -1)
         assert np.array_equal(q3_k.quantize(x), ref), tname
+
+
+def test_element_major_in_tiles_is_the_transpose(monkeypatch):
+    """element_major transposes TRANSPOSE_TILE sub-blocks at a time: uneven tiles included."""
+    monkeypatch.setattr(k_common, "TRANSPOSE_TILE", 5)
+    xb = np.random.default_rng(5).standard_normal((3, 256)).astype(np.float32)
+    for group in (16, 32):
+        np.testing.assert_array_equal(k_common.element_major(xb, group), xb.reshape(-1, group).T)
 
 
 @pytest.mark.parametrize("name", K_TYPES)
