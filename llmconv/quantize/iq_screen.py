@@ -34,8 +34,6 @@ _SCREEN_RANGE = (1e-30, 1e30)  # X and s*s*sum(w)*qmax**2 inside it: no overflow
 # OpenBLAS spreads a product over all cores above m*n*k = 4 * 65536; on a shared machine its
 # waiting threads cost more CPU time than the product itself
 _SINGLE_THREAD_GEMM = 4 * 65536
-# lists at least this long gather their (A, B) once per run of searches (see _screened)
-RUN_WIDTH = 8
 HALVES_ABOVE = 256  # grids larger than this are tabulated by halves (see PaddedLists)
 
 
@@ -212,44 +210,50 @@ def _screened(
     counts = np.bincount(cls + 1, minlength=len(pl.index) + 1)
     flat = tables.ab.reshape(-1, 2).view(np.complex64)[:, 0]  # A + iB
     row = tables.ab.shape[1]
+    # the searches by width class (stable: a group's searches stay together, in trial order),
+    # every per-search array permuted once so that a class is a slice
+    codes, group, s = codes[order], group[order], s[order]
+    usable = usable[order]
+    x2 = tables.x2[group]
     # Re((A + iB) * (s*s + 2s i)) = s*s*A - 2*s*B: numpy's complex product is one pass
     coef = (s * s).astype(np.complex64)
     coef.imag = s + s
+    # runs: the searches of one group at one code (nearby trial scales round a group alike)
+    # share their candidates' (A, B), gathered once per run from the big table, then spread to
+    # the searches from the small gathered array, which stays in cache
+    new = np.empty(n, bool)
+    new[0] = True
+    np.not_equal(codes[1:], codes[:-1], out=new[1:])
+    new[1:] |= group[1:] != group[:-1]
+    new[np.cumsum(counts)[:-1].clip(max=n - 1)] = True  # a run does not cross a class boundary
+    run = np.cumsum(new, dtype=np.intp)
+    run -= 1
+    first = np.flatnonzero(new)
+    slot = pl.slot[codes[first]]
+    base = group[first] * row
+    out_o = np.zeros(n, np.int64)
+    dec_o = np.zeros(n, bool)
     start = int(counts[0])  # codes without a list (none reach here) stay undecided
     for c in range(len(pl.index)):
         cnt = int(counts[c + 1])
         if not cnt:
             continue
-        sel = order[start : start + cnt]
+        sl = slice(start, start + cnt)
         start += cnt
-        gs = group[sel]
-        cs = codes[sel]
-        if pl.lo[c].shape[0] >= RUN_WIDTH:
-            # the searches of one group at one code (nearby trial scales round a group alike)
-            # share their candidates' (A, B): gathered once per such run from the big table,
-            # then spread to the searches from the small gathered array, which stays in cache
-            new = np.empty(cnt, bool)
-            new[0] = True
-            np.not_equal(cs[1:], cs[:-1], out=new[1:])
-            new[1:] |= gs[1:] != gs[:-1]
-            first = np.flatnonzero(new)
-            run = np.cumsum(new, dtype=np.intp)
-            run -= 1
-            at = pl.slot[cs[first]]
-            ab = np.take(_gather(pl, c, flat, at, gs[first] * row), run, axis=1)  # [W, runs] -> [W, n]
-            at = at[run]
-        else:
-            at = pl.slot[cs]
-            ab = _gather(pl, c, flat, at, gs * row)
-        ab *= coef[sel]
+        r = run[sl]
+        r0, r1 = int(r[0]), int(r[-1]) + 1
+        r = r - r0
+        ab = np.take(_gather(pl, c, flat, slot[r0:r1], base[r0:r1]), r, axis=1)  # [W, runs] -> [W, n]
+        ab *= coef[sl]
         d = ab.real
-        x2 = tables.x2[gs]
-        dm = np.minimum.reduce(d, axis=0).astype(np.float64) + x2
-        thr = (dm * (1 + SCREEN_TAU) + 2 * SCREEN_TAU * x2) / (1 - SCREEN_TAU) - x2
+        dm = np.minimum.reduce(d, axis=0).astype(np.float64) + x2[sl]
+        thr = (dm * (1 + SCREEN_TAU) + 2 * SCREEN_TAU * x2[sl]) / (1 - SCREEN_TAU) - x2[sl]
         within = d <= thr.astype(F32)
-        decided[sel] = (np.add.reduce(within, axis=0, dtype=np.uint16) == 1) & usable[sel]
+        dec_o[sl] = (np.add.reduce(within, axis=0, dtype=np.uint16) == 1) & usable[sl]
         # the one candidate within the threshold (where decided): its position in the list
         pos = np.add.reduce(np.multiply(_POSITIONS[: within.shape[0]], within, dtype=np.int16), axis=0, dtype=np.int16)
         np.clip(pos, 0, within.shape[0] - 1, out=pos)  # undecided searches: any valid position
-        out[sel] = pl.index[c][pos, at]
+        out_o[sl] = pl.index[c][pos, slot[r0:r1][r]]
+    out[order] = out_o
+    decided[order] = dec_o
     return out, decided
