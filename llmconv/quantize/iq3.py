@@ -29,7 +29,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .iq3_grid import Iq3Grid, grid
-from .iq_grid import SuperblockOverflow, quantize_superblocks
+from .iq_grid import SuperblockOverflow, best_neighbours, quantize_superblocks
 from .iq_screen import GroupTables, group_tables, screened_neighbours
 from .k_common import F32, QK_K, fp16_bits, nearest_int, seq_sum_from_zero
 
@@ -44,46 +44,7 @@ XXS_MAX_EPS = F32(1e-8)  # GROUP_MAX_EPS_IQ3_XXS: a block below it is stored as 
 # ---------------------------------------------------------------- the grid search
 
 
-def _best_neighbours(g: Iq3Grid, u: np.ndarray, xg: np.ndarray, wg: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """iq3_find_best_neighbour for G off-grid groups at once.
-
-    u[G] the off-grid points, xg/wg [4, G] the groups' magnitudes and sqrt-weights, s[G] the
-    scale. Returns the grid index [G] of each group's best neighbour: the one with the smallest
-    sum(w * (s*q - x)**2), the first in list order on ties (C's strict `<`).
-    """
-    out = np.empty(len(u), np.int32)
-    cls = g.neighbour_class[u]
-    order = np.argsort(cls, kind="stable")
-    counts = np.bincount(cls, minlength=len(g.classes))
-    start = 0
-    for nc, count in zip(g.classes, counts):
-        if not count:
-            continue
-        sel = order[start : start + count]
-        start += count
-        us = u[sel]
-        q = nc.values.take(us, axis=2)  # [4, width, n]
-        xs, ws, ss = xg[:, sel], wg[:, sel], s[sel]
-        d2 = None
-        for i in range(4):  # d2 += w*diff*diff, i = 0..3
-            diff = q[i] * ss
-            diff -= xs[i]
-            t = diff * ws[i]
-            t *= diff
-            d2 = t if d2 is None else np.add(d2, t, out=d2)
-        out[sel] = nc.index[_first_min(d2), us]
-    return out
-
-
-def _first_min(d2: np.ndarray) -> np.ndarray:
-    """Row index of each column's minimum, the first of equals (C's strict `<`). A NaN distance
-    only arises with an infinite weight, where every distance is inf or NaN and ggml aborts."""
-    width = d2.shape[0]
-    m = np.minimum.reduce(d2, axis=0)
-    # the largest (width - row) among the rows equal to the minimum is the first such row
-    rank = np.arange(width, 0, -1, dtype=np.uint8)[:, None]
-    hit = np.maximum.reduce((d2 == m) * rank, axis=0)
-    return width - hit.astype(np.intp)
+_ROW_STEPS = np.arange(4)[:, None]  # a group's 4 rows in the [32, T, B] levels
 
 
 def _fit_levels(
@@ -132,12 +93,10 @@ def _fit_levels(
         rest = np.flatnonzero(~decided)
         if rest.size:
             cr = col[rest]
-            best[rest] = _best_neighbours(g, us[rest], xg[:, cr], wg[:, cr], sc[rest])
-        codes = g.codes_f32[:, best]  # [4, G]
+            # few (~0.5 %): the generic search, a fixed number of numpy calls for all of them
+            best[rest] = best_neighbours(g.base, us[rest], xg[:, cr].T, wg[:, cr].T, sc[rest])
         base = k * (4 * per_k) + rem  # flat index of (row 4k, trial, b)
-        flat = t.reshape(-1)
-        for i in range(4):
-            flat[base + i * per_k] = codes[i]
+        t.reshape(-1)[base + _ROW_STEPS * per_k] = g.codes_f32[:, best]  # rows 4k..4k+3
     return t, on_grid
 
 

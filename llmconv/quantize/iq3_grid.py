@@ -7,9 +7,8 @@ iq_grid.make_grid derives the lookup tables and neighbour lists from the grid as
 iq3xs_init_impl does (neighbours: the grid points at the 2 (XXS) or 3 (S) smallest distinct
 distances, by distance then index); only the grids are data.
 
-IQ3's search tries 19 or 31 scales per block and looks up most groups' neighbours at each, so
-its lists are also laid out for dense batches: padded to a few widths (`PAD_CLASSES`), points
-last, which iq3._best_neighbours searches several times faster than the ragged lists.
+IQ3's search tries 19 or 31 scales per block and looks up most groups' neighbours at each:
+iq_screen.py decides almost all of those searches, iq_grid.best_neighbours the rest.
 """
 from __future__ import annotations
 
@@ -75,49 +74,18 @@ KGRID_512 = np.array([
     3736, 3753, 3778, 3802, 3805, 3819, 3841, 3845, 3851, 3856, 3880, 3922, 3938, 3970, 3993, 4032,
 ], dtype=np.uint16)
 
-N_POINTS = 4096                 # every combination of four 3-bit codes
-# Neighbour lists are padded to one of these lengths (repeating their last entry, which never
-# wins a first-minimum search), so that groups are searched in dense batches of similar size.
-PAD_CLASSES = (2, 3, 4, 6, 8, 12, 16, 24, 40)
-
-
-@dataclass(frozen=True)
-class NeighbourClass:
-    """Padded neighbour lists of the off-grid points whose list fits `width`, laid out with the
-    point last (a batch of points is then a gather along the last axis)."""
-    width: int
-    index: np.ndarray           # int32 [width, 4096]: grid indices (columns of other points unused)
-    values: np.ndarray          # float32 [4, width, 4096]: the neighbours' levels 2l + 1
-
-
 @dataclass(frozen=True)
 class Iq3Grid:
     size: int
     codes: np.ndarray           # uint8 [size, 4]: level codes of each grid point
     codes_f32: np.ndarray       # float32 [4, size]: the same, coordinate first
     kmap: np.ndarray            # int32 [4096]: point -> grid index, or -1 when off the grid
-    neighbour_class: np.ndarray  # int8 [4096]: index into `classes` (-1 on the grid)
-    classes: tuple[NeighbourClass, ...]
-    base: Grid                  # the shared tables (iq_grid), for the screened search
+    base: Grid                  # the shared tables and neighbour lists (iq_grid, iq_screen)
 
 
 def build_grid(kgrid: np.ndarray, nwant: int) -> Iq3Grid:
     g = make_grid(kgrid, dim=4, bits=3, nwant=nwant, max_level=7)
-    counts = g.nbr_count
-    if counts.max() > PAD_CLASSES[-1]:
-        raise AssertionError(f"a neighbour list of {counts.max()} exceeds the padding classes")
-    cls = np.where(counts > 0, np.searchsorted(PAD_CLASSES, counts), -1).astype(np.int8)
-    classes = []
-    for c, width in enumerate(PAD_CLASSES):
-        index = np.zeros((N_POINTS, width), np.int32)
-        for p in np.flatnonzero(cls == c):
-            nb = g.nbr[g.nbr_start[p]:g.nbr_start[p] + counts[p]]
-            index[p] = np.r_[nb, np.full(width - len(nb), nb[-1], np.int32)]
-        values = 2 * g.levels[index].astype(np.float32) + 1               # [4096, width, 4]
-        classes.append(NeighbourClass(width, np.ascontiguousarray(index.T),
-                                      np.ascontiguousarray(values.transpose(2, 1, 0))))
-    return Iq3Grid(g.size, g.levels, np.ascontiguousarray(g.levels.T, dtype=np.float32), g.index, cls,
-                   tuple(classes), g)
+    return Iq3Grid(g.size, g.levels, np.ascontiguousarray(g.levels.T, dtype=np.float32), g.index, g)
 
 
 @lru_cache(maxsize=None)
