@@ -193,6 +193,22 @@ def screened_neighbours(
         return _screened(grid, codes, group, scale, tables)
 
 
+def _runs(codes: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The searches of one group at one code (nearby trial scales round a group alike) share
+    their candidates' (A, B): gathered once per such run from the big table, then spread to the
+    searches from the small gathered array, which stays in cache. Returns (run of each search,
+    first search of each run). A run ends where the group or the code changes (the width class
+    is the code's)."""
+    n = codes.shape[0]
+    new = np.empty(n, bool)
+    new[0] = True
+    np.not_equal(codes[1:], codes[:-1], out=new[1:])
+    new[1:] |= group[1:] != group[:-1]
+    run = np.cumsum(new, dtype=np.intp)
+    run -= 1
+    return run, np.flatnonzero(new)
+
+
 def _screened(
     grid: Grid, codes: np.ndarray, group: np.ndarray, scale: np.ndarray, tables: GroupTables
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -218,17 +234,7 @@ def _screened(
     # Re((A + iB) * (s*s + 2s i)) = s*s*A - 2*s*B: numpy's complex product is one pass
     coef = (s * s).astype(np.complex64)
     coef.imag = s + s
-    # runs: the searches of one group at one code (nearby trial scales round a group alike)
-    # share their candidates' (A, B), gathered once per run from the big table, then spread to
-    # the searches from the small gathered array, which stays in cache
-    new = np.empty(n, bool)
-    new[0] = True
-    np.not_equal(codes[1:], codes[:-1], out=new[1:])
-    new[1:] |= group[1:] != group[:-1]
-    new[np.cumsum(counts)[:-1].clip(max=n - 1)] = True  # a run does not cross a class boundary
-    run = np.cumsum(new, dtype=np.intp)
-    run -= 1
-    first = np.flatnonzero(new)
+    run, first = _runs(codes, group)
     slot = pl.slot[codes[first]]
     base = group[first] * row
     out_o = np.zeros(n, np.int64)
