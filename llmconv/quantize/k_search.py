@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._blocks import select
+from ._blocks import scratch, select
 from .k_common import (
     F32,
     GROUP_MAX_EPS,
@@ -117,12 +117,15 @@ def make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarra
     safe_max = np.where(zero, F32(1.0), amax_signed)
     iscale = F32(-nmax) / safe_max
 
-    L = x * iscale  # |x*iscale| <= nmax + 1: rint is nearest_int here
+    # The [n, groups] arrays live in per-thread buffers: fresh MB-sized arrays, allocated and
+    # freed every chunk, can cost more in page faults than the arithmetic.
+    L, w, wx, wxl, wll = (scratch(f"q3_{name}", x.shape, F32) for name in ("L", "w", "wx", "wxl", "wll"))
+    np.multiply(x, iscale, out=L)  # |x*iscale| <= nmax + 1: rint is nearest_int here
     round_small(L)
     fast_clip(L, F32(-nmax), F32(nmax - 1), out=L)
-    w = x * x
-    wx = w * x
-    wxl, wll = _q3_terms(w, wx, L)
+    np.multiply(x, x, out=w)
+    np.multiply(w, x, out=wx)
+    _q3_terms(w, wx, L, out=(wxl, wll))
     sumlx, suml2 = seq_sum_from_zero(wxl), seq_sum_from_zero(wll)
 
     # The working set: copies of the columns of the groups still changing (a group leaves after a
@@ -155,10 +158,10 @@ def make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarra
     return scale, Lq
 
 
-def _q3_terms(w: np.ndarray, wx: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _q3_terms(w: np.ndarray, wx: np.ndarray, L: np.ndarray, out=(None, None)) -> tuple[np.ndarray, np.ndarray]:
     """C's per-element terms w*x[i]*L[i] and w*L[i]*L[i] (the sums' summands) for all i."""
-    wxl = wx * L
-    wll = w * L
+    wxl = np.multiply(wx, L, out=out[0])
+    wll = np.multiply(w, L, out=out[1])
     wll *= L
     return wxl, wll
 

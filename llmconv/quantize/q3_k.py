@@ -24,6 +24,7 @@ from .k_common import (
     superblocks,
     unpack_2bit_quarters,
 )
+from ._blocks import scratch
 from .k_search import make_q3_quants_rmse
 
 TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q3_K][1]  # 110 bytes per block
@@ -70,7 +71,7 @@ def high_bit_words(T: np.ndarray) -> np.ndarray:
 
 def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
     nb = xb.shape[0]
-    xt = element_major(xb, 16)  # [16, nb*16]
+    xt = element_major(xb, 16, out=scratch("q3_xt", (16, nb * 16), F32))  # [16, nb*16]
     group_scale, L_search = make_q3_quants_rmse(xt, 4)
     group_scale = group_scale.reshape(nb, 16)
 
