@@ -15,6 +15,8 @@ it also flushes the device's cache and the file's metadata.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
 from pathlib import Path
@@ -44,6 +46,33 @@ def open_direct(fd: int) -> int:
         return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
     except OSError:
         return -1
+
+
+def reserve(fd: int, nbytes: int) -> None:
+    """Allocate the file's blocks up front (fallocate, no zeros written): a full disk fails
+    here, before any conversion work, and on ext4 direct writes into reserved blocks inside
+    the file's size run concurrently (a write that allocates or extends the file holds the
+    inode lock for its whole device write, which serialized the workers). A file system
+    without fallocate is left alone (glibc's posix_fallocate would write zeros instead)."""
+    if _fallocate is None or nbytes <= 0:
+        return
+    if _fallocate(fd, 0, 0, nbytes) != 0:
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(err, os.strerror(err))
+
+
+def _libc_fallocate():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fn
+
+
+_fallocate = _libc_fallocate()
 
 
 def direct_span(pos: int, nbytes: int, addr: int) -> tuple[int, int]:
@@ -111,6 +140,7 @@ class PositionalWriter:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         self.written: set[str] = set()
         self.direct_fd = open_direct(self.fd)
+        reserve(self.fd, layout.total_size)
         pwrite_all(self.fd, layout.header, 0)
 
     def place(self, name: str) -> int:
