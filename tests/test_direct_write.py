@@ -6,6 +6,7 @@ file system that refuses a direct write gets the bytes through the page cache in
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -104,3 +105,63 @@ def test_a_refused_direct_write_goes_through_the_page_cache(tmp_path, monkeypatc
         os.close(fd)
     got = np.fromfile(tmp_path / "out.bin", np.uint8, count=piece.nbytes, offset=pos)
     assert np.array_equal(got, piece)
+
+
+def _f32_jobs(data, fd, offsets, dfd=-1, done=None):
+    def reader(k):
+        def read(a, b, out):
+            out[...] = data[k][a:b]
+
+        return read
+
+    return [
+        stream.Job(
+            SourceTensor(name=str(k), shape=d.shape, load=lambda: None, files=[], read_rows=reader(k)),
+            [stream.Sink(q.get("f32"), fd, offsets[k], direct_fd=dfd)],
+            done=done,
+        )
+        for k, d in enumerate(data)
+    ]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_chunks_written_behind_keep_their_bytes_while_the_worker_goes_on(tmp_path, monkeypatch, threads):
+    """Every write is delayed, so each worker converts its next chunk (and the one after)
+    while the previous one is still being written: the bytes of a chunk in flight must not
+    be overwritten by the next, and done() still sees all of a tensor's bytes on disk."""
+    rows, cols = 40, 256
+    data = [np.arange(rows * cols, dtype=np.float32).reshape(rows, cols) * (k + 1) for k in range(3)]
+    offsets = [k * rows * cols * 4 for k in range(3)]
+    path = tmp_path / "out.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    seen = []
+
+    def slow(*args):
+        threading.Event().wait(0.005)
+        return pwrite_direct(*args)
+
+    def done(job):
+        k = int(job.src.name)
+        got = np.fromfile(path, np.float32, count=rows * cols, offset=offsets[k])
+        seen.append((k, np.array_equal(got, data[k].reshape(-1))))
+
+    monkeypatch.setattr(stream, "pwrite_direct", slow)
+    try:
+        stream.run(_f32_jobs(data, fd, offsets, done=done), threads=threads, chunk_weights=4 * cols)
+    finally:
+        os.close(fd)
+    assert seen == [(0, True), (1, True), (2, True)]
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("llmconv-write")]
+
+
+def test_a_failed_write_behind_is_raised_and_no_writer_outlives_the_run(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDONLY)  # every pwrite fails (EBADF) in the writer thread
+    data = [np.ones((8, 64), np.float32)]
+    try:
+        with pytest.raises(OSError):
+            stream.run(_f32_jobs(data, fd, [0]), threads=2, chunk_weights=64)
+    finally:
+        os.close(fd)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("llmconv-write")]

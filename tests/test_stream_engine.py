@@ -114,13 +114,17 @@ def _written(tmp_path, raw, types, verbatim: bool, label: str) -> list[bytes]:
 
 
 @pytest.mark.parametrize("dtype, outtype", [("bf16", "bf16"), ("f16", "f16"), ("f32", "f32"), ("bf16", "f16")])
-def test_an_output_written_from_the_stored_bytes_equals_the_cast(tmp_path, dtype, outtype):
+def test_an_output_written_from_the_stored_bytes_equals_the_cast(tmp_path, dtype, outtype, monkeypatch):
     """bf16 -> bf16, f16 -> f16, f32 -> f32 copy the stored bytes and bf16 -> f16 transcodes
     them (stream.verbatim_source, floats.FROM_STORED): every byte equals what widening and
     casting gives, for normals, subnormals, signed zeros and values past f16's range; the other
-    outputs of the same read are unchanged; a NaN is refused with the same message either way."""
+    outputs of the same read are unchanged; a NaN is refused with the same message either way.
+    Writes are slowed down, so the stored bytes of a chunk still being written behind must
+    survive the worker's next reads."""
+    write = stream.pwrite_direct
+    monkeypatch.setattr(stream, "pwrite_direct", lambda *a: (threading.Event().wait(0.003), write(*a))[1])
     rng = np.random.default_rng(7)
-    v = rng.standard_normal((11, 64)).astype(np.float32) * 0.02
+    v = rng.standard_normal((11, 2048)).astype(np.float32) * 0.02  # chunks past 4 KiB: they share arena pages
     v[0, :8] = [0.0, -0.0, 1e-41, -3e-39, 6e-8, -3e-5, 65504.0, -1e5 if dtype != "f16" else -65504.0]
     raw = _stored(tmp_path, dtype, v)
     types = [outtype, "q8_0", "f32" if dtype != "f32" else "f16"]

@@ -5,13 +5,14 @@ thread while several workers cast at once (stream.run)."""
 from __future__ import annotations
 
 
-def name_os_thread() -> None:
-    """Name the worker's OS thread `llmconv-work` (top -H, perf and bench/pipeline.py's
-    per-thread accounting see it); Python's own thread name stays inside the interpreter."""
+def name_os_thread(name: bytes = b"llmconv-work") -> None:
+    """Name the calling OS thread (top -H, perf and bench/pipeline.py's per-thread accounting
+    see it: it counts the `llmconv-work` threads); Python's own thread name stays inside the
+    interpreter. A thread started from a worker inherits the worker's name unless it sets its own."""
     try:
         import ctypes
 
-        ctypes.CDLL(None).prctl(15, b"llmconv-work", 0, 0, 0)  # PR_SET_NAME
+        ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # PR_SET_NAME
     except (OSError, AttributeError):
         pass
 

@@ -34,13 +34,15 @@ RAW_DTYPES = {"bf16": np.dtype(np.uint16), "f16": np.dtype(np.float16), "f32": n
 _raw = threading.local()
 
 
-def raw_arena(nbytes: int, file_pos: int | None = None) -> np.ndarray:
-    """This thread's buffer for raw source bytes, grown on demand and then reused. With
+def raw_arena(nbytes: int, file_pos: int | None = None, slot: str = "read") -> np.ndarray:
+    """This thread's buffer `slot` for raw source bytes, grown on demand and then reused. With
     `file_pos`, placed so that the bytes can be written to that offset of an output file past
-    the page cache (an output in the stored type is these very bytes; see positional.py)."""
-    buf = getattr(_raw, "buf", None)
+    the page cache (an output in the stored type is these very bytes; see positional.py). The
+    streaming engine keeps those in their own slots while they are written behind."""
+    bufs = _raw.__dict__.setdefault("bufs", {})
+    buf = bufs.get(slot)
     if buf is None or buf.nbytes < nbytes + DIRECT_ALIGN:
-        buf = _raw.buf = np.empty(max(nbytes, 4 << 20) + DIRECT_ALIGN, np.uint8)
+        buf = bufs[slot] = np.empty(max(nbytes, 4 << 20) + DIRECT_ALIGN, np.uint8)
     start = 0 if file_pos is None else (file_pos - buf.ctypes.data) % DIRECT_ALIGN
     return buf[start : start + nbytes]
 
@@ -109,10 +111,10 @@ class RawTensor:
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * RAW_DTYPES[self.dtype].itemsize
 
-    def raw_rows(self, a: int, b: int, file_pos: int | None = None) -> np.ndarray:
-        """Rows [a, b) in their storage dtype, in this thread's raw arena (valid until its next
-        read), placed for a direct write to `file_pos` if given."""
-        buf = raw_arena((b - a) * self.row_nbytes, file_pos)
+    def raw_rows(self, a: int, b: int, file_pos: int | None = None, slot: str = "read") -> np.ndarray:
+        """Rows [a, b) in their storage dtype, in this thread's raw arena `slot` (valid until
+        its next read), placed for a direct write to `file_pos` if given."""
+        buf = raw_arena((b - a) * self.row_nbytes, file_pos, slot)
         self.file.read_into(self.offset + a * self.row_nbytes, buf, self.label)
         return buf.view(RAW_DTYPES[self.dtype]).reshape(b - a, self.cols)
 
