@@ -85,11 +85,11 @@ def test_failure_in_one_output_leaves_no_file(tmp_path, monkeypatch):
     real = stream._convert_chunk
     calls = {"n": 0}
 
-    def failing(job, a, b):
+    def failing(job, a, b, turn):
         calls["n"] += 1
         if calls["n"] == 5:
             raise OSError(28, "No space left on device")
-        return real(job, a, b)
+        return real(job, a, b, turn)
 
     monkeypatch.setattr(stream, "_convert_chunk", failing)
     assert main(["convert", str(ONE), "--outtype", "q8_0,q4_0", "-o", f"{tmp_path}/", "-q", "-t", "1"]) == 2
