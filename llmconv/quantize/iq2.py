@@ -36,7 +36,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import iq2_tables
 from ._blocks import ImatrixRequired
-from .iq_grid import Grid, best_neighbours, codes_of_packed_bytes, levels_packed, make_grid, quantize_superblocks
+from .iq_grid import Grid, best_neighbours, best_trial, codes_of_packed_bytes, levels_packed, make_grid
+from .iq_grid import quantize_superblocks
 from .iq_screen import GroupTables, group_tables, screened_neighbours
 from .k_common import F32, GROUP_MAX_EPS, QK_K, fp16_bits, nearest_int, nearest_int_clip, seq_sum_from_zero
 from .k_weighted import block_sigma2, make_qp_quants
@@ -186,13 +187,7 @@ def _search(
     lv, gi, off = _to_grid(g, xv, wa, ids, F32(1.0) / ids, tables, blocks)
     sumqx, sumq2 = _block_sums(wv, xv, lv)
 
-    best = np.zeros(len(live), F32)
-    pick = np.full(len(live), -1)
-    for t in range(len(trials)):
-        better = (sumq2[t] > 0) & (sumqx[t] * sumqx[t] > best * sumq2[t])
-        scale = np.where(better, sumqx[t] / sumq2[t], scale)
-        best = np.where(better, scale * sumqx[t], best)
-        pick = np.where(better, t, pick)
+    pick, scale = best_trial(sumqx, sumq2, scale)
     cols = np.arange(len(live))
     got = pick >= 0
     L = np.where(got[:, None], lv[pick, cols], 0)

@@ -29,7 +29,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .iq3_grid import Iq3Grid, grid
-from .iq_grid import SuperblockOverflow, best_neighbours, quantize_superblocks
+from .iq_grid import SuperblockOverflow, best_neighbours, best_trial, quantize_superblocks
 from .iq_screen import GroupTables, group_tables, screened_neighbours
 from .k_common import F32, QK_K, fp16_bits, nearest_int, seq_sum_from_zero
 
@@ -128,16 +128,7 @@ def _search(
     tables = group_tables(g.base, np.ascontiguousarray(xgm.T), np.ascontiguousarray(wgm.T))
     Lall, on_all = _fit_levels(g, xval, xgm, wgm, idv, F32(1.0) / idv, None, exact, tables)
     sumqx, sumq2 = _sums(Lall, weight, wx)
-    best = np.zeros(nb, F32)
-    scale = mx / F32(15.0)
-    pick = np.full(nb, -1, np.intp)  # the winning trial (-1: none; L stays 0)
-    for j in range(len(tries)):
-        sx, s2 = sumqx[j], sumq2[j]
-        better = (s2 > 0) & (sx * sx > best * s2)
-        if better.any():
-            scale = np.where(better, sx / np.where(better, s2, F32(1.0)), scale)
-            best = np.where(better, scale * sx, best)
-            pick[better] = j
+    pick, scale = best_trial(sumqx, sumq2, mx / F32(15.0))  # pick -1: no trial won, L stays 0
     L = np.zeros((32, nb), F32)
     on_grid = np.full((8, nb), not refit_all)  # XXS starts "on grid", S "off grid"
     won = np.flatnonzero(pick >= 0)

@@ -190,6 +190,33 @@ def _prefix_tables(grid: Grid, k: int) -> tuple[np.ndarray, np.ndarray]:
     return tables
 
 
+def best_trial(sumqx: np.ndarray, sumq2: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """C's choice among the trial scales' fits, sums [T, B] in trial order: a block takes trial
+    t when sumq2 > 0 and sumqx*sumqx > best*sumq2, then scale = sumqx/sumq2 and best =
+    scale*sumqx (float32). Returns (trial [B], -1 for none; scale [B], `start` for none).
+    The quotients and products are taken for all trials at once: the loop over trials is left
+    with the comparison chain, a few numpy calls each."""
+    nt, nb = sumqx.shape
+    with np.errstate(all="ignore"):
+        ok = sumq2 > 0
+        fit = sumqx / np.where(ok, sumq2, F32(1.0))
+        best_of = fit * sumqx
+        square = sumqx * sumqx
+    best = np.zeros(nb, F32)
+    pick = np.full(nb, -1, np.intp)
+    bound = np.empty(nb, F32)
+    better = np.empty(nb, bool)
+    for t in range(nt):
+        np.multiply(best, sumq2[t], out=bound)
+        np.greater(square[t], bound, out=better)
+        better &= ok[t]
+        np.copyto(best, best_of[t], where=better)
+        np.copyto(pick, t, where=better)
+    got = pick >= 0
+    scale = np.where(got, fit[np.where(got, pick, 0), np.arange(nb)], start)
+    return pick, scale
+
+
 class SuperblockOverflow(Exception):
     """Raised by a chunk function when a super-block's fp16 scale is not finite."""
 
