@@ -387,6 +387,18 @@ def test_imatrix_of_mistral_format_equals_llama_cpp(mistral_v3):
         np.testing.assert_allclose(e.sums, theirs[name], rtol=2e-5, atol=1e-7 * theirs[name].max(), err_msg=name)
 
 
+def test_verify_takes_mistral_format_as_the_reference(mistral_v3, capsys):
+    """verify's reference pass runs on Mistral's own layout (Meta's pass on the safetensors, the
+    tokenizer.model.v3 text): the f32 conversion passes, token for token."""
+    from llmconv.cli import main
+
+    sd, src, out, tok, tmp = mistral_v3
+    capsys.readouterr()
+    code = main(["verify", str(out), "-r", str(src), "--tokens", "32"])
+    text = capsys.readouterr().out
+    assert code == 0 and "PASS" in text and "vocabulary: matches" in text, text
+
+
 def test_mistral_files_split_by_tensor_give_the_same_gguf(mistral_v3, tmp_path):
     sd, src, out, tok, tmp = mistral_v3
     split = write_mistral_checkpoint(tmp_path / "split", sd, MISTRAL_V03, tok, files=3)
@@ -520,12 +532,14 @@ def nemo(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.llamacpp
-def test_imatrix_chunks_of_a_tekken_checkpoint_are_llama_cpps_tokens(nemo, tmp_path):
+def test_tekken_checkpoint_for_imatrix_and_verify(nemo, tmp_path, capsys):
     """`llmconv imatrix` on Mistral's layout with tekken.json: the calibration chunks are the
     text as llama.cpp tokenizes it from the converted file (BOS first, each chunk's first token
-    replaced by BOS); the forward pass is the Mistral one test_imatrix_of_mistral_format_... checks."""
+    replaced by BOS); the forward pass is the Mistral one test_imatrix_of_mistral_format_... checks.
+    And verify takes the checkpoint as its reference."""
     import llama_cpp
 
+    from llmconv.cli import main
     from llmconv.imatrix.collect import calibration_chunks
 
     sd, src, out, tok = nemo
@@ -538,6 +552,11 @@ def test_imatrix_chunks_of_a_tekken_checkpoint_are_llama_cpps_tokens(nemo, tmp_p
     want = np.array(ids[: n * 32]).reshape(n, 32)
     want[:, 0] = 1
     assert n > 20 and np.array_equal(cal.chunks, want)
+    # verify takes the same checkpoint as its reference (its vocabulary and text through tekken.json)
+    capsys.readouterr()
+    code = main(["verify", str(out), "-r", str(src), "--tokens", "32"])
+    report = capsys.readouterr().out
+    assert code == 0 and "PASS" in report and "vocabulary: matches" in report, report
 
 
 @pytest.mark.slow

@@ -43,39 +43,6 @@ MIN_CTX = 16  # llama-imatrix ignores matmuls over fewer rows than this
 GROUP_BYTES = 256 << 20  # float32 activations kept per group of chunks
 
 
-def _mistral_encoder(ckpt_dir: Path):
-    """Mistral's own layout names its SentencePiece model tokenizer.model.vN (convert/mistral.py
-    finds it): its encode, None for the other layouts."""
-    from ..convert.mistral import find_mistral_tokenizer
-    from ..convert.sources import detect_format
-
-    if detect_format(ckpt_dir) != "mistral":
-        return None
-    path = find_mistral_tokenizer(ckpt_dir, None)
-    if path.suffix == ".json":
-        return _tekken_encoder(path)
-    import sentencepiece as spm
-
-    return spm.SentencePieceProcessor(model_file=str(path)).encode
-
-
-def _tekken_encoder(path: Path):
-    """mistral-common's Tekken encoding: tiktoken over the file's first regular ranks with its
-    split pattern, each id shifted past the special tokens (the ids llama.cpp gives the GGUF's
-    vocabulary, convert/tekken.py)."""
-    import tiktoken
-
-    from ..convert.tekken import tekken_ranks
-    from ..errors import load_json
-
-    doc = load_json(path)  # already checked by the source's vocabulary (convert/tekken.py)
-    config = doc["config"]
-    n_special = config["default_num_special_tokens"]
-    ranks = tekken_ranks(doc["vocab"], config["default_vocab_size"] - n_special, path)
-    enc = tiktoken.Encoding(name="tekken", pat_str=config["pattern"], mergeable_ranks=ranks, special_tokens={})
-    return lambda text: [t + n_special for t in enc.encode_ordinary(text)]
-
-
 @dataclass
 class Calibration:
     chunks: np.ndarray  # int64 [n_chunks, ctx]
@@ -101,7 +68,7 @@ def calibration_chunks(
     body, dataset = read_text(text)
     # first: it says what is wrong with a path that is no checkpoint
     vocab = (source or open_source(ckpt_dir)).vocab
-    encode = _mistral_encoder(Path(ckpt_dir)) or load_source_tokenizer(Path(ckpt_dir)).encode
+    encode = load_source_tokenizer(Path(ckpt_dir)).encode
     bos = vocab.bos_id if vocab.add_bos and vocab.bos_id is not None else None
     ids = ([bos] if bos is not None else []) + [int(t) for t in encode(body)]
     n = len(ids) // ctx if chunks is None else min(chunks, len(ids) // ctx)

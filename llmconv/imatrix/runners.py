@@ -103,11 +103,11 @@ def moe_layer_on_group(xs: list, attend: Callable, ffn_norm: Callable, moe: Call
 
 
 def runner(ckpt_dir: Path, source) -> Runner:
-    """`source`: the checkpoint opened by convert.sources.open_source (its kind and hparams)."""
+    """`source`: the checkpoint as convert.sources.open_source opened it (its kind says the layout)."""
     if source.kind == "hf":
         return _hf_runner(ckpt_dir)
     if source.kind == "mistral":
-        return _mistral_runner(ckpt_dir, source.hparams)
+        return _mistral_runner(ckpt_dir)
     return _meta_runner(ckpt_dir)
 
 
@@ -168,26 +168,21 @@ def _meta_runner(ckpt_dir: Path) -> Runner:
     )
 
 
-def _mistral_runner(ckpt_dir: Path, h) -> Runner:
-    """`h`: the source's hparams (params.json, checked against every tensor's shape)."""
+def _mistral_runner(ckpt_dir: Path) -> Runner:
     import torch
 
-    from ..convert.hf_files import open_weights
     from ..verify import reference as R
-    from ..verify.moe import MISTRAL_MOE_PREFIX, sparse_moe
 
-    weights, _ = open_weights(ckpt_dir, kinds=("consolidated",))
-    ckpt = R.SafetensorsWeights(weights)
+    ckpt, h = R.open_mistral(ckpt_dir)
 
     def block(i, xs, w, cos, sin, hooks):
         if not h.n_expert:
             return [R.transformer_block(x, w, h, cos, sin) for x in xs]
-        prefix = MISTRAL_MOE_PREFIX.format(i=i)
         return moe_layer_on_group(
             xs,
-            lambda x: R.attention(R.rms_norm(x, w["attention_norm.weight"], h.norm_eps), w, h, cos, sin),
+            lambda x: R.mistral_attention(x, w, h, cos, sin),
             lambda x: R.rms_norm(x, w["ffn_norm.weight"], h.norm_eps),
-            lambda f: sparse_moe(f, prefix, h.n_expert, h.n_expert_used, ckpt.load_f32, hooks),
+            lambda f: R.mistral_moe(f, h, i, ckpt, hooks),
         )
 
     return Runner(

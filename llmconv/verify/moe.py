@@ -152,13 +152,15 @@ def candidate_moe_ffn(h: np.ndarray, W: dict, layer: int, n_expert: int, top_k: 
 
 
 def hf_expert_names(source) -> dict[str, tuple[str, int]]:
-    """Checkpoint expert weight -> (stacked GGUF tensor, expert index), for the expected pass."""
+    """Checkpoint expert weight -> (stacked GGUF tensor, expert index), for the expected pass
+    (a Mixtral in Hugging Face's or Mistral's own layout)."""
     kinds = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
     n_layers, n_expert = source.hparams.n_layers, source.hparams.n_expert
-    if source.kind != "hf" or not n_expert:
+    prefix = {"hf": HF_MOE_PREFIX, "mistral": MISTRAL_MOE_PREFIX}.get(source.kind)
+    if prefix is None or not n_expert or source.hparams.arch != "llama":
         return {}
     return {
-        f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight": (f"blk.{i}.{k}.weight", e)
+        f"{prefix.format(i=i)}experts.{e}.{w}.weight": (f"blk.{i}.{k}.weight", e)
         for i in range(n_layers)
         for e in range(n_expert)
         for w, k in kinds.items()

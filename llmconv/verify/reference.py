@@ -2,7 +2,8 @@
 
 reference_logits() dispatches on the directory's format: a Meta checkpoint (params.json) runs
 here, in Meta's layout; a Hugging Face one (config.json) runs in reference_hf.py, in HF's
-layout (rotate-half RoPE on q_proj/k_proj as stored).
+layout (rotate-half RoPE on q_proj/k_proj as stored); Mistral's own layout (params.json +
+consolidated*.safetensors, Meta's names and row order) runs this pass too (below).
 
 Converted and quantized files are judged by how far their logits are from these. So this
 module reads only the source checkpoint (through llmconv.convert.meta), never a GGUF file, and
@@ -23,6 +24,7 @@ Meta's conventions, as in their model.py:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +71,8 @@ def reference_logits(
 
             return llama4_reference_logits(ckpt_dir, tokens, hooks=hooks, progress=progress, desc=desc)
         return hf_reference_logits(ckpt_dir, tokens, hooks=hooks, progress=progress, desc=desc)
+    if detect_format(Path(ckpt_dir)) == "mistral":
+        return mistral_reference_logits(ckpt_dir, tokens, hooks=hooks, progress=progress, desc=desc)
     return meta_reference_logits(ckpt_dir, tokens, hooks=hooks, progress=progress, desc=desc)
 
 
@@ -109,29 +113,13 @@ def load_f32(ckpt, name: str) -> torch.Tensor:
 
 
 def layer_weights(ckpt, i: int, hooks: ForwardHooks = NO_HOOKS, dense: bool = True) -> LayerWeights:
-    """Layer i by short name; `ckpt`: a MetaCheckpoint or SafetensorsWeights (Mistral's layout).
+    """Layer i by short name; `ckpt`: a MetaCheckpoint or SafetensorsWeights.
     `dense=False`: no w1/w2/w3 (a Mixtral layer's experts are read by moe.py, one at a time)."""
     prefix = f"layers.{i}."
     shorts = LAYER_TENSORS if dense else tuple(n for n in LAYER_TENSORS if not n.startswith("feed_forward."))
     return LayerWeights(
         {short: hooks.w(prefix + short, load_f32(ckpt, prefix + short)) for short in shorts}, prefix, hooks
     )
-
-
-class SafetensorsWeights:
-    """Mistral's own layout (consolidated*.safetensors): Meta's names and row order, so Meta's
-    pass runs on it; `entries` from convert.hf_files.open_weights."""
-
-    def __init__(self, entries: dict):
-        self.entries = entries
-
-    def load(self, name: str) -> torch.Tensor:
-        if name not in self.entries:
-            raise LlmconvError("tensor missing from the checkpoint", tensor=name)
-        return self.entries[name].get()
-
-    def load_f32(self, name: str) -> torch.Tensor:
-        return self.load(name).to(torch.float32)
 
 
 def llama3_scaling(params: dict) -> dict | None:
@@ -219,3 +207,118 @@ def _token_tensor(tokens, vocab_size: int, path: Path) -> torch.Tensor:
     if bad:
         raise LlmconvError(f"token {bad[0]!r} is outside the vocabulary (0..{vocab_size - 1})", file=path)
     return torch.tensor([int(t) for t in ids], dtype=torch.long)
+
+
+# ---- Mistral's own layout: params.json + consolidated*.safetensors ----------------------------
+#
+# Mistral 7B, Nemo and Mixtral as Mistral publishes them beside the Hugging Face layout. Names and
+# Q/K row order are Meta's, so the pass above runs on weights read from safetensors; a Mixtral's
+# feed-forward (params.json `moe`) is moe.py's sparse block under `layers.N.feed_forward.`.
+# params.json is read here on its own terms (the converter's checks run in open_source, which
+# verify and imatrix call first).
+
+
+class SafetensorsWeights:
+    """Checkpoint tensors by name from convert.hf_files.open_weights entries, with the
+    MetaCheckpoint `load` that reference.py's layer_weights reads through."""
+
+    def __init__(self, entries: dict):
+        self.entries = entries
+
+    def load(self, name: str) -> torch.Tensor:
+        if name not in self.entries:
+            raise LlmconvError("tensor missing from the checkpoint", tensor=name)
+        return self.entries[name].get()
+
+    def load_f32(self, name: str) -> torch.Tensor:
+        return self.load(name).to(torch.float32)
+
+
+@dataclass
+class MistralParams:
+    """What the pass reads from params.json (the converter's defaults where it says nothing)."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    rope_theta: float
+    vocab_size: int
+    n_expert: int = 0  # params.json `moe`: experts per layer (0: dense)
+    n_expert_used: int = 0
+
+
+def mistral_params(ckpt_dir: Path, weights: SafetensorsWeights) -> MistralParams:
+    from ..convert.meta_params import read_params, stated_head_dim
+    from ..convert.moe import mistral_moe_config
+
+    params = read_params(ckpt_dir)
+    pfile = ckpt_dir / "params.json"
+    moe = mistral_moe_config(params, pfile)
+    n_heads = params["n_heads"]
+    return MistralParams(
+        dim=params["dim"],
+        n_layers=params["n_layers"],
+        n_heads=n_heads,
+        n_kv_heads=params.get("n_kv_heads") or n_heads,
+        head_dim=stated_head_dim(params, pfile) or params["dim"] // n_heads,
+        norm_eps=float(params.get("norm_eps", 1e-5)),
+        rope_theta=float(params.get("rope_theta", 10000.0)),
+        vocab_size=weights.entries["tok_embeddings.weight"].shape[0]
+        if "tok_embeddings.weight" in weights.entries
+        else 0,
+        n_expert=moe.n_expert if moe else 0,
+        n_expert_used=moe.n_expert_used if moe else 0,
+    )
+
+
+def open_mistral(ckpt_dir: str | Path) -> tuple[SafetensorsWeights, MistralParams]:
+    from ..convert.hf_files import open_weights
+
+    entries, _ = open_weights(Path(ckpt_dir), kinds=("consolidated",))
+    weights = SafetensorsWeights(entries)
+    return weights, mistral_params(Path(ckpt_dir), weights)
+
+
+def mistral_layer(x: torch.Tensor, w, h: MistralParams, i: int, cos, sin, ckpt, hooks) -> torch.Tensor:
+    """Layer i on x [T, dim]; `w` from reference.layer_weights(ckpt, i, hooks, dense=not h.n_expert)."""
+    if not h.n_expert:
+        return transformer_block(x, w, h, cos, sin)
+    x = x + mistral_attention(x, w, h, cos, sin)
+    return x + mistral_moe(rms_norm(x, w["ffn_norm.weight"], h.norm_eps), h, i, ckpt, hooks)
+
+
+def mistral_attention(x, w, h: MistralParams, cos, sin) -> torch.Tensor:
+    return attention(rms_norm(x, w["attention_norm.weight"], h.norm_eps), w, h, cos, sin)
+
+
+def mistral_moe(f, h: MistralParams, i: int, ckpt, hooks) -> torch.Tensor:
+    from .moe import MISTRAL_MOE_PREFIX, sparse_moe
+
+    return sparse_moe(f, MISTRAL_MOE_PREFIX.format(i=i), h.n_expert, h.n_expert_used, ckpt.load_f32, hooks)
+
+
+def mistral_reference_logits(
+    ckpt_dir: str | Path,
+    tokens: list[int],
+    hooks: ForwardHooks | None = None,
+    progress: bool = False,
+    desc: str = "reference",
+) -> np.ndarray:
+    """reference_logits (reference.py) for Mistral's own layout."""
+    hooks = hooks or NO_HOOKS
+    ckpt, h = open_mistral(ckpt_dir)
+    ids = _token_tensor(tokens, h.vocab_size, Path(ckpt_dir))
+    with torch.inference_mode():
+        x = hooks.w("tok_embeddings.weight", ckpt.load("tok_embeddings.weight")[ids].to(torch.float32), ids)
+        cos, sin = rope_tables(h.head_dim, len(ids), h.rope_theta)
+        for i in layer_progress(h.n_layers, desc, progress):
+            w = layer_weights(ckpt, i, hooks, dense=not h.n_expert)
+            x = mistral_layer(x, w, h, i, cos, sin, ckpt, hooks)
+            del w
+        x = rms_norm(x, hooks.w("norm.weight", ckpt.load_f32("norm.weight")), h.norm_eps)
+        out_name = "output.weight" if "output.weight" in ckpt.entries else "tok_embeddings.weight"
+        logits = hooks.x(out_name, x) @ hooks.w(out_name, ckpt.load_f32(out_name)).T
+    return logits.numpy()

@@ -30,6 +30,10 @@ def load_source_tokenizer(ckpt_dir: Path) -> SourceTokenizer:
     reads it, else a Hugging Face tokenizer.json."""
     from ..convert.tiktoken_bpe import is_tiktoken_file
 
+    from ..convert.sources import detect_format
+
+    if (ckpt_dir / "params.json").is_file() and detect_format(ckpt_dir) == "mistral":
+        return mistral_tokenizer(ckpt_dir)
     model = ckpt_dir / "tokenizer.model"
     if model.is_file():
         return tiktoken_tokenizer(ckpt_dir) if is_tiktoken_file(model) else sentencepiece_tokenizer(ckpt_dir)
@@ -50,10 +54,48 @@ def _optional_import(module: str, what: str):
         raise LlmconvError(f"verifying against {what} needs the {module} package: pip install {module}") from None
 
 
-def sentencepiece_tokenizer(ckpt_dir: Path) -> SourceTokenizer:
+def mistral_tokenizer(ckpt_dir: Path) -> SourceTokenizer:
+    """Mistral's own layout: tekken.json or tokenizer.model.vN, found as the converter finds it."""
+    from ..convert.mistral import find_mistral_tokenizer
+
+    path = find_mistral_tokenizer(ckpt_dir, None)
+    return tekken_tokenizer(path) if path.suffix == ".json" else sentencepiece_tokenizer(ckpt_dir, path)
+
+
+def tekken_tokenizer(path: Path) -> SourceTokenizer:
+    """A tekken.json as mistral-common encodes with it: tiktoken on the file's first
+    default_vocab_size - default_num_special_tokens ranks with its split pattern, every id
+    shifted past the special tokens (which come first, by rank)."""
+    from ..convert.bpe import bytes_to_token
+    from ..convert.tekken import special_token_names, tekken_ranks
+
+    tiktoken = _optional_import("tiktoken", "a Tekken tokenizer (tekken.json)")
+    doc = load_json(path)
+    config = doc.get("config") if isinstance(doc, dict) else None
+    if not isinstance(config, dict):
+        raise LlmconvError("not a Tekken tokenizer: no config object", file=path)
+    n_special = config.get("default_num_special_tokens")
+    n_total = config.get("default_vocab_size")
+    if not (isinstance(n_special, int) and isinstance(n_total, int) and 0 < n_special < n_total):
+        raise LlmconvError("config.default_num_special_tokens / default_vocab_size are not usable", file=path)
+    ranks = tekken_ranks(doc.get("vocab"), n_total - n_special, path)
+    specials = special_token_names(doc, n_special, path)
+    enc = tiktoken.Encoding(
+        name="llmconv-tekken", pat_str=config.get("pattern"), mergeable_ranks=ranks, special_tokens={}
+    )
+    by_rank = sorted(ranks, key=ranks.__getitem__)
+    tokens = [t.encode("utf-8") for t in specials] + [bytes_to_token(b).encode("utf-8") for b in by_rank]
+    bos = specials.index("<s>") if "<s>" in specials else None
+    return SourceTokenizer(
+        "tiktoken", path, bos, lambda text: [n_special + t for t in enc.encode_ordinary(text)], tokens
+    )
+
+
+def sentencepiece_tokenizer(ckpt_dir: Path, path: Path | None = None) -> SourceTokenizer:
+    """`path`: the model file (default tokenizer.model; Mistral's are tokenizer.model.vN)."""
     import sentencepiece as spm
 
-    path = ckpt_dir / "tokenizer.model"
+    path = path or ckpt_dir / "tokenizer.model"
     try:
         sp = spm.SentencePieceProcessor(model_file=str(path))
     except (RuntimeError, OSError) as e:
