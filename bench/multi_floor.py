@@ -26,6 +26,7 @@ def main(argv: list[str]) -> int:
     convs = plan_conversions(ckpt, types, outfile=tempfile.gettempdir() + "/")
     first_needed_by = {t: 0.0 for t in types}
     own = {t: 0.0 for t in types}
+    by_kernel: dict[str, list[float]] = {}  # tensor type -> [weights, CPU s], over all pairs
     read = 0.0
     for i, t in enumerate(convs[0].plan.tensors):
         start = time.thread_time()
@@ -38,11 +39,16 @@ def main(argv: list[str]) -> int:
                 start = time.thread_time()
                 qt.quantize(x)
                 cost[qt.name] = time.thread_time() - start
+                k = by_kernel.setdefault(qt.name, [0, 0.0])
+                k[0] += x.size
+                k[1] += cost[qt.name]
                 first_needed_by[typ] += cost[qt.name]
             own[typ] += cost[qt.name]
     print(f"read and widen once: {read:.2f} s")
     for typ in types:
         print(f"{typ}: kernels first needed by this file {first_needed_by[typ]:.2f} s, all of its own {own[typ]:.2f} s")
+    for name, (n, sec) in sorted(by_kernel.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {name} tensors: {n / 1e6:,.0f} M weights, {sec:.2f} s ({n / max(sec, 1e-9) / 1e6:,.0f} M weights/s)")
     one, separate = sum(first_needed_by.values()), sum(own.values())
     print(f"kernels of one run: {one:.2f} s; of separate runs: {separate:.2f} s; floor ratio {one / separate:.2f}")
     return 0
