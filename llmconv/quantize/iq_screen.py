@@ -5,7 +5,8 @@ C's distance d = sum_i w[i]*(s*q[i] - x[i])**2, computed in float32 term by term
 s*s*A - 2*s*B + X in exact arithmetic, with A = sum w*q*q and B = sum w*x*q per grid point and
 X = sum w*x*x per group, none of which depends on the scale s. A group meets ~13 trial scales,
 so A and B are tabulated once per group for the whole grid (two small matrix products), and a
-candidate costs one gather and one complex product instead of `dim` terms (the 512- and
+candidate costs a gather (shared by the searches of a run, see _runs) and one complex product
+instead of `dim` terms (the 512- and
 1024-point grids are tabulated by halves of the coordinates: two gathers and an addition, see
 PaddedLists).
 
