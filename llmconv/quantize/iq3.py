@@ -44,9 +44,6 @@ XXS_MAX_EPS = F32(1e-8)  # GROUP_MAX_EPS_IQ3_XXS: a block below it is stored as 
 # ---------------------------------------------------------------- the grid search
 
 
-_ROW_STEPS = np.arange(4)[:, None]  # a group's 4 rows in the [32, T, B] levels
-
-
 def _fit_levels(
     g: Iq3Grid,
     xval: np.ndarray,
@@ -88,15 +85,18 @@ def _fit_levels(
         col = gid // nt  # k*B + b: the group's column in xg/wg
         k = col // nb
         rem = (gid - col * nt) * nb + (col - k * nb)  # trial*B + b
-        us, sc = u.reshape(8, -1)[k, rem], scale.reshape(-1)[rem]
+        us, sc = u.reshape(-1)[k * per_k + rem], scale.reshape(-1)[rem]
         best, decided = screened_neighbours(g.base, us, col if group_ids is None else group_ids[col], sc, tables)
         rest = np.flatnonzero(~decided)
         if rest.size:
             cr = col[rest]
             # few (~0.5 %): the generic search, a fixed number of numpy calls for all of them
             best[rest] = best_neighbours(g.base, us[rest], xg[:, cr].T, wg[:, cr].T, sc[rest])
-        base = k * (4 * per_k) + rem  # flat index of (row 4k, trial, b)
-        t.reshape(-1)[base + _ROW_STEPS * per_k] = g.codes_f32[:, best]  # rows 4k..4k+3
+        row = k * (4 * per_k) + rem  # flat index of (row 4k, trial, b)
+        flat = t.reshape(-1)
+        for i in range(4):  # rows 4k..4k+3
+            flat[row] = g.codes_f32[i, best]
+            row += per_k
     return t, on_grid
 
 
