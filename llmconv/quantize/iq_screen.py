@@ -260,7 +260,10 @@ def _screened(
         # the one candidate within the threshold (where decided): its position in the list
         pos = np.add.reduce(np.multiply(_POSITIONS[: within.shape[0]], within, dtype=np.int16), axis=0, dtype=np.int16)
         np.clip(pos, 0, within.shape[0] - 1, out=pos)  # undecided searches: any valid position
-        out_o[sl] = pl.index[c][pos, slot[r0:r1][r]]
+        table = pl.index[c]  # [W, members]: a flat index takes numpy's fast path
+        at = slot[r0:r1][r]
+        at += pos.astype(np.intp) * table.shape[1]  # (pos, slot) as one index, without int16 overflow
+        out_o[sl] = np.take(table.reshape(-1), at)
     out[order] = out_o
     decided[order] = dec_o
     return out, decided
