@@ -109,7 +109,7 @@ def _slices(file: SourceFile, t, qt: q.QuantType):
 def _read_rows(file: SourceFile, offset: int, qt: q.QuantType, name: str, a: int, b: int, out: np.ndarray) -> None:
     """Rows [a, b) of a quantized tensor, read with pread and dequantized into out[b - a, n]."""
     row = qt.row_nbytes(out.shape[1])
-    raw = raw_arena((b - a) * row)
+    raw = raw_arena((b - a) * row, read_pos=offset + a * row)
     file.read_into(offset + a * row, raw, name)
     out[...] = q.dequantize_tensor(raw.reshape(b - a, row), qt)
 

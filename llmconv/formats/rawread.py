@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LlmconvError
+from .direct_read import open_direct_read, read_cold
 from .positional import DIRECT_ALIGN
 
 # storage dtype name -> how its bytes are viewed before widening (bf16 as its uint16 bits)
@@ -34,21 +35,25 @@ RAW_DTYPES = {"bf16": np.dtype(np.uint16), "f16": np.dtype(np.float16), "f32": n
 _raw = threading.local()
 
 
-def raw_arena(nbytes: int, file_pos: int | None = None, slot: str = "read") -> np.ndarray:
+def raw_arena(nbytes: int, file_pos: int | None = None, slot: str = "read", read_pos: int | None = None) -> np.ndarray:
     """This thread's buffer `slot` for raw source bytes, grown on demand and then reused. With
     `file_pos`, placed so that the bytes can be written to that offset of an output file past
     the page cache (an output in the stored type is these very bytes; see positional.py). The
-    streaming engine keeps those in their own slots while they are written behind."""
+    streaming engine keeps those in their own slots while they are written behind. Otherwise,
+    with `read_pos`, placed like that offset of the input, so that a direct read lands in it
+    (direct_read.py)."""
     bufs = _raw.__dict__.setdefault("bufs", {})
     buf = bufs.get(slot)
     if buf is None or buf.nbytes < nbytes + DIRECT_ALIGN:
         buf = bufs[slot] = np.empty(max(nbytes, 4 << 20) + DIRECT_ALIGN, np.uint8)
-    start = 0 if file_pos is None else (file_pos - buf.ctypes.data) % DIRECT_ALIGN
+    place = file_pos if file_pos is not None else read_pos
+    start = 0 if place is None else (place - buf.ctypes.data) % DIRECT_ALIGN
     return buf[start : start + nbytes]
 
 
 class SourceFile:
-    """An input file opened once for reading; closed when the last reader drops it."""
+    """An input file opened once for reading; closed when the last reader drops it. Pieces not
+    in the page cache are read past it (direct_read.py)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -57,12 +62,17 @@ class SourceFile:
         except OSError as e:
             raise LlmconvError(f"cannot open: {e.strerror}", file=self.path) from None
         weakref.finalize(self, os.close, self.fd)
+        self.direct_fd = open_direct_read(self.fd)
+        if self.direct_fd >= 0:
+            weakref.finalize(self, os.close, self.direct_fd)
 
     def read_into(self, offset: int, buf: np.ndarray, tensor: str | None = None) -> None:
         """Fill `buf` (contiguous) with the bytes at `offset`. A file that ends first (it was
         truncated, or replaced by a shorter one) or a failing read is an LlmconvError."""
         view = memoryview(buf).cast("B")
         want, pos = view.nbytes, offset
+        done = read_cold(self.fd, self.direct_fd, offset, view)
+        view, pos = view[done:], pos + done
         while view.nbytes:
             try:
                 n = os.preadv(self.fd, [view], pos)
@@ -81,8 +91,10 @@ class SourceFile:
             view, pos = view[n:], pos + n
 
     def will_need(self, offset: int, nbytes: int) -> None:
-        """Start reading these bytes from disk now (a hint; the page cache serves them later)."""
-        if hasattr(os, "posix_fadvise") and nbytes > 0:
+        """Start reading these bytes from disk now (a hint; the page cache serves them later).
+        Not where reads can go past the page cache: the hint would fill it with what a direct
+        read takes without it."""
+        if hasattr(os, "posix_fadvise") and nbytes > 0 and self.direct_fd < 0:
             try:
                 os.posix_fadvise(self.fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
             except OSError:
@@ -114,8 +126,9 @@ class RawTensor:
     def raw_rows(self, a: int, b: int, file_pos: int | None = None, slot: str = "read") -> np.ndarray:
         """Rows [a, b) in their storage dtype, in this thread's raw arena `slot` (valid until
         its next read), placed for a direct write to `file_pos` if given."""
-        buf = raw_arena((b - a) * self.row_nbytes, file_pos, slot)
-        self.file.read_into(self.offset + a * self.row_nbytes, buf, self.label)
+        at = self.offset + a * self.row_nbytes
+        buf = raw_arena((b - a) * self.row_nbytes, file_pos, slot, read_pos=at)
+        self.file.read_into(at, buf, self.label)
         return buf.view(RAW_DTYPES[self.dtype]).reshape(b - a, self.cols)
 
     def read_rows(self, a: int, b: int, out: np.ndarray) -> None:
