@@ -30,7 +30,9 @@ def timed(name: str, total: int, read) -> None:
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     read()
     r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    print(f"{name:34s} {total / (t1 - t0) / 2**20:6.0f} MiB/s  sys {r1.ru_stime - r0.ru_stime:5.2f} s  user {r1.ru_utime - r0.ru_utime:5.2f} s")
+    print(
+        f"{name:34s} {total / (t1 - t0) / 2**20:6.0f} MiB/s  sys {r1.ru_stime - r0.ru_stime:5.2f} s  user {r1.ru_utime - r0.ru_utime:5.2f} s"
+    )
 
 
 def main() -> None:

@@ -53,8 +53,12 @@ def _spy(monkeypatch) -> list[tuple[int, int, int]]:
 
 
 @pytest.mark.parametrize("placed", [True, False])
-@pytest.mark.parametrize(("pos", "nbytes"), [(0, 1 << 20), (100, 700_001), (DIRECT_ALIGN - 3, 2 * SEGMENT + 5), (SIZE - 300_007, 300_007)])
-def test_cold_pieces_at_unaligned_offsets_read_exactly_and_past_the_page_cache(tmp_path, monkeypatch, pos, nbytes, placed):
+@pytest.mark.parametrize(
+    ("pos", "nbytes"), [(0, 1 << 20), (100, 700_001), (DIRECT_ALIGN - 3, 2 * SEGMENT + 5), (SIZE - 300_007, 300_007)]
+)
+def test_cold_pieces_at_unaligned_offsets_read_exactly_and_past_the_page_cache(
+    tmp_path, monkeypatch, pos, nbytes, placed
+):
     """Placed like the file offset (the aligned middle lands in the buffer) or not (all through
     the bounce buffer): the file's bytes, every block read through the direct descriptor, and
     nothing of the range left in the page cache."""
