@@ -114,7 +114,8 @@ def convert(ckpt_dir, outfile, dry_run, json_path, quiet, **options):
     CKPT_DIR is a Meta checkpoint (params.json, consolidated.NN.pth, tokenizer.model), a Hugging Face one
     (config.json, *.safetensors, tokenizer files) or Mistral's own (params.json, consolidated*.safetensors,
     tekken.json or tokenizer.model.vN).
-    Tensors are read one at a time from memory-mapped shards, converted, and streamed to disk.
+    Tensors are read one at a time (positional reads, past the page cache when the shard is not
+    cached), converted, and streamed to disk; peak memory stays at about one tensor.
 
     \b
     Examples:
