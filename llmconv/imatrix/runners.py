@@ -26,6 +26,7 @@ from typing import Callable
 
 from gguf import MODEL_TENSOR
 
+from ..convert.hf import HF_LAYER_NAMES
 from ..convert.moe import HF_EXPERT_NAMES
 from ..convert.plan import meta_to_gguf_name, tensor_name
 
@@ -45,14 +46,8 @@ class Runner:
     target: Callable  # checkpoint tensor name -> (GGUF name, expert or None), None: not collected
 
 
-HF_PROJECTIONS = {
-    "self_attn.q_proj": MODEL_TENSOR.ATTN_Q,
-    "self_attn.k_proj": MODEL_TENSOR.ATTN_K,
-    "self_attn.v_proj": MODEL_TENSOR.ATTN_V,
-    "self_attn.o_proj": MODEL_TENSOR.ATTN_OUT,
-    "mlp.gate_proj": MODEL_TENSOR.FFN_GATE,
-    "mlp.up_proj": MODEL_TENSOR.FFN_UP,
-    "mlp.down_proj": MODEL_TENSOR.FFN_DOWN,
+# The projections of an HF layer (convert's name map without the norms), plus Mixtral's router.
+HF_PROJECTIONS = {k: v for k, v in HF_LAYER_NAMES.items() if k.startswith(("self_attn.", "mlp."))} | {
     "block_sparse_moe.gate": MODEL_TENSOR.FFN_GATE_INP,
 }
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
