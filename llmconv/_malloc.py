@@ -22,7 +22,8 @@ working set instead of returning and re-faulting it for every chunk.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+
+from ._libc import libc_function
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -32,10 +33,7 @@ TRIM_THRESHOLD = 256 << 20
 
 def pin_mmap_threshold(threshold: int = THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
     """Fix glibc's mmap and trim thresholds; a no-op (False) on other C libraries."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = libc_function("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, trim_threshold))

@@ -19,12 +19,12 @@ buffer is not so placed, go through a per-thread aligned bounce buffer.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 
 import numpy as np
 
+from .._libc import libc_function
 from .positional import DIRECT_ALIGN, DIRECT_MIN, buffer_address
 
 # Residency is judged per segment of this many bytes: a piece partly in the page cache reads
@@ -44,17 +44,7 @@ class _Stat(ctypes.Structure):
     ]
 
 
-def _libc_syscall():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.syscall
-    except (OSError, AttributeError):
-        return None
-    fn.restype = ctypes.c_long
-    return fn
-
-
-_syscall = _libc_syscall() if os.uname().sysname == "Linux" else None
+_syscall = libc_function("syscall", restype=ctypes.c_long) if os.uname().sysname == "Linux" else None
 
 
 def cached_pages(fd: int, offset: int, nbytes: int) -> int | None:

@@ -16,12 +16,13 @@ it also flushes the device's cache and the file's metadata.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from pathlib import Path
 
 import numpy as np
+
+from .._libc import libc_function
 
 # File offset and memory alignment of a direct write: 4 KiB covers 512-byte and 4 KiB
 # sectors and the file system block. Smaller pieces are not worth a synchronous device write.
@@ -62,17 +63,7 @@ def reserve(fd: int, nbytes: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
-def _libc_fallocate():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    return fn
-
-
-_fallocate = _libc_fallocate()
+_fallocate = libc_function("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
 
 
 def direct_span(pos: int, nbytes: int, addr: int) -> tuple[int, int]:

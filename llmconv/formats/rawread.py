@@ -15,7 +15,6 @@ zips, safetensors, GGUF) describe and the streaming engine reads rows of.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 import threading
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._libc import libc_function
 from ..errors import LlmconvError
 from .direct_read import open_direct_read, read_cold
 from .positional import DIRECT_ALIGN
@@ -171,14 +171,12 @@ def read_rows_unpermuted(t: RawTensor, n_heads: int, a: int, b: int, out: np.nda
 
 _MADV_WILLNEED = 3
 _PAGE = mmap.PAGESIZE
-_libc = None
+_madvise = libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
 
 
 def will_need(addr: int, nbytes: int) -> None:
     """madvise(MADV_WILLNEED) over [addr, addr + nbytes), page-aligned; a hint, errors ignored."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if _madvise is None:
+        return
     start = addr - addr % _PAGE
-    _libc.madvise(start, nbytes + (addr - start), _MADV_WILLNEED)
+    _madvise(start, nbytes + (addr - start), _MADV_WILLNEED)
