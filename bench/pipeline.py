@@ -255,6 +255,9 @@ def main(argv=None) -> int:
             from gguf import LlamaFileType
 
             q = out / "b-q4_0.gguf"
+            # llmconv writes past the page cache; a two-step user's f16 file, written by a buffered
+            # converter, would still be cached, as the checkpoint is here: read it in first.
+            subprocess.run(["cat", str(f16)], stdout=subprocess.DEVNULL, check=True)
             step(
                 "llama_q",
                 measure(
