@@ -34,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from llmconv.testing.procstat import run_peak_rss_anon  # noqa: E402
+from pipeline import LLAMA_QUANTIZE, ensure, into_page_cache  # noqa: E402  (shared with the pipeline bench)
+from pipeline import llmconv as convert_command  # noqa: E402
 
 
 @dataclass
@@ -53,31 +55,8 @@ def run_measured(cmd: list[str]) -> tuple[float, int]:
 
 
 def llmconv(ckpt: Path, outtype: str, out: Path, threads: int) -> Step:
-    cmd = [
-        sys.executable,
-        "-m",
-        "llmconv.cli",
-        "convert",
-        str(ckpt),
-        "--outtype",
-        outtype,
-        "-o",
-        str(out),
-        "-q",
-        "-f",
-        "-t",
-        str(threads),
-    ]
-    sec, peak = run_measured(cmd)
+    sec, peak = run_measured(convert_command(ckpt, outtype, out, threads))
     return Step(f"llmconv convert --outtype {outtype}", sec, peak, out.stat().st_size)
-
-
-LLAMA_QUANTIZE = """
-import sys, llama_cpp
-p = llama_cpp.llama_model_quantize_default_params()
-p.ftype = int(sys.argv[3]); p.nthread = int(sys.argv[4])
-sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))
-"""
 
 
 def llama_quantize(src: Path, dst: Path, ftype: int, threads: int) -> Step:
@@ -99,16 +78,6 @@ def copy_limit(ckpt: Path, out_dir: Path) -> Step:
     return Step("copy (dd bs=64M conv=fsync) of the checkpoint", time.perf_counter() - start, 0, total)
 
 
-def ensure_checkpoint(size: str, data: Path) -> Path:
-    ckpt = data / f"llama-{size}"
-    if not (ckpt / "params.json").exists():
-        from synth import make
-
-        print(f"writing synthetic checkpoint {ckpt} ...", flush=True)
-        make(size, ckpt)
-    return ckpt
-
-
 def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -126,7 +95,7 @@ def main(argv=None) -> int:
     from gguf import LlamaFileType
 
     args.data.mkdir(parents=True, exist_ok=True)
-    ckpt = ensure_checkpoint(args.size, args.data)
+    ckpt = ensure(args.size, args.data, cold=True)  # made if missing, not read in: the copy step reads it first
     out = args.data / "out"
     out.mkdir(exist_ok=True)
     ckpt_bytes = sum(p.stat().st_size for p in ckpt.glob("consolidated.*.pth"))
@@ -149,6 +118,7 @@ def main(argv=None) -> int:
     steps["b_f16"] = llmconv(ckpt, "f16", f16, args.threads)
     print(f"  (b) {steps['b_f16'].name}: {steps['b_f16'].seconds:.1f} s", flush=True)
     q = out / "b-q4_0.gguf"
+    into_page_cache(f16)  # llmconv writes past the page cache; a buffered converter's f16 would be cached
     steps["b_q4_0"] = llama_quantize(f16, q, int(LlamaFileType.MOSTLY_Q4_0), args.threads)
     print(f"  (b) {steps['b_q4_0'].name}: {steps['b_q4_0'].seconds:.1f} s", flush=True)
     f16.unlink()

@@ -142,9 +142,13 @@ def ensure(size: str, data: Path, cold: bool = False) -> Path:
         print(f"writing synthetic checkpoint {ckpt} ...", flush=True)
         make(size, ckpt)
     if not cold:
-        for shard in ckpt.glob("consolidated.*.pth"):  # into the page cache
-            subprocess.run(["cat", str(shard)], stdout=subprocess.DEVNULL, check=True)
+        into_page_cache(*ckpt.glob("consolidated.*.pth"))
     return ckpt
+
+
+def into_page_cache(*paths: Path) -> None:
+    for path in paths:
+        subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
 
 
 def evict(paths) -> None:
@@ -257,7 +261,7 @@ def main(argv=None) -> int:
             q = out / "b-q4_0.gguf"
             # llmconv writes past the page cache; a two-step user's f16 file, written by a buffered
             # converter, would still be cached, as the checkpoint is here: read it in first.
-            subprocess.run(["cat", str(f16)], stdout=subprocess.DEVNULL, check=True)
+            into_page_cache(f16)
             step(
                 "llama_q",
                 measure(
