@@ -13,15 +13,18 @@ On a synthetic bf16 Meta checkpoint (bench/synth.py, made first if missing, in t
 * two-step  the llama.cpp way to q4_0: `llmconv convert --outtype f16`, then llama.cpp's C quantizer
             `llama_model_quantize` (what `llama-quantize` runs) f16 -> q4_0, 2 threads.
 * scaling   -t 1 vs -t 2 for each of --scaling-types (on --small-size's checkpoint).
+* engines   q4_0 at -t 2 with the engine's worker threads, then its worker processes (the default
+            on Linux; LLMCONV_WORKERS=threads picks threads).
 * multi     `--outtype q8_0,q6_K,q4_K_M,q2_K` in one run vs the four single-type runs (--small-size).
 * hf        f16 and q4_0 from a Hugging Face twin of the checkpoint (model.safetensors, same bytes):
             the safetensors reader against the .pth one.
 
 For every process: wall, user and system CPU seconds and minor page faults (wait4's rusage,
-children included), peak RssAnon (polled from /proc every 5 ms), bytes written; and for the
-engine's worker threads (llmconv-work), from /proc/PID/task/TID/schedstat: seconds on a CPU,
-seconds runnable but waiting for a CPU, and the rest of their lives, blocked (on the GIL, a
-lock, I/O). On a shared machine the wall and the wait grow with the load, but blocked time
+children included), peak RssAnon (polled from /proc every 5 ms, summed over the engine's worker
+processes), bytes written; and for the engine's workers (threads, or processes at -t 2 and up,
+named llmconv-work), from /proc/PID/task/TID/schedstat: seconds on a CPU, seconds runnable but
+waiting for a CPU, and the rest of their lives, blocked (on the GIL, a lock, I/O). On a shared
+machine the wall and the wait grow with the load, but blocked time
 does not: it is what the engine itself serializes, and the measure of thread scaling there.
 """
 
@@ -37,7 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-ALL = "copy,f16,q4_0,two-step,scaling,multi,hf"
+ALL = "copy,f16,q4_0,two-step,scaling,engines,multi,hf"
 MULTI = "q8_0,q6_K,q4_K_M,q2_K"
 
 
@@ -57,9 +60,42 @@ class Run:
     work_blocked: float = 0.0
 
 
-def _worker_stats(pid: int, seen: dict[int, list[float]]) -> None:
-    """Sample /proc/PID/task/*/schedstat of the worker threads: seen[tid] = [first seen, last
-    seen, cpu s, run-queue wait s] (the last sample of a thread is within one poll of its exit)."""
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants (the engine's worker processes at -t 2 and up)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                todo.extend(int(c) for c in Path(f"/proc/{p}/task/{tid}/children").read_text().split())
+        except OSError:
+            continue
+    return out
+
+
+def _anon(pids: list[int]) -> int:
+    """RssAnon summed over the processes (pages a forked worker still shares with its parent
+    count twice: an upper bound)."""
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def _worker_stats(pids: list[int], seen: dict[int, list[float]]) -> None:
+    """Sample /proc/PID/task/*/schedstat of the worker threads or processes: seen[tid] = [first
+    seen, last seen, cpu s, run-queue wait s] (a thread's last sample is within one poll of its exit)."""
+    for pid in pids:
+        _task_stats(pid, seen)
+
+
+def _task_stats(pid: int, seen: dict[int, list[float]]) -> None:
     now = time.perf_counter()
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -76,22 +112,32 @@ def _worker_stats(pid: int, seen: dict[int, list[float]]) -> None:
         rec[1:] = [now, cpu / 1e9, wait / 1e9]
 
 
-def measure(name: str, cmd: list[str], written: list[Path] = ()) -> Run:
+REPEAT = 1  # --repeat: llmconv steps run this many times; the run of median wall is kept
+
+
+def measure(name: str, cmd: list[str], written: list[Path] = (), env: dict | None = None) -> Run:
+    """measure_once REPEAT times for an llmconv command (once for anything else): the run
+    with the median wall, so one stall of the shared machine does not decide a ratio."""
+    n = REPEAT if any("llmconv" in str(c) for c in cmd[:3]) else 1
+    runs = sorted((measure_once(name, cmd, written, env) for _ in range(n)), key=lambda r: r.wall)
+    if n > 1:
+        runs[n // 2].name += f" (median of {n})"
+    return runs[n // 2]
+
+
+def measure_once(name: str, cmd: list[str], written: list[Path] = (), env: dict | None = None) -> Run:
     """Run cmd; wall time, rusage (user, sys, minor faults), peak RssAnon of the process and
     where its worker threads spent their lives (on a CPU, waiting for one, blocked)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    status = Path(f"/proc/{proc.pid}/status")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=None if env is None else {**os.environ, **env}
+    )
     peak = 0
     workers: dict[int, list[float]] = {}
     while True:
-        try:
-            for line in status.read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    peak = max(peak, int(line.split()[1]) * 1024)
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-        _worker_stats(proc.pid, workers)
+        pids = _tree(proc.pid)
+        peak = max(peak, _anon(pids))
+        _worker_stats(pids, workers)
         pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
@@ -193,12 +239,15 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--scaling-types", default="q8_0,q4_0,q4_1,q5_0,q5_1,q6_k,q5_k_m,q4_k_m,q3_k_m,q2_k")
     ap.add_argument("--multi-types", default=MULTI)
+    ap.add_argument("--repeat", type=int, default=1, help="run each llmconv step N times, keep the median wall")
     ap.add_argument(
         "--cold",
         action="store_true",
         help="evict the checkpoint from the page cache before every step (reads come from disk)",
     )
     args = ap.parse_args(argv)
+    global REPEAT
+    REPEAT = max(1, args.repeat)
     sections = set(args.sections.split(","))
     T = args.threads
 
@@ -292,6 +341,13 @@ def main(argv=None) -> int:
             for t in (1, T):
                 step(f"s_{typ}_t{t}", measure(f"[{sckpt.name}] --outtype {typ} -t {t}", llmconv(sckpt, typ, q, t), [q]))
             clean(q)
+    if "engines" in sections and T > 1:
+        # the same -t T conversion with the engine's worker threads and its forked worker processes
+        q = out / "e-q4_0.gguf"
+        for eng in ("threads", "processes"):
+            cmd = llmconv(ckpt, "q4_0", q, T)
+            step(f"eng_{eng}", measure(f"--outtype q4_0 -t {T}, worker {eng}", cmd, [q], {"LLMCONV_WORKERS": eng}))
+        clean(q)
     if "multi" in sections:
         mckpt = ensure(args.small_size, args.data) if args.small_size else ckpt
         types = args.multi_types.split(",")
@@ -348,6 +404,12 @@ def main(argv=None) -> int:
             f"{typ:7s} -t {T} / -t 1 wall = {r[b].wall / r[a].wall:.2f}x; sys/user at -t {T} = "
             f"{r[b].sys / max(r[b].user, 1e-9):.0%}; workers blocked {_blocked_share(r[a]):.0%} of their "
             f"non-waiting time at -t 1, {_blocked_share(r[b]):.0%} at -t {T}"
+        )
+    if "eng_threads" in r:
+        a, b = r["eng_threads"], r["eng_processes"]
+        print(
+            f"q4_0 -t {T}, worker processes / worker threads: wall {b.wall / a.wall:.2f}x, "
+            f"CPU {(b.user + b.sys) / (a.user + a.sys):.2f}x"
         )
     if "multi" in r:
         sep = sum(r[f"m_{t}"].wall for t in args.multi_types.split(","))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -23,24 +24,31 @@ def _job(name, rows, cols, fd, offset, read_rows, done):
     return stream.Job(src, [stream.Sink(q.get("f32"), fd, offset)], done=done)
 
 
-def test_a_slow_chunk_blocks_no_other_worker_and_jobs_finish_in_order(tmp_path):
+ENGINES = ["threads", "processes"]
+
+
+@pytest.mark.parametrize("workers", ENGINES)
+def test_a_slow_chunk_blocks_no_other_worker_and_jobs_finish_in_order(tmp_path, workers):
     """Job 0's only chunk waits until the last job has been read by the other worker. The old
     engine handed chunks out from the main thread, at most 2 per worker in flight, and waited
     for the oldest: the last job was never handed out and job 0 timed out. Here the other
     worker pulls every remaining chunk, and done() still runs in job order, after each job's
-    bytes are written."""
+    bytes are written. (The signal is a file: forked workers share no memory.)"""
     rows, cols, n_jobs = 4, 8, 6
-    last_read = threading.Event()
+    last_read = tmp_path / "last-job-read"
     fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT, 0o644)
     finished: list[int] = []
 
     def reader(i):
         def read(a, b, out):
             if i == 0:
-                assert last_read.wait(timeout=20), "the other worker never got to the last job"
+                deadline = time.monotonic() + 20
+                while not last_read.exists():
+                    assert time.monotonic() < deadline, "the other worker never got to the last job"
+                    time.sleep(0.005)
             out[...] = i
             if i == n_jobs - 1:
-                last_read.set()
+                last_read.touch()
 
         return read
 
@@ -52,32 +60,42 @@ def test_a_slow_chunk_blocks_no_other_worker_and_jobs_finish_in_order(tmp_path):
 
     jobs = [_job(str(i), rows, cols, fd, i * rows * cols * 4, reader(i), done) for i in range(n_jobs)]
     try:
-        stream.run(jobs, threads=2)
+        stream.run(jobs, threads=2, workers=workers)
     finally:
         os.close(fd)
     assert finished == list(range(n_jobs))
 
 
-def test_the_first_error_stops_the_run_and_is_raised(tmp_path):
+@pytest.mark.parametrize("workers, threads", [("threads", 1), ("processes", 2)])
+def test_the_first_error_stops_the_run_and_is_raised(tmp_path, workers, threads):
+    """The error crosses from a worker process as the same one-line LlmconvError; the run
+    stops (a worker finishes at most the chunk it holds), and no job after it is `done`."""
     fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT, 0o644)
-    started: list[int] = []
+    log = tmp_path / "started.log"
+    finished: list[int] = []
 
     def reader(i):
         def read(a, b, out):
-            started.append(i)
+            with open(log, "a") as f:
+                f.write(f"{i}\n")
             if i == 1:
                 raise LlmconvError("cannot read", file="f", tensor=str(i))
+            time.sleep(0.01)
             out[...] = 0
 
         return read
 
-    jobs = [_job(str(i), 2, 4, fd, i * 32, reader(i), None) for i in range(50)]
+    jobs = [
+        _job(str(i), 2, 4, fd, i * 32, reader(i), lambda job: finished.append(int(job.src.name))) for i in range(50)
+    ]
     try:
-        with pytest.raises(LlmconvError, match="tensor 1: cannot read"):
-            stream.run(jobs, threads=1)
+        with pytest.raises(LlmconvError, match="^f: tensor 1: cannot read$"):
+            stream.run(jobs, threads=threads, workers=workers)
     finally:
         os.close(fd)
-    assert started == [0, 1]
+    started = sorted(int(x) for x in log.read_text().split())
+    assert started[:2] == [0, 1] and len(started) <= 4, started
+    assert finished in ([], [0])
 
 
 def _stored(tmp_path, dtype: str, values: np.ndarray):

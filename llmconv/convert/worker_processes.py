@@ -1,0 +1,275 @@
+"""The streaming engine's workers as forked processes (stream.run at -t 2 and up, on Linux).
+
+Why processes: a worker spends most of its time in numpy calls that release the GIL, but
+between them it runs Python glue that holds it, and a quantization kernel makes a few dozen
+such calls per 1M-weight chunk. Two worker threads then hand the GIL back and forth at
+nearly every call boundary, each handoff a futex wake on the other CPU. Measured on this
+2-core VM with q4_0 over 1M-weight chunks (/tmp-style probe in bench/pipeline.py's notes):
+one thread 0.92 ns of CPU per weight; two threads of one process 1.19 ns (1.41x the
+throughput of one); two processes ~0.95 ns each (1.9x). The one-pass q4_0 conversion of a
+1.1B model at -t 2 was only 7 % faster than at -t 1 with threads.
+
+How: the plan, the open files and every job's reader already exist when the engine starts,
+so the workers are forked from it and inherit them all (nothing is pickled or re-opened).
+Each worker claims the next work item from a counter in shared memory, converts it with the
+same code as a worker thread (chunk_work.py), writes the bytes itself at their planned
+offsets (positional writes: any process may write any chunk), behind a writer thread of its
+own, and reports each written chunk on a pipe. The parent only counts progress and runs each
+job's `done` (marking, hashing) in job order, as with threads. Output bytes do not depend on
+who converts a chunk (the chunk-boundary tests run both engines).
+
+A job whose source can only load whole tensors (or whole experts) is one work item per
+tensor (or expert): one process loads it, as one shared load did with threads.
+
+Failure: a worker sends the first error it hits (LlmconvError, OSError, or a bug's
+traceback) and exits; the parent stops the others from claiming work, kills and reaps them
+and raises it. Workers ignore SIGINT (the parent handles Ctrl-C and kills them) and die with
+the parent (PR_SET_PDEATHSIG). They leave with os._exit: no atexit handler, temp-file
+cleanup or stdio flush of the parent's runs twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import sys
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+from ..errors import LlmconvError
+from .chunk_work import Job
+from .worker_threads import name_os_thread
+
+# One message per pipe write, at most PIPE_BUF bytes, so that writes of several workers never
+# interleave: kind, payload length, job index, bytes (a chunk), then the payload (an error).
+_HEAD = struct.Struct("<BIqq")
+_CHUNK, _ERROR, _EXIT = 1, 2, 3
+_PAYLOAD_MAX = 4096 - _HEAD.size
+_NEXT, _STOP, _PREFETCHED = 0, 1, 2  # slots of the shared counter array
+
+Item = list  # [(job index, first row, end row), ...]: converted by one worker, in order
+
+
+def usable(threads: int) -> bool:
+    """Processes at -t 2 and up on Linux, unless LLMCONV_WORKERS=threads (then, and elsewhere:
+    threads). fork is Linux's cheap, well-trodden path; macOS's system libraries are not
+    fork-safe, and Windows has no fork."""
+    choice = os.environ.get("LLMCONV_WORKERS", "processes")
+    return threads > 1 and sys.platform.startswith("linux") and hasattr(os, "fork") and choice != "threads"
+
+
+def work_items(jobs: Sequence[Job], spans: list[list[tuple[int, int]]]) -> list[Item]:
+    """One item per chunk; for a job without read_rows, one per whole tensor or per expert
+    (chunks of one expert are contiguous: stream.chunks never lets one cross an expert)."""
+    items: list[Item] = []
+    for i, (job, job_spans) in enumerate(zip(jobs, spans)):
+        if job.src.read_rows is not None:
+            items.extend([(i, a, b)] for a, b in job_spans)
+            continue
+        rows = job.rows_cols[0]
+        per = rows // len(job.src.parts) if job.src.parts else max(rows, 1)
+        groups: dict[int, Item] = {}
+        for a, b in job_spans:
+            groups.setdefault(a // per, []).append((i, a, b))
+        items.extend(groups.values())
+    return items
+
+
+def run(
+    jobs: Sequence[Job],
+    spans: list[list[tuple[int, int]]],
+    processes: int,
+    on_chunk: Callable[[int, int], None],
+    convert: Callable,
+    write: Callable,
+) -> None:
+    """Convert and write every item with `processes` forked workers; `on_chunk(job index,
+    bytes)` runs in this process for each written chunk. `convert(job, a, b, turn)` and
+    `write(writes)` are stream.py's. Raises the first worker's error."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    items = work_items(jobs, spans)
+    shared = ctx.RawArray("q", 3)
+    lock = ctx.Lock()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    rfd, wfd = os.pipe()
+    pids: list[int] = []
+    try:
+        for _ in range(min(processes, len(items)) or 1):
+            pid = os.fork()
+            if pid == 0:  # the worker: never returns
+                os.close(rfd)
+                _worker_main(jobs, items, shared, lock, wfd, convert, write)
+            pids.append(pid)
+        os.close(wfd)
+        wfd = -1
+        error = _collect(rfd, len(pids), shared, on_chunk)
+        if error is not None:
+            raise error
+    except BaseException:
+        shared[_STOP] = 1
+        for pid in pids:
+            _kill(pid)
+        raise
+    finally:
+        if wfd >= 0:
+            os.close(wfd)
+        os.close(rfd)
+        for pid in pids:
+            _reap(pid)
+
+
+def _collect(rfd: int, workers: int, shared, on_chunk) -> BaseException | None:
+    """Read the workers' messages until all have left. Returns the first error (the others
+    are then stopped), or a worker's death as an error."""
+    pipe = os.fdopen(os.dup(rfd), "rb", buffering=1 << 16)
+    error: BaseException | None = None
+    left = workers
+    with pipe:
+        while left:
+            head = pipe.read(_HEAD.size)
+            if len(head) < _HEAD.size:  # every writer is gone, some without saying goodbye
+                return error or RuntimeError(f"{left} worker process(es) died without a word (killed? out of memory?)")
+            kind, n, i, nbytes = _HEAD.unpack(head)
+            payload = pipe.read(n) if n else b""
+            if kind == _CHUNK and error is None:
+                try:
+                    on_chunk(i, nbytes)
+                except BaseException as e:  # a failing `done` stops the workers too
+                    shared[_STOP] = 1
+                    error = e
+            elif kind == _ERROR:
+                shared[_STOP] = 1
+                error = error or _error_from(json.loads(payload))
+            elif kind == _EXIT:
+                left -= 1
+    return error
+
+
+def _send(wfd: int, kind: int, i: int = 0, nbytes: int = 0, payload: bytes = b"") -> None:
+    os.write(wfd, _HEAD.pack(kind, len(payload), i, nbytes) + payload)
+
+
+def _worker_main(jobs, items, shared, lock, wfd, convert, write) -> None:
+    code = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _die_with_parent()
+        name_os_thread()
+        if "torch" in sys.modules:  # as a DataLoader worker does: no intra-op pool after fork
+            sys.modules["torch"].set_num_threads(1)
+        _convert_items(jobs, items, shared, lock, wfd, convert, write)
+        code = 0
+    except BaseException as e:
+        try:
+            _send(wfd, _ERROR, payload=_error_payload(e))
+        except BaseException:
+            pass
+    finally:
+        try:
+            _send(wfd, _EXIT)
+        finally:
+            os._exit(code)
+
+
+def _convert_items(jobs, items, shared, lock, wfd, convert, write) -> None:
+    """The worker thread's loop (stream._worker) in a worker process: each chunk's bytes are
+    written behind by this process's writer thread while it converts the next one."""
+    writer = ThreadPoolExecutor(1, initializer=name_os_thread, initargs=(b"llmconv-write",))
+    pending = None  # (write in flight, job index, bytes) of the previous chunk
+    turn = 0
+    try:
+        while (k := _claim(jobs, items, shared, lock)) is not None:
+            for i, a, b in items[k]:
+                writes = convert(jobs[i], a, b, turn)
+                if pending is not None:
+                    _finish(pending, wfd)
+                pending = (writer.submit(write, writes), i, jobs[i].chunk_bytes(a, b))
+                turn ^= 1
+            job = jobs[items[k][0][0]]
+            job._whole, job._slices = None, {}  # whole-tensor items: this process is done with it
+        if pending is not None:
+            _finish(pending, wfd)
+    finally:
+        writer.shutdown(wait=True)
+
+
+def _finish(pending, wfd: int) -> None:
+    write, i, nbytes = pending
+    write.result()
+    _send(wfd, _CHUNK, i, nbytes)
+
+
+def _claim(jobs, items, shared, lock) -> int | None:
+    """The next item for this worker, or None when all are taken or the run stops. The first
+    claim of a job's item starts reading the next job's tensor (read-ahead, as with threads)."""
+    with lock:
+        k = shared[_NEXT]
+        if shared[_STOP] or k >= len(items):
+            return None
+        shared[_NEXT] = k + 1
+        nxt = items[k][0][0] + 1
+        prefetch = nxt > shared[_PREFETCHED] and nxt < len(jobs)
+        if prefetch:
+            shared[_PREFETCHED] = nxt
+    if prefetch and jobs[nxt].src.prefetch is not None:
+        jobs[nxt].src.prefetch()
+    return k
+
+
+def _error_payload(e: BaseException) -> bytes:
+    if isinstance(e, LlmconvError):
+        doc = {"kind": "llmconv", "message": e.message, "file": e.file, "tensor": e.tensor}
+    elif isinstance(e, OSError):
+        doc = {"kind": "os", "errno": e.errno, "strerror": e.strerror, "filename": e.filename}
+        doc["filename"] = None if doc["filename"] is None else str(doc["filename"])
+    else:
+        doc = {"kind": "bug", "what": f"{type(e).__name__}: {e}", "where": traceback.format_exc()}
+    raw = json.dumps(doc).encode()
+    while len(raw) > _PAYLOAD_MAX:  # keep one message one atomic pipe write: trim the longest text
+        key = max((k for k, v in doc.items() if isinstance(v, str)), key=lambda k: len(doc[k]))
+        doc[key] = doc[key][: len(doc[key]) - (len(raw) - _PAYLOAD_MAX) - 16] + "…"
+        raw = json.dumps(doc).encode()
+    return raw
+
+
+def _error_from(doc: dict) -> BaseException:
+    if doc["kind"] == "llmconv":
+        return LlmconvError(doc["message"], file=doc["file"], tensor=doc["tensor"])
+    if doc["kind"] == "os":
+        args = (doc["errno"], doc["strerror"]) + ((doc["filename"],) if doc["filename"] else ())
+        return OSError(*args)
+    return RuntimeError(f"a worker process failed: {doc['what']}\n{doc['where']}")
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: a worker dies with the conversion (no orphan writing into an unlinked
+    temp file). If the parent is already gone, leave now."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
