@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +156,60 @@ def test_an_output_written_from_the_stored_bytes_equals_the_cast(tmp_path, dtype
             _written(tmp_path, bad, [outtype], verbatim, f"nan-{verbatim}")
         errors.append(str(e.value))
     assert errors[0] == errors[1] and "row 9" in errors[0]
+
+
+def _children() -> list[int]:
+    """This process's live children (zombies included)."""
+    pid = os.getpid()
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        out += [int(c) for c in open(f"/proc/{pid}/task/{tid}/children").read().split()]
+    return out
+
+
+@pytest.mark.parametrize("outtype", ["q8_0,q4_K_M,f16", "q2_K"])
+def test_worker_processes_write_the_bytes_worker_threads_write(tmp_path, monkeypatch, outtype):
+    """A real conversion (the bundled 2-shard fixture, several outputs from one read, 4-row
+    chunks so that both workers share every tensor) gives the same files with forked worker
+    processes as with worker threads, and leaves no process behind."""
+    from llmconv.convert import chunk_work
+
+    import llmconv
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-llama-2shard"
+    monkeypatch.setattr(chunk_work, "CHUNK_WEIGHTS", 4 * 288)
+    monkeypatch.setattr(stream, "CHUNK_WEIGHTS", 4 * 288)
+    files = {}
+    for workers in ("threads", "processes"):
+        monkeypatch.setenv("LLMCONV_WORKERS", workers)
+        out = tmp_path / workers
+        out.mkdir()
+        llmconv.convert(fixture, f"{out}/", outtype=outtype, threads=2, checksum=True)
+        files[workers] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert files["threads"].keys() == files["processes"].keys() and len(files["threads"]) >= 2
+    for name, data in files["threads"].items():
+        assert files["processes"][name] == data, name
+    assert _children() == []
+
+
+def test_a_killed_worker_process_fails_the_run_in_one_line_and_nothing_is_left(tmp_path):
+    """A worker that dies without a word (the OOM killer, a segfault in a library) must not
+    hang the run or pass for success: the parent raises, reaps every worker, and the CLI's
+    temp file is gone."""
+    import signal
+
+    fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT, 0o644)
+    parent = os.getpid()
+
+    def read(a, b, out):
+        if a == 6 and os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        out[...] = 1
+
+    jobs = [_job("w", 40, 8, fd, 0, read, None)]
+    try:
+        with pytest.raises(RuntimeError, match=r"^1 worker process\(es\) died without a word"):
+            stream.run(jobs, threads=2, chunk_weights=2 * 8, workers="processes")
+    finally:
+        os.close(fd)
+    assert _children() == []
