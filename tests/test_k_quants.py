@@ -158,6 +158,29 @@ def test_seq_sum_is_c_order(groups):
     np.testing.assert_array_equal(seq_sum(a), expected)
 
 
+@pytest.mark.parametrize("groups", [1, 2, 3, 16, 17, 4097])
+@pytest.mark.parametrize("n_factors", [2, 3])
+def test_seq_sum_of_products_is_c_order(groups, n_factors):
+    """seq_sum_of_products must be C's loop: +0, then each product (a*b, or (a*b)*c) rounded to
+    float32 and added in element order. Terms spanning many binades and of mixed signs make a
+    different order, a wider accumulator or a fused multiply-add show in most groups."""
+    rng = np.random.default_rng(groups)
+    factors = [
+        (rng.standard_normal((16, groups)) * 2.0 ** rng.uniform(-20, 20, (16, groups))).astype(np.float32)
+        for _ in range(n_factors)
+    ]
+    expected = np.zeros(groups, np.float32)
+    for i in range(16):
+        term = factors[0][i] * factors[1][i]
+        for f in factors[2:]:
+            term = term * f[i]
+        expected = expected + term
+    np.testing.assert_array_equal(k_common.seq_sum_of_products(*factors), expected)
+    out = np.empty(groups, np.float32)
+    assert k_common.seq_sum_of_products(*factors, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_nearest_int_rounds_half_to_even():
     v = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 2.4999998, 7.5000005, 0.0, -31.5, 4194303.0], dtype=np.float32)
     np.testing.assert_array_equal(nearest_int(v), np.rint(v.astype(np.float64)).astype(np.int64))

@@ -16,6 +16,7 @@ results are bit-identical to ggml's reference quantizers (see each type's module
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Callable
 
@@ -53,7 +54,7 @@ _scratch = threading.local()
 def scratch(name: str, shape: tuple, dtype) -> np.ndarray:
     """A reusable per-thread buffer: fresh multi-MB temporaries cost page faults every chunk."""
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize  # not np.prod: a numpy reduction per call, under the GIL
     bufs = getattr(_scratch, "bufs", None)
     if bufs is None:
         bufs = _scratch.bufs = {}

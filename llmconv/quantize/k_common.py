@@ -100,6 +100,32 @@ def seq_sum_from_zero(a: np.ndarray) -> np.ndarray:
     return s
 
 
+_SUBSCRIPTS = {2: "ig,ig->g", 3: "ig,ig,ig->g"}
+
+
+def seq_sum_of_products(*factors: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """C's `float s = 0; for (i...) s += a[i]*b[i]` (or `a[i]*b[i]*c[i]`, as (a*b)*c) per group,
+    for C-contiguous [n, groups] float32 factors, in one pass and with no temporary.
+
+    np.einsum does this with the element axis outermost: out = 0, then per i one vectorized
+    `out += a[i]*b[i]` over the groups, each product rounded to float32 before the add (no fused
+    multiply-add in numpy's loops). With a single group the element axis would be the inner
+    loop, where einsum accumulates in several partial sums; that case takes the explicit loop.
+    tests/test_k_quants.py checks both against the loop on data where any other order or a
+    fused multiply-add changes the result.
+    """
+    if factors[0].ndim == 2 and factors[0].shape[1] >= 2 and all(f.flags.c_contiguous for f in factors):
+        return np.einsum(_SUBSCRIPTS[len(factors)], *factors, out=out)
+    terms = factors[0] * factors[1]
+    for f in factors[2:]:
+        terms *= f
+    s = seq_sum_from_zero(terms)
+    if out is None:
+        return s
+    out[...] = s
+    return out
+
+
 def fp16_bits(v: np.ndarray) -> np.ndarray:
     """float32 -> fp16 bit pattern (uint16), round to nearest even like GGML_FP32_TO_FP16.
 
@@ -234,10 +260,11 @@ def unpack_scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-def levels_block_major(v: np.ndarray, d: np.ndarray, lo: int, hi: int, L_search: np.ndarray) -> np.ndarray:
+def levels_block_major(v: np.ndarray, d: np.ndarray, lo: int, hi: int, L_search) -> np.ndarray:
     """The K-quants' final pass: L = MAX(lo, MIN(hi, nearest_int(v/d))) - lo per group of 16, with
     d[blocks, 16] the stored (fp16 * int) scale; a group with d == 0 keeps the search's L
-    (L_search[16, groups], element-major), as C skips it.
+    (L_search[16, groups], element-major, or a function giving L_search[:, groups] for the
+    group indices it is passed: those groups are few), as C skips it.
 
     Works block-major (d repeated over its 16 weights), so the result needs no transpose.
     Returns uint8[blocks, 256] in 0..hi-lo.
@@ -250,7 +277,7 @@ def levels_block_major(v: np.ndarray, d: np.ndarray, lo: int, hi: int, L_search:
     L = fast_clip(vi, np.int32(0), np.int32(hi - lo), out=vi).astype(np.uint8)
     skipped = np.flatnonzero(d.reshape(-1) == 0)
     if skipped.size:
-        L.reshape(-1, 16)[skipped] = L_search[:, skipped].T
+        L.reshape(-1, 16)[skipped] = (L_search(skipped) if callable(L_search) else L_search[:, skipped]).T
     return L
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from ._blocks import scratch
 from .k_common import (
     F32,
     GROUP_MAX_EPS,
@@ -23,6 +24,7 @@ from .k_common import (
     superblocks,
 )
 from .k_search import make_qx_quants_rmse1
+from .q6_search import search_unweighted
 
 TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K][1]  # 210 bytes per block
 
@@ -63,10 +65,13 @@ def _quantize_chunk(xb: np.ndarray, qwb: np.ndarray | None = None) -> np.ndarray
     """qwb: the imatrix weights of these blocks' columns (quantize_row_q6_K_impl weights each
     group's search by them as they are), or None for quantize_row_q6_K_ref (weights x**2)."""
     nb = xb.shape[0]
-    xt = element_major(xb, 16)  # [16, nb*16]
-    group_scale, L_search = make_qx_quants_rmse1(xt, 32, None if qwb is None else element_major(qwb, 16))
+    xt = element_major(xb, 16, out=scratch("q6_xt", (16, nb * 16), F32))  # [16, nb*16]
+    found = search_unweighted(xt) if qwb is None else None
+    if found is None:
+        group_scale, L_search = make_qx_quants_rmse1(xt, 32, None if qwb is None else element_major(qwb, 16))
+    else:
+        group_scale, L_search = found
     group_scale = group_scale.reshape(nb, 16)
-
     max_scale = first_absmax(np.ascontiguousarray(group_scale.T))  # signed, largest |scale|
     empty = np.abs(max_scale) < GROUP_MAX_EPS  # C zeroes the whole block
     iscale = F32(-128.0) / np.where(empty, F32(1.0), max_scale)
