@@ -55,9 +55,9 @@ def quantize_codes(xb: np.ndarray, levels: int):
     m_lane, inv_lane = B_.per_lane(dmi[1:])
     y = np.subtract(lanes, m_lane, out=lanes)
     y *= inv_lane
-    y += np.float32(0.5)
-    codes = B_.scratch("codes", y.shape, np.uint8)
-    np.copyto(codes, y, casting="unsafe")  # y >= 0.5: truncation
+    # + 0.5 in float32, then the truncating conversion (the sum is >= 0.5), in one call: numpy
+    # rounds the float32 sum first and converts it in its cast loop
+    codes = np.add(y, np.float32(0.5), out=B_.scratch("codes", y.shape, np.uint8), dtype=np.float32, casting="unsafe")
     if lo < B_.FP16_NORMAL_EXP:  # only then can d be 0 or 1/d overflow
         dead = np.isinf(inv)
         if dead.any():
