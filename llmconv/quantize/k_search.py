@@ -22,6 +22,7 @@ from .k_common import (
     round_small,
     seq_sum,
     seq_sum_from_zero,
+    seq_sum_of_products,
 )
 
 
@@ -85,12 +86,10 @@ class _SymmetricFit:
         return l
 
     def sums(self, iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        l, t = self.levels(iscale), self.t
-        np.multiply(self.wx, l, out=t)
-        sumlx = seq_sum_from_zero(t)
-        np.multiply(self.w, l, out=t)
-        np.multiply(t, l, out=t)  # C: w*l*l == (w*l)*l
-        return sumlx, seq_sum_from_zero(t)
+        l = self.levels(iscale)
+        # C's loop sums, from +0, each in one pass with its products: w*x*l == (w*x)*l and
+        # w*l*l == (w*l)*l
+        return seq_sum_of_products(self.wx, l), seq_sum_of_products(self.w, l, l)
 
 
 # ---------------------------------------------------------------- make_q3_quants, do_rmse
@@ -318,29 +317,24 @@ class _AsymmetricFit:
         np.multiply(l, scale, out=t)  # C: scale*L[i] + min - x[i]
         np.add(t, minv, out=t)
         np.subtract(t, self.x, out=t)
-        if self.use_mad:
+        if self.use_mad:  # C: cur_error += w*diff, diff = |diff| or diff*diff
             np.abs(t, out=t)
-        else:
-            np.multiply(t, t, out=t)
-        np.multiply(t, self.w, out=t)
-        return seq_sum_from_zero(t)
+            return seq_sum_of_products(self.w, t)
+        return seq_sum_of_products(t, t, self.w)  # (diff*diff)*w == w*(diff*diff)
 
 
 def _qkx2_steps(
     fit: _AsymmetricFit, best: _Best, xmax: np.ndarray, live: np.ndarray, rmin: float, rdelta: float, nstep: int
 ) -> None:
     """The candidates k = 0..nstep: least-squares scale and min for each, the better ones kept."""
-    x, l, t = fit.x, fit.l, fit.t
-    wl = np.empty_like(x)
+    x, l, w = fit.x, fit.l, fit.w
     for k in range(nstep + 1):
         iscale = (F32(rmin) + F32(rdelta) * F32(k) + fit.fnmax) / best.span
         fit.levels(iscale)
-        np.multiply(fit.w, l, out=wl)
-        sum_l = seq_sum_from_zero(wl)
-        np.multiply(wl, l, out=t)
-        sum_l2 = seq_sum_from_zero(t)
-        np.multiply(wl, x, out=t)  # C: w*l*x[i] == (w*l)*x[i]
-        sum_xl = seq_sum_from_zero(t)
+        # C's loop sums, from +0, each in one pass with its products
+        sum_l = seq_sum_of_products(w, l)  # w*l
+        sum_l2 = seq_sum_of_products(w, l, l)  # w*l*l == (w*l)*l
+        sum_xl = seq_sum_of_products(w, l, x)  # w*l*x[i] == (w*l)*x[i]
         D = fit.sum_w * sum_l2 - sum_l * sum_l
         this_scale = (fit.sum_w * sum_xl - fit.sum_x * sum_l) / D
         this_min = (sum_l2 * fit.sum_x - sum_l * sum_xl) / D
