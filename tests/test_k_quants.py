@@ -181,6 +181,38 @@ def test_seq_sum_of_products_is_c_order(groups, n_factors):
     np.testing.assert_array_equal(out, expected)
 
 
+def _fused_einsum(subscripts, *factors):
+    """einsum's loop as a build with FMA runs it: out = fma(a, b, out) (products kept exact)."""
+    f = [np.asarray(x, np.float64) for x in factors]
+    out = np.zeros(f[0].shape[1], np.float32)
+    for i in range(f[0].shape[0]):
+        p = f[0][i] * f[1][i]
+        if len(f) == 3:  # fma(fl(a*b), c, out)
+            p = p.astype(np.float32).astype(np.float64) * f[2][i]
+        out = (p + out).astype(np.float32)
+    return out
+
+
+def _pairwise_einsum(subscripts, *factors):
+    """Products rounded as C's, summed in halves instead of in element order."""
+    t = factors[0] * factors[1]
+    for f in factors[2:]:
+        t = t * f
+    return t[::2].sum(axis=0, dtype=np.float32) + t[1::2].sum(axis=0, dtype=np.float32)
+
+
+def test_einsum_check_tells_c_loop_from_fused_or_reordered():
+    """seq_sum_of_products uses np.einsum only where einsum_runs_c_loop says its loop is C's:
+    a multiply-add that keeps the product unrounded, or another order, must fail that check."""
+
+    def c_loop(subscripts, *factors):
+        return k_common._c_loop_sum_of_products(list(factors))
+
+    assert k_common.einsum_runs_c_loop(c_loop)
+    assert not k_common.einsum_runs_c_loop(_fused_einsum)
+    assert not k_common.einsum_runs_c_loop(_pairwise_einsum)
+
+
 def test_nearest_int_rounds_half_to_even():
     v = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 2.4999998, 7.5000005, 0.0, -31.5, 4194303.0], dtype=np.float32)
     np.testing.assert_array_equal(nearest_int(v), np.rint(v.astype(np.float64)).astype(np.int64))

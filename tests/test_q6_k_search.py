@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
 
-from llmconv.quantize import q6_k, q6_search
+from llmconv.quantize import TYPES, k_common, q6_k, q6_search, quantize_tensor
 from llmconv.quantize.k_common import F32
 from llmconv.testing.llama_gguf_util import ggml_quantize_chunk
 
@@ -65,6 +65,18 @@ def test_search_shortcuts_keep_c_bytes(make, seed):
     ours = q6_k.quantize(x)
     bad = np.flatnonzero((ours.reshape(-1, 210) != ref.reshape(-1, 210)).any(axis=1))
     assert not bad.size, f"{bad.size} of {ref.size // 210} blocks differ, first {bad[:5].tolist()}"
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("qtype", ["q6_k", "q4_k", "q2_k"])
+def test_bytes_without_einsum(qtype, monkeypatch):
+    """Where np.einsum's loop is not C's (a build with FMA), seq_sum_of_products takes the
+    explicit products and sums: the bytes stay llama.cpp's."""
+    monkeypatch.setattr(k_common, "einsum_runs_c_loop", lambda: False)
+    x = clamp_edge_rows(2, rows=4, cols=2048)
+    qt = TYPES[qtype]
+    ref = ggml_quantize_chunk(int(qt.ggml_type), x)
+    assert np.array_equal(quantize_tensor(x, qt), ref)
 
 
 def test_clamp_free_candidates_stay_in_range():

@@ -14,6 +14,7 @@ matrix is given) operation by operation, so that the bytes come out identical:
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -108,13 +109,19 @@ def seq_sum_of_products(*factors: np.ndarray, out: np.ndarray | None = None) -> 
     for C-contiguous [n, groups] float32 factors, in one pass and with no temporary.
 
     np.einsum does this with the element axis outermost: out = 0, then per i one vectorized
-    `out += a[i]*b[i]` over the groups, each product rounded to float32 before the add (no fused
-    multiply-add in numpy's loops). With a single group the element axis would be the inner
-    loop, where einsum accumulates in several partial sums; that case takes the explicit loop.
-    tests/test_k_quants.py checks both against the loop on data where any other order or a
-    fused multiply-add changes the result.
+    `out += a[i]*b[i]` over the groups. Its loop is a multiply-add (npyv_muladd): two roundings
+    where numpy's baseline has no FMA (x86-64 wheels), one where it has (ARM NEON, builds for
+    x86-64-v3), which C's separate rounding of the product does not match; einsum_runs_c_loop
+    checks which, once per process, and without it (or with a single group, where einsum puts
+    the element axis innermost and keeps several partial sums) this takes the explicit loop.
+    tests/test_k_quants.py checks both against the loop on order- and FMA-sensitive data.
     """
-    if factors[0].ndim == 2 and factors[0].shape[1] >= 2 and all(f.flags.c_contiguous for f in factors):
+    if (
+        factors[0].ndim == 2
+        and factors[0].shape[1] >= 2
+        and all(f.flags.c_contiguous for f in factors)
+        and einsum_runs_c_loop()
+    ):
         return np.einsum(_SUBSCRIPTS[len(factors)], *factors, out=out)
     terms = factors[0] * factors[1]
     for f in factors[2:]:
@@ -124,6 +131,36 @@ def seq_sum_of_products(*factors: np.ndarray, out: np.ndarray | None = None) -> 
         return s
     out[...] = s
     return out
+
+
+def _c_loop_sum_of_products(factors) -> np.ndarray:
+    s = np.zeros(factors[0].shape[1], F32)
+    for i in range(factors[0].shape[0]):
+        term = factors[0][i] * factors[1][i]
+        for f in factors[2:]:
+            term = term * f[i]
+        s = s + term
+    return s
+
+
+@functools.cache
+def einsum_runs_c_loop(einsum: Callable = np.einsum) -> bool:
+    """Whether `einsum` computes seq_sum_of_products's sums as C's loop does, on [16, 67] data
+    (its vector and tail loops): random terms over 40 binades (another order shows), and a
+    group where a fused multiply-add keeps the 2**-24 that rounding the product drops first."""
+    rng = np.random.default_rng(0)
+    for n, subscripts in _SUBSCRIPTS.items():
+        f = (rng.standard_normal((n, 16, 67)) * 2.0 ** rng.uniform(-20, 20, (n, 16, 67))).astype(F32)
+        f[:, :, 0] = 0
+        f[:, 0, 0] = 1
+        f[0, 0, 0] = -(1 + 2.0**-11)  # s = -(1 + 2**-11), then + (1 + 2**-12)**2 = 1 + 2**-11 + 2**-24
+        f[:, 1, 0] = 1
+        f[n - 2 :, 1, 0] = 1 + 2.0**-12
+        with np.errstate(all="ignore"):
+            got = np.asarray(einsum(subscripts, *f), dtype=F32)
+            if not np.array_equal(got.view(np.uint32), _c_loop_sum_of_products(list(f)).view(np.uint32)):
+                return False
+    return True
 
 
 def fp16_bits(v: np.ndarray) -> np.ndarray:
