@@ -13,7 +13,7 @@ On a synthetic bf16 Meta checkpoint (bench/synth.py, made first if missing, in t
 * two-step  the llama.cpp way to q4_0: `llmconv convert --outtype f16`, then llama.cpp's C quantizer
             `llama_model_quantize` (what `llama-quantize` runs) f16 -> q4_0, 2 threads.
 * scaling   -t 1 vs -t 2 for each of --scaling-types (on --small-size's checkpoint).
-* engines   q4_0 at -t 2 with the engine's worker threads, then its worker processes (the default
+* engines   f16 and q4_0 at -t 2 with the engine's worker threads, then its worker processes (the default
             on Linux; LLMCONV_WORKERS=threads picks threads).
 * multi     `--outtype q8_0,q6_K,q4_K_M,q2_K` in one run vs the four single-type runs (--small-size).
 * hf        f16 and q4_0 from a Hugging Face twin of the checkpoint (model.safetensors, same bytes):
@@ -342,12 +342,14 @@ def main(argv=None) -> int:
                 step(f"s_{typ}_t{t}", measure(f"[{sckpt.name}] --outtype {typ} -t {t}", llmconv(sckpt, typ, q, t), [q]))
             clean(q)
     if "engines" in sections and T > 1:
-        # the same -t T conversion with the engine's worker threads and its forked worker processes
-        q = out / "e-q4_0.gguf"
-        for eng in ("threads", "processes"):
-            cmd = llmconv(ckpt, "q4_0", q, T)
-            step(f"eng_{eng}", measure(f"--outtype q4_0 -t {T}, worker {eng}", cmd, [q], {"LLMCONV_WORKERS": eng}))
-        clean(q)
+        # the same -t T conversions with the engine's worker threads and its forked worker processes
+        for typ in ("f16", "q4_0"):
+            q = out / f"e-{typ}.gguf"
+            for eng in ("threads", "processes"):
+                cmd = llmconv(ckpt, typ, q, T)
+                env = {"LLMCONV_WORKERS": eng}
+                step(f"eng_{typ}_{eng}", measure(f"--outtype {typ} -t {T}, worker {eng}", cmd, [q], env))
+            clean(q)
     if "multi" in sections:
         mckpt = ensure(args.small_size, args.data) if args.small_size else ckpt
         types = args.multi_types.split(",")
@@ -405,12 +407,13 @@ def main(argv=None) -> int:
             f"{r[b].sys / max(r[b].user, 1e-9):.0%}; workers blocked {_blocked_share(r[a]):.0%} of their "
             f"non-waiting time at -t 1, {_blocked_share(r[b]):.0%} at -t {T}"
         )
-    if "eng_threads" in r:
-        a, b = r["eng_threads"], r["eng_processes"]
-        print(
-            f"q4_0 -t {T}, worker processes / worker threads: wall {b.wall / a.wall:.2f}x, "
-            f"CPU {(b.user + b.sys) / (a.user + a.sys):.2f}x"
-        )
+    for typ in ("f16", "q4_0"):
+        if f"eng_{typ}_threads" in r:
+            a, b = r[f"eng_{typ}_threads"], r[f"eng_{typ}_processes"]
+            print(
+                f"{typ} -t {T}, worker processes / worker threads: wall {b.wall / a.wall:.2f}x, "
+                f"CPU {(b.user + b.sys) / (a.user + a.sys):.2f}x"
+            )
     if "multi" in r:
         sep = sum(r[f"m_{t}"].wall for t in args.multi_types.split(","))
         print(

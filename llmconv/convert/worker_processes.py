@@ -36,6 +36,7 @@ import signal
 import struct
 import sys
 import traceback
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -101,7 +102,11 @@ def run(
     pids: list[int] = []
     try:
         for _ in range(min(processes, len(items)) or 1):
-            pid = os.fork()
+            # Python 3.12+ warns when a process with threads (tqdm's monitor) forks; the worker
+            # runs only this module's code and leaves with os._exit
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
             if pid == 0:  # the worker: never returns
                 os.close(rfd)
                 _worker_main(jobs, items, shared, lock, wfd, convert, write)
