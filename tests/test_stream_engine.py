@@ -95,7 +95,7 @@ def test_the_first_error_stops_the_run_and_is_raised(tmp_path, workers, threads)
     finally:
         os.close(fd)
     started = sorted(int(x) for x in log.read_text().split())
-    assert started[:2] == [0, 1] and len(started) <= 4, started
+    assert started[:2] == [0, 1] and len(started) <= 6, started  # each worker: its chunk and the one claimed ahead
     assert finished in ([], [0])
 
 

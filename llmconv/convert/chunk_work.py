@@ -1,9 +1,10 @@
 """One chunk of the streaming engine (stream.py): rows [a, b) of a source tensor read into a
 worker's arenas and converted to every sink's type, ready to be written.
 
-The arenas are per worker and reused for every chunk. The output ones (and the stored-bytes
-one, for an output in the source's own type) come in two turns: a chunk's bytes are written
-behind while the worker converts its next chunk into the other turn. They are placed so that
+The arenas are per worker and reused for every chunk, in turns: a chunk's bytes are written
+behind while the worker converts its next chunk into the next turn's arenas (a worker thread
+alternates two turns; a worker process three, as it also reads one chunk ahead). The output
+arenas (and the stored-bytes one, for an output in the source's own type) are placed so that
 their addresses line up with the bytes' file offsets, for direct writes (formats/positional.py).
 """
 
@@ -93,13 +94,13 @@ class _Arenas(threading.local):
 _arenas = _Arenas()
 
 
-def _read_chunk(job: Job, a: int, b: int) -> np.ndarray:
-    """Rows [a, b) of the source as float32, in this worker's arena (or a view of the
-    whole tensor, or of one expert's slice, for sources that can only load those)."""
+def _read_chunk(job: Job, a: int, b: int, turn: int = 0) -> np.ndarray:
+    """Rows [a, b) of the source as float32, in this worker's arena of `turn` (or a view of
+    the whole tensor, or of one expert's slice, for sources that can only load those)."""
     rows, n = job.rows_cols
     try:
         if job.src.read_rows is not None:
-            x = _arenas.get("f32", (b - a) * n * 4).view(np.float32).reshape(b - a, n)
+            x = _arenas.get(f"f32/{turn}", (b - a) * n * 4).view(np.float32).reshape(b - a, n)
             job.src.read_rows(a, b, x)
             return x
         if job.src.parts is not None:
@@ -201,20 +202,61 @@ def _first_nonfinite_raw(raw: np.ndarray) -> int | None:
 Write = tuple  # (fd, direct fd, bytes, file offset): one pwrite_direct
 
 
+@dataclass
+class Loaded:
+    """A chunk's source rows: the stored bytes (for outputs written from them) and/or float32."""
+
+    raw: np.ndarray | None
+    x: np.ndarray | None
+
+
+def load_chunk(job: Job, a: int, b: int, turn: int) -> Loaded:
+    """Read rows [a, b) for every sink, in this thread's arenas of `turn`: the stored bytes
+    where an output is written from them (stream.verbatim_source), float32 where any output is
+    quantized or cast."""
+    return widen_loaded(job, a, b, turn, read_ahead(job, a, b, turn) or Loaded(None, None))
+
+
+def read_ahead(job: Job, a: int, b: int, turn: int) -> Loaded | None:
+    """The I/O half of load_chunk, which a worker process runs on a reader thread for its next
+    chunk while it converts the current one (worker_processes.py): a verbatim source's stored
+    bytes, read and nothing else (a pread releases the GIL; widening them is left to
+    widen_loaded, on the converting thread). None for other sources: they are read there."""
+    verbatim = verbatim_source(job)
+    if verbatim is None or not job.sinks:
+        return None
+    rows, n = job.rows_cols
+    # an output of the stored bytes themselves writes them from the raw arena: place it for that file offset
+    as_is = [s for s in job.sinks if _from_stored(s, verbatim) is floats.stored_as_is]
+    at = as_is[0].offset + a * as_is[0].row_nbytes(n) if as_is else None
+    return Loaded(verbatim.raw_rows(a, b, at, slot=f"stored{turn}"), None)
+
+
+def widen_loaded(job: Job, a: int, b: int, turn: int, loaded: Loaded) -> Loaded:
+    """`loaded` (from read_ahead, or empty) completed with float32 rows where a sink needs them."""
+    if loaded.x is not None or not job.sinks:
+        return loaded
+    verbatim = verbatim_source(job)
+    if loaded.raw is not None and all(_from_stored(s, verbatim) for s in job.sinks):
+        return loaded  # every output is written from the stored bytes
+    rows, n = job.rows_cols
+    x = _read_chunk(job, a, b, turn) if loaded.raw is None else _widened(loaded.raw, b - a, n, turn)
+    return Loaded(loaded.raw, x)
+
+
 def _convert_chunk(job: Job, a: int, b: int, turn: int) -> list[Write]:
-    """Rows [a, b) converted for every sink: the writes to make. The bytes are in this
-    worker's arenas of `turn` (0 or 1), which stay untouched until its chunk after next, so
-    they can be written while the worker converts its next chunk."""
+    """Rows [a, b) read and converted for every sink (a worker thread's whole step)."""
+    return convert_loaded(job, a, b, turn, load_chunk(job, a, b, turn))
+
+
+def convert_loaded(job: Job, a: int, b: int, turn: int, loaded: Loaded) -> list[Write]:
+    """Rows [a, b), as read by load_chunk, converted for every sink: the writes to make. The
+    bytes are in this worker's arenas of `turn`, which stay untouched until the worker comes
+    back to that turn, so they can be written while the worker converts its next chunk."""
     rows, n = job.rows_cols
     verbatim = verbatim_source(job)
-    raw = None
+    raw, x = loaded.raw, loaded.x
     writes: list[Write] = []
-    if any(_from_stored(s, verbatim) for s in job.sinks):
-        # an output of the stored bytes themselves writes them from the raw arena: place it for that file offset
-        as_is = [s for s in job.sinks if _from_stored(s, verbatim) is floats.stored_as_is]
-        at = as_is[0].offset + a * as_is[0].row_nbytes(n) if as_is else None
-        raw = verbatim.raw_rows(a, b, at, slot=f"stored{turn}")
-    x = None
     checked = raw_checked = False
     made: dict[tuple, np.ndarray] = {}
     for sink in job.sinks:
@@ -234,8 +276,6 @@ def _convert_chunk(job: Job, a: int, b: int, turn: int) -> list[Write]:
             out = out.view(raw.dtype).reshape(raw.shape)
             blob = made[key] = transcode(raw, out)
         elif blob is None:
-            if x is None:
-                x = _read_chunk(job, a, b) if raw is None else _widened(raw, b - a, n)
             if (weighted or not qt.checks_finite) and not checked:
                 bad = _check_finite(x)
                 if bad is not None:
@@ -250,8 +290,8 @@ def _convert_chunk(job: Job, a: int, b: int, turn: int) -> list[Write]:
     return writes
 
 
-def _widened(raw: np.ndarray, rows: int, n: int) -> np.ndarray:
+def _widened(raw: np.ndarray, rows: int, n: int, turn: int) -> np.ndarray:
     """Stored rows already read (for a verbatim copy) as float32 in this worker's arena."""
-    x = _arenas.get("f32", rows * n * 4).view(np.float32).reshape(rows, n)
+    x = _arenas.get(f"f32/{turn}", rows * n * 4).view(np.float32).reshape(rows, n)
     widen_into(raw, x)
     return x

@@ -33,7 +33,19 @@ from .. import quantize as q
 from ..errors import LlmconvError
 from ..formats.positional import pwrite_direct
 from ..quantize import floats
-from .chunk_work import CHUNK_WEIGHTS, Job, Sink, Write, _convert_chunk, _from_stored, _where, verbatim_source
+from .chunk_work import (
+    CHUNK_WEIGHTS,
+    Job,
+    Sink,
+    Write,
+    _convert_chunk,
+    _from_stored,
+    _where,
+    Loaded,
+    convert_loaded,
+    verbatim_source,
+    widen_loaded,
+)
 from . import worker_processes
 from .worker_threads import name_os_thread, one_torch_thread, torch_module
 
@@ -44,9 +56,22 @@ def _work(job: Job, a: int, b: int, turn: int) -> list[Write]:
     try:
         return _convert_chunk(job, a, b, turn)
     except q.NonFiniteError as e:
-        where, label = _where(job)
-        types = ", ".join(dict.fromkeys(s.qtype.name for s in job.sinks))
-        raise LlmconvError(f"{e} (cannot convert to {types})", file=where, tensor=label) from None
+        raise _non_finite(job, e) from None
+
+
+def _non_finite(job: Job, e: q.NonFiniteError) -> LlmconvError:
+    where, label = _where(job)
+    types = ", ".join(dict.fromkeys(s.qtype.name for s in job.sinks))
+    return LlmconvError(f"{e} (cannot convert to {types})", file=where, tensor=label)
+
+
+def _work_loaded(job: Job, a: int, b: int, turn: int, loaded) -> list[Write]:
+    """_work for a chunk whose stored bytes may already be read (a worker process reads one
+    chunk ahead: chunk_work.read_ahead)."""
+    try:
+        return convert_loaded(job, a, b, turn, widen_loaded(job, a, b, turn, loaded or Loaded(None, None)))
+    except q.NonFiniteError as e:
+        raise _non_finite(job, e) from None
 
 
 def _write(writes: list[Write]) -> None:
@@ -234,7 +259,7 @@ def _run_processes(jobs: Sequence[Job], spans, left: list[int], threads: int, pr
     gc.freeze()  # as in run(); here it also keeps the workers' copy-on-write pages shared
     try:
         finish_ready()  # jobs without rows
-        worker_processes.run(jobs, spans, threads, on_chunk, _work, _write)
+        worker_processes.run(jobs, spans, threads, on_chunk, _work_loaded, _write)
         finish_ready()
     finally:
         gc.unfreeze()

@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 from ..errors import LlmconvError
-from .chunk_work import Job
+from .chunk_work import Job, read_ahead
 from .worker_threads import name_os_thread
 
 # One message per pipe write, at most PIPE_BUF bytes, so that writes of several workers never
@@ -171,6 +171,7 @@ def _worker_main(jobs, items, shared, lock, wfd, convert, write) -> None:
         _convert_items(jobs, items, shared, lock, wfd, convert, write)
         code = 0
     except BaseException as e:
+        shared[_STOP] = 1  # the other workers claim nothing more, even before the parent hears of it
         try:
             _send(wfd, _ERROR, payload=_error_payload(e))
         except BaseException:
@@ -183,25 +184,43 @@ def _worker_main(jobs, items, shared, lock, wfd, convert, write) -> None:
 
 
 def _convert_items(jobs, items, shared, lock, wfd, convert, write) -> None:
-    """The worker thread's loop (stream._worker) in a worker process: each chunk's bytes are
-    written behind by this process's writer thread while it converts the next one."""
+    """The worker thread's loop (stream._worker) in a worker process, one chunk ahead: a reader
+    thread reads chunk k + 1's stored bytes (for data not in the page cache, a synchronous
+    direct read) while this thread converts chunk k and a writer thread writes chunk k - 1
+    behind. Each of the three is in its own turn of the arenas (chunk_work.py), so none
+    overwrites another's bytes. Only the pread is ahead: the widening and everything else that
+    runs Python stays on this thread (two busy threads would hand the GIL back and forth)."""
+    reader = ThreadPoolExecutor(1, initializer=name_os_thread, initargs=(b"llmconv-read",))
     writer = ThreadPoolExecutor(1, initializer=name_os_thread, initargs=(b"llmconv-write",))
     pending = None  # (write in flight, job index, bytes) of the previous chunk
-    turn = 0
+    todo = _claimed_chunks(jobs, items, shared, lock)
     try:
-        while (k := _claim(jobs, items, shared, lock)) is not None:
-            for i, a, b in items[k]:
-                writes = convert(jobs[i], a, b, turn)
-                if pending is not None:
-                    _finish(pending, wfd)
-                pending = (writer.submit(write, writes), i, jobs[i].chunk_bytes(a, b))
-                turn ^= 1
-            job = jobs[items[k][0][0]]
-            job._whole, job._slices = None, {}  # whole-tensor items: this process is done with it
+        nxt, turn = next(todo, None), 0
+        ahead = reader.submit(read_ahead, jobs[nxt[0]], nxt[1], nxt[2], turn) if nxt else None
+        while nxt is not None:
+            (i, a, b), this_turn = nxt, turn
+            loaded = ahead.result()
+            nxt, turn = next(todo, None), (turn + 1) % 3
+            if nxt is not None:
+                ahead = reader.submit(read_ahead, jobs[nxt[0]], nxt[1], nxt[2], turn)
+            writes = convert(jobs[i], a, b, this_turn, loaded)
+            del loaded
+            if pending is not None:
+                _finish(pending, wfd)
+            pending = (writer.submit(write, writes), i, jobs[i].chunk_bytes(a, b))
+            if nxt is None or nxt[0] != i:  # this process is done with job i: drop whole-tensor loads
+                jobs[i]._whole, jobs[i]._slices = None, {}
         if pending is not None:
             _finish(pending, wfd)
     finally:
+        reader.shutdown(wait=True)
         writer.shutdown(wait=True)
+
+
+def _claimed_chunks(jobs, items, shared, lock):
+    """(job index, first row, end row) of every chunk of every item this worker claims, in order."""
+    while (k := _claim(jobs, items, shared, lock)) is not None:
+        yield from items[k]
 
 
 def _finish(pending, wfd: int) -> None:
