@@ -22,6 +22,7 @@ Data: bf16-grid float32 matrices (what real checkpoints hold) of 4096x4096 and 1
   so this over-subtracts and, if anything, flatters llama.cpp; on a busy machine the
   difference is noisy (shown as n/a when not positive). The "C" column is the reliable one.
 
+The process's malloc is set as llmconv's CLI sets it (`llmconv._malloc.pin_mmap_threshold`).
 Speeds are millions of weights per second; ratios are llmconv / other (> 1: llmconv faster).
 "CPU-time 1t" is the same 1-thread comparison by CPU seconds (time.process_time) instead of
 wall-clock: on a machine shared with other work that ratio is the steadier one.
@@ -158,6 +159,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-file", action="store_true", help="skip only the slow end-to-end file column")
     ap.add_argument("--imatrix", action="store_true", help="the importance-weighted kernels (see above)")
     args = ap.parse_args(argv)
+    # glibc malloc as llmconv's CLI and converter set it: quantize_tensor returns a fresh output
+    # array per call, whose pages would otherwise be mapped and faulted in anew every repeat
+    # (~0.1 ns a weight for q4_0), while the C column writes into buffers allocated once.
+    from llmconv._malloc import pin_mmap_threshold
+
+    pin_mmap_threshold()
     if args.imatrix:
         args.no_gguf_py = True
 
