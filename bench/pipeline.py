@@ -40,6 +40,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+from llmconv.testing.procstat import process_tree, rss_anon  # noqa: E402
+
 ALL = "copy,f16,q4_0,two-step,scaling,engines,multi,hf"
 MULTI = "q8_0,q6_K,q4_K_M,q2_K"
 
@@ -58,34 +61,6 @@ class Run:
     work_cpu: float = 0.0
     work_wait: float = 0.0
     work_blocked: float = 0.0
-
-
-def _tree(pid: int) -> list[int]:
-    """pid and its descendants (the engine's worker processes at -t 2 and up)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        try:
-            for tid in os.listdir(f"/proc/{p}/task"):
-                todo.extend(int(c) for c in Path(f"/proc/{p}/task/{tid}/children").read_text().split())
-        except OSError:
-            continue
-    return out
-
-
-def _anon(pids: list[int]) -> int:
-    """RssAnon summed over the processes (pages a forked worker still shares with its parent
-    count twice: an upper bound)."""
-    total = 0
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return total
 
 
 def _worker_stats(pids: list[int], seen: dict[int, list[float]]) -> None:
@@ -135,8 +110,8 @@ def measure_once(name: str, cmd: list[str], written: list[Path] = (), env: dict 
     peak = 0
     workers: dict[int, list[float]] = {}
     while True:
-        pids = _tree(proc.pid)
-        peak = max(peak, _anon(pids))
+        pids = process_tree(proc.pid)
+        peak = max(peak, rss_anon(pids))
         _worker_stats(pids, workers)
         pid, st, ru = os.wait4(proc.pid, os.WNOHANG)
         if pid:
