@@ -175,13 +175,15 @@ def run(
     progress and calls each job's `done`, in job order, once all its chunks are written.
 
     `workers`: "threads", "processes" (forked: worker_processes.py, Linux) or "auto": processes
-    at -t 2 and up where worker_processes.usable says so. Same bytes either way."""
+    at -t 2 and up where worker_processes.usable says so, for runs that quantize. Same bytes
+    either way."""
     threads = max(1, threads)
     spans = [list(chunks(job, chunk_weights)) for job in jobs]
     left = [len(s) for s in spans]
     for job, n in zip(jobs, left):
         job._remaining = n
-    if workers == "processes" or (workers == "auto" and worker_processes.usable(threads)):
+    auto = workers == "auto" and worker_processes.usable(threads) and _quantizes(jobs)
+    if workers == "processes" or auto:
         _run_processes(jobs, spans, left, threads, progress)
     else:
         _run_threads(jobs, spans, left, threads, progress)
@@ -263,6 +265,14 @@ def _run_processes(jobs: Sequence[Job], spans, left: list[int], threads: int, pr
         finish_ready()
     finally:
         gc.unfreeze()
+
+
+def _quantizes(jobs: Sequence[Job]) -> bool:
+    """Whether any output runs a quantization kernel. A run that only copies, transcodes or
+    casts floats (f32/f16/bf16) spends its time in syscalls and single numpy or torch calls,
+    which release the GIL: threads serve it as well as processes, without the fork (bench/
+    pipeline.py's engines section: f16 -t 2 took 1.25x and 1.38x the wall with processes)."""
+    return any(s.qtype.name not in floats.FLOAT_TYPES for j in jobs for s in j.sinks)
 
 
 def _uses_torch(jobs: Sequence[Job]) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 TORCH_CAST_TYPES = ("f16", "bf16")  # the types whose quantize imports torch
+FLOAT_TYPES = ("f32", "f16", "bf16")  # stored as floats: a copy or a cast, no quantization kernel
 
 
 def _into(x: np.ndarray, out: np.ndarray | None, dtype: str, itemsize: int) -> np.ndarray:
