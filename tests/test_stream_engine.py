@@ -213,3 +213,20 @@ def test_a_killed_worker_process_fails_the_run_in_one_line_and_nothing_is_left(t
     finally:
         os.close(fd)
     assert _children() == []
+
+
+def test_which_engine_runs(monkeypatch):
+    """Forked workers at -t 2 and up for runs that quantize; threads for a float-only run
+    (copies and casts release the GIL) and at -t 1; LLMCONV_WORKERS decides when set."""
+    from llmconv.convert import worker_processes as wp
+
+    monkeypatch.delenv("LLMCONV_WORKERS", raising=False)
+    assert [wp.wanted(t, qz) for t in (1, 2) for qz in (False, True)] == [False, False, False, True]
+    monkeypatch.setenv("LLMCONV_WORKERS", "threads")
+    assert not wp.wanted(2, True)
+    monkeypatch.setenv("LLMCONV_WORKERS", "processes")
+    assert wp.wanted(2, False) and not wp.wanted(1, True)
+    job = _job("w", 2, 32, -1, 0, None, None)
+    assert not stream._quantizes([job])  # f32
+    job.sinks.append(stream.Sink(q.get("q8_0"), -1, 0))
+    assert stream._quantizes([job])

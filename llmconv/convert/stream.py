@@ -174,16 +174,15 @@ def run(
     flight was slow or the main thread was not scheduled). The main thread only counts
     progress and calls each job's `done`, in job order, once all its chunks are written.
 
-    `workers`: "threads", "processes" (forked: worker_processes.py, Linux) or "auto": processes
-    at -t 2 and up where worker_processes.usable says so, for runs that quantize. Same bytes
+    `workers`: "threads", "processes" (forked: worker_processes.py, Linux) or "auto": as
+    worker_processes.wanted says (processes at -t 2 and up for runs that quantize). Same bytes
     either way."""
     threads = max(1, threads)
     spans = [list(chunks(job, chunk_weights)) for job in jobs]
     left = [len(s) for s in spans]
     for job, n in zip(jobs, left):
         job._remaining = n
-    auto = workers == "auto" and worker_processes.usable(threads) and _quantizes(jobs)
-    if workers == "processes" or auto:
+    if workers == "processes" or (workers == "auto" and worker_processes.wanted(threads, _quantizes(jobs))):
         _run_processes(jobs, spans, left, threads, progress)
     else:
         _run_threads(jobs, spans, left, threads, progress)

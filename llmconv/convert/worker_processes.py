@@ -54,12 +54,14 @@ _NEXT, _STOP, _PREFETCHED = 0, 1, 2  # slots of the shared counter array
 Item = list  # [(job index, first row, end row), ...]: converted by one worker, in order
 
 
-def usable(threads: int) -> bool:
-    """Processes at -t 2 and up on Linux, unless LLMCONV_WORKERS=threads (then, and elsewhere:
-    threads). fork is Linux's cheap, well-trodden path; macOS's system libraries are not
-    fork-safe, and Windows has no fork."""
-    choice = os.environ.get("LLMCONV_WORKERS", "processes")
-    return threads > 1 and sys.platform.startswith("linux") and hasattr(os, "fork") and choice != "threads"
+def wanted(threads: int, quantizes: bool) -> bool:
+    """Processes at -t 2 and up on Linux for a run that quantizes (stream._quantizes);
+    LLMCONV_WORKERS=threads or =processes decides instead. Elsewhere: threads. fork is Linux's
+    cheap, well-trodden path; macOS's system libraries are not fork-safe, and Windows has no fork."""
+    if threads < 2 or not sys.platform.startswith("linux") or not hasattr(os, "fork"):
+        return False
+    choice = os.environ.get("LLMCONV_WORKERS", "auto")
+    return choice == "processes" or (choice != "threads" and quantizes)
 
 
 def work_items(jobs: Sequence[Job], spans: list[list[tuple[int, int]]]) -> list[Item]:
