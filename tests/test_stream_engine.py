@@ -230,3 +230,51 @@ def test_which_engine_runs(monkeypatch):
     assert not stream._quantizes([job])  # f32
     job.sinks.append(stream.Sink(q.get("q8_0"), -1, 0))
     assert stream._quantizes([job])
+
+
+@pytest.mark.parametrize("failing", ["semaphore", "fork"])
+def test_without_worker_processes_the_run_goes_on_with_threads(tmp_path, monkeypatch, failing):
+    """No /dev/shm for the shared counter's semaphore (some containers), or fork refused
+    (EAGAIN under a process limit): the same run completes with worker threads, every job
+    `done` once, in order."""
+    import multiprocessing.context
+
+    from llmconv.convert import worker_processes as wp
+
+    def refuse(*a, **k):
+        raise OSError(11 if failing == "fork" else 38, "refused here")
+
+    if failing == "fork":
+        monkeypatch.setattr(wp.os, "fork", refuse)
+    else:
+        monkeypatch.setattr(multiprocessing.context.ForkContext, "Lock", refuse)
+    rows, cols, n_jobs = 5, 16, 4
+    fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT, 0o644)
+    finished: list[str] = []
+
+    def reader(i):
+        def read(a, b, out):
+            out[...] = np.arange(a, b, dtype=np.float32)[:, None] + 100 * i
+
+        return read
+
+    jobs = [
+        _job(
+            str(i),
+            rows,
+            cols,
+            fd,
+            i * rows * cols * 4,
+            reader(i),
+            lambda j: finished.append(j.src.name),
+        )
+        for i in range(n_jobs)
+    ]
+    try:
+        stream.run(jobs, threads=2, chunk_weights=2 * cols, workers="processes")
+    finally:
+        os.close(fd)
+    assert finished == ["0", "1", "2", "3"]
+    got = np.fromfile(tmp_path / "out.bin", np.float32).reshape(n_jobs, rows, cols)
+    for i in range(n_jobs):
+        assert np.array_equal(got[i], np.arange(rows, dtype=np.float32)[:, None] + 100 * i + np.zeros(cols)), i

@@ -259,11 +259,13 @@ def _run_processes(jobs: Sequence[Job], spans, left: list[int], threads: int, pr
         torch_module()  # imported once, before the fork, not in every worker (~1.4 s of CPU each)
     gc.freeze()  # as in run(); here it also keeps the workers' copy-on-write pages shared
     try:
-        finish_ready()  # jobs without rows
         worker_processes.run(jobs, spans, threads, on_chunk, _work_loaded, _write)
-        finish_ready()
+    except worker_processes.Unavailable:
+        _run_threads(jobs, spans, left, threads, progress)  # nothing was done yet
+        return
     finally:
         gc.unfreeze()
+    finish_ready()  # the jobs after the last chunk that have no rows
 
 
 def _quantizes(jobs: Sequence[Job]) -> bool:

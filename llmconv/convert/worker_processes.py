@@ -54,6 +54,11 @@ _NEXT, _STOP, _PREFETCHED = 0, 1, 2  # slots of the shared counter array
 Item = list  # [(job index, first row, end row), ...]: converted by one worker, in order
 
 
+class Unavailable(Exception):
+    """No worker process could be started here (no shared semaphores, fork refused); raised
+    before any work is done, so the run can go on with threads."""
+
+
 def wanted(threads: int, quantizes: bool) -> bool:
     """Processes at -t 2 and up on Linux for a run that quantizes (stream._quantizes);
     LLMCONV_WORKERS=threads or =processes decides instead. Elsewhere: threads. fork is Linux's
@@ -91,13 +96,17 @@ def run(
 ) -> None:
     """Convert and write every item with `processes` forked workers; `on_chunk(job index,
     bytes)` runs in this process for each written chunk. `convert(job, a, b, turn)` and
-    `write(writes)` are stream.py's. Raises the first worker's error."""
-    import multiprocessing
+    `write(writes)` are stream.py's. Raises the first worker's error, or Unavailable before
+    any work when no worker can be started."""
+    try:
+        import multiprocessing
 
-    ctx = multiprocessing.get_context("fork")
+        ctx = multiprocessing.get_context("fork")
+        shared = ctx.RawArray("q", 3)
+        lock = ctx.Lock()  # a POSIX semaphore: needs /dev/shm
+    except (ImportError, OSError, ValueError) as e:
+        raise Unavailable(f"no shared counter for worker processes: {e}") from None
     items = work_items(jobs, spans)
-    shared = ctx.RawArray("q", 3)
-    lock = ctx.Lock()
     sys.stdout.flush()
     sys.stderr.flush()
     rfd, wfd = os.pipe()
@@ -106,9 +115,14 @@ def run(
         for _ in range(min(processes, len(items)) or 1):
             # Python 3.12+ warns when a process with threads (tqdm's monitor) forks; the worker
             # runs only this module's code and leaves with os._exit
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                pid = os.fork()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    pid = os.fork()
+            except OSError as e:  # EAGAIN, ENOMEM: go on with the workers there are, or threads
+                if not pids:
+                    raise Unavailable(f"cannot fork a worker process: {e.strerror}") from None
+                break
             if pid == 0:  # the worker: never returns
                 os.close(rfd)
                 _worker_main(jobs, items, shared, lock, wfd, convert, write)
