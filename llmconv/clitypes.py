@@ -79,7 +79,8 @@ _TYPE_OPTIONS = [
         type=click.IntRange(1, 256),
         default=threads_default,
         show_default="all cores",
-        help="Threads for the quantization kernels. The output is the same for any count.",
+        help="Workers that read, quantize and write (on Linux, forked processes from 2 up when "
+        "quantizing; LLMCONV_WORKERS=threads keeps threads). The output is the same for any count.",
     ),
     click.option(
         "--split-max-size",
