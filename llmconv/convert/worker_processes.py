@@ -1,13 +1,14 @@
-"""The streaming engine's workers as forked processes (stream.run at -t 2 and up, on Linux).
+"""The streaming engine's workers as forked processes (stream.run at -t 2 and up, on Linux,
+for runs that quantize: see `wanted`).
 
 Why processes: a worker spends most of its time in numpy calls that release the GIL, but
 between them it runs Python glue that holds it, and a quantization kernel makes a few dozen
 such calls per 1M-weight chunk. Two worker threads then hand the GIL back and forth at
-nearly every call boundary, each handoff a futex wake on the other CPU. Measured on this
-2-core VM with q4_0 over 1M-weight chunks (/tmp-style probe in bench/pipeline.py's notes):
-one thread 0.92 ns of CPU per weight; two threads of one process 1.19 ns (1.41x the
-throughput of one); two processes ~0.95 ns each (1.9x). The one-pass q4_0 conversion of a
-1.1B model at -t 2 was only 7 % faster than at -t 1 with threads.
+nearly every call boundary, each handoff a futex wake on the other CPU. `python
+bench/workers.py` runs one kernel as one thread, two threads and two processes: on this idle
+2-core VM two threads gave 1.54x one thread's throughput for q4_0 (1.43x for q8_0), two
+processes 1.67x (1.71x). In the whole 1.1B q4_0 conversion at -t 2, worker threads took 3.31 s
+and processes 2.81 s (bench/pipeline.py's engines section).
 
 How: the plan, the open files and every job's reader already exist when the engine starts,
 so the workers are forked from it and inherit them all (nothing is pickled or re-opened).
@@ -16,7 +17,7 @@ same code as a worker thread (chunk_work.py), writes the bytes itself at their p
 offsets (positional writes: any process may write any chunk), behind a writer thread of its
 own, and reports each written chunk on a pipe. The parent only counts progress and runs each
 job's `done` (marking, hashing) in job order, as with threads. Output bytes do not depend on
-who converts a chunk (the chunk-boundary tests run both engines).
+who converts a chunk (tests/test_stream_engine.py compares the engines' files).
 
 A job whose source can only load whole tensors (or whole experts) is one work item per
 tensor (or expert): one process loads it, as one shared load did with threads.
