@@ -409,7 +409,7 @@ def test_kill_mid_write_new_target_absent(medium_ckpt, tmp_path):
     proc = _start_convert(medium_ckpt, out)
     _wait_for_partial(out, proc)
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=30)
-    assert proc.returncode == 130
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err.decode()[-2000:]  # the one-line error says what else happened
     assert not out.exists()
     assert not list(tmp_path.glob(f"*{PARTIAL_TAG}*"))

@@ -278,3 +278,21 @@ def test_without_worker_processes_the_run_goes_on_with_threads(tmp_path, monkeyp
     got = np.fromfile(tmp_path / "out.bin", np.float32).reshape(n_jobs, rows, cols)
     for i in range(n_jobs):
         assert np.array_equal(got[i], np.arange(rows, dtype=np.float32)[:, None] + 100 * i + np.zeros(cols)), i
+
+
+def test_a_ctrl_c_while_workers_start_is_raised_once_they_all_have():
+    """Ctrl-C held back while the engine starts its threads or forks its processes: raised on
+    leaving, not inside (inside Thread.start() it left a thread that cleanup could not join:
+    "cannot join thread before it is started", exit 70 instead of 130)."""
+    import signal
+
+    from llmconv.convert.worker_threads import interrupts_held
+
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # without the hold, KeyboardInterrupt would be raised here
+            reached_end = True
+    assert reached_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored

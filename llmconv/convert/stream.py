@@ -47,7 +47,7 @@ from .chunk_work import (
     widen_loaded,
 )
 from . import worker_processes
-from .worker_threads import name_os_thread, one_torch_thread, torch_module
+from .worker_threads import interrupts_held, name_os_thread, one_torch_thread, torch_module
 
 __all__ = ["CHUNK_WEIGHTS", "Job", "Sink", "chunks", "run", "verbatim_source"]
 
@@ -209,8 +209,9 @@ def _run_threads(jobs: Sequence[Job], spans, left: list[int], threads: int, prog
         for k in range(threads)
     ]
     try:
-        for t in pool:
-            t.start()
+        with interrupts_held():  # threads started and a Ctrl-C during it would not stop them
+            for t in pool:
+                t.start()
         running, next_done = len(pool), 0
         while True:
             while next_done < len(jobs) and left[next_done] == 0 and not errors:

@@ -43,7 +43,7 @@ from typing import Callable, Sequence
 
 from ..errors import LlmconvError
 from .chunk_work import Job, read_ahead
-from .worker_threads import name_os_thread
+from .worker_threads import interrupts_held, name_os_thread
 
 # One message per pipe write, at most PIPE_BUF bytes, so that writes of several workers never
 # interleave: kind, payload length, job index, bytes (a chunk), then the payload (an error).
@@ -113,21 +113,10 @@ def run(
     rfd, wfd = os.pipe()
     pids: list[int] = []
     try:
-        for _ in range(min(processes, len(items)) or 1):
-            # Python 3.12+ warns when a process with threads (tqdm's monitor) forks; the worker
-            # runs only this module's code and leaves with os._exit
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    pid = os.fork()
-            except OSError as e:  # EAGAIN, ENOMEM: go on with the workers there are, or threads
-                if not pids:
-                    raise Unavailable(f"cannot fork a worker process: {e.strerror}") from None
-                break
-            if pid == 0:  # the worker: never returns
-                os.close(rfd)
-                _worker_main(jobs, items, shared, lock, wfd, convert, write)
-            pids.append(pid)
+        with interrupts_held():  # every forked pid recorded before a Ctrl-C can interrupt
+            _fork_workers(
+                processes, items, pids, rfd, lambda: _worker_main(jobs, items, shared, lock, wfd, convert, write)
+            )
         os.close(wfd)
         wfd = -1
         error = _collect(rfd, len(pids), shared, on_chunk)
@@ -144,6 +133,25 @@ def run(
         os.close(rfd)
         for pid in pids:
             _reap(pid)
+
+
+def _fork_workers(processes: int, items, pids: list[int], rfd: int, worker_main) -> None:
+    """Fork up to `processes` workers (one per item at most), recording each pid in `pids`."""
+    for _ in range(min(processes, len(items)) or 1):
+        # Python 3.12+ warns when a process with threads (tqdm's monitor) forks; the worker
+        # runs only this module's code and leaves with os._exit
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        except OSError as e:  # EAGAIN, ENOMEM: go on with the workers there are, or threads
+            if not pids:
+                raise Unavailable(f"cannot fork a worker process: {e.strerror}") from None
+            break
+        if pid == 0:  # the worker: never returns
+            os.close(rfd)
+            worker_main()
+        pids.append(pid)
 
 
 def _collect(rfd: int, workers: int, shared, on_chunk) -> BaseException | None:
@@ -181,6 +189,8 @@ def _worker_main(jobs, items, shared, lock, wfd, convert, write) -> None:
     code = 1
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # not the parent's handlers (atomic.py's, the
+            signal.signal(sig, signal.SIG_DFL)  # fork's): a worker killed from outside just dies
         _die_with_parent()
         name_os_thread()
         if "torch" in sys.modules:  # as a DataLoader worker does: no intra-op pool after fork
