@@ -209,7 +209,7 @@ def _run_threads(jobs: Sequence[Job], spans, left: list[int], threads: int, prog
         for k in range(threads)
     ]
     try:
-        with interrupts_held():  # threads started and a Ctrl-C during it would not stop them
+        with interrupts_held():  # a Ctrl-C inside Thread.start() leaves a thread cleanup cannot join
             for t in pool:
                 t.start()
         running, next_done = len(pool), 0
@@ -273,7 +273,8 @@ def _quantizes(jobs: Sequence[Job]) -> bool:
     """Whether any output runs a quantization kernel. A run that only copies, transcodes or
     casts floats (f32/f16/bf16) spends its time in syscalls and single numpy or torch calls,
     which release the GIL: threads serve it as well as processes, without the fork (bench/
-    pipeline.py's engines section: f16 -t 2 took 1.25x and 1.38x the wall with processes)."""
+    pipeline.py's engines section: f16 -t 2 took 0.96x to 1.38x the wall with processes in
+    four runs, 1.06x and 0.96x of them on the idle machine)."""
     return any(s.qtype.name not in floats.FLOAT_TYPES for j in jobs for s in j.sinks)
 
 
