@@ -94,13 +94,13 @@ class _Arenas(threading.local):
 _arenas = _Arenas()
 
 
-def _read_chunk(job: Job, a: int, b: int, turn: int = 0) -> np.ndarray:
-    """Rows [a, b) of the source as float32, in this worker's arena of `turn` (or a view of
-    the whole tensor, or of one expert's slice, for sources that can only load those)."""
+def _read_chunk(job: Job, a: int, b: int) -> np.ndarray:
+    """Rows [a, b) of the source as float32, in this worker's arena (or a view of the
+    whole tensor, or of one expert's slice, for sources that can only load those)."""
     rows, n = job.rows_cols
     try:
         if job.src.read_rows is not None:
-            x = _arenas.get(f"f32/{turn}", (b - a) * n * 4).view(np.float32).reshape(b - a, n)
+            x = _arenas.get("f32", (b - a) * n * 4).view(np.float32).reshape(b - a, n)
             job.src.read_rows(a, b, x)
             return x
         if job.src.parts is not None:
@@ -214,7 +214,7 @@ def load_chunk(job: Job, a: int, b: int, turn: int) -> Loaded:
     """Read rows [a, b) for every sink, in this thread's arenas of `turn`: the stored bytes
     where an output is written from them (stream.verbatim_source), float32 where any output is
     quantized or cast."""
-    return widen_loaded(job, a, b, turn, read_ahead(job, a, b, turn) or Loaded(None, None))
+    return widen_loaded(job, a, b, read_ahead(job, a, b, turn) or Loaded(None, None))
 
 
 def read_ahead(job: Job, a: int, b: int, turn: int) -> Loaded | None:
@@ -232,15 +232,16 @@ def read_ahead(job: Job, a: int, b: int, turn: int) -> Loaded | None:
     return Loaded(verbatim.raw_rows(a, b, at, slot=f"stored{turn}"), None)
 
 
-def widen_loaded(job: Job, a: int, b: int, turn: int, loaded: Loaded) -> Loaded:
+def widen_loaded(job: Job, a: int, b: int, loaded: Loaded) -> Loaded:
     """`loaded` (from read_ahead, or empty) completed with float32 rows where a sink needs them."""
-    if loaded.x is not None or not job.sinks:
+    if not job.sinks:
         return loaded
     verbatim = verbatim_source(job)
     if loaded.raw is not None and all(_from_stored(s, verbatim) for s in job.sinks):
         return loaded  # every output is written from the stored bytes
     rows, n = job.rows_cols
-    x = _read_chunk(job, a, b, turn) if loaded.raw is None else _widened(loaded.raw, b - a, n, turn)
+    # float32 rows are made and used by the converting thread alone, within one chunk: one arena
+    x = _read_chunk(job, a, b) if loaded.raw is None else _widened(loaded.raw, b - a, n)
     return Loaded(loaded.raw, x)
 
 
@@ -290,8 +291,8 @@ def convert_loaded(job: Job, a: int, b: int, turn: int, loaded: Loaded) -> list[
     return writes
 
 
-def _widened(raw: np.ndarray, rows: int, n: int, turn: int) -> np.ndarray:
+def _widened(raw: np.ndarray, rows: int, n: int) -> np.ndarray:
     """Stored rows already read (for a verbatim copy) as float32 in this worker's arena."""
-    x = _arenas.get(f"f32/{turn}", rows * n * 4).view(np.float32).reshape(rows, n)
+    x = _arenas.get("f32", rows * n * 4).view(np.float32).reshape(rows, n)
     widen_into(raw, x)
     return x

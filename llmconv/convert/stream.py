@@ -69,7 +69,7 @@ def _work_loaded(job: Job, a: int, b: int, turn: int, loaded) -> list[Write]:
     """_work for a chunk whose stored bytes may already be read (a worker process reads one
     chunk ahead: chunk_work.read_ahead)."""
     try:
-        return convert_loaded(job, a, b, turn, widen_loaded(job, a, b, turn, loaded or Loaded(None, None)))
+        return convert_loaded(job, a, b, turn, widen_loaded(job, a, b, loaded or Loaded(None, None)))
     except q.NonFiniteError as e:
         raise _non_finite(job, e) from None
 
