@@ -12,10 +12,16 @@ import pytest
 import gguf
 from gguf import GGMLQuantizationType
 
-from llmconv.quantize import TYPES, dequantize_tensor, k_common, q3_k, quantize_tensor
+from llmconv.quantize import TYPES, dequantize_tensor, k_common, q3_k, q3_search, quantize_tensor
 from llmconv.quantize.k_common import fp16_bits, nearest_int, seq_sum
 
-from llmconv.testing.llama_gguf_util import LLAMA_MATRIX_NAMES, llama_quantize_file, read_tensors, write_f32_llama_gguf
+from llmconv.testing.llama_gguf_util import (
+    LLAMA_MATRIX_NAMES,
+    ggml_quantize_chunk,
+    llama_quantize_file,
+    read_tensors,
+    write_f32_llama_gguf,
+)
 
 K_TYPES = ["q6_k", "q5_k", "q4_k", "q3_k", "q2_k"]
 # llama.cpp has no "mostly q4_K" ftype; with `pure` every matrix gets the ftype's base type.
@@ -103,16 +109,32 @@ def test_quantize_bytes_match_llama_cpp(f32_model, tmp_path, name):
 
 @pytest.mark.llamacpp
 def test_q3_k_cut_in_odd_chunks_matches_llama_cpp(f32_model, tmp_path, monkeypatch):
-    """q3_K runs CHUNK_SUPERBLOCKS super-blocks at a time (the later sweeps of its scale search on
-    the groups of the whole chunk still changing): cuts at odd places keep llama.cpp's bytes."""
+    """q3_K runs CHUNK_SUPERBLOCKS super-blocks at a time (the descent of its scale search on the
+    groups of the whole chunk still changing), the start of the search START_GROUPS groups at a
+    time: cuts at odd places keep llama.cpp's bytes."""
     src, mats = f32_model
     monkeypatch.setattr(q3_k, "CHUNK_SUPERBLOCKS", 7)
+    monkeypatch.setattr(q3_search, "START_GROUPS", 40)
     dst = tmp_path / "q3_k.gguf"
     llama_quantize_file(src, dst, LLAMA_FTYPE_NAME["q3_k"], nthread=1)
     theirs = read_tensors(dst)
     for tname, x in mats.items():
         ref = np.asarray(theirs[tname][1], dtype=np.uint8).reshape(x.shape[0], -1)
         assert np.array_equal(q3_k.quantize(x), ref), tname
+
+
+@pytest.mark.llamacpp
+def test_q3_k_search_stops_after_five_sweeps_as_llama_cpp(monkeypatch):
+    """make_q3_quants gives up after 5 sweeps of its descent; q3_search counts steps across sweeps
+    to stop where C does. Weights near four values take long descents: a few of these 65536 groups
+    would still change in a 6th sweep, and the bytes show it."""
+    rng = np.random.default_rng(2)
+    x = rng.choice(np.array([-1, -0.5, 0.5, 1], np.float32), (256, 4096))
+    x += np.float32(0.05) * rng.standard_normal(x.shape, np.float32)
+    ref = ggml_quantize_chunk(GGMLQuantizationType.Q3_K, x)
+    assert np.array_equal(q3_k.quantize(x), ref)
+    monkeypatch.setattr(q3_search, "SWEEPS", 6)  # the data reaches the limit: one more sweep shows
+    assert not np.array_equal(q3_k.quantize(x), ref)
 
 
 def test_element_major_in_tiles_is_the_transpose(monkeypatch):

@@ -1,5 +1,5 @@
 """ggml's scale searches, shared by the K-quant and weighted legacy kernels: make_qx_quants
-(rmse_type 1), make_q3_quants (do_rmse) and make_qkx2_quants, for x[n, groups].
+(rmse_type 1) and make_qkx2_quants, for x[n, groups] (q3_K's make_q3_quants: q3_search.py).
 
 The float32 rules of k_common.py hold here: every operation in C's order and rounding, sums
 sequential over the element axis, the work vectorized across groups.
@@ -11,17 +11,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._blocks import scratch, select
+from ._blocks import select
 from .k_common import (
     F32,
     GROUP_MAX_EPS,
-    MAGIC,
     fast_clip,
     first_absmax,
     nearest_int_clip,
     round_small,
     seq_sum,
-    seq_sum_from_zero,
     seq_sum_of_products,
 )
 
@@ -90,139 +88,6 @@ class _SymmetricFit:
         # C's loop sums, from +0, each in one pass with its products: w*x*l == (w*x)*l and
         # w*l*l == (w*l)*l
         return seq_sum_of_products(self.wx, l), seq_sum_of_products(self.w, l, l)
-
-
-# ---------------------------------------------------------------- make_q3_quants, do_rmse
-
-
-def make_q3_quants_rmse(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """ggml make_q3_quants(n, nmax, x, L, do_rmse=true) for x[n, groups].
-
-    Start from iscale = -nmax/max, then up to 5 sweeps of coordinate descent that move one L[i]
-    at a time to the value that best fits the current least-squares scale. A sweep is
-    sequential inside a group, so it loops over i and vectorizes across groups; C stops after a
-    sweep that changed nothing, so only the groups a sweep changed take part in the next (~40 %
-    of them after the first, ~25 % after the second), on copies of their columns.
-
-    Groups whose `max` (the signed value of largest |x|) is positive take no sweep at all: C
-    changes nothing there. Then iscale < 0, so every L[i] is 0 or of x[i]'s opposite sign and
-    every term w*x[i]*L[i] is <= 0; their float sum sumlx is at least as large in magnitude as
-    any one of them (adding values of one sign never shrinks a partial sum under round-to-
-    nearest), so slx = sumlx - w*x[i]*L[i] <= 0 for every i and C's `if (slx > 0)` skips them all.
-    Returns (scale[groups], L[n, groups] uint8 in 0..2*nmax-1; all zero for all-zero groups).
-    """
-    amax_signed = first_absmax(x)
-    zero = np.abs(amax_signed) < GROUP_MAX_EPS
-    safe_max = np.where(zero, F32(1.0), amax_signed)
-    iscale = F32(-nmax) / safe_max
-
-    # The [n, groups] arrays live in per-thread buffers: fresh MB-sized arrays, allocated and
-    # freed every chunk, can cost more in page faults than the arithmetic.
-    L, w, wx, wxl, wll = (scratch(f"q3_{name}", x.shape, F32) for name in ("L", "w", "wx", "wxl", "wll"))
-    np.multiply(x, iscale, out=L)  # |x*iscale| <= nmax + 1: rint is nearest_int here
-    round_small(L)
-    fast_clip(L, F32(-nmax), F32(nmax - 1), out=L)
-    np.multiply(x, x, out=w)
-    np.multiply(w, x, out=wx)
-    _q3_terms(w, wx, L, out=(wxl, wll))
-    sumlx, suml2 = seq_sum_from_zero(wxl), seq_sum_from_zero(wll)
-
-    # The working set: copies of the columns of the groups still changing (a group leaves after a
-    # sweep that changed nothing). Each accepted change is also recorded and put into L, and the
-    # changed groups' sums into sumlx/suml2, after each sweep.
-    g = np.flatnonzero((amax_signed < 0) & ~zero)
-    X, sx, s2 = np.take(x, g, axis=1), sumlx[g], suml2[g]
-    LA = X * iscale[g]  # L's columns again, as computed above: cheaper than gathering them
-    round_small(LA)
-    fast_clip(LA, F32(-nmax), F32(nmax - 1), out=LA)
-    for _ in range(5):
-        if not g.size:
-            break
-        W = X * X  # C's w = x*x and w*x again: cheaper than gathering them
-        WX = W * X
-        moves: list = []
-        changed = _q3_sweep(X, W, WX, LA, sx, s2, nmax, *_q3_terms(W, WX, LA), moves)
-        if moves:  # L[i, g[a]] = new, as flat indices (numpy's 2-D fancy assignment is slow)
-            L.reshape(-1)[np.concatenate([i * L.shape[1] + g[a] for i, a, _ in moves])] = np.concatenate(
-                [v for *_, v in moves]
-            )
-        keep = np.flatnonzero(changed)
-        g, X, LA, sx, s2 = g[keep], np.take(X, keep, axis=1), np.take(LA, keep, axis=1), sx[keep], s2[keep]
-        sumlx[g], suml2[g] = sx, s2
-
-    scale = np.where(suml2 > 0, sumlx / suml2, F32(0.0))
-    Lq = (L + F32(nmax)).astype(np.uint8)
-    Lq[:, zero] = 0
-    scale = np.where(zero, F32(0.0), scale)
-    return scale, Lq
-
-
-def _q3_terms(w: np.ndarray, wx: np.ndarray, L: np.ndarray, out=(None, None)) -> tuple[np.ndarray, np.ndarray]:
-    """C's per-element terms w*x[i]*L[i] and w*L[i]*L[i] (the sums' summands) for all i."""
-    wxl = np.multiply(wx, L, out=out[0])
-    wll = np.multiply(w, L, out=out[1])
-    wll *= L
-    return wxl, wll
-
-
-def _q3_sweep(xa, wa, wxa, La, slx_a, sl2_a, nmax: int, wxl, wll, moves: list) -> np.ndarray:
-    """One coordinate-descent sweep over the elements of the given groups, updating La, slx_a
-    (sumlx) and sl2_a (suml2) in place; returns which groups changed and appends each step's
-    accepted changes (i, groups, new L) to `moves`. wxl, wll: _q3_terms of La as the sweep
-    starts (element i's terms change only at step i itself).
-
-    C's loop body for element i: slx = sumlx - w*x*L; if slx > 0: sl2 = suml2 - w*L*L,
-    new_l = clamp(nearest_int(x*sl2/slx)); if new_l != L: accept if the new sums fit better.
-    The first part runs on every group; the acceptance test only where new_l != L and slx > 0,
-    a few percent of the groups at each element.
-    """
-    lo_i, hi_i = np.int32(-nmax), np.int32(nmax - 1)
-    m = slx_a.size
-    changed = np.zeros(m, dtype=bool)
-    # Every temporary has a preallocated buffer: these loops run 16 times per chunk on
-    # small arrays, where numpy's allocation and call overhead is a large part of the cost.
-    slx, sl2, v = (np.empty(m, F32) for _ in range(3))
-    vi = v.view(np.int32)
-    cand, flag = np.empty(m, bool), np.empty(m, bool)
-    L_int = La.astype(np.int32)
-    for i in range(xa.shape[0]):
-        np.subtract(slx_a, wxl[i], out=slx)  # slx = sumlx - w*x*L
-        np.subtract(sl2_a, wll[i], out=sl2)  # sl2 = suml2 - w*L*L
-        np.multiply(xa[i], sl2, out=v)
-        v /= slx
-        v += MAGIC  # nearest_int, as in nearest_int()
-        vi &= 0x007FFFFF
-        vi -= 0x00400000
-        fast_clip(vi, lo_i, hi_i, out=vi)
-        np.not_equal(vi, L_int[i], out=cand)
-        cand &= np.greater(slx, F32(0), out=flag)
-        k = np.flatnonzero(cand)
-        if k.size:
-            new, wk, wxk, slxk, sl2k = vi[k].astype(F32), wa[i][k], wxa[i][k], slx[k], sl2[k]
-            ok = _q3_accepted(new, slxk, sl2k, wk, wxk, slx_a[k], sl2_a[k])
-            a, new = k[ok], new[ok]
-            La[i][a] = new
-            slx_a[a] = wxk[ok] * new + slxk[ok]  # the accepted sums, as in _q3_accepted
-            sl2_a[a] = wk[ok] * new * new + sl2k[ok]
-            changed[a] = True
-            moves.append((i, a, new))
-    return changed
-
-
-def _q3_accepted(new, slx, sl2, w, wx, sumlx, suml2) -> np.ndarray:
-    """Candidates (new_l = new, all arrays gathered per candidate): the indices C accepts.
-    C: slx += w*x*new_l; sl2 += w*new_l*new_l; accept if sl2 > 0 && slx*slx*suml2 >
-    sumlx*sumlx*sl2."""
-    slx2 = wx * new
-    slx2 += slx
-    sl22 = w * new
-    sl22 *= new
-    sl22 += sl2
-    lhs = slx2 * slx2
-    lhs *= suml2
-    rhs = sumlx * sumlx
-    rhs *= sl22
-    return np.flatnonzero((lhs > rhs) & (sl22 > 0))
 
 
 # ---------------------------------------------------------------- make_qkx2_quants

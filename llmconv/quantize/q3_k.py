@@ -12,7 +12,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .k_common import (
     F32,
-    element_major,
     first_absmax,
     fp16_bits,
     fp16_value,
@@ -24,13 +23,12 @@ from .k_common import (
     superblocks,
     unpack_2bit_quarters,
 )
-from ._blocks import scratch
-from .k_search import make_q3_quants_rmse
+from . import q3_search
 
 TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q3_K][1]  # 110 bytes per block
-# 1M weights per chunk, 4x k_common's (~40 MB of temporaries): make_q3_quants's later sweeps
-# run on the few groups still changing, in numpy calls whose cost is mostly per call; with 4x
-# the groups per call the search took ~25 % less time here.
+# 1M weights per chunk, 4x k_common's (what the engine passes per call anyway): make_q3_quants's
+# descent (q3_search.descend) runs in rounds over the whole chunk's changing groups, in numpy
+# calls whose cost is partly per call; with 1024 super-blocks the kernel took ~18 % more time.
 CHUNK_SUPERBLOCKS = 4096
 _BITS = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
 _BIT0_OF_EACH_BYTE = np.uint64(0x0101010101010101)
@@ -71,8 +69,7 @@ def high_bit_words(T: np.ndarray) -> np.ndarray:
 
 def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
     nb = xb.shape[0]
-    xt = element_major(xb, 16, out=scratch("q3_xt", (16, nb * 16), F32))  # [16, nb*16]
-    group_scale, L_search = make_q3_quants_rmse(xt, 4)
+    group_scale, L_search = q3_search.search(xb.reshape(-1, 16))
     group_scale = group_scale.reshape(nb, 16)
 
     max_scale = first_absmax(np.ascontiguousarray(group_scale.T))
