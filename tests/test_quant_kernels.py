@@ -66,10 +66,10 @@ def test_bytes_equal_llama_cpp(t, data, llama_outputs):
 @pytest.mark.llamacpp
 @pytest.mark.parametrize("t", LEGACY)
 def test_bytes_equal_llama_cpp_cut_in_odd_pieces(t, data, llama_outputs, monkeypatch):
-    """The block kernels work on chunks of CHUNK_BLOCKS blocks and transpose them LANES_TILE
+    """The block kernels work on chunks of CHUNK_BLOCKS blocks and transpose them LANES_PIECE
     blocks at a time; cuts at odd places (uneven last chunk and piece) keep the bytes."""
     monkeypatch.setattr(B_, "CHUNK_BLOCKS", 100)
-    monkeypatch.setattr(B_, "LANES_TILE", 7)
+    monkeypatch.setattr(B_, "LANES_PIECE", 7)
     qt = Q.get(t)
     for name, x in data.items():
         ours = qt.quantize(x)

@@ -64,30 +64,18 @@ def scratch(name: str, shape: tuple, dtype) -> np.ndarray:
     return buf[:nbytes].view(dtype).reshape(shape)
 
 
-LANES_TILE = 128  # blocks per tile of the transpose: 16 KB of source, read 8 times from L1
+LANES_PIECE = 4096  # blocks per transpose call: the strided source reads then hit the L2 cache
 
 
 def to_lanes(xb: np.ndarray) -> np.ndarray:
-    """float32 [B, 32] -> float32 [8, 4B] (see module docstring), in two copies.
-
-    The transpose reads the source with a 128-byte stride, 8 times over. Done tile by tile
-    (LANES_TILE blocks: the 8 reads of a tile hit L1) into a tiled scratch [tiles, 8, tile]
-    and then copied to the lanes layout in runs of a tile, it costs ~0.26 ns a weight on
-    data fresh from memory, against ~0.32 for one strided copy per 4096 blocks (L2-sized
-    pieces) straight into the lanes layout. One copyto each: numpy orders a copy's loops by
-    the destination's strides, so the first copy walks the source tile by tile.
-    """
+    """float32 [B, 32] -> float32 [8, 4B] (see module docstring). Transposed LANES_PIECE blocks
+    at a time: the source is read with a 128-byte stride, 8 times over, and a 512 KB piece
+    stays in the L2 cache between those reads (~15 % faster than one call per chunk)."""
     B = xb.shape[0]
     t = scratch("lanes", (8, B), np.complex128)
     src = xb.view(np.complex128)
-    n = B // LANES_TILE
-    main = n * LANES_TILE
-    if n:
-        tiles = scratch("lane_tiles", (n, 8, LANES_TILE), np.complex128)
-        np.copyto(tiles, src[:main].reshape(n, LANES_TILE, 8).transpose(0, 2, 1))
-        np.copyto(t[:, :main].reshape(8, n, LANES_TILE), tiles.transpose(1, 0, 2))
-    if main < B:
-        np.copyto(t[:, main:], src[main:].T)
+    for s in range(0, B, LANES_PIECE):
+        np.copyto(t[:, s : s + LANES_PIECE], src[s : s + LANES_PIECE].T)
     return t.view(np.float32)
 
 
