@@ -35,11 +35,11 @@ LO, HI = np.int32(BIAS - NMAX), np.int32(BIAS + NMAX - 1)
 # LOWEST_BIT[r]: the index of r's lowest set bit, for the 16-bit masks of candidate steps
 LOWEST_BIT = (np.arange(1 << N) & -np.arange(1 << N)).astype(F32).view(np.int32) >> 23
 LOWEST_BIT = np.maximum(LOWEST_BIT - 127, 0).astype(np.int32)
-# Groups per pass of the start (transpose, max, start levels, sums): ~1.5 MB of [16, groups]
+# Groups per pass of the start (transpose, max, start levels, sums): ~3 MB of [16, groups]
 # arrays per pass instead of ~12 MB for a chunk's 65536 groups; ~5 % less time for the kernel
-# here (smaller pieces lose it again to numpy's per-call cost). The descent runs on the whole
-# chunk's changing groups at once.
-START_GROUPS = 8192
+# than one pass here, 4096 and 32768 groups ~1-3 % more than this (smaller pieces lose to
+# numpy's per-call cost). The descent runs on the whole chunk's changing groups at once.
+START_GROUPS = 16384
 
 
 def search(xg: np.ndarray):
@@ -124,7 +124,7 @@ def descend(X, iscale, g, sumlx, suml2) -> list:
     LB = LA.astype(np.int32)  # the levels, + BIAS
     LB += BIAS
     sx, s2 = sumlx[g], suml2[g]
-    last = np.full(g.size, -1, np.int32)  # position of the group's last change
+    last = None  # position of each group's last change (none yet)
     moves = []
     while True:
         SLX = np.subtract(_per_row(sx), TX, out=scratch("q3_slx", TX.shape, F32))  # slx = sumlx - w*x*L
@@ -169,30 +169,35 @@ def _first_changes(X, SLX, SL2, LB, sx, s2, last):
     col = np.flatnonzero(steps != 0)
     if not col.size:
         return None
-    # rotated so that bit k is the k-th step after the group's last change, C's order
-    s = last[col] + 1
-    s &= N - 1
+    # rotated so that bit k is the k-th step after the group's last change, C's order; start:
+    # the position of the step after it
     b = steps[col].astype(np.int32)
-    r = np.right_shift(b, s)
-    r |= np.left_shift(b, N - s)
-    r &= (1 << N) - 1
+    if last is None:  # the first round: every group from position 0
+        start, r = np.zeros(col.size, np.int32), b
+    else:
+        start = last[col] + 1
+        s = start & (N - 1)
+        r = np.right_shift(b, s)
+        r |= np.left_shift(b, N - s)
+        r &= (1 << N) - 1
     found = []
     while col.size:
-        won, more = _test_next(X, SLX, SL2, vi, sx, s2, last, col, s, r)
+        won, more = _test_next(X, SLX, SL2, vi, sx, s2, col, start, r, last is not None)
         found.append(won)
-        col, s, r = col[more], s[more], r[more]
+        col, start, r = col[more], start[more], r[more]
     found = found[0] if len(found) == 1 else [np.concatenate(a) for a in zip(*found)]
     return found if found[1].size else None
 
 
-def _test_next(X, SLX, SL2, vi, sx, s2, last, col, s, r):
-    """C's acceptance test on each group's next candidate (the lowest bit of r; r, s: the candidate
-    steps rotated by s, see _first_changes), which it takes from r. Returns the accepted ones as
-    _first_changes does, and which groups have another candidate to test."""
-    after = LOWEST_BIT[r]
+def _test_next(X, SLX, SL2, vi, sx, s2, col, start, r, capped: bool):
+    """C's acceptance test on each group's next candidate (the lowest bit of r: the candidate
+    steps from position `start` on, see _first_changes), which it takes from r. Returns the
+    accepted ones as _first_changes does, and which groups have another candidate to test.
+    `capped`: some may lie after the 5th sweep (not in the first round)."""
+    pos = LOWEST_BIT[r]
     r &= r - 1
-    i = s + after
-    i &= N - 1
+    pos += start
+    i = pos & (N - 1)
     at = col * N
     at += i
     xc = X.reshape(-1)[at]
@@ -214,8 +219,7 @@ def _test_next(X, SLX, SL2, vi, sx, s2, last, col, s, r):
     ok &= ns2 > 0
     ok &= slx > 0
     more = np.flatnonzero(~ok & (r != 0))
-    pos = last[col] + 1
-    pos += after
-    ok &= pos < N * SWEEPS  # C stops after 5 sweeps
+    if capped:
+        ok &= pos < N * SWEEPS  # C stops after 5 sweeps
     won = np.flatnonzero(ok)
     return (i[won], col[won], new[won], nsx[won], ns2[won], wxn[won], wn2[won], pos[won]), more
