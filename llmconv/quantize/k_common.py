@@ -297,16 +297,23 @@ def unpack_scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-def levels_block_major(v: np.ndarray, d: np.ndarray, lo: int, hi: int, L_search) -> np.ndarray:
-    """The K-quants' final pass: L = MAX(lo, MIN(hi, nearest_int(v/d))) - lo per group of 16, with
-    d[blocks, 16] the stored (fp16 * int) scale; a group with d == 0 keeps the search's L
-    (L_search[16, groups], element-major, or a function giving L_search[:, groups] for the
+def levels_block_major(v: np.ndarray, d: np.ndarray, lo: int, hi: int, L_search, dm: np.ndarray | None = None) -> np.ndarray:
+    """The K-quants' final pass: L = MAX(lo, MIN(hi, nearest_int(v/d))) - lo, or with `dm`
+    nearest_int((v + dm)/d) (q2_K/q4_K/q5_K's mins), for d[blocks, groups] the stored (fp16 * int)
+    scale of each group of 256/groups weights; a group with d == 0 keeps the search's L
+    (L_search[n, groups], element-major, or a function giving L_search[:, groups] for the
     group indices it is passed: those groups are few), as C skips it.
 
-    Works block-major (d repeated over its 16 weights), so the result needs no transpose.
+    Works block-major (d repeated over its group's weights), so the result needs no transpose.
     Returns uint8[blocks, 256] in 0..hi-lo.
     """
-    v = np.divide(v, np.repeat(d.reshape(-1), 16).reshape(v.shape))
+    n = v.shape[-1] // d.shape[-1]  # weights per group
+    per_weight = np.repeat(d.reshape(-1), n).reshape(v.shape)
+    if dm is None:
+        v = np.divide(v, per_weight)
+    else:  # C: (x + dm)/d
+        v = np.add(v, np.repeat(dm.reshape(-1), n).reshape(v.shape))
+        v /= per_weight
     v += MAGIC  # nearest_int, as in nearest_int()
     vi = v.view(np.int32)
     vi &= 0x007FFFFF
@@ -314,7 +321,7 @@ def levels_block_major(v: np.ndarray, d: np.ndarray, lo: int, hi: int, L_search)
     L = fast_clip(vi, np.int32(0), np.int32(hi - lo), out=vi).astype(np.uint8)
     skipped = np.flatnonzero(d.reshape(-1) == 0)
     if skipped.size:
-        L.reshape(-1, 16)[skipped] = (L_search(skipped) if callable(L_search) else L_search[:, skipped]).T
+        L.reshape(-1, n)[skipped] = (L_search(skipped) if callable(L_search) else L_search[:, skipped]).T
     return L
 
 

@@ -11,26 +11,25 @@ import numpy as np
 
 from .k_common import (
     F32,
-    block_major,
     element_major,
     fp16_bits,
     fp16_value,
+    levels_block_major,
     nearest_int,
-    nearest_int_clip,
     pack_scale_min_k4,
-    seq_sum_from_zero,
+    seq_sum_of_products,
     unpack_scale_min_k4,
 )
-from .k_search import make_qkx2_quants
+from .k_search import qkx2_search
 
 
 def quantize_scale_min(xb: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """[nb, 256] -> (d fp16 bits[nb], dmin fp16 bits[nb], scales uint8[nb, 12], L uint8[nb, 256])."""
     nb = xb.shape[0]
     xt = element_major(xb, 32)  # [32, nb*8]
-    av_x = np.sqrt(seq_sum_from_zero(xt * xt) / F32(32))
+    av_x = np.sqrt(seq_sum_of_products(xt, xt) / F32(32))  # C: sum_x2 = 0; sum_x2 += x*x
     weights = av_x + np.abs(xt)
-    scale, the_min, L_search = make_qkx2_quants(xt, weights, nmax, rmin, rdelta, nstep, use_mad=False)
+    scale, the_min, L_search = qkx2_search(xt, weights, nmax, rmin, rdelta, nstep, use_mad=False)
     scale = scale.reshape(nb, 8)
     the_min = the_min.reshape(nb, 8)
 
@@ -45,14 +44,12 @@ def quantize_scale_min(xb: np.ndarray, nmax: int, rmin: float, rdelta: float, ns
     d_bits = fp16_bits(max_scale / F32(63.0))
     dmin_bits = fp16_bits(max_min / F32(63.0))
 
-    # requantize against the stored values (ls/lm survive the 6-bit packing unchanged)
-    d = (fp16_value(d_bits)[:, None] * ls.astype(F32)).reshape(1, -1)  # [1, nb*8]
-    dm = (fp16_value(dmin_bits)[:, None] * lm.astype(F32)).reshape(1, -1)
-    v = xt + dm
-    v /= d
-    L_new = nearest_int_clip(v, 0, nmax).astype(np.uint8)
-    L = np.where(d != 0, L_new, L_search)  # d == 0: C keeps the search's L
-    return d_bits, dmin_bits, pack_scale_min_k4(ls, lm), block_major(L, nb)
+    # requantize against the stored values (ls/lm survive the 6-bit packing unchanged);
+    # d == 0: C keeps the search's L
+    d = fp16_value(d_bits)[:, None] * ls.astype(F32)  # [nb, 8]
+    dm = fp16_value(dmin_bits)[:, None] * lm.astype(F32)
+    L = levels_block_major(xb, d, 0, nmax, L_search, dm=dm)
+    return d_bits, dmin_bits, pack_scale_min_k4(ls, lm), L
 
 
 def dequantize_scale_min(head: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ from .k_common import (
     nearest_int_clip,
     round_small,
     seq_sum,
+    seq_sum_from_zero,
     seq_sum_of_products,
 )
 
@@ -121,6 +122,15 @@ def make_qkx2_quants(
     This is also ggml's make_qkx3_quants with explicit weights (the imatrix paths): the two
     differ only in `max == min` vs `max <= min` for the flat case, the same test once min <= max.
     """
+    scale, the_min, levels = qkx2_search(x, weights, nmax, rmin, rdelta, nstep, use_mad)
+    return scale, the_min, levels(None)
+
+
+def qkx2_search(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool):
+    """make_qkx2_quants with its levels on demand: returns (scale, the_min, levels), where
+    levels(idx) gives C's L[n, len(idx)] (uint8) of the groups idx (all groups for None). The
+    K-quants requantize every group against the stored scales and need the search's L only
+    for the few whose stored scale is 0."""
     xmin = first_min_clamped(x)
     xmax = x.max(axis=0)
     flat = xmax == xmin
@@ -134,13 +144,33 @@ def make_qkx2_quants(
     best.scale = F32(1.0) / best.iscale
     best.error = fit.error(best.scale, best.minv, fit.levels(best.iscale))
     if nstep >= 1:
-        _qkx2_steps(fit, best, xmax, ~flat, rmin, rdelta, nstep)
-
-    np.subtract(x, best.shift, out=fit.xm)
-    L = fit.levels(best.iscale).astype(np.uint8)
-    L[:, flat] = 0
+        best.error[flat] = -np.inf  # C returns before the search: no candidate may win
+        _qkx2_steps(fit, best, xmax, rmin, rdelta, nstep)
     best.scale[flat] = 0
-    return best.scale, -best.minv, L
+
+    def levels(idx: np.ndarray | None) -> np.ndarray:
+        if idx is None:
+            xm, iscale, zero = np.subtract(x, best.shift, out=fit.xm), best.iscale, flat
+        else:
+            xm, iscale, zero = x[:, idx] - best.shift[idx], best.iscale[idx], flat[idx]
+        L = asymmetric_levels(xm, iscale, nmax, out=xm).astype(np.uint8)
+        L[:, zero] = 0
+        return L
+
+    return best.scale, -best.minv, levels
+
+
+def asymmetric_levels(xm: np.ndarray, iscale: np.ndarray, nmax: int, out: np.ndarray) -> np.ndarray:
+    """C's MAX(0, MIN(nmax, nearest_int(iscale*(x - min)))) as float32, for xm = x - min."""
+    l = np.multiply(xm, iscale, out=out)
+    if np.isfinite(iscale).all():
+        round_small(l)  # |iscale*(x - min)| <= nmax + 1 here
+        fast_clip(l, F32(0.0), F32(nmax), out=l)  # once min moved, x - min can be < 0
+    else:
+        # max - min subnormal: iscale is inf, and C's nearest_int of inf/NaN gives
+        # -4194304/0, clamped to 0 (rint would give nmax)
+        l[...] = nearest_int_clip(l.copy(), 0, nmax)
+    return l
 
 
 @dataclass
@@ -163,19 +193,12 @@ class _AsymmetricFit:
         self.sum_w = seq_sum(weights)  # C starts these at element 0, not at 0
         self.sum_x = seq_sum(weights * x)
         self.xm = x - xmin  # C: iscale*(x[i] - min), kept up to date
+        # w*l for the sums, then the error's diffs: one buffer (fewer arrays in the cache)
         self.l, self.t = np.empty_like(x), np.empty_like(x)
+        self.wl = self.t
 
     def levels(self, iscale: np.ndarray) -> np.ndarray:
-        l = self.l
-        np.multiply(self.xm, iscale, out=l)
-        if np.isfinite(iscale).all():
-            round_small(l)  # |iscale*(x - min)| <= nmax + 1 here
-            fast_clip(l, F32(0.0), self.fnmax, out=l)  # once min moved, x - min can be < 0
-        else:
-            # max - min subnormal: iscale is inf, and C's nearest_int of inf/NaN gives
-            # -4194304/0, clamped to 0 (rint would give nmax)
-            l[...] = nearest_int_clip(l.copy(), 0, self.nmax)
-        return l
+        return asymmetric_levels(self.xm, iscale, self.nmax, out=self.l)
 
     def error(self, scale: np.ndarray, minv: np.ndarray, l: np.ndarray) -> np.ndarray:
         t = self.t
@@ -189,25 +212,30 @@ class _AsymmetricFit:
 
 
 def _qkx2_steps(
-    fit: _AsymmetricFit, best: _Best, xmax: np.ndarray, live: np.ndarray, rmin: float, rdelta: float, nstep: int
+    fit: _AsymmetricFit, best: _Best, xmax: np.ndarray, rmin: float, rdelta: float, nstep: int
 ) -> None:
-    """The candidates k = 0..nstep: least-squares scale and min for each, the better ones kept."""
-    x, l, w = fit.x, fit.l, fit.w
+    """The candidates k = 0..nstep: least-squares scale and min for each, the better ones kept
+    (flat groups never: their best.error is -inf)."""
+    x, l, w, wl = fit.x, fit.l, fit.w, fit.wl
     for k in range(nstep + 1):
         iscale = (F32(rmin) + F32(rdelta) * F32(k) + fit.fnmax) / best.span
         fit.levels(iscale)
-        # C's loop sums, from +0, each in one pass with its products
-        sum_l = seq_sum_of_products(w, l)  # w*l
-        sum_l2 = seq_sum_of_products(w, l, l)  # w*l*l == (w*l)*l
-        sum_xl = seq_sum_of_products(w, l, x)  # w*l*x[i] == (w*l)*x[i]
+        # C's loop sums, from +0, each in one pass with its products; w*l*l == (w*l)*l and
+        # w*l*x[i] == (w*l)*x[i], so w*l is formed once
+        np.multiply(w, l, out=wl)
+        sum_l = seq_sum_from_zero(wl)
+        sum_l2 = seq_sum_of_products(wl, l)
+        sum_xl = seq_sum_of_products(wl, x)
         D = fit.sum_w * sum_l2 - sum_l * sum_l
         this_scale = (fit.sum_w * sum_xl - fit.sum_x * sum_l) / D
         this_min = (sum_l2 * fit.sum_x - sum_l * sum_xl) / D
-        clamp = this_min > 0
-        this_min[clamp] = 0
-        np.copyto(this_scale, sum_xl / sum_l2, where=clamp)
+        clamp = np.flatnonzero(this_min > 0)  # rare: a boolean-mask assignment costs more
+        if clamp.size:
+            this_min[clamp] = 0
+            this_scale[clamp] = sum_xl[clamp] / sum_l2[clamp]
         cur_error = fit.error(this_scale, this_min, l)
-        better = (D > 0) & (cur_error < best.error) & live
+        better = cur_error < best.error
+        better &= D > 0
         won = np.flatnonzero(better)
         if won.size == 0:
             continue

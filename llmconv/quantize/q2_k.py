@@ -12,18 +12,17 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .k_common import (
     F32,
-    block_major,
     element_major,
     fp16_bits,
     fp16_value,
+    levels_block_major,
     nearest_int,
-    nearest_int_clip,
     over_superblocks,
     pack_2bit_quarters,
     superblocks,
     unpack_2bit_quarters,
 )
-from .k_search import make_qkx2_quants
+from .k_search import qkx2_search
 
 TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q2_K][1]  # 84 bytes per block
 
@@ -31,7 +30,7 @@ TYPE_SIZE = GGML_QUANT_SIZES[GGMLQuantizationType.Q2_K][1]  # 84 bytes per block
 def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
     nb = xb.shape[0]
     xt = element_major(xb, 16)  # [16, nb*16]
-    scale, the_min, L_search = make_qkx2_quants(xt, np.abs(xt), 3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True)
+    scale, the_min, L_search = qkx2_search(xt, np.abs(xt), 3, rmin=-0.5, rdelta=0.1, nstep=15, use_mad=True)
     scale = scale.reshape(nb, 16)
     the_min = the_min.reshape(nb, 16)
     max_scale = np.maximum(scale.max(axis=1), F32(0.0))  # C: running max from 0
@@ -48,12 +47,9 @@ def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
     d_bits = np.where(has_scale, fp16_bits(max_scale / F32(15.0)), np.uint16(0)).astype(np.uint16)
     dmin_bits = np.where(has_min, fp16_bits(max_min / F32(15.0)), np.uint16(0)).astype(np.uint16)
 
-    d = (fp16_value(d_bits)[:, None] * (scales & 0xF).astype(F32)).reshape(1, -1)
-    dm = (fp16_value(dmin_bits)[:, None] * (scales >> 4).astype(F32)).reshape(1, -1)
-    v = xt + dm
-    v /= d
-    L_new = nearest_int_clip(v, 0, 3).astype(np.uint8)
-    L = block_major(np.where(d != 0, L_new, L_search), nb)  # d == 0: keep the search's L
+    d = fp16_value(d_bits)[:, None] * (scales & 0xF).astype(F32)  # [nb, 16]
+    dm = fp16_value(dmin_bits)[:, None] * (scales >> 4).astype(F32)
+    L = levels_block_major(xb, d, 0, 3, L_search, dm=dm)  # d == 0: keep the search's L
 
     out = np.empty((nb, TYPE_SIZE), dtype=np.uint8)
     out[:, 0:16] = scales
