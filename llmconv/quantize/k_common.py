@@ -297,7 +297,9 @@ def unpack_scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
-def levels_block_major(v: np.ndarray, d: np.ndarray, lo: int, hi: int, L_search, dm: np.ndarray | None = None) -> np.ndarray:
+def levels_block_major(
+    v: np.ndarray, d: np.ndarray, lo: int, hi: int, L_search, dm: np.ndarray | None = None
+) -> np.ndarray:
     """The K-quants' final pass: L = MAX(lo, MIN(hi, nearest_int(v/d))) - lo, or with `dm`
     nearest_int((v + dm)/d) (q2_K/q4_K/q5_K's mins), for d[blocks, groups] the stored (fp16 * int)
     scale of each group of 256/groups weights; a group with d == 0 keeps the search's L

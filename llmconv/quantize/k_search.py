@@ -211,9 +211,7 @@ class _AsymmetricFit:
         return seq_sum_of_products(t, t, self.w)  # (diff*diff)*w == w*(diff*diff)
 
 
-def _qkx2_steps(
-    fit: _AsymmetricFit, best: _Best, xmax: np.ndarray, rmin: float, rdelta: float, nstep: int
-) -> None:
+def _qkx2_steps(fit: _AsymmetricFit, best: _Best, xmax: np.ndarray, rmin: float, rdelta: float, nstep: int) -> None:
     """The candidates k = 0..nstep: least-squares scale and min for each, the better ones kept
     (flat groups never: their best.error is -inf)."""
     x, l, w, wl = fit.x, fit.l, fit.w, fit.wl
