@@ -243,4 +243,5 @@ def _qkx2_steps(fit: _AsymmetricFit, best: _Best, xmax: np.ndarray, rmin: float,
         best.shift[won] = best.minv[won]
         best.minv[won] = this_min[won]
         best.span[won] = xmax[won] - best.minv[won]
-        np.subtract(x, best.minv, out=fit.xm)
+        if k < nstep:  # the next candidate's levels are measured from the new min
+            np.subtract(x, best.minv, out=fit.xm)

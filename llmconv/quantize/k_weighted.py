@@ -33,6 +33,7 @@ from .k_common import (
     element_major,
     fp16_bits,
     fp16_value,
+    levels_block_major,
     nearest_int,
     nearest_int_clip,
     pack_2bit_quarters,
@@ -40,7 +41,7 @@ from .k_common import (
     seq_sum_from_zero,
     unpack_scale_min_k4,
 )
-from .k_search import make_qkx2_quants, make_qx_quants_rmse1
+from .k_search import make_qx_quants_rmse1, qkx2_search
 from .q3_k import pack_scales as pack_q3_scales
 from .q3_k import unpack_scales as unpack_q3_scales
 
@@ -214,17 +215,14 @@ def _q2_k_chunk(xb: np.ndarray, qwb: np.ndarray) -> np.ndarray:
     xt = element_major(xb, 16)  # [16, nb*16]
     weights = importance(xt, element_major(qwb, 16), block_sigma2(xb, 1), 16)
     sw = seq_sum_from_zero(weights).reshape(nb, 16)
-    scale, the_min, L_search = make_qkx2_quants(xt, weights, 3, rmin=-0.9, rdelta=0.05, nstep=36, use_mad=False)
+    scale, the_min, L_search = qkx2_search(xt, weights, 3, rmin=-0.9, rdelta=0.05, nstep=36, use_mad=False)
     (dm, Ls), (mm, Lm) = make_qp_quants_pair(scale.reshape(nb, 16), the_min.reshape(nb, 16), 15, sw)
     d_bits, dmin_bits = fp16_bits(dm), fp16_bits(mm)
     scales = (Ls.T | (Lm.T << 4)).astype(np.uint8)  # C: uint8 store of Ls | Lm << 4
 
-    d = (fp16_value(d_bits)[:, None] * (scales & 0xF).astype(F32)).reshape(1, -1)
-    m = (fp16_value(dmin_bits)[:, None] * (scales >> 4).astype(F32)).reshape(1, -1)
-    v = xt + m
-    v /= d
-    L_new = nearest_int_clip(v, 0, 3).astype(np.uint8)
-    L = block_major(np.where(d != 0, L_new, L_search), nb)  # d == 0: C keeps the search's L
+    d = fp16_value(d_bits)[:, None] * (scales & 0xF).astype(F32)  # [nb, 16]
+    m = fp16_value(dmin_bits)[:, None] * (scales >> 4).astype(F32)
+    L = levels_block_major(xb, d, 0, 3, L_search, dm=m)  # d == 0: C keeps the search's L
 
     out = np.empty((nb, 84), dtype=np.uint8)
     out[:, 0:16] = scales
@@ -275,7 +273,7 @@ def _scale_min_weighted(xb: np.ndarray, qwb: np.ndarray, nmax: int, cap63: bool)
     xt = element_major(xb, 32)
     weights = importance(xt, element_major(qwb, 32), block_sigma2(xb, 2), 8)
     sw = seq_sum_from_zero(weights).reshape(nb, 8)
-    scale, the_min, L_search = make_qkx2_quants(xt, weights, nmax, rmin=-0.9, rdelta=0.05, nstep=36, use_mad=False)
+    scale, the_min, L_search = qkx2_search(xt, weights, nmax, rmin=-0.9, rdelta=0.05, nstep=36, use_mad=False)
     (d_block, Ls), (m_block, Lm) = make_qp_quants_pair(scale.reshape(nb, 8), the_min.reshape(nb, 8), 63, sw)
     if cap63:  # q5_K clamps, q4_K does not
         Ls, Lm = np.minimum(Ls, 63), np.minimum(Lm, 63)
@@ -283,13 +281,10 @@ def _scale_min_weighted(xb: np.ndarray, qwb: np.ndarray, nmax: int, cap63: bool)
     d_bits, dmin_bits = fp16_bits(d_block), fp16_bits(m_block)
 
     sc, mn = unpack_scale_min_k4(scales)  # C reads the packed bytes back
-    d = (fp16_value(d_bits)[:, None] * sc.astype(F32)).reshape(1, -1)
-    dm = (fp16_value(dmin_bits)[:, None] * mn.astype(F32)).reshape(1, -1)
-    v = xt + dm
-    v /= d
-    L_new = nearest_int_clip(v, 0, nmax).astype(np.uint8)
-    L = np.where(d != 0, L_new, L_search)
-    return d_bits, dmin_bits, scales, block_major(L, nb)
+    d = fp16_value(d_bits)[:, None] * sc.astype(F32)  # [nb, 8]
+    dm = fp16_value(dmin_bits)[:, None] * mn.astype(F32)
+    L = levels_block_major(xb, d, 0, nmax, L_search, dm=dm)  # d == 0: C keeps the search's L
+    return d_bits, dmin_bits, scales, L
 
 
 def _head(out: np.ndarray, d_bits, dmin_bits, scales) -> None:
