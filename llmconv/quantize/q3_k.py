@@ -12,12 +12,12 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .k_common import (
     F32,
-    MAGIC,
     fast_clip,
     first_absmax,
     fp16_bits,
     fp16_value,
     levels_block_major,
+    nearest_int,
     over_superblocks,
     pack_2bit_words,
     quarter_words,
@@ -94,12 +94,7 @@ def _quantize_chunk(xb: np.ndarray) -> np.ndarray:
     has_scale = max_scale != 0
     iscale = F32(-32.0) / np.where(has_scale, max_scale, F32(1.0))
     # C: int8_t l = nearest_int(iscale*scales[j]); l = MAX(-32, MIN(31, l)) + 32
-    v = np.multiply(group_scale, np.repeat(iscale, 16).reshape(nb, 16))
-    v += MAGIC  # nearest_int, as in nearest_int()
-    vi = v.view(np.int32)
-    vi &= 0x007FFFFF
-    vi -= 0x00400000
-    ls = vi.astype(np.int8)
+    ls = nearest_int(np.multiply(group_scale, np.repeat(iscale, 16).reshape(nb, 16))).astype(np.int8)
     fast_clip(ls, np.int8(-32), np.int8(31), out=ls)
     ls += np.int8(32)
     ls = ls.view(np.uint8)
